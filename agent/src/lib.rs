@@ -1,0 +1,4 @@
+//! hubagent: a Linux edge agent for Azure IoT Hub.
+//!
+//! Data flows one way: `config` → `keys` → `provisioning` → `hub` ← `queue` ← `plugins`;
+//! `daemon` wires them and talks to systemd; `cli` is the command-line face.

@@ -1,0 +1,433 @@
+//! The simulator's state: what Azure keeps in its DPS and IoT Hub databases (persisted to
+//! `state.json`), what only lives while hubsim runs (live connections, records of traffic,
+//! pending operations), and the fault switches tests flip.
+//!
+//! Every front end (MQTT devices, HTTPS device API, management API) works on one [`Sim`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// A JSON object, as twins and payloads are.
+pub type JsonObject = Map<String, Value>;
+
+// ---------------------------------------------------------------------------------------------
+// Persisted model (shaped like Azure's service REST API bodies, camelCase on the wire)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKeyPair {
+    pub primary_key: String,
+    pub secondary_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRef {
+    /// PEM (or base64 DER, as Azure also accepts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Filled in by hubsim from the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificatePair {
+    pub primary: Option<CertificateRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<CertificateRef>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Attestation {
+    /// Individual enrollments: the device's own certificate (thumbprint match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificates: Option<CertificatePair>,
+    /// Enrollment groups: a root or intermediate CA the device chain must lead to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificates: Option<CertificatePair>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmAttestation {
+    /// base64 of the marshalled TPM2B_PUBLIC of the EK.
+    pub endorsement_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_root_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Attestation {
+    #[serde(rename_all = "camelCase")]
+    SymmetricKey { symmetric_key: SymmetricKeyPair },
+    X509 { x509: X509Attestation },
+    Tpm { tpm: TpmAttestation },
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AllocationPolicy {
+    #[default]
+    Hashed,
+    Static,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Status {
+    #[default]
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReprovisionPolicy {
+    pub update_hub_assignment: bool,
+    pub migrate_device_data: bool,
+}
+
+impl Default for ReprovisionPolicy {
+    fn default() -> Self {
+        Self { update_hub_assignment: true, migrate_device_data: true }
+    }
+}
+
+/// Fields that individual enrollments and enrollment groups share.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentCommon {
+    pub attestation: Attestation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iot_hub_host_name: Option<String>,
+    /// Hubs this enrollment may be assigned to (default: every linked hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iot_hubs: Option<Vec<String>>,
+    #[serde(default)]
+    pub allocation_policy: AllocationPolicy,
+    #[serde(default)]
+    pub provisioning_status: Status,
+    #[serde(default)]
+    pub reprovision_policy: ReprovisionPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IndividualEnrollment {
+    pub registration_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    #[serde(flatten)]
+    pub common: EnrollmentCommon,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentGroup {
+    pub enrollment_group_id: String,
+    #[serde(flatten)]
+    pub common: EnrollmentCommon,
+}
+
+/// How a hub device authenticates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceAuthentication {
+    /// `sas`, `selfSigned` or `certificateAuthority`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric_key: Option<SymmetricKeyPair>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509_thumbprint: Option<Thumbprints>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Thumbprints {
+    pub primary_thumbprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_thumbprint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Twin {
+    pub desired: JsonObject,
+    pub desired_version: u64,
+    pub reported: JsonObject,
+    pub reported_version: u64,
+    pub tags: JsonObject,
+}
+
+/// A device identity in one linked hub, with its twin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Device {
+    pub device_id: String,
+    pub hub: String,
+    pub authentication: DeviceAuthentication,
+    pub status: Status,
+    pub generation_id: String,
+    pub etag: String,
+    pub twin: Twin,
+}
+
+/// The outcome of a device's last DPS registration (DeviceRegistrationResult).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Registration {
+    /// The full `registrationState` JSON as the device receives it.
+    pub state: Value,
+    pub assigned_hub: Option<String>,
+    pub device_id: Option<String>,
+}
+
+/// Everything that survives a restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Store {
+    pub id_scope: String,
+    /// Keys of the service policies (`iothubowner`, `provisioningserviceowner`), base64.
+    pub hub_owner_key: String,
+    pub dps_owner_key: String,
+    pub enrollments: BTreeMap<String, IndividualEnrollment>,
+    pub groups: BTreeMap<String, EnrollmentGroup>,
+    /// Keyed by lower-case registration id (DPS ids are case-insensitive).
+    pub registrations: BTreeMap<String, Registration>,
+    /// Keyed by `{hub}/{deviceId}`: the same device id may exist in two hubs.
+    pub devices: BTreeMap<String, Device>,
+}
+
+impl Store {
+    pub fn device_key(hub: &str, device_id: &str) -> String {
+        format!("{}/{}", hub.to_ascii_lowercase(), device_id)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live state (not persisted)
+// ---------------------------------------------------------------------------------------------
+
+/// A command for the task that owns a device's MQTT connection.
+#[derive(Debug)]
+pub enum ConnCommand {
+    Publish { topic: String, payload: Bytes, qos: rumqttc::QoS },
+    Close { reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    /// Unique per connection, so a closing connection only removes itself.
+    pub conn_id: u64,
+    pub tx: mpsc::UnboundedSender<ConnCommand>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryRecord {
+    pub body: Option<String>,
+    pub body_base64: String,
+    pub properties: BTreeMap<String, String>,
+    pub system_properties: BTreeMap<String, String>,
+    pub enqueued_time: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationEvent {
+    pub registration_id: String,
+    pub time: String,
+    pub outcome: String,
+    pub assigned_hub: Option<String>,
+    pub device_id: Option<String>,
+    pub transport: String,
+    pub attestation: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionEvent {
+    pub time: String,
+    pub client_id: String,
+    pub service: String,
+    pub event: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dMessage {
+    pub body: Bytes,
+    pub properties: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub refuse_connections_until: Option<Instant>,
+    /// (remaining count, retry-after seconds)
+    pub dps_throttle: Option<(u32, u64)>,
+    pub delay: Option<Duration>,
+    pub token_lifetime_cap: Option<Duration>,
+}
+
+#[derive(Debug, Default)]
+pub struct Records {
+    pub telemetry: HashMap<String, Vec<TelemetryRecord>>,
+    pub registrations: Vec<RegistrationEvent>,
+    pub connections: Vec<ConnectionEvent>,
+}
+
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Device connections by `{hub}/{deviceId}` (see [`Store::device_key`]).
+    pub connections: HashMap<String, ConnHandle>,
+    /// Direct method calls waiting for the device's answer, by `$rid`.
+    pub pending_methods: HashMap<String, oneshot::Sender<(u16, Value)>>,
+    /// C2D messages waiting for an offline device, by device key.
+    pub c2d_queues: HashMap<String, VecDeque<C2dMessage>>,
+}
+
+/// Settings fixed at start.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub state_dir: PathBuf,
+    /// Linked hub host names; the first is the default for static allocation.
+    pub hubs: Vec<String>,
+    pub retry_after_secs: u64,
+    pub mqtt_port: u16,
+    pub https_port: u16,
+}
+
+/// The whole simulator state, shared by every front end.
+pub struct Sim {
+    pub config: SimConfig,
+    store: Mutex<Store>,
+    pub live: Mutex<Live>,
+    pub records: Mutex<Records>,
+    pub faults: Mutex<Faults>,
+    /// Woken on every recorded event, so tests can await conditions instead of sleeping.
+    pub changed: Notify,
+    next_conn_id: std::sync::atomic::AtomicU64,
+}
+
+pub const MAX_C2D_QUEUE: usize = 50;
+
+impl Sim {
+    /// Loads `state.json` from the state dir, or starts empty with fresh service keys.
+    pub fn open(config: SimConfig, id_scope: &str) -> anyhow::Result<Self> {
+        let path = config.state_dir.join("state.json");
+        let store = if path.exists() {
+            let text = std::fs::read_to_string(&path)?;
+            serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a hubsim state file: {e}", path.display()))?
+        } else {
+            Store {
+                id_scope: id_scope.to_string(),
+                hub_owner_key: random_key(),
+                dps_owner_key: random_key(),
+                ..Store::default()
+            }
+        };
+        let sim = Sim {
+            config,
+            store: Mutex::new(store),
+            live: Mutex::default(),
+            records: Mutex::default(),
+            faults: Mutex::default(),
+            changed: Notify::new(),
+            next_conn_id: 1.into(),
+        };
+        sim.save(&sim.store.lock().unwrap())?;
+        Ok(sim)
+    }
+
+    /// Reads the store.
+    pub fn read<R>(&self, f: impl FnOnce(&Store) -> R) -> R {
+        f(&self.store.lock().unwrap())
+    }
+
+    /// Changes the store and persists it before returning (atomic write).
+    pub fn mutate<R>(&self, f: impl FnOnce(&mut Store) -> R) -> anyhow::Result<R> {
+        let mut store = self.store.lock().unwrap();
+        let result = f(&mut store);
+        self.save(&store)?;
+        drop(store);
+        self.changed.notify_waiters();
+        Ok(result)
+    }
+
+    fn save(&self, store: &Store) -> anyhow::Result<()> {
+        write_atomic(&self.config.state_dir.join("state.json"), &serde_json::to_vec_pretty(store)?)
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Appends to the records and wakes waiters.
+    pub fn record<R>(&self, f: impl FnOnce(&mut Records) -> R) -> R {
+        let result = f(&mut self.records.lock().unwrap());
+        self.changed.notify_waiters();
+        result
+    }
+
+    /// Waits until `cond` holds (checked on every change) or the timeout passes.
+    pub async fn wait_until(&self, timeout: Duration, mut cond: impl FnMut(&Sim) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if cond(self) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return cond(self);
+            }
+        }
+    }
+}
+
+pub fn random_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    B64.encode(bytes)
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Temp file in the same directory, fsync, rename: a crash leaves the old or the new file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
