@@ -2,3 +2,5 @@
 //!
 //! Data flows one way: `config` → `keys` → `provisioning` → `hub` ← `queue` ← `plugins`;
 //! `daemon` wires them and talks to systemd; `cli` is the command-line face.
+
+pub mod keys;

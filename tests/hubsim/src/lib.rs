@@ -16,3 +16,6 @@
 pub mod state;
 
 pub use state::Sim;
+pub mod auth;
+pub mod http;
+pub mod twin;
