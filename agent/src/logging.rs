@@ -1,0 +1,63 @@
+//! Log output: the systemd journal with structured fields when running under systemd, readable text
+//! on a terminal, JSON lines on request. Secrets never reach a log line: modules log descriptions of
+//! keys (`SasSigner::describe`), never key material or SAS tokens.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Which sink to write to. `Auto` picks the journal when systemd connected our stderr to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Text,
+    Json,
+    Journal,
+}
+
+/// Installs the global subscriber. `level` is an env-filter directive ("info", "hubagent=debug");
+/// `RUST_LOG` overrides it.
+pub fn init(level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let use_journal = match format {
+        LogFormat::Journal => true,
+        LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+        _ => false,
+    };
+    let sink: Box<dyn Layer<_> + Send + Sync> = if use_journal {
+        match tracing_journald::layer() {
+            // Fields keep their own names (no F_ prefix) so `journalctl DEVICE_ID=…` works.
+            Ok(journal) => journal
+                .with_field_prefix(None)
+                .with_syslog_identifier("hubagent".into())
+                .boxed(),
+            Err(_) => text_layer(),
+        }
+    } else if format == LogFormat::Json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        text_layer()
+    };
+    // A second init (tests, demo inside a test) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(sink)
+        .try_init();
+}
+
+fn text_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .boxed()
+}
