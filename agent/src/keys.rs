@@ -9,7 +9,10 @@ pub enum KeyError {
     #[error("{0}")]
     Invalid(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Signs SAS strings-to-sign with HMAC-SHA256 under a device (or derived) key.
@@ -25,7 +28,10 @@ pub trait SasSigner: Send + Sync {
 pub enum Credential {
     Sas(Arc<dyn SasSigner>),
     /// PEM certificate chain (leaf first) and PEM private key.
-    X509 { cert_chain_pem: Arc<Vec<u8>>, key_pem: Arc<zeroize::Zeroizing<Vec<u8>>> },
+    X509 {
+        cert_chain_pem: Arc<Vec<u8>>,
+        key_pem: Arc<zeroize::Zeroizing<Vec<u8>>>,
+    },
 }
 
 impl std::fmt::Debug for Credential {

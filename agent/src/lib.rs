@@ -3,6 +3,7 @@
 //! Data flows one way: `config` → `keys` → `provisioning` → `hub` ← `queue` ← `plugins`;
 //! `daemon` wires them and talks to systemd; `cli` is the command-line face.
 
+pub mod cli;
 pub mod control;
 pub mod keys;
 pub mod logging;

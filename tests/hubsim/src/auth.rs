@@ -39,12 +39,20 @@ pub fn parse_sas(_token: &str) -> Result<SasToken, AuthError> {
 /// Verifies signature (HMAC-SHA256 over `sr_raw + "\n" + se` with the base64 key), expiry against
 /// `now` (Unix seconds) and that the decoded resource matches `expected_resource`
 /// case-insensitively (prefix by path segment allowed, as Azure allows).
-pub fn verify_sas(_token: &SasToken, _key_b64: &str, _expected_resource: &str, _now: u64) -> Result<(), AuthError> {
+pub fn verify_sas(
+    _token: &SasToken,
+    _key_b64: &str,
+    _expected_resource: &str,
+    _now: u64,
+) -> Result<(), AuthError> {
     todo!("hubsim-mqtt helper")
 }
 
 /// `base64(HMAC-SHA256(base64decode(group_key), registration_id))`.
-pub fn derive_device_key(_group_key_b64: &str, _registration_id: &str) -> Result<String, AuthError> {
+pub fn derive_device_key(
+    _group_key_b64: &str,
+    _registration_id: &str,
+) -> Result<String, AuthError> {
     todo!("hubsim-mqtt helper")
 }
 

@@ -73,9 +73,15 @@ pub struct TpmAttestation {
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum Attestation {
     #[serde(rename_all = "camelCase")]
-    SymmetricKey { symmetric_key: SymmetricKeyPair },
-    X509 { x509: X509Attestation },
-    Tpm { tpm: TpmAttestation },
+    SymmetricKey {
+        symmetric_key: SymmetricKeyPair,
+    },
+    X509 {
+        x509: X509Attestation,
+    },
+    Tpm {
+        tpm: TpmAttestation,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -103,7 +109,10 @@ pub struct ReprovisionPolicy {
 
 impl Default for ReprovisionPolicy {
     fn default() -> Self {
-        Self { update_hub_assignment: true, migrate_device_data: true }
+        Self {
+            update_hub_assignment: true,
+            migrate_device_data: true,
+        }
     }
 }
 
@@ -230,8 +239,14 @@ impl Store {
 /// A command for the task that owns a device's MQTT connection.
 #[derive(Debug)]
 pub enum ConnCommand {
-    Publish { topic: String, payload: Bytes, qos: rumqttc::QoS },
-    Close { reason: String },
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: rumqttc::QoS,
+    },
+    Close {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -376,11 +391,15 @@ impl Sim {
     }
 
     fn save(&self, store: &Store) -> anyhow::Result<()> {
-        write_atomic(&self.config.state_dir.join("state.json"), &serde_json::to_vec_pretty(store)?)
+        write_atomic(
+            &self.config.state_dir.join("state.json"),
+            &serde_json::to_vec_pretty(store)?,
+        )
     }
 
     pub fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_conn_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Appends to the records and wakes waiters.

@@ -35,12 +35,20 @@ pub fn device_twin_document(_sim: &Sim, _device_key: &str) -> Result<Value, Twin
 }
 
 /// Applies a device's reported-properties merge patch; returns the new reported `$version`.
-pub fn apply_reported_patch(_sim: &Sim, _device_key: &str, _patch: &Value) -> Result<u64, TwinError> {
+pub fn apply_reported_patch(
+    _sim: &Sim,
+    _device_key: &str,
+    _patch: &Value,
+) -> Result<u64, TwinError> {
     todo!("hubsim-http helper")
 }
 
 /// Applies a service desired-properties merge patch, pushes it to the connected device, returns the new desired `$version`.
-pub fn apply_desired_patch(_sim: &Sim, _device_key: &str, _patch: &Value) -> Result<u64, TwinError> {
+pub fn apply_desired_patch(
+    _sim: &Sim,
+    _device_key: &str,
+    _patch: &Value,
+) -> Result<u64, TwinError> {
     todo!("hubsim-http helper")
 }
 
