@@ -254,6 +254,16 @@ pub struct ConnHandle {
     /// Unique per connection, so a closing connection only removes itself.
     pub conn_id: u64,
     pub tx: mpsc::UnboundedSender<ConnCommand>,
+    /// What the device has subscribed to: the hub only pushes desired patches, method calls and
+    /// C2D to a device that asked for them (a method call to an unsubscribed device is a 404).
+    pub subscriptions: std::sync::Arc<Subscriptions>,
+}
+
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    pub desired: std::sync::atomic::AtomicBool,
+    pub methods: std::sync::atomic::AtomicBool,
+    pub c2d: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Serialize)]
