@@ -93,9 +93,114 @@ impl Drop for Running {
     }
 }
 
-/// Creates/loads the state dir and PKI, writes `connection-strings.txt`, binds the listeners and
-/// spawns them on the current tokio runtime.
-/// OWNER: hubsim-mqtt helper.
-pub async fn start(_options: Options) -> anyhow::Result<Running> {
-    todo!("hubsim-mqtt helper")
+/// Creates/loads the state dir and PKI, writes `connection-strings.txt` and `endpoints.json`,
+/// binds the listeners and spawns them on the current tokio runtime.
+pub async fn start(options: Options) -> anyhow::Result<Running> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&options.state_dir)
+        .with_context(|| format!("creating state dir {}", options.state_dir.display()))?;
+    let mut names = options.hubs.clone();
+    names.extend(options.extra_sans.iter().cloned());
+    let pki = pki::load_or_create(&options.state_dir, &names)?;
+    let tls = pki::server_tls_config(&pki)?;
+
+    let bind = if options.bind.is_empty() {
+        vec![std::net::Ipv4Addr::LOCALHOST.into()]
+    } else {
+        options.bind.clone()
+    };
+    let mqtt = bind_all(&bind, options.mqtt_port, "MQTT").await?;
+    let https = bind_all(&bind, options.https_port, "HTTPS").await?;
+    let mqtt_addr = mqtt[0].local_addr()?;
+    let https_addr = https[0].local_addr()?;
+
+    let config = state::SimConfig {
+        state_dir: options.state_dir.clone(),
+        hubs: options.hubs.clone(),
+        retry_after_secs: options.retry_after_secs,
+        mqtt_port: mqtt_addr.port(),
+        https_port: https_addr.port(),
+    };
+    let sim = Arc::new(Sim::open(config, &options.id_scope)?);
+    let (hub_key, dps_key, id_scope) = sim.read(|s| {
+        (
+            s.hub_owner_key.clone(),
+            s.dps_owner_key.clone(),
+            s.id_scope.clone(),
+        )
+    });
+    let hub_connection_string = format!(
+        "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={hub_key}",
+        options
+            .hubs
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost")
+    );
+    let dps_connection_string = format!(
+        "HostName=localhost;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={dps_key}"
+    );
+    state::write_atomic(
+        &options.state_dir.join("connection-strings.txt"),
+        format!("{hub_connection_string}\n{dps_connection_string}\n").as_bytes(),
+    )?;
+    let endpoints = serde_json::json!({
+        "mqtt": mqtt_addr.to_string(),
+        "https": https_addr.to_string(),
+        "idScope": id_scope,
+        "hubs": options.hubs,
+        "ca": pki.ca_pem_path,
+    });
+    state::write_atomic(
+        &options.state_dir.join("endpoints.json"),
+        serde_json::to_vec_pretty(&endpoints)?.as_slice(),
+    )?;
+
+    let mut tasks = Vec::new();
+    for listener in mqtt {
+        let (sim, tls) = (sim.clone(), tls.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = mqtt::serve(sim, listener, tls).await {
+                tracing::error!("MQTT listener stopped: {e:#}");
+            }
+        }));
+    }
+    for listener in https {
+        let (sim, tls) = (sim.clone(), tls.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = http::serve(sim, listener, tls).await {
+                tracing::error!("HTTPS listener stopped: {e:#}");
+            }
+        }));
+    }
+    Ok(Running {
+        sim,
+        mqtt_addr,
+        https_addr,
+        ca_pem: pki.ca_pem.clone(),
+        ca_pem_path: pki.ca_pem_path.clone(),
+        hub_connection_string,
+        dps_connection_string,
+        tasks,
+    })
+}
+
+/// Binds `port` on every address; with port 0 the first address picks a free port and the
+/// others reuse it, so one port number serves all of them.
+async fn bind_all(
+    addrs: &[std::net::IpAddr],
+    port: u16,
+    what: &str,
+) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut listeners = Vec::new();
+    let mut port = port;
+    for addr in addrs {
+        let socket = SocketAddr::new(*addr, port);
+        let listener = tokio::net::TcpListener::bind(socket)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {socket}: {e}"))?;
+        port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }

@@ -1,1 +1,206 @@
-fn main() {}
+//! `hubsim`: run the simulator, issue device certificates, show where things are.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hubsim::pki::{self, CertKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hubsim",
+    version,
+    about = "A local Azure IoT Hub Device Provisioning Service + IoT Hub for development and tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve DPS + IoT Hub (MQTT/TLS) and the HTTPS device and management APIs.
+    Serve {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Address to listen on (repeatable).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: Vec<IpAddr>,
+        #[arg(long, default_value_t = 8883)]
+        mqtt_port: u16,
+        #[arg(long, default_value_t = 8443)]
+        https_port: u16,
+        /// Host name of a linked IoT hub (repeatable; default `localhost`).
+        #[arg(long = "hub")]
+        hubs: Vec<String>,
+        /// ID scope of the DPS instance (kept in the state dir after the first start).
+        #[arg(long, default_value = "0ne00000001")]
+        id_scope: String,
+        /// Extra name (host or IP) for the server certificate (repeatable).
+        #[arg(long = "san")]
+        extra_sans: Vec<String>,
+        /// `retry-after` seconds sent with DPS 202 answers.
+        #[arg(long, default_value_t = 1)]
+        retry_after: u64,
+    },
+    /// Issue certificates for X.509 attestation tests.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Print the CA path, endpoints and connection strings of a state dir.
+    Info {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// A root CA (upload it as a DPS enrollment group's signing certificate).
+    Root {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        cn: String,
+    },
+    /// An intermediate CA signed by `--issuer` (a directory written by `certs root`).
+    Intermediate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        cn: String,
+        #[arg(long)]
+        issuer: PathBuf,
+    },
+    /// A device certificate, CN = registration id; self-signed without `--issuer`.
+    Device {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        cn: String,
+        #[arg(long)]
+        issuer: Option<PathBuf>,
+    },
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("hubsim");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/state/hubsim")
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUBSIM_LOG")
+                .unwrap_or_else(|_| "hubsim=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hubsim: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            state_dir,
+            bind,
+            mqtt_port,
+            https_port,
+            hubs,
+            id_scope,
+            extra_sans,
+            retry_after,
+        } => {
+            let options = hubsim::Options {
+                state_dir: state_dir.unwrap_or_else(default_state_dir),
+                bind,
+                mqtt_port,
+                https_port,
+                hubs: if hubs.is_empty() {
+                    vec!["localhost".into()]
+                } else {
+                    hubs
+                },
+                id_scope,
+                extra_sans,
+                retry_after_secs: retry_after,
+            };
+            serve(options)
+        }
+        Command::Certs(certs) => {
+            let (kind, out, cn, issuer) = match certs {
+                CertsCommand::Root { out, cn } => (CertKind::Root, out, cn, None),
+                CertsCommand::Intermediate { out, cn, issuer } => {
+                    (CertKind::Intermediate, out, cn, Some(issuer))
+                }
+                CertsCommand::Device { out, cn, issuer } => (CertKind::Device, out, cn, issuer),
+            };
+            let issued = pki::issue(kind, &cn, &out, issuer.as_deref())?;
+            println!("certificate: {}", issued.cert_path.display());
+            println!("private key: {}", issued.key_path.display());
+            println!("sha1 thumbprint: {}", issued.sha1_thumbprint);
+            println!("sha256 thumbprint: {}", issued.sha256_thumbprint);
+            Ok(())
+        }
+        Command::Info { state_dir } => info(&state_dir.unwrap_or_else(default_state_dir)),
+    }
+}
+
+fn serve(options: hubsim::Options) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let state_dir = options.state_dir.clone();
+        let running = hubsim::start(options).await?;
+        info(&state_dir)?;
+        eprintln!("hubsim: ready (Ctrl-C to stop)");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        running.shutdown();
+        Ok(())
+    })
+}
+
+fn info(state_dir: &Path) -> anyhow::Result<()> {
+    let endpoints = state_dir.join("endpoints.json");
+    let text = std::fs::read_to_string(&endpoints).with_context(|| {
+        format!(
+            "{}: not found; start `hubsim serve --state-dir {}` first",
+            endpoints.display(),
+            state_dir.display()
+        )
+    })?;
+    let endpoints: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", endpoints.display()))?;
+    println!("state dir:     {}", state_dir.display());
+    println!("CA:            {}", endpoints["ca"].as_str().unwrap_or(""));
+    println!(
+        "MQTT (DPS+hub): {}",
+        endpoints["mqtt"].as_str().unwrap_or("")
+    );
+    println!(
+        "HTTPS:         {}",
+        endpoints["https"].as_str().unwrap_or("")
+    );
+    println!(
+        "ID scope:      {}",
+        endpoints["idScope"].as_str().unwrap_or("")
+    );
+    println!("hubs:          {}", endpoints["hubs"]);
+    println!(
+        "connection strings: {}",
+        state_dir.join("connection-strings.txt").display()
+    );
+    Ok(())
+}

@@ -1,3 +1,690 @@
-//! The MQTT 3.1.1 over TLS listener that carries both DPS and hub traffic, told apart by the
-//! CONNECT username. Packets are encoded/decoded with rumqttc's `mqttbytes::v4` codec.
-//! OWNER: hubsim-mqtt helper.
+//! The MQTT 3.1.1-over-TLS listener that carries both DPS and IoT Hub traffic, told apart by the
+//! CONNECT username as on Azure (one port, because Azure's Python SDK cannot change it).
+//!
+//! Packets are framed with rumqttc's own MQTT codec (it decodes CONNECT/SUBSCRIBE/PUBLISH and
+//! encodes CONNACK/SUBACK/PUBACK), so hubsim adds no MQTT dependency of its own. Each TCP
+//! connection is one session; hubsim never keeps sessions (CONNACK session-present is 0), so
+//! clients resubscribe after every connect, as MQTT requires them to when told so.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::QoS;
+use rumqttc::mqttbytes::v4::{
+    Codec, ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::codec::Framed;
+
+use crate::auth::unix_now;
+use crate::dps::{self, DeviceCredential, DpsResponse};
+use crate::hub::{self, Close, DeviceSession, Reply};
+use crate::state::{ConnCommand, ConnHandle, ConnectionEvent, Sim, Store, now_rfc3339};
+
+/// Largest packet hubsim decodes. Above the hub's 256 KiB message limit so that an oversize
+/// message is refused by the hub's own check (with its reason), not by the codec.
+const MAX_PACKET_BYTES: usize = 512 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the task is aborted.
+pub async fn serve(
+    sim: Arc<Sim>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving the connections we have.
+                tracing::warn!("mqtt accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let sim = sim.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = handle_connection(sim, acceptor, tcp, peer).await {
+                tracing::debug!(%peer, "mqtt connection ended: {reason}");
+            }
+        });
+    }
+}
+
+type Transport = Framed<TlsStream<TcpStream>, Codec>;
+
+/// Who a CONNECT claims to be, from its username.
+#[derive(Debug, Clone, PartialEq)]
+enum Identity {
+    Dps {
+        id_scope: String,
+        registration_id: String,
+    },
+    Hub {
+        hub: String,
+        device_id: String,
+    },
+}
+
+/// DPS: `{idScope}/registrations/{registrationId}/api-version=…[&ClientVersion=…]`;
+/// hub: `{hostName}/{deviceId}/?api-version=…[&…]` (modules are not simulated).
+fn parse_username(username: &str) -> Result<Identity, String> {
+    let parts: Vec<&str> = username.splitn(4, '/').collect();
+    if parts.len() == 4 && parts[1] == "registrations" && parts[3].starts_with("api-version=") {
+        return Ok(Identity::Dps {
+            id_scope: parts[0].to_string(),
+            registration_id: parts[2].to_string(),
+        });
+    }
+    if let Some((path, _query)) = username.split_once("/?") {
+        let segments: Vec<&str> = path.split('/').collect();
+        match segments.as_slice() {
+            [hub, device_id] if !hub.is_empty() && !device_id.is_empty() => {
+                return Ok(Identity::Hub {
+                    hub: hub.to_string(),
+                    device_id: device_id.to_string(),
+                });
+            }
+            [_, _, _] => return Err("module identities are not simulated".into()),
+            _ => {}
+        }
+    }
+    Err(format!(
+        "username '{username}' is neither a DPS registration nor an IoT Hub device username"
+    ))
+}
+
+async fn handle_connection(
+    sim: Arc<Sim>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let peer_chain: Vec<Vec<u8>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
+        .unwrap_or_default();
+    let mut transport = Framed::new(
+        tls,
+        Codec {
+            max_incoming_size: MAX_PACKET_BYTES,
+            max_outgoing_size: MAX_PACKET_BYTES,
+        },
+    );
+    let connect = match tokio::time::timeout(HANDSHAKE_TIMEOUT, transport.next()).await {
+        Ok(Some(Ok(Packet::Connect(connect)))) => connect,
+        Ok(Some(Ok(other))) => return Err(format!("first packet was {other:?}, not CONNECT")),
+        Ok(Some(Err(e))) => return Err(format!("malformed CONNECT: {e}")),
+        Ok(None) => return Err("closed before CONNECT".into()),
+        Err(_) => return Err("no CONNECT within 10 s".into()),
+    };
+    tracing::debug!(%peer, client_id = %connect.client_id, "CONNECT");
+
+    let username = connect
+        .login
+        .as_ref()
+        .map(|l| l.username.clone())
+        .unwrap_or_default();
+    let credential = match connect.login.as_ref().map(|l| l.password.as_str()) {
+        Some(password) if !password.is_empty() => DeviceCredential::Sas(password.to_string()),
+        _ if !peer_chain.is_empty() => DeviceCredential::X509(peer_chain),
+        _ => DeviceCredential::None,
+    };
+
+    let refuse_until = sim.faults.lock().unwrap().refuse_connections_until;
+    if refuse_until.is_some_and(|t| t > std::time::Instant::now()) {
+        let service = match parse_username(&username) {
+            Ok(Identity::Dps { .. }) => "dps",
+            _ => "hub",
+        };
+        record_event(
+            &sim,
+            &connect.client_id,
+            service,
+            "refused",
+            Some("fault: refusing connections"),
+        );
+        refuse(&mut transport, ConnectReturnCode::ServiceUnavailable).await;
+        return Err("refused by fault injection".into());
+    }
+
+    match parse_username(&username) {
+        Ok(Identity::Dps {
+            id_scope,
+            registration_id,
+        }) => {
+            run_dps(
+                &sim,
+                transport,
+                &connect,
+                &id_scope,
+                &registration_id,
+                credential,
+            )
+            .await
+        }
+        Ok(Identity::Hub { hub, device_id }) => {
+            run_hub(&sim, transport, &connect, &hub, &device_id, credential).await
+        }
+        Err(reason) => {
+            record_event(&sim, &connect.client_id, "hub", "refused", Some(&reason));
+            refuse(&mut transport, ConnectReturnCode::BadUserNamePassword).await;
+            Err(reason)
+        }
+    }
+}
+
+fn record_event(sim: &Sim, client_id: &str, service: &str, event: &str, reason: Option<&str>) {
+    let event = ConnectionEvent {
+        time: now_rfc3339(),
+        client_id: client_id.to_string(),
+        service: service.to_string(),
+        event: event.to_string(),
+        reason: reason.map(str::to_string),
+    };
+    sim.record(|r| r.connections.push(event));
+}
+
+async fn refuse(transport: &mut Transport, code: ConnectReturnCode) {
+    let _ = transport
+        .send(Packet::ConnAck(ConnAck::new(code, false)))
+        .await;
+    let _ = transport.close().await;
+}
+
+/// When the connection must end because its SAS token runs out (or the fault cap does).
+fn token_deadline(sim: &Sim, expiry: Option<u64>) -> Option<tokio::time::Instant> {
+    let now = unix_now();
+    let by_token = expiry.map(|e| Duration::from_secs(e.saturating_sub(now)));
+    let cap = sim.faults.lock().unwrap().token_lifetime_cap;
+    let lifetime = match (by_token, cap) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    };
+    lifetime.map(|d| tokio::time::Instant::now() + d)
+}
+
+/// Hands out packet ids for server-initiated QoS 1 publishes.
+struct PacketIds(u16);
+
+impl PacketIds {
+    fn next(&mut self) -> u16 {
+        self.0 = if self.0 == u16::MAX { 1 } else { self.0 + 1 };
+        self.0
+    }
+}
+
+async fn send_publish(
+    transport: &mut Transport,
+    ids: &mut PacketIds,
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+) -> Result<(), String> {
+    let mut publish = Publish::from_bytes(topic, qos, payload);
+    if qos != QoS::AtMostOnce {
+        publish.pkid = ids.next();
+    }
+    transport
+        .send(Packet::Publish(publish))
+        .await
+        .map_err(|e| format!("send failed: {e}"))
+}
+
+/// What ends a session loop, besides packets.
+enum Next {
+    Packet(Packet),
+    Command(ConnCommand),
+    Closed(String),
+}
+
+async fn next_event(
+    transport: &mut Transport,
+    commands: &mut mpsc::UnboundedReceiver<ConnCommand>,
+    keep_alive: Option<Duration>,
+    deadline: Option<tokio::time::Instant>,
+) -> Next {
+    // `None` when the keep-alive interval passed without a packet.
+    let read = async {
+        match keep_alive {
+            Some(limit) => tokio::time::timeout(limit, transport.next()).await.ok(),
+            None => Some(transport.next().await),
+        }
+    };
+    let expire = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        packet = read => match packet {
+            Some(Some(Ok(packet))) => Next::Packet(packet),
+            Some(Some(Err(e))) => Next::Closed(format!("malformed packet: {e}")),
+            Some(None) => Next::Closed("client closed the connection".into()),
+            None => Next::Closed("keep-alive timeout: no packet within 1.5 × keep-alive".into()),
+        },
+        Some(command) = commands.recv() => Next::Command(command),
+        _ = expire => Next::Closed("SAS token expired".into()),
+    }
+}
+
+fn keep_alive_limit(connect: &Connect) -> Option<Duration> {
+    (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500))
+}
+
+async fn maybe_delay(sim: &Sim) {
+    let delay = sim.faults.lock().unwrap().delay;
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn credential_expiry(credential: &DeviceCredential) -> Option<u64> {
+    match credential {
+        DeviceCredential::Sas(token) => crate::auth::parse_sas(token).ok().map(|t| t.expiry),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DPS
+// ---------------------------------------------------------------------------------------------
+
+async fn run_dps(
+    sim: &Arc<Sim>,
+    mut transport: Transport,
+    connect: &Connect,
+    id_scope: &str,
+    registration_id: &str,
+    credential: DeviceCredential,
+) -> Result<(), String> {
+    let client_id = &connect.client_id;
+    let scope_ok = sim.read(|s| s.id_scope.eq_ignore_ascii_case(id_scope));
+    let checked = if !scope_ok {
+        Err(format!("unknown ID scope '{id_scope}'"))
+    } else if !client_id.eq_ignore_ascii_case(registration_id) {
+        Err(format!(
+            "client id '{client_id}' differs from the registration id '{registration_id}'"
+        ))
+    } else {
+        dps::authenticate(sim, id_scope, registration_id, &credential)
+    };
+    if let Err(reason) = checked {
+        record_event(sim, client_id, "dps", "refused", Some(&reason));
+        refuse(&mut transport, ConnectReturnCode::NotAuthorized).await;
+        return Err(reason);
+    }
+    let deadline = token_deadline(sim, credential_expiry(&credential));
+    transport
+        .send(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            false,
+        )))
+        .await
+        .map_err(|e| e.to_string())?;
+    record_event(sim, client_id, "dps", "connected", None);
+
+    let (_unused_tx, mut commands) = mpsc::unbounded_channel();
+    let mut ids = PacketIds(0);
+    let keep_alive = keep_alive_limit(connect);
+    let reason = loop {
+        let packet = match next_event(&mut transport, &mut commands, keep_alive, deadline).await {
+            Next::Packet(p) => p,
+            Next::Command(_) => continue,
+            Next::Closed(reason) => break reason,
+        };
+        match packet {
+            Packet::PingReq => {
+                let _ = transport.send(Packet::PingResp).await;
+            }
+            Packet::Disconnect => break "client disconnected".to_string(),
+            Packet::PubAck(_) => {}
+            Packet::Subscribe(subscribe) => {
+                let codes = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if f.path == "$dps/registrations/res/#" {
+                            SubscribeReasonCode::Success(min_qos1(f.qos))
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    })
+                    .collect();
+                let _ = transport
+                    .send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
+                    .await;
+            }
+            Packet::Publish(publish) => {
+                if publish.qos == QoS::ExactlyOnce {
+                    break "QoS 2 is not supported".to_string();
+                }
+                if publish.qos == QoS::AtLeastOnce {
+                    let _ = transport
+                        .send(Packet::PubAck(PubAck::new(publish.pkid)))
+                        .await;
+                }
+                maybe_delay(sim).await;
+                let Some((rid, response)) =
+                    dps_request(sim, id_scope, registration_id, &credential, &publish)
+                else {
+                    break format!("unknown DPS topic '{}'", publish.topic);
+                };
+                let mut topic = format!("$dps/registrations/res/{}/?$rid={rid}", response.status);
+                if let Some(seconds) = response.retry_after {
+                    topic.push_str(&format!("&retry-after={seconds}"));
+                }
+                let body = Bytes::from(response.body.to_string());
+                send_publish(&mut transport, &mut ids, topic, body, QoS::AtLeastOnce).await?;
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                let _ = transport
+                    .send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
+                    .await;
+            }
+            other => break format!("unexpected packet {other:?}"),
+        }
+    };
+    record_event(sim, client_id, "dps", "disconnected", Some(&reason));
+    Ok(())
+}
+
+fn min_qos1(qos: QoS) -> QoS {
+    if qos == QoS::AtMostOnce {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// Routes a DPS request topic; `None` for a topic DPS does not know.
+fn dps_request(
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    credential: &DeviceCredential,
+    publish: &Publish,
+) -> Option<(String, DpsResponse)> {
+    if let Some(query) = publish
+        .topic
+        .strip_prefix("$dps/registrations/PUT/iotdps-register/?")
+    {
+        let rid = hub::query_param(query, "$rid").unwrap_or_default();
+        let response = dps::register(
+            sim,
+            id_scope,
+            registration_id,
+            credential,
+            &publish.payload,
+            "mqtt",
+        );
+        return Some((rid, response));
+    }
+    if let Some(query) = publish
+        .topic
+        .strip_prefix("$dps/registrations/GET/iotdps-get-operationstatus/?")
+    {
+        let rid = hub::query_param(query, "$rid").unwrap_or_default();
+        let response = match hub::query_param(query, "operationId") {
+            Some(op) => {
+                let op = percent_encoding::percent_decode_str(&op)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                dps::operation_status(sim, id_scope, registration_id, &op)
+            }
+            None => DpsResponse {
+                status: 400,
+                retry_after: None,
+                body: dps::error_body(400001, "operationId is missing from the topic"),
+            },
+        };
+        return Some((rid, response));
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// IoT Hub
+// ---------------------------------------------------------------------------------------------
+
+async fn run_hub(
+    sim: &Arc<Sim>,
+    mut transport: Transport,
+    connect: &Connect,
+    hub: &str,
+    device_id: &str,
+    credential: DeviceCredential,
+) -> Result<(), String> {
+    let client_id = &connect.client_id;
+    let known_hub = sim.config.hubs.iter().find(|h| h.eq_ignore_ascii_case(hub));
+    let checked = match known_hub {
+        None => Err(format!("'{hub}' is not a hub linked to this simulator")),
+        Some(_) if client_id != device_id => Err(format!(
+            "client id '{client_id}' differs from the device id '{device_id}' in the username"
+        )),
+        Some(hub) => {
+            crate::auth::authenticate_hub_device(sim, hub, device_id, &credential, unix_now())
+                .map(|expiry| (hub.clone(), expiry))
+        }
+    };
+    let (hub, expiry) = match checked {
+        Ok(ok) => ok,
+        Err(reason) => {
+            record_event(sim, client_id, "hub", "refused", Some(&reason));
+            refuse(&mut transport, ConnectReturnCode::NotAuthorized).await;
+            return Err(reason);
+        }
+    };
+    let device_key = Store::device_key(&hub, device_id);
+    let session = DeviceSession {
+        hub: hub.clone(),
+        device_id: device_id.to_string(),
+        device_key: device_key.clone(),
+        auth_type: match credential {
+            DeviceCredential::X509(_) => "x509",
+            _ => "sas",
+        },
+        subscriptions: Arc::default(),
+    };
+    let deadline = token_deadline(sim, expiry);
+
+    // One connection per device: the newest wins, as on the real hub.
+    let (tx, mut commands) = mpsc::unbounded_channel();
+    let conn_id = sim.next_conn_id();
+    let previous = sim.live.lock().unwrap().connections.insert(
+        device_key.clone(),
+        ConnHandle {
+            conn_id,
+            tx,
+            subscriptions: session.subscriptions.clone(),
+        },
+    );
+    if let Some(previous) = previous {
+        let _ = previous.tx.send(ConnCommand::Close {
+            reason: "ConnectionForcefullyClosedOnNewConnection (400027)".into(),
+        });
+    }
+    let result = transport
+        .send(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            false,
+        )))
+        .await;
+    record_event(sim, client_id, "hub", "connected", None);
+
+    let reason = match result {
+        Err(e) => format!("send failed: {e}"),
+        Ok(()) => {
+            hub_loop(
+                sim,
+                &mut transport,
+                &session,
+                connect,
+                &mut commands,
+                deadline,
+            )
+            .await
+        }
+    };
+
+    {
+        let mut live = sim.live.lock().unwrap();
+        if live
+            .connections
+            .get(&device_key)
+            .is_some_and(|h| h.conn_id == conn_id)
+        {
+            live.connections.remove(&device_key);
+        }
+    }
+    record_event(sim, client_id, "hub", "disconnected", Some(&reason));
+    let _ = transport.close().await;
+    Ok(())
+}
+
+async fn hub_loop(
+    sim: &Arc<Sim>,
+    transport: &mut Transport,
+    session: &DeviceSession,
+    connect: &Connect,
+    commands: &mut mpsc::UnboundedReceiver<ConnCommand>,
+    deadline: Option<tokio::time::Instant>,
+) -> String {
+    let mut ids = PacketIds(0);
+    let keep_alive = keep_alive_limit(connect);
+    loop {
+        let packet = match next_event(transport, commands, keep_alive, deadline).await {
+            Next::Packet(p) => p,
+            Next::Command(ConnCommand::Close { reason }) => return reason,
+            Next::Command(ConnCommand::Publish {
+                topic,
+                payload,
+                qos,
+            }) => {
+                if let Err(e) = send_publish(transport, &mut ids, topic, payload, qos).await {
+                    return e;
+                }
+                continue;
+            }
+            Next::Closed(reason) => return reason,
+        };
+        match packet {
+            Packet::PingReq => {
+                let _ = transport.send(Packet::PingResp).await;
+            }
+            Packet::Disconnect => return "client disconnected".into(),
+            // PUBACK of a C2D message completes it; nothing is redelivered.
+            Packet::PubAck(_) => {}
+            Packet::Subscribe(subscribe) => {
+                let filters: Vec<(String, QoS)> = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| (f.path.clone(), f.qos))
+                    .collect();
+                let (granted, flush_c2d) = hub::on_subscribe(session, &filters);
+                let codes = granted
+                    .into_iter()
+                    .map(|g| g.map_or(SubscribeReasonCode::Failure, SubscribeReasonCode::Success))
+                    .collect();
+                if transport
+                    .send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
+                    .await
+                    .is_err()
+                {
+                    return "send failed".into();
+                }
+                if flush_c2d {
+                    crate::twin::flush_c2d(sim, &session.device_key);
+                }
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                hub::on_unsubscribe(session, &unsubscribe.topics);
+                let _ = transport
+                    .send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
+                    .await;
+            }
+            Packet::Publish(publish) => {
+                if publish.qos == QoS::ExactlyOnce {
+                    return "QoS 2 is not supported by IoT Hub".into();
+                }
+                maybe_delay(sim).await;
+                let replies = match hub::on_publish(
+                    sim,
+                    session,
+                    &publish.topic,
+                    &publish.payload,
+                    publish.retain,
+                ) {
+                    Ok(replies) => replies,
+                    Err(Close(reason)) => return reason,
+                };
+                // PUBACK only once the message is recorded: an acknowledged message is never lost.
+                if publish.qos == QoS::AtLeastOnce
+                    && transport
+                        .send(Packet::PubAck(PubAck::new(publish.pkid)))
+                        .await
+                        .is_err()
+                {
+                    return "send failed".into();
+                }
+                for Reply::Publish {
+                    topic,
+                    payload,
+                    qos,
+                } in replies
+                {
+                    if let Err(e) = send_publish(transport, &mut ids, topic, payload, qos).await {
+                        return e;
+                    }
+                }
+            }
+            other => return format!("unexpected packet {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_of_real_clients_are_told_apart() {
+        assert_eq!(
+            parse_username(
+                "0ne00000001/registrations/dev-01/api-version=2019-03-31&ClientVersion=azure-iot-device-provisioning-py%2F2.14.0"
+            ),
+            Ok(Identity::Dps {
+                id_scope: "0ne00000001".into(),
+                registration_id: "dev-01".into()
+            })
+        );
+        assert_eq!(
+            parse_username(
+                "sim-hub.example.net/dev-01/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0"
+            ),
+            Ok(Identity::Hub {
+                hub: "sim-hub.example.net".into(),
+                device_id: "dev-01".into()
+            })
+        );
+        assert!(parse_username("hub/dev/module/?api-version=1").is_err());
+        assert!(parse_username("just-a-name").is_err());
+    }
+}

@@ -72,3 +72,9 @@ pub fn complete_method(_sim: &Sim, _rid: &str, _status: u16, _payload: Value) {
 pub fn send_c2d(_sim: &Sim, _device_key: &str, _message: C2dMessage) -> Result<(), TwinError> {
     todo!("hubsim-http helper")
 }
+
+/// Delivers the C2D messages queued for a device that is connected and subscribed to C2D.
+/// Called by the MQTT side when the device subscribes to `devices/{id}/messages/devicebound/#`.
+pub fn flush_c2d(_sim: &Sim, _device_key: &str) {
+    todo!("hubsim-http helper")
+}
