@@ -1,0 +1,182 @@
+//! Test helpers: a hubsim on loopback, SAS tokens and rumqttc clients that trust its CA.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hubsim::state::{
+    Attestation, DeviceAuthentication, EnrollmentCommon, IndividualEnrollment, Status,
+    SymmetricKeyPair,
+};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use rustls_pki_types::pem::PemObject;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub async fn start_sim(dir: &std::path::Path) -> hubsim::Running {
+    hubsim::start(hubsim::Options::ephemeral(dir))
+        .await
+        .expect("hubsim starts")
+}
+
+/// `SharedAccessSignature sr=…&sig=…&se=…` as Azure's SDKs build it.
+pub fn sas_token(key_b64: &str, resource: &str, expiry: u64, key_name: Option<&str>) -> String {
+    let key = B64.decode(key_b64).unwrap();
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(resource, percent_encoding::NON_ALPHANUMERIC)
+            .collect();
+    let to_sign = format!("{encoded}\n{expiry}");
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+        to_sign.as_bytes(),
+    );
+    let sig: String = percent_encoding::utf8_percent_encode(
+        &B64.encode(tag.as_ref()),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .collect();
+    let mut token = format!("SharedAccessSignature sr={encoded}&sig={sig}&se={expiry}");
+    if let Some(name) = key_name {
+        token.push_str(&format!("&skn={name}"));
+    }
+    token
+}
+
+pub fn in_an_hour() -> u64 {
+    hubsim::auth::unix_now() + 3600
+}
+
+pub fn tls_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+pub fn mqtt_client(
+    running: &hubsim::Running,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(client_id, "localhost", running.mqtt_addr.port());
+    options.set_credentials(username, password);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(600 * 1024, 600 * 1024);
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        tls_client(&running.ca_pem),
+    )));
+    AsyncClient::new(options, 16)
+}
+
+/// Polls the event loop until `pick` returns something, failing on a connection error.
+pub async fn until<T>(
+    eventloop: &mut EventLoop,
+    mut pick: impl FnMut(&Packet) -> Option<T>,
+) -> Result<T, rumqttc::ConnectionError> {
+    let fut = async {
+        loop {
+            if let Event::Incoming(packet) = eventloop.poll().await? {
+                if let Some(found) = pick(&packet) {
+                    return Ok(found);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .expect("timed out waiting for a packet")
+}
+
+/// An individual symmetric-key enrollment; returns its primary key.
+pub fn enroll(running: &hubsim::Running, registration_id: &str) -> String {
+    let key = hubsim::state::random_key();
+    let enrollment = IndividualEnrollment {
+        registration_id: registration_id.into(),
+        device_id: None,
+        common: EnrollmentCommon {
+            attestation: Attestation::SymmetricKey {
+                symmetric_key: SymmetricKeyPair {
+                    primary_key: key.clone(),
+                    secondary_key: hubsim::state::random_key(),
+                },
+            },
+            iot_hub_host_name: None,
+            iot_hubs: None,
+            allocation_policy: Default::default(),
+            provisioning_status: Status::Enabled,
+            reprovision_policy: Default::default(),
+            initial_twin: None,
+            etag: None,
+            created_date_time_utc: None,
+            last_updated_date_time_utc: None,
+        },
+    };
+    running
+        .sim
+        .mutate(|s| s.enrollments.insert(registration_id.into(), enrollment))
+        .unwrap();
+    key
+}
+
+/// A hub device with a SAS key in the first hub; returns its primary key.
+pub fn add_device(running: &hubsim::Running, device_id: &str) -> String {
+    let key = hubsim::state::random_key();
+    let hub = running.sim.config.hubs[0].clone();
+    let device = hubsim::state::Device {
+        device_id: device_id.into(),
+        hub: hub.clone(),
+        authentication: DeviceAuthentication {
+            kind: "sas".into(),
+            symmetric_key: Some(SymmetricKeyPair {
+                primary_key: key.clone(),
+                secondary_key: hubsim::state::random_key(),
+            }),
+            x509_thumbprint: None,
+        },
+        status: Status::Enabled,
+        generation_id: "1".into(),
+        etag: "1".into(),
+        twin: Default::default(),
+    };
+    running
+        .sim
+        .mutate(|s| {
+            s.devices
+                .insert(hubsim::state::Store::device_key(&hub, device_id), device)
+        })
+        .unwrap();
+    key
+}
+
+pub fn hub_username(running: &hubsim::Running, device_id: &str) -> String {
+    format!(
+        "{}/{device_id}/?api-version=2021-04-12",
+        running.sim.config.hubs[0]
+    )
+}
+
+pub fn hub_password(running: &hubsim::Running, device_id: &str, key: &str, expiry: u64) -> String {
+    sas_token(
+        key,
+        &format!("{}/devices/{device_id}", running.sim.config.hubs[0]),
+        expiry,
+        None,
+    )
+}
+
+pub fn sub(topic: &str) -> (String, QoS) {
+    (topic.to_string(), QoS::AtLeastOnce)
+}

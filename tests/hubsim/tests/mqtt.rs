@@ -1,0 +1,435 @@
+//! Devices talking MQTT over TLS to a hubsim on loopback, with rumqttc as the client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rumqttc::{ConnectReturnCode, ConnectionError, Packet, QoS};
+use serde_json::{Value, json};
+
+fn dps_username(scope: &str, registration_id: &str) -> String {
+    format!("{scope}/registrations/{registration_id}/api-version=2019-03-31")
+}
+
+#[tokio::test]
+async fn dps_registers_an_individual_symmetric_key_enrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running, "dev-01");
+    let scope = running.sim.read(|s| s.id_scope.clone());
+    let password = sas_token(
+        &key,
+        &format!("{scope}/registrations/dev-01"),
+        in_an_hour(),
+        Some("registration"),
+    );
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-01",
+        &dps_username(&scope, "dev-01"),
+        &password,
+    );
+    client
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "$dps/registrations/PUT/iotdps-register/?$rid=7",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"payload": {"site": "north"}, "registrationId": "dev-01"}"#,
+        )
+        .await
+        .unwrap();
+    let (topic, body) = until(&mut el, |p| match p {
+        Packet::Publish(p) => Some((p.topic.clone(), p.payload.clone())),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert!(
+        topic.starts_with("$dps/registrations/res/202/?$rid=7&retry-after="),
+        "{topic}"
+    );
+    let accepted: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(accepted["status"], "assigning");
+    let operation = accepted["operationId"].as_str().unwrap().to_string();
+
+    client
+        .publish(
+            format!(
+                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=8&operationId={operation}"
+            ),
+            QoS::AtLeastOnce,
+            false,
+            " ",
+        )
+        .await
+        .unwrap();
+    let (topic, body) = until(&mut el, |p| match p {
+        Packet::Publish(p) => Some((p.topic.clone(), p.payload.clone())),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(topic, "$dps/registrations/res/200/?$rid=8");
+    let done: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(done["status"], "assigned");
+    let state = &done["registrationState"];
+    assert_eq!(state["registrationId"], "dev-01");
+    assert_eq!(state["assignedHub"], "localhost");
+    assert_eq!(state["deviceId"], "dev-01");
+    assert_eq!(state["payload"], json!({"site": "north"}));
+    // The device now exists in the hub and can connect with the enrollment's key.
+    assert!(running.sim.read(|s| {
+        s.devices
+            .contains_key(&hubsim::state::Store::device_key("localhost", "dev-01"))
+    }));
+}
+
+#[tokio::test]
+async fn dps_refuses_a_wrong_key_with_connack_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    enroll(&running, "dev-02");
+    let scope = running.sim.read(|s| s.id_scope.clone());
+    let wrong = hubsim::state::random_key();
+    let password = sas_token(
+        &wrong,
+        &format!("{scope}/registrations/dev-02"),
+        in_an_hour(),
+        None,
+    );
+    let (_client, mut el) = mqtt_client(
+        &running,
+        "dev-02",
+        &dps_username(&scope, "dev-02"),
+        &password,
+    );
+    let err = until(&mut el, |_| Some(())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+        ),
+        "{err:?}"
+    );
+    let refused = running
+        .sim
+        .records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .any(|e| e.client_id == "dev-02" && e.event == "refused" && e.service == "dps");
+    assert!(refused);
+}
+
+#[tokio::test]
+async fn hub_records_telemetry_with_decoded_properties_and_acks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-03");
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-03",
+        &hub_username(&running, "dev-03"),
+        &hub_password(&running, "dev-03", &key, in_an_hour()),
+    );
+    client
+        .publish(
+            "devices/dev-03/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=high%20temp",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"temp":21.5}"#,
+        )
+        .await
+        .unwrap();
+    until(&mut el, |p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let records = running.sim.records.lock().unwrap().telemetry["dev-03"].clone();
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_eq!(record.body.as_deref(), Some(r#"{"temp":21.5}"#));
+    assert_eq!(record.properties["alert"], "high temp");
+    assert_eq!(record.system_properties["message-id"], "m-1");
+    assert_eq!(record.system_properties["content-type"], "application/json");
+    assert_eq!(
+        record.system_properties["iothub-connection-device-id"],
+        "dev-03"
+    );
+}
+
+#[tokio::test]
+async fn twin_get_reported_patch_and_desired_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-04");
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-04",
+        &hub_username(&running, "dev-04"),
+        &hub_password(&running, "dev-04", &key, in_an_hour()),
+    );
+    client
+        .subscribe_many(
+            [
+                "$iothub/twin/res/#",
+                "$iothub/twin/PATCH/properties/desired/#",
+            ]
+            .map(|t| rumqttc::SubscribeFilter::new(t.into(), QoS::AtLeastOnce)),
+        )
+        .await
+        .unwrap();
+    until(&mut el, |p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    client
+        .publish(
+            "$iothub/twin/PATCH/properties/reported/?$rid=r1",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"fw":"1.0"}"#,
+        )
+        .await
+        .unwrap();
+    let topic = until(&mut el, |p| match p {
+        Packet::Publish(p) => Some(p.topic.clone()),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert!(
+        topic.starts_with("$iothub/twin/res/204/?$rid=r1&$version="),
+        "{topic}"
+    );
+
+    client
+        .publish("$iothub/twin/GET/?$rid=g1", QoS::AtLeastOnce, false, " ")
+        .await
+        .unwrap();
+    let twin: Value = until(&mut el, |p| match p {
+        Packet::Publish(p) if p.topic == "$iothub/twin/res/200/?$rid=g1" => {
+            serde_json::from_slice(&p.payload).ok()
+        }
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(twin["reported"]["fw"], "1.0");
+    let before = twin["desired"]["$version"].as_u64().unwrap();
+
+    let device_key = hubsim::state::Store::device_key("localhost", "dev-04");
+    let version =
+        hubsim::twin::apply_desired_patch(&running.sim, &device_key, &json!({"interval": 10}))
+            .unwrap();
+    assert!(version > before);
+    let (topic, patch): (String, Value) = until(&mut el, |p| match p {
+        Packet::Publish(p)
+            if p.topic
+                .starts_with("$iothub/twin/PATCH/properties/desired/") =>
+        {
+            Some((p.topic.clone(), serde_json::from_slice(&p.payload).unwrap()))
+        }
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        topic,
+        format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
+    );
+    assert_eq!(patch["interval"], 10);
+    assert_eq!(patch["$version"], version);
+}
+
+#[tokio::test]
+async fn qos2_publish_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-05");
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-05",
+        &hub_username(&running, "dev-05"),
+        &hub_password(&running, "dev-05", &key, in_an_hour()),
+    );
+    client
+        .publish(
+            "devices/dev-05/messages/events/",
+            QoS::ExactlyOnce,
+            false,
+            "x",
+        )
+        .await
+        .unwrap();
+    assert!(until(&mut el, |_| None::<()>).await.is_err());
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |sim| {
+                sim.records.lock().unwrap().connections.iter().any(|e| {
+                    e.client_id == "dev-05"
+                        && e.event == "disconnected"
+                        && e.reason.as_deref().is_some_and(|r| r.contains("QoS 2"))
+                })
+            })
+            .await
+    );
+    assert!(
+        !running
+            .sim
+            .records
+            .lock()
+            .unwrap()
+            .telemetry
+            .contains_key("dev-05")
+    );
+}
+
+#[tokio::test]
+async fn oversize_message_closes_the_connection_and_is_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-06");
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-06",
+        &hub_username(&running, "dev-06"),
+        &hub_password(&running, "dev-06", &key, in_an_hour()),
+    );
+    client
+        .publish(
+            "devices/dev-06/messages/events/",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'a'; 256 * 1024 + 1],
+        )
+        .await
+        .unwrap();
+    assert!(
+        until(&mut el, |p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+            .is_err()
+    );
+    assert!(
+        !running
+            .sim
+            .records
+            .lock()
+            .unwrap()
+            .telemetry
+            .contains_key("dev-06")
+    );
+}
+
+#[tokio::test]
+async fn a_second_connection_closes_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-07");
+    let password = hub_password(&running, "dev-07", &key, in_an_hour());
+    let (_c1, mut el1) = mqtt_client(
+        &running,
+        "dev-07",
+        &hub_username(&running, "dev-07"),
+        &password,
+    );
+    until(&mut el1, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let (_c2, mut el2) = mqtt_client(
+        &running,
+        "dev-07",
+        &hub_username(&running, "dev-07"),
+        &password,
+    );
+    until(&mut el2, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
+        .await
+        .unwrap();
+    assert!(
+        until(&mut el1, |_| None::<()>).await.is_err(),
+        "first connection must be closed"
+    );
+}
+
+#[tokio::test]
+async fn the_hub_disconnects_when_the_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-08");
+    let expiry = hubsim::auth::unix_now() + 2;
+    let (_client, mut el) = mqtt_client(
+        &running,
+        "dev-08",
+        &hub_username(&running, "dev-08"),
+        &hub_password(&running, "dev-08", &key, expiry),
+    );
+    until(&mut el, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
+        .await
+        .unwrap();
+    assert!(until(&mut el, |_| None::<()>).await.is_err());
+    assert!(
+        hubsim::auth::unix_now() + 1 >= expiry,
+        "closed before the token expired"
+    );
+    let reason = running
+        .sim
+        .records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .rev()
+        .find(|e| e.client_id == "dev-08" && e.event == "disconnected")
+        .and_then(|e| e.reason.clone());
+    assert_eq!(reason.as_deref(), Some("SAS token expired"));
+}
+
+#[tokio::test]
+async fn refusing_connections_answers_server_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-09");
+    running.sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(60));
+    let (_client, mut el) = mqtt_client(
+        &running,
+        "dev-09",
+        &hub_username(&running, "dev-09"),
+        &hub_password(&running, "dev-09", &key, in_an_hour()),
+    );
+    let err = until(&mut el, |_| Some(())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable)
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_device_key_is_refused_by_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    add_device(&running, "dev-10");
+    let wrong = hubsim::state::random_key();
+    let (_client, mut el) = mqtt_client(
+        &running,
+        "dev-10",
+        &hub_username(&running, "dev-10"),
+        &hub_password(&running, "dev-10", &wrong, in_an_hour()),
+    );
+    let err = until(&mut el, |_| Some(())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+        ),
+        "{err:?}"
+    );
+}
