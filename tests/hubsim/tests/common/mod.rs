@@ -88,10 +88,10 @@ pub async fn until<T>(
 ) -> Result<T, rumqttc::ConnectionError> {
     let fut = async {
         loop {
-            if let Event::Incoming(packet) = eventloop.poll().await? {
-                if let Some(found) = pick(&packet) {
-                    return Ok(found);
-                }
+            if let Event::Incoming(packet) = eventloop.poll().await?
+                && let Some(found) = pick(&packet)
+            {
+                return Ok(found);
             }
         }
     };
