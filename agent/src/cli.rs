@@ -49,6 +49,10 @@ pub enum Command {
     },
     /// Ask the running daemon to register with DPS again.
     Reprovision,
+    /// Ask the running daemon to re-read its configuration (what `systemctl reload` runs); it
+    /// reprovisions when the provisioning settings changed. Fails, naming the error, when the new
+    /// configuration is invalid; the daemon then keeps the old one.
+    Reload,
     /// Show what the running daemon is doing.
     Status {
         #[arg(long)]
