@@ -1,11 +1,18 @@
 //! Device Provisioning Service logic, independent of transport: match the registration to an
 //! enrollment, check its credential, allocate a hub, create/update the hub device, and answer with
 //! the exact JSON of the real service. MQTT (`mqtt`) and HTTPS (`http`) both call [`Dps`].
-//! OWNER: hubsim-logic helper.
 
-use serde_json::Value;
+use std::collections::HashMap;
 
-use crate::state::Sim;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+
+use crate::auth::{self, AuthError};
+use crate::state::{
+    Attestation, CertificatePair, Device, DeviceAuthentication, EnrollmentCommon,
+    RegistrationEvent, Sim, Status, Store, SymmetricKeyPair, Thumbprints, Twin, now_rfc3339,
+};
 
 /// How the device authenticated its transport.
 #[derive(Debug, Clone)]
@@ -26,43 +33,562 @@ pub struct DpsResponse {
     pub body: Value,
 }
 
+/// A registration waiting to be polled, by operation id.
+#[derive(Debug, Clone)]
+pub struct PendingOperation {
+    pub registration_id: String,
+    /// The full `RegistrationOperationStatus` the next poll answers with.
+    pub result: Value,
+}
+
+/// Which enrollment a device's credential matched, and what the hub device will use.
+#[derive(Debug, Clone)]
+struct Matched {
+    common: EnrollmentCommon,
+    /// `Some(group id)` for enrollment groups.
+    group: Option<String>,
+    device_id: String,
+    authentication: DeviceAuthentication,
+    /// "symmetricKey" or "x509" (registration history).
+    attestation: &'static str,
+}
+
 /// Checks a CONNECT to DPS: the registration id in the username must match the credential
 /// (SAS signed with the enrollment's or derived key; certificate CN = registration id chaining to
 /// the enrollment). `Err` carries the reason recorded in the connection events (CONNACK 5).
 pub fn authenticate(
-    _sim: &Sim,
-    _id_scope: &str,
-    _registration_id: &str,
-    _cred: &DeviceCredential,
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    cred: &DeviceCredential,
 ) -> Result<(), String> {
-    todo!("hubsim-logic helper")
+    match_enrollment(sim, id_scope, registration_id, cred).map(|_| ())
+}
+
+/// DER certificates of an enrollment's `signingCertificates` (group CA).
+pub fn signing_certificates(common: &EnrollmentCommon) -> Vec<Vec<u8>> {
+    match &common.attestation {
+        Attestation::X509 { x509 } => certificates(x509.signing_certificates.as_ref()),
+        _ => vec![],
+    }
+}
+
+fn certificates(pair: Option<&CertificatePair>) -> Vec<Vec<u8>> {
+    let Some(pair) = pair else { return vec![] };
+    [pair.primary.as_ref(), pair.secondary.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.certificate.as_deref())
+        .filter_map(certificate_der)
+        .collect()
+}
+
+/// Azure accepts PEM or bare base64 DER.
+pub fn certificate_der(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    if text.contains("-----BEGIN") {
+        CertificateDer::from_pem_slice(text.as_bytes())
+            .ok()
+            .map(|c| c.to_vec())
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()
+    }
+}
+
+fn match_enrollment(
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    cred: &DeviceCredential,
+) -> Result<Matched, String> {
+    let (scope, individual, groups) = sim.read(|s| {
+        let individual = s
+            .enrollments
+            .values()
+            .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
+            .cloned();
+        (s.id_scope.clone(), individual, s.groups.clone())
+    });
+    if !scope.eq_ignore_ascii_case(id_scope) {
+        return Err(format!("unknown ID scope '{id_scope}'"));
+    }
+    let now = auth::unix_now();
+    match cred {
+        DeviceCredential::Sas(token) => {
+            let token = auth::parse_sas(token).map_err(|e| e.to_string())?;
+            let resource = format!("{id_scope}/registrations/{registration_id}");
+            let verify = |pair: &SymmetricKeyPair| -> Result<(), AuthError> {
+                match auth::verify_sas(&token, &pair.primary_key, &resource, now) {
+                    Err(AuthError::BadSignature) => {
+                        auth::verify_sas(&token, &pair.secondary_key, &resource, now)
+                    }
+                    other => other,
+                }
+            };
+            if let Some(e) = &individual
+                && let Attestation::SymmetricKey { symmetric_key } = &e.common.attestation
+            {
+                verify(symmetric_key).map_err(|err| err.to_string())?;
+                return Ok(Matched {
+                    common: e.common.clone(),
+                    group: None,
+                    device_id: e
+                        .device_id
+                        .clone()
+                        .unwrap_or_else(|| registration_id.into()),
+                    authentication: sas_authentication(symmetric_key.clone()),
+                    attestation: "symmetricKey",
+                });
+            }
+            for group in groups.values() {
+                let Attestation::SymmetricKey { symmetric_key } = &group.common.attestation else {
+                    continue;
+                };
+                let derive = |k: &str| auth::derive_device_key(k, registration_id);
+                let derived = SymmetricKeyPair {
+                    primary_key: derive(&symmetric_key.primary_key).map_err(|e| e.to_string())?,
+                    secondary_key: derive(&symmetric_key.secondary_key)
+                        .map_err(|e| e.to_string())?,
+                };
+                match verify(&derived) {
+                    Ok(()) => {
+                        return Ok(Matched {
+                            common: group.common.clone(),
+                            group: Some(group.enrollment_group_id.clone()),
+                            device_id: registration_id.to_string(),
+                            authentication: sas_authentication(derived),
+                            attestation: "symmetricKey",
+                        });
+                    }
+                    Err(AuthError::BadSignature) => continue,
+                    Err(other) => return Err(other.to_string()),
+                }
+            }
+            Err(format!(
+                "no enrollment for '{registration_id}' accepts this SAS signature"
+            ))
+        }
+        DeviceCredential::X509(chain) => {
+            let leaf = chain.first().ok_or("no client certificate")?;
+            let cn = auth::leaf_common_name(leaf).map_err(|e| e.to_string())?;
+            if !cn.eq_ignore_ascii_case(registration_id) {
+                return Err(format!(
+                    "certificate CN '{cn}' differs from the registration id '{registration_id}'"
+                ));
+            }
+            if let Some(e) = &individual
+                && let Attestation::X509 { x509 } = &e.common.attestation
+            {
+                let enrolled = certificates(x509.client_certificates.as_ref());
+                let leaf_print = auth::sha256_thumbprint(leaf);
+                if !enrolled
+                    .iter()
+                    .any(|c| auth::sha256_thumbprint(c) == leaf_print)
+                {
+                    return Err("certificate is not the one enrolled for this device".into());
+                }
+                return Ok(Matched {
+                    common: e.common.clone(),
+                    group: None,
+                    device_id: e
+                        .device_id
+                        .clone()
+                        .unwrap_or_else(|| registration_id.into()),
+                    authentication: DeviceAuthentication {
+                        kind: "selfSigned".into(),
+                        symmetric_key: None,
+                        x509_thumbprint: Some(Thumbprints {
+                            primary_thumbprint: Some(auth::sha1_thumbprint(leaf)),
+                            secondary_thumbprint: None,
+                        }),
+                    },
+                    attestation: "x509",
+                });
+            }
+            let mut last_error = format!("no enrollment group's CA issued '{cn}'");
+            for group in groups.values() {
+                let cas = signing_certificates(&group.common);
+                if cas.is_empty() {
+                    continue;
+                }
+                match auth::verify_chain(chain, &cas, now) {
+                    Ok(()) => {
+                        return Ok(Matched {
+                            common: group.common.clone(),
+                            group: Some(group.enrollment_group_id.clone()),
+                            device_id: cn,
+                            authentication: DeviceAuthentication {
+                                kind: "certificateAuthority".into(),
+                                symmetric_key: None,
+                                x509_thumbprint: None,
+                            },
+                            attestation: "x509",
+                        });
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            Err(last_error)
+        }
+        DeviceCredential::None => {
+            Err("no credentials: neither a SAS token nor a client certificate".into())
+        }
+    }
+}
+
+fn sas_authentication(keys: SymmetricKeyPair) -> DeviceAuthentication {
+    DeviceAuthentication {
+        kind: "sas".into(),
+        symmetric_key: Some(keys),
+        x509_thumbprint: None,
+    }
+}
+
+fn error(status: u16, code: u32, message: &str) -> DpsResponse {
+    DpsResponse {
+        status,
+        retry_after: None,
+        body: error_body(code, message),
+    }
 }
 
 /// `PUT iotdps-register` / HTTPS `…/register`: `body` is the raw request payload. Answers 202
 /// `{"operationId","status":"assigning"}` with retry-after (or 429 when throttled, 4xx on bad input).
 /// `transport` is "mqtt" or "https" (recorded in the registration history).
 pub fn register(
-    _sim: &Sim,
-    _id_scope: &str,
-    _registration_id: &str,
-    _cred: &DeviceCredential,
-    _body: &[u8],
-    _transport: &str,
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    cred: &DeviceCredential,
+    body: &[u8],
+    transport: &str,
 ) -> DpsResponse {
-    todo!("hubsim-logic helper")
+    let record = |outcome: &str, hub: Option<String>, device: Option<String>, att: &str| {
+        let event = RegistrationEvent {
+            registration_id: registration_id.to_string(),
+            time: now_rfc3339(),
+            outcome: outcome.to_string(),
+            assigned_hub: hub,
+            device_id: device,
+            transport: transport.to_string(),
+            attestation: att.to_string(),
+        };
+        sim.record(|r| r.registrations.push(event));
+    };
+    if let Some(retry_after) = take_throttle(sim) {
+        record("throttled", None, None, "");
+        return DpsResponse {
+            status: 429,
+            retry_after: Some(retry_after),
+            body: error_body(429001, "Operations are being throttled for this tenant."),
+        };
+    }
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Value::Object(map),
+        Ok(other) => {
+            record("bad-request", None, None, "");
+            return error(
+                400,
+                400004,
+                &format!("the request body must be a JSON object, got {other}"),
+            );
+        }
+        Err(e) => {
+            record("bad-request", None, None, "");
+            return error(
+                400,
+                400004,
+                &format!("the request body is not valid JSON: {e}"),
+            );
+        }
+    };
+    match request.get("registrationId").and_then(Value::as_str) {
+        Some(id) if id.eq_ignore_ascii_case(registration_id) => {}
+        Some(id) => {
+            record("bad-request", None, None, "");
+            return error(
+                400,
+                400004,
+                &format!(
+                    "registrationId '{id}' in the body differs from '{registration_id}' in the request"
+                ),
+            );
+        }
+        None => {
+            record("bad-request", None, None, "");
+            return error(400, 400004, "the request body has no registrationId");
+        }
+    }
+    let matched = match match_enrollment(sim, id_scope, registration_id, cred) {
+        Ok(m) => m,
+        Err(reason) => {
+            record("unauthorized", None, None, "");
+            return error(401, 401002, &format!("Unauthorized: {reason}"));
+        }
+    };
+    let operation_id = format!("4.{:016x}.{}", rand::random::<u64>(), uuid::Uuid::new_v4());
+    if matched.common.provisioning_status == Status::Disabled {
+        record("disabled", None, None, matched.attestation);
+        let result = json!({"operationId": operation_id, "status": "disabled"});
+        return accepted(sim, &operation_id, registration_id, result);
+    }
+    let payload = request.get("payload").filter(|p| !p.is_null()).cloned();
+    match assign(sim, registration_id, &matched, payload) {
+        Ok(state) => {
+            record(
+                "assigned",
+                state["assignedHub"].as_str().map(str::to_string),
+                state["deviceId"].as_str().map(str::to_string),
+                matched.attestation,
+            );
+            let result = json!({
+                "operationId": operation_id,
+                "status": "assigned",
+                "registrationState": state,
+            });
+            accepted(sim, &operation_id, registration_id, result)
+        }
+        Err(response) => {
+            record("failed", None, None, matched.attestation);
+            response
+        }
+    }
+}
+
+fn take_throttle(sim: &Sim) -> Option<u64> {
+    let mut faults = sim.faults.lock().unwrap();
+    let (remaining, retry_after) = faults.dps_throttle?;
+    faults.dps_throttle = (remaining > 1).then_some((remaining - 1, retry_after));
+    Some(retry_after)
+}
+
+fn accepted(sim: &Sim, operation_id: &str, registration_id: &str, result: Value) -> DpsResponse {
+    sim.live.lock().unwrap().operations.insert(
+        operation_id.to_string(),
+        PendingOperation {
+            registration_id: registration_id.to_string(),
+            result,
+        },
+    );
+    DpsResponse {
+        status: 202,
+        retry_after: Some(sim.config.retry_after_secs),
+        body: json!({"operationId": operation_id, "status": "assigning"}),
+    }
+}
+
+/// A stable choice among `hubs` for a registration id (FNV-1a), like DPS's evenly weighted hashing.
+fn hashed_choice<'a>(hubs: &'a [String], registration_id: &str) -> &'a String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in registration_id.to_ascii_lowercase().bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    &hubs[(hash % hubs.len() as u64) as usize]
+}
+
+/// Allocates a hub, creates or moves the hub device, stores the registration; returns the
+/// `registrationState` JSON.
+fn assign(
+    sim: &Sim,
+    registration_id: &str,
+    matched: &Matched,
+    payload: Option<Value>,
+) -> Result<Value, DpsResponse> {
+    let linked = &sim.config.hubs;
+    let candidates: Vec<String> = match &matched.common.iot_hubs {
+        Some(list) if !list.is_empty() => list.clone(),
+        _ => linked.clone(),
+    };
+    let chosen = match (
+        &matched.common.allocation_policy,
+        &matched.common.iot_hub_host_name,
+    ) {
+        (crate::state::AllocationPolicy::Static, Some(hub)) => hub.clone(),
+        (_, Some(hub)) if matched.common.iot_hubs.is_none() => hub.clone(),
+        _ if candidates.is_empty() => {
+            return Err(error(
+                400,
+                400208,
+                "no IoT hub is linked for this enrollment",
+            ));
+        }
+        _ => hashed_choice(&candidates, registration_id).clone(),
+    };
+    let Some(hub) = linked
+        .iter()
+        .find(|h| h.eq_ignore_ascii_case(&chosen))
+        .cloned()
+    else {
+        return Err(error(
+            400,
+            400208,
+            &format!("IoT hub '{chosen}' is not linked to this DPS"),
+        ));
+    };
+    let now = now_rfc3339();
+    let key = registration_id.to_ascii_lowercase();
+    let result = sim.mutate(|store| {
+        let previous = store.registrations.get(&key).cloned();
+        let previous_device = previous.as_ref().and_then(|p| {
+            let old = Store::device_key(p.assigned_hub.as_deref()?, p.device_id.as_deref()?);
+            store.devices.get(&old).cloned().map(|d| (old, d))
+        });
+        let policy = &matched.common.reprovision_policy;
+        // Re-registration with updateHubAssignment=false keeps the earlier hub.
+        let hub = match (&previous_device, policy.update_hub_assignment) {
+            (Some((_, d)), false) => d.hub.clone(),
+            _ => hub.clone(),
+        };
+        let new_key = Store::device_key(&hub, &matched.device_id);
+        let initial_twin = initial_twin(&matched.common);
+        let (twin, substatus, generation) = match previous_device {
+            Some((old_key, old)) if old_key == new_key => {
+                (old.twin, "initialAssignment", old.generation_id)
+            }
+            Some((old_key, old)) => {
+                store.devices.remove(&old_key);
+                if policy.migrate_device_data {
+                    (old.twin, "deviceDataMigrated", old.generation_id)
+                } else {
+                    (
+                        initial_twin,
+                        "deviceDataReset",
+                        uuid::Uuid::new_v4().to_string(),
+                    )
+                }
+            }
+            None => match store.devices.get(&new_key) {
+                Some(existing) => (
+                    existing.twin.clone(),
+                    "initialAssignment",
+                    existing.generation_id.clone(),
+                ),
+                None => (
+                    initial_twin,
+                    "initialAssignment",
+                    uuid::Uuid::new_v4().to_string(),
+                ),
+            },
+        };
+        let etag = format!("\"{}\"", uuid::Uuid::new_v4());
+        store.devices.insert(
+            new_key,
+            Device {
+                device_id: matched.device_id.clone(),
+                hub: hub.clone(),
+                authentication: matched.authentication.clone(),
+                status: Status::Enabled,
+                generation_id: generation,
+                etag: etag.clone(),
+                twin,
+                ca_group: matched
+                    .group
+                    .clone()
+                    .filter(|_| matched.authentication.kind == "certificateAuthority"),
+            },
+        );
+        let created = previous
+            .as_ref()
+            .and_then(|p| p.state["createdDateTimeUtc"].as_str().map(str::to_string))
+            .unwrap_or_else(|| now.clone());
+        let mut state = json!({
+            "registrationId": registration_id,
+            "createdDateTimeUtc": created,
+            "assignedHub": hub,
+            "deviceId": matched.device_id,
+            "status": "assigned",
+            "substatus": substatus,
+            "lastUpdatedDateTimeUtc": now,
+            "etag": base64_etag(&etag),
+        });
+        if let Some(group) = &matched.group {
+            let section = if matched.attestation == "x509" {
+                "x509"
+            } else {
+                "symmetricKey"
+            };
+            state[section] = json!({"enrollmentGroupId": group});
+        } else if matched.attestation == "x509" {
+            state["x509"] = json!({});
+        }
+        if let Some(payload) = payload {
+            state["payload"] = payload;
+        }
+        store.registrations.insert(
+            key.clone(),
+            crate::state::Registration {
+                state: state.clone(),
+                assigned_hub: Some(hub),
+                device_id: Some(matched.device_id.clone()),
+            },
+        );
+        state
+    });
+    result.map_err(|e| {
+        error(
+            500,
+            500000,
+            &format!("hubsim could not persist its state: {e}"),
+        )
+    })
+}
+
+fn base64_etag(etag: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(etag)
+}
+
+fn initial_twin(common: &EnrollmentCommon) -> Twin {
+    let mut twin = Twin::default();
+    if let Some(initial) = &common.initial_twin {
+        if let Some(desired) = initial
+            .pointer("/properties/desired")
+            .and_then(Value::as_object)
+        {
+            twin.desired = desired.clone();
+            twin.desired_version = 1;
+        }
+        if let Some(tags) = initial.get("tags").and_then(Value::as_object) {
+            twin.tags = tags.clone();
+        }
+    }
+    twin
 }
 
 /// `GET iotdps-get-operationstatus` / HTTPS `…/operations/{id}`: 202 while assigning (the first
 /// poll after register already completes unless retry-after says otherwise), then 200 with
 /// `registrationState`; 404 for an unknown operation.
 pub fn operation_status(
-    _sim: &Sim,
+    sim: &Sim,
     _id_scope: &str,
-    _registration_id: &str,
-    _operation_id: &str,
+    registration_id: &str,
+    operation_id: &str,
 ) -> DpsResponse {
-    todo!("hubsim-logic helper")
+    let pending = sim
+        .live
+        .lock()
+        .unwrap()
+        .operations
+        .get(operation_id)
+        .cloned();
+    match pending {
+        Some(op) if op.registration_id.eq_ignore_ascii_case(registration_id) => DpsResponse {
+            status: 200,
+            retry_after: None,
+            body: op.result,
+        },
+        _ => error(
+            404,
+            404005,
+            &format!("operation '{operation_id}' was not found for '{registration_id}'"),
+        ),
+    }
 }
+
+/// Pending operations, kept in `Live`.
+pub type Operations = HashMap<String, PendingOperation>;
 
 /// The error body of the real service: `{"errorCode", "trackingId", "message", "timestampUtc"}`.
 pub fn error_body(error_code: u32, message: &str) -> Value {

@@ -1,8 +1,21 @@
 //! The development PKI: a root CA and a TLS server certificate created on first start and kept in
 //! the state dir, and `hubsim certs` for device certificates (X.509 attestation tests).
-//! OWNER: hubsim-logic helper.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use time::{Duration, OffsetDateTime};
 
 /// Files of the server PKI in a state dir (see docs/hubsim.md).
 #[derive(Debug, Clone)]
@@ -18,8 +31,130 @@ pub struct ServerPki {
 /// Loads `ca.pem`/`ca.key`/`server.pem`/`server.key` from `state_dir`, creating them when missing.
 /// The server certificate covers localhost, 127.0.0.1, ::1 and `extra_names` (host names or IP
 /// literals); it is re-issued (same CA) when a name is missing from the existing one.
-pub fn load_or_create(_state_dir: &Path, _extra_names: &[String]) -> anyhow::Result<ServerPki> {
-    todo!("hubsim-logic helper")
+pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> anyhow::Result<ServerPki> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let ca_pem_path = state_dir.join("ca.pem");
+    let ca_key_path = state_dir.join("ca.key");
+    if !ca_pem_path.exists() || !ca_key_path.exists() {
+        let key = KeyPair::generate()?;
+        let mut params = ca_params("hubsim Development Root CA", 3650)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key)?;
+        write_private(&ca_key_path, &key.serialize_pem())?;
+        crate::state::write_atomic(&ca_pem_path, cert.pem().as_bytes())?;
+    }
+    let ca_pem = read(&ca_pem_path)?;
+    let ca_key_pem = read(&ca_key_path)?;
+
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    for name in extra_names {
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            names.push(name.clone());
+        }
+    }
+    let server_pem_path = state_dir.join("server.pem");
+    let server_key_path = state_dir.join("server.key");
+    let current = std::fs::read_to_string(&server_pem_path).ok();
+    let covers_all = current
+        .as_deref()
+        .is_some_and(|pem| server_cert_covers(pem, &names));
+    if !covers_all || !server_key_path.exists() {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn("hubsim");
+        params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
+        params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(365);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        write_private(&server_key_path, &key.serialize_pem())?;
+        crate::state::write_atomic(
+            &server_pem_path,
+            format!("{}{}", cert.pem(), ca_pem).as_bytes(),
+        )?;
+    }
+    Ok(ServerPki {
+        ca_pem_path,
+        server_cert_pem: read(&server_pem_path)?,
+        server_key_pem: read(&server_key_path)?,
+        ca_pem,
+    })
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    crate::state::write_atomic(path, text.as_bytes())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn san(name: &str) -> anyhow::Result<SanType> {
+    Ok(match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(name.try_into()?),
+    })
+}
+
+fn ca_params(cn: &str, days: i64) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = dn(cn);
+    params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+    params.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// True when the first certificate of `pem` names every entry of `names` and is still valid.
+fn server_cert_covers(pem: &str, names: &[String]) -> bool {
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return false;
+    };
+    if !cert.validity().is_valid() {
+        return false;
+    }
+    let Ok(Some(sans)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let present: Vec<String> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            x509_parser::extensions::GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string()),
+                16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    names.iter().all(|n| {
+        let n = match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => n.to_ascii_lowercase(),
+        };
+        present.contains(&n)
+    })
 }
 
 /// A certificate written by `hubsim certs`.
@@ -43,17 +178,228 @@ pub enum CertKind {
 /// Issues a certificate with CN = `cn` into `out_dir` (`cert.pem`, `key.pem` mode 0600).
 /// `issuer_dir` holds a previous `certs` output (root or intermediate); `None` = self-signed.
 pub fn issue(
-    _kind: CertKind,
-    _cn: &str,
-    _out_dir: &Path,
-    _issuer_dir: Option<&Path>,
+    kind: CertKind,
+    cn: &str,
+    out_dir: &Path,
+    issuer_dir: Option<&Path>,
 ) -> anyhow::Result<IssuedCert> {
-    todo!("hubsim-logic helper")
+    if kind != CertKind::Device && kind != CertKind::Root && issuer_dir.is_none() {
+        bail!("an intermediate CA needs --issuer");
+    }
+    if kind == CertKind::Root && issuer_dir.is_some() {
+        bail!("a root CA is self-signed; drop --issuer");
+    }
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let key = KeyPair::generate()?;
+    let mut params = match kind {
+        CertKind::Root | CertKind::Intermediate => {
+            let mut p = ca_params(cn, 3650)?;
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p
+        }
+        CertKind::Device => {
+            let mut p = CertificateParams::new(Vec::<String>::new())?;
+            p.distinguished_name = dn(cn);
+            p.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+            p.not_after = OffsetDateTime::now_utc() + Duration::days(365);
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            p
+        }
+    };
+    params.use_authority_key_identifier_extension = issuer_dir.is_some();
+    let (cert, chain_tail) = match issuer_dir {
+        None => (params.self_signed(&key)?, String::new()),
+        Some(dir) => {
+            let issuer_chain = read(&dir.join("cert.pem"))?;
+            let issuer_key = KeyPair::from_pem(&read(&dir.join("key.pem"))?)
+                .with_context(|| format!("{}: not a private key", dir.join("key.pem").display()))?;
+            let issuer =
+                Issuer::from_ca_cert_pem(&issuer_chain, &issuer_key).with_context(|| {
+                    format!("{}: not a CA certificate", dir.join("cert.pem").display())
+                })?;
+            (params.signed_by(&key, &issuer)?, issuer_chain)
+        }
+    };
+    let cert_path = out_dir.join("cert.pem");
+    let key_path = out_dir.join("key.pem");
+    crate::state::write_atomic(
+        &cert_path,
+        format!("{}{}", cert.pem(), chain_tail).as_bytes(),
+    )?;
+    write_private(&key_path, &key.serialize_pem())?;
+    Ok(IssuedCert {
+        cert_path,
+        key_path,
+        sha1_thumbprint: crate::auth::sha1_thumbprint(cert.der()),
+        sha256_thumbprint: crate::auth::sha256_thumbprint(cert.der()),
+    })
 }
 
 /// rustls server config: TLS 1.2 + 1.3, client certificates requested but optional (X.509 devices
 /// present one; SAS devices do not). The certificate is checked by `auth`, not by rustls, because
 /// the trusted CAs are the enrolled ones and change at run time.
-pub fn server_tls_config(_pki: &ServerPki) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
-    todo!("hubsim-logic helper")
+pub fn server_tls_config(pki: &ServerPki) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .context("server.pem")?;
+    let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes()).context("server.key")?;
+    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts any client certificate at the TLS layer (checking only that the client owns its key);
+/// whether it is trusted is decided per enrollment by `auth`.
+#[derive(Debug)]
+struct AnyClientCert {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_pki_is_created_once_and_reissued_for_new_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create(dir.path(), &[]).unwrap();
+        let again = load_or_create(dir.path(), &[]).unwrap();
+        assert_eq!(first.server_cert_pem, again.server_cert_pem);
+        let mode = std::fs::metadata(dir.path().join("server.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let more =
+            load_or_create(dir.path(), &["hub.example.net".into(), "10.0.0.7".into()]).unwrap();
+        assert_ne!(first.server_cert_pem, more.server_cert_pem);
+        assert_eq!(first.ca_pem, more.ca_pem, "the CA stays");
+        assert!(server_cert_covers(
+            &more.server_cert_pem,
+            &["hub.example.net".into(), "10.0.0.7".into(), "::1".into()]
+        ));
+        server_tls_config(&more).unwrap();
+    }
+
+    #[test]
+    fn device_certificates_chain_to_their_issuers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = issue(CertKind::Root, "root", &dir.path().join("root"), None).unwrap();
+        let inter = issue(
+            CertKind::Intermediate,
+            "inter",
+            &dir.path().join("inter"),
+            Some(&dir.path().join("root")),
+        )
+        .unwrap();
+        let dev = issue(
+            CertKind::Device,
+            "dev-x509",
+            &dir.path().join("dev"),
+            Some(&dir.path().join("inter")),
+        )
+        .unwrap();
+        let chain: Vec<Vec<u8>> = CertificateDer::pem_file_iter(&dev.cert_path)
+            .unwrap()
+            .map(|c| c.unwrap().to_vec())
+            .collect();
+        assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+        let root_der = CertificateDer::pem_file_iter(&root.cert_path)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let inter_der = CertificateDer::pem_file_iter(&inter.cert_path)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let now = crate::auth::unix_now();
+        crate::auth::verify_chain(&chain[..1], std::slice::from_ref(&inter_der), now).unwrap();
+        crate::auth::verify_chain(&chain[..2], std::slice::from_ref(&root_der), now).unwrap();
+        assert_eq!(
+            crate::auth::leaf_common_name(&chain[0]).unwrap(),
+            "dev-x509"
+        );
+        // A self-signed device certificate chains to nothing enrolled.
+        let lone = issue(CertKind::Device, "dev-x509", &dir.path().join("lone"), None).unwrap();
+        let lone_der = CertificateDer::pem_file_iter(&lone.cert_path)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        assert!(
+            crate::auth::verify_chain(std::slice::from_ref(&lone_der), &[root_der], now).is_err()
+        );
+        assert_eq!(
+            lone.sha256_thumbprint,
+            crate::auth::sha256_thumbprint(&lone_der)
+        );
+        assert!(issue(CertKind::Intermediate, "x", &dir.path().join("bad"), None).is_err());
+    }
 }

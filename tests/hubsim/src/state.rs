@@ -200,6 +200,9 @@ pub struct Device {
     pub generation_id: String,
     pub etag: String,
     pub twin: Twin,
+    /// For `certificateAuthority` devices: the enrollment group whose CA they chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_group: Option<String>,
 }
 
 /// The outcome of a device's last DPS registration (DeviceRegistrationResult).
@@ -329,6 +332,8 @@ pub struct Live {
     pub pending_methods: HashMap<String, oneshot::Sender<(u16, Value)>>,
     /// C2D messages waiting for an offline device, by device key.
     pub c2d_queues: HashMap<String, VecDeque<C2dMessage>>,
+    /// DPS registrations waiting to be polled.
+    pub operations: crate::dps::Operations,
 }
 
 /// Settings fixed at start.

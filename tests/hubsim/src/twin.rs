@@ -1,12 +1,17 @@
 //! Twins, direct methods and C2D as the hub's service side sees them: JSON merge patches with
 //! versions, pushing desired patches and C2D to the connected device, waiting for method answers.
-//! OWNER: hubsim-http helper. The MQTT side (hubsim-mqtt helper) calls the functions below.
 
 use std::time::Duration;
 
-use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::state::{C2dMessage, Sim};
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::state::{
+    C2dMessage, ConnCommand, ConnHandle, JsonObject, MAX_C2D_QUEUE, Sim, Subscriptions,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TwinError {
@@ -28,53 +33,430 @@ pub enum MethodError {
     Timeout,
 }
 
+/// Largest desired or reported section, as on IoT Hub.
+pub const MAX_SECTION_BYTES: usize = 32 * 1024;
+const MAX_DEPTH: usize = 10;
+
+fn with_version(section: &JsonObject, version: u64) -> Value {
+    let mut section = section.clone();
+    section.insert("$version".into(), Value::from(version));
+    Value::Object(section)
+}
+
 /// The twin as a device GET receives it: `{"desired": {…, "$version"}, "reported": {…, "$version"}}`.
 /// `device_key` is `Store::device_key(hub, device_id)`.
-pub fn device_twin_document(_sim: &Sim, _device_key: &str) -> Result<Value, TwinError> {
-    todo!("hubsim-http helper")
+pub fn device_twin_document(sim: &Sim, device_key: &str) -> Result<Value, TwinError> {
+    sim.read(|s| {
+        let device = s
+            .devices
+            .get(device_key)
+            .ok_or_else(|| TwinError::NotFound(device_key.to_string()))?;
+        Ok(json!({
+            "desired": with_version(&device.twin.desired, device.twin.desired_version),
+            "reported": with_version(&device.twin.reported, device.twin.reported_version),
+        }))
+    })
+}
+
+/// Rejects what IoT Hub rejects in a twin patch, naming the offending key.
+fn validate_patch(patch: &Value) -> Result<&JsonObject, TwinError> {
+    fn walk(value: &Value, path: &str, depth: usize) -> Result<(), TwinError> {
+        let Value::Object(map) = value else {
+            return Ok(());
+        };
+        if depth > MAX_DEPTH {
+            return Err(TwinError::BadPatch(format!(
+                "'{path}' nests deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        for (key, child) in map {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            if key.is_empty() || key.starts_with('$') || key.contains(['.', ' ', '$']) {
+                return Err(TwinError::BadPatch(format!(
+                    "property name '{here}' is not allowed (no '$' prefix, '.', ' ' or '$')"
+                )));
+            }
+            walk(child, &here, depth + 1)?;
+        }
+        Ok(())
+    }
+    let Value::Object(map) = patch else {
+        return Err(TwinError::BadPatch(format!(
+            "a patch must be a JSON object, got {patch}"
+        )));
+    };
+    // `$version` sent along by devices and services is ignored, as the hub does.
+    let mut clean = map.clone();
+    clean.remove("$version");
+    walk(&Value::Object(clean), "", 1)?;
+    Ok(map)
+}
+
+/// RFC 7386 JSON merge patch: objects merge, `null` deletes, anything else replaces.
+fn merge(target: &mut JsonObject, patch: &JsonObject) {
+    for (key, value) in patch {
+        if key == "$version" {
+            continue;
+        }
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(child) => {
+                let entry = target
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(JsonObject::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(JsonObject::new());
+                }
+                if let Value::Object(t) = entry {
+                    merge(t, child);
+                }
+            }
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
+        }
+    }
+}
+
+enum Section {
+    Desired,
+    Reported,
+}
+
+fn apply(sim: &Sim, device_key: &str, patch: &Value, section: Section) -> Result<u64, TwinError> {
+    let patch = validate_patch(patch)?;
+    sim.mutate(|s| {
+        let device = s
+            .devices
+            .get_mut(device_key)
+            .ok_or_else(|| TwinError::NotFound(device_key.to_string()))?;
+        let (target, version) = match section {
+            Section::Desired => (&mut device.twin.desired, &mut device.twin.desired_version),
+            Section::Reported => (&mut device.twin.reported, &mut device.twin.reported_version),
+        };
+        let mut updated = target.clone();
+        merge(&mut updated, patch);
+        if serde_json::to_vec(&updated).map(|v| v.len()).unwrap_or(0) > MAX_SECTION_BYTES {
+            return Err(TwinError::TooLarge);
+        }
+        *target = updated;
+        *version += 1;
+        device.etag = uuid::Uuid::new_v4().to_string();
+        Ok(*version)
+    })?
 }
 
 /// Applies a device's reported-properties merge patch; returns the new reported `$version`.
-pub fn apply_reported_patch(
-    _sim: &Sim,
-    _device_key: &str,
-    _patch: &Value,
-) -> Result<u64, TwinError> {
-    todo!("hubsim-http helper")
+pub fn apply_reported_patch(sim: &Sim, device_key: &str, patch: &Value) -> Result<u64, TwinError> {
+    apply(sim, device_key, patch, Section::Reported)
 }
 
 /// Applies a service desired-properties merge patch, pushes it to the connected device, returns the new desired `$version`.
-pub fn apply_desired_patch(
-    _sim: &Sim,
-    _device_key: &str,
-    _patch: &Value,
-) -> Result<u64, TwinError> {
-    todo!("hubsim-http helper")
+pub fn apply_desired_patch(sim: &Sim, device_key: &str, patch: &Value) -> Result<u64, TwinError> {
+    let version = apply(sim, device_key, patch, Section::Desired)?;
+    let mut pushed = patch.as_object().cloned().unwrap_or_default();
+    pushed.insert("$version".into(), Value::from(version));
+    if let Some(conn) = subscribed(sim, device_key, |s| &s.desired) {
+        let _ = conn.tx.send(ConnCommand::Publish {
+            topic: format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+            payload: Value::Object(pushed).to_string().into(),
+            qos: QoS::AtMostOnce,
+        });
+    }
+    Ok(version)
+}
+
+/// The live connection of a device, if it subscribed to what `flag` selects.
+fn subscribed(
+    sim: &Sim,
+    device_key: &str,
+    flag: impl Fn(&Subscriptions) -> &AtomicBool,
+) -> Option<ConnHandle> {
+    let live = sim.live.lock().unwrap();
+    let conn = live.connections.get(device_key)?;
+    flag(&conn.subscriptions)
+        .load(Ordering::SeqCst)
+        .then(|| conn.clone())
 }
 
 /// Sends a direct method to the connected device and waits for its answer.
 pub async fn invoke_method(
-    _sim: &Sim,
-    _device_key: &str,
-    _method: &str,
-    _payload: &Value,
-    _timeout: Duration,
+    sim: &Sim,
+    device_key: &str,
+    method: &str,
+    payload: &Value,
+    timeout: Duration,
 ) -> Result<(u16, Value), MethodError> {
-    todo!("hubsim-http helper")
+    let conn = subscribed(sim, device_key, |s| &s.methods)
+        .ok_or_else(|| MethodError::NotConnected(device_key.to_string()))?;
+    let rid = format!("{:x}", rand::random::<u64>());
+    let (tx, rx) = oneshot::channel();
+    sim.live
+        .lock()
+        .unwrap()
+        .pending_methods
+        .insert(rid.clone(), tx);
+    let sent = conn.tx.send(ConnCommand::Publish {
+        topic: format!("$iothub/methods/POST/{method}/?$rid={rid}"),
+        payload: payload.to_string().into(),
+        qos: QoS::AtMostOnce,
+    });
+    if sent.is_err() {
+        sim.live.lock().unwrap().pending_methods.remove(&rid);
+        return Err(MethodError::NotConnected(device_key.to_string()));
+    }
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(answer)) => Ok(answer),
+        _ => {
+            sim.live.lock().unwrap().pending_methods.remove(&rid);
+            Err(MethodError::Timeout)
+        }
+    }
 }
 
 /// Called by the MQTT side when a device answers `$iothub/methods/res/{status}/?$rid={rid}`.
-pub fn complete_method(_sim: &Sim, _rid: &str, _status: u16, _payload: Value) {
-    todo!("hubsim-http helper")
+pub fn complete_method(sim: &Sim, rid: &str, status: u16, payload: Value) {
+    if let Some(waiter) = sim.live.lock().unwrap().pending_methods.remove(rid) {
+        let _ = waiter.send((status, payload));
+    }
 }
 
 /// Queues a C2D message (≤ 50 pending) and delivers it now if the device is subscribed/connected.
-pub fn send_c2d(_sim: &Sim, _device_key: &str, _message: C2dMessage) -> Result<(), TwinError> {
-    todo!("hubsim-http helper")
+pub fn send_c2d(sim: &Sim, device_key: &str, message: C2dMessage) -> Result<(), TwinError> {
+    if !sim.read(|s| s.devices.contains_key(device_key)) {
+        return Err(TwinError::NotFound(device_key.to_string()));
+    }
+    {
+        let mut live = sim.live.lock().unwrap();
+        let queue = live.c2d_queues.entry(device_key.to_string()).or_default();
+        if queue.len() >= MAX_C2D_QUEUE {
+            return Err(TwinError::BadPatch(format!(
+                "device '{device_key}' already has {MAX_C2D_QUEUE} C2D messages pending"
+            )));
+        }
+        queue.push_back(message);
+    }
+    flush_c2d(sim, device_key);
+    Ok(())
 }
 
 /// Delivers the C2D messages queued for a device that is connected and subscribed to C2D.
 /// Called by the MQTT side when the device subscribes to `devices/{id}/messages/devicebound/#`.
-pub fn flush_c2d(_sim: &Sim, _device_key: &str) {
-    todo!("hubsim-http helper")
+pub fn flush_c2d(sim: &Sim, device_key: &str) {
+    let Some(conn) = subscribed(sim, device_key, |s| &s.c2d) else {
+        return;
+    };
+    let device_id = device_key
+        .split_once('/')
+        .map(|(_, d)| d)
+        .unwrap_or(device_key);
+    let pending: Vec<C2dMessage> = sim
+        .live
+        .lock()
+        .unwrap()
+        .c2d_queues
+        .get_mut(device_key)
+        .map(|q| q.drain(..).collect())
+        .unwrap_or_default();
+    for message in pending {
+        let mut bag: Vec<(String, String)> = message.properties.clone();
+        if !bag.iter().any(|(k, _)| k == "$.to") {
+            bag.push((
+                "$.to".into(),
+                format!("/devices/{device_id}/messages/deviceBound"),
+            ));
+        }
+        let bag = bag
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let _ = conn.tx.send(ConnCommand::Publish {
+            topic: format!("devices/{device_id}/messages/devicebound/{bag}"),
+            payload: message.body.clone(),
+            qos: QoS::AtLeastOnce,
+        });
+    }
+}
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+        .to_string()
+        .replace("%2D", "-")
+        .replace("%5F", "_")
+        .replace("%2E", ".")
+        .replace("%7E", "~")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{SimConfig, Store};
+
+    fn sim_with_device(dir: &std::path::Path) -> (Sim, String) {
+        let sim = Sim::open(
+            SimConfig {
+                state_dir: dir.into(),
+                hubs: vec!["localhost".into()],
+                retry_after_secs: 0,
+                mqtt_port: 0,
+                https_port: 0,
+            },
+            "0ne00000001",
+        )
+        .unwrap();
+        let key = Store::device_key("localhost", "d1");
+        sim.mutate(|s| {
+            s.devices.insert(
+                key.clone(),
+                crate::state::Device {
+                    device_id: "d1".into(),
+                    hub: "localhost".into(),
+                    authentication: crate::state::DeviceAuthentication {
+                        kind: "sas".into(),
+                        symmetric_key: None,
+                        x509_thumbprint: None,
+                    },
+                    status: crate::state::Status::Enabled,
+                    generation_id: "g".into(),
+                    etag: "e".into(),
+                    twin: Default::default(),
+                    ca_group: None,
+                },
+            )
+        })
+        .unwrap();
+        (sim, key)
+    }
+
+    #[test]
+    fn reported_patches_merge_and_bump_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sim, key) = sim_with_device(dir.path());
+        assert_eq!(
+            apply_reported_patch(&sim, &key, &json!({"a": {"b": 1, "c": 2}})).unwrap(),
+            1
+        );
+        assert_eq!(
+            apply_reported_patch(&sim, &key, &json!({"a": {"b": null}, "d": true})).unwrap(),
+            2
+        );
+        let doc = device_twin_document(&sim, &key).unwrap();
+        assert_eq!(
+            doc["reported"],
+            json!({"a": {"c": 2}, "d": true, "$version": 2})
+        );
+    }
+
+    #[test]
+    fn junk_patches_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sim, key) = sim_with_device(dir.path());
+        for (patch, needle) in [
+            (json!([1, 2]), "JSON object"),
+            (json!({"$bad": 1}), "$bad"),
+            (json!({"ok": {"has.dot": 1}}), "ok.has.dot"),
+            (json!({"big": "x".repeat(40 * 1024)}), "32 KiB"),
+        ] {
+            let err = apply_desired_patch(&sim, &key, &patch)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{patch}: {err}");
+        }
+        assert_eq!(
+            device_twin_document(&sim, &key).unwrap()["desired"]["$version"],
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn desired_patch_is_pushed_only_to_a_subscribed_device_and_methods_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sim, key) = sim_with_device(dir.path());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let subs = std::sync::Arc::new(Subscriptions::default());
+        sim.live.lock().unwrap().connections.insert(
+            key.clone(),
+            ConnHandle {
+                conn_id: 1,
+                tx,
+                subscriptions: subs.clone(),
+            },
+        );
+        apply_desired_patch(&sim, &key, &json!({"x": 1})).unwrap();
+        assert!(rx.try_recv().is_err(), "not subscribed yet");
+        subs.desired.store(true, Ordering::SeqCst);
+        let v = apply_desired_patch(&sim, &key, &json!({"x": 2})).unwrap();
+        let Some(ConnCommand::Publish { topic, .. }) = rx.recv().await else {
+            panic!()
+        };
+        assert_eq!(
+            topic,
+            format!("$iothub/twin/PATCH/properties/desired/?$version={v}")
+        );
+
+        assert!(matches!(
+            invoke_method(&sim, &key, "m", &json!(null), Duration::from_millis(10)).await,
+            Err(MethodError::NotConnected(_))
+        ));
+        subs.methods.store(true, Ordering::SeqCst);
+        let args = json!({"delay": 1});
+        let call = invoke_method(&sim, &key, "reboot", &args, Duration::from_secs(5));
+        let answer = async {
+            let Some(ConnCommand::Publish { topic, .. }) = rx.recv().await else {
+                panic!()
+            };
+            let rid = topic.rsplit("$rid=").next().unwrap().to_string();
+            complete_method(&sim, &rid, 200, json!({"ok": true}));
+        };
+        let (result, ()) = tokio::join!(call, answer);
+        assert_eq!(result.unwrap(), (200, json!({"ok": true})));
+        assert!(matches!(
+            invoke_method(&sim, &key, "slow", &json!(null), Duration::from_millis(50)).await,
+            Err(MethodError::Timeout)
+        ));
+    }
+
+    #[tokio::test]
+    async fn c2d_waits_for_the_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sim, key) = sim_with_device(dir.path());
+        send_c2d(
+            &sim,
+            &key,
+            C2dMessage {
+                body: "hi".into(),
+                properties: vec![("$.mid".into(), "c-1".into())],
+            },
+        )
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let subs = std::sync::Arc::new(Subscriptions::default());
+        sim.live.lock().unwrap().connections.insert(
+            key.clone(),
+            ConnHandle {
+                conn_id: 1,
+                tx,
+                subscriptions: subs.clone(),
+            },
+        );
+        flush_c2d(&sim, &key);
+        assert!(rx.try_recv().is_err());
+        subs.c2d.store(true, Ordering::SeqCst);
+        flush_c2d(&sim, &key);
+        let Some(ConnCommand::Publish { topic, payload, .. }) = rx.recv().await else {
+            panic!()
+        };
+        assert!(
+            topic.starts_with("devices/d1/messages/devicebound/%24.mid=c-1&%24.to="),
+            "{topic}"
+        );
+        assert_eq!(&payload[..], b"hi");
+    }
 }

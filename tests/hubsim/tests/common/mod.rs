@@ -150,6 +150,7 @@ pub fn add_device(running: &hubsim::Running, device_id: &str) -> String {
         generation_id: "1".into(),
         etag: "1".into(),
         twin: Default::default(),
+        ca_group: None,
     };
     running
         .sim

@@ -1,0 +1,86 @@
+//! What the daemon is doing right now, shared between its tasks and answered on the control socket
+//! (`hubagent status`). Holds no secrets: key sources are described, never shown.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// Where provisioning stands.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisioningState {
+    #[default]
+    Starting,
+    /// Using `provisioning.json` from an earlier registration.
+    Cached,
+    Registering,
+    Provisioned,
+    /// DPS unreachable or refusing; the agent keeps retrying.
+    Retrying,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectionState {
+    #[default]
+    Disconnected,
+    Connecting,
+    Connected,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Snapshot {
+    pub version: &'static str,
+    pub pid: u32,
+    pub started_at: String,
+    pub config: String,
+    pub provisioning: ProvisioningState,
+    pub registration_id: Option<String>,
+    pub hub: Option<String>,
+    pub device_id: Option<String>,
+    pub provisioned_at: Option<String>,
+    pub connection: ConnectionState,
+    pub last_error: Option<String>,
+    pub desired_version: Option<u64>,
+    pub queue_depth: u64,
+    pub published: u64,
+    pub reloads: u64,
+}
+
+/// The shared, lock-protected snapshot.
+#[derive(Debug, Default)]
+pub struct Status(Mutex<Snapshot>);
+
+impl Status {
+    pub fn new(config: &str) -> Self {
+        Status(Mutex::new(Snapshot {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            started_at: crate::daemon::now_rfc3339(),
+            config: config.to_string(),
+            ..Snapshot::default()
+        }))
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        f(&mut self.0.lock().unwrap());
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The one-line text systemd shows in `systemctl status`.
+    pub fn line(&self) -> String {
+        let s = self.snapshot();
+        match (&s.connection, &s.hub) {
+            (ConnectionState::Connected, Some(hub)) => format!(
+                "connected to {hub} as {}; {} published, {} queued",
+                s.device_id.as_deref().unwrap_or("?"),
+                s.published,
+                s.queue_depth
+            ),
+            _ => format!("{:?}; {:?}", s.provisioning, s.connection).to_lowercase(),
+        }
+    }
+}
