@@ -181,3 +181,44 @@ pub fn hub_password(running: &hubsim::Running, device_id: &str, key: &str, expir
 pub fn sub(topic: &str) -> (String, QoS) {
     (topic.to_string(), QoS::AtLeastOnce)
 }
+
+/// An HTTPS client that trusts hubsim's CA and returns 4xx/5xx as responses, not errors.
+pub fn https_agent(ca_pem: &str) -> ureq::Agent {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let certs: Vec<Certificate<'static>> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+            .map(|c| Certificate::from_der(c.unwrap().as_ref()).to_owned())
+            .collect();
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build();
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .build(),
+    )
+}
+
+/// The `Authorization` header for the management API, from a connection string.
+pub fn service_sas(connection_string: &str) -> String {
+    let field = |name: &str| {
+        connection_string
+            .split(';')
+            .find_map(|p| p.strip_prefix(name))
+            .unwrap()
+            .to_string()
+    };
+    sas_token(
+        &field("SharedAccessKey="),
+        &field("HostName="),
+        in_an_hour(),
+        Some(&field("SharedAccessKeyName=")),
+    )
+}
+
+pub fn url(running: &hubsim::Running, path: &str) -> String {
+    format!("https://localhost:{}{path}", running.https_addr.port())
+}
