@@ -4,6 +4,7 @@
 //! `daemon` wires them and talks to systemd; `cli` is the command-line face.
 
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod keys;
 pub mod logging;

@@ -1,0 +1,771 @@
+//! Configuration: `/etc/hubagent/config.toml` plus `config.d/*.toml` drop-ins, parsed with serde and
+//! toml into typed settings. Unknown keys and bad values are errors that name the file, line and key.
+//! Azure's quickstart environment variables override the files so the quickstart works unchanged.
+//! Every key is documented in docs/configuration.md.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::logging::LogFormat;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSettings,
+    pub provisioning: Provisioning,
+    #[serde(default)]
+    pub hub: HubSettings,
+    /// Telemetry-source plugins (kept as tables; the plugin host validates them).
+    #[serde(default)]
+    pub plugin: Vec<toml::Table>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The control socket `hubagent status`/`reprovision`/`reload` talk to.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// An env-filter directive: "info", "debug", "hubagent=debug,rumqttc=warn".
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            state_dir: default_state_dir(),
+            control_socket: default_control_socket(),
+            log_level: default_log_level(),
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/hubagent".into()
+}
+fn default_control_socket() -> PathBuf {
+    "/run/hubagent/control.sock".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    #[default]
+    Dps,
+    Manual,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Provisioning {
+    #[serde(default)]
+    pub source: Source,
+    /// DPS device endpoint: a host name, `host:port` or `mqtts://host:port`.
+    #[serde(default = "default_global_endpoint")]
+    pub global_endpoint: String,
+    pub id_scope: Option<String>,
+    pub registration_id: Option<String>,
+    /// Custom allocation payload sent with the registration.
+    pub payload: Option<toml::Table>,
+    /// `manual`: the hub and device to use without DPS.
+    pub iothub_hostname: Option<String>,
+    pub device_id: Option<String>,
+    /// `manual`: a device connection string instead of hostname + device id + key.
+    pub connection_string: Option<Secret>,
+    pub attestation: Option<Attestation>,
+}
+
+fn default_global_endpoint() -> String {
+    "global.azure-devices-provisioning.net".into()
+}
+
+/// Where a secret comes from. Inline values are allowed (quickstart style) but files are better:
+/// the agent warns when a key file is readable by others.
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum Secret {
+    File { file: PathBuf },
+    Value { value: String },
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::File { file } => write!(f, "file {}", file.display()),
+            Secret::Value { .. } => write!(f, "inline value (hidden)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Attestation {
+    SymmetricKey {
+        /// The device's own key (individual enrollment, or an already derived group key).
+        key: Option<Secret>,
+        /// An enrollment group's key: the agent derives the device key from it.
+        group_key: Option<Secret>,
+    },
+    X509 {
+        /// PEM certificate chain, leaf first.
+        identity_cert: PathBuf,
+        /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+        identity_pk: PathBuf,
+    },
+    Tpm {
+        #[serde(default = "default_tcti")]
+        tcti: String,
+        handle: Option<String>,
+    },
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubSettings {
+    /// Extra CA certificates (PEM) trusted for DPS and the hub, besides the system roots.
+    pub trust_bundle: Option<PathBuf>,
+    /// MQTT port of DPS and the hub (Azure: 8883).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Lifetime of each SAS token the agent signs.
+    #[serde(default = "default_sas_ttl", with = "humantime_serde")]
+    pub sas_ttl: Duration,
+    /// Reconnect with a fresh token this long before the current one expires.
+    #[serde(default = "default_renew_before", with = "humantime_serde")]
+    pub renew_before: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub reconnect_backoff_max: Duration,
+    /// Largest telemetry message (body + properties); IoT Hub's limit is 256 KiB.
+    #[serde(default = "default_max_message", with = "bytesize_serde")]
+    pub max_message_size: u64,
+    /// Telemetry messages in flight (sent, not yet acknowledged by the hub).
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        HubSettings {
+            trust_bundle: None,
+            port: default_port(),
+            keep_alive: default_keep_alive(),
+            sas_ttl: default_sas_ttl(),
+            renew_before: default_renew_before(),
+            reconnect_backoff_max: default_backoff_max(),
+            max_message_size: default_max_message(),
+            inflight: default_inflight(),
+        }
+    }
+}
+
+fn default_port() -> u16 {
+    8883
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_sas_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_renew_before() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_message() -> u64 {
+    256 * 1024
+}
+fn default_inflight() -> u16 {
+    32
+}
+
+/// Durations in human units ("90s", "5m", "1h 30m").
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "'{text}' is not a duration ({e}); write e.g. \"90s\", \"5m\" or \"1h\""
+            ))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
+}
+
+/// Sizes in human units ("256KiB", "1 MiB", "64kB") or a plain number of bytes.
+mod bytesize_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(n),
+            Raw::Text(text) => text
+                .parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "'{text}' is not a size ({e}); write e.g. \"256KiB\" or \"1MiB\""
+                    ))
+                }),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&bytesize::ByteSize(*v).to_string())
+    }
+}
+
+/// A configuration problem, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A syntax or type error at a position in a file.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A setting that parsed but makes no sense with the others.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The quickstart variables that override the file (Azure's own samples read these).
+pub const ENV_OVERRIDES: [&str; 4] = [
+    "PROVISIONING_HOST",
+    "PROVISIONING_IDSCOPE",
+    "PROVISIONING_REGISTRATION_ID",
+    "PROVISIONING_SYMMETRIC_KEY",
+];
+
+impl Config {
+    /// Reads `path`, then `config.d/*.toml` beside it (lexical order; tables merge, later files
+    /// win, `[[plugin]]` entries add up), then the quickstart environment variables from `env`.
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut merged = read_table(path)?;
+        let mut files = vec![path.to_path_buf()];
+        let dropin_dir = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("config.d");
+        if let Ok(entries) = std::fs::read_dir(&dropin_dir) {
+            let mut dropins: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            dropins.sort();
+            for dropin in dropins {
+                let table = read_table(&dropin)?;
+                merge_tables(&mut merged, table);
+                files.push(dropin);
+            }
+        }
+        // Types are checked on each file first (so errors point at a line), then on the merge.
+        for file in &files {
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            check_types(file, &text)?;
+        }
+        let mut config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "(merged with config.d)".into(),
+                message: e.message().to_string(),
+            })?;
+        config.apply_env(env);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        let p = &mut self.provisioning;
+        if let Some(host) = env("PROVISIONING_HOST") {
+            p.global_endpoint = host;
+        }
+        if let Some(scope) = env("PROVISIONING_IDSCOPE") {
+            p.id_scope = Some(scope);
+        }
+        if let Some(id) = env("PROVISIONING_REGISTRATION_ID") {
+            p.registration_id = Some(id);
+        }
+        if let Some(key) = env("PROVISIONING_SYMMETRIC_KEY") {
+            p.attestation = Some(Attestation::SymmetricKey {
+                key: Some(Secret::Value { value: key }),
+                group_key: None,
+            });
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        let p = &self.provisioning;
+        match p.source {
+            Source::Dps => {
+                let scope = p.id_scope.as_deref().unwrap_or("");
+                if scope.is_empty() {
+                    return Err(invalid(
+                        "provisioning.id_scope",
+                        "required when source = \"dps\" (or set PROVISIONING_IDSCOPE)",
+                    ));
+                }
+                if p.attestation.is_none() {
+                    return Err(invalid(
+                        "provisioning.attestation",
+                        "required when source = \"dps\": method = \"symmetric_key\", \"x509\" or \"tpm\"",
+                    ));
+                }
+                let needs_id = !matches!(p.attestation, Some(Attestation::X509 { .. }));
+                if needs_id && p.registration_id.as_deref().unwrap_or("").is_empty() {
+                    return Err(invalid(
+                        "provisioning.registration_id",
+                        "required for symmetric_key and tpm attestation (x509 uses the certificate CN)",
+                    ));
+                }
+                if let Some(id) = &p.registration_id
+                    && !valid_registration_id(id)
+                {
+                    return Err(invalid(
+                        "provisioning.registration_id",
+                        &format!(
+                            "'{id}' is not a valid registration id (letters, digits, '-', '.', '_', ':'; at most 128; ends with a letter, digit or '-')"
+                        ),
+                    ));
+                }
+                parse_endpoint(&p.global_endpoint, self.hub.port)
+                    .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
+            }
+            Source::Manual => {
+                let by_parts = p.iothub_hostname.is_some() && p.device_id.is_some();
+                if p.connection_string.is_none() && !by_parts {
+                    return Err(invalid(
+                        "provisioning",
+                        "source = \"manual\" needs connection_string, or iothub_hostname + device_id + attestation",
+                    ));
+                }
+                if by_parts && p.attestation.is_none() && p.connection_string.is_none() {
+                    return Err(invalid(
+                        "provisioning.attestation",
+                        "source = \"manual\" with iothub_hostname needs an attestation (the device key)",
+                    ));
+                }
+            }
+        }
+        if let Some(Attestation::SymmetricKey { key, group_key }) = &p.attestation {
+            match (key, group_key) {
+                (None, None) => {
+                    return Err(invalid(
+                        "provisioning.attestation",
+                        "symmetric_key needs key = { file = ... } or group_key = { file = ... }",
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "provisioning.attestation",
+                        "give either key or group_key, not both",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.hub.renew_before >= self.hub.sas_ttl {
+            return Err(invalid(
+                "hub.renew_before",
+                "must be shorter than hub.sas_ttl",
+            ));
+        }
+        if self.hub.inflight == 0 {
+            return Err(invalid("hub.inflight", "must be at least 1"));
+        }
+        if self.hub.max_message_size > 256 * 1024 {
+            return Err(invalid(
+                "hub.max_message_size",
+                "IoT Hub accepts at most 256KiB per message",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, plugin) in self.plugin.iter().enumerate() {
+            let name = plugin.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
+                invalid(&format!("plugin[{i}].name"), "every [[plugin]] needs a name")
+            })?;
+            if !names.insert(name.to_string()) {
+                return Err(invalid(
+                    &format!("plugin[{i}].name"),
+                    &format!("plugin name '{name}' is used twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A digest of every setting that decides the DPS registration. When it changes (new scope,
+    /// registration id, endpoint or key source) the cached assignment is stale and the agent
+    /// reprovisions. Inline secrets enter as their own digest, never as text.
+    pub fn provisioning_fingerprint(&self) -> String {
+        let p = &self.provisioning;
+        let secret = |s: &Option<Secret>| match s {
+            None => "-".to_string(),
+            Some(Secret::File { file }) => format!("file:{}", file.display()),
+            Some(Secret::Value { value }) => format!("value-sha256:{}", sha256_hex(value.as_bytes())),
+        };
+        let attestation = match &p.attestation {
+            None => "-".to_string(),
+            Some(Attestation::SymmetricKey { key, group_key }) => {
+                format!("symmetric_key;key={};group_key={}", secret(key), secret(group_key))
+            }
+            Some(Attestation::X509 {
+                identity_cert,
+                identity_pk,
+            }) => format!(
+                "x509;cert={};pk={}",
+                identity_cert.display(),
+                identity_pk.display()
+            ),
+            Some(Attestation::Tpm { tcti, handle }) => {
+                format!("tpm;tcti={tcti};handle={handle:?}")
+            }
+        };
+        let canonical = format!(
+            "source={:?}\nendpoint={}\nport={}\nscope={}\nregistration_id={}\npayload={}\nhub={}\ndevice={}\nconnection_string={}\nattestation={}",
+            p.source,
+            p.global_endpoint.to_ascii_lowercase(),
+            self.hub.port,
+            p.id_scope.as_deref().unwrap_or("-").to_ascii_lowercase(),
+            p.registration_id.as_deref().unwrap_or("-"),
+            p.payload
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
+            p.iothub_hostname.as_deref().unwrap_or("-"),
+            p.device_id.as_deref().unwrap_or("-"),
+            secret(&p.connection_string),
+            attestation,
+        );
+        sha256_hex(canonical.as_bytes())
+    }
+
+    /// The custom allocation payload as JSON.
+    pub fn payload_json(&self) -> Option<serde_json::Value> {
+        self.provisioning
+            .payload
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok())
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// DPS registration id rules (case-insensitive alphanumerics and `-._:`).
+pub fn valid_registration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
+        && id
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// `host`, `host:port` or `mqtts://host[:port]` → (host, port).
+pub fn parse_endpoint(endpoint: &str, default_port: u16) -> Result<(String, u16), String> {
+    let rest = endpoint
+        .strip_prefix("mqtts://")
+        .unwrap_or(endpoint)
+        .trim_end_matches('/');
+    if rest.is_empty() || rest.contains("://") || rest.contains('/') {
+        return Err(format!(
+            "'{endpoint}' is not a host name, host:port or mqtts://host:port"
+        ));
+    }
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => port
+            .parse()
+            .map(|p| (host.to_string(), p))
+            .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
+        _ => Ok((rest.to_string(), default_port)),
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.parse::<toml::Table>()
+        .map_err(|e| parse_error(path, &text, &e))
+}
+
+/// Deserializes one file on its own to report type errors with its line; missing sections are
+/// fine here (a drop-in may hold a single key).
+fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Partial {
+        agent: Option<AgentSettings>,
+        provisioning: Option<PartialProvisioning>,
+        hub: Option<HubSettings>,
+        plugin: Option<Vec<toml::Table>>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct PartialProvisioning {
+        source: Option<Source>,
+        global_endpoint: Option<String>,
+        id_scope: Option<String>,
+        registration_id: Option<String>,
+        payload: Option<toml::Table>,
+        iothub_hostname: Option<String>,
+        device_id: Option<String>,
+        connection_string: Option<Secret>,
+        attestation: Option<Attestation>,
+    }
+    toml::from_str::<Partial>(text)
+        .map(|_| ())
+        .map_err(|e| parse_error(path, text, &e))
+}
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            (line, column)
+        })
+        .unwrap_or((0, 0));
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// Deep merge: tables merge key by key, arrays of tables append, anything else is replaced.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (Some(toml::Value::Array(b)), toml::Value::Array(o)) if key == "plugin" => b.extend(o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[provisioning]
+source = "dps"
+global_endpoint = "mqtts://localhost:8883"
+id_scope = "0ne00000001"
+registration_id = "gw-1"
+
+[provisioning.attestation]
+method = "symmetric_key"
+key = { file = "/etc/hubagent/device.key" }
+
+[hub]
+sas_ttl = "2h"
+max_message_size = "128KiB"
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults_and_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), "config.toml", GOOD), &no_env).unwrap();
+        assert_eq!(config.hub.sas_ttl, Duration::from_secs(7200));
+        assert_eq!(config.hub.max_message_size, 128 * 1024);
+        assert_eq!(config.hub.keep_alive, Duration::from_secs(60));
+        assert_eq!(config.agent.state_dir, PathBuf::from("/var/lib/hubagent"));
+        assert_eq!(
+            parse_endpoint(&config.provisioning.global_endpoint, 8883).unwrap(),
+            ("localhost".to_string(), 8883)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("sas_ttl = \"2h\"", "sas_ttl = \"2h\"\nsas_tll = \"1h\"");
+        let path = write(dir.path(), "config.toml", &text);
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("config.toml:14:"), "{err}");
+        assert!(err.contains("sas_tll"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_and_sizes_say_what_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "config.toml", &GOOD.replace("\"2h\"", "\"soon\""));
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("'soon' is not a duration"), "{err}");
+        assert!(err.contains("config.toml:13:"), "{err}");
+        let path = write(dir.path(), "config.toml", &GOOD.replace("\"128KiB\"", "\"lots\""));
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("'lots' is not a size"), "{err}");
+    }
+
+    #[test]
+    fn dropins_override_and_env_overrides_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "config.toml", GOOD);
+        write(
+            dir.path(),
+            "config.d/10-scope.toml",
+            "[provisioning]\nid_scope = \"0ne0000000A\"\n",
+        );
+        let config = Config::load(&path, &no_env).unwrap();
+        assert_eq!(config.provisioning.id_scope.as_deref(), Some("0ne0000000A"));
+        let env = |k: &str| match k {
+            "PROVISIONING_IDSCOPE" => Some("0neFROMENV".to_string()),
+            "PROVISIONING_SYMMETRIC_KEY" => Some("a2V5".to_string()),
+            _ => None,
+        };
+        let config = Config::load(&path, &env).unwrap();
+        assert_eq!(config.provisioning.id_scope.as_deref(), Some("0neFROMENV"));
+        assert!(matches!(
+            config.provisioning.attestation,
+            Some(Attestation::SymmetricKey { key: Some(Secret::Value { .. }), .. })
+        ));
+        // A type error inside a drop-in points at the drop-in.
+        write(dir.path(), "config.d/20-bad.toml", "[hub]\nport = \"eighty\"\n");
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("20-bad.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn missing_scope_and_both_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "config.toml", &GOOD.replace("id_scope = \"0ne00000001\"\n", ""));
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("provisioning.id_scope"), "{err}");
+        let both = GOOD.replace(
+            "key = { file = \"/etc/hubagent/device.key\" }",
+            "key = { file = \"/a\" }\ngroup_key = { file = \"/b\" }",
+        );
+        let err = Config::load(&write(dir.path(), "config.toml", &both), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("either key or group_key"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_follows_provisioning_settings_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Config::load(&write(dir.path(), "config.toml", GOOD), &no_env).unwrap();
+        let same = Config::load(
+            &write(dir.path(), "config.toml", &GOOD.replace("\"2h\"", "\"3h\"")),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(base.provisioning_fingerprint(), same.provisioning_fingerprint());
+        let moved = Config::load(
+            &write(dir.path(), "config.toml", &GOOD.replace("0ne00000001", "0ne00000002")),
+            &no_env,
+        )
+        .unwrap();
+        assert_ne!(base.provisioning_fingerprint(), moved.provisioning_fingerprint());
+        let inline = |key: &str| {
+            Config::load(
+                &write(
+                    dir.path(),
+                    "config.toml",
+                    &GOOD.replace(
+                        "key = { file = \"/etc/hubagent/device.key\" }",
+                        &format!("key = {{ value = \"{key}\" }}"),
+                    ),
+                ),
+                &no_env,
+            )
+            .unwrap()
+            .provisioning_fingerprint()
+        };
+        assert_ne!(inline("a2V5MQ=="), inline("a2V5Mg=="));
+    }
+
+    #[test]
+    fn registration_ids_follow_dps_rules() {
+        assert!(valid_registration_id("gw-01.site_a:1"));
+        assert!(!valid_registration_id("gw 01"));
+        assert!(!valid_registration_id("gw."));
+        assert!(!valid_registration_id(&"a".repeat(129)));
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian 12 machine that has only the Rust
+# toolchain, gcc and Python: Debian packages (via apt, as root or with sudo), cargo-nextest if
+# missing, and a Python venv with Azure's device SDK for the interop tests. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
+# systemd-nspawn, mmdebstrap). Installed only when something is missing.
+packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "setup: installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+venv=target/interop-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import azure.iot.device, pytest, requests" 2>/dev/null; then
+    echo "setup: creating $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r tests/interop/requirements.txt
+fi
