@@ -289,10 +289,7 @@ impl Config {
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut merged = read_table(path)?;
         let mut files = vec![path.to_path_buf()];
-        let dropin_dir = path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("config.d");
+        let dropin_dir = path.parent().unwrap_or(Path::new(".")).join("config.d");
         if let Ok(entries) = std::fs::read_dir(&dropin_dir) {
             let mut dropins: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -313,13 +310,14 @@ impl Config {
             })?;
             check_types(file, &text)?;
         }
-        let mut config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key: "(merged with config.d)".into(),
-                message: e.message().to_string(),
-            })?;
+        let mut config: Config =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "(merged with config.d)".into(),
+                    message: e.message().to_string(),
+                })?;
         config.apply_env(env);
         config.validate(path)?;
         Ok(config)
@@ -437,7 +435,10 @@ impl Config {
         let mut names = BTreeSet::new();
         for (i, plugin) in self.plugin.iter().enumerate() {
             let name = plugin.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
-                invalid(&format!("plugin[{i}].name"), "every [[plugin]] needs a name")
+                invalid(
+                    &format!("plugin[{i}].name"),
+                    "every [[plugin]] needs a name",
+                )
             })?;
             if !names.insert(name.to_string()) {
                 return Err(invalid(
@@ -457,12 +458,18 @@ impl Config {
         let secret = |s: &Option<Secret>| match s {
             None => "-".to_string(),
             Some(Secret::File { file }) => format!("file:{}", file.display()),
-            Some(Secret::Value { value }) => format!("value-sha256:{}", sha256_hex(value.as_bytes())),
+            Some(Secret::Value { value }) => {
+                format!("value-sha256:{}", sha256_hex(value.as_bytes()))
+            }
         };
         let attestation = match &p.attestation {
             None => "-".to_string(),
             Some(Attestation::SymmetricKey { key, group_key }) => {
-                format!("symmetric_key;key={};group_key={}", secret(key), secret(group_key))
+                format!(
+                    "symmetric_key;key={};group_key={}",
+                    secret(key),
+                    secret(group_key)
+                )
             }
             Some(Attestation::X509 {
                 identity_cert,
@@ -674,11 +681,19 @@ max_message_size = "128KiB"
     #[test]
     fn bad_durations_and_sizes_say_what_to_write() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "config.toml", &GOOD.replace("\"2h\"", "\"soon\""));
+        let path = write(
+            dir.path(),
+            "config.toml",
+            &GOOD.replace("\"2h\"", "\"soon\""),
+        );
         let err = Config::load(&path, &no_env).unwrap_err().to_string();
         assert!(err.contains("'soon' is not a duration"), "{err}");
         assert!(err.contains("config.toml:13:"), "{err}");
-        let path = write(dir.path(), "config.toml", &GOOD.replace("\"128KiB\"", "\"lots\""));
+        let path = write(
+            dir.path(),
+            "config.toml",
+            &GOOD.replace("\"128KiB\"", "\"lots\""),
+        );
         let err = Config::load(&path, &no_env).unwrap_err().to_string();
         assert!(err.contains("'lots' is not a size"), "{err}");
     }
@@ -703,10 +718,17 @@ max_message_size = "128KiB"
         assert_eq!(config.provisioning.id_scope.as_deref(), Some("0neFROMENV"));
         assert!(matches!(
             config.provisioning.attestation,
-            Some(Attestation::SymmetricKey { key: Some(Secret::Value { .. }), .. })
+            Some(Attestation::SymmetricKey {
+                key: Some(Secret::Value { .. }),
+                ..
+            })
         ));
         // A type error inside a drop-in points at the drop-in.
-        write(dir.path(), "config.d/20-bad.toml", "[hub]\nport = \"eighty\"\n");
+        write(
+            dir.path(),
+            "config.d/20-bad.toml",
+            "[hub]\nport = \"eighty\"\n",
+        );
         let err = Config::load(&path, &no_env).unwrap_err().to_string();
         assert!(err.contains("20-bad.toml:2:"), "{err}");
     }
@@ -714,7 +736,11 @@ max_message_size = "128KiB"
     #[test]
     fn missing_scope_and_both_keys_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "config.toml", &GOOD.replace("id_scope = \"0ne00000001\"\n", ""));
+        let path = write(
+            dir.path(),
+            "config.toml",
+            &GOOD.replace("id_scope = \"0ne00000001\"\n", ""),
+        );
         let err = Config::load(&path, &no_env).unwrap_err().to_string();
         assert!(err.contains("provisioning.id_scope"), "{err}");
         let both = GOOD.replace(
@@ -736,13 +762,23 @@ max_message_size = "128KiB"
             &no_env,
         )
         .unwrap();
-        assert_eq!(base.provisioning_fingerprint(), same.provisioning_fingerprint());
+        assert_eq!(
+            base.provisioning_fingerprint(),
+            same.provisioning_fingerprint()
+        );
         let moved = Config::load(
-            &write(dir.path(), "config.toml", &GOOD.replace("0ne00000001", "0ne00000002")),
+            &write(
+                dir.path(),
+                "config.toml",
+                &GOOD.replace("0ne00000001", "0ne00000002"),
+            ),
             &no_env,
         )
         .unwrap();
-        assert_ne!(base.provisioning_fingerprint(), moved.provisioning_fingerprint());
+        assert_ne!(
+            base.provisioning_fingerprint(),
+            moved.provisioning_fingerprint()
+        );
         let inline = |key: &str| {
             Config::load(
                 &write(

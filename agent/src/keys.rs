@@ -93,12 +93,13 @@ pub fn read_secret(secret: &Secret) -> Result<(Zeroizing<String>, String, Vec<St
             vec![],
         )),
         Secret::File { file } => {
-            let text = Zeroizing::new(std::fs::read_to_string(file).map_err(|source| {
-                KeyError::Io {
-                    path: file.display().to_string(),
-                    source,
-                }
-            })?);
+            let text =
+                Zeroizing::new(
+                    std::fs::read_to_string(file).map_err(|source| KeyError::Io {
+                        path: file.display().to_string(),
+                        source,
+                    })?,
+                );
             let warnings = check_private(file).into_iter().collect();
             Ok((
                 Zeroizing::new(text.trim().to_string()),
@@ -124,8 +125,13 @@ pub fn check_private(path: &Path) -> Option<String> {
 
 /// `base64(HMAC-SHA256(base64decode(group_key), registration_id))`: the device key of an
 /// enrollment-group member, derived the way DPS derives it.
-pub fn derive_device_key(group: &MemoryKey, registration_id: &str) -> Result<Zeroizing<String>, KeyError> {
-    Ok(Zeroizing::new(B64.encode(group.sign(registration_id.as_bytes())?)))
+pub fn derive_device_key(
+    group: &MemoryKey,
+    registration_id: &str,
+) -> Result<Zeroizing<String>, KeyError> {
+    Ok(Zeroizing::new(
+        B64.encode(group.sign(registration_id.as_bytes())?),
+    ))
 }
 
 /// Builds the credential an attestation names. Returns warnings (loose key-file permissions) for
@@ -255,11 +261,23 @@ mod tests {
     fn tokens_match_the_python_sdk() {
         let key = MemoryKey::from_base64(K1, "test").unwrap();
         assert_eq!(
-            sas_token(&key, "0neFEEDC0DE/registrations/myRegistrationId", 1578941692, None).unwrap(),
+            sas_token(
+                &key,
+                "0neFEEDC0DE/registrations/myRegistrationId",
+                1578941692,
+                None
+            )
+            .unwrap(),
             "SharedAccessSignature sr=0neFEEDC0DE%2Fregistrations%2FmyRegistrationId&sig=%2Ft1VzEUrQ62f%2BJ%2B7chJSaFx3rh6pGwFWik1rI4kqc7E%3D&se=1578941692"
         );
         assert_eq!(
-            sas_token(&key, "myiothub.azure-devices.net/devices/my_device", 1578941692, None).unwrap(),
+            sas_token(
+                &key,
+                "myiothub.azure-devices.net/devices/my_device",
+                1578941692,
+                None
+            )
+            .unwrap(),
             "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device&sig=dIMMdDDBGFR8eqAfYkiMxoOphaFMPtMgj7Wg%2FYB1AvU%3D&se=1578941692"
         );
     }
@@ -284,11 +302,20 @@ mod tests {
         .unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("chmod 600"));
-        let Credential::Sas(signer) = credential else { panic!() };
-        let expected = MemoryKey::from_base64("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=", "x").unwrap();
-        assert_eq!(signer.sign(b"probe").unwrap(), expected.sign(b"probe").unwrap());
+        let Credential::Sas(signer) = credential else {
+            panic!()
+        };
+        let expected =
+            MemoryKey::from_base64("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=", "x").unwrap();
+        assert_eq!(
+            signer.sign(b"probe").unwrap(),
+            expected.sign(b"probe").unwrap()
+        );
         assert!(signer.describe().contains("group.key"));
-        assert!(!signer.describe().contains("8isr"), "descriptions never hold key material");
+        assert!(
+            !signer.describe().contains("8isr"),
+            "descriptions never hold key material"
+        );
     }
 
     #[test]

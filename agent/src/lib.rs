@@ -8,4 +8,7 @@ pub mod config;
 pub mod control;
 pub mod keys;
 pub mod logging;
+pub mod provisioning;
+pub mod state;
 pub mod systemd;
+pub mod tls;

@@ -1,0 +1,200 @@
+//! The state directory (`/var/lib/hubagent`): the cached DPS assignment and the twin's desired
+//! state, so the agent boots and works offline with what it last knew. Every write is atomic
+//! (temp file, fsync, rename, fsync of the directory) and private (0600 files in a 0700 dir).
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid state file ({message}); it will be ignored and rewritten")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// The hub assignment from the last successful DPS registration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProvisioningCache {
+    pub hub: String,
+    pub device_id: String,
+    /// RFC 3339 UTC.
+    pub provisioned_at: String,
+    /// `Config::provisioning_fingerprint` of the settings that produced it.
+    pub fingerprint: String,
+    /// The full `registrationState` DPS returned.
+    #[serde(default)]
+    pub registration: Value,
+}
+
+/// The twin as last seen: desired properties with their version, and the reported properties the
+/// agent already sent (so it reports only changes).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TwinCache {
+    pub desired: Map<String, Value>,
+    pub desired_version: u64,
+    #[serde(default)]
+    pub reported_sent: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+const PROVISIONING: &str = "provisioning.json";
+const TWIN: &str = "twin.json";
+
+impl StateDir {
+    /// Creates the directory (0700) if needed. Returns a warning when an existing directory is
+    /// open to group or others.
+    pub fn open(path: &Path) -> Result<(StateDir, Option<String>), StateError> {
+        let io = |source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !path.exists() {
+            std::fs::create_dir_all(path).map_err(io)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+        let warning = (mode & 0o077 != 0).then(|| {
+            format!(
+                "state directory {} is open to group or others (mode {:o}); it should be 0700",
+                path.display(),
+                mode & 0o777
+            )
+        });
+        Ok((
+            StateDir {
+                path: path.to_path_buf(),
+            },
+            warning,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load_provisioning(&self) -> Result<Option<ProvisioningCache>, StateError> {
+        self.load(PROVISIONING)
+    }
+
+    pub fn save_provisioning(&self, cache: &ProvisioningCache) -> Result<(), StateError> {
+        self.save(PROVISIONING, cache)
+    }
+
+    pub fn clear_provisioning(&self) -> Result<(), StateError> {
+        let path = self.path.join(PROVISIONING);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn load_twin(&self) -> Result<Option<TwinCache>, StateError> {
+        self.load(TWIN)
+    }
+
+    pub fn save_twin(&self, twin: &TwinCache) -> Result<(), StateError> {
+        self.save(TWIN, twin)
+    }
+
+    fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.path.join(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+        write_atomic(&self.path.join(name), &bytes)
+    }
+}
+
+/// Temp file in the same directory (0600), fsync, rename over the target, fsync the directory:
+/// after a crash or power loss the file holds either the old or the new content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_round_trip_privately_and_corruption_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        let (state, warning) = StateDir::open(&root).unwrap();
+        assert!(warning.is_none());
+        assert_eq!(
+            std::fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(state.load_provisioning().unwrap().is_none());
+        let cache = ProvisioningCache {
+            hub: "hub".into(),
+            device_id: "dev".into(),
+            provisioned_at: "2026-11-23T00:00:00Z".into(),
+            fingerprint: "f".into(),
+            registration: serde_json::json!({"assignedHub": "hub"}),
+        };
+        state.save_provisioning(&cache).unwrap();
+        assert_eq!(state.load_provisioning().unwrap(), Some(cache));
+        let file = root.join("provisioning.json");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::write(&file, "{ half a file").unwrap();
+        let err = state.load_provisioning().unwrap_err().to_string();
+        assert!(err.contains("provisioning.json"), "{err}");
+        state.clear_provisioning().unwrap();
+        assert!(state.load_provisioning().unwrap().is_none());
+
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (_, warning) = StateDir::open(&root).unwrap();
+        assert!(warning.unwrap().contains("0700"));
+    }
+}

@@ -1,0 +1,74 @@
+//! TLS for DPS and the hub: rustls with the ring provider, the system's root certificates plus an
+//! optional trust bundle (a private CA, hubsim's CA in tests and the demo), and the device's
+//! certificate for X.509. Certificate verification is always on: there is no switch to turn it off.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error(
+        "no trusted root certificates: the system store is empty and no hub.trust_bundle is set"
+    )]
+    NoRoots,
+    #[error("TLS client identity: {0}")]
+    Identity(String),
+}
+
+/// A client configuration trusting the system roots plus `trust_bundle`, presenting
+/// `client_identity` (PEM chain, PEM key) when given.
+pub fn client_config(
+    trust_bundle: Option<&Path>,
+    client_identity: Option<(&[u8], &[u8])>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped; what matters is that something is trusted.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = trust_bundle {
+        let file_error = |message: String| TlsError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| file_error(format!("cannot read the trust bundle: {e}")))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_error(format!("not a PEM certificate bundle: {e}")))?;
+        if certs.is_empty() {
+            return Err(file_error("no certificate in the trust bundle".into()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| file_error(format!("unusable CA certificate: {e}")))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Identity(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match client_identity {
+        None => builder.with_no_client_auth(),
+        Some((chain_pem, key_pem)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Identity(format!("certificate chain: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|e| TlsError::Identity(format!("private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Identity(e.to_string()))?
+        }
+    };
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,140 @@
+//! The agent's DPS client against hubsim over MQTT/TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubagent::keys::{Credential, MemoryKey};
+use hubagent::provisioning::dps::{DpsError, DpsRequest, register};
+use hubagent_tests::*;
+
+fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
+    DpsRequest {
+        endpoint_host: "localhost".into(),
+        port: running.mqtt_addr.port(),
+        id_scope: running.sim.read(|s| s.id_scope.clone()),
+        registration_id: registration_id.into(),
+        payload: Some(serde_json::json!({"site": "plant-4"})),
+        timeout: Duration::from_secs(30),
+    }
+}
+
+fn sas(key: &str) -> Credential {
+    Credential::Sas(Arc::new(MemoryKey::from_base64(key, "test key").unwrap()))
+}
+
+fn tls(running: &hubsim::Running) -> Arc<rustls::ClientConfig> {
+    hubagent::tls::client_config(Some(&running.ca_pem_path), None).unwrap()
+}
+
+#[tokio::test]
+async fn registers_an_individual_enrollment_and_gets_the_payload_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running.sim, "gw-dps-1");
+    let assignment = register(&request(&running, "gw-dps-1"), &sas(&key), tls(&running))
+        .await
+        .unwrap();
+    assert_eq!(assignment.assigned_hub, "localhost");
+    assert_eq!(assignment.device_id, "gw-dps-1");
+    assert_eq!(assignment.substatus, "initialAssignment");
+    assert_eq!(assignment.registration_state["payload"]["site"], "plant-4");
+    let history = running.sim.records.lock().unwrap().registrations.clone();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].outcome, "assigned");
+}
+
+#[tokio::test]
+async fn group_members_register_with_the_derived_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let group_key = enroll_group(&running.sim, "fleet");
+    let group = MemoryKey::from_base64(&group_key, "group").unwrap();
+    let derived = hubagent::keys::derive_device_key(&group, "fleet-member-9").unwrap();
+    let assignment = register(
+        &request(&running, "fleet-member-9"),
+        &sas(&derived),
+        tls(&running),
+    )
+    .await
+    .unwrap();
+    assert_eq!(assignment.device_id, "fleet-member-9");
+    assert_eq!(
+        assignment.registration_state["symmetricKey"]["enrollmentGroupId"],
+        "fleet"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_not_authorized() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    enroll(&running.sim, "gw-dps-2");
+    let wrong = hubsim::state::random_key();
+    let err = register(&request(&running, "gw-dps-2"), &sas(&wrong), tls(&running))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DpsError::NotAuthorized { .. }), "{err}");
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn throttling_is_honoured_then_registration_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running.sim, "gw-dps-3");
+    running.sim.faults.lock().unwrap().dps_throttle = Some((2, 1));
+    let assignment = register(&request(&running, "gw-dps-3"), &sas(&key), tls(&running))
+        .await
+        .unwrap();
+    assert_eq!(assignment.device_id, "gw-dps-3");
+    let outcomes: Vec<String> = running
+        .sim
+        .records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .map(|r| r.outcome.clone())
+        .collect();
+    assert_eq!(outcomes, ["throttled", "throttled", "assigned"]);
+}
+
+#[tokio::test]
+async fn a_disabled_enrollment_is_reported_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running.sim, "gw-dps-4");
+    running
+        .sim
+        .mutate(|s| {
+            s.enrollments
+                .get_mut("gw-dps-4")
+                .unwrap()
+                .common
+                .provisioning_status = hubsim::state::Status::Disabled
+        })
+        .unwrap();
+    let err = register(&request(&running, "gw-dps-4"), &sas(&key), tls(&running))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("disabled"), "{err}");
+}
+
+#[tokio::test]
+async fn an_untrusted_server_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running.sim, "gw-dps-5");
+    // Trust only a different CA: verification must fail, there is no way around it.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = hubsim::pki::load_or_create(other.path(), &[]).unwrap();
+    let tls = hubagent::tls::client_config(Some(&other_ca.ca_pem_path), None).unwrap();
+    let err = register(&request(&running, "gw-dps-5"), &sas(&key), tls)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DpsError::Unreachable { .. }), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
