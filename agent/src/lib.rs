@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod hub;
 pub mod keys;
 pub mod logging;
 pub mod provisioning;

@@ -1,0 +1,171 @@
+//! IoT Hub MQTT topics and property bags (reference/protocol.md §5), as pure functions.
+
+use crate::keys::url_encode;
+
+/// A telemetry message as the hub receives it: body plus system and application properties.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TelemetryMessage {
+    /// `$.mid`: unique per message, so the cloud side can drop duplicates of at-least-once delivery.
+    pub message_id: String,
+    pub body: bytes::Bytes,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// `$.ctime`, RFC 3339 UTC.
+    pub creation_time: Option<String>,
+    /// Application properties.
+    pub properties: Vec<(String, String)>,
+}
+
+/// `devices/{id}/messages/events/{bag}` with system properties first (`%24.mid`, …) and then the
+/// application properties, url-encoded as Azure's SDKs do.
+pub fn telemetry_topic(device_id: &str, message: &TelemetryMessage) -> String {
+    let mut bag: Vec<String> = vec![format!("%24.mid={}", url_encode(&message.message_id))];
+    if let Some(ct) = &message.content_type {
+        bag.push(format!("%24.ct={}", url_encode(ct)));
+    }
+    if let Some(ce) = &message.content_encoding {
+        bag.push(format!("%24.ce={}", url_encode(ce)));
+    }
+    if let Some(ctime) = &message.creation_time {
+        bag.push(format!("%24.ctime={}", url_encode(ctime)));
+    }
+    for (k, v) in &message.properties {
+        bag.push(format!("{}={}", url_encode(k), url_encode(v)));
+    }
+    format!("devices/{device_id}/messages/events/{}", bag.join("&"))
+}
+
+/// Splits `k=v&k2&k3=` into decoded pairs (C2D property bags).
+pub fn parse_property_bag(bag: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    bag.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// What an incoming hub publish is.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    TwinResponse {
+        status: u16,
+        rid: String,
+        version: Option<u64>,
+    },
+    DesiredPatch {
+        version: Option<u64>,
+    },
+    Method {
+        name: String,
+        rid: String,
+    },
+    C2d {
+        properties: Vec<(String, String)>,
+    },
+    Unknown,
+}
+
+pub fn classify(device_id: &str, topic: &str) -> Incoming {
+    if let Some(rest) = topic.strip_prefix("$iothub/twin/res/") {
+        let (status, query) = rest.split_once("/?").unwrap_or((rest, ""));
+        return match status.parse() {
+            Ok(status) => Incoming::TwinResponse {
+                status,
+                rid: query_param(query, "$rid").unwrap_or("").to_string(),
+                version: query_param(query, "$version").and_then(|v| v.parse().ok()),
+            },
+            Err(_) => Incoming::Unknown,
+        };
+    }
+    if let Some(query) = topic.strip_prefix("$iothub/twin/PATCH/properties/desired/") {
+        let query = query.trim_start_matches('?');
+        return Incoming::DesiredPatch {
+            version: query_param(query, "$version").and_then(|v| v.parse().ok()),
+        };
+    }
+    if let Some(rest) = topic.strip_prefix("$iothub/methods/POST/") {
+        let (name, query) = rest.split_once("/?").unwrap_or((rest, ""));
+        return Incoming::Method {
+            name: name.to_string(),
+            rid: query_param(query, "$rid").unwrap_or("").to_string(),
+        };
+    }
+    let c2d_prefix = format!("devices/{device_id}/messages/devicebound/");
+    if let Some(bag) = topic.strip_prefix(&c2d_prefix) {
+        return Incoming::C2d {
+            properties: parse_property_bag(bag),
+        };
+    }
+    Incoming::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_topic_encodes_like_the_sdks() {
+        let message = TelemetryMessage {
+            message_id: "m-1".into(),
+            body: "{}".into(),
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            creation_time: None,
+            properties: vec![("alert".into(), "high temp".into())],
+        };
+        assert_eq!(
+            telemetry_topic("dev-01", &message),
+            "devices/dev-01/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=high%20temp"
+        );
+    }
+
+    #[test]
+    fn incoming_topics_are_classified() {
+        assert_eq!(
+            classify("d", "$iothub/twin/res/204/?$rid=7&$version=3"),
+            Incoming::TwinResponse {
+                status: 204,
+                rid: "7".into(),
+                version: Some(3)
+            }
+        );
+        assert_eq!(
+            classify("d", "$iothub/twin/PATCH/properties/desired/?$version=12"),
+            Incoming::DesiredPatch { version: Some(12) }
+        );
+        assert_eq!(
+            classify("d", "$iothub/methods/POST/reboot/?$rid=a1"),
+            Incoming::Method {
+                name: "reboot".into(),
+                rid: "a1".into()
+            }
+        );
+        assert_eq!(
+            classify("d", "devices/d/messages/devicebound/%24.mid=c-1&color=red"),
+            Incoming::C2d {
+                properties: vec![
+                    ("$.mid".into(), "c-1".into()),
+                    ("color".into(), "red".into())
+                ]
+            }
+        );
+        assert_eq!(
+            classify("d", "devices/other/messages/devicebound/x"),
+            Incoming::Unknown
+        );
+    }
+}

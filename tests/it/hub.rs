@@ -1,0 +1,293 @@
+//! The agent's hub session against hubsim: telemetry with PUBACK, twin, methods, C2D, and
+//! recovery from dropped connections and short-lived tokens without losing a message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubagent::hub::{HubParams, SessionEvent, SessionHandle, TelemetryMessage, spawn};
+use hubagent::keys::{Credential, MemoryKey};
+use hubagent_tests::*;
+use serde_json::json;
+use tokio::sync::mpsc::Receiver;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Registers `id` through DPS in hubsim and opens a session for it.
+async fn session(
+    running: &hubsim::Running,
+    id: &str,
+    sas_ttl: Duration,
+) -> (SessionHandle, Receiver<SessionEvent>) {
+    let key = enroll(&running.sim, id);
+    let credential = Credential::Sas(Arc::new(MemoryKey::from_base64(&key, "test").unwrap()));
+    let tls = hubagent::tls::client_config(Some(&running.ca_pem_path), None).unwrap();
+    let request = hubagent::provisioning::dps::DpsRequest {
+        endpoint_host: "localhost".into(),
+        port: running.mqtt_addr.port(),
+        id_scope: running.sim.read(|s| s.id_scope.clone()),
+        registration_id: id.into(),
+        payload: None,
+        timeout: WAIT,
+    };
+    let assignment = hubagent::provisioning::dps::register(&request, &credential, tls.clone())
+        .await
+        .unwrap();
+    let (handle, events, _task) = spawn(HubParams {
+        hub: assignment.assigned_hub,
+        device_id: assignment.device_id,
+        port: running.mqtt_addr.port(),
+        credential,
+        tls,
+        keep_alive: Duration::from_secs(30),
+        sas_ttl,
+        renew_before: sas_ttl / 3,
+        backoff_max: Duration::from_secs(2),
+        max_message_size: 256 * 1024,
+        inflight: 8,
+        desired_version: 0,
+    });
+    (handle, events)
+}
+
+async fn next_matching<T>(
+    events: &mut Receiver<SessionEvent>,
+    mut pick: impl FnMut(SessionEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let event = events.recv().await.expect("session alive");
+            if let Some(found) = pick(event) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("event in time")
+}
+
+fn message(i: usize) -> TelemetryMessage {
+    TelemetryMessage {
+        message_id: format!("m-{i}"),
+        body: format!("{{\"n\":{i}}}").into(),
+        content_type: Some("application/json".into()),
+        content_encoding: Some("utf-8".into()),
+        creation_time: None,
+        properties: vec![("source".into(), "test".into())],
+    }
+}
+
+fn recorded_ids(running: &hubsim::Running, device: &str) -> Vec<String> {
+    running
+        .sim
+        .records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device)
+        .map(|r| {
+            r.iter()
+                .map(|m| m.system_properties["message-id"].clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn telemetry_twin_methods_and_c2d() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (handle, mut events) = session(&running, "gw-hub-1", Duration::from_secs(3600)).await;
+    let (desired_version, _) = next_matching(&mut events, |e| match e {
+        SessionEvent::Twin {
+            desired_version,
+            desired,
+            ..
+        } => Some((desired_version, desired)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(desired_version, 0);
+
+    for i in 0..20 {
+        handle.publish(message(i)).await.unwrap();
+    }
+    let ids = recorded_ids(&running, "gw-hub-1");
+    assert_eq!(ids, (0..20).map(|i| format!("m-{i}")).collect::<Vec<_>>());
+    let first = running.sim.records.lock().unwrap().telemetry["gw-hub-1"][0].clone();
+    assert_eq!(first.properties["source"], "test");
+    assert_eq!(first.system_properties["content-type"], "application/json");
+
+    let v1 = handle
+        .report(json!({"agent": {"version": "test"}}))
+        .await
+        .unwrap();
+    let v2 = handle
+        .report(json!({"agent": {"state": "ok"}}))
+        .await
+        .unwrap();
+    assert_eq!(v2, v1 + 1);
+
+    let key = hubsim::state::Store::device_key("localhost", "gw-hub-1");
+    let v =
+        hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"interval": "5s"})).unwrap();
+    let (version, patch) = next_matching(&mut events, |e| match e {
+        SessionEvent::DesiredPatch { version, patch } => Some((version, patch)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((version, patch["interval"].as_str()), (v, Some("5s")));
+
+    let sim = running.sim.clone();
+    let key2 = key.clone();
+    let call = tokio::spawn(async move {
+        hubsim::twin::invoke_method(&sim, &key2, "ping", &json!({"x": 1}), WAIT).await
+    });
+    let rid = next_matching(&mut events, |e| match e {
+        SessionEvent::Method { name, rid, payload } if name == "ping" => {
+            assert_eq!(payload["x"], 1);
+            Some(rid)
+        }
+        _ => None,
+    })
+    .await;
+    handle.respond_to_method(&rid, 200, json!({"pong": true}));
+    assert_eq!(call.await.unwrap().unwrap(), (200, json!({"pong": true})));
+
+    hubsim::twin::send_c2d(
+        &running.sim,
+        &key,
+        hubsim::state::C2dMessage {
+            body: "valve=open".into(),
+            properties: vec![("color".into(), "red".into())],
+        },
+    )
+    .unwrap();
+    let (body, properties) = next_matching(&mut events, |e| match e {
+        SessionEvent::CloudToDevice { body, properties } => Some((body, properties)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&body[..], b"valve=open");
+    assert!(properties.contains(&("color".to_string(), "red".to_string())));
+
+    let too_big = TelemetryMessage {
+        body: vec![b'x'; 300 * 1024].into(),
+        ..message(99)
+    };
+    let err = handle.publish(too_big).await.unwrap_err();
+    assert!(err.to_string().contains("exceeds"), "{err}");
+    handle.shutdown();
+}
+
+#[tokio::test]
+async fn dropped_connections_lose_no_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (handle, mut events) = session(&running, "gw-hub-2", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    let publisher = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                handle.publish(message(i)).await.unwrap();
+            }
+        })
+    };
+    // Cut the connection three times while messages flow.
+    for _ in 0..3 {
+        let sim = running.sim.clone();
+        assert!(
+            sim.wait_until(WAIT, |s| s
+                .live
+                .lock()
+                .unwrap()
+                .connections
+                .contains_key("localhost/gw-hub-2"))
+                .await
+        );
+        let conn = running
+            .sim
+            .live
+            .lock()
+            .unwrap()
+            .connections
+            .get("localhost/gw-hub-2")
+            .cloned();
+        if let Some(conn) = conn {
+            let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
+                reason: "test drop".into(),
+            });
+        }
+        next_matching(&mut events, |e| {
+            matches!(e, SessionEvent::Connected).then_some(())
+        })
+        .await;
+    }
+    tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .unwrap()
+        .unwrap();
+    let ids = recorded_ids(&running, "gw-hub-2");
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        200,
+        "every message arrived (duplicates allowed: {})",
+        ids.len() - unique.len()
+    );
+}
+
+#[tokio::test]
+async fn short_token_lifetimes_are_renewed_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    // Tokens of 3 s, renewed 1 s before expiry: several renewals during the test.
+    let (handle, mut events) = session(&running, "gw-hub-3", Duration::from_secs(3)).await;
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    let sim = running.sim.clone();
+    let connects_before = count_connects(&sim, "gw-hub-3");
+    let mut i = 0;
+    while count_connects(&sim, "gw-hub-3") < connects_before + 3 {
+        handle.publish(message(i)).await.unwrap();
+        i += 1;
+        tokio::task::yield_now().await;
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let ids = recorded_ids(&running, "gw-hub-3");
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), i);
+    let expired = running
+        .sim
+        .records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .any(|e| e.client_id == "gw-hub-3" && e.reason.as_deref() == Some("SAS token expired"));
+    assert!(
+        !expired,
+        "the agent renews before the hub has to cut it off"
+    );
+}
+
+fn count_connects(sim: &hubsim::Sim, id: &str) -> usize {
+    sim.records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .filter(|e| e.client_id == id && e.service == "hub" && e.event == "connected")
+        .count()
+}
