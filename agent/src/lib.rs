@@ -3,9 +3,13 @@
 //! Data flows one way: `config` → `keys` → `provisioning` → `hub` ← `queue` ← `plugins`;
 //! `daemon` wires them and talks to systemd; `cli` is the command-line face.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod hub;
 pub mod keys;
 pub mod logging;

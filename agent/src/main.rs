@@ -1,1 +1,239 @@
-fn main() {}
+//! `hubagent`: the daemon and its command-line tools. Each subcommand's work lives in the module
+//! of its concern; this file parses arguments and maps outcomes onto exit codes.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hubagent::cli::{Cli, Command, ConfigCommand, PluginsCommand, exit};
+use hubagent::config::Config;
+use hubagent::control::{self, ControlError, Request};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run => run(&cli.config),
+        Command::Demo(args) => demo(args),
+        Command::Provision { force, json } => provision(&cli.config, force, json),
+        Command::Reprovision => ask(&cli.config, Request::Reprovision, false),
+        Command::Reload => ask(&cli.config, Request::Reload, false),
+        Command::Status { json } => ask(&cli.config, Request::Status, json),
+        Command::Check { json } => check(&cli.config, json),
+        Command::Config(ConfigCommand::Check { file }) => {
+            config_check(file.as_deref().unwrap_or(&cli.config))
+        }
+        Command::Plugins(PluginsCommand::List { json }) => {
+            ask(&cli.config, Request::PluginsList, json)
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn load(path: &Path) -> Result<Config, i32> {
+    Config::load(path, &|k| std::env::var(k).ok()).map_err(|e| {
+        eprintln!("hubagent: {e}");
+        exit::CONFIG
+    })
+}
+
+fn run(path: &Path) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    hubagent::logging::init(&config.agent.log_level, config.agent.log_format);
+    match runtime().block_on(hubagent::daemon::run(path)) {
+        Ok(()) => exit::OK,
+        Err(hubagent::daemon::DaemonError::Config(e)) => {
+            tracing::error!("{e}");
+            exit::CONFIG
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            hubagent::systemd::status(&e.to_string());
+            exit::FAILURE
+        }
+    }
+}
+
+#[cfg(feature = "demo")]
+fn demo(args: hubagent::cli::DemoArgs) -> i32 {
+    match runtime().block_on(hubagent::demo::run(args)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("hubagent demo: {e:#}");
+            exit::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_: hubagent::cli::DemoArgs) -> i32 {
+    eprintln!("hubagent: this build has no demo (built without the `demo` feature)");
+    exit::FAILURE
+}
+
+fn config_check(path: &Path) -> i32 {
+    match load(path) {
+        Ok(config) => {
+            let p = &config.provisioning;
+            println!(
+                "{}: OK (source {:?}, id scope {}, registration id {}, state {})",
+                path.display(),
+                p.source,
+                p.id_scope.as_deref().unwrap_or("-"),
+                p.registration_id.as_deref().unwrap_or("(from certificate)"),
+                config.agent.state_dir.display()
+            );
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// The control socket named by the configuration, or the default when it cannot be read.
+fn control_socket(path: &Path) -> std::path::PathBuf {
+    Config::load(path, &|k| std::env::var(k).ok())
+        .map(|c| c.agent.control_socket)
+        .unwrap_or_else(|_| hubagent::config::AgentSettings::default().control_socket)
+}
+
+fn ask(path: &Path, request: Request, json: bool) -> i32 {
+    let socket = control_socket(path);
+    match control::request(&socket, &request) {
+        Ok(answer) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&answer).unwrap_or_default()
+                );
+            } else {
+                print_human(&request, &answer);
+            }
+            exit::OK
+        }
+        Err(e @ ControlError::Unreachable { .. }) => {
+            eprintln!("hubagent: {e}");
+            exit::UNAVAILABLE
+        }
+        Err(e) => {
+            eprintln!("hubagent: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+fn print_human(request: &Request, answer: &serde_json::Value) {
+    match request {
+        Request::Status => {
+            let field = |k: &str| match &answer[k] {
+                serde_json::Value::Null => "-".to_string(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("hubagent {} (pid {})", field("version"), field("pid"));
+            println!("  provisioning:    {}", field("provisioning"));
+            println!("  registration id: {}", field("registration_id"));
+            println!("  hub:             {}", field("hub"));
+            println!("  device id:       {}", field("device_id"));
+            println!("  provisioned at:  {}", field("provisioned_at"));
+            println!("  connection:      {}", field("connection"));
+            println!("  published:       {}", field("published"));
+            println!("  queued:          {}", field("queue_depth"));
+            println!("  desired version: {}", field("desired_version"));
+            if answer["last_error"].is_string() {
+                println!("  last error:      {}", field("last_error"));
+            }
+        }
+        Request::PluginsList => {
+            let Some(plugins) = answer.as_object() else {
+                println!("no plugins");
+                return;
+            };
+            if plugins.is_empty() {
+                println!("no plugins configured");
+            }
+            for (name, p) in plugins {
+                println!(
+                    "{name}: {} ({}){}",
+                    p["status"].as_str().unwrap_or("?"),
+                    p["kind"].as_str().unwrap_or("?"),
+                    p["error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Request::Reprovision => {
+            println!("reprovisioning requested; `hubagent status` shows progress")
+        }
+        Request::Reload => println!("configuration reloaded"),
+    }
+}
+
+fn provision(path: &Path, force: bool, json: bool) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    hubagent::logging::init("warn", hubagent::logging::LogFormat::Text);
+    match runtime().block_on(hubagent::provisioning::provision_once(&config, force)) {
+        Ok((cache, fresh)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "hub": cache.hub, "deviceId": cache.device_id,
+                        "provisionedAt": cache.provisioned_at, "fromCache": !fresh,
+                        "registrationState": cache.registration,
+                    })
+                );
+            } else {
+                println!(
+                    "{} {} as device '{}' ({})",
+                    if fresh {
+                        "assigned to"
+                    } else {
+                        "cached assignment:"
+                    },
+                    cache.hub,
+                    cache.device_id,
+                    cache.provisioned_at
+                );
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("hubagent: provisioning failed: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path, json: bool) -> i32 {
+    let report = runtime().block_on(hubagent::check::run(path));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        for c in &report.checks {
+            println!("[{}] {:<28} {}", c.result.to_uppercase(), c.id, c.detail);
+        }
+    }
+    if report.checks.iter().any(|c| c.result == "fail") {
+        exit::FAILURE
+    } else {
+        exit::OK
+    }
+}

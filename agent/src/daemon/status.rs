@@ -45,6 +45,10 @@ pub struct Snapshot {
     pub queue_depth: u64,
     pub published: u64,
     pub reloads: u64,
+    /// Fingerprint of the provisioning settings in force.
+    pub fingerprint: Option<String>,
+    /// Per plugin: kind, status, applied desired version, error.
+    pub plugins: serde_json::Value,
 }
 
 /// The shared, lock-protected snapshot.

@@ -146,7 +146,15 @@ async fn register_inner(
                 })?;
                 match status {
                     200..=299 => match answer["status"].as_str() {
-                        Some("assigned") => return assignment(&answer),
+                        Some("assigned") => {
+                            // Say goodbye properly: DPS logs an abrupt close as an error.
+                            let _ = client.try_disconnect();
+                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                                while eventloop.poll().await.is_ok() {}
+                            })
+                            .await;
+                            return assignment(&answer);
+                        }
                         Some("assigning") => {
                             let op = answer["operationId"].as_str().ok_or_else(|| {
                                 DpsError::Protocol("'assigning' answer without operationId".into())

@@ -4,7 +4,14 @@
 
 pub mod dps;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+use crate::config::{Attestation, Config, Source};
+use crate::keys::{self, Credential};
+use crate::state::{ProvisioningCache, StateDir};
 
 /// Where DPS (or a manual configuration) put this device.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -15,4 +22,143 @@ pub struct Assignment {
     pub substatus: String,
     /// DPS's full `registrationState`.
     pub registration_state: serde_json::Value,
+}
+
+/// The registration id: configured, or the certificate CN for X.509.
+pub fn registration_id(config: &Config) -> Result<String, String> {
+    let p = &config.provisioning;
+    if p.source == Source::Manual {
+        return p
+            .device_id
+            .clone()
+            .or_else(|| manual_connection_string(config).ok().map(|(_, d, _)| d))
+            .ok_or_else(|| "provisioning.device_id is required for source = \"manual\"".into());
+    }
+    if let Some(id) = &p.registration_id {
+        return Ok(id.clone());
+    }
+    match &p.attestation {
+        Some(Attestation::X509 { identity_cert, .. }) => {
+            let pem = std::fs::read(identity_cert)
+                .map_err(|e| format!("{}: {e}", identity_cert.display()))?;
+            keys::certificate_common_name(&pem)
+                .map_err(|e| format!("{}: {e}", identity_cert.display()))
+        }
+        _ => Err("provisioning.registration_id is not set".into()),
+    }
+}
+
+/// `HostName=…;DeviceId=…;SharedAccessKey=…` of a manual configuration.
+pub fn manual_connection_string(config: &Config) -> Result<(String, String, String), String> {
+    let Some(secret) = &config.provisioning.connection_string else {
+        return Err("no connection string".into());
+    };
+    let (text, source, _) = keys::read_secret(secret).map_err(|e| e.to_string())?;
+    let mut host = None;
+    let mut device = None;
+    let mut key = None;
+    for part in text.split(';') {
+        match part.split_once('=') {
+            Some(("HostName", v)) => host = Some(v.to_string()),
+            Some(("DeviceId", v)) => device = Some(v.to_string()),
+            Some(("SharedAccessKey", v)) => key = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    match (host, device, key) {
+        (Some(h), Some(d), Some(k)) => Ok((h, d, k)),
+        _ => Err(format!(
+            "{source}: a device connection string needs HostName, DeviceId and SharedAccessKey"
+        )),
+    }
+}
+
+pub fn load_credential(config: &Config, registration_id: &str) -> Result<Credential, String> {
+    if config.provisioning.source == Source::Manual && config.provisioning.attestation.is_none() {
+        let (_, _, key) = manual_connection_string(config)?;
+        let signer = keys::MemoryKey::from_base64(&key, "connection string key")
+            .map_err(|e| e.to_string())?;
+        return Ok(Credential::Sas(Arc::new(signer)));
+    }
+    let attestation = config
+        .provisioning
+        .attestation
+        .as_ref()
+        .ok_or("provisioning.attestation is missing")?;
+    let (credential, warnings) =
+        keys::load_credential(attestation, registration_id).map_err(|e| e.to_string())?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(credential)
+}
+
+pub fn client_tls(
+    config: &Config,
+    credential: &Credential,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let identity = match credential {
+        Credential::X509 {
+            cert_chain_pem,
+            key_pem,
+        } => Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
+        Credential::Sas(_) => None,
+    };
+    crate::tls::client_config(config.hub.trust_bundle.as_deref(), identity)
+        .map_err(|e| e.to_string())
+}
+
+/// `hubagent provision`: one registration (or the cache when it is valid and not `force`),
+/// saved to the state dir. Returns the cache entry and whether it is fresh.
+pub async fn provision_once(
+    config: &Config,
+    force: bool,
+) -> Result<(ProvisioningCache, bool), String> {
+    let (state, _) = StateDir::open(&config.agent.state_dir).map_err(|e| e.to_string())?;
+    let fingerprint = config.provisioning_fingerprint();
+    if !force
+        && let Ok(Some(cache)) = state.load_provisioning()
+        && cache.fingerprint == fingerprint
+    {
+        return Ok((cache, false));
+    }
+    let registration_id = registration_id(config)?;
+    let credential = load_credential(config, &registration_id)?;
+    let tls = client_tls(config, &credential)?;
+    let assignment = if config.provisioning.source == Source::Manual {
+        Assignment {
+            assigned_hub: config
+                .provisioning
+                .iothub_hostname
+                .clone()
+                .or_else(|| manual_connection_string(config).ok().map(|(h, _, _)| h))
+                .unwrap_or_default(),
+            device_id: registration_id.clone(),
+            substatus: String::new(),
+            registration_state: serde_json::Value::Null,
+        }
+    } else {
+        let (host, port) =
+            crate::config::parse_endpoint(&config.provisioning.global_endpoint, config.hub.port)?;
+        let request = dps::DpsRequest {
+            endpoint_host: host,
+            port,
+            id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
+            registration_id,
+            payload: config.payload_json(),
+            timeout: Duration::from_secs(60),
+        };
+        dps::register(&request, &credential, tls)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let cache = ProvisioningCache {
+        hub: assignment.assigned_hub,
+        device_id: assignment.device_id,
+        provisioned_at: crate::daemon::now_rfc3339(),
+        fingerprint,
+        registration: assignment.registration_state,
+    };
+    state.save_provisioning(&cache).map_err(|e| e.to_string())?;
+    Ok((cache, true))
 }

@@ -276,6 +276,9 @@ async fn next_event(
     tokio::select! {
         packet = read => match packet {
             Some(Some(Ok(packet))) => Next::Packet(packet),
+            Some(Some(Err(rumqttc::mqttbytes::Error::Io(e)))) => {
+                Next::Closed(format!("connection lost: {e}"))
+            }
             Some(Some(Err(e))) => Next::Closed(format!("malformed packet: {e}")),
             Some(None) => Next::Closed("client closed the connection".into()),
             None => Next::Closed("keep-alive timeout: no packet within 1.5 × keep-alive".into()),

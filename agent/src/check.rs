@@ -1,0 +1,201 @@
+//! `hubagent check`: diagnostics an operator runs when something is off. Each check has a stable
+//! id (for scripts and support tickets), a result (pass, warn, fail) and a detail that never
+//! contains key material.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{Config, Source};
+use crate::state::StateDir;
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub id: &'static str,
+    pub result: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+fn pass(id: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        result: "pass",
+        detail: detail.into(),
+    }
+}
+fn warn(id: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        result: "warn",
+        detail: detail.into(),
+    }
+}
+fn fail(id: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        result: "fail",
+        detail: detail.into(),
+    }
+}
+
+async fn reachable(host: &str, port: u16) -> Result<(), String> {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+pub async fn run(config_path: &Path) -> Report {
+    let mut checks = Vec::new();
+    let config = match Config::load(config_path, &|k| std::env::var(k).ok()) {
+        Ok(c) => {
+            checks.push(pass("config.valid", config_path.display().to_string()));
+            c
+        }
+        Err(e) => {
+            checks.push(fail("config.valid", e.to_string()));
+            return Report { checks };
+        }
+    };
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // 2024-01-01: a clock before this cannot sign SAS tokens the hub accepts.
+    checks.push(if now > 1_704_067_200 {
+        pass("clock.sane", crate::daemon::now_rfc3339())
+    } else {
+        fail(
+            "clock.sane",
+            "the system clock is before 2024: SAS tokens will be refused; check NTP",
+        )
+    });
+
+    match crate::provisioning::registration_id(&config) {
+        Ok(id) => match crate::provisioning::load_credential(&config, &id) {
+            Ok(credential) => {
+                checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
+                if let Some(crate::config::Attestation::SymmetricKey { key, group_key }) =
+                    &config.provisioning.attestation
+                {
+                    for secret in [key, group_key].into_iter().flatten() {
+                        if let crate::config::Secret::File { file } = secret {
+                            match crate::keys::check_private(file) {
+                                Some(w) => checks.push(warn("keys.private", w)),
+                                None => {
+                                    checks.push(pass("keys.private", file.display().to_string()))
+                                }
+                            }
+                        }
+                    }
+                }
+                match crate::provisioning::client_tls(&config, &credential) {
+                    Ok(_) => checks.push(pass(
+                        "tls.trust",
+                        match &config.hub.trust_bundle {
+                            Some(b) => format!("system roots + {}", b.display()),
+                            None => "system roots".into(),
+                        },
+                    )),
+                    Err(e) => checks.push(fail("tls.trust", e)),
+                }
+            }
+            Err(e) => checks.push(fail("keys.load", e)),
+        },
+        Err(e) => checks.push(fail("keys.load", e)),
+    }
+
+    let cache = match StateDir::open(&config.agent.state_dir) {
+        Ok((state, warning)) => {
+            match warning {
+                Some(w) => checks.push(warn("state.dir", w)),
+                None => checks.push(pass("state.dir", state.path().display().to_string())),
+            }
+            match state.load_provisioning() {
+                Ok(Some(c)) if c.fingerprint == config.provisioning_fingerprint() => {
+                    checks.push(pass(
+                        "provisioning.cache",
+                        format!("{} as {} since {}", c.hub, c.device_id, c.provisioned_at),
+                    ));
+                    Some(c)
+                }
+                Ok(Some(c)) => {
+                    checks.push(warn(
+                        "provisioning.cache",
+                        "settings changed since the last registration: the agent will reprovision",
+                    ));
+                    Some(c)
+                }
+                Ok(None) => {
+                    checks.push(warn(
+                        "provisioning.cache",
+                        "no cached assignment yet: the agent will register with DPS",
+                    ));
+                    None
+                }
+                Err(e) => {
+                    checks.push(warn("provisioning.cache", e.to_string()));
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            checks.push(fail("state.dir", e.to_string()));
+            None
+        }
+    };
+
+    if config.provisioning.source == Source::Dps {
+        match crate::config::parse_endpoint(&config.provisioning.global_endpoint, config.hub.port) {
+            Ok((host, port)) => match reachable(&host, port).await {
+                Ok(()) => checks.push(pass("network.dps", format!("{host}:{port}"))),
+                Err(e) => checks.push(fail("network.dps", format!("{host}:{port}: {e}"))),
+            },
+            Err(e) => checks.push(fail("network.dps", e)),
+        }
+    }
+    if let Some(c) = cache {
+        match reachable(&c.hub, config.hub.port).await {
+            Ok(()) => checks.push(pass(
+                "network.hub",
+                format!("{}:{}", c.hub, config.hub.port),
+            )),
+            Err(e) => checks.push(fail(
+                "network.hub",
+                format!("{}:{}: {e}", c.hub, config.hub.port),
+            )),
+        }
+    }
+
+    let socket = config.agent.control_socket.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::control::request(&socket, &crate::control::Request::Status)
+    })
+    .await;
+    match answer {
+        Ok(Ok(status)) => checks.push(pass(
+            "daemon.running",
+            format!(
+                "pid {}, {}",
+                status["pid"],
+                status["connection"].as_str().unwrap_or("?")
+            ),
+        )),
+        Ok(Err(e)) => checks.push(warn("daemon.running", e.to_string())),
+        Err(e) => checks.push(warn("daemon.running", e.to_string())),
+    }
+    Report { checks }
+}

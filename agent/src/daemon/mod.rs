@@ -1,0 +1,811 @@
+//! `hubagent run`: wires configuration, keys, provisioning, the hub session, the twin cache and the
+//! telemetry sources together, and talks to systemd.
+//!
+//! The provisioning rules (DESIGN.md): a valid cached assignment with an unchanged fingerprint
+//! means no DPS call; a changed fingerprint (reload or restart) or `hubagent reprovision` means a
+//! fresh registration; a hub that refuses the credentials triggers one reprovisioning, with
+//! backoff; DPS unreachable means retrying in-process forever with capped backoff and jitter.
+
+pub mod sensor;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::config::{Config, ConfigError, Source};
+use crate::control::{self, Request};
+use crate::hub::{
+    self, Backoff, HubParams, PublishError, SessionEvent, SessionHandle, TelemetryMessage,
+};
+use crate::keys::Credential;
+use crate::provisioning::dps::{self, DpsRequest};
+use crate::provisioning::{
+    Assignment, client_tls, load_credential, manual_connection_string, registration_id,
+};
+use crate::state::{ProvisioningCache, StateDir, StateError, TwinCache};
+use crate::systemd;
+use status::{ConnectionState, ProvisioningState, Status};
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Requests to the running daemon (from signals, the control socket, or an embedding program).
+#[derive(Debug)]
+pub enum Command {
+    Reprovision,
+    Reload(Box<Config>),
+    Shutdown,
+}
+
+/// Loads the configuration and runs until SIGTERM/SIGINT. SIGHUP reloads.
+pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let config = Config::load(config_path, &|k| std::env::var(k).ok())?;
+    let (commands, receiver) = mpsc::unbounded_channel();
+    spawn_signal_handlers(config_path.to_path_buf(), commands.clone());
+    run_with(config, config_path, commands, receiver).await
+}
+
+fn spawn_signal_handlers(config_path: PathBuf, commands: mpsc::UnboundedSender<Command>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { let _ = commands.send(Command::Shutdown); }
+                _ = int.recv() => { let _ = commands.send(Command::Shutdown); }
+                _ = hup.recv() => match Config::load(&config_path, &|k| std::env::var(k).ok()) {
+                    Ok(config) => { let _ = commands.send(Command::Reload(Box::new(config))); }
+                    Err(e) => {
+                        tracing::error!("configuration not reloaded, keeping the running one: {e}");
+                        systemd::status(&format!("reload failed: {e}"));
+                    }
+                },
+            }
+        }
+    });
+}
+
+/// The daemon proper; `commands` drive it (signals, control socket, or the demo).
+pub async fn run_with(
+    config: Config,
+    config_path: &Path,
+    commands_tx: mpsc::UnboundedSender<Command>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) -> Result<(), DaemonError> {
+    let mut config = config;
+    let (state, warning) = StateDir::open(&config.agent.state_dir)?;
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
+    let status = Arc::new(Status::new(&config_path.display().to_string()));
+    let mut twin = match state.load_twin() {
+        Ok(t) => t.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!("{e}");
+            TwinCache::default()
+        }
+    };
+    status.update(|s| s.desired_version = Some(twin.desired_version));
+
+    let handler = Arc::new(ControlHandler {
+        status: status.clone(),
+        commands: commands_tx.clone(),
+        config_path: config_path.to_path_buf(),
+    });
+    let control_path = config.agent.control_socket.clone();
+    let control_task = control::serve(&control_path, handler)
+        .await
+        .map_err(|source| DaemonError::Control {
+            path: control_path.clone(),
+            source,
+        })?;
+
+    // Telemetry: sources → channel → pump → whichever hub session is current.
+    let (messages_tx, messages_rx) = mpsc::channel::<TelemetryMessage>(1024);
+    let (session_tx, session_rx) = watch::channel::<Option<SessionHandle>>(None);
+    let pending = Arc::new(AtomicU64::new(0));
+    tokio::spawn(pump(
+        messages_rx,
+        session_rx,
+        status.clone(),
+        pending.clone(),
+        usize::from(config.hub.inflight),
+    ));
+    let mut plugins = Plugins::start(&config, &twin, messages_tx.clone(), pending.clone());
+    status.update(|s| s.plugins = plugins.snapshot());
+
+    systemd::ready("state loaded; provisioning");
+    tracing::info!(config = %config_path.display(), state = %state.path().display(), "hubagent started");
+    let watchdog = systemd::watchdog_interval().map(|every| {
+        tokio::spawn(async move {
+            loop {
+                systemd::watchdog_ping();
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+
+    let mut force_dps = false;
+    let mut unauthorized_backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+    let result = 'outer: loop {
+        status.update(|s| s.connection = ConnectionState::Disconnected);
+        let _ = session_tx.send(None);
+
+        // Credential.
+        let registration_id = match registration_id(&config) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!("{e}");
+                status.update(|s| s.last_error = Some(e.clone()));
+                match wait_for_command(&mut commands, Duration::from_secs(60)).await {
+                    Some(Command::Shutdown) => break 'outer Ok(()),
+                    Some(Command::Reload(c)) => config = *c,
+                    _ => {}
+                }
+                continue;
+            }
+        };
+        let credential = match load_credential(&config, &registration_id) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("cannot load the device credential: {e}");
+                status.update(|s| s.last_error = Some(e.clone()));
+                systemd::status(&format!("credential error: {e}"));
+                match wait_for_command(&mut commands, Duration::from_secs(60)).await {
+                    Some(Command::Shutdown) => break 'outer Ok(()),
+                    Some(Command::Reload(c)) => config = *c,
+                    _ => {}
+                }
+                continue;
+            }
+        };
+        status.update(|s| s.registration_id = Some(registration_id.clone()));
+        let tls = match client_tls(&config, &credential) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("{e}");
+                status.update(|s| s.last_error = Some(e.clone()));
+                match wait_for_command(&mut commands, Duration::from_secs(60)).await {
+                    Some(Command::Shutdown) => break 'outer Ok(()),
+                    Some(Command::Reload(c)) => config = *c,
+                    _ => {}
+                }
+                continue;
+            }
+        };
+
+        // Assignment: the cache when it still fits, else DPS (retried forever).
+        let fingerprint = config.provisioning_fingerprint();
+        let cached = match state.load_provisioning() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        };
+        let assignment = match cached {
+            Some(c) if !force_dps && c.fingerprint == fingerprint => {
+                tracing::info!(hub = %c.hub, device = %c.device_id, "using the cached assignment (no DPS call)");
+                status.update(|s| {
+                    s.provisioning = ProvisioningState::Cached;
+                    s.provisioned_at = Some(c.provisioned_at.clone());
+                });
+                c
+            }
+            previous => {
+                if previous.is_some() && !force_dps {
+                    tracing::info!(
+                        "provisioning settings changed since the last registration; reprovisioning"
+                    );
+                }
+                match provision(
+                    &config,
+                    &registration_id,
+                    &credential,
+                    tls.clone(),
+                    &status,
+                    &mut commands,
+                )
+                .await
+                {
+                    Provisioned::Done(a) => {
+                        let cache = ProvisioningCache {
+                            hub: a.assigned_hub.clone(),
+                            device_id: a.device_id.clone(),
+                            provisioned_at: now_rfc3339(),
+                            fingerprint: fingerprint.clone(),
+                            registration: a.registration_state.clone(),
+                        };
+                        if let Err(e) = state.save_provisioning(&cache) {
+                            tracing::error!("cannot cache the assignment: {e}");
+                        }
+                        status.update(|s| s.provisioned_at = Some(cache.provisioned_at.clone()));
+                        cache
+                    }
+                    Provisioned::Shutdown => break 'outer Ok(()),
+                    Provisioned::Reload(c) => {
+                        config = *c;
+                        continue;
+                    }
+                }
+            }
+        };
+        force_dps = false;
+        status.update(|s| {
+            s.fingerprint = Some(fingerprint.clone());
+            s.hub = Some(assignment.hub.clone());
+            s.device_id = Some(assignment.device_id.clone());
+            s.connection = ConnectionState::Connecting;
+        });
+
+        // Hub session.
+        let (session, mut events, task) = hub::spawn(HubParams {
+            hub: assignment.hub.clone(),
+            device_id: assignment.device_id.clone(),
+            port: config.hub.port,
+            credential: credential.clone(),
+            tls,
+            keep_alive: config.hub.keep_alive,
+            sas_ttl: config.hub.sas_ttl,
+            renew_before: config.hub.renew_before,
+            backoff_max: config.hub.reconnect_backoff_max,
+            max_message_size: config.hub.max_message_size as usize,
+            inflight: config.hub.inflight,
+            desired_version: twin.desired_version,
+        });
+        let _ = session_tx.send(Some(session.clone()));
+
+        let next = loop {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { break Next::Restart };
+                    match event {
+                        SessionEvent::Connected => {
+                            unauthorized_backoff.reset();
+                            status.update(|s| { s.connection = ConnectionState::Connected; s.last_error = None; });
+                            systemd::status(&status.line());
+                        }
+                        SessionEvent::Disconnected { reason } => {
+                            status.update(|s| { s.connection = ConnectionState::Connecting; s.last_error = Some(reason); });
+                            systemd::status(&status.line());
+                        }
+                        SessionEvent::Unauthorized => {
+                            let delay = unauthorized_backoff.next_delay();
+                            tracing::warn!(hub = %assignment.hub, ?delay, "the hub refused the device credentials; reprovisioning");
+                            status.update(|s| s.last_error = Some("hub refused the credentials (not authorized)".into()));
+                            break Next::ReprovisionAfter(delay);
+                        }
+                        SessionEvent::Twin { desired, desired_version, reported } => {
+                            twin.desired = desired;
+                            twin.desired_version = desired_version;
+                            // What the hub has is what counts as sent.
+                            twin.reported_sent = reported;
+                            plugins.apply_desired(&twin);
+                            save_twin(&state, &twin);
+                            status.update(|s| { s.desired_version = Some(desired_version); s.plugins = plugins.snapshot(); });
+                            report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                        }
+                        SessionEvent::DesiredPatch { version, patch } => {
+                            merge(&mut twin.desired, &patch);
+                            twin.desired_version = version;
+                            plugins.apply_desired(&twin);
+                            save_twin(&state, &twin);
+                            status.update(|s| { s.desired_version = Some(version); s.plugins = plugins.snapshot(); });
+                            report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                        }
+                        SessionEvent::Method { name, rid, payload } => {
+                            let (code, answer) = match name.as_str() {
+                                "ping" => (200, json!({"pong": now_rfc3339(), "version": env!("CARGO_PKG_VERSION"), "echo": payload})),
+                                "reprovision" => {
+                                    let _ = commands_tx.send(Command::Reprovision);
+                                    (202, json!({"status": "reprovisioning"}))
+                                }
+                                other => (404, json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision)")})),
+                            };
+                            tracing::info!(method = %name, status = code, "direct method");
+                            session.respond_to_method(&rid, code, answer);
+                        }
+                        SessionEvent::CloudToDevice { body, properties } => {
+                            tracing::info!(bytes = body.len(), ?properties, "cloud-to-device message");
+                        }
+                    }
+                }
+                command = commands.recv() => match command {
+                    None | Some(Command::Shutdown) => break Next::Shutdown,
+                    Some(Command::Reprovision) => {
+                        tracing::info!("reprovisioning on request");
+                        break Next::ReprovisionAfter(Duration::ZERO);
+                    }
+                    Some(Command::Reload(new)) => {
+                        systemd::reloading();
+                        status.update(|s| s.reloads += 1);
+                        let changed = new.provisioning_fingerprint() != config.provisioning_fingerprint();
+                        tracing::info!(provisioning_changed = changed, "configuration reloaded");
+                        config = *new;
+                        plugins.reconfigure(&config, &twin);
+                        status.update(|s| s.plugins = plugins.snapshot());
+                        systemd::ready(&status.line());
+                        // A new fingerprint makes the cache stale: the next pass registers with DPS.
+                        break Next::Restart;
+                    }
+                },
+            }
+        };
+        session.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        match next {
+            Next::Shutdown => break 'outer Ok(()),
+            Next::Restart => {}
+            Next::ReprovisionAfter(delay) => {
+                force_dps = true;
+                if !delay.is_zero() {
+                    match wait_for_command(&mut commands, delay).await {
+                        Some(Command::Shutdown) => break 'outer Ok(()),
+                        Some(Command::Reload(c)) => config = *c,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    };
+    systemd::stopping();
+    tracing::info!("hubagent stopped");
+    control_task.abort();
+    let _ = std::fs::remove_file(&control_path);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    result
+}
+
+enum Next {
+    Shutdown,
+    Restart,
+    ReprovisionAfter(Duration),
+}
+
+enum Provisioned {
+    Done(Assignment),
+    Shutdown,
+    Reload(Box<Config>),
+}
+
+/// Waits up to `timeout` for a command; reprovision requests just end the wait.
+async fn wait_for_command(
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    timeout: Duration,
+) -> Option<Command> {
+    tokio::time::timeout(timeout, commands.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Registers with DPS, retrying with capped backoff and jitter until it works or a command
+/// interrupts. A manual configuration needs no registration.
+async fn provision(
+    config: &Config,
+    registration_id: &str,
+    credential: &Credential,
+    tls: Arc<rustls::ClientConfig>,
+    status: &Status,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Provisioned {
+    let p = &config.provisioning;
+    if p.source == Source::Manual {
+        let hub = p
+            .iothub_hostname
+            .clone()
+            .or_else(|| manual_connection_string(config).ok().map(|(h, _, _)| h))
+            .unwrap_or_default();
+        status.update(|s| s.provisioning = ProvisioningState::Provisioned);
+        return Provisioned::Done(Assignment {
+            assigned_hub: hub,
+            device_id: registration_id.to_string(),
+            substatus: String::new(),
+            registration_state: Value::Null,
+        });
+    }
+    let (host, port) = match crate::config::parse_endpoint(&p.global_endpoint, config.hub.port) {
+        Ok(hp) => hp,
+        Err(e) => {
+            // Validated at load; kept for completeness.
+            tracing::error!("{e}");
+            (p.global_endpoint.clone(), config.hub.port)
+        }
+    };
+    let request = DpsRequest {
+        endpoint_host: host,
+        port,
+        id_scope: p.id_scope.clone().unwrap_or_default(),
+        registration_id: registration_id.to_string(),
+        payload: config.payload_json(),
+        timeout: Duration::from_secs(60),
+    };
+    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+    loop {
+        status.update(|s| s.provisioning = ProvisioningState::Registering);
+        systemd::status(&format!("registering '{registration_id}' with DPS"));
+        match dps::register(&request, credential, tls.clone()).await {
+            Ok(a) => {
+                tracing::info!(hub = %a.assigned_hub, device = %a.device_id, substatus = %a.substatus, "provisioned by DPS");
+                status.update(|s| {
+                    s.provisioning = ProvisioningState::Provisioned;
+                    s.last_error = None;
+                });
+                return Provisioned::Done(a);
+            }
+            Err(e) => {
+                // Configuration problems (wrong key, unknown enrollment) are retried too, but
+                // slowly: an operator may fix the enrollment without touching the gateway.
+                let delay = if e.is_transient() {
+                    backoff.next_delay()
+                } else {
+                    backoff.next_delay().max(Duration::from_secs(60))
+                };
+                tracing::warn!(?delay, "DPS registration failed: {e}");
+                status.update(|s| {
+                    s.provisioning = ProvisioningState::Retrying;
+                    s.last_error = Some(e.to_string());
+                });
+                systemd::status(&format!("DPS registration failed, retrying: {e}"));
+                match wait_for_command(commands, delay).await {
+                    Some(Command::Shutdown) => return Provisioned::Shutdown,
+                    Some(Command::Reload(c)) => return Provisioned::Reload(c),
+                    Some(Command::Reprovision) | None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Hands telemetry to the current hub session, up to `inflight` at a time. A message whose
+/// session stopped (reprovisioning, reload) is handed to the next session: none is dropped,
+/// except one the hub can never accept (too large), which is logged with its id.
+async fn pump(
+    mut messages: mpsc::Receiver<TelemetryMessage>,
+    sessions: watch::Receiver<Option<SessionHandle>>,
+    status: Arc<Status>,
+    pending: Arc<AtomicU64>,
+    inflight: usize,
+) {
+    let permits = Arc::new(Semaphore::new(inflight.max(1)));
+    while let Some(message) = messages.recv().await {
+        let permit = permits.clone().acquire_owned().await.expect("never closed");
+        let mut sessions = sessions.clone();
+        let status = status.clone();
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let current = sessions.borrow_and_update().clone();
+                let Some(session) = current else {
+                    if sessions.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                match session.publish(message.clone()).await {
+                    Ok(()) => {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        status.update(|s| {
+                            s.published += 1;
+                            s.queue_depth = pending.load(Ordering::Relaxed);
+                        });
+                        return;
+                    }
+                    Err(PublishError::TooLarge { size, limit }) => {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        tracing::error!(message_id = %message.message_id, size, limit, "message dropped: larger than the hub accepts");
+                        return;
+                    }
+                    Err(PublishError::Stopped) => {
+                        if sessions.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(child) => {
+                let entry = target
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                }
+                if let Value::Object(t) = entry {
+                    merge(t, child);
+                }
+            }
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
+        }
+    }
+}
+
+fn save_twin(state: &StateDir, twin: &TwinCache) {
+    if let Err(e) = state.save_twin(twin) {
+        tracing::error!("cannot save the twin cache: {e}");
+    }
+}
+
+/// Reports the agent's own properties and the plugins' states, sending only what changed.
+async fn report_changes(
+    session: &SessionHandle,
+    twin: &mut TwinCache,
+    state: &StateDir,
+    assignment: &ProvisioningCache,
+    plugins: &Plugins,
+) {
+    let mut wanted = Map::new();
+    wanted.insert(
+        "agent".into(),
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "provisionedAt": assignment.provisioned_at,
+            "hub": assignment.hub,
+            "deviceId": assignment.device_id,
+        }),
+    );
+    wanted.insert("plugins".into(), plugins.reported());
+    let patch: Map<String, Value> = wanted
+        .into_iter()
+        .filter(|(k, v)| twin.reported_sent.get(k) != Some(v))
+        .collect();
+    if patch.is_empty() {
+        return;
+    }
+    // A key that disappeared from a nested object must be deleted on the hub side (null).
+    let mut wire = patch.clone();
+    for (k, v) in wire.iter_mut() {
+        if let (Some(Value::Object(old)), Value::Object(new)) = (twin.reported_sent.get(k), v) {
+            let gone: Vec<String> = old
+                .keys()
+                .filter(|o| !new.contains_key(*o))
+                .cloned()
+                .collect();
+            for key in gone {
+                new.insert(key, Value::Null);
+            }
+        }
+    }
+    match session.report(Value::Object(wire)).await {
+        Ok(version) => {
+            tracing::debug!(version, "reported properties updated");
+            twin.reported_sent.extend(patch);
+            save_twin(state, twin);
+        }
+        Err(e) => tracing::warn!("reported properties not updated: {e}"),
+    }
+}
+
+/// The telemetry sources configured as `[[plugin]]`. This build runs the built-in ones; library
+/// and exec plugins arrive with the plugin host (issue #5) and are listed as not supported.
+struct Plugins {
+    entries: BTreeMap<String, PluginEntry>,
+}
+
+struct PluginEntry {
+    kind: String,
+    base: Map<String, Value>,
+    settings: Option<watch::Sender<sensor::SensorSettings>>,
+    state: String,
+    error: Option<String>,
+    applied_version: u64,
+}
+
+impl Plugins {
+    fn start(
+        config: &Config,
+        twin: &TwinCache,
+        messages: mpsc::Sender<TelemetryMessage>,
+        pending: Arc<AtomicU64>,
+    ) -> Self {
+        let mut entries = BTreeMap::new();
+        for table in &config.plugin {
+            let name = table
+                .get("name")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            let kind = table
+                .get("kind")
+                .and_then(|v| v.as_str())
+                .unwrap_or("library")
+                .to_string();
+            let base = serde_json::to_value(table)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default();
+            let builtin = table.get("builtin").and_then(|v| v.as_str());
+            let mut entry = PluginEntry {
+                kind: kind.clone(),
+                base,
+                settings: None,
+                state: "not-supported".into(),
+                error: None,
+                applied_version: 0,
+            };
+            if kind == "builtin" && builtin == Some("simulated-sensor") {
+                match sensor::SensorSettings::from_json(&merged_settings(&entry.base, twin, &name))
+                {
+                    Ok(settings) => {
+                        let (tx, rx) = watch::channel(settings);
+                        let (counted_tx, mut counted_rx) = mpsc::channel::<TelemetryMessage>(16);
+                        tokio::spawn(sensor::run(name.clone(), rx, counted_tx));
+                        // Count what enters the pipeline (queue depth in `hubagent status`).
+                        let messages = messages.clone();
+                        let pending = pending.clone();
+                        tokio::spawn(async move {
+                            while let Some(m) = counted_rx.recv().await {
+                                pending.fetch_add(1, Ordering::Relaxed);
+                                if messages.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        entry.settings = Some(tx);
+                        entry.state = "running".into();
+                        entry.applied_version = twin.desired_version;
+                    }
+                    Err(e) => {
+                        entry.state = "rejected".into();
+                        entry.error = Some(e);
+                    }
+                }
+            } else {
+                entry.error = Some(format!(
+                    "plugin kind '{kind}' is not supported by this build yet (built-in: kind = \"builtin\", builtin = \"simulated-sensor\")"
+                ));
+                tracing::warn!(plugin = %name, "{}", entry.error.as_deref().unwrap_or_default());
+            }
+            entries.insert(name, entry);
+        }
+        Plugins { entries }
+    }
+
+    /// Applies `desired.plugins.<name>` over the TOML settings; a plugin that rejects the new
+    /// settings keeps the old ones and says why.
+    fn apply_desired(&mut self, twin: &TwinCache) {
+        for (name, entry) in self.entries.iter_mut() {
+            let Some(tx) = &entry.settings else { continue };
+            match sensor::SensorSettings::from_json(&merged_settings(&entry.base, twin, name)) {
+                Ok(settings) => {
+                    if *tx.borrow() != settings {
+                        tracing::info!(plugin = %name, ?settings, "settings changed");
+                    }
+                    let _ = tx.send(settings);
+                    entry.state = "running".into();
+                    entry.error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %name, "desired settings rejected, keeping the old ones: {e}");
+                    entry.state = "rejected-settings".into();
+                    entry.error = Some(e);
+                }
+            }
+            entry.applied_version = twin.desired_version;
+        }
+    }
+
+    /// A reload may change the TOML base settings of known plugins.
+    fn reconfigure(&mut self, config: &Config, twin: &TwinCache) {
+        for table in &config.plugin {
+            let Some(name) = table.get("name").and_then(|v| v.as_str()) else {
+                continue;
+            };
+            if let Some(entry) = self.entries.get_mut(name)
+                && let Some(base) = serde_json::to_value(table)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned())
+            {
+                entry.base = base;
+            }
+        }
+        self.apply_desired(twin);
+    }
+
+    fn reported(&self) -> Value {
+        let mut out = Map::new();
+        for (name, entry) in &self.entries {
+            let mut v = json!({"status": entry.state, "desiredVersion": entry.applied_version, "kind": entry.kind});
+            if let Some(e) = &entry.error {
+                v["error"] = json!(e);
+            }
+            if let Some(tx) = &entry.settings {
+                v["interval"] = json!(humantime::format_duration(tx.borrow().interval).to_string());
+            }
+            out.insert(name.clone(), v);
+        }
+        Value::Object(out)
+    }
+
+    fn snapshot(&self) -> Value {
+        self.reported()
+    }
+}
+
+/// TOML settings overlaid with `desired.plugins.<name>`.
+fn merged_settings(base: &Map<String, Value>, twin: &TwinCache, name: &str) -> Map<String, Value> {
+    let mut settings = base.clone();
+    if let Some(Value::Object(desired)) = twin.desired.get("plugins").and_then(|p| p.get(name)) {
+        merge(&mut settings, desired);
+    }
+    settings
+}
+
+/// Answers the control socket.
+struct ControlHandler {
+    status: Arc<Status>,
+    commands: mpsc::UnboundedSender<Command>,
+    config_path: PathBuf,
+}
+
+impl control::Handler for ControlHandler {
+    fn handle(&self, request: Request) -> Result<Value, String> {
+        match request {
+            Request::Status => {
+                serde_json::to_value(self.status.snapshot()).map_err(|e| e.to_string())
+            }
+            Request::Reprovision => {
+                self.commands
+                    .send(Command::Reprovision)
+                    .map_err(|_| "the daemon is shutting down".to_string())?;
+                Ok(json!({"reprovisioning": true}))
+            }
+            Request::Reload => {
+                let config =
+                    Config::load(&self.config_path, &|k| std::env::var(k).ok()).map_err(|e| {
+                        format!("configuration not reloaded, the running one stays: {e}")
+                    })?;
+                let changed = self.status.snapshot().fingerprint.as_deref()
+                    != Some(config.provisioning_fingerprint().as_str());
+                self.commands
+                    .send(Command::Reload(Box::new(config)))
+                    .map_err(|_| "the daemon is shutting down".to_string())?;
+                Ok(json!({"reloaded": true, "provisioningChanged": changed}))
+            }
+            Request::PluginsList => Ok(self.status.snapshot().plugins),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The built-in simulated sensor: temperature, humidity and wind speed readings on a schedule,
+//! what `hubagent demo` streams. Configured like any plugin (`[[plugin]] kind = "builtin"`,
+//! `builtin = "simulated-sensor"`), and its `interval` follows the twin's
+//! `desired.plugins.<name>.interval` live.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, watch};
+
+use crate::hub::TelemetryMessage;
+
+/// Settings the sensor understands; anything else is rejected with the key named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorSettings {
+    pub interval: Duration,
+}
+
+impl SensorSettings {
+    pub fn from_json(settings: &Map<String, Value>) -> Result<Self, String> {
+        let mut out = SensorSettings {
+            interval: Duration::from_secs(5),
+        };
+        for (key, value) in settings {
+            match key.as_str() {
+                "interval" => {
+                    let text = value
+                        .as_str()
+                        .ok_or("interval must be a duration string such as \"2s\"")?;
+                    let interval = humantime::parse_duration(text)
+                        .map_err(|e| format!("interval '{text}': {e}"))?;
+                    if interval < Duration::from_millis(50) {
+                        return Err(format!("interval '{text}' is below the 50ms minimum"));
+                    }
+                    out.interval = interval;
+                }
+                // Keys the host itself consumes.
+                "name" | "kind" | "builtin" => {}
+                other => return Err(format!("unknown setting '{other}' (known: interval)")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Produces readings until `messages` closes. `settings` changes take effect at the next reading.
+pub async fn run(
+    name: String,
+    mut settings: watch::Receiver<SensorSettings>,
+    messages: mpsc::Sender<TelemetryMessage>,
+) {
+    let mut n: u64 = 0;
+    loop {
+        let interval = settings.borrow_and_update().interval;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        n += 1;
+        let t = n as f64 / 10.0;
+        let reading = json!({
+            "temperature": round(21.0 + 3.0 * t.sin() + noise()),
+            "humidity": round(55.0 + 10.0 * (t / 3.0).cos() + noise()),
+            "windSpeed": round((8.0 + 4.0 * (t / 2.0).sin() + noise()).max(0.0)),
+            "seq": n,
+        });
+        let message = TelemetryMessage {
+            message_id: uuid::Uuid::new_v4().to_string(),
+            body: reading.to_string().into(),
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            creation_time: Some(crate::daemon::now_rfc3339()),
+            properties: vec![("source".into(), name.clone())],
+        };
+        if messages.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn noise() -> f64 {
+    rand::random::<f64>() - 0.5
+}
+
+fn round(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_validated_with_the_key_named() {
+        let ok =
+            SensorSettings::from_json(json!({"interval": "250ms"}).as_object().unwrap()).unwrap();
+        assert_eq!(ok.interval, Duration::from_millis(250));
+        let err =
+            SensorSettings::from_json(json!({"interval": 5}).as_object().unwrap()).unwrap_err();
+        assert!(err.contains("interval"));
+        let err =
+            SensorSettings::from_json(json!({"color": "red"}).as_object().unwrap()).unwrap_err();
+        assert!(err.contains("color"));
+    }
+}
