@@ -99,11 +99,30 @@ fn config_check(path: &Path) -> i32 {
     }
 }
 
-/// The control socket named by the configuration, or the default when it cannot be read.
+/// The control socket named by the configuration. When the file is invalid (the very moment an
+/// operator runs `hubagent reload` to find out), its `[agent] control_socket` is still honoured.
 fn control_socket(path: &Path) -> std::path::PathBuf {
-    Config::load(path, &|k| std::env::var(k).ok())
-        .map(|c| c.agent.control_socket)
-        .unwrap_or_else(|_| hubagent::config::AgentSettings::default().control_socket)
+    if let Ok(config) = Config::load(path, &|k| std::env::var(k).ok()) {
+        return config.agent.control_socket;
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let from_table = text.parse::<toml::Table>().ok().and_then(|t| {
+        t.get("agent")?
+            .get("control_socket")?
+            .as_str()
+            .map(std::path::PathBuf::from)
+    });
+    // A file with a syntax error elsewhere: look for the line itself.
+    let from_line = || {
+        text.lines().find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == "control_socket")
+                .then(|| std::path::PathBuf::from(value.trim().trim_matches('"')))
+        })
+    };
+    from_table
+        .or_else(from_line)
+        .unwrap_or_else(|| hubagent::config::AgentSettings::default().control_socket)
 }
 
 fn ask(path: &Path, request: Request, json: bool) -> i32 {

@@ -115,3 +115,117 @@ trust_bundle = "{ca}"
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// A `hubagent run` process of the real binary, with its stderr captured to a file.
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+pub fn hubagent_bin() -> PathBuf {
+    // Integration tests live in another package: find the binary beside the test executable.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("hubagent");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace first",
+        bin.display()
+    );
+    bin
+}
+
+impl AgentProcess {
+    pub fn start(config: &Path) -> AgentProcess {
+        let log = config.with_extension(format!(
+            "log.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(hubagent_bin())
+            .args(["--config", config.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "hubagent=debug,info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        AgentProcess {
+            child,
+            log,
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// Runs a CLI subcommand against this agent's configuration.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(hubagent_bin())
+            .args(["--config", self.config.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        let code = self.child.wait().unwrap().code();
+        std::mem::forget(self);
+        code
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How many hub connections `client_id` has made.
+pub fn hub_connects(sim: &hubsim::Sim, client_id: &str) -> usize {
+    sim.records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .filter(|e| e.client_id == client_id && e.service == "hub" && e.event == "connected")
+        .count()
+}
+
+/// Successful DPS registrations of `registration_id`.
+pub fn registrations(sim: &hubsim::Sim, registration_id: &str) -> usize {
+    sim.records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .filter(|r| r.registration_id == registration_id && r.outcome == "assigned")
+        .count()
+}
+
+pub fn telemetry_count(sim: &hubsim::Sim, device_id: &str) -> usize {
+    sim.records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device_id)
+        .map(Vec::len)
+        .unwrap_or(0)
+}

@@ -1,0 +1,263 @@
+//! The real `hubagent` binary as a daemon against hubsim: boot, cached assignment on restart,
+//! reload and reprovision, recovery when the hub refuses the device, retries while DPS is down,
+//! clear errors for bad configuration, and no key material in its output.
+
+use std::time::Duration;
+
+use hubagent_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+const SENSOR: &str = "\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n";
+
+fn setup(
+    dir: &std::path::Path,
+    running: &hubsim::Running,
+    id: &str,
+) -> (std::path::PathBuf, String) {
+    let key = enroll(&running.sim, id);
+    let key_file = write_key(dir, "device.key", &key);
+    let config = agent_config(
+        dir,
+        running,
+        id,
+        &format!("key = {{ file = \"{}\" }}", key_file.display()),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(SENSOR);
+    std::fs::write(&config, text).unwrap();
+    (config, key)
+}
+
+#[tokio::test]
+async fn boots_publishes_and_restarts_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, key) = setup(dir.path(), &running, "gw-daemon-1");
+    let sim = running.sim.clone();
+
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, "gw-daemon-1") >= 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, "gw-daemon-1"), 1);
+    let status = agent.cli(&["status", "--json"]);
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["connection"], "connected");
+    assert_eq!(status["hub"], "localhost");
+    assert!(status["published"].as_u64().unwrap() >= 1);
+    // The agent reported itself in the twin.
+    assert!(
+        sim.wait_until(WAIT, |s| s.read(|st| st.devices["localhost/gw-daemon-1"]
+            .twin
+            .reported
+            .contains_key("agent")))
+            .await
+    );
+    assert_eq!(agent.stop(), Some(0));
+
+    // Restart: the cached assignment is used, DPS is not called again.
+    let connects = hub_connects(&sim, "gw-daemon-1");
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-1") > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        registrations(&sim, "gw-daemon-1"),
+        1,
+        "no DPS call with a valid cache"
+    );
+    assert!(agent.log_text().contains("cached assignment"));
+
+    // `hubagent reprovision` forces a fresh registration.
+    let out = agent.cli(&["reprovision"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, "gw-daemon-1") == 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+
+    let log = agent.log_text();
+    assert!(!log.contains(&key), "the key must never be logged");
+    assert!(
+        !log.contains("SharedAccessSignature"),
+        "tokens must never be logged"
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-2");
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-2") >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+
+    // A broken file is refused with the key named; the daemon keeps running on the old one.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("[hub]", "[hub]\nkeepalive = \"60s\"")).unwrap();
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("keepalive") && stderr.contains("config.toml:"),
+        "{stderr}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["connection"], "connected");
+
+    // A new registration id (another enrollment, same key file) → reload → DPS registration.
+    let key = enroll(&running.sim, "gw-daemon-2b");
+    write_key(dir.path(), "device.key", &key);
+    std::fs::write(
+        &config,
+        good.replace(
+            "registration_id = \"gw-daemon-2\"",
+            "registration_id = \"gw-daemon-2b\"",
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-2b") >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, "gw-daemon-2b"), 1);
+
+    // SIGHUP reloads too; unchanged settings mean no new registration.
+    agent.signal("HUP");
+    let connects = hub_connects(&sim, "gw-daemon-2b");
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-2b") > connects)
+            .await
+    );
+    assert_eq!(registrations(&sim, "gw-daemon-2b"), 1);
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn a_refused_hub_connection_triggers_reprovisioning() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-3");
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-3") >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // The hub forgets the device's key (as after a device was recreated by hand): the next
+    // connect is refused, the agent registers again and DPS restores the identity.
+    sim.mutate(|s| {
+        let d = s.devices.get_mut("localhost/gw-daemon-3").unwrap();
+        d.authentication.symmetric_key.as_mut().unwrap().primary_key = hubsim::state::random_key();
+        d.authentication
+            .symmetric_key
+            .as_mut()
+            .unwrap()
+            .secondary_key = hubsim::state::random_key();
+    })
+    .unwrap();
+    let conn = sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get("localhost/gw-daemon-3")
+        .cloned()
+        .unwrap();
+    let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
+        reason: "test".into(),
+    });
+    assert!(
+        sim.wait_until(Duration::from_secs(60), |s| registrations(s, "gw-daemon-3")
+            == 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let connects = hub_connects(&sim, "gw-daemon-3");
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-3") > connects)
+            .await
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn keeps_retrying_while_dps_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-4");
+    let sim = running.sim.clone();
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(4));
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(Duration::from_secs(60), |s| telemetry_count(
+            s,
+            "gw-daemon-4"
+        ) >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let refused = sim
+        .records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .filter(|e| e.client_id == "gw-daemon-4" && e.event == "refused")
+        .count();
+    assert!(refused >= 1, "the agent tried while DPS was down");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[test]
+fn bad_configuration_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[provisioning]\nsource = \"dps\"\nid_scope = \"0ne1\"\nregistration_id = \"x\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\nkey = { file = \"/k\" }\n[hub]\nport = \"eighty\"\n").unwrap();
+    for args in [vec!["run"], vec!["config", "check"]] {
+        let out = std::process::Command::new(hubagent_bin())
+            .args(["--config", config.to_str().unwrap()])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("config.toml:9:"), "{stderr}");
+        assert!(
+            stderr.contains("port") || stderr.contains("u16") || stderr.contains("integer"),
+            "{stderr}"
+        );
+    }
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "no daemon: EX_UNAVAILABLE");
+}
