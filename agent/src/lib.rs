@@ -14,6 +14,7 @@ pub mod hub;
 pub mod keys;
 pub mod logging;
 pub mod provisioning;
+pub mod queue;
 pub mod state;
 pub mod systemd;
 pub mod tls;
