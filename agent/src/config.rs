@@ -20,6 +20,8 @@ pub struct Config {
     pub provisioning: Provisioning,
     #[serde(default)]
     pub hub: HubSettings,
+    #[serde(default)]
+    pub queue: QueueConfig,
     /// Telemetry-source plugins (kept as tables; the plugin host validates them).
     #[serde(default)]
     pub plugin: Vec<toml::Table>,
@@ -198,6 +200,57 @@ fn default_max_message() -> u64 {
 }
 fn default_inflight() -> u16 {
     32
+}
+
+/// The durable telemetry queue (`state_dir/queue`): see docs/queue.md.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    #[serde(default)]
+    pub fsync: crate::queue::FsyncPolicy,
+    #[serde(default = "default_fsync_interval", with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    #[serde(default = "default_queue_bytes", with = "bytesize_serde")]
+    pub max_bytes: u64,
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(default)]
+    pub full_policy: crate::queue::FullPolicy,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            fsync: Default::default(),
+            fsync_interval: default_fsync_interval(),
+            max_bytes: default_queue_bytes(),
+            max_age: default_max_age(),
+            full_policy: Default::default(),
+        }
+    }
+}
+
+impl QueueConfig {
+    pub fn settings(&self) -> crate::queue::QueueSettings {
+        crate::queue::QueueSettings {
+            fsync: self.fsync,
+            fsync_interval: self.fsync_interval,
+            max_bytes: self.max_bytes,
+            max_age: self.max_age,
+            full_policy: self.full_policy,
+            ..Default::default()
+        }
+    }
+}
+
+fn default_fsync_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_queue_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 /// Durations in human units ("90s", "5m", "1h 30m").
@@ -423,6 +476,9 @@ impl Config {
                 "must be shorter than hub.sas_ttl",
             ));
         }
+        if self.queue.max_bytes < 64 * 1024 {
+            return Err(invalid("queue.max_bytes", "must be at least 64KiB"));
+        }
         if self.hub.inflight == 0 {
             return Err(invalid("hub.inflight", "must be at least 1"));
         }
@@ -571,6 +627,7 @@ fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
         agent: Option<AgentSettings>,
         provisioning: Option<PartialProvisioning>,
         hub: Option<HubSettings>,
+        queue: Option<QueueConfig>,
         plugin: Option<Vec<toml::Table>>,
     }
     #[derive(Deserialize)]

@@ -29,7 +29,7 @@ fn setup(
     (config, key)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_publishes_and_restarts_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
@@ -95,7 +95,7 @@ async fn boots_publishes_and_restarts_from_the_cache() {
     assert_eq!(agent.stop(), Some(0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_files() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
@@ -155,7 +155,7 @@ async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_f
     assert_eq!(agent.stop(), Some(0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_hub_connection_triggers_reprovisioning() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
@@ -206,7 +206,7 @@ async fn a_refused_hub_connection_triggers_reprovisioning() {
     assert_eq!(agent.stop(), Some(0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_retrying_while_dps_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
@@ -233,7 +233,8 @@ async fn keeps_retrying_while_dps_is_unavailable() {
         .filter(|e| e.client_id == "gw-daemon-4" && e.event == "refused")
         .count();
     assert!(refused >= 1, "the agent tried while DPS was down");
-    assert_eq!(agent.stop(), Some(0));
+    let code = agent.stop();
+    assert_eq!(code, Some(0));
 }
 
 #[test]
@@ -260,4 +261,95 @@ fn bad_configuration_exits_78_naming_the_key() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(69), "no daemon: EX_UNAVAILABLE");
+}
+
+/// Sequence numbers in the simulated sensor's bodies, for messages created before `before`.
+fn sensor_seqs(sim: &hubsim::Sim, device: &str, before: &str) -> Vec<u64> {
+    let records = sim
+        .records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device)
+        .cloned()
+        .unwrap_or_default();
+    let mut seqs: Vec<u64> = records
+        .iter()
+        .filter(|r| {
+            r.system_properties
+                .get("creation-time")
+                .is_some_and(|t| t.as_str() < before)
+        })
+        .filter_map(|r| {
+            serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
+        })
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_hub_outage_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-5");
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, "gw-daemon-5") >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+
+    // The hub goes away: telemetry piles up in the agent's queue on disk.
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    let conn = sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get("localhost/gw-daemon-5")
+        .cloned()
+        .unwrap();
+    let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
+        reason: "outage".into(),
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = agent.cli(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if status["queue_depth"].as_u64().unwrap_or(0) >= 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue did not grow: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut agent = agent;
+    agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
+    agent.child.wait().unwrap();
+    let restart_time = hubsim::state::now_rfc3339();
+    let received_before = telemetry_count(&sim, "gw-daemon-5");
+
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    let agent = AgentProcess::start(&config);
+    // Everything the first process queued arrives: its sequence numbers have no gap.
+    assert!(
+        sim.wait_until(Duration::from_secs(60), |s| {
+            let seqs = sensor_seqs(s, "gw-daemon-5", &restart_time);
+            seqs.len() >= received_before + 20
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let seqs = sensor_seqs(&sim, "gw-daemon-5", &restart_time);
+    let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
+    assert_eq!(seqs, expected, "a gap means a queued message was lost");
+    assert_eq!(agent.stop(), Some(0));
 }

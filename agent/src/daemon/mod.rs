@@ -12,7 +12,6 @@ pub mod status;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -28,6 +27,7 @@ use crate::provisioning::dps::{self, DpsRequest};
 use crate::provisioning::{
     Assignment, client_tls, load_credential, manual_connection_string, registration_id,
 };
+use crate::queue::{Queue, QueueError};
 use crate::state::{ProvisioningCache, StateDir, StateError, TwinCache};
 use crate::systemd;
 use status::{ConnectionState, ProvisioningState, Status};
@@ -44,6 +44,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("telemetry queue: {0}")]
+    Queue(QueueError),
     #[error("control socket {path}: {source}")]
     Control {
         path: PathBuf,
@@ -116,8 +118,21 @@ pub async fn run_with(
     };
     status.update(|s| s.desired_version = Some(twin.desired_version));
 
+    // Telemetry: sources → durable queue (on disk before a source's send completes) → pump →
+    // whichever hub session is current → acknowledged by the hub → removed from the queue.
+    let (queue, warnings) = Queue::open(&state.path().join("queue"), config.queue.settings())
+        .map_err(DaemonError::Queue)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let queue = Arc::new(queue);
+    let backlog = queue.stats().depth;
+    if backlog > 0 {
+        tracing::info!(backlog, "telemetry queued before the restart will be sent");
+    }
     let handler = Arc::new(ControlHandler {
         status: status.clone(),
+        queue: queue.clone(),
         commands: commands_tx.clone(),
         config_path: config_path.to_path_buf(),
     });
@@ -129,18 +144,32 @@ pub async fn run_with(
             source,
         })?;
 
-    // Telemetry: sources → channel → pump → whichever hub session is current.
-    let (messages_tx, messages_rx) = mpsc::channel::<TelemetryMessage>(1024);
+    let publisher = DurablePublisher {
+        queue: queue.clone(),
+    };
     let (session_tx, session_rx) = watch::channel::<Option<SessionHandle>>(None);
-    let pending = Arc::new(AtomicU64::new(0));
     tokio::spawn(pump(
-        messages_rx,
+        queue.clone(),
         session_rx,
-        status.clone(),
-        pending.clone(),
         usize::from(config.hub.inflight),
     ));
-    let mut plugins = Plugins::start(&config, &twin, messages_tx.clone(), pending.clone());
+    let ticker = {
+        let queue = queue.clone();
+        let status = status.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                queue.tick();
+                let stats = queue.stats();
+                status.update(|s| {
+                    s.queue_depth = stats.depth;
+                    s.published = stats.delivered;
+                    s.queue = Some(stats);
+                });
+            }
+        })
+    };
+    let mut plugins = Plugins::start(&config, &twin, publisher.clone());
     status.update(|s| s.plugins = plugins.snapshot());
 
     systemd::ready("state loaded; provisioning");
@@ -378,6 +407,8 @@ pub async fn run_with(
         }
     };
     systemd::stopping();
+    ticker.abort();
+    queue.close();
     tracing::info!("hubagent stopped");
     control_task.abort();
     let _ = std::fs::remove_file(&control_path);
@@ -488,22 +519,49 @@ async fn provision(
     }
 }
 
-/// Hands telemetry to the current hub session, up to `inflight` at a time. A message whose
-/// session stopped (reprovisioning, reload) is handed to the next session: none is dropped,
-/// except one the hub can never accept (too large), which is logged with its id.
+/// What telemetry sources publish through: a message is on disk in the queue when `publish`
+/// returns. A full queue with `full_policy = "reject-new"` or a full disk holds the source back
+/// (with growing pauses) while the condition lasts; nothing already queued is touched.
+#[derive(Clone)]
+pub struct DurablePublisher {
+    queue: Arc<Queue>,
+}
+
+impl DurablePublisher {
+    pub async fn publish(&self, message: TelemetryMessage) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.queue.push(&message) {
+                Ok(_) => return,
+                Err(QueueError::TooLarge(size)) => {
+                    tracing::error!(message_id = %message.message_id, size, "message too large to queue; dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("telemetry held back: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+/// Hands queued telemetry to the current hub session, up to `inflight` at a time, and removes a
+/// message from the queue only when the hub acknowledged it. A message whose session stopped
+/// (reprovisioning, reload) is handed to the next session; one the hub can never accept (too
+/// large) is dropped with its id logged.
 async fn pump(
-    mut messages: mpsc::Receiver<TelemetryMessage>,
+    queue: Arc<Queue>,
     sessions: watch::Receiver<Option<SessionHandle>>,
-    status: Arc<Status>,
-    pending: Arc<AtomicU64>,
     inflight: usize,
 ) {
     let permits = Arc::new(Semaphore::new(inflight.max(1)));
-    while let Some(message) = messages.recv().await {
+    loop {
         let permit = permits.clone().acquire_owned().await.expect("never closed");
+        let (seq, message) = queue.next().await;
         let mut sessions = sessions.clone();
-        let status = status.clone();
-        let pending = pending.clone();
+        let queue = queue.clone();
         tokio::spawn(async move {
             let _permit = permit;
             loop {
@@ -516,15 +574,11 @@ async fn pump(
                 };
                 match session.publish(message.clone()).await {
                     Ok(()) => {
-                        pending.fetch_sub(1, Ordering::Relaxed);
-                        status.update(|s| {
-                            s.published += 1;
-                            s.queue_depth = pending.load(Ordering::Relaxed);
-                        });
+                        queue.ack(seq);
                         return;
                     }
                     Err(PublishError::TooLarge { size, limit }) => {
-                        pending.fetch_sub(1, Ordering::Relaxed);
+                        queue.ack(seq);
                         tracing::error!(message_id = %message.message_id, size, limit, "message dropped: larger than the hub accepts");
                         return;
                     }
@@ -609,7 +663,11 @@ async fn report_changes(
             }
         }
     }
-    match session.report(Value::Object(wire)).await {
+    // Bounded: a hub that does not answer must not hold up the daemon (and its SIGTERM handling).
+    let answer = tokio::time::timeout(Duration::from_secs(15), session.report(Value::Object(wire)))
+        .await
+        .unwrap_or(Err(crate::hub::TwinError::Disconnected));
+    match answer {
         Ok(version) => {
             tracing::debug!(version, "reported properties updated");
             twin.reported_sent.extend(patch);
@@ -635,12 +693,7 @@ struct PluginEntry {
 }
 
 impl Plugins {
-    fn start(
-        config: &Config,
-        twin: &TwinCache,
-        messages: mpsc::Sender<TelemetryMessage>,
-        pending: Arc<AtomicU64>,
-    ) -> Self {
+    fn start(config: &Config, twin: &TwinCache, publisher: DurablePublisher) -> Self {
         let mut entries = BTreeMap::new();
         for table in &config.plugin {
             let name = table
@@ -671,19 +724,7 @@ impl Plugins {
                 {
                     Ok(settings) => {
                         let (tx, rx) = watch::channel(settings);
-                        let (counted_tx, mut counted_rx) = mpsc::channel::<TelemetryMessage>(16);
-                        tokio::spawn(sensor::run(name.clone(), rx, counted_tx));
-                        // Count what enters the pipeline (queue depth in `hubagent status`).
-                        let messages = messages.clone();
-                        let pending = pending.clone();
-                        tokio::spawn(async move {
-                            while let Some(m) = counted_rx.recv().await {
-                                pending.fetch_add(1, Ordering::Relaxed);
-                                if messages.send(m).await.is_err() {
-                                    return;
-                                }
-                            }
-                        });
+                        tokio::spawn(sensor::run(name.clone(), rx, publisher.clone()));
                         entry.settings = Some(tx);
                         entry.state = "running".into();
                         entry.applied_version = twin.desired_version;
@@ -777,6 +818,7 @@ fn merged_settings(base: &Map<String, Value>, twin: &TwinCache, name: &str) -> M
 /// Answers the control socket.
 struct ControlHandler {
     status: Arc<Status>,
+    queue: Arc<Queue>,
     commands: mpsc::UnboundedSender<Command>,
     config_path: PathBuf,
 }
@@ -785,6 +827,12 @@ impl control::Handler for ControlHandler {
     fn handle(&self, request: Request) -> Result<Value, String> {
         match request {
             Request::Status => {
+                let stats = self.queue.stats();
+                self.status.update(|s| {
+                    s.queue_depth = stats.depth;
+                    s.published = stats.delivered;
+                    s.queue = Some(stats);
+                });
                 serde_json::to_value(self.status.snapshot()).map_err(|e| e.to_string())
             }
             Request::Reprovision => {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::hub::TelemetryMessage;
 
@@ -43,11 +43,11 @@ impl SensorSettings {
     }
 }
 
-/// Produces readings until `messages` closes. `settings` changes take effect at the next reading.
+/// Produces readings until its settings channel closes. `settings` changes take effect at the next reading.
 pub async fn run(
     name: String,
     mut settings: watch::Receiver<SensorSettings>,
-    messages: mpsc::Sender<TelemetryMessage>,
+    publisher: super::DurablePublisher,
 ) {
     let mut n: u64 = 0;
     loop {
@@ -77,9 +77,7 @@ pub async fn run(
             creation_time: Some(crate::daemon::now_rfc3339()),
             properties: vec![("source".into(), name.clone())],
         };
-        if messages.send(message).await.is_err() {
-            return;
-        }
+        publisher.publish(message).await;
     }
 }
 

@@ -49,6 +49,7 @@ pub struct Snapshot {
     pub fingerprint: Option<String>,
     /// Per plugin: kind, status, applied desired version, error.
     pub plugins: serde_json::Value,
+    pub queue: Option<crate::queue::QueueStats>,
 }
 
 /// The shared, lock-protected snapshot.
