@@ -164,6 +164,27 @@ pub fn leaf_common_name(der: &[u8]) -> Result<String, AuthError> {
         .ok_or_else(|| AuthError::Certificate("the certificate has no subject CN".into()))
 }
 
+/// `X509CertificateInfo` as DPS reports it in `registrationState.x509` and enrollments:
+/// subject and issuer as `CN=…` strings, upper-case hex thumbprints and serial, RFC 3339 dates.
+pub fn certificate_info(der: &[u8]) -> Result<serde_json::Value, AuthError> {
+    let cert = parse_cert(der)?;
+    let rfc3339 = |t: x509_parser::time::ASN1Time| {
+        t.to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    Ok(serde_json::json!({
+        "subjectName": cert.subject().to_string(),
+        "sha1Thumbprint": sha1_thumbprint(der),
+        "sha256Thumbprint": sha256_thumbprint(der),
+        "issuerName": cert.issuer().to_string(),
+        "notBeforeUtc": rfc3339(cert.validity().not_before),
+        "notAfterUtc": rfc3339(cert.validity().not_after),
+        "serialNumber": hex_upper(cert.raw_serial()),
+        "version": cert.version().0 + 1,
+    }))
+}
+
 /// Checks that `chain` (leaf first, DER; intermediates optional) leads to one of `trusted_ca_der`
 /// (a root or an intermediate the enrollment names): signatures, validity dates, CA flags.
 pub fn verify_chain(

@@ -472,6 +472,8 @@ fn throttling_answers_429_with_retry_after_then_lets_the_device_through() {
         assert_eq!(answer.body["errorCode"], 429001);
     }
     assert!(sim.faults.lock().unwrap().dps_throttle.is_none());
+    // A count of zero throttles nothing.
+    sim.faults.lock().unwrap().dps_throttle = Some((0, 7));
     let done = provision(&sim, "dev-06", &cred);
     assert_eq!(done["status"], "assigned");
     assert_eq!(outcomes(&sim), ["throttled", "throttled", "assigned"]);
@@ -549,7 +551,13 @@ fn x509_individual_enrollment_matches_the_enrolled_certificate() {
 
     let done = provision(&sim, "dev-x509", &cred);
     assert_eq!(done["registrationState"]["deviceId"], "dev-x509");
-    assert!(done["registrationState"]["x509"].is_object());
+    let info = &done["registrationState"]["x509"]["certificateInfo"];
+    assert_eq!(info["subjectName"], "CN=dev-x509");
+    assert_eq!(info["issuerName"], "CN=dev-x509");
+    assert_eq!(info["sha1Thumbprint"], dev.sha1_thumbprint.as_str());
+    assert_eq!(info["sha256Thumbprint"], dev.sha256_thumbprint.as_str());
+    assert_eq!(info["version"], 3);
+    assert!(info["notAfterUtc"].as_str().unwrap() > info["notBeforeUtc"].as_str().unwrap());
     let device = sim
         .read(|s| {
             s.devices
@@ -655,6 +663,22 @@ fn x509_group_admits_certificates_chaining_to_its_ca() {
     let state = &done["registrationState"];
     assert_eq!(state["deviceId"], "cam-042");
     assert_eq!(state["x509"]["enrollmentGroupId"], "cameras");
+    assert_eq!(
+        state["x509"]["certificateInfo"]["subjectName"],
+        "CN=cam-042"
+    );
+    assert_eq!(
+        state["x509"]["certificateInfo"]["issuerName"],
+        "CN=Fleet Issuing"
+    );
+    assert_eq!(
+        state["x509"]["signingCertificateInfo"]["sha1Thumbprint"],
+        root.sha1_thumbprint.as_str()
+    );
+    assert_eq!(
+        state["x509"]["signingCertificateInfo"]["subjectName"],
+        "CN=Fleet Root"
+    );
     let device = sim
         .read(|s| {
             s.devices
@@ -895,4 +919,8 @@ fn hub_connect_refuses_unknown_disabled_and_policy_tokens() {
     let err = authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).unwrap_err();
     assert!(err.contains("disabled"), "{err}");
     assert!(!err.contains(&keys.primary_key));
+    // Provisioning again does not re-enable what the operator disabled in the hub.
+    let again = provision(&sim, "dev-09", &dps_sas(&keys.primary_key, "dev-09"));
+    assert_eq!(again["status"], "assigned");
+    assert!(authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).is_err());
 }
