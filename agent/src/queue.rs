@@ -226,8 +226,7 @@ impl Queue {
             let mut last_seq = first_seq;
             let mut live = false;
             while offset + HEADER <= bytes.len() {
-                let len =
-                    u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+                let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
                 let crc = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap());
                 let seq = u64::from_le_bytes(bytes[offset + 8..offset + 16].try_into().unwrap());
                 let enqueued_ms =
@@ -375,10 +374,7 @@ impl Queue {
                 Ok(message) => out.push((entry.seq, message)),
                 Err(e) => {
                     // Unreadable now (the file went away or changed): count it and move on.
-                    tracing::error!(
-                        "queued message {} is unreadable and dropped: {e}",
-                        entry.seq
-                    );
+                    tracing::error!("queued message {} is unreadable and dropped: {e}", entry.seq);
                     q.stats.dropped_corrupt += 1;
                     q.mark_acked(entry.seq);
                 }
@@ -445,9 +441,7 @@ impl Queue {
 impl Inner {
     fn append(&mut self, seq: u64, record: &[u8]) -> Result<(u64, u64), QueueError> {
         let roll = match (&self.writer, self.segments.back()) {
-            (Some((id, _)), Some(last)) => {
-                last.first_seq != *id || last.bytes >= self.settings.segment_bytes
-            }
+            (Some((id, _)), Some(last)) => last.first_seq != *id || last.bytes >= self.settings.segment_bytes,
             _ => true,
         };
         if roll {
@@ -530,13 +524,8 @@ impl Inner {
 
     fn delete_finished_segments(&mut self) {
         while let Some(first) = self.segments.front() {
-            let is_writer = self
-                .writer
-                .as_ref()
-                .is_some_and(|(id, _)| *id == first.first_seq);
-            if first.last_seq > self.acked
-                || (is_writer && self.segments.len() == 1 && !self.entries.is_empty())
-            {
+            let is_writer = self.writer.as_ref().is_some_and(|(id, _)| *id == first.first_seq);
+            if first.last_seq > self.acked || (is_writer && self.segments.len() == 1 && !self.entries.is_empty()) {
                 break;
             }
             if is_writer {
@@ -568,11 +557,7 @@ impl Inner {
         self.update_depth();
         let before = self.segments.len();
         // The writer segment may be the oldest: close it so the next push starts a fresh one.
-        if self
-            .writer
-            .as_ref()
-            .is_some_and(|(id, _)| Some(*id) == self.segments.front().map(|s| s.first_seq))
-        {
+        if self.writer.as_ref().is_some_and(|(id, _)| Some(*id) == self.segments.front().map(|s| s.first_seq)) {
             self.writer = None;
         }
         let done = self.segments.pop_front().expect("checked");
@@ -668,10 +653,7 @@ mod tests {
             q.push(&msg(i)).unwrap();
         }
         let batch = q.take_batch(20);
-        assert_eq!(
-            ids(&batch),
-            (0..20).map(|i| format!("m-{i}")).collect::<Vec<_>>()
-        );
+        assert_eq!(ids(&batch), (0..20).map(|i| format!("m-{i}")).collect::<Vec<_>>());
         // Out of order acks: 1..20 acked except 5.
         for (seq, _) in &batch {
             if *seq != 6 {
@@ -691,34 +673,15 @@ mod tests {
             q.ack(*seq);
         }
         assert_eq!(q.stats().depth, 0);
-        let segments = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "seg")
-            })
-            .count();
-        assert!(
-            segments <= 1,
-            "acknowledged segments are deleted ({segments} left)"
-        );
+        let segments = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg")).count();
+        assert!(segments <= 1, "acknowledged segments are deleted ({segments} left)");
     }
 
     #[test]
     fn a_crash_without_close_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (q, _) = Queue::open(
-                dir.path(),
-                QueueSettings {
-                    fsync: FsyncPolicy::Never,
-                    ..small()
-                },
-            )
-            .unwrap();
+            let (q, _) = Queue::open(dir.path(), QueueSettings { fsync: FsyncPolicy::Never, ..small() }).unwrap();
             for i in 0..30 {
                 q.push(&msg(i)).unwrap();
             }
@@ -739,24 +702,13 @@ mod tests {
     fn torn_tails_and_flipped_bytes_are_skipped_with_warnings() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (q, _) = Queue::open(
-                dir.path(),
-                QueueSettings {
-                    segment_bytes: 1 << 20,
-                    ..small()
-                },
-            )
-            .unwrap();
+            let (q, _) = Queue::open(dir.path(), QueueSettings { segment_bytes: 1 << 20, ..small() }).unwrap();
             for i in 0..10 {
                 q.push(&msg(i)).unwrap();
             }
             q.close();
         }
-        let seg = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|x| x == "seg"))
-            .unwrap();
+        let seg = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "seg")).unwrap();
         let mut bytes = std::fs::read(&seg).unwrap();
         // Flip a payload byte of the 3rd record and cut the last record in half.
         let record = bytes.len() / 10;
@@ -765,11 +717,7 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(
-            warnings
-                .iter()
-                .any(|w| w.contains("checksum") && w.contains(".seg"))
-        );
+        assert!(warnings.iter().any(|w| w.contains("checksum") && w.contains(".seg")));
         assert!(warnings.iter().any(|w| w.contains("cut short")));
         let left = ids(&q.take_batch(100));
         assert_eq!(left.len(), 8);
@@ -783,11 +731,7 @@ mod tests {
     #[test]
     fn full_policies() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = QueueSettings {
-            max_bytes: 4096,
-            full_policy: FullPolicy::RejectNew,
-            ..small()
-        };
+        let settings = QueueSettings { max_bytes: 4096, full_policy: FullPolicy::RejectNew, ..small() };
         let (q, _) = Queue::open(dir.path(), settings).unwrap();
         let mut accepted = 0;
         let err = loop {
@@ -800,11 +744,7 @@ mod tests {
         assert!(accepted > 10);
 
         let dir = tempfile::tempdir().unwrap();
-        let settings = QueueSettings {
-            max_bytes: 4096,
-            full_policy: FullPolicy::DropOldest,
-            ..small()
-        };
+        let settings = QueueSettings { max_bytes: 4096, full_policy: FullPolicy::DropOldest, ..small() };
         let (q, _) = Queue::open(dir.path(), settings).unwrap();
         for i in 0..500 {
             q.push(&msg(i)).unwrap();
@@ -820,14 +760,7 @@ mod tests {
     #[test]
     fn expired_messages_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let (q, _) = Queue::open(
-            dir.path(),
-            QueueSettings {
-                max_age: Duration::ZERO,
-                ..small()
-            },
-        )
-        .unwrap();
+        let (q, _) = Queue::open(dir.path(), QueueSettings { max_age: Duration::ZERO, ..small() }).unwrap();
         q.push(&msg(1)).unwrap();
         // max_age zero: anything enqueued before now is too old at the next check.
         std::thread::sleep(Duration::from_millis(2));
@@ -848,19 +781,13 @@ mod tests {
         q.ack(batch[3].0);
         q.requeue_unacked();
         let again = ids(&q.take_batch(10));
-        assert_eq!(
-            again,
-            ["m-1", "m-2", "m-4", "m-5", "m-6", "m-7", "m-8", "m-9"]
-        );
+        assert_eq!(again, ["m-1", "m-2", "m-4", "m-5", "m-6", "m-7", "m-8", "m-9"]);
     }
 
     #[test]
     fn random_operations_match_a_model() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = QueueSettings {
-            segment_bytes: 2048,
-            ..small()
-        };
+        let settings = QueueSettings { segment_bytes: 2048, ..small() };
         let (mut q, _) = Queue::open(dir.path(), settings.clone()).unwrap();
         let mut model: std::collections::BTreeMap<u64, String> = Default::default();
         let mut handed: Vec<u64> = vec![];
@@ -896,11 +823,7 @@ mod tests {
             assert_eq!(q.stats().depth, model.len() as u64, "step {step} op {op}");
         }
         q.requeue_unacked();
-        let all: Vec<String> = q
-            .take_batch(usize::MAX)
-            .into_iter()
-            .map(|(_, m)| m.message_id)
-            .collect();
+        let all: Vec<String> = q.take_batch(usize::MAX).into_iter().map(|(_, m)| m.message_id).collect();
         assert_eq!(all, model.values().cloned().collect::<Vec<_>>());
     }
 }
