@@ -164,6 +164,27 @@ pub fn leaf_common_name(der: &[u8]) -> Result<String, AuthError> {
         .ok_or_else(|| AuthError::Certificate("the certificate has no subject CN".into()))
 }
 
+/// `X509CertificateInfo` as DPS reports it in `registrationState.x509` and enrollments:
+/// subject and issuer as `CN=…` strings, upper-case hex thumbprints and serial, RFC 3339 dates.
+pub fn certificate_info(der: &[u8]) -> Result<serde_json::Value, AuthError> {
+    let cert = parse_cert(der)?;
+    let rfc3339 = |t: x509_parser::time::ASN1Time| {
+        t.to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    Ok(serde_json::json!({
+        "subjectName": cert.subject().to_string(),
+        "sha1Thumbprint": sha1_thumbprint(der),
+        "sha256Thumbprint": sha256_thumbprint(der),
+        "issuerName": cert.issuer().to_string(),
+        "notBeforeUtc": rfc3339(cert.validity().not_before),
+        "notAfterUtc": rfc3339(cert.validity().not_after),
+        "serialNumber": hex_upper(cert.raw_serial()),
+        "version": cert.version().0 + 1,
+    }))
+}
+
 /// Checks that `chain` (leaf first, DER; intermediates optional) leads to one of `trusted_ca_der`
 /// (a root or an intermediate the enrollment names): signatures, validity dates, CA flags.
 pub fn verify_chain(
@@ -191,6 +212,14 @@ pub fn verify_chain(
             if ca.subject() == current.issuer()
                 && current.verify_signature(Some(ca.public_key())).is_ok()
             {
+                // An enrolled certificate without the CA flag must not vouch for others (a device
+                // certificate uploaded as a "signing certificate" would otherwise sign itself in).
+                if !ca.is_ca() {
+                    return Err(AuthError::Certificate(format!(
+                        "enrolled certificate '{}' is not a CA",
+                        ca.subject()
+                    )));
+                }
                 check_validity(ca, now)?;
                 return Ok(());
             }
@@ -252,12 +281,21 @@ pub fn authenticate_hub_device(
     let key = crate::state::Store::device_key(hub, device_id);
     let (device, ca_certs) = sim.read(|s| {
         let device = s.devices.get(&key).cloned();
-        let ca = device
-            .as_ref()
-            .and_then(|d| d.ca_group.as_ref())
-            .and_then(|g| s.groups.get(g))
-            .map(|g| crate::dps::signing_certificates(&g.common))
-            .unwrap_or_default();
+        // A device provisioned through an X.509 group chains to that group's CA; one created
+        // through the service API (no group) may chain to any enrolled group CA, as a hub trusts
+        // every CA certificate uploaded to it.
+        let ca = match device.as_ref().map(|d| d.ca_group.as_ref()) {
+            Some(Some(group)) => s
+                .groups
+                .get(group)
+                .map(|g| crate::dps::signing_certificates(&g.common))
+                .unwrap_or_default(),
+            _ => s
+                .groups
+                .values()
+                .flat_map(|g| crate::dps::signing_certificates(&g.common))
+                .collect(),
+        };
         (device, ca)
     });
     let device = device.ok_or_else(|| format!("device '{device_id}' does not exist in {hub}"))?;
@@ -437,5 +475,182 @@ mod tests {
             .unwrap(),
             "6uejA9PfkQgmYylj8Zerp3kcbeVrGZ172YLa7VSnJzg="
         );
+    }
+
+    #[test]
+    fn sdk_vectors_of_the_protocol_reference_verify() {
+        // (token, key, resource the service expects)
+        let derived = derive_device_key(
+            "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==",
+            "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
+        )
+        .unwrap();
+        let cases = [
+            (
+                "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device&sig=dIMMdDDBGFR8eqAfYkiMxoOphaFMPtMgj7Wg%2FYB1AvU%3D&se=1578941692".to_string(),
+                K1.to_string(),
+                "MyIotHub.azure-devices.net/devices/my_device",
+            ),
+            (
+                "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device%2Fmodules%2Fmy_module&sig=iAQRxkGTvQpFKsLRYZsj0xf8UcgKBbNZhWDb5pCSK9o%3D&se=1578941692".to_string(),
+                K1.to_string(),
+                "myiothub.azure-devices.net/devices/my_device/modules/my_module",
+            ),
+            (
+                "SharedAccessSignature sr=0ne00111111%2Fregistrations%2Fsn-007-888-abc-mac-a1-b2-c3-d4-e5-f6&sig=2srIk05%2FHc3kiyY2AcAwJosiRYk6C6jOscAYhKLO2L8%3D&se=1700000000".to_string(),
+                derived,
+                "0ne00111111/registrations/sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
+            ),
+            (
+                // Node's order (skn before se) with an encoded policy name.
+                "SharedAccessSignature sr=uri&sig=kcWxXAK2OAaAoq2oCkaGzX2NMqDB8nCyNuq2fPYCDhk%3D&skn=encode%28%27Me%27%29&se=12345".to_string(),
+                "cGFzc3dvcmQ=".to_string(),
+                "uri",
+            ),
+            (
+                // The signature not percent-encoded at all ('+', '/' and '=' raw).
+                "SharedAccessSignature sr=0neFEEDC0DE%2Fregistrations%2FmyRegistrationId&sig=/t1VzEUrQ62f+J+7chJSaFx3rh6pGwFWik1rI4kqc7E=&se=1578941692&skn=registration".to_string(),
+                K1.to_string(),
+                "0neFEEDC0DE/registrations/myRegistrationId",
+            ),
+        ];
+        for (token, key, resource) in cases {
+            let parsed = parse_sas(&token).unwrap();
+            verify_sas(&parsed, &key, resource, 0).unwrap_or_else(|e| panic!("{token}: {e}"));
+        }
+        let node = parse_sas("SharedAccessSignature sr=uri&sig=kcWxXAK2OAaAoq2oCkaGzX2NMqDB8nCyNuq2fPYCDhk%3D&skn=encode%28%27Me%27%29&se=12345").unwrap();
+        assert_eq!(node.key_name.as_deref(), Some("encode('Me')"));
+        assert_eq!(node.expiry, 12345);
+        // The module token does not cover the parent device, nor a sibling device.
+        let module = parse_sas(
+            "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device%2Fmodules%2Fmy_module&sig=iAQRxkGTvQpFKsLRYZsj0xf8UcgKBbNZhWDb5pCSK9o%3D&se=1578941692"
+        )
+        .unwrap();
+        assert!(matches!(
+            verify_sas(
+                &module,
+                K1,
+                "myiothub.azure-devices.net/devices/my_device",
+                0
+            ),
+            Err(AuthError::WrongResource { .. })
+        ));
+        // A device token covers paths below the device, by whole segments only.
+        let device = parse_sas("SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device&sig=dIMMdDDBGFR8eqAfYkiMxoOphaFMPtMgj7Wg%2FYB1AvU%3D&se=1578941692").unwrap();
+        verify_sas(
+            &device,
+            K1,
+            "myiothub.azure-devices.net/devices/my_device/modules/m",
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            verify_sas(
+                &device,
+                K1,
+                "myiothub.azure-devices.net/devices/my_device2",
+                0
+            ),
+            Err(AuthError::WrongResource { .. })
+        ));
+    }
+
+    #[test]
+    fn lower_cased_unencoded_resource_verifies_against_the_mixed_case_one() {
+        // aziot-identity-service style: the whole URI lower-cased, '/' not encoded.
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &B64.decode(K1).unwrap());
+        let sr = "0nefeedc0de/registrations/myregistrationid";
+        let sig = B64.encode(hmac::sign(&key, format!("{sr}\n1578941692").as_bytes()).as_ref());
+        let sig: String =
+            percent_encoding::utf8_percent_encode(&sig, percent_encoding::NON_ALPHANUMERIC)
+                .collect::<String>()
+                .replace("%2B", "%2b")
+                .replace("%2F", "%2f")
+                .replace("%3D", "%3d");
+        let token = parse_sas(&format!(
+            "SharedAccessSignature sr={sr}&sig={sig}&se=1578941692&skn=registration"
+        ))
+        .unwrap();
+        verify_sas(&token, K1, "0neFEEDC0DE/registrations/myRegistrationId", 0).unwrap();
+        // Wrong key: the signature check fails before anything else is said.
+        assert_eq!(
+            verify_sas(
+                &token,
+                "cGFzc3dvcmQ=",
+                "0neFEEDC0DE/registrations/myRegistrationId",
+                0
+            ),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn thumbprints_are_upper_case_hex_of_the_der() {
+        assert_eq!(
+            sha1_thumbprint(b"abc"),
+            "A9993E364706816ABA3E25717850C26C9CD0D89D"
+        );
+        assert_eq!(
+            sha256_thumbprint(b"abc"),
+            "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"
+        );
+    }
+
+    /// Reads the certificates of a `hubsim certs` output, leaf first.
+    fn chain_of(cert: &crate::pki::IssuedCert) -> Vec<Vec<u8>> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert_path)
+            .unwrap()
+            .map(|c| c.unwrap().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn chains_are_refused_for_dates_non_ca_issuers_and_strangers() {
+        use crate::pki::{CertKind, issue};
+        let dir = tempfile::tempdir().unwrap();
+        let d = |name: &str| dir.path().join(name);
+        let root = chain_of(&issue(CertKind::Root, "Root A", &d("root"), None).unwrap());
+        let inter = chain_of(
+            &issue(
+                CertKind::Intermediate,
+                "Inter A",
+                &d("inter"),
+                Some(&d("root")),
+            )
+            .unwrap(),
+        );
+        let dev =
+            chain_of(&issue(CertKind::Device, "dev-1", &d("dev"), Some(&d("inter"))).unwrap());
+        let now = unix_now();
+        // Intermediates may be sent or omitted; the trusted CA may be root or intermediate.
+        verify_chain(&dev, std::slice::from_ref(&root[0]), now).unwrap();
+        verify_chain(&dev[..2], std::slice::from_ref(&root[0]), now).unwrap();
+        verify_chain(&dev[..1], std::slice::from_ref(&inter[0]), now).unwrap();
+        // Without the intermediate the root cannot be reached.
+        let err = verify_chain(&dev[..1], std::slice::from_ref(&root[0]), now).unwrap_err();
+        assert!(err.to_string().contains("does not chain"), "{err}");
+        // Twenty years on, nothing is valid any more.
+        let err =
+            verify_chain(&dev, std::slice::from_ref(&root[0]), now + 20 * 365 * 86400).unwrap_err();
+        assert!(err.to_string().contains("not valid now"), "{err}");
+        // A root with the same name but another key does not verify the signatures.
+        let other = chain_of(&issue(CertKind::Root, "Root A", &d("other"), None).unwrap());
+        assert!(verify_chain(&dev, std::slice::from_ref(&other[0]), now).is_err());
+        // Out of order.
+        let swapped = vec![dev[0].clone(), dev[2].clone(), dev[1].clone()];
+        let err = verify_chain(&swapped, std::slice::from_ref(&root[0]), now).unwrap_err();
+        assert!(err.to_string().contains("out of order"), "{err}");
+        assert!(verify_chain(&[], std::slice::from_ref(&root[0]), now).is_err());
+        // A device certificate cannot act as a CA, presented or enrolled.
+        let fake_ca = chain_of(&issue(CertKind::Device, "not-a-ca", &d("fake"), None).unwrap());
+        let under =
+            chain_of(&issue(CertKind::Device, "dev-2", &d("under"), Some(&d("fake"))).unwrap());
+        let err = verify_chain(&under[..1], std::slice::from_ref(&fake_ca[0]), now).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+        let err = verify_chain(&fake_ca, std::slice::from_ref(&fake_ca[0]), now).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+        assert_eq!(leaf_common_name(&under[0]).unwrap(), "dev-2");
+        assert!(leaf_common_name(b"junk").is_err());
     }
 }

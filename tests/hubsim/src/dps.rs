@@ -51,6 +51,9 @@ struct Matched {
     authentication: DeviceAuthentication,
     /// "symmetricKey" or "x509" (registration history).
     attestation: &'static str,
+    /// For X.509: `registrationState.x509` (certificateInfo, and for groups enrollmentGroupId and
+    /// signingCertificateInfo).
+    x509_state: Option<Value>,
 }
 
 /// Checks a CONNECT to DPS: the registration id in the username must match the credential
@@ -140,6 +143,7 @@ fn match_enrollment(
                         .unwrap_or_else(|| registration_id.into()),
                     authentication: sas_authentication(symmetric_key.clone()),
                     attestation: "symmetricKey",
+                    x509_state: None,
                 });
             }
             for group in groups.values() {
@@ -160,6 +164,7 @@ fn match_enrollment(
                             device_id: registration_id.to_string(),
                             authentication: sas_authentication(derived),
                             attestation: "symmetricKey",
+                            x509_state: None,
                         });
                     }
                     Err(AuthError::BadSignature) => continue,
@@ -173,6 +178,7 @@ fn match_enrollment(
         DeviceCredential::X509(chain) => {
             let leaf = chain.first().ok_or("no client certificate")?;
             let cn = auth::leaf_common_name(leaf).map_err(|e| e.to_string())?;
+            let leaf_info = auth::certificate_info(leaf).map_err(|e| e.to_string())?;
             if !cn.eq_ignore_ascii_case(registration_id) {
                 return Err(format!(
                     "certificate CN '{cn}' differs from the registration id '{registration_id}'"
@@ -205,6 +211,7 @@ fn match_enrollment(
                         }),
                     },
                     attestation: "x509",
+                    x509_state: Some(json!({"certificateInfo": leaf_info})),
                 });
             }
             let mut last_error = format!("no enrollment group's CA issued '{cn}'");
@@ -215,6 +222,10 @@ fn match_enrollment(
                 }
                 match auth::verify_chain(chain, &cas, now) {
                     Ok(()) => {
+                        let signing_info = cas
+                            .first()
+                            .and_then(|ca| auth::certificate_info(ca).ok())
+                            .unwrap_or(Value::Null);
                         return Ok(Matched {
                             common: group.common.clone(),
                             group: Some(group.enrollment_group_id.clone()),
@@ -225,6 +236,11 @@ fn match_enrollment(
                                 x509_thumbprint: None,
                             },
                             attestation: "x509",
+                            x509_state: Some(json!({
+                                "certificateInfo": leaf_info,
+                                "enrollmentGroupId": group.enrollment_group_id,
+                                "signingCertificateInfo": signing_info,
+                            })),
                         });
                     }
                     Err(e) => last_error = e.to_string(),
@@ -360,8 +376,9 @@ pub fn register(
 fn take_throttle(sim: &Sim) -> Option<u64> {
     let mut faults = sim.faults.lock().unwrap();
     let (remaining, retry_after) = faults.dps_throttle?;
-    faults.dps_throttle = (remaining > 1).then_some((remaining - 1, retry_after));
-    Some(retry_after)
+    faults.dps_throttle = (remaining > 1).then(|| (remaining - 1, retry_after));
+    // A count of 0 means "no throttling" (nothing left to answer with 429).
+    (remaining > 0).then_some(retry_after)
 }
 
 fn accepted(sim: &Sim, operation_id: &str, registration_id: &str, result: Value) -> DpsResponse {
@@ -473,13 +490,19 @@ fn assign(
             },
         };
         let etag = format!("\"{}\"", uuid::Uuid::new_v4());
+        // DPS does not re-enable a device an operator disabled in its hub: it provisions, but the
+        // hub keeps refusing it.
+        let status = store
+            .devices
+            .get(&new_key)
+            .map_or(Status::Enabled, |d| d.status);
         store.devices.insert(
             new_key,
             Device {
                 device_id: matched.device_id.clone(),
                 hub: hub.clone(),
                 authentication: matched.authentication.clone(),
-                status: Status::Enabled,
+                status,
                 generation_id: generation,
                 etag: etag.clone(),
                 twin,
@@ -503,15 +526,10 @@ fn assign(
             "lastUpdatedDateTimeUtc": now,
             "etag": base64_etag(&etag),
         });
-        if let Some(group) = &matched.group {
-            let section = if matched.attestation == "x509" {
-                "x509"
-            } else {
-                "symmetricKey"
-            };
-            state[section] = json!({"enrollmentGroupId": group});
-        } else if matched.attestation == "x509" {
-            state["x509"] = json!({});
+        if let Some(x509) = &matched.x509_state {
+            state["x509"] = x509.clone();
+        } else if let Some(group) = &matched.group {
+            state["symmetricKey"] = json!({"enrollmentGroupId": group});
         }
         if let Some(payload) = payload {
             state["payload"] = payload;

@@ -332,6 +332,27 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let ca_key_mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(ca_key_mode & 0o777, 0o600);
+        let ca_der = CertificateDer::from_pem_slice(first.ca_pem.as_bytes()).unwrap();
+        assert_eq!(
+            crate::auth::leaf_common_name(&ca_der).unwrap(),
+            "hubsim Development Root CA"
+        );
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        assert!(ca.is_ca());
+        let years = (ca.validity().not_after.timestamp() - ca.validity().not_before.timestamp())
+            / (365 * 86400);
+        assert!(years >= 10, "CA valid for {years} years");
+        // server.pem is the chain: leaf then the CA.
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(first.server_cert_pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1], ca_der);
         let more =
             load_or_create(dir.path(), &["hub.example.net".into(), "10.0.0.7".into()]).unwrap();
         assert_ne!(first.server_cert_pem, more.server_cert_pem);
@@ -401,5 +422,156 @@ mod tests {
             crate::auth::sha256_thumbprint(&lone_der)
         );
         assert!(issue(CertKind::Intermediate, "x", &dir.path().join("bad"), None).is_err());
+    }
+
+    /// Handshakes a client against `server` over an in-memory pipe; returns what the server saw
+    /// (negotiated version, client certificates), or each side's error.
+    async fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        client: rustls::ClientConfig,
+    ) -> Result<(rustls::ProtocolVersion, Option<Vec<Vec<u8>>>), (Option<String>, Option<String>)>
+    {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        match tokio::join!(acceptor.accept(a), connector.connect(name, b)) {
+            (Ok(server_side), Ok(_client_side)) => {
+                let (_, conn) = server_side.get_ref();
+                Ok((
+                    conn.protocol_version().unwrap(),
+                    conn.peer_certificates()
+                        .map(|c| c.iter().map(|d| d.to_vec()).collect()),
+                ))
+            }
+            (server, client) => Err((
+                server.err().map(|e| e.to_string()),
+                client.err().map(|e| e.to_string()),
+            )),
+        }
+    }
+
+    fn client_builder(
+        ca_pem: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+    }
+
+    #[tokio::test]
+    async fn server_config_serves_tls12_and_tls13_with_optional_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = load_or_create(dir.path(), &["sim-hub.example.net".into()]).unwrap();
+        let server = server_tls_config(&pki).unwrap();
+        let all = [&rustls::version::TLS13, &rustls::version::TLS12];
+
+        // A SAS device: no client certificate, both protocol versions.
+        let (version, certs) = handshake(
+            server.clone(),
+            client_builder(&pki.ca_pem, &all).with_no_client_auth(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(version, rustls::ProtocolVersion::TLSv1_3);
+        assert!(certs.is_none());
+        // Azure's Python SDK pins TLS 1.2.
+        let (version, _) = handshake(
+            server.clone(),
+            client_builder(&pki.ca_pem, &[&rustls::version::TLS12]).with_no_client_auth(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
+
+        // An X.509 device: its chain reaches the server, which did not judge it (auth does).
+        let root = issue(CertKind::Root, "some root", &dir.path().join("r"), None).unwrap();
+        let dev = issue(
+            CertKind::Device,
+            "dev-x509",
+            &dir.path().join("d"),
+            Some(&dir.path().join("r")),
+        )
+        .unwrap();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&dev.cert_path)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&dev.key_path).unwrap();
+        for versions in [&all[..1], &all[1..]] {
+            let client = client_builder(&pki.ca_pem, versions)
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .unwrap();
+            let (_, certs) = handshake(server.clone(), client).await.unwrap();
+            let certs = certs.expect("the client certificate reaches the server");
+            assert_eq!(certs.len(), 2);
+            assert_eq!(
+                crate::auth::sha256_thumbprint(&certs[0]),
+                dev.sha256_thumbprint
+            );
+            assert_eq!(
+                crate::auth::leaf_common_name(&certs[0]).unwrap(),
+                "dev-x509"
+            );
+        }
+        assert!(root.cert_path.exists());
+
+        // A client proving a key other than its certificate's fails the handshake signature check.
+        let other = issue(CertKind::Device, "other", &dir.path().join("o"), None).unwrap();
+        let wrong_key = PrivateKeyDer::from_pem_file(&other.key_path).unwrap();
+        let signer = rustls::crypto::ring::sign::any_supported_type(&wrong_key).unwrap();
+        let resolver = Arc::new(FixedClientCert(Arc::new(rustls::sign::CertifiedKey::new(
+            chain.clone(),
+            signer,
+        ))));
+        for versions in [&all[..1], &all[1..]] {
+            let client =
+                client_builder(&pki.ca_pem, versions).with_client_cert_resolver(resolver.clone());
+            let (server_err, _) = handshake(server.clone(), client).await.unwrap_err();
+            let server_err = server_err.expect("the server refuses");
+            assert!(server_err.contains("ignature"), "{server_err}");
+        }
+
+        // A client that trusts another CA refuses the server.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_pki = load_or_create(other_dir.path(), &[]).unwrap();
+        let err = handshake(
+            server,
+            client_builder(&other_pki.ca_pem, &all).with_no_client_auth(),
+        )
+        .await
+        .unwrap_err();
+        let client_err = err.1.expect("the client refuses");
+        assert!(
+            client_err.contains("invalid peer certificate"),
+            "{client_err}"
+        );
+    }
+
+    /// Presents a fixed certificate and key whatever the server asks (to test a mismatched key,
+    /// which `with_client_auth_cert` would refuse to build).
+    #[derive(Debug)]
+    struct FixedClientCert(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::client::ResolvesClientCert for FixedClientCert {
+        fn resolve(
+            &self,
+            _root_hint_subjects: &[&[u8]],
+            _sigschemes: &[rustls::SignatureScheme],
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+
+        fn has_certs(&self) -> bool {
+            true
+        }
     }
 }

@@ -1,0 +1,926 @@
+//! DPS logic without a transport: enrollment matching, allocation, the hub device it creates, the
+//! JSON the real service answers with, and the IoT Hub CONNECT check on the result.
+
+mod common;
+
+use common::{in_an_hour, sas_token};
+use hubsim::Sim;
+use hubsim::auth::authenticate_hub_device;
+use hubsim::dps::{self, DeviceCredential, DpsResponse};
+use hubsim::pki::{CertKind, IssuedCert, issue};
+use hubsim::state::{
+    AllocationPolicy, Attestation, CertificatePair, CertificateRef, EnrollmentCommon,
+    EnrollmentGroup, IndividualEnrollment, ReprovisionPolicy, SimConfig, Status, Store,
+    SymmetricKeyPair, X509Attestation, random_key,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+
+const SCOPE: &str = "0ne00000001";
+
+fn open_sim(dir: &std::path::Path, hubs: &[&str]) -> Sim {
+    Sim::open(
+        SimConfig {
+            state_dir: dir.to_path_buf(),
+            hubs: hubs.iter().map(|h| h.to_string()).collect(),
+            retry_after_secs: 3,
+            mqtt_port: 0,
+            https_port: 0,
+        },
+        SCOPE,
+    )
+    .unwrap()
+}
+
+fn common(attestation: Attestation) -> EnrollmentCommon {
+    EnrollmentCommon {
+        attestation,
+        iot_hub_host_name: None,
+        iot_hubs: None,
+        allocation_policy: AllocationPolicy::Hashed,
+        provisioning_status: Status::Enabled,
+        reprovision_policy: ReprovisionPolicy::default(),
+        initial_twin: None,
+        etag: None,
+        created_date_time_utc: None,
+        last_updated_date_time_utc: None,
+    }
+}
+
+fn key_pair() -> SymmetricKeyPair {
+    SymmetricKeyPair {
+        primary_key: random_key(),
+        secondary_key: random_key(),
+    }
+}
+
+fn sk(keys: &SymmetricKeyPair) -> Attestation {
+    Attestation::SymmetricKey {
+        symmetric_key: keys.clone(),
+    }
+}
+
+fn enroll(sim: &Sim, registration_id: &str, common: EnrollmentCommon, device_id: Option<&str>) {
+    let enrollment = IndividualEnrollment {
+        registration_id: registration_id.into(),
+        device_id: device_id.map(str::to_string),
+        common,
+    };
+    sim.mutate(|s| s.enrollments.insert(registration_id.into(), enrollment))
+        .unwrap();
+}
+
+fn enroll_group(sim: &Sim, group_id: &str, common: EnrollmentCommon) {
+    let group = EnrollmentGroup {
+        enrollment_group_id: group_id.into(),
+        common,
+    };
+    sim.mutate(|s| s.groups.insert(group_id.into(), group))
+        .unwrap();
+}
+
+fn dps_sas(key: &str, registration_id: &str) -> DeviceCredential {
+    DeviceCredential::Sas(sas_token(
+        key,
+        &format!("{SCOPE}/registrations/{registration_id}"),
+        in_an_hour(),
+        Some("registration"),
+    ))
+}
+
+fn hub_sas(key: &str, hub: &str, device_id: &str) -> DeviceCredential {
+    DeviceCredential::Sas(sas_token(
+        key,
+        &format!("{hub}/devices/{device_id}"),
+        in_an_hour(),
+        None,
+    ))
+}
+
+fn body(registration_id: &str) -> Vec<u8> {
+    // Byte-exact what Azure's Python SDK sends.
+    format!(r#"{{"payload": null, "registrationId": "{registration_id}"}}"#).into_bytes()
+}
+
+/// Registers and polls once, as a device does; returns the final operation status body.
+fn provision(sim: &Sim, registration_id: &str, cred: &DeviceCredential) -> Value {
+    let accepted = dps::register(
+        sim,
+        SCOPE,
+        registration_id,
+        cred,
+        &body(registration_id),
+        "mqtt",
+    );
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    poll(sim, registration_id, &accepted)
+}
+
+fn poll(sim: &Sim, registration_id: &str, accepted: &DpsResponse) -> Value {
+    let operation_id = accepted.body["operationId"].as_str().unwrap();
+    let done = dps::operation_status(sim, SCOPE, registration_id, operation_id);
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(done.body["operationId"], operation_id);
+    done.body
+}
+
+fn chain_of(cert: &IssuedCert) -> Vec<Vec<u8>> {
+    CertificateDer::pem_file_iter(&cert.cert_path)
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+fn pem_of_first(cert: &IssuedCert) -> String {
+    let text = std::fs::read_to_string(&cert.cert_path).unwrap();
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    text[..end].to_string()
+}
+
+fn cert_pair(pem: String) -> Option<CertificatePair> {
+    Some(CertificatePair {
+        primary: Some(CertificateRef {
+            certificate: Some(pem),
+            info: None,
+        }),
+        secondary: None,
+    })
+}
+
+fn outcomes(sim: &Sim) -> Vec<String> {
+    sim.records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .map(|r| r.outcome.clone())
+        .collect()
+}
+
+#[test]
+fn individual_symmetric_key_enrollment_is_assigned_with_the_real_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["hub-a.example.net"]);
+    let keys = key_pair();
+    enroll(&sim, "Dev-01", common(sk(&keys)), None);
+
+    // Registration ids are case-insensitive: the device may spell it differently.
+    let cred = dps_sas(&keys.primary_key, "dev-01");
+    dps::authenticate(&sim, SCOPE, "dev-01", &cred).unwrap();
+    let accepted = dps::register(&sim, SCOPE, "dev-01", &cred, &body("dev-01"), "mqtt");
+    assert_eq!(accepted.status, 202);
+    assert_eq!(accepted.retry_after, Some(3));
+    assert_eq!(accepted.body["status"], "assigning");
+    let operation_id = accepted.body["operationId"].as_str().unwrap().to_string();
+    let parts: Vec<&str> = operation_id.split('.').collect();
+    assert_eq!(parts.len(), 3, "{operation_id}");
+    assert_eq!(parts[0], "4");
+    assert!(uuid::Uuid::parse_str(parts[2]).is_ok(), "{operation_id}");
+    assert_eq!(
+        accepted.body.as_object().unwrap().len(),
+        2,
+        "{}",
+        accepted.body
+    );
+
+    let done = poll(&sim, "dev-01", &accepted);
+    assert_eq!(done["status"], "assigned");
+    let state = &done["registrationState"];
+    assert_eq!(state["registrationId"], "dev-01");
+    assert_eq!(state["assignedHub"], "hub-a.example.net");
+    assert_eq!(state["deviceId"], "dev-01");
+    assert_eq!(state["status"], "assigned");
+    assert_eq!(state["substatus"], "initialAssignment");
+    for field in ["createdDateTimeUtc", "lastUpdatedDateTimeUtc", "etag"] {
+        assert!(
+            state[field].as_str().is_some_and(|s| !s.is_empty()),
+            "{field}: {state}"
+        );
+    }
+    assert!(state.get("payload").is_none(), "{state}");
+    assert!(state.get("x509").is_none() && state.get("symmetricKey").is_none());
+
+    // The hub device exists with the enrollment's keys, and the registration is stored.
+    let (device, registration) = sim.read(|s| {
+        (
+            s.devices
+                .get(&Store::device_key("hub-a.example.net", "dev-01"))
+                .cloned(),
+            s.registrations.get("dev-01").cloned(),
+        )
+    });
+    let device = device.expect("hub device created");
+    assert_eq!(device.authentication.kind, "sas");
+    assert_eq!(device.authentication.symmetric_key.as_ref(), Some(&keys));
+    assert_eq!(&registration.unwrap().state, state);
+    let events = sim.records.lock().unwrap().registrations.clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].outcome, "assigned");
+    assert_eq!(events[0].assigned_hub.as_deref(), Some("hub-a.example.net"));
+    assert_eq!(events[0].transport, "mqtt");
+    assert_eq!(events[0].attestation, "symmetricKey");
+
+    // The state file has it too (a restart keeps the assignment).
+    drop(sim);
+    let sim = open_sim(dir.path(), &["hub-a.example.net"]);
+    assert!(sim.read(|s| s.registrations.contains_key("dev-01")));
+
+    // The device connects to its hub with either enrollment key; the host is case-insensitive.
+    let now = hubsim::auth::unix_now();
+    for key in [&keys.primary_key, &keys.secondary_key] {
+        let expiry = authenticate_hub_device(
+            &sim,
+            "hub-a.example.net",
+            "dev-01",
+            &hub_sas(key, "HUB-A.example.net", "dev-01"),
+            now,
+        )
+        .unwrap()
+        .expect("SAS connections carry the token expiry");
+        assert!(expiry > now && expiry <= in_an_hour(), "{expiry}");
+    }
+    // The secondary enrollment key registers as well.
+    let again = provision(&sim, "dev-01", &dps_sas(&keys.secondary_key, "dev-01"));
+    assert_eq!(
+        again["registrationState"]["assignedHub"],
+        "hub-a.example.net"
+    );
+    assert_eq!(
+        again["registrationState"]["createdDateTimeUtc"], state["createdDateTimeUtc"],
+        "re-registration keeps the creation time"
+    );
+}
+
+#[test]
+fn operation_status_of_an_unknown_or_foreign_operation_is_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    enroll(&sim, "dev-02", common(sk(&keys)), None);
+    let accepted = dps::register(
+        &sim,
+        SCOPE,
+        "dev-02",
+        &dps_sas(&keys.primary_key, "dev-02"),
+        &body("dev-02"),
+        "https",
+    );
+    let op = accepted.body["operationId"].as_str().unwrap();
+    for (registration_id, operation_id) in [("dev-02", "4.0.nope"), ("someone-else", op)] {
+        let answer = dps::operation_status(&sim, SCOPE, registration_id, operation_id);
+        assert_eq!(answer.status, 404);
+        assert_eq!(answer.body["errorCode"].as_u64().unwrap() / 1000, 404);
+        for field in ["trackingId", "message", "timestampUtc"] {
+            assert!(answer.body[field].is_string(), "{field}: {}", answer.body);
+        }
+    }
+}
+
+#[test]
+fn group_members_use_the_derived_key_never_the_group_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let group_keys = key_pair();
+    let mut c = common(sk(&group_keys));
+    c.initial_twin = Some(json!({
+        "tags": {"site": "plant-7"},
+        "properties": {"desired": {"interval": 30}}
+    }));
+    enroll_group(&sim, "line-3", c);
+
+    let derive = |k: &str| hubsim::auth::derive_device_key(k, "sensor-17").unwrap();
+    let derived = SymmetricKeyPair {
+        primary_key: derive(&group_keys.primary_key),
+        secondary_key: derive(&group_keys.secondary_key),
+    };
+    // The group key itself is refused.
+    let err = dps::authenticate(
+        &sim,
+        SCOPE,
+        "sensor-17",
+        &dps_sas(&group_keys.primary_key, "sensor-17"),
+    )
+    .unwrap_err();
+    assert!(err.contains("sensor-17"), "{err}");
+    let refused = dps::register(
+        &sim,
+        SCOPE,
+        "sensor-17",
+        &dps_sas(&group_keys.primary_key, "sensor-17"),
+        &body("sensor-17"),
+        "mqtt",
+    );
+    assert_eq!(refused.status, 401);
+
+    // A key derived for another registration id is refused too.
+    let other = hubsim::auth::derive_device_key(&group_keys.primary_key, "sensor-18").unwrap();
+    assert!(dps::authenticate(&sim, SCOPE, "sensor-17", &dps_sas(&other, "sensor-17")).is_err());
+
+    for key in [&derived.primary_key, &derived.secondary_key] {
+        dps::authenticate(&sim, SCOPE, "sensor-17", &dps_sas(key, "sensor-17")).unwrap();
+    }
+    let done = provision(
+        &sim,
+        "sensor-17",
+        &dps_sas(&derived.secondary_key, "sensor-17"),
+    );
+    let state = &done["registrationState"];
+    assert_eq!(state["deviceId"], "sensor-17");
+    assert_eq!(state["symmetricKey"]["enrollmentGroupId"], "line-3");
+
+    let device = sim
+        .read(|s| {
+            s.devices
+                .get(&Store::device_key("localhost", "sensor-17"))
+                .cloned()
+        })
+        .unwrap();
+    assert_eq!(device.authentication.symmetric_key.as_ref(), Some(&derived));
+    assert_eq!(device.twin.tags["site"], "plant-7");
+    assert_eq!(device.twin.desired["interval"], 30);
+    assert_eq!(device.twin.desired_version, 1);
+
+    let now = hubsim::auth::unix_now();
+    authenticate_hub_device(
+        &sim,
+        "localhost",
+        "sensor-17",
+        &hub_sas(&derived.primary_key, "localhost", "sensor-17"),
+        now,
+    )
+    .unwrap();
+    let err = authenticate_hub_device(
+        &sim,
+        "localhost",
+        "sensor-17",
+        &hub_sas(&group_keys.primary_key, "localhost", "sensor-17"),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.contains("signature"), "{err}");
+}
+
+#[test]
+fn wrong_keys_unknown_ids_and_bad_bodies_are_refused_with_the_service_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    enroll(&sim, "dev-03", common(sk(&keys)), None);
+    let wrong = dps_sas(&random_key(), "dev-03");
+
+    assert!(dps::authenticate(&sim, SCOPE, "dev-03", &wrong).is_err());
+    assert!(dps::authenticate(&sim, SCOPE, "dev-03", &DeviceCredential::None).is_err());
+    // Right key, token for another registration.
+    let err = dps::authenticate(&sim, SCOPE, "dev-03", &dps_sas(&keys.primary_key, "dev-04"))
+        .unwrap_err();
+    assert!(
+        !err.contains(&keys.primary_key),
+        "no secrets in errors: {err}"
+    );
+    // Another ID scope.
+    assert!(
+        dps::authenticate(
+            &sim,
+            "0ne99999999",
+            "dev-03",
+            &dps_sas(&keys.primary_key, "dev-03")
+        )
+        .is_err()
+    );
+    // No enrollment at all.
+    let unknown = dps::register(
+        &sim,
+        SCOPE,
+        "nobody",
+        &dps_sas(&keys.primary_key, "nobody"),
+        &body("nobody"),
+        "mqtt",
+    );
+    assert_eq!(unknown.status, 401);
+
+    let refused = dps::register(&sim, SCOPE, "dev-03", &wrong, &body("dev-03"), "mqtt");
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.body["errorCode"], 401002);
+    assert!(refused.retry_after.is_none());
+
+    let good = dps_sas(&keys.primary_key, "dev-03");
+    for (payload, needle) in [
+        (&b"{not json"[..], "not valid JSON"),
+        (&b"[1,2]"[..], "JSON object"),
+        (&br#"{"payload": {}}"#[..], "registrationId"),
+        (&br#"{"registrationId": "dev-99"}"#[..], "dev-99"),
+    ] {
+        let answer = dps::register(&sim, SCOPE, "dev-03", &good, payload, "mqtt");
+        assert_eq!(answer.status, 400, "{}", answer.body);
+        assert_eq!(answer.body["errorCode"], 400004);
+        let message = answer.body["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message}");
+    }
+    assert!(sim.read(|s| s.devices.is_empty() && s.registrations.is_empty()));
+    assert_eq!(
+        outcomes(&sim),
+        [
+            "unauthorized",
+            "unauthorized",
+            "bad-request",
+            "bad-request",
+            "bad-request",
+            "bad-request"
+        ]
+    );
+}
+
+#[test]
+fn a_disabled_enrollment_answers_disabled_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    let mut c = common(sk(&keys));
+    c.provisioning_status = Status::Disabled;
+    enroll(&sim, "dev-05", c, None);
+    // As DPS does (protocol.md §1.5): the device learns it from the operation status.
+    let done = provision(&sim, "dev-05", &dps_sas(&keys.primary_key, "dev-05"));
+    assert_eq!(done["status"], "disabled");
+    assert!(done.get("registrationState").is_none());
+    assert!(sim.read(|s| s.devices.is_empty() && s.registrations.is_empty()));
+    assert_eq!(outcomes(&sim), ["disabled"]);
+
+    // A disabled group refuses its members the same way.
+    let group_keys = key_pair();
+    let mut c = common(sk(&group_keys));
+    c.provisioning_status = Status::Disabled;
+    enroll_group(&sim, "off", c);
+    let derived = hubsim::auth::derive_device_key(&group_keys.primary_key, "member").unwrap();
+    let done = provision(&sim, "member", &dps_sas(&derived, "member"));
+    assert_eq!(done["status"], "disabled");
+    assert!(sim.read(|s| s.devices.is_empty()));
+}
+
+#[test]
+fn throttling_answers_429_with_retry_after_then_lets_the_device_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    enroll(&sim, "dev-06", common(sk(&keys)), None);
+    sim.faults.lock().unwrap().dps_throttle = Some((2, 7));
+    let cred = dps_sas(&keys.primary_key, "dev-06");
+    for _ in 0..2 {
+        let answer = dps::register(&sim, SCOPE, "dev-06", &cred, &body("dev-06"), "mqtt");
+        assert_eq!(answer.status, 429);
+        assert_eq!(answer.retry_after, Some(7));
+        assert_eq!(answer.body["errorCode"], 429001);
+    }
+    assert!(sim.faults.lock().unwrap().dps_throttle.is_none());
+    // A count of zero throttles nothing.
+    sim.faults.lock().unwrap().dps_throttle = Some((0, 7));
+    let done = provision(&sim, "dev-06", &cred);
+    assert_eq!(done["status"], "assigned");
+    assert_eq!(outcomes(&sim), ["throttled", "throttled", "assigned"]);
+}
+
+#[test]
+fn payload_is_echoed_in_the_registration_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    enroll(&sim, "dev-07", common(sk(&keys)), Some("thermostat-7"));
+    let request =
+        br#"{"payload": {"modelId": "dtmi:com:example:Thermostat;1"}, "registrationId": "dev-07"}"#;
+    let accepted = dps::register(
+        &sim,
+        SCOPE,
+        "dev-07",
+        &dps_sas(&keys.primary_key, "dev-07"),
+        request,
+        "mqtt",
+    );
+    let done = poll(&sim, "dev-07", &accepted);
+    let state = &done["registrationState"];
+    assert_eq!(
+        state["payload"],
+        json!({"modelId": "dtmi:com:example:Thermostat;1"})
+    );
+    // The enrollment's deviceId names the hub device.
+    assert_eq!(state["deviceId"], "thermostat-7");
+    assert!(sim.read(|s| {
+        s.devices
+            .contains_key(&Store::device_key("localhost", "thermostat-7"))
+    }));
+}
+
+#[test]
+fn x509_individual_enrollment_matches_the_enrolled_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let certs = tempfile::tempdir().unwrap();
+    let dev = issue(
+        CertKind::Device,
+        "dev-x509",
+        &certs.path().join("dev"),
+        None,
+    )
+    .unwrap();
+    let impostor = issue(
+        CertKind::Device,
+        "dev-x509",
+        &certs.path().join("imp"),
+        None,
+    )
+    .unwrap();
+    let attestation = Attestation::X509 {
+        x509: X509Attestation {
+            client_certificates: cert_pair(pem_of_first(&dev)),
+            signing_certificates: None,
+        },
+    };
+    enroll(&sim, "dev-x509", common(attestation), None);
+
+    let cred = DeviceCredential::X509(chain_of(&dev));
+    let err = dps::authenticate(
+        &sim,
+        SCOPE,
+        "dev-x509",
+        &DeviceCredential::X509(chain_of(&impostor)),
+    )
+    .unwrap_err();
+    assert!(err.contains("not the one enrolled"), "{err}");
+    // The CN must be the registration id.
+    let err = dps::authenticate(&sim, SCOPE, "other-id", &cred).unwrap_err();
+    assert!(err.contains("CN"), "{err}");
+
+    let done = provision(&sim, "dev-x509", &cred);
+    assert_eq!(done["registrationState"]["deviceId"], "dev-x509");
+    let info = &done["registrationState"]["x509"]["certificateInfo"];
+    assert_eq!(info["subjectName"], "CN=dev-x509");
+    assert_eq!(info["issuerName"], "CN=dev-x509");
+    assert_eq!(info["sha1Thumbprint"], dev.sha1_thumbprint.as_str());
+    assert_eq!(info["sha256Thumbprint"], dev.sha256_thumbprint.as_str());
+    assert_eq!(info["version"], 3);
+    assert!(info["notAfterUtc"].as_str().unwrap() > info["notBeforeUtc"].as_str().unwrap());
+    let device = sim
+        .read(|s| {
+            s.devices
+                .get(&Store::device_key("localhost", "dev-x509"))
+                .cloned()
+        })
+        .unwrap();
+    assert_eq!(device.authentication.kind, "selfSigned");
+    let prints = device.authentication.x509_thumbprint.unwrap();
+    assert_eq!(
+        prints.primary_thumbprint.as_deref(),
+        Some(dev.sha1_thumbprint.as_str())
+    );
+
+    let now = hubsim::auth::unix_now();
+    assert_eq!(
+        authenticate_hub_device(&sim, "localhost", "dev-x509", &cred, now),
+        Ok(None)
+    );
+    let err = authenticate_hub_device(
+        &sim,
+        "localhost",
+        "dev-x509",
+        &DeviceCredential::X509(chain_of(&impostor)),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.contains("thumbprint"), "{err}");
+    // A SAS token cannot stand in for the certificate.
+    let err = authenticate_hub_device(
+        &sim,
+        "localhost",
+        "dev-x509",
+        &hub_sas(&random_key(), "localhost", "dev-x509"),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.contains("SAS"), "{err}");
+}
+
+#[test]
+fn x509_group_admits_certificates_chaining_to_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let certs = tempfile::tempdir().unwrap();
+    let p = |n: &str| certs.path().join(n);
+    let root = issue(CertKind::Root, "Fleet Root", &p("root"), None).unwrap();
+    issue(
+        CertKind::Intermediate,
+        "Fleet Issuing",
+        &p("inter"),
+        Some(&p("root")),
+    )
+    .unwrap();
+    let dev = issue(CertKind::Device, "cam-042", &p("dev"), Some(&p("inter"))).unwrap();
+    issue(CertKind::Root, "Fleet Root", &p("rogue"), None).unwrap();
+    let rogue = issue(
+        CertKind::Device,
+        "cam-042",
+        &p("rogue-dev"),
+        Some(&p("rogue")),
+    )
+    .unwrap();
+    let attestation = Attestation::X509 {
+        x509: X509Attestation {
+            client_certificates: None,
+            signing_certificates: cert_pair(pem_of_first(&root)),
+        },
+    };
+    enroll_group(&sim, "cameras", common(attestation));
+
+    let chain = chain_of(&dev);
+    assert_eq!(chain.len(), 3);
+    // The device may send the intermediate with or without the root.
+    dps::authenticate(
+        &sim,
+        SCOPE,
+        "cam-042",
+        &DeviceCredential::X509(chain[..2].to_vec()),
+    )
+    .unwrap();
+    assert!(
+        dps::authenticate(
+            &sim,
+            SCOPE,
+            "cam-042",
+            &DeviceCredential::X509(chain[..1].to_vec())
+        )
+        .is_err()
+    );
+    assert!(
+        dps::authenticate(
+            &sim,
+            SCOPE,
+            "cam-042",
+            &DeviceCredential::X509(chain_of(&rogue))
+        )
+        .is_err()
+    );
+
+    let cred = DeviceCredential::X509(chain.clone());
+    let done = provision(&sim, "cam-042", &cred);
+    let state = &done["registrationState"];
+    assert_eq!(state["deviceId"], "cam-042");
+    assert_eq!(state["x509"]["enrollmentGroupId"], "cameras");
+    assert_eq!(
+        state["x509"]["certificateInfo"]["subjectName"],
+        "CN=cam-042"
+    );
+    assert_eq!(
+        state["x509"]["certificateInfo"]["issuerName"],
+        "CN=Fleet Issuing"
+    );
+    assert_eq!(
+        state["x509"]["signingCertificateInfo"]["sha1Thumbprint"],
+        root.sha1_thumbprint.as_str()
+    );
+    assert_eq!(
+        state["x509"]["signingCertificateInfo"]["subjectName"],
+        "CN=Fleet Root"
+    );
+    let device = sim
+        .read(|s| {
+            s.devices
+                .get(&Store::device_key("localhost", "cam-042"))
+                .cloned()
+        })
+        .unwrap();
+    assert_eq!(device.authentication.kind, "certificateAuthority");
+    assert_eq!(device.ca_group.as_deref(), Some("cameras"));
+
+    let now = hubsim::auth::unix_now();
+    assert_eq!(
+        authenticate_hub_device(&sim, "localhost", "cam-042", &cred, now),
+        Ok(None)
+    );
+    assert!(
+        authenticate_hub_device(
+            &sim,
+            "localhost",
+            "cam-042",
+            &DeviceCredential::X509(chain_of(&rogue)),
+            now
+        )
+        .is_err()
+    );
+    // The CN must be the device id.
+    let twin_dev = issue(CertKind::Device, "cam-043", &p("dev43"), Some(&p("inter"))).unwrap();
+    let err = authenticate_hub_device(
+        &sim,
+        "localhost",
+        "cam-042",
+        &DeviceCredential::X509(chain_of(&twin_dev)),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.contains("CN"), "{err}");
+}
+
+#[test]
+fn hashed_allocation_is_stable_and_spreads_over_the_linked_hubs() {
+    let dir = tempfile::tempdir().unwrap();
+    let hubs = ["hub-a.example.net", "hub-b.example.net"];
+    let sim = open_sim(dir.path(), &hubs);
+    let group_keys = key_pair();
+    enroll_group(&sim, "fleet", common(sk(&group_keys)));
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..12 {
+        let id = format!("unit-{i}");
+        let key = hubsim::auth::derive_device_key(&group_keys.primary_key, &id).unwrap();
+        let first = provision(&sim, &id, &dps_sas(&key, &id));
+        let second = provision(&sim, &id, &dps_sas(&key, &id));
+        let hub = first["registrationState"]["assignedHub"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            second["registrationState"]["assignedHub"],
+            hub.as_str(),
+            "{id} moved"
+        );
+        assert!(hubs.contains(&hub.as_str()), "{hub}");
+        seen.insert(id, hub);
+    }
+    let on_a = seen.values().filter(|h| *h == hubs[0]).count();
+    assert!(on_a > 0 && on_a < seen.len(), "all on one hub: {seen:?}");
+
+    // Restricting the enrollment to one hub sends everyone there.
+    sim.mutate(|s| s.groups.get_mut("fleet").unwrap().common.iot_hubs = Some(vec![hubs[1].into()]))
+        .unwrap();
+    for id in seen.keys() {
+        let key = hubsim::auth::derive_device_key(&group_keys.primary_key, id).unwrap();
+        let done = provision(&sim, id, &dps_sas(&key, id));
+        assert_eq!(done["registrationState"]["assignedHub"], hubs[1]);
+    }
+    assert!(sim.read(|s| s.devices.values().all(|d| d.hub == hubs[1])));
+}
+
+#[test]
+fn reprovisioning_to_another_hub_moves_the_device_and_its_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let hubs = ["hub-a.example.net", "hub-b.example.net"];
+    let sim = open_sim(dir.path(), &hubs);
+    let keys = key_pair();
+    let mut c = common(sk(&keys));
+    c.allocation_policy = AllocationPolicy::Static;
+    c.iot_hub_host_name = Some(hubs[0].into());
+    c.initial_twin = Some(json!({"properties": {"desired": {"mode": "initial"}}}));
+    enroll(&sim, "dev-08", c, None);
+    let cred = dps_sas(&keys.primary_key, "dev-08");
+    let first = provision(&sim, "dev-08", &cred);
+    assert_eq!(first["registrationState"]["assignedHub"], hubs[0]);
+    // The device reports something in hub A.
+    let key_a = Store::device_key(hubs[0], "dev-08");
+    sim.mutate(|s| {
+        let twin = &mut s.devices.get_mut(&key_a).unwrap().twin;
+        twin.reported.insert("firmware".into(), json!("1.2.3"));
+        twin.reported_version = 2;
+    })
+    .unwrap();
+
+    sim.mutate(|s| {
+        s.enrollments
+            .get_mut("dev-08")
+            .unwrap()
+            .common
+            .iot_hub_host_name = Some(hubs[1].into())
+    })
+    .unwrap();
+    let moved = provision(&sim, "dev-08", &cred);
+    let state = &moved["registrationState"];
+    assert_eq!(state["assignedHub"], hubs[1]);
+    assert_eq!(state["substatus"], "deviceDataMigrated");
+    let key_b = Store::device_key(hubs[1], "dev-08");
+    let (old, new) = sim.read(|s| {
+        (
+            s.devices.get(&key_a).cloned(),
+            s.devices.get(&key_b).cloned(),
+        )
+    });
+    assert!(old.is_none(), "the device left hub A");
+    let new = new.unwrap();
+    assert_eq!(new.twin.reported["firmware"], "1.2.3");
+    let now = hubsim::auth::unix_now();
+    assert!(
+        authenticate_hub_device(
+            &sim,
+            hubs[0],
+            "dev-08",
+            &hub_sas(&keys.primary_key, hubs[0], "dev-08"),
+            now
+        )
+        .is_err()
+    );
+    authenticate_hub_device(
+        &sim,
+        hubs[1],
+        "dev-08",
+        &hub_sas(&keys.primary_key, hubs[1], "dev-08"),
+        now,
+    )
+    .unwrap();
+
+    // Without migration the twin starts over from the enrollment's initial twin.
+    sim.mutate(|s| {
+        let e = s.enrollments.get_mut("dev-08").unwrap();
+        e.common.iot_hub_host_name = Some(hubs[0].into());
+        e.common.reprovision_policy.migrate_device_data = false;
+    })
+    .unwrap();
+    let reset = provision(&sim, "dev-08", &cred);
+    assert_eq!(reset["registrationState"]["assignedHub"], hubs[0]);
+    assert_eq!(reset["registrationState"]["substatus"], "deviceDataReset");
+    let back = sim.read(|s| s.devices.get(&key_a).cloned()).unwrap();
+    assert!(back.twin.reported.is_empty());
+    assert_eq!(back.twin.desired["mode"], "initial");
+    assert!(sim.read(|s| !s.devices.contains_key(&key_b)));
+
+    // updateHubAssignment=false keeps the device where it is.
+    sim.mutate(|s| {
+        let e = s.enrollments.get_mut("dev-08").unwrap();
+        e.common.iot_hub_host_name = Some(hubs[1].into());
+        e.common.reprovision_policy.update_hub_assignment = false;
+    })
+    .unwrap();
+    let kept = provision(&sim, "dev-08", &cred);
+    assert_eq!(kept["registrationState"]["assignedHub"], hubs[0]);
+}
+
+#[test]
+fn hub_connect_refuses_unknown_disabled_and_policy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    enroll(&sim, "dev-09", common(sk(&keys)), None);
+    provision(&sim, "dev-09", &dps_sas(&keys.primary_key, "dev-09"));
+    let now = hubsim::auth::unix_now();
+
+    let err = authenticate_hub_device(
+        &sim,
+        "localhost",
+        "ghost",
+        &hub_sas(&keys.primary_key, "localhost", "ghost"),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.contains("does not exist"), "{err}");
+    // Device ids are case-sensitive in IoT Hub.
+    assert!(
+        authenticate_hub_device(
+            &sim,
+            "localhost",
+            "DEV-09",
+            &hub_sas(&keys.primary_key, "localhost", "DEV-09"),
+            now
+        )
+        .is_err()
+    );
+    // A token for another device, an expired one, one with a policy name.
+    let err = authenticate_hub_device(
+        &sim,
+        "localhost",
+        "dev-09",
+        &hub_sas(&keys.primary_key, "localhost", "dev-10"),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.contains("resource"), "{err}");
+    let expired = DeviceCredential::Sas(sas_token(
+        &keys.primary_key,
+        "localhost/devices/dev-09",
+        now - 1,
+        None,
+    ));
+    let err = authenticate_hub_device(&sim, "localhost", "dev-09", &expired, now).unwrap_err();
+    assert!(err.contains("expired"), "{err}");
+    let hub_owner = sim.read(|s| s.hub_owner_key.clone());
+    let policy = DeviceCredential::Sas(sas_token(
+        &hub_owner,
+        "localhost/devices/dev-09",
+        in_an_hour(),
+        Some("iothubowner"),
+    ));
+    let err = authenticate_hub_device(&sim, "localhost", "dev-09", &policy, now).unwrap_err();
+    assert!(err.contains("skn"), "{err}");
+    assert!(
+        authenticate_hub_device(&sim, "localhost", "dev-09", &DeviceCredential::None, now).is_err()
+    );
+
+    let good = hub_sas(&keys.primary_key, "localhost", "dev-09");
+    authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).unwrap();
+    sim.mutate(|s| {
+        s.devices
+            .get_mut(&Store::device_key("localhost", "dev-09"))
+            .unwrap()
+            .status = Status::Disabled
+    })
+    .unwrap();
+    let err = authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).unwrap_err();
+    assert!(err.contains("disabled"), "{err}");
+    assert!(!err.contains(&keys.primary_key));
+    // Provisioning again does not re-enable what the operator disabled in the hub.
+    let again = provision(&sim, "dev-09", &dps_sas(&keys.primary_key, "dev-09"));
+    assert_eq!(again["status"], "assigned");
+    assert!(authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).is_err());
+}
