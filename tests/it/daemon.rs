@@ -263,26 +263,13 @@ fn bad_configuration_exits_78_naming_the_key() {
     assert_eq!(out.status.code(), Some(69), "no daemon: EX_UNAVAILABLE");
 }
 
-/// Sequence numbers in the simulated sensor's bodies, for messages created before `before`.
-fn sensor_seqs(sim: &hubsim::Sim, device: &str, before: &str) -> Vec<u64> {
-    let records = sim
-        .records
-        .lock()
-        .unwrap()
-        .telemetry
-        .get(device)
-        .cloned()
-        .unwrap_or_default();
+/// Sequence numbers of one sensor run (each process numbers its readings from 1 under a run id).
+fn sensor_seqs(sim: &hubsim::Sim, device: &str, run: &str) -> Vec<u64> {
+    let records = sim.records.lock().unwrap().telemetry.get(device).cloned().unwrap_or_default();
     let mut seqs: Vec<u64> = records
         .iter()
-        .filter(|r| {
-            r.system_properties
-                .get("creation-time")
-                .is_some_and(|t| t.as_str() < before)
-        })
-        .filter_map(|r| {
-            serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
-        })
+        .filter(|r| r.properties.get("run").is_some_and(|r| r == run))
+        .filter_map(|r| serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64())
         .collect();
     seqs.sort();
     seqs.dedup();
@@ -333,22 +320,22 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     let mut agent = agent;
     agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
     agent.child.wait().unwrap();
-    let restart_time = hubsim::state::now_rfc3339();
     let received_before = telemetry_count(&sim, "gw-daemon-5");
+    let first_run = sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
 
     sim.faults.lock().unwrap().refuse_connections_until = None;
     let agent = AgentProcess::start(&config);
     // Everything the first process queued arrives: its sequence numbers have no gap.
     assert!(
         sim.wait_until(Duration::from_secs(60), |s| {
-            let seqs = sensor_seqs(s, "gw-daemon-5", &restart_time);
+            let seqs = sensor_seqs(s, "gw-daemon-5", &first_run);
             seqs.len() >= received_before + 20
         })
         .await,
         "{}",
         agent.log_text()
     );
-    let seqs = sensor_seqs(&sim, "gw-daemon-5", &restart_time);
+    let seqs = sensor_seqs(&sim, "gw-daemon-5", &first_run);
     let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
     assert_eq!(seqs, expected, "a gap means a queued message was lost");
     assert_eq!(agent.stop(), Some(0));

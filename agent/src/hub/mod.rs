@@ -127,6 +127,16 @@ impl SessionHandle {
     /// Sends a telemetry message; resolves when the hub acknowledged it (PUBACK). While the hub is
     /// unreachable this waits; the message is never dropped by the session.
     pub async fn publish(&self, message: TelemetryMessage) -> Result<(), PublishError> {
+        let acknowledged = self.enqueue(message).await?;
+        acknowledged.await.map_err(|_| PublishError::Stopped)?
+    }
+
+    /// Hands a message to the session (in call order) and returns what resolves on its PUBACK:
+    /// callers that enqueue one message after another keep their order on the wire.
+    pub async fn enqueue(
+        &self,
+        message: TelemetryMessage,
+    ) -> Result<oneshot::Receiver<Result<(), PublishError>>, PublishError> {
         let size = message.body.len() + topics::telemetry_topic(&self.device_id, &message).len();
         if size > self.max_message_size {
             return Err(PublishError::TooLarge {
@@ -139,7 +149,7 @@ impl SessionHandle {
             .send(Publish { message, done })
             .await
             .map_err(|_| PublishError::Stopped)?;
-        result.await.map_err(|_| PublishError::Stopped)?
+        Ok(result)
     }
 
     /// Patches reported properties; returns the new reported `$version`.
@@ -190,6 +200,7 @@ pub fn spawn(
             control: control_rx,
             unacked: VecDeque::new(),
             next_rid: 0,
+            connected_at: None,
         }
         .run(),
     );
@@ -248,6 +259,8 @@ struct Session {
     /// Telemetry handed to the hub and not yet acknowledged, oldest first. Survives reconnects.
     unacked: VecDeque<Publish>,
     next_rid: u64,
+    /// When the current connection got its CONNACK.
+    connected_at: Option<tokio::time::Instant>,
 }
 
 /// Why a connection ended.
@@ -262,7 +275,7 @@ impl Session {
     async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.params.backoff_max);
         loop {
-            let started = tokio::time::Instant::now();
+            self.connected_at = None;
             match self.connection().await {
                 End::Shutdown => return,
                 End::Renew => {
@@ -277,8 +290,12 @@ impl Session {
                     self.emit(SessionEvent::Disconnected { reason }).await;
                 }
             }
-            // A connection that held for a while was a success: start the backoff over.
-            if started.elapsed() > Duration::from_secs(30) {
+            // A connection the hub accepted and that held for a moment was a success: start the
+            // backoff over. Connect-then-drop loops (under a second) keep backing off.
+            if self
+                .connected_at
+                .is_some_and(|at| at.elapsed() >= Duration::from_secs(1))
+            {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
@@ -364,6 +381,7 @@ impl Session {
             }
         }
         tracing::info!(hub = %p.hub, device = %p.device_id, "connected to the hub");
+        self.connected_at = Some(tokio::time::Instant::now());
         self.emit(SessionEvent::Connected).await;
 
         let mut order: VecDeque<Sent> = VecDeque::new();

@@ -80,8 +80,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let app = router(sim);
+    // As for MQTT: connections end with the listener.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!("https accept failed: {e}");
@@ -91,7 +97,7 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let stream =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
