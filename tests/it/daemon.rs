@@ -265,11 +265,20 @@ fn bad_configuration_exits_78_naming_the_key() {
 
 /// Sequence numbers of one sensor run (each process numbers its readings from 1 under a run id).
 fn sensor_seqs(sim: &hubsim::Sim, device: &str, run: &str) -> Vec<u64> {
-    let records = sim.records.lock().unwrap().telemetry.get(device).cloned().unwrap_or_default();
+    let records = sim
+        .records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device)
+        .cloned()
+        .unwrap_or_default();
     let mut seqs: Vec<u64> = records
         .iter()
         .filter(|r| r.properties.get("run").is_some_and(|r| r == run))
-        .filter_map(|r| serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64())
+        .filter_map(|r| {
+            serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
+        })
         .collect();
     seqs.sort();
     seqs.dedup();
@@ -321,7 +330,8 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
     agent.child.wait().unwrap();
     let received_before = telemetry_count(&sim, "gw-daemon-5");
-    let first_run = sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
+    let first_run =
+        sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
 
     sim.faults.lock().unwrap().refuse_connections_until = None;
     let agent = AgentProcess::start(&config);
