@@ -7,11 +7,16 @@ cd "$(dirname "$0")/.."
 bash tests/setup.sh
 
 echo "== build"
+# The default build (what README's demo command builds) must not need libtss2...
 cargo build --workspace --all-targets --locked
+# ...and the tests run with the TPM back end (feature `tpm`), whose tests start their own swtpm.
+# This also rebuilds target/debug/hubagent with TPM support for the tests that run the binary.
+tpm_features=(--features hubagent-tests/tpm)
+cargo build --workspace --all-targets --locked "${tpm_features[@]}"
 
 failed=()
-echo "== rust tests (cargo nextest)"
-cargo nextest run --workspace --locked --profile ci || failed+=("rust tests")
+echo "== rust tests (cargo nextest, with the TPM tests against swtpm)"
+cargo nextest run --workspace --locked --profile ci "${tpm_features[@]}" || failed+=("rust tests")
 
 # The Python SDK can only dial port 8883, so these run after the Rust tests, one hubsim at a time.
 echo "== interop: Azure's Python device SDK against hubsim"
