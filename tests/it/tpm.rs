@@ -499,3 +499,55 @@ fn import_key_derives_group_keys_and_leaves_foreign_objects_alone() {
     );
     assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
 }
+
+#[test]
+fn hubsim_activation_blobs_import_only_into_their_tpm() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let identity = tpm::identity(&tcti).unwrap();
+    let key = hubsim::state::random_key();
+    let blob = hubsim::tpm::activation_blob(
+        &identity.endorsement_key,
+        &identity.storage_root_key,
+        &B64.decode(&key).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob).unwrap(),
+        tpm::Replaced::Nothing
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&key, b"probe")
+    );
+    // A second blob (the hub key, after the DPS challenge key) replaces the first.
+    let hub_key = hubsim::state::random_key();
+    let blob = hubsim::tpm::activation_blob(
+        &identity.endorsement_key,
+        &identity.storage_root_key,
+        &B64.decode(&hub_key).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob).unwrap(),
+        tpm::Replaced::HmacKey
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_key, b"probe")
+    );
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+
+    // Another TPM (another EK) cannot open it, and its handle stays empty.
+    let other = Swtpm::start();
+    let err = tpm::attestation::import_activation_blob(&other.tcti(), HANDLE, &blob).unwrap_err();
+    assert!(err.to_string().contains("another TPM"), "{err}");
+    assert!(matches!(
+        TpmSigner::new(&other.tcti(), HANDLE).hmac(b"x"),
+        Err(TpmError::HandleEmpty { .. })
+    ));
+    assert_eq!(tpm::handle_counts(&other.tcti()).unwrap(), NOTHING_LOADED);
+    // A corrupt blob is named as such.
+    let err = tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob[..40]).unwrap_err();
+    assert!(err.to_string().contains("malformed"), "{err}");
+}
