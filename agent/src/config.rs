@@ -666,6 +666,15 @@ impl Config {
         )
     }
 
+    /// Host and port of DPS: HTTPS for TPM attestation, else MQTT.
+    pub fn dps_endpoint(&self) -> Result<(String, u16), String> {
+        if self.dps_over_https() {
+            parse_https_endpoint(&self.provisioning.global_endpoint)
+        } else {
+            parse_endpoint(&self.provisioning.global_endpoint, self.hub.port)
+        }
+    }
+
     /// The custom allocation payload as JSON.
     pub fn payload_json(&self) -> Option<serde_json::Value> {
         self.provisioning

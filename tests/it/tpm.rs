@@ -551,3 +551,180 @@ fn hubsim_activation_blobs_import_only_into_their_tpm() {
     let err = tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob[..40]).unwrap_err();
     assert!(err.to_string().contains("malformed"), "{err}");
 }
+
+/// Enrolls `tcti`'s TPM (its EK, as `hubagent tpm show-ek` prints it) for DPS TPM attestation;
+/// returns the registration id Azure derives from the EK.
+fn enroll_tpm(sim: &hubsim::Sim, tcti: &str, registration_id: Option<&str>) -> String {
+    let out = hubagent(
+        &[
+            "-c",
+            "/nonexistent.toml",
+            "tpm",
+            "show-ek",
+            "--tcti",
+            tcti,
+            "--json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = registration_id
+        .unwrap_or(shown["registrationId"].as_str().unwrap())
+        .to_string();
+    let enrollment: hubsim::state::IndividualEnrollment =
+        serde_json::from_value(serde_json::json!({
+            "registrationId": id,
+            "attestation": {"type": "tpm", "tpm": {"endorsementKey": shown["endorsementKey"]}},
+        }))
+        .unwrap();
+    sim.mutate(|s| s.enrollments.insert(id.to_ascii_lowercase(), enrollment))
+        .unwrap();
+    id
+}
+
+fn hub_primary_key(sim: &hubsim::Sim, device_id: &str) -> String {
+    sim.read(|s| {
+        s.devices[&format!("localhost/{device_id}")]
+            .authentication
+            .symmetric_key
+            .as_ref()
+            .unwrap()
+            .primary_key
+            .clone()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let id = enroll_tpm(&sim, &tcti, None);
+    // No registration_id in the file: the agent derives it from the EK, as Azure does.
+    let config = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
+    let config_arg = config.to_str().unwrap();
+
+    let out = hubagent(&["-c", config_arg, "provision", "--json"], "");
+    assert!(out.status.success(), "{out:?}");
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["deviceId"], id.as_str());
+    assert_eq!(result["hub"], "localhost");
+    assert!(
+        result["registrationState"]["tpm"]["authenticationKey"].is_string(),
+        "{result}"
+    );
+    assert_eq!(registrations(&sim, &id), 1);
+    // The TPM now holds the hub device key (not the DPS challenge key).
+    let hub_key = hub_primary_key(&sim, &id);
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_key, b"probe")
+    );
+    let attestations: Vec<String> = sim
+        .records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .map(|r| format!("{}:{}:{}", r.transport, r.attestation, r.outcome))
+        .collect();
+    assert_eq!(
+        attestations,
+        ["https:tpm:tpm-challenge", "https:tpm:assigned"],
+        "challenge, then the signed registration"
+    );
+
+    // The daemon boots from the cached assignment and signs hub tokens in the TPM.
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, &id) >= 5).await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, &id), 1, "{}", agent.log_text());
+
+    // Reprovisioning runs the whole attestation again; the new hub key replaces the old one.
+    let out = agent.cli(&["reprovision"]);
+    assert!(out.status.success(), "{out:?}");
+    let before = telemetry_count(&sim, &id);
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, &id) == 2
+            && telemetry_count(s, &id) >= before + 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let new_hub_key = hub_primary_key(&sim, &id);
+    assert_ne!(new_hub_key, hub_key);
+    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&new_hub_key, b"probe")
+    );
+
+    // TPM cleared of the key: the cache is useless without it, so the agent attests again.
+    assert_eq!(
+        tpm::evict(&tcti, HANDLE, false).unwrap(),
+        tpm::Replaced::HmacKey
+    );
+    let agent = AgentProcess::start(&config);
+    let before = telemetry_count(&sim, &id);
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, &id) == 3
+            && telemetry_count(s, &id) >= before + 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("registering with DPS again"));
+    assert_eq!(agent.stop(), Some(0));
+
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+    let last_key = hub_primary_key(&sim, &id);
+    assert_no_key_under(&dir.path().join("etc"), &last_key);
+    assert_no_key_under(&dir.path().join("state"), &last_key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_with_another_endorsement_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let enrolled = Swtpm::start();
+    let id = enroll_tpm(&sim, &enrolled.tcti(), Some("gw-tpm-enrolled"));
+    // Another device claims the enrolled registration id with its own TPM.
+    let impostor = Swtpm::start();
+    let config = tpm_config(dir.path(), &running, &impostor, Some(&id), "attestation");
+    let out = hubagent(&["-c", config.to_str().unwrap(), "provision"], "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused the TPM registration")
+            && stderr.contains("endorsement key differs"),
+        "{stderr}"
+    );
+    assert_eq!(registrations(&sim, &id), 0);
+    assert!(!sim.read(|s| s.devices.contains_key(&format!("localhost/{id}"))));
+    // Nothing was imported into the impostor's TPM, and nothing left loaded.
+    assert!(matches!(
+        TpmSigner::new(&impostor.tcti(), HANDLE).hmac(b"x"),
+        Err(TpmError::HandleEmpty { .. })
+    ));
+    assert_eq!(
+        tpm::handle_counts(&impostor.tcti()).unwrap(),
+        NOTHING_LOADED
+    );
+
+    // A blob DPS made for the enrolled TPM is useless to the impostor even if intercepted.
+    let identity = tpm::identity(&enrolled.tcti()).unwrap();
+    let blob = hubsim::tpm::activation_blob(
+        &identity.endorsement_key,
+        &identity.storage_root_key,
+        &[1u8; 32],
+    )
+    .unwrap();
+    assert!(tpm::attestation::import_activation_blob(&impostor.tcti(), HANDLE, &blob).is_err());
+}
