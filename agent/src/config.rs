@@ -994,6 +994,98 @@ max_message_size = "128KiB"
     }
 
     #[test]
+    fn tpm_settings_parse_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("dps-tpm.toml", include_str!("../../config/examples/dps-tpm.toml")),
+            (
+                "dps-tpm-imported-key.toml",
+                include_str!("../../config/examples/dps-tpm-imported-key.toml"),
+            ),
+        ] {
+            let config = Config::load(&write(dir.path(), name, text), &no_env)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let Some(Attestation::Tpm { handle, tcti, .. }) = &config.provisioning.attestation
+            else {
+                panic!("{name}")
+            };
+            assert_eq!(*handle, 0x8100_0100);
+            assert_eq!(tcti, "device:/dev/tpmrm0");
+        }
+        let attest = Config::load(
+            &write(
+                dir.path(),
+                "a.toml",
+                include_str!("../../config/examples/dps-tpm.toml"),
+            ),
+            &no_env,
+        )
+        .unwrap();
+        assert!(attest.dps_over_https());
+        assert_eq!(
+            attest.dps_endpoint().unwrap(),
+            ("global.azure-devices-provisioning.net".to_string(), 443)
+        );
+        assert_eq!(
+            parse_https_endpoint("https://localhost:8443").unwrap(),
+            ("localhost".to_string(), 8443)
+        );
+        assert_eq!(
+            parse_https_endpoint("mqtts://dps.example:8883").unwrap(),
+            ("dps.example".to_string(), 443)
+        );
+
+        let tpm = |extra: &str| {
+            format!(
+                "[provisioning]\nid_scope = \"0ne1\"\n{extra}\n[provisioning.attestation]\nmethod = \"tpm\"\n"
+            )
+        };
+        // Defaults: DPS attestation at 0x81000100 over /dev/tpmrm0; no registration id needed.
+        let config = Config::load(&write(dir.path(), "b.toml", &tpm("")), &no_env).unwrap();
+        assert_eq!(
+            config.provisioning.attestation,
+            Some(Attestation::Tpm {
+                tcti: "device:/dev/tpmrm0".into(),
+                handle: DEFAULT_TPM_HANDLE,
+                key_source: TpmKeySource::Attestation,
+            })
+        );
+        // The handle as a string, and the reserved ones refused with the key named.
+        let text = tpm("") + "handle = \"0x81000101\"\n";
+        let config = Config::load(&write(dir.path(), "c.toml", &text), &no_env).unwrap();
+        assert!(matches!(
+            config.provisioning.attestation,
+            Some(Attestation::Tpm {
+                handle: 0x8100_0101,
+                ..
+            })
+        ));
+        for bad in ["0x81010001", "0x81000001", "0x01000000"] {
+            let text = tpm("") + &format!("handle = {bad}\n");
+            let err = Config::load(&write(dir.path(), "d.toml", &text), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("provisioning.attestation.handle"), "{bad}: {err}");
+        }
+        let text = tpm("") + "handle = \"eighty-one\"\n";
+        let err = Config::load(&write(dir.path(), "e.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a TPM handle"), "{err}");
+        // An imported key is an ordinary symmetric-key enrollment: the id is required.
+        let text = tpm("") + "key_source = \"imported\"\n";
+        let err = Config::load(&write(dir.path(), "f.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("provisioning.registration_id"), "{err}");
+        // The fingerprint follows the handle and the key source.
+        let a = Config::load(&write(dir.path(), "g.toml", &tpm("")), &no_env).unwrap();
+        let text = tpm("") + "handle = 0x81000102\n";
+        let b = Config::load(&write(dir.path(), "h.toml", &text), &no_env).unwrap();
+        assert_ne!(a.provisioning_fingerprint(), b.provisioning_fingerprint());
+    }
+
+    #[test]
     fn registration_ids_follow_dps_rules() {
         assert!(valid_registration_id("gw-01.site_a:1"));
         assert!(!valid_registration_id("gw 01"));

@@ -336,6 +336,22 @@ mod tests {
         );
     }
 
+    #[cfg(not(feature = "tpm"))]
+    #[test]
+    fn tpm_attestation_needs_a_build_with_tpm_support() {
+        let err = load_credential(
+            &Attestation::Tpm {
+                tcti: "device:/dev/tpmrm0".into(),
+                handle: crate::config::DEFAULT_TPM_HANDLE,
+                key_source: Default::default(),
+            },
+            "gw",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("without TPM support"), "{err}");
+    }
+
     #[test]
     fn a_bad_key_file_is_named_without_echoing_it() {
         let dir = tempfile::tempdir().unwrap();
