@@ -997,7 +997,10 @@ max_message_size = "128KiB"
     fn tpm_settings_parse_and_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         for (name, text) in [
-            ("dps-tpm.toml", include_str!("../../config/examples/dps-tpm.toml")),
+            (
+                "dps-tpm.toml",
+                include_str!("../../config/examples/dps-tpm.toml"),
+            ),
             (
                 "dps-tpm-imported-key.toml",
                 include_str!("../../config/examples/dps-tpm-imported-key.toml"),
@@ -1065,7 +1068,10 @@ max_message_size = "128KiB"
             let err = Config::load(&write(dir.path(), "d.toml", &text), &no_env)
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("provisioning.attestation.handle"), "{bad}: {err}");
+            assert!(
+                err.contains("provisioning.attestation.handle"),
+                "{bad}: {err}"
+            );
         }
         let text = tpm("") + "handle = \"eighty-one\"\n";
         let err = Config::load(&write(dir.path(), "e.toml", &text), &no_env)
