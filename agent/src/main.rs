@@ -114,7 +114,12 @@ fn config_check(path: &Path) -> i32 {
                 path.display(),
                 p.source,
                 p.id_scope.as_deref().unwrap_or("-"),
-                p.registration_id.as_deref().unwrap_or("(from certificate)"),
+                p.registration_id.as_deref().unwrap_or(match p.attestation {
+                    Some(hubagent::config::Attestation::Tpm { .. }) => {
+                        "(from the TPM's endorsement key)"
+                    }
+                    _ => "(from certificate)",
+                }),
                 config.agent.state_dir.display()
             );
             exit::OK
