@@ -388,6 +388,15 @@ pub fn register(
             return error(401, 401002, &format!("Unauthorized: {reason}"));
         }
     };
+    if matched.tpm.is_some() && transport != "https" {
+        // As in Azure: TPM attestation exists over HTTPS and AMQP, not MQTT.
+        record("unauthorized", None, None, matched.attestation);
+        return error(
+            401,
+            401002,
+            "Unauthorized: TPM attestation is only available over HTTPS",
+        );
+    }
     let operation_id = format!("4.{:016x}.{}", rand::random::<u64>(), uuid::Uuid::new_v4());
     if matched.common.provisioning_status == Status::Disabled {
         record("disabled", None, None, matched.attestation);

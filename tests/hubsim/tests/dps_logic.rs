@@ -1028,6 +1028,9 @@ fn tpm_attestation_challenges_the_enrolled_ek_and_wraps_the_hub_key() {
     );
     assert_eq!(wrong.status, 401);
 
+    // Not over MQTT: DPS offers TPM attestation over HTTPS (and AMQP) only.
+    let mqtt = dps::register(&sim, SCOPE, id, &dps_sas(&key, id), &body(id), "mqtt");
+    assert_eq!(mqtt.status, 401, "{}", mqtt.body);
     let accepted = dps::register(
         &sim,
         SCOPE,
@@ -1068,6 +1071,7 @@ fn tpm_attestation_challenges_the_enrolled_ek_and_wraps_the_hub_key() {
             "unauthorized",
             "bad-request",
             "tpm-challenge",
+            "unauthorized",
             "unauthorized",
             "assigned"
         ]
