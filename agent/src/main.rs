@@ -25,6 +25,11 @@ fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::List { json }) => {
             ask(&cli.config, Request::PluginsList, json)
         }
+        Command::PluginHost {
+            name,
+            path,
+            allow_unsafe_paths,
+        } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths),
     };
     ExitCode::from(code as u8)
 }
