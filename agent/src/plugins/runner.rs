@@ -322,6 +322,8 @@ impl ChildInstance {
         // The child's exit, and signals to it (only while it is not yet reaped, so the pid is ours).
         let (signals, mut signal_rx) = mpsc::unbounded_channel::<i32>();
         let (exited_tx, exited) = watch::channel(false);
+        // The reader reports done at EOF; the exit is reported after what the plugin wrote.
+        let (reader_done, reader_done_rx) = oneshot::channel::<()>();
         {
             let events = events.clone();
             tasks.push(tokio::spawn(async move {
@@ -338,6 +340,7 @@ impl ChildInstance {
                         }
                     }
                 };
+                let _ = tokio::time::timeout(Duration::from_secs(2), reader_done_rx).await;
                 let _ = events.send(Event::Ended(format!(
                     "the plugin process {}",
                     describe_exit(status)
@@ -371,7 +374,7 @@ impl ChildInstance {
             let acks = tx.clone();
             let events2 = events.clone();
             let signals2 = signals.clone();
-            tasks.push(tokio::spawn(async move {
+            let reader = async move {
                 loop {
                     let frame = match protocol::read_async::<Up>(&mut stdout).await {
                         Ok(Some(f)) => f,
@@ -449,6 +452,10 @@ impl ChildInstance {
                         return;
                     }
                 }
+            };
+            tasks.push(tokio::spawn(async move {
+                reader.await;
+                let _ = reader_done.send(());
             }));
             down = Some(tx);
         } else {
@@ -464,7 +471,7 @@ impl ChildInstance {
                 // Dropping stdin here gives the plugin EOF.
             }));
             let events2 = events.clone();
-            tasks.push(tokio::spawn(async move {
+            let reader = async move {
                 let mut reader = tokio::io::BufReader::new(stdout);
                 let mut line = Vec::new();
                 loop {
@@ -512,6 +519,10 @@ impl ChildInstance {
                         }
                     }
                 }
+            };
+            tasks.push(tokio::spawn(async move {
+                reader.await;
+                let _ = reader_done.send(());
             }));
             lines = Some(tx);
         }
