@@ -318,17 +318,20 @@ pub async fn run_with(
             tokio::time::Instant::now() + Duration::from_secs(60),
             Duration::from_secs(60),
         );
+        let mut connected = false;
         let next = loop {
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else { break Next::Restart };
                     match event {
                         SessionEvent::Connected => {
+                            connected = true;
                             unauthorized_backoff.reset();
                             status.update(|s| { s.connection = ConnectionState::Connected; s.last_error = None; });
                             systemd::status(&status.line());
                         }
                         SessionEvent::Disconnected { reason } => {
+                            connected = false;
                             status.update(|s| { s.connection = ConnectionState::Connecting; s.last_error = Some(reason); });
                             systemd::status(&status.line());
                         }
@@ -374,12 +377,15 @@ pub async fn run_with(
                     }
                 }
                 _ = plugin_changes.notified() => {
-                    // Coalesce a burst of changes (plugins starting, a crash loop) into one update.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                     status.update(|s| s.plugins = plugins.snapshot());
-                    report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                    // Only while connected (a reconnect reports everything with the twin), and
+                    // a burst of changes (plugins starting, a crash loop) coalesced into one update.
+                    if connected {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                    }
                 }
-                _ = counters.tick() => {
+                _ = counters.tick(), if connected => {
                     // Counters (published, dropped) reach the twin at most this often.
                     report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
                 }
