@@ -69,6 +69,20 @@ pub enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Internal: runs one library plugin in this process, speaking the plugin protocol on
+    /// stdin/stdout (started by the daemon's supervisor; see docs/plugins.md).
+    #[command(hide = true)]
+    PluginHost {
+        /// The plugin's name in the configuration (for messages).
+        #[arg(long)]
+        name: String,
+        /// The shared library to load.
+        #[arg(long)]
+        path: PathBuf,
+        /// Skip the ownership/permission check of `path` (ignored when running as root).
+        #[arg(long)]
+        allow_unsafe_paths: bool,
+    },
     /// TPM tools (builds with the `tpm` feature): import a device key, show the endorsement key.
     #[command(subcommand)]
     Tpm(TpmCommand),

@@ -40,6 +40,10 @@ pub struct AgentSettings {
     pub log_level: String,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Load plugins from paths that are not root-owned or are writable by group/others. Only
+    /// honoured when the daemon does not run as root (development and tests); docs/plugins.md.
+    #[serde(default)]
+    pub allow_unsafe_plugin_paths: bool,
 }
 
 impl Default for AgentSettings {
@@ -49,6 +53,7 @@ impl Default for AgentSettings {
             control_socket: default_control_socket(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
+            allow_unsafe_plugin_paths: false,
         }
     }
 }
@@ -595,6 +600,9 @@ impl Config {
                     &format!("plugin name '{name}' is used twice"),
                 ));
             }
+            crate::plugins::spec::PluginSpec::from_table(plugin).map_err(|(key, message)| {
+                invalid(&format!("plugin[{i}] ({name}).{key}"), &message)
+            })?;
         }
         Ok(())
     }

@@ -27,6 +27,11 @@ fn main() -> ExitCode {
             ask(&cli.config, Request::PluginsList, json)
         }
         Command::Tpm(command) => tpm(&cli.config, command),
+        Command::PluginHost {
+            name,
+            path,
+            allow_unsafe_paths,
+        } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths),
     };
     ExitCode::from(code as u8)
 }
@@ -196,16 +201,41 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             if plugins.is_empty() {
                 println!("no plugins configured");
             }
+            println!(
+                "{:<20} {:<8} {:<18} {:<5} {:>9} {:>8} {:>8}  SOURCE",
+                "NAME", "KIND", "STATE", "ABI", "PUBLISHED", "DROPPED", "RESTARTS"
+            );
             for (name, p) in plugins {
+                let source = match p["kind"].as_str() {
+                    Some("library") => format!(
+                        "{} ({})",
+                        p["path"].as_str().unwrap_or("?"),
+                        p["isolation"].as_str().unwrap_or("?")
+                    ),
+                    Some("exec") => p["command"]
+                        .as_array()
+                        .map(|c| {
+                            c.iter()
+                                .filter_map(|a| a.as_str())
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default(),
+                    _ => format!("builtin {}", p["builtin"].as_str().unwrap_or("?")),
+                };
                 println!(
-                    "{name}: {} ({}){}",
-                    p["status"].as_str().unwrap_or("?"),
+                    "{:<20} {:<8} {:<18} {:<5} {:>9} {:>8} {:>8}  {source}",
+                    name,
                     p["kind"].as_str().unwrap_or("?"),
-                    p["error"]
-                        .as_str()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
+                    p["status"].as_str().unwrap_or("?"),
+                    p["abi"].as_str().unwrap_or("-"),
+                    p["published"].as_u64().unwrap_or(0),
+                    p["dropped"].as_u64().unwrap_or(0),
+                    p["restarts"].as_u64().unwrap_or(0),
                 );
+                if let Some(e) = p["error"].as_str() {
+                    println!("{:<20} error: {e}", "");
+                }
             }
         }
         Request::Reprovision => {
