@@ -135,6 +135,8 @@ WantedBy=multi-user.target
 EOF
 ln -sf /etc/systemd/system/e2e.service "$root/etc/systemd/system/multi-user.target.wants/e2e.service"
 echo "deb-nspawn" >"$root/etc/hostname"
+# minbase has no /etc/hosts: the agent must resolve "localhost" (the hubsim on the host).
+printf '127.0.0.1 localhost deb-nspawn\n::1 localhost ip6-localhost\n' >"$root/etc/hosts"
 
 log "booting the container"
 timeout 600 systemd-nspawn -q -D "$root" -b --console=pipe --register=no --keep-unit >"$work/nspawn.log" 2>&1 </dev/null || true
