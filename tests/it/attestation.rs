@@ -1,7 +1,8 @@
 //! Every attestation method the agent supports, end to end with the real binary against hubsim:
 //! symmetric key (individual), enrollment-group key (the agent derives the device key) and X.509
-//! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each:
-//! provision, publish, restart from the cached assignment without DPS, and reprovision on request.
+//! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each,
+//! the provisioning rules of DESIGN.md: DPS outage and throttling at boot, cache on restart,
+//! reprovision on request, on refused credentials and on a changed provisioning setting.
 
 use std::path::Path;
 use std::time::Duration;
@@ -72,6 +73,10 @@ async fn provision_publish_restart_reprovision(
     device: &str,
 ) {
     let sim = running.sim.clone();
+    // DPS unreachable at first boot (connections refused for 2 s), then throttling: the agent
+    // keeps retrying in-process and honours retry-after.
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(2));
     sim.faults.lock().unwrap().dps_throttle = Some((2, 1));
     let agent = AgentProcess::start(config);
     assert!(
