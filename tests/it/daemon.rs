@@ -454,6 +454,16 @@ async fn check_reports_stable_ids_and_fails_on_problems() {
     ] {
         assert!(ids.contains(&id), "missing check {id}: {ids:?}");
     }
+    let dps = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "network.dps")
+        .unwrap();
+    assert!(
+        dps["detail"].as_str().unwrap().contains("TLS verified"),
+        "{dps}"
+    );
     assert_eq!(agent.stop(), Some(0));
     // A key file others can read is a warning; a missing key file is a failure (exit 1).
     let key_file = dir.path().join("device.key");
