@@ -1228,7 +1228,7 @@ max_message_size = "128KiB"
     fn plugin_keys_are_named_with_their_index() {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "{GOOD}\n[[plugin]]\nname = \"a\"\n\n[[plugin]]\nname = \"b\"\n[plugin.settings]\nx = 1\n"
+            "{GOOD}\n[[plugin]]\nname = \"a\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n\n[[plugin]]\nname = \"b\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n[plugin.settings]\nx = 1\n"
         );
         let config = Config::load(&write(dir.path(), "config.toml", &text), &no_env).unwrap();
         assert_eq!(config.plugin.len(), 2);

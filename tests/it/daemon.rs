@@ -379,7 +379,7 @@ async fn starts_offline_with_the_cached_desired_settings() {
             .get("plugins")
             .and_then(|p| p.get("sensor"))
             .is_some_and(
-                |p| p["desiredVersion"] == version && p["interval"] == "250ms"
+                |p| p["desiredVersion"] == version && p["settings"]["interval"] == "250ms"
             )))
         .await,
         "{}",
@@ -404,7 +404,7 @@ async fn starts_offline_with_the_cached_desired_settings() {
         sim.wait_until(Duration::from_millis(100), |_| false).await;
     };
     assert_eq!(
-        plugins["sensor"]["interval"], "250ms",
+        plugins["sensor"]["settings"]["interval"], "250ms",
         "cached desired settings apply offline"
     );
     assert_eq!(plugins["sensor"]["desiredVersion"], version);
