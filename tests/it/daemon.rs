@@ -334,21 +334,35 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
     agent.child.wait().unwrap();
     let restart_time = hubsim::state::now_rfc3339();
-    let received_before = telemetry_count(&sim, "gw-daemon-5");
+    // Distinct, not raw: a message in flight when the hub went away may have been recorded
+    // without its PUBACK reaching the agent, so it is both received and still queued.
+    let received_before = sensor_seqs(&sim, "gw-daemon-5", &restart_time).len();
 
     sim.faults.lock().unwrap().refuse_connections_until = None;
     let agent = AgentProcess::start(&config);
-    // Everything the first process queued arrives: its sequence numbers have no gap.
-    assert!(
-        sim.wait_until(Duration::from_secs(60), |s| {
-            let seqs = sensor_seqs(s, "gw-daemon-5", &restart_time);
-            seqs.len() >= received_before + 20
-        })
-        .await,
-        "{}",
-        agent.log_text()
-    );
+    // The backlog is sent first; an empty queue means the hub acknowledged all of it (the sensor
+    // adds one message per 100 ms, sent in milliseconds, so the queue empties between them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = agent.cli(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if status["queue_depth"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backlog was not sent: {status}\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Everything the first process queued arrived: its sequence numbers have no gap.
     let seqs = sensor_seqs(&sim, "gw-daemon-5", &restart_time);
+    assert!(
+        seqs.len() > received_before,
+        "the backlog arrived ({received_before} messages before the restart, {} after)",
+        seqs.len()
+    );
     let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
     assert_eq!(seqs, expected, "a gap means a queued message was lost");
     assert_eq!(agent.stop(), Some(0));
