@@ -461,3 +461,80 @@ async fn a_disabled_device_is_reported_as_unauthorized() {
     .await;
     handle.shutdown();
 }
+
+#[tokio::test]
+async fn an_x509_device_provisions_and_keeps_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (cert, key) = enroll_x509(&running.sim, "gw-x509-1", dir.path());
+    let attestation = hubagent::config::Attestation::X509 {
+        identity_cert: cert,
+        identity_pk: key,
+    };
+    let (credential, _) = hubagent::keys::load_credential(&attestation, "gw-x509-1").unwrap();
+    let Credential::X509 {
+        cert_chain_pem,
+        key_pem,
+    } = &credential
+    else {
+        panic!("not an X.509 credential")
+    };
+    let tls = hubagent::tls::client_config(
+        Some(&running.ca_pem_path),
+        Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
+    )
+    .unwrap();
+    let request = hubagent::provisioning::dps::DpsRequest {
+        endpoint_host: "localhost".into(),
+        port: running.mqtt_addr.port(),
+        id_scope: running.sim.read(|s| s.id_scope.clone()),
+        registration_id: "gw-x509-1".into(),
+        payload: None,
+        timeout: WAIT,
+    };
+    let assignment = hubagent::provisioning::dps::register(&request, &credential, tls.clone())
+        .await
+        .unwrap();
+    assert_eq!(assignment.device_id, "gw-x509-1");
+    assert_eq!(
+        assignment.registration_state["x509"]["certificateInfo"]["subjectName"]
+            .as_str()
+            .map(|s| s.contains("gw-x509-1")),
+        Some(true),
+        "{}",
+        assignment.registration_state
+    );
+    // A 2 s "token lifetime" means nothing to a certificate: no renewal reconnects.
+    let (handle, mut events, _task) = spawn(HubParams {
+        hub: assignment.assigned_hub,
+        device_id: assignment.device_id,
+        port: running.mqtt_addr.port(),
+        credential,
+        tls,
+        keep_alive: Duration::from_secs(30),
+        sas_ttl: Duration::from_secs(2),
+        renew_before: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(2),
+        max_message_size: 256 * 1024,
+        inflight: 8,
+        desired_version: 0,
+    });
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut sent = 0;
+    while tokio::time::Instant::now() < until {
+        handle.publish(message(sent)).await.unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded_ids(&running, "gw-x509-1").len(), sent);
+    assert_eq!(count_connects(&running.sim, "gw-x509-1"), 1);
+    let auth = running.sim.records.lock().unwrap().telemetry["gw-x509-1"][0]
+        .system_properties["iothub-connection-auth-method"]
+        .clone();
+    assert!(auth.contains("\"type\":\"x509\""), "{auth}");
+    handle.shutdown();
+}
