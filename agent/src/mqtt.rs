@@ -30,6 +30,9 @@ pub struct ConnectOptions {
     pub inflight: u16,
     /// Capacity of the request channel between `AsyncClient` and the event loop.
     pub request_capacity: usize,
+    /// Incoming QoS 1 publishes are acknowledged by the caller (`AsyncClient::try_ack`) once
+    /// handled, so a message that arrives as the connection closes is redelivered, not lost.
+    pub manual_acks: bool,
 }
 
 /// Makes the client and event loop for one connection; nothing is sent before the first poll.
@@ -43,6 +46,7 @@ pub fn client(options: &ConnectOptions) -> (AsyncClient, EventLoop) {
         options.tls.clone(),
     )));
     mqtt.set_credentials(&options.username, &options.password);
+    mqtt.set_manual_acks(options.manual_acks);
     AsyncClient::new(mqtt, options.request_capacity.max(1))
 }
 

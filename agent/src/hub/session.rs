@@ -218,6 +218,8 @@ impl Session {
             max_packet_size: (512 * 1024, p.max_message_size + 64 * 1024),
             inflight: p.inflight.max(1),
             request_capacity: usize::from(p.inflight) * 2 + 64,
+            // C2D is completed by our PUBACK: only after the daemon has the message.
+            manual_acks: true,
         })
     }
 
@@ -290,20 +292,10 @@ impl Session {
                         Ok(event) => event,
                         Err(e) => break End::Lost(e.to_string()),
                     };
+                    if self.track(&mut link, &event) {
+                        continue;
+                    }
                     match event {
-                        Event::Outgoing(Outgoing::Publish(pkid)) => {
-                            if let Some(Sent::Telemetry) = link.order.pop_front() {
-                                link.telemetry_pkids.push_back(pkid);
-                            }
-                        }
-                        Event::Incoming(Packet::PubAck(ack)) => {
-                            if let Some(pos) = link.telemetry_pkids.iter().position(|p| *p == ack.pkid) {
-                                link.telemetry_pkids.remove(pos);
-                                if let Some(publish) = self.unacked.remove(pos) {
-                                    let _ = publish.done.send(Ok(()));
-                                }
-                            }
-                        }
                         Event::Incoming(Packet::SubAck(ack)) => {
                             for (filter, code) in filters.iter().zip(&ack.return_codes) {
                                 if matches!(code, SubscribeReasonCode::Failure) {
@@ -317,9 +309,11 @@ impl Session {
                             }
                         }
                         Event::Incoming(Packet::Publish(publish)) => {
-                            if let Err(e) = self.incoming(&mut link, &mut desired_version, publish).await {
+                            if let Err(e) = self.incoming(&mut link, &mut desired_version, &publish).await {
                                 break End::Lost(e);
                             }
+                            // Handled (the event is with the daemon): now the hub may forget it.
+                            let _ = link.client.try_ack(&publish);
                         }
                         _ => {}
                     }
@@ -337,7 +331,7 @@ impl Session {
                 control = self.control.recv() => match control {
                     None | Some(Control::Shutdown) => {
                         // Unacked messages stay with their callers (they see `Stopped`).
-                        mqtt::disconnect(&client, &mut eventloop).await;
+                        self.close(&mut link, &mut eventloop).await;
                         break End::Shutdown;
                     }
                     Some(Control::Report { patch, done }) => {
@@ -364,7 +358,7 @@ impl Session {
                 }
                 _ = renew => {
                     tracing::info!("renewing the hub SAS token");
-                    mqtt::disconnect(&client, &mut eventloop).await;
+                    self.close(&mut link, &mut eventloop).await;
                     break End::Renew;
                 }
             }
@@ -378,12 +372,51 @@ impl Session {
         end
     }
 
+    /// Pairs outgoing telemetry with its packet id and completes it on PUBACK. True when the
+    /// event was one of those.
+    fn track(&mut self, link: &mut Link, event: &Event) -> bool {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(Sent::Telemetry) = link.order.pop_front() {
+                    link.telemetry_pkids.push_back(*pkid);
+                }
+                true
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(pos) = link.telemetry_pkids.iter().position(|p| *p == ack.pkid) {
+                    link.telemetry_pkids.remove(pos);
+                    if let Some(publish) = self.unacked.remove(pos) {
+                        let _ = publish.done.send(Ok(()));
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the connection on purpose: DISCONNECT goes out after what is already queued, and
+    /// PUBACKs arriving meanwhile still complete their messages (fewer duplicates after the
+    /// reconnect). Publishes from the hub arriving now are not acknowledged, so the hub sends
+    /// them again on the next connection. Bounded: a dead connection does not hold us up.
+    async fn close(&mut self, link: &mut Link, eventloop: &mut rumqttc::EventLoop) {
+        if link.client.try_disconnect().is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(event) = eventloop.poll().await {
+                self.track(link, &event);
+            }
+        })
+        .await;
+    }
+
     /// Handles a publish from the hub. Errors end the connection.
     async fn incoming(
         &mut self,
         link: &mut Link,
         desired_version: &mut u64,
-        publish: rumqttc::Publish,
+        publish: &rumqttc::Publish,
     ) -> Result<(), String> {
         let json = || serde_json::from_slice::<Value>(&publish.payload).unwrap_or(Value::Null);
         match topics::classify(&self.params.device_id, &publish.topic) {

@@ -115,6 +115,7 @@ async fn register_inner(
         max_packet_size: (64 * 1024, 64 * 1024),
         inflight: 1,
         request_capacity: 10,
+        manual_acks: false,
     });
     match mqtt::wait_connack(&mut eventloop).await {
         Ok(()) => {}
