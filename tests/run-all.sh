@@ -18,6 +18,10 @@ echo "== interop: Azure's Python device SDK against hubsim"
 HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
     -W ignore::DeprecationWarning tests/interop || failed+=("python interop tests")
 
+# A short fuzz run over the checked-in corpus (config, queue files, topics, SAS/twin input).
+echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"
+bash fuzz/run.sh || failed+=("fuzzing")
+
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
     exit 1

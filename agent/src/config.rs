@@ -96,9 +96,10 @@ fn default_global_endpoint() -> String {
 }
 
 /// Where a secret comes from. Inline values are allowed (quickstart style) but files are better:
-/// the agent warns when a key file is readable by others.
-#[derive(Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged, deny_unknown_fields)]
+/// the agent warns when a key file is readable by others. Deserialized by hand (see
+/// `secret_serde`) so a mistake says what to write and never echoes the key.
+#[derive(Clone, Serialize, PartialEq)]
+#[serde(untagged)]
 pub enum Secret {
     File { file: PathBuf },
     Value { value: String },
@@ -311,12 +312,14 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A syntax or type error at a position in a file.
-    #[error("{path}:{line}:{column}: {message}")]
+    /// A syntax or type error at a position in a file; `key` is the dotted key at that position
+    /// (`hub.sas_ttl`), empty when the error is not inside one (a syntax error between keys).
+    #[error("{path}:{line}:{column}: {key}{sep}{message}", sep = if key.is_empty() { "" } else { ": " })]
     Parse {
         path: PathBuf,
         line: usize,
         column: usize,
+        key: String,
         message: String,
     },
     /// A setting that parsed but makes no sense with the others.
@@ -356,21 +359,18 @@ impl Config {
             }
         }
         // Types are checked on each file first (so errors point at a line), then on the merge.
+        let mut texts = Vec::new();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
                 path: file.clone(),
                 source,
             })?;
             check_types(file, &text)?;
+            texts.push((file.clone(), text));
         }
-        let mut config: Config =
-            toml::Value::Table(merged)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    key: "(merged with config.d)".into(),
-                    message: e.message().to_string(),
-                })?;
+        let mut config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| merged_error(path, &texts, &e))?;
         config.apply_env(env);
         config.validate(path)?;
         Ok(config)
@@ -493,7 +493,7 @@ impl Config {
             let name = plugin.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
                 invalid(
                     &format!("plugin[{i}].name"),
-                    "every [[plugin]] needs a name",
+                    "every [[plugin]] needs name = \"...\" (a string)",
                 )
             })?;
             if !names.insert(name.to_string()) {
@@ -644,26 +644,280 @@ fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
         connection_string: Option<Secret>,
         attestation: Option<Attestation>,
     }
-    toml::from_str::<Partial>(text)
-        .map(|_| ())
-        .map_err(|e| parse_error(path, text, &e))
+    // Key sources first, outside the internally tagged attestation (where serde loses positions),
+    // so a mistake in one points at its own line.
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct KeySources {
+        provisioning: Option<ProvisioningKeySources>,
+    }
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct ProvisioningKeySources {
+        connection_string: Option<Secret>,
+        attestation: Option<AttestationKeySources>,
+    }
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct AttestationKeySources {
+        key: Option<Secret>,
+        group_key: Option<Secret>,
+    }
+    toml::from_str::<KeySources>(text).map_err(|e| parse_error(path, text, &e))?;
+    match toml::from_str::<Partial>(text) {
+        Ok(_) => Ok(()),
+        // A drop-in may change the key file alone, without repeating `method`: the merged
+        // configuration is checked for it.
+        Err(e) if e.message().trim() == "missing field `method`" => Ok(()),
+        Err(e) => Err(parse_error(path, text, &e)),
+    }
 }
 
+/// A toml error as file:line:column, with the dotted key it is about.
 fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let (line, column) = e
-        .span()
-        .map(|span| {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-            (line, column)
-        })
-        .unwrap_or((0, 0));
+    let message = e.message().trim().to_string();
+    let (key, offset) = match e.span() {
+        Some(span) => locate(text, span.start, &message),
+        None => (String::new(), usize::MAX),
+    };
+    let (line, column) = if offset == usize::MAX {
+        (0, 0)
+    } else {
+        line_column(text, offset)
+    };
     ConfigError::Parse {
         path: path.to_path_buf(),
         line,
         column,
-        message: e.message().trim().to_string(),
+        key,
+        message,
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// The dotted key at byte `offset` of `text`, and the offset to report. serde reports errors
+/// inside an internally tagged table (`[provisioning.attestation]`) against the whole table; for
+/// "unknown field `x`" the key's own line is found inside it.
+fn locate(text: &str, offset: usize, message: &str) -> (String, usize) {
+    let Ok(doc) = toml::de::DeTable::parse(text) else {
+        return (String::new(), offset); // a syntax error: no keys to name
+    };
+    let root = toml::de::DeValue::Table(doc.into_inner());
+    let mut path = Vec::new();
+    let Some(node) = find_at(&root, offset, &mut path) else {
+        return (String::new(), offset);
+    };
+    let mut offset = offset;
+    if let Some(unknown) = unknown_field(message)
+        && let Some(key_offset) = find_key(node, unknown, &mut path)
+    {
+        offset = key_offset;
+    }
+    (join_path(&path), offset)
+}
+
+/// The innermost value (or key) whose span holds `offset`, pushing the keys leading to it.
+fn find_at<'a, 'i>(
+    value: &'a toml::de::DeValue<'i>,
+    offset: usize,
+    path: &mut Vec<String>,
+) -> Option<&'a toml::de::DeValue<'i>> {
+    match value {
+        toml::de::DeValue::Table(table) => {
+            for (key, child) in table.iter() {
+                path.push(key.get_ref().to_string());
+                if key.span().contains(&offset) {
+                    return Some(child.get_ref());
+                }
+                if let Some(found) = find_at(child.get_ref(), offset, path) {
+                    return Some(found);
+                }
+                if child.span().contains(&offset) {
+                    return Some(child.get_ref());
+                }
+                path.pop();
+            }
+        }
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(format!("[{i}]"));
+                if let Some(found) = find_at(item.get_ref(), offset, path) {
+                    return Some(found);
+                }
+                if item.span().contains(&offset) {
+                    return Some(item.get_ref());
+                }
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    None
+}
+
+/// Depth-first search for a key named `name` under `value`; extends `path` and returns the key's
+/// offset when found.
+fn find_key(value: &toml::de::DeValue<'_>, name: &str, path: &mut Vec<String>) -> Option<usize> {
+    match value {
+        toml::de::DeValue::Table(table) => {
+            for (key, child) in table.iter() {
+                path.push(key.get_ref().to_string());
+                if key.get_ref() == name {
+                    return Some(key.span().start);
+                }
+                if let Some(found) = find_key(child.get_ref(), name, path) {
+                    return Some(found);
+                }
+                path.pop();
+            }
+        }
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(format!("[{i}]"));
+                if let Some(found) = find_key(item.get_ref(), name, path) {
+                    return Some(found);
+                }
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    None
+}
+
+/// `x` from serde's "unknown field `x`, expected …".
+fn unknown_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
+}
+
+/// `["plugin", "[1]", "name"]` → `plugin[1].name`.
+fn join_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if !out.is_empty() && !part.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(part);
+    }
+    out
+}
+
+/// An error found only once the files are merged (each file alone was fine). An unknown key is
+/// traced back to the last file that sets it.
+fn merged_error(main: &Path, texts: &[(PathBuf, String)], e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_string();
+    if let Some(name) = unknown_field(&message) {
+        for (file, text) in texts.iter().rev() {
+            let Ok(doc) = toml::de::DeTable::parse(text) else {
+                continue;
+            };
+            let mut path = Vec::new();
+            let root = toml::de::DeValue::Table(doc.into_inner());
+            if let Some(offset) = find_key(&root, name, &mut path) {
+                let (line, column) = line_column(text, offset);
+                return ConfigError::Parse {
+                    path: file.clone(),
+                    line,
+                    column,
+                    key: join_path(&path),
+                    message: format!("{message} (in the configuration merged from config.d)"),
+                };
+            }
+        }
+    }
+    let (key, message) = match message.as_str() {
+        "missing field `provisioning`" => (
+            "provisioning",
+            "missing: every configuration needs a [provisioning] section".to_string(),
+        ),
+        "missing field `method`" => (
+            "provisioning.attestation.method",
+            "missing: \"symmetric_key\", \"x509\" or \"tpm\"".to_string(),
+        ),
+        _ => ("(merged with config.d)", message),
+    };
+    ConfigError::Invalid {
+        path: main.to_path_buf(),
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// A key source is `{ file = "…" }` or `{ value = "…" }`. Hand-written so that mistakes say what
+/// to write, and so that a bare string (likely the key itself) is never echoed in an error.
+mod secret_serde {
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+
+    use super::Secret;
+
+    const HINT: &str =
+        "a key source is { file = \"/path/to/key\" } or { value = \"<base64 key>\" }";
+
+    impl<'de> Deserialize<'de> for Secret {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+            // deserialize_any: a string goes to visit_str below, which does not echo it.
+            d.deserialize_any(SecretVisitor)
+        }
+    }
+
+    struct SecretVisitor;
+
+    impl<'de> Visitor<'de> for SecretVisitor {
+        type Value = Secret;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(HINT)
+        }
+
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Secret, E> {
+            Err(E::custom(format!(
+                "a bare string is not a key source (its text is not shown); {HINT}"
+            )))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
+            let mut found = None;
+            while let Some(name) = map.next_key::<String>()? {
+                let secret = match name.as_str() {
+                    "file" => Secret::File {
+                        file: map.next_value()?,
+                    },
+                    "value" => Secret::Value {
+                        value: map.next_value()?,
+                    },
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "unknown field `{other}`: {HINT}"
+                        )));
+                    }
+                };
+                if found.is_some() {
+                    return Err(de::Error::custom(format!(
+                        "give file or value, not both: {HINT}"
+                    )));
+                }
+                found = Some(secret);
+            }
+            found.ok_or_else(|| de::Error::custom(format!("empty: {HINT}")))
+        }
     }
 }
 
@@ -677,6 +931,55 @@ fn merge_tables(base: &mut toml::Table, over: toml::Table) {
                 base.insert(key, value);
             }
         }
+    }
+}
+
+impl Config {
+    /// One line for `hubagent config check`: where the agent will provision or connect, with
+    /// what kind of credential, and where it keeps state. Never shows key material.
+    pub fn summary(&self) -> String {
+        let p = &self.provisioning;
+        let source = |s: &Secret| match s {
+            Secret::File { file } => format!("file {}", file.display()),
+            Secret::Value { .. } => "inline value".to_string(),
+        };
+        let attestation = match &p.attestation {
+            None => None,
+            Some(Attestation::SymmetricKey { key: Some(k), .. }) => {
+                Some(format!("symmetric key from {}", source(k)))
+            }
+            Some(Attestation::SymmetricKey {
+                group_key: Some(k), ..
+            }) => Some(format!("device key derived from group key {}", source(k))),
+            Some(Attestation::SymmetricKey { .. }) => Some("symmetric key".to_string()),
+            Some(Attestation::X509 { identity_cert, .. }) => {
+                Some(format!("X.509 certificate {}", identity_cert.display()))
+            }
+            Some(Attestation::Tpm { tcti, .. }) => Some(format!("TPM at {tcti}")),
+        };
+        let mut parts = match p.source {
+            Source::Dps => vec![
+                format!("DPS {}", p.global_endpoint),
+                format!("id scope {}", p.id_scope.as_deref().unwrap_or("-")),
+                format!(
+                    "registration id {}",
+                    p.registration_id
+                        .as_deref()
+                        .unwrap_or("from the certificate CN")
+                ),
+            ],
+            Source::Manual => match (&p.connection_string, &p.iothub_hostname) {
+                (Some(cs), _) => vec![format!("manual, connection string from {}", source(cs))],
+                (None, hub) => vec![
+                    format!("manual, hub {}", hub.as_deref().unwrap_or("-")),
+                    format!("device {}", p.device_id.as_deref().unwrap_or("-")),
+                ],
+            },
+        };
+        parts.extend(attestation);
+        parts.push(format!("{} plugin(s)", self.plugin.len()));
+        parts.push(format!("state in {}", self.agent.state_dir.display()));
+        parts.join(", ")
     }
 }
 
@@ -709,6 +1012,82 @@ max_message_size = "128KiB"
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn a_dropin_may_change_the_key_alone_and_merge_errors_point_at_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "config.toml", GOOD);
+        write(
+            dir.path(),
+            "config.d/10-key.toml",
+            "[provisioning.attestation]\nkey = { file = \"/etc/hubagent/other.key\" }\n",
+        );
+        let config = Config::load(&path, &no_env).unwrap();
+        assert_eq!(
+            config.provisioning.attestation,
+            Some(Attestation::SymmetricKey {
+                key: Some(Secret::File {
+                    file: "/etc/hubagent/other.key".into()
+                }),
+                group_key: None
+            })
+        );
+        // Each file alone is fine; merged, an x509 field sits in a symmetric_key attestation.
+        write(
+            dir.path(),
+            "config.d/20-cert.toml",
+            "\n[provisioning.attestation]\nidentity_cert = \"/c.pem\"\n",
+        );
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(
+            err.contains("20-cert.toml:3:1: provisioning.attestation.identity_cert:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn key_source_mistakes_point_at_their_line_and_never_echo_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace(
+            "key = { file = \"/etc/hubagent/device.key\" }",
+            "key = \"c2VjcmV0a2V5\"",
+        );
+        let err = Config::load(&write(dir.path(), "config.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.toml:10:7: provisioning.attestation.key:"),
+            "{err}"
+        );
+        assert!(err.contains("{ file = "), "{err}");
+        assert!(!err.contains("c2VjcmV0a2V5"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_provisioning_section_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "config.toml",
+            "[agent]\nlog_level = \"debug\"\n",
+        );
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("config.toml: provisioning: missing"), "{err}");
+    }
+
+    #[test]
+    fn plugin_keys_are_named_with_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{GOOD}\n[[plugin]]\nname = \"a\"\n\n[[plugin]]\nname = \"b\"\n[plugin.settings]\nx = 1\n"
+        );
+        let config = Config::load(&write(dir.path(), "config.toml", &text), &no_env).unwrap();
+        assert_eq!(config.plugin.len(), 2);
+        let (key, offset) = locate(&text, text.find("x = 1").unwrap(), "invalid type");
+        assert_eq!(key, "plugin[1].settings.x");
+        let line = text.lines().position(|l| l == "x = 1").unwrap() + 1;
+        assert_eq!(line_column(&text, offset), (line, 1));
     }
 
     #[test]

@@ -175,20 +175,12 @@ pub fn load_credential(
                 })
             };
             let cert = read(identity_cert)?;
-            if !String::from_utf8_lossy(&cert).contains("-----BEGIN CERTIFICATE-----") {
-                return Err(KeyError::Invalid(format!(
-                    "{}: no PEM certificate in it",
-                    identity_cert.display()
-                )));
-            }
             let key = Zeroizing::new(read(identity_pk)?);
-            if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
-                return Err(KeyError::Invalid(format!(
-                    "{}: no PEM private key in it",
-                    identity_pk.display()
-                )));
-            }
-            let warnings = check_private(identity_pk).into_iter().collect();
+            let cert_warnings = check_x509_identity(identity_cert, &cert, identity_pk, &key)?;
+            let warnings = check_private(identity_pk)
+                .into_iter()
+                .chain(cert_warnings)
+                .collect();
             Ok((
                 Credential::X509 {
                     cert_chain_pem: Arc::new(cert),
@@ -201,6 +193,78 @@ pub fn load_credential(
             "TPM attestation is not available in this build yet (issue #4); use symmetric_key or x509".into(),
         )),
     }
+}
+
+/// Checks an X.509 identity before any connection: the certificate file holds a PEM chain of
+/// valid certificates, the key file a PEM private key (PKCS#8, SEC1 or PKCS#1 RSA) that matches
+/// the leaf. Errors name the file at fault and never include key material. Returns warnings for a
+/// leaf that is expired or not yet valid (the hub will refuse it; the clock may be wrong).
+pub fn check_x509_identity(
+    cert_path: &Path,
+    cert_pem: &[u8],
+    key_path: &Path,
+    key_pem: &[u8],
+) -> Result<Vec<String>, KeyError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let cert_err = |what: String| KeyError::Invalid(format!("{}: {what}", cert_path.display()));
+    let key_err = |what: &str| KeyError::Invalid(format!("{}: {what}", key_path.display()));
+
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(format!("not a PEM certificate chain ({e})")))?;
+    if chain.is_empty() {
+        return Err(cert_err(
+            "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----, leaf first)".into(),
+        ));
+    }
+    let mut leaf_spki = Vec::new();
+    let mut warnings = Vec::new();
+    for (i, der) in chain.iter().enumerate() {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| cert_err(format!("certificate {} of the chain: {e}", i + 1)))?;
+        if i == 0 {
+            leaf_spki = cert.public_key().raw.to_vec();
+            let validity = cert.validity();
+            let now = x509_parser::time::ASN1Time::now();
+            if now > validity.not_after {
+                warnings.push(format!(
+                    "{}: the certificate expired on {} (the hub will refuse it)",
+                    cert_path.display(),
+                    validity.not_after
+                ));
+            } else if now < validity.not_before {
+                warnings.push(format!(
+                    "{}: the certificate is valid only from {} (is the clock right?)",
+                    cert_path.display(),
+                    validity.not_before
+                ));
+            }
+        }
+    }
+
+    let text = String::from_utf8_lossy(key_pem);
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        return Err(key_err(
+            "the private key is encrypted; store it unencrypted with mode 0600 (openssl pkey -in KEY -out KEY.plain)",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
+        key_err("no PEM private key in it (expected PKCS#8, SEC1 EC or PKCS#1 RSA: -----BEGIN PRIVATE KEY-----)")
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|_| {
+        key_err("unsupported private key (use an RSA, ECDSA P-256/P-384 or Ed25519 key)")
+    })?;
+    if let Some(public) = signing.public_key()
+        && public.as_ref() != leaf_spki.as_slice()
+    {
+        return Err(key_err(&format!(
+            "the private key does not belong to the certificate {}",
+            cert_path.display()
+        )));
+    }
+    Ok(warnings)
 }
 
 /// The CN of the first certificate of a PEM chain: the registration id of an X.509 device.
@@ -256,6 +320,124 @@ mod tests {
     use super::*;
 
     const K1: &str = "NMgJDvdKTxjLi+xBxxkDDEwDJxEvOE5u8BiT0mVgPeg=";
+
+    /// A self-signed identity (PKCS#8 key), valid from `from` to `until` (years).
+    fn identity(cn: &str, from: i32, until: i32) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![cn.to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn x509(dir: &Path, cert: &str, key: &str) -> Result<(Credential, Vec<String>), KeyError> {
+        let (cert_path, key_path) = (dir.join("device.pem"), dir.join("device.key.pem"));
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        load_credential(
+            &Attestation::X509 {
+                identity_cert: cert_path,
+                identity_pk: key_path,
+            },
+            "",
+        )
+    }
+
+    #[test]
+    fn an_x509_identity_loads_and_names_its_cn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = identity("gw-x509", 2020, 2090);
+        let (credential, warnings) = x509(dir.path(), &cert, &key).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let Credential::X509 { cert_chain_pem, .. } = credential else {
+            panic!("not an X.509 credential")
+        };
+        assert_eq!(certificate_common_name(&cert_chain_pem).unwrap(), "gw-x509");
+    }
+
+    #[test]
+    fn x509_mistakes_name_the_file_at_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = identity("gw-x509", 2020, 2090);
+        let (_, other_key) = identity("someone-else", 2020, 2090);
+
+        let err = x509(dir.path(), "hello", &key).unwrap_err().to_string();
+        assert!(err.contains("device.pem: no PEM certificate"), "{err}");
+
+        let broken = cert.replace("-----END CERTIFICATE-----", "");
+        let err = x509(dir.path(), &broken, &key).unwrap_err().to_string();
+        assert!(err.contains("device.pem:"), "{err}");
+
+        let err = x509(dir.path(), &cert, &cert).unwrap_err().to_string();
+        assert!(err.contains("device.key.pem: no PEM private key"), "{err}");
+
+        let err = x509(dir.path(), &cert, &other_key).unwrap_err().to_string();
+        assert!(
+            err.contains("device.key.pem: the private key does not belong to the certificate"),
+            "{err}"
+        );
+        assert!(!err.contains("PRIVATE KEY"), "no key material: {err}");
+
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let err = x509(dir.path(), &cert, encrypted).unwrap_err().to_string();
+        assert!(err.contains("encrypted"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_certificate_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = identity("gw-old", 2000, 2001);
+        let (_, warnings) = x509(dir.path(), &cert, &key).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("expired"), "{warnings:?}");
+    }
+
+    #[test]
+    fn inline_keys_and_whitespace() {
+        let (credential, warnings) = load_credential(
+            &Attestation::SymmetricKey {
+                key: Some(Secret::Value {
+                    value: format!("  {K1}\n"),
+                }),
+                group_key: None,
+            },
+            "gw",
+        )
+        .unwrap();
+        assert!(warnings.is_empty());
+        let Credential::Sas(signer) = credential else {
+            panic!()
+        };
+        let expected = MemoryKey::from_base64(K1, "x").unwrap();
+        assert_eq!(signer.sign(b"a").unwrap(), expected.sign(b"a").unwrap());
+        assert!(!signer.describe().contains(K1));
+        let err = load_credential(
+            &Attestation::SymmetricKey {
+                key: Some(Secret::Value {
+                    value: String::new(),
+                }),
+                group_key: None,
+            },
+            "gw",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn sas_tokens_carry_the_key_name_when_given() {
+        let key = MemoryKey::from_base64(K1, "test").unwrap();
+        let token = sas_token(&key, "hub/devices/d", 1, Some("registration")).unwrap();
+        assert!(token.ends_with("&se=1&skn=registration"), "{token}");
+        assert_eq!(url_encode("a b/c+d=~"), "a%20b%2Fc%2Bd%3D~");
+    }
 
     #[test]
     fn tokens_match_the_python_sdk() {

@@ -84,15 +84,7 @@ fn demo(_: hubagent::cli::DemoArgs) -> i32 {
 fn config_check(path: &Path) -> i32 {
     match load(path) {
         Ok(config) => {
-            let p = &config.provisioning;
-            println!(
-                "{}: OK (source {:?}, id scope {}, registration id {}, state {})",
-                path.display(),
-                p.source,
-                p.id_scope.as_deref().unwrap_or("-"),
-                p.registration_id.as_deref().unwrap_or("(from certificate)"),
-                config.agent.state_dir.display()
-            );
+            println!("{}: OK ({})", path.display(), config.summary());
             exit::OK
         }
         Err(code) => code,

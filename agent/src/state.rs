@@ -136,7 +136,10 @@ impl StateDir {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!(".{name}.tmp"));
+    // Unique per writer, so `hubagent provision` and the daemon never share a temp file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| StateError::Io { path, source }
@@ -148,10 +151,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
     drop(file);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp); // a full disk must not leave litter behind
+        return Err(StateError::Io { path: tmp, source });
+    }
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -161,6 +173,58 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_twin_cache_round_trips_and_writes_leave_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _) = StateDir::open(dir.path()).unwrap();
+        assert!(state.load_twin().unwrap().is_none());
+        let mut twin = TwinCache {
+            desired_version: 7,
+            ..Default::default()
+        };
+        twin.desired.insert(
+            "plugins".into(),
+            serde_json::json!({"sensor": {"interval": "5s"}}),
+        );
+        twin.reported_sent
+            .insert("agent".into(), serde_json::json!({"version": "0.1.0"}));
+        state.save_twin(&twin).unwrap();
+        twin.desired_version = 8;
+        state.save_twin(&twin).unwrap();
+        assert_eq!(state.load_twin().unwrap(), Some(twin));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["twin.json".to_string()]);
+        std::fs::write(dir.path().join("twin.json"), "[1, 2]").unwrap();
+        let err = state.load_twin().unwrap_err().to_string();
+        assert!(err.contains("twin.json: not a valid state file"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_and_touches_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("provisioning.json");
+        write_atomic(&target, b"old").unwrap();
+        // A directory in the way of the rename: the write fails, the temp file is removed.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir_all(blocked.join("inner")).unwrap();
+        assert!(write_atomic(&blocked, b"new").is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        let litter = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
+            .count();
+        assert_eq!(litter, 0);
+    }
 
     #[test]
     fn caches_round_trip_privately_and_corruption_is_named() {

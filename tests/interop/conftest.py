@@ -88,7 +88,7 @@ def hubsim():
     log = open(state / "hubsim.log", "w")
     process = subprocess.Popen(
         [str(binary), "serve", "--state-dir", str(state), "--mqtt-port", "8883", "--https-port", "0",
-         "--hub", HUB, "--retry-after", "1"],
+         "--hub", HUB, "--hub", "localhost", "--retry-after", "1"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -106,6 +106,9 @@ def hubsim():
         hub_cs, dps_cs = (state / "connection-strings.txt").read_text().split()
         ca_path = str(state / "ca.pem")
         yield {
+            "binary": binary,
+            "https_port": https_port,
+            "hub_connection_string": hub_cs,
             "ca_path": ca_path,
             "ca_pem": Path(ca_path).read_text(),
             "id_scope": endpoints["idScope"],

@@ -25,12 +25,13 @@ def provision(hubsim, registration_id, key):
     return client.register()
 
 
-def enroll(hubsim, registration_id):
+def enroll(hubsim, registration_id, hub=HUB):
     enrollment = hubsim["api"].request(
         "PUT",
         f"/enrollments/{registration_id}",
         policy="dps",
-        body={"registrationId": registration_id, "attestation": {"type": "symmetricKey"}},
+        body={"registrationId": registration_id, "attestation": {"type": "symmetricKey"},
+              "allocationPolicy": "static", "iotHubHostName": hub},
         expect=200,
     )
     return enrollment["attestation"]["symmetricKey"]["primaryKey"]
@@ -62,7 +63,7 @@ def device(hubsim):
 def test_individual_symmetric_key_registration(hubsim):
     key = enroll(hubsim, "py-individual")
     hubsim["api"].request("PUT", "/enrollments/py-individual", policy="dps", expect=200, body={
-        "registrationId": "py-individual", "deviceId": "gateway-7",
+        "registrationId": "py-individual", "deviceId": "gateway-7", "iotHubHostName": HUB,
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
     })
     result = provision(hubsim, "py-individual", key)
@@ -79,7 +80,7 @@ def test_individual_symmetric_key_registration(hubsim):
 
 def test_group_enrollment_with_derived_key(hubsim):
     group = hubsim["api"].request("PUT", "/enrollmentGroups/py-fleet", policy="dps", expect=200, body={
-        "enrollmentGroupId": "py-fleet", "attestation": {"type": "symmetricKey"},
+        "enrollmentGroupId": "py-fleet", "attestation": {"type": "symmetricKey"}, "iotHubHostName": HUB,
     })
     group_key = group["attestation"]["symmetricKey"]["primaryKey"]
     result = provision(hubsim, "py-fleet-dev-1", derive_device_key(group_key, "py-fleet-dev-1"))
@@ -181,15 +182,18 @@ def test_cloud_to_device_message(hubsim, device):
 def test_dropped_connection_is_recovered_by_the_sdk(hubsim, device):
     device_id, client = device
     connected_again = threading.Event()
-    drops = {"n": 0}
+    seen_disconnect = threading.Event()
 
     def on_state_change():
-        if client.connected and drops["n"] > 0:
+        # Armed before the drop, so a reconnect faster than the HTTP answer is not missed.
+        if not client.connected:
+            seen_disconnect.set()
+        elif seen_disconnect.is_set():
             connected_again.set()
 
     client.on_connection_state_change = on_state_change
-    drops["n"] = hubsim["api"].request("POST", f"/sim/faults/drop/{device_id}", expect=200)["dropped"]
-    assert drops["n"] == 1
+    dropped = hubsim["api"].request("POST", f"/sim/faults/drop/{device_id}", expect=200)["dropped"]
+    assert dropped == 1
     assert connected_again.wait(TIMEOUT), "the SDK did not reconnect"
     client.send_message(Message("after the drop"))
     records = hubsim["api"].request("GET", f"/sim/telemetry/{device_id}", expect=200)

@@ -263,8 +263,8 @@ fn bad_configuration_exits_78_naming_the_key() {
     assert_eq!(out.status.code(), Some(69), "no daemon: EX_UNAVAILABLE");
 }
 
-/// Sequence numbers in the simulated sensor's bodies, for messages created before `before`.
-fn sensor_seqs(sim: &hubsim::Sim, device: &str, before: &str) -> Vec<u64> {
+/// Sequence numbers of one sensor run (each process numbers its readings from 1 under a run id).
+fn sensor_seqs(sim: &hubsim::Sim, device: &str, run: &str) -> Vec<u64> {
     let records = sim
         .records
         .lock()
@@ -275,11 +275,7 @@ fn sensor_seqs(sim: &hubsim::Sim, device: &str, before: &str) -> Vec<u64> {
         .unwrap_or_default();
     let mut seqs: Vec<u64> = records
         .iter()
-        .filter(|r| {
-            r.system_properties
-                .get("creation-time")
-                .is_some_and(|t| t.as_str() < before)
-        })
+        .filter(|r| r.properties.get("run").is_some_and(|r| r == run))
         .filter_map(|r| {
             serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
         })
@@ -333,10 +329,11 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     let mut agent = agent;
     agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
     agent.child.wait().unwrap();
-    let restart_time = hubsim::state::now_rfc3339();
+    let first_run =
+        sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
     // Distinct, not raw: a message in flight when the hub went away may have been recorded
     // without its PUBACK reaching the agent, so it is both received and still queued.
-    let received_before = sensor_seqs(&sim, "gw-daemon-5", &restart_time).len();
+    let received_before = sensor_seqs(&sim, "gw-daemon-5", &first_run).len();
 
     sim.faults.lock().unwrap().refuse_connections_until = None;
     let agent = AgentProcess::start(&config);
@@ -357,7 +354,7 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Everything the first process queued arrived: its sequence numbers have no gap.
-    let seqs = sensor_seqs(&sim, "gw-daemon-5", &restart_time);
+    let seqs = sensor_seqs(&sim, "gw-daemon-5", &first_run);
     assert!(
         seqs.len() > received_before,
         "the backlog arrived ({received_before} messages before the restart, {} after)",
@@ -366,4 +363,130 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
     assert_eq!(seqs, expected, "a gap means a queued message was lost");
     assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_offline_with_the_cached_desired_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-6");
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-6") >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let key = hubsim::state::Store::device_key("localhost", "gw-daemon-6");
+    let version = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &serde_json::json!({"plugins": {"sensor": {"interval": "250ms"}}}),
+    )
+    .unwrap();
+    // The agent acknowledges the applied version in its reported properties.
+    assert!(
+        sim.wait_until(WAIT, |s| s.read(|st| st.devices[&key]
+            .twin
+            .reported
+            .get("plugins")
+            .and_then(|p| p.get("sensor"))
+            .is_some_and(
+                |p| p["desiredVersion"] == version && p["interval"] == "250ms"
+            )))
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop(), Some(0));
+
+    // No hub at all now: the agent starts with what it cached.
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    let agent = AgentProcess::start(&config);
+    let deadline = std::time::Instant::now() + WAIT;
+    let plugins = loop {
+        let out = agent.cli(&["plugins", "list", "--json"]);
+        if out.status.success() {
+            let plugins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if plugins["sensor"]["status"] == "running" {
+                break plugins;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log_text());
+        sim.wait_until(Duration::from_millis(100), |_| false).await;
+    };
+    assert_eq!(
+        plugins["sensor"]["interval"], "250ms",
+        "cached desired settings apply offline"
+    );
+    assert_eq!(plugins["sensor"]["desiredVersion"], version);
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_ne!(status["connection"], "connected");
+    assert_eq!(status["desired_version"], version);
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_stable_ids_and_fails_on_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-7");
+    let agent = AgentProcess::start(&config);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| hub_connects(s, "gw-daemon-7") >= 1)
+            .await
+    );
+    let out = agent.cli(&["check", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "config.valid",
+        "clock.sane",
+        "keys.load",
+        "keys.private",
+        "tls.trust",
+        "state.dir",
+        "provisioning.cache",
+        "network.dps",
+        "network.hub",
+        "daemon.running",
+    ] {
+        assert!(ids.contains(&id), "missing check {id}: {ids:?}");
+    }
+    assert_eq!(agent.stop(), Some(0));
+    // A key file others can read is a warning; a missing key file is a failure (exit 1).
+    let key_file = dir.path().join("device.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[WARN] keys.private") && text.contains("chmod 600"),
+        "{text}"
+    );
+    std::fs::remove_file(&key_file).unwrap();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[FAIL] keys.load"));
 }

@@ -50,6 +50,9 @@ pub async fn run(
     publisher: super::DurablePublisher,
 ) {
     let mut n: u64 = 0;
+    // Identifies this run of the sensor: `seq` restarts at 1 in every run, so (run, seq) names a
+    // reading uniquely and a gap in one run's numbers is a lost message.
+    let run = format!("{:08x}", rand::random::<u32>());
     loop {
         let interval = settings.borrow_and_update().interval;
         tokio::select! {
@@ -75,7 +78,7 @@ pub async fn run(
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
             creation_time: Some(crate::daemon::now_rfc3339()),
-            properties: vec![("source".into(), name.clone())],
+            properties: vec![("source".into(), name.clone()), ("run".into(), run.clone())],
         };
         publisher.publish(message).await;
     }

@@ -109,6 +109,16 @@ impl SessionHandle {
     /// Sends a telemetry message; resolves when the hub acknowledged it (PUBACK). While the hub is
     /// unreachable this waits; the message is never dropped by the session.
     pub async fn publish(&self, message: TelemetryMessage) -> Result<(), PublishError> {
+        let acknowledged = self.enqueue(message).await?;
+        acknowledged.await.map_err(|_| PublishError::Stopped)?
+    }
+
+    /// Hands a message to the session (in call order) and returns what resolves on its PUBACK:
+    /// callers that enqueue one message after another keep their order on the wire.
+    pub async fn enqueue(
+        &self,
+        message: TelemetryMessage,
+    ) -> Result<oneshot::Receiver<Result<(), PublishError>>, PublishError> {
         let size = message.body.len() + topics::telemetry_topic(&self.device_id, &message).len();
         if size > self.max_message_size {
             return Err(PublishError::TooLarge {
@@ -121,7 +131,7 @@ impl SessionHandle {
             .send(Publish { message, done })
             .await
             .map_err(|_| PublishError::Stopped)?;
-        result.await.map_err(|_| PublishError::Stopped)?
+        Ok(result)
     }
 
     /// Patches reported properties; returns the new reported `$version`.
@@ -172,6 +182,7 @@ pub fn spawn(
             control: control_rx,
             unacked: VecDeque::new(),
             next_rid: 0,
+            connected_at: None,
         }
         .run(),
     );

@@ -128,13 +128,15 @@ pub(super) struct Session {
     /// Telemetry handed to the hub and not yet acknowledged, oldest first. Survives reconnects.
     pub unacked: VecDeque<Publish>,
     pub next_rid: u64,
+    /// When the current connection got its CONNACK.
+    pub connected_at: Option<Instant>,
 }
 
 impl Session {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.params.backoff_max);
         loop {
-            let started = Instant::now();
+            self.connected_at = None;
             match self.connection().await {
                 End::Shutdown => return,
                 End::Renew => {
@@ -150,8 +152,12 @@ impl Session {
                     self.emit(SessionEvent::Disconnected { reason }).await;
                 }
             }
-            // A connection that held for a while was a success: start the backoff over.
-            if started.elapsed() > Duration::from_secs(30) {
+            // A connection the hub accepted and that held for a moment was a success: start the
+            // backoff over. Connect-then-drop loops (under a second) keep backing off.
+            if self
+                .connected_at
+                .is_some_and(|at| at.elapsed() >= Duration::from_secs(1))
+            {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
@@ -241,6 +247,7 @@ impl Session {
             Err(e) => return End::Lost(e.to_string()),
         }
         tracing::info!(hub = %self.params.hub, device = %self.params.device_id, "connected to the hub");
+        self.connected_at = Some(Instant::now());
         self.emit(SessionEvent::Connected).await;
 
         let device_id = self.params.device_id.clone();

@@ -80,8 +80,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let app = router(sim);
+    // As for MQTT: connections end with the listener.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!("https accept failed: {e}");
@@ -91,7 +97,7 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let stream =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
@@ -293,7 +299,7 @@ fn bad_field(e: serde_json::Error) -> Response {
     fail(
         StatusCode::BAD_REQUEST,
         400004,
-        &format!("invalid enrollment: {e}"),
+        &format!("invalid request body: {e}"),
     )
 }
 
@@ -729,7 +735,31 @@ async fn patch_twin(
     body: Bytes,
 ) -> Response {
     authorized!(sim, headers, Policy::Hub);
+    if let Some(r) = etag_mismatch(&sim, &id, &headers) {
+        return r;
+    }
     update_twin(&sim, &id, &body, false)
+}
+
+/// `If-Match` with a stale etag: 412, as the hub answers an optimistic-concurrency conflict.
+fn etag_mismatch(sim: &Sim, id: &str, headers: &HeaderMap) -> Option<Response> {
+    let wanted = headers
+        .get("if-match")?
+        .to_str()
+        .ok()?
+        .trim()
+        .trim_matches('"');
+    if wanted == "*" || wanted.is_empty() {
+        return None;
+    }
+    let (_, device) = find_device(sim, id)?;
+    (device.etag != wanted).then(|| {
+        fail(
+            StatusCode::PRECONDITION_FAILED,
+            412002,
+            &format!("etag '{wanted}' does not match the twin's current etag"),
+        )
+    })
 }
 
 async fn put_twin(
@@ -739,6 +769,9 @@ async fn put_twin(
     body: Bytes,
 ) -> Response {
     authorized!(sim, headers, Policy::Hub);
+    if let Some(r) = etag_mismatch(&sim, &id, &headers) {
+        return r;
+    }
     update_twin(&sim, &id, &body, true)
 }
 

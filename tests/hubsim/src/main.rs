@@ -47,6 +47,17 @@ enum Command {
     /// Issue certificates for X.509 attestation tests.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Print a SAS token for the management API (for curl: `-H "Authorization: $(hubsim token)"`).
+    Token {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Which service policy signs it: `hub` (iothubowner) or `dps` (provisioningserviceowner).
+        #[arg(long, default_value = "dps")]
+        policy: String,
+        /// Lifetime.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Print the CA path, endpoints and connection strings of a state dir.
     Info {
         #[arg(long)]
@@ -152,6 +163,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Info { state_dir } => info(&state_dir.unwrap_or_else(default_state_dir)),
+        Command::Token {
+            state_dir,
+            policy,
+            ttl,
+        } => {
+            let dir = state_dir.unwrap_or_else(default_state_dir);
+            let path = dir.join("connection-strings.txt");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("{}: not found; start `hubsim serve` first", path.display())
+            })?;
+            let wanted = match policy.as_str() {
+                "hub" => "iothubowner",
+                "dps" => "provisioningserviceowner",
+                other => anyhow::bail!("unknown policy '{other}': use hub or dps"),
+            };
+            let line = text
+                .lines()
+                .find(|l| l.contains(&format!("SharedAccessKeyName={wanted};")))
+                .with_context(|| format!("{}: no {wanted} connection string", path.display()))?;
+            let field = |name: &str| {
+                line.split(';')
+                    .find_map(|p| p.strip_prefix(name))
+                    .map(str::to_string)
+                    .with_context(|| {
+                        format!("{}: connection string without {name}", path.display())
+                    })
+            };
+            let expiry = hubsim::auth::unix_now() + ttl.as_secs();
+            let token = hubsim::auth::make_sas(
+                &field("SharedAccessKey=")?,
+                &field("HostName=")?,
+                expiry,
+                Some(wanted),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
     }
 }
 

@@ -40,8 +40,15 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
+    // Connection tasks live in this set: when the listener task is aborted (hubsim stops), the
+    // set is dropped and every connection with it, as when the real service goes away.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: keep serving the connections we have.
@@ -52,7 +59,7 @@ pub async fn serve(
         };
         let sim = sim.clone();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(reason) = handle_connection(sim, acceptor, tcp, peer).await {
                 tracing::debug!(%peer, "mqtt connection ended: {reason}");
             }

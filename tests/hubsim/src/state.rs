@@ -26,7 +26,10 @@ pub type JsonObject = Map<String, Value>;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SymmetricKeyPair {
+    /// Empty when a client asks hubsim to generate it (as Azure does).
+    #[serde(default)]
     pub primary_key: String,
+    #[serde(default)]
     pub secondary_key: String,
 }
 

@@ -236,3 +236,42 @@ async fn dps_over_https_registers_and_twin_patch_reaches_the_service_view() {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].transport, "https");
 }
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (scope, key, hub_cs) = {
+        let running = start_sim(dir.path()).await;
+        let key = enroll(&running, "persist-1");
+        add_device(&running, "persist-dev");
+        let device_key = hubsim::state::Store::device_key("localhost", "persist-dev");
+        hubsim::twin::apply_desired_patch(&running.sim, &device_key, &json!({"mode": "eco"}))
+            .unwrap();
+        let scope = running.sim.read(|s| s.id_scope.clone());
+        (scope, key, running.hub_connection_string.clone())
+        // dropped: every listener stops
+    };
+    let running = start_sim(dir.path()).await;
+    assert_eq!(running.sim.read(|s| s.id_scope.clone()), scope);
+    assert_eq!(
+        running.hub_connection_string, hub_cs,
+        "service keys are kept"
+    );
+    let enrolled = running
+        .sim
+        .read(|s| s.enrollments.get("persist-1").cloned())
+        .unwrap();
+    match enrolled.common.attestation {
+        hubsim::state::Attestation::SymmetricKey { symmetric_key } => {
+            assert_eq!(symmetric_key.primary_key, key)
+        }
+        other => panic!("{other:?}"),
+    }
+    let twin = hubsim::twin::device_twin_document(
+        &running.sim,
+        &hubsim::state::Store::device_key("localhost", "persist-dev"),
+    )
+    .unwrap();
+    assert_eq!(twin["desired"]["mode"], "eco");
+    assert_eq!(twin["desired"]["$version"], 1);
+}

@@ -1,0 +1,242 @@
+//! Every attestation method the agent supports, end to end with the real binary against hubsim:
+//! symmetric key (individual), enrollment-group key (the agent derives the device key) and X.509
+//! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each:
+//! provision, publish, restart from the cached assignment without DPS, and reprovision on request.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hubagent_tests::*;
+use hubsim::pki::{CertKind, issue};
+use hubsim::state::{
+    Attestation, CertificatePair, CertificateRef, EnrollmentCommon, EnrollmentGroup,
+    IndividualEnrollment, Status, X509Attestation,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn common(attestation: Attestation) -> EnrollmentCommon {
+    EnrollmentCommon {
+        attestation,
+        iot_hub_host_name: None,
+        iot_hubs: None,
+        allocation_policy: Default::default(),
+        provisioning_status: Status::Enabled,
+        reprovision_policy: Default::default(),
+        initial_twin: None,
+        etag: None,
+        created_date_time_utc: None,
+        last_updated_date_time_utc: None,
+    }
+}
+
+fn first_pem(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    text[..end].to_string() + "\n"
+}
+
+fn cert_ref(pem: String) -> Option<CertificatePair> {
+    Some(CertificatePair {
+        primary: Some(CertificateRef {
+            certificate: Some(pem),
+            info: None,
+        }),
+        secondary: None,
+    })
+}
+
+/// Writes a config for `attestation_toml`, adding the built-in sensor.
+fn config(
+    dir: &Path,
+    running: &hubsim::Running,
+    registration_line: &str,
+    attestation_toml: &str,
+) -> std::path::PathBuf {
+    let path = agent_config(dir, running, "placeholder", attestation_toml);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text = text.replace("registration_id = \"placeholder\"", registration_line);
+    text = text.replacen("method = \"symmetric_key\"\n", "", 1);
+    text.push_str("\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The checks every method must pass.
+async fn provision_publish_restart_reprovision(
+    running: &hubsim::Running,
+    config: &Path,
+    device: &str,
+) {
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3)
+            .await,
+        "no telemetry from {device}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, device), 1);
+    assert_eq!(agent.stop(), Some(0));
+
+    let connects = hub_connects(&sim, device);
+    let agent = AgentProcess::start(config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, device) > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        registrations(&sim, device),
+        1,
+        "restart must use the cached assignment"
+    );
+
+    let out = agent.cli(&["reprovision"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, device) == 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let connects = hub_connects(&sim, device);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, device) > connects)
+            .await
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symmetric_key_individual() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running.sim, "att-sym-1");
+    let key_file = write_key(dir.path(), "device.key", &key);
+    let config = config(
+        dir.path(),
+        &running,
+        "registration_id = \"att-sym-1\"",
+        &format!(
+            "method = \"symmetric_key\"\nkey = {{ file = \"{}\" }}",
+            key_file.display()
+        ),
+    );
+    provision_publish_restart_reprovision(&running, &config, "att-sym-1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symmetric_key_group_with_derived_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let group_key = enroll_group(&running.sim, "att-fleet");
+    let key_file = write_key(dir.path(), "group.key", &group_key);
+    let config = config(
+        dir.path(),
+        &running,
+        "registration_id = \"att-grp-7\"",
+        &format!(
+            "method = \"symmetric_key\"\ngroup_key = {{ file = \"{}\" }}",
+            key_file.display()
+        ),
+    );
+    provision_publish_restart_reprovision(&running, &config, "att-grp-7").await;
+    let state = running
+        .sim
+        .read(|s| s.registrations["att-grp-7"].state.clone());
+    assert_eq!(state["symmetricKey"]["enrollmentGroupId"], "att-fleet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_individual_self_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let cert = issue(
+        CertKind::Device,
+        "att-x509-1",
+        &dir.path().join("dev"),
+        None,
+    )
+    .unwrap();
+    let enrollment = IndividualEnrollment {
+        registration_id: "att-x509-1".into(),
+        device_id: None,
+        common: common(Attestation::X509 {
+            x509: X509Attestation {
+                client_certificates: cert_ref(first_pem(&cert.cert_path)),
+                signing_certificates: None,
+            },
+        }),
+    };
+    running
+        .sim
+        .mutate(|s| s.enrollments.insert("att-x509-1".into(), enrollment))
+        .unwrap();
+    // No registration_id: the agent takes it from the certificate's CN.
+    let config = config(
+        dir.path(),
+        &running,
+        "",
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        ),
+    );
+    provision_publish_restart_reprovision(&running, &config, "att-x509-1").await;
+    let device = running
+        .sim
+        .read(|s| s.devices["localhost/att-x509-1"].clone());
+    assert_eq!(device.authentication.kind, "selfSigned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_group_through_an_intermediate_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let root = issue(CertKind::Root, "Att Root", &dir.path().join("root"), None).unwrap();
+    issue(
+        CertKind::Intermediate,
+        "Att Intermediate",
+        &dir.path().join("inter"),
+        Some(&dir.path().join("root")),
+    )
+    .unwrap();
+    let cert = issue(
+        CertKind::Device,
+        "att-x509-grp-3",
+        &dir.path().join("dev"),
+        Some(&dir.path().join("inter")),
+    )
+    .unwrap();
+    let group = EnrollmentGroup {
+        enrollment_group_id: "att-x509-fleet".into(),
+        common: common(Attestation::X509 {
+            x509: X509Attestation {
+                client_certificates: None,
+                signing_certificates: cert_ref(first_pem(&root.cert_path)),
+            },
+        }),
+    };
+    running
+        .sim
+        .mutate(|s| s.groups.insert("att-x509-fleet".into(), group))
+        .unwrap();
+    let config = config(
+        dir.path(),
+        &running,
+        "",
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        ),
+    );
+    provision_publish_restart_reprovision(&running, &config, "att-x509-grp-3").await;
+    let device = running
+        .sim
+        .read(|s| s.devices["localhost/att-x509-grp-3"].clone());
+    assert_eq!(device.authentication.kind, "certificateAuthority");
+}

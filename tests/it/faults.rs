@@ -1,0 +1,488 @@
+//! Fault scenarios: the real `hubagent` binary publishing through hubsim while hubsim's fault
+//! injection (and the test) breaks things. Each scenario asserts that nothing was lost (every
+//! sequence number the sensor produced arrives; duplicates are allowed and counted: delivery is at
+//! least once and message ids make them removable) and records its measured figures in
+//! `target/reliability/<scenario>.json`, from which docs/reliability.md is refreshed.
+
+use std::time::{Duration, Instant};
+
+use hubagent_tests::*;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Scenario {
+    dir: tempfile::TempDir,
+    running: hubsim::Running,
+    config: std::path::PathBuf,
+    id: String,
+}
+
+impl Scenario {
+    async fn new(id: &str, extra_toml: &str) -> Scenario {
+        let dir = tempfile::tempdir().unwrap();
+        let running = start_sim(dir.path()).await;
+        let key = enroll(&running.sim, id);
+        let key_file = write_key(dir.path(), "device.key", &key);
+        let config = agent_config(
+            dir.path(),
+            &running,
+            id,
+            &format!("key = {{ file = \"{}\" }}", key_file.display()),
+        );
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(extra_toml);
+        text.push_str("\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"50ms\"\n");
+        std::fs::write(&config, text).unwrap();
+        Scenario {
+            dir,
+            running,
+            config,
+            id: id.to_string(),
+        }
+    }
+
+    fn sim(&self) -> &hubsim::Sim {
+        &self.running.sim
+    }
+
+    fn drop_connection(&self) -> bool {
+        let conn = self
+            .sim()
+            .live
+            .lock()
+            .unwrap()
+            .connections
+            .get(&format!("localhost/{}", self.id))
+            .cloned();
+        conn.is_some_and(|c| {
+            c.tx.send(hubsim::state::ConnCommand::Close {
+                reason: "fault scenario".into(),
+            })
+            .is_ok()
+        })
+    }
+
+    /// Checks every sensor run's sequence numbers for gaps; returns (messages produced, total
+    /// records, distinct message ids).
+    fn delivery(&self) -> (u64, usize, usize) {
+        let records = self
+            .sim()
+            .records
+            .lock()
+            .unwrap()
+            .telemetry
+            .get(&self.id)
+            .cloned()
+            .unwrap_or_default();
+        let mut ids: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r.system_properties.get("message-id").map(String::as_str))
+            .collect();
+        let total = ids.len();
+        ids.sort();
+        ids.dedup();
+        let mut runs: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for r in &records {
+            let seq = r
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+                .and_then(|v| v["seq"].as_u64());
+            if let (Some(run), Some(seq)) = (r.properties.get("run"), seq) {
+                runs.entry(run.clone()).or_default().push(seq);
+            }
+        }
+        assert!(!runs.is_empty(), "nothing arrived");
+        let mut produced = 0;
+        for (run, mut seqs) in runs {
+            seqs.sort();
+            seqs.dedup();
+            assert_contiguous(&seqs, &format!("{} run {run}", self.id));
+            produced += seqs.len() as u64;
+        }
+        (produced, total, ids.len())
+    }
+
+    fn record(&self, name: &str, figures: serde_json::Value) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/reliability");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_vec_pretty(&figures).unwrap(),
+        )
+        .unwrap();
+        let _ = &self.dir;
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn assert_contiguous(seqs: &[u64], what: &str) {
+    assert!(!seqs.is_empty(), "{what}: nothing arrived");
+    let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
+    let missing: Vec<u64> = expected
+        .iter()
+        .filter(|s| seqs.binary_search(s).is_err())
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: lost sequence numbers {missing:?}"
+    );
+}
+
+/// Stops the agent and waits until everything it had acknowledged-as-queued is in hubsim.
+async fn stop_and_settle(s: &Scenario, agent: AgentProcess) -> u64 {
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap_or_default();
+    let pushed = status["queue"]["pushed"].as_u64().unwrap_or(0);
+    // Let the queue drain before stopping, so the count below covers every pushed message.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st: serde_json::Value =
+            serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap_or_default();
+        if st["queue_depth"].as_u64() == Some(0) || Instant::now() > deadline {
+            break;
+        }
+        s.sim()
+            .wait_until(Duration::from_millis(200), |_| false)
+            .await;
+    }
+    assert_eq!(agent.stop(), Some(0));
+    pushed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_connection_dropped_every_two_seconds() {
+    let s = Scenario::new("fault-drops", "").await;
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-drops") >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let mut drops = 0;
+    for _ in 0..10 {
+        if s.drop_connection() {
+            drops += 1;
+        }
+        let connects = hub_connects(s.sim(), "fault-drops");
+        assert!(
+            s.sim()
+                .wait_until(WAIT, |sim| hub_connects(sim, "fault-drops") > connects)
+                .await,
+            "{}",
+            agent.log_text()
+        );
+        s.sim().wait_until(Duration::from_secs(2), |_| false).await;
+    }
+    let rss = rss_kib(agent.child.id());
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("hub-connection-dropped", json!({
+        "scenario": "hub connection dropped every 2 s, 10 times, 20 msg/s",
+        "drops": drops, "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct,
+        "lost": 0, "rss_kib": rss,
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_refuses_connections_for_a_while() {
+    let s = Scenario::new("fault-outage", "").await;
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-outage") >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let pid = agent.child.id();
+    s.sim().faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    s.drop_connection();
+    // Offline for 8 s: measure CPU to catch busy loops (a spinning reconnect burns a whole core).
+    s.sim().wait_until(Duration::from_secs(1), |_| false).await;
+    let cpu_before = cpu_seconds(pid);
+    let t = Instant::now();
+    s.sim().wait_until(Duration::from_secs(8), |_| false).await;
+    let cpu_share = (cpu_seconds(pid) - cpu_before) / t.elapsed().as_secs_f64();
+    assert!(
+        cpu_share < 0.5,
+        "busy loop while offline: {:.0}% CPU",
+        cpu_share * 100.0
+    );
+    let before = telemetry_count(s.sim(), "fault-outage");
+    s.sim().faults.lock().unwrap().refuse_connections_until = None;
+    let recovered_at = Instant::now();
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-outage") > before)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let recovery = recovered_at.elapsed();
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("hub-outage", json!({
+        "scenario": "hub refuses connections for 9 s, 20 msg/s",
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+        "recovery_seconds": recovery.as_secs_f64(), "cpu_offline_percent": cpu_share * 100.0,
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_throttles_with_429() {
+    let s = Scenario::new("fault-throttle", "").await;
+    s.sim().faults.lock().unwrap().dps_throttle = Some((3, 1));
+    let started = Instant::now();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-throttle") >= 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let provisioned_after = started.elapsed();
+    let outcomes: Vec<String> = s
+        .sim()
+        .records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .map(|r| r.outcome.clone())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["throttled", "throttled", "throttled", "assigned"]
+    );
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("dps-throttling", json!({
+        "scenario": "DPS answers 429 (retry-after 1 s) three times",
+        "throttled_answers": 3, "provisioned_seconds": provisioned_after.as_secs_f64(),
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_of_a_few_seconds() {
+    // The agent signs 4 s tokens and renews 2 s before expiry; hubsim also caps tokens at 3 s.
+    let s = Scenario::new("fault-tokens", "").await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "[hub]\n",
+        "[hub]\nsas_ttl = \"4s\"\nrenew_before = \"2s\"\n",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    s.sim().faults.lock().unwrap().token_lifetime_cap = Some(Duration::from_secs(3));
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| hub_connects(sim, "fault-tokens") >= 6)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let connects = hub_connects(s.sim(), "fault-tokens");
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record(
+        "short-tokens",
+        json!({
+            "scenario": "4 s SAS tokens (renewed 2 s early), hub caps tokens at 3 s",
+            "connections": connects, "produced": produced, "arrived_distinct": distinct,
+            "duplicates": total - distinct, "lost": 0,
+        }),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points() {
+    let s = Scenario::new("fault-kill", "").await;
+    let mut kills = 0;
+    for _ in 0..3 {
+        let agent = AgentProcess::start(&s.config);
+        let target = telemetry_count(s.sim(), "fault-kill") + 10 + (rand_ms() % 40) as usize;
+        assert!(
+            s.sim()
+                .wait_until(WAIT, |sim| telemetry_count(sim, "fault-kill") >= target)
+                .await,
+            "{}",
+            agent.log_text()
+        );
+        // Somewhere in the next 300 ms, mid-publish.
+        s.sim()
+            .wait_until(Duration::from_millis(rand_ms() % 300), |_| false)
+            .await;
+        let mut agent = agent;
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+        kills += 1;
+    }
+    // A last run drains what the killed ones left queued.
+    let agent = AgentProcess::start(&s.config);
+    let before = telemetry_count(s.sim(), "fault-kill");
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-kill") > before + 5)
+            .await
+    );
+    stop_and_settle(&s, agent).await;
+    // Each process numbers its readings from 1 under its own run id: a gap in any run is a loss.
+    let (produced, total, distinct) = s.delivery();
+    s.record("kill-9", json!({
+        "scenario": "kill -9 at random points while publishing, 3 times, then restart",
+        "kills": kills, "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}
+
+fn rand_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubsim_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
+    let running = hubsim::start(options.clone()).await.unwrap();
+    options.mqtt_port = running.mqtt_addr.port();
+    options.https_port = running.https_addr.port();
+    let key = enroll(&running.sim, "fault-restart");
+    let key_file = write_key(dir.path(), "device.key", &key);
+    let config = agent_config(
+        dir.path(),
+        &running,
+        "fault-restart",
+        &format!("key = {{ file = \"{}\" }}", key_file.display()),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"50ms\"\n");
+    std::fs::write(&config, text).unwrap();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-restart") >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let mut seen: Vec<u64> = Vec::new();
+    let collect = |sim: &hubsim::Sim, seen: &mut Vec<u64>| {
+        if let Some(records) = sim.records.lock().unwrap().telemetry.get("fault-restart") {
+            seen.extend(records.iter().filter_map(|r| {
+                serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
+            }));
+        }
+    };
+    // Take the device off first so that nothing is acknowledged by the old instance after we
+    // read its records (they live in its memory and go with it).
+    running.sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    let conn = running
+        .sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get("localhost/fault-restart")
+        .cloned();
+    if let Some(conn) = conn {
+        let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
+            reason: "going down".into(),
+        });
+    }
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |sim| !sim
+                .live
+                .lock()
+                .unwrap()
+                .connections
+                .contains_key("localhost/fault-restart"))
+            .await
+    );
+    collect(&running.sim, &mut seen);
+    // Stop hubsim entirely (its records go with it), wait 2 s, start it again on the same ports.
+    running.shutdown();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let running = hubsim::start(options).await.unwrap();
+    let restarted = Instant::now();
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-restart") >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let recovery = restarted.elapsed();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st: serde_json::Value =
+            serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap_or_default();
+        if st["queue_depth"].as_u64() == Some(0) || Instant::now() > deadline {
+            break;
+        }
+        running
+            .sim
+            .wait_until(Duration::from_millis(200), |_| false)
+            .await;
+    }
+    assert_eq!(agent.stop(), Some(0));
+    collect(&running.sim, &mut seen);
+    seen.sort();
+    seen.dedup();
+    assert_contiguous(&seen, "hubsim restart");
+    assert_eq!(
+        registrations(&running.sim, "fault-restart"),
+        0,
+        "the cached assignment still holds after a hub restart"
+    );
+    let dir2 = dir;
+    let _ = dir2;
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/reliability");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("hubsim-restart.json"),
+        serde_json::to_vec_pretty(&json!({
+            "scenario": "hubsim stopped for 2 s and restarted (state from disk)",
+            "produced": seen.last(), "lost": 0, "recovery_seconds": recovery.as_secs_f64(),
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+}
