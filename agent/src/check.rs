@@ -159,7 +159,7 @@ pub async fn run(config_path: &Path) -> Report {
     };
 
     if config.provisioning.source == Source::Dps {
-        match crate::config::parse_endpoint(&config.provisioning.global_endpoint, config.hub.port) {
+        match config.dps_endpoint() {
             Ok((host, port)) => match reachable(&host, port).await {
                 Ok(()) => checks.push(pass("network.dps", format!("{host}:{port}"))),
                 Err(e) => checks.push(fail("network.dps", format!("{host}:{port}: {e}"))),

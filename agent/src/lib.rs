@@ -19,3 +19,5 @@ pub mod queue;
 pub mod state;
 pub mod systemd;
 pub mod tls;
+#[cfg(feature = "tpm")]
+pub mod tpm;

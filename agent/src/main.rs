@@ -10,6 +10,7 @@ use hubagent::config::Config;
 use hubagent::control::{self, ControlError, Request};
 
 fn main() -> ExitCode {
+    quiet_tss();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run => run(&cli.config),
@@ -25,8 +26,31 @@ fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::List { json }) => {
             ask(&cli.config, Request::PluginsList, json)
         }
+        Command::Tpm(command) => tpm(&cli.config, command),
     };
     ExitCode::from(code as u8)
+}
+
+/// The TPM library (tpm2-tss) prints its own ERROR lines on stderr for conditions hubagent
+/// reports itself in plainer words (an empty handle, a missing device). Unless the operator asked
+/// for them with TSS2_LOG, keep them out of the journal.
+fn quiet_tss() {
+    #[cfg(feature = "tpm")]
+    if std::env::var_os("TSS2_LOG").is_none() {
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("TSS2_LOG", "all+NONE") };
+    }
+}
+
+#[cfg(feature = "tpm")]
+fn tpm(path: &Path, command: hubagent::cli::TpmCommand) -> i32 {
+    hubagent::tpm::cli::run(path, command)
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm(_: &Path, _: hubagent::cli::TpmCommand) -> i32 {
+    eprintln!("hubagent: this build has no TPM support (built without the `tpm` feature)");
+    exit::FAILURE
 }
 
 fn runtime() -> tokio::runtime::Runtime {

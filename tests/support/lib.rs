@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod swtpm;
+
 use hubsim::state::{
     Attestation, EnrollmentCommon, EnrollmentGroup, IndividualEnrollment, Status, SymmetricKeyPair,
 };

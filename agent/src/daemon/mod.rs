@@ -23,7 +23,7 @@ use crate::hub::{
     self, Backoff, HubParams, PublishError, SessionEvent, SessionHandle, TelemetryMessage,
 };
 use crate::keys::Credential;
-use crate::provisioning::dps::{self, DpsRequest};
+use crate::provisioning::dps::DpsRequest;
 use crate::provisioning::{
     Assignment, client_tls, load_credential, manual_connection_string, registration_id,
 };
@@ -241,8 +241,19 @@ pub async fn run_with(
                 None
             }
         };
+        // With DPS TPM attestation the hub key lives only in the TPM: without it the cache is
+        // useless.
+        let key_missing = match (&cached, force_dps) {
+            (Some(c), false) if c.fingerprint == fingerprint => {
+                crate::provisioning::attestation_key_missing(&config)
+            }
+            _ => None,
+        };
+        if let Some(reason) = &key_missing {
+            tracing::warn!("{reason}; registering with DPS again for a new key");
+        }
         let assignment = match cached {
-            Some(c) if !force_dps && c.fingerprint == fingerprint => {
+            Some(c) if !force_dps && key_missing.is_none() && c.fingerprint == fingerprint => {
                 tracing::info!(hub = %c.hub, device = %c.device_id, "using the cached assignment (no DPS call)");
                 status.update(|s| {
                     s.provisioning = ProvisioningState::Cached;
@@ -466,27 +477,26 @@ async fn provision(
             registration_state: Value::Null,
         });
     }
-    let (host, port) = match crate::config::parse_endpoint(&p.global_endpoint, config.hub.port) {
-        Ok(hp) => hp,
+    let request = match crate::provisioning::dps_request(config, registration_id) {
+        Ok(r) => r,
         Err(e) => {
             // Validated at load; kept for completeness.
             tracing::error!("{e}");
-            (p.global_endpoint.clone(), config.hub.port)
+            DpsRequest {
+                endpoint_host: p.global_endpoint.clone(),
+                port: config.hub.port,
+                id_scope: p.id_scope.clone().unwrap_or_default(),
+                registration_id: registration_id.to_string(),
+                payload: config.payload_json(),
+                timeout: Duration::from_secs(60),
+            }
         }
-    };
-    let request = DpsRequest {
-        endpoint_host: host,
-        port,
-        id_scope: p.id_scope.clone().unwrap_or_default(),
-        registration_id: registration_id.to_string(),
-        payload: config.payload_json(),
-        timeout: Duration::from_secs(60),
     };
     let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
     loop {
         status.update(|s| s.provisioning = ProvisioningState::Registering);
         systemd::status(&format!("registering '{registration_id}' with DPS"));
-        match dps::register(&request, credential, tls.clone()).await {
+        match crate::provisioning::register(config, &request, credential, tls.clone()).await {
             Ok(a) => {
                 tracing::info!(hub = %a.assigned_hub, device = %a.device_id, substatus = %a.substatus, "provisioned by DPS");
                 status.update(|s| {
