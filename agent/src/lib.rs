@@ -13,6 +13,7 @@ pub mod demo;
 pub mod hub;
 pub mod keys;
 pub mod logging;
+pub mod mqtt;
 pub mod plugins;
 pub mod provisioning;
 pub mod queue;

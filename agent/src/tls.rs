@@ -87,3 +87,59 @@ pub fn client_config(
     };
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_error(contents: Option<&str>) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        if let Some(text) = contents {
+            std::fs::write(&path, text).unwrap();
+        }
+        let err = client_config(Some(&path), None).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&path.display().to_string()),
+            "the error names the file: {text}"
+        );
+        text
+    }
+
+    #[test]
+    fn trust_bundle_errors_name_the_file() {
+        assert!(bundle_error(None).contains("cannot read the trust bundle"));
+        assert!(bundle_error(Some("")).contains("no certificate"));
+        // A key is PEM too, but not a certificate.
+        assert!(
+            bundle_error(Some(
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+            ))
+            .contains("no certificate")
+        );
+        assert!(
+            bundle_error(Some(
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+            ))
+            .contains("not a PEM certificate bundle")
+        );
+        assert!(
+            bundle_error(Some(
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+            ))
+            .contains("unusable CA certificate")
+        );
+    }
+
+    #[test]
+    fn an_unusable_client_identity_is_refused() {
+        let no_key = client_config(None, Some((b"", b"")));
+        // Either the machine has no system roots (NoRoots) or the identity is refused.
+        match no_key {
+            Err(TlsError::Identity(message)) => assert!(message.contains("private key")),
+            Err(TlsError::NoRoots) => {}
+            other => panic!("accepted an empty identity: {other:?}"),
+        }
+    }
+}

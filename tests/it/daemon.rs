@@ -332,6 +332,9 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     agent.child.wait().unwrap();
     let first_run =
         sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
+    // Distinct, not raw: a message in flight when the hub went away may have been recorded
+    // without its PUBACK reaching the agent, so it is both received and still queued.
+    let received_before = sensor_seqs(&sim, "gw-daemon-5", &first_run).len();
 
     sim.faults.lock().unwrap().refuse_connections_until = None;
     let agent = AgentProcess::start(&config);
@@ -346,6 +349,11 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
         agent.log_text()
     );
     let seqs = sensor_seqs(&sim, "gw-daemon-5", &first_run);
+    assert!(
+        seqs.len() > received_before,
+        "the backlog arrived ({received_before} messages before the restart, {} after)",
+        seqs.len()
+    );
     let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
     assert_eq!(seqs, expected, "a gap means a queued message was lost");
     assert_eq!(agent.stop(), Some(0));

@@ -82,11 +82,18 @@ async fn throttling_is_honoured_then_registration_completes() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
     let key = enroll(&running.sim, "gw-dps-3");
+    // Two 429s, each asking for a 1 s pause.
     running.sim.faults.lock().unwrap().dps_throttle = Some((2, 1));
+    let started = std::time::Instant::now();
     let assignment = register(&request(&running, "gw-dps-3"), &sas(&key), tls(&running))
         .await
         .unwrap();
     assert_eq!(assignment.device_id, "gw-dps-3");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "retry-after was honoured: {:?}",
+        started.elapsed()
+    );
     let outcomes: Vec<String> = running
         .sim
         .records
@@ -97,6 +104,38 @@ async fn throttling_is_honoured_then_registration_completes() {
         .map(|r| r.outcome.clone())
         .collect();
     assert_eq!(outcomes, ["throttled", "throttled", "assigned"]);
+}
+
+#[tokio::test]
+async fn a_wrong_id_scope_is_not_authorized_and_a_dead_endpoint_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = enroll(&running.sim, "gw-dps-6");
+    let mut wrong_scope = request(&running, "gw-dps-6");
+    wrong_scope.id_scope = "0ne00000000".into();
+    let err = register(&wrong_scope, &sas(&key), tls(&running))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DpsError::NotAuthorized { .. }), "{err}");
+
+    // A port nobody listens on: a transient error naming the endpoint, well before the timeout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut dead = request(&running, "gw-dps-6");
+    dead.port = port;
+    let err = register(&dead, &sas(&key), tls(&running))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DpsError::Unreachable { .. }), "{err}");
+    assert!(err.is_transient());
+    assert!(
+        err.to_string().contains(&format!("localhost:{port}")),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(&key), "no secret in errors");
 }
 
 #[tokio::test]

@@ -292,6 +292,253 @@ fn count_connects(sim: &hubsim::Sim, id: &str) -> usize {
         .count()
 }
 
+/// Closes the device's live hub connection (as the hub does on an outage).
+fn drop_connection(running: &hubsim::Running, key: &str) {
+    let conn = running
+        .sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get(key)
+        .cloned();
+    if let Some(conn) = conn {
+        let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
+            reason: "test drop".into(),
+        });
+    }
+}
+
+fn unique(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[tokio::test]
+async fn a_hub_that_caps_token_lifetimes_costs_no_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    // The agent asks for hour-long tokens, the hub cuts every connection after 2 s.
+    running.sim.faults.lock().unwrap().token_lifetime_cap = Some(Duration::from_secs(2));
+    let (handle, mut events) = session(&running, "gw-hub-4", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    let sim = running.sim.clone();
+    let connects_before = count_connects(&sim, "gw-hub-4");
+    let mut sent = 0;
+    while count_connects(&sim, "gw-hub-4") < connects_before + 2 {
+        tokio::time::timeout(WAIT, handle.publish(message(sent)))
+            .await
+            .expect("a publish completes once the session is back")
+            .unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let expired = sim
+        .records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .filter(|e| e.client_id == "gw-hub-4" && e.reason.as_deref() == Some("SAS token expired"))
+        .count();
+    assert!(expired >= 2, "the hub did cut the connections ({expired})");
+    assert_eq!(
+        unique(recorded_ids(&running, "gw-hub-4")),
+        unique((0..sent).map(|i| format!("m-{i}")).collect())
+    );
+    handle.shutdown();
+}
+
+#[tokio::test]
+async fn desired_patches_arrive_once_each_in_version_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (handle, mut events) = session(&running, "gw-hub-5", Duration::from_secs(3600)).await;
+    let start = next_matching(&mut events, |e| match e {
+        SessionEvent::Twin {
+            desired_version, ..
+        } => Some(desired_version),
+        _ => None,
+    })
+    .await;
+    let key = hubsim::state::Store::device_key("localhost", "gw-hub-5");
+    for i in 1..=10 {
+        hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"step": i})).unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let (version, step) = next_matching(&mut events, |e| match e {
+            SessionEvent::DesiredPatch { version, patch } => Some((version, patch["step"].clone())),
+            _ => None,
+        })
+        .await;
+        seen.push((version, step));
+    }
+    let expected: Vec<_> = (1..=10u64).map(|i| (start + i, json!(i))).collect();
+    assert_eq!(seen, expected);
+
+    // After a reconnect the full twin carries the latest version; nothing is delivered twice.
+    drop_connection(&running, &key);
+    let (version, desired) = next_matching(&mut events, |e| match e {
+        SessionEvent::Twin {
+            desired_version,
+            desired,
+            ..
+        } => Some((desired_version, desired)),
+        SessionEvent::DesiredPatch { version, .. } => panic!("patch {version} delivered again"),
+        _ => None,
+    })
+    .await;
+    assert_eq!((version, desired["step"].clone()), (start + 10, json!(10)));
+    handle.shutdown();
+}
+
+#[tokio::test]
+async fn an_outage_holds_publishes_until_the_hub_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (handle, mut events) = session(&running, "gw-hub-6", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    // The hub refuses every CONNECT (CONNACK 3) for 3 s and drops the device now.
+    running.sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3));
+    let key = hubsim::state::Store::device_key("localhost", "gw-hub-6");
+    drop_connection(&running, &key);
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Disconnected { .. }).then_some(())
+    })
+    .await;
+    // While disconnected a reported patch fails fast; telemetry waits.
+    let err = handle.report(json!({"x": 1})).await.unwrap_err();
+    assert_eq!(err, hubagent::hub::TwinError::Disconnected);
+    let publisher = {
+        let handle = handle.clone();
+        tokio::spawn(async move { handle.publish(message(1)).await })
+    };
+    // A busy hub is not a credential problem: no Unauthorized, just reconnects until it works.
+    next_matching(&mut events, |e| match e {
+        SessionEvent::Unauthorized => panic!("CONNACK 3 taken for a refusal of the credentials"),
+        SessionEvent::Connected => Some(()),
+        _ => None,
+    })
+    .await;
+    tokio::time::timeout(WAIT, publisher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(recorded_ids(&running, "gw-hub-6"), vec!["m-1".to_string()]);
+    handle.shutdown();
+}
+
+#[tokio::test]
+async fn a_disabled_device_is_reported_as_unauthorized() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (handle, mut events) = session(&running, "gw-hub-7", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Connected).then_some(())
+    })
+    .await;
+    let key = hubsim::state::Store::device_key("localhost", "gw-hub-7");
+    running
+        .sim
+        .mutate(|s| {
+            s.devices.get_mut(&key).unwrap().status = hubsim::state::Status::Disabled;
+        })
+        .unwrap();
+    drop_connection(&running, &key);
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Unauthorized).then_some(())
+    })
+    .await;
+    handle.shutdown();
+}
+
+#[tokio::test]
+async fn an_x509_device_provisions_and_keeps_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (cert, key) = enroll_x509(&running.sim, "gw-x509-1", dir.path());
+    let attestation = hubagent::config::Attestation::X509 {
+        identity_cert: cert,
+        identity_pk: key,
+    };
+    let (credential, _) = hubagent::keys::load_credential(&attestation, "gw-x509-1").unwrap();
+    let Credential::X509 {
+        cert_chain_pem,
+        key_pem,
+    } = &credential
+    else {
+        panic!("not an X.509 credential")
+    };
+    let tls = hubagent::tls::client_config(
+        Some(&running.ca_pem_path),
+        Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
+    )
+    .unwrap();
+    let request = hubagent::provisioning::dps::DpsRequest {
+        endpoint_host: "localhost".into(),
+        port: running.mqtt_addr.port(),
+        id_scope: running.sim.read(|s| s.id_scope.clone()),
+        registration_id: "gw-x509-1".into(),
+        payload: None,
+        timeout: WAIT,
+    };
+    let assignment = hubagent::provisioning::dps::register(&request, &credential, tls.clone())
+        .await
+        .unwrap();
+    assert_eq!(assignment.device_id, "gw-x509-1");
+    assert_eq!(
+        assignment.registration_state["x509"]["certificateInfo"]["subjectName"]
+            .as_str()
+            .map(|s| s.contains("gw-x509-1")),
+        Some(true),
+        "{}",
+        assignment.registration_state
+    );
+    // A 2 s "token lifetime" means nothing to a certificate: no renewal reconnects.
+    let (handle, mut events, _task) = spawn(HubParams {
+        hub: assignment.assigned_hub,
+        device_id: assignment.device_id,
+        port: running.mqtt_addr.port(),
+        credential,
+        tls,
+        keep_alive: Duration::from_secs(30),
+        sas_ttl: Duration::from_secs(2),
+        renew_before: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(2),
+        max_message_size: 256 * 1024,
+        inflight: 8,
+        desired_version: 0,
+    });
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut sent = 0;
+    while tokio::time::Instant::now() < until {
+        handle.publish(message(sent)).await.unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded_ids(&running, "gw-x509-1").len(), sent);
+    assert_eq!(count_connects(&running.sim, "gw-x509-1"), 1);
+    let auth = running.sim.records.lock().unwrap().telemetry["gw-x509-1"][0]
+        .system_properties["iothub-connection-auth-method"]
+        .clone();
+    assert!(auth.contains("\"type\":\"x509\""), "{auth}");
+    handle.shutdown();
+}
+
 #[tokio::test]
 async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
     let dir = tempfile::tempdir().unwrap();

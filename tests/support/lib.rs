@@ -56,6 +56,41 @@ pub fn enroll(sim: &hubsim::Sim, registration_id: &str) -> String {
     primary
 }
 
+/// An individual X.509 enrollment for a fresh self-signed device certificate with CN =
+/// `registration_id`; returns the paths of its `cert.pem` (chain) and `key.pem`.
+pub fn enroll_x509(sim: &hubsim::Sim, registration_id: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let issued = hubsim::pki::issue(
+        hubsim::pki::CertKind::Device,
+        registration_id,
+        &dir.join(registration_id),
+        None,
+    )
+    .expect("device certificate");
+    let chain = std::fs::read_to_string(&issued.cert_path).unwrap();
+    let enrollment = IndividualEnrollment {
+        registration_id: registration_id.into(),
+        device_id: None,
+        common: common(Attestation::X509 {
+            x509: hubsim::state::X509Attestation {
+                client_certificates: Some(hubsim::state::CertificatePair {
+                    primary: Some(hubsim::state::CertificateRef {
+                        certificate: Some(chain),
+                        info: None,
+                    }),
+                    secondary: None,
+                }),
+                signing_certificates: None,
+            },
+        }),
+    };
+    sim.mutate(|s| {
+        s.enrollments
+            .insert(registration_id.to_ascii_lowercase(), enrollment)
+    })
+    .unwrap();
+    (issued.cert_path, issued.key_path)
+}
+
 /// A symmetric-key enrollment group; returns the group's primary key.
 pub fn enroll_group(sim: &hubsim::Sim, group_id: &str) -> String {
     let keys = key_pair();

@@ -210,4 +210,118 @@ mod tests {
             Incoming::Unknown
         );
     }
+
+    #[test]
+    fn reserved_characters_in_properties_survive_a_round_trip() {
+        let message = TelemetryMessage {
+            message_id: "id with/slash".into(),
+            body: bytes::Bytes::new(),
+            content_type: None,
+            content_encoding: None,
+            creation_time: Some("2026-11-23T07:00:00Z".into()),
+            properties: vec![
+                ("a&b".into(), "x=y".into()),
+                ("unit".into(), "°C".into()),
+                ("empty".into(), String::new()),
+                ("$.fake".into(), "not a system property".into()),
+            ],
+        };
+        let topic = telemetry_topic("dev-9", &message);
+        let bag = topic
+            .strip_prefix("devices/dev-9/messages/events/")
+            .unwrap();
+        // Nothing in a value can split the bag or fake a system property.
+        assert_eq!(bag.matches('&').count(), 5, "{bag}");
+        assert!(bag.contains("%24.ctime=2026-11-23T07%3A00%3A00Z"), "{bag}");
+        assert!(bag.contains("%24.fake="), "{bag}");
+        assert_eq!(
+            parse_property_bag(bag),
+            vec![
+                ("$.mid".to_string(), "id with/slash".to_string()),
+                ("$.ctime".into(), "2026-11-23T07:00:00Z".into()),
+                ("a&b".into(), "x=y".into()),
+                ("unit".into(), "°C".into()),
+                ("empty".into(), String::new()),
+                ("$.fake".into(), "not a system property".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn c2d_bags_decode_every_documented_form() {
+        // protocol.md §5.3: `key` (null), `key=` (empty), `key=value`, and encoded system keys.
+        assert_eq!(
+            parse_property_bag(
+                "%24.mid=c2d-1&%24.to=%2Fdevices%2Fdev-01%2Fmessages%2FdeviceBound&iothub-ack=full&flag&blank="
+            ),
+            vec![
+                ("$.mid".to_string(), "c2d-1".to_string()),
+                ("$.to".into(), "/devices/dev-01/messages/deviceBound".into()),
+                ("iothub-ack".into(), "full".into()),
+                ("flag".into(), String::new()),
+                ("blank".into(), String::new()),
+            ]
+        );
+        // The decoded form from the docs parses too, and an empty bag has no properties.
+        assert_eq!(
+            parse_property_bag("$.mid=79ea&$.to=/devices/x/messages/deviceBound"),
+            vec![
+                ("$.mid".to_string(), "79ea".to_string()),
+                ("$.to".into(), "/devices/x/messages/deviceBound".into()),
+            ]
+        );
+        assert!(parse_property_bag("").is_empty());
+        assert_eq!(
+            classify("dev-01", "devices/dev-01/messages/devicebound/"),
+            Incoming::C2d { properties: vec![] }
+        );
+    }
+
+    #[test]
+    fn twin_and_method_topics_tolerate_missing_parts() {
+        // A reported-patch answer may come without $version (EMB-C treats it as optional).
+        assert_eq!(
+            classify("d", "$iothub/twin/res/204/?$rid=9"),
+            Incoming::TwinResponse {
+                status: 204,
+                rid: "9".into(),
+                version: None
+            }
+        );
+        // $rid is echoed verbatim, whatever the device chose.
+        assert_eq!(
+            classify("d", "$iothub/twin/res/429/?$rid=337ba768-aa&$version=x"),
+            Incoming::TwinResponse {
+                status: 429,
+                rid: "337ba768-aa".into(),
+                version: None
+            }
+        );
+        assert_eq!(
+            classify("d", "$iothub/twin/res/abc/?$rid=1"),
+            Incoming::Unknown
+        );
+        assert_eq!(
+            classify(
+                "d",
+                "$iothub/twin/PATCH/properties/desired/?$version=4&other=1"
+            ),
+            Incoming::DesiredPatch { version: Some(4) }
+        );
+        assert_eq!(
+            classify("d", "$iothub/twin/PATCH/properties/desired/"),
+            Incoming::DesiredPatch { version: None }
+        );
+        assert_eq!(
+            classify("d", "$iothub/methods/POST/set_interval/?$rid=1f"),
+            Incoming::Method {
+                name: "set_interval".into(),
+                rid: "1f".into()
+            }
+        );
+        assert_eq!(
+            classify("d", "devices/d/messages/events/x"),
+            Incoming::Unknown
+        );
+    }
 }

@@ -4,14 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
-    TlsConfiguration, Transport,
-};
+use rumqttc::{Event, Packet, QoS};
 use serde_json::{Value, json};
 
 use super::Assignment;
 use crate::keys::{Credential, KeyError, sas_token};
+use crate::mqtt::{self, ConnectOptions};
 
 /// What to register, where.
 #[derive(Debug, Clone)]
@@ -98,18 +96,10 @@ async fn register_inner(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Assignment, DpsError> {
     let endpoint = format!("{}:{}", req.endpoint_host, req.port);
-    let mut options = MqttOptions::new(&req.registration_id, &req.endpoint_host, req.port);
-    options.set_keep_alive(Duration::from_secs(30));
-    // DPS keeps no sessions.
-    options.set_clean_session(true);
-    options.set_max_packet_size(64 * 1024, 64 * 1024);
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    let username = format!(
-        "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=hubagent%2F{}",
-        req.id_scope,
-        req.registration_id,
-        env!("CARGO_PKG_VERSION")
-    );
+    let unreachable = |message: String| DpsError::Unreachable {
+        endpoint: endpoint.clone(),
+        message,
+    };
     let password = match credential {
         Credential::Sas(signer) => {
             let expiry = unix_now() + 3600;
@@ -119,8 +109,50 @@ async fn register_inner(
         // X.509: the certificate in the TLS handshake is the credential; no password.
         Credential::X509 { .. } => String::new(),
     };
-    options.set_credentials(username, password);
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let (client, mut eventloop) = mqtt::client(&ConnectOptions {
+        client_id: req.registration_id.clone(),
+        host: req.endpoint_host.clone(),
+        port: req.port,
+        username: format!(
+            "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=hubagent%2F{}",
+            req.id_scope,
+            req.registration_id,
+            env!("CARGO_PKG_VERSION")
+        ),
+        password,
+        tls,
+        keep_alive: Duration::from_secs(30),
+        clean_session: true,
+        max_packet_size: (64 * 1024, 64 * 1024),
+        inflight: 1,
+        request_capacity: 10,
+        manual_acks: false,
+    });
+    match mqtt::wait_connack(&mut eventloop).await {
+        Ok(()) => {}
+        Err(e) if e.is_auth_refusal() => {
+            return Err(DpsError::NotAuthorized {
+                registration_id: req.registration_id.clone(),
+            });
+        }
+        Err(e) => return Err(unreachable(e.to_string())),
+    }
+    // Answers go only to subscribers: the first request waits for the SUBACK.
+    client
+        .subscribe(RESPONSE_FILTER, QoS::AtLeastOnce)
+        .await
+        .map_err(|e| DpsError::Protocol(e.to_string()))?;
+    let codes = mqtt::wait_suback(&mut eventloop)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    if codes
+        .iter()
+        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+    {
+        return Err(DpsError::Protocol(format!(
+            "DPS refused the subscription to '{RESPONSE_FILTER}'"
+        )));
+    }
 
     let body = json!({"registrationId": req.registration_id, "payload": req.payload}).to_string();
     let mut rid: u32 = 0;
@@ -128,7 +160,6 @@ async fn register_inner(
     let mut retries = 0;
     // When to send the next request (register or poll); `None` while waiting for an answer.
     let mut next_request = Some(tokio::time::Instant::now());
-    let mut subscribed = false;
 
     loop {
         let wait = async {
@@ -139,60 +170,28 @@ async fn register_inner(
         };
         tokio::select! {
             event = eventloop.poll() => {
-                let event = event.map_err(|e| connection_error(e, &endpoint, &req.registration_id))?;
-                let Event::Incoming(Packet::Publish(publish)) = event else {
-                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) && !subscribed {
-                        client
-                            .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-                            .await
-                            .map_err(|e| DpsError::Protocol(e.to_string()))?;
-                        subscribed = true;
-                    }
-                    continue;
-                };
+                let event = event.map_err(|e| unreachable(e.to_string()))?;
+                let Event::Incoming(Packet::Publish(publish)) = event else { continue };
                 let (status, retry_after) = parse_response_topic(&publish.topic)
                     .ok_or_else(|| DpsError::Protocol(format!("unexpected topic '{}'", publish.topic)))?;
                 let answer: Value = serde_json::from_slice(&publish.payload).map_err(|e| {
                     DpsError::Protocol(format!("answer to '{}' is not JSON: {e}", publish.topic))
                 })?;
-                match status {
-                    200..=299 => match answer["status"].as_str() {
-                        Some("assigned") => {
-                            // Say goodbye properly: DPS logs an abrupt close as an error.
-                            let _ = client.try_disconnect();
-                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                                while eventloop.poll().await.is_ok() {}
-                            })
-                            .await;
-                            return assignment(&answer);
-                        }
-                        Some("assigning") => {
-                            let op = answer["operationId"].as_str().ok_or_else(|| {
-                                DpsError::Protocol("'assigning' answer without operationId".into())
-                            })?;
-                            operation = Some(op.to_string());
-                            retries = 0;
-                            next_request = Some(tokio::time::Instant::now() + retry_after.unwrap_or(DEFAULT_RETRY_AFTER).min(MAX_RETRY_AFTER));
-                        }
-                        other => {
-                            let state = &answer["registrationState"];
-                            let detail = match (state["errorCode"].as_u64(), state["errorMessage"].as_str()) {
-                                (Some(code), Some(message)) => format!(": {message} (errorCode {code})"),
-                                _ => String::new(),
-                            };
-                            return Err(DpsError::NotAssigned {
-                                status: other.unwrap_or("missing").to_string(),
-                                detail,
-                            });
-                        }
-                    },
-                    429 | 500..=599 if retries < MAX_RETRIES => {
-                        retries += 1;
-                        let delay = retry_after.unwrap_or(DEFAULT_RETRY_AFTER * retries).min(MAX_RETRY_AFTER);
-                        tracing::info!(status, ?delay, "DPS asks to retry later");
-                        next_request = Some(tokio::time::Instant::now() + delay);
+                match interpret(status, retry_after, &answer, retries)? {
+                    Step::Assigned(assignment) => {
+                        mqtt::disconnect(&client, &mut eventloop).await;
+                        return Ok(assignment);
                     }
-                    _ => return Err(service_error(status, &answer)),
+                    Step::Poll { operation_id, after } => {
+                        operation = Some(operation_id);
+                        retries = 0;
+                        next_request = Some(tokio::time::Instant::now() + after);
+                    }
+                    Step::Retry { after } => {
+                        retries += 1;
+                        tracing::info!(status, delay = ?after, "DPS asks to retry later");
+                        next_request = Some(tokio::time::Instant::now() + after);
+                    }
                 }
             }
             _ = wait => {
@@ -214,17 +213,65 @@ async fn register_inner(
     }
 }
 
-fn connection_error(e: ConnectionError, endpoint: &str, registration_id: &str) -> DpsError {
-    match e {
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
-        ) => DpsError::NotAuthorized {
-            registration_id: registration_id.to_string(),
+const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
+
+/// What to do after one DPS answer.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Assigned(Assignment),
+    /// 202 `assigning`: ask for the operation's status after `after`.
+    Poll {
+        operation_id: String,
+        after: Duration,
+    },
+    /// Throttled (429) or a server error: send the same request again after `after`.
+    Retry {
+        after: Duration,
+    },
+}
+
+/// Turns one answer (status from the topic, retry-after, JSON body) into the next step.
+/// `retries` counts the throttled/failed answers in a row so far.
+fn interpret(
+    status: u16,
+    retry_after: Option<Duration>,
+    answer: &Value,
+    retries: u32,
+) -> Result<Step, DpsError> {
+    match status {
+        200..=299 => match answer["status"].as_str() {
+            Some("assigned") => assignment(answer).map(Step::Assigned),
+            Some("assigning") => {
+                let operation_id = answer["operationId"].as_str().ok_or_else(|| {
+                    DpsError::Protocol("'assigning' answer without operationId".into())
+                })?;
+                Ok(Step::Poll {
+                    operation_id: operation_id.to_string(),
+                    after: retry_after
+                        .unwrap_or(DEFAULT_RETRY_AFTER)
+                        .min(MAX_RETRY_AFTER),
+                })
+            }
+            other => {
+                let state = &answer["registrationState"];
+                let detail = match (state["errorCode"].as_u64(), state["errorMessage"].as_str()) {
+                    (Some(code), Some(message)) => format!(": {message} (errorCode {code})"),
+                    _ => String::new(),
+                };
+                Err(DpsError::NotAssigned {
+                    status: other.unwrap_or("missing").to_string(),
+                    detail,
+                })
+            }
         },
-        other => DpsError::Unreachable {
-            endpoint: endpoint.to_string(),
-            message: other.to_string(),
-        },
+        429 | 500..=599 if retries < MAX_RETRIES => {
+            // Without a retry-after: a growing pause (3 s, 6 s, 9 s, …), capped.
+            let after = retry_after
+                .unwrap_or(DEFAULT_RETRY_AFTER * (retries + 1))
+                .min(MAX_RETRY_AFTER);
+            Ok(Step::Retry { after })
+        }
+        _ => Err(service_error(status, answer)),
     }
 }
 
@@ -293,5 +340,119 @@ mod tests {
             Some((200, None))
         );
         assert_eq!(parse_response_topic("$iothub/twin/res/200/?$rid=1"), None);
+        assert_eq!(
+            parse_response_topic("$dps/registrations/res/429/?$rid=4&retry-after=oops"),
+            Some((429, None)),
+            "a malformed retry-after counts as none"
+        );
+        assert_eq!(
+            parse_response_topic("$dps/registrations/res/abc/?$rid=4"),
+            None
+        );
+    }
+
+    fn assigned() -> Value {
+        json!({
+            "operationId": "op-1",
+            "status": "assigned",
+            "registrationState": {
+                "registrationId": "dev-1",
+                "assignedHub": "hub-a.example",
+                "deviceId": "dev-1",
+                "status": "assigned",
+                "substatus": "initialAssignment",
+                "payload": {"tier": "gold"}
+            }
+        })
+    }
+
+    #[test]
+    fn an_assigned_answer_becomes_the_assignment() {
+        let Step::Assigned(a) = interpret(200, None, &assigned(), 0).unwrap() else {
+            panic!("not assigned")
+        };
+        assert_eq!(a.assigned_hub, "hub-a.example");
+        assert_eq!(a.device_id, "dev-1");
+        assert_eq!(a.substatus, "initialAssignment");
+        assert_eq!(a.registration_state["payload"]["tier"], "gold");
+        let mut broken = assigned();
+        broken["registrationState"]
+            .as_object_mut()
+            .unwrap()
+            .remove("assignedHub");
+        let err = interpret(200, None, &broken, 0).unwrap_err();
+        assert!(err.to_string().contains("assignedHub"), "{err}");
+    }
+
+    #[test]
+    fn assigning_polls_after_the_capped_retry_after() {
+        let answer = json!({"operationId": "op-7", "status": "assigning"});
+        assert_eq!(
+            interpret(202, None, &answer, 0).unwrap(),
+            Step::Poll {
+                operation_id: "op-7".into(),
+                after: DEFAULT_RETRY_AFTER
+            }
+        );
+        assert_eq!(
+            interpret(202, Some(Duration::from_secs(86400)), &answer, 0).unwrap(),
+            Step::Poll {
+                operation_id: "op-7".into(),
+                after: MAX_RETRY_AFTER
+            },
+            "a bogus retry-after cannot park the agent for a day"
+        );
+        let err = interpret(202, None, &json!({"status": "assigning"}), 0).unwrap_err();
+        assert!(matches!(err, DpsError::Protocol(_)), "{err}");
+    }
+
+    #[test]
+    fn throttling_backs_off_then_gives_up() {
+        let answer = json!({"errorCode": 429001, "message": "throttled", "trackingId": "t-1"});
+        assert_eq!(
+            interpret(429, Some(Duration::from_secs(2)), &answer, 0).unwrap(),
+            Step::Retry {
+                after: Duration::from_secs(2)
+            }
+        );
+        // Without retry-after the pause grows with each retry.
+        assert_eq!(
+            interpret(503, None, &answer, 2).unwrap(),
+            Step::Retry {
+                after: DEFAULT_RETRY_AFTER * 3
+            }
+        );
+        let err = interpret(429, None, &answer, MAX_RETRIES).unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            "DPS answered 429: throttled (errorCode 429001, trackingId t-1)"
+        );
+    }
+
+    #[test]
+    fn refusals_carry_the_service_error() {
+        let answer = json!({
+            "errorCode": 401002,
+            "message": "Invalid certificate.",
+            "trackingId": "abc",
+            "timestampUtc": "2026-01-01T00:00:00Z"
+        });
+        let err = interpret(401, None, &answer, 0).unwrap_err();
+        assert!(!err.is_transient());
+        assert!(
+            matches!(&err, DpsError::Service { status: 401, error_code: 401002, tracking_id, .. } if tracking_id == "abc"),
+            "{err:?}"
+        );
+        let disabled = json!({
+            "operationId": "op",
+            "status": "disabled",
+            "registrationState": {"status": "disabled", "errorCode": 400203, "errorMessage": "Enrollment is disabled"}
+        });
+        let err = interpret(200, None, &disabled, 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "DPS did not assign the device: status 'disabled': Enrollment is disabled (errorCode 400203)"
+        );
     }
 }

@@ -1,0 +1,138 @@
+//! The rumqttc plumbing DPS and the hub share: building a client for one connection, waiting for
+//! CONNACK (telling "refused" from "unreachable"), waiting for SUBACK, and saying goodbye.
+//!
+//! Both users make a fresh client and event loop per connection, so rumqttc never retransmits on
+//! its own and the packet ids of a connection belong to that connection only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
+    SubscribeReasonCode, TlsConfiguration, Transport,
+};
+
+/// One MQTT/TLS connection's settings, in plain values.
+pub struct ConnectOptions {
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    /// Empty for X.509 (the certificate in the TLS handshake is the credential).
+    pub password: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub keep_alive: Duration,
+    /// DPS keeps no sessions (true); the hub keeps subscriptions and queued C2D (false).
+    pub clean_session: bool,
+    /// (incoming, outgoing) packet size limits. rumqttc's defaults are 10 KiB: always set them.
+    pub max_packet_size: (usize, usize),
+    /// Outgoing QoS 1 window (at least 1).
+    pub inflight: u16,
+    /// Capacity of the request channel between `AsyncClient` and the event loop.
+    pub request_capacity: usize,
+    /// Incoming QoS 1 publishes are acknowledged by the caller (`AsyncClient::try_ack`) once
+    /// handled, so a message that arrives as the connection closes is redelivered, not lost.
+    pub manual_acks: bool,
+}
+
+/// Makes the client and event loop for one connection; nothing is sent before the first poll.
+pub fn client(options: &ConnectOptions) -> (AsyncClient, EventLoop) {
+    let mut mqtt = MqttOptions::new(&options.client_id, &options.host, options.port);
+    mqtt.set_keep_alive(options.keep_alive);
+    mqtt.set_clean_session(options.clean_session);
+    mqtt.set_inflight(options.inflight.max(1));
+    mqtt.set_max_packet_size(options.max_packet_size.0, options.max_packet_size.1);
+    mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        options.tls.clone(),
+    )));
+    mqtt.set_credentials(&options.username, &options.password);
+    mqtt.set_manual_acks(options.manual_acks);
+    AsyncClient::new(mqtt, options.request_capacity.max(1))
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The server answered CONNACK with this refusal.
+    Refused(ConnectReturnCode),
+    /// TCP, TLS or protocol failure before a CONNACK (the message never holds a secret).
+    Network(String),
+}
+
+impl ConnectError {
+    /// CONNACK 4/5: the credentials (or the identity) were refused, as opposed to a busy server.
+    pub fn is_auth_refusal(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Refused(
+                ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword
+            )
+        )
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused(code) => write!(f, "connection refused (CONNACK {code:?})"),
+            ConnectError::Network(message) => f.write_str(message),
+        }
+    }
+}
+
+impl From<ConnectionError> for ConnectError {
+    fn from(e: ConnectionError) -> Self {
+        match e {
+            ConnectionError::ConnectionRefused(code) => ConnectError::Refused(code),
+            other => ConnectError::Network(other.to_string()),
+        }
+    }
+}
+
+/// Polls until CONNACK. Nothing else can arrive before it.
+pub async fn wait_connack(eventloop: &mut EventLoop) -> Result<(), ConnectError> {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            Ok(_) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Polls until the next SUBACK and returns its codes. Only for connections on which nothing else
+/// can arrive yet (DPS before its first request): other events are dropped.
+pub async fn wait_suback(
+    eventloop: &mut EventLoop,
+) -> Result<Vec<SubscribeReasonCode>, ConnectionError> {
+    loop {
+        if let Event::Incoming(Packet::SubAck(ack)) = eventloop.poll().await? {
+            return Ok(ack.return_codes);
+        }
+    }
+}
+
+/// Sends DISCONNECT and lets it go out (servers log an abrupt close as an error). Bounded: a dead
+/// connection does not hold the caller up.
+pub async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_refusals_are_told_from_other_failures() {
+        assert!(ConnectError::Refused(ConnectReturnCode::NotAuthorized).is_auth_refusal());
+        assert!(ConnectError::Refused(ConnectReturnCode::BadUserNamePassword).is_auth_refusal());
+        assert!(!ConnectError::Refused(ConnectReturnCode::ServiceUnavailable).is_auth_refusal());
+        assert!(!ConnectError::Network("connection reset".into()).is_auth_refusal());
+    }
+}
