@@ -18,8 +18,9 @@ echo "== interop: Azure's Python device SDK against hubsim"
 HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
     -W ignore::DeprecationWarning tests/interop || failed+=("python interop tests")
 
+echo
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "FAILED: ${failed[*]}"
+    echo "== SUMMARY: FAILED after ${SECONDS}s: ${failed[*]} (details above each part's own summary)"
     exit 1
 fi
-echo "ALL TESTS PASSED"
+echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust tests and the Python interop suite)"
