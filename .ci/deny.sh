@@ -38,9 +38,9 @@ else
 ##########################################################################################
 # NOTICE: cargo deny check advisories was SKIPPED.
 # The RustSec advisory database (a git repository on GitHub) cannot be fetched from this
-# machine, and no package in the registries it reaches ships a copy. Licenses, bans and sources WERE
-# checked. The advisories that apply to Cargo.lock, and why each does not affect hubagent,
-# are listed in deny.toml; to check against a copy of the database:
+# machine, and we know of no package in the registries it reaches that ships a copy.
+# Licenses, bans and sources WERE checked. The advisories that apply to Cargo.lock, and why
+# each does not affect hubagent, are listed in deny.toml; to check against a local copy:
 #     HUBAGENT_ADVISORY_DB=/path/to/advisory-db bash .ci/deny.sh
 ##########################################################################################
 
