@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and integration tests (hubsim and hubagent over MQTT/TLS on
-# loopback), then Azure's Python device SDK against hubsim. README's second command.
+# loopback, the TPM back end against swtpm), then Azure's Python device SDK against hubsim.
+# README's second command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash tests/setup.sh
 
-echo "== build"
-cargo build --workspace --all-targets --locked
-
 failed=()
-echo "== rust tests (cargo nextest)"
-cargo nextest run --workspace --locked --profile ci || failed+=("rust tests")
+echo "== build"
+# The default build (what README's demo command builds) must not need libtss2; its own unit tests
+# (e.g. `method = "tpm"` refused with a clear message) run on it first.
+cargo build --workspace --all-targets --locked
+echo "== agent unit tests, default build (no TPM support)"
+cargo nextest run -p hubagent --locked --profile ci || failed+=("agent unit tests (default build)")
+
+# Everything else runs with the TPM back end (feature `tpm`), whose tests start their own swtpm.
+# This also rebuilds target/debug/hubagent with TPM support for the tests that run the binary.
+tpm_features=(--features hubagent-tests/tpm)
+cargo build --workspace --all-targets --locked "${tpm_features[@]}"
+echo "== rust tests (cargo nextest, with the TPM tests against swtpm)"
+cargo nextest run --workspace --locked --profile ci "${tpm_features[@]}" || failed+=("rust tests")
 
 # The Python SDK can only dial port 8883, so these run after the Rust tests, one hubsim at a time.
 echo "== interop: Azure's Python device SDK against hubsim"
@@ -19,12 +28,25 @@ HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -
     -W ignore::DeprecationWarning --junitxml=target/interop-junit.xml tests/interop \
     || failed+=("python interop tests")
 
+# The .deb installed into a real systemd (systemd-nspawn), driven with systemctl against hubsim.
+echo "== system test: the .deb in systemd-nspawn"
+bash tests/system/deb-nspawn.sh || failed+=("deb system test")
+
+# A short fuzz run over the checked-in corpus (config, queue files, topics, SAS/twin input).
+echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"
+bash fuzz/run.sh || failed+=("fuzzing")
+
 # Totals from both runners' JUnit reports (only reports written by this run count), so the run
-# closes with one plain "N passed, N failed" line covering the whole suite.
-totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml <<'PY'
+# closes with one plain "N passed, N failed" line. nextest's report is the last nextest run's (the
+# whole workspace with the TPM back end); the system test and fuzzing count as one test each.
+totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml \
+    -- "${failed[@]}" <<'PY'
 import os, sys, xml.etree.ElementTree as ET
-started, reports = int(sys.argv[1]), sys.argv[2:]
-passed = failed = skipped = 0
+args = sys.argv[1:]
+started, reports, failed_parts = int(args[0]), args[1:args.index("--")], args[args.index("--") + 1:]
+whole_parts = ["deb system test", "fuzzing"]  # no JUnit report: one test each
+failed = sum(part in failed_parts for part in whole_parts)
+passed, skipped = len(whole_parts) - failed, 0
 for path in reports:
     if not os.path.exists(path) or os.path.getmtime(path) < started:
         continue
@@ -46,5 +68,5 @@ if [ "${#failed[@]}" -gt 0 ]; then
     echo "Tests: $totals"
     exit 1
 fi
-echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust tests and the Python interop suite)"
+echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust, Python interop, .deb system test, fuzzing)"
 echo "Tests: $totals"

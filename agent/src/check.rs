@@ -44,21 +44,39 @@ fn fail(id: &'static str, detail: impl Into<String>) -> Check {
     }
 }
 
-async fn reachable(host: &str, port: u16) -> Result<(), String> {
-    match tokio::time::timeout(
+/// TCP connect and, when a TLS configuration is at hand, a full handshake with certificate
+/// verification: "reachable" means the agent could talk to it, not merely that a port is open.
+async fn reachable(
+    host: &str,
+    port: u16,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<&'static str, String> {
+    let tcp = match tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect((host, port)),
     )
     .await
     {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 5 s".into()),
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no answer within 5 s".into()),
+    };
+    let Some(tls) = tls else {
+        return Ok("TCP");
+    };
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("'{host}' is not a valid server name: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    match tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await {
+        Ok(Ok(_)) => Ok("TLS verified"),
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Err(_) => Err("TLS handshake timed out".into()),
     }
 }
 
 pub async fn run(config_path: &Path) -> Report {
     let mut checks = Vec::new();
+    let mut tls: Option<std::sync::Arc<rustls::ClientConfig>> = None;
     let config = match Config::load(config_path, &|k| std::env::var(k).ok()) {
         Ok(c) => {
             checks.push(pass("config.valid", config_path.display().to_string()));
@@ -103,13 +121,16 @@ pub async fn run(config_path: &Path) -> Report {
                     }
                 }
                 match crate::provisioning::client_tls(&config, &credential) {
-                    Ok(_) => checks.push(pass(
-                        "tls.trust",
-                        match &config.hub.trust_bundle {
-                            Some(b) => format!("system roots + {}", b.display()),
-                            None => "system roots".into(),
-                        },
-                    )),
+                    Ok(cfg) => {
+                        tls = Some(cfg);
+                        checks.push(pass(
+                            "tls.trust",
+                            match &config.hub.trust_bundle {
+                                Some(b) => format!("system roots + {}", b.display()),
+                                None => "system roots".into(),
+                            },
+                        ))
+                    }
                     Err(e) => checks.push(fail("tls.trust", e)),
                 }
             }
@@ -159,19 +180,19 @@ pub async fn run(config_path: &Path) -> Report {
     };
 
     if config.provisioning.source == Source::Dps {
-        match crate::config::parse_endpoint(&config.provisioning.global_endpoint, config.hub.port) {
-            Ok((host, port)) => match reachable(&host, port).await {
-                Ok(()) => checks.push(pass("network.dps", format!("{host}:{port}"))),
+        match config.dps_endpoint() {
+            Ok((host, port)) => match reachable(&host, port, tls.as_ref()).await {
+                Ok(how) => checks.push(pass("network.dps", format!("{host}:{port} ({how})"))),
                 Err(e) => checks.push(fail("network.dps", format!("{host}:{port}: {e}"))),
             },
             Err(e) => checks.push(fail("network.dps", e)),
         }
     }
     if let Some(c) = cache {
-        match reachable(&c.hub, config.hub.port).await {
-            Ok(()) => checks.push(pass(
+        match reachable(&c.hub, config.hub.port, tls.as_ref()).await {
+            Ok(how) => checks.push(pass(
                 "network.hub",
-                format!("{}:{}", c.hub, config.hub.port),
+                format!("{}:{} ({how})", c.hub, config.hub.port),
             )),
             Err(e) => checks.push(fail(
                 "network.hub",

@@ -69,6 +69,60 @@ pub enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Internal: runs one library plugin in this process, speaking the plugin protocol on
+    /// stdin/stdout (started by the daemon's supervisor; see docs/plugins.md).
+    #[command(hide = true)]
+    PluginHost {
+        /// The plugin's name in the configuration (for messages).
+        #[arg(long)]
+        name: String,
+        /// The shared library to load.
+        #[arg(long)]
+        path: PathBuf,
+        /// Skip the ownership/permission check of `path` (ignored when running as root).
+        #[arg(long)]
+        allow_unsafe_paths: bool,
+    },
+    /// TPM tools (builds with the `tpm` feature): import a device key, show the endorsement key.
+    #[command(subcommand)]
+    Tpm(TpmCommand),
+}
+
+/// Where the TPM is and which handle holds the key: flags, else the configuration's
+/// `[provisioning.attestation]` (method = "tpm"), else the defaults.
+#[derive(Debug, Args)]
+pub struct TpmTarget {
+    /// TCTI of the TPM (default: the configuration's, else device:/dev/tpmrm0).
+    #[arg(long)]
+    pub tcti: Option<String>,
+    /// Persistent handle of the device key (default: the configuration's, else 0x81000100).
+    #[arg(long)]
+    pub handle: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TpmCommand {
+    /// Read a base64 DPS/IoT Hub symmetric key from stdin and import it into the TPM as a
+    /// persistent HMAC key (for `key_source = "imported"`). Nothing is written to disk.
+    ImportKey {
+        #[command(flatten)]
+        target: TpmTarget,
+        /// The key on stdin is an enrollment group key: derive this registration id's device key
+        /// from it first and import that.
+        #[arg(long, value_name = "ID")]
+        group_registration_id: Option<String>,
+        /// Replace whatever the handle holds, even if it is not an HMAC key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the endorsement key (base64 TPM2B_PUBLIC, what a DPS TPM enrollment needs), the
+    /// storage root key and the registration id Azure derives from the endorsement key.
+    ShowEk {
+        #[arg(long)]
+        tcti: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,5 +178,30 @@ mod tests {
             }
         ));
         assert_eq!(cli.config, PathBuf::from("/tmp/x.toml"));
+    }
+
+    #[test]
+    fn tpm_import_key_parses() {
+        let cli = Cli::try_parse_from([
+            "hubagent",
+            "tpm",
+            "import-key",
+            "--handle",
+            "0x81000101",
+            "--group-registration-id",
+            "gw-7",
+        ])
+        .unwrap();
+        let Command::Tpm(TpmCommand::ImportKey {
+            target,
+            group_registration_id,
+            force,
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(target.handle.as_deref(), Some("0x81000101"));
+        assert_eq!(group_registration_id.as_deref(), Some("gw-7"));
+        assert!(!force);
     }
 }

@@ -40,6 +40,10 @@ pub struct AgentSettings {
     pub log_level: String,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Load plugins from paths that are not root-owned or are writable by group/others. Only
+    /// honoured when the daemon does not run as root (development and tests); docs/plugins.md.
+    #[serde(default)]
+    pub allow_unsafe_plugin_paths: bool,
 }
 
 impl Default for AgentSettings {
@@ -49,6 +53,7 @@ impl Default for AgentSettings {
             control_socket: default_control_socket(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
+            allow_unsafe_plugin_paths: false,
         }
     }
 }
@@ -129,15 +134,92 @@ pub enum Attestation {
         /// PEM private key (PKCS#8, SEC1 or PKCS#1).
         identity_pk: PathBuf,
     },
+    /// The device key lives in the TPM and every HMAC is computed there (feature `tpm`; docs/tpm.md).
     Tpm {
+        /// How to reach the TPM: `device:/dev/tpmrm0` (the kernel resource manager) or
+        /// `swtpm:host=127.0.0.1,port=2321` (a software TPM, for tests).
         #[serde(default = "default_tcti")]
         tcti: String,
-        handle: Option<String>,
+        /// Persistent handle of the HMAC key: `0x81000100` (TOML integer or string).
+        #[serde(default = "default_tpm_handle", with = "tpm_handle_serde")]
+        handle: u32,
+        /// Where the key in the TPM comes from.
+        #[serde(default)]
+        key_source: TpmKeySource,
     },
+}
+
+/// How the HMAC key at the TPM handle gets there.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TpmKeySource {
+    /// DPS TPM attestation: the agent sends its EK and SRK, DPS answers with an activation blob
+    /// that only this TPM can import (the key never exists outside DPS and the TPM).
+    #[default]
+    Attestation,
+    /// A symmetric (or group-derived) key imported once with `hubagent tpm import-key`; the
+    /// enrollment is an ordinary symmetric-key one.
+    Imported,
 }
 
 fn default_tcti() -> String {
     "device:/dev/tpmrm0".into()
+}
+
+/// Where Azure's SDKs keep the DPS/hub key (`DPS_ID_KEY_HANDLE` in the C SDK).
+pub const DEFAULT_TPM_HANDLE: u32 = 0x8100_0100;
+
+fn default_tpm_handle() -> u32 {
+    DEFAULT_TPM_HANDLE
+}
+
+/// Checks a persistent handle for the agent's key: owner persistent range (0x81000000-0x817FFFFF),
+/// not the SRK (0x81000001) or an endorsement key (0x81010000-0x8101FFFF).
+pub fn check_tpm_handle(handle: u32) -> Result<(), String> {
+    if !(0x8100_0000..=0x817F_FFFF).contains(&handle) {
+        return Err(format!(
+            "{handle:#010x} is not an owner persistent handle (0x81000000-0x817fffff)"
+        ));
+    }
+    if handle == 0x8100_0001 || (0x8101_0000..=0x8101_FFFF).contains(&handle) {
+        return Err(format!(
+            "{handle:#010x} is reserved for the storage root key or an endorsement key; use e.g. 0x81000100"
+        ));
+    }
+    Ok(())
+}
+
+/// TPM handles as a TOML integer (`0x81000100`) or a string (`"0x81000100"`).
+mod tpm_handle_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u32),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(n),
+            Raw::Text(text) => super::parse_tpm_handle(&text).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:#010x}"))
+    }
+}
+
+/// `0x81000100` or a decimal number.
+pub fn parse_tpm_handle(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("'{text}' is not a TPM handle (write e.g. 0x81000100)"))
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -417,11 +499,18 @@ impl Config {
                         "required when source = \"dps\": method = \"symmetric_key\", \"x509\" or \"tpm\"",
                     ));
                 }
-                let needs_id = !matches!(p.attestation, Some(Attestation::X509 { .. }));
+                let needs_id = !matches!(
+                    p.attestation,
+                    Some(Attestation::X509 { .. })
+                        | Some(Attestation::Tpm {
+                            key_source: TpmKeySource::Attestation,
+                            ..
+                        })
+                );
                 if needs_id && p.registration_id.as_deref().unwrap_or("").is_empty() {
                     return Err(invalid(
                         "provisioning.registration_id",
-                        "required for symmetric_key and tpm attestation (x509 uses the certificate CN)",
+                        "required for symmetric_key and tpm with key_source = \"imported\" (x509 uses the certificate CN, TPM attestation the EK)",
                     ));
                 }
                 if let Some(id) = &p.registration_id
@@ -434,8 +523,13 @@ impl Config {
                         ),
                     ));
                 }
-                parse_endpoint(&p.global_endpoint, self.hub.port)
-                    .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
+                if self.dps_over_https() {
+                    parse_https_endpoint(&p.global_endpoint)
+                        .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
+                } else {
+                    parse_endpoint(&p.global_endpoint, self.hub.port)
+                        .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
+                }
             }
             Source::Manual => {
                 let by_parts = p.iothub_hostname.is_some() && p.device_id.is_some();
@@ -470,6 +564,10 @@ impl Config {
                 _ => {}
             }
         }
+        if let Some(Attestation::Tpm { handle, .. }) = &p.attestation {
+            check_tpm_handle(*handle)
+                .map_err(|m| invalid("provisioning.attestation.handle", &m))?;
+        }
         if self.hub.renew_before >= self.hub.sas_ttl {
             return Err(invalid(
                 "hub.renew_before",
@@ -502,6 +600,9 @@ impl Config {
                     &format!("plugin name '{name}' is used twice"),
                 ));
             }
+            crate::plugins::spec::PluginSpec::from_table(plugin).map_err(|(key, message)| {
+                invalid(&format!("plugin[{i}] ({name}).{key}"), &message)
+            })?;
         }
         Ok(())
     }
@@ -535,8 +636,12 @@ impl Config {
                 identity_cert.display(),
                 identity_pk.display()
             ),
-            Some(Attestation::Tpm { tcti, handle }) => {
-                format!("tpm;tcti={tcti};handle={handle:?}")
+            Some(Attestation::Tpm {
+                tcti,
+                handle,
+                key_source,
+            }) => {
+                format!("tpm;tcti={tcti};handle={handle:#010x};key_source={key_source:?}")
             }
         };
         let canonical = format!(
@@ -556,6 +661,26 @@ impl Config {
             attestation,
         );
         sha256_hex(canonical.as_bytes())
+    }
+
+    /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
+    pub fn dps_over_https(&self) -> bool {
+        matches!(
+            self.provisioning.attestation,
+            Some(Attestation::Tpm {
+                key_source: TpmKeySource::Attestation,
+                ..
+            })
+        )
+    }
+
+    /// Host and port of DPS: HTTPS for TPM attestation, else MQTT.
+    pub fn dps_endpoint(&self) -> Result<(String, u16), String> {
+        if self.dps_over_https() {
+            parse_https_endpoint(&self.provisioning.global_endpoint)
+        } else {
+            parse_endpoint(&self.provisioning.global_endpoint, self.hub.port)
+        }
     }
 
     /// The custom allocation payload as JSON.
@@ -605,6 +730,28 @@ pub fn parse_endpoint(endpoint: &str, default_port: u16) -> Result<(String, u16)
             .map(|p| (host.to_string(), p))
             .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
         _ => Ok((rest.to_string(), default_port)),
+    }
+}
+
+/// The DPS endpoint for HTTPS: `https://host[:port]` (port 443 unless given). A plain `host`,
+/// `host:port` or `mqtts://host:port` keeps its host and uses 443: an MQTT port says nothing
+/// about where DPS serves HTTPS.
+pub fn parse_https_endpoint(endpoint: &str) -> Result<(String, u16), String> {
+    match endpoint.strip_prefix("https://") {
+        Some(rest) => {
+            let rest = rest.trim_end_matches('/');
+            if rest.is_empty() || rest.contains('/') {
+                return Err(format!("'{endpoint}' is not https://host[:port]"));
+            }
+            match rest.rsplit_once(':') {
+                Some((host, port)) => port
+                    .parse()
+                    .map(|p| (host.to_string(), p))
+                    .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
+                None => Ok((rest.to_string(), 443)),
+            }
+        }
+        None => parse_endpoint(endpoint, 443).map(|(host, _)| (host, 443)),
     }
 }
 
@@ -963,9 +1110,10 @@ impl Config {
                 format!("id scope {}", p.id_scope.as_deref().unwrap_or("-")),
                 format!(
                     "registration id {}",
-                    p.registration_id
-                        .as_deref()
-                        .unwrap_or("from the certificate CN")
+                    p.registration_id.as_deref().unwrap_or(match p.attestation {
+                        Some(Attestation::Tpm { .. }) => "from the TPM's endorsement key",
+                        _ => "from the certificate CN",
+                    })
                 ),
             ],
             Source::Manual => match (&p.connection_string, &p.iothub_hostname) {
@@ -1231,6 +1379,104 @@ max_message_size = "128KiB"
             .provisioning_fingerprint()
         };
         assert_ne!(inline("a2V5MQ=="), inline("a2V5Mg=="));
+    }
+
+    #[test]
+    fn tpm_settings_parse_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            (
+                "dps-tpm.toml",
+                include_str!("../../config/examples/dps-tpm.toml"),
+            ),
+            (
+                "dps-tpm-imported-key.toml",
+                include_str!("../../config/examples/dps-tpm-imported-key.toml"),
+            ),
+        ] {
+            let config = Config::load(&write(dir.path(), name, text), &no_env)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let Some(Attestation::Tpm { handle, tcti, .. }) = &config.provisioning.attestation
+            else {
+                panic!("{name}")
+            };
+            assert_eq!(*handle, 0x8100_0100);
+            assert_eq!(tcti, "device:/dev/tpmrm0");
+        }
+        let attest = Config::load(
+            &write(
+                dir.path(),
+                "a.toml",
+                include_str!("../../config/examples/dps-tpm.toml"),
+            ),
+            &no_env,
+        )
+        .unwrap();
+        assert!(attest.dps_over_https());
+        assert_eq!(
+            attest.dps_endpoint().unwrap(),
+            ("global.azure-devices-provisioning.net".to_string(), 443)
+        );
+        assert_eq!(
+            parse_https_endpoint("https://localhost:8443").unwrap(),
+            ("localhost".to_string(), 8443)
+        );
+        assert_eq!(
+            parse_https_endpoint("mqtts://dps.example:8883").unwrap(),
+            ("dps.example".to_string(), 443)
+        );
+
+        let tpm = |extra: &str| {
+            format!(
+                "[provisioning]\nid_scope = \"0ne1\"\n{extra}\n[provisioning.attestation]\nmethod = \"tpm\"\n"
+            )
+        };
+        // Defaults: DPS attestation at 0x81000100 over /dev/tpmrm0; no registration id needed.
+        let config = Config::load(&write(dir.path(), "b.toml", &tpm("")), &no_env).unwrap();
+        assert_eq!(
+            config.provisioning.attestation,
+            Some(Attestation::Tpm {
+                tcti: "device:/dev/tpmrm0".into(),
+                handle: DEFAULT_TPM_HANDLE,
+                key_source: TpmKeySource::Attestation,
+            })
+        );
+        // The handle as a string, and the reserved ones refused with the key named.
+        let text = tpm("") + "handle = \"0x81000101\"\n";
+        let config = Config::load(&write(dir.path(), "c.toml", &text), &no_env).unwrap();
+        assert!(matches!(
+            config.provisioning.attestation,
+            Some(Attestation::Tpm {
+                handle: 0x8100_0101,
+                ..
+            })
+        ));
+        for bad in ["0x81010001", "0x81000001", "0x01000000"] {
+            let text = tpm("") + &format!("handle = {bad}\n");
+            let err = Config::load(&write(dir.path(), "d.toml", &text), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("provisioning.attestation.handle"),
+                "{bad}: {err}"
+            );
+        }
+        let text = tpm("") + "handle = \"eighty-one\"\n";
+        let err = Config::load(&write(dir.path(), "e.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a TPM handle"), "{err}");
+        // An imported key is an ordinary symmetric-key enrollment: the id is required.
+        let text = tpm("") + "key_source = \"imported\"\n";
+        let err = Config::load(&write(dir.path(), "f.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("provisioning.registration_id"), "{err}");
+        // The fingerprint follows the handle and the key source.
+        let a = Config::load(&write(dir.path(), "g.toml", &tpm("")), &no_env).unwrap();
+        let text = tpm("") + "handle = 0x81000102\n";
+        let b = Config::load(&write(dir.path(), "h.toml", &text), &no_env).unwrap();
+        assert_ne!(a.provisioning_fingerprint(), b.provisioning_fingerprint());
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl Narrator {
                 println!(
                     "[twin]   agent reports plugins.{PLUGIN}: status {}, interval {} (applied desired $version {version})",
                     plugin["status"].as_str().unwrap_or("?"),
-                    plugin["interval"].as_str().unwrap_or("?")
+                    plugin["settings"]["interval"].as_str().unwrap_or("?")
                 );
                 self.watch_ack = None;
             }

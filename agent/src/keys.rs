@@ -1,5 +1,5 @@
 //! Where key material comes from and how it signs. The SAS signer is a trait so the TPM back end
-//! (a later issue) signs inside the TPM without any key byte in the agent's memory.
+//! (`crate::tpm`, feature `tpm`) signs inside the TPM without any key byte in the agent's memory.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -20,6 +20,9 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
+    /// The TPM refused or failed (the message says what to do about it).
+    #[error("{0}")]
+    Tpm(String),
 }
 
 /// Signs SAS strings-to-sign with HMAC-SHA256 under a device (or derived) key.
@@ -189,8 +192,23 @@ pub fn load_credential(
                 warnings,
             ))
         }
+        #[cfg(feature = "tpm")]
+        Attestation::Tpm {
+            tcti,
+            handle,
+            key_source,
+        } => {
+            let signer = crate::tpm::TpmSigner::new(tcti, *handle);
+            // An imported key must be there before anything is signed; with DPS attestation the
+            // registration itself puts it there.
+            if *key_source == crate::config::TpmKeySource::Imported {
+                signer.check()?;
+            }
+            Ok((Credential::Sas(Arc::new(signer)), vec![]))
+        }
+        #[cfg(not(feature = "tpm"))]
         Attestation::Tpm { .. } => Err(KeyError::Invalid(
-            "TPM attestation is not available in this build yet (issue #4); use symmetric_key or x509".into(),
+            "this hubagent was built without TPM support (cargo feature `tpm`); use symmetric_key or x509, or install a build with TPM support".into(),
         )),
     }
 }
@@ -498,6 +516,22 @@ mod tests {
             !signer.describe().contains("8isr"),
             "descriptions never hold key material"
         );
+    }
+
+    #[cfg(not(feature = "tpm"))]
+    #[test]
+    fn tpm_attestation_needs_a_build_with_tpm_support() {
+        let err = load_credential(
+            &Attestation::Tpm {
+                tcti: "device:/dev/tpmrm0".into(),
+                handle: crate::config::DEFAULT_TPM_HANDLE,
+                key_source: Default::default(),
+            },
+            "gw",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("without TPM support"), "{err}");
     }
 
     #[test]

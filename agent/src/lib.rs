@@ -13,8 +13,11 @@ pub mod demo;
 pub mod hub;
 pub mod keys;
 pub mod logging;
+pub mod plugins;
 pub mod provisioning;
 pub mod queue;
 pub mod state;
 pub mod systemd;
 pub mod tls;
+#[cfg(feature = "tpm")]
+pub mod tpm;

@@ -10,6 +10,7 @@ use hubagent::config::Config;
 use hubagent::control::{self, ControlError, Request};
 
 fn main() -> ExitCode {
+    quiet_tss();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run => run(&cli.config),
@@ -25,8 +26,36 @@ fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::List { json }) => {
             ask(&cli.config, Request::PluginsList, json)
         }
+        Command::Tpm(command) => tpm(&cli.config, command),
+        Command::PluginHost {
+            name,
+            path,
+            allow_unsafe_paths,
+        } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths),
     };
     ExitCode::from(code as u8)
+}
+
+/// The TPM library (tpm2-tss) prints its own ERROR lines on stderr for conditions hubagent
+/// reports itself in plainer words (an empty handle, a missing device). Unless the operator asked
+/// for them with TSS2_LOG, keep them out of the journal.
+fn quiet_tss() {
+    #[cfg(feature = "tpm")]
+    if std::env::var_os("TSS2_LOG").is_none() {
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("TSS2_LOG", "all+NONE") };
+    }
+}
+
+#[cfg(feature = "tpm")]
+fn tpm(path: &Path, command: hubagent::cli::TpmCommand) -> i32 {
+    hubagent::tpm::cli::run(path, command)
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm(_: &Path, _: hubagent::cli::TpmCommand) -> i32 {
+    eprintln!("hubagent: this build has no TPM support (built without the `tpm` feature)");
+    exit::FAILURE
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -172,16 +201,41 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             if plugins.is_empty() {
                 println!("no plugins configured");
             }
+            println!(
+                "{:<20} {:<8} {:<18} {:<5} {:>9} {:>8} {:>8}  SOURCE",
+                "NAME", "KIND", "STATE", "ABI", "PUBLISHED", "DROPPED", "RESTARTS"
+            );
             for (name, p) in plugins {
+                let source = match p["kind"].as_str() {
+                    Some("library") => format!(
+                        "{} ({})",
+                        p["path"].as_str().unwrap_or("?"),
+                        p["isolation"].as_str().unwrap_or("?")
+                    ),
+                    Some("exec") => p["command"]
+                        .as_array()
+                        .map(|c| {
+                            c.iter()
+                                .filter_map(|a| a.as_str())
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default(),
+                    _ => format!("builtin {}", p["builtin"].as_str().unwrap_or("?")),
+                };
                 println!(
-                    "{name}: {} ({}){}",
-                    p["status"].as_str().unwrap_or("?"),
+                    "{:<20} {:<8} {:<18} {:<5} {:>9} {:>8} {:>8}  {source}",
+                    name,
                     p["kind"].as_str().unwrap_or("?"),
-                    p["error"]
-                        .as_str()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
+                    p["status"].as_str().unwrap_or("?"),
+                    p["abi"].as_str().unwrap_or("-"),
+                    p["published"].as_u64().unwrap_or(0),
+                    p["dropped"].as_u64().unwrap_or(0),
+                    p["restarts"].as_u64().unwrap_or(0),
                 );
+                if let Some(e) = p["error"].as_str() {
+                    println!("{:<20} error: {e}", "");
+                }
             }
         }
         Request::Reprovision => {

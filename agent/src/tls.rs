@@ -20,17 +20,12 @@ pub enum TlsError {
     Identity(String),
 }
 
-/// A client configuration trusting the system roots plus `trust_bundle`, presenting
-/// `client_identity` (PEM chain, PEM key) when given.
-pub fn client_config(
+/// The system's root certificates plus those of `trust_bundle` (each of which must parse as a CA
+/// certificate): what every TLS client of the agent trusts.
+pub fn root_certificates(
     trust_bundle: Option<&Path>,
-    client_identity: Option<(&[u8], &[u8])>,
-) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    // Unreadable system certificates are skipped; what matters is that something is trusted.
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let mut out = rustls_native_certs::load_native_certs().certs;
     if let Some(path) = trust_bundle {
         let file_error = |message: String| TlsError::File {
             path: path.to_path_buf(),
@@ -43,11 +38,31 @@ pub fn client_config(
         if certs.is_empty() {
             return Err(file_error("no certificate in the trust bundle".into()));
         }
-        for cert in certs {
-            roots
-                .add(cert)
+        let mut check = rustls::RootCertStore::empty();
+        for cert in &certs {
+            check
+                .add(cert.clone())
                 .map_err(|e| file_error(format!("unusable CA certificate: {e}")))?;
         }
+        out.extend(certs);
+    }
+    if out.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    Ok(out)
+}
+
+/// A client configuration trusting the system roots plus `trust_bundle`, presenting
+/// `client_identity` (PEM chain, PEM key) when given.
+pub fn client_config(
+    trust_bundle: Option<&Path>,
+    client_identity: Option<(&[u8], &[u8])>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in root_certificates(trust_bundle)? {
+        // The bundle's certificates were checked by root_certificates; unusable system ones are
+        // skipped: what matters is that something is trusted.
+        let _ = roots.add(cert);
     }
     if roots.is_empty() {
         return Err(TlsError::NoRoots);

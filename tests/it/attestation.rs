@@ -1,7 +1,8 @@
 //! Every attestation method the agent supports, end to end with the real binary against hubsim:
 //! symmetric key (individual), enrollment-group key (the agent derives the device key) and X.509
-//! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each:
-//! provision, publish, restart from the cached assignment without DPS, and reprovision on request.
+//! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each,
+//! the provisioning rules of DESIGN.md: DPS outage and throttling at boot, cache on restart,
+//! reprovision on request, on refused credentials and on a changed provisioning setting.
 
 use std::path::Path;
 use std::time::Duration;
@@ -62,19 +63,39 @@ fn config(
     path
 }
 
-/// The checks every method must pass.
+/// The provisioning rules of DESIGN.md, for every method: DPS throttling at first boot is
+/// honoured; a restart uses the cache (no DPS call); `hubagent reprovision` registers again; the
+/// hub refusing the credentials triggers a new registration; a changed provisioning setting
+/// (fingerprint) reprovisions on reload.
 async fn provision_publish_restart_reprovision(
     running: &hubsim::Running,
     config: &Path,
     device: &str,
 ) {
     let sim = running.sim.clone();
+    // DPS unreachable at first boot (connections refused for 2 s), then throttling: the agent
+    // keeps retrying in-process and honours retry-after.
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(2));
+    sim.faults.lock().unwrap().dps_throttle = Some((2, 1));
     let agent = AgentProcess::start(config);
     assert!(
         sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3)
             .await,
         "no telemetry from {device}\n{}",
         agent.log_text()
+    );
+    let throttled = sim
+        .records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .filter(|r| r.outcome == "throttled")
+        .count();
+    assert_eq!(
+        throttled, 2,
+        "both 429 answers were honoured before registering"
     );
     assert_eq!(registrations(&sim, device), 1);
     assert_eq!(agent.stop(), Some(0));
@@ -106,6 +127,67 @@ async fn provision_publish_restart_reprovision(
         sim.wait_until(WAIT, |s| hub_connects(s, device) > connects)
             .await
     );
+
+    // The hub no longer accepts the device's credentials (its identity was changed behind the
+    // agent's back): the agent registers again and DPS restores a working identity.
+    let key = format!("localhost/{device}");
+    sim.mutate(|s| {
+        let d = s.devices.get_mut(&key).unwrap();
+        d.authentication = hubsim::state::DeviceAuthentication {
+            kind: "sas".into(),
+            symmetric_key: Some(hubsim::state::SymmetricKeyPair {
+                primary_key: hubsim::state::random_key(),
+                secondary_key: hubsim::state::random_key(),
+            }),
+            x509_thumbprint: None,
+        };
+    })
+    .unwrap();
+    let conn = sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get(&key)
+        .cloned()
+        .unwrap();
+    let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
+        reason: "credentials revoked".into(),
+    });
+    assert!(
+        sim.wait_until(Duration::from_secs(60), |s| registrations(s, device) == 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let connects = hub_connects(&sim, device);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, device) > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+
+    // A provisioning setting changes (a custom allocation payload): reload reprovisions.
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(
+        config,
+        text.replace(
+            "[provisioning.attestation]",
+            "payload = { site = \"line-4\" }\n\n[provisioning.attestation]",
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, device) == 4)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let state = sim.read(|s| s.registrations[&device.to_ascii_lowercase()].state.clone());
+    assert_eq!(state["payload"]["site"], "line-4");
     assert_eq!(agent.stop(), Some(0));
 }
 

@@ -265,11 +265,20 @@ fn bad_configuration_exits_78_naming_the_key() {
 
 /// Sequence numbers of one sensor run (each process numbers its readings from 1 under a run id).
 fn sensor_seqs(sim: &hubsim::Sim, device: &str, run: &str) -> Vec<u64> {
-    let records = sim.records.lock().unwrap().telemetry.get(device).cloned().unwrap_or_default();
+    let records = sim
+        .records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device)
+        .cloned()
+        .unwrap_or_default();
     let mut seqs: Vec<u64> = records
         .iter()
         .filter(|r| r.properties.get("run").is_some_and(|r| r == run))
-        .filter_map(|r| serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64())
+        .filter_map(|r| {
+            serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
+        })
         .collect();
     seqs.sort();
     seqs.dedup();
@@ -305,31 +314,32 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
         reason: "outage".into(),
     });
     let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    // Every reading the first process queued (its sequence numbers run 1..=pushed).
+    let pushed = loop {
         let out = agent.cli(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if status["queue_depth"].as_u64().unwrap_or(0) >= 20 {
-            break;
+            break status["queue"]["pushed"].as_u64().unwrap() as usize;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "queue did not grow: {status}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     let mut agent = agent;
     agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
     agent.child.wait().unwrap();
-    let received_before = telemetry_count(&sim, "gw-daemon-5");
-    let first_run = sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
+    let first_run =
+        sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
 
     sim.faults.lock().unwrap().refuse_connections_until = None;
     let agent = AgentProcess::start(&config);
     // Everything the first process queued arrives: its sequence numbers have no gap.
     assert!(
         sim.wait_until(Duration::from_secs(60), |s| {
-            let seqs = sensor_seqs(s, "gw-daemon-5", &first_run);
-            seqs.len() >= received_before + 20
+            // Distinct readings: messages in flight at the outage may arrive twice.
+            sensor_seqs(s, "gw-daemon-5", &first_run).len() >= pushed
         })
         .await,
         "{}",
@@ -339,4 +349,140 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
     assert_eq!(seqs, expected, "a gap means a queued message was lost");
     assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_offline_with_the_cached_desired_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-6");
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-6") >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let key = hubsim::state::Store::device_key("localhost", "gw-daemon-6");
+    let version = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &serde_json::json!({"plugins": {"sensor": {"interval": "250ms"}}}),
+    )
+    .unwrap();
+    // The agent acknowledges the applied version in its reported properties.
+    assert!(
+        sim.wait_until(WAIT, |s| s.read(|st| st.devices[&key]
+            .twin
+            .reported
+            .get("plugins")
+            .and_then(|p| p.get("sensor"))
+            .is_some_and(
+                |p| p["desiredVersion"] == version && p["interval"] == "250ms"
+            )))
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop(), Some(0));
+
+    // No hub at all now: the agent starts with what it cached.
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    let agent = AgentProcess::start(&config);
+    let deadline = std::time::Instant::now() + WAIT;
+    let plugins = loop {
+        let out = agent.cli(&["plugins", "list", "--json"]);
+        if out.status.success() {
+            let plugins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if plugins["sensor"]["status"] == "running" {
+                break plugins;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log_text());
+        sim.wait_until(Duration::from_millis(100), |_| false).await;
+    };
+    assert_eq!(
+        plugins["sensor"]["interval"], "250ms",
+        "cached desired settings apply offline"
+    );
+    assert_eq!(plugins["sensor"]["desiredVersion"], version);
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_ne!(status["connection"], "connected");
+    assert_eq!(status["desired_version"], version);
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_stable_ids_and_fails_on_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-7");
+    let agent = AgentProcess::start(&config);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| hub_connects(s, "gw-daemon-7") >= 1)
+            .await
+    );
+    let out = agent.cli(&["check", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "config.valid",
+        "clock.sane",
+        "keys.load",
+        "keys.private",
+        "tls.trust",
+        "state.dir",
+        "provisioning.cache",
+        "network.dps",
+        "network.hub",
+        "daemon.running",
+    ] {
+        assert!(ids.contains(&id), "missing check {id}: {ids:?}");
+    }
+    let dps = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "network.dps")
+        .unwrap();
+    assert!(
+        dps["detail"].as_str().unwrap().contains("TLS verified"),
+        "{dps}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+    // A key file others can read is a warning; a missing key file is a failure (exit 1).
+    let key_file = dir.path().join("device.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[WARN] keys.private") && text.contains("chmod 600"),
+        "{text}"
+    );
+    std::fs::remove_file(&key_file).unwrap();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[FAIL] keys.load"));
 }

@@ -291,3 +291,86 @@ fn count_connects(sim: &hubsim::Sim, id: &str) -> usize {
         .filter(|e| e.client_id == id && e.service == "hub" && e.event == "connected")
         .count()
 }
+
+#[tokio::test]
+async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (_handle, mut events) = session(&running, "gw-hub-4", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::Twin { .. }).then_some(())
+    })
+    .await;
+    let key = hubsim::state::Store::device_key("localhost", "gw-hub-4");
+    let v1 = hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"a": 1})).unwrap();
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::DesiredPatch { .. }).then_some(())
+    })
+    .await;
+    let conn = running
+        .sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get(&key)
+        .cloned()
+        .unwrap();
+    let push = |version: u64, body: serde_json::Value| {
+        conn.tx
+            .send(hubsim::state::ConnCommand::Publish {
+                topic: format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+                payload: body.to_string().into(),
+                qos: rumqttc::QoS::AtMostOnce,
+            })
+            .unwrap();
+    };
+    // A replayed (stale) patch is ignored…
+    push(v1, json!({"a": "stale", "$version": v1}));
+    // …and a patch that skips a version makes the session fetch the whole twin.
+    hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"b": 2})).unwrap();
+    // (the real v2 above reached the device; now pretend v4 arrives while v3 was lost)
+    let v2 = next_matching(&mut events, |e| match e {
+        SessionEvent::DesiredPatch { version, patch } => {
+            assert_ne!(patch.get("a"), Some(&json!("stale")), "stale patch applied");
+            Some(version)
+        }
+        _ => None,
+    })
+    .await;
+    hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"c": 3})).unwrap();
+    next_matching(&mut events, |e| {
+        matches!(e, SessionEvent::DesiredPatch { .. }).then_some(())
+    })
+    .await;
+    running
+        .sim
+        .mutate(|s| {
+            let t = &mut s.devices.get_mut(&key).unwrap().twin;
+            t.desired.insert("d".into(), json!(4));
+            t.desired_version += 1;
+        })
+        .unwrap();
+    push(v2 + 3, json!({"e": 5, "$version": v2 + 3}));
+    let (desired, version) = next_matching(&mut events, |e| match e {
+        SessionEvent::Twin {
+            desired,
+            desired_version,
+            ..
+        } => Some((desired, desired_version)),
+        SessionEvent::DesiredPatch { version, .. } => {
+            panic!("patch {version} applied across a gap")
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        version,
+        v2 + 2,
+        "the full twin carries hubsim's real version"
+    );
+    assert_eq!(
+        desired["d"], 4,
+        "the full GET brought what the lost patch carried"
+    );
+}

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod swtpm;
+
 use hubsim::state::{
     Attestation, EnrollmentCommon, EnrollmentGroup, IndividualEnrollment, Status, SymmetricKeyPair,
 };
@@ -228,4 +230,102 @@ pub fn telemetry_count(sim: &hubsim::Sim, device_id: &str) -> usize {
         .get(device_id)
         .map(Vec::len)
         .unwrap_or(0)
+}
+
+/// A shared library built by this workspace (`target/<profile>/lib<name>.so`).
+pub fn built_library(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(format!("lib{name}.so"));
+    assert!(
+        path.exists(),
+        "{} missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root (for the example sources).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Copies a plugin file into `dir/plugins/` (0755 directory, `mode` file), as an operator would
+/// install it; returns its path.
+pub fn install_plugin(dir: &Path, source: &Path, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = plugins.join(source.file_name().unwrap());
+    std::fs::copy(source, &target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+    target
+}
+
+/// An enrolled agent configuration with `plugins` (TOML `[[plugin]]` tables) appended. With
+/// `allow_unsafe`, `[agent] allow_unsafe_plugin_paths = true` (honoured only when not root).
+pub fn plugin_agent_config(
+    dir: &Path,
+    running: &hubsim::Running,
+    registration_id: &str,
+    plugins: &str,
+    allow_unsafe: bool,
+) -> PathBuf {
+    let key = enroll(&running.sim, registration_id);
+    let key_file = write_key(dir, "device.key", &key);
+    let config = agent_config(
+        dir,
+        running,
+        registration_id,
+        &format!("key = {{ file = \"{}\" }}", key_file.display()),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    if allow_unsafe {
+        text = text.replace(
+            "log_format = \"text\"",
+            "log_format = \"text\"\nallow_unsafe_plugin_paths = true",
+        );
+    }
+    text.push('\n');
+    text.push_str(plugins);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// `reported.plugins.<name>` of a device in hubsim.
+pub fn reported_plugin(sim: &hubsim::Sim, device_id: &str, name: &str) -> serde_json::Value {
+    sim.read(|s| {
+        s.devices
+            .get(&format!("localhost/{device_id}"))
+            .and_then(|d| d.twin.reported.get("plugins"))
+            .and_then(|p| p.get(name))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    })
+}
+
+/// The JSON bodies of the telemetry a plugin (`source` property) sent.
+pub fn bodies_from(sim: &hubsim::Sim, device_id: &str, source: &str) -> Vec<serde_json::Value> {
+    sim.records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device_id)
+        .map(|records| {
+            records
+                .iter()
+                .filter(|r| r.properties.get("source").map(String::as_str) == Some(source))
+                .filter_map(|r| serde_json::from_str(r.body.as_deref()?).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }

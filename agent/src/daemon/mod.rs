@@ -9,7 +9,6 @@
 pub mod sensor;
 pub mod status;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,8 @@ use crate::hub::{
     self, Backoff, HubParams, PublishError, SessionEvent, SessionHandle, TelemetryMessage,
 };
 use crate::keys::Credential;
-use crate::provisioning::dps::{self, DpsRequest};
+use crate::plugins::{Registry, Supervisor, merge};
+use crate::provisioning::dps::DpsRequest;
 use crate::provisioning::{
     Assignment, client_tls, load_credential, manual_connection_string, registration_id,
 };
@@ -130,7 +130,9 @@ pub async fn run_with(
     if backlog > 0 {
         tracing::info!(backlog, "telemetry queued before the restart will be sent");
     }
+    let registry = Registry::default();
     let handler = Arc::new(ControlHandler {
+        plugins: registry.clone(),
         status: status.clone(),
         queue: queue.clone(),
         commands: commands_tx.clone(),
@@ -144,9 +146,7 @@ pub async fn run_with(
             source,
         })?;
 
-    let publisher = DurablePublisher {
-        queue: queue.clone(),
-    };
+    let publisher = DurablePublisher::new(queue.clone());
     let (session_tx, session_rx) = watch::channel::<Option<SessionHandle>>(None);
     tokio::spawn(pump(
         queue.clone(),
@@ -169,7 +169,8 @@ pub async fn run_with(
             }
         })
     };
-    let mut plugins = Plugins::start(&config, &twin, publisher.clone());
+    let mut plugins = Supervisor::start(&config, &twin, publisher.clone(), registry.clone());
+    let plugin_changes = plugins.changes();
     status.update(|s| s.plugins = plugins.snapshot());
 
     systemd::ready("state loaded; provisioning");
@@ -241,8 +242,19 @@ pub async fn run_with(
                 None
             }
         };
+        // With DPS TPM attestation the hub key lives only in the TPM: without it the cache is
+        // useless.
+        let key_missing = match (&cached, force_dps) {
+            (Some(c), false) if c.fingerprint == fingerprint => {
+                crate::provisioning::attestation_key_missing(&config)
+            }
+            _ => None,
+        };
+        if let Some(reason) = &key_missing {
+            tracing::warn!("{reason}; registering with DPS again for a new key");
+        }
         let assignment = match cached {
-            Some(c) if !force_dps && c.fingerprint == fingerprint => {
+            Some(c) if !force_dps && key_missing.is_none() && c.fingerprint == fingerprint => {
                 tracing::info!(hub = %c.hub, device = %c.device_id, "using the cached assignment (no DPS call)");
                 status.update(|s| {
                     s.provisioning = ProvisioningState::Cached;
@@ -313,17 +325,24 @@ pub async fn run_with(
         });
         let _ = session_tx.send(Some(session.clone()));
 
+        let mut counters = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
+        let mut connected = false;
         let next = loop {
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else { break Next::Restart };
                     match event {
                         SessionEvent::Connected => {
+                            connected = true;
                             unauthorized_backoff.reset();
                             status.update(|s| { s.connection = ConnectionState::Connected; s.last_error = None; });
                             systemd::status(&status.line());
                         }
                         SessionEvent::Disconnected { reason } => {
+                            connected = false;
                             status.update(|s| { s.connection = ConnectionState::Connecting; s.last_error = Some(reason); });
                             systemd::status(&status.line());
                         }
@@ -368,6 +387,19 @@ pub async fn run_with(
                         }
                     }
                 }
+                _ = plugin_changes.notified() => {
+                    status.update(|s| s.plugins = plugins.snapshot());
+                    // Only while connected (a reconnect reports everything with the twin), and
+                    // a burst of changes (plugins starting, a crash loop) coalesced into one update.
+                    if connected {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                    }
+                }
+                _ = counters.tick(), if connected => {
+                    // Counters (published, dropped) reach the twin at most this often.
+                    report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                }
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break Next::Shutdown,
                     Some(Command::Reprovision) => {
@@ -407,6 +439,8 @@ pub async fn run_with(
         }
     };
     systemd::stopping();
+    // Plugins first: what they publish while stopping still reaches the queue.
+    plugins.shutdown().await;
     ticker.abort();
     queue.close();
     tracing::info!("hubagent stopped");
@@ -466,27 +500,26 @@ async fn provision(
             registration_state: Value::Null,
         });
     }
-    let (host, port) = match crate::config::parse_endpoint(&p.global_endpoint, config.hub.port) {
-        Ok(hp) => hp,
+    let request = match crate::provisioning::dps_request(config, registration_id) {
+        Ok(r) => r,
         Err(e) => {
             // Validated at load; kept for completeness.
             tracing::error!("{e}");
-            (p.global_endpoint.clone(), config.hub.port)
+            DpsRequest {
+                endpoint_host: p.global_endpoint.clone(),
+                port: config.hub.port,
+                id_scope: p.id_scope.clone().unwrap_or_default(),
+                registration_id: registration_id.to_string(),
+                payload: config.payload_json(),
+                timeout: Duration::from_secs(60),
+            }
         }
-    };
-    let request = DpsRequest {
-        endpoint_host: host,
-        port,
-        id_scope: p.id_scope.clone().unwrap_or_default(),
-        registration_id: registration_id.to_string(),
-        payload: config.payload_json(),
-        timeout: Duration::from_secs(60),
     };
     let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
     loop {
         status.update(|s| s.provisioning = ProvisioningState::Registering);
         systemd::status(&format!("registering '{registration_id}' with DPS"));
-        match dps::register(&request, credential, tls.clone()).await {
+        match crate::provisioning::register(config, &request, credential, tls.clone()).await {
             Ok(a) => {
                 tracing::info!(hub = %a.assigned_hub, device = %a.device_id, substatus = %a.substatus, "provisioned by DPS");
                 status.update(|s| {
@@ -528,6 +561,10 @@ pub struct DurablePublisher {
 }
 
 impl DurablePublisher {
+    pub fn new(queue: Arc<Queue>) -> Self {
+        DurablePublisher { queue }
+    }
+
     pub async fn publish(&self, message: TelemetryMessage) {
         let mut delay = Duration::from_millis(100);
         loop {
@@ -614,27 +651,31 @@ async fn pump(
     }
 }
 
-fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
-    for (key, value) in patch {
-        match value {
-            Value::Null => {
-                target.remove(key);
-            }
-            Value::Object(child) => {
-                let entry = target
-                    .entry(key.clone())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !entry.is_object() {
-                    *entry = Value::Object(Map::new());
+/// The patch that turns `old` into `new`: changed keys, and `null` for removed ones (objects are
+/// compared key by key at every depth; anything else is replaced whole).
+fn diff(old: &Value, new: &Value) -> Value {
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = Map::new();
+            for (k, v) in n {
+                match o.get(k) {
+                    Some(ov) if ov == v => {}
+                    Some(ov) => {
+                        out.insert(k.clone(), diff(ov, v));
+                    }
+                    None => {
+                        out.insert(k.clone(), v.clone());
+                    }
                 }
-                if let Value::Object(t) = entry {
-                    merge(t, child);
+            }
+            for k in o.keys() {
+                if !n.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
                 }
             }
-            other => {
-                target.insert(key.clone(), other.clone());
-            }
+            Value::Object(out)
         }
+        _ => new.clone(),
     }
 }
 
@@ -650,7 +691,7 @@ async fn report_changes(
     twin: &mut TwinCache,
     state: &StateDir,
     assignment: &ProvisioningCache,
-    plugins: &Plugins,
+    plugins: &Supervisor,
 ) {
     let mut wanted = Map::new();
     wanted.insert(
@@ -670,19 +711,14 @@ async fn report_changes(
     if patch.is_empty() {
         return;
     }
-    // A key that disappeared from a nested object must be deleted on the hub side (null).
-    let mut wire = patch.clone();
-    for (k, v) in wire.iter_mut() {
-        if let (Some(Value::Object(old)), Value::Object(new)) = (twin.reported_sent.get(k), v) {
-            let gone: Vec<String> = old
-                .keys()
-                .filter(|o| !new.contains_key(*o))
-                .cloned()
-                .collect();
-            for key in gone {
-                new.insert(key, Value::Null);
-            }
-        }
+    // A key that disappeared from a nested object, at any depth, is deleted on the hub side (null).
+    let mut wire = Map::new();
+    for (k, v) in &patch {
+        let value = match twin.reported_sent.get(k) {
+            Some(old) => diff(old, v),
+            None => v.clone(),
+        };
+        wire.insert(k.clone(), value);
     }
     // Bounded: a hub that does not answer must not hold up the daemon (and its SIGTERM handling).
     let answer = tokio::time::timeout(Duration::from_secs(15), session.report(Value::Object(wire)))
@@ -698,147 +734,9 @@ async fn report_changes(
     }
 }
 
-/// The telemetry sources configured as `[[plugin]]`. This build runs the built-in ones; library
-/// and exec plugins arrive with the plugin host (issue #5) and are listed as not supported.
-struct Plugins {
-    entries: BTreeMap<String, PluginEntry>,
-}
-
-struct PluginEntry {
-    kind: String,
-    base: Map<String, Value>,
-    settings: Option<watch::Sender<sensor::SensorSettings>>,
-    state: String,
-    error: Option<String>,
-    applied_version: u64,
-}
-
-impl Plugins {
-    fn start(config: &Config, twin: &TwinCache, publisher: DurablePublisher) -> Self {
-        let mut entries = BTreeMap::new();
-        for table in &config.plugin {
-            let name = table
-                .get("name")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string();
-            let kind = table
-                .get("kind")
-                .and_then(|v| v.as_str())
-                .unwrap_or("library")
-                .to_string();
-            let base = serde_json::to_value(table)
-                .ok()
-                .and_then(|v| v.as_object().cloned())
-                .unwrap_or_default();
-            let builtin = table.get("builtin").and_then(|v| v.as_str());
-            let mut entry = PluginEntry {
-                kind: kind.clone(),
-                base,
-                settings: None,
-                state: "not-supported".into(),
-                error: None,
-                applied_version: 0,
-            };
-            if kind == "builtin" && builtin == Some("simulated-sensor") {
-                match sensor::SensorSettings::from_json(&merged_settings(&entry.base, twin, &name))
-                {
-                    Ok(settings) => {
-                        let (tx, rx) = watch::channel(settings);
-                        tokio::spawn(sensor::run(name.clone(), rx, publisher.clone()));
-                        entry.settings = Some(tx);
-                        entry.state = "running".into();
-                        entry.applied_version = twin.desired_version;
-                    }
-                    Err(e) => {
-                        tracing::error!(plugin = %name, "settings rejected, plugin not started: {e}");
-                        entry.state = "rejected".into();
-                        entry.error = Some(e);
-                    }
-                }
-            } else {
-                entry.error = Some(format!(
-                    "plugin kind '{kind}' is not supported by this build yet (built-in: kind = \"builtin\", builtin = \"simulated-sensor\")"
-                ));
-                tracing::warn!(plugin = %name, "{}", entry.error.as_deref().unwrap_or_default());
-            }
-            entries.insert(name, entry);
-        }
-        Plugins { entries }
-    }
-
-    /// Applies `desired.plugins.<name>` over the TOML settings; a plugin that rejects the new
-    /// settings keeps the old ones and says why.
-    fn apply_desired(&mut self, twin: &TwinCache) {
-        for (name, entry) in self.entries.iter_mut() {
-            let Some(tx) = &entry.settings else { continue };
-            match sensor::SensorSettings::from_json(&merged_settings(&entry.base, twin, name)) {
-                Ok(settings) => {
-                    if *tx.borrow() != settings {
-                        tracing::info!(plugin = %name, ?settings, "settings changed");
-                    }
-                    let _ = tx.send(settings);
-                    entry.state = "running".into();
-                    entry.error = None;
-                }
-                Err(e) => {
-                    tracing::warn!(plugin = %name, "desired settings rejected, keeping the old ones: {e}");
-                    entry.state = "rejected-settings".into();
-                    entry.error = Some(e);
-                }
-            }
-            entry.applied_version = twin.desired_version;
-        }
-    }
-
-    /// A reload may change the TOML base settings of known plugins.
-    fn reconfigure(&mut self, config: &Config, twin: &TwinCache) {
-        for table in &config.plugin {
-            let Some(name) = table.get("name").and_then(|v| v.as_str()) else {
-                continue;
-            };
-            if let Some(entry) = self.entries.get_mut(name)
-                && let Some(base) = serde_json::to_value(table)
-                    .ok()
-                    .and_then(|v| v.as_object().cloned())
-            {
-                entry.base = base;
-            }
-        }
-        self.apply_desired(twin);
-    }
-
-    fn reported(&self) -> Value {
-        let mut out = Map::new();
-        for (name, entry) in &self.entries {
-            let mut v = json!({"status": entry.state, "desiredVersion": entry.applied_version, "kind": entry.kind});
-            if let Some(e) = &entry.error {
-                v["error"] = json!(e);
-            }
-            if let Some(tx) = &entry.settings {
-                v["interval"] = json!(humantime::format_duration(tx.borrow().interval).to_string());
-            }
-            out.insert(name.clone(), v);
-        }
-        Value::Object(out)
-    }
-
-    fn snapshot(&self) -> Value {
-        self.reported()
-    }
-}
-
-/// TOML settings overlaid with `desired.plugins.<name>`.
-fn merged_settings(base: &Map<String, Value>, twin: &TwinCache, name: &str) -> Map<String, Value> {
-    let mut settings = base.clone();
-    if let Some(Value::Object(desired)) = twin.desired.get("plugins").and_then(|p| p.get(name)) {
-        merge(&mut settings, desired);
-    }
-    settings
-}
-
 /// Answers the control socket.
 struct ControlHandler {
+    plugins: Registry,
     status: Arc<Status>,
     queue: Arc<Queue>,
     commands: mpsc::UnboundedSender<Command>,
@@ -875,7 +773,7 @@ impl control::Handler for ControlHandler {
                     .map_err(|_| "the daemon is shutting down".to_string())?;
                 Ok(json!({"reloaded": true, "provisioningChanged": changed}))
             }
-            Request::PluginsList => Ok(self.status.snapshot().plugins),
+            Request::PluginsList => Ok(self.plugins.snapshot()),
         }
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
-use crate::hub::TelemetryMessage;
+use crate::plugins::library::PluginMessage;
+use crate::plugins::runner::{Event, Events};
 
 /// Settings the sensor understands; anything else is rejected with the key named.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,12 +44,10 @@ impl SensorSettings {
     }
 }
 
-/// Produces readings until its settings channel closes. `settings` changes take effect at the next reading.
-pub async fn run(
-    name: String,
-    mut settings: watch::Receiver<SensorSettings>,
-    publisher: super::DurablePublisher,
-) {
+/// Produces readings until its settings channel closes. `settings` changes take effect at the
+/// next reading. Messages go to the supervisor like any plugin's (rate limit, counters, queue).
+pub async fn run(name: String, mut settings: watch::Receiver<SensorSettings>, events: Events) {
+    let _ = name;
     let mut n: u64 = 0;
     // Identifies this run of the sensor: `seq` restarts at 1 in every run, so (run, seq) names a
     // reading uniquely and a gap in one run's numbers is a lost message.
@@ -72,15 +71,18 @@ pub async fn run(
             "windSpeed": round((8.0 + 4.0 * (t / 2.0).sin() + noise()).max(0.0)),
             "seq": n,
         });
-        let message = TelemetryMessage {
-            message_id: uuid::Uuid::new_v4().to_string(),
-            body: reading.to_string().into(),
+        let message = PluginMessage {
+            body: reading.to_string().into_bytes(),
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
-            creation_time: Some(crate::daemon::now_rfc3339()),
-            properties: vec![("source".into(), name.clone()), ("run".into(), run.clone())],
+            properties: vec![("run".into(), run.clone())],
         };
-        publisher.publish(message).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if events.send(Event::Message(message, tx)).is_err() {
+            return;
+        }
+        // Queued (or refused) before the next reading.
+        let _ = rx.await;
     }
 }
 

@@ -48,6 +48,17 @@ pub enum DpsError {
     Timeout(Duration),
     #[error("signing the DPS token: {0}")]
     Key(#[from] KeyError),
+    /// DPS TPM attestation: the TPM could not do its part (the message says what to fix).
+    #[error("TPM: {0}")]
+    Tpm(String),
+    /// DPS TPM attestation: DPS refused the EK or the signed registration.
+    #[error(
+        "DPS refused the TPM registration of '{registration_id}': {message} (check the TPM enrollment: registration id and endorsement key from `hubagent tpm show-ek`)"
+    )]
+    TpmRefused {
+        registration_id: String,
+        message: String,
+    },
 }
 
 impl DpsError {
@@ -65,10 +76,10 @@ impl DpsError {
 const API_VERSION: &str = "2019-03-31";
 /// Used when DPS sends no retry-after; also the cap on what it may ask, so a bogus header
 /// cannot park the agent for hours.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(3);
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(3);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How many throttled/5xx answers in a row before giving up this attempt.
-const MAX_RETRIES: u32 = 10;
+pub(crate) const MAX_RETRIES: u32 = 10;
 
 /// Registers with DPS and waits for the assignment.
 pub async fn register(
@@ -217,7 +228,7 @@ fn connection_error(e: ConnectionError, endpoint: &str, registration_id: &str) -
     }
 }
 
-fn service_error(status: u16, answer: &Value) -> DpsError {
+pub(crate) fn service_error(status: u16, answer: &Value) -> DpsError {
     DpsError::Service {
         status,
         error_code: answer["errorCode"].as_u64().unwrap_or(0),
@@ -229,7 +240,7 @@ fn service_error(status: u16, answer: &Value) -> DpsError {
     }
 }
 
-fn assignment(answer: &Value) -> Result<Assignment, DpsError> {
+pub(crate) fn assignment(answer: &Value) -> Result<Assignment, DpsError> {
     let state = &answer["registrationState"];
     let field = |name: &str| {
         state[name]

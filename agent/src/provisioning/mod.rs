@@ -3,6 +3,8 @@
 //! the settings that produced it, so a reboot with unchanged settings makes no DPS call.
 
 pub mod dps;
+#[cfg(feature = "tpm")]
+pub mod dps_https;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +46,71 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
             keys::certificate_common_name(&pem)
                 .map_err(|e| format!("{}: {e}", identity_cert.display()))
         }
+        #[cfg(feature = "tpm")]
+        Some(Attestation::Tpm { tcti, .. }) => crate::tpm::identity(tcti)
+            .map(|identity| identity.registration_id)
+            .map_err(|e| format!("the registration id comes from the TPM's endorsement key: {e}")),
         _ => Err("provisioning.registration_id is not set".into()),
     }
+}
+
+/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation).
+pub fn dps_request(config: &Config, registration_id: &str) -> Result<dps::DpsRequest, String> {
+    let (host, port) = config.dps_endpoint()?;
+    Ok(dps::DpsRequest {
+        endpoint_host: host,
+        port,
+        id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
+        registration_id: registration_id.to_string(),
+        payload: config.payload_json(),
+        timeout: Duration::from_secs(60),
+    })
+}
+
+/// One DPS registration: over MQTT with a SAS or X.509 credential, or, for TPM attestation,
+/// the HTTPS challenge flow that also puts the hub key into the TPM.
+pub async fn register(
+    config: &Config,
+    request: &dps::DpsRequest,
+    credential: &Credential,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Assignment, dps::DpsError> {
+    #[cfg(feature = "tpm")]
+    if let Some(Attestation::Tpm {
+        tcti,
+        handle,
+        key_source: crate::config::TpmKeySource::Attestation,
+    }) = &config.provisioning.attestation
+    {
+        let target = dps_https::TpmTarget {
+            tcti: tcti.clone(),
+            handle: *handle,
+        };
+        return dps_https::register(request, &target, config.hub.trust_bundle.clone()).await;
+    }
+    #[cfg(not(feature = "tpm"))]
+    let _ = config;
+    dps::register(request, credential, tls).await
+}
+
+/// With DPS TPM attestation the hub key lives only in the TPM: when it is gone (TPM cleared,
+/// handle evicted) a cached assignment is useless and the agent must register again. Says why,
+/// or `None` when the key is there (or the method keeps its key elsewhere).
+pub fn attestation_key_missing(config: &Config) -> Option<String> {
+    #[cfg(feature = "tpm")]
+    if let Some(Attestation::Tpm {
+        tcti,
+        handle,
+        key_source: crate::config::TpmKeySource::Attestation,
+    }) = &config.provisioning.attestation
+        && let Err(e @ crate::tpm::TpmError::HandleEmpty { .. }) =
+            crate::tpm::TpmSigner::new(tcti, *handle).check()
+    {
+        return Some(e.to_string());
+    }
+    #[cfg(not(feature = "tpm"))]
+    let _ = config;
+    None
 }
 
 /// `HostName=…;DeviceId=…;SharedAccessKey=…` of a manual configuration.
@@ -119,6 +184,7 @@ pub async fn provision_once(
     if !force
         && let Ok(Some(cache)) = state.load_provisioning()
         && cache.fingerprint == fingerprint
+        && attestation_key_missing(config).is_none()
     {
         return Ok((cache, false));
     }
@@ -138,17 +204,8 @@ pub async fn provision_once(
             registration_state: serde_json::Value::Null,
         }
     } else {
-        let (host, port) =
-            crate::config::parse_endpoint(&config.provisioning.global_endpoint, config.hub.port)?;
-        let request = dps::DpsRequest {
-            endpoint_host: host,
-            port,
-            id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
-            registration_id,
-            payload: config.payload_json(),
-            timeout: Duration::from_secs(60),
-        };
-        dps::register(&request, &credential, tls)
+        let request = dps_request(config, &registration_id)?;
+        register(config, &request, &credential, tls)
             .await
             .map_err(|e| e.to_string())?
     };

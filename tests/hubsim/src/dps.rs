@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
@@ -11,7 +13,8 @@ use serde_json::{Value, json};
 use crate::auth::{self, AuthError};
 use crate::state::{
     Attestation, CertificatePair, Device, DeviceAuthentication, EnrollmentCommon,
-    RegistrationEvent, Sim, Status, Store, SymmetricKeyPair, Thumbprints, Twin, now_rfc3339,
+    RegistrationEvent, Sim, Status, Store, SymmetricKeyPair, Thumbprints, TpmChallenge, Twin,
+    now_rfc3339, random_key,
 };
 
 /// How the device authenticated its transport.
@@ -49,8 +52,10 @@ struct Matched {
     group: Option<String>,
     device_id: String,
     authentication: DeviceAuthentication,
-    /// "symmetricKey" or "x509" (registration history).
+    /// "symmetricKey", "x509" or "tpm" (registration history).
     attestation: &'static str,
+    /// TPM attestation: the EK and SRK the hub key is wrapped to in `registrationState.tpm`.
+    tpm: Option<TpmChallenge>,
     /// For X.509: `registrationState.x509` (certificateInfo, and for groups enrollmentGroupId and
     /// signingCertificateInfo).
     x509_state: Option<Value>,
@@ -131,6 +136,41 @@ fn match_enrollment(
                 }
             };
             if let Some(e) = &individual
+                && let Attestation::Tpm { .. } = &e.common.attestation
+            {
+                // The device signs with the key of the challenge it imported into its TPM.
+                let challenge = sim
+                    .live
+                    .lock()
+                    .unwrap()
+                    .tpm_challenges
+                    .get(&registration_id.to_ascii_lowercase())
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!(
+                            "no TPM challenge was issued to '{registration_id}': the first request must carry the EK and SRK and no Authorization"
+                        )
+                    })?;
+                auth::verify_sas(&token, &challenge.key, &resource, now)
+                    .map_err(|err| err.to_string())?;
+                return Ok(Matched {
+                    common: e.common.clone(),
+                    group: None,
+                    device_id: e
+                        .device_id
+                        .clone()
+                        .unwrap_or_else(|| registration_id.into()),
+                    // The hub key is chosen at assignment and sent wrapped to the TPM.
+                    authentication: sas_authentication(SymmetricKeyPair {
+                        primary_key: String::new(),
+                        secondary_key: String::new(),
+                    }),
+                    attestation: "tpm",
+                    x509_state: None,
+                    tpm: Some(challenge),
+                });
+            }
+            if let Some(e) = &individual
                 && let Attestation::SymmetricKey { symmetric_key } = &e.common.attestation
             {
                 verify(symmetric_key).map_err(|err| err.to_string())?;
@@ -144,6 +184,7 @@ fn match_enrollment(
                     authentication: sas_authentication(symmetric_key.clone()),
                     attestation: "symmetricKey",
                     x509_state: None,
+                    tpm: None,
                 });
             }
             for group in groups.values() {
@@ -165,6 +206,7 @@ fn match_enrollment(
                             authentication: sas_authentication(derived),
                             attestation: "symmetricKey",
                             x509_state: None,
+                            tpm: None,
                         });
                     }
                     Err(AuthError::BadSignature) => continue,
@@ -212,6 +254,7 @@ fn match_enrollment(
                     },
                     attestation: "x509",
                     x509_state: Some(json!({"certificateInfo": leaf_info})),
+                    tpm: None,
                 });
             }
             let mut last_error = format!("no enrollment group's CA issued '{cn}'");
@@ -241,6 +284,7 @@ fn match_enrollment(
                                 "enrollmentGroupId": group.enrollment_group_id,
                                 "signingCertificateInfo": signing_info,
                             })),
+                            tpm: None,
                         });
                     }
                     Err(e) => last_error = e.to_string(),
@@ -344,6 +388,15 @@ pub fn register(
             return error(401, 401002, &format!("Unauthorized: {reason}"));
         }
     };
+    if matched.tpm.is_some() && transport != "https" {
+        // As in Azure: TPM attestation exists over HTTPS and AMQP, not MQTT.
+        record("unauthorized", None, None, matched.attestation);
+        return error(
+            401,
+            401002,
+            "Unauthorized: TPM attestation is only available over HTTPS",
+        );
+    }
     let operation_id = format!("4.{:016x}.{}", rand::random::<u64>(), uuid::Uuid::new_v4());
     if matched.common.provisioning_status == Status::Disabled {
         record("disabled", None, None, matched.attestation);
@@ -370,6 +423,124 @@ pub fn register(
             record("failed", None, None, matched.attestation);
             response
         }
+    }
+}
+
+/// The first call of a TPM registration (HTTPS, no Authorization, body with
+/// `tpm.endorsementKey` and `tpm.storageRootKey`): when the EK is the enrolled one, answers 401
+/// with `authenticationKey`, an activation blob holding a fresh challenge key that only that
+/// TPM can import (protocol.md §6.1 step 4). The device then signs its SAS with that key.
+pub fn tpm_challenge(sim: &Sim, id_scope: &str, registration_id: &str, body: &[u8]) -> DpsResponse {
+    let record = |outcome: &str| {
+        let event = RegistrationEvent {
+            registration_id: registration_id.to_string(),
+            time: now_rfc3339(),
+            outcome: outcome.to_string(),
+            assigned_hub: None,
+            device_id: None,
+            transport: "https".to_string(),
+            attestation: "tpm".to_string(),
+        };
+        sim.record(|r| r.registrations.push(event));
+    };
+    if let Some(retry_after) = take_throttle(sim) {
+        record("throttled");
+        return DpsResponse {
+            status: 429,
+            retry_after: Some(retry_after),
+            body: error_body(429001, "Operations are being throttled for this tenant."),
+        };
+    }
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            record("bad-request");
+            return error(400, 400004, "the request body must be a JSON object");
+        }
+    };
+    if !request
+        .get("registrationId")
+        .and_then(Value::as_str)
+        .is_some_and(|id| id.eq_ignore_ascii_case(registration_id))
+    {
+        record("bad-request");
+        return error(
+            400,
+            400004,
+            &format!("the body's registrationId must be '{registration_id}'"),
+        );
+    }
+    let decode = |field: &str| {
+        request["tpm"][field]
+            .as_str()
+            .and_then(|b| B64.decode(b).ok())
+    };
+    let (Some(ek), Some(srk)) = (decode("endorsementKey"), decode("storageRootKey")) else {
+        record("bad-request");
+        return error(
+            400,
+            400004,
+            "tpm.endorsementKey and tpm.storageRootKey (base64 TPM2B_PUBLIC) are required",
+        );
+    };
+    let (scope, enrollment) = sim.read(|s| {
+        (
+            s.id_scope.clone(),
+            s.enrollments
+                .values()
+                .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
+                .cloned(),
+        )
+    });
+    let refuse = |reason: String| {
+        record("unauthorized");
+        error(401, 401002, &format!("Unauthorized: {reason}"))
+    };
+    if !scope.eq_ignore_ascii_case(id_scope) {
+        return refuse(format!("unknown ID scope '{id_scope}'"));
+    }
+    let Some(Attestation::Tpm { tpm: enrolled }) = enrollment.map(|e| e.common.attestation) else {
+        return refuse(format!(
+            "no TPM enrollment for registration id '{registration_id}'"
+        ));
+    };
+    if B64.decode(&enrolled.endorsement_key).ok().as_deref() != Some(ek.as_slice()) {
+        return refuse("the endorsement key differs from the enrolled one".into());
+    }
+    if let Some(enrolled_srk) = &enrolled.storage_root_key
+        && B64.decode(enrolled_srk).ok().as_deref() != Some(srk.as_slice())
+    {
+        return refuse("the storage root key differs from the enrolled one".into());
+    }
+    let key = random_key();
+    let blob = match B64
+        .decode(&key)
+        .map_err(|e| e.to_string())
+        .and_then(|k| crate::tpm::activation_blob(&ek, &srk, &k).map_err(|e| e.to_string()))
+    {
+        Ok(b) => b,
+        Err(e) => {
+            record("bad-request");
+            return error(400, 400004, &format!("tpm: {e}"));
+        }
+    };
+    sim.live.lock().unwrap().tpm_challenges.insert(
+        registration_id.to_ascii_lowercase(),
+        TpmChallenge {
+            key,
+            endorsement_key: ek,
+            storage_root_key: srk,
+        },
+    );
+    record("tpm-challenge");
+    DpsResponse {
+        status: 401,
+        retry_after: None,
+        body: json!({
+            "authenticationKey": B64.encode(blob),
+            "keyName": "registration",
+            "message": "TPM challenge: import the authentication key and sign the registration with it",
+        }),
     }
 }
 
@@ -446,6 +617,29 @@ fn assign(
     };
     let now = now_rfc3339();
     let key = registration_id.to_ascii_lowercase();
+    // TPM attestation: a fresh hub device key, sent to the device wrapped to its EK and SRK.
+    let mut authentication = matched.authentication.clone();
+    let mut tpm_state = None;
+    if let Some(challenge) = &matched.tpm {
+        let keys = SymmetricKeyPair {
+            primary_key: random_key(),
+            secondary_key: random_key(),
+        };
+        let blob = B64
+            .decode(&keys.primary_key)
+            .map_err(|e| e.to_string())
+            .and_then(|k| {
+                crate::tpm::activation_blob(
+                    &challenge.endorsement_key,
+                    &challenge.storage_root_key,
+                    &k,
+                )
+                .map_err(|e| e.to_string())
+            })
+            .map_err(|e| error(500, 500000, &format!("cannot wrap the hub key: {e}")))?;
+        tpm_state = Some(json!({"authenticationKey": B64.encode(blob)}));
+        authentication = sas_authentication(keys);
+    }
     let result = sim.mutate(|store| {
         let previous = store.registrations.get(&key).cloned();
         let previous_device = previous.as_ref().and_then(|p| {
@@ -501,7 +695,7 @@ fn assign(
             Device {
                 device_id: matched.device_id.clone(),
                 hub: hub.clone(),
-                authentication: matched.authentication.clone(),
+                authentication: authentication.clone(),
                 status,
                 generation_id: generation,
                 etag: etag.clone(),
@@ -526,7 +720,9 @@ fn assign(
             "lastUpdatedDateTimeUtc": now,
             "etag": base64_etag(&etag),
         });
-        if let Some(x509) = &matched.x509_state {
+        if let Some(tpm) = &tpm_state {
+            state["tpm"] = tpm.clone();
+        } else if let Some(x509) = &matched.x509_state {
             state["x509"] = x509.clone();
         } else if let Some(group) = &matched.group {
             state["symmetricKey"] = json!({"enrollmentGroupId": group});

@@ -232,6 +232,10 @@ async fn dps_register(
 ) -> Response {
     let peer = peer.map(|Extension(p)| p).unwrap_or_default();
     let credential = device_credential(&headers, &peer);
+    // TPM attestation starts without credentials: the answer is the challenge.
+    if matches!(credential, DeviceCredential::None) && is_tpm_registration(&body) {
+        return dps_answer(dps::tpm_challenge(&sim, &scope, &reg, &body));
+    }
     if let Err(reason) = dps::authenticate(&sim, &scope, &reg, &credential) {
         return fail(StatusCode::UNAUTHORIZED, 401002, &reason);
     }
@@ -243,6 +247,10 @@ async fn dps_register(
         &body,
         "https",
     ))
+}
+
+fn is_tpm_registration(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| v.get("tpm").is_some_and(Value::is_object))
 }
 
 async fn dps_operation(
@@ -318,6 +326,34 @@ async fn put_enrollment(
         Ok(e) => e,
         Err(e) => return bad_field(e),
     };
+    if let Attestation::Tpm { tpm } = &enrollment.common.attestation {
+        use base64::Engine;
+        let check = |field: &str, b64: &str| -> Result<(), Response> {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| "not base64".to_string())
+                .and_then(|der| {
+                    crate::tpm::parse_rsa_public(&der)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    fail(
+                        StatusCode::BAD_REQUEST,
+                        400004,
+                        &format!("attestation.tpm.{field}: {e}"),
+                    )
+                })
+        };
+        if let Err(r) = check("endorsementKey", &tpm.endorsement_key) {
+            return r;
+        }
+        if let Some(srk) = &tpm.storage_root_key
+            && let Err(r) = check("storageRootKey", srk)
+        {
+            return r;
+        }
+    }
     if !enrollment.registration_id.eq_ignore_ascii_case(&id) {
         return fail(
             StatusCode::BAD_REQUEST,

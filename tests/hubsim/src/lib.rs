@@ -13,6 +13,7 @@
 //! - [`hub`]: IoT Hub device-side topic handling (telemetry, twin, methods, C2D).
 //! - [`mqtt`]: the MQTT/TLS listener that carries DPS and hub traffic.
 //! - [`http`]: the HTTPS listener: DPS device API, management API, sim-only endpoints.
+//! - [`tpm`]: DPS TPM attestation's activation blobs (MakeCredential + duplication wrap).
 
 pub mod auth;
 pub mod dps;
@@ -21,6 +22,7 @@ pub mod hub;
 pub mod mqtt;
 pub mod pki;
 pub mod state;
+pub mod tpm;
 pub mod twin;
 
 use std::net::SocketAddr;

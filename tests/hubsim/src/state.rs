@@ -337,6 +337,17 @@ pub struct Live {
     pub c2d_queues: HashMap<String, VecDeque<C2dMessage>>,
     /// DPS registrations waiting to be polled.
     pub operations: crate::dps::Operations,
+    /// DPS TPM attestation: the challenge key issued to each registration id (lower case) and
+    /// the EK/SRK it was wrapped to; the device signs with it until it is assigned.
+    pub tpm_challenges: HashMap<String, TpmChallenge>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TpmChallenge {
+    /// base64 of the key sent in the activation blob.
+    pub key: String,
+    pub endorsement_key: Vec<u8>,
+    pub storage_root_key: Vec<u8>,
 }
 
 /// Settings fixed at start.

@@ -924,3 +924,156 @@ fn hub_connect_refuses_unknown_disabled_and_policy_tokens() {
     assert_eq!(again["status"], "assigned");
     assert!(authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).is_err());
 }
+
+/// The EK of Azure CLI's tests (protocol.md §6.7): an RSA-2048 restricted decryption key, so it
+/// also serves as an SRK for blob building (no TPM in these tests; swtpm tests are in tests/it).
+const TEST_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAibym9HQP9vxCGF5dVc1QQsAGe021aUGJzNol1/gycBx3jFsTpwmWbISRwnFvflWd0w2Mc44FAAZNaJOAAxwZvG8GvyLlHh6fGKdh+mSBL4iLH2bZ4Ry22cB3CJVjXmdGoz9Y/j3/NwLndBxQC+baNvzvyVQZ4/A2YL7vzIIj2ik4y+ve9ir7U0GbNdnxskqK1KFIITVVtkTIYyyFTIR0BySjPrRIDj7r7Mh5uF9HBppGKQCBoVSVV8dI91lNazmSdpGWyqCkO7iM4VvUMv2HT/ym53aYlUrau+Qq87Tu+uQipWYgRdF11KDfcpMHqqzBQQ1NpOJVhrsTrhyJzO7KNw==";
+
+fn tpm_body(registration_id: &str, ek: &str) -> Vec<u8> {
+    json!({"registrationId": registration_id, "tpm": {"endorsementKey": ek, "storageRootKey": TEST_EK}, "payload": null})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn tpm_attestation_challenges_the_enrolled_ek_and_wraps_the_hub_key() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let id = "t6t2cg5vnzscr7ty546hj7c7maamkggectqcxkccq637z5bvlnoa";
+    enroll(
+        &sim,
+        id,
+        common(Attestation::Tpm {
+            tpm: hubsim::state::TpmAttestation {
+                endorsement_key: TEST_EK.into(),
+                storage_root_key: None,
+            },
+        }),
+        None,
+    );
+
+    // A signed registration before any challenge has nothing to be checked against.
+    let early = dps::register(
+        &sim,
+        SCOPE,
+        id,
+        &dps_sas(&random_key(), id),
+        &tpm_body(id, TEST_EK),
+        "https",
+    );
+    assert_eq!(early.status, 401);
+    assert!(
+        early.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no TPM challenge"),
+        "{}",
+        early.body
+    );
+
+    // Another EK, or an id without a TPM enrollment: 401 without a blob.
+    let mut other_ek = b64.decode(TEST_EK).unwrap();
+    other_ek[100] ^= 1;
+    let refused = dps::tpm_challenge(&sim, SCOPE, id, &tpm_body(id, &b64.encode(&other_ek)));
+    assert_eq!(refused.status, 401);
+    assert!(refused.body.get("authenticationKey").is_none());
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("endorsement key differs")
+    );
+    let refused = dps::tpm_challenge(&sim, SCOPE, "nobody", &tpm_body("nobody", TEST_EK));
+    assert_eq!(refused.status, 401);
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no TPM enrollment")
+    );
+    let bad = dps::tpm_challenge(&sim, SCOPE, id, br#"{"registrationId": "x"}"#);
+    assert_eq!(bad.status, 400);
+
+    // The enrolled EK gets the challenge: 401 with the blob and keyName, as the SDKs expect.
+    let challenge = dps::tpm_challenge(&sim, SCOPE, id, &tpm_body(id, TEST_EK));
+    assert_eq!(challenge.status, 401, "{}", challenge.body);
+    assert_eq!(challenge.body["keyName"], "registration");
+    let blob = b64
+        .decode(challenge.body["authenticationKey"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        blob.len() > 600 && blob.ends_with(&[0, 0]),
+        "{}",
+        blob.len()
+    );
+    // Only the TPM could open the blob; here the test reads the key from the simulator.
+    let key = sim
+        .live
+        .lock()
+        .unwrap()
+        .tpm_challenges
+        .get(id)
+        .unwrap()
+        .key
+        .clone();
+    let wrong = dps::register(
+        &sim,
+        SCOPE,
+        id,
+        &dps_sas(&random_key(), id),
+        &tpm_body(id, TEST_EK),
+        "https",
+    );
+    assert_eq!(wrong.status, 401);
+
+    // Not over MQTT: DPS offers TPM attestation over HTTPS (and AMQP) only.
+    let mqtt = dps::register(&sim, SCOPE, id, &dps_sas(&key, id), &body(id), "mqtt");
+    assert_eq!(mqtt.status, 401, "{}", mqtt.body);
+    let accepted = dps::register(
+        &sim,
+        SCOPE,
+        id,
+        &dps_sas(&key, id),
+        &tpm_body(id, TEST_EK),
+        "https",
+    );
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let done = poll(&sim, id, &accepted);
+    let state = &done["registrationState"];
+    assert_eq!(state["deviceId"], id);
+    assert!(state["tpm"]["authenticationKey"].is_string(), "{state}");
+    assert!(state.get("symmetricKey").is_none());
+    // The hub device got a fresh key (not the challenge key), usable for hub SAS.
+    let device_key = sim.read(|s| {
+        s.devices[&format!("localhost/{id}")]
+            .authentication
+            .symmetric_key
+            .clone()
+            .unwrap()
+    });
+    assert_ne!(device_key.primary_key, key);
+    let now = hubsim::auth::unix_now();
+    authenticate_hub_device(
+        &sim,
+        "localhost",
+        id,
+        &hub_sas(&device_key.primary_key, "localhost", id),
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        outcomes(&sim),
+        [
+            "unauthorized",
+            "unauthorized",
+            "unauthorized",
+            "bad-request",
+            "tpm-challenge",
+            "unauthorized",
+            "unauthorized",
+            "assigned"
+        ]
+    );
+}

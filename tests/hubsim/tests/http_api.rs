@@ -275,3 +275,55 @@ async fn state_survives_a_restart() {
     assert_eq!(twin["desired"]["mode"], "eco");
     assert_eq!(twin["desired"]["$version"], 1);
 }
+
+#[tokio::test]
+async fn tpm_enrollments_need_a_usable_endorsement_key_and_the_challenge_comes_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let agent = https_agent(&running.ca_pem);
+    let dps = service_sas(&running.dps_connection_string);
+    let enroll_url = url(&running, "/enrollments/tpm-1");
+    let register_url = url(&running, "/0ne00000001/registrations/tpm-1/register");
+    // The CLI's test EK (protocol.md §6.7), also usable as the SRK here.
+    let ek = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAibym9HQP9vxCGF5dVc1QQsAGe021aUGJzNol1/gycBx3jFsTpwmWbISRwnFvflWd0w2Mc44FAAZNaJOAAxwZvG8GvyLlHh6fGKdh+mSBL4iLH2bZ4Ry22cB3CJVjXmdGoz9Y/j3/NwLndBxQC+baNvzvyVQZ4/A2YL7vzIIj2ik4y+ve9ir7U0GbNdnxskqK1KFIITVVtkTIYyyFTIR0BySjPrRIDj7r7Mh5uF9HBppGKQCBoVSVV8dI91lNazmSdpGWyqCkO7iM4VvUMv2HT/ym53aYlUrau+Qq87Tu+uQipWYgRdF11KDfcpMHqqzBQQ1NpOJVhrsTrhyJzO7KNw==";
+    let (bad, good, challenge) = blocking(move || {
+        let enroll = |ek: &str| {
+            let body = json!({"registrationId": "tpm-1", "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}});
+            let r = agent
+                .put(&enroll_url)
+                .header("Authorization", &dps)
+                .send_json(&body)
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.into_body().read_json().unwrap();
+            (status, body)
+        };
+        let bad = enroll("AAEC");
+        let good = enroll(ek);
+        let r = agent
+            .put(&register_url)
+            .send_json(json!({"registrationId": "tpm-1", "tpm": {"endorsementKey": ek, "storageRootKey": ek}}))
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.into_body().read_json().unwrap();
+        (bad, good, (status, body))
+    })
+    .await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    assert!(
+        bad.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("attestation.tpm.endorsementKey"),
+        "{}",
+        bad.1
+    );
+    assert_eq!(good.0, 200, "{}", good.1);
+    assert_eq!(challenge.0, 401, "{}", challenge.1);
+    assert!(
+        challenge.1["authenticationKey"].is_string(),
+        "{}",
+        challenge.1
+    );
+    assert_eq!(challenge.1["keyName"], "registration");
+}

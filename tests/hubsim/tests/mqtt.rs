@@ -433,3 +433,39 @@ async fn a_wrong_device_key_is_refused_by_the_hub() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn the_delay_fault_holds_answers_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running, "dev-11");
+    running.sim.faults.lock().unwrap().delay = Some(Duration::from_millis(400));
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-11",
+        &hub_username(&running, "dev-11"),
+        &hub_password(&running, "dev-11", &key, in_an_hour()),
+    );
+    until(&mut el, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let sent = std::time::Instant::now();
+    client
+        .publish(
+            "devices/dev-11/messages/events/",
+            QoS::AtLeastOnce,
+            false,
+            "slow",
+        )
+        .await
+        .unwrap();
+    until(&mut el, |p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    // A lower bound only: the fault must delay the answer at least as long as asked.
+    assert!(
+        sent.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        sent.elapsed()
+    );
+}

@@ -1,0 +1,226 @@
+//! `hubagent plugin-host`: one library plugin in its own process. The daemon's supervisor starts
+//! it with the protocol on stdin/stdout (see `protocol`); the plugin's own writes to stdout and
+//! stderr end up on stderr, which the daemon logs line by line.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use hubagent_plugin_sdk::abi;
+
+use super::library::{HostSide, Library, PluginMessage};
+use super::protocol::{self, Down, Up};
+
+/// Moves the protocol off fds 0 and 1 so that nothing the plugin prints can corrupt it: fd 0
+/// becomes /dev/null and fd 1 a copy of stderr.
+fn take_stdio() -> std::io::Result<(File, File)> {
+    // SAFETY: plain fd syscalls on fds this process owns; results are checked.
+    unsafe {
+        let input = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+        let output = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+        if input < 0 || output < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null < 0 || libc::dup2(null, 0) < 0 || libc::dup2(2, 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::close(null);
+        Ok((File::from_raw_fd(input), File::from_raw_fd(output)))
+    }
+}
+
+type Writer = Arc<Mutex<BufWriter<File>>>;
+
+fn send(out: &Writer, frame: &Up) {
+    let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
+    if protocol::write_sync(&mut *w, frame).is_err() {
+        // The daemon is gone: nothing left to do.
+        std::process::exit(0);
+    }
+}
+
+struct FrameHost {
+    out: Writer,
+    pending: Mutex<HashMap<u64, SyncSender<i32>>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl HostSide for FrameHost {
+    fn publish(&self, message: PluginMessage) -> i32 {
+        if self.closed.load(Ordering::SeqCst) {
+            return abi::ERR_STOPPING;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = sync_channel(1);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        send(
+            &self.out,
+            &Up::Message {
+                id,
+                body: base64::engine::general_purpose::STANDARD.encode(&message.body),
+                content_type: message.content_type,
+                content_encoding: message.content_encoding,
+                properties: message.properties,
+            },
+        );
+        rx.recv().unwrap_or(abi::ERR_STOPPING)
+    }
+
+    fn log(&self, level: i32, text: &str) {
+        send(
+            &self.out,
+            &Up::Log {
+                level,
+                text: text.chars().take(8192).collect(),
+            },
+        );
+    }
+
+    fn health(&self, state: i32, detail: &str) {
+        send(
+            &self.out,
+            &Up::Health {
+                state,
+                detail: detail.chars().take(2048).collect(),
+            },
+        );
+    }
+}
+
+enum Call {
+    Start(String),
+    Apply(u64, String),
+    Stop,
+}
+
+/// Runs the plugin process; returns the exit code (0 after a clean stop).
+pub fn run(name: &str, path: &Path, allow_unsafe: bool) -> i32 {
+    let (input, output) = match take_stdio() {
+        Ok(fds) => fds,
+        Err(e) => {
+            eprintln!("hubagent plugin-host {name}: cannot set up stdio: {e}");
+            return 2;
+        }
+    };
+    let out: Writer = Arc::new(Mutex::new(BufWriter::new(output)));
+    let library = match Library::load(path, allow_unsafe) {
+        Ok(l) => l,
+        Err(error) => {
+            send(&out, &Up::Fatal { error });
+            return 2;
+        }
+    };
+    send(
+        &out,
+        &Up::Hello {
+            abi_major: library.abi_major,
+            abi_minor: library.abi_minor,
+            name: library.name.clone(),
+            version: library.version.clone(),
+        },
+    );
+    let host = Arc::new(FrameHost {
+        out: out.clone(),
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        closed: AtomicBool::new(false),
+    });
+
+    // Plugin callbacks run one at a time on this thread; the main thread keeps reading frames
+    // (acks for messages published from inside a callback, pings) meanwhile.
+    let (calls, receiver) = std::sync::mpsc::channel::<Call>();
+    {
+        let out = out.clone();
+        let host = host.clone();
+        std::thread::Builder::new()
+            .name("plugin-callbacks".into())
+            .spawn(move || {
+                let mut instance = None;
+                for call in receiver {
+                    match call {
+                        Call::Start(settings) => {
+                            match library.start(host.clone(), &settings) {
+                                Ok(i) => {
+                                    instance = Some(i);
+                                    send(&out, &Up::Started);
+                                }
+                                Err(e) => send(
+                                    &out,
+                                    &Up::StartFailed {
+                                        code: e.code,
+                                        error: e.reason,
+                                    },
+                                ),
+                            };
+                        }
+                        Call::Apply(id, settings) => {
+                            let result = match instance.as_mut() {
+                                Some(i) => i.apply_settings(&settings),
+                                None => Err(super::library::CallError {
+                                    code: abi::ERR_FAILED,
+                                    reason: "not started".into(),
+                                }),
+                            };
+                            let (code, reason) = match result {
+                                Ok(()) => (abi::OK, None),
+                                Err(e) => (e.code, Some(e.reason)),
+                            };
+                            send(&out, &Up::Applied { id, code, reason });
+                        }
+                        Call::Stop => {
+                            if let Some(i) = instance.take() {
+                                i.stop();
+                            }
+                            host.closed.store(true, Ordering::SeqCst);
+                            send(&out, &Up::Stopped);
+                            let _ = out.lock().map(|mut w| w.flush());
+                            std::process::exit(0);
+                        }
+                    }
+                }
+            })
+            .expect("spawn the callback thread");
+    }
+
+    let mut input = BufReader::new(input);
+    loop {
+        match protocol::read_sync::<Down>(&mut input) {
+            Ok(Some(Down::Start { settings })) => {
+                let _ = calls.send(Call::Start(settings.to_string()));
+            }
+            Ok(Some(Down::Settings { id, settings })) => {
+                let _ = calls.send(Call::Apply(id, settings.to_string()));
+            }
+            Ok(Some(Down::Ack { id, code })) => {
+                let waiter = host
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(w) = waiter {
+                    let _ = w.send(code);
+                }
+            }
+            Ok(Some(Down::Ping { id })) => send(&out, &Up::Pong { id }),
+            Ok(Some(Down::Stop)) => {
+                let _ = calls.send(Call::Stop);
+            }
+            Ok(None) | Err(_) => {
+                // The daemon closed the pipe (it stopped or died): leave at once.
+                host.closed.store(true, Ordering::SeqCst);
+                std::process::exit(0);
+            }
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! Loading a plugin library and calling it through the ABI of `hubagent_plugin.h`: the trust
+//! check, the descriptor check before anything else is called, and the host API table. Used by
+//! the plugin process (`hubagent plugin-host`) and by in-process plugins alike.
+//!
+//! Libraries are opened with RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE through `/proc/self/fd/N` of
+//! the file that passed the trust check (so a file swapped in after the check is not what gets
+//! loaded), and are never unloaded.
+
+use std::ffi::{CStr, c_void};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hubagent_plugin_sdk::abi;
+
+/// A message as a plugin published it (the host adds id, time and the `source` property).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginMessage {
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub properties: Vec<(String, String)>,
+}
+
+/// What a host does with a plugin's calls; implemented by the plugin process (frames to the
+/// daemon) and by in-process plugins (straight to the supervisor). Called from plugin threads.
+pub trait HostSide: Send + Sync + 'static {
+    /// Returns an ABI result code once the message is queued durably (or refused).
+    fn publish(&self, message: PluginMessage) -> i32;
+    fn log(&self, level: i32, text: &str);
+    fn health(&self, state: i32, detail: &str);
+}
+
+/// A loaded library whose descriptor passed the checks. Never unloaded.
+pub struct Library {
+    descriptor: &'static abi::PluginDescriptor,
+    pub name: String,
+    pub version: String,
+    pub abi_major: u16,
+    pub abi_minor: u16,
+}
+
+// SAFETY: the descriptor is immutable static data of a library that is never unloaded.
+unsafe impl Send for Library {}
+// SAFETY: as above.
+unsafe impl Sync for Library {}
+
+/// Why a start did not produce a running instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    pub code: i32,
+    pub reason: String,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.reason, code_name(self.code))
+    }
+}
+
+pub fn code_name(code: i32) -> &'static str {
+    match code {
+        abi::OK => "ok",
+        abi::ERR_REJECTED => "rejected",
+        abi::ERR_FAILED => "failed",
+        abi::ERR_PANICKED => "panicked",
+        abi::ERR_INVALID_ARGUMENT => "invalid argument",
+        abi::ERR_RATE_LIMITED => "rate limited",
+        abi::ERR_STOPPING => "stopping",
+        abi::ERR_TOO_LARGE => "too large",
+        _ => "unknown error code",
+    }
+}
+
+/// Checks the descriptor a library returned; nothing else in it is called before this passes.
+pub fn check_descriptor(d: &abi::PluginDescriptor) -> Result<(), String> {
+    if d.magic != abi::MAGIC {
+        return Err(format!(
+            "descriptor magic {:#010x} is not {:#010x}: not a hubagent plugin, or a corrupt one",
+            d.magic,
+            abi::MAGIC
+        ));
+    }
+    if d.abi_major != abi::ABI_MAJOR {
+        return Err(format!(
+            "plugin ABI {}.{} is not supported by this agent (ABI {}.{}): rebuild the plugin against this agent's hubagent_plugin.h",
+            d.abi_major,
+            d.abi_minor,
+            abi::ABI_MAJOR,
+            abi::ABI_MINOR
+        ));
+    }
+    if d.abi_minor > abi::ABI_MINOR {
+        return Err(format!(
+            "plugin ABI {}.{} is newer than this agent's {}.{}: upgrade the agent",
+            d.abi_major,
+            d.abi_minor,
+            abi::ABI_MAJOR,
+            abi::ABI_MINOR
+        ));
+    }
+    for (what, size, min) in [
+        (
+            "descriptor_size",
+            d.descriptor_size,
+            abi::DESCRIPTOR_SIZE_V1_0,
+        ),
+        ("host_api_size", d.host_api_size, abi::HOST_API_SIZE_V1_0),
+        ("message_size", d.message_size, abi::MESSAGE_SIZE_V1_0),
+    ] {
+        if size < min {
+            return Err(format!(
+                "descriptor {what} is {size}, below the ABI 1.0 size {min}: built against a broken header"
+            ));
+        }
+    }
+    if d.start.is_none() || d.apply_settings.is_none() || d.stop.is_none() {
+        return Err("descriptor lacks start, apply_settings or stop".into());
+    }
+    if d.name.is_null() || d.version.is_null() {
+        return Err("descriptor lacks a name or version".into());
+    }
+    Ok(())
+}
+
+impl Library {
+    /// Checks the path, loads the library (for good) and checks its descriptor.
+    pub fn load(path: &Path, allow_unsafe: bool) -> Result<Library, String> {
+        let real = super::trust::check(path, allow_unsafe)?;
+        let file = std::fs::File::open(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+        let (checked, opened) = (
+            std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?,
+            file.metadata()
+                .map_err(|e| format!("{}: {e}", real.display()))?,
+        );
+        if (checked.dev(), checked.ino()) != (opened.dev(), opened.ino()) {
+            return Err(format!(
+                "{}: the file changed while it was checked",
+                real.display()
+            ));
+        }
+        use std::os::fd::AsRawFd;
+        let via_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let flags = libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE;
+        // SAFETY: loading runs the library's initialisers; the path passed the trust check.
+        let lib = unsafe { libloading::os::unix::Library::open(Some(&via_fd), flags) }
+            .map_err(|e| format!("{}: cannot load: {e}", path.display()))?;
+        drop(file);
+        let symbol = format!("{}\0", abi::ENTRY_SYMBOL);
+        // SAFETY: the symbol's type is fixed by the ABI (hubagent_plugin.h).
+        let entry: abi::EntryFn = unsafe { lib.get::<abi::EntryFn>(symbol.as_bytes()) }
+            .map(|s| *s)
+            .map_err(|_| {
+                format!(
+                    "{}: exports no {}: not a hubagent plugin (see hubagent_plugin.h)",
+                    path.display(),
+                    abi::ENTRY_SYMBOL
+                )
+            })?;
+        // The library is never unloaded (no dlclose): see the module docs.
+        std::mem::forget(lib);
+        // SAFETY: the entry point takes no arguments and returns a static descriptor.
+        let descriptor = unsafe { entry() };
+        if descriptor.is_null() {
+            return Err(format!(
+                "{}: the entry point returned no descriptor",
+                path.display()
+            ));
+        }
+        // SAFETY: non-null and static per the ABI; only the v1.0 prefix is read, after the
+        // magic and sizes are checked.
+        let descriptor: &'static abi::PluginDescriptor = unsafe { &*descriptor };
+        check_descriptor(descriptor).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = |p: *const std::ffi::c_char| {
+            // SAFETY: checked non-null; NUL-terminated static strings per the ABI.
+            unsafe { CStr::from_ptr(p) }
+                .to_string_lossy()
+                .chars()
+                .take(128)
+                .collect::<String>()
+        };
+        Ok(Library {
+            descriptor,
+            name: text(descriptor.name),
+            version: text(descriptor.version),
+            abi_major: descriptor.abi_major,
+            abi_minor: descriptor.abi_minor,
+        })
+    }
+
+    /// Calls `start`. The host side receives the plugin's calls until `stop` returns.
+    pub fn start(&self, host: Arc<dyn HostSide>, settings: &str) -> Result<Instance, CallError> {
+        let ctx = Box::leak(Box::new(HostContext {
+            side: host,
+            stopped: AtomicBool::new(false),
+        }));
+        // Leaked on purpose: a misbehaving plugin may keep the pointer past `stop`; it then finds
+        // `stopped` set instead of freed memory. A few dozen bytes per start.
+        let api: &'static abi::HostApi = Box::leak(Box::new(abi::HostApi {
+            struct_size: std::mem::size_of::<abi::HostApi>() as u32,
+            abi_major: abi::ABI_MAJOR,
+            abi_minor: abi::ABI_MINOR,
+            ctx: (ctx as *const HostContext).cast_mut().cast(),
+            publish: Some(host_publish),
+            log: Some(host_log),
+            report_health: Some(host_health),
+        }));
+        let settings_z = nul_terminated(settings);
+        let mut instance: *mut c_void = std::ptr::null_mut();
+        let mut reason = ReasonBuf::new();
+        let start = self.descriptor.start.expect("checked");
+        // SAFETY: arguments follow the ABI: the table is 'static, settings and the reason buffer
+        // outlive the call.
+        let code = unsafe {
+            start(
+                api,
+                abi::Str {
+                    ptr: settings_z.as_ptr().cast(),
+                    len: settings.len(),
+                },
+                &mut instance,
+                reason.raw(),
+            )
+        };
+        if code != abi::OK || instance.is_null() {
+            ctx.stopped.store(true, Ordering::SeqCst);
+            let code = if code == abi::OK {
+                abi::ERR_FAILED
+            } else {
+                code
+            };
+            return Err(CallError {
+                code,
+                reason: reason.text_or(if instance.is_null() && code == abi::ERR_FAILED {
+                    "start returned no instance"
+                } else {
+                    "no reason given"
+                }),
+            });
+        }
+        Ok(Instance {
+            ptr: instance,
+            descriptor: self.descriptor,
+            ctx,
+        })
+    }
+}
+
+/// A started plugin instance. Callbacks must come from one thread at a time.
+pub struct Instance {
+    ptr: *mut c_void,
+    descriptor: &'static abi::PluginDescriptor,
+    ctx: &'static HostContext,
+}
+
+// SAFETY: the ABI allows callbacks from any single host thread at a time; `&mut self` enforces it.
+unsafe impl Send for Instance {}
+
+impl Instance {
+    pub fn apply_settings(&mut self, settings: &str) -> Result<(), CallError> {
+        let settings_z = nul_terminated(settings);
+        let mut reason = ReasonBuf::new();
+        let apply = self.descriptor.apply_settings.expect("checked");
+        // SAFETY: `ptr` came from start and is not stopped; buffers outlive the call.
+        let code = unsafe {
+            apply(
+                self.ptr,
+                abi::Str {
+                    ptr: settings_z.as_ptr().cast(),
+                    len: settings.len(),
+                },
+                reason.raw(),
+            )
+        };
+        if code == abi::OK {
+            Ok(())
+        } else {
+            Err(CallError {
+                code,
+                reason: reason.text_or("no reason given"),
+            })
+        }
+    }
+
+    /// Stops and frees the instance; the plugin's later host calls get HUBAGENT_ERR_STOPPING.
+    pub fn stop(self) -> i32 {
+        let stop = self.descriptor.stop.expect("checked");
+        // SAFETY: `ptr` came from start; ownership passes to the plugin, which frees it.
+        let code = unsafe { stop(self.ptr) };
+        self.ctx.stopped.store(true, Ordering::SeqCst);
+        code
+    }
+}
+
+struct HostContext {
+    side: Arc<dyn HostSide>,
+    stopped: AtomicBool,
+}
+
+fn nul_terminated(text: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(text.len() + 1);
+    v.extend_from_slice(text.as_bytes());
+    v.push(0);
+    v
+}
+
+struct ReasonBuf {
+    bytes: Vec<u8>,
+    buf: abi::Buf,
+}
+
+impl ReasonBuf {
+    fn new() -> ReasonBuf {
+        let mut bytes = vec![0u8; 4096];
+        let buf = abi::Buf {
+            ptr: bytes.as_mut_ptr(),
+            cap: bytes.len(),
+            len: 0,
+        };
+        ReasonBuf { bytes, buf }
+    }
+
+    fn raw(&mut self) -> *mut abi::Buf {
+        &mut self.buf
+    }
+
+    fn text_or(&self, default: &str) -> String {
+        let len = self.buf.len.min(self.bytes.len());
+        let text = String::from_utf8_lossy(&self.bytes[..len])
+            .trim()
+            .to_string();
+        if text.is_empty() {
+            default.to_string()
+        } else {
+            text
+        }
+    }
+}
+
+/// Reads a borrowed ABI string as UTF-8.
+///
+/// # Safety
+/// `s` must describe readable memory for the duration of the call.
+unsafe fn str_arg(s: abi::Str) -> Result<String, ()> {
+    // SAFETY: per the function contract.
+    let bytes = unsafe { s.as_bytes() };
+    String::from_utf8(bytes.to_vec()).map_err(|_| ())
+}
+
+/// # Safety
+/// `message` must follow the ABI (fields borrowed for the call).
+unsafe fn read_message(message: *const abi::Message) -> Result<PluginMessage, i32> {
+    if message.is_null() {
+        return Err(abi::ERR_INVALID_ARGUMENT);
+    }
+    // SAFETY: non-null; struct_size is checked before the rest is trusted.
+    let m = unsafe { &*message };
+    if m.struct_size < abi::MESSAGE_SIZE_V1_0 {
+        return Err(abi::ERR_INVALID_ARGUMENT);
+    }
+    let body = if m.body.ptr.is_null() || m.body.len == 0 {
+        Vec::new()
+    } else {
+        if m.body.len > 1024 * 1024 {
+            return Err(abi::ERR_TOO_LARGE);
+        }
+        // SAFETY: borrowed for the call per the ABI.
+        unsafe { std::slice::from_raw_parts(m.body.ptr, m.body.len) }.to_vec()
+    };
+    let opt = |s: abi::Str| -> Result<Option<String>, i32> {
+        if s.ptr.is_null() || s.len == 0 {
+            return Ok(None);
+        }
+        // SAFETY: borrowed for the call per the ABI.
+        unsafe { str_arg(s) }
+            .map(Some)
+            .map_err(|_| abi::ERR_INVALID_ARGUMENT)
+    };
+    let mut properties = Vec::with_capacity(m.property_count.min(64));
+    if m.property_count > 0 {
+        if m.properties.is_null() || m.property_count > 1024 {
+            return Err(abi::ERR_INVALID_ARGUMENT);
+        }
+        // SAFETY: `property_count` entries borrowed for the call per the ABI.
+        let props = unsafe { std::slice::from_raw_parts(m.properties, m.property_count) };
+        for p in props {
+            // SAFETY: as above.
+            let key = unsafe { str_arg(p.key) }.map_err(|_| abi::ERR_INVALID_ARGUMENT)?;
+            // SAFETY: as above.
+            let value = unsafe { str_arg(p.value) }.map_err(|_| abi::ERR_INVALID_ARGUMENT)?;
+            if key.is_empty() {
+                return Err(abi::ERR_INVALID_ARGUMENT);
+            }
+            properties.push((key, value));
+        }
+    }
+    Ok(PluginMessage {
+        body,
+        content_type: opt(m.content_type)?,
+        content_encoding: opt(m.content_encoding)?,
+        properties,
+    })
+}
+
+fn context<'a>(ctx: *mut c_void) -> Option<&'a HostContext> {
+    // SAFETY: `ctx` is the leaked HostContext from `start` (never freed).
+    (!ctx.is_null()).then(|| unsafe { &*ctx.cast::<HostContext>() })
+}
+
+unsafe extern "C" fn host_publish(ctx: *mut c_void, message: *const abi::Message) -> i32 {
+    let Some(ctx) = context(ctx) else {
+        return abi::ERR_INVALID_ARGUMENT;
+    };
+    if ctx.stopped.load(Ordering::SeqCst) {
+        return abi::ERR_STOPPING;
+    }
+    // Nothing below may unwind into plugin code.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: the plugin passes a message per the ABI.
+        match unsafe { read_message(message) } {
+            Ok(m) => ctx.side.publish(m),
+            Err(code) => code,
+        }
+    }))
+    .unwrap_or(abi::ERR_FAILED)
+}
+
+unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, text: abi::Str) {
+    let Some(ctx) = context(ctx) else { return };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: borrowed for the call per the ABI.
+        let bytes = unsafe { text.as_bytes() };
+        ctx.side.log(level, &String::from_utf8_lossy(bytes));
+    }));
+}
+
+unsafe extern "C" fn host_health(ctx: *mut c_void, state: i32, detail: abi::Str) {
+    let Some(ctx) = context(ctx) else { return };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: borrowed for the call per the ABI.
+        let bytes = unsafe { detail.as_bytes() };
+        ctx.side.health(state, &String::from_utf8_lossy(bytes));
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> abi::PluginDescriptor {
+        abi::PluginDescriptor {
+            magic: abi::MAGIC,
+            abi_major: 1,
+            abi_minor: 0,
+            descriptor_size: abi::DESCRIPTOR_SIZE_V1_0,
+            host_api_size: abi::HOST_API_SIZE_V1_0,
+            message_size: abi::MESSAGE_SIZE_V1_0,
+            reserved: 0,
+            name: c"x".as_ptr(),
+            version: c"1".as_ptr(),
+            start: None,
+            apply_settings: None,
+            stop: None,
+        }
+    }
+
+    #[test]
+    fn descriptors_are_checked_before_use() {
+        let d = good();
+        assert!(check_descriptor(&d).unwrap_err().contains("lacks start"));
+        let d = abi::PluginDescriptor {
+            magic: 0xdead_beef,
+            ..good()
+        };
+        assert!(check_descriptor(&d).unwrap_err().contains("magic"));
+        let d = abi::PluginDescriptor {
+            abi_major: 2,
+            ..good()
+        };
+        assert!(
+            check_descriptor(&d)
+                .unwrap_err()
+                .contains("ABI 2.0 is not supported")
+        );
+        let d = abi::PluginDescriptor {
+            abi_minor: 9,
+            ..good()
+        };
+        assert!(check_descriptor(&d).unwrap_err().contains("newer"));
+        let d = abi::PluginDescriptor {
+            message_size: 8,
+            ..good()
+        };
+        assert!(check_descriptor(&d).unwrap_err().contains("message_size"));
+    }
+}

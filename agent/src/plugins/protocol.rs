@@ -1,0 +1,166 @@
+//! The protocol between the daemon and a plugin process (`hubagent plugin-host`) on the child's
+//! stdin/stdout: frames of a 4-byte big-endian length followed by that many bytes of JSON.
+//!
+//! Down (daemon → host): `start`, `settings`, `ack`, `ping`, `stop`.
+//! Up (host → daemon): `hello` (or `fatal`), `started`/`start-failed`, `applied`, `message`,
+//! `log`, `health`, `pong`, `stopped`. A message is acknowledged (`ack` with an ABI result code)
+//! only after it is on disk in the durable queue.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Larger frames are a protocol violation (a message is at most 256 KiB, base64 adds a third).
+pub const MAX_FRAME: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Down {
+    Start { settings: Value },
+    Settings { id: u64, settings: Value },
+    Ack { id: u64, code: i32 },
+    Ping { id: u64 },
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Up {
+    Hello {
+        abi_major: u16,
+        abi_minor: u16,
+        name: String,
+        version: String,
+    },
+    Fatal {
+        error: String,
+    },
+    Started,
+    StartFailed {
+        code: i32,
+        error: String,
+    },
+    Applied {
+        id: u64,
+        code: i32,
+        reason: Option<String>,
+    },
+    Message {
+        id: u64,
+        /// base64
+        body: String,
+        content_type: Option<String>,
+        content_encoding: Option<String>,
+        properties: Vec<(String, String)>,
+    },
+    Log {
+        level: i32,
+        text: String,
+    },
+    Health {
+        state: i32,
+        detail: String,
+    },
+    Pong {
+        id: u64,
+    },
+    Stopped,
+}
+
+pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(frame).expect("frames serialize");
+    let mut out = Vec::with_capacity(json.len() + 4);
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> std::io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad frame: {e}"))
+    })
+}
+
+fn check_len(len: usize) -> std::io::Result<()> {
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the {MAX_FRAME} byte limit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Blocking read (the plugin-host side). `Ok(None)` at a clean end of stream.
+pub fn read_sync<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    check_len(len)?;
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    decode(&buf).map(Some)
+}
+
+pub fn write_sync<T: Serialize>(w: &mut impl Write, frame: &T) -> std::io::Result<()> {
+    w.write_all(&encode(frame))?;
+    w.flush()
+}
+
+/// Async read (the daemon side). `Ok(None)` at a clean end of stream.
+pub async fn read_async<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<Option<T>> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    check_len(len)?;
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    decode(&buf).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversize_is_refused() {
+        let frames = vec![
+            Up::Hello {
+                abi_major: 1,
+                abi_minor: 0,
+                name: "x".into(),
+                version: "1".into(),
+            },
+            Up::Message {
+                id: 7,
+                body: "e30=".into(),
+                content_type: Some("application/json".into()),
+                content_encoding: None,
+                properties: vec![("a".into(), "b".into())],
+            },
+        ];
+        let mut bytes = Vec::new();
+        for f in &frames {
+            write_sync(&mut bytes, f).unwrap();
+        }
+        let mut r = std::io::Cursor::new(bytes);
+        assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[0].clone()));
+        assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[1].clone()));
+        assert_eq!(read_sync::<Up>(&mut r).unwrap(), None);
+        let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(read_sync::<Up>(&mut std::io::Cursor::new(huge)).is_err());
+    }
+}

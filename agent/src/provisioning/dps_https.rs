@@ -1,0 +1,349 @@
+//! DPS TPM attestation over HTTPS (protocol.md §2, §6.1): TPM registrations exist only on DPS's
+//! HTTPS (and AMQP) API, not over MQTT.
+//!
+//! 1. `PUT …/register` with the EK and SRK publics and no Authorization → 401 with
+//!    `authenticationKey`, an activation blob only this TPM can open;
+//! 2. the blob's key is imported into the TPM (persistent handle) and signs the registration SAS
+//!    (`skn=registration`) inside the TPM;
+//! 3. `PUT …/register` again with that SAS → 202, then `GET …/operations/{id}` until assigned;
+//! 4. the assignment's `registrationState.tpm.authenticationKey` wraps the hub device key: it
+//!    replaces the challenge key at the handle and signs every hub SAS from then on.
+//!
+//! The exchange is blocking (ureq, TPM calls) and runs on tokio's blocking pool with a deadline
+//! checked between steps.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+
+use super::Assignment;
+use super::dps::{
+    DEFAULT_RETRY_AFTER, DpsError, DpsRequest, MAX_RETRIES, MAX_RETRY_AFTER, assignment,
+    service_error, unix_now,
+};
+use crate::keys::{sas_token, url_encode};
+use crate::tpm::{self, TpmSigner};
+
+const API_VERSION: &str = "2021-06-01";
+
+/// The TPM that attests.
+#[derive(Debug, Clone)]
+pub struct TpmTarget {
+    pub tcti: String,
+    pub handle: u32,
+}
+
+/// Registers with DPS by TPM attestation and waits for the assignment.
+pub async fn register(
+    req: &DpsRequest,
+    target: &TpmTarget,
+    trust_bundle: Option<PathBuf>,
+) -> Result<Assignment, DpsError> {
+    let req = req.clone();
+    let target = target.clone();
+    let deadline = Instant::now() + req.timeout;
+    tokio::task::spawn_blocking(move || register_blocking(&req, &target, trust_bundle, deadline))
+        .await
+        .map_err(|e| DpsError::Protocol(format!("the registration task failed: {e}")))?
+}
+
+fn tpm_error(e: tpm::TpmError) -> DpsError {
+    DpsError::Tpm(e.to_string())
+}
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+    endpoint: String,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// One HTTP answer: status, retry-after, JSON body (`Null` when empty or not JSON).
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: Value,
+}
+
+impl Client {
+    fn new(
+        req: &DpsRequest,
+        trust_bundle: Option<PathBuf>,
+        deadline: Instant,
+    ) -> Result<Self, DpsError> {
+        use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+        let roots = crate::tls::root_certificates(trust_bundle.as_deref())
+            .map_err(|e| DpsError::Protocol(e.to_string()))?;
+        let certs: Vec<Certificate<'static>> = roots
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(RootCerts::new_with_certs(&certs))
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .tls_config(tls)
+                .http_status_as_error(false)
+                .user_agent(format!("hubagent/{}", env!("CARGO_PKG_VERSION")))
+                .build(),
+        );
+        Ok(Client {
+            agent,
+            base: format!(
+                "https://{}:{}/{}/registrations/{}",
+                req.endpoint_host,
+                req.port,
+                url_encode(&req.id_scope),
+                url_encode(&req.registration_id)
+            ),
+            endpoint: format!("{}:{}", req.endpoint_host, req.port),
+            deadline,
+            timeout: req.timeout,
+        })
+    }
+
+    fn remaining(&self) -> Result<Duration, DpsError> {
+        self.deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(DpsError::Timeout(self.timeout))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        sas: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Answer, DpsError> {
+        let url = format!("{}{path}?api-version={API_VERSION}", self.base);
+        let timeout = self.remaining()?.min(Duration::from_secs(30));
+        let unreachable = |e: ureq::Error| DpsError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            message: e.to_string(),
+        };
+        let response = match (method, body) {
+            ("PUT", Some(body)) => {
+                let mut request = self
+                    .agent
+                    .put(&url)
+                    .config()
+                    .timeout_global(Some(timeout))
+                    .build()
+                    .header("Content-Type", "application/json; charset=utf-8")
+                    .header("Accept", "application/json");
+                if let Some(sas) = sas {
+                    request = request.header("Authorization", sas);
+                }
+                request.send(body).map_err(unreachable)?
+            }
+            _ => {
+                let mut request = self
+                    .agent
+                    .get(&url)
+                    .config()
+                    .timeout_global(Some(timeout))
+                    .build()
+                    .header("Accept", "application/json");
+                if let Some(sas) = sas {
+                    request = request.header("Authorization", sas);
+                }
+                request.call().map_err(unreachable)?
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response
+            .into_body()
+            .read_to_string()
+            .map_err(|e| DpsError::Protocol(format!("reading DPS's answer: {e}")))?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// Sends until the answer is neither throttled (429) nor a server error, waiting what DPS
+    /// asks in between (bounded).
+    fn send_retrying(
+        &self,
+        method: &str,
+        path: &str,
+        sas: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Answer, DpsError> {
+        let mut retries = 0;
+        loop {
+            let answer = self.send(method, path, sas, body)?;
+            if (answer.status == 429 || answer.status >= 500) && retries < MAX_RETRIES {
+                retries += 1;
+                let delay = answer
+                    .retry_after
+                    .unwrap_or(DEFAULT_RETRY_AFTER * retries)
+                    .min(MAX_RETRY_AFTER);
+                tracing::info!(status = answer.status, ?delay, "DPS asks to retry later");
+                self.wait(delay)?;
+                continue;
+            }
+            return Ok(answer);
+        }
+    }
+
+    /// DPS's retry-after, within the deadline.
+    fn wait(&self, delay: Duration) -> Result<(), DpsError> {
+        if delay >= self.remaining()? {
+            return Err(DpsError::Timeout(self.timeout));
+        }
+        std::thread::sleep(delay);
+        Ok(())
+    }
+}
+
+fn registration_sas(signer: &TpmSigner, req: &DpsRequest) -> Result<String, DpsError> {
+    let resource = format!("{}/registrations/{}", req.id_scope, req.registration_id);
+    Ok(sas_token(
+        signer,
+        &resource,
+        unix_now() + 3600,
+        Some("registration"),
+    )?)
+}
+
+fn register_blocking(
+    req: &DpsRequest,
+    target: &TpmTarget,
+    trust_bundle: Option<PathBuf>,
+    deadline: Instant,
+) -> Result<Assignment, DpsError> {
+    let identity = tpm::identity(&target.tcti).map_err(tpm_error)?;
+    let client = Client::new(req, trust_bundle, deadline)?;
+    let body = json!({
+        "registrationId": req.registration_id,
+        "tpm": {
+            "endorsementKey": identity.endorsement_key_base64(),
+            "storageRootKey": identity.storage_root_key_base64(),
+        },
+        "payload": req.payload,
+    })
+    .to_string();
+
+    // 1. The challenge.
+    let answer = client.send_retrying("PUT", "/register", None, Some(&body))?;
+    let blob = match (answer.status, answer.body["authenticationKey"].as_str()) {
+        (401, Some(key)) => B64
+            .decode(key)
+            .map_err(|_| DpsError::Protocol("authenticationKey is not base64".into()))?,
+        (401, None) => {
+            return Err(DpsError::TpmRefused {
+                registration_id: req.registration_id.clone(),
+                message: answer.body["message"]
+                    .as_str()
+                    .unwrap_or("no message")
+                    .to_string(),
+            });
+        }
+        (status, _) if status < 300 => {
+            return Err(DpsError::Protocol(format!(
+                "DPS answered {status} to a TPM registration without credentials; expected the 401 challenge"
+            )));
+        }
+        (status, _) => return Err(service_error(status, &answer.body)),
+    };
+    // 2. Only this TPM can open it; the key lands at the handle.
+    tpm::attestation::import_activation_blob(&target.tcti, target.handle, &blob)
+        .map_err(tpm_error)?;
+    tracing::info!(
+        handle = format_args!("{:#010x}", target.handle),
+        "imported DPS's authentication key into the TPM"
+    );
+    let signer = TpmSigner::new(&target.tcti, target.handle);
+
+    // 3. The registration proper, signed in the TPM.
+    let sas = registration_sas(&signer, req)?;
+    let mut answer = client.send_retrying("PUT", "/register", Some(&sas), Some(&body))?;
+    loop {
+        match answer.status {
+            200..=299 => match answer.body["status"].as_str() {
+                Some("assigned") => break,
+                Some("assigning") => {
+                    let op = answer.body["operationId"]
+                        .as_str()
+                        .ok_or_else(|| {
+                            DpsError::Protocol("'assigning' answer without operationId".into())
+                        })?
+                        .to_string();
+                    client.wait(
+                        answer
+                            .retry_after
+                            .unwrap_or(DEFAULT_RETRY_AFTER)
+                            .min(MAX_RETRY_AFTER),
+                    )?;
+                    let sas = registration_sas(&signer, req)?;
+                    answer = client.send_retrying(
+                        "GET",
+                        &format!("/operations/{}", url_encode(&op)),
+                        Some(&sas),
+                        None,
+                    )?;
+                }
+                other => {
+                    let state = &answer.body["registrationState"];
+                    let detail = match (state["errorCode"].as_u64(), state["errorMessage"].as_str())
+                    {
+                        (Some(code), Some(message)) => format!(": {message} (errorCode {code})"),
+                        _ => String::new(),
+                    };
+                    return Err(DpsError::NotAssigned {
+                        status: other.unwrap_or("missing").to_string(),
+                        detail,
+                    });
+                }
+            },
+            401 => {
+                return Err(DpsError::TpmRefused {
+                    registration_id: req.registration_id.clone(),
+                    message: answer.body["message"]
+                        .as_str()
+                        .unwrap_or("the signed registration was refused")
+                        .to_string(),
+                });
+            }
+            status => return Err(service_error(status, &answer.body)),
+        }
+    }
+    let assigned = assignment(&answer.body)?;
+
+    // 4. The hub key, wrapped to this TPM like the challenge.
+    match answer.body["registrationState"]["tpm"]["authenticationKey"].as_str() {
+        Some(key) => {
+            let blob = B64.decode(key).map_err(|_| {
+                DpsError::Protocol("registrationState.tpm.authenticationKey is not base64".into())
+            })?;
+            tpm::attestation::import_activation_blob(&target.tcti, target.handle, &blob)
+                .map_err(tpm_error)?;
+            tracing::info!(
+                handle = format_args!("{:#010x}", target.handle),
+                "imported the IoT Hub device key into the TPM"
+            );
+        }
+        None => tracing::warn!(
+            "DPS sent no hub key (registrationState.tpm.authenticationKey); signing hub tokens with the registration key"
+        ),
+    }
+    Ok(assigned)
+}

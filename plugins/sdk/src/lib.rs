@@ -1,0 +1,647 @@
+//! Write hubagent plugins in Rust.
+//!
+//! A plugin is a `cdylib` exporting one versioned C entry point, `hubagent_plugin_entry_v1`,
+//! described in `include/hubagent_plugin.h` (the reference for the ABI and its rules). This crate
+//! holds the same `#[repr(C)]` definitions ([`abi`]), a safe [`Plugin`] trait and the
+//! [`export_plugin!`] macro that generates the entry point:
+//!
+//! ```no_run
+//! use hubagent_plugin_sdk::{Host, Message, Plugin, StartError, StopSignal, export_plugin};
+//!
+//! struct Hello { stop: StopSignal, worker: Option<std::thread::JoinHandle<()>> }
+//!
+//! impl Plugin for Hello {
+//!     fn start(host: Host, _settings: &str) -> Result<Self, StartError> {
+//!         let stop = StopSignal::new();
+//!         let signal = stop.clone();
+//!         let worker = host.spawn("hello", move || {
+//!             while !signal.wait(std::time::Duration::from_secs(1)) {
+//!                 let _ = host.publish(&Message::json(r#"{"hello":"world"}"#));
+//!             }
+//!         });
+//!         Ok(Hello { stop, worker: Some(worker) })
+//!     }
+//!     fn apply_settings(&mut self, _settings: &str) -> Result<(), String> { Ok(()) }
+//!     fn stop(mut self) {
+//!         self.stop.stop();
+//!         if let Some(w) = self.worker.take() { let _ = w.join(); }
+//!     }
+//! }
+//!
+//! export_plugin!(Hello, name = "hello", version = "0.1.0");
+//! ```
+//!
+//! Panics never cross the boundary: every callback runs under `catch_unwind` and a panic becomes
+//! `HUBAGENT_ERR_PANICKED` (the host restarts the plugin). Threads started with [`Host::spawn`]
+//! report a panic as `HUBAGENT_HEALTH_FAILED`, which also makes the host restart the plugin.
+
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// The C ABI, field for field as in `hubagent_plugin.h`.
+pub mod abi {
+    use std::ffi::{c_char, c_void};
+
+    pub const MAGIC: u32 = 0x4841_5047;
+    pub const ABI_MAJOR: u16 = 1;
+    pub const ABI_MINOR: u16 = 0;
+    pub const ENTRY_SYMBOL: &str = "hubagent_plugin_entry_v1";
+
+    pub const OK: i32 = 0;
+    pub const ERR_REJECTED: i32 = 1;
+    pub const ERR_FAILED: i32 = 2;
+    pub const ERR_PANICKED: i32 = 3;
+    pub const ERR_INVALID_ARGUMENT: i32 = 4;
+    pub const ERR_RATE_LIMITED: i32 = 5;
+    pub const ERR_STOPPING: i32 = 6;
+    pub const ERR_TOO_LARGE: i32 = 7;
+
+    pub const LOG_ERROR: i32 = 1;
+    pub const LOG_WARN: i32 = 2;
+    pub const LOG_INFO: i32 = 3;
+    pub const LOG_DEBUG: i32 = 4;
+    pub const LOG_TRACE: i32 = 5;
+
+    pub const HEALTH_OK: i32 = 0;
+    pub const HEALTH_DEGRADED: i32 = 1;
+    pub const HEALTH_FAILED: i32 = 2;
+
+    /// A borrowed UTF-8 string (`ptr` may be null when `len` is 0).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct Str {
+        pub ptr: *const c_char,
+        pub len: usize,
+    }
+
+    impl Str {
+        pub const EMPTY: Str = Str {
+            ptr: std::ptr::null(),
+            len: 0,
+        };
+
+        pub fn borrow(text: &str) -> Str {
+            Str {
+                ptr: text.as_ptr().cast(),
+                len: text.len(),
+            }
+        }
+
+        /// # Safety
+        /// `ptr`/`len` must describe readable memory for the lifetime chosen by the caller.
+        pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {
+            if self.ptr.is_null() || self.len == 0 {
+                &[]
+            } else {
+                // SAFETY: the caller guarantees the buffer is valid.
+                unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+            }
+        }
+    }
+
+    /// A borrowed byte buffer.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct Bytes {
+        pub ptr: *const u8,
+        pub len: usize,
+    }
+
+    /// An output buffer owned by the host.
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct Buf {
+        pub ptr: *mut u8,
+        pub cap: usize,
+        pub len: usize,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct Property {
+        pub key: Str,
+        pub value: Str,
+    }
+
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct Message {
+        pub struct_size: u32,
+        pub reserved: u32,
+        pub body: Bytes,
+        pub content_type: Str,
+        pub content_encoding: Str,
+        pub properties: *const Property,
+        pub property_count: usize,
+    }
+
+    pub type PublishFn = unsafe extern "C" fn(ctx: *mut c_void, message: *const Message) -> i32;
+    pub type LogFn = unsafe extern "C" fn(ctx: *mut c_void, level: i32, text: Str);
+    pub type HealthFn = unsafe extern "C" fn(ctx: *mut c_void, health: i32, detail: Str);
+
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct HostApi {
+        pub struct_size: u32,
+        pub abi_major: u16,
+        pub abi_minor: u16,
+        pub ctx: *mut c_void,
+        pub publish: Option<PublishFn>,
+        pub log: Option<LogFn>,
+        pub report_health: Option<HealthFn>,
+    }
+
+    pub type StartFn = unsafe extern "C" fn(
+        host: *const HostApi,
+        settings_json: Str,
+        instance: *mut *mut c_void,
+        error: *mut Buf,
+    ) -> i32;
+    pub type ApplyFn =
+        unsafe extern "C" fn(instance: *mut c_void, settings_json: Str, reason: *mut Buf) -> i32;
+    pub type StopFn = unsafe extern "C" fn(instance: *mut c_void) -> i32;
+
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct PluginDescriptor {
+        pub magic: u32,
+        pub abi_major: u16,
+        pub abi_minor: u16,
+        pub descriptor_size: u32,
+        pub host_api_size: u32,
+        pub message_size: u32,
+        pub reserved: u32,
+        pub name: *const c_char,
+        pub version: *const c_char,
+        pub start: Option<StartFn>,
+        pub apply_settings: Option<ApplyFn>,
+        pub stop: Option<StopFn>,
+    }
+
+    /// The v1.0 sizes: the smallest a host accepts.
+    pub const DESCRIPTOR_SIZE_V1_0: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
+    pub const HOST_API_SIZE_V1_0: u32 = std::mem::size_of::<HostApi>() as u32;
+    pub const MESSAGE_SIZE_V1_0: u32 = std::mem::size_of::<Message>() as u32;
+
+    /// A descriptor that may live in a `static` (its raw pointers point at static data).
+    #[repr(transparent)]
+    pub struct StaticDescriptor(pub PluginDescriptor);
+    // SAFETY: the descriptor is immutable and its pointers point at 'static read-only data.
+    unsafe impl Sync for StaticDescriptor {}
+
+    /// The signature of `hubagent_plugin_entry_v1`.
+    pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;
+}
+
+/// Why `start` refused to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The settings are unusable (reported to the operator; the plugin is not restarted with them).
+    Rejected(String),
+    /// Anything else; the host restarts the plugin with backoff.
+    Failed(String),
+}
+
+/// A plugin instance. The host calls `start`, then `apply_settings` for each settings change,
+/// then `stop`, one at a time from one thread; each must return promptly.
+pub trait Plugin: Send + Sized + 'static {
+    /// Starts with the settings (a JSON object as text). Start worker threads here.
+    fn start(host: Host, settings: &str) -> Result<Self, StartError>;
+    /// New settings; `Err(reason)` rejects them and the plugin keeps its old ones.
+    fn apply_settings(&mut self, settings: &str) -> Result<(), String>;
+    /// Stops: join the worker threads. After this, the host must not be called.
+    fn stop(self) {}
+}
+
+/// Why a publish did not queue the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishError {
+    /// Over the plugin's `max_rate`: dropped and counted by the host.
+    RateLimited,
+    /// The plugin is being stopped: stop publishing.
+    Stopping,
+    TooLarge,
+    Invalid,
+    Other(i32),
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::RateLimited => write!(f, "rate limited (message dropped)"),
+            PublishError::Stopping => write!(f, "the plugin is stopping"),
+            PublishError::TooLarge => write!(f, "message too large"),
+            PublishError::Invalid => write!(f, "invalid message"),
+            PublishError::Other(code) => write!(f, "error code {code}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// Log levels for [`Host::log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+/// Health states for [`Host::report_health`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok = 0,
+    Degraded = 1,
+    /// Asks the host to restart the plugin.
+    Failed = 2,
+}
+
+/// A telemetry message: body, content type and encoding, application properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub properties: Vec<(String, String)>,
+}
+
+impl Message {
+    /// A JSON body (`application/json`, `utf-8`).
+    pub fn json(body: impl Into<String>) -> Message {
+        Message {
+            body: body.into().into_bytes(),
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            properties: Vec::new(),
+        }
+    }
+
+    /// Raw bytes with no content type.
+    pub fn bytes(body: impl Into<Vec<u8>>) -> Message {
+        Message {
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Adds an application property.
+    pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> Message {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// The host's API, valid from `start` until `stop` returns. Cheap to clone; usable from any thread.
+#[derive(Clone, Copy)]
+pub struct Host {
+    api: *const abi::HostApi,
+}
+
+// SAFETY: the ABI makes every host function thread-safe and the table valid until `stop` returns.
+unsafe impl Send for Host {}
+// SAFETY: as above.
+unsafe impl Sync for Host {}
+
+impl Host {
+    /// # Safety
+    /// `api` must point at a host API table that outlives every use of the returned `Host`.
+    pub unsafe fn from_raw(api: *const abi::HostApi) -> Host {
+        Host { api }
+    }
+
+    fn api(&self) -> &abi::HostApi {
+        // SAFETY: valid until stop returns (ABI rule 2).
+        unsafe { &*self.api }
+    }
+
+    /// Queues a message durably; returns when it is on disk in the agent's queue.
+    pub fn publish(&self, message: &Message) -> Result<(), PublishError> {
+        let api = self.api();
+        let Some(publish) = api.publish else {
+            return Err(PublishError::Other(abi::ERR_FAILED));
+        };
+        let properties: Vec<abi::Property> = message
+            .properties
+            .iter()
+            .map(|(k, v)| abi::Property {
+                key: abi::Str::borrow(k),
+                value: abi::Str::borrow(v),
+            })
+            .collect();
+        let opt = |s: &Option<String>| {
+            s.as_deref()
+                .map(abi::Str::borrow)
+                .unwrap_or(abi::Str::EMPTY)
+        };
+        let raw = abi::Message {
+            struct_size: std::mem::size_of::<abi::Message>() as u32,
+            reserved: 0,
+            body: abi::Bytes {
+                ptr: message.body.as_ptr(),
+                len: message.body.len(),
+            },
+            content_type: opt(&message.content_type),
+            content_encoding: opt(&message.content_encoding),
+            properties: properties.as_ptr(),
+            property_count: properties.len(),
+        };
+        // SAFETY: every pointer in `raw` borrows from `message`/`properties`, alive for the call.
+        let code = unsafe { publish(api.ctx, &raw) };
+        match code {
+            abi::OK => Ok(()),
+            abi::ERR_RATE_LIMITED => Err(PublishError::RateLimited),
+            abi::ERR_STOPPING => Err(PublishError::Stopping),
+            abi::ERR_TOO_LARGE => Err(PublishError::TooLarge),
+            abi::ERR_INVALID_ARGUMENT => Err(PublishError::Invalid),
+            other => Err(PublishError::Other(other)),
+        }
+    }
+
+    pub fn log(&self, level: Level, text: &str) {
+        let api = self.api();
+        if let Some(log) = api.log {
+            // SAFETY: `text` outlives the call.
+            unsafe { log(api.ctx, level as i32, abi::Str::borrow(text)) }
+        }
+    }
+
+    pub fn report_health(&self, health: Health, detail: &str) {
+        let api = self.api();
+        if let Some(report) = api.report_health {
+            // SAFETY: `detail` outlives the call.
+            unsafe { report(api.ctx, health as i32, abi::Str::borrow(detail)) }
+        }
+    }
+
+    /// Starts a worker thread whose panic is reported as [`Health::Failed`] (the host then
+    /// restarts the plugin) instead of silently ending the thread.
+    pub fn spawn<F>(self, name: &str, work: F) -> std::thread::JoinHandle<()>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let thread_name = name.to_string();
+        std::thread::Builder::new()
+            .name(thread_name.clone())
+            .spawn(move || {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(work)) {
+                    let message = panic_message(&*panic);
+                    self.report_health(
+                        Health::Failed,
+                        &format!("worker '{thread_name}' panicked: {message}"),
+                    );
+                }
+            })
+            .expect("spawn a plugin worker thread")
+    }
+}
+
+/// A stop flag that worker threads can sleep on and be woken from at once.
+#[derive(Clone, Default)]
+pub struct StopSignal(Arc<(Mutex<bool>, Condvar)>);
+
+impl StopSignal {
+    pub fn new() -> StopSignal {
+        StopSignal::default()
+    }
+
+    pub fn stop(&self) {
+        let (flag, cv) = &*self.0;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        *self.0.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `timeout`; true when stopped.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let (flag, cv) = &*self.0;
+        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard
+    }
+}
+
+/// Parses durations as the agent writes them: "250ms", "5s", "2m", "1h".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("'{text}' is not a duration (write e.g. \"500ms\", \"5s\", \"1m\")")
+    })?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit '{other}' in '{text}' (ms, s, m, h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("'{text}' is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+/// What [`export_plugin!`] expands to call. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    /// `text` followed by a NUL, as a static array (descriptor name and version).
+    pub const fn nul_terminated<const N: usize>(text: &str) -> [u8; N] {
+        let bytes = text.as_bytes();
+        assert!(bytes.len() + 1 == N, "length mismatch");
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < bytes.len() {
+            assert!(
+                bytes[i] != 0,
+                "plugin name and version must not contain NUL"
+            );
+            out[i] = bytes[i];
+            i += 1;
+        }
+        out
+    }
+
+    fn write_buf(buf: *mut abi::Buf, text: &str) {
+        if buf.is_null() {
+            return;
+        }
+        // SAFETY: the host owns `buf` and keeps it valid for the call (ABI rule 2).
+        let buf = unsafe { &mut *buf };
+        if buf.ptr.is_null() {
+            return;
+        }
+        let mut n = text.len().min(buf.cap);
+        while n > 0 && !text.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: `n <= cap` bytes fit the host's buffer.
+        unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf.ptr, n) };
+        buf.len = n;
+    }
+
+    fn settings_text<'a>(settings: abi::Str) -> Result<&'a str, String> {
+        // SAFETY: borrowed for the duration of the callback (ABI rule 2).
+        let bytes = unsafe { settings.as_bytes() };
+        std::str::from_utf8(bytes).map_err(|e| format!("settings are not UTF-8: {e}"))
+    }
+
+    /// # Safety
+    /// Called by the host through the descriptor, with valid arguments per the ABI.
+    pub unsafe extern "C" fn start<P: Plugin>(
+        host: *const abi::HostApi,
+        settings: abi::Str,
+        instance: *mut *mut c_void,
+        error: *mut abi::Buf,
+    ) -> i32 {
+        if host.is_null() || instance.is_null() {
+            return abi::ERR_INVALID_ARGUMENT;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let text = settings_text(settings).map_err(StartError::Rejected)?;
+            // SAFETY: the table outlives the instance (ABI rule 2).
+            P::start(unsafe { Host::from_raw(host) }, text)
+        }));
+        match result {
+            Ok(Ok(plugin)) => {
+                let boxed = Box::new(plugin);
+                // SAFETY: `instance` is a valid out pointer.
+                unsafe { *instance = Box::into_raw(boxed).cast() };
+                abi::OK
+            }
+            Ok(Err(StartError::Rejected(reason))) => {
+                write_buf(error, &reason);
+                abi::ERR_REJECTED
+            }
+            Ok(Err(StartError::Failed(reason))) => {
+                write_buf(error, &reason);
+                abi::ERR_FAILED
+            }
+            Err(panic) => {
+                write_buf(error, &format!("panicked: {}", panic_message(&*panic)));
+                abi::ERR_PANICKED
+            }
+        }
+    }
+
+    /// # Safety
+    /// `instance` must come from `start::<P>` and not be stopped.
+    pub unsafe extern "C" fn apply_settings<P: Plugin>(
+        instance: *mut c_void,
+        settings: abi::Str,
+        reason: *mut abi::Buf,
+    ) -> i32 {
+        if instance.is_null() {
+            return abi::ERR_INVALID_ARGUMENT;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let text = settings_text(settings)?;
+            // SAFETY: the host calls one callback at a time, so this is the only reference.
+            let plugin = unsafe { &mut *instance.cast::<P>() };
+            plugin.apply_settings(text)
+        }));
+        match result {
+            Ok(Ok(())) => abi::OK,
+            Ok(Err(why)) => {
+                write_buf(reason, &why);
+                abi::ERR_REJECTED
+            }
+            Err(panic) => {
+                write_buf(reason, &format!("panicked: {}", panic_message(&*panic)));
+                abi::ERR_PANICKED
+            }
+        }
+    }
+
+    /// # Safety
+    /// `instance` must come from `start::<P>`; it is freed here.
+    pub unsafe extern "C" fn stop<P: Plugin>(instance: *mut c_void) -> i32 {
+        if instance.is_null() {
+            return abi::ERR_INVALID_ARGUMENT;
+        }
+        // SAFETY: ownership returns to us; the host never uses the pointer again.
+        let plugin = unsafe { Box::from_raw(instance.cast::<P>()) };
+        match catch_unwind(AssertUnwindSafe(move || plugin.stop())) {
+            Ok(()) => abi::OK,
+            Err(_) => abi::ERR_PANICKED,
+        }
+    }
+}
+
+/// Exports a [`Plugin`] type as the library's `hubagent_plugin_entry_v1`:
+/// `export_plugin!(MyPlugin, name = "my-plugin", version = env!("CARGO_PKG_VERSION"));`
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty, name = $name:expr, version = $version:expr $(,)?) => {
+        /// The plugin's versioned entry point (hubagent_plugin.h).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn hubagent_plugin_entry_v1() -> *const $crate::abi::PluginDescriptor {
+            const NAME: &str = $name;
+            const VERSION: &str = $version;
+            static NAME_Z: [u8; NAME.len() + 1] = $crate::__private::nul_terminated(NAME);
+            static VERSION_Z: [u8; VERSION.len() + 1] = $crate::__private::nul_terminated(VERSION);
+            static DESCRIPTOR: $crate::abi::StaticDescriptor =
+                $crate::abi::StaticDescriptor($crate::abi::PluginDescriptor {
+                    magic: $crate::abi::MAGIC,
+                    abi_major: $crate::abi::ABI_MAJOR,
+                    abi_minor: $crate::abi::ABI_MINOR,
+                    descriptor_size: ::core::mem::size_of::<$crate::abi::PluginDescriptor>() as u32,
+                    host_api_size: ::core::mem::size_of::<$crate::abi::HostApi>() as u32,
+                    message_size: ::core::mem::size_of::<$crate::abi::Message>() as u32,
+                    reserved: 0,
+                    name: NAME_Z.as_ptr().cast(),
+                    version: VERSION_Z.as_ptr().cast(),
+                    start: Some($crate::__private::start::<$plugin>),
+                    apply_settings: Some($crate::__private::apply_settings::<$plugin>),
+                    stop: Some($crate::__private::stop::<$plugin>),
+                });
+            &DESCRIPTOR.0
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_agent_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn stop_signal_wakes_waiters() {
+        let s = StopSignal::new();
+        assert!(!s.wait(Duration::from_millis(1)));
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.wait(Duration::from_secs(30)));
+        s.stop();
+        assert!(t.join().unwrap());
+    }
+}

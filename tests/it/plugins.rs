@@ -1,0 +1,696 @@
+//! Plugins with the real `hubagent` binary against hubsim: misbehaving plugins (segfault, panic,
+//! hang, frozen process, flood, memory hog, failing worker) are restarted and quarantined without
+//! disturbing the others or the hub session; desired properties reach running plugins and are
+//! acknowledged (or their rejection reported with its reason); the C and Python examples and the
+//! shipped Rust plugins publish to hubsim; untrusted paths and foreign ABIs are refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hubagent_tests::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn misbehave(dir: &Path) -> PathBuf {
+    install_plugin(dir, &built_library("hubagent_test_misbehave"), 0o644)
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn gcc(dir: &Path, source: &Path, out: &str, extra: &[&str]) -> PathBuf {
+    let target = dir.join(out);
+    let status = std::process::Command::new("gcc")
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-I",
+        ])
+        .arg(repo_root().join("plugins/sdk/include"))
+        .args(extra)
+        .arg(source)
+        .arg("-o")
+        .arg(&target)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "gcc failed for {}", source.display());
+    target
+}
+
+async fn wait_reported(
+    sim: &hubsim::Sim,
+    device: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+    agent: &AgentProcess,
+) -> Value {
+    let ok = sim
+        .wait_until(WAIT, |s| pred(&reported_plugin(s, device, name)))
+        .await;
+    let got = reported_plugin(sim, device, name);
+    assert!(
+        ok,
+        "{name}: {what} not reported; reported: {got}\n--- agent log ---\n{}",
+        agent.log_text()
+    );
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_plugins_are_contained_restarted_and_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let lib = misbehave(dir.path());
+    let lib = lib.display();
+    // Fast backoff; quarantined after 3 failures within a minute, retried only after an hour.
+    let fast = "restart_backoff = \"100ms\"\nquarantine_after = 3\nquarantine_window = \"1m\"\nquarantine_retry = \"1h\"\ncallback_timeout = \"1s\"";
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "good"
+kind = "library"
+path = "{lib}"
+[plugin.settings]
+tag = "good"
+interval = "100ms"
+
+[[plugin]]
+name = "crasher"
+kind = "library"
+path = "{lib}"
+{fast}
+[plugin.settings]
+mode = "segfault"
+
+[[plugin]]
+name = "panicker"
+kind = "library"
+path = "{lib}"
+{fast}
+[plugin.settings]
+mode = "panic"
+
+[[plugin]]
+name = "hanger"
+kind = "library"
+path = "{lib}"
+{fast}
+[plugin.settings]
+mode = "hang"
+
+[[plugin]]
+name = "freezer"
+kind = "library"
+path = "{lib}"
+{fast}
+[plugin.settings]
+mode = "freeze"
+
+[[plugin]]
+name = "worker-panic"
+kind = "library"
+path = "{lib}"
+{fast}
+[plugin.settings]
+mode = "worker-panic"
+
+[[plugin]]
+name = "hog"
+kind = "library"
+path = "{lib}"
+memory_limit = "128MiB"
+{fast}
+[plugin.settings]
+mode = "hog"
+
+[[plugin]]
+name = "flooder"
+kind = "library"
+path = "{lib}"
+max_rate = 5
+burst = 5
+[plugin.settings]
+mode = "flood"
+"#
+    );
+    let device = "gw-plugins-1";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let agent = AgentProcess::start(&config);
+    let started = std::time::Instant::now();
+
+    let crasher = wait_reported(
+        &sim,
+        device,
+        "crasher",
+        "quarantine",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(crasher["restarts"].as_u64().unwrap() >= 2, "{crasher}");
+    assert!(
+        crasher["error"].as_str().unwrap().contains("SIGSEGV"),
+        "{crasher}"
+    );
+    let panicker = wait_reported(
+        &sim,
+        device,
+        "panicker",
+        "quarantine",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(
+        panicker["error"].as_str().unwrap().contains("panicked"),
+        "{panicker}"
+    );
+    let hanger = wait_reported(
+        &sim,
+        device,
+        "hanger",
+        "quarantine",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(
+        hanger["error"].as_str().unwrap().contains("hung: start"),
+        "{hanger}"
+    );
+    let freezer = wait_reported(
+        &sim,
+        device,
+        "freezer",
+        "quarantine",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(
+        freezer["error"].as_str().unwrap().contains("liveness ping"),
+        "{freezer}"
+    );
+    let worker = wait_reported(
+        &sim,
+        device,
+        "worker-panic",
+        "quarantine",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(
+        worker["error"]
+            .as_str()
+            .unwrap()
+            .contains("worker 'misbehave' panicked"),
+        "{worker}"
+    );
+    let hog = wait_reported(
+        &sim,
+        device,
+        "hog",
+        "quarantine",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(hog["error"].as_str().unwrap().contains("SIGABRT"), "{hog}");
+
+    // Meanwhile the good plugin kept publishing, on the one hub session.
+    let before = bodies_from(&sim, device, "good").len();
+    assert!(
+        sim.wait_until(WAIT, |s| bodies_from(s, device, "good").len() >= before + 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        hub_connects(&sim, device),
+        1,
+        "the hub session was never interrupted"
+    );
+    let good = reported_plugin(&sim, device, "good");
+    assert_eq!(good["status"], "running", "{good}");
+    assert_eq!(good["restarts"], 0, "{good}");
+
+    // The flooder is capped at 5 messages a second (plus a burst of 5); the rest is dropped and
+    // counted.
+    let list = agent.cli(&["plugins", "list", "--json"]);
+    assert!(list.status.success(), "{list:?}");
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let flooder = &list["flooder"];
+    assert_eq!(flooder["status"], "running", "{flooder}");
+    assert!(flooder["dropped"].as_u64().unwrap() > 100, "{flooder}");
+    let elapsed = started.elapsed().as_secs_f64();
+    let published = flooder["published"].as_u64().unwrap() as f64;
+    assert!(
+        published <= 5.0 + 5.0 * elapsed + 1.0,
+        "published {published} in {elapsed}s"
+    );
+    assert!(published >= 5.0, "{flooder}");
+    assert_eq!(list["crasher"]["status"], "quarantined");
+    assert_eq!(list["crasher"]["abi"], "1.0");
+
+    let status = agent.cli(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["connection"], "connected");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let lib = misbehave(dir.path());
+    let plugins = format!(
+        "[[plugin]]\nname = \"tuned\"\nkind = \"library\"\npath = \"{}\"\n[plugin.settings]\ntag = \"v1\"\ninterval = \"100ms\"\n",
+        lib.display()
+    );
+    let device = "gw-plugins-2";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let agent = AgentProcess::start(&config);
+    let tagged = |s: &hubsim::Sim, tag: &str| {
+        bodies_from(s, device, "tuned")
+            .iter()
+            .filter(|b| b["tag"] == tag)
+            .count()
+    };
+    assert!(
+        sim.wait_until(WAIT, |s| tagged(s, "v1") >= 2).await,
+        "{}",
+        agent.log_text()
+    );
+    let key = format!("localhost/{device}");
+
+    // A desired change reaches the running plugin (same process: no restart) and is acknowledged.
+    let v2 = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &json!({"plugins": {"tuned": {"tag": "v2"}}}),
+    )
+    .unwrap();
+    let r = wait_reported(
+        &sim,
+        device,
+        "tuned",
+        "v2 applied",
+        |v| v["desiredVersion"] == v2 && v["status"] == "running",
+        &agent,
+    )
+    .await;
+    assert_eq!(r["settings"]["tag"], "v2", "{r}");
+    assert_eq!(r["restarts"], 0, "{r}");
+    assert!(sim.wait_until(WAIT, |s| tagged(s, "v2") >= 2).await);
+
+    // A setting the plugin refuses: the reason is reported and the old settings stay.
+    let v3 = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &json!({"plugins": {"tuned": {"tag": "v3", "reject": "tag v3 is reserved"}}}),
+    )
+    .unwrap();
+    let r = wait_reported(
+        &sim,
+        device,
+        "tuned",
+        "the rejection",
+        |v| v["desiredVersion"] == v3 && v["status"] == "rejected-settings",
+        &agent,
+    )
+    .await;
+    assert_eq!(r["error"], "tag v3 is reserved", "{r}");
+    assert_eq!(r["settings"]["tag"], "v2", "{r}");
+    let v2_count = tagged(&sim, "v2");
+    assert!(
+        sim.wait_until(WAIT, |s| tagged(s, "v2") >= v2_count + 3)
+            .await
+    );
+    assert_eq!(tagged(&sim, "v3"), 0, "rejected settings never took effect");
+
+    // Removing the offending key (null) makes the next settings acceptable again.
+    let v4 = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &json!({"plugins": {"tuned": {"tag": "v4", "reject": null}}}),
+    )
+    .unwrap();
+    let r = wait_reported(
+        &sim,
+        device,
+        "tuned",
+        "v4 applied",
+        |v| v["desiredVersion"] == v4 && v["status"] == "running",
+        &agent,
+    )
+    .await;
+    assert!(
+        r.get("error").is_none() || r["error"].is_null(),
+        "the error is cleared: {r}"
+    );
+    assert!(sim.wait_until(WAIT, |s| tagged(s, "v4") >= 1).await);
+
+    // `hubagent plugins list` shows name, kind, path, ABI and state.
+    let out = agent.cli(&["plugins", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tuned"), "{text}");
+    assert!(text.contains("library"), "{text}");
+    assert!(text.contains(&lib.display().to_string()), "{text}");
+    assert!(text.contains("1.0"), "{text}");
+    assert!(text.contains("running"), "{text}");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_python_and_shipped_plugins_publish_to_hubsim() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let build = tempfile::tempdir().unwrap();
+    let counter = gcc(
+        build.path(),
+        &repo_root().join("plugins/examples/c-counter/counter.c"),
+        "libc_counter.so",
+        &[],
+    );
+    let counter = install_plugin(dir.path(), &counter, 0o644);
+    let script = install_plugin(
+        dir.path(),
+        &repo_root().join("plugins/examples/python-exec/sensor.py"),
+        0o755,
+    );
+    let sysmetrics = install_plugin(dir.path(), &built_library("hubagent_sysmetrics"), 0o644);
+    let sensor = install_plugin(
+        dir.path(),
+        &built_library("hubagent_simulated_sensor"),
+        0o644,
+    );
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "counter"
+kind = "library"
+path = "{counter}"
+[plugin.settings]
+interval_ms = 100
+step = 2
+
+[[plugin]]
+name = "py"
+kind = "exec"
+command = ["python3", "{script}"]
+[plugin.settings]
+interval = 0.1
+room = "r1"
+
+[[plugin]]
+name = "sysmetrics"
+kind = "library"
+path = "{sysmetrics}"
+isolation = "in-process"
+[plugin.settings]
+interval = "1s"
+
+[[plugin]]
+name = "sensor"
+kind = "library"
+path = "{sensor}"
+[plugin.settings]
+interval = "100ms"
+"#,
+        counter = counter.display(),
+        script = script.display(),
+        sysmetrics = sysmetrics.display(),
+        sensor = sensor.display(),
+    );
+    let device = "gw-plugins-3";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| {
+            bodies_from(s, device, "counter").len() >= 3
+                && bodies_from(s, device, "py").len() >= 3
+                && bodies_from(s, device, "sysmetrics").len() >= 2
+                && bodies_from(s, device, "sensor").len() >= 3
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    // Messages may reach the hub out of order (several in flight); the counts are 2, 4, 6, ...
+    let counts = |s: &hubsim::Sim| {
+        let mut c: Vec<i64> = bodies_from(s, device, "counter")
+            .iter()
+            .map(|b| b["count"].as_i64().unwrap())
+            .collect();
+        c.sort();
+        c
+    };
+    assert!(
+        sim.wait_until(WAIT, |s| counts(s).starts_with(&[2, 4, 6]))
+            .await,
+        "{:?}",
+        counts(&sim)
+    );
+    assert!(
+        counts(&sim).iter().all(|c| c % 2 == 0),
+        "the C plugin counts in steps of 2"
+    );
+    let py = bodies_from(&sim, device, "py");
+    assert!(py.iter().all(|b| b["room"] == "r1"), "{py:?}");
+    assert!(
+        sim.wait_until(WAIT, |s| bodies_from(s, device, "py")
+            .iter()
+            .any(|b| b["seq"] == 1))
+            .await
+    );
+    let metrics = &bodies_from(&sim, device, "sysmetrics")[0];
+    assert!(
+        metrics["memory"]["totalBytes"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
+    assert!(metrics["uptimeSeconds"].as_u64().is_some(), "{metrics}");
+    let sensor_body = &bodies_from(&sim, device, "sensor")[0];
+    assert!(sensor_body["temperature"].is_number(), "{sensor_body}");
+    let record = sim.records.lock().unwrap().telemetry[device]
+        .iter()
+        .find(|r| r.properties.get("source").map(String::as_str) == Some("counter"))
+        .cloned()
+        .unwrap();
+    assert_eq!(record.properties["example"], "c-counter");
+    assert_eq!(
+        record
+            .system_properties
+            .get("content-type")
+            .map(String::as_str),
+        Some("application/json"),
+        "{record:?}"
+    );
+
+    // Exec plugins take new settings on stdin and may refuse them.
+    let key = format!("localhost/{device}");
+    let v =
+        hubsim::twin::apply_desired_patch(&sim, &key, &json!({"plugins": {"py": {"room": "r2"}}}))
+            .unwrap();
+    wait_reported(
+        &sim,
+        device,
+        "py",
+        "room r2",
+        |r| r["desiredVersion"] == v && r["settings"]["room"] == "r2",
+        &agent,
+    )
+    .await;
+    assert!(
+        sim.wait_until(WAIT, |s| bodies_from(s, device, "py")
+            .iter()
+            .any(|b| b["room"] == "r2"))
+            .await
+    );
+    let v = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &json!({"plugins": {"py": {"interval": -1}}}),
+    )
+    .unwrap();
+    let r = wait_reported(
+        &sim,
+        device,
+        "py",
+        "the rejection",
+        |r| r["status"] == "rejected-settings",
+        &agent,
+    )
+    .await;
+    assert!(
+        r["error"].as_str().unwrap().contains("interval must be"),
+        "{r}"
+    );
+    assert_eq!(r["desiredVersion"], v);
+    assert_eq!(r["settings"]["room"], "r2", "the old settings stay: {r}");
+    // And the C plugin refuses a zero step with its reason.
+    let v = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &json!({"plugins": {"counter": {"step": 0}}}),
+    )
+    .unwrap();
+    let r = wait_reported(
+        &sim,
+        device,
+        "counter",
+        "the rejection",
+        |r| r["desiredVersion"] == v && r["status"] == "rejected-settings",
+        &agent,
+    )
+    .await;
+    assert_eq!(r["error"], "step must not be 0", "{r}");
+
+    let list: Value =
+        serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list["sysmetrics"]["isolation"], "in-process");
+    assert_eq!(list["sysmetrics"]["abi"], "1.0");
+    assert_eq!(list["py"]["kind"], "exec");
+    assert!(list["py"]["pid"].as_u64().is_some(), "{list}");
+    assert_eq!(agent.stop(), Some(0));
+    // A stopped agent leaves no plugin process behind.
+    let pid = list["py"]["pid"].as_u64().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.contains(") Z ")
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_paths_and_foreign_abis_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    // Group- and world-writable: refused whoever runs the agent (as a user it is also not
+    // root-owned). No override in this configuration.
+    let writable = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o666);
+    let c_source = dir.path().join("future.c");
+    std::fs::write(
+        &c_source,
+        "#include \"hubagent_plugin.h\"\nstatic const hubagent_plugin_descriptor d = { .magic = HUBAGENT_PLUGIN_MAGIC, .abi_major = 2, .abi_minor = 0, .descriptor_size = sizeof d, .host_api_size = sizeof(hubagent_host_api), .message_size = sizeof(hubagent_message), .name = \"future\", .version = \"9\" };\nconst hubagent_plugin_descriptor *hubagent_plugin_entry_v1(void) { return &d; }\n",
+    )
+    .unwrap();
+    let build = tempfile::tempdir().unwrap();
+    let future = install_plugin(
+        dir.path(),
+        &gcc(build.path(), &c_source, "libfuture.so", &[]),
+        0o644,
+    );
+    let plugins = format!(
+        "[[plugin]]\nname = \"writable\"\nkind = \"library\"\npath = \"{}\"\nquarantine_after = 1\n\n[[plugin]]\nname = \"future\"\nkind = \"library\"\npath = \"{}\"\nquarantine_after = 1\n\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n",
+        writable.display(),
+        future.display()
+    );
+    let device = "gw-plugins-4";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, false);
+    let agent = AgentProcess::start(&config);
+    let r = wait_reported(
+        &sim,
+        device,
+        "writable",
+        "refusal",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.contains("writable by group or others") || (!is_root() && error.contains("not root")),
+        "{r}"
+    );
+    if is_root() {
+        // The ABI check needs a trusted path, which only root can make here.
+        let r = wait_reported(
+            &sim,
+            device,
+            "future",
+            "refusal",
+            |v| v["status"] == "quarantined",
+            &agent,
+        )
+        .await;
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("ABI 2.0 is not supported"),
+            "{r}"
+        );
+    }
+    // The built-in sensor is a plugin like the others and keeps working.
+    assert!(
+        sim.wait_until(WAIT, |s| bodies_from(s, device, "sensor").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// The C header and the Rust definitions describe the same layout.
+#[test]
+fn header_and_rust_abi_agree() {
+    use hubagent_plugin_sdk::abi;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("sizes.c");
+    std::fs::write(
+        &source,
+        r#"#include <stdio.h>
+#include <stddef.h>
+#include "hubagent_plugin.h"
+int main(void) {
+    printf("%zu %zu %zu %zu %zu %zu %zu %zu %u %u\n",
+        sizeof(hubagent_plugin_descriptor), sizeof(hubagent_host_api), sizeof(hubagent_message),
+        offsetof(hubagent_plugin_descriptor, start), offsetof(hubagent_plugin_descriptor, stop),
+        offsetof(hubagent_host_api, publish), offsetof(hubagent_message, properties),
+        sizeof(hubagent_property), HUBAGENT_PLUGIN_MAGIC, HUBAGENT_PLUGIN_ABI_MAJOR);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let exe = dir.path().join("sizes");
+    let status = std::process::Command::new("gcc")
+        .arg("-I")
+        .arg(repo_root().join("plugins/sdk/include"))
+        .arg(&source)
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = std::process::Command::new(&exe).output().unwrap();
+    let got: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let want = vec![
+        std::mem::size_of::<abi::PluginDescriptor>() as u64,
+        std::mem::size_of::<abi::HostApi>() as u64,
+        std::mem::size_of::<abi::Message>() as u64,
+        std::mem::offset_of!(abi::PluginDescriptor, start) as u64,
+        std::mem::offset_of!(abi::PluginDescriptor, stop) as u64,
+        std::mem::offset_of!(abi::HostApi, publish) as u64,
+        std::mem::offset_of!(abi::Message, properties) as u64,
+        std::mem::size_of::<abi::Property>() as u64,
+        abi::MAGIC as u64,
+        abi::ABI_MAJOR as u64,
+    ];
+    assert_eq!(got, want);
+}

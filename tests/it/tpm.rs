@@ -1,0 +1,730 @@
+//! The TPM back end against swtpm (each test starts its own, on free ports): HMAC inside the TPM,
+//! key import, clear errors, no leaked handles; the real binary importing a key and then
+//! provisioning and publishing through hubsim with no key on disk; DPS TPM attestation.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hubagent::keys::SasSigner;
+use hubagent::tpm::{self, HandleCounts, TpmError, TpmSigner};
+use hubagent_tests::swtpm::Swtpm;
+use hubagent_tests::*;
+use tss_esapi::interface_types::dynamic_handles::Persistent;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
+
+const WAIT: Duration = Duration::from_secs(30);
+const HANDLE: u32 = 0x8100_0100;
+const NOTHING_LOADED: HandleCounts = HandleCounts {
+    transient_objects: 0,
+    loaded_sessions: 0,
+    saved_sessions: 0,
+};
+
+fn software_hmac(key_b64: &str, data: &[u8]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &B64.decode(key_b64).unwrap());
+    ring::hmac::sign(&key, data).as_ref().to_vec()
+}
+
+fn context(tcti: &str) -> tss_esapi::Context {
+    tss_esapi::Context::new(tcti.parse().unwrap()).unwrap()
+}
+
+/// Persists a primary object made from `public` (with `auth`) at `handle`, flushing the primary.
+fn persist_primary(
+    tcti: &str,
+    hierarchy: Hierarchy,
+    public: tss_esapi::structures::Public,
+    auth: Option<&[u8]>,
+    handle: u32,
+) {
+    let mut ctx = context(tcti);
+    let auth = auth.map(|a| tss_esapi::structures::Auth::try_from(a.to_vec()).unwrap());
+    ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+        let primary = ctx
+            .create_primary(hierarchy, public, auth, None, None, None)
+            .unwrap();
+        ctx.evict_control(
+            Provision::Owner,
+            primary.key_handle.into(),
+            Persistent::Persistent(tss_esapi::handles::PersistentTpmHandle::new(handle).unwrap()),
+        )
+        .unwrap();
+        ctx.flush_context(primary.key_handle.into()).unwrap();
+    });
+}
+
+fn rsa_key_public() -> tss_esapi::structures::Public {
+    tss_esapi::utils::create_restricted_decryption_rsa_public(
+        tss_esapi::structures::SymmetricDefinitionObject::AES_128_CFB,
+        tss_esapi::interface_types::key_bits::RsaKeyBits::Rsa2048,
+        tss_esapi::structures::RsaExponent::default(),
+    )
+    .unwrap()
+}
+
+/// An HMAC-SHA256 key (TPM-generated, dictionary-attack protected) for auth-value tests.
+fn hmac_key_public() -> tss_esapi::structures::Public {
+    use tss_esapi::attributes::ObjectAttributesBuilder;
+    use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+    use tss_esapi::structures::{
+        Digest, KeyedHashScheme, PublicBuilder, PublicKeyedHashParameters,
+    };
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::KeyedHash)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(
+            ObjectAttributesBuilder::new()
+                .with_fixed_tpm(true)
+                .with_fixed_parent(true)
+                .with_sensitive_data_origin(true)
+                .with_user_with_auth(true)
+                .with_sign_encrypt(true)
+                .build()
+                .unwrap(),
+        )
+        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(
+            KeyedHashScheme::HMAC_SHA_256,
+        ))
+        .with_keyed_hash_unique_identifier(Digest::default())
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn hmac_happens_in_the_tpm_and_matches_software_without_leaking_handles() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let key = hubsim::state::random_key();
+    assert_eq!(
+        tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&key).unwrap(), false).unwrap(),
+        tpm::Replaced::Nothing
+    );
+    let signer = TpmSigner::new(&tcti, HANDLE);
+    assert!(signer.describe().contains("0x81000100"));
+    for i in 0..200 {
+        let data = format!(
+            "0ne00000001%2Fregistrations%2Fgw-{i}\n{}",
+            1_900_000_000 + i
+        );
+        assert_eq!(
+            signer.sign(data.as_bytes()).unwrap(),
+            software_hmac(&key, data.as_bytes()),
+            "signature {i}"
+        );
+    }
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+
+    // Re-importing (key rotation) replaces the HMAC key; still nothing left loaded.
+    let rotated = hubsim::state::random_key();
+    for _ in 0..5 {
+        assert_eq!(
+            tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&rotated).unwrap(), false).unwrap(),
+            tpm::Replaced::HmacKey
+        );
+    }
+    assert_eq!(
+        signer.sign(b"after rotation").unwrap(),
+        software_hmac(&rotated, b"after rotation")
+    );
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+    // So does asking for the EK and SRK.
+    let identity = tpm::identity(&tcti).unwrap();
+    assert_eq!(identity.registration_id.len(), 52);
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+
+    // More than one TPM2B_MAX_BUFFER cannot be signed in one TPM2_HMAC: a clear refusal.
+    let err = signer.sign(&[b'x'; 1025]).unwrap_err().to_string();
+    assert!(err.contains("at most 1024"), "{err}");
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+
+    // No TPM at all.
+    let err = TpmSigner::new("device:/dev/hubagent-no-tpm", HANDLE)
+        .sign(b"x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/dev/hubagent-no-tpm does not exist"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = TpmSigner::new(&format!("swtpm:host=127.0.0.1,port={port}"), HANDLE)
+        .sign(b"x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no TPM reachable"), "{err}");
+
+    // An empty handle.
+    let err = TpmSigner::new(&tcti, HANDLE).hmac(b"x").unwrap_err();
+    assert!(
+        matches!(err, TpmError::HandleEmpty { handle: HANDLE }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("import-key"), "{err}");
+
+    // A foreign key (RSA) at the handle: not used, not evicted without --force.
+    persist_primary(&tcti, Hierarchy::Owner, rsa_key_public(), None, HANDLE);
+    let err = TpmSigner::new(&tcti, HANDLE).hmac(b"x").unwrap_err();
+    assert!(matches!(err, TpmError::ForeignKey { .. }), "{err}");
+    assert!(err.to_string().contains("an RSA key"), "{err}");
+    let key = hubsim::state::random_key();
+    let err = tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&key).unwrap(), false).unwrap_err();
+    assert!(matches!(err, TpmError::ForeignKey { .. }), "{err}");
+    assert!(
+        matches!(
+            TpmSigner::new(&tcti, HANDLE).hmac(b"x"),
+            Err(TpmError::ForeignKey { .. })
+        ),
+        "the RSA key is still there"
+    );
+    assert_eq!(
+        tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&key).unwrap(), true).unwrap(),
+        tpm::Replaced::Foreign("an RSA key".into())
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"x").unwrap(),
+        software_hmac(&key, b"x")
+    );
+
+    // An HMAC key with an authorization value hubagent does not know: wrong auth, and after
+    // the TPM's allowed failures (swtpm: 3), dictionary-attack lockout.
+    let protected = 0x8100_0200;
+    persist_primary(
+        &tcti,
+        Hierarchy::Owner,
+        hmac_key_public(),
+        Some(b"secret"),
+        protected,
+    );
+    let signer = TpmSigner::new(&tcti, protected);
+    let mut errors = Vec::new();
+    for _ in 0..4 {
+        errors.push(signer.hmac(b"x").unwrap_err());
+    }
+    assert!(
+        matches!(errors[0], TpmError::BadAuth { .. }),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].to_string().contains("wrong authorization value"));
+    assert!(
+        matches!(errors[3], TpmError::Lockout),
+        "{:?}",
+        errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+    );
+    assert!(errors[3].to_string().contains("lockout"));
+    // The agent's own key is exempt from dictionary-attack lockout (noDA) and keeps working.
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"y").unwrap(),
+        software_hmac(&key, b"y")
+    );
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+}
+
+/// Runs the real binary with `input` on stdin.
+fn hubagent(args: &[&str], input: &str) -> std::process::Output {
+    let mut child = Command::new(hubagent_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("without the `tpm` feature"),
+        "the hubagent binary must be built with --features tpm (tests/run-all.sh does): {stderr}"
+    );
+    out
+}
+
+/// An agent configuration in `dir/etc` with its state in `dir/state`, using the TPM.
+fn tpm_config(
+    dir: &Path,
+    running: &hubsim::Running,
+    swtpm: &Swtpm,
+    registration_id: Option<&str>,
+    key_source: &str,
+) -> PathBuf {
+    let scope = running.sim.read(|s| s.id_scope.clone());
+    let endpoint = if key_source == "attestation" {
+        format!("https://localhost:{}", running.https_addr.port())
+    } else {
+        "localhost".to_string()
+    };
+    let id_line = registration_id
+        .map(|id| format!("registration_id = \"{id}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        r#"[agent]
+state_dir = "{state}"
+control_socket = "{socket}"
+log_format = "text"
+
+[provisioning]
+source = "dps"
+global_endpoint = "{endpoint}"
+id_scope = "{scope}"
+{id_line}
+[provisioning.attestation]
+method = "tpm"
+tcti = "{tcti}"
+handle = 0x81000100
+key_source = "{key_source}"
+
+[hub]
+port = {port}
+trust_bundle = "{ca}"
+
+[[plugin]]
+name = "sensor"
+kind = "builtin"
+builtin = "simulated-sensor"
+interval = "100ms"
+"#,
+        state = dir.join("state").display(),
+        socket = dir.join("control.sock").display(),
+        tcti = swtpm.tcti(),
+        port = running.mqtt_addr.port(),
+        ca = running.ca_pem_path.display(),
+    );
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let path = etc.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Fails if any file under `dir` holds the key, as base64 or as raw bytes.
+fn assert_no_key_under(dir: &Path, key_b64: &str) {
+    let raw = B64.decode(key_b64).unwrap();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = 0;
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.is_file() {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes
+                        .windows(key_b64.len())
+                        .any(|w| w == key_b64.as_bytes()),
+                    "{} holds the base64 key",
+                    path.display()
+                );
+                assert!(
+                    !bytes.windows(raw.len()).any(|w| w == raw.as_slice()),
+                    "{} holds the raw key",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(files > 0, "{} is empty: nothing was checked", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_key_provisions_and_publishes_with_no_key_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let id = "gw-tpm-imported";
+    let key = enroll(&sim, id);
+    let config = tpm_config(dir.path(), &running, &swtpm, Some(id), "imported");
+    let config_arg = config.to_str().unwrap();
+
+    // Before the import the agent says what is missing.
+    let out = hubagent(&["-c", config_arg, "provision"], "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0x81000100 is empty"), "{stderr}");
+
+    // The import takes the TCTI and handle from the configuration; the key comes on stdin only.
+    let out = hubagent(
+        &["-c", config_arg, "tpm", "import-key"],
+        &format!("{key}\n"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0x81000100"), "{stdout}");
+    assert!(!stdout.contains(&key) && !String::from_utf8_lossy(&out.stderr).contains(&key));
+
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, id) >= 5).await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, id), 1);
+    assert_eq!(agent.stop(), Some(0));
+    assert_no_key_under(&dir.path().join("etc"), &key);
+    assert_no_key_under(&dir.path().join("state"), &key);
+
+    // An agent restart uses the cached assignment and the persisted key: no DPS call.
+    let connects = hub_connects(&sim, id);
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, id) > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, id), 1, "{}", agent.log_text());
+    assert!(agent.log_text().contains("cached assignment"));
+    assert_eq!(agent.stop(), Some(0));
+
+    // A TPM power cycle keeps the persistent key. (Its new port changes the TCTI, which is part
+    // of the provisioning fingerprint, so the agent also registers again, signing in the TPM.)
+    let mut swtpm = swtpm;
+    swtpm.restart();
+    let config = tpm_config(dir.path(), &running, &swtpm, Some(id), "imported");
+    let before = telemetry_count(&sim, id);
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, id) == 2
+            && telemetry_count(s, id) >= before + 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop(), Some(0));
+    assert_no_key_under(&dir.path().join("etc"), &key);
+    assert_no_key_under(&dir.path().join("state"), &key);
+    assert_eq!(tpm::handle_counts(&swtpm.tcti()).unwrap(), NOTHING_LOADED);
+}
+
+#[test]
+fn import_key_derives_group_keys_and_leaves_foreign_objects_alone() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let no_config = "/nonexistent/hubagent.toml";
+    let group =
+        "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==";
+    let out = hubagent(
+        &[
+            "-c",
+            no_config,
+            "tpm",
+            "import-key",
+            "--tcti",
+            &tcti,
+            "--handle",
+            "0x81000101",
+            "--group-registration-id",
+            "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
+        ],
+        group,
+    );
+    assert!(out.status.success(), "{out:?}");
+    // The published device key of that group member (protocol.md §3).
+    assert_eq!(
+        TpmSigner::new(&tcti, 0x8100_0101).sign(b"probe").unwrap(),
+        software_hmac("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=", b"probe")
+    );
+
+    persist_primary(&tcti, Hierarchy::Owner, rsa_key_public(), None, HANDLE);
+    let key = hubsim::state::random_key();
+    let args = ["-c", no_config, "tpm", "import-key", "--tcti", &tcti];
+    let out = hubagent(&args, &key);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("an RSA key") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let out = hubagent(&[&args[..], &["--force"]].concat(), &key);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&key, b"probe")
+    );
+
+    // Garbage on stdin and reserved handles are refused before the TPM is touched.
+    let out = hubagent(&args, "not base64!!");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not base64"));
+    let out = hubagent(
+        &[
+            "-c",
+            no_config,
+            "tpm",
+            "import-key",
+            "--tcti",
+            &tcti,
+            "--handle",
+            "0x81010001",
+        ],
+        &key,
+    );
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+
+    // show-ek: the EK public and the registration id Azure derives from it.
+    let out = hubagent(
+        &["-c", no_config, "tpm", "show-ek", "--tcti", &tcti, "--json"],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ek = B64
+        .decode(shown["endorsementKey"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&ek[2..4], &[0x00, 0x01], "an RSA TPMT_PUBLIC");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([ek[0], ek[1]])),
+        ek.len() - 2,
+        "TPM2B size prefix"
+    );
+    assert_eq!(
+        shown["registrationId"],
+        tpm::registration_id_from_ek(&ek).as_str()
+    );
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+}
+
+#[test]
+fn hubsim_activation_blobs_import_only_into_their_tpm() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let identity = tpm::identity(&tcti).unwrap();
+    let key = hubsim::state::random_key();
+    let blob = hubsim::tpm::activation_blob(
+        &identity.endorsement_key,
+        &identity.storage_root_key,
+        &B64.decode(&key).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob).unwrap(),
+        tpm::Replaced::Nothing
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&key, b"probe")
+    );
+    // A second blob (the hub key, after the DPS challenge key) replaces the first.
+    let hub_key = hubsim::state::random_key();
+    let blob = hubsim::tpm::activation_blob(
+        &identity.endorsement_key,
+        &identity.storage_root_key,
+        &B64.decode(&hub_key).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob).unwrap(),
+        tpm::Replaced::HmacKey
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_key, b"probe")
+    );
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+
+    // Another TPM (another EK) cannot open it, and its handle stays empty.
+    let other = Swtpm::start();
+    let err = tpm::attestation::import_activation_blob(&other.tcti(), HANDLE, &blob).unwrap_err();
+    assert!(err.to_string().contains("another TPM"), "{err}");
+    assert!(matches!(
+        TpmSigner::new(&other.tcti(), HANDLE).hmac(b"x"),
+        Err(TpmError::HandleEmpty { .. })
+    ));
+    assert_eq!(tpm::handle_counts(&other.tcti()).unwrap(), NOTHING_LOADED);
+    // A corrupt blob is named as such.
+    let err = tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob[..40]).unwrap_err();
+    assert!(err.to_string().contains("malformed"), "{err}");
+}
+
+/// Enrolls `tcti`'s TPM (its EK, as `hubagent tpm show-ek` prints it) for DPS TPM attestation;
+/// returns the registration id Azure derives from the EK.
+fn enroll_tpm(sim: &hubsim::Sim, tcti: &str, registration_id: Option<&str>) -> String {
+    let out = hubagent(
+        &[
+            "-c",
+            "/nonexistent.toml",
+            "tpm",
+            "show-ek",
+            "--tcti",
+            tcti,
+            "--json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = registration_id
+        .unwrap_or(shown["registrationId"].as_str().unwrap())
+        .to_string();
+    let enrollment: hubsim::state::IndividualEnrollment =
+        serde_json::from_value(serde_json::json!({
+            "registrationId": id,
+            "attestation": {"type": "tpm", "tpm": {"endorsementKey": shown["endorsementKey"]}},
+        }))
+        .unwrap();
+    sim.mutate(|s| s.enrollments.insert(id.to_ascii_lowercase(), enrollment))
+        .unwrap();
+    id
+}
+
+fn hub_primary_key(sim: &hubsim::Sim, device_id: &str) -> String {
+    sim.read(|s| {
+        s.devices[&format!("localhost/{device_id}")]
+            .authentication
+            .symmetric_key
+            .as_ref()
+            .unwrap()
+            .primary_key
+            .clone()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let id = enroll_tpm(&sim, &tcti, None);
+    // No registration_id in the file: the agent derives it from the EK, as Azure does.
+    let config = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
+    let config_arg = config.to_str().unwrap();
+
+    let out = hubagent(&["-c", config_arg, "provision", "--json"], "");
+    assert!(out.status.success(), "{out:?}");
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["deviceId"], id.as_str());
+    assert_eq!(result["hub"], "localhost");
+    assert!(
+        result["registrationState"]["tpm"]["authenticationKey"].is_string(),
+        "{result}"
+    );
+    assert_eq!(registrations(&sim, &id), 1);
+    // The TPM now holds the hub device key (not the DPS challenge key).
+    let hub_key = hub_primary_key(&sim, &id);
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_key, b"probe")
+    );
+    let attestations: Vec<String> = sim
+        .records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .map(|r| format!("{}:{}:{}", r.transport, r.attestation, r.outcome))
+        .collect();
+    assert_eq!(
+        attestations,
+        ["https:tpm:tpm-challenge", "https:tpm:assigned"],
+        "challenge, then the signed registration"
+    );
+
+    // The daemon boots from the cached assignment and signs hub tokens in the TPM.
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, &id) >= 5).await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, &id), 1, "{}", agent.log_text());
+
+    // Reprovisioning runs the whole attestation again; the new hub key replaces the old one.
+    let out = agent.cli(&["reprovision"]);
+    assert!(out.status.success(), "{out:?}");
+    let before = telemetry_count(&sim, &id);
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, &id) == 2
+            && telemetry_count(s, &id) >= before + 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let new_hub_key = hub_primary_key(&sim, &id);
+    assert_ne!(new_hub_key, hub_key);
+    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&new_hub_key, b"probe")
+    );
+
+    // TPM cleared of the key: the cache is useless without it, so the agent attests again.
+    assert_eq!(
+        tpm::evict(&tcti, HANDLE, false).unwrap(),
+        tpm::Replaced::HmacKey
+    );
+    let agent = AgentProcess::start(&config);
+    let before = telemetry_count(&sim, &id);
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, &id) == 3
+            && telemetry_count(s, &id) >= before + 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("registering with DPS again"));
+    assert_eq!(agent.stop(), Some(0));
+
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+    let last_key = hub_primary_key(&sim, &id);
+    assert_no_key_under(&dir.path().join("etc"), &last_key);
+    assert_no_key_under(&dir.path().join("state"), &last_key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_with_another_endorsement_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let enrolled = Swtpm::start();
+    let id = enroll_tpm(&sim, &enrolled.tcti(), Some("gw-tpm-enrolled"));
+    // Another device claims the enrolled registration id with its own TPM.
+    let impostor = Swtpm::start();
+    let config = tpm_config(dir.path(), &running, &impostor, Some(&id), "attestation");
+    let out = hubagent(&["-c", config.to_str().unwrap(), "provision"], "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused the TPM registration")
+            && stderr.contains("endorsement key differs"),
+        "{stderr}"
+    );
+    assert_eq!(registrations(&sim, &id), 0);
+    assert!(!sim.read(|s| s.devices.contains_key(&format!("localhost/{id}"))));
+    // Nothing was imported into the impostor's TPM, and nothing left loaded.
+    assert!(matches!(
+        TpmSigner::new(&impostor.tcti(), HANDLE).hmac(b"x"),
+        Err(TpmError::HandleEmpty { .. })
+    ));
+    assert_eq!(
+        tpm::handle_counts(&impostor.tcti()).unwrap(),
+        NOTHING_LOADED
+    );
+
+    // A blob DPS made for the enrolled TPM is useless to the impostor even if intercepted.
+    let identity = tpm::identity(&enrolled.tcti()).unwrap();
+    let blob = hubsim::tpm::activation_blob(
+        &identity.endorsement_key,
+        &identity.storage_root_key,
+        &[1u8; 32],
+    )
+    .unwrap();
+    assert!(tpm::attestation::import_activation_blob(&impostor.tcti(), HANDLE, &blob).is_err());
+}

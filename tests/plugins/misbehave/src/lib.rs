@@ -1,0 +1,126 @@
+//! A plugin that misbehaves on request, for the supervisor's tests. Settings:
+//! `mode` = "ok" (publish `{"n", "tag", "mode"}` every `interval`), "segfault" (crash after the
+//! first message), "panic" (panic in start), "worker-panic" (a worker panics after the first
+//! message), "hang" (start never returns), "freeze" (the whole process stops after the first
+//! message), "flood" (publish as fast as possible from 4 threads), "hog" (allocate until the
+//! memory limit ends it); `tag` (echoed in messages); `reject` (apply_settings refuses with this
+//! reason).
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hubagent_plugin_sdk::{
+    Host, Message, Plugin, PublishError, StartError, StopSignal, export_plugin, parse_duration,
+};
+use serde_json::{Value, json};
+
+#[derive(Clone)]
+struct Settings {
+    mode: String,
+    tag: String,
+    interval: Duration,
+}
+
+fn parse(text: &str) -> Result<(Settings, Option<String>), String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let s = Settings {
+        mode: v["mode"].as_str().unwrap_or("ok").to_string(),
+        tag: v["tag"].as_str().unwrap_or("").to_string(),
+        interval: parse_duration(v["interval"].as_str().unwrap_or("100ms"))?,
+    };
+    Ok((s, v["reject"].as_str().map(str::to_string)))
+}
+
+struct Misbehave {
+    settings: Arc<Mutex<Settings>>,
+    stop: StopSignal,
+    workers: Vec<JoinHandle<()>>,
+}
+
+fn publish_one(host: &Host, s: &Settings, n: u64) -> Result<(), PublishError> {
+    host.publish(
+        &Message::json(json!({"n": n, "tag": s.tag, "mode": s.mode}).to_string())
+            .property("test", "misbehave"),
+    )
+}
+
+impl Plugin for Misbehave {
+    fn start(host: Host, settings: &str) -> Result<Self, StartError> {
+        let (s, reject) = parse(settings).map_err(StartError::Rejected)?;
+        if let Some(reason) = reject {
+            return Err(StartError::Rejected(reason));
+        }
+        match s.mode.as_str() {
+            "panic" => panic!("the misbehave plugin panics in start, as asked"),
+            "hang" => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            _ => {}
+        }
+        let stop = StopSignal::new();
+        let settings = Arc::new(Mutex::new(s.clone()));
+        let threads = if s.mode == "flood" { 4 } else { 1 };
+        let mut workers = Vec::new();
+        for _ in 0..threads {
+            let (signal, current) = (stop.clone(), settings.clone());
+            workers.push(host.spawn("misbehave", move || {
+                let mut n = 0u64;
+                loop {
+                    let s = current.lock().unwrap().clone();
+                    if s.mode != "flood" && signal.wait(s.interval) {
+                        return;
+                    }
+                    if signal.is_stopped() {
+                        return;
+                    }
+                    n += 1;
+                    if s.mode == "hog" {
+                        let mut hoard: Vec<Vec<u8>> = Vec::new();
+                        loop {
+                            hoard.push(vec![1u8; 16 * 1024 * 1024]);
+                        }
+                    }
+                    if let Err(PublishError::Stopping) = publish_one(&host, &s, n) {
+                        return;
+                    }
+                    match s.mode.as_str() {
+                        // SAFETY: not safe at all: this plugin crashes on purpose.
+                        "segfault" => unsafe {
+                            std::ptr::null_mut::<u8>().write_volatile(1);
+                        },
+                        "worker-panic" => panic!("worker panics after message {n}, as asked"),
+                        // SAFETY: stops this process, as asked.
+                        "freeze" => unsafe {
+                            libc::raise(libc::SIGSTOP);
+                        },
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        Ok(Misbehave {
+            settings,
+            stop,
+            workers,
+        })
+    }
+
+    fn apply_settings(&mut self, settings: &str) -> Result<(), String> {
+        let (s, reject) = parse(settings)?;
+        if let Some(reason) = reject {
+            return Err(reason);
+        }
+        *self.settings.lock().unwrap() = s;
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        self.stop.stop();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+export_plugin!(Misbehave, name = "misbehave", version = "0.0.1");
