@@ -25,7 +25,8 @@ cargo nextest run --workspace --locked --profile ci "${tpm_features[@]}" || fail
 # The Python SDK can only dial port 8883, so these run after the Rust tests, one hubsim at a time.
 echo "== interop: Azure's Python device SDK against hubsim"
 HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
-    -W ignore::DeprecationWarning tests/interop || failed+=("python interop tests")
+    -W ignore::DeprecationWarning --junitxml=target/interop-junit.xml tests/interop \
+    || failed+=("python interop tests")
 
 # The .deb installed into a real systemd (systemd-nspawn), driven with systemctl against hubsim.
 echo "== system test: the .deb in systemd-nspawn"
@@ -35,8 +36,37 @@ bash tests/system/deb-nspawn.sh || failed+=("deb system test")
 echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"
 bash fuzz/run.sh || failed+=("fuzzing")
 
+# Totals from both runners' JUnit reports (only reports written by this run count), so the run
+# closes with one plain "N passed, N failed" line. nextest's report is the last nextest run's (the
+# whole workspace with the TPM back end); the system test and fuzzing count as one test each.
+totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml \
+    -- "${failed[@]}" <<'PY'
+import os, sys, xml.etree.ElementTree as ET
+args = sys.argv[1:]
+started, reports, failed_parts = int(args[0]), args[1:args.index("--")], args[args.index("--") + 1:]
+whole_parts = ["deb system test", "fuzzing"]  # no JUnit report: one test each
+failed = sum(part in failed_parts for part in whole_parts)
+passed, skipped = len(whole_parts) - failed, 0
+for path in reports:
+    if not os.path.exists(path) or os.path.getmtime(path) < started:
+        continue
+    for case in ET.parse(path).iter("testcase"):
+        tags = {child.tag for child in case}
+        if tags & {"failure", "error"}:
+            failed += 1
+        elif "skipped" in tags:
+            skipped += 1
+        else:
+            passed += 1
+print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+PY
+) || totals="(the JUnit reports could not be read)"
+
+echo
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "FAILED: ${failed[*]}"
+    echo "== SUMMARY: FAILED after ${SECONDS}s: ${failed[*]} (details above each part's own summary)"
+    echo "Tests: $totals"
     exit 1
 fi
-echo "ALL TESTS PASSED"
+echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust, Python interop, .deb system test, fuzzing)"
+echo "Tests: $totals"

@@ -27,9 +27,16 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
+# The venv is rebuilt whenever tests/interop/requirements.txt changes (its hash is stamped inside),
+# so a pin bumped on main is picked up by a machine that already has an older venv.
 venv=target/interop-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import azure.iot.device, pytest, requests" 2>/dev/null; then
-    echo "setup: creating $venv"
+stamp="$venv/requirements.sha256"
+wanted=$(sha256sum tests/interop/requirements.txt | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    echo "setup: creating $venv from tests/interop/requirements.txt"
+    rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -r tests/interop/requirements.txt
+    echo "$wanted" > "$stamp"
 fi
+echo "setup: done in ${SECONDS}s"
