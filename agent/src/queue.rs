@@ -100,6 +100,9 @@ pub struct QueueStats {
     pub dropped_full: u64,
     pub dropped_expired: u64,
     pub dropped_corrupt: u64,
+    /// Messages whose source had to wait for room (full disk, or a full queue with
+    /// `full_policy = "reject-new"`); none of them is lost.
+    pub held_back: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -406,6 +409,11 @@ impl Queue {
         q.flush_acked(false);
     }
 
+    /// A source's message had to wait for room; counted once per message.
+    pub fn note_held_back(&self) {
+        self.inner.lock().unwrap().stats.held_back += 1;
+    }
+
     /// After a connection loss: hand out again, in order, everything not acknowledged.
     pub fn requeue_unacked(&self) {
         let mut q = self.inner.lock().unwrap();
@@ -627,7 +635,12 @@ impl Inner {
                 self.acked_written = self.acked;
                 self.acked_written_at = Instant::now();
             }
-            Err(e) => tracing::error!("cannot persist the queue position: {e}"),
+            Err(e) => {
+                // Retried after the interval, not on every acknowledgement (a full disk would
+                // otherwise log an error per message).
+                self.acked_written_at = Instant::now();
+                tracing::error!("cannot persist the queue position: {e}");
+            }
         }
     }
 }

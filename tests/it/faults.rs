@@ -486,3 +486,174 @@ async fn hubsim_restarted() {
     )
     .unwrap();
 }
+
+/// Starts the agent with its state directory on a tmpfs of `size` in a private mount namespace
+/// (`unshare -rm`: a user namespace maps the caller to root there, so no real root is needed).
+/// The test reaches that filesystem through `/proc/<agent pid>/root`.
+fn start_with_small_state_fs(s: &Scenario, size: &str) -> AgentProcess {
+    let state = s.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let log = s.dir.path().join("agent.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o "size=$1,mode=0700" hubagent-state "$2" && exec "$3" --config "$4" run"#)
+        .arg("sh")
+        .arg(size)
+        .arg(&state)
+        .arg(hubagent_bin())
+        .arg(&s.config)
+        .env("RUST_LOG", "hubagent=debug,info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("unshare (util-linux) runs the agent in its own mount namespace");
+    AgentProcess {
+        child,
+        log,
+        config: s.config.clone(),
+    }
+}
+
+/// Another process filling the disk: a thread that keeps writing to `path`, taking every block
+/// that becomes free (the agent's own small state rewrites free and take blocks all the time), until
+/// stopped. `stop` returns the bytes written.
+struct Filler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Filler {
+    fn start(path: std::path::PathBuf) -> Filler {
+        use std::io::Write;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut file =
+                std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let chunk = vec![0x5a_u8; 4096];
+            let mut written = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match file.write(&chunk) {
+                    Ok(n) => written += n as u64,
+                    Err(e) if e.raw_os_error() == Some(28) => {
+                        // Full: look again shortly for blocks the agent freed.
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("{}: {e}", path.display()),
+                }
+            }
+            written
+        });
+        Filler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn status_json(agent: &AgentProcess) -> serde_json::Value {
+    serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap_or_default()
+}
+
+/// Highest sensor sequence number hubsim has received from `device`.
+fn max_seq(sim: &hubsim::Sim, device: &str) -> u64 {
+    sim.records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device)
+        .map(|records| {
+            records
+                .iter()
+                .filter_map(|r| {
+                    serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"]
+                        .as_u64()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_on_the_state_dir() {
+    let s = Scenario::new("fault-diskfull", "").await;
+    let mut agent = start_with_small_state_fs(&s, "1m");
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, "fault-diskfull") >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let pid = agent.child.id();
+    let filler = std::path::PathBuf::from(format!("/proc/{pid}/root"))
+        .join(s.dir.path().strip_prefix("/").unwrap())
+        .join("state/filler");
+    let filling = Filler::start(filler.clone());
+    // The source is held back and says why.
+    let deadline = Instant::now() + WAIT;
+    while !agent.log_text().contains("the disk is full") {
+        assert!(
+            Instant::now() < deadline,
+            "no disk-full message in the log:\n{}",
+            agent.log_text()
+        );
+        s.sim()
+            .wait_until(Duration::from_millis(100), |_| false)
+            .await;
+    }
+    // Stay full for a few seconds: the agent keeps running and sends everything it had queued.
+    let full_since = Instant::now();
+    loop {
+        let st = status_json(&agent);
+        if st["queue"]["depth"].as_u64() == Some(0) && full_since.elapsed() > Duration::from_secs(4)
+        {
+            break;
+        }
+        assert!(
+            full_since.elapsed() < WAIT,
+            "the queue did not drain while the disk was full: {st}\n{}",
+            agent.log_text()
+        );
+        s.sim()
+            .wait_until(Duration::from_millis(200), |_| false)
+            .await;
+    }
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited on a full disk:\n{}",
+        agent.log_text()
+    );
+    let full = status_json(&agent);
+    assert_eq!(full["queue"]["dropped_full"], 0, "{full}");
+    assert!(
+        full["queue"]["held_back"].as_u64().unwrap_or(0) > 0,
+        "held-back messages are counted: {full}"
+    );
+    let seq_while_full = max_seq(s.sim(), "fault-diskfull");
+    let filled = filling.stop();
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| max_seq(sim, "fault-diskfull")
+                > seq_while_full + 5)
+            .await,
+        "nothing new after the disk was freed:\n{}",
+        agent.log_text()
+    );
+    let recovery = freed.elapsed();
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("disk-full", json!({
+        "scenario": "state dir on a 1 MiB tmpfs filled for 4 s, 20 msg/s",
+        "filler_kib": filled / 1024, "held_back": full["queue"]["held_back"],
+        "recovery_seconds": recovery.as_secs_f64(),
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}

@@ -575,6 +575,9 @@ impl DurablePublisher {
                     return;
                 }
                 Err(e) => {
+                    if delay == Duration::from_millis(100) {
+                        self.queue.note_held_back();
+                    }
                     tracing::warn!("telemetry held back: {e}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(10));
