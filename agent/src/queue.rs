@@ -10,7 +10,7 @@
 //! endian; the CRC covers seq, time and payload), and `acked`, the highest sequence number below
 //! which everything was acknowledged, rewritten atomically at most every `ack_flush_interval`.
 //! A damaged record is skipped with a warning naming the file and offset; the rest survives.
-//! The memory held is an index entry per queued message (~40 bytes), not the messages.
+//! The memory held is an index entry per queued message (~48 bytes), not the messages.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -111,7 +111,10 @@ struct Entry {
     segment: u64,
     offset: u64,
     len: u32,
-    enqueued_ms: u64,
+    /// On the monotonic clock, so that a wall-clock step (NTP, a wrong RTC corrected) neither
+    /// expires queued messages early nor keeps them forever. Records loaded from disk are placed
+    /// by their wall-clock age at load time: the only clock that survives a reboot.
+    enqueued: Instant,
 }
 
 #[derive(Debug)]
@@ -220,6 +223,12 @@ impl Queue {
         let mut segments = VecDeque::new();
         let mut max_seq = acked;
         let mut stats = QueueStats::default();
+        let (wall_now, mono_now) = (now_ms(), Instant::now());
+        let placed = |enqueued_ms: u64| {
+            // A record "from the future" (the clock went back since) counts as just enqueued.
+            let age = Duration::from_millis(wall_now.saturating_sub(enqueued_ms));
+            mono_now.checked_sub(age).unwrap_or(mono_now)
+        };
         for (first_seq, path) in names {
             let mut bytes = Vec::new();
             File::open(&path)
@@ -263,7 +272,7 @@ impl Queue {
                             segment: first_seq,
                             offset: offset as u64,
                             len: (HEADER + len) as u32,
-                            enqueued_ms,
+                            enqueued: placed(enqueued_ms),
                         });
                     }
                 }
@@ -355,7 +364,7 @@ impl Queue {
             segment,
             offset,
             len: record.len() as u32,
-            enqueued_ms,
+            enqueued: Instant::now(),
         });
         q.stats.pushed += 1;
         q.update_depth();
@@ -595,10 +604,9 @@ impl Inner {
 
     /// Drops messages older than `max_age` from the front.
     fn expire(&mut self) {
-        let limit = now_ms().saturating_sub(self.settings.max_age.as_millis() as u64);
         let mut expired = 0;
         while let Some(front) = self.entries.front() {
-            if front.enqueued_ms >= limit {
+            if front.enqueued.elapsed() <= self.settings.max_age {
                 break;
             }
             let seq = front.seq;
@@ -828,6 +836,41 @@ mod tests {
         let left = ids(&q.take_batch(1000));
         assert_eq!(left.last().unwrap(), "m-499", "the newest are kept");
         assert_eq!(left.len() as u64 + stats.dropped_full, 500);
+    }
+
+    /// A record as `push` writes it, with a chosen wall-clock time.
+    fn raw_record(seq: u64, enqueued_ms: u64, message: &TelemetryMessage) -> Vec<u8> {
+        let payload = serde_json::to_vec(message).unwrap();
+        let mut out = Vec::new();
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&checksum(seq, enqueued_ms, &payload).to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&enqueued_ms.to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    #[test]
+    fn ages_come_from_disk_once_then_from_the_monotonic_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = 3_600_000;
+        let mut seg = raw_record(1, now_ms() - 2 * hour, &msg(1));
+        // Written when the clock was a day ahead (then corrected): not expired, not kept forever.
+        seg.extend(raw_record(2, now_ms() + 24 * hour, &msg(2)));
+        seg.extend(raw_record(3, now_ms() - 1000, &msg(3)));
+        std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), seg).unwrap();
+        let (q, warnings) = Queue::open(
+            dir.path(),
+            QueueSettings {
+                max_age: Duration::from_secs(3600),
+                ..small()
+            },
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        q.tick();
+        assert_eq!(q.stats().dropped_expired, 1);
+        assert_eq!(ids(&q.take_batch(10)), ["m-2", "m-3"]);
     }
 
     #[test]

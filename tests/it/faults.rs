@@ -493,22 +493,33 @@ async fn hubsim_restarted() {
 fn start_with_small_state_fs(s: &Scenario, size: &str) -> AgentProcess {
     let state = s.dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let log = s.dir.path().join("agent.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let child = std::process::Command::new("unshare")
+    let mut command = std::process::Command::new("unshare");
+    command
         .args(["-rm", "sh", "-c"])
         .arg(r#"mount -t tmpfs -o "size=$1,mode=0700" hubagent-state "$2" && exec "$3" --config "$4" run"#)
         .arg("sh")
         .arg(size)
         .arg(&state)
         .arg(hubagent_bin())
-        .arg(&s.config)
+        .arg(&s.config);
+    spawn_agent(
+        s,
+        command,
+        "unshare (util-linux) runs the agent in its own mount namespace",
+    )
+}
+
+/// Spawns `command` (which runs `hubagent run` in the end) like `AgentProcess::start` does.
+fn spawn_agent(s: &Scenario, mut command: std::process::Command, what: &str) -> AgentProcess {
+    let log = s.dir.path().join(format!("agent.log.{}", rand_ms()));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = command
         .env("RUST_LOG", "hubagent=debug,info")
         .env_remove("NOTIFY_SOCKET")
         .stdout(std::process::Stdio::null())
         .stderr(file)
         .spawn()
-        .expect("unshare (util-linux) runs the agent in its own mount namespace");
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     AgentProcess {
         child,
         log,
@@ -654,6 +665,119 @@ async fn disk_full_on_the_state_dir() {
         "scenario": "state dir on a 1 MiB tmpfs filled for 4 s, 20 msg/s",
         "filler_kib": filled / 1024, "held_back": full["queue"]["held_back"],
         "recovery_seconds": recovery.as_secs_f64(),
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}
+
+/// libfaketime from Debian's `libfaketime` package (tests/setup.sh installs it).
+fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )])
+        .find(|p| p.exists())
+        .expect("libfaketime.so.1 not found: install Debian's libfaketime (tests/setup.sh)")
+}
+
+/// Sets the agent's wall-clock offset ("+3h", "-2h", "+0"); libfaketime rereads it on every
+/// clock call. Written atomically so the agent never reads half a file.
+fn set_clock_offset(file: &std::path::Path, offset: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{offset}\n")).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+/// Waits until the agent queued `n` more messages than now (so it has read the clock since).
+async fn wait_pushed(s: &Scenario, agent: &AgentProcess, n: u64) {
+    let pushed = |st: &serde_json::Value| st["queue"]["pushed"].as_u64().unwrap_or(0);
+    let start = pushed(&status_json(agent));
+    let deadline = Instant::now() + WAIT;
+    while pushed(&status_json(agent)) < start + n {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        s.sim()
+            .wait_until(Duration::from_millis(100), |_| false)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jumps_forward_and_back() {
+    // 6 s tokens renewed every 3 s, and a max_age shorter than the jump: a queue that aged its
+    // messages by the wall clock would drop everything queued before the jump.
+    let s = Scenario::new("fault-clock", "\n[queue]\nmax_age = \"1h\"\n").await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "[hub]\n",
+        "[hub]\nsas_ttl = \"6s\"\nrenew_before = \"3s\"\n",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let clock = s.dir.path().join("faketime");
+    set_clock_offset(&clock, "+0");
+    let mut command = std::process::Command::new(hubagent_bin());
+    command
+        .args(["--config", s.config.to_str().unwrap(), "run"])
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        // A clock step moves the wall clock only; CLOCK_MONOTONIC goes on as before.
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let agent = spawn_agent(&s, command, "hubagent under libfaketime");
+    let id = "fault-clock";
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, id) >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // Offline at the real time: 20+ messages wait in the queue.
+    s.sim().faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    s.drop_connection();
+    wait_pushed(&s, &agent, 20).await;
+    // The clock steps 3 h forward while they wait; the agent reads it at its next message.
+    set_clock_offset(&clock, "+3h");
+    wait_pushed(&s, &agent, 5).await;
+    s.sim().faults.lock().unwrap().refuse_connections_until = None;
+    let back_online = Instant::now();
+    let connects = hub_connects(s.sim(), id);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| hub_connects(sim, id) > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let recovery = back_online.elapsed();
+    // Renewals with the clock 3 h ahead (tokens expire 3 h late: the hub accepts them).
+    let ahead = hub_connects(s.sim(), id);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| hub_connects(sim, id) >= ahead + 3)
+            .await,
+        "no token renewal with the clock 3 h ahead:\n{}",
+        agent.log_text()
+    );
+    // And 3 h back again, to the true time: renewal goes on at the same pace.
+    set_clock_offset(&clock, "+0");
+    let back = hub_connects(s.sim(), id);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| hub_connects(sim, id) >= back + 3)
+            .await,
+        "no token renewal after the clock stepped back 3 h:\n{}",
+        agent.log_text()
+    );
+    let st = status_json(&agent);
+    assert_eq!(st["queue"]["dropped_expired"], 0, "{st}");
+    let connections = hub_connects(s.sim(), id);
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("clock-jump", json!({
+        "scenario": "wall clock 3 h ahead during a hub outage, then 3 h back; 6 s SAS tokens, max_age 1 h",
+        "connections": connections, "recovery_seconds": recovery.as_secs_f64(),
         "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
     }));
 }
