@@ -781,3 +781,154 @@ async fn wall_clock_jumps_forward_and_back() {
         "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
     }));
 }
+
+/// RSS samples of a process: the value once warmed up and the highest after that.
+struct RssWatch {
+    pid: u32,
+    warm: Option<u64>,
+    peak_after_warm: u64,
+    samples: usize,
+}
+
+impl RssWatch {
+    fn new(pid: u32) -> Self {
+        RssWatch {
+            pid,
+            warm: None,
+            peak_after_warm: 0,
+            samples: 0,
+        }
+    }
+
+    /// The first call fixes the warmed-up value; later ones track the peak.
+    fn sample(&mut self) {
+        let rss = rss_kib(self.pid);
+        self.samples += 1;
+        match self.warm {
+            None => self.warm = Some(rss),
+            Some(_) => self.peak_after_warm = self.peak_after_warm.max(rss),
+        }
+    }
+
+    /// A leak check, not a speed or size target: after warm-up the agent may grow by at most
+    /// 16 MiB (buffers, the queue index of a minute offline) over a run of minutes.
+    fn assert_flat(&self, what: &str) {
+        let warm = self.warm.expect("sampled");
+        assert!(
+            self.peak_after_warm <= warm + 16 * 1024,
+            "{what}: RSS grew from {warm} KiB to {} KiB",
+            self.peak_after_warm
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_connection_dropped_every_few_seconds_for_two_minutes() {
+    let id = "fault-drops-long";
+    let s = Scenario::new(id, "").await;
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, id) >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let mut rss = RssWatch::new(agent.child.id());
+    // Warm-up: a few drops before the RSS baseline is taken.
+    let started = Instant::now();
+    let mut drops = 0;
+    while started.elapsed() < Duration::from_secs(120) {
+        if s.drop_connection() {
+            drops += 1;
+        }
+        let connects = hub_connects(s.sim(), id);
+        assert!(
+            s.sim()
+                .wait_until(WAIT, |sim| hub_connects(sim, id) > connects)
+                .await,
+            "{}",
+            agent.log_text()
+        );
+        s.sim().wait_until(Duration::from_secs(3), |_| false).await;
+        if drops >= 3 {
+            rss.sample();
+        }
+    }
+    rss.assert_flat("drops every 3 s for 2 min");
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("hub-connection-dropped-long", json!({
+        "scenario": "hub connection dropped every 3 s for 2 min, 20 msg/s",
+        "drops": drops, "rss_warm_kib": rss.warm, "rss_peak_kib": rss.peak_after_warm,
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_refuses_connections_for_a_minute() {
+    let id = "fault-outage-long";
+    let s = Scenario::new(id, "").await;
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, id) >= 10)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let pid = agent.child.id();
+    let mut rss = RssWatch::new(pid);
+    rss.sample();
+    s.sim().faults.lock().unwrap().refuse_connections_until =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    s.drop_connection();
+    s.sim().wait_until(Duration::from_secs(1), |_| false).await;
+    let cpu_before = cpu_seconds(pid);
+    let offline = Instant::now();
+    while offline.elapsed() < Duration::from_secs(60) {
+        s.sim().wait_until(Duration::from_secs(2), |_| false).await;
+        rss.sample();
+    }
+    // A spinning reconnect or a hot retry loop burns a whole core; backoff keeps it near zero.
+    let cpu_share = (cpu_seconds(pid) - cpu_before) / offline.elapsed().as_secs_f64();
+    assert!(
+        cpu_share < 0.2,
+        "busy loop while offline: {:.1}% CPU",
+        cpu_share * 100.0
+    );
+    let queued = status_json(&agent)["queue"]["depth"].as_u64().unwrap_or(0);
+    assert!(queued >= 600, "a minute of readings is queued: {queued}");
+    let before = max_seq(s.sim(), id);
+    let connects = hub_connects(s.sim(), id);
+    s.sim().faults.lock().unwrap().refuse_connections_until = None;
+    let back = Instant::now();
+    // The reconnect waits out the current backoff step (capped exponential with jitter).
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| hub_connects(sim, id) > connects)
+            .await,
+        "no reconnect after the outage:\n{}",
+        agent.log_text()
+    );
+    let recovery = back.elapsed();
+    assert!(
+        s.sim()
+            .wait_until(WAIT * 2, |sim| max_seq(sim, id) > before + queued)
+            .await,
+        "the backlog did not arrive:\n{}",
+        agent.log_text()
+    );
+    let drained = back.elapsed() - recovery;
+    rss.sample();
+    rss.assert_flat("a minute offline");
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("hub-outage-long", json!({
+        "scenario": "hub refuses connections for 60 s, 20 msg/s",
+        "cpu_offline_percent": cpu_share * 100.0, "queued_offline": queued,
+        "recovery_seconds": recovery.as_secs_f64(), "backlog_sent_seconds": drained.as_secs_f64(),
+        "rss_warm_kib": rss.warm, "rss_peak_kib": rss.peak_after_warm,
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}
