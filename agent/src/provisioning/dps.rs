@@ -172,12 +172,7 @@ async fn register_inner(
             event = eventloop.poll() => {
                 let event = event.map_err(|e| unreachable(e.to_string()))?;
                 let Event::Incoming(Packet::Publish(publish)) = event else { continue };
-                let (status, retry_after) = parse_response_topic(&publish.topic)
-                    .ok_or_else(|| DpsError::Protocol(format!("unexpected topic '{}'", publish.topic)))?;
-                let answer: Value = serde_json::from_slice(&publish.payload).map_err(|e| {
-                    DpsError::Protocol(format!("answer to '{}' is not JSON: {e}", publish.topic))
-                })?;
-                match interpret(status, retry_after, &answer, retries)? {
+                match read_answer(&publish.topic, &publish.payload, retries)? {
                     Step::Assigned(assignment) => {
                         mqtt::disconnect(&client, &mut eventloop).await;
                         return Ok(assignment);
@@ -189,7 +184,7 @@ async fn register_inner(
                     }
                     Step::Retry { after } => {
                         retries += 1;
-                        tracing::info!(status, delay = ?after, "DPS asks to retry later");
+                        tracing::info!(topic = %publish.topic, delay = ?after, "DPS asks to retry later");
                         next_request = Some(tokio::time::Instant::now() + after);
                     }
                 }
@@ -215,9 +210,19 @@ async fn register_inner(
 
 const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
 
+/// One DPS answer as it arrives over MQTT (topic and payload) → the next step, or why the answer
+/// is unusable. Public for the `dps_answers` fuzz target.
+pub fn read_answer(topic: &str, payload: &[u8], retries: u32) -> Result<Step, DpsError> {
+    let (status, retry_after) = parse_response_topic(topic)
+        .ok_or_else(|| DpsError::Protocol(format!("unexpected topic '{topic}'")))?;
+    let answer: Value = serde_json::from_slice(payload)
+        .map_err(|e| DpsError::Protocol(format!("answer to '{topic}' is not JSON: {e}")))?;
+    interpret(status, retry_after, &answer, retries)
+}
+
 /// What to do after one DPS answer.
 #[derive(Debug, PartialEq)]
-enum Step {
+pub enum Step {
     Assigned(Assignment),
     /// 202 `assigning`: ask for the operation's status after `after`.
     Poll {
