@@ -932,3 +932,59 @@ async fn hub_refuses_connections_for_a_minute() {
         "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
     }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_behind_at_boot_then_corrected() {
+    let id = "fault-clock-behind";
+    let s = Scenario::new(id, "").await;
+    let clock = s.dir.path().join("faketime");
+    // Two hours behind with one-hour tokens (the default): every token the agent signs has
+    // expired before it is sent, so DPS refuses it.
+    set_clock_offset(&clock, "-2h");
+    let mut command = std::process::Command::new(hubagent_bin());
+    command
+        .args(["--config", s.config.to_str().unwrap(), "run"])
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let agent = spawn_agent(&s, command, "hubagent under libfaketime");
+    let deadline = Instant::now() + WAIT;
+    while !agent.log_text().contains("device clock is right") {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal does not point at the clock:\n{}",
+            agent.log_text()
+        );
+        s.sim()
+            .wait_until(Duration::from_millis(200), |_| false)
+            .await;
+    }
+    // Readings pile up in the queue meanwhile; then NTP corrects the clock.
+    wait_pushed(&s, &agent, 20).await;
+    set_clock_offset(&clock, "+0");
+    let corrected = Instant::now();
+    assert!(
+        s.sim()
+            .wait_until(WAIT, |sim| telemetry_count(sim, id) >= 20)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let recovery = corrected.elapsed();
+    // The retry wait (60 s after a refused registration) ends when the clock steps.
+    assert!(
+        agent
+            .log_text()
+            .contains("the wall clock stepped; retrying now"),
+        "{}",
+        agent.log_text()
+    );
+    stop_and_settle(&s, agent).await;
+    let (produced, total, distinct) = s.delivery();
+    s.record("clock-behind", json!({
+        "scenario": "clock 2 h behind at boot (1 h tokens refused by DPS), then corrected",
+        "recovery_seconds": recovery.as_secs_f64(),
+        "produced": produced, "arrived_distinct": distinct, "duplicates": total - distinct, "lost": 0,
+    }));
+}

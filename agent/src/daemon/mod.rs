@@ -465,14 +465,62 @@ enum Provisioned {
 }
 
 /// Waits up to `timeout` for a command; reprovision requests just end the wait.
+/// Waits for a command, at most `timeout` (these are retry waits). A step of the wall clock ends
+/// the wait early: a refused SAS token may have been signed by a wrong clock that NTP has just
+/// corrected, and the next try should not wait minutes for it.
 async fn wait_for_command(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     timeout: Duration,
 ) -> Option<Command> {
-    tokio::time::timeout(timeout, commands.recv())
-        .await
-        .ok()
-        .flatten()
+    let deadline = tokio::time::Instant::now() + timeout;
+    let clock = ClockWatch::new();
+    loop {
+        let tick = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+        match tokio::time::timeout_at(tick, commands.recv()).await {
+            Ok(command) => return command,
+            Err(_) if tokio::time::Instant::now() >= deadline => return None,
+            Err(_) => {
+                if let Some(step) = clock.stepped() {
+                    tracing::info!(step = %step, "the wall clock stepped; retrying now");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Notices a step of the wall clock (settimeofday, NTP, an RTC corrected) by comparing it with
+/// the monotonic clock.
+struct ClockWatch {
+    wall: std::time::SystemTime,
+    mono: std::time::Instant,
+}
+
+impl ClockWatch {
+    /// Steps smaller than this are drift or slewing, not a correction worth acting on.
+    const STEP: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        ClockWatch {
+            wall: std::time::SystemTime::now(),
+            mono: std::time::Instant::now(),
+        }
+    }
+
+    /// The step ("+3h 2s", "-2h") if the wall clock moved by more than `STEP` against the
+    /// monotonic clock since `new`.
+    fn stepped(&self) -> Option<String> {
+        let mono = self.mono.elapsed();
+        let (sign, step) = match std::time::SystemTime::now().duration_since(self.wall) {
+            Ok(wall) if wall > mono => ("+", wall - mono),
+            Ok(wall) => ("-", mono - wall),
+            Err(e) => ("-", e.duration() + mono),
+        };
+        (step > Self::STEP).then(|| {
+            let secs = Duration::from_secs(step.as_secs());
+            format!("{sign}{}", humantime::format_duration(secs))
+        })
+    }
 }
 
 /// Registers with DPS, retrying with capped backoff and jitter until it works or a command

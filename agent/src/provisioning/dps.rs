@@ -26,7 +26,7 @@ pub struct DpsRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum DpsError {
     #[error(
-        "DPS refused the credentials for registration '{registration_id}' (CONNACK not authorized): check the id scope, registration id and key/certificate"
+        "DPS refused the credentials for registration '{registration_id}' (CONNACK not authorized): check the id scope, registration id and key/certificate, and that the device clock is right (SAS tokens expire by it)"
     )]
     NotAuthorized { registration_id: String },
     #[error("cannot reach DPS at {endpoint}: {message}")]
