@@ -703,8 +703,10 @@ async fn pump(
 }
 
 /// The patch that turns `old` into `new`: changed keys, and `null` for removed ones (objects are
-/// compared key by key at every depth; anything else is replaced whole).
-fn diff(old: &Value, new: &Value) -> Value {
+/// compared key by key at every depth; anything else is replaced whole). For documents without
+/// `null` values, merging the patch into `old` gives `new` (the `twin_documents` fuzz target
+/// checks it).
+pub fn diff(old: &Value, new: &Value) -> Value {
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {
             let mut out = Map::new();

@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
+pub use session::split_twin;
 pub use topics::TelemetryMessage;
 
 use crate::keys::Credential;

@@ -558,8 +558,8 @@ fn next_desired(current: u64, version: u64) -> DesiredStep {
 }
 
 /// A twin GET answer `{"desired": {…, "$version": n}, "reported": {…}}` → (desired, n, reported),
-/// without the `$version` keys.
-fn split_twin(doc: Value) -> (Map<String, Value>, u64, Map<String, Value>) {
+/// without the `$version` keys. Anything else in the document is ignored.
+pub fn split_twin(doc: Value) -> (Map<String, Value>, u64, Map<String, Value>) {
     let mut desired = doc["desired"].as_object().cloned().unwrap_or_default();
     let version = desired
         .remove("$version")
