@@ -728,3 +728,47 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
     .unwrap();
     assert!(tpm::attestation::import_activation_blob(&impostor.tcti(), HANDLE, &blob).is_err());
 }
+
+/// Issue #4: "a loop of 200 provisionings on swtpm leaves the TPM with no leaked handles". Each
+/// cycle is a whole DPS TPM attestation (EK/SRK read, challenge, ActivateCredential, Import,
+/// persist, SAS signed in the TPM) against hubsim, run in-process so the loop stays quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_tpm_provisionings_leak_no_handle() {
+    const CYCLES: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
+    options.retry_after_secs = 0;
+    let running = hubsim::start(options).await.unwrap();
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let id = enroll_tpm(&sim, &tcti, None);
+    let config_path = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
+    let config = hubagent::config::Config::load(&config_path, &|_| None).unwrap();
+
+    let mut hub_keys = std::collections::HashSet::new();
+    for cycle in 0..CYCLES {
+        let (cache, fresh) = hubagent::provisioning::provision_once(&config, true)
+            .await
+            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+        assert!(fresh, "cycle {cycle} used the cache");
+        assert_eq!(cache.device_id, id);
+        assert_eq!(
+            tpm::handle_counts(&tcti).unwrap(),
+            NOTHING_LOADED,
+            "cycle {cycle} left something loaded in the TPM"
+        );
+        hub_keys.insert(hub_primary_key(&sim, &id));
+    }
+    assert_eq!(registrations(&sim, &id), CYCLES);
+    // Every cycle imported the key DPS issued, and the last one is what the TPM now signs with.
+    assert_eq!(
+        hub_keys.len(),
+        CYCLES,
+        "each registration issues a new hub key"
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_primary_key(&sim, &id), b"probe")
+    );
+}
