@@ -65,6 +65,13 @@ pub enum TpmError {
     )]
     Lockout,
     #[error(
+        "the TPM is busy ({why}) and did not run {operation}; the agent retries on its next attempt"
+    )]
+    Busy {
+        operation: &'static str,
+        why: &'static str,
+    },
+    #[error(
         "the TPM refused the authorization for {what} (wrong authorization value); if the TPM's owner or endorsement hierarchy has a password, point owner_auth / endorsement_auth in [provisioning.attestation] at a file holding it (docs/tpm.md)"
     )]
     BadAuth { what: String },
@@ -88,6 +95,24 @@ fn command_error(operation: &'static str, what: &str, e: tss_esapi::Error) -> Tp
     if let tss_esapi::Error::Tss2Error(rc) = e {
         match rc.kind() {
             Some(Tss2ResponseCodeKind::Lockout) => return TpmError::Lockout,
+            Some(Tss2ResponseCodeKind::Retry) | Some(Tss2ResponseCodeKind::Yielded) => {
+                return TpmError::Busy {
+                    operation,
+                    why: "it asked to be retried",
+                };
+            }
+            Some(Tss2ResponseCodeKind::Testing) => {
+                return TpmError::Busy {
+                    operation,
+                    why: "it is running its self-tests",
+                };
+            }
+            Some(Tss2ResponseCodeKind::NvRate) => {
+                return TpmError::Busy {
+                    operation,
+                    why: "its NV memory is rate-limiting writes",
+                };
+            }
             Some(Tss2ResponseCodeKind::AuthFail) | Some(Tss2ResponseCodeKind::BadAuth) => {
                 return TpmError::BadAuth {
                     what: what.to_string(),
@@ -223,6 +248,9 @@ fn unavailable_detail(tcti: &str, e: tss_esapi::Error) -> String {
             Err(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
                 format!("permission denied on {path}: the agent's user must be in the 'tss' group")
             }
+            Err(io) if io.kind() == std::io::ErrorKind::ResourceBusy => format!(
+                "{path} is in use by another process; use device:/dev/tpmrm0 (the kernel's resource manager), which lets processes share the TPM"
+            ),
             Err(io) => format!("{path}: {io}"),
             Ok(_) => format!("{path} opened but the TSS could not initialize: {e}"),
         };
