@@ -12,6 +12,9 @@ use hubagent::control::{self, ControlError, Request};
 fn main() -> ExitCode {
     quiet_tss();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run | Command::PluginHost { .. }) {
+        hubagent::hardening::protect_secrets_in_memory();
+    }
     let code = match cli.command {
         Command::Run => run(&cli.config),
         Command::Demo(args) => demo(args),
