@@ -42,7 +42,9 @@ s=[socket.socket() for _ in range(2)]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(*[x.getsockname()[1] for x in s])')
 cargo build -q -p hubsim
-target/debug/hubsim serve --state-dir "$sim" --mqtt-port "$mqtt" --https-port "$https" >"$sim/hubsim.log" 2>&1 &
+# Two ID scopes: the test moves the gateway from the first to the second (same enrollments).
+target/debug/hubsim serve --state-dir "$sim" --mqtt-port "$mqtt" --https-port "$https" \
+    --id-scope 0ne00000001 --id-scope 0ne000000B2 >"$sim/hubsim.log" 2>&1 &
 hubsim_pid=$!
 for _ in $(seq 100); do [ -f "$sim/endpoints.json" ] && break; sleep 0.1; done
 api() { # METHOD PATH [BODY]
@@ -67,10 +69,21 @@ show() { systemctl show -p ActiveState,SubState,StatusText,NRestarts,MainPID hub
 wait_status() { # text to wait for in StatusText
     for i in \$(seq 120); do show | grep -q "\$1" && return 0; sleep 0.5; done; return 1
 }
+# When the agent last registered with DPS (hubagent status), to see a new registration happen.
+provisioned_at() { hubagent status --json 2>/dev/null | tr -d '\n ' | grep -o '"provisioned_at":"[^"]*"'; }
+wait_registered_since() { # provisioned_at before; then connected again
+    for i in \$(seq 120); do
+        now=\$(provisioned_at)
+        [ -n "\$now" ] && [ "\$now" != "\$1" ] && show | grep -q "connected to" && return 0
+        sleep 0.5
+    done
+    return 1
+}
 set -x
 dpkg -i /root/hubagent.deb >>/root/e2e-dpkg.log 2>&1 && rec "install ok"
 rec "user \$(id hubagent)"
 rec "config-mode \$(stat -c '%a %U:%G' /etc/hubagent/config.toml)"
+rec "plugins \$(stat -c '%n %a %U:%G' /usr/lib/hubagent/plugins/*.so | tr '\n' ' ')"
 rec "enabled \$(systemctl is-enabled hubagent)"
 rec "active-before-config \$(systemctl is-active hubagent)"
 install -m 0644 /root/hubsim-ca.pem /etc/hubagent/hubsim-ca.pem
@@ -95,20 +108,36 @@ name = "sensor"
 kind = "builtin"
 builtin = "simulated-sensor"
 interval = "200ms"
+
+# A shipped library plugin, in its own supervised process under the unit's sandbox.
+[[plugin]]
+name = "sysmetrics"
+kind = "library"
+path = "/usr/lib/hubagent/plugins/libhubagent_sysmetrics.so"
+[plugin.settings]
+interval = "1s"
 CONF
 rec "config-check \$(hubagent config check >/dev/null 2>&1 && echo ok || echo failed)"
 systemctl start hubagent
 wait_status "connected to" && rec "started \$(show)" || rec "start-failed \$(show)"
 rec "status-json \$(hubagent status --json | tr -d '\n ')"
+rec "plugins-list \$(hubagent plugins list | tr '\n' ' ')"
 systemctl restart hubagent
 wait_status "connected to" && rec "restarted \$(show)" || rec "restart-failed \$(show)"
+# The gateway moves to another DPS instance: only the ID scope changes.
+before=\$(provisioned_at)
+sed -i 's/^id_scope = .*/id_scope = "0ne000000B2"/' /etc/hubagent/config.toml
+systemctl reload hubagent && rec "scope-reload ok"
+wait_registered_since "\$before" && rec "scope-reloaded \$(show)" || rec "scope-reload-failed \$(show)"
+# ...and then to another enrollment.
+before=\$(provisioned_at)
 install -m 0600 -o hubagent -g hubagent /root/key2 /etc/hubagent/device.key
 sed -i 's/gw-sys-1/gw-sys-2/' /etc/hubagent/config.toml
 systemctl reload hubagent && rec "reload ok"
-wait_status "as gw-sys-2" && rec "reloaded \$(show)" || rec "reload-failed \$(show)"
+wait_registered_since "\$before" && wait_status "as gw-sys-2" && rec "reloaded \$(show)" || rec "reload-failed \$(show)"
+before=\$(provisioned_at)
 systemctl start hubagent-reprovision && rec "reprovision ok"
-sleep 3
-wait_status "as gw-sys-2" && rec "reprovisioned \$(show)"
+wait_registered_since "\$before" && rec "reprovisioned \$(show)" || rec "reprovision-failed \$(show)"
 pid=\$(systemctl show -p MainPID --value hubagent)
 kill -9 \$pid
 for i in \$(seq 60); do new=\$(systemctl show -p MainPID --value hubagent); [ "\$new" != "\$pid" ] && [ "\$new" != 0 ] && break; sleep 0.5; done
@@ -150,25 +179,39 @@ expect() { grep -q "$1" "$out" || { echo "MISSING: $1"; fail=1; }; }
 expect "^install ok"
 expect "^user .*(tss)"
 expect "^config-mode 640 root:hubagent"
+expect "^plugins .*/libhubagent_simulated_sensor.so 644 root:root .*/libhubagent_sysmetrics.so 644 root:root"
 expect "^enabled enabled"
 expect "^active-before-config inactive"
 expect "^config-check ok"
 expect "^started .*ActiveState=active SubState=running"
 expect "^restarted .*ActiveState=active SubState=running"
+expect "^scope-reload ok"
+expect "^scope-reloaded .*as gw-sys-1.*ActiveState=active"
 expect "^reload ok"
 expect "^reloaded .*as gw-sys-2.*ActiveState=active"
 expect "^reprovision ok"
+expect "^reprovisioned .*as gw-sys-2.*ActiveState=active"
 expect "^killed-restarted .*NRestarts=1 ActiveState=active SubState=running"
 expect "^after-remove state=kept config=kept"
 expect "^after-purge state=gone config=gone"
 expect "^DONE"
 registrations="$(api GET /sim/registrations)"
-count() { python3 -c "import json,sys; print(sum(1 for r in json.load(sys.stdin) if r['registrationId']=='$1' and r['outcome']=='assigned'))" <<<"$registrations"; }
-[ "$(count gw-sys-1)" = 1 ] || { echo "gw-sys-1 registered $(count gw-sys-1) times: the restart must use the cache"; fail=1; }
-[ "$(count gw-sys-2)" = 2 ] || { echo "gw-sys-2 registered $(count gw-sys-2) times: expected reload + reprovision"; fail=1; }
+# The ID scope of each successful registration, in order.
+scopes() { python3 -c "import json,sys; print(' '.join(r['idScope'] for r in json.load(sys.stdin) if r['registrationId']=='$1' and r['outcome']=='assigned'))" <<<"$registrations"; }
+count() { scopes "$1" | wc -w; }
+[ "$(scopes gw-sys-1)" = "0ne00000001 0ne000000B2" ] || { echo "gw-sys-1 registered under [$(scopes gw-sys-1)]: expected the first scope once (the restart uses the cache), then the new one after the reload"; fail=1; }
+[ "$(scopes gw-sys-2)" = "0ne000000B2 0ne000000B2" ] || { echo "gw-sys-2 registered under [$(scopes gw-sys-2)]: expected reload + reprovision in the new scope"; fail=1; }
 messages="$(api GET /sim/telemetry/gw-sys-1 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')"
 [ "$messages" -gt 0 ] || { echo "no telemetry from the installed agent"; fail=1; }
-log "hubsim: gw-sys-1 registered $(count gw-sys-1)x, gw-sys-2 $(count gw-sys-2)x, $messages messages from gw-sys-1"
+# The shipped library plugin's readings, read from /proc and statvfs inside the unit's sandbox:
+# a sandbox that hides /proc's system files would leave them empty.
+metrics="$(api GET /sim/telemetry/gw-sys-1 | python3 -c 'import json,sys
+bodies=[json.loads(m["body"]) for m in json.load(sys.stdin) if m["properties"].get("source")=="sysmetrics" and m["body"]]
+full=[b for b in bodies if "memory" in b and "uptimeSeconds" in b and "load" in b and b.get("disks",{}).get("/")]
+print(len(bodies), len(full))')"
+read -r metrics_all metrics_full <<<"$metrics"
+[ "$metrics_full" -gt 0 ] || { echo "sysmetrics plugin: $metrics_all messages, none with memory, load, uptime and disk readings"; fail=1; }
+log "hubsim: gw-sys-1 registered $(count gw-sys-1)x, gw-sys-2 $(count gw-sys-2)x, $messages messages from gw-sys-1 ($metrics_all from the sysmetrics plugin)"
 if [ "$fail" -ne 0 ]; then
     echo "--- agent journal"; cat "$root/root/e2e-journal.txt" 2>/dev/null | tail -40
     echo "--- dpkg"; tail -20 "$root/root/e2e-dpkg.log" 2>/dev/null
