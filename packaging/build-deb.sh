@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
-# The library plugins installed in /usr/lib/hubagent/plugins: cargo deb builds only the agent's
-# package, so these are built first (the assets in agent/Cargo.toml name their .so files).
+# Built here, then packaged with --no-build: left to itself, cargo deb would build every library
+# of the workspace (test plugins included) because the assets name the plugins' .so files.
+# The features match [package.metadata.deb] in agent/Cargo.toml.
+cargo build --release --locked -p hubagent --no-default-features --features tpm >&2
 cargo build --release --locked -p hubagent-sysmetrics -p hubagent-simulated-sensor >&2
-cargo deb -p hubagent --locked "$@" >&2
+cargo deb -p hubagent --locked --no-build "$@" >&2
 ls -t target/debian/hubagent_*.deb | head -1
