@@ -95,7 +95,9 @@ wait_registered_since() { # provisioned_at before; then connected again
     return 1
 }
 set -x
-dpkg -i /root/hubagent.deb >>/root/e2e-dpkg.log 2>&1 && rec "install ok"
+export DEBIAN_FRONTEND=noninteractive
+# apt, as README's operator does: it resolves the Depends from what is installed (the root has them).
+apt-get install -y /root/hubagent.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "install ok"
 rec "user \$(id hubagent)"
 rec "config-mode \$(stat -c '%a %U:%G' /etc/hubagent/config.toml)"
 rec "plugins \$(stat -c '%n %a %U:%G' /usr/lib/hubagent/plugins/*.so | tr '\n' ' ')"
@@ -164,7 +166,7 @@ wait_status "connected to" && rec "killed-restarted \$(show)" || rec "kill-resta
 before=\$(provisioned_at)
 config_sum=\$(md5sum </etc/hubagent/config.toml)
 pid=\$(systemctl show -p MainPID --value hubagent)
-dpkg -i /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "upgrade ok \$(dpkg-query -W -f '\${Version}' hubagent)"
+apt-get install -y /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "upgrade ok \$(dpkg-query -W -f '\${Version}' hubagent)"
 wait_status "connected to" && rec "upgraded \$(show)" || rec "upgrade-failed \$(show)"
 rec "upgrade-restarted \$([ "\$(systemctl show -p MainPID --value hubagent)" != "\$pid" ] && echo yes || echo no)"
 rec "upgrade-state \$([ "\$(provisioned_at)" = "\$before" ] && echo kept || echo "changed: \$before -> \$(provisioned_at)")"
@@ -172,7 +174,7 @@ rec "upgrade-config \$([ "\$(md5sum </etc/hubagent/config.toml)" = "\$config_sum
 # A configuration broken before an upgrade: the restart fails, and systemctl status says why.
 cp /etc/hubagent/config.toml /root/config.good
 sed -i 's/^port = .*/port = "eighty"/' /etc/hubagent/config.toml
-dpkg -i /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "reinstall-broken ok"
+apt-get install -y --reinstall /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "reinstall-broken ok"
 for i in \$(seq 60); do systemctl is-failed -q hubagent && break; sleep 0.5; done
 rec "broken-state \$(systemctl is-failed hubagent) \$(systemctl show -p Result,ExecMainStatus,NRestarts hubagent | tr '\n' ' ')"
 systemctl status hubagent --no-pager -l >/root/e2e-status.txt 2>&1
@@ -181,10 +183,12 @@ install -m 0640 -g hubagent /root/config.good /etc/hubagent/config.toml
 systemctl reset-failed hubagent
 systemctl start hubagent
 wait_status "connected to" && rec "fixed \$(show)" || rec "fix-failed \$(show)"
+# Structured fields: the journal can be filtered by the device and hub the agent logged.
+rec "journal-fields \$(journalctl -u hubagent --no-pager -o cat DEVICE=gw-sys-2 HUB=localhost | grep -c 'connected to the hub') connects of gw-sys-2"
 journalctl -u hubagent --no-pager -o cat >/root/e2e-journal.txt 2>&1
-dpkg -r hubagent >>/root/e2e-dpkg.log 2>&1 && rec "remove ok"
+apt-get remove -y hubagent </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "remove ok"
 rec "after-remove state=\$(test -d /var/lib/hubagent && echo kept || echo gone) config=\$(test -f /etc/hubagent/config.toml && echo kept || echo gone)"
-dpkg -P hubagent >>/root/e2e-dpkg.log 2>&1 && rec "purge ok"
+apt-get purge -y hubagent </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "purge ok"
 rec "after-purge state=\$(test -d /var/lib/hubagent && echo kept || echo gone) config=\$(test -d /etc/hubagent && echo kept || echo gone)"
 rec "DONE"
 systemctl poweroff
@@ -240,6 +244,7 @@ expect "^reinstall-broken ok"
 expect "^broken-state failed Result=exit-code NRestarts=0 ExecMainStatus=78"
 expect "^broken-status [1-9][0-9]* lines name the file and the key"
 expect "^fixed .*ActiveState=active SubState=running"
+expect "^journal-fields [1-9][0-9]* connects of gw-sys-2"
 expect "^after-remove state=kept config=kept"
 expect "^after-purge state=gone config=gone"
 expect "^DONE"
