@@ -187,7 +187,7 @@ async fn a_changed_id_scope_reprovisions_on_reload_and_restart() {
         "{}",
         agent.log_text()
     );
-    assert_eq!(scopes_registered(&sim, "gw-daemon-scope"), [first.clone()]);
+    assert_eq!(scopes_registered(&sim, "gw-daemon-scope"), [first.as_str()]);
 
     let good = std::fs::read_to_string(&config).unwrap();
     let with_scope = |scope: &str| {
@@ -207,7 +207,7 @@ async fn a_changed_id_scope_reprovisions_on_reload_and_restart() {
     );
     assert_eq!(
         scopes_registered(&sim, "gw-daemon-scope"),
-        [first.clone(), MOVED.to_string()]
+        [first.as_str(), MOVED]
     );
 
     // Changed while the agent was down: the restart registers again, under the new scope...
@@ -224,7 +224,7 @@ async fn a_changed_id_scope_reprovisions_on_reload_and_restart() {
     );
     assert_eq!(
         scopes_registered(&sim, "gw-daemon-scope"),
-        [first.clone(), MOVED.to_string(), BACK.to_string()]
+        [first.as_str(), MOVED, BACK]
     );
     // ...and the next restart with the same scope uses the cache again.
     let connects = hub_connects(&sim, "gw-daemon-scope");
