@@ -141,6 +141,7 @@ rec "status-json \$(hubagent status --json | tr -d '\n ')"
 rec "plugins-list \$(hubagent plugins list | tr '\n' ' ')"
 systemd-analyze security --no-pager hubagent >/root/e2e-security.txt 2>&1
 rec "security \$(grep -o 'Overall exposure level for hubagent.service: .*' /root/e2e-security.txt)"
+rec "security-reprovision \$(systemd-analyze security --no-pager hubagent-reprovision 2>&1 | grep -o 'Overall exposure level.*')"
 systemctl restart hubagent
 wait_status "connected to" && rec "restarted \$(show)" || rec "restart-failed \$(show)"
 # The gateway moves to another DPS instance: only the ID scope changes.
@@ -249,9 +250,11 @@ expect "^after-remove state=kept config=kept"
 expect "^after-purge state=gone config=gone"
 expect "^DONE"
 expect "^security Overall exposure level for hubagent.service: [0-9.]* \\(PERFECT\\|SAFE\\|OK\\)"
+expect "^security-reprovision Overall exposure level for hubagent-reprovision.service: [0-9.]* \\(PERFECT\\|SAFE\\|OK\\)"
 # The sandbox's score (docs/packaging.md reports it): what is still open, and the total.
 grep -E '^✗' "$root/root/e2e-security.txt" || true
 log "systemd-analyze security: $(grep -o 'Overall exposure level.*' "$root/root/e2e-security.txt")"
+log "systemd-analyze security: $(grep -o 'Overall exposure level for hubagent-reprovision.*' "$out")"
 registrations="$(api GET /sim/registrations)"
 # The ID scope of each successful registration, in order.
 scopes() { python3 -c "import json,sys; print(' '.join(r['idScope'] for r in json.load(sys.stdin) if r['registrationId']=='$1' and r['outcome']=='assigned'))" <<<"$registrations"; }
