@@ -162,6 +162,12 @@ pid=\$(systemctl show -p MainPID --value hubagent)
 kill -9 \$pid
 for i in \$(seq 60); do new=\$(systemctl show -p MainPID --value hubagent); [ "\$new" != "\$pid" ] && [ "\$new" != 0 ] && break; sleep 0.5; done
 wait_status "connected to" && rec "killed-restarted \$(show)" || rec "kill-restart-failed \$(show)"
+# A reload with a broken file is refused with the reason; the agent keeps running on the old one.
+cp /etc/hubagent/config.toml /root/config.good
+sed -i 's/^port = .*/port = "eighty"/' /etc/hubagent/config.toml
+systemctl reload hubagent >/root/e2e-reload.txt 2>&1 && rec "bad-reload accepted" || rec "bad-reload refused \$(systemctl is-active hubagent)"
+rec "bad-reload-journal \$(journalctl -u hubagent --no-pager -o cat | grep -c 'config.toml:.*hub.port')"
+install -m 0640 -g hubagent /root/config.good /etc/hubagent/config.toml
 # Upgrade: the state (no new DPS registration), the edited conffile (no prompt: stdin is
 # /dev/null) and the running service are kept; the agent is restarted into the new version.
 before=\$(provisioned_at)
@@ -173,7 +179,6 @@ rec "upgrade-restarted \$([ "\$(systemctl show -p MainPID --value hubagent)" != 
 rec "upgrade-state \$([ "\$(provisioned_at)" = "\$before" ] && echo kept || echo "changed: \$before -> \$(provisioned_at)")"
 rec "upgrade-config \$([ "\$(md5sum </etc/hubagent/config.toml)" = "\$config_sum" ] && echo kept || echo changed)"
 # A configuration broken before an upgrade: the restart fails, and systemctl status says why.
-cp /etc/hubagent/config.toml /root/config.good
 sed -i 's/^port = .*/port = "eighty"/' /etc/hubagent/config.toml
 apt-get install -y --reinstall /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "reinstall-broken ok"
 for i in \$(seq 60); do systemctl is-failed -q hubagent && break; sleep 0.5; done
@@ -236,6 +241,8 @@ expect "^reloaded .*as gw-sys-2.*ActiveState=active"
 expect "^reprovision ok"
 expect "^reprovisioned .*as gw-sys-2.*ActiveState=active"
 expect "^killed-restarted .*NRestarts=1 ActiveState=active SubState=running"
+expect "^bad-reload refused active"
+expect "^bad-reload-journal [1-9]"
 expect "^upgrade ok $version+upgrade1"
 expect "^upgraded .*ActiveState=active SubState=running"
 expect "^upgrade-restarted yes"
