@@ -37,9 +37,11 @@ grep -v 'running with root privileges' <<<"$lint" || true
 rootfs_tar="$work/rootfs.tar"
 if [ ! -s "$rootfs_tar" ]; then
     log "creating the Debian 12 root (cached in $rootfs_tar)"
+    # Written aside and renamed, so an interrupted run leaves no half tarball to be reused.
     mmdebstrap --variant=minbase \
         --include=systemd-sysv,dbus,ca-certificates,libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-mu0,libtss2-sys1 \
-        bookworm "$rootfs_tar"
+        bookworm "$work/rootfs-new.tar"
+    mv "$work/rootfs-new.tar" "$rootfs_tar"
 fi
 root="$(mktemp -d "$work/root.XXXX")"
 sim="$(mktemp -d "$work/sim.XXXX")"
