@@ -10,8 +10,8 @@ as_root() {
 }
 
 # Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
-# systemd-nspawn, mmdebstrap). Installed only when something is missing.
-packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap)
+# systemd-nspawn, mmdebstrap, lintian). Installed only when something is missing.
+packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
