@@ -10,9 +10,10 @@ as_root() {
 }
 
 # Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
-# systemd-nspawn, mmdebstrap), and libfaketime for the clock-jump fault scenario. Installed only
-# when something is missing.
-packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap libfaketime)
+# Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
+# systemd-nspawn, mmdebstrap, lintian), and libfaketime for the clock-jump fault scenarios.
+# Installed only when something is missing.
+packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian libfaketime)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

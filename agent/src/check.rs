@@ -106,20 +106,26 @@ pub async fn run(config_path: &Path) -> Report {
         Ok(id) => match crate::provisioning::load_credential(&config, &id) {
             Ok(credential) => {
                 checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
-                if let Some(crate::config::Attestation::SymmetricKey { key, group_key }) =
-                    &config.provisioning.attestation
-                {
-                    for secret in [key, group_key].into_iter().flatten() {
-                        if let crate::config::Secret::File { file } = secret {
-                            match crate::keys::check_private(file) {
-                                Some(w) => checks.push(warn("keys.private", w)),
-                                None => {
-                                    checks.push(pass("keys.private", file.display().to_string()))
-                                }
-                            }
+                let secrets = match &config.provisioning.attestation {
+                    Some(crate::config::Attestation::SymmetricKey { key, group_key }) => {
+                        vec![key, group_key]
+                    }
+                    Some(crate::config::Attestation::Tpm {
+                        owner_auth,
+                        endorsement_auth,
+                        ..
+                    }) => vec![owner_auth, endorsement_auth],
+                    _ => vec![],
+                };
+                for secret in secrets.into_iter().flatten() {
+                    if let crate::config::Secret::File { file } = secret {
+                        match crate::keys::check_private(file) {
+                            Some(w) => checks.push(warn("keys.private", w)),
+                            None => checks.push(pass("keys.private", file.display().to_string())),
                         }
                     }
                 }
+
                 match crate::provisioning::client_tls(&config, &credential) {
                     Ok(cfg) => {
                         tls = Some(cfg);

@@ -146,6 +146,13 @@ pub enum Attestation {
         /// Where the key in the TPM comes from.
         #[serde(default)]
         key_source: TpmKeySource,
+        /// The owner hierarchy's authorization value, when the TPM's owner set one (a file, like
+        /// every secret). Empty when absent, as on a TPM fresh from the factory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner_auth: Option<Secret>,
+        /// The endorsement hierarchy's authorization value, likewise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endorsement_auth: Option<Secret>,
     },
 }
 
@@ -636,10 +643,12 @@ impl Config {
                 identity_cert.display(),
                 identity_pk.display()
             ),
+            // The hierarchy authorizations unlock the TPM; they do not change the identity.
             Some(Attestation::Tpm {
                 tcti,
                 handle,
                 key_source,
+                ..
             }) => {
                 format!("tpm;tcti={tcti};handle={handle:#010x};key_source={key_source:?}")
             }
@@ -1439,6 +1448,8 @@ max_message_size = "128KiB"
                 tcti: "device:/dev/tpmrm0".into(),
                 handle: DEFAULT_TPM_HANDLE,
                 key_source: TpmKeySource::Attestation,
+                owner_auth: None,
+                endorsement_auth: None,
             })
         );
         // The handle as a string, and the reserved ones refused with the key named.

@@ -197,6 +197,7 @@ pub fn load_credential(
             tcti,
             handle,
             key_source,
+            ..
         } => {
             let signer = crate::tpm::TpmSigner::new(tcti, *handle);
             // An imported key must be there before anything is signed; with DPS attestation the
@@ -526,6 +527,8 @@ mod tests {
                 tcti: "device:/dev/tpmrm0".into(),
                 handle: crate::config::DEFAULT_TPM_HANDLE,
                 key_source: Default::default(),
+                owner_auth: None,
+                endorsement_auth: None,
             },
             "gw",
         )

@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod hardening;
 pub mod hub;
 pub mod keys;
 pub mod logging;

@@ -30,7 +30,7 @@ pub fn init(level: &str, format: LogFormat) {
     };
     let sink: Box<dyn Layer<_> + Send + Sync> = if use_journal {
         match tracing_journald::layer() {
-            // Fields keep their own names (no F_ prefix) so `journalctl DEVICE_ID=…` works.
+            // Fields keep their names, upper-cased, without a prefix: `journalctl DEVICE=…` works.
             Ok(journal) => journal
                 .with_field_prefix(None)
                 .with_syslog_identifier("hubagent".into())

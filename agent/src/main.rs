@@ -12,6 +12,9 @@ use hubagent::control::{self, ControlError, Request};
 fn main() -> ExitCode {
     quiet_tss();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run | Command::PluginHost { .. }) {
+        hubagent::hardening::protect_secrets_in_memory();
+    }
     let code = match cli.command {
         Command::Run => run(&cli.config),
         Command::Demo(args) => demo(args),
@@ -74,15 +77,22 @@ fn load(path: &Path) -> Result<Config, i32> {
 }
 
 fn run(path: &Path) -> i32 {
-    let config = match load(path) {
+    let config = match Config::load(path, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => {
+            // stderr reaches the journal (`systemctl status` shows the line); the status text
+            // says the same where systemd still attributes it to the unit.
+            eprintln!("hubagent: {e}");
+            hubagent::systemd::status(&format!("invalid configuration: {e}"));
+            return exit::CONFIG;
+        }
     };
     hubagent::logging::init(&config.agent.log_level, config.agent.log_format);
     match runtime().block_on(hubagent::daemon::run(path)) {
         Ok(()) => exit::OK,
         Err(hubagent::daemon::DaemonError::Config(e)) => {
             tracing::error!("{e}");
+            hubagent::systemd::status(&format!("invalid configuration: {e}"));
             exit::CONFIG
         }
         Err(e) => {

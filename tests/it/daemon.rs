@@ -155,6 +155,91 @@ async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_f
     assert_eq!(agent.stop(), Some(0));
 }
 
+/// The scope a registration used, in hubsim's history.
+fn scopes_registered(sim: &hubsim::Sim, registration_id: &str) -> Vec<String> {
+    sim.records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .filter(|r| r.registration_id == registration_id && r.outcome == "assigned")
+        .map(|r| r.id_scope.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_id_scope_reprovisions_on_reload_and_restart() {
+    // The operator moves the gateway to another DPS instance (a second scope of the same hubsim,
+    // same enrollment): only the ID scope changes in the file.
+    const MOVED: &str = "0ne000000B2";
+    const BACK: &str = "0ne000000C3";
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
+    options.extra_id_scopes = vec![MOVED.into(), BACK.into()];
+    let running = hubsim::start(options).await.unwrap();
+    let (config, _) = setup(dir.path(), &running, "gw-daemon-scope");
+    let sim = running.sim.clone();
+    let first = running.sim.read(|s| s.id_scope.clone());
+    let mut agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-scope") >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(scopes_registered(&sim, "gw-daemon-scope"), [first.as_str()]);
+
+    let good = std::fs::read_to_string(&config).unwrap();
+    let with_scope = |scope: &str| {
+        good.replace(
+            &format!("id_scope = \"{first}\""),
+            &format!("id_scope = \"{scope}\""),
+        )
+    };
+    std::fs::write(&config, with_scope(MOVED)).unwrap();
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, "gw-daemon-scope") == 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        scopes_registered(&sim, "gw-daemon-scope"),
+        [first.as_str(), MOVED]
+    );
+
+    // Changed while the agent was down: the restart registers again, under the new scope...
+    assert_eq!(agent.stop(), Some(0));
+    std::fs::write(&config, with_scope(BACK)).unwrap();
+    let connects = hub_connects(&sim, "gw-daemon-scope");
+    agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| registrations(s, "gw-daemon-scope") == 3
+            && hub_connects(s, "gw-daemon-scope") > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        scopes_registered(&sim, "gw-daemon-scope"),
+        [first.as_str(), MOVED, BACK]
+    );
+    // ...and the next restart with the same scope uses the cache again.
+    let connects = hub_connects(&sim, "gw-daemon-scope");
+    assert_eq!(agent.stop(), Some(0));
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-scope") > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, "gw-daemon-scope"), 3);
+    assert_eq!(agent.stop(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_hub_connection_triggers_reprovisioning() {
     let dir = tempfile::tempdir().unwrap();

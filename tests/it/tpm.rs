@@ -10,7 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use hubagent::keys::SasSigner;
-use hubagent::tpm::{self, HandleCounts, TpmError, TpmSigner};
+use hubagent::tpm::{self, HandleCounts, HierarchyAuth, TpmError, TpmSigner};
 use hubagent_tests::swtpm::Swtpm;
 use hubagent_tests::*;
 use tss_esapi::interface_types::dynamic_handles::Persistent;
@@ -19,6 +19,8 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 
 const WAIT: Duration = Duration::from_secs(30);
 const HANDLE: u32 = 0x8100_0100;
+/// The hierarchies of a fresh swtpm have empty authorization values.
+const NO_AUTH: HierarchyAuth = HierarchyAuth::EMPTY;
 const NOTHING_LOADED: HandleCounts = HandleCounts {
     transient_objects: 0,
     loaded_sessions: 0,
@@ -101,7 +103,7 @@ fn hmac_happens_in_the_tpm_and_matches_software_without_leaking_handles() {
     let tcti = swtpm.tcti();
     let key = hubsim::state::random_key();
     assert_eq!(
-        tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&key).unwrap(), false).unwrap(),
+        tpm::import_hmac_key(&tcti, &NO_AUTH, HANDLE, &B64.decode(&key).unwrap(), false).unwrap(),
         tpm::Replaced::Nothing
     );
     let signer = TpmSigner::new(&tcti, HANDLE);
@@ -123,7 +125,14 @@ fn hmac_happens_in_the_tpm_and_matches_software_without_leaking_handles() {
     let rotated = hubsim::state::random_key();
     for _ in 0..5 {
         assert_eq!(
-            tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&rotated).unwrap(), false).unwrap(),
+            tpm::import_hmac_key(
+                &tcti,
+                &NO_AUTH,
+                HANDLE,
+                &B64.decode(&rotated).unwrap(),
+                false
+            )
+            .unwrap(),
             tpm::Replaced::HmacKey
         );
     }
@@ -133,7 +142,7 @@ fn hmac_happens_in_the_tpm_and_matches_software_without_leaking_handles() {
     );
     assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
     // So does asking for the EK and SRK.
-    let identity = tpm::identity(&tcti).unwrap();
+    let identity = tpm::identity(&tcti, &NO_AUTH).unwrap();
     assert_eq!(identity.registration_id.len(), 52);
     assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
 
@@ -176,7 +185,8 @@ fn errors_name_the_problem() {
     assert!(matches!(err, TpmError::ForeignKey { .. }), "{err}");
     assert!(err.to_string().contains("an RSA key"), "{err}");
     let key = hubsim::state::random_key();
-    let err = tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&key).unwrap(), false).unwrap_err();
+    let err = tpm::import_hmac_key(&tcti, &NO_AUTH, HANDLE, &B64.decode(&key).unwrap(), false)
+        .unwrap_err();
     assert!(matches!(err, TpmError::ForeignKey { .. }), "{err}");
     assert!(
         matches!(
@@ -186,7 +196,7 @@ fn errors_name_the_problem() {
         "the RSA key is still there"
     );
     assert_eq!(
-        tpm::import_hmac_key(&tcti, HANDLE, &B64.decode(&key).unwrap(), true).unwrap(),
+        tpm::import_hmac_key(&tcti, &NO_AUTH, HANDLE, &B64.decode(&key).unwrap(), true).unwrap(),
         tpm::Replaced::Foreign("an RSA key".into())
     );
     assert_eq!(
@@ -504,7 +514,7 @@ fn import_key_derives_group_keys_and_leaves_foreign_objects_alone() {
 fn hubsim_activation_blobs_import_only_into_their_tpm() {
     let swtpm = Swtpm::start();
     let tcti = swtpm.tcti();
-    let identity = tpm::identity(&tcti).unwrap();
+    let identity = tpm::identity(&tcti, &NO_AUTH).unwrap();
     let key = hubsim::state::random_key();
     let blob = hubsim::tpm::activation_blob(
         &identity.endorsement_key,
@@ -513,7 +523,7 @@ fn hubsim_activation_blobs_import_only_into_their_tpm() {
     )
     .unwrap();
     assert_eq!(
-        tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob).unwrap(),
+        tpm::attestation::import_activation_blob(&tcti, &NO_AUTH, HANDLE, &blob).unwrap(),
         tpm::Replaced::Nothing
     );
     assert_eq!(
@@ -529,7 +539,7 @@ fn hubsim_activation_blobs_import_only_into_their_tpm() {
     )
     .unwrap();
     assert_eq!(
-        tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob).unwrap(),
+        tpm::attestation::import_activation_blob(&tcti, &NO_AUTH, HANDLE, &blob).unwrap(),
         tpm::Replaced::HmacKey
     );
     assert_eq!(
@@ -540,7 +550,8 @@ fn hubsim_activation_blobs_import_only_into_their_tpm() {
 
     // Another TPM (another EK) cannot open it, and its handle stays empty.
     let other = Swtpm::start();
-    let err = tpm::attestation::import_activation_blob(&other.tcti(), HANDLE, &blob).unwrap_err();
+    let err = tpm::attestation::import_activation_blob(&other.tcti(), &NO_AUTH, HANDLE, &blob)
+        .unwrap_err();
     assert!(err.to_string().contains("another TPM"), "{err}");
     assert!(matches!(
         TpmSigner::new(&other.tcti(), HANDLE).hmac(b"x"),
@@ -548,7 +559,8 @@ fn hubsim_activation_blobs_import_only_into_their_tpm() {
     ));
     assert_eq!(tpm::handle_counts(&other.tcti()).unwrap(), NOTHING_LOADED);
     // A corrupt blob is named as such.
-    let err = tpm::attestation::import_activation_blob(&tcti, HANDLE, &blob[..40]).unwrap_err();
+    let err =
+        tpm::attestation::import_activation_blob(&tcti, &NO_AUTH, HANDLE, &blob[..40]).unwrap_err();
     assert!(err.to_string().contains("malformed"), "{err}");
 }
 
@@ -667,7 +679,7 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
 
     // TPM cleared of the key: the cache is useless without it, so the agent attests again.
     assert_eq!(
-        tpm::evict(&tcti, HANDLE, false).unwrap(),
+        tpm::evict(&tcti, &NO_AUTH, HANDLE, false).unwrap(),
         tpm::Replaced::HmacKey
     );
     let agent = AgentProcess::start(&config);
@@ -719,12 +731,146 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
     );
 
     // A blob DPS made for the enrolled TPM is useless to the impostor even if intercepted.
-    let identity = tpm::identity(&enrolled.tcti()).unwrap();
+    let identity = tpm::identity(&enrolled.tcti(), &NO_AUTH).unwrap();
     let blob = hubsim::tpm::activation_blob(
         &identity.endorsement_key,
         &identity.storage_root_key,
         &[1u8; 32],
     )
     .unwrap();
-    assert!(tpm::attestation::import_activation_blob(&impostor.tcti(), HANDLE, &blob).is_err());
+    assert!(
+        tpm::attestation::import_activation_blob(&impostor.tcti(), &NO_AUTH, HANDLE, &blob)
+            .is_err()
+    );
+}
+
+/// Issue #4: "a loop of 200 provisionings on swtpm leaves the TPM with no leaked handles". Each
+/// cycle is a whole DPS TPM attestation (EK/SRK read, challenge, ActivateCredential, Import,
+/// persist, SAS signed in the TPM) against hubsim, run in-process so the loop stays quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_tpm_provisionings_leak_no_handle() {
+    const CYCLES: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
+    options.retry_after_secs = 0;
+    let running = hubsim::start(options).await.unwrap();
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let id = enroll_tpm(&sim, &tcti, None);
+    let config_path = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
+    let config = hubagent::config::Config::load(&config_path, &|_| None).unwrap();
+
+    let mut hub_keys = std::collections::HashSet::new();
+    for cycle in 0..CYCLES {
+        let (cache, fresh) = hubagent::provisioning::provision_once(&config, true)
+            .await
+            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+        assert!(fresh, "cycle {cycle} used the cache");
+        assert_eq!(cache.device_id, id);
+        assert_eq!(
+            tpm::handle_counts(&tcti).unwrap(),
+            NOTHING_LOADED,
+            "cycle {cycle} left something loaded in the TPM"
+        );
+        hub_keys.insert(hub_primary_key(&sim, &id));
+    }
+    assert_eq!(registrations(&sim, &id), CYCLES);
+    // Every cycle imported the key DPS issued, and the last one is what the TPM now signs with.
+    assert_eq!(
+        hub_keys.len(),
+        CYCLES,
+        "each registration issues a new hub key"
+    );
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_primary_key(&sim, &id), b"probe")
+    );
+}
+
+/// A TPM whose owner set hierarchy passwords: without them the agent fails naming the settings
+/// to fill in; with them (files, mode 0600) it attests and imports, and the passwords appear in
+/// no output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hierarchy_passwords_come_from_files() {
+    const OWNER: &str = "owner-pw-7f3a9c";
+    const ENDORSEMENT: &str = "endorsement-pw-51be2d";
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
+    options.retry_after_secs = 0;
+    let running = hubsim::start(options).await.unwrap();
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    // Enrolled while the hierarchies are still open (the EK public does not depend on them).
+    let id = enroll_tpm(&sim, &tcti, None);
+    {
+        let mut ctx = context(&tcti);
+        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            for (hierarchy, password) in [
+                (tss_esapi::handles::AuthHandle::Owner, OWNER),
+                (tss_esapi::handles::AuthHandle::Endorsement, ENDORSEMENT),
+            ] {
+                let auth = tss_esapi::structures::Auth::try_from(password.as_bytes().to_vec());
+                ctx.hierarchy_change_auth(hierarchy, auth.unwrap()).unwrap();
+            }
+        });
+    }
+    let config = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
+    let config_arg = config.to_str().unwrap();
+
+    // Without the passwords: a clear refusal that names the settings, and nothing registered.
+    let out = hubagent(&["-c", config_arg, "provision"], "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("wrong authorization value") && stderr.contains("endorsement_auth"),
+        "{stderr}"
+    );
+    assert_eq!(registrations(&sim, &id), 0);
+
+    // With them, from private files.
+    let secrets = dir.path().join("etc");
+    let owner_file = write_key(&secrets, "owner.auth", OWNER);
+    let endorsement_file = write_key(&secrets, "endorsement.auth", ENDORSEMENT);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "key_source = \"attestation\"\n",
+        &format!(
+            "key_source = \"attestation\"\nowner_auth = {{ file = \"{}\" }}\nendorsement_auth = {{ file = \"{}\" }}\n",
+            owner_file.display(),
+            endorsement_file.display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = hubagent(&["-c", config_arg, "provision", "--json"], "");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(registrations(&sim, &id), 1);
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
+        software_hmac(&hub_primary_key(&sim, &id), b"probe")
+    );
+    // show-ek and import-key take the passwords from the same configuration.
+    let out = hubagent(&["-c", config_arg, "tpm", "show-ek", "--json"], "");
+    assert!(out.status.success(), "{out:?}");
+    let key = hubsim::state::random_key();
+    let out = hubagent(&["-c", config_arg, "tpm", "import-key"], &key);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        TpmSigner::new(&tcti, HANDLE).sign(b"x").unwrap(),
+        software_hmac(&key, b"x")
+    );
+    // A wrong password is refused as such, and the password itself is never echoed.
+    std::fs::write(&owner_file, "not-the-owner-password\n").unwrap();
+    let out = hubagent(&["-c", config_arg, "tpm", "import-key", "--force"], &key);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("wrong authorization value"), "{all}");
+    for password in [OWNER, ENDORSEMENT, "not-the-owner-password"] {
+        assert!(!all.contains(password), "{all}");
+    }
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
 }

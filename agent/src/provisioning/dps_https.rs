@@ -35,6 +35,7 @@ const API_VERSION: &str = "2021-06-01";
 pub struct TpmTarget {
     pub tcti: String,
     pub handle: u32,
+    pub auth: tpm::HierarchyAuth,
 }
 
 /// Registers with DPS by TPM attestation and waits for the assignment.
@@ -230,7 +231,7 @@ fn register_blocking(
     trust_bundle: Option<PathBuf>,
     deadline: Instant,
 ) -> Result<Assignment, DpsError> {
-    let identity = tpm::identity(&target.tcti).map_err(tpm_error)?;
+    let identity = tpm::identity(&target.tcti, &target.auth).map_err(tpm_error)?;
     let client = Client::new(req, trust_bundle, deadline)?;
     let body = json!({
         "registrationId": req.registration_id,
@@ -265,7 +266,7 @@ fn register_blocking(
         (status, _) => return Err(service_error(status, &answer.body)),
     };
     // 2. Only this TPM can open it; the key lands at the handle.
-    tpm::attestation::import_activation_blob(&target.tcti, target.handle, &blob)
+    tpm::attestation::import_activation_blob(&target.tcti, &target.auth, target.handle, &blob)
         .map_err(tpm_error)?;
     tracing::info!(
         handle = format_args!("{:#010x}", target.handle),
@@ -334,8 +335,13 @@ fn register_blocking(
             let blob = B64.decode(key).map_err(|_| {
                 DpsError::Protocol("registrationState.tpm.authenticationKey is not base64".into())
             })?;
-            tpm::attestation::import_activation_blob(&target.tcti, target.handle, &blob)
-                .map_err(tpm_error)?;
+            tpm::attestation::import_activation_blob(
+                &target.tcti,
+                &target.auth,
+                target.handle,
+                &blob,
+            )
+            .map_err(tpm_error)?;
             tracing::info!(
                 handle = format_args!("{:#010x}", target.handle),
                 "imported the IoT Hub device key into the TPM"

@@ -47,9 +47,19 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
                 .map_err(|e| format!("{}: {e}", identity_cert.display()))
         }
         #[cfg(feature = "tpm")]
-        Some(Attestation::Tpm { tcti, .. }) => crate::tpm::identity(tcti)
-            .map(|identity| identity.registration_id)
-            .map_err(|e| format!("the registration id comes from the TPM's endorsement key: {e}")),
+        Some(Attestation::Tpm {
+            tcti,
+            owner_auth,
+            endorsement_auth,
+            ..
+        }) => {
+            crate::tpm::HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
+                .and_then(|auth| crate::tpm::identity(tcti, &auth))
+                .map(|identity| identity.registration_id)
+                .map_err(|e| {
+                    format!("the registration id comes from the TPM's endorsement key: {e}")
+                })
+        }
         _ => Err("provisioning.registration_id is not set".into()),
     }
 }
@@ -80,11 +90,17 @@ pub async fn register(
         tcti,
         handle,
         key_source: crate::config::TpmKeySource::Attestation,
+        owner_auth,
+        endorsement_auth,
     }) = &config.provisioning.attestation
     {
+        let auth =
+            crate::tpm::HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
+                .map_err(|e| dps::DpsError::Tpm(e.to_string()))?;
         let target = dps_https::TpmTarget {
             tcti: tcti.clone(),
             handle: *handle,
+            auth,
         };
         return dps_https::register(request, &target, config.hub.trust_bundle.clone()).await;
     }
@@ -102,6 +118,7 @@ pub fn attestation_key_missing(config: &Config) -> Option<String> {
         tcti,
         handle,
         key_source: crate::config::TpmKeySource::Attestation,
+        ..
     }) = &config.provisioning.attestation
         && let Err(e @ crate::tpm::TpmError::HandleEmpty { .. }) =
             crate::tpm::TpmSigner::new(tcti, *handle).check()

@@ -14,8 +14,8 @@ use tss_esapi::structures::{
 use tss_esapi::traits::UnMarshall;
 
 use super::{
-    Replaced, TpmError, check_replaceable, command_error, endorsement_key, inspect, open, persist,
-    session_object, storage_root_key, with_cleanup,
+    HierarchyAuth, Replaced, TpmError, check_replaceable, command_error, endorsement_key, inspect,
+    open_with, persist, session_object, storage_root_key, with_cleanup,
 };
 
 /// The parts of an activation blob (protocol.md §6.2), each without its size prefix.
@@ -67,7 +67,12 @@ fn invalid<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> TpmErr
 /// Imports the key an activation blob carries into the persistent `handle`, replacing the HMAC
 /// key there (a handle holding anything else is left alone: [`TpmError::ForeignKey`]).
 /// A blob made for another TPM fails in ActivateCredential.
-pub fn import_activation_blob(tcti: &str, handle: u32, blob: &[u8]) -> Result<Replaced, TpmError> {
+pub fn import_activation_blob(
+    tcti: &str,
+    auth: &HierarchyAuth,
+    handle: u32,
+    blob: &[u8],
+) -> Result<Replaced, TpmError> {
     let parts = ActivationBlob::parse(blob)?;
     let credential_blob =
         IdObject::try_from(parts.credential_blob).map_err(invalid("credentialBlob"))?;
@@ -76,7 +81,7 @@ pub fn import_activation_blob(tcti: &str, handle: u32, blob: &[u8]) -> Result<Re
     let in_sym_seed = EncryptedSecret::try_from(parts.in_sym_seed).map_err(invalid("inSymSeed"))?;
     let public = Public::unmarshall(&parts.public).map_err(invalid("objectPublic"))?;
 
-    let mut ctx = open(tcti)?;
+    let mut ctx = open_with(tcti, auth)?;
     let slot = inspect(&mut ctx, handle)?;
     let replaced = check_replaceable(handle, &slot, false)?;
     with_cleanup(&mut ctx, move |ctx, transient| {

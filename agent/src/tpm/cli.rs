@@ -11,6 +11,8 @@ use crate::cli::{TpmCommand, TpmTarget, exit};
 use crate::config::{Attestation, Config, DEFAULT_TPM_HANDLE, check_tpm_handle, parse_tpm_handle};
 use crate::keys::{MemoryKey, derive_device_key};
 
+use super::HierarchyAuth;
+
 /// Runs a `hubagent tpm …` command; returns the exit code.
 pub fn run(config_path: &Path, command: TpmCommand) -> i32 {
     match command {
@@ -26,33 +28,49 @@ pub fn run(config_path: &Path, command: TpmCommand) -> i32 {
         ),
         TpmCommand::ShowEk { tcti, json } => {
             let target = TpmTarget { tcti, handle: None };
-            let (tcti, _) = match resolve(config_path, &target) {
+            let (tcti, _, auth) = match resolve(config_path, &target) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            show_ek(&tcti, json)
+            show_ek(&tcti, &auth, json)
         }
     }
 }
 
 /// The TCTI and handle: flags, else the configuration (when it exists and uses the TPM), else
-/// the defaults.
-fn resolve(config_path: &Path, target: &TpmTarget) -> Result<(String, u32), i32> {
-    let from_config = if target.tcti.is_some() && target.handle.is_some() {
+/// the defaults. The hierarchy authorizations come from the configuration when it uses the same
+/// TPM.
+fn resolve(config_path: &Path, target: &TpmTarget) -> Result<(String, u32, HierarchyAuth), i32> {
+    let mut auth = HierarchyAuth::default();
+    let from_config = if !config_path.exists() {
         None
-    } else if config_path.exists() {
+    } else {
         match Config::load(config_path, &|k| std::env::var(k).ok()) {
             Ok(config) => match config.provisioning.attestation {
-                Some(Attestation::Tpm { tcti, handle, .. }) => Some((tcti, handle)),
+                Some(Attestation::Tpm {
+                    tcti,
+                    handle,
+                    owner_auth,
+                    endorsement_auth,
+                    ..
+                }) if target.tcti.as_ref().is_none_or(|flag| *flag == tcti) => {
+                    auth =
+                        HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
+                            .map_err(|e| {
+                                eprintln!("hubagent: {e}");
+                                exit::CONFIG
+                            })?;
+                    Some((tcti, handle))
+                }
                 _ => None,
             },
+            // Flags alone are enough: a broken configuration only matters without them.
+            Err(_) if target.tcti.is_some() && target.handle.is_some() => None,
             Err(e) => {
                 eprintln!("hubagent: {e} (or give --tcti and --handle)");
                 return Err(exit::CONFIG);
             }
         }
-    } else {
-        None
     };
     let tcti = target
         .tcti
@@ -70,7 +88,7 @@ fn resolve(config_path: &Path, target: &TpmTarget) -> Result<(String, u32), i32>
         eprintln!("hubagent: handle {e}");
         exit::CONFIG
     })?;
-    Ok((tcti, handle))
+    Ok((tcti, handle, auth))
 }
 
 fn import_key(
@@ -79,7 +97,7 @@ fn import_key(
     group_registration_id: Option<&str>,
     force: bool,
 ) -> i32 {
-    let (tcti, handle) = match resolve(config_path, target) {
+    let (tcti, handle, auth) = match resolve(config_path, target) {
         Ok(t) => t,
         Err(code) => return code,
     };
@@ -121,7 +139,7 @@ fn import_key(
             return exit::FAILURE;
         }
     };
-    match super::import_hmac_key(&tcti, handle, &key, force) {
+    match super::import_hmac_key(&tcti, &auth, handle, &key, force) {
         Ok(replaced) => {
             let what = match replaced {
                 super::Replaced::Nothing => String::new(),
@@ -141,8 +159,8 @@ fn import_key(
     }
 }
 
-fn show_ek(tcti: &str, json: bool) -> i32 {
-    match super::identity(tcti) {
+fn show_ek(tcti: &str, auth: &HierarchyAuth, json: bool) -> i32 {
+    match super::identity(tcti, auth) {
         Ok(identity) => {
             if json {
                 println!(

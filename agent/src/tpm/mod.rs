@@ -27,13 +27,16 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    CapabilityData, Digest, KeyedHashScheme, MaxBuffer, Public, PublicBuilder, PublicKeyRsa,
+    Auth, CapabilityData, Digest, KeyedHashScheme, MaxBuffer, Public, PublicBuilder, PublicKeyRsa,
     PublicKeyedHashParameters, PublicRsaParametersBuilder, RsaExponent, SensitiveData,
     SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
 
+use zeroize::Zeroizing;
+
+use crate::config::Secret;
 use crate::keys::{KeyError, SasSigner};
 
 /// The TCG/Azure persistent handles of the endorsement key and the storage root key.
@@ -62,7 +65,14 @@ pub enum TpmError {
     )]
     Lockout,
     #[error(
-        "the TPM refused the authorization for {what} (wrong authorization value); hubagent uses empty authorization values, as Azure's SDKs do"
+        "the TPM is busy ({why}) and did not run {operation}; the agent retries on its next attempt"
+    )]
+    Busy {
+        operation: &'static str,
+        why: &'static str,
+    },
+    #[error(
+        "the TPM refused the authorization for {what} (wrong authorization value); if the TPM's owner or endorsement hierarchy has a password, point owner_auth / endorsement_auth in [provisioning.attestation] at a file holding it (docs/tpm.md)"
     )]
     BadAuth { what: String },
     #[error("{0}")]
@@ -85,6 +95,24 @@ fn command_error(operation: &'static str, what: &str, e: tss_esapi::Error) -> Tp
     if let tss_esapi::Error::Tss2Error(rc) = e {
         match rc.kind() {
             Some(Tss2ResponseCodeKind::Lockout) => return TpmError::Lockout,
+            Some(Tss2ResponseCodeKind::Retry) | Some(Tss2ResponseCodeKind::Yielded) => {
+                return TpmError::Busy {
+                    operation,
+                    why: "it asked to be retried",
+                };
+            }
+            Some(Tss2ResponseCodeKind::Testing) => {
+                return TpmError::Busy {
+                    operation,
+                    why: "it is running its self-tests",
+                };
+            }
+            Some(Tss2ResponseCodeKind::NvRate) => {
+                return TpmError::Busy {
+                    operation,
+                    why: "its NV memory is rate-limiting writes",
+                };
+            }
             Some(Tss2ResponseCodeKind::AuthFail) | Some(Tss2ResponseCodeKind::BadAuth) => {
                 return TpmError::BadAuth {
                     what: what.to_string(),
@@ -97,6 +125,100 @@ fn command_error(operation: &'static str, what: &str, e: tss_esapi::Error) -> Tp
         operation,
         source: e,
     }
+}
+
+/// The authorization values of the owner and endorsement hierarchies, for TPMs whose owner set
+/// them (`tpm2_changeauth -c owner …`). Empty by default, as on a TPM fresh from the factory and
+/// as Azure's SDKs assume. The owner hierarchy authorizes creating the SRK and persisting keys;
+/// the endorsement hierarchy creating the EK and activating a DPS credential.
+#[derive(Clone, Default)]
+pub struct HierarchyAuth {
+    owner: Option<Zeroizing<Vec<u8>>>,
+    endorsement: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for HierarchyAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = |v: &Option<Zeroizing<Vec<u8>>>| if v.is_some() { "set" } else { "empty" };
+        write!(
+            f,
+            "HierarchyAuth {{ owner: {}, endorsement: {} }}",
+            state(&self.owner),
+            state(&self.endorsement)
+        )
+    }
+}
+
+impl HierarchyAuth {
+    /// Both hierarchies without a password.
+    pub const EMPTY: HierarchyAuth = HierarchyAuth {
+        owner: None,
+        endorsement: None,
+    };
+
+    pub fn new(owner: Option<&[u8]>, endorsement: Option<&[u8]>) -> Self {
+        let copy = |v: Option<&[u8]>| v.map(|v| Zeroizing::new(v.to_vec()));
+        HierarchyAuth {
+            owner: copy(owner),
+            endorsement: copy(endorsement),
+        }
+    }
+
+    /// Reads the values from the configuration's `owner_auth` / `endorsement_auth` (a file's
+    /// text, trailing whitespace trimmed, is the password as `tpm2_changeauth` took it). A file
+    /// others can read is used but warned about.
+    pub fn from_secrets(
+        owner: Option<&Secret>,
+        endorsement: Option<&Secret>,
+    ) -> Result<Self, TpmError> {
+        let read = |secret: Option<&Secret>, name: &str| -> Result<_, TpmError> {
+            let Some(secret) = secret else {
+                return Ok(None);
+            };
+            let (text, _, warnings) = crate::keys::read_secret(secret)
+                .map_err(|e| TpmError::Invalid(format!("provisioning.attestation.{name}: {e}")))?;
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            Ok(Some(Zeroizing::new(text.as_bytes().to_vec())))
+        };
+        Ok(HierarchyAuth {
+            owner: read(owner, "owner_auth")?,
+            endorsement: read(endorsement, "endorsement_auth")?,
+        })
+    }
+
+    /// Hands the values to ESAPI, which uses them for every password authorization of the two
+    /// hierarchies on this context.
+    fn apply(&self, ctx: &mut Context) -> Result<(), TpmError> {
+        for (handle, value, name) in [
+            (ObjectHandle::Owner, &self.owner, "owner_auth"),
+            (
+                ObjectHandle::Endorsement,
+                &self.endorsement,
+                "endorsement_auth",
+            ),
+        ] {
+            if let Some(value) = value {
+                let auth = Auth::try_from(value.to_vec()).map_err(|_| {
+                    TpmError::Invalid(format!(
+                        "provisioning.attestation.{name} is {} bytes; a TPM authorization value takes at most 64",
+                        value.len()
+                    ))
+                })?;
+                ctx.tr_set_auth(handle, auth)
+                    .map_err(|e| command_error("TR_SetAuth", name, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens a context and sets the hierarchies' authorization values on it.
+fn open_with(tcti: &str, auth: &HierarchyAuth) -> Result<Context, TpmError> {
+    let mut ctx = open(tcti)?;
+    auth.apply(&mut ctx)?;
+    Ok(ctx)
 }
 
 /// Opens an ESAPI context over `tcti` (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`, `mssim:…`).
@@ -126,6 +248,9 @@ fn unavailable_detail(tcti: &str, e: tss_esapi::Error) -> String {
             Err(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
                 format!("permission denied on {path}: the agent's user must be in the 'tss' group")
             }
+            Err(io) if io.kind() == std::io::ErrorKind::ResourceBusy => format!(
+                "{path} is in use by another process; use device:/dev/tpmrm0 (the kernel's resource manager), which lets processes share the TPM"
+            ),
             Err(io) => format!("{path}: {io}"),
             Ok(_) => format!("{path} opened but the TSS could not initialize: {e}"),
         };
@@ -442,8 +567,8 @@ impl Identity {
 }
 
 /// Reads (or recreates from the standard templates) the EK and SRK.
-pub fn identity(tcti: &str) -> Result<Identity, TpmError> {
-    let mut ctx = open(tcti)?;
+pub fn identity(tcti: &str, auth: &HierarchyAuth) -> Result<Identity, TpmError> {
+    let mut ctx = open_with(tcti, auth)?;
     with_cleanup(&mut ctx, |ctx, transient| {
         let (_, ek) = endorsement_key(ctx, transient)?;
         let endorsement_key = tpm2b_public(&ek)?;
@@ -542,6 +667,7 @@ fn persist(
 /// disk. A handle holding anything but an HMAC key is left alone unless `force`.
 pub fn import_hmac_key(
     tcti: &str,
+    auth: &HierarchyAuth,
     handle: u32,
     key: &[u8],
     force: bool,
@@ -554,7 +680,7 @@ pub fn import_hmac_key(
     }
     let sensitive = SensitiveData::try_from(key.to_vec())
         .map_err(|e| TpmError::Invalid(format!("key: {e}")))?;
-    let mut ctx = open(tcti)?;
+    let mut ctx = open_with(tcti, auth)?;
     let slot = inspect(&mut ctx, handle)?;
     let replaced = check_replaceable(handle, &slot, force)?;
     with_cleanup(&mut ctx, move |ctx, transient| {
@@ -597,8 +723,13 @@ pub fn import_hmac_key(
 }
 
 /// Removes the persistent HMAC key at `handle` (refuses anything else unless `force`).
-pub fn evict(tcti: &str, handle: u32, force: bool) -> Result<Replaced, TpmError> {
-    let mut ctx = open(tcti)?;
+pub fn evict(
+    tcti: &str,
+    auth: &HierarchyAuth,
+    handle: u32,
+    force: bool,
+) -> Result<Replaced, TpmError> {
+    let mut ctx = open_with(tcti, auth)?;
     let slot = inspect(&mut ctx, handle)?;
     let removed = check_replaceable(handle, &slot, force)?;
     if let Slot::Hmac(o) | Slot::Foreign(o, _) = slot {

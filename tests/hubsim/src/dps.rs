@@ -111,15 +111,15 @@ fn match_enrollment(
     registration_id: &str,
     cred: &DeviceCredential,
 ) -> Result<Matched, String> {
-    let (scope, individual, groups) = sim.read(|s| {
+    let (individual, groups) = sim.read(|s| {
         let individual = s
             .enrollments
             .values()
             .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
             .cloned();
-        (s.id_scope.clone(), individual, s.groups.clone())
+        (individual, s.groups.clone())
     });
-    if !scope.eq_ignore_ascii_case(id_scope) {
+    if !sim.serves_scope(id_scope) {
         return Err(format!("unknown ID scope '{id_scope}'"));
     }
     let now = auth::unix_now();
@@ -328,6 +328,7 @@ pub fn register(
     let record = |outcome: &str, hub: Option<String>, device: Option<String>, att: &str| {
         let event = RegistrationEvent {
             registration_id: registration_id.to_string(),
+            id_scope: id_scope.to_string(),
             time: now_rfc3339(),
             outcome: outcome.to_string(),
             assigned_hub: hub,
@@ -434,6 +435,7 @@ pub fn tpm_challenge(sim: &Sim, id_scope: &str, registration_id: &str, body: &[u
     let record = |outcome: &str| {
         let event = RegistrationEvent {
             registration_id: registration_id.to_string(),
+            id_scope: id_scope.to_string(),
             time: now_rfc3339(),
             outcome: outcome.to_string(),
             assigned_hub: None,
@@ -483,20 +485,17 @@ pub fn tpm_challenge(sim: &Sim, id_scope: &str, registration_id: &str, body: &[u
             "tpm.endorsementKey and tpm.storageRootKey (base64 TPM2B_PUBLIC) are required",
         );
     };
-    let (scope, enrollment) = sim.read(|s| {
-        (
-            s.id_scope.clone(),
-            s.enrollments
-                .values()
-                .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
-                .cloned(),
-        )
+    let enrollment = sim.read(|s| {
+        s.enrollments
+            .values()
+            .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
+            .cloned()
     });
     let refuse = |reason: String| {
         record("unauthorized");
         error(401, 401002, &format!("Unauthorized: {reason}"))
     };
-    if !scope.eq_ignore_ascii_case(id_scope) {
+    if !sim.serves_scope(id_scope) {
         return refuse(format!("unknown ID scope '{id_scope}'"));
     }
     let Some(Attestation::Tpm { tpm: enrolled }) = enrollment.map(|e| e.common.attestation) else {

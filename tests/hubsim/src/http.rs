@@ -927,6 +927,7 @@ async fn sim_status(State(sim): State<AppState>, headers: HeaderMap) -> Response
     ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "idScope": scope,
+        "extraIdScopes": sim.config.extra_id_scopes,
         "hubs": sim.config.hubs,
         "mqttPort": sim.config.mqtt_port,
         "httpsPort": sim.config.https_port,

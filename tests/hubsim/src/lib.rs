@@ -42,7 +42,10 @@ pub struct Options {
     pub https_port: u16,
     /// Linked hub host names (default `["localhost"]`).
     pub hubs: Vec<String>,
+    /// The DPS instance's ID scope (kept in the state dir after the first start).
     pub id_scope: String,
+    /// More ID scopes answered with the same enrollments (not kept: given on each start).
+    pub extra_id_scopes: Vec<String>,
     /// Extra names for the server certificate.
     pub extra_sans: Vec<String>,
     pub retry_after_secs: u64,
@@ -58,6 +61,7 @@ impl Options {
             https_port: 0,
             hubs: vec!["localhost".into()],
             id_scope: "0ne00000001".into(),
+            extra_id_scopes: vec![],
             extra_sans: vec![],
             retry_after_secs: 1,
         }
@@ -122,6 +126,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         retry_after_secs: options.retry_after_secs,
         mqtt_port: mqtt_addr.port(),
         https_port: https_addr.port(),
+        extra_id_scopes: options.extra_id_scopes.clone(),
     };
     let sim = Arc::new(Sim::open(config, &options.id_scope)?);
     let (hub_key, dps_key, id_scope) = sim.read(|s| {
@@ -150,6 +155,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         "mqtt": mqtt_addr.to_string(),
         "https": https_addr.to_string(),
         "idScope": id_scope,
+        "extraIdScopes": options.extra_id_scopes,
         "hubs": options.hubs,
         "ca": pki.ca_pem_path,
     });

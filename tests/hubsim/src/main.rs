@@ -35,8 +35,10 @@ enum Command {
         #[arg(long = "hub")]
         hubs: Vec<String>,
         /// ID scope of the DPS instance (kept in the state dir after the first start).
-        #[arg(long, default_value = "0ne00000001")]
-        id_scope: String,
+        /// Repeatable: the first is the instance's own, the others are served too, with the
+        /// same enrollments (as if the device moved to another DPS instance).
+        #[arg(long = "id-scope", default_value = "0ne00000001")]
+        id_scopes: Vec<String>,
         /// Extra name (host or IP) for the server certificate (repeatable).
         #[arg(long = "san")]
         extra_sans: Vec<String>,
@@ -127,10 +129,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt_port,
             https_port,
             hubs,
-            id_scope,
+            id_scopes,
             extra_sans,
             retry_after,
         } => {
+            let mut id_scopes = id_scopes.into_iter();
+            let id_scope = id_scopes.next().unwrap_or_else(|| "0ne00000001".into());
             let options = hubsim::Options {
                 state_dir: state_dir.unwrap_or_else(default_state_dir),
                 bind,
@@ -142,6 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     hubs
                 },
                 id_scope,
+                extra_id_scopes: id_scopes.collect(),
                 extra_sans,
                 retry_after_secs: retry_after,
             };
@@ -245,6 +250,13 @@ fn info(state_dir: &Path) -> anyhow::Result<()> {
         "ID scope:      {}",
         endpoints["idScope"].as_str().unwrap_or("")
     );
+    if let Some(extra) = endpoints["extraIdScopes"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+    {
+        let extra: Vec<&str> = extra.iter().filter_map(|s| s.as_str()).collect();
+        println!("more ID scopes: {}", extra.join(", "));
+    }
     println!("hubs:          {}", endpoints["hubs"]);
     println!(
         "connection strings: {}",

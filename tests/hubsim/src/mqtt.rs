@@ -326,8 +326,7 @@ async fn run_dps(
     credential: DeviceCredential,
 ) -> Result<(), String> {
     let client_id = &connect.client_id;
-    let scope_ok = sim.read(|s| s.id_scope.eq_ignore_ascii_case(id_scope));
-    let checked = if !scope_ok {
+    let checked = if !sim.serves_scope(id_scope) {
         Err(format!("unknown ID scope '{id_scope}'"))
     } else if !client_id.eq_ignore_ascii_case(registration_id) {
         Err(format!(

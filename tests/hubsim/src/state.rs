@@ -286,6 +286,8 @@ pub struct TelemetryRecord {
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationEvent {
     pub registration_id: String,
+    /// The ID scope the device addressed.
+    pub id_scope: String,
     pub time: String,
     pub outcome: String,
     pub assigned_hub: Option<String>,
@@ -359,6 +361,9 @@ pub struct SimConfig {
     pub retry_after_secs: u64,
     pub mqtt_port: u16,
     pub https_port: u16,
+    /// ID scopes served besides the store's own (`Store::id_scope`), sharing its enrollments:
+    /// what a device sees when its operator moves it to another DPS instance (docs/hubsim.md).
+    pub extra_id_scopes: Vec<String>,
 }
 
 /// The whole simulator state, shared by every front end.
@@ -402,6 +407,16 @@ impl Sim {
         };
         sim.save(&sim.store.lock().unwrap())?;
         Ok(sim)
+    }
+
+    /// Whether `scope` is one this DPS answers (case-insensitive, as Azure's).
+    pub fn serves_scope(&self, scope: &str) -> bool {
+        self.read(|s| s.id_scope.eq_ignore_ascii_case(scope))
+            || self
+                .config
+                .extra_id_scopes
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(scope))
     }
 
     /// Reads the store.

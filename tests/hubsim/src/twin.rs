@@ -307,6 +307,7 @@ mod tests {
                 retry_after_secs: 0,
                 mqtt_port: 0,
                 https_port: 0,
+                extra_id_scopes: vec![],
             },
             "0ne00000001",
         )

@@ -27,6 +27,7 @@ fn open_sim(dir: &std::path::Path, hubs: &[&str]) -> Sim {
             retry_after_secs: 3,
             mqtt_port: 0,
             https_port: 0,
+            extra_id_scopes: vec![],
         },
         SCOPE,
     )
@@ -1074,6 +1075,76 @@ fn tpm_attestation_challenges_the_enrolled_ek_and_wraps_the_hub_key() {
             "unauthorized",
             "unauthorized",
             "assigned"
+        ]
+    );
+}
+
+#[test]
+fn extra_id_scopes_share_the_enrollments_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::open(
+        SimConfig {
+            state_dir: dir.path().to_path_buf(),
+            hubs: vec!["localhost".into()],
+            retry_after_secs: 0,
+            mqtt_port: 0,
+            https_port: 0,
+            extra_id_scopes: vec!["0ne000000B2".into()],
+        },
+        SCOPE,
+    )
+    .unwrap();
+    let keys = key_pair();
+    enroll(&sim, "dev-scopes", common(sk(&keys)), None);
+    let in_scope = |scope: &str| {
+        DeviceCredential::Sas(sas_token(
+            &keys.primary_key,
+            &format!("{scope}/registrations/dev-scopes"),
+            in_an_hour(),
+            Some("registration"),
+        ))
+    };
+    // The extra scope answers with the same enrollment; case does not matter, as in Azure.
+    for scope in [SCOPE, "0ne000000b2"] {
+        let answer = dps::register(
+            &sim,
+            scope,
+            "dev-scopes",
+            &in_scope(scope),
+            &body("dev-scopes"),
+            "mqtt",
+        );
+        assert_eq!(answer.status, 202, "{scope}: {}", answer.body);
+    }
+    // A scope the instance was not given is still refused.
+    let refused = dps::register(
+        &sim,
+        "0ne000000C3",
+        "dev-scopes",
+        &in_scope("0ne000000C3"),
+        &body("dev-scopes"),
+        "mqtt",
+    );
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(
+        refused.body.to_string().contains("unknown ID scope"),
+        "{}",
+        refused.body
+    );
+    let seen: Vec<(String, String)> = sim
+        .records
+        .lock()
+        .unwrap()
+        .registrations
+        .iter()
+        .map(|r| (r.id_scope.clone(), r.outcome.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (SCOPE.to_string(), "assigned".to_string()),
+            ("0ne000000b2".to_string(), "assigned".to_string()),
+            ("0ne000000C3".to_string(), "unauthorized".to_string()),
         ]
     );
 }

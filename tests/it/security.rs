@@ -1,0 +1,253 @@
+//! Security promises of issue #7 checked on the real binary: no secret in any output the agent
+//! produces or any file it writes, private state, no core dumps, and twin settings that cannot
+//! make the agent start a program.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use hubagent_tests::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Every form the device key could leak in: base64 as configured, URL-encoded, and raw bytes.
+fn key_forms(key_b64: &str) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(key_b64)
+        .unwrap();
+    vec![
+        key_b64.as_bytes().to_vec(),
+        hubagent::keys::url_encode(key_b64).into_bytes(),
+        raw,
+    ]
+}
+
+fn assert_no_secret(what: &str, bytes: &[u8], key_b64: &str) {
+    for form in key_forms(key_b64) {
+        assert!(
+            !bytes.windows(form.len()).any(|w| w == form.as_slice()),
+            "{what} holds the device key"
+        );
+    }
+    // A SAS token is as good as the key for its lifetime.
+    for token_part in [&b"SharedAccessSignature"[..], b"sig="] {
+        assert!(
+            !bytes.windows(token_part.len()).any(|w| w == token_part),
+            "{what} holds a SAS token:\n{}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+}
+
+fn output_bytes(out: &std::process::Output) -> Vec<u8> {
+    [out.stdout.as_slice(), out.stderr.as_slice()].concat()
+}
+
+/// Every file under `dir`: private (no group/other bits), and free of the key.
+fn check_state_files(dir: &Path, key_b64: &str) -> usize {
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", dir.display());
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            files += check_state_files(&path, key_b64);
+        } else if meta.is_file() {
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", path.display());
+            assert_no_secret(
+                &path.display().to_string(),
+                &std::fs::read(&path).unwrap(),
+                key_b64,
+            );
+            files += 1;
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_logs_outputs_reported_properties_or_state_and_no_core_dumps() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let device = "gw-secrets";
+    let plugins = "[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n";
+    let config = plugin_agent_config(dir.path(), &running, device, plugins, false);
+    let key = sim.read(|s| match &s.enrollments[device].common.attestation {
+        hubsim::state::Attestation::SymmetricKey { symmetric_key } => {
+            symmetric_key.primary_key.clone()
+        }
+        other => panic!("{other:?}"),
+    });
+
+    // Running with debug logs, provisioned, publishing, twin reported.
+    let agent = AgentProcess::start(&config);
+    let twin_key = format!("localhost/{device}");
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3
+            && s.read(|st| st.devices.get(&twin_key).is_some_and(|d| d
+                .twin
+                .reported
+                .get("agent")
+                .is_some())))
+            .await,
+        "{}",
+        agent.log_text()
+    );
+
+    // Core dumps are off for the daemon (its memory holds the key and its SAS tokens).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(
+        &fields[4..6],
+        ["0", "0"],
+        "soft and hard core limits: {core}"
+    );
+
+    // Everything an operator or the cloud can see.
+    let mut seen: Vec<(String, Vec<u8>)> = Vec::new();
+    for args in [
+        &["status", "--json"][..],
+        &["status"],
+        &["check", "--json"],
+        &["plugins", "list", "--json"],
+        &["config", "check"],
+    ] {
+        let out = agent.cli(args);
+        seen.push((format!("hubagent {}", args.join(" ")), output_bytes(&out)));
+    }
+    let twin = sim.read(|s| serde_json::to_vec(&s.devices[&twin_key].twin.reported).unwrap());
+    seen.push(("reported properties".into(), twin));
+    assert_eq!(agent.stop(), Some(0));
+    seen.push(("the agent's log".into(), agent_log_bytes(&config)));
+    for (what, bytes) in &seen {
+        assert!(!bytes.is_empty(), "{what} said nothing");
+        assert_no_secret(what, bytes, &key);
+    }
+    let files = check_state_files(&dir.path().join("state"), &key);
+    assert!(files >= 2, "the state dir holds the cache and the queue");
+
+    // Errors: a wrong key (same length) is refused without echoing either key.
+    let wrong = hubsim::state::random_key();
+    let key_file = dir.path().join("device.key");
+    std::fs::write(&key_file, format!("{wrong}\n")).unwrap();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "provision", "--force"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let bytes = output_bytes(&out);
+    assert!(!bytes.is_empty());
+    assert_no_secret("a refused provisioning", &bytes, &key);
+    assert_no_secret("a refused provisioning", &bytes, &wrong);
+}
+
+/// All logs of the agents started with `config` (AgentProcess names them after it).
+fn agent_log_bytes(config: &Path) -> Vec<u8> {
+    let dir = config.parent().unwrap();
+    let stem = config
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace(".toml", ".log");
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&stem))
+        {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+/// `desired.plugins.<name>` is data for the plugin, never a program to run: neither keys that
+/// look like a plugin's definition nor a plugin name absent from the configuration start
+/// anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_settings_cannot_start_a_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let device = "gw-twin-exec";
+    // An exec plugin that publishes every settings line it receives.
+    let plugins = r#"[[plugin]]
+name = "echo"
+kind = "exec"
+command = ["/bin/sh", "-c", "while IFS= read -r line; do printf '{\"body\":%s}\n' \"$line\"; done"]
+[plugin.settings]
+round = 1
+"#;
+    let config = plugin_agent_config(dir.path(), &running, device, plugins, false);
+    let agent = AgentProcess::start(&config);
+    let rounds = |s: &hubsim::Sim| -> Vec<Value> {
+        bodies_from(s, device, "echo")
+            .into_iter()
+            .filter(|b| b.get("round").is_some())
+            .collect()
+    };
+    assert!(
+        sim.wait_until(WAIT, |s| !rounds(s).is_empty()).await,
+        "{}",
+        agent.log_text()
+    );
+
+    let marker = dir.path().join("pwned");
+    let marker_new = dir.path().join("pwned-new");
+    let touch = |path: &Path| json!(["/usr/bin/touch", path.display().to_string()]);
+    let version = hubsim::twin::apply_desired_patch(
+        &sim,
+        &format!("localhost/{device}"),
+        &json!({"plugins": {
+            "echo": {
+                "round": 2,
+                "kind": "exec",
+                "command": touch(&marker),
+                "path": "/tmp/evil.so",
+                "env": {"LD_PRELOAD": "/tmp/evil.so"},
+            },
+            "intruder": {"kind": "exec", "command": touch(&marker_new)},
+        }}),
+    )
+    .unwrap();
+    // The configured plugin receives the keys as plain settings, in the same process...
+    assert!(
+        sim.wait_until(WAIT, |s| rounds(s).iter().any(|b| b["round"] == 2))
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let echoed = rounds(&sim).into_iter().find(|b| b["round"] == 2).unwrap();
+    assert_eq!(echoed["command"], touch(&marker), "{echoed}");
+    let reported = sim
+        .wait_until(WAIT, |s| {
+            reported_plugin(s, device, "echo")["desiredVersion"] == version
+        })
+        .await;
+    let echo = reported_plugin(&sim, device, "echo");
+    assert!(reported, "{echo}");
+    assert_eq!(echo["restarts"], 0, "{echo}");
+    assert_eq!(echo["status"], "running", "{echo}");
+    // ...and nothing else ran: no marker, no plugin the configuration does not name.
+    let list = agent.cli(&["plugins", "list", "--json"]);
+    assert!(list.status.success(), "{list:?}");
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("echo") && !text.contains("intruder"),
+        "{text}"
+    );
+    assert_eq!(reported_plugin(&sim, device, "intruder"), Value::Null);
+    assert_eq!(agent.stop(), Some(0));
+    assert!(!marker.exists(), "a twin setting ran a program");
+    assert!(!marker_new.exists(), "a twin setting started a new plugin");
+}
