@@ -10,7 +10,6 @@ as_root() {
 }
 
 # Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
-# Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
 # systemd-nspawn, mmdebstrap, lintian), and libfaketime for the clock-jump fault scenarios.
 # Installed only when something is missing.
 packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian libfaketime)
