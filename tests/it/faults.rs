@@ -489,7 +489,8 @@ async fn hubsim_restarted() {
 
 /// Starts the agent with its state directory on a tmpfs of `size` in a private mount namespace
 /// (`unshare -rm`: a user namespace maps the caller to root there, so no real root is needed).
-/// The test reaches that filesystem through `/proc/<agent pid>/root`.
+/// The test reaches that filesystem through `/proc/<agent pid>/root`: it owns the agent's user
+/// namespace, so this works without root although the agent makes itself non-dumpable.
 fn start_with_small_state_fs(s: &Scenario, size: &str) -> AgentProcess {
     let state = s.dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
