@@ -37,12 +37,17 @@ while True:
 "#;
 
 /// `(run, n)` of every record of `source`, with its message id.
-fn received(sim: &hubsim::Sim, source: &str, key: &str) -> Vec<((String, u64), String)> {
+fn received(
+    sim: &hubsim::Sim,
+    device: &str,
+    source: &str,
+    key: &str,
+) -> Vec<((String, u64), String)> {
     sim.records
         .lock()
         .unwrap()
         .telemetry
-        .get(DEVICE)
+        .get(device)
         .map(|records| {
             records
                 .iter()
@@ -128,13 +133,13 @@ fn kill_9(mut agent: AgentProcess) {
     agent.child.wait().unwrap();
 }
 
-fn drop_connection(sim: &hubsim::Sim) {
+fn drop_connection(sim: &hubsim::Sim, device: &str) {
     let conn = sim
         .live
         .lock()
         .unwrap()
         .connections
-        .get(&format!("localhost/{DEVICE}"))
+        .get(&format!("localhost/{device}"))
         .cloned();
     if let Some(c) = conn {
         let _ = c.tx.send(hubsim::state::ConnCommand::Close {
@@ -150,26 +155,35 @@ fn run_of_pid(runs: &BTreeMap<String, u64>, pid: u64) -> String {
     found[0].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outage_and_kill_9_lose_no_plugin_message() {
+/// A hubsim and an agent configuration with the recording library plugin ("library") and the
+/// numbered exec plugin ("exec"), each publishing every `interval`, plus `extra` TOML tables.
+struct Setup {
+    dir: tempfile::TempDir,
+    running: hubsim::Running,
+    config: PathBuf,
+    lib_record: PathBuf,
+    exec_record: PathBuf,
+}
+
+async fn setup(device: &str, interval_ms: u64, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let sim = running.sim.clone();
     let library = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
     let script_source = dir.path().join("numbered.py");
     std::fs::write(&script_source, EXEC_PLUGIN).unwrap();
     let script = install_plugin(dir.path(), &script_source, 0o644);
     let lib_record: PathBuf = dir.path().join("library.record");
-    let exec_record_path: PathBuf = dir.path().join("exec.record");
+    let exec_record: PathBuf = dir.path().join("exec.record");
     let plugins = format!(
-        r#"
+        r#"{extra}
 [[plugin]]
 name = "library"
 kind = "library"
 path = "{library}"
 max_rate = 100
+callback_timeout = "1s"
 [plugin.settings]
-interval = "40ms"
+interval = "{interval_ms}ms"
 record = "{lib_record}"
 
 [[plugin]]
@@ -178,27 +192,46 @@ kind = "exec"
 command = ["python3", "{script}"]
 max_rate = 100
 [plugin.settings]
-interval = 0.04
+interval = {interval_s}
 record = "{exec_record}"
 "#,
         library = library.display(),
         script = script.display(),
         lib_record = lib_record.display(),
-        exec_record = exec_record_path.display(),
+        exec_record = exec_record.display(),
+        interval_s = interval_ms as f64 / 1000.0,
     );
-    let config = plugin_agent_config(dir.path(), &running, DEVICE, &plugins, true);
-    // Reconnect soon after the outage ends (the default backoff grows to a minute).
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    // Reconnect soon after an outage ends (the default backoff grows to a minute).
     let text = std::fs::read_to_string(&config).unwrap().replacen(
         "[hub]\n",
         "[hub]\nreconnect_backoff_max = \"2s\"\n",
         1,
     );
     std::fs::write(&config, text).unwrap();
+    Setup {
+        dir,
+        running,
+        config,
+        lib_record,
+        exec_record,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_and_kill_9_lose_no_plugin_message() {
+    let Setup {
+        dir: _dir,
+        running,
+        config,
+        lib_record,
+        exec_record: exec_record_path,
+    } = setup(DEVICE, 40, "").await;
+    let sim = running.sim.clone();
     let agent = AgentProcess::start(&config);
     assert!(
-        sim.wait_until(WAIT, |s| received(s, "library", "n").len() >= 5
-            && received(s, "exec", "seq").len() >= 5)
+        sim.wait_until(WAIT, |s| received(s, DEVICE, "library", "n").len() >= 5
+            && received(s, DEVICE, "exec", "seq").len() >= 5)
             .await,
         "{}",
         agent.log_text()
@@ -207,7 +240,7 @@ record = "{exec_record}"
     // The hub goes away for OUTAGE: the plugins keep publishing into the queue on disk.
     let outage_started = Instant::now();
     sim.faults.lock().unwrap().refuse_connections_until = Some(outage_started + OUTAGE);
-    drop_connection(&sim);
+    drop_connection(&sim, DEVICE);
     let before_outage = telemetry_count(&sim, DEVICE);
     wait_status(&agent, "a backlog during the outage", |s| {
         s["queue_depth"].as_u64().unwrap_or(0) >= 400
@@ -253,7 +286,7 @@ record = "{exec_record}"
     // Everything the library plugin was told was published, and at least what the agent had
     // counted for each killed exec run, arrives.
     let complete = |s: &hubsim::Sim| {
-        let got: BTreeSet<(String, u64)> = received(s, "library", "n")
+        let got: BTreeSet<(String, u64)> = received(s, DEVICE, "library", "n")
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -262,7 +295,7 @@ record = "{exec_record}"
             .filter(|(_, r)| *r == "ok")
             .all(|(k, _)| got.contains(k));
         let runs = exec_record(&exec_record_path);
-        let exec_got: BTreeSet<(String, u64)> = received(s, "exec", "seq")
+        let exec_got: BTreeSet<(String, u64)> = received(s, DEVICE, "exec", "seq")
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -297,7 +330,7 @@ record = "{exec_record}"
         refused.len(),
         &refused[..refused.len().min(5)]
     );
-    let lib_received = received(&sim, "library", "n");
+    let lib_received = received(&sim, DEVICE, "library", "n");
     let lib_got: BTreeSet<&(String, u64)> = lib_received.iter().map(|(k, _)| k).collect();
     let lost: Vec<&(String, u64)> = record.keys().filter(|k| !lib_got.contains(k)).collect();
     assert!(
@@ -325,7 +358,7 @@ record = "{exec_record}"
     // The exec plugin: each run's messages arrive as 1..=M with no gap, M at most what it wrote
     // and at least what the agent had acknowledged when it was killed or stopped.
     let runs = exec_record(&exec_record_path);
-    let exec_received = received(&sim, "exec", "seq");
+    let exec_received = received(&sim, DEVICE, "exec", "seq");
     let mut exec_runs: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
     for ((run, seq), _) in &exec_received {
         exec_runs.entry(run.as_str()).or_default().insert(*seq);
@@ -397,4 +430,276 @@ record = "{exec_record}"
         serde_json::to_vec_pretty(&figures).unwrap(),
     )
     .unwrap();
+}
+
+/// Sequence numbers that arrived, per run, of `source`.
+fn runs_received(
+    sim: &hubsim::Sim,
+    device: &str,
+    source: &str,
+    key: &str,
+) -> BTreeMap<String, Vec<u64>> {
+    let mut runs: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for ((run, n), _) in received(sim, device, source, key) {
+        runs.entry(run).or_default().insert(n);
+    }
+    runs.into_iter()
+        .map(|(run, ns)| (run, ns.into_iter().collect()))
+        .collect()
+}
+
+/// The missing numbers between 1 and the highest that arrived.
+fn gaps(ns: &[u64]) -> Vec<u64> {
+    let have: BTreeSet<u64> = ns.iter().copied().collect();
+    (1..=ns.last().copied().unwrap_or(0))
+        .filter(|n| !have.contains(n))
+        .collect()
+}
+
+fn plugins_list(agent: &AgentProcess) -> Value {
+    serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap()
+}
+
+/// Waits for `text` in the agent's log.
+fn wait_log(agent: &AgentProcess, text: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !agent.log_text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {text:?}\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const SMALL_QUEUE: u64 = 64 * 1024;
+
+/// `full_policy = "reject-new"`: when the queue is full the plugins are held back (a library
+/// plugin's publish does not return, an exec plugin's next line is not read) without being taken
+/// for hung, nothing is dropped, and after the outage every message arrives and publishing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
+    let device = "gw-queue-reject";
+    let s = setup(
+        device,
+        20,
+        "[queue]\nmax_bytes = \"64KiB\"\nfull_policy = \"reject-new\"\n",
+    )
+    .await;
+    let sim = s.running.sim.clone();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
+            && received(x, device, "exec", "seq").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    drop_connection(&sim, device);
+
+    // The queue fills up, and the agent says why the sources wait.
+    wait_log(&agent, "telemetry held back: the queue is full");
+    let full = wait_status(&agent, "a full queue", |st| {
+        st["queue"]["bytes_on_disk"].as_u64().unwrap_or(0) > SMALL_QUEUE - 1024
+    });
+    // Held back for a while (many liveness-ping periods of the 1 s callback timeout): the
+    // library plugin's publish does not return, so its record stops growing.
+    let held = library_record(&s.lib_record).len();
+    let exec_written = exec_record(&s.exec_record).values().sum::<u64>();
+    let hold_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < hold_until {
+        std::thread::sleep(Duration::from_millis(500));
+        let st = status(&agent);
+        assert!(
+            st["queue"]["bytes_on_disk"].as_u64().unwrap() <= SMALL_QUEUE,
+            "the queue stays within its bound: {st}"
+        );
+    }
+    assert!(
+        library_record(&s.lib_record).len() <= held + 1,
+        "the library plugin's publish was held back"
+    );
+    // The exec plugin's writes block once the pipe is full (it may fill a pipe's worth first).
+    let exec_now = exec_record(&s.exec_record).values().sum::<u64>();
+    let list = plugins_list(&agent);
+    for name in ["library", "exec"] {
+        assert_eq!(list[name]["status"], "running", "{name}: {}", list[name]);
+        assert_eq!(
+            list[name]["restarts"], 0,
+            "{name} was not taken for hung: {}",
+            list[name]
+        );
+        assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
+    }
+    let st = status(&agent);
+    assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
+
+    // The hub comes back: everything queued arrives, the held-back publish returns, and the
+    // plugins go on.
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    let target = held + 50;
+    let lib_record = s.lib_record.clone();
+    assert!(
+        sim.wait_until(Duration::from_secs(90), |x| {
+            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let record = library_record(&lib_record);
+            record.len() >= target && record.keys().all(|k| got.contains(k))
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert!(exec_record(&s.exec_record).values().sum::<u64>() > exec_now);
+    let list = plugins_list(&agent);
+    let st = status(&agent);
+    assert_eq!(agent.stop(), Some(0));
+    let record = library_record(&s.lib_record);
+    assert!(
+        record.values().all(|r| r == "ok"),
+        "every publish succeeded"
+    );
+    for (source, key) in [("library", "n"), ("exec", "seq")] {
+        let runs = runs_received(&sim, device, source, key);
+        assert_eq!(runs.len(), 1, "{source}: one run, never restarted");
+        let (run, ns) = runs.iter().next().unwrap();
+        assert!(
+            gaps(ns).is_empty(),
+            "{source} run {run} lost {:?}",
+            gaps(ns)
+        );
+    }
+    for name in ["library", "exec"] {
+        assert_eq!(list[name]["restarts"], 0, "{}", list[name]);
+        assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
+    }
+    assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
+    println!(
+        "reject-new: full at {} bytes ({} messages); library held at {held}; exec wrote {exec_written} then {exec_now} while held",
+        full["queue"]["bytes_on_disk"], full["queue_depth"]
+    );
+}
+
+/// `full_policy = "drop-oldest"`: publishing never waits; the oldest queued messages are dropped
+/// (counted in `dropped_full`, logged), the newest are kept and delivered after the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
+    let device = "gw-queue-drop";
+    let s = setup(
+        device,
+        20,
+        "[queue]\nmax_bytes = \"64KiB\"\nfull_policy = \"drop-oldest\"\n",
+    )
+    .await;
+    let sim = s.running.sim.clone();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
+            && received(x, device, "exec", "seq").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    drop_connection(&sim, device);
+
+    // Keep publishing well past the bound: several rounds of dropping.
+    wait_log(&agent, "queue full: oldest messages dropped");
+    let first = wait_status(&agent, "drops", |st| {
+        st["queue"]["dropped_full"].as_u64().unwrap_or(0) > 0
+    });
+    let dropped_first = first["queue"]["dropped_full"].as_u64().unwrap();
+    let peak = wait_status(&agent, "more drops", |st| {
+        st["queue"]["dropped_full"].as_u64().unwrap_or(0) >= dropped_first + 150
+    });
+    assert!(
+        peak["queue"]["bytes_on_disk"].as_u64().unwrap() <= SMALL_QUEUE,
+        "{peak}"
+    );
+    // Publishing never waited: the plugin's record kept growing at its pace.
+    let before = library_record(&s.lib_record).len();
+    let lib_record = s.lib_record.clone();
+    let deadline = Instant::now() + WAIT;
+    while library_record(&lib_record).len() < before + 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the library plugin was held back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Recovery: what was kept arrives.
+    let at_recovery = status(&agent);
+    let kept = at_recovery["queue_depth"].as_u64().unwrap();
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    assert!(
+        sim.wait_until(Duration::from_secs(90), |x| {
+            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let record = library_record(&lib_record);
+            record.len() > before + 40 && record.keys().rev().take(20).all(|k| got.contains(k))
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    // One connection delivers in queue order: everything older than the newest arrivals that
+    // was kept has arrived now.
+    let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]
+        .iter()
+        .map(|(source, key)| runs_received(&sim, device, source, key))
+        .collect();
+    let st = status(&agent);
+    let list = plugins_list(&agent);
+    assert_eq!(agent.stop(), Some(0));
+
+    let record = library_record(&s.lib_record);
+    assert!(record.values().all(|r| r == "ok"), "publish never failed");
+    let dropped = st["queue"]["dropped_full"].as_u64().unwrap();
+    // The hub session takes up to `inflight` messages ahead (plus the one the pump waits to
+    // hand over); those still go out when their segment is dropped, and are counted as dropped.
+    let inflight = 32 + 1;
+    let mut missing = 0;
+    for (source, runs) in ["library", "exec"].iter().zip(&arrived) {
+        assert_eq!(runs.len(), 1, "{source}: one run");
+        let (run, ns) = runs.iter().next().unwrap();
+        let gap = gaps(ns);
+        // The oldest were dropped: one stretch (give or take what was taken ahead), and
+        // everything newer arrived.
+        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
+            let stragglers = b - a + 1 - gap.len() as u64;
+            assert!(
+                stragglers <= inflight,
+                "{source} run {run}: dropped messages are one stretch of the oldest: {gap:?}"
+            );
+        }
+        missing += gap.len() as u64;
+    }
+    // Every missing message is counted.
+    assert!(
+        missing <= dropped && dropped <= missing + 2 * inflight,
+        "{missing} missing, {dropped} counted as dropped"
+    );
+    assert!(missing > 0);
+    // Drop-oldest frees one segment at a time: most of the bound stays in use.
+    let depth_bytes = peak["queue"]["bytes_on_disk"].as_u64().unwrap();
+    assert!(
+        depth_bytes >= SMALL_QUEUE / 2,
+        "after drops the queue still holds most of its bound: {peak}"
+    );
+    for name in ["library", "exec"] {
+        assert_eq!(list[name]["restarts"], 0, "{}", list[name]);
+        assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
+    }
+    println!(
+        "drop-oldest: {dropped} dropped, {missing} missing; {kept} messages kept at recovery; {depth_bytes} bytes at the peak"
+    );
 }

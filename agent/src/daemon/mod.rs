@@ -552,9 +552,10 @@ async fn provision(
     }
 }
 
-/// What telemetry sources publish through: a message is on disk in the queue when `publish`
-/// returns. A full queue with `full_policy = "reject-new"` or a full disk holds the source back
-/// (with growing pauses) while the condition lasts; nothing already queued is touched.
+/// What telemetry sources publish through: a message is on disk in the queue when `try_publish`
+/// returns `Ok`. A full queue with `full_policy = "reject-new"` or a full disk is an error the
+/// caller holds its source back on (the plugin supervisor retries while it keeps serving the
+/// plugin); nothing already queued is touched.
 #[derive(Clone)]
 pub struct DurablePublisher {
     queue: Arc<Queue>,
@@ -565,22 +566,8 @@ impl DurablePublisher {
         DurablePublisher { queue }
     }
 
-    pub async fn publish(&self, message: TelemetryMessage) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.queue.push(&message) {
-                Ok(_) => return,
-                Err(QueueError::TooLarge(size)) => {
-                    tracing::error!(message_id = %message.message_id, size, "message too large to queue; dropped");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!("telemetry held back: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+    pub fn try_publish(&self, message: &TelemetryMessage) -> Result<(), QueueError> {
+        self.queue.push(message).map(|_| ())
     }
 }
 
