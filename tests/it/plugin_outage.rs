@@ -703,3 +703,32 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
         "drop-oldest: {dropped} dropped, {missing} missing; {kept} messages kept at recovery; {depth_bytes} bytes at the peak"
     );
 }
+
+/// Stopping the agent while a full `reject-new` queue holds the plugins back: the agent stops at
+/// once, and the library plugin's held publish returns "stopping" (it was not queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_while_held_back_answers_the_held_publish() {
+    let device = "gw-queue-stop";
+    let s = setup(
+        device,
+        20,
+        "[queue]\nmax_bytes = \"64KiB\"\nfull_policy = \"reject-new\"\n",
+    )
+    .await;
+    let sim = s.running.sim.clone();
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    let agent = AgentProcess::start(&s.config);
+    wait_log(&agent, "telemetry held back: the queue is full");
+    let started = Instant::now();
+    assert_eq!(agent.stop(), Some(0));
+    let text = std::fs::read_to_string(&s.lib_record).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (last, before) = lines.split_last().unwrap();
+    assert!(
+        last.ends_with(" Stopping"),
+        "the held publish was answered: {last}"
+    );
+    assert!(before.iter().all(|l| l.ends_with(" ok")), "{text}");
+    println!("stopped in {:?} while held back", started.elapsed());
+}
