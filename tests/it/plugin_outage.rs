@@ -651,6 +651,26 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
         "{}",
         agent.log_text()
     );
+    // The drops are reported in the twin too.
+    let dropped_at_recovery = at_recovery["queue"]["dropped_full"].as_u64().unwrap();
+    let reported_queue = |x: &hubsim::Sim| {
+        x.read(|st| {
+            st.devices[&format!("localhost/{device}")]
+                .twin
+                .reported
+                .get("agent")
+                .map(|a| a["queue"].clone())
+                .unwrap_or_default()
+        })
+    };
+    assert!(
+        sim.wait_until(WAIT, |x| reported_queue(x)["droppedFull"]
+            .as_u64()
+            .is_some_and(|d| d >= dropped_at_recovery))
+            .await,
+        "reported.agent.queue: {}",
+        reported_queue(&sim)
+    );
     // One connection delivers in queue order: everything older than the newest arrivals that
     // was kept has arrived now.
     let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]

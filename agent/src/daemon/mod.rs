@@ -360,7 +360,7 @@ pub async fn run_with(
                             plugins.apply_desired(&twin);
                             save_twin(&state, &twin);
                             status.update(|s| { s.desired_version = Some(desired_version); s.plugins = plugins.snapshot(); });
-                            report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                            report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                         }
                         SessionEvent::DesiredPatch { version, patch } => {
                             merge(&mut twin.desired, &patch);
@@ -368,7 +368,7 @@ pub async fn run_with(
                             plugins.apply_desired(&twin);
                             save_twin(&state, &twin);
                             status.update(|s| { s.desired_version = Some(version); s.plugins = plugins.snapshot(); });
-                            report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                            report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                         }
                         SessionEvent::Method { name, rid, payload } => {
                             let (code, answer) = match name.as_str() {
@@ -393,12 +393,12 @@ pub async fn run_with(
                     // a burst of changes (plugins starting, a crash loop) coalesced into one update.
                     if connected {
                         tokio::time::sleep(Duration::from_millis(200)).await;
-                        report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                        report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                     }
                 }
                 _ = counters.tick(), if connected => {
                     // Counters (published, dropped) reach the twin at most this often.
-                    report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                    report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                 }
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break Next::Shutdown,
@@ -679,7 +679,9 @@ async fn report_changes(
     state: &StateDir,
     assignment: &ProvisioningCache,
     plugins: &Supervisor,
+    queue: &Queue,
 ) {
+    let q = queue.stats();
     let mut wanted = Map::new();
     wanted.insert(
         "agent".into(),
@@ -688,6 +690,13 @@ async fn report_changes(
             "provisionedAt": assignment.provisioned_at,
             "hub": assignment.hub,
             "deviceId": assignment.device_id,
+            // What the cloud side cannot see otherwise: telemetry the agent gave up on.
+            "queue": {
+                "depth": q.depth,
+                "droppedFull": q.dropped_full,
+                "droppedExpired": q.dropped_expired,
+                "droppedCorrupt": q.dropped_corrupt,
+            },
         }),
     );
     wanted.insert("plugins".into(), plugins.reported());
