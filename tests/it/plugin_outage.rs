@@ -770,3 +770,93 @@ async fn stopping_while_held_back_answers_the_held_publish() {
     assert!(before.iter().all(|l| l.ends_with(" ok")), "{text}");
     println!("stopped in {:?} while held back", started.elapsed());
 }
+
+/// `max_age`: during an outage messages older than the bound are dropped unsent (counted in
+/// `dropped_expired`, logged, reported); the newer ones arrive after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_max_age_are_dropped_and_counted() {
+    let device = "gw-queue-age";
+    let s = setup(device, 50, "[queue]\nmax_age = \"3s\"\n").await;
+    let sim = s.running.sim.clone();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
+            && received(x, device, "exec", "seq").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    drop_connection(&sim, device);
+    wait_log(&agent, "queued messages older than max_age dropped");
+    let at_recovery = wait_status(&agent, "expiry", |st| {
+        st["queue"]["dropped_expired"].as_u64().unwrap_or(0) >= 100
+    });
+    // Roughly max_age's worth is kept (40 messages a second for 3 s), not the whole outage.
+    assert!(
+        at_recovery["queue_depth"].as_u64().unwrap() <= 200,
+        "{at_recovery}"
+    );
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    let lib_record = s.lib_record.clone();
+    let before = library_record(&lib_record).len();
+    assert!(
+        sim.wait_until(WAIT, |x| {
+            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let record = library_record(&lib_record);
+            record.len() > before + 10 && record.keys().rev().take(5).all(|k| got.contains(k))
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let expired_at_recovery = at_recovery["queue"]["dropped_expired"].as_u64().unwrap();
+    let reported = |x: &hubsim::Sim| {
+        x.read(|st| {
+            st.devices[&format!("localhost/{device}")]
+                .twin
+                .reported
+                .get("agent")
+                .map(|a| a["queue"]["droppedExpired"].as_u64().unwrap_or(0))
+                .unwrap_or(0)
+        })
+    };
+    assert!(
+        sim.wait_until(WAIT, |x| reported(x) >= expired_at_recovery)
+            .await,
+        "reported.agent.queue.droppedExpired {} < {expired_at_recovery}",
+        reported(&sim)
+    );
+    let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]
+        .iter()
+        .map(|(source, key)| runs_received(&sim, device, source, key))
+        .collect();
+    let st = status(&agent);
+    assert_eq!(agent.stop(), Some(0));
+    let inflight = 32 + 1;
+    let mut missing = 0;
+    for (source, runs) in ["library", "exec"].iter().zip(&arrived) {
+        assert_eq!(runs.len(), 1, "{source}: one run");
+        let (run, ns) = runs.iter().next().unwrap();
+        let gap = gaps(ns);
+        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
+            let stragglers = b - a + 1 - gap.len() as u64;
+            assert!(
+                stragglers <= inflight,
+                "{source} run {run}: expired messages are one stretch of the oldest: {gap:?}"
+            );
+        }
+        missing += gap.len() as u64;
+    }
+    let expired = st["queue"]["dropped_expired"].as_u64().unwrap();
+    assert!(
+        missing > 0 && missing <= expired && expired <= missing + 2 * inflight,
+        "{missing} missing, {expired} counted as expired"
+    );
+    assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
+    println!("max_age: {expired} expired, {missing} missing");
+}
