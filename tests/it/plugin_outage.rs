@@ -477,6 +477,23 @@ fn wait_log(agent: &AgentProcess, text: &str) {
     }
 }
 
+/// Waits until the agent logs that it holds `plugin` back (a full queue).
+fn wait_held(agent: &AgentProcess, plugin: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !agent
+        .log_text()
+        .lines()
+        .any(|l| l.contains("telemetry held back: the queue is full") && l.contains(plugin))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{plugin} was never held back\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 const SMALL_QUEUE: u64 = 64 * 1024;
 
 /// `full_policy = "reject-new"`: when the queue is full the plugins are held back (a library
@@ -511,20 +528,10 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     });
     // Held back for a while (many liveness-ping periods of the 1 s callback timeout): the
     // library plugin's publish does not return, so its record stops growing.
-    // The library plugin publishes every 20 ms; once its publish is held, its record stands still.
-    let deadline = Instant::now() + WAIT;
-    let held = loop {
-        let before = library_record(&s.lib_record).len();
-        std::thread::sleep(Duration::from_secs(1));
-        let after = library_record(&s.lib_record).len();
-        if before == after {
-            break after;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the library plugin was never held back"
-        );
-    };
+    // Once the agent says the library plugin is held back, its publish has not returned (and
+    // the record line of the one before is written: same thread).
+    wait_held(&agent, "library");
+    let held = library_record(&s.lib_record).len();
     let exec_written = exec_record(&s.exec_record).values().sum::<u64>();
     let hold_until = Instant::now() + Duration::from_secs(8);
     while Instant::now() < hold_until {
@@ -757,7 +764,7 @@ async fn stopping_while_held_back_answers_the_held_publish() {
     sim.faults.lock().unwrap().refuse_connections_until =
         Some(Instant::now() + Duration::from_secs(3600));
     let agent = AgentProcess::start(&s.config);
-    wait_log(&agent, "telemetry held back: the queue is full");
+    wait_held(&agent, "library");
     let started = Instant::now();
     assert_eq!(agent.stop(), Some(0));
     let text = std::fs::read_to_string(&s.lib_record).unwrap();
