@@ -328,6 +328,9 @@ impl QueueConfig {
             max_bytes: self.max_bytes,
             max_age: self.max_age,
             full_policy: self.full_policy,
+            // drop-oldest frees one segment at a time: segments of a 16th of the bound (at
+            // most 4 MiB, at least 4 KiB) keep a full queue at least 15/16 used.
+            segment_bytes: (self.max_bytes / 16).clamp(4 * 1024, 4 * 1024 * 1024),
             ..Default::default()
         }
     }

@@ -360,7 +360,7 @@ pub async fn run_with(
                             plugins.apply_desired(&twin);
                             save_twin(&state, &twin);
                             status.update(|s| { s.desired_version = Some(desired_version); s.plugins = plugins.snapshot(); });
-                            report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                            report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                         }
                         SessionEvent::DesiredPatch { version, patch } => {
                             merge(&mut twin.desired, &patch);
@@ -368,7 +368,7 @@ pub async fn run_with(
                             plugins.apply_desired(&twin);
                             save_twin(&state, &twin);
                             status.update(|s| { s.desired_version = Some(version); s.plugins = plugins.snapshot(); });
-                            report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                            report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                         }
                         SessionEvent::Method { name, rid, payload } => {
                             let (code, answer) = match name.as_str() {
@@ -393,12 +393,12 @@ pub async fn run_with(
                     // a burst of changes (plugins starting, a crash loop) coalesced into one update.
                     if connected {
                         tokio::time::sleep(Duration::from_millis(200)).await;
-                        report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                        report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                     }
                 }
                 _ = counters.tick(), if connected => {
                     // Counters (published, dropped) reach the twin at most this often.
-                    report_changes(&session, &mut twin, &state, &assignment, &plugins).await;
+                    report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
                 }
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break Next::Shutdown,
@@ -600,9 +600,10 @@ async fn provision(
     }
 }
 
-/// What telemetry sources publish through: a message is on disk in the queue when `publish`
-/// returns. A full queue with `full_policy = "reject-new"` or a full disk holds the source back
-/// (with growing pauses) while the condition lasts; nothing already queued is touched.
+/// What telemetry sources publish through: a message is on disk in the queue when `try_publish`
+/// returns `Ok`. A full queue with `full_policy = "reject-new"` or a full disk is an error the
+/// caller holds its source back on (the plugin supervisor retries while it keeps serving the
+/// plugin); nothing already queued is touched.
 #[derive(Clone)]
 pub struct DurablePublisher {
     queue: Arc<Queue>,
@@ -613,25 +614,14 @@ impl DurablePublisher {
         DurablePublisher { queue }
     }
 
-    pub async fn publish(&self, message: TelemetryMessage) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.queue.push(&message) {
-                Ok(_) => return,
-                Err(QueueError::TooLarge(size)) => {
-                    tracing::error!(message_id = %message.message_id, size, "message too large to queue; dropped");
-                    return;
-                }
-                Err(e) => {
-                    if delay == Duration::from_millis(100) {
-                        self.queue.note_held_back();
-                    }
-                    tracing::warn!("telemetry held back: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+    pub fn try_publish(&self, message: &TelemetryMessage) -> Result<(), QueueError> {
+        self.queue.push(message).map(|_| ())
+    }
+
+    /// A source's message had to wait for room (full disk, or a full `reject-new` queue);
+    /// counted once per message in the queue's `held_back`.
+    pub fn note_held_back(&self) {
+        self.queue.note_held_back();
     }
 }
 
@@ -745,7 +735,9 @@ async fn report_changes(
     state: &StateDir,
     assignment: &ProvisioningCache,
     plugins: &Supervisor,
+    queue: &Queue,
 ) {
+    let q = queue.stats();
     let mut wanted = Map::new();
     wanted.insert(
         "agent".into(),
@@ -754,6 +746,13 @@ async fn report_changes(
             "provisionedAt": assignment.provisioned_at,
             "hub": assignment.hub,
             "deviceId": assignment.device_id,
+            // What the cloud side cannot see otherwise: telemetry the agent gave up on.
+            "queue": {
+                "depth": q.depth,
+                "droppedFull": q.dropped_full,
+                "droppedExpired": q.dropped_expired,
+                "droppedCorrupt": q.dropped_corrupt,
+            },
         }),
     );
     wanted.insert("plugins".into(), plugins.reported());

@@ -88,12 +88,26 @@ impl TokenBucket {
         }
     }
 
-    pub fn take(&mut self, now: Instant) -> bool {
+    /// How long until a token is available (zero when one is).
+    pub fn wait_time(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= 1.0 || self.rate <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
         if let Some(last) = self.last {
             let elapsed = now.saturating_duration_since(last).as_secs_f64();
             self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         }
         self.last = Some(now);
+    }
+
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -496,6 +510,12 @@ mod tests {
         // Long quiet: capped at the burst.
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!((0..100).filter(|_| b.take(t2)).count(), 5);
+        // Empty: the next token is 0.1 s away, half of it after 50 ms.
+        assert_eq!(b.wait_time(t2), Duration::from_millis(100));
+        let t3 = t2 + Duration::from_millis(50);
+        assert_eq!(b.wait_time(t3).as_millis(), 50);
+        assert!(!b.take(t3));
+        assert!(b.wait_time(t3 + Duration::from_millis(50)).is_zero());
     }
 
     #[test]

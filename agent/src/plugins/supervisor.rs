@@ -18,6 +18,7 @@ use super::spec::PluginSpec;
 use super::{PluginStatus, State, TokenBucket};
 use crate::daemon::DurablePublisher;
 use crate::hub::TelemetryMessage;
+use crate::queue::QueueError;
 
 pub enum Cmd {
     Settings {
@@ -54,7 +55,25 @@ struct Run {
     bucket: TokenBucket,
     logs: TokenBucket,
     failures: VecDeque<Instant>,
+    /// Messages not queued yet, in order, with the answer their publish waits for: the queue is
+    /// full (`reject-new`) or the disk is, or (exec plugins) the message waits for its rate.
+    held: VecDeque<(TelemetryMessage, oneshot::Sender<i32>)>,
+    /// Why `held` is waiting for the queue, once logged.
+    held_back: Option<String>,
+    /// The front of `held` was counted in the queue's `held_back` (each message once).
+    front_counted: bool,
+    retry_at: Instant,
 }
+
+/// Answers every held publish with "stopping": the plugin is stopping and these were not queued.
+fn release_held(run: &mut Run) {
+    for (_, reply) in run.held.drain(..) {
+        let _ = reply.send(abi::ERR_STOPPING);
+    }
+}
+
+/// How often a message held back by a full queue is tried again.
+const HELD_RETRY: Duration = Duration::from_millis(250);
 
 impl Task {
     fn update(&self, notify: bool, f: impl FnOnce(&mut PluginStatus)) {
@@ -79,6 +98,10 @@ impl Task {
             bucket: TokenBucket::new(limits.max_rate, limits.burst),
             logs: TokenBucket::new(20.0, 100.0),
             failures: VecDeque::new(),
+            held: VecDeque::new(),
+            held_back: None,
+            front_counted: false,
+            retry_at: Instant::now(),
         };
         self.update(true, |s| s.desired_version = self.desired_version);
         loop {
@@ -196,10 +219,12 @@ impl Task {
         }
     }
 
-    async fn publish(&self, run: &mut Run, message: PluginMessage) -> i32 {
-        if !run.bucket.take(Instant::now()) {
+    /// Checks a message against the plugin's limits; the message to queue, or the code its
+    /// publish returns at once. Exec plugins are paced instead (see `flush_held`).
+    fn admit(&self, run: &mut Run, message: PluginMessage) -> Result<TelemetryMessage, i32> {
+        if !self.paced() && !run.bucket.take(Instant::now()) {
             self.update(false, |s| s.dropped += 1);
-            return abi::ERR_RATE_LIMITED;
+            return Err(abi::ERR_RATE_LIMITED);
         }
         let size = message.body.len()
             + message
@@ -209,24 +234,76 @@ impl Task {
                 .sum::<usize>();
         if size > self.max_message_size {
             self.update(false, |s| s.dropped += 1);
-            return abi::ERR_TOO_LARGE;
+            return Err(abi::ERR_TOO_LARGE);
         }
         let mut properties = message.properties;
         if !properties.iter().any(|(k, _)| k == "source") {
             properties.push(("source".into(), self.spec.name.clone()));
         }
-        self.publisher
-            .publish(TelemetryMessage {
-                message_id: uuid::Uuid::new_v4().to_string(),
-                body: message.body.into(),
-                content_type: message.content_type,
-                content_encoding: message.content_encoding,
-                creation_time: Some(crate::daemon::now_rfc3339()),
-                properties,
-            })
-            .await;
-        self.update(false, |s| s.published += 1);
-        abi::OK
+        Ok(TelemetryMessage {
+            message_id: uuid::Uuid::new_v4().to_string(),
+            body: message.body.into(),
+            content_type: message.content_type,
+            content_encoding: message.content_encoding,
+            creation_time: Some(crate::daemon::now_rfc3339()),
+            properties,
+        })
+    }
+
+    /// An exec plugin writes into a pipe the agent reads one message at a time, so over its
+    /// rate it is held back rather than dropped: lines it wrote while the queue was full are
+    /// not lost when they come in a burst.
+    fn paced(&self) -> bool {
+        matches!(self.spec.kind, super::spec::Kind::Exec { .. })
+    }
+
+    /// Queues held messages in order, answering each plugin publish once its message is on
+    /// disk; stops at the first that has to wait and sets `run.retry_at`.
+    fn flush_held(&self, run: &mut Run) {
+        while let Some((message, _)) = run.held.front() {
+            let now = Instant::now();
+            if self.paced() {
+                let wait = run.bucket.wait_time(now);
+                if !wait.is_zero() {
+                    run.retry_at = now + wait;
+                    return;
+                }
+            }
+            let code = match self.publisher.try_publish(message) {
+                Ok(()) => abi::OK,
+                Err(QueueError::TooLarge(size)) => {
+                    tracing::error!(plugin = %self.spec.name, message_id = %message.message_id, size, "message too large to queue; dropped");
+                    abi::ERR_TOO_LARGE
+                }
+                Err(e) => {
+                    if !run.front_counted {
+                        self.publisher.note_held_back();
+                        run.front_counted = true;
+                    }
+                    let why = e.to_string();
+                    if run.held_back.as_ref() != Some(&why) {
+                        tracing::warn!(plugin = %self.spec.name, "telemetry held back: {why}");
+                        run.held_back = Some(why);
+                    }
+                    run.retry_at = now + HELD_RETRY;
+                    return;
+                }
+            };
+            if self.paced() {
+                run.bucket.take(now);
+            }
+            let (_, reply) = run.held.pop_front().expect("front exists");
+            run.front_counted = false;
+            let _ = reply.send(code);
+            if code == abi::OK {
+                self.update(false, |s| s.published += 1);
+            } else {
+                self.update(false, |s| s.dropped += 1);
+            }
+            if run.held_back.take().is_some() {
+                tracing::info!(plugin = %self.spec.name, "the queue has room again; telemetry flows");
+            }
+        }
     }
 
     fn log(&self, run: &mut Run, level: i32, text: &str) {
@@ -252,6 +329,10 @@ impl Task {
         settings: Map<String, Value>,
     ) -> Outcome {
         let limits = self.spec.limits.clone();
+        // Whatever the last run left unqueued was never acknowledged to it.
+        run.held.clear();
+        run.held_back = None;
+        run.front_counted = false;
         self.update(true, |s| {
             s.state = State::Starting;
             s.pid = None;
@@ -295,10 +376,12 @@ impl Task {
                         self.desired_version = version;
                     }
                     Some(Cmd::Shutdown(done)) => {
+                        release_held(run);
                         instance.stop(limits.callback_timeout).await;
                         return Outcome::Shutdown(Some(done));
                     }
                     None => {
+                        release_held(run);
                         instance.stop(limits.callback_timeout).await;
                         return Outcome::Shutdown(None);
                     }
@@ -436,6 +519,10 @@ impl Task {
                 _ = tokio::time::sleep_until(pong_deadline) => {
                     format!("hung: no answer to a liveness ping within {}", humantime::format_duration(limits.callback_timeout))
                 }
+                _ = tokio::time::sleep_until(run.retry_at), if !run.held.is_empty() => {
+                    self.flush_held(run);
+                    continue;
+                }
                 _ = tokio::time::sleep_until(next_ping), if awaiting_pong.is_none() => {
                     ping_id += 1;
                     if instance.ping(ping_id) {
@@ -463,10 +550,12 @@ impl Task {
                         continue;
                     }
                     Some(Cmd::Shutdown(done)) => {
+                        release_held(run);
                         instance.stop(limits.callback_timeout).await;
                         return Outcome::Shutdown(Some(done));
                     }
                     None => {
+                        release_held(run);
                         instance.stop(limits.callback_timeout).await;
                         return Outcome::Shutdown(None);
                     }
@@ -480,10 +569,17 @@ impl Task {
     /// Messages, logs and health that need no decision.
     async fn other_event(&self, run: &mut Run, event: Event) {
         match event {
-            Event::Message(message, reply) => {
-                let code = self.publish(run, message).await;
-                let _ = reply.send(code);
-            }
+            Event::Message(message, reply) => match self.admit(run, message) {
+                Ok(message) => {
+                    run.held.push_back((message, reply));
+                    if run.held.len() == 1 {
+                        self.flush_held(run);
+                    }
+                }
+                Err(code) => {
+                    let _ = reply.send(code);
+                }
+            },
             Event::Log(level, text) => self.log(run, level, &text),
             Event::Health(state, detail) => {
                 let health = match state {

@@ -4,7 +4,9 @@
 //! message), "hang" (start never returns), "freeze" (the whole process stops after the first
 //! message), "flood" (publish as fast as possible from 4 threads), "hog" (allocate until the
 //! memory limit ends it); `tag` (echoed in messages); `reject` (apply_settings refuses with this
-//! reason).
+//! reason); `record` (a file: after each publish returns, the plugin appends `<run> <n> <result>`,
+//! where `run` identifies this plugin process and is also in every message's body and `run`
+//! property, so a test knows exactly which messages the agent acknowledged).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,6 +22,7 @@ struct Settings {
     mode: String,
     tag: String,
     interval: Duration,
+    record: Option<String>,
 }
 
 fn parse(text: &str) -> Result<(Settings, Option<String>), String> {
@@ -28,6 +31,7 @@ fn parse(text: &str) -> Result<(Settings, Option<String>), String> {
         mode: v["mode"].as_str().unwrap_or("ok").to_string(),
         tag: v["tag"].as_str().unwrap_or("").to_string(),
         interval: parse_duration(v["interval"].as_str().unwrap_or("100ms"))?,
+        record: v["record"].as_str().map(str::to_string),
     };
     Ok((s, v["reject"].as_str().map(str::to_string)))
 }
@@ -38,11 +42,28 @@ struct Misbehave {
     workers: Vec<JoinHandle<()>>,
 }
 
-fn publish_one(host: &Host, s: &Settings, n: u64) -> Result<(), PublishError> {
-    host.publish(
-        &Message::json(json!({"n": n, "tag": s.tag, "mode": s.mode}).to_string())
-            .property("test", "misbehave"),
-    )
+fn publish_one(host: &Host, s: &Settings, run: &str, n: u64) -> Result<(), PublishError> {
+    let result = host.publish(
+        &Message::json(json!({"n": n, "tag": s.tag, "mode": s.mode, "run": run}).to_string())
+            .property("test", "misbehave")
+            .property("run", run),
+    );
+    if let Some(path) = &s.record {
+        use std::io::Write;
+        let outcome = match &result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("{e:?}"),
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("the record file opens");
+        // One write per line: lines from several plugin processes never interleave.
+        file.write_all(format!("{run} {n} {outcome}\n").as_bytes())
+            .expect("the record file is writable");
+    }
+    result
 }
 
 impl Plugin for Misbehave {
@@ -61,9 +82,17 @@ impl Plugin for Misbehave {
         let stop = StopSignal::new();
         let settings = Arc::new(Mutex::new(s.clone()));
         let threads = if s.mode == "flood" { 4 } else { 1 };
+        let run = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
         let mut workers = Vec::new();
         for _ in 0..threads {
-            let (signal, current) = (stop.clone(), settings.clone());
+            let (signal, current, run) = (stop.clone(), settings.clone(), run.clone());
             workers.push(host.spawn("misbehave", move || {
                 let mut n = 0u64;
                 loop {
@@ -81,7 +110,7 @@ impl Plugin for Misbehave {
                             hoard.push(vec![1u8; 16 * 1024 * 1024]);
                         }
                     }
-                    if let Err(PublishError::Stopping) = publish_one(&host, &s, n) {
+                    if let Err(PublishError::Stopping) = publish_one(&host, &s, &run, n) {
                         return;
                     }
                     match s.mode.as_str() {

@@ -1,0 +1,869 @@
+//! Durable plugin telemetry end to end, with the real `hubagent` binary against hubsim: a library
+//! plugin (in its plugin process) and an exec plugin publish numbered messages through a hub
+//! outage of a minute, a `kill -9` of the agent during the outage and another while the backlog
+//! drains; every message the agent acknowledged to a plugin arrives in hubsim's records.
+//! Duplicates (at-least-once delivery) are counted and reported in
+//! `target/reliability/plugin-outage.json`; none may be lost.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hubagent_tests::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+const OUTAGE: Duration = Duration::from_secs(60);
+const DEVICE: &str = "gw-plugin-outage";
+
+/// An exec plugin: numbers its messages under a run id (its pid and start time) and appends
+/// `<run> <seq>` to the record file before it writes the message line. The agent reads the next
+/// line only once the previous message is queued, so what it wrote may be more than what the
+/// agent acknowledged when the agent is killed (lines still in the pipe), never less.
+const EXEC_PLUGIN: &str = r#"import json, os, sys, threading, time
+settings = json.loads(sys.stdin.readline())
+# EOF on stdin means stop.
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+run = "%d-%d" % (os.getpid(), time.time_ns())
+record = open(settings["record"], "a")
+seq = 0
+while True:
+    seq += 1
+    record.write("%s %d\n" % (run, seq))
+    record.flush()
+    sys.stdout.write(json.dumps({"body": {"seq": seq, "run": run}, "properties": {"run": run}}) + "\n")
+    sys.stdout.flush()
+    time.sleep(settings["interval"])
+"#;
+
+/// `(run, n)` of every record of `source`, with its message id.
+fn received(
+    sim: &hubsim::Sim,
+    device: &str,
+    source: &str,
+    key: &str,
+) -> Vec<((String, u64), String)> {
+    sim.records
+        .lock()
+        .unwrap()
+        .telemetry
+        .get(device)
+        .map(|records| {
+            records
+                .iter()
+                .filter(|r| r.properties.get("source").map(String::as_str) == Some(source))
+                .map(|r| {
+                    let body: Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+                    let run = body["run"].as_str().unwrap().to_string();
+                    let mid = r.system_properties["message-id"].clone();
+                    ((run, body[key].as_u64().unwrap()), mid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The library plugin's record: what each `publish` returned, by `(run, n)`.
+fn library_record(path: &Path) -> BTreeMap<(String, u64), String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            let run = parts.next()?.to_string();
+            let n = parts.next()?.parse().ok()?;
+            Some(((run, n), parts.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// The exec plugin's record: the highest sequence number each run wrote.
+fn exec_record(path: &Path) -> BTreeMap<String, u64> {
+    let mut runs = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some((run, seq)) = line.split_once(' ')
+            && let Ok(seq) = seq.parse::<u64>()
+        {
+            let e = runs.entry(run.to_string()).or_insert(0);
+            *e = seq.max(*e);
+        }
+    }
+    runs
+}
+
+fn status(agent: &AgentProcess) -> Value {
+    serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap_or_default()
+}
+
+/// Polls `agent`'s status until `cond` holds.
+fn wait_status(agent: &AgentProcess, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(agent);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached; status: {s}\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The exec plugin's run id prefix (its pid) and the messages the agent acknowledged to it so
+/// far, from `hubagent plugins list`. The exec plugin must not have been restarted, so the
+/// counter is that one run's.
+fn exec_acknowledged(agent: &AgentProcess) -> (u64, u64) {
+    let list: Value =
+        serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap();
+    let exec = &list["exec"];
+    assert_eq!(exec["restarts"], 0, "{exec}");
+    assert_eq!(exec["status"], "running", "{exec}");
+    (
+        exec["pid"].as_u64().unwrap(),
+        exec["published"].as_u64().unwrap(),
+    )
+}
+
+/// SIGKILL: the agent gets no chance to flush anything.
+fn kill_9(mut agent: AgentProcess) {
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+}
+
+fn drop_connection(sim: &hubsim::Sim, device: &str) {
+    let conn = sim
+        .live
+        .lock()
+        .unwrap()
+        .connections
+        .get(&format!("localhost/{device}"))
+        .cloned();
+    if let Some(c) = conn {
+        let _ = c.tx.send(hubsim::state::ConnCommand::Close {
+            reason: "outage".into(),
+        });
+    }
+}
+
+fn run_of_pid(runs: &BTreeMap<String, u64>, pid: u64) -> String {
+    let prefix = format!("{pid}-");
+    let found: Vec<&String> = runs.keys().filter(|r| r.starts_with(&prefix)).collect();
+    assert_eq!(found.len(), 1, "one exec run for pid {pid}: {runs:?}");
+    found[0].clone()
+}
+
+/// A hubsim and an agent configuration with the recording library plugin ("library") and the
+/// numbered exec plugin ("exec"), each publishing every `interval`, plus `extra` TOML tables.
+struct Setup {
+    dir: tempfile::TempDir,
+    running: hubsim::Running,
+    config: PathBuf,
+    lib_record: PathBuf,
+    exec_record: PathBuf,
+}
+
+async fn setup(device: &str, interval_ms: u64, extra: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let library = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
+    let script_source = dir.path().join("numbered.py");
+    std::fs::write(&script_source, EXEC_PLUGIN).unwrap();
+    let script = install_plugin(dir.path(), &script_source, 0o644);
+    let lib_record: PathBuf = dir.path().join("library.record");
+    let exec_record: PathBuf = dir.path().join("exec.record");
+    let plugins = format!(
+        r#"{extra}
+[[plugin]]
+name = "library"
+kind = "library"
+path = "{library}"
+max_rate = 100
+callback_timeout = "1s"
+[plugin.settings]
+interval = "{interval_ms}ms"
+record = "{lib_record}"
+
+[[plugin]]
+name = "exec"
+kind = "exec"
+command = ["python3", "{script}"]
+max_rate = 100
+[plugin.settings]
+interval = {interval_s}
+record = "{exec_record}"
+"#,
+        library = library.display(),
+        script = script.display(),
+        lib_record = lib_record.display(),
+        exec_record = exec_record.display(),
+        interval_s = interval_ms as f64 / 1000.0,
+    );
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    // Reconnect soon after an outage ends (the default backoff grows to a minute).
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[hub]\n",
+        "[hub]\nreconnect_backoff_max = \"2s\"\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    Setup {
+        dir,
+        running,
+        config,
+        lib_record,
+        exec_record,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_and_kill_9_lose_no_plugin_message() {
+    let Setup {
+        dir: _dir,
+        running,
+        config,
+        lib_record,
+        exec_record: exec_record_path,
+    } = setup(DEVICE, 40, "").await;
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| received(s, DEVICE, "library", "n").len() >= 5
+            && received(s, DEVICE, "exec", "seq").len() >= 5)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+
+    // The hub goes away for OUTAGE: the plugins keep publishing into the queue on disk.
+    let outage_started = Instant::now();
+    sim.faults.lock().unwrap().refuse_connections_until = Some(outage_started + OUTAGE);
+    drop_connection(&sim, DEVICE);
+    wait_status(&agent, "a backlog during the outage", |s| {
+        s["queue_depth"].as_u64().unwrap_or(0) >= 400
+    });
+    // (Counted only now: what was in flight when the connection dropped may still be recorded.)
+    let before_outage = telemetry_count(&sim, DEVICE);
+    // kill -9 in the middle of the outage, with a backlog on disk and both plugins publishing.
+    let (exec_pid_1, exec_acked_1) = exec_acknowledged(&agent);
+    kill_9(agent);
+    let agent = AgentProcess::start(&config);
+    wait_status(&agent, "the restarted agent queues again", |s| {
+        s["queue"]["pushed"].as_u64().unwrap_or(0) >= 50
+    });
+    assert_eq!(
+        telemetry_count(&sim, DEVICE),
+        before_outage,
+        "nothing reaches the hub during the outage"
+    );
+    // The outage lasts its planned time; the agent keeps trying meanwhile.
+    tokio::time::sleep_until((outage_started + OUTAGE).into()).await;
+    let refused = sim
+        .records
+        .lock()
+        .unwrap()
+        .connections
+        .iter()
+        .filter(|e| e.client_id == DEVICE && e.event == "refused")
+        .count();
+    assert!(refused >= 2, "the agent kept trying during the outage");
+    let backlog = status(&agent)["queue_depth"].as_u64().unwrap_or(0);
+
+    // Recovery; a second kill -9 as soon as the backlog starts draining.
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, DEVICE) > before_outage)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let (exec_pid_2, exec_acked_2) = exec_acknowledged(&agent);
+    let depth_at_second_kill = status(&agent)["queue_depth"].as_u64().unwrap_or(0);
+    kill_9(agent);
+    let agent = AgentProcess::start(&config);
+
+    // Everything the library plugin was told was published, and at least what the agent had
+    // counted for each killed exec run, arrives.
+    let complete = |s: &hubsim::Sim| {
+        let got: BTreeSet<(String, u64)> = received(s, DEVICE, "library", "n")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let lib_ok = library_record(&lib_record)
+            .iter()
+            .filter(|(_, r)| *r == "ok")
+            .all(|(k, _)| got.contains(k));
+        let runs = exec_record(&exec_record_path);
+        let exec_got: BTreeSet<(String, u64)> = received(s, DEVICE, "exec", "seq")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let has = |pid: u64, acked: u64| {
+            let run = run_of_pid(&runs, pid);
+            (1..=acked).all(|n| exec_got.contains(&(run.clone(), n)))
+        };
+        lib_ok && has(exec_pid_1, exec_acked_1) && has(exec_pid_2, exec_acked_2)
+    };
+    // The backlog drains in seconds; the bound keeps a failure report within nextest's default
+    // 120 s. When something is missing, the checks below name it.
+    if !sim.wait_until(Duration::from_secs(30), complete).await {
+        eprintln!(
+            "not everything arrived within 30 s\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+    }
+    // A last batch through the recovered session, then a clean stop.
+    let (exec_pid_3, exec_acked_3) = exec_acknowledged(&agent);
+    let target = library_record(&lib_record).len() + 20;
+    assert!(
+        sim.wait_until(WAIT, |_| library_record(&lib_record).len() >= target)
+            .await
+    );
+    let status_after = status(&agent);
+    assert_eq!(agent.stop(), Some(0));
+
+    // The library plugin: every acknowledged message arrived, nothing arrived that it did not
+    // publish, and the agent had no reason to refuse any.
+    let record = library_record(&lib_record);
+    let refused: Vec<_> = record.iter().filter(|(_, r)| *r != "ok").collect();
+    assert!(
+        refused.is_empty(),
+        "publish failed for {} messages: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    let lib_received = received(&sim, DEVICE, "library", "n");
+    let lib_got: BTreeSet<&(String, u64)> = lib_received.iter().map(|(k, _)| k).collect();
+    let lost: Vec<&(String, u64)> = record.keys().filter(|k| !lib_got.contains(k)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} library messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    // Each run publishes 1, 2, 3, ... one at a time: a gap would be a lost message whose record
+    // line the kill prevented.
+    let mut lib_runs: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (run, n) in &lib_got {
+        lib_runs.entry(run.as_str()).or_default().push(*n);
+    }
+    for (run, ns) in &lib_runs {
+        let expected: Vec<u64> = (1..=*ns.last().unwrap()).collect();
+        assert_eq!(ns, &expected, "library run {run} has a gap");
+    }
+    assert!(
+        lib_runs.len() >= 3,
+        "one library plugin process per agent process: {:?}",
+        lib_runs.keys()
+    );
+
+    // The exec plugin: each run's messages arrive as 1..=M with no gap, M at most what it wrote
+    // and at least what the agent had acknowledged when it was killed or stopped.
+    let runs = exec_record(&exec_record_path);
+    let exec_received = received(&sim, DEVICE, "exec", "seq");
+    let mut exec_runs: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for ((run, seq), _) in &exec_received {
+        exec_runs.entry(run.as_str()).or_default().insert(*seq);
+    }
+    let mut unacknowledged_tail = 0;
+    for (pid, acked) in [
+        (exec_pid_1, exec_acked_1),
+        (exec_pid_2, exec_acked_2),
+        (exec_pid_3, exec_acked_3),
+    ] {
+        let run = run_of_pid(&runs, pid);
+        let got: Vec<u64> = exec_runs
+            .get(run.as_str())
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let expected: Vec<u64> = (1..=got.len() as u64).collect();
+        assert_eq!(got, expected, "exec run {run} has a gap");
+        assert!(
+            got.len() as u64 >= acked,
+            "exec run {run}: {acked} acknowledged, {} arrived",
+            got.len()
+        );
+        assert!(
+            got.len() as u64 <= runs[&run],
+            "exec run {run}: more arrived than it wrote"
+        );
+        unacknowledged_tail += runs[&run] - got.len() as u64;
+    }
+    assert_eq!(
+        exec_runs.len(),
+        3,
+        "one exec run per agent process: {:?}",
+        exec_runs.keys()
+    );
+
+    // Duplicates are redeliveries of one message (same message id), never a second message.
+    let mut ids_per_message: HashMap<&(String, u64), BTreeSet<&str>> = HashMap::new();
+    for (k, mid) in lib_received.iter().chain(exec_received.iter()) {
+        ids_per_message.entry(k).or_default().insert(mid.as_str());
+    }
+    let reissued: Vec<_> = ids_per_message
+        .iter()
+        .filter(|(_, m)| m.len() > 1)
+        .collect();
+    assert!(
+        reissued.is_empty(),
+        "messages sent under several ids: {reissued:?}"
+    );
+    let total = lib_received.len() + exec_received.len();
+    let distinct = ids_per_message.len();
+    let figures = json!({
+        "scenario": "library + exec plugin, hub outage of 60 s with kill -9 during it, kill -9 while the backlog drains",
+        "library_published": record.len(),
+        "exec_runs_written": runs.values().sum::<u64>(),
+        "records": total,
+        "distinct_messages": distinct,
+        "duplicates": total - distinct,
+        "lost": 0,
+        "exec_unacknowledged_tail_lines": unacknowledged_tail,
+        "backlog_at_recovery": backlog,
+        "queue_depth_at_second_kill": depth_at_second_kill,
+        "queue_after": status_after["queue"],
+    });
+    println!("{}", serde_json::to_string_pretty(&figures).unwrap());
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/reliability");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("plugin-outage.json"),
+        serde_json::to_vec_pretty(&figures).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Sequence numbers that arrived, per run, of `source`.
+fn runs_received(
+    sim: &hubsim::Sim,
+    device: &str,
+    source: &str,
+    key: &str,
+) -> BTreeMap<String, Vec<u64>> {
+    let mut runs: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for ((run, n), _) in received(sim, device, source, key) {
+        runs.entry(run).or_default().insert(n);
+    }
+    runs.into_iter()
+        .map(|(run, ns)| (run, ns.into_iter().collect()))
+        .collect()
+}
+
+/// The missing numbers between 1 and the highest that arrived.
+fn gaps(ns: &[u64]) -> Vec<u64> {
+    let have: BTreeSet<u64> = ns.iter().copied().collect();
+    (1..=ns.last().copied().unwrap_or(0))
+        .filter(|n| !have.contains(n))
+        .collect()
+}
+
+fn plugins_list(agent: &AgentProcess) -> Value {
+    serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap()
+}
+
+/// Waits for `text` in the agent's log.
+fn wait_log(agent: &AgentProcess, text: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !agent.log_text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {text:?}\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the agent logs that it holds `plugin` back (a full queue).
+fn wait_held(agent: &AgentProcess, plugin: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !agent
+        .log_text()
+        .lines()
+        .any(|l| l.contains("telemetry held back: the queue is full") && l.contains(plugin))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{plugin} was never held back\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const SMALL_QUEUE: u64 = 64 * 1024;
+
+/// `full_policy = "reject-new"`: when the queue is full the plugins are held back (a library
+/// plugin's publish does not return, an exec plugin's next line is not read) without being taken
+/// for hung, nothing is dropped, and after the outage every message arrives and publishing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
+    let device = "gw-queue-reject";
+    let s = setup(
+        device,
+        20,
+        "[queue]\nmax_bytes = \"64KiB\"\nfull_policy = \"reject-new\"\n",
+    )
+    .await;
+    let sim = s.running.sim.clone();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
+            && received(x, device, "exec", "seq").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    drop_connection(&sim, device);
+
+    // The queue fills up, and the agent says why the sources wait.
+    wait_log(&agent, "telemetry held back: the queue is full");
+    let full = wait_status(&agent, "a full queue", |st| {
+        st["queue"]["bytes_on_disk"].as_u64().unwrap_or(0) > SMALL_QUEUE - 1024
+    });
+    // Held back for a while (many liveness-ping periods of the 1 s callback timeout): the
+    // library plugin's publish does not return, so its record stops growing.
+    // Once the agent says the library plugin is held back, its publish has not returned (and
+    // the record line of the one before is written: same thread).
+    wait_held(&agent, "library");
+    let held = library_record(&s.lib_record).len();
+    let exec_written = exec_record(&s.exec_record).values().sum::<u64>();
+    let hold_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < hold_until {
+        std::thread::sleep(Duration::from_millis(500));
+        let st = status(&agent);
+        assert!(
+            st["queue"]["bytes_on_disk"].as_u64().unwrap() <= SMALL_QUEUE,
+            "the queue stays within its bound: {st}"
+        );
+    }
+    assert_eq!(
+        library_record(&s.lib_record).len(),
+        held,
+        "the library plugin's publish stays held back"
+    );
+    // The exec plugin's writes block once the pipe is full (it may fill a pipe's worth first).
+    let exec_now = exec_record(&s.exec_record).values().sum::<u64>();
+    let list = plugins_list(&agent);
+    for name in ["library", "exec"] {
+        assert_eq!(list[name]["status"], "running", "{name}: {}", list[name]);
+        assert_eq!(
+            list[name]["restarts"], 0,
+            "{name} was not taken for hung: {}",
+            list[name]
+        );
+        assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
+    }
+    let st = status(&agent);
+    assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
+
+    // The hub comes back: everything queued arrives, the held-back publish returns, and the
+    // plugins go on.
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    let target = held + 50;
+    let lib_record = s.lib_record.clone();
+    assert!(
+        sim.wait_until(Duration::from_secs(90), |x| {
+            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let record = library_record(&lib_record);
+            record.len() >= target && record.keys().all(|k| got.contains(k))
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert!(exec_record(&s.exec_record).values().sum::<u64>() > exec_now);
+    let list = plugins_list(&agent);
+    let st = status(&agent);
+    assert_eq!(agent.stop(), Some(0));
+    let record = library_record(&s.lib_record);
+    assert!(
+        record.values().all(|r| r == "ok"),
+        "every publish succeeded"
+    );
+    for (source, key) in [("library", "n"), ("exec", "seq")] {
+        let runs = runs_received(&sim, device, source, key);
+        assert_eq!(runs.len(), 1, "{source}: one run, never restarted");
+        let (run, ns) = runs.iter().next().unwrap();
+        assert!(
+            gaps(ns).is_empty(),
+            "{source} run {run} lost {:?}",
+            gaps(ns)
+        );
+    }
+    for name in ["library", "exec"] {
+        assert_eq!(list[name]["restarts"], 0, "{}", list[name]);
+        assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
+    }
+    assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
+    println!(
+        "reject-new: full at {} bytes ({} messages); library held at {held}; exec wrote {exec_written} then {exec_now} while held",
+        full["queue"]["bytes_on_disk"], full["queue_depth"]
+    );
+}
+
+/// `full_policy = "drop-oldest"`: publishing never waits; the oldest queued messages are dropped
+/// (counted in `dropped_full`, logged), the newest are kept and delivered after the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
+    let device = "gw-queue-drop";
+    let s = setup(
+        device,
+        20,
+        "[queue]\nmax_bytes = \"64KiB\"\nfull_policy = \"drop-oldest\"\n",
+    )
+    .await;
+    let sim = s.running.sim.clone();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
+            && received(x, device, "exec", "seq").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    drop_connection(&sim, device);
+
+    // Keep publishing well past the bound: several rounds of dropping.
+    wait_log(&agent, "queue full: oldest messages dropped");
+    let first = wait_status(&agent, "drops", |st| {
+        st["queue"]["dropped_full"].as_u64().unwrap_or(0) > 0
+    });
+    let dropped_first = first["queue"]["dropped_full"].as_u64().unwrap();
+    let peak = wait_status(&agent, "more drops", |st| {
+        st["queue"]["dropped_full"].as_u64().unwrap_or(0) >= dropped_first + 150
+    });
+    assert!(
+        peak["queue"]["bytes_on_disk"].as_u64().unwrap() <= SMALL_QUEUE,
+        "{peak}"
+    );
+    // Publishing never waited: the plugin's record kept growing at its pace.
+    let before = library_record(&s.lib_record).len();
+    let lib_record = s.lib_record.clone();
+    let deadline = Instant::now() + WAIT;
+    while library_record(&lib_record).len() < before + 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the library plugin was held back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Recovery: what was kept arrives.
+    let at_recovery = status(&agent);
+    let kept = at_recovery["queue_depth"].as_u64().unwrap();
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    assert!(
+        sim.wait_until(Duration::from_secs(90), |x| {
+            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let record = library_record(&lib_record);
+            record.len() > before + 40 && record.keys().rev().take(20).all(|k| got.contains(k))
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    // The drops are reported in the twin too.
+    let dropped_at_recovery = at_recovery["queue"]["dropped_full"].as_u64().unwrap();
+    let reported_queue = |x: &hubsim::Sim| {
+        x.read(|st| {
+            st.devices[&format!("localhost/{device}")]
+                .twin
+                .reported
+                .get("agent")
+                .map(|a| a["queue"].clone())
+                .unwrap_or_default()
+        })
+    };
+    assert!(
+        sim.wait_until(WAIT, |x| reported_queue(x)["droppedFull"]
+            .as_u64()
+            .is_some_and(|d| d >= dropped_at_recovery))
+            .await,
+        "reported.agent.queue: {}",
+        reported_queue(&sim)
+    );
+    // One connection delivers in queue order: everything older than the newest arrivals that
+    // was kept has arrived now.
+    let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]
+        .iter()
+        .map(|(source, key)| runs_received(&sim, device, source, key))
+        .collect();
+    let st = status(&agent);
+    let list = plugins_list(&agent);
+    assert_eq!(agent.stop(), Some(0));
+
+    let record = library_record(&s.lib_record);
+    assert!(record.values().all(|r| r == "ok"), "publish never failed");
+    let dropped = st["queue"]["dropped_full"].as_u64().unwrap();
+    // The hub session takes up to `inflight` messages ahead (plus the one the pump waits to
+    // hand over); those still go out when their segment is dropped, and are counted as dropped.
+    let inflight = 32 + 1;
+    let mut missing = 0;
+    for (source, runs) in ["library", "exec"].iter().zip(&arrived) {
+        assert_eq!(runs.len(), 1, "{source}: one run");
+        let (run, ns) = runs.iter().next().unwrap();
+        let gap = gaps(ns);
+        // The oldest were dropped: one stretch (give or take what was taken ahead), and
+        // everything newer arrived.
+        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
+            let stragglers = b - a + 1 - gap.len() as u64;
+            assert!(
+                stragglers <= inflight,
+                "{source} run {run}: dropped messages are one stretch of the oldest: {gap:?}"
+            );
+        }
+        missing += gap.len() as u64;
+    }
+    // Every missing message is counted.
+    assert!(
+        missing <= dropped && dropped <= missing + 2 * inflight,
+        "{missing} missing, {dropped} counted as dropped"
+    );
+    assert!(missing > 0);
+    // Drop-oldest frees one segment at a time: most of the bound stays in use.
+    let depth_bytes = peak["queue"]["bytes_on_disk"].as_u64().unwrap();
+    assert!(
+        depth_bytes >= SMALL_QUEUE / 2,
+        "after drops the queue still holds most of its bound: {peak}"
+    );
+    for name in ["library", "exec"] {
+        assert_eq!(list[name]["restarts"], 0, "{}", list[name]);
+        assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
+    }
+    println!(
+        "drop-oldest: {dropped} dropped, {missing} missing; {kept} messages kept at recovery; {depth_bytes} bytes at the peak"
+    );
+}
+
+/// Stopping the agent while a full `reject-new` queue holds the plugins back: the agent stops at
+/// once, and the library plugin's held publish returns "stopping" (it was not queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_while_held_back_answers_the_held_publish() {
+    let device = "gw-queue-stop";
+    let s = setup(
+        device,
+        20,
+        "[queue]\nmax_bytes = \"64KiB\"\nfull_policy = \"reject-new\"\n",
+    )
+    .await;
+    let sim = s.running.sim.clone();
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    let agent = AgentProcess::start(&s.config);
+    wait_held(&agent, "library");
+    let started = Instant::now();
+    assert_eq!(agent.stop(), Some(0));
+    let text = std::fs::read_to_string(&s.lib_record).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (last, before) = lines.split_last().unwrap();
+    assert!(
+        last.ends_with(" Stopping"),
+        "the held publish was answered: {last}"
+    );
+    assert!(before.iter().all(|l| l.ends_with(" ok")), "{text}");
+    println!("stopped in {:?} while held back", started.elapsed());
+}
+
+/// `max_age`: during an outage messages older than the bound are dropped unsent (counted in
+/// `dropped_expired`, logged, reported); the newer ones arrive after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_max_age_are_dropped_and_counted() {
+    let device = "gw-queue-age";
+    let s = setup(device, 50, "[queue]\nmax_age = \"3s\"\n").await;
+    let sim = s.running.sim.clone();
+    let agent = AgentProcess::start(&s.config);
+    assert!(
+        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
+            && received(x, device, "exec", "seq").len() >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    sim.faults.lock().unwrap().refuse_connections_until =
+        Some(Instant::now() + Duration::from_secs(3600));
+    drop_connection(&sim, device);
+    wait_log(&agent, "queued messages older than max_age dropped");
+    let at_recovery = wait_status(&agent, "expiry", |st| {
+        st["queue"]["dropped_expired"].as_u64().unwrap_or(0) >= 100
+    });
+    // Roughly max_age's worth is kept (40 messages a second for 3 s), not the whole outage.
+    assert!(
+        at_recovery["queue_depth"].as_u64().unwrap() <= 200,
+        "{at_recovery}"
+    );
+    sim.faults.lock().unwrap().refuse_connections_until = None;
+    let lib_record = s.lib_record.clone();
+    let before = library_record(&lib_record).len();
+    assert!(
+        sim.wait_until(WAIT, |x| {
+            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let record = library_record(&lib_record);
+            record.len() > before + 10 && record.keys().rev().take(5).all(|k| got.contains(k))
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let expired_at_recovery = at_recovery["queue"]["dropped_expired"].as_u64().unwrap();
+    let reported = |x: &hubsim::Sim| {
+        x.read(|st| {
+            st.devices[&format!("localhost/{device}")]
+                .twin
+                .reported
+                .get("agent")
+                .map(|a| a["queue"]["droppedExpired"].as_u64().unwrap_or(0))
+                .unwrap_or(0)
+        })
+    };
+    assert!(
+        sim.wait_until(WAIT, |x| reported(x) >= expired_at_recovery)
+            .await,
+        "reported.agent.queue.droppedExpired {} < {expired_at_recovery}",
+        reported(&sim)
+    );
+    let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]
+        .iter()
+        .map(|(source, key)| runs_received(&sim, device, source, key))
+        .collect();
+    let st = status(&agent);
+    assert_eq!(agent.stop(), Some(0));
+    let inflight = 32 + 1;
+    let mut missing = 0;
+    for (source, runs) in ["library", "exec"].iter().zip(&arrived) {
+        assert_eq!(runs.len(), 1, "{source}: one run");
+        let (run, ns) = runs.iter().next().unwrap();
+        let gap = gaps(ns);
+        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
+            let stragglers = b - a + 1 - gap.len() as u64;
+            assert!(
+                stragglers <= inflight,
+                "{source} run {run}: expired messages are one stretch of the oldest: {gap:?}"
+            );
+        }
+        missing += gap.len() as u64;
+    }
+    let expired = st["queue"]["dropped_expired"].as_u64().unwrap();
+    assert!(
+        missing > 0 && missing <= expired && expired <= missing + 2 * inflight,
+        "{missing} missing, {expired} counted as expired"
+    );
+    assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
+    println!("max_age: {expired} expired, {missing} missing");
+}
