@@ -5,8 +5,15 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().unwrap();
-    let split = data.first().map(|b| *b as usize % (data.len().max(1))).unwrap_or(0);
-    std::fs::write(dir.path().join("0000000000000001.seg"), &data[split.min(data.len())..]).unwrap();
+    let split = data
+        .first()
+        .map(|b| *b as usize % (data.len().max(1)))
+        .unwrap_or(0);
+    std::fs::write(
+        dir.path().join("0000000000000001.seg"),
+        &data[split.min(data.len())..],
+    )
+    .unwrap();
     std::fs::write(dir.path().join("acked"), &data[..split.min(data.len())]).unwrap();
     let settings = hubagent::queue::QueueSettings::default();
     if let Ok((queue, _warnings)) = hubagent::queue::Queue::open(dir.path(), settings) {
