@@ -64,6 +64,29 @@ fn invalid<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> TpmErr
     move |e| TpmError::Invalid(format!("the activation blob's {what}: {e}"))
 }
 
+/// An activation blob turned into the TPM structures ActivateCredential and Import take.
+pub struct DecodedBlob {
+    pub credential_blob: IdObject,
+    pub secret: EncryptedSecret,
+    pub duplicate: Private,
+    pub in_sym_seed: EncryptedSecret,
+    pub public: Public,
+}
+
+/// Decodes what DPS sent before anything reaches the TPM: a malformed blob is a clear error
+/// (fuzzed: `fuzz/fuzz_targets/tpm_blobs.rs`).
+pub fn decode(blob: &[u8]) -> Result<DecodedBlob, TpmError> {
+    let parts = ActivationBlob::parse(blob)?;
+    Ok(DecodedBlob {
+        credential_blob: IdObject::try_from(parts.credential_blob)
+            .map_err(invalid("credentialBlob"))?,
+        secret: EncryptedSecret::try_from(parts.secret).map_err(invalid("secret"))?,
+        duplicate: Private::try_from(parts.duplicate).map_err(invalid("duplicate"))?,
+        in_sym_seed: EncryptedSecret::try_from(parts.in_sym_seed).map_err(invalid("inSymSeed"))?,
+        public: Public::unmarshall(&parts.public).map_err(invalid("objectPublic"))?,
+    })
+}
+
 /// Imports the key an activation blob carries into the persistent `handle`, replacing the HMAC
 /// key there (a handle holding anything else is left alone: [`TpmError::ForeignKey`]).
 /// A blob made for another TPM fails in ActivateCredential.
@@ -73,13 +96,13 @@ pub fn import_activation_blob(
     handle: u32,
     blob: &[u8],
 ) -> Result<Replaced, TpmError> {
-    let parts = ActivationBlob::parse(blob)?;
-    let credential_blob =
-        IdObject::try_from(parts.credential_blob).map_err(invalid("credentialBlob"))?;
-    let secret = EncryptedSecret::try_from(parts.secret).map_err(invalid("secret"))?;
-    let duplicate = Private::try_from(parts.duplicate).map_err(invalid("duplicate"))?;
-    let in_sym_seed = EncryptedSecret::try_from(parts.in_sym_seed).map_err(invalid("inSymSeed"))?;
-    let public = Public::unmarshall(&parts.public).map_err(invalid("objectPublic"))?;
+    let DecodedBlob {
+        credential_blob,
+        secret,
+        duplicate,
+        in_sym_seed,
+        public,
+    } = decode(blob)?;
 
     let mut ctx = open_with(tcti, auth)?;
     let slot = inspect(&mut ctx, handle)?;

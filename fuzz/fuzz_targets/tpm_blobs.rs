@@ -1,0 +1,23 @@
+//! Activation blobs as DPS sends them in a TPM attestation (`authenticationKey`, base64-decoded):
+//! split into their five TPM2B fields and unmarshalled into the TPM structures (tpm2-tss's
+//! marshalling code) before any of it reaches a TPM. Malformed input is an error, never a panic
+//! or a crash; a blob that decodes re-splits to the same fields.
+#![no_main]
+use hubagent::tpm::attestation::{ActivationBlob, decode};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    match decode(data) {
+        Ok(decoded) => {
+            let parts = ActivationBlob::parse(data).expect("decoded blobs split");
+            assert_eq!(
+                decoded.credential_blob.value(),
+                parts.credential_blob.as_slice()
+            );
+            assert_eq!(decoded.duplicate.value(), parts.duplicate.as_slice());
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+});
