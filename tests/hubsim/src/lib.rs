@@ -46,6 +46,8 @@ pub struct Options {
     /// Extra names for the server certificate.
     pub extra_sans: Vec<String>,
     pub retry_after_secs: u64,
+    /// Recorded telemetry kept per device (0 = all); see `Records::telemetry_keep`.
+    pub telemetry_keep: usize,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
             id_scope: "0ne00000001".into(),
             extra_sans: vec![],
             retry_after_secs: 1,
+            telemetry_keep: 0,
         }
     }
 }
@@ -124,6 +127,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         https_port: https_addr.port(),
     };
     let sim = Arc::new(Sim::open(config, &options.id_scope)?);
+    sim.records.lock().unwrap().telemetry_keep = options.telemetry_keep;
     let (hub_key, dps_key, id_scope) = sim.read(|s| {
         (
             s.hub_owner_key.clone(),

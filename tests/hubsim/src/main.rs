@@ -43,6 +43,10 @@ enum Command {
         /// `retry-after` seconds sent with DPS 202 answers.
         #[arg(long, default_value_t = 1)]
         retry_after: u64,
+        /// Recorded telemetry kept per device for `/sim/telemetry` (0 = all); the count in
+        /// `/sim/status` covers every message. For benchmarks sending millions.
+        #[arg(long, default_value_t = 0)]
+        telemetry_keep: usize,
     },
     /// Issue certificates for X.509 attestation tests.
     #[command(subcommand)]
@@ -130,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             id_scope,
             extra_sans,
             retry_after,
+            telemetry_keep,
         } => {
             let options = hubsim::Options {
                 state_dir: state_dir.unwrap_or_else(default_state_dir),
@@ -144,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 id_scope,
                 extra_sans,
                 retry_after_secs: retry_after,
+                telemetry_keep,
             };
             serve(options)
         }
