@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -216,6 +217,9 @@ class Hubsim:
 # the agent
 
 
+STARTED = []  # every Agent, so a failed run leaves no daemon behind
+
+
 class Agent:
     """The release hubagent with its own state dir; library plugins copied to a root-owned
     0700 directory so the plugin path check passes when the benchmark runs as root."""
@@ -277,6 +281,7 @@ max_bytes = "4GiB"
         if notify:
             env["NOTIFY_SOCKET"] = notify
         self.log = open(self.dir / "agent.log", "ab")
+        STARTED.append(self)
         self.started = time.time()
         self.proc = subprocess.Popen([str(REL / "hubagent"), "--config", str(self.config), "run"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -312,12 +317,15 @@ max_bytes = "4GiB"
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
+            t0 = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            if time.monotonic() - t0 > 2:
+                log(f"note: the agent took {time.monotonic() - t0:.1f} s to stop ({self.dir.name})")
         self.proc = None
         self.log.close()
 
@@ -358,6 +366,16 @@ def device(sim, device_id):
     return d["authentication"]["symmetricKey"]["primaryKey"]
 
 
+def clear_bench_desired(sim):
+    """The twin's desired settings override the configuration: drop an earlier run's burst
+    (there is no twin before the agent's first registration)."""
+    try:
+        sim.api("PATCH", f"/twins/{AGENT_REG}", {"properties": {"desired": {"plugins": {"bench": None}}}})
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+
+
 def wait_received(sim, device, target, timeout):
     """Polls hubsim until `device` has `target` messages; returns (first-seen time, done time)."""
     first, deadline = None, time.monotonic() + timeout
@@ -384,6 +402,7 @@ def agent_runs(sim, work, opts, results):
     with three plugins, a burst of messages through the queue, then a restart on the cache."""
     key = enroll_agent(sim)
     for run in range(opts.runs):
+        clear_bench_desired(sim)
         agent = Agent(work, sim, f"agent-{run}", key,
                       [("bench", "hubagent_bench_plugin", {"count": 1, "run": "first"})] + THREE_PLUGINS[1:])
         base = sim.received(AGENT_REG)
@@ -466,8 +485,7 @@ def backlog_runs(sim, work, opts, results):
     """Row 4: the hub refuses connections while the bench plugin queues `backlog` messages; then
     the hub recovers and the agent drains them."""
     key = enroll_agent(sim)
-    # The twin's desired settings override the configuration: drop the bursts of rows 1-3.
-    sim.api("PATCH", f"/twins/{AGENT_REG}", {"properties": {"desired": {"plugins": {"bench": None}}}})
+    clear_bench_desired(sim)
     for run in range(opts.backlog_runs):
         agent = Agent(work, sim, f"backlog-{run}", key, [])
         agent.start()
@@ -606,6 +624,9 @@ def main():
         sdk_runs(sim, opts, results)
         backlog_runs(sim, work, opts, results)
     finally:
+        for agent in STARTED:
+            if agent.proc:
+                agent.stop()
         sim.stop()
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)

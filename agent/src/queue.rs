@@ -561,7 +561,11 @@ impl Inner {
 
     fn remove_segment(&mut self, done: &Segment) {
         self.stats.bytes_on_disk = self.stats.bytes_on_disk.saturating_sub(done.bytes);
-        if self.reader.as_ref().is_some_and(|(id, _)| *id == done.first_seq) {
+        if self
+            .reader
+            .as_ref()
+            .is_some_and(|(id, _)| *id == done.first_seq)
+        {
             self.reader = None;
         }
         let _ = std::fs::remove_file(segment_path(&self.dir, done.first_seq));

@@ -602,7 +602,11 @@ mode = "flood"
     let flowing = sim
         .wait_until(WAIT, |s| telemetry_count(s, device) >= 200)
         .await;
-    assert!(flowing, "the flood never reached the hub:\n{}", agent.log_text());
+    assert!(
+        flowing,
+        "the flood never reached the hub:\n{}",
+        agent.log_text()
+    );
 
     agent.signal("TERM");
     // Well under callback_timeout: a kill after the timeout would take 120 s.

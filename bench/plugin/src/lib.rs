@@ -38,7 +38,11 @@ fn parse_settings(text: &str) -> Result<Burst, String> {
                 burst.size = size as usize;
             }
             "run" => burst.run = v.clone(),
-            other => return Err(format!("unknown setting '{other}' (known: count, size, run)")),
+            other => {
+                return Err(format!(
+                    "unknown setting '{other}' (known: count, size, run)"
+                ));
+            }
         }
     }
     Ok(burst)
@@ -122,11 +126,7 @@ impl Plugin for Bench {
     }
 }
 
-export_plugin!(
-    Bench,
-    name = "bench",
-    version = env!("CARGO_PKG_VERSION")
-);
+export_plugin!(Bench, name = "bench", version = env!("CARGO_PKG_VERSION"));
 
 #[cfg(test)]
 mod tests {
@@ -145,7 +145,15 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         assert_eq!(parse_settings("{}").unwrap().count, 0);
-        assert!(parse_settings(r#"{"size": 10}"#).unwrap_err().contains("64..="));
-        assert!(parse_settings(r#"{"rate": 1}"#).unwrap_err().contains("unknown setting 'rate'"));
+        assert!(
+            parse_settings(r#"{"size": 10}"#)
+                .unwrap_err()
+                .contains("64..=")
+        );
+        assert!(
+            parse_settings(r#"{"rate": 1}"#)
+                .unwrap_err()
+                .contains("unknown setting 'rate'")
+        );
     }
 }

@@ -106,7 +106,11 @@ async fn main() -> anyhow::Result<()> {
             let elapsed = hubagent_bench::unix_now() - start;
             println!(
                 "{}",
-                report(ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), elapsed)
+                report(
+                    ok.load(Ordering::Relaxed),
+                    failed.load(Ordering::Relaxed),
+                    elapsed
+                )
             );
         }
         What::Hold { .. } => {
@@ -118,7 +122,11 @@ async fn main() -> anyhow::Result<()> {
             let elapsed = hubagent_bench::unix_now() - start;
             println!(
                 "{}",
-                report(ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), elapsed)
+                report(
+                    ok.load(Ordering::Relaxed),
+                    failed.load(Ordering::Relaxed),
+                    elapsed
+                )
             );
             // Blocking read on its own thread: the workspace's tokio has no `io-std`.
             let _ = tokio::task::spawn_blocking(|| {

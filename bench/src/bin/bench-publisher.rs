@@ -60,7 +60,12 @@ async fn main() -> anyhow::Result<()> {
                 uuid::Uuid::new_v4()
             );
             client
-                .publish(topic, QoS::AtLeastOnce, false, hubagent_bench::body(seq, size))
+                .publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    hubagent_bench::body(seq, size),
+                )
                 .await?;
         }
         anyhow::Ok(client)
