@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -608,6 +609,13 @@ def main():
     opts.connections = 200 if q else 1000
     opts.idle_seconds = 3 if q else 10
 
+    # hubsim and the prober each hold a descriptor per connection (row 5b); 1024 is a common default.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = opts.connections + 512
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            sys.exit(f"bench: {opts.connections} connections need {wanted} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     work = Path(tempfile.mkdtemp(prefix="hubagent-bench-"))
     log(f"working directory {work}")
     results = {k: [] for k in (
