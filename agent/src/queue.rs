@@ -142,6 +142,9 @@ struct Inner {
     next_seq: u64,
     segments: VecDeque<Segment>,
     writer: Option<(u64, File)>,
+    /// The segment last read from, kept open: the pump reads message after message from the
+    /// same file, and opening it for each one was the hottest part of the agent's send path.
+    reader: Option<(u64, File)>,
     dirty_since: Option<Instant>,
     stats: QueueStats,
 }
@@ -317,6 +320,7 @@ impl Queue {
                 next_seq: max_seq + 1,
                 segments,
                 writer: None,
+                reader: None,
                 dirty_since: None,
                 stats,
             }),
@@ -335,6 +339,9 @@ impl Queue {
         q.expire();
         let record_len = (HEADER + payload.len()) as u64;
         while q.stats.bytes_on_disk + record_len > q.settings.max_bytes {
+            if q.reclaim_idle_writer() {
+                continue;
+            }
             match q.settings.full_policy {
                 FullPolicy::RejectNew => {
                     return Err(QueueError::Full {
@@ -507,9 +514,15 @@ impl Inner {
         Ok((id, offset))
     }
 
-    fn read(&self, entry: &Entry) -> Result<TelemetryMessage, String> {
+    fn read(&mut self, entry: &Entry) -> Result<TelemetryMessage, String> {
         let path = segment_path(&self.dir, entry.segment);
-        let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = match &self.reader {
+            Some((id, file)) if *id == entry.segment => file,
+            _ => {
+                let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                &self.reader.insert((entry.segment, file)).1
+            }
+        };
         let mut buf = vec![0u8; entry.len as usize];
         file.read_exact_at(&mut buf, entry.offset)
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -551,18 +564,44 @@ impl Inner {
                 .writer
                 .as_ref()
                 .is_some_and(|(id, _)| *id == first.first_seq);
-            if first.last_seq > self.acked
-                || (is_writer && self.segments.len() == 1 && !self.entries.is_empty())
-            {
+            // The segment being written stays even when all of it is acknowledged: a queue
+            // drained as fast as it fills would otherwise create and delete a file per message.
+            // It goes when it is rolled, when its space is needed (`reclaim_idle_writer`) or at
+            // the next start.
+            if first.last_seq > self.acked || is_writer {
                 break;
             }
-            if is_writer {
-                self.writer = None;
-            }
             let done = self.segments.pop_front().expect("front exists");
-            self.stats.bytes_on_disk = self.stats.bytes_on_disk.saturating_sub(done.bytes);
-            let _ = std::fs::remove_file(segment_path(&self.dir, done.first_seq));
+            self.remove_segment(&done);
         }
+    }
+
+    fn remove_segment(&mut self, done: &Segment) {
+        self.stats.bytes_on_disk = self.stats.bytes_on_disk.saturating_sub(done.bytes);
+        if self
+            .reader
+            .as_ref()
+            .is_some_and(|(id, _)| *id == done.first_seq)
+        {
+            self.reader = None;
+        }
+        let _ = std::fs::remove_file(segment_path(&self.dir, done.first_seq));
+    }
+
+    /// Deletes the segment being written when every message in it is acknowledged, to make
+    /// room in a full queue. False when there is no such segment.
+    fn reclaim_idle_writer(&mut self) -> bool {
+        let idle = self.entries.is_empty()
+            && self.segments.len() == 1
+            && self.segments[0].last_seq <= self.acked
+            && self.writer.is_some();
+        if !idle {
+            return false;
+        }
+        self.writer = None;
+        let done = self.segments.pop_front().expect("checked");
+        self.remove_segment(&done);
+        true
     }
 
     /// Drops the oldest segment's messages (full queue). False when nothing can be dropped.
@@ -593,8 +632,7 @@ impl Inner {
             self.writer = None;
         }
         let done = self.segments.pop_front().expect("checked");
-        self.stats.bytes_on_disk = self.stats.bytes_on_disk.saturating_sub(done.bytes);
-        let _ = std::fs::remove_file(segment_path(&self.dir, done.first_seq));
+        self.remove_segment(&done);
         if dropped > 0 {
             tracing::warn!(dropped, "queue full: oldest messages dropped");
         }
@@ -726,6 +764,61 @@ mod tests {
             segments <= 1,
             "acknowledged segments are deleted ({segments} left)"
         );
+    }
+
+    fn segment_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_queue_drained_as_it_fills_keeps_writing_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = QueueSettings {
+            segment_bytes: 1 << 20,
+            ..small()
+        };
+        let (q, _) = Queue::open(dir.path(), settings).unwrap();
+        for i in 0..100 {
+            let seq = q.push(&msg(i)).unwrap();
+            let batch = q.take_batch(10);
+            assert_eq!(ids(&batch), vec![format!("m-{i}")]);
+            q.ack(seq);
+            assert_eq!(segment_files(dir.path()), vec!["0000000000000001.seg"]);
+        }
+        assert_eq!(q.stats().depth, 0);
+        q.close();
+        drop(q);
+        // Nothing in it is needed after a restart: it is deleted then.
+        let (q, _) = Queue::open(dir.path(), small()).unwrap();
+        assert!(segment_files(dir.path()).is_empty());
+        assert!(q.take_batch(10).is_empty());
+    }
+
+    #[test]
+    fn an_acknowledged_segment_makes_room_in_a_full_queue_that_rejects_new() {
+        let dir = tempfile::tempdir().unwrap();
+        // The segment being written never rolls, so only reclaiming it makes room.
+        let settings = QueueSettings {
+            full_policy: FullPolicy::RejectNew,
+            max_bytes: 4096,
+            segment_bytes: 1 << 20,
+            ..small()
+        };
+        let (q, _) = Queue::open(dir.path(), settings).unwrap();
+        // Ten times the queue's size goes through it; each message is acknowledged at once.
+        for i in 0..400 {
+            let seq = q.push(&msg(i)).unwrap_or_else(|e| panic!("push {i}: {e}"));
+            assert_eq!(q.take_batch(1).len(), 1);
+            q.ack(seq);
+            assert!(q.stats().bytes_on_disk <= 4096);
+        }
+        assert_eq!(q.stats().delivered, 400);
     }
 
     #[test]

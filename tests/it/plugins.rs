@@ -572,6 +572,59 @@ interval = "100ms"
     );
 }
 
+/// A plugin blocked in `publish` when the agent stops gets `ERR_STOPPING`, so its `stop` can join
+/// its threads and the agent exits at once instead of killing it after `callback_timeout`
+/// (found by the benchmark: every stop during a burst took the full timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_publishing_when_the_agent_stops_is_stopped_not_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let lib = misbehave(dir.path());
+    // Four threads publishing without pause, never rate-limited, so they wait on acknowledgements.
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "flooder"
+kind = "library"
+path = "{}"
+max_rate = 1000000
+burst = 1000000
+callback_timeout = "120s"
+[plugin.settings]
+mode = "flood"
+"#,
+        lib.display()
+    );
+    let device = "gw-plugins-stop";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let mut agent = AgentProcess::start(&config);
+    let flowing = sim
+        .wait_until(WAIT, |s| telemetry_count(s, device) >= 200)
+        .await;
+    assert!(
+        flowing,
+        "the flood never reached the hub:\n{}",
+        agent.log_text()
+    );
+
+    agent.signal("TERM");
+    // Well under callback_timeout: a kill after the timeout would take 120 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent is still stopping 60 s after SIGTERM (waiting to kill the plugin?):\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(0), "{}", agent.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_paths_and_foreign_abis_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,17 +53,32 @@ struct FrameHost {
     closed: AtomicBool,
 }
 
+impl FrameHost {
+    /// Once the daemon asks for a stop it acknowledges no more messages: answer every waiting
+    /// and every later publish with `ERR_STOPPING`, so the plugin's `stop` can join its
+    /// publishing threads instead of waiting for the daemon's kill after `callback_timeout`.
+    fn release_publishers(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        for (_, waiter) in pending.drain() {
+            let _ = waiter.send(abi::ERR_STOPPING);
+        }
+    }
+}
+
 impl HostSide for FrameHost {
     fn publish(&self, message: PluginMessage) -> i32 {
-        if self.closed.load(Ordering::SeqCst) {
-            return abi::ERR_STOPPING;
-        }
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = sync_channel(1);
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        {
+            // Checked under the lock that `release_publishers` takes, so no publish can slip
+            // in after it and wait for an answer that never comes.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if self.closed.load(Ordering::SeqCst) {
+                return abi::ERR_STOPPING;
+            }
+            pending.insert(id, tx);
+        }
         send(
             &self.out,
             &Up::Message {
@@ -214,6 +229,7 @@ pub fn run(name: &str, path: &Path, allow_unsafe: bool) -> i32 {
             }
             Ok(Some(Down::Ping { id })) => send(&out, &Up::Pong { id }),
             Ok(Some(Down::Stop)) => {
+                host.release_publishers();
                 let _ = calls.send(Call::Stop);
             }
             Ok(None) | Err(_) => {

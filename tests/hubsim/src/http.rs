@@ -924,6 +924,7 @@ async fn sim_status(State(sim): State<AppState>, headers: HeaderMap) -> Response
         )
     });
     let connected = sim.live.lock().unwrap().connections.len();
+    let received = sim.records.lock().unwrap().telemetry_received.clone();
     ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "idScope": scope,
@@ -935,6 +936,7 @@ async fn sim_status(State(sim): State<AppState>, headers: HeaderMap) -> Response
         "enrollmentGroups": groups,
         "devices": devices,
         "connectedDevices": connected,
+        "telemetryReceived": received,
     }))
 }
 

@@ -276,10 +276,16 @@ fn record_telemetry(
         enqueued_time: enqueued,
     };
     sim.record(|r| {
-        r.telemetry
+        *r.telemetry_received
             .entry(session.device_id.clone())
-            .or_default()
-            .push(record)
+            .or_default() += 1;
+        let keep = r.telemetry_keep;
+        let list = r.telemetry.entry(session.device_id.clone()).or_default();
+        list.push(record);
+        // Trim in halves so the cost per message stays constant.
+        if keep > 0 && list.len() >= 2 * keep {
+            list.drain(..list.len() - keep);
+        }
     });
     Ok(())
 }

@@ -49,6 +49,8 @@ pub struct Options {
     /// Extra names for the server certificate.
     pub extra_sans: Vec<String>,
     pub retry_after_secs: u64,
+    /// Recorded telemetry kept per device (0 = all); see `Records::telemetry_keep`.
+    pub telemetry_keep: usize,
 }
 
 impl Options {
@@ -64,6 +66,7 @@ impl Options {
             extra_id_scopes: vec![],
             extra_sans: vec![],
             retry_after_secs: 1,
+            telemetry_keep: 0,
         }
     }
 }
@@ -129,6 +132,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         extra_id_scopes: options.extra_id_scopes.clone(),
     };
     let sim = Arc::new(Sim::open(config, &options.id_scope)?);
+    sim.records.lock().unwrap().telemetry_keep = options.telemetry_keep;
     let (hub_key, dps_key, id_scope) = sim.read(|s| {
         (
             s.hub_owner_key.clone(),

@@ -45,6 +45,10 @@ enum Command {
         /// `retry-after` seconds sent with DPS 202 answers.
         #[arg(long, default_value_t = 1)]
         retry_after: u64,
+        /// Recorded telemetry kept per device for `/sim/telemetry` (0 = all); the count in
+        /// `/sim/status` covers every message. For benchmarks sending millions.
+        #[arg(long, default_value_t = 0)]
+        telemetry_keep: usize,
     },
     /// Issue certificates for X.509 attestation tests.
     #[command(subcommand)]
@@ -132,6 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             id_scopes,
             extra_sans,
             retry_after,
+            telemetry_keep,
         } => {
             let mut id_scopes = id_scopes.into_iter();
             let id_scope = id_scopes.next().unwrap_or_else(|| "0ne00000001".into());
@@ -149,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 extra_id_scopes: id_scopes.collect(),
                 extra_sans,
                 retry_after_secs: retry_after,
+                telemetry_keep,
             };
             serve(options)
         }

@@ -325,6 +325,11 @@ pub struct Faults {
 #[derive(Debug, Default)]
 pub struct Records {
     pub telemetry: HashMap<String, Vec<TelemetryRecord>>,
+    /// Messages received per device since start (not reset by clearing the record).
+    pub telemetry_received: HashMap<String, u64>,
+    /// Keep at most about this many recent messages per device in `telemetry` (0 = all), so a
+    /// benchmark sending millions does not hold them all in memory.
+    pub telemetry_keep: usize,
     pub registrations: Vec<RegistrationEvent>,
     pub connections: Vec<ConnectionEvent>,
 }

@@ -163,6 +163,64 @@ async fn hub_records_telemetry_with_decoded_properties_and_acks_it() {
     );
 }
 
+/// With `--telemetry-keep`, the record keeps only recent messages while `/sim/status` counts
+/// every one (benchmarks send millions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_is_counted_in_full_and_recorded_up_to_the_keep_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    running.sim.records.lock().unwrap().telemetry_keep = 4;
+    let key = add_device(&running, "dev-keep");
+    let (client, mut el) = mqtt_client(
+        &running,
+        "dev-keep",
+        &hub_username(&running, "dev-keep"),
+        &hub_password(&running, "dev-keep", &key, in_an_hour()),
+    );
+    for n in 1..=20 {
+        client
+            .publish(
+                format!("devices/dev-keep/messages/events/%24.mid=m-{n}"),
+                QoS::AtLeastOnce,
+                false,
+                format!("{{\"n\":{n}}}"),
+            )
+            .await
+            .unwrap();
+        until(&mut el, |p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+            .unwrap();
+    }
+    let records = running.sim.records.lock().unwrap().telemetry["dev-keep"].clone();
+    assert!(
+        (4..8).contains(&records.len()),
+        "{} records kept",
+        records.len()
+    );
+    assert_eq!(
+        records.last().unwrap().system_properties["message-id"],
+        "m-20"
+    );
+    let (ca, url, auth) = (
+        running.ca_pem.clone(),
+        url(&running, "/sim/status"),
+        service_sas(&running.hub_connection_string),
+    );
+    let status: Value = tokio::task::spawn_blocking(move || {
+        https_agent(&ca)
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .unwrap()
+            .into_body()
+            .read_json()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status["telemetryReceived"]["dev-keep"], 20, "{status}");
+}
+
 #[tokio::test]
 async fn twin_get_reported_patch_and_desired_push() {
     let dir = tempfile::tempdir().unwrap();

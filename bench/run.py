@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""hubagent benchmark (issue #8): the release agent, its peers and hubsim, on loopback.
+
+Run through bench/run.sh, which builds everything in release mode first. Prints a table where each
+figure is the median of --runs runs with its spread (min-max); --write-doc also puts it into
+docs/benchmarks.md between the generated-table markers. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REL = ROOT / "target" / "release"
+VENV_PY = ROOT / "target" / "interop-venv" / "bin" / "python"
+DOC = ROOT / "docs" / "benchmarks.md"
+MQTT_PORT = 8883  # Azure's Python SDK can dial no other port
+SIZE = 256
+AGENT_REG = "bench-agent"
+GROUP = "bench-group"
+
+
+def log(text):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def wait_for(what, check, timeout, interval=0.01):
+    """Polls check() until it returns something truthy; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_free(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process accounting: CPU time and resident memory of a process and all its descendants (/proc).
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree(pid):
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += _children(p)
+    return pids
+
+
+def cpu_seconds(pids):
+    """User + system time of these processes (and of children they have reaped)."""
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        except (OSError, IndexError):
+            pass
+    return total / CLK
+
+
+def rss_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Sampler:
+    """Samples the summed RSS of a process tree every 20 ms; `peak` is the largest sum seen."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kib(tree(self.pid)))
+            self._stop.wait(0.02)
+
+    def reset(self):
+        self.peak = rss_kib(tree(self.pid))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_measured(cmd, env=None, timeout=900):
+    """Runs a single-process peer and returns (last JSON line, cpu seconds, peak RSS KiB)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out_chunks = []
+    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    err_chunks = []
+    err_reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    err_reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout)
+    err_reader.join(timeout)
+    if proc.returncode != 0:
+        err = b"".join(err_chunks).decode()[-2000:]
+        raise RuntimeError(f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} failed ({proc.returncode}): {err}")
+    lines = [line for line in b"".join(out_chunks).decode().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]), usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+
+
+# ---------------------------------------------------------------------------------------------
+# hubsim
+
+
+class Hubsim:
+    def __init__(self, work):
+        self.dir = work / "hubsim"
+        self.https_port = free_port()
+        if not port_free(MQTT_PORT):
+            log(f"port {MQTT_PORT} is taken (another hubsim?); waiting up to 10 minutes for it")
+            wait_for(f"port {MQTT_PORT} to be free", lambda: port_free(MQTT_PORT), 600, 2)
+        self.log = open(work / "hubsim.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(REL / "hubsim"), "serve", "--state-dir", str(self.dir), "--mqtt-port", str(MQTT_PORT),
+             "--https-port", str(self.https_port), "--retry-after", "0", "--telemetry-keep", "1000"],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
+        wait_for("hubsim to write endpoints.json", lambda: (self.dir / "endpoints.json").exists()
+                 or self.proc.poll() is not None, 60)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"hubsim exited at start; see {work / 'hubsim.log'}")
+        self.ca = self.dir / "ca.pem"
+        self.ssl = ssl.create_default_context(cafile=str(self.ca))
+        self.tokens = {p: subprocess.check_output(
+            [str(REL / "hubsim"), "token", "--state-dir", str(self.dir), "--policy", p, "--ttl", "6h"]
+        ).decode().strip() for p in ("hub", "dps")}
+        self.scope = json.loads((self.dir / "endpoints.json").read_text())["idScope"]
+        wait_for("hubsim's management API", self._up, 30, 0.05)
+
+    def _up(self):
+        try:
+            return self.api("GET", "/sim/status") is not None
+        except OSError:
+            return False
+
+    def api(self, method, path, body=None, policy="hub"):
+        req = urllib.request.Request(
+            f"https://localhost:{self.https_port}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": self.tokens[policy], "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=self.ssl, timeout=30) as r:
+            text = r.read()
+            return json.loads(text) if text else {}
+
+    def received(self, device):
+        return self.api("GET", "/sim/status")["telemetryReceived"].get(device, 0)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the agent
+
+
+STARTED = []  # every Agent, so a failed run leaves no daemon behind
+
+
+class Agent:
+    """The release hubagent with its own state dir; library plugins copied to a root-owned
+    0700 directory so the plugin path check passes when the benchmark runs as root."""
+
+    def __init__(self, work, sim, name, key, plugins):
+        self.dir = work / name
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.sim, self.socket = sim, self.dir / "control.sock"
+        keyfile = self.dir / "device.key"
+        keyfile.write_text(key)
+        keyfile.chmod(0o600)
+        self.plugin_dir = self.dir / "plugins"
+        self.plugin_dir.mkdir(mode=0o755, exist_ok=True)
+        self.config = self.dir / "config.toml"
+        self.base = f"""
+[agent]
+state_dir = "{self.dir / 'state'}"
+control_socket = "{self.socket}"
+log_level = "warn"
+allow_unsafe_plugin_paths = {'true' if os.getuid() != 0 else 'false'}
+
+[provisioning]
+source = "dps"
+global_endpoint = "localhost"
+id_scope = "{sim.scope}"
+registration_id = "{AGENT_REG}"
+
+[provisioning.attestation]
+method = "symmetric_key"
+key = {{ file = "{keyfile}" }}
+
+[hub]
+port = {MQTT_PORT}
+trust_bundle = "{sim.ca}"
+reconnect_backoff_max = "1s"
+
+[queue]
+max_bytes = "4GiB"
+"""
+        self.set_plugins(plugins)
+        self.proc = None
+
+    def plugin(self, name, lib, settings):
+        src = REL / f"lib{lib}.so"
+        dst = self.plugin_dir / src.name
+        if not dst.exists():
+            shutil.copyfile(src, dst)
+            dst.chmod(0o644)
+        return (f'\n[[plugin]]\nname = "{name}"\nkind = "library"\npath = "{dst}"\n'
+                f"max_rate = 1000000000\nburst = 1000000000\n"
+                f"[plugin.settings]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+
+    def set_plugins(self, plugins):
+        text = self.base + "".join(self.plugin(*p) for p in plugins)
+        self.config.write_text(text)
+
+    def start(self, notify=None):
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        if notify:
+            env["NOTIFY_SOCKET"] = notify
+        self.log = open(self.dir / "agent.log", "ab")
+        STARTED.append(self)
+        self.started = time.time()
+        self.proc = subprocess.Popen([str(REL / "hubagent"), "--config", str(self.config), "run"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        return self.started
+
+    def status(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(str(self.socket))
+                s.sendall(b'{"command":"status"}\n')
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            answer = json.loads(data)
+            return answer.get("result") if answer.get("ok") else None
+        except (OSError, ValueError):
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"the agent exited ({self.proc.returncode}); see {self.dir / 'agent.log'}")
+            return None
+
+    def wait_running(self, plugins, timeout=60):
+        def ready():
+            s = self.status()
+            if not s or s["connection"] != "connected":
+                return None
+            states = {n: p.get("status") for n, p in (s.get("plugins") or {}).items()}
+            return s if all(states.get(n) == "running" for n in plugins) else None
+        return wait_for(f"the agent to connect with plugins {plugins} running", ready, timeout, 0.02)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            t0 = time.monotonic()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            if time.monotonic() - t0 > 2:
+                log(f"note: the agent took {time.monotonic() - t0:.1f} s to stop ({self.dir.name})")
+        self.proc = None
+        self.log.close()
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET as systemd provides it; `wait_ready` returns when READY=1 arrives."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+
+    def wait_ready(self, timeout=30):
+        self.sock.settimeout(timeout)
+        while True:
+            data = self.sock.recv(4096).decode()
+            if "READY=1" in data.split("\n"):
+                return time.time()
+
+    def close(self):
+        self.sock.close()
+        os.unlink(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rows
+
+
+def enroll_agent(sim, name=AGENT_REG):
+    enrollment = sim.api("PUT", f"/enrollments/{name}",
+                         {"registrationId": name, "attestation": {"type": "symmetricKey"}}, policy="dps")
+    return enrollment["attestation"]["symmetricKey"]["primaryKey"]
+
+
+def device(sim, device_id):
+    d = sim.api("PUT", f"/devices/{device_id}",
+                {"deviceId": device_id, "authentication": {"type": "sas"}, "status": "enabled"})
+    return d["authentication"]["symmetricKey"]["primaryKey"]
+
+
+def clear_bench_desired(sim):
+    """The twin's desired settings override the configuration: drop an earlier run's burst
+    (there is no twin before the agent's first registration)."""
+    try:
+        sim.api("PATCH", f"/twins/{AGENT_REG}", {"properties": {"desired": {"plugins": {"bench": None}}}})
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+
+
+def wait_received(sim, device, target, timeout):
+    """Polls hubsim until `device` has `target` messages; returns (first-seen time, done time)."""
+    first, deadline = None, time.monotonic() + timeout
+    start = sim.received(device)
+    while True:
+        n = sim.received(device)
+        now = time.time()
+        if first is None and n > start:
+            first = now
+        if n >= target:
+            return first or now, now
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"hubsim has {n} of {target} messages from {device} after {timeout}s")
+        time.sleep(0.005 if first is None else 0.05)
+
+
+THREE_PLUGINS = [("bench", "hubagent_bench_plugin", {"count": 0}),
+                 ("sensor", "hubagent_simulated_sensor", {"interval": "5s"}),
+                 ("sysmetrics", "hubagent_sysmetrics", {"interval": "30s"})]
+
+
+def agent_runs(sim, work, opts, results):
+    """Rows 1-3 for the agent: per run, a fresh DPS registration with the first message, idle
+    with three plugins, a burst of messages through the queue, then a restart on the cache."""
+    key = enroll_agent(sim)
+    for run in range(opts.runs):
+        clear_bench_desired(sim)
+        agent = Agent(work, sim, f"agent-{run}", key,
+                      [("bench", "hubagent_bench_plugin", {"count": 1, "run": "first"})] + THREE_PLUGINS[1:])
+        base = sim.received(AGENT_REG)
+        notify = NotifySocket(work / f"notify-{run}")
+        t0 = agent.start(notify.path)
+        _, first = wait_received(sim, AGENT_REG, base + 1, 60)
+        results["first_telemetry_fresh"].append(first - t0)
+        notify.close()
+        agent.wait_running(["bench", "sensor", "sysmetrics"])
+        pid = agent.proc.pid
+
+        # Idle with three plugins (process isolation: three plugin-host children).
+        time.sleep(2)  # let start-up work (twin, first readings) finish before measuring idle
+        sampler = Sampler(pid)
+        c0, t_idle = cpu_seconds(tree(pid)), time.time()
+        time.sleep(opts.idle_seconds)
+        results["idle_cpu_pct"].append(100 * (cpu_seconds(tree(pid)) - c0) / (time.time() - t_idle))
+        results["idle_rss"].append(sampler.peak / 1024)
+        procs = len(tree(pid))
+
+        # Load: a burst of N messages from the bench plugin, triggered through the twin.
+        sampler.reset()
+        base = sim.received(AGENT_REG)
+        c0, t0 = cpu_seconds(tree(pid)), time.time()
+        sim.api("PATCH", f"/twins/{AGENT_REG}",
+                {"properties": {"desired": {"plugins": {"bench": {"count": opts.messages, "run": run}}}}})
+        _, done = wait_received(sim, AGENT_REG, base + opts.messages, 600)
+        cpu = cpu_seconds(tree(pid)) - c0
+        results["agent_rate"].append(opts.messages / (done - t0))
+        results["agent_cpu_per_k"].append(1000 * cpu / opts.messages)
+        results["load_rss"].append(sampler.stop() / 1024)
+        agent.stop()
+
+        # Restart with the cached assignment: exec to READY=1, and to connected.
+        notify = NotifySocket(work / f"notify-{run}")
+        t0 = agent.start(notify.path)
+        results["ready_cached"].append(notify.wait_ready() - t0)
+        notify.close()
+        agent.stop()
+        log(f"agent run {run + 1}: {results['agent_rate'][-1]:.0f} msg/s, first telemetry "
+            f"{results['first_telemetry_fresh'][-1] * 1000:.0f} ms, READY {results['ready_cached'][-1] * 1000:.0f} ms, "
+            f"{procs} processes")
+
+
+def bare_runs(sim, opts, results):
+    key = device(sim, "bench-bare")
+    for run in range(opts.runs):
+        out, cpu, rss = run_measured([str(REL / "bench-publisher"), "--ca", str(sim.ca), "--device-id", "bench-bare",
+                                      "--count", str(opts.messages), "--size", str(SIZE)],
+                                     env={**os.environ, "BENCH_DEVICE_KEY": key})
+        results["bare_rate"].append(out["msgs_per_s"])
+        results["bare_cpu_per_k"].append(1000 * cpu / opts.messages)
+        results["bare_rss"].append(rss / 1024)
+        log(f"bare rumqttc run {run + 1}: {out['msgs_per_s']:.0f} msg/s")
+
+
+def sdk_runs(sim, opts, results):
+    if not VENV_PY.exists():
+        log(f"no {VENV_PY}: skipping Azure's Python SDK (bench/run.sh creates it)")
+        return
+    key = device(sim, "bench-sdk")
+    cs = f"HostName=localhost;DeviceId=bench-sdk;SharedAccessKey={key}"
+    script = str(ROOT / "bench" / "sdk_publisher.py")
+    for run in range(opts.runs):
+        out, cpu, rss = run_measured([str(VENV_PY), script, "send", cs, str(sim.ca), str(opts.sdk_messages),
+                                      str(SIZE), "32"])
+        results["sdk_rate"].append(out["msgs_per_s"])
+        results["sdk_cpu_per_k"].append(1000 * cpu / opts.sdk_messages)
+        results["sdk_rss"].append(rss / 1024)
+        reg = f"bench-sdk-dps-{run}"
+        dkey = enroll_agent(sim, reg)
+        t0 = time.time()
+        out, _, _ = run_measured([str(VENV_PY), script, "provision", reg, sim.scope, dkey, str(sim.ca)])
+        results["sdk_first_telemetry_fresh"].append(out["done_at"] - t0)
+        log(f"Python SDK run {run + 1}: {results['sdk_rate'][-1]:.0f} msg/s, first telemetry "
+            f"{results['sdk_first_telemetry_fresh'][-1] * 1000:.0f} ms")
+
+
+def backlog_runs(sim, work, opts, results):
+    """Row 4: the hub refuses connections while the bench plugin queues `backlog` messages; then
+    the hub recovers and the agent drains them."""
+    key = enroll_agent(sim)
+    clear_bench_desired(sim)
+    for run in range(opts.backlog_runs):
+        agent = Agent(work, sim, f"backlog-{run}", key, [])
+        agent.start()
+        agent.wait_running([])  # registered with DPS, assignment cached
+        agent.stop()
+        sim.api("POST", "/sim/faults", {"refuseConnectionsSeconds": 3600})
+        agent.set_plugins([("bench", "hubagent_bench_plugin", {"count": opts.backlog, "run": "backlog"})])
+        base = sim.received(AGENT_REG)
+        agent.start()
+        t_fill = time.time()
+        s = wait_for(f"{opts.backlog} messages in the agent's queue",
+                     lambda: (lambda st: st if st and st["queue"] and st["queue"]["depth"] >= opts.backlog else None)(
+                         agent.status()), 1800, 0.2)
+        fill = time.time() - t_fill
+        results["queue_bytes_per_msg"].append(s["queue"]["bytes_on_disk"] / s["queue"]["depth"])
+        results["fill_rate"].append(opts.backlog / fill)
+        sim.api("DELETE", "/sim/faults")
+        first, done = wait_received(sim, AGENT_REG, base + opts.backlog, 1800)
+        results["drain_rate"].append(opts.backlog / (done - first))
+        agent.stop()
+        shutil.rmtree(agent.dir / "state" / "queue", ignore_errors=True)
+        log(f"backlog run {run + 1}: filled at {results['fill_rate'][-1]:.0f} msg/s, drained at "
+            f"{results['drain_rate'][-1]:.0f} msg/s, {results['queue_bytes_per_msg'][-1]:.0f} B/msg on disk")
+
+
+def hubsim_runs(sim, opts, results):
+    group_key = sim.api("PUT", f"/enrollmentGroups/{GROUP}",
+                        {"enrollmentGroupId": GROUP, "attestation": {"type": "symmetricKey"}},
+                        policy="dps")["attestation"]["symmetricKey"]["primaryKey"]
+    env = {**os.environ, "BENCH_GROUP_KEY": group_key}
+    prober = [str(REL / "bench-prober"), "--ca", str(sim.ca)]
+    for run in range(opts.runs):
+        out, _, _ = run_measured(prober + ["--prefix", f"reg{run}", "--count", str(opts.registrations),
+                                           "register", "--id-scope", sim.scope], env=env)
+        if out["failed"]:
+            raise RuntimeError(f"DPS registrations failed: {out}")
+        results["registrations_per_s"].append(out["per_s"])
+        log(f"hubsim run {run + 1}: {out['per_s']:.0f} registrations/s")
+    # Devices to connect: register them once (untimed), then hold them all at once, per run.
+    out, _, _ = run_measured(prober + ["--prefix", "hold", "--count", str(opts.connections),
+                                       "--concurrency", "64", "register", "--id-scope", sim.scope], env=env)
+    if out["failed"]:
+        raise RuntimeError(f"registering the devices to hold failed: {out}")
+    for run in range(opts.runs):
+        proc = subprocess.Popen(prober + ["--prefix", "hold", "--count", str(opts.connections),
+                                          "--concurrency", "64", "hold"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        first = json.loads(proc.stdout.readline())
+        held = sim.api("GET", "/sim/status")["connectedDevices"]
+        proc.stdin.close()
+        proc.wait(60)
+        results["connections_held"].append(min(first["ok"], held))
+        results["connections_per_s"].append(first["per_s"])
+        log(f"hubsim run {run + 1}: {held} connections held ({first['failed']} failed), "
+            f"{first['per_s']:.0f} connects/s")
+        wait_for("the held connections to close",
+                 lambda: sim.api("GET", "/sim/status")["connectedDevices"] == 0, 60, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def fig(values, fmt="{:.0f}", scale=1.0):
+    if not values:
+        return "—"
+    med = statistics.median(values) * scale
+    lo, hi = min(values) * scale, max(values) * scale
+    return f"{fmt.format(med)} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def table(r, opts):
+    rows = [
+        ("1. Telemetry throughput, msg/s (256 B, QoS 1)",
+         f"{fig(r['agent_rate'])} plugin → queue → hub", f"{fig(r['bare_rate'])}",
+         f"{fig(r['sdk_rate'])}"),
+        ("2a. CPU time per 1,000 messages, ms", fig(r["agent_cpu_per_k"], "{:.0f}", 1000),
+         fig(r["bare_cpu_per_k"], "{:.0f}", 1000), fig(r["sdk_cpu_per_k"], "{:.0f}", 1000)),
+        ("2b. Idle CPU with 3 plugins, % of one core", fig(r["idle_cpu_pct"], "{:.2f}"), "—", "—"),
+        ("2c. Peak RSS idle with 3 plugins, MiB (all processes)", fig(r["idle_rss"], "{:.1f}"), "—", "—"),
+        ("2d. Peak RSS under load, MiB (all processes)", fig(r["load_rss"], "{:.1f}"),
+         fig(r["bare_rss"], "{:.1f}"), fig(r["sdk_rss"], "{:.1f}")),
+        ("3a. Start to READY=1, cached assignment, ms", fig(r["ready_cached"], "{:.0f}", 1000), "—", "—"),
+        ("3b. Start to first telemetry, fresh DPS registration, ms",
+         fig(r["first_telemetry_fresh"], "{:.0f}", 1000), "—", fig(r["sdk_first_telemetry_fresh"], "{:.0f}", 1000)),
+        (f"4a. Backlog drain, msg/s ({opts.backlog:,} queued)", fig(r["drain_rate"]),
+         f"{fig(r['bare_rate'])} (row 1)", "—"),
+        ("4b. Queue fill while the hub refuses, msg/s", fig(r["fill_rate"]), "—", "—"),
+        ("4c. Disk bytes per queued message", fig(r["queue_bytes_per_msg"]), "—", "—"),
+        (f"5a. hubsim DPS registrations/s ({opts.registrations} per run)", fig(r["registrations_per_s"]), "", ""),
+        (f"5b. hubsim concurrent device connections held (of {opts.connections})",
+         fig(r["connections_held"]), "", ""),
+        ("5c. hubsim device connects/s (TLS + SAS)", fig(r["connections_per_s"]), "", ""),
+    ]
+    head = "| measurement | hubagent | bare rumqttc (limit of the path) | Azure Python SDK |\n| --- | --- | --- | --- |\n"
+    return head + "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    return (f"{os.cpu_count()} × {cpu}, {mem / 1024:.0f} GiB RAM, Linux {platform.release()}, "
+            f"{platform.freedesktop_os_release().get('PRETTY_NAME', '') if hasattr(platform, 'freedesktop_os_release') else ''}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median and min–max)")
+    ap.add_argument("--quick", action="store_true", help="fewer messages and devices (a smoke run)")
+    ap.add_argument("--write-doc", action="store_true", help=f"put the table into {DOC.relative_to(ROOT)}")
+    ap.add_argument("--keep", action="store_true", help="keep the working directory (logs, state)")
+    opts = ap.parse_args()
+    q = opts.quick
+    opts.messages = 5_000 if q else 50_000
+    opts.sdk_messages = 1_000 if q else 5_000
+    opts.backlog = 50_000 if q else 1_000_000
+    opts.backlog_runs = opts.runs
+    opts.registrations = 100 if q else 300
+    opts.connections = 200 if q else 1000
+    opts.idle_seconds = 3 if q else 10
+
+    # hubsim and the prober each hold a descriptor per connection (row 5b); 1024 is a common default.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = opts.connections + 512
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            sys.exit(f"bench: {opts.connections} connections need {wanted} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    work = Path(tempfile.mkdtemp(prefix="hubagent-bench-"))
+    log(f"working directory {work}")
+    results = {k: [] for k in (
+        "agent_rate", "bare_rate", "sdk_rate", "agent_cpu_per_k", "bare_cpu_per_k", "sdk_cpu_per_k",
+        "idle_cpu_pct", "idle_rss", "load_rss", "bare_rss", "sdk_rss", "ready_cached", "first_telemetry_fresh",
+        "sdk_first_telemetry_fresh", "drain_rate", "fill_rate", "queue_bytes_per_msg", "registrations_per_s",
+        "connections_held", "connections_per_s")}
+    started = time.time()
+    sim = Hubsim(work)
+    try:
+        hubsim_runs(sim, opts, results)
+        bare_runs(sim, opts, results)
+        agent_runs(sim, work, opts, results)
+        sdk_runs(sim, opts, results)
+        backlog_runs(sim, work, opts, results)
+    finally:
+        for agent in STARTED:
+            if agent.proc:
+                agent.stop()
+        sim.stop()
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    minutes = (time.time() - started) / 60
+    text = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
+            f"median (min–max) of {opts.runs} runs{' (--quick)' if q else ''}, "
+            f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); "
+            f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
+    print(text)
+    if opts.write_doc:
+        doc = DOC.read_text()
+        begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
+        a, b = doc.index(begin) + len(begin), doc.index(end)
+        DOC.write_text(doc[:a] + text + doc[b:])
+        log(f"table written to {DOC.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

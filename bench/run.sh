@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The benchmark (issue #8; docs/benchmarks.md): builds the agent, hubsim, the benchmark tools and
+# plugins in release mode, makes sure Azure's Python SDK is in target/interop-venv, then runs
+# bench/run.py, which prints the table. Arguments go to run.py: --runs N, --quick, --write-doc,
+# --keep. Needs TCP port 8883 free on 127.0.0.1 (waits up to 10 minutes for it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --quiet -p hubagent -p hubsim -p hubagent-bench -p hubagent-bench-plugin \
+    -p hubagent-simulated-sensor -p hubagent-sysmetrics
+
+# The same venv as the test suite (tests/setup.sh), created here when missing so a clean clone
+# needs nothing else.
+venv=target/interop-venv
+stamp="$venv/requirements.sha256"
+wanted=$(sha256sum tests/interop/requirements.txt | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    echo "bench: creating $venv from tests/interop/requirements.txt" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r tests/interop/requirements.txt
+    echo "$wanted" > "$stamp"
+fi
+
+exec python3 bench/run.py "$@"
