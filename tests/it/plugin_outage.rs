@@ -1,6 +1,6 @@
 //! Durable plugin telemetry end to end, with the real `hubagent` binary against hubsim: a library
 //! plugin (in its plugin process) and an exec plugin publish numbered messages through a hub
-//! outage of a minute, a `kill -9` of the agent during the outage and another while the backlog
+//! outage of two minutes, a `kill -9` of the agent during the outage and another while the backlog
 //! drains; every message the agent acknowledged to a plugin arrives in hubsim's records.
 //! Duplicates (at-least-once delivery) are counted and reported in
 //! `target/reliability/plugin-outage.json`; none may be lost.
@@ -13,7 +13,7 @@ use hubagent_tests::*;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-const OUTAGE: Duration = Duration::from_secs(60);
+const OUTAGE: Duration = Duration::from_secs(120);
 const DEVICE: &str = "gw-plugin-outage";
 
 /// An exec plugin: numbers its messages under a run id (its pid and start time) and appends
@@ -414,7 +414,7 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
     let total = lib_received.len() + exec_received.len();
     let distinct = ids_per_message.len();
     let figures = json!({
-        "scenario": "library + exec plugin, hub outage of 60 s with kill -9 during it, kill -9 while the backlog drains",
+        "scenario": "library + exec plugin, hub outage of 120 s with kill -9 during it, kill -9 while the backlog drains",
         // What the agent accepted from the plugins: each of these had to arrive.
         "produced": record.len() as u64 + runs.values().sum::<u64>() - unacknowledged_tail,
         "arrived_distinct": distinct,
