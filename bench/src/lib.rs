@@ -4,63 +4,26 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use hubagent::keys::{self, MemoryKey};
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
-/// A rustls client configuration that trusts only `ca_pem` (hubsim's `ca.pem`).
+/// The rustls client configuration the agent itself uses (same protocol versions and provider),
+/// trusting `ca_pem` (hubsim's `ca.pem`).
 pub fn tls(ca_pem: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_pem)
-        .with_context(|| format!("reading CA file {}", ca_pem.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("parsing {}", ca_pem.display()))?)
-            .with_context(|| format!("adding a certificate of {}", ca_pem.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(hubagent::tls::client_config(Some(ca_pem), None)?)
 }
 
-/// Percent-encoding of Python's `quote(safe="")`, as Azure's SDKs sign.
-pub fn url_encode(s: &str) -> String {
-    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(s, SET).to_string()
+/// A device key derived from an enrollment group's key, as DPS derives it.
+pub fn derive_device_key(group_key_b64: &str, registration_id: &str) -> anyhow::Result<String> {
+    let group = MemoryKey::from_base64(group_key_b64, "the group key")?;
+    Ok(keys::derive_device_key(&group, registration_id)?.to_string())
 }
 
-/// HMAC-SHA256 of `data` with a base64 key.
-pub fn hmac_b64(key_b64: &str, data: &str) -> anyhow::Result<String> {
-    let key = B64
-        .decode(key_b64.trim())
-        .context("the symmetric key is not base64")?;
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
-    Ok(B64.encode(ring::hmac::sign(&key, data.as_bytes()).as_ref()))
-}
-
-/// A SAS token for `resource`, valid for an hour.
+/// A SAS token for `resource`, valid for an hour, signed as the agent signs.
 pub fn sas(key_b64: &str, resource: &str, key_name: Option<&str>) -> anyhow::Result<String> {
     let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-    let sr = url_encode(resource);
-    let sig = hmac_b64(key_b64, &format!("{sr}\n{expiry}"))?;
-    let mut token = format!(
-        "SharedAccessSignature sr={sr}&sig={}&se={expiry}",
-        url_encode(&sig)
-    );
-    if let Some(name) = key_name {
-        token.push_str(&format!("&skn={}", url_encode(name)));
-    }
-    Ok(token)
+    let key = MemoryKey::from_base64(key_b64, "the device key")?;
+    Ok(keys::sas_token(&key, resource, expiry, key_name)?)
 }
 
 /// One MQTT-over-TLS client (clean session, 256 KiB packets like the hub's limit).
@@ -84,16 +47,8 @@ pub fn client(
     AsyncClient::new(mqtt, usize::from(inflight.max(1)) * 2)
 }
 
-/// `{"seq":N,"pad":"xxx…"}` padded to exactly `size` bytes: the body every publisher sends.
-pub fn body(seq: u64, size: usize) -> String {
-    let head = format!("{{\"seq\":{seq},\"pad\":\"");
-    let pad = size.saturating_sub(head.len() + 2);
-    let mut text = String::with_capacity(size);
-    text.push_str(&head);
-    text.extend(std::iter::repeat_n('x', pad));
-    text.push_str("\"}");
-    text
-}
+/// The body every publisher of the benchmark sends, as the `bench` plugin builds it.
+pub use hubagent_bench_plugin::body;
 
 /// Seconds since the Unix epoch as a float, for timestamps the orchestrator compares.
 pub fn unix_now() -> f64 {

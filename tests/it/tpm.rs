@@ -744,6 +744,14 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
     );
 }
 
+/// A hubsim whose DPS asks for no wait before polling (retry-after 0), for tests that register
+/// many times.
+async fn start_sim_without_retry_wait(dir: &Path) -> hubsim::Running {
+    let mut options = hubsim::Options::ephemeral(dir.join("hubsim"));
+    options.retry_after_secs = 0;
+    hubsim::start(options).await.expect("hubsim starts")
+}
+
 /// Issue #4: "a loop of 200 provisionings on swtpm leaves the TPM with no leaked handles". Each
 /// cycle is a whole DPS TPM attestation (EK/SRK read, challenge, ActivateCredential, Import,
 /// persist, SAS signed in the TPM) against hubsim, run in-process so the loop stays quick.
@@ -751,9 +759,7 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
 async fn two_hundred_tpm_provisionings_leak_no_handle() {
     const CYCLES: usize = 200;
     let dir = tempfile::tempdir().unwrap();
-    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
-    options.retry_after_secs = 0;
-    let running = hubsim::start(options).await.unwrap();
+    let running = start_sim_without_retry_wait(dir.path()).await;
     let sim = running.sim.clone();
     let swtpm = Swtpm::start();
     let tcti = swtpm.tcti();
@@ -796,9 +802,7 @@ async fn hierarchy_passwords_come_from_files() {
     const OWNER: &str = "owner-pw-7f3a9c";
     const ENDORSEMENT: &str = "endorsement-pw-51be2d";
     let dir = tempfile::tempdir().unwrap();
-    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
-    options.retry_after_secs = 0;
-    let running = hubsim::start(options).await.unwrap();
+    let running = start_sim_without_retry_wait(dir.path()).await;
     let sim = running.sim.clone();
     let swtpm = Swtpm::start();
     let tcti = swtpm.tcti();

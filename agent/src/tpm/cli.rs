@@ -41,7 +41,7 @@ pub fn run(config_path: &Path, command: TpmCommand) -> i32 {
 /// the defaults. The hierarchy authorizations come from the configuration when it uses the same
 /// TPM.
 fn resolve(config_path: &Path, target: &TpmTarget) -> Result<(String, u32, HierarchyAuth), i32> {
-    let mut auth = HierarchyAuth::default();
+    let mut auth = HierarchyAuth::EMPTY;
     let from_config = if !config_path.exists() {
         None
     } else {

@@ -131,7 +131,7 @@ fn command_error(operation: &'static str, what: &str, e: tss_esapi::Error) -> Tp
 /// them (`tpm2_changeauth -c owner …`). Empty by default, as on a TPM fresh from the factory and
 /// as Azure's SDKs assume. The owner hierarchy authorizes creating the SRK and persisting keys;
 /// the endorsement hierarchy creating the EK and activating a DPS credential.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct HierarchyAuth {
     owner: Option<Zeroizing<Vec<u8>>>,
     endorsement: Option<Zeroizing<Vec<u8>>>,
@@ -155,14 +155,6 @@ impl HierarchyAuth {
         owner: None,
         endorsement: None,
     };
-
-    pub fn new(owner: Option<&[u8]>, endorsement: Option<&[u8]>) -> Self {
-        let copy = |v: Option<&[u8]>| v.map(|v| Zeroizing::new(v.to_vec()));
-        HierarchyAuth {
-            owner: copy(owner),
-            endorsement: copy(endorsement),
-        }
-    }
 
     /// Reads the values from the configuration's `owner_auth` / `endorsement_auth` (a file's
     /// text, trailing whitespace trimmed, is the password as `tpm2_changeauth` took it). A file

@@ -48,8 +48,9 @@ fn parse_settings(text: &str) -> Result<Burst, String> {
     Ok(burst)
 }
 
-/// `{"seq":N,"pad":"xxx…"}` padded to exactly `size` bytes.
-fn body(seq: u64, size: usize) -> String {
+/// `{"seq":N,"pad":"xxx…"}` padded to exactly `size` bytes: the body every publisher of the
+/// benchmark sends (the bare publisher calls this too).
+pub fn body(seq: u64, size: usize) -> String {
     let head = format!("{{\"seq\":{seq},\"pad\":\"");
     let pad = size.saturating_sub(head.len() + 2);
     let mut text = String::with_capacity(size);

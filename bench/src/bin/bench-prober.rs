@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.expect("semaphore open");
             let id = format!("{}-{n}", args.prefix);
-            let key = hubagent_bench::hmac_b64(&args.group_key, &id)?;
+            let key = hubagent_bench::derive_device_key(&args.group_key, &id)?;
             let outcome = match &args.what {
                 What::Register { id_scope } => register(&args, &tls, id_scope, &id, &key)
                     .await
@@ -189,7 +189,7 @@ async fn register(
                 rid += 1;
                 client
                     .publish(
-                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", hubagent_bench::url_encode(op)),
+                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", hubagent::keys::url_encode(op)),
                         QoS::AtLeastOnce,
                         false,
                         Vec::new(),
