@@ -4,13 +4,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hubagent::keys::{self, MemoryKey};
+use hubagent::identity::keys::{self, MemoryKey};
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
 
 /// The rustls client configuration the agent itself uses (same protocol versions and provider),
 /// trusting `ca_pem` (hubsim's `ca.pem`).
 pub fn tls(ca_pem: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    Ok(hubagent::tls::client_config(Some(ca_pem), None)?)
+    Ok(hubagent::identity::tls::client_config(Some(ca_pem), None)?)
 }
 
 /// A device key derived from an enrollment group's key, as DPS derives it.

@@ -1,7 +1,7 @@
 //! Every attestation method the agent supports, end to end with the real binary against hubsim:
 //! symmetric key (individual), enrollment-group key (the agent derives the device key) and X.509
 //! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each,
-//! the provisioning rules of DESIGN.md: DPS outage and throttling at boot, cache on restart,
+//! the provisioning rules of docs/design.md: DPS outage and throttling at boot, cache on restart,
 //! reprovision on request, on refused credentials and on a changed provisioning setting.
 
 use std::path::Path;
@@ -63,7 +63,7 @@ fn config(
     path
 }
 
-/// The provisioning rules of DESIGN.md, for every method: DPS throttling at first boot is
+/// The provisioning rules of docs/design.md, for every method: DPS throttling at first boot is
 /// honoured; a restart uses the cache (no DPS call); `hubagent reprovision` registers again; the
 /// hub refusing the credentials triggers a new registration; a changed provisioning setting
 /// (fingerprint) reprovisions on reload.

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubagent::keys::{Credential, MemoryKey};
+use hubagent::identity::Credential;
+use hubagent::identity::keys::MemoryKey;
 use hubagent::provisioning::dps::{DpsError, DpsRequest, register};
 use hubagent_tests::*;
 
@@ -23,7 +24,7 @@ fn sas(key: &str) -> Credential {
 }
 
 fn tls(running: &hubsim::Running) -> Arc<rustls::ClientConfig> {
-    hubagent::tls::client_config(Some(&running.ca_pem_path), None).unwrap()
+    hubagent::identity::tls::client_config(Some(&running.ca_pem_path), None).unwrap()
 }
 
 #[tokio::test]
@@ -49,7 +50,7 @@ async fn group_members_register_with_the_derived_key() {
     let running = start_sim(dir.path()).await;
     let group_key = enroll_group(&running.sim, "fleet");
     let group = MemoryKey::from_base64(&group_key, "group").unwrap();
-    let derived = hubagent::keys::derive_device_key(&group, "fleet-member-9").unwrap();
+    let derived = hubagent::identity::keys::derive_device_key(&group, "fleet-member-9").unwrap();
     let assignment = register(
         &request(&running, "fleet-member-9"),
         &sas(&derived),
@@ -167,7 +168,7 @@ async fn an_untrusted_server_is_refused() {
     // Trust only a different CA: verification must fail, there is no way around it.
     let other = tempfile::tempdir().unwrap();
     let other_ca = hubsim::pki::load_or_create(other.path(), &[]).unwrap();
-    let tls = hubagent::tls::client_config(Some(&other_ca.ca_pem_path), None).unwrap();
+    let tls = hubagent::identity::tls::client_config(Some(&other_ca.ca_pem_path), None).unwrap();
     let err = register(&request(&running, "gw-dps-5"), &sas(&key), tls)
         .await
         .unwrap_err();

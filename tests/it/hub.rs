@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubagent::hub::{HubParams, SessionEvent, SessionHandle, TelemetryMessage, spawn};
-use hubagent::keys::{Credential, MemoryKey};
+use hubagent::hub::{HubParams, SessionEvent, SessionHandle, spawn};
+use hubagent::identity::Credential;
+use hubagent::identity::keys::MemoryKey;
+use hubagent::message::TelemetryMessage;
 use hubagent_tests::*;
 use serde_json::json;
 use tokio::sync::mpsc::Receiver;
@@ -20,7 +22,7 @@ async fn session(
 ) -> (SessionHandle, Receiver<SessionEvent>) {
     let key = enroll(&running.sim, id);
     let credential = Credential::Sas(Arc::new(MemoryKey::from_base64(&key, "test").unwrap()));
-    let tls = hubagent::tls::client_config(Some(&running.ca_pem_path), None).unwrap();
+    let tls = hubagent::identity::tls::client_config(Some(&running.ca_pem_path), None).unwrap();
     let request = hubagent::provisioning::dps::DpsRequest {
         endpoint_host: "localhost".into(),
         port: running.mqtt_addr.port(),
@@ -471,7 +473,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         identity_cert: cert,
         identity_pk: key,
     };
-    let (credential, _) = hubagent::keys::load_credential(&attestation, "gw-x509-1").unwrap();
+    let (credential, _) = hubagent::identity::Credential::load(&attestation, "gw-x509-1").unwrap();
     let Credential::X509 {
         cert_chain_pem,
         key_pem,
@@ -479,7 +481,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
     else {
         panic!("not an X.509 credential")
     };
-    let tls = hubagent::tls::client_config(
+    let tls = hubagent::identity::tls::client_config(
         Some(&running.ca_pem_path),
         Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
     )

@@ -19,7 +19,7 @@ fn key_forms(key_b64: &str) -> Vec<Vec<u8>> {
         .unwrap();
     vec![
         key_b64.as_bytes().to_vec(),
-        hubagent::keys::url_encode(key_b64).into_bytes(),
+        hubagent::util::encoding::url_encode(key_b64).into_bytes(),
         raw,
     ]
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use hubagent::keys::SasSigner;
-use hubagent::tpm::{self, HandleCounts, HierarchyAuth, TpmError, TpmSigner};
+use hubagent::identity::keys::SasSigner;
+use hubagent::identity::tpm::{self, HandleCounts, HierarchyAuth, TpmError, TpmSigner};
 use hubagent_tests::swtpm::Swtpm;
 use hubagent_tests::*;
 use tss_esapi::interface_types::dynamic_handles::Persistent;
@@ -445,7 +445,7 @@ fn import_key_derives_group_keys_and_leaves_foreign_objects_alone() {
         group,
     );
     assert!(out.status.success(), "{out:?}");
-    // The published device key of that group member (protocol.md §3).
+    // The published device key of that group member (docs/protocol.md §3).
     assert_eq!(
         TpmSigner::new(&tcti, 0x8100_0101).sign(b"probe").unwrap(),
         software_hmac("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=", b"probe")

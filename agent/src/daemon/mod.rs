@@ -1,12 +1,11 @@
 //! `hubagent run`: wires configuration, keys, provisioning, the hub session, the twin cache and the
 //! telemetry sources together, and talks to systemd.
 //!
-//! The provisioning rules (DESIGN.md): a valid cached assignment with an unchanged fingerprint
+//! The provisioning rules (docs/design.md, "Provisioning rules"): a valid cached assignment with an unchanged fingerprint
 //! means no DPS call; a changed fingerprint (reload or restart) or `hubagent reprovision` means a
 //! fresh registration; a hub that refuses the credentials triggers one reprovisioning, with
 //! backoff; DPS unreachable means retrying in-process forever with capped backoff and jitter.
 
-pub mod sensor;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -14,29 +13,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, Source};
-use crate::control::{self, Request};
-use crate::hub::{
-    self, Backoff, HubParams, PublishError, SessionEvent, SessionHandle, TelemetryMessage,
-};
-use crate::keys::Credential;
-use crate::plugins::{Registry, Supervisor, merge};
+use crate::hub::{self, HubParams, SessionEvent, SessionHandle};
+use crate::identity::Credential;
+use crate::plugins::{Registry, Supervisor};
 use crate::provisioning::dps::DpsRequest;
 use crate::provisioning::{
     Assignment, client_tls, load_credential, manual_connection_string, registration_id,
 };
-use crate::queue::{Queue, QueueError};
 use crate::state::{ProvisioningCache, StateDir, StateError, TwinCache};
-use crate::systemd;
+use crate::system::control::{self, Request};
+use crate::system::systemd;
+use crate::telemetry::pump::pump;
+use crate::telemetry::{DurablePublisher, Queue, QueueError, QueueSettings};
+use crate::util::backoff::Backoff;
+use crate::util::json::{diff, merge};
+use crate::util::time::{ClockWatch, now_rfc3339};
 use status::{ConnectionState, ProvisioningState, Status};
-
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -120,8 +115,11 @@ pub async fn run_with(
 
     // Telemetry: sources → durable queue (on disk before a source's send completes) → pump →
     // whichever hub session is current → acknowledged by the hub → removed from the queue.
-    let (queue, warnings) = Queue::open(&state.path().join("queue"), config.queue.settings())
-        .map_err(DaemonError::Queue)?;
+    let (queue, warnings) = Queue::open(
+        &state.path().join("queue"),
+        QueueSettings::from_config(&config.queue),
+    )
+    .map_err(DaemonError::Queue)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -473,7 +471,7 @@ async fn wait_for_command(
     timeout: Duration,
 ) -> Option<Command> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let clock = ClockWatch::new();
+    let clock = ClockWatch::start();
     loop {
         let tick = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
         match tokio::time::timeout_at(tick, commands.recv()).await {
@@ -486,40 +484,6 @@ async fn wait_for_command(
                 }
             }
         }
-    }
-}
-
-/// Notices a step of the wall clock (settimeofday, NTP, an RTC corrected) by comparing it with
-/// the monotonic clock.
-struct ClockWatch {
-    wall: std::time::SystemTime,
-    mono: std::time::Instant,
-}
-
-impl ClockWatch {
-    /// Steps smaller than this are drift or slewing, not a correction worth acting on.
-    const STEP: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        ClockWatch {
-            wall: std::time::SystemTime::now(),
-            mono: std::time::Instant::now(),
-        }
-    }
-
-    /// The step ("+3h 2s", "-2h") if the wall clock moved by more than `STEP` against the
-    /// monotonic clock since `new`.
-    fn stepped(&self) -> Option<String> {
-        let mono = self.mono.elapsed();
-        let (sign, step) = match std::time::SystemTime::now().duration_since(self.wall) {
-            Ok(wall) if wall > mono => ("+", wall - mono),
-            Ok(wall) => ("-", mono - wall),
-            Err(e) => ("-", e.duration() + mono),
-        };
-        (step > Self::STEP).then(|| {
-            let secs = Duration::from_secs(step.as_secs());
-            format!("{sign}{}", humantime::format_duration(secs))
-        })
     }
 }
 
@@ -597,128 +561,6 @@ async fn provision(
                 }
             }
         }
-    }
-}
-
-/// What telemetry sources publish through: a message is on disk in the queue when `try_publish`
-/// returns `Ok`. A full queue with `full_policy = "reject-new"` or a full disk is an error the
-/// caller holds its source back on (the plugin supervisor retries while it keeps serving the
-/// plugin); nothing already queued is touched.
-#[derive(Clone)]
-pub struct DurablePublisher {
-    queue: Arc<Queue>,
-}
-
-impl DurablePublisher {
-    pub fn new(queue: Arc<Queue>) -> Self {
-        DurablePublisher { queue }
-    }
-
-    pub fn try_publish(&self, message: &TelemetryMessage) -> Result<(), QueueError> {
-        self.queue.push(message).map(|_| ())
-    }
-
-    /// A source's message had to wait for room (full disk, or a full `reject-new` queue);
-    /// counted once per message in the queue's `held_back`.
-    pub fn note_held_back(&self) {
-        self.queue.note_held_back();
-    }
-}
-
-/// Hands queued telemetry to the current hub session in queue order, up to `inflight` at a
-/// time, and removes a message from the queue only when the hub acknowledged it. A message whose
-/// session stopped (reprovisioning, reload) is handed to the next session; one the hub can never
-/// accept (too large) is dropped with its id logged.
-async fn pump(
-    queue: Arc<Queue>,
-    mut sessions: watch::Receiver<Option<SessionHandle>>,
-    inflight: usize,
-) {
-    let permits = Arc::new(Semaphore::new(inflight.max(1)));
-    loop {
-        let permit = permits.clone().acquire_owned().await.expect("never closed");
-        let (seq, message) = queue.next().await;
-        // Enqueue here, one message after the other, so the wire order is the queue order.
-        let acknowledged = loop {
-            let current = sessions.borrow_and_update().clone();
-            let Some(session) = current else {
-                if sessions.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            match session.enqueue(message.clone()).await {
-                Ok(rx) => break Some(rx),
-                Err(PublishError::TooLarge { size, limit }) => {
-                    queue.ack(seq);
-                    tracing::error!(message_id = %message.message_id, size, limit, "message dropped: larger than the hub accepts");
-                    break None;
-                }
-                Err(PublishError::Stopped) => {
-                    if sessions.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        };
-        let Some(acknowledged) = acknowledged else {
-            continue;
-        };
-        let queue = queue.clone();
-        let mut sessions = sessions.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Ok(Ok(())) = acknowledged.await {
-                queue.ack(seq);
-                return;
-            }
-            // The session stopped before the hub acknowledged: send it through the next one.
-            loop {
-                if sessions.changed().await.is_err() {
-                    return;
-                }
-                let Some(session) = sessions.borrow_and_update().clone() else {
-                    continue;
-                };
-                match session.publish(message.clone()).await {
-                    Ok(()) | Err(PublishError::TooLarge { .. }) => {
-                        queue.ack(seq);
-                        return;
-                    }
-                    Err(PublishError::Stopped) => {}
-                }
-            }
-        });
-    }
-}
-
-/// The patch that turns `old` into `new`: changed keys, and `null` for removed ones (objects are
-/// compared key by key at every depth; anything else is replaced whole). For documents without
-/// `null` values, merging the patch into `old` gives `new` (the `twin_documents` fuzz target
-/// checks it).
-pub fn diff(old: &Value, new: &Value) -> Value {
-    match (old, new) {
-        (Value::Object(o), Value::Object(n)) => {
-            let mut out = Map::new();
-            for (k, v) in n {
-                match o.get(k) {
-                    Some(ov) if ov == v => {}
-                    Some(ov) => {
-                        out.insert(k.clone(), diff(ov, v));
-                    }
-                    None => {
-                        out.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-            for k in o.keys() {
-                if !n.contains_key(k) {
-                    out.insert(k.clone(), Value::Null);
-                }
-            }
-            Value::Object(out)
-        }
-        _ => new.clone(),
     }
 }
 

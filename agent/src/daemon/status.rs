@@ -49,7 +49,7 @@ pub struct Snapshot {
     pub fingerprint: Option<String>,
     /// Per plugin: kind, status, applied desired version, error.
     pub plugins: serde_json::Value,
-    pub queue: Option<crate::queue::QueueStats>,
+    pub queue: Option<crate::telemetry::queue::QueueStats>,
 }
 
 /// The shared, lock-protected snapshot.
@@ -61,7 +61,7 @@ impl Status {
         Status(Mutex::new(Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
-            started_at: crate::daemon::now_rfc3339(),
+            started_at: crate::util::time::now_rfc3339(),
             config: config.to_string(),
             ..Snapshot::default()
         }))

@@ -24,9 +24,9 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 pub use session::split_twin;
-pub use topics::TelemetryMessage;
 
-use crate::keys::Credential;
+use crate::identity::Credential;
+use crate::message::TelemetryMessage;
 use session::{Control, Publish, Session};
 
 /// Everything the session needs, in plain values (the daemon builds it from the config).
@@ -188,55 +188,4 @@ pub fn spawn(
         .run(),
     );
     (handle, events_rx, task)
-}
-
-/// Capped exponential backoff with full jitter.
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            attempt: 0,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(2u32.saturating_pow(self.attempt.min(16)))
-            .min(self.max);
-        self.attempt += 1;
-        // Half fixed, half random: spreads a fleet reconnecting after an outage.
-        let half = exp / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
-        assert!(
-            delays[7] >= Duration::from_secs(5),
-            "capped at 10 s, at least half of it"
-        );
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_secs(1));
-    }
 }

@@ -15,9 +15,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::topics::{self, Incoming};
-use super::{Backoff, HubParams, PublishError, SessionEvent, TelemetryMessage, TwinError};
-use crate::keys::{Credential, sas_token};
+use super::{HubParams, PublishError, SessionEvent, TwinError};
+use crate::identity::Credential;
+use crate::identity::keys::sas_token;
+use crate::message::TelemetryMessage;
 use crate::mqtt::{self, ConnectOptions};
+use crate::util::backoff::Backoff;
 
 /// Requests from the handle other than telemetry.
 pub(super) enum Control {
@@ -199,7 +202,7 @@ impl Session {
         let p = &self.params;
         let password = match &p.credential {
             Credential::Sas(signer) => {
-                let expiry = crate::provisioning::dps::unix_now() + p.sas_ttl.as_secs();
+                let expiry = crate::util::time::unix_now() + p.sas_ttl.as_secs();
                 let resource = format!("{}/devices/{}", p.hub, p.device_id);
                 sas_token(signer.as_ref(), &resource, expiry, None)
                     .map_err(|e| format!("cannot sign the hub token: {e}"))?
@@ -526,7 +529,7 @@ impl Session {
     }
 }
 
-/// The four subscriptions of a device session (protocol.md §5).
+/// The four subscriptions of a device session (docs/protocol.md §5).
 fn subscriptions(device_id: &str) -> [String; 4] {
     [
         "$iothub/twin/res/#".to_string(),

@@ -4,11 +4,11 @@
 //! `exec` (any program writing JSON lines) and `builtin` (the simulated sensor). The rules are in
 //! docs/plugins.md.
 
+pub mod builtin;
 pub mod host;
 pub mod library;
 pub mod protocol;
 pub mod runner;
-pub mod spec;
 pub mod supervisor;
 pub mod trust;
 
@@ -23,10 +23,11 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::daemon::DurablePublisher;
+use crate::config::plugin::{Kind, PluginSpec};
 use crate::state::TwinCache;
+use crate::telemetry::DurablePublisher;
+use crate::util::json::merge;
 use library::PluginMessage;
-use spec::{Kind, PluginSpec};
 use supervisor::{Cmd, Task};
 
 /// Where a plugin stands (reported as `status`).
@@ -207,31 +208,6 @@ pub fn exec_line(text: &str) -> Result<ExecLine, String> {
     }))
 }
 
-/// Deep merge of a twin patch: objects merge key by key, `null` removes a key.
-pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
-    for (key, value) in patch {
-        match value {
-            Value::Null => {
-                target.remove(key);
-            }
-            Value::Object(child) => {
-                let entry = target
-                    .entry(key.clone())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !entry.is_object() {
-                    *entry = Value::Object(Map::new());
-                }
-                if let Value::Object(t) = entry {
-                    merge(t, child);
-                }
-            }
-            other => {
-                target.insert(key.clone(), other.clone());
-            }
-        }
-    }
-}
-
 /// The `settings` table overlaid with `desired.plugins.<name>` (which can change settings only).
 pub fn merged_settings(spec: &PluginSpec, twin: &TwinCache) -> Map<String, Value> {
     let mut settings = spec.settings.clone();
@@ -309,8 +285,8 @@ impl Registry {
                 Kind::Library { path, isolation } => {
                     v["path"] = json!(path);
                     v["isolation"] = json!(match isolation {
-                        spec::Isolation::Process => "process",
-                        spec::Isolation::InProcess => "in-process",
+                        crate::config::plugin::Isolation::Process => "process",
+                        crate::config::plugin::Isolation::InProcess => "in-process",
                     });
                 }
                 Kind::Exec { command, .. } => v["command"] = json!(command),

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::library::{CallError, HostSide, Library, PluginMessage};
 use super::protocol::{self, Down, Up};
-use super::spec::{Isolation, Kind, PluginSpec};
+use crate::config::plugin::{Isolation, Kind, PluginSpec};
 
 /// What a running plugin tells its supervisor.
 #[derive(Debug)]
@@ -195,7 +195,7 @@ impl Instance {
                 let _ = p.calls.send(InCall::Apply(settings.to_string()));
             }
             Instance::Builtin(b) => {
-                let result = super::super::daemon::sensor::SensorSettings::from_json(
+                let result = super::builtin::SensorSettings::from_json(
                     settings.as_object().unwrap_or(&serde_json::Map::new()),
                 )
                 .map(|s| {
@@ -657,13 +657,13 @@ impl InProcessInstance {
 
 /// The built-in simulated sensor.
 pub struct BuiltinInstance {
-    settings: watch::Sender<super::super::daemon::sensor::SensorSettings>,
+    settings: watch::Sender<super::builtin::SensorSettings>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl BuiltinInstance {
     fn launch(name: &str, settings: &Value, events: Events) -> Result<BuiltinInstance, String> {
-        use super::super::daemon::sensor;
+        use super::builtin as sensor;
         match sensor::SensorSettings::from_json(
             settings.as_object().unwrap_or(&serde_json::Map::new()),
         ) {

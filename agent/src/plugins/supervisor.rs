@@ -14,11 +14,11 @@ use tokio::time::Instant;
 
 use super::library::PluginMessage;
 use super::runner::{self, Event};
-use super::spec::PluginSpec;
 use super::{PluginStatus, State, TokenBucket};
-use crate::daemon::DurablePublisher;
-use crate::hub::TelemetryMessage;
-use crate::queue::QueueError;
+use crate::config::plugin::PluginSpec;
+use crate::message::TelemetryMessage;
+use crate::telemetry::DurablePublisher;
+use crate::telemetry::QueueError;
 
 pub enum Cmd {
     Settings {
@@ -245,7 +245,7 @@ impl Task {
             body: message.body.into(),
             content_type: message.content_type,
             content_encoding: message.content_encoding,
-            creation_time: Some(crate::daemon::now_rfc3339()),
+            creation_time: Some(crate::util::time::now_rfc3339()),
             properties,
         })
     }
@@ -254,7 +254,7 @@ impl Task {
     /// rate it is held back rather than dropped: lines it wrote while the queue was full are
     /// not lost when they come in a burst.
     fn paced(&self) -> bool {
-        matches!(self.spec.kind, super::spec::Kind::Exec { .. })
+        matches!(self.spec.kind, crate::config::plugin::Kind::Exec { .. })
     }
 
     /// Queues held messages in order, answering each plugin publish once its message is on
@@ -533,7 +533,7 @@ impl Task {
                 }
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Settings { settings, version }) => {
-                        if matches!(self.spec.kind, super::spec::Kind::Exec { .. }) {
+                        if matches!(self.spec.kind, crate::config::plugin::Kind::Exec { .. }) {
                             let cur = current.clone();
                             self.update(false, |s| s.previous = Some(cur));
                         }

@@ -8,8 +8,10 @@ use rumqttc::{Event, Packet, QoS};
 use serde_json::{Value, json};
 
 use super::Assignment;
-use crate::keys::{Credential, KeyError, sas_token};
+use crate::identity::Credential;
+use crate::identity::keys::{KeyError, sas_token};
 use crate::mqtt::{self, ConnectOptions};
+use crate::util::time::unix_now;
 
 /// What to register, where.
 #[derive(Debug, Clone)]
@@ -194,7 +196,7 @@ async fn register_inner(
                 let (topic, payload) = match &operation {
                     None => (format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"), body.clone()),
                     Some(op) => (
-                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", crate::keys::url_encode(op)),
+                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", crate::util::encoding::url_encode(op)),
                         String::new(),
                     ),
                 };
@@ -321,13 +323,6 @@ pub fn parse_response_topic(topic: &str) -> Option<(u16, Option<Duration>)> {
         .and_then(|s| s.parse::<u64>().ok())
         .map(Duration::from_secs);
     Some((status, retry_after))
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

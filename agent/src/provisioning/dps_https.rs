@@ -1,4 +1,4 @@
-//! DPS TPM attestation over HTTPS (protocol.md §2, §6.1): TPM registrations exist only on DPS's
+//! DPS TPM attestation over HTTPS (docs/protocol.md §2, §6.1): TPM registrations exist only on DPS's
 //! HTTPS (and AMQP) API, not over MQTT.
 //!
 //! 1. `PUT …/register` with the EK and SRK publics and no Authorization → 401 with
@@ -23,10 +23,12 @@ use serde_json::{Value, json};
 use super::Assignment;
 use super::dps::{
     DEFAULT_RETRY_AFTER, DpsError, DpsRequest, MAX_RETRIES, MAX_RETRY_AFTER, assignment,
-    service_error, unix_now,
+    service_error,
 };
-use crate::keys::{sas_token, url_encode};
-use crate::tpm::{self, TpmSigner};
+use crate::identity::keys::sas_token;
+use crate::identity::tpm::{self, TpmSigner};
+use crate::util::encoding::url_encode;
+use crate::util::time::unix_now;
 
 const API_VERSION: &str = "2021-06-01";
 
@@ -78,7 +80,7 @@ impl Client {
         deadline: Instant,
     ) -> Result<Self, DpsError> {
         use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
-        let roots = crate::tls::root_certificates(trust_bundle.as_deref())
+        let roots = crate::identity::tls::root_certificates(trust_bundle.as_deref())
             .map_err(|e| DpsError::Protocol(e.to_string()))?;
         let certs: Vec<Certificate<'static>> = roots
             .iter()

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Attestation, Config, Source};
-use crate::keys::{self, Credential};
+use crate::identity::Credential;
+use crate::identity::keys;
 use crate::state::{ProvisioningCache, StateDir};
 
 /// Where DPS (or a manual configuration) put this device.
@@ -43,7 +44,7 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
         Some(Attestation::X509 { identity_cert, .. }) => {
             let pem = std::fs::read(identity_cert)
                 .map_err(|e| format!("{}: {e}", identity_cert.display()))?;
-            keys::certificate_common_name(&pem)
+            crate::identity::x509::certificate_common_name(&pem)
                 .map_err(|e| format!("{}: {e}", identity_cert.display()))
         }
         #[cfg(feature = "tpm")]
@@ -52,14 +53,13 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
             owner_auth,
             endorsement_auth,
             ..
-        }) => {
-            crate::tpm::HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
-                .and_then(|auth| crate::tpm::identity(tcti, &auth))
-                .map(|identity| identity.registration_id)
-                .map_err(|e| {
-                    format!("the registration id comes from the TPM's endorsement key: {e}")
-                })
-        }
+        }) => crate::identity::tpm::HierarchyAuth::from_secrets(
+            owner_auth.as_ref(),
+            endorsement_auth.as_ref(),
+        )
+        .and_then(|auth| crate::identity::tpm::identity(tcti, &auth))
+        .map(|identity| identity.registration_id)
+        .map_err(|e| format!("the registration id comes from the TPM's endorsement key: {e}")),
         _ => Err("provisioning.registration_id is not set".into()),
     }
 }
@@ -94,9 +94,11 @@ pub async fn register(
         endorsement_auth,
     }) = &config.provisioning.attestation
     {
-        let auth =
-            crate::tpm::HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
-                .map_err(|e| dps::DpsError::Tpm(e.to_string()))?;
+        let auth = crate::identity::tpm::HierarchyAuth::from_secrets(
+            owner_auth.as_ref(),
+            endorsement_auth.as_ref(),
+        )
+        .map_err(|e| dps::DpsError::Tpm(e.to_string()))?;
         let target = dps_https::TpmTarget {
             tcti: tcti.clone(),
             handle: *handle,
@@ -120,8 +122,8 @@ pub fn attestation_key_missing(config: &Config) -> Option<String> {
         key_source: crate::config::TpmKeySource::Attestation,
         ..
     }) = &config.provisioning.attestation
-        && let Err(e @ crate::tpm::TpmError::HandleEmpty { .. }) =
-            crate::tpm::TpmSigner::new(tcti, *handle).check()
+        && let Err(e @ crate::identity::tpm::TpmError::HandleEmpty { .. }) =
+            crate::identity::tpm::TpmSigner::new(tcti, *handle).check()
     {
         return Some(e.to_string());
     }
@@ -168,7 +170,7 @@ pub fn load_credential(config: &Config, registration_id: &str) -> Result<Credent
         .as_ref()
         .ok_or("provisioning.attestation is missing")?;
     let (credential, warnings) =
-        keys::load_credential(attestation, registration_id).map_err(|e| e.to_string())?;
+        Credential::load(attestation, registration_id).map_err(|e| e.to_string())?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -186,7 +188,7 @@ pub fn client_tls(
         } => Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
         Credential::Sas(_) => None,
     };
-    crate::tls::client_config(config.hub.trust_bundle.as_deref(), identity)
+    crate::identity::tls::client_config(config.hub.trust_bundle.as_deref(), identity)
         .map_err(|e| e.to_string())
 }
 
@@ -229,7 +231,7 @@ pub async fn provision_once(
     let cache = ProvisioningCache {
         hub: assignment.assigned_hub,
         device_id: assignment.device_id,
-        provisioned_at: crate::daemon::now_rfc3339(),
+        provisioned_at: crate::util::time::now_rfc3339(),
         fingerprint,
         registration: assignment.registration_state,
     };

@@ -189,7 +189,7 @@ async fn register(
                 rid += 1;
                 client
                     .publish(
-                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", hubagent::keys::url_encode(op)),
+                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", hubagent::util::encoding::url_encode(op)),
                         QoS::AtLeastOnce,
                         false,
                         Vec::new(),

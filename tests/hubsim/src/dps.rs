@@ -430,7 +430,7 @@ pub fn register(
 /// The first call of a TPM registration (HTTPS, no Authorization, body with
 /// `tpm.endorsementKey` and `tpm.storageRootKey`): when the EK is the enrolled one, answers 401
 /// with `authenticationKey`, an activation blob holding a fresh challenge key that only that
-/// TPM can import (protocol.md §6.1 step 4). The device then signs its SAS with that key.
+/// TPM can import (docs/protocol.md §6.1 step 4). The device then signs its SAS with that key.
 pub fn tpm_challenge(sim: &Sim, id_scope: &str, registration_id: &str, body: &[u8]) -> DpsResponse {
     let record = |outcome: &str| {
         let event = RegistrationEvent {

@@ -9,7 +9,6 @@
 //! the TPM's few object and session slots (swtpm has three object slots).
 
 pub mod attestation;
-pub mod cli;
 
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -37,7 +36,7 @@ use tss_esapi::traits::Marshall;
 use zeroize::Zeroizing;
 
 use crate::config::Secret;
-use crate::keys::{KeyError, SasSigner};
+use crate::identity::keys::{KeyError, SasSigner};
 
 /// The TCG/Azure persistent handles of the endorsement key and the storage root key.
 pub const EK_HANDLE: u32 = 0x8101_0001;
@@ -167,7 +166,7 @@ impl HierarchyAuth {
             let Some(secret) = secret else {
                 return Ok(None);
             };
-            let (text, _, warnings) = crate::keys::read_secret(secret)
+            let (text, _, warnings) = crate::identity::keys::read_secret(secret)
                 .map_err(|e| TpmError::Invalid(format!("provisioning.attestation.{name}: {e}")))?;
             for warning in warnings {
                 tracing::warn!("{warning}");

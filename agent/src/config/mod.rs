@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::logging::LogFormat;
+pub mod plugin;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -25,6 +25,17 @@ pub struct Config {
     /// Telemetry-source plugins (kept as tables; the plugin host validates them).
     #[serde(default)]
     pub plugin: Vec<toml::Table>,
+}
+
+/// Which sink to write to. `Auto` picks the journal when systemd connected our stderr to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Text,
+    Json,
+    Journal,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -292,12 +303,34 @@ fn default_inflight() -> u16 {
     32
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncPolicy {
+    /// fdatasync before `push` returns: survives power loss.
+    Always,
+    /// write() before `push` returns (survives kill -9), fdatasync every `fsync_interval`.
+    #[default]
+    Interval,
+    /// Leave it to the kernel.
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullPolicy {
+    /// Drop the oldest segment to make room (counted in `dropped_full`).
+    #[default]
+    DropOldest,
+    /// Refuse the new message: the source sees back-pressure.
+    RejectNew,
+}
+
 /// The durable telemetry queue (`state_dir/queue`): see docs/queue.md.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     #[serde(default)]
-    pub fsync: crate::queue::FsyncPolicy,
+    pub fsync: FsyncPolicy,
     #[serde(default = "default_fsync_interval", with = "humantime_serde")]
     pub fsync_interval: Duration,
     #[serde(default = "default_queue_bytes", with = "bytesize_serde")]
@@ -305,7 +338,7 @@ pub struct QueueConfig {
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
     #[serde(default)]
-    pub full_policy: crate::queue::FullPolicy,
+    pub full_policy: FullPolicy,
 }
 
 impl Default for QueueConfig {
@@ -316,22 +349,6 @@ impl Default for QueueConfig {
             max_bytes: default_queue_bytes(),
             max_age: default_max_age(),
             full_policy: Default::default(),
-        }
-    }
-}
-
-impl QueueConfig {
-    pub fn settings(&self) -> crate::queue::QueueSettings {
-        crate::queue::QueueSettings {
-            fsync: self.fsync,
-            fsync_interval: self.fsync_interval,
-            max_bytes: self.max_bytes,
-            max_age: self.max_age,
-            full_policy: self.full_policy,
-            // drop-oldest frees one segment at a time: segments of a 16th of the bound (at
-            // most 4 MiB, at least 4 KiB) keep a full queue at least 15/16 used.
-            segment_bytes: (self.max_bytes / 16).clamp(4 * 1024, 4 * 1024 * 1024),
-            ..Default::default()
         }
     }
 }
@@ -610,7 +627,7 @@ impl Config {
                     &format!("plugin name '{name}' is used twice"),
                 ));
             }
-            crate::plugins::spec::PluginSpec::from_table(plugin).map_err(|(key, message)| {
+            crate::config::plugin::PluginSpec::from_table(plugin).map_err(|(key, message)| {
                 invalid(&format!("plugin[{i}] ({name}).{key}"), &message)
             })?;
         }
@@ -1399,11 +1416,11 @@ max_message_size = "128KiB"
         for (name, text) in [
             (
                 "dps-tpm.toml",
-                include_str!("../../config/examples/dps-tpm.toml"),
+                include_str!("../../../config/examples/dps-tpm.toml"),
             ),
             (
                 "dps-tpm-imported-key.toml",
-                include_str!("../../config/examples/dps-tpm-imported-key.toml"),
+                include_str!("../../../config/examples/dps-tpm-imported-key.toml"),
             ),
         ] {
             let config = Config::load(&write(dir.path(), name, text), &no_env)
@@ -1419,7 +1436,7 @@ max_message_size = "128KiB"
             &write(
                 dir.path(),
                 "a.toml",
-                include_str!("../../config/examples/dps-tpm.toml"),
+                include_str!("../../../config/examples/dps-tpm.toml"),
             ),
             &no_env,
         )

@@ -1,4 +1,4 @@
-//! DPS TPM attestation, device side (protocol.md §6.3): the activation blob DPS sends
+//! DPS TPM attestation, device side (docs/protocol.md §6.3): the activation blob DPS sends
 //! (`authenticationKey`) is unwrapped with ActivateCredential (only this TPM's EK can) and
 //! Import (under this TPM's SRK), and the HMAC key it carries becomes the persistent key at the
 //! configured handle. The key never exists outside DPS and the TPM.
@@ -18,7 +18,7 @@ use super::{
     open_with, persist, session_object, storage_root_key, with_cleanup,
 };
 
-/// The parts of an activation blob (protocol.md §6.2), each without its size prefix.
+/// The parts of an activation blob (docs/protocol.md §6.2), each without its size prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActivationBlob {
     pub credential_blob: Vec<u8>,

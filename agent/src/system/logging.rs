@@ -6,16 +6,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Which sink to write to. `Auto` picks the journal when systemd connected our stderr to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Auto,
-    Text,
-    Json,
-    Journal,
-}
+use crate::config::LogFormat;
 
 /// Installs the global subscriber. `level` is an env-filter directive ("info", "hubagent=debug");
 /// `RUST_LOG` overrides it.

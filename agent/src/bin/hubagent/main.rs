@@ -1,19 +1,27 @@
 //! `hubagent`: the daemon and its command-line tools. Each subcommand's work lives in the module
 //! of its concern; this file parses arguments and maps outcomes onto exit codes.
 
+mod args;
+mod check;
+#[cfg(feature = "demo")]
+mod demo;
+#[cfg(feature = "tpm")]
+mod tpm;
+
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hubagent::cli::{Cli, Command, ConfigCommand, PluginsCommand, exit};
 use hubagent::config::Config;
-use hubagent::control::{self, ControlError, Request};
+use hubagent::system::control::{self, ControlError, Request};
+
+use args::{Cli, Command, ConfigCommand, PluginsCommand, exit};
 
 fn main() -> ExitCode {
     quiet_tss();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Run | Command::PluginHost { .. }) {
-        hubagent::hardening::protect_secrets_in_memory();
+        hubagent::system::hardening::protect_secrets_in_memory();
     }
     let code = match cli.command {
         Command::Run => run(&cli.config),
@@ -51,12 +59,12 @@ fn quiet_tss() {
 }
 
 #[cfg(feature = "tpm")]
-fn tpm(path: &Path, command: hubagent::cli::TpmCommand) -> i32 {
-    hubagent::tpm::cli::run(path, command)
+fn tpm(path: &Path, command: args::TpmCommand) -> i32 {
+    tpm::run(path, command)
 }
 
 #[cfg(not(feature = "tpm"))]
-fn tpm(_: &Path, _: hubagent::cli::TpmCommand) -> i32 {
+fn tpm(_: &Path, _: args::TpmCommand) -> i32 {
     eprintln!("hubagent: this build has no TPM support (built without the `tpm` feature)");
     exit::FAILURE
 }
@@ -83,29 +91,29 @@ fn run(path: &Path) -> i32 {
             // stderr reaches the journal (`systemctl status` shows the line); the status text
             // says the same where systemd still attributes it to the unit.
             eprintln!("hubagent: {e}");
-            hubagent::systemd::status(&format!("invalid configuration: {e}"));
+            hubagent::system::systemd::status(&format!("invalid configuration: {e}"));
             return exit::CONFIG;
         }
     };
-    hubagent::logging::init(&config.agent.log_level, config.agent.log_format);
+    hubagent::system::logging::init(&config.agent.log_level, config.agent.log_format);
     match runtime().block_on(hubagent::daemon::run(path)) {
         Ok(()) => exit::OK,
         Err(hubagent::daemon::DaemonError::Config(e)) => {
             tracing::error!("{e}");
-            hubagent::systemd::status(&format!("invalid configuration: {e}"));
+            hubagent::system::systemd::status(&format!("invalid configuration: {e}"));
             exit::CONFIG
         }
         Err(e) => {
             tracing::error!("{e}");
-            hubagent::systemd::status(&e.to_string());
+            hubagent::system::systemd::status(&e.to_string());
             exit::FAILURE
         }
     }
 }
 
 #[cfg(feature = "demo")]
-fn demo(args: hubagent::cli::DemoArgs) -> i32 {
-    match runtime().block_on(hubagent::demo::run(args)) {
+fn demo(args: args::DemoArgs) -> i32 {
+    match runtime().block_on(demo::run(args)) {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("hubagent demo: {e:#}");
@@ -115,7 +123,7 @@ fn demo(args: hubagent::cli::DemoArgs) -> i32 {
 }
 
 #[cfg(not(feature = "demo"))]
-fn demo(_: hubagent::cli::DemoArgs) -> i32 {
+fn demo(_: args::DemoArgs) -> i32 {
     eprintln!("hubagent: this build has no demo (built without the `demo` feature)");
     exit::FAILURE
 }
@@ -260,7 +268,7 @@ fn provision(path: &Path, force: bool, json: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    hubagent::logging::init("warn", hubagent::logging::LogFormat::Text);
+    hubagent::system::logging::init("warn", hubagent::config::LogFormat::Text);
     match runtime().block_on(hubagent::provisioning::provision_once(&config, force)) {
         Ok((cache, fresh)) => {
             if json {
@@ -295,7 +303,7 @@ fn provision(path: &Path, force: bool, json: bool) -> i32 {
 }
 
 fn check(path: &Path, json: bool) -> i32 {
-    let report = runtime().block_on(hubagent::check::run(path));
+    let report = runtime().block_on(check::run(path));
     if json {
         println!(
             "{}",

@@ -7,11 +7,13 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use zeroize::Zeroizing;
 
-use crate::cli::{TpmCommand, TpmTarget, exit};
-use crate::config::{Attestation, Config, DEFAULT_TPM_HANDLE, check_tpm_handle, parse_tpm_handle};
-use crate::keys::{MemoryKey, derive_device_key};
+use crate::args::{TpmCommand, TpmTarget, exit};
+use hubagent::config::{
+    Attestation, Config, DEFAULT_TPM_HANDLE, check_tpm_handle, parse_tpm_handle,
+};
+use hubagent::identity::keys::{MemoryKey, derive_device_key};
 
-use super::HierarchyAuth;
+use hubagent::identity::tpm::{self, HierarchyAuth};
 
 /// Runs a `hubagent tpm …` command; returns the exit code.
 pub fn run(config_path: &Path, command: TpmCommand) -> i32 {
@@ -109,7 +111,7 @@ fn import_key(
     let key_b64: Zeroizing<String> = match group_registration_id {
         None => Zeroizing::new(text.trim().to_string()),
         Some(id) => {
-            if !crate::config::valid_registration_id(id) {
+            if !hubagent::config::valid_registration_id(id) {
                 eprintln!("hubagent: '{id}' is not a valid registration id");
                 return exit::FAILURE;
             }
@@ -139,12 +141,12 @@ fn import_key(
             return exit::FAILURE;
         }
     };
-    match super::import_hmac_key(&tcti, &auth, handle, &key, force) {
+    match tpm::import_hmac_key(&tcti, &auth, handle, &key, force) {
         Ok(replaced) => {
             let what = match replaced {
-                super::Replaced::Nothing => String::new(),
-                super::Replaced::HmacKey => " (replacing the HMAC key that was there)".into(),
-                super::Replaced::Foreign(w) => format!(" (replacing {w}, as --force asked)"),
+                tpm::Replaced::Nothing => String::new(),
+                tpm::Replaced::HmacKey => " (replacing the HMAC key that was there)".into(),
+                tpm::Replaced::Foreign(w) => format!(" (replacing {w}, as --force asked)"),
             };
             let derived = group_registration_id
                 .map(|id| format!("device key derived for '{id}'"))
@@ -160,7 +162,7 @@ fn import_key(
 }
 
 fn show_ek(tcti: &str, auth: &HierarchyAuth, json: bool) -> i32 {
-    match super::identity(tcti, auth) {
+    match tpm::identity(tcti, auth) {
         Ok(identity) => {
             if json {
                 println!(

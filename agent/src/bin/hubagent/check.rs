@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, Source};
-use crate::state::StateDir;
+use hubagent::config::{Config, Source};
+use hubagent::state::StateDir;
 
 #[derive(Debug, Serialize)]
 pub struct Check {
@@ -94,7 +94,7 @@ pub async fn run(config_path: &Path) -> Report {
         .unwrap_or(0);
     // 2024-01-01: a clock before this cannot sign SAS tokens the hub accepts.
     checks.push(if now > 1_704_067_200 {
-        pass("clock.sane", crate::daemon::now_rfc3339())
+        pass("clock.sane", hubagent::util::time::now_rfc3339())
     } else {
         fail(
             "clock.sane",
@@ -102,15 +102,15 @@ pub async fn run(config_path: &Path) -> Report {
         )
     });
 
-    match crate::provisioning::registration_id(&config) {
-        Ok(id) => match crate::provisioning::load_credential(&config, &id) {
+    match hubagent::provisioning::registration_id(&config) {
+        Ok(id) => match hubagent::provisioning::load_credential(&config, &id) {
             Ok(credential) => {
                 checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
                 let secrets = match &config.provisioning.attestation {
-                    Some(crate::config::Attestation::SymmetricKey { key, group_key }) => {
+                    Some(hubagent::config::Attestation::SymmetricKey { key, group_key }) => {
                         vec![key, group_key]
                     }
-                    Some(crate::config::Attestation::Tpm {
+                    Some(hubagent::config::Attestation::Tpm {
                         owner_auth,
                         endorsement_auth,
                         ..
@@ -118,15 +118,15 @@ pub async fn run(config_path: &Path) -> Report {
                     _ => vec![],
                 };
                 for secret in secrets.into_iter().flatten() {
-                    if let crate::config::Secret::File { file } = secret {
-                        match crate::keys::check_private(file) {
+                    if let hubagent::config::Secret::File { file } = secret {
+                        match hubagent::identity::keys::check_private(file) {
                             Some(w) => checks.push(warn("keys.private", w)),
                             None => checks.push(pass("keys.private", file.display().to_string())),
                         }
                     }
                 }
 
-                match crate::provisioning::client_tls(&config, &credential) {
+                match hubagent::provisioning::client_tls(&config, &credential) {
                     Ok(cfg) => {
                         tls = Some(cfg);
                         checks.push(pass(
@@ -209,7 +209,7 @@ pub async fn run(config_path: &Path) -> Report {
 
     let socket = config.agent.control_socket.clone();
     let answer = tokio::task::spawn_blocking(move || {
-        crate::control::request(&socket, &crate::control::Request::Status)
+        hubagent::system::control::request(&socket, &hubagent::system::control::Request::Status)
     })
     .await;
     match answer {

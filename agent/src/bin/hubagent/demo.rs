@@ -13,8 +13,8 @@ use hubsim::state::{
 };
 use serde_json::json;
 
-use crate::cli::DemoArgs;
-use crate::daemon::{self, Command};
+use crate::args::DemoArgs;
+use hubagent::daemon::{self, Command};
 
 const REGISTRATION_ID: &str = "demo-gateway";
 const PLUGIN: &str = "simulated-sensor";
@@ -33,9 +33,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     if std::env::var_os("RUST_LOG").is_none() {
         // The narration is the output; the agent's own log stays at warnings.
-        crate::logging::init("warn", crate::logging::LogFormat::Text);
+        hubagent::system::logging::init("warn", hubagent::config::LogFormat::Text);
     } else {
-        crate::logging::init("info", crate::logging::LogFormat::Text);
+        hubagent::system::logging::init("info", hubagent::config::LogFormat::Text);
     }
 
     println!("hubagent demo: a local DPS + IoT Hub (hubsim) and the real agent, no cloud needed.");
@@ -65,7 +65,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("[agent]  configuration {}", config_path.display());
     println!("[agent]  starting the daemon (the same code as `hubagent run`)\n");
 
-    let config = crate::config::Config::load(&config_path, &|_| None)?;
+    let config = hubagent::config::Config::load(&config_path, &|_| None)?;
     let socket = config.agent.control_socket.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let daemon_commands = commands.clone();
@@ -134,7 +134,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // Ask the running agent what it did, then stop it.
     let status = tokio::task::spawn_blocking(move || {
-        crate::control::request(&socket, &crate::control::Request::Status)
+        hubagent::system::control::request(&socket, &hubagent::system::control::Request::Status)
     })
     .await?
     .ok();

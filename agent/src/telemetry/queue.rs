@@ -20,36 +20,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::hub::TelemetryMessage;
+use crate::config::{FsyncPolicy, FullPolicy, QueueConfig};
+use crate::message::TelemetryMessage;
+use crate::util::fs::write_atomic;
+use crate::util::time::unix_millis;
 
 const HEADER: usize = 4 + 4 + 8 + 8;
 /// A record larger than this is a torn or corrupt length field, not a message.
 const MAX_RECORD: usize = 1024 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum FsyncPolicy {
-    /// fdatasync before `push` returns: survives power loss.
-    Always,
-    /// write() before `push` returns (survives kill -9), fdatasync every `fsync_interval`.
-    #[default]
-    Interval,
-    /// Leave it to the kernel.
-    Never,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum FullPolicy {
-    /// Drop the oldest segment to make room (counted in `dropped_full`).
-    #[default]
-    DropOldest,
-    /// Refuse the new message: the source sees back-pressure.
-    RejectNew,
-}
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -72,6 +53,23 @@ impl Default for QueueSettings {
             full_policy: FullPolicy::DropOldest,
             segment_bytes: 4 * 1024 * 1024,
             ack_flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+impl QueueSettings {
+    /// The settings `[queue]` asks for.
+    pub fn from_config(config: &QueueConfig) -> Self {
+        QueueSettings {
+            fsync: config.fsync,
+            fsync_interval: config.fsync_interval,
+            max_bytes: config.max_bytes,
+            max_age: config.max_age,
+            full_policy: config.full_policy,
+            // drop-oldest frees one segment at a time: segments of a 16th of the bound (at
+            // most 4 MiB, at least 4 KiB) keep a full queue at least 15/16 used.
+            segment_bytes: (config.max_bytes / 16).clamp(4 * 1024, 4 * 1024 * 1024),
+            ..Default::default()
         }
     }
 }
@@ -169,13 +167,6 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> QueueError + '_ {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:016x}.seg"))
 }
@@ -226,7 +217,7 @@ impl Queue {
         let mut segments = VecDeque::new();
         let mut max_seq = acked;
         let mut stats = QueueStats::default();
-        let (wall_now, mono_now) = (now_ms(), Instant::now());
+        let (wall_now, mono_now) = (unix_millis(), Instant::now());
         let placed = |enqueued_ms: u64| {
             // A record "from the future" (the clock went back since) counts as just enqueued.
             let age = Duration::from_millis(wall_now.saturating_sub(enqueued_ms));
@@ -357,7 +348,7 @@ impl Queue {
             }
         }
         let seq = q.next_seq;
-        let enqueued_ms = now_ms();
+        let enqueued_ms = unix_millis();
         let mut record = Vec::with_capacity(HEADER + payload.len());
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&checksum(seq, enqueued_ms, &payload).to_le_bytes());
@@ -675,7 +666,7 @@ impl Inner {
         let path = self.dir.join("acked");
         let ahead: Vec<String> = self.acked_ahead.iter().map(u64::to_string).collect();
         let text = format!("{}\n{}\n", self.acked, ahead.join(","));
-        match crate::state::write_atomic(&path, text.as_bytes()) {
+        match write_atomic(&path, text.as_bytes()) {
             Ok(()) => {
                 self.ack_dirty = false;
                 self.acked_written = self.acked;
@@ -947,10 +938,10 @@ mod tests {
     fn ages_come_from_disk_once_then_from_the_monotonic_clock() {
         let dir = tempfile::tempdir().unwrap();
         let hour = 3_600_000;
-        let mut seg = raw_record(1, now_ms() - 2 * hour, &msg(1));
+        let mut seg = raw_record(1, unix_millis() - 2 * hour, &msg(1));
         // Written when the clock was a day ahead (then corrected): not expired, not kept forever.
-        seg.extend(raw_record(2, now_ms() + 24 * hour, &msg(2)));
-        seg.extend(raw_record(3, now_ms() - 1000, &msg(3)));
+        seg.extend(raw_record(2, unix_millis() + 24 * hour, &msg(2)));
+        seg.extend(raw_record(3, unix_millis() - 1000, &msg(3)));
         std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), seg).unwrap();
         let (q, warnings) = Queue::open(
             dir.path(),
