@@ -71,6 +71,15 @@ impl Status {
         f(&mut self.0.lock().unwrap());
     }
 
+    /// The queue's counters as of now.
+    pub fn record_queue(&self, stats: crate::telemetry::QueueStats) {
+        self.update(|s| {
+            s.queue_depth = stats.depth;
+            s.published = stats.delivered;
+            s.queue = Some(stats);
+        });
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         self.0.lock().unwrap().clone()
     }
