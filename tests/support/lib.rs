@@ -1,5 +1,6 @@
-//! The one support library of the agent's integration tests (`tests/it`). One module per concern;
-//! everything is re-exported here, so a test file says `use hubagent_tests::*;`.
+//! The one support library of the integration tests: the agent's (`tests/it`) and hubsim's own
+//! (`tests/hubsim-it`). One module per concern; everything is re-exported here, so a test file
+//! says `use hubagent_tests::*;`.
 //!
 //! - [`sim`]: a hubsim on loopback, enrollments (one [`Enrollment`] builder for every kind), what
 //!   hubsim recorded about registrations and connections, reported properties;
@@ -7,18 +8,21 @@
 //!   and plugin list through the control socket;
 //! - [`telemetry`]: the telemetry hubsim received, with one accessor for numbered messages;
 //! - [`faults`]: dropping connections, outages, and the figures fault scenarios record;
+//! - [`mqtt`]: raw rumqttc clients, SAS tokens and HTTPS clients for hubsim's own tests;
 //! - [`swtpm`]: a software TPM per test.
 
 use std::time::Duration;
 
 pub mod agent;
 pub mod faults;
+pub mod mqtt;
 pub mod sim;
 pub mod swtpm;
 pub mod telemetry;
 
 pub use agent::*;
 pub use faults::*;
+pub use mqtt::*;
 pub use sim::*;
 pub use telemetry::*;
 
