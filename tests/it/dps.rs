@@ -15,7 +15,7 @@ fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: registration_id.into(),
         payload: Some(serde_json::json!({"site": "plant-4"})),
-        timeout: Duration::from_secs(30),
+        timeout: WAIT,
     }
 }
 
@@ -39,7 +39,7 @@ async fn registers_an_individual_enrollment_and_gets_the_payload_back() {
     assert_eq!(assignment.device_id, "gw-dps-1");
     assert_eq!(assignment.substatus, "initialAssignment");
     assert_eq!(assignment.registration_state["payload"]["site"], "plant-4");
-    let history = running.sim.records.lock().unwrap().registrations.clone();
+    let history = registration_events(&running.sim);
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].outcome, "assigned");
 }
@@ -95,16 +95,10 @@ async fn throttling_is_honoured_then_registration_completes() {
         "retry-after was honoured: {:?}",
         started.elapsed()
     );
-    let outcomes: Vec<String> = running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .registrations
-        .iter()
-        .map(|r| r.outcome.clone())
-        .collect();
-    assert_eq!(outcomes, ["throttled", "throttled", "assigned"]);
+    assert_eq!(
+        registration_outcomes(&running.sim),
+        ["throttled", "throttled", "assigned"]
+    );
 }
 
 #[tokio::test]

@@ -12,8 +12,6 @@ use hubagent_tests::*;
 use serde_json::json;
 use tokio::sync::mpsc::Receiver;
 
-const WAIT: Duration = Duration::from_secs(20);
-
 /// Registers `id` through DPS in hubsim and opens a session for it.
 async fn session(
     running: &hubsim::Running,
@@ -78,22 +76,6 @@ fn message(i: usize) -> TelemetryMessage {
     }
 }
 
-fn recorded_ids(running: &hubsim::Running, device: &str) -> Vec<String> {
-    running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .telemetry
-        .get(device)
-        .map(|r| {
-            r.iter()
-                .map(|m| m.system_properties["message-id"].clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn telemetry_twin_methods_and_c2d() {
     let dir = tempfile::tempdir().unwrap();
@@ -113,9 +95,9 @@ async fn telemetry_twin_methods_and_c2d() {
     for i in 0..20 {
         handle.publish(message(i)).await.unwrap();
     }
-    let ids = recorded_ids(&running, "gw-hub-1");
+    let ids = message_ids(&running.sim, "gw-hub-1");
     assert_eq!(ids, (0..20).map(|i| format!("m-{i}")).collect::<Vec<_>>());
-    let first = running.sim.records.lock().unwrap().telemetry["gw-hub-1"][0].clone();
+    let first = records(&running.sim, "gw-hub-1")[0].clone();
     assert_eq!(first.properties["source"], "test");
     assert_eq!(first.system_properties["content-type"], "application/json");
 
@@ -200,39 +182,23 @@ async fn dropped_connections_lose_no_message() {
     };
     // Cut the connection three times while messages flow.
     for _ in 0..3 {
-        let sim = running.sim.clone();
         assert!(
-            sim.wait_until(WAIT, |s| s
-                .live
-                .lock()
-                .unwrap()
-                .connections
-                .contains_key("localhost/gw-hub-2"))
+            running
+                .sim
+                .wait_until(WAIT, |s| live_connection(s, "gw-hub-2").is_some())
                 .await
         );
-        let conn = running
-            .sim
-            .live
-            .lock()
-            .unwrap()
-            .connections
-            .get("localhost/gw-hub-2")
-            .cloned();
-        if let Some(conn) = conn {
-            let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-                reason: "test drop".into(),
-            });
-        }
+        drop_connection(&running.sim, "gw-hub-2");
         next_matching(&mut events, |e| {
             matches!(e, SessionEvent::Connected).then_some(())
         })
         .await;
     }
-    tokio::time::timeout(Duration::from_secs(60), publisher)
+    tokio::time::timeout(LONG_WAIT, publisher)
         .await
         .unwrap()
         .unwrap();
-    let ids = recorded_ids(&running, "gw-hub-2");
+    let ids = message_ids(&running.sim, "gw-hub-2");
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
@@ -255,9 +221,9 @@ async fn short_token_lifetimes_are_renewed_without_loss() {
     })
     .await;
     let sim = running.sim.clone();
-    let connects_before = count_connects(&sim, "gw-hub-3");
+    let connects_before = hub_connects(&sim, "gw-hub-3");
     let mut i = 0;
-    while count_connects(&sim, "gw-hub-3") < connects_before + 3 {
+    while hub_connects(&sim, "gw-hub-3") < connects_before + 3 {
         handle.publish(message(i)).await.unwrap();
         i += 1;
         tokio::task::yield_now().await;
@@ -265,50 +231,18 @@ async fn short_token_lifetimes_are_renewed_without_loss() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let ids = recorded_ids(&running, "gw-hub-3");
+    let ids = message_ids(&running.sim, "gw-hub-3");
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), i);
-    let expired = running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
+    let expired = connection_events(&running.sim, "gw-hub-3")
         .iter()
-        .any(|e| e.client_id == "gw-hub-3" && e.reason.as_deref() == Some("SAS token expired"));
+        .any(|e| e.reason.as_deref() == Some("SAS token expired"));
     assert!(
         !expired,
         "the agent renews before the hub has to cut it off"
     );
-}
-
-fn count_connects(sim: &hubsim::Sim, id: &str) -> usize {
-    sim.records
-        .lock()
-        .unwrap()
-        .connections
-        .iter()
-        .filter(|e| e.client_id == id && e.service == "hub" && e.event == "connected")
-        .count()
-}
-
-/// Closes the device's live hub connection (as the hub does on an outage).
-fn drop_connection(running: &hubsim::Running, key: &str) {
-    let conn = running
-        .sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get(key)
-        .cloned();
-    if let Some(conn) = conn {
-        let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-            reason: "test drop".into(),
-        });
-    }
 }
 
 fn unique(mut ids: Vec<String>) -> Vec<String> {
@@ -329,9 +263,9 @@ async fn a_hub_that_caps_token_lifetimes_costs_no_message() {
     })
     .await;
     let sim = running.sim.clone();
-    let connects_before = count_connects(&sim, "gw-hub-4");
+    let connects_before = hub_connects(&sim, "gw-hub-4");
     let mut sent = 0;
-    while count_connects(&sim, "gw-hub-4") < connects_before + 2 {
+    while hub_connects(&sim, "gw-hub-4") < connects_before + 2 {
         tokio::time::timeout(WAIT, handle.publish(message(sent)))
             .await
             .expect("a publish completes once the session is back")
@@ -339,17 +273,13 @@ async fn a_hub_that_caps_token_lifetimes_costs_no_message() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let expired = sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
+    let expired = connection_events(&sim, "gw-hub-4")
         .iter()
-        .filter(|e| e.client_id == "gw-hub-4" && e.reason.as_deref() == Some("SAS token expired"))
+        .filter(|e| e.reason.as_deref() == Some("SAS token expired"))
         .count();
     assert!(expired >= 2, "the hub did cut the connections ({expired})");
     assert_eq!(
-        unique(recorded_ids(&running, "gw-hub-4")),
+        unique(message_ids(&running.sim, "gw-hub-4")),
         unique((0..sent).map(|i| format!("m-{i}")).collect())
     );
     handle.shutdown();
@@ -384,7 +314,7 @@ async fn desired_patches_arrive_once_each_in_version_order() {
     assert_eq!(seen, expected);
 
     // After a reconnect the full twin carries the latest version; nothing is delivered twice.
-    drop_connection(&running, &key);
+    drop_connection(&running.sim, "gw-hub-5");
     let (version, desired) = next_matching(&mut events, |e| match e {
         SessionEvent::Twin {
             desired_version,
@@ -409,10 +339,8 @@ async fn an_outage_holds_publishes_until_the_hub_is_back() {
     })
     .await;
     // The hub refuses every CONNECT (CONNACK 3) for 3 s and drops the device now.
-    running.sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(3));
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-6");
-    drop_connection(&running, &key);
+    refuse_connections(&running.sim, Duration::from_secs(3));
+    drop_connection(&running.sim, "gw-hub-6");
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::Disconnected { .. }).then_some(())
     })
@@ -436,7 +364,10 @@ async fn an_outage_holds_publishes_until_the_hub_is_back() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(recorded_ids(&running, "gw-hub-6"), vec!["m-1".to_string()]);
+    assert_eq!(
+        message_ids(&running.sim, "gw-hub-6"),
+        vec!["m-1".to_string()]
+    );
     handle.shutdown();
 }
 
@@ -456,7 +387,7 @@ async fn a_disabled_device_is_reported_as_unauthorized() {
             s.devices.get_mut(&key).unwrap().status = hubsim::state::Status::Disabled;
         })
         .unwrap();
-    drop_connection(&running, &key);
+    drop_connection(&running.sim, "gw-hub-7");
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::Unauthorized).then_some(())
     })
@@ -532,11 +463,11 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(recorded_ids(&running, "gw-x509-1").len(), sent);
-    assert_eq!(count_connects(&running.sim, "gw-x509-1"), 1);
-    let auth = running.sim.records.lock().unwrap().telemetry["gw-x509-1"][0]
-        .system_properties["iothub-connection-auth-method"]
-        .clone();
+    assert_eq!(message_ids(&running.sim, "gw-x509-1").len(), sent);
+    assert_eq!(hub_connects(&running.sim, "gw-x509-1"), 1);
+    let auth =
+        records(&running.sim, "gw-x509-1")[0].system_properties["iothub-connection-auth-method"]
+            .clone();
     assert!(auth.contains("\"type\":\"x509\""), "{auth}");
     handle.shutdown();
 }
@@ -556,15 +487,7 @@ async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
         matches!(e, SessionEvent::DesiredPatch { .. }).then_some(())
     })
     .await;
-    let conn = running
-        .sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get(&key)
-        .cloned()
-        .unwrap();
+    let conn = live_connection(&running.sim, "gw-hub-4").unwrap();
     let push = |version: u64, body: serde_json::Value| {
         conn.tx
             .send(hubsim::state::ConnCommand::Publish {

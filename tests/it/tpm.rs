@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -17,7 +16,6 @@ use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
 
-const WAIT: Duration = Duration::from_secs(30);
 const HANDLE: u32 = 0x8100_0100;
 /// The hierarchies of a fresh swtpm have empty authorization values.
 const NO_AUTH: HierarchyAuth = HierarchyAuth::EMPTY;
@@ -271,53 +269,21 @@ fn tpm_config(
     registration_id: Option<&str>,
     key_source: &str,
 ) -> PathBuf {
-    let scope = running.sim.read(|s| s.id_scope.clone());
+    let attestation = format!(
+        "method = \"tpm\"\ntcti = \"{tcti}\"\nhandle = 0x81000100\nkey_source = \"{key_source}\"\n",
+        tcti = swtpm.tcti()
+    );
+    // DPS TPM attestation runs over HTTPS; an imported key registers over MQTT.
     let endpoint = if key_source == "attestation" {
         format!("https://localhost:{}", running.https_addr.port())
     } else {
         "localhost".to_string()
     };
-    let id_line = registration_id
-        .map(|id| format!("registration_id = \"{id}\"\n"))
-        .unwrap_or_default();
-    let text = format!(
-        r#"[agent]
-state_dir = "{state}"
-control_socket = "{socket}"
-log_format = "text"
-
-[provisioning]
-source = "dps"
-global_endpoint = "{endpoint}"
-id_scope = "{scope}"
-{id_line}
-[provisioning.attestation]
-method = "tpm"
-tcti = "{tcti}"
-handle = 0x81000100
-key_source = "{key_source}"
-
-[hub]
-port = {port}
-trust_bundle = "{ca}"
-
-[[plugin]]
-name = "sensor"
-kind = "builtin"
-builtin = "simulated-sensor"
-interval = "100ms"
-"#,
-        state = dir.join("state").display(),
-        socket = dir.join("control.sock").display(),
-        tcti = swtpm.tcti(),
-        port = running.mqtt_addr.port(),
-        ca = running.ca_pem_path.display(),
-    );
-    let etc = dir.join("etc");
-    std::fs::create_dir_all(&etc).unwrap();
-    let path = etc.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    AgentConfig::new(dir, running, registration_id, &attestation)
+        .global_endpoint(&endpoint)
+        .extra(&builtin_sensor("100ms"))
+        .path(dir.join("etc").join("config.toml"))
+        .write()
 }
 
 /// Fails if any file under `dir` holds the key, as base64 or as raw bytes.
@@ -584,14 +550,8 @@ fn enroll_tpm(sim: &hubsim::Sim, tcti: &str, registration_id: Option<&str>) -> S
     let id = registration_id
         .unwrap_or(shown["registrationId"].as_str().unwrap())
         .to_string();
-    let enrollment: hubsim::state::IndividualEnrollment =
-        serde_json::from_value(serde_json::json!({
-            "registrationId": id,
-            "attestation": {"type": "tpm", "tpm": {"endorsementKey": shown["endorsementKey"]}},
-        }))
-        .unwrap();
-    sim.mutate(|s| s.enrollments.insert(id.to_ascii_lowercase(), enrollment))
-        .unwrap();
+    let ek = shown["endorsementKey"].as_str().unwrap().to_string();
+    Enrollment::tpm(ek).individual(sim, &id);
     id
 }
 
@@ -635,11 +595,7 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
         TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
         software_hmac(&hub_key, b"probe")
     );
-    let attestations: Vec<String> = sim
-        .records
-        .lock()
-        .unwrap()
-        .registrations
+    let attestations: Vec<String> = registration_events(&sim)
         .iter()
         .map(|r| format!("{}:{}:{}", r.transport, r.attestation, r.outcome))
         .collect();
@@ -747,7 +703,7 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
 /// A hubsim whose DPS asks for no wait before polling (retry-after 0), for tests that register
 /// many times.
 async fn start_sim_without_retry_wait(dir: &Path) -> hubsim::Running {
-    let mut options = hubsim::Options::ephemeral(dir.join("hubsim"));
+    let mut options = sim_options(dir);
     options.retry_after_secs = 0;
     hubsim::start(options).await.expect("hubsim starts")
 }

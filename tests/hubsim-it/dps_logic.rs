@@ -1,18 +1,15 @@
 //! DPS logic without a transport: enrollment matching, allocation, the hub device it creates, the
 //! JSON the real service answers with, and the IoT Hub CONNECT check on the result.
 
-mod common;
-
-use common::{in_an_hour, sas_token};
+use hubagent_tests::{
+    Enrollment, first_pem, in_an_hour, key_pair, registration_events, registration_outcomes,
+    sas_token,
+};
 use hubsim::Sim;
 use hubsim::auth::authenticate_hub_device;
 use hubsim::dps::{self, DeviceCredential, DpsResponse};
 use hubsim::pki::{CertKind, IssuedCert, issue};
-use hubsim::state::{
-    AllocationPolicy, Attestation, CertificatePair, CertificateRef, EnrollmentCommon,
-    EnrollmentGroup, IndividualEnrollment, ReprovisionPolicy, SimConfig, Status, Store,
-    SymmetricKeyPair, X509Attestation, random_key,
-};
+use hubsim::state::{AllocationPolicy, SimConfig, Status, Store, SymmetricKeyPair, random_key};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
@@ -32,53 +29,6 @@ fn open_sim(dir: &std::path::Path, hubs: &[&str]) -> Sim {
         SCOPE,
     )
     .unwrap()
-}
-
-fn common(attestation: Attestation) -> EnrollmentCommon {
-    EnrollmentCommon {
-        attestation,
-        iot_hub_host_name: None,
-        iot_hubs: None,
-        allocation_policy: AllocationPolicy::Hashed,
-        provisioning_status: Status::Enabled,
-        reprovision_policy: ReprovisionPolicy::default(),
-        initial_twin: None,
-        etag: None,
-        created_date_time_utc: None,
-        last_updated_date_time_utc: None,
-    }
-}
-
-fn key_pair() -> SymmetricKeyPair {
-    SymmetricKeyPair {
-        primary_key: random_key(),
-        secondary_key: random_key(),
-    }
-}
-
-fn sk(keys: &SymmetricKeyPair) -> Attestation {
-    Attestation::SymmetricKey {
-        symmetric_key: keys.clone(),
-    }
-}
-
-fn enroll(sim: &Sim, registration_id: &str, common: EnrollmentCommon, device_id: Option<&str>) {
-    let enrollment = IndividualEnrollment {
-        registration_id: registration_id.into(),
-        device_id: device_id.map(str::to_string),
-        common,
-    };
-    sim.mutate(|s| s.enrollments.insert(registration_id.into(), enrollment))
-        .unwrap();
-}
-
-fn enroll_group(sim: &Sim, group_id: &str, common: EnrollmentCommon) {
-    let group = EnrollmentGroup {
-        enrollment_group_id: group_id.into(),
-        common,
-    };
-    sim.mutate(|s| s.groups.insert(group_id.into(), group))
-        .unwrap();
 }
 
 fn dps_sas(key: &str, registration_id: &str) -> DeviceCredential {
@@ -133,38 +83,12 @@ fn chain_of(cert: &IssuedCert) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn pem_of_first(cert: &IssuedCert) -> String {
-    let text = std::fs::read_to_string(&cert.cert_path).unwrap();
-    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
-    text[..end].to_string()
-}
-
-fn cert_pair(pem: String) -> Option<CertificatePair> {
-    Some(CertificatePair {
-        primary: Some(CertificateRef {
-            certificate: Some(pem),
-            info: None,
-        }),
-        secondary: None,
-    })
-}
-
-fn outcomes(sim: &Sim) -> Vec<String> {
-    sim.records
-        .lock()
-        .unwrap()
-        .registrations
-        .iter()
-        .map(|r| r.outcome.clone())
-        .collect()
-}
-
 #[test]
 fn individual_symmetric_key_enrollment_is_assigned_with_the_real_json() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["hub-a.example.net"]);
     let keys = key_pair();
-    enroll(&sim, "Dev-01", common(sk(&keys)), None);
+    Enrollment::symmetric_key(&keys).individual(&sim, "Dev-01");
 
     // Registration ids are case-insensitive: the device may spell it differently.
     let cred = dps_sas(&keys.primary_key, "dev-01");
@@ -215,7 +139,7 @@ fn individual_symmetric_key_enrollment_is_assigned_with_the_real_json() {
     assert_eq!(device.authentication.kind, "sas");
     assert_eq!(device.authentication.symmetric_key.as_ref(), Some(&keys));
     assert_eq!(&registration.unwrap().state, state);
-    let events = sim.records.lock().unwrap().registrations.clone();
+    let events = registration_events(&sim);
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].outcome, "assigned");
     assert_eq!(events[0].assigned_hub.as_deref(), Some("hub-a.example.net"));
@@ -258,7 +182,7 @@ fn operation_status_of_an_unknown_or_foreign_operation_is_404() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let keys = key_pair();
-    enroll(&sim, "dev-02", common(sk(&keys)), None);
+    Enrollment::symmetric_key(&keys).individual(&sim, "dev-02");
     let accepted = dps::register(
         &sim,
         SCOPE,
@@ -283,12 +207,14 @@ fn group_members_use_the_derived_key_never_the_group_key() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let group_keys = key_pair();
-    let mut c = common(sk(&group_keys));
-    c.initial_twin = Some(json!({
-        "tags": {"site": "plant-7"},
-        "properties": {"desired": {"interval": 30}}
-    }));
-    enroll_group(&sim, "line-3", c);
+    Enrollment::symmetric_key(&group_keys)
+        .with(|c| {
+            c.initial_twin = Some(json!({
+                "tags": {"site": "plant-7"},
+                "properties": {"desired": {"interval": 30}}
+            }))
+        })
+        .group(&sim, "line-3");
 
     let derive = |k: &str| hubsim::auth::derive_device_key(k, "sensor-17").unwrap();
     let derived = SymmetricKeyPair {
@@ -367,7 +293,7 @@ fn wrong_keys_unknown_ids_and_bad_bodies_are_refused_with_the_service_codes() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let keys = key_pair();
-    enroll(&sim, "dev-03", common(sk(&keys)), None);
+    Enrollment::symmetric_key(&keys).individual(&sim, "dev-03");
     let wrong = dps_sas(&random_key(), "dev-03");
 
     assert!(dps::authenticate(&sim, SCOPE, "dev-03", &wrong).is_err());
@@ -420,7 +346,7 @@ fn wrong_keys_unknown_ids_and_bad_bodies_are_refused_with_the_service_codes() {
     }
     assert!(sim.read(|s| s.devices.is_empty() && s.registrations.is_empty()));
     assert_eq!(
-        outcomes(&sim),
+        registration_outcomes(&sim),
         [
             "unauthorized",
             "unauthorized",
@@ -437,21 +363,21 @@ fn a_disabled_enrollment_answers_disabled_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let keys = key_pair();
-    let mut c = common(sk(&keys));
-    c.provisioning_status = Status::Disabled;
-    enroll(&sim, "dev-05", c, None);
+    Enrollment::symmetric_key(&keys)
+        .with(|c| c.provisioning_status = Status::Disabled)
+        .individual(&sim, "dev-05");
     // As DPS does (protocol.md §1.5): the device learns it from the operation status.
     let done = provision(&sim, "dev-05", &dps_sas(&keys.primary_key, "dev-05"));
     assert_eq!(done["status"], "disabled");
     assert!(done.get("registrationState").is_none());
     assert!(sim.read(|s| s.devices.is_empty() && s.registrations.is_empty()));
-    assert_eq!(outcomes(&sim), ["disabled"]);
+    assert_eq!(registration_outcomes(&sim), ["disabled"]);
 
     // A disabled group refuses its members the same way.
     let group_keys = key_pair();
-    let mut c = common(sk(&group_keys));
-    c.provisioning_status = Status::Disabled;
-    enroll_group(&sim, "off", c);
+    Enrollment::symmetric_key(&group_keys)
+        .with(|c| c.provisioning_status = Status::Disabled)
+        .group(&sim, "off");
     let derived = hubsim::auth::derive_device_key(&group_keys.primary_key, "member").unwrap();
     let done = provision(&sim, "member", &dps_sas(&derived, "member"));
     assert_eq!(done["status"], "disabled");
@@ -463,7 +389,7 @@ fn throttling_answers_429_with_retry_after_then_lets_the_device_through() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let keys = key_pair();
-    enroll(&sim, "dev-06", common(sk(&keys)), None);
+    Enrollment::symmetric_key(&keys).individual(&sim, "dev-06");
     sim.faults.lock().unwrap().dps_throttle = Some((2, 7));
     let cred = dps_sas(&keys.primary_key, "dev-06");
     for _ in 0..2 {
@@ -477,7 +403,10 @@ fn throttling_answers_429_with_retry_after_then_lets_the_device_through() {
     sim.faults.lock().unwrap().dps_throttle = Some((0, 7));
     let done = provision(&sim, "dev-06", &cred);
     assert_eq!(done["status"], "assigned");
-    assert_eq!(outcomes(&sim), ["throttled", "throttled", "assigned"]);
+    assert_eq!(
+        registration_outcomes(&sim),
+        ["throttled", "throttled", "assigned"]
+    );
 }
 
 #[test]
@@ -485,7 +414,9 @@ fn payload_is_echoed_in_the_registration_state() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let keys = key_pair();
-    enroll(&sim, "dev-07", common(sk(&keys)), Some("thermostat-7"));
+    Enrollment::symmetric_key(&keys)
+        .device_id("thermostat-7")
+        .individual(&sim, "dev-07");
     let request =
         br#"{"payload": {"modelId": "dtmi:com:example:Thermostat;1"}, "registrationId": "dev-07"}"#;
     let accepted = dps::register(
@@ -529,13 +460,7 @@ fn x509_individual_enrollment_matches_the_enrolled_certificate() {
         None,
     )
     .unwrap();
-    let attestation = Attestation::X509 {
-        x509: X509Attestation {
-            client_certificates: cert_pair(pem_of_first(&dev)),
-            signing_certificates: None,
-        },
-    };
-    enroll(&sim, "dev-x509", common(attestation), None);
+    Enrollment::x509_device(first_pem(&dev.cert_path)).individual(&sim, "dev-x509");
 
     let cred = DeviceCredential::X509(chain_of(&dev));
     let err = dps::authenticate(
@@ -622,13 +547,7 @@ fn x509_group_admits_certificates_chaining_to_its_ca() {
         Some(&p("rogue")),
     )
     .unwrap();
-    let attestation = Attestation::X509 {
-        x509: X509Attestation {
-            client_certificates: None,
-            signing_certificates: cert_pair(pem_of_first(&root)),
-        },
-    };
-    enroll_group(&sim, "cameras", common(attestation));
+    Enrollment::x509_ca(first_pem(&root.cert_path)).group(&sim, "cameras");
 
     let chain = chain_of(&dev);
     assert_eq!(chain.len(), 3);
@@ -724,7 +643,7 @@ fn hashed_allocation_is_stable_and_spreads_over_the_linked_hubs() {
     let hubs = ["hub-a.example.net", "hub-b.example.net"];
     let sim = open_sim(dir.path(), &hubs);
     let group_keys = key_pair();
-    enroll_group(&sim, "fleet", common(sk(&group_keys)));
+    Enrollment::symmetric_key(&group_keys).group(&sim, "fleet");
     let mut seen = std::collections::BTreeMap::new();
     for i in 0..12 {
         let id = format!("unit-{i}");
@@ -763,11 +682,13 @@ fn reprovisioning_to_another_hub_moves_the_device_and_its_twin() {
     let hubs = ["hub-a.example.net", "hub-b.example.net"];
     let sim = open_sim(dir.path(), &hubs);
     let keys = key_pair();
-    let mut c = common(sk(&keys));
-    c.allocation_policy = AllocationPolicy::Static;
-    c.iot_hub_host_name = Some(hubs[0].into());
-    c.initial_twin = Some(json!({"properties": {"desired": {"mode": "initial"}}}));
-    enroll(&sim, "dev-08", c, None);
+    Enrollment::symmetric_key(&keys)
+        .with(|c| {
+            c.allocation_policy = AllocationPolicy::Static;
+            c.iot_hub_host_name = Some(hubs[0].into());
+            c.initial_twin = Some(json!({"properties": {"desired": {"mode": "initial"}}}));
+        })
+        .individual(&sim, "dev-08");
     let cred = dps_sas(&keys.primary_key, "dev-08");
     let first = provision(&sim, "dev-08", &cred);
     assert_eq!(first["registrationState"]["assignedHub"], hubs[0]);
@@ -853,7 +774,7 @@ fn hub_connect_refuses_unknown_disabled_and_policy_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let keys = key_pair();
-    enroll(&sim, "dev-09", common(sk(&keys)), None);
+    Enrollment::symmetric_key(&keys).individual(&sim, "dev-09");
     provision(&sim, "dev-09", &dps_sas(&keys.primary_key, "dev-09"));
     let now = hubsim::auth::unix_now();
 
@@ -943,17 +864,7 @@ fn tpm_attestation_challenges_the_enrolled_ek_and_wraps_the_hub_key() {
     let dir = tempfile::tempdir().unwrap();
     let sim = open_sim(dir.path(), &["localhost"]);
     let id = "t6t2cg5vnzscr7ty546hj7c7maamkggectqcxkccq637z5bvlnoa";
-    enroll(
-        &sim,
-        id,
-        common(Attestation::Tpm {
-            tpm: hubsim::state::TpmAttestation {
-                endorsement_key: TEST_EK.into(),
-                storage_root_key: None,
-            },
-        }),
-        None,
-    );
+    Enrollment::tpm(TEST_EK.into()).individual(&sim, id);
 
     // A signed registration before any challenge has nothing to be checked against.
     let early = dps::register(
@@ -1065,7 +976,7 @@ fn tpm_attestation_challenges_the_enrolled_ek_and_wraps_the_hub_key() {
     )
     .unwrap();
     assert_eq!(
-        outcomes(&sim),
+        registration_outcomes(&sim),
         [
             "unauthorized",
             "unauthorized",
@@ -1095,7 +1006,7 @@ fn extra_id_scopes_share_the_enrollments_and_are_recorded() {
     )
     .unwrap();
     let keys = key_pair();
-    enroll(&sim, "dev-scopes", common(sk(&keys)), None);
+    Enrollment::symmetric_key(&keys).individual(&sim, "dev-scopes");
     let in_scope = |scope: &str| {
         DeviceCredential::Sas(sas_token(
             &keys.primary_key,
@@ -1131,11 +1042,7 @@ fn extra_id_scopes_share_the_enrollments_and_are_recorded() {
         "{}",
         refused.body
     );
-    let seen: Vec<(String, String)> = sim
-        .records
-        .lock()
-        .unwrap()
-        .registrations
+    let seen: Vec<(String, String)> = registration_events(&sim)
         .iter()
         .map(|r| (r.id_scope.clone(), r.outcome.clone()))
         .collect();

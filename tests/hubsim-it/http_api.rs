@@ -1,8 +1,6 @@
 //! The HTTPS management API and DPS device API, over real TLS.
 
-mod common;
-
-use common::*;
+use hubagent_tests::*;
 use serde_json::{Value, json};
 
 /// Runs a blocking ureq call off the async runtime.
@@ -168,7 +166,7 @@ async fn malformed_json_and_unknown_fields_get_clear_400s() {
 async fn dps_over_https_registers_and_twin_patch_reaches_the_service_view() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = enroll(&running, "gw-3");
+    let key = enroll(&running.sim, "gw-3");
     let scope = running.sim.read(|s| s.id_scope.clone());
     let agent = https_agent(&running.ca_pem);
     let device_sas = sas_token(
@@ -232,7 +230,7 @@ async fn dps_over_https_registers_and_twin_patch_reaches_the_service_view() {
     assert_eq!(patched["properties"]["desired"]["interval"], 5);
     assert_eq!(patched["properties"]["desired"]["$version"], 1);
     assert_eq!(bad_sig, 401);
-    let history = running.sim.records.lock().unwrap().registrations.clone();
+    let history = registration_events(&running.sim);
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].transport, "https");
 }
@@ -242,8 +240,8 @@ async fn state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (scope, key, hub_cs) = {
         let running = start_sim(dir.path()).await;
-        let key = enroll(&running, "persist-1");
-        add_device(&running, "persist-dev");
+        let key = enroll(&running.sim, "persist-1");
+        add_device(&running.sim, "persist-dev");
         let device_key = hubsim::state::Store::device_key("localhost", "persist-dev");
         hubsim::twin::apply_desired_patch(&running.sim, &device_key, &json!({"mode": "eco"}))
             .unwrap();

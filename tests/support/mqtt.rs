@@ -1,27 +1,15 @@
-//! Test helpers: a hubsim on loopback, SAS tokens and rumqttc clients that trust its CA.
-#![allow(dead_code)]
+//! hubsim's own tests talk to it as devices and services do, without the agent: SAS tokens as
+//! Azure's SDKs build them, raw rumqttc clients and an HTTPS client that trust hubsim's CA.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use hubsim::state::{
-    Attestation, DeviceAuthentication, EnrollmentCommon, IndividualEnrollment, Status,
-    SymmetricKeyPair,
-};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 
-pub const WAIT: Duration = Duration::from_secs(15);
-
-pub async fn start_sim(dir: &std::path::Path) -> hubsim::Running {
-    hubsim::start(hubsim::Options::ephemeral(dir))
-        .await
-        .expect("hubsim starts")
-}
+use crate::WAIT;
 
 /// `SharedAccessSignature sr=…&sig=…&se=…` as Azure's SDKs build it.
 pub fn sas_token(key_b64: &str, resource: &str, expiry: u64, key_name: Option<&str>) -> String {
@@ -50,7 +38,7 @@ pub fn in_an_hour() -> u64 {
     hubsim::auth::unix_now() + 3600
 }
 
-pub fn tls_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+fn tls_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -65,6 +53,7 @@ pub fn tls_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// An MQTT client over TLS to hubsim's MQTT port (DPS and hub share it).
 pub fn mqtt_client(
     running: &hubsim::Running,
     client_id: &str,
@@ -81,7 +70,22 @@ pub fn mqtt_client(
     AsyncClient::new(options, 16)
 }
 
-/// Polls the event loop until `pick` returns something, failing on a connection error.
+/// A hub device's MQTT client: `device_id` in the first linked hub, signing with `key` a token
+/// that expires at `expiry` (unix seconds).
+pub fn hub_client(
+    running: &hubsim::Running,
+    device_id: &str,
+    key: &str,
+    expiry: u64,
+) -> (AsyncClient, EventLoop) {
+    let hub = &running.sim.config.hubs[0];
+    let username = format!("{hub}/{device_id}/?api-version=2021-04-12");
+    let password = sas_token(key, &format!("{hub}/devices/{device_id}"), expiry, None);
+    mqtt_client(running, device_id, &username, &password)
+}
+
+/// Polls the event loop until `pick` returns something, failing on a connection error; gives up
+/// after [`WAIT`].
 pub async fn until<T>(
     eventloop: &mut EventLoop,
     mut pick: impl FnMut(&Packet) -> Option<T>,
@@ -98,88 +102,6 @@ pub async fn until<T>(
     tokio::time::timeout(WAIT, fut)
         .await
         .expect("timed out waiting for a packet")
-}
-
-/// An individual symmetric-key enrollment; returns its primary key.
-pub fn enroll(running: &hubsim::Running, registration_id: &str) -> String {
-    let key = hubsim::state::random_key();
-    let enrollment = IndividualEnrollment {
-        registration_id: registration_id.into(),
-        device_id: None,
-        common: EnrollmentCommon {
-            attestation: Attestation::SymmetricKey {
-                symmetric_key: SymmetricKeyPair {
-                    primary_key: key.clone(),
-                    secondary_key: hubsim::state::random_key(),
-                },
-            },
-            iot_hub_host_name: None,
-            iot_hubs: None,
-            allocation_policy: Default::default(),
-            provisioning_status: Status::Enabled,
-            reprovision_policy: Default::default(),
-            initial_twin: None,
-            etag: None,
-            created_date_time_utc: None,
-            last_updated_date_time_utc: None,
-        },
-    };
-    running
-        .sim
-        .mutate(|s| s.enrollments.insert(registration_id.into(), enrollment))
-        .unwrap();
-    key
-}
-
-/// A hub device with a SAS key in the first hub; returns its primary key.
-pub fn add_device(running: &hubsim::Running, device_id: &str) -> String {
-    let key = hubsim::state::random_key();
-    let hub = running.sim.config.hubs[0].clone();
-    let device = hubsim::state::Device {
-        device_id: device_id.into(),
-        hub: hub.clone(),
-        authentication: DeviceAuthentication {
-            kind: "sas".into(),
-            symmetric_key: Some(SymmetricKeyPair {
-                primary_key: key.clone(),
-                secondary_key: hubsim::state::random_key(),
-            }),
-            x509_thumbprint: None,
-        },
-        status: Status::Enabled,
-        generation_id: "1".into(),
-        etag: "1".into(),
-        twin: Default::default(),
-        ca_group: None,
-    };
-    running
-        .sim
-        .mutate(|s| {
-            s.devices
-                .insert(hubsim::state::Store::device_key(&hub, device_id), device)
-        })
-        .unwrap();
-    key
-}
-
-pub fn hub_username(running: &hubsim::Running, device_id: &str) -> String {
-    format!(
-        "{}/{device_id}/?api-version=2021-04-12",
-        running.sim.config.hubs[0]
-    )
-}
-
-pub fn hub_password(running: &hubsim::Running, device_id: &str, key: &str, expiry: u64) -> String {
-    sas_token(
-        key,
-        &format!("{}/devices/{device_id}", running.sim.config.hubs[0]),
-        expiry,
-        None,
-    )
-}
-
-pub fn sub(topic: &str) -> (String, QoS) {
-    (topic.to_string(), QoS::AtLeastOnce)
 }
 
 /// An HTTPS client that trusts hubsim's CA and returns 4xx/5xx as responses, not errors.
@@ -219,6 +141,7 @@ pub fn service_sas(connection_string: &str) -> String {
     )
 }
 
+/// `https://localhost:<hubsim's HTTPS port><path>`
 pub fn url(running: &hubsim::Running, path: &str) -> String {
     format!("https://localhost:{}{path}", running.https_addr.port())
 }

@@ -1,10 +1,8 @@
 //! Devices talking MQTT over TLS to a hubsim on loopback, with rumqttc as the client.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use hubagent_tests::*;
 use rumqttc::{ConnectReturnCode, ConnectionError, Packet, QoS};
 use serde_json::{Value, json};
 
@@ -16,7 +14,7 @@ fn dps_username(scope: &str, registration_id: &str) -> String {
 async fn dps_registers_an_individual_symmetric_key_enrollment() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = enroll(&running, "dev-01");
+    let key = enroll(&running.sim, "dev-01");
     let scope = running.sim.read(|s| s.id_scope.clone());
     let password = sas_token(
         &key,
@@ -93,7 +91,7 @@ async fn dps_registers_an_individual_symmetric_key_enrollment() {
 async fn dps_refuses_a_wrong_key_with_connack_5() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    enroll(&running, "dev-02");
+    enroll(&running.sim, "dev-02");
     let scope = running.sim.read(|s| s.id_scope.clone());
     let wrong = hubsim::state::random_key();
     let password = sas_token(
@@ -116,14 +114,9 @@ async fn dps_refuses_a_wrong_key_with_connack_5() {
         ),
         "{err:?}"
     );
-    let refused = running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
+    let refused = connection_events(&running.sim, "dev-02")
         .iter()
-        .any(|e| e.client_id == "dev-02" && e.event == "refused" && e.service == "dps");
+        .any(|e| e.event == "refused" && e.service == "dps");
     assert!(refused);
 }
 
@@ -131,13 +124,8 @@ async fn dps_refuses_a_wrong_key_with_connack_5() {
 async fn hub_records_telemetry_with_decoded_properties_and_acks_it() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-03");
-    let (client, mut el) = mqtt_client(
-        &running,
-        "dev-03",
-        &hub_username(&running, "dev-03"),
-        &hub_password(&running, "dev-03", &key, in_an_hour()),
-    );
+    let key = add_device(&running.sim, "dev-03");
+    let (client, mut el) = hub_client(&running, "dev-03", &key, in_an_hour());
     client
         .publish(
             "devices/dev-03/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=high%20temp",
@@ -150,7 +138,7 @@ async fn hub_records_telemetry_with_decoded_properties_and_acks_it() {
     until(&mut el, |p| matches!(p, Packet::PubAck(_)).then_some(()))
         .await
         .unwrap();
-    let records = running.sim.records.lock().unwrap().telemetry["dev-03"].clone();
+    let records = records(&running.sim, "dev-03");
     assert_eq!(records.len(), 1);
     let record = &records[0];
     assert_eq!(record.body.as_deref(), Some(r#"{"temp":21.5}"#));
@@ -170,13 +158,8 @@ async fn telemetry_is_counted_in_full_and_recorded_up_to_the_keep_limit() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
     running.sim.records.lock().unwrap().telemetry_keep = 4;
-    let key = add_device(&running, "dev-keep");
-    let (client, mut el) = mqtt_client(
-        &running,
-        "dev-keep",
-        &hub_username(&running, "dev-keep"),
-        &hub_password(&running, "dev-keep", &key, in_an_hour()),
-    );
+    let key = add_device(&running.sim, "dev-keep");
+    let (client, mut el) = hub_client(&running, "dev-keep", &key, in_an_hour());
     for n in 1..=20 {
         client
             .publish(
@@ -191,7 +174,7 @@ async fn telemetry_is_counted_in_full_and_recorded_up_to_the_keep_limit() {
             .await
             .unwrap();
     }
-    let records = running.sim.records.lock().unwrap().telemetry["dev-keep"].clone();
+    let records = records(&running.sim, "dev-keep");
     assert!(
         (4..8).contains(&records.len()),
         "{} records kept",
@@ -225,13 +208,8 @@ async fn telemetry_is_counted_in_full_and_recorded_up_to_the_keep_limit() {
 async fn twin_get_reported_patch_and_desired_push() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-04");
-    let (client, mut el) = mqtt_client(
-        &running,
-        "dev-04",
-        &hub_username(&running, "dev-04"),
-        &hub_password(&running, "dev-04", &key, in_an_hour()),
-    );
+    let key = add_device(&running.sim, "dev-04");
+    let (client, mut el) = hub_client(&running, "dev-04", &key, in_an_hour());
     client
         .subscribe_many(
             [
@@ -308,13 +286,8 @@ async fn twin_get_reported_patch_and_desired_push() {
 async fn qos2_publish_closes_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-05");
-    let (client, mut el) = mqtt_client(
-        &running,
-        "dev-05",
-        &hub_username(&running, "dev-05"),
-        &hub_password(&running, "dev-05", &key, in_an_hour()),
-    );
+    let key = add_device(&running.sim, "dev-05");
+    let (client, mut el) = hub_client(&running, "dev-05", &key, in_an_hour());
     client
         .publish(
             "devices/dev-05/messages/events/",
@@ -329,36 +302,22 @@ async fn qos2_publish_closes_the_connection() {
         running
             .sim
             .wait_until(WAIT, |sim| {
-                sim.records.lock().unwrap().connections.iter().any(|e| {
-                    e.client_id == "dev-05"
-                        && e.event == "disconnected"
+                connection_events(sim, "dev-05").iter().any(|e| {
+                    e.event == "disconnected"
                         && e.reason.as_deref().is_some_and(|r| r.contains("QoS 2"))
                 })
             })
             .await
     );
-    assert!(
-        !running
-            .sim
-            .records
-            .lock()
-            .unwrap()
-            .telemetry
-            .contains_key("dev-05")
-    );
+    assert!(records(&running.sim, "dev-05").is_empty());
 }
 
 #[tokio::test]
 async fn oversize_message_closes_the_connection_and_is_not_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-06");
-    let (client, mut el) = mqtt_client(
-        &running,
-        "dev-06",
-        &hub_username(&running, "dev-06"),
-        &hub_password(&running, "dev-06", &key, in_an_hour()),
-    );
+    let key = add_device(&running.sim, "dev-06");
+    let (client, mut el) = hub_client(&running, "dev-06", &key, in_an_hour());
     client
         .publish(
             "devices/dev-06/messages/events/",
@@ -373,38 +332,20 @@ async fn oversize_message_closes_the_connection_and_is_not_recorded() {
             .await
             .is_err()
     );
-    assert!(
-        !running
-            .sim
-            .records
-            .lock()
-            .unwrap()
-            .telemetry
-            .contains_key("dev-06")
-    );
+    assert!(records(&running.sim, "dev-06").is_empty());
 }
 
 #[tokio::test]
 async fn a_second_connection_closes_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-07");
-    let password = hub_password(&running, "dev-07", &key, in_an_hour());
-    let (_c1, mut el1) = mqtt_client(
-        &running,
-        "dev-07",
-        &hub_username(&running, "dev-07"),
-        &password,
-    );
+    let key = add_device(&running.sim, "dev-07");
+    let expiry = in_an_hour();
+    let (_c1, mut el1) = hub_client(&running, "dev-07", &key, expiry);
     until(&mut el1, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
         .await
         .unwrap();
-    let (_c2, mut el2) = mqtt_client(
-        &running,
-        "dev-07",
-        &hub_username(&running, "dev-07"),
-        &password,
-    );
+    let (_c2, mut el2) = hub_client(&running, "dev-07", &key, expiry);
     until(&mut el2, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
         .await
         .unwrap();
@@ -418,14 +359,9 @@ async fn a_second_connection_closes_the_first() {
 async fn the_hub_disconnects_when_the_token_expires() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-08");
+    let key = add_device(&running.sim, "dev-08");
     let expiry = hubsim::auth::unix_now() + 2;
-    let (_client, mut el) = mqtt_client(
-        &running,
-        "dev-08",
-        &hub_username(&running, "dev-08"),
-        &hub_password(&running, "dev-08", &key, expiry),
-    );
+    let (_client, mut el) = hub_client(&running, "dev-08", &key, expiry);
     until(&mut el, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
         .await
         .unwrap();
@@ -434,16 +370,11 @@ async fn the_hub_disconnects_when_the_token_expires() {
         hubsim::auth::unix_now() + 1 >= expiry,
         "closed before the token expired"
     );
-    let reason = running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
-        .iter()
+    let reason = connection_events(&running.sim, "dev-08")
+        .into_iter()
         .rev()
-        .find(|e| e.client_id == "dev-08" && e.event == "disconnected")
-        .and_then(|e| e.reason.clone());
+        .find(|e| e.event == "disconnected")
+        .and_then(|e| e.reason);
     assert_eq!(reason.as_deref(), Some("SAS token expired"));
 }
 
@@ -451,15 +382,9 @@ async fn the_hub_disconnects_when_the_token_expires() {
 async fn refusing_connections_answers_server_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-09");
-    running.sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(60));
-    let (_client, mut el) = mqtt_client(
-        &running,
-        "dev-09",
-        &hub_username(&running, "dev-09"),
-        &hub_password(&running, "dev-09", &key, in_an_hour()),
-    );
+    let key = add_device(&running.sim, "dev-09");
+    refuse_connections(&running.sim, Duration::from_secs(60));
+    let (_client, mut el) = hub_client(&running, "dev-09", &key, in_an_hour());
     let err = until(&mut el, |_| Some(())).await.unwrap_err();
     assert!(
         matches!(
@@ -474,14 +399,9 @@ async fn refusing_connections_answers_server_unavailable() {
 async fn a_wrong_device_key_is_refused_by_the_hub() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    add_device(&running, "dev-10");
+    add_device(&running.sim, "dev-10");
     let wrong = hubsim::state::random_key();
-    let (_client, mut el) = mqtt_client(
-        &running,
-        "dev-10",
-        &hub_username(&running, "dev-10"),
-        &hub_password(&running, "dev-10", &wrong, in_an_hour()),
-    );
+    let (_client, mut el) = hub_client(&running, "dev-10", &wrong, in_an_hour());
     let err = until(&mut el, |_| Some(())).await.unwrap_err();
     assert!(
         matches!(
@@ -496,14 +416,9 @@ async fn a_wrong_device_key_is_refused_by_the_hub() {
 async fn the_delay_fault_holds_answers_back() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let key = add_device(&running, "dev-11");
+    let key = add_device(&running.sim, "dev-11");
     running.sim.faults.lock().unwrap().delay = Some(Duration::from_millis(400));
-    let (client, mut el) = mqtt_client(
-        &running,
-        "dev-11",
-        &hub_username(&running, "dev-11"),
-        &hub_password(&running, "dev-11", &key, in_an_hour()),
-    );
+    let (client, mut el) = hub_client(&running, "dev-11", &key, in_an_hour());
     until(&mut el, |p| matches!(p, Packet::ConnAck(_)).then_some(()))
         .await
         .unwrap();
