@@ -366,7 +366,7 @@ fn a_disabled_enrollment_answers_disabled_and_creates_nothing() {
     Enrollment::symmetric_key(&keys)
         .with(|c| c.provisioning_status = Status::Disabled)
         .individual(&sim, "dev-05");
-    // As DPS does (protocol.md §1.5): the device learns it from the operation status.
+    // As DPS does (docs/protocol.md §1.5): the device learns it from the operation status.
     let done = provision(&sim, "dev-05", &dps_sas(&keys.primary_key, "dev-05"));
     assert_eq!(done["status"], "disabled");
     assert!(done.get("registrationState").is_none());
@@ -847,7 +847,7 @@ fn hub_connect_refuses_unknown_disabled_and_policy_tokens() {
     assert!(authenticate_hub_device(&sim, "localhost", "dev-09", &good, now).is_err());
 }
 
-/// The EK of Azure CLI's tests (protocol.md §6.7): an RSA-2048 restricted decryption key, so it
+/// The EK of Azure CLI's tests (docs/protocol.md §6.7): an RSA-2048 restricted decryption key, so it
 /// also serves as an SRK for blob building (no TPM in these tests; swtpm tests are in tests/it).
 const TEST_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAibym9HQP9vxCGF5dVc1QQsAGe021aUGJzNol1/gycBx3jFsTpwmWbISRwnFvflWd0w2Mc44FAAZNaJOAAxwZvG8GvyLlHh6fGKdh+mSBL4iLH2bZ4Ry22cB3CJVjXmdGoz9Y/j3/NwLndBxQC+baNvzvyVQZ4/A2YL7vzIIj2ik4y+ve9ir7U0GbNdnxskqK1KFIITVVtkTIYyyFTIR0BySjPrRIDj7r7Mh5uF9HBppGKQCBoVSVV8dI91lNazmSdpGWyqCkO7iM4VvUMv2HT/ym53aYlUrau+Qq87Tu+uQipWYgRdF11KDfcpMHqqzBQQ1NpOJVhrsTrhyJzO7KNw==";
 

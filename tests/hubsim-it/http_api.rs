@@ -282,7 +282,7 @@ async fn tpm_enrollments_need_a_usable_endorsement_key_and_the_challenge_comes_o
     let dps = service_sas(&running.dps_connection_string);
     let enroll_url = url(&running, "/enrollments/tpm-1");
     let register_url = url(&running, "/0ne00000001/registrations/tpm-1/register");
-    // The CLI's test EK (protocol.md §6.7), also usable as the SRK here.
+    // The CLI's test EK (docs/protocol.md §6.7), also usable as the SRK here.
     let ek = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAibym9HQP9vxCGF5dVc1QQsAGe021aUGJzNol1/gycBx3jFsTpwmWbISRwnFvflWd0w2Mc44FAAZNaJOAAxwZvG8GvyLlHh6fGKdh+mSBL4iLH2bZ4Ry22cB3CJVjXmdGoz9Y/j3/NwLndBxQC+baNvzvyVQZ4/A2YL7vzIIj2ik4y+ve9ir7U0GbNdnxskqK1KFIITVVtkTIYyyFTIR0BySjPrRIDj7r7Mh5uF9HBppGKQCBoVSVV8dI91lNazmSdpGWyqCkO7iM4VvUMv2HT/ym53aYlUrau+Qq87Tu+uQipWYgRdF11KDfcpMHqqzBQQ1NpOJVhrsTrhyJzO7KNw==";
     let (bad, good, challenge) = blocking(move || {
         let enroll = |ek: &str| {
