@@ -657,3 +657,32 @@ impl Live {
         self.next_ping = Instant::now() + self.ping_every;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_back_off_doubling_then_quarantine() {
+        let limits = Limits {
+            restart_backoff: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(5),
+            quarantine_after: 5,
+            quarantine_window: Duration::from_secs(600),
+            quarantine_retry: Duration::from_secs(1800),
+            ..Limits::default()
+        };
+        let mut failures = VecDeque::new();
+        let t0 = Instant::now();
+        let mut next = |at| next_after_failure(&mut failures, at, &limits);
+        assert_eq!(next(t0), (1, State::Restarting, Duration::from_secs(1)));
+        assert_eq!(next(t0), (2, State::Restarting, Duration::from_secs(2)));
+        assert_eq!(next(t0), (3, State::Restarting, Duration::from_secs(4)));
+        // Capped at restart_backoff_max.
+        assert_eq!(next(t0), (4, State::Restarting, Duration::from_secs(5)));
+        assert_eq!(next(t0), (5, State::Quarantined, Duration::from_secs(1800)));
+        // Failures older than the window no longer count.
+        let later = t0 + Duration::from_secs(601);
+        assert_eq!(next(later), (1, State::Restarting, Duration::from_secs(1)));
+    }
+}
