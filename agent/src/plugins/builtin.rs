@@ -5,11 +5,12 @@
 
 use std::time::Duration;
 
+use hubagent_plugin_sdk::abi;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
-use crate::plugins::library::PluginMessage;
-use crate::plugins::runner::{Event, Events};
+use super::library::{CallError, PluginMessage};
+use super::running::{Event, Events};
 
 /// Settings the sensor understands; anything else is rejected with the key named.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,9 +45,60 @@ impl SensorSettings {
     }
 }
 
+/// The running sensor.
+pub struct BuiltinPlugin {
+    settings: watch::Sender<SensorSettings>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BuiltinPlugin {
+    /// Starts the sensor; the answer (settings refused or not) arrives as [`Event::Started`].
+    pub fn launch(name: &str, settings: &Value, events: Events) -> BuiltinPlugin {
+        match SensorSettings::from_json(settings.as_object().unwrap_or(&Map::new())) {
+            Ok(s) => {
+                let (tx, rx) = watch::channel(s);
+                let task = tokio::spawn(run(name.to_string(), rx, events.clone()));
+                let _ = events.send(Event::Started(Ok(())));
+                BuiltinPlugin { settings: tx, task }
+            }
+            Err(reason) => {
+                let (tx, _) = watch::channel(SensorSettings {
+                    interval: Duration::from_secs(5),
+                });
+                let _ = events.send(Event::Started(Err(CallError {
+                    code: abi::ERR_REJECTED,
+                    reason,
+                })));
+                BuiltinPlugin {
+                    settings: tx,
+                    task: tokio::spawn(async {}),
+                }
+            }
+        }
+    }
+
+    /// New settings take effect at the next reading; the answer arrives as
+    /// [`Event::Applied`].
+    pub fn apply(&self, settings: &Value, events: &Events) {
+        let result = SensorSettings::from_json(settings.as_object().unwrap_or(&Map::new()))
+            .map(|s| {
+                let _ = self.settings.send(s);
+            })
+            .map_err(|reason| CallError {
+                code: abi::ERR_REJECTED,
+                reason,
+            });
+        let _ = events.send(Event::Applied(result));
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
 /// Produces readings until its settings channel closes. `settings` changes take effect at the
 /// next reading. Messages go to the supervisor like any plugin's (rate limit, counters, queue).
-pub async fn run(name: String, mut settings: watch::Receiver<SensorSettings>, events: Events) {
+async fn run(name: String, mut settings: watch::Receiver<SensorSettings>, events: Events) {
     let _ = name;
     let mut n: u64 = 0;
     // Identifies this run of the sensor: `seq` restarts at 1 in every run, so (run, seq) names a
