@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse, ProvisioningDeviceClient, X509
+from azure.iot.device.exceptions import CredentialError
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
+from msrest.exceptions import HttpOperationError
 
 from test_python_sdk import TIMEOUT, enroll, hub_client, provision
 
@@ -46,9 +48,9 @@ def test_service_sdk_twin_and_method(hubsim, registry):
         assert updated.properties.desired["interval"] == 7
         assert patches.get(timeout=TIMEOUT)["interval"] == 7
         # A stale etag is refused, as the hub does (optimistic concurrency).
-        with pytest.raises(Exception) as stale:
+        with pytest.raises(HttpOperationError) as stale:
             registry.update_twin("py-svc-1", Twin(properties=TwinProperties(desired={"interval": 9})), twin.etag)
-        assert "Precondition" in str(stale.value) or "412" in str(stale.value)
+        assert stale.value.response.status_code == 412, repr(stale.value)
 
         answer = registry.invoke_device_method(
             "py-svc-1", CloudToDeviceMethod(method_name="reboot", payload={"in": 1}, response_timeout_in_seconds=TIMEOUT))
@@ -110,8 +112,9 @@ def test_x509_group_enrollment_and_a_foreign_certificate(hubsim, tmp_path):
     assert result.registration_state.device_id == "py-x509-grp-1"
     # A certificate from another CA with a plausible name gets nowhere.
     hubsim_certs(hubsim, tmp_path, "device", "--out", str(tmp_path / "rogue"), "--cn", "py-x509-grp-2")
-    with pytest.raises(Exception):
+    with pytest.raises(CredentialError) as refused:
         register_x509(hubsim, "py-x509-grp-2", tmp_path / "rogue")
+    assert "not authorised" in str(refused.value.__cause__), repr(refused.value.__cause__)
 
 
 def test_azure_quickstart_flow_unchanged(hubsim):
