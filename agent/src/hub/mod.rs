@@ -10,11 +10,12 @@
 //! Every connection uses a fresh rumqttc client and event loop: rumqttc's own retransmission is
 //! never involved, so the packet ids of one connection map one-to-one onto our requests.
 //!
-//! This file is the public face (parameters, events, the handle); `session` is the task and
-//! `topics` the pure topic and property-bag code.
+//! This file is the public face (parameters, events, the handle); `session` is the task, `topics`
+//! the pure topic and property-bag code and `twin` the twin document's sections and versions.
 
 mod session;
 pub mod topics;
+mod twin;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-pub use session::split_twin;
+pub use twin::split_twin;
 
 use crate::identity::Credential;
 use crate::message::TelemetryMessage;
@@ -44,6 +45,7 @@ pub struct HubParams {
     pub max_message_size: usize,
     pub inflight: u16,
     /// The desired `$version` the agent already has (from twin.json), so stale patches are ignored.
+    /// The session keeps it current across its reconnects.
     pub desired_version: u64,
 }
 

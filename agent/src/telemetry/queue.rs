@@ -184,137 +184,17 @@ impl Queue {
     /// Returns warnings about damaged records for the daemon to log.
     pub fn open(dir: &Path, settings: QueueSettings) -> Result<(Queue, Vec<String>), QueueError> {
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_err(dir))?;
+            create_private_dir(dir)?;
         }
-        let acked_path = dir.join("acked");
-        // First line: the contiguous cursor; second line: acknowledged out of order above it.
-        let acked_text = std::fs::read_to_string(&acked_path).unwrap_or_default();
-        let mut lines = acked_text.lines();
-        let acked = lines
-            .next()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        let acked_ahead: BTreeSet<u64> = lines
-            .next()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect();
-        let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-            .map_err(io_err(dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| {
-                let stem = p.file_name()?.to_str()?.strip_suffix(".seg")?;
-                u64::from_str_radix(stem, 16).ok().map(|n| (n, p))
-            })
-            .collect();
-        names.sort();
-        let mut warnings = Vec::new();
-        let mut entries = VecDeque::new();
-        let mut segments = VecDeque::new();
-        let mut max_seq = acked;
-        let mut stats = QueueStats::default();
-        let (wall_now, mono_now) = (unix_millis(), Instant::now());
-        let placed = |enqueued_ms: u64| {
-            // A record "from the future" (the clock went back since) counts as just enqueued.
-            let age = Duration::from_millis(wall_now.saturating_sub(enqueued_ms));
-            mono_now.checked_sub(age).unwrap_or(mono_now)
-        };
-        for (first_seq, path) in names {
-            let mut bytes = Vec::new();
-            File::open(&path)
-                .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(io_err(&path))?;
-            let mut offset = 0usize;
-            let mut last_seq = first_seq;
-            let mut live = false;
-            while offset + HEADER <= bytes.len() {
-                let len =
-                    u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
-                let crc = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap());
-                let seq = u64::from_le_bytes(bytes[offset + 8..offset + 16].try_into().unwrap());
-                let enqueued_ms =
-                    u64::from_le_bytes(bytes[offset + 16..offset + 24].try_into().unwrap());
-                let end = offset + HEADER + len;
-                if len > MAX_RECORD || end > bytes.len() {
-                    warnings.push(format!(
-                        "{}: record at offset {offset} is cut short or has a corrupt length; the last {} bytes of this segment are given up",
-                        path.display(),
-                        bytes.len() - offset
-                    ));
-                    stats.dropped_corrupt += 1;
-                    offset = bytes.len();
-                    break;
-                }
-                let payload = &bytes[offset + HEADER..end];
-                if checksum(seq, enqueued_ms, payload) != crc {
-                    warnings.push(format!(
-                        "{}: record at offset {offset} fails its checksum and is skipped",
-                        path.display()
-                    ));
-                    stats.dropped_corrupt += 1;
-                } else {
-                    max_seq = max_seq.max(seq);
-                    last_seq = last_seq.max(seq);
-                    if seq > acked {
-                        live = true;
-                        entries.push_back(Entry {
-                            seq,
-                            segment: first_seq,
-                            offset: offset as u64,
-                            len: (HEADER + len) as u32,
-                            enqueued: placed(enqueued_ms),
-                        });
-                    }
-                }
-                offset = end;
-            }
-            if offset < bytes.len() {
-                warnings.push(format!(
-                    "{}: {} trailing bytes (a torn write) are ignored",
-                    path.display(),
-                    bytes.len() - offset
-                ));
-            }
-            if live {
-                segments.push_back(Segment {
-                    first_seq,
-                    last_seq,
-                    bytes: bytes.len() as u64,
-                });
-            } else {
-                // Fully acknowledged: nothing in it is needed any more.
-                let _ = std::fs::remove_file(&path);
-            }
+        let (acked, acked_ahead) = read_acked(&dir.join("acked"));
+        let files = segment_files(dir)?;
+        let mut loaded = Loaded::new(acked);
+        for (first_seq, path) in files {
+            loaded.load_segment(first_seq, &path)?;
         }
-        // Out-of-order acknowledgements apply only to messages still on disk.
-        let acked_ahead: BTreeSet<u64> = acked_ahead
-            .into_iter()
-            .filter(|seq| entries.iter().any(|e: &Entry| e.seq == *seq))
-            .collect();
-        stats.depth = (entries.len() - acked_ahead.len()) as u64;
-        stats.bytes_on_disk = segments.iter().map(|s| s.bytes).sum();
+        let (inner, warnings) = loaded.into_inner(dir, settings, acked_ahead);
         let queue = Queue {
-            inner: Mutex::new(Inner {
-                dir: dir.to_path_buf(),
-                settings,
-                entries,
-                handed_out: 0,
-                acked_ahead,
-                ack_dirty: false,
-                acked,
-                acked_written: acked,
-                acked_written_at: Instant::now(),
-                next_seq: max_seq + 1,
-                segments,
-                writer: None,
-                reader: None,
-                dirty_since: None,
-                stats,
-            }),
+            inner: Mutex::new(inner),
             available: Notify::new(),
         };
         Ok((queue, warnings))
@@ -454,6 +334,208 @@ impl Queue {
         if let Some((_, file)) = &q.writer {
             let _ = file.sync_data();
         }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+}
+
+/// The `acked` file: the contiguous cursor on the first line, the sequence numbers acknowledged
+/// out of order above it on the second. A missing or unreadable file acknowledges nothing.
+fn read_acked(path: &Path) -> (u64, BTreeSet<u64>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines();
+    let acked = lines
+        .next()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let acked_ahead = lines
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    (acked, acked_ahead)
+}
+
+/// The segment files in `dir`, by first sequence number.
+fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
+    let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let stem = p.file_name()?.to_str()?.strip_suffix(".seg")?;
+            u64::from_str_radix(stem, 16).ok().map(|n| (n, p))
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A record's header: `len u32 | crc32 u32 | seq u64 | enqueued_ms u64`.
+struct RecordHeader {
+    len: usize,
+    crc: u32,
+    seq: u64,
+    enqueued_ms: u64,
+}
+
+impl RecordHeader {
+    fn decode(bytes: &[u8]) -> RecordHeader {
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        RecordHeader {
+            len: u32_at(0) as usize,
+            crc: u32_at(4),
+            seq: u64_at(8),
+            enqueued_ms: u64_at(16),
+        }
+    }
+}
+
+/// The index being rebuilt from the segments at open.
+struct Loaded {
+    acked: u64,
+    entries: VecDeque<Entry>,
+    segments: VecDeque<Segment>,
+    max_seq: u64,
+    stats: QueueStats,
+    warnings: Vec<String>,
+    /// Now on both clocks: a loaded record is placed on the monotonic clock by its wall-clock age.
+    wall_now: u64,
+    mono_now: Instant,
+}
+
+impl Loaded {
+    fn new(acked: u64) -> Loaded {
+        Loaded {
+            acked,
+            entries: VecDeque::new(),
+            segments: VecDeque::new(),
+            max_seq: acked,
+            stats: QueueStats::default(),
+            warnings: Vec::new(),
+            wall_now: unix_millis(),
+            mono_now: Instant::now(),
+        }
+    }
+
+    fn placed(&self, enqueued_ms: u64) -> Instant {
+        // A record "from the future" (the clock went back since) counts as just enqueued.
+        let age = Duration::from_millis(self.wall_now.saturating_sub(enqueued_ms));
+        self.mono_now.checked_sub(age).unwrap_or(self.mono_now)
+    }
+
+    /// Indexes one segment's unacknowledged records, skipping damaged ones with a warning. A
+    /// segment with nothing unacknowledged left is deleted.
+    fn load_segment(&mut self, first_seq: u64, path: &Path) -> Result<(), QueueError> {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io_err(path))?;
+        let mut offset = 0usize;
+        let mut last_seq = first_seq;
+        let mut live = false;
+        while offset + HEADER <= bytes.len() {
+            let header = RecordHeader::decode(&bytes[offset..offset + HEADER]);
+            let end = offset + HEADER + header.len;
+            if header.len > MAX_RECORD || end > bytes.len() {
+                self.warnings.push(format!(
+                    "{}: record at offset {offset} is cut short or has a corrupt length; the last {} bytes of this segment are given up",
+                    path.display(),
+                    bytes.len() - offset
+                ));
+                self.stats.dropped_corrupt += 1;
+                offset = bytes.len();
+                break;
+            }
+            let payload = &bytes[offset + HEADER..end];
+            if checksum(header.seq, header.enqueued_ms, payload) != header.crc {
+                self.warnings.push(format!(
+                    "{}: record at offset {offset} fails its checksum and is skipped",
+                    path.display()
+                ));
+                self.stats.dropped_corrupt += 1;
+            } else {
+                self.max_seq = self.max_seq.max(header.seq);
+                last_seq = last_seq.max(header.seq);
+                if header.seq > self.acked {
+                    live = true;
+                    self.entries.push_back(Entry {
+                        seq: header.seq,
+                        segment: first_seq,
+                        offset: offset as u64,
+                        len: (HEADER + header.len) as u32,
+                        enqueued: self.placed(header.enqueued_ms),
+                    });
+                }
+            }
+            offset = end;
+        }
+        if offset < bytes.len() {
+            self.warnings.push(format!(
+                "{}: {} trailing bytes (a torn write) are ignored",
+                path.display(),
+                bytes.len() - offset
+            ));
+        }
+        if live {
+            self.segments.push_back(Segment {
+                first_seq,
+                last_seq,
+                bytes: bytes.len() as u64,
+            });
+        } else {
+            // Fully acknowledged: nothing in it is needed any more.
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    /// The queue's state over what was loaded, and the warnings.
+    fn into_inner(
+        self,
+        dir: &Path,
+        settings: QueueSettings,
+        acked_ahead: BTreeSet<u64>,
+    ) -> (Inner, Vec<String>) {
+        let Loaded {
+            acked,
+            entries,
+            segments,
+            max_seq,
+            mut stats,
+            warnings,
+            ..
+        } = self;
+        // Out-of-order acknowledgements apply only to messages still on disk.
+        let acked_ahead: BTreeSet<u64> = acked_ahead
+            .into_iter()
+            .filter(|seq| entries.iter().any(|e: &Entry| e.seq == *seq))
+            .collect();
+        stats.depth = (entries.len() - acked_ahead.len()) as u64;
+        stats.bytes_on_disk = segments.iter().map(|s| s.bytes).sum();
+        let inner = Inner {
+            dir: dir.to_path_buf(),
+            settings,
+            entries,
+            handed_out: 0,
+            acked_ahead,
+            ack_dirty: false,
+            acked,
+            acked_written: acked,
+            acked_written_at: Instant::now(),
+            next_seq: max_seq + 1,
+            segments,
+            writer: None,
+            reader: None,
+            dirty_since: None,
+            stats,
+        };
+        (inner, warnings)
     }
 }
 

@@ -3,12 +3,13 @@
 //! contains key material.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use hubagent::config::{Config, Source};
-use hubagent::state::StateDir;
+use hubagent::config::{Attestation, Config, Secret, Source};
+use hubagent::state::{ProvisioningCache, StateDir};
 
 #[derive(Debug, Serialize)]
 pub struct Check {
@@ -49,7 +50,7 @@ fn fail(id: &'static str, detail: impl Into<String>) -> Check {
 async fn reachable(
     host: &str,
     port: u16,
-    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<&'static str, String> {
     let tcp = match tokio::time::timeout(
         Duration::from_secs(5),
@@ -76,7 +77,6 @@ async fn reachable(
 
 pub async fn run(config_path: &Path) -> Report {
     let mut checks = Vec::new();
-    let mut tls: Option<std::sync::Arc<rustls::ClientConfig>> = None;
     let config = match Config::load(config_path, &|k| std::env::var(k).ok()) {
         Ok(c) => {
             checks.push(pass("config.valid", config_path.display().to_string()));
@@ -87,107 +87,135 @@ pub async fn run(config_path: &Path) -> Report {
             return Report { checks };
         }
     };
+    checks.push(clock());
+    let tls = credentials(&config, &mut checks);
+    let cache = state(&config, &mut checks);
+    network(&config, cache.as_ref(), tls.as_ref(), &mut checks).await;
+    checks.push(daemon(&config).await);
+    Report { checks }
+}
 
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // 2024-01-01: a clock before this cannot sign SAS tokens the hub accepts.
-    checks.push(if now > 1_704_067_200 {
+/// clock.sane: a clock before 2024 cannot sign SAS tokens the hub accepts.
+fn clock() -> Check {
+    // 2024-01-01
+    if hubagent::util::time::unix_now() > 1_704_067_200 {
         pass("clock.sane", hubagent::util::time::now_rfc3339())
     } else {
         fail(
             "clock.sane",
             "the system clock is before 2024: SAS tokens will be refused; check NTP",
         )
-    });
-
-    match hubagent::provisioning::registration_id(&config) {
-        Ok(id) => match hubagent::provisioning::load_credential(&config, &id) {
-            Ok(credential) => {
-                checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
-                let secrets = match &config.provisioning.attestation {
-                    Some(hubagent::config::Attestation::SymmetricKey { key, group_key }) => {
-                        vec![key, group_key]
-                    }
-                    Some(hubagent::config::Attestation::Tpm {
-                        owner_auth,
-                        endorsement_auth,
-                        ..
-                    }) => vec![owner_auth, endorsement_auth],
-                    _ => vec![],
-                };
-                for secret in secrets.into_iter().flatten() {
-                    if let hubagent::config::Secret::File { file } = secret {
-                        match hubagent::identity::keys::check_private(file) {
-                            Some(w) => checks.push(warn("keys.private", w)),
-                            None => checks.push(pass("keys.private", file.display().to_string())),
-                        }
-                    }
-                }
-
-                match hubagent::provisioning::client_tls(&config, &credential) {
-                    Ok(cfg) => {
-                        tls = Some(cfg);
-                        checks.push(pass(
-                            "tls.trust",
-                            match &config.hub.trust_bundle {
-                                Some(b) => format!("system roots + {}", b.display()),
-                                None => "system roots".into(),
-                            },
-                        ))
-                    }
-                    Err(e) => checks.push(fail("tls.trust", e)),
-                }
-            }
-            Err(e) => checks.push(fail("keys.load", e)),
-        },
-        Err(e) => checks.push(fail("keys.load", e)),
     }
+}
 
-    let cache = match StateDir::open(&config.agent.state_dir) {
+/// keys.load, keys.private, tls.trust: the device's credential, the files its secrets are read
+/// from, and the TLS configuration built on it (returned for the network checks).
+fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::ClientConfig>> {
+    let credential = hubagent::provisioning::registration_id(config).and_then(|id| {
+        hubagent::provisioning::load_credential(config, &id).map(|credential| (id, credential))
+    });
+    let (id, credential) = match credential {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            checks.push(fail("keys.load", e));
+            return None;
+        }
+    };
+    checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
+    secret_files(config, checks);
+    match hubagent::provisioning::client_tls(config, &credential) {
+        Ok(tls) => {
+            checks.push(pass(
+                "tls.trust",
+                match &config.hub.trust_bundle {
+                    Some(b) => format!("system roots + {}", b.display()),
+                    None => "system roots".into(),
+                },
+            ));
+            Some(tls)
+        }
+        Err(e) => {
+            checks.push(fail("tls.trust", e));
+            None
+        }
+    }
+}
+
+/// keys.private: every secret the attestation reads from a file is readable by its owner only.
+fn secret_files(config: &Config, checks: &mut Vec<Check>) {
+    let secrets = match &config.provisioning.attestation {
+        Some(Attestation::SymmetricKey { key, group_key }) => vec![key, group_key],
+        Some(Attestation::Tpm {
+            owner_auth,
+            endorsement_auth,
+            ..
+        }) => vec![owner_auth, endorsement_auth],
+        _ => vec![],
+    };
+    for secret in secrets.into_iter().flatten() {
+        if let Secret::File { file } = secret {
+            match hubagent::identity::keys::check_private(file) {
+                Some(w) => checks.push(warn("keys.private", w)),
+                None => checks.push(pass("keys.private", file.display().to_string())),
+            }
+        }
+    }
+}
+
+/// state.dir, provisioning.cache: the state directory and the cached assignment (returned for
+/// the hub's network check).
+fn state(config: &Config, checks: &mut Vec<Check>) -> Option<ProvisioningCache> {
+    let state = match StateDir::open(&config.agent.state_dir) {
         Ok((state, warning)) => {
             match warning {
                 Some(w) => checks.push(warn("state.dir", w)),
                 None => checks.push(pass("state.dir", state.path().display().to_string())),
             }
-            match state.load_provisioning() {
-                Ok(Some(c)) if c.fingerprint == config.provisioning_fingerprint() => {
-                    checks.push(pass(
-                        "provisioning.cache",
-                        format!("{} as {} since {}", c.hub, c.device_id, c.provisioned_at),
-                    ));
-                    Some(c)
-                }
-                Ok(Some(c)) => {
-                    checks.push(warn(
-                        "provisioning.cache",
-                        "settings changed since the last registration: the agent will reprovision",
-                    ));
-                    Some(c)
-                }
-                Ok(None) => {
-                    checks.push(warn(
-                        "provisioning.cache",
-                        "no cached assignment yet: the agent will register with DPS",
-                    ));
-                    None
-                }
-                Err(e) => {
-                    checks.push(warn("provisioning.cache", e.to_string()));
-                    None
-                }
-            }
+            state
         }
         Err(e) => {
             checks.push(fail("state.dir", e.to_string()));
-            None
+            return None;
         }
     };
+    let (check, cache) = match state.load_provisioning() {
+        Ok(Some(c)) if c.fingerprint == config.provisioning_fingerprint() => (
+            pass(
+                "provisioning.cache",
+                format!("{} as {} since {}", c.hub, c.device_id, c.provisioned_at),
+            ),
+            Some(c),
+        ),
+        Ok(Some(c)) => (
+            warn(
+                "provisioning.cache",
+                "settings changed since the last registration: the agent will reprovision",
+            ),
+            Some(c),
+        ),
+        Ok(None) => (
+            warn(
+                "provisioning.cache",
+                "no cached assignment yet: the agent will register with DPS",
+            ),
+            None,
+        ),
+        Err(e) => (warn("provisioning.cache", e.to_string()), None),
+    };
+    checks.push(check);
+    cache
+}
 
+/// network.dps, network.hub: DPS (when the agent registers there) and the cached hub answer.
+async fn network(
+    config: &Config,
+    cache: Option<&ProvisioningCache>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    checks: &mut Vec<Check>,
+) {
     if config.provisioning.source == Source::Dps {
         match config.dps_endpoint() {
-            Ok((host, port)) => match reachable(&host, port, tls.as_ref()).await {
+            Ok((host, port)) => match reachable(&host, port, tls).await {
                 Ok(how) => checks.push(pass("network.dps", format!("{host}:{port} ({how})"))),
                 Err(e) => checks.push(fail("network.dps", format!("{host}:{port}: {e}"))),
             },
@@ -195,7 +223,7 @@ pub async fn run(config_path: &Path) -> Report {
         }
     }
     if let Some(c) = cache {
-        match reachable(&c.hub, config.hub.port, tls.as_ref()).await {
+        match reachable(&c.hub, config.hub.port, tls).await {
             Ok(how) => checks.push(pass(
                 "network.hub",
                 format!("{}:{} ({how})", c.hub, config.hub.port),
@@ -206,23 +234,25 @@ pub async fn run(config_path: &Path) -> Report {
             )),
         }
     }
+}
 
+/// daemon.running: a running agent answers on its control socket.
+async fn daemon(config: &Config) -> Check {
     let socket = config.agent.control_socket.clone();
     let answer = tokio::task::spawn_blocking(move || {
         hubagent::system::control::request(&socket, &hubagent::system::control::Request::Status)
     })
     .await;
     match answer {
-        Ok(Ok(status)) => checks.push(pass(
+        Ok(Ok(status)) => pass(
             "daemon.running",
             format!(
                 "pid {}, {}",
                 status["pid"],
                 status["connection"].as_str().unwrap_or("?")
             ),
-        )),
-        Ok(Err(e)) => checks.push(warn("daemon.running", e.to_string())),
-        Err(e) => checks.push(warn("daemon.running", e.to_string())),
+        ),
+        Ok(Err(e)) => warn("daemon.running", e.to_string()),
+        Err(e) => warn("daemon.running", e.to_string()),
     }
-    Report { checks }
 }

@@ -5,6 +5,7 @@
 //! "operator" and the agent's acknowledgement, and a direct method call.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,17 +21,7 @@ const REGISTRATION_ID: &str = "demo-gateway";
 const PLUGIN: &str = "simulated-sensor";
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let temp;
-    let dir: PathBuf = match &args.state_dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("hubagent-demo-")
-                .tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (dir, _temp) = working_dir(&args)?;
     if std::env::var_os("RUST_LOG").is_none() {
         // The narration is the output; the agent's own log stays at warnings.
         hubagent::system::logging::init("warn", hubagent::config::LogFormat::Text);
@@ -48,20 +39,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         running.mqtt_addr.port(),
         running.https_addr.port()
     );
-    let key = enroll(&sim)?;
-    let key_file = dir.join("device.key");
-    write_private(&key_file, &key)?;
-    let scope = sim.read(|s| s.id_scope.clone());
-    println!(
-        "[hubsim] individual enrollment '{REGISTRATION_ID}' (symmetric key) in ID scope {scope}; key in {} (mode 0600)",
-        key_file.display()
-    );
-
-    let config_path = dir.join("config.toml");
-    std::fs::write(
-        &config_path,
-        demo_config(&dir, &scope, &key_file, &running, args.interval),
-    )?;
+    let config_path = enroll_and_configure(&dir, &running, args.interval)?;
     println!("[agent]  configuration {}", config_path.display());
     println!("[agent]  starting the daemon (the same code as `hubagent run`)\n");
 
@@ -69,14 +47,73 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let socket = config.agent.control_socket.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let daemon_commands = commands.clone();
-    let path = config_path.clone();
-    let agent =
-        tokio::spawn(
-            async move { daemon::run_with(config, &path, daemon_commands, receiver).await },
-        );
+    let agent = tokio::spawn(async move {
+        daemon::run_with(config, &config_path, daemon_commands, receiver).await
+    });
 
-    let device_key = Store::device_key("localhost", REGISTRATION_ID);
     let mut narrator = Narrator::default();
+    play_operator(&sim, &mut narrator, &args).await?;
+
+    // Ask the running agent what it did, then stop it.
+    let status = tokio::task::spawn_blocking(move || {
+        hubagent::system::control::request(&socket, &hubagent::system::control::Request::Status)
+    })
+    .await?
+    .ok();
+    let _ = commands.send(Command::Shutdown);
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    narrator.print_new(&sim);
+    print_summary(status, narrator.unique_ids.len());
+    running.shutdown();
+    Ok(())
+}
+
+/// `--state-dir`, or a temporary directory that goes away with the returned guard.
+fn working_dir(args: &DemoArgs) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    let (dir, temp) = match &args.state_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("hubagent-demo-")
+                .tempdir()?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok((dir, temp))
+}
+
+/// Enrolls the gateway in hubsim and writes its key file and the agent's configuration; returns
+/// the configuration's path.
+fn enroll_and_configure(
+    dir: &Path,
+    running: &hubsim::Running,
+    interval: Duration,
+) -> anyhow::Result<PathBuf> {
+    let key = enroll(&running.sim)?;
+    let key_file = dir.join("device.key");
+    write_private(&key_file, &key)?;
+    let scope = running.sim.read(|s| s.id_scope.clone());
+    println!(
+        "[hubsim] individual enrollment '{REGISTRATION_ID}' (symmetric key) in ID scope {scope}; key in {} (mode 0600)",
+        key_file.display()
+    );
+    let config_path = dir.join("config.toml");
+    std::fs::write(
+        &config_path,
+        demo_config(dir, &scope, &key_file, running, interval),
+    )?;
+    Ok(config_path)
+}
+
+/// Narrates until the time is up (or Ctrl-C) and plays the operator: once telemetry flows, a
+/// desired-property change at 40 % of the time and a direct method call at 60 %.
+async fn play_operator(
+    sim: &Arc<hubsim::Sim>,
+    narrator: &mut Narrator,
+    args: &DemoArgs,
+) -> anyhow::Result<()> {
+    let device_key = Store::device_key("localhost", REGISTRATION_ID);
     let start = tokio::time::Instant::now();
     let total = if args.duration.is_zero() {
         Duration::from_secs(u64::MAX / 4)
@@ -88,61 +125,63 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (mut changed, mut pinged) = (false, false);
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     loop {
-        narrator.print_new(&sim);
+        narrator.print_new(sim);
         if tokio::time::Instant::now() >= start + total {
-            break;
+            return Ok(());
         }
         if !changed && tokio::time::Instant::now() >= change_at && narrator.telemetry > 0 {
             changed = true;
-            let faster = humantime::format_duration(args.interval / 2).to_string();
-            let version = hubsim::twin::apply_desired_patch(
-                &sim,
-                &device_key,
-                &json!({"plugins": {PLUGIN: {"interval": faster}}}),
-            )?;
-            println!(
-                "[twin]   operator sets desired plugins.{PLUGIN}.interval = {faster} (desired $version {version})"
-            );
-            narrator.watch_ack = Some(version);
+            narrator.watch_ack = Some(change_interval(sim, &device_key, args.interval / 2)?);
         }
         if !pinged && tokio::time::Instant::now() >= ping_at && narrator.telemetry > 0 {
             pinged = true;
-            let sim2 = sim.clone();
-            let key2 = device_key.clone();
-            tokio::spawn(async move {
-                match hubsim::twin::invoke_method(
-                    &sim2,
-                    &key2,
-                    "ping",
-                    &json!({"from": "demo operator"}),
-                    Duration::from_secs(10),
-                )
-                .await
-                {
-                    Ok((status, payload)) => {
-                        println!("[method] operator calls 'ping' -> {status} {payload}")
-                    }
-                    Err(e) => println!("[method] operator calls 'ping' -> {e}"),
-                }
-            });
+            call_ping(sim, &device_key);
         }
         tokio::select! {
             _ = sim.wait_until(Duration::from_millis(250), |_| false) => {}
-            _ = &mut ctrl_c => break,
+            _ = &mut ctrl_c => return Ok(()),
         }
     }
+}
 
-    // Ask the running agent what it did, then stop it.
-    let status = tokio::task::spawn_blocking(move || {
-        hubagent::system::control::request(&socket, &hubagent::system::control::Request::Status)
-    })
-    .await?
-    .ok();
-    let _ = commands.send(Command::Shutdown);
-    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
-    narrator.print_new(&sim);
+/// The operator sets the sensor's interval in the desired properties; returns the desired
+/// `$version` the agent's report should name.
+fn change_interval(sim: &hubsim::Sim, device_key: &str, interval: Duration) -> anyhow::Result<u64> {
+    let interval = humantime::format_duration(interval).to_string();
+    let version = hubsim::twin::apply_desired_patch(
+        sim,
+        device_key,
+        &json!({"plugins": {PLUGIN: {"interval": interval}}}),
+    )?;
+    println!(
+        "[twin]   operator sets desired plugins.{PLUGIN}.interval = {interval} (desired $version {version})"
+    );
+    Ok(version)
+}
 
-    let received = narrator.unique_ids.len();
+/// The operator calls the `ping` method; the answer is printed when it comes.
+fn call_ping(sim: &Arc<hubsim::Sim>, device_key: &str) {
+    let sim = sim.clone();
+    let device_key = device_key.to_string();
+    tokio::spawn(async move {
+        match hubsim::twin::invoke_method(
+            &sim,
+            &device_key,
+            "ping",
+            &json!({"from": "demo operator"}),
+            Duration::from_secs(10),
+        )
+        .await
+        {
+            Ok((status, payload)) => {
+                println!("[method] operator calls 'ping' -> {status} {payload}")
+            }
+            Err(e) => println!("[method] operator calls 'ping' -> {e}"),
+        }
+    });
+}
+
+fn print_summary(status: Option<serde_json::Value>, received: usize) {
     println!();
     match status {
         Some(s) => println!(
@@ -154,8 +193,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "Next: `hubsim serve` runs the simulator on its own (docs/hubsim.md); README.md shows how to point an installed agent at it."
     );
-    running.shutdown();
-    Ok(())
 }
 
 fn enroll(sim: &hubsim::Sim) -> anyhow::Result<String> {
