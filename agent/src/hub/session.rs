@@ -14,6 +14,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::util::time::sleep_until;
+
 use super::topics::{self, Incoming};
 use super::twin::{DesiredStep, next_desired, split_twin};
 use super::{HubParams, PublishError, SessionEvent, TwinError};
@@ -160,14 +162,6 @@ pub(super) fn renew_after(ttl: Duration, renew_before: Duration) -> Duration {
 /// The pause before the next twin GET after `failures` failed ones: 2 s, 4 s, … up to a minute.
 fn twin_retry_delay(failures: u32) -> Duration {
     Duration::from_secs(2u64.saturating_pow(failures.min(6))).min(Duration::from_secs(60))
-}
-
-/// Sleeps until `at`; never wakes without one.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// A payload as JSON; `Null` when it is not JSON.

@@ -11,7 +11,7 @@ use super::Assignment;
 use crate::identity::Credential;
 use crate::identity::keys::{KeyError, sas_token};
 use crate::mqtt::{self, ConnectOptions};
-use crate::util::time::unix_now;
+use crate::util::time::{sleep_until, unix_now};
 
 /// What to register, where.
 #[derive(Debug, Clone)]
@@ -193,12 +193,7 @@ async fn register_and_poll(
     let mut next_request = Some(tokio::time::Instant::now());
 
     loop {
-        let wait = async {
-            match next_request {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let wait = sleep_until(next_request);
         tokio::select! {
             event = eventloop.poll() => {
                 let event = event.map_err(|e| unreachable(req, e.to_string()))?;

@@ -60,3 +60,11 @@ impl ClockWatch {
         })
     }
 }
+
+/// Sleeps until `at`; never wakes without one.
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
