@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod files;
 pub mod plugin;
 
 /// The whole configuration.
@@ -452,34 +453,7 @@ impl Config {
     /// Reads `path`, then `config.d/*.toml` beside it (lexical order; tables merge, later files
     /// win, `[[plugin]]` entries add up), then the quickstart environment variables from `env`.
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut merged = read_table(path)?;
-        let mut files = vec![path.to_path_buf()];
-        let dropin_dir = path.parent().unwrap_or(Path::new(".")).join("config.d");
-        if let Ok(entries) = std::fs::read_dir(&dropin_dir) {
-            let mut dropins: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            dropins.sort();
-            for dropin in dropins {
-                let table = read_table(&dropin)?;
-                merge_tables(&mut merged, table);
-                files.push(dropin);
-            }
-        }
-        // Types are checked on each file first (so errors point at a line), then on the merge.
-        let mut texts = Vec::new();
-        for file in &files {
-            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
-                path: file.clone(),
-                source,
-            })?;
-            check_types(file, &text)?;
-            texts.push((file.clone(), text));
-        }
-        let mut config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| merged_error(path, &texts, &e))?;
+        let mut config: Config = files::read_merged(path)?;
         config.apply_env(env);
         config.validate(path)?;
         Ok(config)
@@ -784,257 +758,6 @@ pub fn parse_https_endpoint(endpoint: &str) -> Result<(String, u16), String> {
     }
 }
 
-fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    text.parse::<toml::Table>()
-        .map_err(|e| parse_error(path, &text, &e))
-}
-
-/// Deserializes one file on its own to report type errors with its line; missing sections are
-/// fine here (a drop-in may hold a single key).
-fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Partial {
-        agent: Option<AgentSettings>,
-        provisioning: Option<PartialProvisioning>,
-        hub: Option<HubSettings>,
-        queue: Option<QueueConfig>,
-        plugin: Option<Vec<toml::Table>>,
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct PartialProvisioning {
-        source: Option<Source>,
-        global_endpoint: Option<String>,
-        id_scope: Option<String>,
-        registration_id: Option<String>,
-        payload: Option<toml::Table>,
-        iothub_hostname: Option<String>,
-        device_id: Option<String>,
-        connection_string: Option<Secret>,
-        attestation: Option<Attestation>,
-    }
-    // Key sources first, outside the internally tagged attestation (where serde loses positions),
-    // so a mistake in one points at its own line.
-    #[derive(Deserialize)]
-    #[allow(dead_code)]
-    struct KeySources {
-        provisioning: Option<ProvisioningKeySources>,
-    }
-    #[derive(Deserialize)]
-    #[allow(dead_code)]
-    struct ProvisioningKeySources {
-        connection_string: Option<Secret>,
-        attestation: Option<AttestationKeySources>,
-    }
-    #[derive(Deserialize)]
-    #[allow(dead_code)]
-    struct AttestationKeySources {
-        key: Option<Secret>,
-        group_key: Option<Secret>,
-    }
-    toml::from_str::<KeySources>(text).map_err(|e| parse_error(path, text, &e))?;
-    match toml::from_str::<Partial>(text) {
-        Ok(_) => Ok(()),
-        // A drop-in may change the key file alone, without repeating `method`: the merged
-        // configuration is checked for it.
-        Err(e) if e.message().trim() == "missing field `method`" => Ok(()),
-        Err(e) => Err(parse_error(path, text, &e)),
-    }
-}
-
-/// A toml error as file:line:column, with the dotted key it is about.
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_string();
-    let (key, offset) = match e.span() {
-        Some(span) => locate(text, span.start, &message),
-        None => (String::new(), usize::MAX),
-    };
-    let (line, column) = if offset == usize::MAX {
-        (0, 0)
-    } else {
-        line_column(text, offset)
-    };
-    ConfigError::Parse {
-        path: path.to_path_buf(),
-        line,
-        column,
-        key,
-        message,
-    }
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1,
-    )
-}
-
-/// The dotted key at byte `offset` of `text`, and the offset to report. serde reports errors
-/// inside an internally tagged table (`[provisioning.attestation]`) against the whole table; for
-/// "unknown field `x`" the key's own line is found inside it.
-fn locate(text: &str, offset: usize, message: &str) -> (String, usize) {
-    let Ok(doc) = toml::de::DeTable::parse(text) else {
-        return (String::new(), offset); // a syntax error: no keys to name
-    };
-    let root = toml::de::DeValue::Table(doc.into_inner());
-    let mut path = Vec::new();
-    let Some(node) = find_at(&root, offset, &mut path) else {
-        return (String::new(), offset);
-    };
-    let mut offset = offset;
-    if let Some(unknown) = unknown_field(message)
-        && let Some(key_offset) = find_key(node, unknown, &mut path)
-    {
-        offset = key_offset;
-    }
-    (join_path(&path), offset)
-}
-
-/// The innermost value (or key) whose span holds `offset`, pushing the keys leading to it.
-fn find_at<'a, 'i>(
-    value: &'a toml::de::DeValue<'i>,
-    offset: usize,
-    path: &mut Vec<String>,
-) -> Option<&'a toml::de::DeValue<'i>> {
-    match value {
-        toml::de::DeValue::Table(table) => {
-            for (key, child) in table.iter() {
-                path.push(key.get_ref().to_string());
-                if key.span().contains(&offset) {
-                    return Some(child.get_ref());
-                }
-                if let Some(found) = find_at(child.get_ref(), offset, path) {
-                    return Some(found);
-                }
-                if child.span().contains(&offset) {
-                    return Some(child.get_ref());
-                }
-                path.pop();
-            }
-        }
-        toml::de::DeValue::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                path.push(format!("[{i}]"));
-                if let Some(found) = find_at(item.get_ref(), offset, path) {
-                    return Some(found);
-                }
-                if item.span().contains(&offset) {
-                    return Some(item.get_ref());
-                }
-                path.pop();
-            }
-        }
-        _ => {}
-    }
-    None
-}
-
-/// Depth-first search for a key named `name` under `value`; extends `path` and returns the key's
-/// offset when found.
-fn find_key(value: &toml::de::DeValue<'_>, name: &str, path: &mut Vec<String>) -> Option<usize> {
-    match value {
-        toml::de::DeValue::Table(table) => {
-            for (key, child) in table.iter() {
-                path.push(key.get_ref().to_string());
-                if key.get_ref() == name {
-                    return Some(key.span().start);
-                }
-                if let Some(found) = find_key(child.get_ref(), name, path) {
-                    return Some(found);
-                }
-                path.pop();
-            }
-        }
-        toml::de::DeValue::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                path.push(format!("[{i}]"));
-                if let Some(found) = find_key(item.get_ref(), name, path) {
-                    return Some(found);
-                }
-                path.pop();
-            }
-        }
-        _ => {}
-    }
-    None
-}
-
-/// `x` from serde's "unknown field `x`, expected …".
-fn unknown_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split_once('`'))
-        .map(|(name, _)| name)
-}
-
-/// `["plugin", "[1]", "name"]` → `plugin[1].name`.
-fn join_path(path: &[String]) -> String {
-    let mut out = String::new();
-    for part in path {
-        if !out.is_empty() && !part.starts_with('[') {
-            out.push('.');
-        }
-        out.push_str(part);
-    }
-    out
-}
-
-/// An error found only once the files are merged (each file alone was fine). An unknown key is
-/// traced back to the last file that sets it.
-fn merged_error(main: &Path, texts: &[(PathBuf, String)], e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_string();
-    if let Some(name) = unknown_field(&message) {
-        for (file, text) in texts.iter().rev() {
-            let Ok(doc) = toml::de::DeTable::parse(text) else {
-                continue;
-            };
-            let mut path = Vec::new();
-            let root = toml::de::DeValue::Table(doc.into_inner());
-            if let Some(offset) = find_key(&root, name, &mut path) {
-                let (line, column) = line_column(text, offset);
-                return ConfigError::Parse {
-                    path: file.clone(),
-                    line,
-                    column,
-                    key: join_path(&path),
-                    message: format!("{message} (in the configuration merged from config.d)"),
-                };
-            }
-        }
-    }
-    let (key, message) = match message.as_str() {
-        "missing field `provisioning`" => (
-            "provisioning",
-            "missing: every configuration needs a [provisioning] section".to_string(),
-        ),
-        "missing field `method`" => (
-            "provisioning.attestation.method",
-            "missing: \"symmetric_key\", \"x509\" or \"tpm\"".to_string(),
-        ),
-        _ => ("(merged with config.d)", message),
-    };
-    ConfigError::Invalid {
-        path: main.to_path_buf(),
-        key: key.to_string(),
-        message,
-    }
-}
-
 /// A key source is `{ file = "…" }` or `{ value = "…" }`. Hand-written so that mistakes say what
 /// to write, and so that a bare string (likely the key itself) is never echoed in an error.
 mod secret_serde {
@@ -1093,19 +816,6 @@ mod secret_serde {
                 found = Some(secret);
             }
             found.ok_or_else(|| de::Error::custom(format!("empty: {HINT}")))
-        }
-    }
-}
-
-/// Deep merge: tables merge key by key, arrays of tables append, anything else is replaced.
-fn merge_tables(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
-            (Some(toml::Value::Array(b)), toml::Value::Array(o)) if key == "plugin" => b.extend(o),
-            (_, value) => {
-                base.insert(key, value);
-            }
         }
     }
 }
@@ -1261,10 +971,7 @@ max_message_size = "128KiB"
         );
         let config = Config::load(&write(dir.path(), "config.toml", &text), &no_env).unwrap();
         assert_eq!(config.plugin.len(), 2);
-        let (key, offset) = locate(&text, text.find("x = 1").unwrap(), "invalid type");
-        assert_eq!(key, "plugin[1].settings.x");
-        let line = text.lines().position(|l| l == "x = 1").unwrap() + 1;
-        assert_eq!(line_column(&text, offset), (line, 1));
+        // Where a key inside such a table is reported: files::tests.
     }
 
     #[test]
@@ -1516,5 +1223,35 @@ max_message_size = "128KiB"
         assert!(!valid_registration_id("gw 01"));
         assert!(!valid_registration_id("gw."));
         assert!(!valid_registration_id(&"a".repeat(129)));
+    }
+
+    /// The fingerprint is stored with the cached assignment: if it changed for the same settings,
+    /// every device would register again after an upgrade. These values were computed by the
+    /// agent before the configuration was parsed once into typed values; they must not move.
+    #[test]
+    fn fingerprints_of_fixed_settings_never_change() {
+        let pinned = [
+            (
+                "[provisioning]\nglobal_endpoint = \"mqtts://DPS.example:8883\"\nid_scope = \"0NE00000001\"\nregistration_id = \"gw-1\"\npayload = { site = \"north\", rack = 7 }\n\n[provisioning.attestation]\nmethod = \"symmetric_key\"\ngroup_key = { value = \"a2V5MQ==\" }\n\n[hub]\nport = 8884\n",
+                "194ced90c732440398a183301af527d4e35bda738c81043e781006eaf2d0f255",
+            ),
+            (
+                "[provisioning]\nid_scope = \"0ne00000002\"\n\n[provisioning.attestation]\nmethod = \"x509\"\nidentity_cert = \"/etc/hubagent/cert.pem\"\nidentity_pk = \"/etc/hubagent/key.pem\"\n",
+                "65ddfed1f0e3212b4e62b41472914c369291292f06edaead805f3b97f2a948c4",
+            ),
+            (
+                "[provisioning]\nid_scope = \"0ne00000003\"\n\n[provisioning.attestation]\nmethod = \"tpm\"\nhandle = 0x81000102\nowner_auth = { file = \"/etc/hubagent/owner\" }\n",
+                "20852d5baaebc03ee40901edc7f8e2c3766bec3db7cad9bc9bdfd82982bdf1d5",
+            ),
+            (
+                "[provisioning]\nsource = \"manual\"\nconnection_string = { file = \"/etc/hubagent/cs\" }\n",
+                "fdb65a4f60e847b134c3ac95eb23bb8d60be38a6e5b96b738265591439a9b503",
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (text, fingerprint) in pinned {
+            let config = Config::load(&write(dir.path(), "config.toml", text), &no_env).unwrap();
+            assert_eq!(config.provisioning_fingerprint(), fingerprint, "{text}");
+        }
     }
 }
