@@ -3,29 +3,48 @@
 //! Azure's quickstart environment variables override the files so the quickstart works unchanged.
 //! Every key is documented in docs/configuration.md.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod checks;
+mod endpoint;
 mod files;
 pub mod plugin;
 
-/// The whole configuration.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+pub use endpoint::DpsEndpoint;
+
+use plugin::PluginSpec;
+
+/// The whole configuration, checked: only `Config::load` makes one, so the typed values below
+/// always agree with the settings they come from.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    #[serde(default)]
     pub agent: AgentSettings,
     pub provisioning: Provisioning,
-    #[serde(default)]
     pub hub: HubSettings,
-    #[serde(default)]
     pub queue: QueueConfig,
-    /// Telemetry-source plugins (kept as tables; the plugin host validates them).
+    /// The `[[plugin]]` tables as specs, in file order (names unique).
+    pub plugins: Vec<PluginSpec>,
+    /// `provisioning.global_endpoint` parsed; `None` when `source = "manual"`.
+    dps_endpoint: Option<DpsEndpoint>,
+}
+
+/// The merged files as serde reads them, before the checks that span keys and the typing of the
+/// `[[plugin]]` tables (whose errors name `plugin[i] (name).key` the way operators know).
+#[derive(Deserialize)]
+#[serde(rename = "Config", deny_unknown_fields)]
+struct ConfigFile {
     #[serde(default)]
-    pub plugin: Vec<toml::Table>,
+    agent: AgentSettings,
+    provisioning: Provisioning,
+    #[serde(default)]
+    hub: HubSettings,
+    #[serde(default)]
+    queue: QueueConfig,
+    #[serde(default)]
+    plugin: Vec<toml::Table>,
 }
 
 /// Which sink to write to. `Auto` picks the journal when systemd connected our stderr to it.
@@ -110,6 +129,37 @@ pub struct Provisioning {
 
 fn default_global_endpoint() -> String {
     "global.azure-devices-provisioning.net".into()
+}
+
+impl Provisioning {
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        if let Some(host) = env("PROVISIONING_HOST") {
+            self.global_endpoint = host;
+        }
+        if let Some(scope) = env("PROVISIONING_IDSCOPE") {
+            self.id_scope = Some(scope);
+        }
+        if let Some(id) = env("PROVISIONING_REGISTRATION_ID") {
+            self.registration_id = Some(id);
+        }
+        if let Some(key) = env("PROVISIONING_SYMMETRIC_KEY") {
+            self.attestation = Some(Attestation::SymmetricKey {
+                key: Some(Secret::Value { value: key }),
+                group_key: None,
+            });
+        }
+    }
+
+    /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
+    fn dps_over_https(&self) -> bool {
+        matches!(
+            self.attestation,
+            Some(Attestation::Tpm {
+                key_source: TpmKeySource::Attestation,
+                ..
+            })
+        )
+    }
 }
 
 /// Where a secret comes from. Inline values are allowed (quickstart style) but files are better:
@@ -453,159 +503,36 @@ impl Config {
     /// Reads `path`, then `config.d/*.toml` beside it (lexical order; tables merge, later files
     /// win, `[[plugin]]` entries add up), then the quickstart environment variables from `env`.
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut config: Config = files::read_merged(path)?;
-        config.apply_env(env);
-        config.validate(path)?;
-        Ok(config)
-    }
-
-    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
-        let p = &mut self.provisioning;
-        if let Some(host) = env("PROVISIONING_HOST") {
-            p.global_endpoint = host;
-        }
-        if let Some(scope) = env("PROVISIONING_IDSCOPE") {
-            p.id_scope = Some(scope);
-        }
-        if let Some(id) = env("PROVISIONING_REGISTRATION_ID") {
-            p.registration_id = Some(id);
-        }
-        if let Some(key) = env("PROVISIONING_SYMMETRIC_KEY") {
-            p.attestation = Some(Attestation::SymmetricKey {
-                key: Some(Secret::Value { value: key }),
-                group_key: None,
-            });
-        }
-    }
-
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+        let mut file: ConfigFile = files::read_merged(path)?;
+        file.provisioning.apply_env(env);
+        Config::check(file).map_err(|checks::Invalid { key, message }| ConfigError::Invalid {
             path: path.to_path_buf(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
-        let p = &self.provisioning;
-        match p.source {
-            Source::Dps => {
-                let scope = p.id_scope.as_deref().unwrap_or("");
-                if scope.is_empty() {
-                    return Err(invalid(
-                        "provisioning.id_scope",
-                        "required when source = \"dps\" (or set PROVISIONING_IDSCOPE)",
-                    ));
-                }
-                if p.attestation.is_none() {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "required when source = \"dps\": method = \"symmetric_key\", \"x509\" or \"tpm\"",
-                    ));
-                }
-                let needs_id = !matches!(
-                    p.attestation,
-                    Some(Attestation::X509 { .. })
-                        | Some(Attestation::Tpm {
-                            key_source: TpmKeySource::Attestation,
-                            ..
-                        })
-                );
-                if needs_id && p.registration_id.as_deref().unwrap_or("").is_empty() {
-                    return Err(invalid(
-                        "provisioning.registration_id",
-                        "required for symmetric_key and tpm with key_source = \"imported\" (x509 uses the certificate CN, TPM attestation the EK)",
-                    ));
-                }
-                if let Some(id) = &p.registration_id
-                    && !valid_registration_id(id)
-                {
-                    return Err(invalid(
-                        "provisioning.registration_id",
-                        &format!(
-                            "'{id}' is not a valid registration id (letters, digits, '-', '.', '_', ':'; at most 128; ends with a letter, digit or '-')"
-                        ),
-                    ));
-                }
-                if self.dps_over_https() {
-                    parse_https_endpoint(&p.global_endpoint)
-                        .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
-                } else {
-                    parse_endpoint(&p.global_endpoint, self.hub.port)
-                        .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
-                }
-            }
+            key,
+            message,
+        })
+    }
+
+    /// The checks serde cannot make, in the order operators have always seen their errors.
+    fn check(file: ConfigFile) -> Result<Config, checks::Invalid> {
+        let p = &file.provisioning;
+        let dps_endpoint = match p.source {
+            Source::Dps => Some(checks::dps_settings(p, file.hub.port)?),
             Source::Manual => {
-                let by_parts = p.iothub_hostname.is_some() && p.device_id.is_some();
-                if p.connection_string.is_none() && !by_parts {
-                    return Err(invalid(
-                        "provisioning",
-                        "source = \"manual\" needs connection_string, or iothub_hostname + device_id + attestation",
-                    ));
-                }
-                if by_parts && p.attestation.is_none() && p.connection_string.is_none() {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "source = \"manual\" with iothub_hostname needs an attestation (the device key)",
-                    ));
-                }
+                checks::manual_settings(p)?;
+                None
             }
-        }
-        if let Some(Attestation::SymmetricKey { key, group_key }) = &p.attestation {
-            match (key, group_key) {
-                (None, None) => {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "symmetric_key needs key = { file = ... } or group_key = { file = ... }",
-                    ));
-                }
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "give either key or group_key, not both",
-                    ));
-                }
-                _ => {}
-            }
-        }
-        if let Some(Attestation::Tpm { handle, .. }) = &p.attestation {
-            check_tpm_handle(*handle)
-                .map_err(|m| invalid("provisioning.attestation.handle", &m))?;
-        }
-        if self.hub.renew_before >= self.hub.sas_ttl {
-            return Err(invalid(
-                "hub.renew_before",
-                "must be shorter than hub.sas_ttl",
-            ));
-        }
-        if self.queue.max_bytes < 64 * 1024 {
-            return Err(invalid("queue.max_bytes", "must be at least 64KiB"));
-        }
-        if self.hub.inflight == 0 {
-            return Err(invalid("hub.inflight", "must be at least 1"));
-        }
-        if self.hub.max_message_size > 256 * 1024 {
-            return Err(invalid(
-                "hub.max_message_size",
-                "IoT Hub accepts at most 256KiB per message",
-            ));
-        }
-        let mut names = BTreeSet::new();
-        for (i, plugin) in self.plugin.iter().enumerate() {
-            let name = plugin.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
-                invalid(
-                    &format!("plugin[{i}].name"),
-                    "every [[plugin]] needs name = \"...\" (a string)",
-                )
-            })?;
-            if !names.insert(name.to_string()) {
-                return Err(invalid(
-                    &format!("plugin[{i}].name"),
-                    &format!("plugin name '{name}' is used twice"),
-                ));
-            }
-            crate::config::plugin::PluginSpec::from_table(plugin).map_err(|(key, message)| {
-                invalid(&format!("plugin[{i}] ({name}).{key}"), &message)
-            })?;
-        }
-        Ok(())
+        };
+        checks::key_sources(p)?;
+        checks::hub_and_queue_limits(&file.hub, &file.queue)?;
+        let plugins = checks::plugin_specs(&file.plugin)?;
+        Ok(Config {
+            agent: file.agent,
+            provisioning: file.provisioning,
+            hub: file.hub,
+            queue: file.queue,
+            plugins,
+            dps_endpoint,
+        })
     }
 
     /// A digest of every setting that decides the DPS registration. When it changes (new scope,
@@ -668,22 +595,13 @@ impl Config {
 
     /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
     pub fn dps_over_https(&self) -> bool {
-        matches!(
-            self.provisioning.attestation,
-            Some(Attestation::Tpm {
-                key_source: TpmKeySource::Attestation,
-                ..
-            })
-        )
+        self.provisioning.dps_over_https()
     }
 
-    /// Host and port of DPS: HTTPS for TPM attestation, else MQTT.
-    pub fn dps_endpoint(&self) -> Result<(String, u16), String> {
-        if self.dps_over_https() {
-            parse_https_endpoint(&self.provisioning.global_endpoint)
-        } else {
-            parse_endpoint(&self.provisioning.global_endpoint, self.hub.port)
-        }
+    /// Host and port of DPS (HTTPS for TPM attestation, else MQTT); `None` when
+    /// `source = "manual"`, which registers nowhere.
+    pub fn dps_endpoint(&self) -> Option<&DpsEndpoint> {
+        self.dps_endpoint.as_ref()
     }
 
     /// The custom allocation payload as JSON.
@@ -714,48 +632,6 @@ pub fn valid_registration_id(id: &str) -> bool {
             .chars()
             .last()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
-}
-
-/// `host`, `host:port` or `mqtts://host[:port]` → (host, port).
-pub fn parse_endpoint(endpoint: &str, default_port: u16) -> Result<(String, u16), String> {
-    let rest = endpoint
-        .strip_prefix("mqtts://")
-        .unwrap_or(endpoint)
-        .trim_end_matches('/');
-    if rest.is_empty() || rest.contains("://") || rest.contains('/') {
-        return Err(format!(
-            "'{endpoint}' is not a host name, host:port or mqtts://host:port"
-        ));
-    }
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => port
-            .parse()
-            .map(|p| (host.to_string(), p))
-            .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
-        _ => Ok((rest.to_string(), default_port)),
-    }
-}
-
-/// The DPS endpoint for HTTPS: `https://host[:port]` (port 443 unless given). A plain `host`,
-/// `host:port` or `mqtts://host:port` keeps its host and uses 443: an MQTT port says nothing
-/// about where DPS serves HTTPS.
-pub fn parse_https_endpoint(endpoint: &str) -> Result<(String, u16), String> {
-    match endpoint.strip_prefix("https://") {
-        Some(rest) => {
-            let rest = rest.trim_end_matches('/');
-            if rest.is_empty() || rest.contains('/') {
-                return Err(format!("'{endpoint}' is not https://host[:port]"));
-            }
-            match rest.rsplit_once(':') {
-                Some((host, port)) => port
-                    .parse()
-                    .map(|p| (host.to_string(), p))
-                    .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
-                None => Ok((rest.to_string(), 443)),
-            }
-        }
-        None => parse_endpoint(endpoint, 443).map(|(host, _)| (host, 443)),
-    }
 }
 
 /// A key source is `{ file = "…" }` or `{ value = "…" }`. Hand-written so that mistakes say what
@@ -864,7 +740,7 @@ impl Config {
             },
         };
         parts.extend(attestation);
-        parts.push(format!("{} plugin(s)", self.plugin.len()));
+        parts.push(format!("{} plugin(s)", self.plugins.len()));
         parts.push(format!("state in {}", self.agent.state_dir.display()));
         parts.join(", ")
     }
@@ -872,6 +748,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::endpoint::{parse_endpoint, parse_https_endpoint};
     use super::*;
 
     const GOOD: &str = r#"
@@ -970,8 +847,18 @@ max_message_size = "128KiB"
             "{GOOD}\n[[plugin]]\nname = \"a\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n\n[[plugin]]\nname = \"b\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n[plugin.settings]\nx = 1\n"
         );
         let config = Config::load(&write(dir.path(), "config.toml", &text), &no_env).unwrap();
-        assert_eq!(config.plugin.len(), 2);
+        assert_eq!(config.plugins.len(), 2);
+        assert_eq!(config.plugins[1].name, "b");
+        assert_eq!(config.plugins[1].settings["x"], 1);
         // Where a key inside such a table is reported: files::tests.
+        let text = text.replace("name = \"b\"", "name = \"a\"");
+        let err = Config::load(&write(dir.path(), "config.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("config.toml: plugin[1].name: plugin name 'a' is used twice"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1150,8 +1037,8 @@ max_message_size = "128KiB"
         .unwrap();
         assert!(attest.dps_over_https());
         assert_eq!(
-            attest.dps_endpoint().unwrap(),
-            ("global.azure-devices-provisioning.net".to_string(), 443)
+            attest.dps_endpoint().map(|e| (e.host.as_str(), e.port)),
+            Some(("global.azure-devices-provisioning.net", 443))
         );
         assert_eq!(
             parse_https_endpoint("https://localhost:8443").unwrap(),

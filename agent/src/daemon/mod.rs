@@ -15,11 +15,10 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, ConfigError, Source};
+use crate::config::{Config, ConfigError};
 use crate::hub::{self, HubParams, SessionEvent, SessionHandle};
 use crate::identity::Credential;
 use crate::plugins::{Registry, Supervisor};
-use crate::provisioning::dps::DpsRequest;
 use crate::provisioning::{
     Assignment, client_tls, load_credential, manual_connection_string, registration_id,
 };
@@ -498,7 +497,7 @@ async fn provision(
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Provisioned {
     let p = &config.provisioning;
-    if p.source == Source::Manual {
+    let Some(request) = crate::provisioning::dps_request(config, registration_id) else {
         let hub = p
             .iothub_hostname
             .clone()
@@ -511,21 +510,6 @@ async fn provision(
             substatus: String::new(),
             registration_state: Value::Null,
         });
-    }
-    let request = match crate::provisioning::dps_request(config, registration_id) {
-        Ok(r) => r,
-        Err(e) => {
-            // Validated at load; kept for completeness.
-            tracing::error!("{e}");
-            DpsRequest {
-                endpoint_host: p.global_endpoint.clone(),
-                port: config.hub.port,
-                id_scope: p.id_scope.clone().unwrap_or_default(),
-                registration_id: registration_id.to_string(),
-                payload: config.payload_json(),
-                timeout: Duration::from_secs(60),
-            }
-        }
     };
     let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
     loop {

@@ -64,12 +64,13 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
     }
 }
 
-/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation).
-pub fn dps_request(config: &Config, registration_id: &str) -> Result<dps::DpsRequest, String> {
-    let (host, port) = config.dps_endpoint()?;
-    Ok(dps::DpsRequest {
-        endpoint_host: host,
-        port,
+/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation); `None` for
+/// `source = "manual"`, which registers nowhere.
+pub fn dps_request(config: &Config, registration_id: &str) -> Option<dps::DpsRequest> {
+    let endpoint = config.dps_endpoint()?;
+    Some(dps::DpsRequest {
+        endpoint_host: endpoint.host.clone(),
+        port: endpoint.port,
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),
@@ -210,8 +211,11 @@ pub async fn provision_once(
     let registration_id = registration_id(config)?;
     let credential = load_credential(config, &registration_id)?;
     let tls = client_tls(config, &credential)?;
-    let assignment = if config.provisioning.source == Source::Manual {
-        Assignment {
+    let assignment = match dps_request(config, &registration_id) {
+        Some(request) => register(config, &request, &credential, tls)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => Assignment {
             assigned_hub: config
                 .provisioning
                 .iothub_hostname
@@ -221,12 +225,7 @@ pub async fn provision_once(
             device_id: registration_id.clone(),
             substatus: String::new(),
             registration_state: serde_json::Value::Null,
-        }
-    } else {
-        let request = dps_request(config, &registration_id)?;
-        register(config, &request, &credential, tls)
-            .await
-            .map_err(|e| e.to_string())?
+        },
     };
     let cache = ProvisioningCache {
         hub: assignment.assigned_hub,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use hubagent::config::{Config, Source};
+use hubagent::config::Config;
 use hubagent::state::StateDir;
 
 #[derive(Debug, Serialize)]
@@ -185,13 +185,10 @@ pub async fn run(config_path: &Path) -> Report {
         }
     };
 
-    if config.provisioning.source == Source::Dps {
-        match config.dps_endpoint() {
-            Ok((host, port)) => match reachable(&host, port, tls.as_ref()).await {
-                Ok(how) => checks.push(pass("network.dps", format!("{host}:{port} ({how})"))),
-                Err(e) => checks.push(fail("network.dps", format!("{host}:{port}: {e}"))),
-            },
-            Err(e) => checks.push(fail("network.dps", e)),
+    if let Some(dps) = config.dps_endpoint() {
+        match reachable(&dps.host, dps.port, tls.as_ref()).await {
+            Ok(how) => checks.push(pass("network.dps", format!("{dps} ({how})"))),
+            Err(e) => checks.push(fail("network.dps", format!("{dps}: {e}"))),
         }
     }
     if let Some(c) = cache {
