@@ -3,28 +3,48 @@
 //! Azure's quickstart environment variables override the files so the quickstart works unchanged.
 //! Every key is documented in docs/configuration.md.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod checks;
+mod endpoint;
+mod files;
 pub mod plugin;
 
-/// The whole configuration.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+pub use endpoint::DpsEndpoint;
+
+use plugin::PluginSpec;
+
+/// The whole configuration, checked: only `Config::load` makes one, so the typed values below
+/// always agree with the settings they come from.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    #[serde(default)]
     pub agent: AgentSettings,
     pub provisioning: Provisioning,
-    #[serde(default)]
     pub hub: HubSettings,
-    #[serde(default)]
     pub queue: QueueConfig,
-    /// Telemetry-source plugins (kept as tables; the plugin host validates them).
+    /// The `[[plugin]]` tables as specs, in file order (names unique).
+    pub plugins: Vec<PluginSpec>,
+    /// `provisioning.global_endpoint` parsed; `None` when `source = "manual"`.
+    dps_endpoint: Option<DpsEndpoint>,
+}
+
+/// The merged files as serde reads them, before the checks that span keys and the typing of the
+/// `[[plugin]]` tables (whose errors name `plugin[i] (name).key` the way operators know).
+#[derive(Deserialize)]
+#[serde(rename = "Config", deny_unknown_fields)]
+struct ConfigFile {
     #[serde(default)]
-    pub plugin: Vec<toml::Table>,
+    agent: AgentSettings,
+    provisioning: Provisioning,
+    #[serde(default)]
+    hub: HubSettings,
+    #[serde(default)]
+    queue: QueueConfig,
+    #[serde(default)]
+    plugin: Vec<toml::Table>,
 }
 
 /// Which sink to write to. `Auto` picks the journal when systemd connected our stderr to it.
@@ -109,6 +129,37 @@ pub struct Provisioning {
 
 fn default_global_endpoint() -> String {
     "global.azure-devices-provisioning.net".into()
+}
+
+impl Provisioning {
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        if let Some(host) = env("PROVISIONING_HOST") {
+            self.global_endpoint = host;
+        }
+        if let Some(scope) = env("PROVISIONING_IDSCOPE") {
+            self.id_scope = Some(scope);
+        }
+        if let Some(id) = env("PROVISIONING_REGISTRATION_ID") {
+            self.registration_id = Some(id);
+        }
+        if let Some(key) = env("PROVISIONING_SYMMETRIC_KEY") {
+            self.attestation = Some(Attestation::SymmetricKey {
+                key: Some(Secret::Value { value: key }),
+                group_key: None,
+            });
+        }
+    }
+
+    /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
+    fn dps_over_https(&self) -> bool {
+        matches!(
+            self.attestation,
+            Some(Attestation::Tpm {
+                key_source: TpmKeySource::Attestation,
+                ..
+            })
+        )
+    }
 }
 
 /// Where a secret comes from. Inline values are allowed (quickstart style) but files are better:
@@ -452,186 +503,36 @@ impl Config {
     /// Reads `path`, then `config.d/*.toml` beside it (lexical order; tables merge, later files
     /// win, `[[plugin]]` entries add up), then the quickstart environment variables from `env`.
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut merged = read_table(path)?;
-        let mut files = vec![path.to_path_buf()];
-        let dropin_dir = path.parent().unwrap_or(Path::new(".")).join("config.d");
-        if let Ok(entries) = std::fs::read_dir(&dropin_dir) {
-            let mut dropins: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            dropins.sort();
-            for dropin in dropins {
-                let table = read_table(&dropin)?;
-                merge_tables(&mut merged, table);
-                files.push(dropin);
-            }
-        }
-        // Types are checked on each file first (so errors point at a line), then on the merge.
-        let mut texts = Vec::new();
-        for file in &files {
-            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
-                path: file.clone(),
-                source,
-            })?;
-            check_types(file, &text)?;
-            texts.push((file.clone(), text));
-        }
-        let mut config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| merged_error(path, &texts, &e))?;
-        config.apply_env(env);
-        config.validate(path)?;
-        Ok(config)
-    }
-
-    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
-        let p = &mut self.provisioning;
-        if let Some(host) = env("PROVISIONING_HOST") {
-            p.global_endpoint = host;
-        }
-        if let Some(scope) = env("PROVISIONING_IDSCOPE") {
-            p.id_scope = Some(scope);
-        }
-        if let Some(id) = env("PROVISIONING_REGISTRATION_ID") {
-            p.registration_id = Some(id);
-        }
-        if let Some(key) = env("PROVISIONING_SYMMETRIC_KEY") {
-            p.attestation = Some(Attestation::SymmetricKey {
-                key: Some(Secret::Value { value: key }),
-                group_key: None,
-            });
-        }
-    }
-
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+        let mut file: ConfigFile = files::read_merged(path)?;
+        file.provisioning.apply_env(env);
+        Config::check(file).map_err(|checks::Invalid { key, message }| ConfigError::Invalid {
             path: path.to_path_buf(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
-        let p = &self.provisioning;
-        match p.source {
-            Source::Dps => {
-                let scope = p.id_scope.as_deref().unwrap_or("");
-                if scope.is_empty() {
-                    return Err(invalid(
-                        "provisioning.id_scope",
-                        "required when source = \"dps\" (or set PROVISIONING_IDSCOPE)",
-                    ));
-                }
-                if p.attestation.is_none() {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "required when source = \"dps\": method = \"symmetric_key\", \"x509\" or \"tpm\"",
-                    ));
-                }
-                let needs_id = !matches!(
-                    p.attestation,
-                    Some(Attestation::X509 { .. })
-                        | Some(Attestation::Tpm {
-                            key_source: TpmKeySource::Attestation,
-                            ..
-                        })
-                );
-                if needs_id && p.registration_id.as_deref().unwrap_or("").is_empty() {
-                    return Err(invalid(
-                        "provisioning.registration_id",
-                        "required for symmetric_key and tpm with key_source = \"imported\" (x509 uses the certificate CN, TPM attestation the EK)",
-                    ));
-                }
-                if let Some(id) = &p.registration_id
-                    && !valid_registration_id(id)
-                {
-                    return Err(invalid(
-                        "provisioning.registration_id",
-                        &format!(
-                            "'{id}' is not a valid registration id (letters, digits, '-', '.', '_', ':'; at most 128; ends with a letter, digit or '-')"
-                        ),
-                    ));
-                }
-                if self.dps_over_https() {
-                    parse_https_endpoint(&p.global_endpoint)
-                        .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
-                } else {
-                    parse_endpoint(&p.global_endpoint, self.hub.port)
-                        .map_err(|m| invalid("provisioning.global_endpoint", &m))?;
-                }
-            }
+            key,
+            message,
+        })
+    }
+
+    /// The checks serde cannot make, in the order operators have always seen their errors.
+    fn check(file: ConfigFile) -> Result<Config, checks::Invalid> {
+        let p = &file.provisioning;
+        let dps_endpoint = match p.source {
+            Source::Dps => Some(checks::dps_settings(p, file.hub.port)?),
             Source::Manual => {
-                let by_parts = p.iothub_hostname.is_some() && p.device_id.is_some();
-                if p.connection_string.is_none() && !by_parts {
-                    return Err(invalid(
-                        "provisioning",
-                        "source = \"manual\" needs connection_string, or iothub_hostname + device_id + attestation",
-                    ));
-                }
-                if by_parts && p.attestation.is_none() && p.connection_string.is_none() {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "source = \"manual\" with iothub_hostname needs an attestation (the device key)",
-                    ));
-                }
+                checks::manual_settings(p)?;
+                None
             }
-        }
-        if let Some(Attestation::SymmetricKey { key, group_key }) = &p.attestation {
-            match (key, group_key) {
-                (None, None) => {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "symmetric_key needs key = { file = ... } or group_key = { file = ... }",
-                    ));
-                }
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "provisioning.attestation",
-                        "give either key or group_key, not both",
-                    ));
-                }
-                _ => {}
-            }
-        }
-        if let Some(Attestation::Tpm { handle, .. }) = &p.attestation {
-            check_tpm_handle(*handle)
-                .map_err(|m| invalid("provisioning.attestation.handle", &m))?;
-        }
-        if self.hub.renew_before >= self.hub.sas_ttl {
-            return Err(invalid(
-                "hub.renew_before",
-                "must be shorter than hub.sas_ttl",
-            ));
-        }
-        if self.queue.max_bytes < 64 * 1024 {
-            return Err(invalid("queue.max_bytes", "must be at least 64KiB"));
-        }
-        if self.hub.inflight == 0 {
-            return Err(invalid("hub.inflight", "must be at least 1"));
-        }
-        if self.hub.max_message_size > 256 * 1024 {
-            return Err(invalid(
-                "hub.max_message_size",
-                "IoT Hub accepts at most 256KiB per message",
-            ));
-        }
-        let mut names = BTreeSet::new();
-        for (i, plugin) in self.plugin.iter().enumerate() {
-            let name = plugin.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
-                invalid(
-                    &format!("plugin[{i}].name"),
-                    "every [[plugin]] needs name = \"...\" (a string)",
-                )
-            })?;
-            if !names.insert(name.to_string()) {
-                return Err(invalid(
-                    &format!("plugin[{i}].name"),
-                    &format!("plugin name '{name}' is used twice"),
-                ));
-            }
-            crate::config::plugin::PluginSpec::from_table(plugin).map_err(|(key, message)| {
-                invalid(&format!("plugin[{i}] ({name}).{key}"), &message)
-            })?;
-        }
-        Ok(())
+        };
+        checks::key_sources(p)?;
+        checks::hub_and_queue_limits(&file.hub, &file.queue)?;
+        let plugins = checks::plugin_specs(&file.plugin)?;
+        Ok(Config {
+            agent: file.agent,
+            provisioning: file.provisioning,
+            hub: file.hub,
+            queue: file.queue,
+            plugins,
+            dps_endpoint,
+        })
     }
 
     /// A digest of every setting that decides the DPS registration. When it changes (new scope,
@@ -694,22 +595,13 @@ impl Config {
 
     /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
     pub fn dps_over_https(&self) -> bool {
-        matches!(
-            self.provisioning.attestation,
-            Some(Attestation::Tpm {
-                key_source: TpmKeySource::Attestation,
-                ..
-            })
-        )
+        self.provisioning.dps_over_https()
     }
 
-    /// Host and port of DPS: HTTPS for TPM attestation, else MQTT.
-    pub fn dps_endpoint(&self) -> Result<(String, u16), String> {
-        if self.dps_over_https() {
-            parse_https_endpoint(&self.provisioning.global_endpoint)
-        } else {
-            parse_endpoint(&self.provisioning.global_endpoint, self.hub.port)
-        }
+    /// Host and port of DPS (HTTPS for TPM attestation, else MQTT); `None` when
+    /// `source = "manual"`, which registers nowhere.
+    pub fn dps_endpoint(&self) -> Option<&DpsEndpoint> {
+        self.dps_endpoint.as_ref()
     }
 
     /// The custom allocation payload as JSON.
@@ -740,299 +632,6 @@ pub fn valid_registration_id(id: &str) -> bool {
             .chars()
             .last()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
-}
-
-/// `host`, `host:port` or `mqtts://host[:port]` → (host, port).
-pub fn parse_endpoint(endpoint: &str, default_port: u16) -> Result<(String, u16), String> {
-    let rest = endpoint
-        .strip_prefix("mqtts://")
-        .unwrap_or(endpoint)
-        .trim_end_matches('/');
-    if rest.is_empty() || rest.contains("://") || rest.contains('/') {
-        return Err(format!(
-            "'{endpoint}' is not a host name, host:port or mqtts://host:port"
-        ));
-    }
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => port
-            .parse()
-            .map(|p| (host.to_string(), p))
-            .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
-        _ => Ok((rest.to_string(), default_port)),
-    }
-}
-
-/// The DPS endpoint for HTTPS: `https://host[:port]` (port 443 unless given). A plain `host`,
-/// `host:port` or `mqtts://host:port` keeps its host and uses 443: an MQTT port says nothing
-/// about where DPS serves HTTPS.
-pub fn parse_https_endpoint(endpoint: &str) -> Result<(String, u16), String> {
-    match endpoint.strip_prefix("https://") {
-        Some(rest) => {
-            let rest = rest.trim_end_matches('/');
-            if rest.is_empty() || rest.contains('/') {
-                return Err(format!("'{endpoint}' is not https://host[:port]"));
-            }
-            match rest.rsplit_once(':') {
-                Some((host, port)) => port
-                    .parse()
-                    .map(|p| (host.to_string(), p))
-                    .map_err(|_| format!("port '{port}' in '{endpoint}' is not a number")),
-                None => Ok((rest.to_string(), 443)),
-            }
-        }
-        None => parse_endpoint(endpoint, 443).map(|(host, _)| (host, 443)),
-    }
-}
-
-fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    text.parse::<toml::Table>()
-        .map_err(|e| parse_error(path, &text, &e))
-}
-
-/// Deserializes one file on its own to report type errors with its line; missing sections are
-/// fine here (a drop-in may hold a single key).
-fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Partial {
-        agent: Option<AgentSettings>,
-        provisioning: Option<PartialProvisioning>,
-        hub: Option<HubSettings>,
-        queue: Option<QueueConfig>,
-        plugin: Option<Vec<toml::Table>>,
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct PartialProvisioning {
-        source: Option<Source>,
-        global_endpoint: Option<String>,
-        id_scope: Option<String>,
-        registration_id: Option<String>,
-        payload: Option<toml::Table>,
-        iothub_hostname: Option<String>,
-        device_id: Option<String>,
-        connection_string: Option<Secret>,
-        attestation: Option<Attestation>,
-    }
-    // Key sources first, outside the internally tagged attestation (where serde loses positions),
-    // so a mistake in one points at its own line.
-    #[derive(Deserialize)]
-    #[allow(dead_code)]
-    struct KeySources {
-        provisioning: Option<ProvisioningKeySources>,
-    }
-    #[derive(Deserialize)]
-    #[allow(dead_code)]
-    struct ProvisioningKeySources {
-        connection_string: Option<Secret>,
-        attestation: Option<AttestationKeySources>,
-    }
-    #[derive(Deserialize)]
-    #[allow(dead_code)]
-    struct AttestationKeySources {
-        key: Option<Secret>,
-        group_key: Option<Secret>,
-    }
-    toml::from_str::<KeySources>(text).map_err(|e| parse_error(path, text, &e))?;
-    match toml::from_str::<Partial>(text) {
-        Ok(_) => Ok(()),
-        // A drop-in may change the key file alone, without repeating `method`: the merged
-        // configuration is checked for it.
-        Err(e) if e.message().trim() == "missing field `method`" => Ok(()),
-        Err(e) => Err(parse_error(path, text, &e)),
-    }
-}
-
-/// A toml error as file:line:column, with the dotted key it is about.
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_string();
-    let (key, offset) = match e.span() {
-        Some(span) => locate(text, span.start, &message),
-        None => (String::new(), usize::MAX),
-    };
-    let (line, column) = if offset == usize::MAX {
-        (0, 0)
-    } else {
-        line_column(text, offset)
-    };
-    ConfigError::Parse {
-        path: path.to_path_buf(),
-        line,
-        column,
-        key,
-        message,
-    }
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1,
-    )
-}
-
-/// The dotted key at byte `offset` of `text`, and the offset to report. serde reports errors
-/// inside an internally tagged table (`[provisioning.attestation]`) against the whole table; for
-/// "unknown field `x`" the key's own line is found inside it.
-fn locate(text: &str, offset: usize, message: &str) -> (String, usize) {
-    let Ok(doc) = toml::de::DeTable::parse(text) else {
-        return (String::new(), offset); // a syntax error: no keys to name
-    };
-    let root = toml::de::DeValue::Table(doc.into_inner());
-    let mut path = Vec::new();
-    let Some(node) = find_at(&root, offset, &mut path) else {
-        return (String::new(), offset);
-    };
-    let mut offset = offset;
-    if let Some(unknown) = unknown_field(message)
-        && let Some(key_offset) = find_key(node, unknown, &mut path)
-    {
-        offset = key_offset;
-    }
-    (join_path(&path), offset)
-}
-
-/// The innermost value (or key) whose span holds `offset`, pushing the keys leading to it.
-fn find_at<'a, 'i>(
-    value: &'a toml::de::DeValue<'i>,
-    offset: usize,
-    path: &mut Vec<String>,
-) -> Option<&'a toml::de::DeValue<'i>> {
-    match value {
-        toml::de::DeValue::Table(table) => {
-            for (key, child) in table.iter() {
-                path.push(key.get_ref().to_string());
-                if key.span().contains(&offset) {
-                    return Some(child.get_ref());
-                }
-                if let Some(found) = find_at(child.get_ref(), offset, path) {
-                    return Some(found);
-                }
-                if child.span().contains(&offset) {
-                    return Some(child.get_ref());
-                }
-                path.pop();
-            }
-        }
-        toml::de::DeValue::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                path.push(format!("[{i}]"));
-                if let Some(found) = find_at(item.get_ref(), offset, path) {
-                    return Some(found);
-                }
-                if item.span().contains(&offset) {
-                    return Some(item.get_ref());
-                }
-                path.pop();
-            }
-        }
-        _ => {}
-    }
-    None
-}
-
-/// Depth-first search for a key named `name` under `value`; extends `path` and returns the key's
-/// offset when found.
-fn find_key(value: &toml::de::DeValue<'_>, name: &str, path: &mut Vec<String>) -> Option<usize> {
-    match value {
-        toml::de::DeValue::Table(table) => {
-            for (key, child) in table.iter() {
-                path.push(key.get_ref().to_string());
-                if key.get_ref() == name {
-                    return Some(key.span().start);
-                }
-                if let Some(found) = find_key(child.get_ref(), name, path) {
-                    return Some(found);
-                }
-                path.pop();
-            }
-        }
-        toml::de::DeValue::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                path.push(format!("[{i}]"));
-                if let Some(found) = find_key(item.get_ref(), name, path) {
-                    return Some(found);
-                }
-                path.pop();
-            }
-        }
-        _ => {}
-    }
-    None
-}
-
-/// `x` from serde's "unknown field `x`, expected …".
-fn unknown_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split_once('`'))
-        .map(|(name, _)| name)
-}
-
-/// `["plugin", "[1]", "name"]` → `plugin[1].name`.
-fn join_path(path: &[String]) -> String {
-    let mut out = String::new();
-    for part in path {
-        if !out.is_empty() && !part.starts_with('[') {
-            out.push('.');
-        }
-        out.push_str(part);
-    }
-    out
-}
-
-/// An error found only once the files are merged (each file alone was fine). An unknown key is
-/// traced back to the last file that sets it.
-fn merged_error(main: &Path, texts: &[(PathBuf, String)], e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_string();
-    if let Some(name) = unknown_field(&message) {
-        for (file, text) in texts.iter().rev() {
-            let Ok(doc) = toml::de::DeTable::parse(text) else {
-                continue;
-            };
-            let mut path = Vec::new();
-            let root = toml::de::DeValue::Table(doc.into_inner());
-            if let Some(offset) = find_key(&root, name, &mut path) {
-                let (line, column) = line_column(text, offset);
-                return ConfigError::Parse {
-                    path: file.clone(),
-                    line,
-                    column,
-                    key: join_path(&path),
-                    message: format!("{message} (in the configuration merged from config.d)"),
-                };
-            }
-        }
-    }
-    let (key, message) = match message.as_str() {
-        "missing field `provisioning`" => (
-            "provisioning",
-            "missing: every configuration needs a [provisioning] section".to_string(),
-        ),
-        "missing field `method`" => (
-            "provisioning.attestation.method",
-            "missing: \"symmetric_key\", \"x509\" or \"tpm\"".to_string(),
-        ),
-        _ => ("(merged with config.d)", message),
-    };
-    ConfigError::Invalid {
-        path: main.to_path_buf(),
-        key: key.to_string(),
-        message,
-    }
 }
 
 /// A key source is `{ file = "…" }` or `{ value = "…" }`. Hand-written so that mistakes say what
@@ -1097,19 +696,6 @@ mod secret_serde {
     }
 }
 
-/// Deep merge: tables merge key by key, arrays of tables append, anything else is replaced.
-fn merge_tables(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
-            (Some(toml::Value::Array(b)), toml::Value::Array(o)) if key == "plugin" => b.extend(o),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
 impl Config {
     /// One line for `hubagent config check`: where the agent will provision or connect, with
     /// what kind of credential, and where it keeps state. Never shows key material.
@@ -1154,7 +740,7 @@ impl Config {
             },
         };
         parts.extend(attestation);
-        parts.push(format!("{} plugin(s)", self.plugin.len()));
+        parts.push(format!("{} plugin(s)", self.plugins.len()));
         parts.push(format!("state in {}", self.agent.state_dir.display()));
         parts.join(", ")
     }
@@ -1162,6 +748,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::endpoint::{parse_endpoint, parse_https_endpoint};
     use super::*;
 
     const GOOD: &str = r#"
@@ -1260,11 +847,18 @@ max_message_size = "128KiB"
             "{GOOD}\n[[plugin]]\nname = \"a\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n\n[[plugin]]\nname = \"b\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n[plugin.settings]\nx = 1\n"
         );
         let config = Config::load(&write(dir.path(), "config.toml", &text), &no_env).unwrap();
-        assert_eq!(config.plugin.len(), 2);
-        let (key, offset) = locate(&text, text.find("x = 1").unwrap(), "invalid type");
-        assert_eq!(key, "plugin[1].settings.x");
-        let line = text.lines().position(|l| l == "x = 1").unwrap() + 1;
-        assert_eq!(line_column(&text, offset), (line, 1));
+        assert_eq!(config.plugins.len(), 2);
+        assert_eq!(config.plugins[1].name, "b");
+        assert_eq!(config.plugins[1].settings["x"], 1);
+        // Where a key inside such a table is reported: files::tests.
+        let text = text.replace("name = \"b\"", "name = \"a\"");
+        let err = Config::load(&write(dir.path(), "config.toml", &text), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("config.toml: plugin[1].name: plugin name 'a' is used twice"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1443,8 +1037,8 @@ max_message_size = "128KiB"
         .unwrap();
         assert!(attest.dps_over_https());
         assert_eq!(
-            attest.dps_endpoint().unwrap(),
-            ("global.azure-devices-provisioning.net".to_string(), 443)
+            attest.dps_endpoint().map(|e| (e.host.as_str(), e.port)),
+            Some(("global.azure-devices-provisioning.net", 443))
         );
         assert_eq!(
             parse_https_endpoint("https://localhost:8443").unwrap(),
@@ -1516,5 +1110,35 @@ max_message_size = "128KiB"
         assert!(!valid_registration_id("gw 01"));
         assert!(!valid_registration_id("gw."));
         assert!(!valid_registration_id(&"a".repeat(129)));
+    }
+
+    /// The fingerprint is stored with the cached assignment: if it changed for the same settings,
+    /// every device would register again after an upgrade. These values were computed by the
+    /// agent before the configuration was parsed once into typed values; they must not move.
+    #[test]
+    fn fingerprints_of_fixed_settings_never_change() {
+        let pinned = [
+            (
+                "[provisioning]\nglobal_endpoint = \"mqtts://DPS.example:8883\"\nid_scope = \"0NE00000001\"\nregistration_id = \"gw-1\"\npayload = { site = \"north\", rack = 7 }\n\n[provisioning.attestation]\nmethod = \"symmetric_key\"\ngroup_key = { value = \"a2V5MQ==\" }\n\n[hub]\nport = 8884\n",
+                "194ced90c732440398a183301af527d4e35bda738c81043e781006eaf2d0f255",
+            ),
+            (
+                "[provisioning]\nid_scope = \"0ne00000002\"\n\n[provisioning.attestation]\nmethod = \"x509\"\nidentity_cert = \"/etc/hubagent/cert.pem\"\nidentity_pk = \"/etc/hubagent/key.pem\"\n",
+                "65ddfed1f0e3212b4e62b41472914c369291292f06edaead805f3b97f2a948c4",
+            ),
+            (
+                "[provisioning]\nid_scope = \"0ne00000003\"\n\n[provisioning.attestation]\nmethod = \"tpm\"\nhandle = 0x81000102\nowner_auth = { file = \"/etc/hubagent/owner\" }\n",
+                "20852d5baaebc03ee40901edc7f8e2c3766bec3db7cad9bc9bdfd82982bdf1d5",
+            ),
+            (
+                "[provisioning]\nsource = \"manual\"\nconnection_string = { file = \"/etc/hubagent/cs\" }\n",
+                "fdb65a4f60e847b134c3ac95eb23bb8d60be38a6e5b96b738265591439a9b503",
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (text, fingerprint) in pinned {
+            let config = Config::load(&write(dir.path(), "config.toml", text), &no_env).unwrap();
+            assert_eq!(config.provisioning_fingerprint(), fingerprint, "{text}");
+        }
     }
 }

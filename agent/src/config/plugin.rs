@@ -113,148 +113,56 @@ fn number(table: &toml::Table, key: &str, default: f64) -> Result<f64, SpecError
     }
 }
 
+/// Every key a `[[plugin]]` table may hold.
+const KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "builtin",
+    "path",
+    "isolation",
+    "command",
+    "env",
+    "settings",
+    "interval",
+    "max_rate",
+    "burst",
+    "memory_limit",
+    "callback_timeout",
+    "restart_backoff",
+    "restart_backoff_max",
+    "quarantine_after",
+    "quarantine_window",
+    "quarantine_retry",
+];
+
+fn string(table: &toml::Table, key: &str) -> Result<Option<String>, SpecError> {
+    match table.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(err(key, "must be a string")),
+    }
+}
+
+/// Keys of the other kinds are mistakes, not ignored.
+fn forbid(table: &toml::Table, keys: &[&str], kind: &str) -> Result<(), SpecError> {
+    match keys.iter().find(|k| table.contains_key(**k)) {
+        Some(k) => Err(err(k, format!("does not apply to kind = \"{kind}\""))),
+        None => Ok(()),
+    }
+}
+
 impl PluginSpec {
+    /// Checks one table; the first problem found is returned with the key it is about.
     pub fn from_table(table: &toml::Table) -> Result<PluginSpec, SpecError> {
-        const KEYS: &[&str] = &[
-            "name",
-            "kind",
-            "builtin",
-            "path",
-            "isolation",
-            "command",
-            "env",
-            "settings",
-            "interval",
-            "max_rate",
-            "burst",
-            "memory_limit",
-            "callback_timeout",
-            "restart_backoff",
-            "restart_backoff_max",
-            "quarantine_after",
-            "quarantine_window",
-            "quarantine_retry",
-        ];
-        if let Some(unknown) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            return Err(err(
-                unknown,
-                format!(
-                    "unknown key (plugin settings go in [plugin.settings]; known: {})",
-                    KEYS.join(", ")
-                ),
-            ));
-        }
-        let name = table
-            .get("name")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| err("name", "every [[plugin]] needs a name"))?
-            .to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(err(
-                "name",
-                format!(
-                    "'{name}' must be letters, digits, '-' or '_' (it is a twin property name)"
-                ),
-            ));
-        }
-        let str_key = |key: &str| -> Result<Option<String>, SpecError> {
-            match table.get(key) {
-                None => Ok(None),
-                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(err(key, "must be a string")),
-            }
-        };
-        let kind_name = str_key("kind")?
+        check_known_keys(table)?;
+        let name = twin_property_name(table)?;
+        let kind_name = string(table, "kind")?
             .ok_or_else(|| err("kind", "required: \"library\", \"exec\" or \"builtin\""))?;
-        let forbid = |keys: &[&str], kind: &str| -> Result<(), SpecError> {
-            match keys.iter().find(|k| table.contains_key(**k)) {
-                Some(k) => Err(err(k, format!("does not apply to kind = \"{kind}\""))),
-                None => Ok(()),
-            }
-        };
-        let mut settings = match table.get("settings") {
-            None => Map::new(),
-            Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
-                Ok(Value::Object(m)) => m,
-                _ => return Err(err("settings", "cannot be represented as JSON")),
-            },
-            Some(_) => return Err(err("settings", "must be a table ([plugin.settings])")),
-        };
+        let mut settings = settings(table)?;
         let kind = match kind_name.as_str() {
-            "builtin" => {
-                forbid(&["path", "isolation", "command", "env"], "builtin")?;
-                let builtin = str_key("builtin")?
-                    .ok_or_else(|| err("builtin", "required for kind = \"builtin\""))?;
-                if builtin != "simulated-sensor" {
-                    return Err(err(
-                        "builtin",
-                        format!("unknown built-in plugin '{builtin}' (built-in: simulated-sensor)"),
-                    ));
-                }
-                // `interval` beside the table's keys is the historical shorthand for
-                // settings.interval.
-                if let Some(interval) = table.get("interval") {
-                    settings
-                        .entry("interval")
-                        .or_insert_with(|| serde_json::to_value(interval).unwrap_or(Value::Null));
-                }
-                Kind::Builtin(builtin)
-            }
-            "library" => {
-                forbid(&["builtin", "command", "env", "interval"], "library")?;
-                let path = PathBuf::from(
-                    str_key("path")?
-                        .ok_or_else(|| err("path", "required for kind = \"library\""))?,
-                );
-                if !path.is_absolute() {
-                    return Err(err("path", "must be an absolute path"));
-                }
-                let isolation = match str_key("isolation")?.as_deref() {
-                    None | Some("process") => Isolation::Process,
-                    Some("in-process") => Isolation::InProcess,
-                    Some(other) => {
-                        return Err(err(
-                            "isolation",
-                            format!("'{other}': write \"process\" (default) or \"in-process\""),
-                        ));
-                    }
-                };
-                Kind::Library { path, isolation }
-            }
-            "exec" => {
-                forbid(&["builtin", "path", "isolation", "interval"], "exec")?;
-                let command: Vec<String> = match table.get("command") {
-                    Some(toml::Value::Array(items)) => items
-                        .iter()
-                        .map(|v| v.as_str().map(str::to_string))
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(|| err("command", "must be an array of strings"))?,
-                    Some(_) => {
-                        return Err(err(
-                            "command",
-                            "must be an array of strings: [\"/usr/bin/python3\", \"/path/sensor.py\"]",
-                        ));
-                    }
-                    None => return Err(err("command", "required for kind = \"exec\"")),
-                };
-                if command.is_empty() || command[0].is_empty() {
-                    return Err(err("command", "must name a program"));
-                }
-                let env = match table.get("env") {
-                    None => BTreeMap::new(),
-                    Some(toml::Value::Table(t)) => t
-                        .iter()
-                        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                        .collect::<Option<BTreeMap<_, _>>>()
-                        .ok_or_else(|| err("env", "values must be strings"))?,
-                    Some(_) => return Err(err("env", "must be a table of strings")),
-                };
-                Kind::Exec { command, env }
-            }
+            "builtin" => builtin(table, &mut settings)?,
+            "library" => library(table)?,
+            "exec" => exec(table)?,
             other => {
                 return Err(err(
                     "kind",
@@ -262,7 +170,133 @@ impl PluginSpec {
                 ));
             }
         };
+        Ok(PluginSpec {
+            name,
+            kind,
+            settings,
+            limits: Limits::from_table(table)?,
+        })
+    }
+}
 
+fn check_known_keys(table: &toml::Table) -> Result<(), SpecError> {
+    match table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        Some(unknown) => Err(err(
+            unknown,
+            format!(
+                "unknown key (plugin settings go in [plugin.settings]; known: {})",
+                KEYS.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The name is the plugin's key under `desired.plugins` and `reported.plugins`.
+fn twin_property_name(table: &toml::Table) -> Result<String, SpecError> {
+    let name = table
+        .get("name")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| err("name", "every [[plugin]] needs a name"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err(
+            "name",
+            format!("'{name}' must be letters, digits, '-' or '_' (it is a twin property name)"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// `[plugin.settings]` as the JSON object the twin's desired settings are merged over.
+fn settings(table: &toml::Table) -> Result<Map<String, Value>, SpecError> {
+    match table.get("settings") {
+        None => Ok(Map::new()),
+        Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err(err("settings", "cannot be represented as JSON")),
+        },
+        Some(_) => Err(err("settings", "must be a table ([plugin.settings])")),
+    }
+}
+
+fn builtin(table: &toml::Table, settings: &mut Map<String, Value>) -> Result<Kind, SpecError> {
+    forbid(table, &["path", "isolation", "command", "env"], "builtin")?;
+    let builtin = string(table, "builtin")?
+        .ok_or_else(|| err("builtin", "required for kind = \"builtin\""))?;
+    if builtin != "simulated-sensor" {
+        return Err(err(
+            "builtin",
+            format!("unknown built-in plugin '{builtin}' (built-in: simulated-sensor)"),
+        ));
+    }
+    // `interval` beside the table's keys is the historical shorthand for settings.interval.
+    if let Some(interval) = table.get("interval") {
+        settings
+            .entry("interval")
+            .or_insert_with(|| serde_json::to_value(interval).unwrap_or(Value::Null));
+    }
+    Ok(Kind::Builtin(builtin))
+}
+
+fn library(table: &toml::Table) -> Result<Kind, SpecError> {
+    forbid(table, &["builtin", "command", "env", "interval"], "library")?;
+    let path = PathBuf::from(
+        string(table, "path")?.ok_or_else(|| err("path", "required for kind = \"library\""))?,
+    );
+    if !path.is_absolute() {
+        return Err(err("path", "must be an absolute path"));
+    }
+    let isolation = match string(table, "isolation")?.as_deref() {
+        None | Some("process") => Isolation::Process,
+        Some("in-process") => Isolation::InProcess,
+        Some(other) => {
+            return Err(err(
+                "isolation",
+                format!("'{other}': write \"process\" (default) or \"in-process\""),
+            ));
+        }
+    };
+    Ok(Kind::Library { path, isolation })
+}
+
+fn exec(table: &toml::Table) -> Result<Kind, SpecError> {
+    forbid(table, &["builtin", "path", "isolation", "interval"], "exec")?;
+    let command: Vec<String> = match table.get("command") {
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| err("command", "must be an array of strings"))?,
+        Some(_) => {
+            return Err(err(
+                "command",
+                "must be an array of strings: [\"/usr/bin/python3\", \"/path/sensor.py\"]",
+            ));
+        }
+        None => return Err(err("command", "required for kind = \"exec\"")),
+    };
+    if command.is_empty() || command[0].is_empty() {
+        return Err(err("command", "must name a program"));
+    }
+    let env = match table.get("env") {
+        None => BTreeMap::new(),
+        Some(toml::Value::Table(t)) => t
+            .iter()
+            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+            .collect::<Option<BTreeMap<_, _>>>()
+            .ok_or_else(|| err("env", "values must be strings"))?,
+        Some(_) => return Err(err("env", "must be a table of strings")),
+    };
+    Ok(Kind::Exec { command, env })
+}
+
+impl Limits {
+    /// The table's limits over the defaults, checked in the order the keys are documented.
+    fn from_table(table: &toml::Table) -> Result<Limits, SpecError> {
         let d = Limits::default();
         let max_rate = number(table, "max_rate", d.max_rate)?;
         if !(max_rate > 0.0 && max_rate.is_finite()) {
@@ -275,25 +309,7 @@ impl PluginSpec {
         if !(burst >= 1.0 && burst.is_finite()) {
             return Err(err("burst", "must be at least 1"));
         }
-        let memory_limit = match table.get("memory_limit") {
-            None => d.memory_limit,
-            Some(toml::Value::String(s)) if s == "unlimited" => None,
-            Some(toml::Value::String(s)) => Some(
-                s.parse::<bytesize::ByteSize>()
-                    .map_err(|e| err("memory_limit", format!("'{s}' is not a size ({e})")))?
-                    .as_u64(),
-            ),
-            Some(toml::Value::Integer(n)) if *n > 0 => Some(*n as u64),
-            Some(_) => {
-                return Err(err(
-                    "memory_limit",
-                    "must be a size such as \"256MiB\" or \"unlimited\"",
-                ));
-            }
-        };
-        if memory_limit.is_some_and(|m| m < 16 * 1024 * 1024) {
-            return Err(err("memory_limit", "must be at least 16MiB"));
-        }
+        let memory_limit = memory_limit(table, d.memory_limit)?;
         let quarantine_after = number(table, "quarantine_after", d.quarantine_after as f64)?;
         if !(1.0..=1000.0).contains(&quarantine_after) || quarantine_after.fract() != 0.0 {
             return Err(err(
@@ -321,13 +337,32 @@ impl PluginSpec {
                 "must be above zero and at most restart_backoff_max",
             ));
         }
-        Ok(PluginSpec {
-            name,
-            kind,
-            settings,
-            limits,
-        })
+        Ok(limits)
     }
+}
+
+/// A size, "unlimited" (`None`), or a positive number of bytes; at least 16MiB.
+fn memory_limit(table: &toml::Table, default: Option<u64>) -> Result<Option<u64>, SpecError> {
+    let limit = match table.get("memory_limit") {
+        None => default,
+        Some(toml::Value::String(s)) if s == "unlimited" => None,
+        Some(toml::Value::String(s)) => Some(
+            s.parse::<bytesize::ByteSize>()
+                .map_err(|e| err("memory_limit", format!("'{s}' is not a size ({e})")))?
+                .as_u64(),
+        ),
+        Some(toml::Value::Integer(n)) if *n > 0 => Some(*n as u64),
+        Some(_) => {
+            return Err(err(
+                "memory_limit",
+                "must be a size such as \"256MiB\" or \"unlimited\"",
+            ));
+        }
+    };
+    if limit.is_some_and(|m| m < 16 * 1024 * 1024) {
+        return Err(err("memory_limit", "must be at least 16MiB"));
+    }
+    Ok(limit)
 }
 
 #[cfg(test)]

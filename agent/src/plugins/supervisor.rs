@@ -73,21 +73,13 @@ impl Supervisor {
             allow_unsafe,
             max_message_size: config.hub.max_message_size as usize,
         };
-        for table in &config.plugin {
-            s.add(table, twin);
+        for spec in &config.plugins {
+            s.add(spec.clone(), twin);
         }
         s
     }
 
-    fn add(&mut self, table: &toml::Table, twin: &TwinCache) {
-        let spec = match PluginSpec::from_table(table) {
-            Ok(spec) => spec,
-            Err((key, message)) => {
-                // Config::load validates every table, so this is not expected.
-                tracing::error!("plugin table not usable: {key}: {message}");
-                return;
-            }
-        };
+    fn add(&mut self, spec: PluginSpec, twin: &TwinCache) {
         let settings = merged_settings(&spec, twin);
         let shared = Arc::new(Mutex::new(PluginStatus::default()));
         let (cmds, rx) = mpsc::unbounded_channel();
@@ -142,14 +134,12 @@ impl Supervisor {
     /// restart, and settings changes apply live.
     pub fn reconfigure(&mut self, config: &Config, twin: &TwinCache) {
         let mut wanted = BTreeMap::new();
-        for table in &config.plugin {
-            if let Ok(spec) = PluginSpec::from_table(table) {
-                wanted.insert(spec.name.clone(), (spec, table.clone()));
-            }
+        for spec in &config.plugins {
+            wanted.insert(spec.name.clone(), spec.clone());
         }
         let names: Vec<String> = self.entries.keys().cloned().collect();
         for name in names {
-            let keep = wanted.get(&name).is_some_and(|(spec, _)| {
+            let keep = wanted.get(&name).is_some_and(|spec| {
                 let old = &self.entries[&name].spec;
                 spec.kind == old.kind && spec.limits == old.limits
             });
@@ -159,14 +149,14 @@ impl Supervisor {
                 tokio::spawn(stop_entry(entry));
             }
         }
-        for (name, (spec, table)) in wanted {
+        for (name, spec) in wanted {
             match self.entries.get_mut(&name) {
                 Some(entry) => {
                     entry.spec.settings = spec.settings;
                     self.registry
                         .set(&name, Some((entry.spec.clone(), entry.shared.clone())));
                 }
-                None => self.add(&table, twin),
+                None => self.add(spec, twin),
             }
         }
         self.changes.notify_one();

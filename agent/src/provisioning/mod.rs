@@ -64,12 +64,13 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
     }
 }
 
-/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation).
-pub fn dps_request(config: &Config, registration_id: &str) -> Result<dps::DpsRequest, String> {
-    let (host, port) = config.dps_endpoint()?;
-    Ok(dps::DpsRequest {
-        endpoint_host: host,
-        port,
+/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation); `None` for
+/// `source = "manual"`, which registers nowhere.
+pub fn dps_request(config: &Config, registration_id: &str) -> Option<dps::DpsRequest> {
+    let endpoint = config.dps_endpoint()?;
+    Some(dps::DpsRequest {
+        endpoint_host: endpoint.host.clone(),
+        port: endpoint.port,
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),
@@ -279,7 +280,8 @@ pub async fn register_once(
     config: &Config,
     identity: &DeviceIdentity,
 ) -> Result<Assignment, dps::DpsError> {
-    if config.provisioning.source == Source::Manual {
+    // No DPS endpoint: a manual configuration names its hub and device itself.
+    let Some(request) = dps_request(config, &identity.registration_id) else {
         return Ok(Assignment {
             assigned_hub: config
                 .provisioning
@@ -291,14 +293,7 @@ pub async fn register_once(
             substatus: String::new(),
             registration_state: serde_json::Value::Null,
         });
-    }
-    // The endpoint was validated when the configuration was loaded.
-    let request = dps_request(config, &identity.registration_id).map_err(|message| {
-        dps::DpsError::Unreachable {
-            endpoint: config.provisioning.global_endpoint.clone(),
-            message,
-        }
-    })?;
+    };
     register(config, &request, &identity.credential, identity.tls.clone()).await
 }
 

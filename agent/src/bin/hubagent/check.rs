@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use hubagent::config::{Attestation, Config, Secret, Source};
+use hubagent::config::{Attestation, Config, Secret};
 use hubagent::state::{ProvisioningCache, StateDir};
 
 #[derive(Debug, Serialize)]
@@ -213,13 +213,10 @@ async fn network(
     tls: Option<&Arc<rustls::ClientConfig>>,
     checks: &mut Vec<Check>,
 ) {
-    if config.provisioning.source == Source::Dps {
-        match config.dps_endpoint() {
-            Ok((host, port)) => match reachable(&host, port, tls).await {
-                Ok(how) => checks.push(pass("network.dps", format!("{host}:{port} ({how})"))),
-                Err(e) => checks.push(fail("network.dps", format!("{host}:{port}: {e}"))),
-            },
-            Err(e) => checks.push(fail("network.dps", e)),
+    if let Some(dps) = config.dps_endpoint() {
+        match reachable(&dps.host, dps.port, tls).await {
+            Ok(how) => checks.push(pass("network.dps", format!("{dps} ({how})"))),
+            Err(e) => checks.push(fail("network.dps", format!("{dps}: {e}"))),
         }
     }
     if let Some(c) = cache {
