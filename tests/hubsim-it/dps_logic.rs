@@ -9,7 +9,10 @@ use hubsim::Sim;
 use hubsim::auth::authenticate_hub_device;
 use hubsim::dps::{self, DeviceCredential, DpsResponse};
 use hubsim::pki::{CertKind, IssuedCert, issue};
-use hubsim::state::{AllocationPolicy, SimConfig, Status, Store, SymmetricKeyPair, random_key};
+use hubsim::state::{
+    AllocationPolicy, SimConfig, SlowAssignment, Status, Store, SymmetricKeyPair,
+    ThrottledRequests, random_key,
+};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
@@ -1054,4 +1057,175 @@ fn extra_id_scopes_share_the_enrollments_and_are_recorded() {
             ("0ne000000C3".to_string(), "unauthorized".to_string()),
         ]
     );
+}
+
+#[test]
+fn slow_assignment_answers_polls_assigning_with_retry_after_and_records_every_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    Enrollment::symmetric_key(&keys).individual(&sim, "dev-slow");
+    let cred = dps_sas(&keys.primary_key, "dev-slow");
+    sim.faults.lock().unwrap().dps_slow_assignment = Some(SlowAssignment {
+        polls: 2,
+        retry_after: Some(5),
+    });
+    let accepted = dps::register(&sim, SCOPE, "dev-slow", &cred, &body("dev-slow"), "mqtt");
+    assert_eq!((accepted.status, accepted.retry_after), (202, Some(5)));
+    let op = accepted.body["operationId"].as_str().unwrap().to_string();
+    // Polls may be throttled too: a throttle of polls leaves registrations alone.
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((1, 2));
+        faults.dps_throttle_requests = ThrottledRequests::Poll;
+    }
+    let throttled = dps::operation_status(&sim, SCOPE, "dev-slow", &op);
+    assert_eq!((throttled.status, throttled.retry_after), (429, Some(2)));
+    assert_eq!(throttled.body["errorCode"], 429001);
+    for _ in 0..2 {
+        let answer = dps::operation_status(&sim, SCOPE, "dev-slow", &op);
+        assert_eq!((answer.status, answer.retry_after), (202, Some(5)));
+        assert_eq!(
+            answer.body,
+            json!({"operationId": op, "status": "assigning"})
+        );
+    }
+    let done = dps::operation_status(&sim, SCOPE, "dev-slow", &op);
+    assert_eq!((done.status, done.retry_after), (200, None));
+    assert_eq!(done.body["status"], "assigned");
+
+    let events = registration_events(&sim);
+    assert_eq!(events.len(), 1, "polls are not registrations: {events:?}");
+    let event = &events[0];
+    assert_eq!((event.status, event.retry_after), (202, Some(5)));
+    assert_eq!(event.operation_id.as_deref(), Some(op.as_str()));
+    let polls: Vec<(u16, Option<u64>)> = event
+        .polls
+        .iter()
+        .map(|p| (p.status, p.retry_after))
+        .collect();
+    assert_eq!(
+        polls,
+        [(429, Some(2)), (202, Some(5)), (202, Some(5)), (200, None)]
+    );
+    assert!(
+        event.polls.windows(2).all(|w| w[0].time_ms <= w[1].time_ms)
+            && event.time_ms <= event.polls[0].time_ms
+    );
+
+    // A throttle of registrations does not touch polls, and the fault's poll count is per
+    // registration started while it is set.
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((1, 4));
+        faults.dps_throttle_requests = ThrottledRequests::Register;
+        faults.dps_slow_assignment = Some(SlowAssignment {
+            polls: 1,
+            retry_after: None,
+        });
+    }
+    let refused = dps::register(&sim, SCOPE, "dev-slow", &cred, &body("dev-slow"), "mqtt");
+    assert_eq!((refused.status, refused.retry_after), (429, Some(4)));
+    let accepted = dps::register(&sim, SCOPE, "dev-slow", &cred, &body("dev-slow"), "mqtt");
+    assert_eq!(
+        (accepted.status, accepted.retry_after),
+        (202, Some(3)),
+        "without its own retry-after the fault uses --retry-after"
+    );
+    let op = accepted.body["operationId"].as_str().unwrap();
+    assert_eq!(
+        dps::operation_status(&sim, SCOPE, "dev-slow", op).status,
+        202
+    );
+    assert_eq!(
+        dps::operation_status(&sim, SCOPE, "dev-slow", op).status,
+        200
+    );
+    assert_eq!(
+        registration_outcomes(&sim),
+        ["assigned", "throttled", "assigned"]
+    );
+}
+
+#[test]
+fn the_registration_sas_names_policy_registration_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let group = key_pair();
+    Enrollment::symmetric_key(&group).group(&sim, "skn-fleet");
+    let derived = hubsim::auth::derive_device_key(&group.primary_key, "skn-dev").unwrap();
+    let token = |skn: Option<&str>| {
+        DeviceCredential::Sas(sas_token(
+            &derived,
+            &format!("{SCOPE}/registrations/skn-dev"),
+            in_an_hour(),
+            skn,
+        ))
+    };
+    dps::authenticate(&sim, SCOPE, "skn-dev", &token(Some("registration"))).unwrap();
+    // Azure's Python SDK sends no skn, and DPS registers it.
+    dps::authenticate(&sim, SCOPE, "skn-dev", &token(None)).unwrap();
+    for wrong in ["provisioningserviceowner", "Registration", "device"] {
+        let err = dps::authenticate(&sim, SCOPE, "skn-dev", &token(Some(wrong))).unwrap_err();
+        assert!(
+            err.contains(&format!("'{wrong}'")) && err.contains("'registration'"),
+            "{err}"
+        );
+        let answer = dps::register(
+            &sim,
+            SCOPE,
+            "skn-dev",
+            &token(Some(wrong)),
+            &body("skn-dev"),
+            "mqtt",
+        );
+        assert_eq!(answer.status, 401, "{}", answer.body);
+    }
+}
+
+#[test]
+fn registration_ids_and_certificate_names_follow_azures_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let group = key_pair();
+    Enrollment::symmetric_key(&group).group(&sim, "ids");
+    let try_id = |id: &str| {
+        let key = hubsim::auth::derive_device_key(&group.primary_key, id).unwrap();
+        dps::authenticate(&sim, SCOPE, id, &dps_sas(&key, id))
+    };
+    // Both sides of each rule.
+    let longest = "a".repeat(128);
+    for good in ["gw-01.site_a:1", "x", "ends-with-dash-", longest.as_str()] {
+        try_id(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let too_long = "a".repeat(129);
+    for (bad, why) in [
+        ("gw 01", "' '"),
+        ("gw/01", "'/'"),
+        ("gw#01", "'#'"),
+        ("gw.", "must end with"),
+        ("gw:", "must end with"),
+        ("gwé", "'é'"),
+        (too_long.as_str(), "129 characters"),
+    ] {
+        let err = try_id(bad).unwrap_err();
+        assert!(
+            err.contains("is not valid") && err.contains(why),
+            "{bad}: {err}"
+        );
+    }
+
+    // X.509: the CN is the registration id, and a CN has at most 64 characters.
+    let certs = tempfile::tempdir().unwrap();
+    let p = |n: &str| certs.path().join(n);
+    let root = issue(CertKind::Root, "Ids Root", &p("root"), None).unwrap();
+    Enrollment::x509_ca(first_pem(&root.cert_path)).group(&sim, "ids-x509");
+    let cn64 = "c".repeat(64);
+    let cn65 = "c".repeat(65);
+    let ok = issue(CertKind::Device, &cn64, &p("ok"), Some(&p("root"))).unwrap();
+    dps::authenticate(&sim, SCOPE, &cn64, &DeviceCredential::X509(chain_of(&ok))).unwrap();
+    let long = issue(CertKind::Device, &cn65, &p("long"), Some(&p("root"))).unwrap();
+    let err = dps::authenticate(&sim, SCOPE, &cn65, &DeviceCredential::X509(chain_of(&long)))
+        .unwrap_err();
+    assert!(err.contains("64"), "{err}");
 }

@@ -325,3 +325,242 @@ async fn tpm_enrollments_need_a_usable_endorsement_key_and_the_challenge_comes_o
     );
     assert_eq!(challenge.1["keyName"], "registration");
 }
+
+/// One management call: (status, JSON body or null).
+fn call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    auth: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let response = match (method, body) {
+        ("PUT", Some(b)) => agent.put(url).header("Authorization", auth).send_json(b),
+        ("PATCH", Some(b)) => agent.patch(url).header("Authorization", auth).send_json(b),
+        ("POST", Some(b)) => agent.post(url).header("Authorization", auth).send_json(b),
+        ("GET", None) => agent.get(url).header("Authorization", auth).call(),
+        other => panic!("no such call {other:?}"),
+    }
+    .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().read_json().unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// The key of a connection string.
+fn shared_key(connection_string: &str) -> String {
+    connection_string
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn desired_properties_and_tags_are_held_to_the_hubs_twin_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let agent = https_agent(&running.ca_pem);
+    let hub = service_sas(&running.hub_connection_string);
+    let device = url(&running, "/devices/dev-desired");
+    let twin = url(&running, "/twins/dev-desired");
+    blocking(move || {
+        let (status, _) = call(&agent, "PUT", &device, &hub, Some(&json!({})));
+        assert_eq!(status, 200);
+        for (what, patch, accepted) in twin_limit_cases() {
+            let body = json!({"properties": {"desired": patch}});
+            let (status, answer) = call(&agent, "PATCH", &twin, &hub, Some(&body));
+            if accepted {
+                assert_eq!(status, 200, "{what}: {answer}");
+                let clear: serde_json::Map<String, Value> = patch
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|k| (k.clone(), Value::Null))
+                    .collect();
+                let body = json!({"properties": {"desired": clear}});
+                assert_eq!(call(&agent, "PATCH", &twin, &hub, Some(&body)).0, 200);
+            } else {
+                assert!(status == 400 || status == 413, "{what}: {status} {answer}");
+                assert!(answer["message"].is_string(), "{what}: {answer}");
+            }
+        }
+        // Tags: the same rules, and 8 KB in all.
+        let (status, answer) = call(
+            &agent,
+            "PATCH",
+            &twin,
+            &hub,
+            Some(&json!({"tags": {"a.b": 1}})),
+        );
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("tags.a.b"),
+            "{answer}"
+        );
+        let tags = |n: usize| json!({"tags": {"t1": "x".repeat(4094), "t2": "x".repeat(n)}});
+        assert_eq!(call(&agent, "PUT", &twin, &hub, Some(&tags(4094))).0, 200);
+        let (status, answer) = call(&agent, "PUT", &twin, &hub, Some(&tags(4095)));
+        assert_eq!(status, 413, "{answer}");
+        let (_, now) = call(&agent, "GET", &twin, &hub, None);
+        assert_eq!(now["tags"]["t2"].as_str().unwrap().len(), 4094, "unchanged");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn service_tokens_must_name_the_services_host_and_ids_follow_azures_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let agent = https_agent(&running.ca_pem);
+    let hub_key = shared_key(&running.hub_connection_string);
+    let dps_key = shared_key(&running.dps_connection_string);
+    let hub = service_sas(&running.hub_connection_string);
+    let dps = service_sas(&running.dps_connection_string);
+    let hub_host = running.sim.config.hubs[0].clone();
+    let https_port = running.https_addr.port();
+    let u = |path: &str| url(&running, path);
+    let (devices, enrollment, group) = (u("/devices"), u("/enrollments/"), u("/enrollmentGroups/"));
+    let device = u("/devices/");
+    blocking(move || {
+        let token =
+            |key: &str, sr: &str, policy: &str| sas_token(key, sr, in_an_hour(), Some(policy));
+        // The hub policy's key, but a token for another host (or for DPS's): refused, naming it.
+        for sr in [
+            "other-hub.example",
+            "localhost.evil",
+            "evil/localhost",
+            "localhost:1",
+        ] {
+            if sr == hub_host {
+                continue;
+            }
+            let (status, answer) = call(
+                &agent,
+                "GET",
+                &devices,
+                &token(&hub_key, sr, "iothubowner"),
+                None,
+            );
+            assert_eq!(status, 401, "{sr}: {answer}");
+            assert!(answer["message"].as_str().unwrap().contains(sr), "{answer}");
+        }
+        // The host itself, or a path under it, as Azure's SDKs send.
+        for sr in [
+            hub_host.clone(),
+            format!("{hub_host}/devices"),
+            hub_host.to_uppercase(),
+            // What a service SDK given `HostName=host:port` signs.
+            format!("{hub_host}:{https_port}"),
+        ] {
+            let (status, answer) = call(
+                &agent,
+                "GET",
+                &devices,
+                &token(&hub_key, &sr, "iothubowner"),
+                None,
+            );
+            assert_eq!(status, 200, "{sr}: {answer}");
+        }
+        let wrong_dps = token(&dps_key, "dps.example", "provisioningserviceowner");
+        let (status, answer) = call(&agent, "GET", &format!("{enrollment}x"), &wrong_dps, None);
+        assert_eq!(status, 401, "{answer}");
+
+        // Device ids: 128 of Azure's characters, no more, no others.
+        let longest = "a".repeat(128);
+        for good in ["dev-1.a_b:c", "d%*?!(),=@$'", longest.as_str()] {
+            let path = format!("{device}{}", hubagent::util::encoding::url_encode(good));
+            let (status, answer) = call(&agent, "PUT", &path, &hub, Some(&json!({})));
+            assert_eq!(status, 200, "{good}: {answer}");
+        }
+        for bad in [
+            "a".repeat(129),
+            "dev#1".into(),
+            "dev+1".into(),
+            "dev 1".into(),
+            "dév".into(),
+        ] {
+            let path = format!("{device}{}", hubagent::util::encoding::url_encode(&bad));
+            let (status, answer) = call(&agent, "PUT", &path, &hub, Some(&json!({})));
+            assert_eq!(status, 400, "{bad}: {answer}");
+            assert!(
+                answer["message"].as_str().unwrap().contains("deviceId"),
+                "{answer}"
+            );
+        }
+        // Registration ids, an enrollment's device id and enrollment group ids.
+        let att = json!({"type": "symmetricKey"});
+        for (id, device_id, ok) in [
+            ("gw-9.x_y:z", None, true),
+            ("gw-", None, true),
+            ("gw.", None, false),
+            ("gw 9", None, false),
+            ("gw-10", Some("bad#id"), false),
+            ("gw-11", Some("fine-id"), true),
+        ] {
+            let mut body = json!({"registrationId": id, "attestation": att});
+            if let Some(d) = device_id {
+                body["deviceId"] = json!(d);
+            }
+            let path = format!("{enrollment}{}", hubagent::util::encoding::url_encode(id));
+            let (status, answer) = call(&agent, "PUT", &path, &dps, Some(&body));
+            assert_eq!(status == 200, ok, "{id} {device_id:?}: {status} {answer}");
+        }
+        for (id, ok) in [("fleet-1", true), ("fleet.", false), ("fleet/x", false)] {
+            let body = json!({"enrollmentGroupId": id, "attestation": att});
+            let path = format!("{group}{}", hubagent::util::encoding::url_encode(id));
+            let (status, answer) = call(&agent, "PUT", &path, &dps, Some(&body));
+            assert_eq!(status == 200, ok, "{id}: {status} {answer}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dps_faults_set_slow_assignment_and_what_throttling_applies_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let agent = https_agent(&running.ca_pem);
+    let hub = service_sas(&running.hub_connection_string);
+    let faults = url(&running, "/sim/faults");
+    let sim = running.sim.clone();
+    blocking(move || {
+        let body = json!({"dpsAssigning": {"polls": 3, "retryAfter": 2},
+                          "dpsThrottle": {"count": 2, "retryAfter": 1, "requests": "poll"}});
+        assert_eq!(call(&agent, "POST", &faults, &hub, Some(&body)).0, 204);
+        {
+            let f = sim.faults.lock().unwrap();
+            assert_eq!(
+                f.dps_slow_assignment,
+                Some(hubsim::state::SlowAssignment {
+                    polls: 3,
+                    retry_after: Some(2)
+                })
+            );
+            assert_eq!(f.dps_throttle, Some((2, 1)));
+            assert_eq!(
+                f.dps_throttle_requests,
+                hubsim::state::ThrottledRequests::Poll
+            );
+        }
+        for (body, needle) in [
+            (json!({"dpsAssigning": {"polls": "many"}}), "dpsAssigning"),
+            (
+                json!({"dpsAssigning": {"polls": 1, "retryAfter": -1}}),
+                "dpsAssigning",
+            ),
+            (
+                json!({"dpsThrottle": {"count": 1, "retryAfter": 1, "requests": "later"}}),
+                "\"later\"",
+            ),
+        ] {
+            let (status, answer) = call(&agent, "POST", &faults, &hub, Some(&body));
+            assert_eq!(status, 400, "{body}: {answer}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(needle),
+                "{answer}"
+            );
+        }
+    })
+    .await;
+}

@@ -442,3 +442,82 @@ async fn the_delay_fault_holds_answers_back() {
         sent.elapsed()
     );
 }
+
+/// Reported patches on both sides of every limit IoT Hub puts on twins: accepted with 204, refused
+/// with 400 (413 for size) and a message naming the property, leaving the twin as it was.
+#[tokio::test]
+async fn reported_patches_are_held_to_the_hubs_twin_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running.sim, "dev-limits");
+    let (client, mut el) = hub_client(&running, "dev-limits", &key, in_an_hour());
+    client
+        .subscribe("$iothub/twin/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut el, |p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    for (i, (what, patch, accepted)) in twin_limit_cases().into_iter().enumerate() {
+        let send = |rid: String, body: Value| {
+            let client = client.clone();
+            async move {
+                client
+                    .publish(
+                        format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+                        QoS::AtLeastOnce,
+                        false,
+                        body.to_string(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        send(format!("c{i}"), patch.clone()).await;
+        let prefix = "$iothub/twin/res/";
+        let (status, body): (u16, Value) = until(&mut el, |p| match p {
+            Packet::Publish(p) if p.topic.contains(&format!("?$rid=c{i}")) => {
+                let status = p.topic[prefix.len()..prefix.len() + 3].parse().unwrap();
+                Some((
+                    status,
+                    serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                ))
+            }
+            _ => None,
+        })
+        .await
+        .unwrap();
+        if accepted {
+            assert_eq!(status, 204, "{what}: {body}");
+            // Leave the twin empty for the next case.
+            let clear: serde_json::Map<String, Value> = patch
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| (k.clone(), Value::Null))
+                .collect();
+            send(format!("x{i}"), Value::Object(clear)).await;
+            until(&mut el, |p| match p {
+                Packet::Publish(p) if p.topic.contains(&format!("?$rid=x{i}")) => {
+                    assert!(p.topic.starts_with("$iothub/twin/res/204/"), "{}", p.topic);
+                    Some(())
+                }
+                _ => None,
+            })
+            .await
+            .unwrap();
+        } else {
+            assert!(status == 400 || status == 413, "{what}: {status} {body}");
+            assert!(body["message"].as_str().is_some(), "{what}: {body}");
+        }
+    }
+    let twin = hubsim::twin::device_twin_document(
+        &running.sim,
+        &hubsim::state::Store::device_key("localhost", "dev-limits"),
+    )
+    .unwrap();
+    assert_eq!(
+        twin["reported"],
+        json!({"$version": twin["reported"]["$version"]})
+    );
+}

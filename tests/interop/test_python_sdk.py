@@ -79,6 +79,25 @@ def test_individual_symmetric_key_registration(hubsim):
     assert state["deviceId"] == "gateway-7"
 
 
+def test_slow_assignment_and_throttled_polls_are_waited_out(hubsim):
+    """DPS assigning asynchronously: polls answered 202 `assigning` and 429, each with retry-after;
+    Azure's SDK polls on and is assigned."""
+    key = enroll(hubsim, "py-slow")
+    hubsim["api"].request("POST", "/sim/faults", expect=204, body={
+        "dpsAssigning": {"polls": 2, "retryAfter": 1},
+        "dpsThrottle": {"count": 1, "retryAfter": 1, "requests": "poll"},
+    })
+    try:
+        result = provision(hubsim, "py-slow", key)
+    finally:
+        hubsim["api"].request("DELETE", "/sim/faults", expect=204)
+    assert result.status == "assigned"
+    assert result.registration_state.device_id == "py-slow"
+    history = hubsim["api"].request("GET", "/sim/registrations", expect=200)
+    mine = [h for h in history if h["registrationId"] == "py-slow"]
+    assert [p["status"] for p in mine[-1]["polls"]] == [429, 202, 202, 200]
+
+
 def test_group_enrollment_with_derived_key(hubsim):
     group = hubsim["api"].request("PUT", "/enrollmentGroups/py-fleet", policy="dps", expect=200, body={
         "enrollmentGroupId": "py-fleet", "attestation": {"type": "symmetricKey"}, "iotHubHostName": HUB,

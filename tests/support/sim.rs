@@ -224,6 +224,55 @@ pub fn registrations(sim: &Sim, registration_id: &str) -> usize {
     assigned_registrations(sim, registration_id).len()
 }
 
+/// Every DPS answer that carried a `retry-after` to `registration_id`, with how long the device
+/// then waited before its next request, as hubsim saw it (request arrivals, in order):
+/// `(asked, waited)`.
+pub fn retry_after_waits(
+    sim: &Sim,
+    registration_id: &str,
+) -> Vec<(std::time::Duration, std::time::Duration)> {
+    let mut requests: Vec<(u64, Option<u64>)> = Vec::new();
+    for event in registration_events(sim)
+        .into_iter()
+        .filter(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
+    {
+        requests.push((event.time_ms, event.retry_after));
+        requests.extend(event.polls.iter().map(|p| (p.time_ms, p.retry_after)));
+    }
+    requests.sort_by_key(|(time, _)| *time);
+    requests
+        .windows(2)
+        .filter_map(|pair| {
+            let asked = pair[0].1?;
+            Some((
+                std::time::Duration::from_secs(asked),
+                std::time::Duration::from_millis(pair[1].0 - pair[0].0),
+            ))
+        })
+        .collect()
+}
+
+/// How much later than asked a device may send its next DPS request: its own scheduling, the
+/// answer's way to it and the request's way back, on loopback.
+pub const RETRY_AFTER_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asserts that `registration_id` waited what DPS asked after each of at least `expected`
+/// answers carrying `retry-after`: never less, and at most [`RETRY_AFTER_SLACK`] more.
+pub fn assert_retry_after_honoured(sim: &Sim, registration_id: &str, expected: usize) {
+    let waits = retry_after_waits(sim, registration_id);
+    assert!(
+        waits.len() >= expected,
+        "{registration_id}: {} answers with retry-after followed by a request, expected {expected}: {waits:?}",
+        waits.len()
+    );
+    for (asked, waited) in &waits {
+        assert!(
+            waited >= asked && *waited <= *asked + RETRY_AFTER_SLACK,
+            "{registration_id}: DPS asked for {asked:?} and the device waited {waited:?} (all: {waits:?})"
+        );
+    }
+}
+
 /// The outcome of every DPS request hubsim answered (`assigned`, `throttled`, ...), in order.
 pub fn registration_outcomes(sim: &Sim) -> Vec<String> {
     registration_events(sim)
@@ -278,4 +327,95 @@ pub fn reported_plugin(sim: &Sim, device_id: &str, name: &str) -> Value {
         .get(name)
         .cloned()
         .unwrap_or(Value::Null)
+}
+
+/// Twin patches on both sides of each of IoT Hub's limits on keys, values and nesting
+/// (docs/hubsim.md, "Twin limits"): `(what it probes, patch, whether the hub accepts it)`.
+pub fn twin_limit_cases() -> Vec<(&'static str, Value, bool)> {
+    use serde_json::json;
+    let nested = |levels: usize| {
+        let mut v = json!("leaf");
+        for _ in 0..levels {
+            v = json!({"d": v});
+        }
+        v
+    };
+    let arrays = |levels: usize| {
+        let mut v = json!(1);
+        for _ in 0..levels {
+            v = json!([v]);
+        }
+        v
+    };
+    let max_int: i64 = 4_503_599_627_370_495;
+    let min_int: i64 = -4_503_599_627_370_496;
+    let key_1k = "k".repeat(1024);
+    let key_over = "k".repeat(1025);
+    vec![
+        ("key of 1024 bytes", json!({key_1k: 1}), true),
+        ("key of 1025 bytes", json!({key_over: 1}), false),
+        (
+            "nested key of 1025 bytes",
+            json!({"a": {"k".repeat(1025): 1}}),
+            false,
+        ),
+        (
+            "key with a C0 control character",
+            json!({"a\u{1}b": 1}),
+            false,
+        ),
+        (
+            "key with a C1 control character",
+            json!({"a\u{85}b": 1}),
+            false,
+        ),
+        ("key with '.'", json!({"a.b": 1}), false),
+        ("key with '$'", json!({"a$b": 1}), false),
+        ("key with ' '", json!({"a b": 1}), false),
+        ("key with other punctuation", json!({"a-b_c:d#e": 1}), true),
+        ("string of 4096 bytes", json!({"s": "x".repeat(4096)}), true),
+        (
+            "string of 4097 bytes",
+            json!({"s": "x".repeat(4097)}),
+            false,
+        ),
+        (
+            "string of 4098 bytes in 2-byte characters",
+            json!({"s": "é".repeat(2049)}),
+            false,
+        ),
+        (
+            "nested string of 4097 bytes",
+            json!({"a": {"s": "x".repeat(4097)}}),
+            false,
+        ),
+        ("largest integer", json!({"i": max_int}), true),
+        ("smallest integer", json!({"i": min_int}), true),
+        ("integer above the range", json!({"i": max_int + 1}), false),
+        ("integer below the range", json!({"i": min_int - 1}), false),
+        ("u64 integer", json!({"i": u64::MAX}), false),
+        (
+            "float beyond the integer range",
+            json!({"f": 1.0e300}),
+            true,
+        ),
+        ("objects 10 levels deep", json!({"top": nested(10)}), true),
+        ("objects 11 levels deep", json!({"top": nested(11)}), false),
+        ("arrays 10 levels deep", json!({"top": arrays(10)}), true),
+        ("arrays 11 levels deep", json!({"top": arrays(11)}), false),
+        ("null in an array", json!({"a": [1, null]}), false),
+        ("null removing a key", json!({"gone": null}), true),
+        // 8 × (2-character key + 4094-character string) = 32768 as the hub counts.
+        ("section of 32768 bytes", section_of(0), true),
+        ("section of 32769 bytes", section_of(1), false),
+    ]
+}
+
+fn section_of(extra: usize) -> Value {
+    let mut map = serde_json::Map::new();
+    for i in 0..8 {
+        let len = if i == 0 { 4094 + extra } else { 4094 };
+        map.insert(format!("s{i}"), Value::String("x".repeat(len)));
+    }
+    Value::Object(map)
 }

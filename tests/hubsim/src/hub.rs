@@ -171,7 +171,7 @@ fn twin_error(e: &TwinError, rid: &str) -> Reply {
     let (status, code) = match e {
         TwinError::NotFound(_) => (404, 404001),
         TwinError::BadPatch(_) => (400, 400004),
-        TwinError::TooLarge => (413, 413001),
+        TwinError::TooLarge(_) => (413, 413001),
         TwinError::Persist(_) => (500, 500001),
     };
     let body = crate::dps::error_body(code, &e.to_string());

@@ -31,6 +31,10 @@ use std::sync::Arc;
 
 pub use state::Sim;
 
+/// The DPS service endpoint's host name: the `HostName` of the provisioning service connection
+/// string, and the host the management API expects in the `sr` of DPS-policy tokens.
+pub const DPS_SERVICE_HOST: &str = "localhost";
+
 /// What `hubsim serve` (or an embedding test / `hubagent demo`) asks for.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -149,7 +153,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
             .unwrap_or("localhost")
     );
     let dps_connection_string = format!(
-        "HostName=localhost;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={dps_key}"
+        "HostName={DPS_SERVICE_HOST};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={dps_key}"
     );
     state::write_atomic(
         &options.state_dir.join("connection-strings.txt"),

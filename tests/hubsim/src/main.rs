@@ -166,6 +166,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 CertsCommand::Device { out, cn, issuer } => (CertKind::Device, out, cn, issuer),
             };
+            if cn.chars().count() > hubsim::state::MAX_CN_LEN {
+                anyhow::bail!(
+                    "--cn '{cn}' is {} characters long: X.509 common names are at most {}",
+                    cn.chars().count(),
+                    hubsim::state::MAX_CN_LEN
+                );
+            }
+            if matches!(kind, CertKind::Device)
+                && let Err(why) = hubsim::state::check_registration_id(&cn)
+            {
+                anyhow::bail!(
+                    "--cn '{cn}' cannot be a DPS registration id (the device certificate's CN is one): {why}"
+                );
+            }
             let issued = pki::issue(kind, &cn, &out, issuer.as_deref())?;
             println!("certificate: {}", issued.cert_path.display());
             println!("private key: {}", issued.key_path.display());

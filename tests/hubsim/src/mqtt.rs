@@ -295,8 +295,16 @@ async fn next_event(
     }
 }
 
-fn keep_alive_limit(connect: &Connect) -> Option<Duration> {
-    (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500))
+/// The longest a connection may stay silent: 1.5 × the CONNECT's keep-alive (MQTT 3.1.1 §3.1.2.10),
+/// capped as IoT Hub and DPS cap it at the Azure load balancer's idle timeout of 29.45 minutes —
+/// also for a keep-alive of 0, which the load balancer does not know about (docs/hubsim.md).
+pub const MAX_IDLE: Duration = Duration::from_secs(1767);
+
+fn keep_alive_limit(keep_alive_secs: u16) -> Duration {
+    match keep_alive_secs {
+        0 => MAX_IDLE,
+        n => Duration::from_millis(u64::from(n) * 1500).min(MAX_IDLE),
+    }
 }
 
 async fn maybe_delay(sim: &Sim) {
@@ -352,7 +360,7 @@ async fn run_dps(
 
     let (_unused_tx, mut commands) = mpsc::unbounded_channel();
     let mut ids = PacketIds(0);
-    let keep_alive = keep_alive_limit(connect);
+    let keep_alive = Some(keep_alive_limit(connect.keep_alive));
     let reason = loop {
         let packet = match next_event(&mut transport, &mut commands, keep_alive, deadline).await {
             Next::Packet(p) => p,
@@ -577,7 +585,7 @@ async fn hub_loop(
     deadline: Option<tokio::time::Instant>,
 ) -> String {
     let mut ids = PacketIds(0);
-    let keep_alive = keep_alive_limit(connect);
+    let keep_alive = Some(keep_alive_limit(connect.keep_alive));
     loop {
         let packet = match next_event(transport, commands, keep_alive, deadline).await {
             Next::Packet(p) => p,
@@ -672,6 +680,22 @@ async fn hub_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silence_is_allowed_for_one_and_a_half_keep_alives_capped_at_1767_s() {
+        assert_eq!(keep_alive_limit(60), Duration::from_secs(90));
+        // 1177 s is the largest keep-alive whose 1.5× fits under the cap ...
+        assert_eq!(keep_alive_limit(1177), Duration::from_millis(1_765_500));
+        assert!(keep_alive_limit(1177) < MAX_IDLE);
+        // ... from 1178 s on, the hub's cap applies.
+        assert_eq!(keep_alive_limit(1178), MAX_IDLE);
+        assert_eq!(keep_alive_limit(u16::MAX), MAX_IDLE);
+        assert_eq!(
+            keep_alive_limit(0),
+            MAX_IDLE,
+            "no keep-alive: the idle cap still holds"
+        );
+    }
 
     #[test]
     fn usernames_of_real_clients_are_told_apart() {
