@@ -7,6 +7,7 @@ use hubagent::identity::Credential;
 use hubagent::identity::keys::MemoryKey;
 use hubagent::provisioning::dps::{DpsError, DpsRequest, register};
 use hubagent_tests::*;
+use hubsim::state::{SlowAssignment, ThrottledRequests};
 
 fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
     DpsRequest {
@@ -99,6 +100,63 @@ async fn throttling_is_honoured_then_registration_completes() {
         registration_outcomes(&running.sim),
         ["throttled", "throttled", "assigned"]
     );
+}
+
+/// DPS assigns asynchronously: polls answered `assigning`, throttled registrations and throttled
+/// polls each carry a `retry-after`, and the agent waits just that long before the next request
+/// (as hubsim measures it), never less and not noticeably more.
+#[tokio::test]
+async fn retry_after_is_honoured_for_registrations_and_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+
+    // A throttled registration (1 s), then two polls answered `assigning` (2 s each).
+    let key = enroll(&sim, "gw-dps-slow-1");
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((1, 1));
+        faults.dps_throttle_requests = ThrottledRequests::Register;
+        faults.dps_slow_assignment = Some(SlowAssignment {
+            polls: 2,
+            retry_after: Some(2),
+        });
+    }
+    let assignment = register(
+        &request(&running, "gw-dps-slow-1"),
+        &sas(&key),
+        tls(&running),
+    )
+    .await
+    .unwrap();
+    assert_eq!(assignment.device_id, "gw-dps-slow-1");
+    assert_retry_after_honoured(&sim, "gw-dps-slow-1", 4);
+
+    // Throttled polls (1 s each), then one `assigning` poll (1 s).
+    let key = enroll(&sim, "gw-dps-slow-2");
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((2, 1));
+        faults.dps_throttle_requests = ThrottledRequests::Poll;
+        faults.dps_slow_assignment = Some(SlowAssignment {
+            polls: 1,
+            retry_after: Some(1),
+        });
+    }
+    register(
+        &request(&running, "gw-dps-slow-2"),
+        &sas(&key),
+        tls(&running),
+    )
+    .await
+    .unwrap();
+    let polls: Vec<u16> = registration_events(&sim)
+        .iter()
+        .filter(|e| e.registration_id == "gw-dps-slow-2")
+        .flat_map(|e| e.polls.iter().map(|p| p.status))
+        .collect();
+    assert_eq!(polls, [429, 429, 202, 200]);
+    assert_retry_after_honoured(&sim, "gw-dps-slow-2", 4);
 }
 
 #[tokio::test]

@@ -579,8 +579,21 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
     let config = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
     let config_arg = config.to_str().unwrap();
 
+    // DPS throttles the first request and assigns slowly: the HTTPS client waits what each
+    // retry-after asks, no less and not noticeably more.
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((1, 1));
+        faults.dps_throttle_requests = hubsim::state::ThrottledRequests::Register;
+        faults.dps_slow_assignment = Some(hubsim::state::SlowAssignment {
+            polls: 2,
+            retry_after: Some(1),
+        });
+    }
     let out = hubagent(&["-c", config_arg, "provision", "--json"], "");
     assert!(out.status.success(), "{out:?}");
+    assert_retry_after_honoured(&sim, &id, 4);
+    sim.faults.lock().unwrap().dps_slow_assignment = None;
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["deviceId"], id.as_str());
     assert_eq!(result["hub"], "localhost");
@@ -601,8 +614,12 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
         .collect();
     assert_eq!(
         attestations,
-        ["https:tpm:tpm-challenge", "https:tpm:assigned"],
-        "challenge, then the signed registration"
+        [
+            "https:tpm:throttled",
+            "https:tpm:tpm-challenge",
+            "https:tpm:assigned"
+        ],
+        "throttled, challenge, then the signed registration"
     );
 
     // The daemon boots from the cached assignment and signs hub tokens in the TPM.
