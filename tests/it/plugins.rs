@@ -742,3 +742,50 @@ int main(void) {
     ];
     assert_eq!(got, want);
 }
+
+/// A plugin's error can be any length; IoT Hub refuses a reported string over 4 KB (and the
+/// whole patch with it). A plugin refusing its settings with a 10 KB reason still gets its
+/// status reported, with the reason capped; the agent's other reported properties go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_error_of_10_kb_is_reported_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let build = tempfile::tempdir().unwrap();
+    let source = build.path().join("verbose-refusal.sh");
+    std::fs::write(
+        &source,
+        "#!/bin/sh\n# Refuses every settings line with a reason of 10240 bytes.\nwhile read -r line; do\n  printf '{\"rejectSettings\": \"%s\"}\\n' \"$(head -c 10240 /dev/zero | tr '\\000' r)\"\ndone\n",
+    )
+    .unwrap();
+    let script = install_plugin(dir.path(), &source, 0o755);
+    let plugins = format!(
+        "[[plugin]]\nname = \"verbose\"\nkind = \"exec\"\ncommand = [\"/bin/sh\", \"{}\"]\n[plugin.settings]\nlevel = 1\n",
+        script.display()
+    );
+    let device = "gw-plugins-long-error";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let agent = AgentProcess::start(&config);
+    let r = wait_reported(
+        &sim,
+        device,
+        "verbose",
+        "the rejection",
+        |v| v["status"] == "rejected-settings",
+        &agent,
+    )
+    .await;
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.len() <= hubagent::plugins::MAX_REPORTED_ERROR,
+        "{} bytes",
+        error.len()
+    );
+    assert!(error.starts_with("rrrr"), "{error}");
+    assert!(error.ends_with("[10240 bytes, truncated]"), "{error}");
+    assert_eq!(reported(&sim, device, "agent")["deviceId"], device);
+    // The whole reason stays available locally.
+    let list = agent.plugins_list();
+    assert_eq!(list["verbose"]["error"].as_str().unwrap().len(), 10240);
+    assert_eq!(agent.stop(), Some(0));
+}

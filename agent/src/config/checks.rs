@@ -108,8 +108,30 @@ pub(super) fn key_sources(p: &Provisioning) -> Result<(), Invalid> {
     }
 }
 
-/// SAS renewal, queue size, in-flight window and message size within what works.
+/// The largest MQTT keep-alive IoT Hub honours: the hub closes a connection silent for 1.5 ×
+/// keep-alive but never waits longer than 1767 s (the Azure load balancer's idle timeout), so
+/// 1767 / 1.5 = 1177 s. Source: Azure's "Communicate with an IoT hub using the MQTT protocol"
+/// (MicrosoftDocs/azure-docs, articles/iot/iot-mqtt-connect-to-iot-hub.md, "Default keep-alive
+/// timeout"); docs/configuration.md.
+pub(super) const MAX_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1177);
+
+/// SAS renewal, keep-alive, queue size, in-flight window and message size within what works.
 pub(super) fn hub_and_queue_limits(hub: &HubSettings, queue: &QueueConfig) -> Result<(), Invalid> {
+    if hub.keep_alive > MAX_KEEP_ALIVE {
+        return Err(invalid(
+            "hub.keep_alive",
+            format!(
+                "{} is above IoT Hub's limit of 1177s: the hub drops connections idle for 1767 s (1.5 × keep-alive, capped), so a longer keep-alive loses the connection between pings",
+                humantime::format_duration(hub.keep_alive)
+            ),
+        ));
+    }
+    if hub.keep_alive < std::time::Duration::from_secs(1) {
+        return Err(invalid(
+            "hub.keep_alive",
+            "must be at least 1s (MQTT counts keep-alive in whole seconds; 0 would turn pings off and the hub drops idle connections after 1767 s)",
+        ));
+    }
     if hub.renew_before >= hub.sas_ttl {
         return Err(invalid(
             "hub.renew_before",

@@ -876,6 +876,30 @@ max_message_size = "128KiB"
     }
 
     #[test]
+    fn keep_alive_is_refused_above_what_iot_hub_honours() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |keep_alive: &str| {
+            let text = GOOD.replace(
+                "sas_ttl = \"2h\"",
+                &format!("sas_ttl = \"2h\"\nkeep_alive = \"{keep_alive}\""),
+            );
+            Config::load(&write(dir.path(), "config.toml", &text), &no_env)
+        };
+        let config = with("1177s").unwrap();
+        assert_eq!(config.hub.keep_alive, Duration::from_secs(1177));
+        let err = with("1178s").unwrap_err().to_string();
+        assert!(err.contains("hub.keep_alive"), "{err}");
+        assert!(err.contains("1177s"), "names the limit: {err}");
+        assert!(err.contains("19m 38s"), "names the value: {err}");
+        assert!(with("1s").is_ok());
+        let err = with("0s").unwrap_err().to_string();
+        assert!(
+            err.contains("hub.keep_alive") && err.contains("at least 1s"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_file_line_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let text = GOOD.replace("sas_ttl = \"2h\"", "sas_ttl = \"2h\"\nsas_tll = \"1h\"");

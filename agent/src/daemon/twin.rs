@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::Daemon;
-use crate::hub::{SessionHandle, TwinError};
+use crate::hub::{SessionHandle, TwinError, within_hub_limits};
 use crate::state::ProvisioningCache;
 use crate::telemetry::QueueStats;
 use crate::util::json::{diff, merge};
@@ -40,7 +40,9 @@ pub(super) fn wanted_reported(
         }),
     );
     wanted.insert("plugins".into(), plugins);
-    wanted
+    // Plugin names, settings and messages come from outside: a property the hub refuses would
+    // make it refuse every report from now on.
+    within_hub_limits(wanted)
 }
 
 /// The top-level keys of `wanted` that differ from `sent`, and the patch that sends them: a key

@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-pub use twin::split_twin;
+pub use twin::{split_twin, within_hub_limits};
 
 use crate::identity::Credential;
 use crate::message::TelemetryMessage;

@@ -41,8 +41,14 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::plugin::{Isolation, Kind, PluginSpec};
+use crate::util::encoding::cap_text;
 
 pub use supervisor::Supervisor;
+
+/// The longest `error` reported for a plugin, in UTF-8 bytes: the hub takes strings of up to
+/// 4 KB and 32 KB of reported properties in all, shared by every plugin; the whole reason is in
+/// the log and `hubagent plugins list`.
+pub const MAX_REPORTED_ERROR: usize = 1024;
 
 /// Where a plugin stands (reported as `status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -120,7 +126,7 @@ impl Registry {
                 "restarts": s.restarts,
             });
             if let Some(e) = &s.error {
-                v["error"] = json!(e);
+                v["error"] = json!(cap_text(e, MAX_REPORTED_ERROR));
             }
             if let Some(abi) = &s.abi {
                 v["abi"] = json!(abi);
@@ -153,6 +159,10 @@ impl Registry {
             v["health"] = json!(s.health);
             v["healthDetail"] = json!(s.health_detail);
             v["lastFailure"] = json!(s.last_failure);
+            // The whole reason, not the twin's capped one.
+            if s.error.is_some() {
+                v["error"] = json!(s.error);
+            }
             v["logsDropped"] = json!(s.logs_dropped);
             v["maxRate"] = json!(spec.limits.max_rate);
         }
