@@ -1017,6 +1017,7 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         "dpsThrottle",
         "delayMs",
         "tokenLifetimeSeconds",
+        "twinThrottle",
     ];
     if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
         return fail(
@@ -1049,6 +1050,10 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         Ok(v) => v,
         Err(r) => return r,
     };
+    let twin_throttle = match number("twinThrottle") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let throttle = match map.get("dpsThrottle") {
         None => None,
         Some(t) => match (
@@ -1077,6 +1082,9 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
     }
     if throttle.is_some() {
         faults.dps_throttle = throttle.filter(|(count, _)| *count > 0);
+    }
+    if let Some(count) = twin_throttle {
+        faults.twin_throttle = u32::try_from(count).unwrap_or(u32::MAX);
     }
     drop(faults);
     if refuse.is_some() {

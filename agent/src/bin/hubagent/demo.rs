@@ -113,7 +113,7 @@ async fn play_operator(
     narrator: &mut Narrator,
     args: &DemoArgs,
 ) -> anyhow::Result<()> {
-    let device_key = Store::device_key("localhost", REGISTRATION_ID);
+    let device_key = Store::device_key(&sim.config.hubs[0], REGISTRATION_ID);
     let start = tokio::time::Instant::now();
     let total = if args.duration.is_zero() {
         Duration::from_secs(u64::MAX / 4)
@@ -353,7 +353,7 @@ impl Narrator {
         if let Some(version) = self.watch_ack {
             let reported = sim.read(|s| {
                 s.devices
-                    .get(&Store::device_key("localhost", REGISTRATION_ID))
+                    .get(&Store::device_key(&sim.config.hubs[0], REGISTRATION_ID))
                     .and_then(|d| d.twin.reported.get("plugins").cloned())
             });
             if let Some(plugin) = reported.as_ref().and_then(|p| p.get(PLUGIN))
