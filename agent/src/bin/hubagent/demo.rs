@@ -35,9 +35,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let running = hubsim::start(hubsim::Options::ephemeral(dir.join("hubsim"))).await?;
     let sim = running.sim.clone();
     println!(
-        "[hubsim] DPS + IoT Hub on localhost:{} (MQTT over TLS), management API on https://localhost:{}",
-        running.mqtt_addr.port(),
-        running.https_addr.port()
+        "[hubsim] DPS on localhost:{port}, IoT Hub {hub} on {hub}:{port} (MQTT over TLS), management API on https://localhost:{}",
+        running.https_addr.port(),
+        port = running.mqtt_addr.port(),
+        hub = running.sim.config.hubs[0],
     );
     let config_path = enroll_and_configure(&dir, &running, args.interval)?;
     println!("[agent]  configuration {}", config_path.display());
