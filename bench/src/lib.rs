@@ -26,16 +26,18 @@ pub fn sas(key_b64: &str, resource: &str, key_name: Option<&str>) -> anyhow::Res
     Ok(keys::sas_token(&key, resource, expiry, key_name)?)
 }
 
-/// One MQTT-over-TLS client (clean session, 256 KiB packets like the hub's limit).
+/// One MQTT-over-TLS client (clean session, 256 KiB packets like the hub's limit) to `host`:
+/// hubsim's DPS (`localhost`) or a hub, which is another host (docs/hubsim.md, "Topology").
 pub fn client(
     tls: &Arc<rustls::ClientConfig>,
+    host: &str,
     client_id: &str,
     port: u16,
     username: &str,
     password: &str,
     inflight: u16,
 ) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(client_id, "localhost", port);
+    let mut mqtt = MqttOptions::new(client_id, host, port);
     mqtt.set_keep_alive(Duration::from_secs(60));
     mqtt.set_clean_session(true);
     mqtt.set_inflight(inflight.max(1));

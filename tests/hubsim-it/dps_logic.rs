@@ -372,7 +372,17 @@ fn a_disabled_enrollment_answers_disabled_and_creates_nothing() {
     // As DPS does (docs/protocol.md §1.5): the device learns it from the operation status.
     let done = provision(&sim, "dev-05", &dps_sas(&keys.primary_key, "dev-05"));
     assert_eq!(done["status"], "disabled");
-    assert!(done.get("registrationState").is_none());
+    // DeviceRegistrationResult with status "disabled": no hub, no device, no errorCode
+    // (docs/hubsim.md, "DPS error answers").
+    let state = &done["registrationState"];
+    assert_eq!(state["registrationId"], "dev-05");
+    assert_eq!(state["status"], "disabled");
+    for absent in ["assignedHub", "deviceId", "errorCode"] {
+        assert!(state.get(absent).is_none(), "{absent} in {state}");
+    }
+    for present in ["createdDateTimeUtc", "lastUpdatedDateTimeUtc", "etag"] {
+        assert!(state[present].is_string(), "{present} missing from {state}");
+    }
     assert!(sim.read(|s| s.devices.is_empty() && s.registrations.is_empty()));
     assert_eq!(registration_outcomes(&sim), ["disabled"]);
 
@@ -385,6 +395,31 @@ fn a_disabled_enrollment_answers_disabled_and_creates_nothing() {
     let done = provision(&sim, "member", &dps_sas(&derived, "member"));
     assert_eq!(done["status"], "disabled");
     assert!(sim.read(|s| s.devices.is_empty()));
+}
+
+#[test]
+fn an_enrollment_whose_hub_is_not_linked_fails_as_an_operation_with_400208() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["localhost"]);
+    let keys = key_pair();
+    Enrollment::symmetric_key(&keys)
+        .with(|c| c.iot_hub_host_name = Some("not-linked.example.net".into()))
+        .individual(&sim, "dev-06");
+    // DPS accepts the registration (202) and the poll tells the outcome, as the C SDK reads it.
+    let done = provision(&sim, "dev-06", &dps_sas(&keys.primary_key, "dev-06"));
+    assert_eq!(done["status"], "failed");
+    let state = &done["registrationState"];
+    assert_eq!(state["status"], "failed");
+    assert_eq!(state["errorCode"], 400208);
+    assert!(
+        state["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("not-linked.example.net")),
+        "{state}"
+    );
+    assert!(state["lastUpdatedDateTimeUtc"].is_string(), "{state}");
+    assert!(sim.read(|s| s.devices.is_empty()));
+    assert_eq!(registration_outcomes(&sim), ["failed"]);
 }
 
 #[test]

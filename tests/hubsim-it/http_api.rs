@@ -242,7 +242,7 @@ async fn state_survives_a_restart() {
         let running = start_sim(dir.path()).await;
         let key = enroll(&running.sim, "persist-1");
         add_device(&running.sim, "persist-dev");
-        let device_key = hubsim::state::Store::device_key("localhost", "persist-dev");
+        let device_key = device_key(&running.sim, "persist-dev");
         hubsim::twin::apply_desired_patch(&running.sim, &device_key, &json!({"mode": "eco"}))
             .unwrap();
         let scope = running.sim.read(|s| s.id_scope.clone());
@@ -265,11 +265,9 @@ async fn state_survives_a_restart() {
         }
         other => panic!("{other:?}"),
     }
-    let twin = hubsim::twin::device_twin_document(
-        &running.sim,
-        &hubsim::state::Store::device_key("localhost", "persist-dev"),
-    )
-    .unwrap();
+    let twin =
+        hubsim::twin::device_twin_document(&running.sim, &device_key(&running.sim, "persist-dev"))
+            .unwrap();
     assert_eq!(twin["desired"]["mode"], "eco");
     assert_eq!(twin["desired"]["$version"], 1);
 }

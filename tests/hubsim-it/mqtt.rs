@@ -77,14 +77,15 @@ async fn dps_registers_an_individual_symmetric_key_enrollment() {
     assert_eq!(done["status"], "assigned");
     let state = &done["registrationState"];
     assert_eq!(state["registrationId"], "dev-01");
-    assert_eq!(state["assignedHub"], "localhost");
+    assert_eq!(state["assignedHub"], hubsim::DEFAULT_HUB);
     assert_eq!(state["deviceId"], "dev-01");
     assert_eq!(state["payload"], json!({"site": "north"}));
     // The device now exists in the hub and can connect with the enrollment's key.
-    assert!(running.sim.read(|s| {
-        s.devices
-            .contains_key(&hubsim::state::Store::device_key("localhost", "dev-01"))
-    }));
+    assert!(
+        running
+            .sim
+            .read(|s| { s.devices.contains_key(&device_key(&running.sim, "dev-01")) })
+    );
 }
 
 #[tokio::test]
@@ -258,7 +259,7 @@ async fn twin_get_reported_patch_and_desired_push() {
     assert_eq!(twin["reported"]["fw"], "1.0");
     let before = twin["desired"]["$version"].as_u64().unwrap();
 
-    let device_key = hubsim::state::Store::device_key("localhost", "dev-04");
+    let device_key = device_key(&running.sim, "dev-04");
     let version =
         hubsim::twin::apply_desired_patch(&running.sim, &device_key, &json!({"interval": 10}))
             .unwrap();
@@ -443,6 +444,259 @@ async fn the_delay_fault_holds_answers_back() {
     );
 }
 
+/// How a CONNECT of `client` ends: Ok on CONNACK 0, else the refusal.
+async fn connack(client: &mut rumqttc::EventLoop) -> Result<(), ConnectionError> {
+    until(client, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await
+}
+
+fn refused(result: Result<(), ConnectionError>) -> bool {
+    matches!(
+        result,
+        Err(ConnectionError::ConnectionRefused(
+            ConnectReturnCode::NotAuthorized
+        ))
+    )
+}
+
+#[tokio::test]
+async fn the_hub_is_another_host_than_dps_and_knows_only_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let hub = hubsim::DEFAULT_HUB;
+    assert_eq!(running.sim.config.hubs, [hub]);
+    assert_eq!(running.hub_addrs[0].1.ip().to_string(), hub);
+    assert_ne!(running.hub_addrs[0].1.ip(), running.mqtt_addr.ip());
+    let key = add_device(&running.sim, "dev-20");
+    let (user, pass) = hub_credentials(hub, "dev-20", &key, in_an_hour());
+
+    // The hub's own host, its own name in the username and `sr`: accepted.
+    let (_ok, mut el) = mqtt_client_at(&running, hub, "dev-20", &user, &pass);
+    connack(&mut el).await.unwrap();
+    // The same CONNECT sent to the DPS endpoint: DPS does not know hubs' usernames.
+    let (_c, mut el) = mqtt_client_at(&running, "localhost", "dev-20", &user, &pass);
+    assert!(refused(connack(&mut el).await));
+    // The hub's host, but another host named in the username (and `sr`).
+    let (user_dps, pass_dps) = hub_credentials("localhost", "dev-20", &key, in_an_hour());
+    let (_c, mut el) = mqtt_client_at(&running, hub, "dev-20", &user_dps, &pass_dps);
+    assert!(refused(connack(&mut el).await));
+    // The right username, a token for another host (`sr`).
+    let (_c, mut el) = mqtt_client_at(&running, hub, "dev-20", &user, &pass_dps);
+    assert!(refused(connack(&mut el).await));
+    // A DPS registration sent to the hub's host.
+    let scope = running.sim.read(|s| s.id_scope.clone());
+    enroll(&running.sim, "dev-21");
+    let (_c, mut el) = mqtt_client_at(
+        &running,
+        hub,
+        "dev-21",
+        &dps_username(&scope, "dev-21"),
+        "SharedAccessSignature sr=x&sig=eA%3D%3D&se=1",
+    );
+    assert!(refused(connack(&mut el).await));
+
+    let reasons: Vec<String> = connection_events(&running.sim, "dev-20")
+        .into_iter()
+        .filter(|e| e.event == "refused")
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].contains("reached the DPS endpoint"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("reached the host of"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("SAS token is for resource"),
+        "{reasons:?}"
+    );
+    let dps_at_hub = connection_events(&running.sim, "dev-21");
+    assert!(
+        dps_at_hub[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("DPS is another host")),
+        "{dps_at_hub:?}"
+    );
+}
+
+#[tokio::test]
+async fn twin_answers_go_only_to_subscribers_of_twin_res() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running.sim, "dev-22");
+    let (client, mut el) = hub_client(&running, "dev-22", &key, in_an_hour());
+    // Not subscribed: the reported patch is applied, but neither it nor the GET is answered.
+    client
+        .publish(
+            "$iothub/twin/PATCH/properties/reported/?$rid=p0",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"fw":"2.0"}"#,
+        )
+        .await
+        .unwrap();
+    client
+        .publish("$iothub/twin/GET/?$rid=g0", QoS::AtLeastOnce, false, " ")
+        .await
+        .unwrap();
+    client
+        .subscribe("$iothub/twin/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .publish("$iothub/twin/GET/?$rid=g1", QoS::AtLeastOnce, false, " ")
+        .await
+        .unwrap();
+    // Every publish the device receives until g1's answer: answers come in request order, so
+    // p0's or g0's would come first.
+    let mut received = Vec::new();
+    let twin = until(&mut el, |p| match p {
+        Packet::Publish(p) => {
+            received.push(p.topic.clone());
+            p.topic
+                .contains("$rid=g1")
+                .then(|| serde_json::from_slice::<Value>(&p.payload).unwrap())
+        }
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(received, ["$iothub/twin/res/200/?$rid=g1"]);
+    assert_eq!(twin["reported"]["fw"], "2.0");
+}
+
+#[tokio::test]
+async fn an_unacknowledged_c2d_message_is_delivered_again_on_the_next_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running.sim, "dev-23");
+    let device = device_key(&running.sim, "dev-23");
+    let hub = hubsim::DEFAULT_HUB;
+    let connect = || {
+        let (user, pass) = hub_credentials(hub, "dev-23", &key, in_an_hour());
+        let mut options = mqtt_options_at(&running, hub, "dev-23", &user, &pass);
+        options.set_manual_acks(true);
+        rumqttc::AsyncClient::new(options, 16)
+    };
+    let send = |mid: &str| {
+        let message = hubsim::state::C2dMessage {
+            body: format!("body of {mid}").into(),
+            properties: vec![("$.mid".into(), mid.into())],
+        };
+        hubsim::twin::send_c2d(&running.sim, &device, message).unwrap();
+    };
+    let receive = |client: rumqttc::AsyncClient, mut el: rumqttc::EventLoop| async move {
+        client
+            .subscribe("devices/dev-23/messages/devicebound/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let publish = until(&mut el, |p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+        (client, el, publish)
+    };
+    let disconnected = |n: usize| {
+        let sim = running.sim.clone();
+        async move {
+            let gone = sim
+                .wait_until(WAIT, |s| {
+                    connection_events(s, "dev-23")
+                        .iter()
+                        .filter(|e| e.event == "disconnected")
+                        .count()
+                        >= n
+                })
+                .await;
+            assert!(gone, "connection {n} did not end");
+        }
+    };
+    send("c-1");
+
+    // Delivered, not acknowledged, connection gone: the hub still has it.
+    let (client, el) = connect();
+    let (client, el, first) = receive(client, el).await;
+    assert!(first.topic.contains("%24.mid=c-1"), "{}", first.topic);
+    drop((client, el));
+    disconnected(1).await;
+
+    // Delivered again; this time the device completes it with its PUBACK.
+    let (client, el) = connect();
+    let (client, mut el, again) = receive(client, el).await;
+    assert!(again.topic.contains("%24.mid=c-1"), "{}", again.topic);
+    assert_eq!(again.payload, first.payload);
+    client.ack(&again).await.unwrap();
+    client.disconnect().await.unwrap();
+    while el.poll().await.is_ok() {}
+    disconnected(2).await;
+
+    // Completed: the next connection gets only what is new.
+    send("c-2");
+    let (client, el) = connect();
+    let (_client, _el, next) = receive(client, el).await;
+    assert!(next.topic.contains("%24.mid=c-2"), "{}", next.topic);
+}
+
+// Multi-threaded: the fault is set through the (blocking) HTTPS client while hubsim serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_twin_throttle_fault_answers_429_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running.sim, "dev-24");
+    let http = https_agent(&running.ca_pem);
+    let answer = http
+        .post(url(&running, "/sim/faults"))
+        .header("Authorization", service_sas(&running.hub_connection_string))
+        .header("Content-Type", "application/json")
+        .send(r#"{"twinThrottle": 2}"#)
+        .unwrap();
+    assert_eq!(answer.status(), 204);
+    let (client, mut el) = hub_client(&running, "dev-24", &key, in_an_hour());
+    client
+        .subscribe("$iothub/twin/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut el, |p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for (topic, body) in [
+        (
+            "$iothub/twin/PATCH/properties/reported/?$rid=1",
+            r#"{"a":1}"#,
+        ),
+        ("$iothub/twin/GET/?$rid=2", " "),
+        ("$iothub/twin/GET/?$rid=3", " "),
+    ] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+        answers.push(
+            until(&mut el, |p| match p {
+                Packet::Publish(p) => Some((
+                    p.topic.clone(),
+                    serde_json::from_slice::<Value>(&p.payload).unwrap_or_default(),
+                )),
+                _ => None,
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    assert_eq!(answers[0].0, "$iothub/twin/res/429/?$rid=1");
+    assert_eq!(answers[0].1["errorCode"], 429001);
+    assert_eq!(answers[1].0, "$iothub/twin/res/429/?$rid=2");
+    assert_eq!(answers[2].0, "$iothub/twin/res/200/?$rid=3");
+    assert!(
+        answers[2].1["reported"].get("a").is_none(),
+        "the throttled patch was not applied: {}",
+        answers[2].1
+    );
+}
+
 /// Reported patches on both sides of every limit IoT Hub puts on twins: accepted with 204, refused
 /// with 400 (413 for size) and a message naming the property, leaving the twin as it was.
 #[tokio::test]
@@ -513,7 +767,7 @@ async fn reported_patches_are_held_to_the_hubs_twin_limits() {
     }
     let twin = hubsim::twin::device_twin_document(
         &running.sim,
-        &hubsim::state::Store::device_key("localhost", "dev-limits"),
+        &hubsim::state::Store::device_key(hubsim::DEFAULT_HUB, "dev-limits"),
     )
     .unwrap();
     assert_eq!(

@@ -10,7 +10,7 @@ import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse, ProvisioningDeviceClient
 from azure.iot.device.exceptions import CredentialError
 
-from conftest import HUB, derive_device_key
+from conftest import HUB, HUB_ADDRESS, derive_device_key
 
 TIMEOUT = 30
 
@@ -38,13 +38,15 @@ def enroll(hubsim, registration_id, hub=HUB):
     return enrollment["attestation"]["symmetricKey"]["primaryKey"]
 
 
-def hub_client(hubsim, result, key):
+def hub_client(hubsim, result, key, gateway=HUB_ADDRESS):
+    """The assigned hub's client; the hub's name does not resolve, so the SDK dials its address
+    (`gateway_hostname`) and still names the hub in its username and SAS."""
     client = IoTHubDeviceClient.create_from_symmetric_key(
         symmetric_key=key,
         hostname=result.registration_state.assigned_hub,
         device_id=result.registration_state.device_id,
         server_verification_cert=hubsim["ca_pem"],
-        gateway_hostname="localhost",
+        gateway_hostname=gateway,
     )
     client.connect()
     return client
@@ -59,6 +61,19 @@ def device(hubsim):
     client = hub_client(hubsim, result, key)
     yield registration_id, client
     client.shutdown()
+
+
+def test_the_hub_is_not_reachable_at_the_dps_endpoint(hubsim):
+    # DPS and the hub are different hosts: a device that dials DPS's endpoint for its hub is
+    # refused there (CONNACK 5), as DPS would refuse a hub's username.
+    key = enroll(hubsim, "py-wrong-host")
+    result = provision(hubsim, "py-wrong-host", key)
+    with pytest.raises(CredentialError) as refused:
+        hub_client(hubsim, result, key, gateway="localhost")
+    assert "not authorised" in str(refused.value.__cause__), repr(refused.value.__cause__)
+    events = hubsim["api"].request("GET", "/sim/connections", expect=200)
+    reasons = [e["reason"] for e in events if e["clientId"] == "py-wrong-host" and e["event"] == "refused"]
+    assert reasons and "reached the DPS endpoint" in reasons[-1], reasons
 
 
 def test_individual_symmetric_key_registration(hubsim):

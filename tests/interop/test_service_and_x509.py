@@ -14,6 +14,7 @@ from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
+from conftest import HUB_ADDRESS, QUICKSTART_HUB
 from test_python_sdk import TIMEOUT, enroll, hub_client, provision
 
 HERE = Path(__file__).resolve().parent
@@ -91,7 +92,7 @@ def test_x509_individual_enrollment(hubsim, tmp_path):
     assert result.status == "assigned"
     device = IoTHubDeviceClient.create_from_x509_certificate(
         x509=X509(str(dev / "cert.pem"), str(dev / "key.pem")), hostname=result.registration_state.assigned_hub,
-        device_id=result.registration_state.device_id, server_verification_cert=hubsim["ca_pem"], gateway_hostname="localhost")
+        device_id=result.registration_state.device_id, server_verification_cert=hubsim["ca_pem"], gateway_hostname=HUB_ADDRESS)
     device.connect()
     device.send_message(Message("from an X.509 device"))
     device.shutdown()
@@ -118,8 +119,8 @@ def test_x509_group_enrollment_and_a_foreign_certificate(hubsim, tmp_path):
 
 
 def test_azure_quickstart_flow_unchanged(hubsim):
-    # A hub whose name resolves: the quickstart connects to the assigned hub by its name.
-    key = enroll(hubsim, "symm-key-python-device-008", hub="localhost")
+    # A hub named by its own address: the quickstart connects to the assigned hub by its name.
+    key = enroll(hubsim, "symm-key-python-device-008", hub=QUICKSTART_HUB)
     env = dict(os.environ)
     env.update({
         "PROVISIONING_HOST": "localhost",

@@ -86,7 +86,7 @@ async fn provision_publish_restart_reprovision(
 
     // The hub no longer accepts the device's credentials (its identity was changed behind the
     // agent's back): the agent registers again and DPS restores a working identity.
-    let key = format!("localhost/{device}");
+    let key = device_key(&sim, device);
     sim.mutate(|s| {
         let d = s.devices.get_mut(&key).unwrap();
         d.authentication = hubsim::state::DeviceAuthentication {
@@ -203,7 +203,7 @@ async fn x509_individual_self_signed() {
     provision_publish_restart_reprovision(&running, &config, "att-x509-1").await;
     let device = running
         .sim
-        .read(|s| s.devices["localhost/att-x509-1"].clone());
+        .read(|s| s.devices[&device_key(&running.sim, "att-x509-1")].clone());
     assert_eq!(device.authentication.kind, "selfSigned");
 }
 
@@ -240,6 +240,6 @@ async fn x509_group_through_an_intermediate_ca() {
     provision_publish_restart_reprovision(&running, &config, "att-x509-grp-3").await;
     let device = running
         .sim
-        .read(|s| s.devices["localhost/att-x509-grp-3"].clone());
+        .read(|s| s.devices[&device_key(&running.sim, "att-x509-grp-3")].clone());
     assert_eq!(device.authentication.kind, "certificateAuthority");
 }

@@ -35,11 +35,12 @@ async fn boots_publishes_and_restarts_from_the_cache() {
     assert!(status.status.success(), "{status:?}");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["connection"], "connected");
-    assert_eq!(status["hub"], "localhost");
+    assert_eq!(status["hub"], hubsim::DEFAULT_HUB);
     assert!(status["published"].as_u64().unwrap() >= 1);
     // The agent reported itself in the twin.
     assert!(
-        sim.wait_until(WAIT, |s| s.read(|st| st.devices["localhost/gw-daemon-1"]
+        sim.wait_until(WAIT, |s| s.read(|st| st.devices
+            [&device_key(s, "gw-daemon-1")]
             .twin
             .reported
             .contains_key("agent")))
@@ -236,8 +237,9 @@ async fn a_refused_hub_connection_triggers_reprovisioning() {
     );
     // The hub forgets the device's key (as after a device was recreated by hand): the next
     // connect is refused, the agent registers again and DPS restores the identity.
+    let key = device_key(&sim, "gw-daemon-3");
     sim.mutate(|s| {
-        let d = s.devices.get_mut("localhost/gw-daemon-3").unwrap();
+        let d = s.devices.get_mut(&key).unwrap();
         d.authentication.symmetric_key.as_mut().unwrap().primary_key = hubsim::state::random_key();
         d.authentication
             .symmetric_key
@@ -380,7 +382,7 @@ async fn starts_offline_with_the_cached_desired_settings() {
         "{}",
         agent.log_text()
     );
-    let key = hubsim::state::Store::device_key("localhost", "gw-daemon-6");
+    let key = device_key(&sim, "gw-daemon-6");
     let version = hubsim::twin::apply_desired_patch(
         &sim,
         &key,

@@ -36,7 +36,7 @@ async fn registers_an_individual_enrollment_and_gets_the_payload_back() {
     let assignment = register(&request(&running, "gw-dps-1"), &sas(&key), tls(&running))
         .await
         .unwrap();
-    assert_eq!(assignment.assigned_hub, "localhost");
+    assert_eq!(assignment.assigned_hub, hubsim::DEFAULT_HUB);
     assert_eq!(assignment.device_id, "gw-dps-1");
     assert_eq!(assignment.substatus, "initialAssignment");
     assert_eq!(assignment.registration_state["payload"]["site"], "plant-4");

@@ -111,7 +111,7 @@ async fn telemetry_twin_methods_and_c2d() {
         .unwrap();
     assert_eq!(v2, v1 + 1);
 
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-1");
+    let key = device_key(&running.sim, "gw-hub-1");
     let v =
         hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"interval": "5s"})).unwrap();
     let (version, patch) = next_matching(&mut events, |e| match e {
@@ -297,7 +297,7 @@ async fn desired_patches_arrive_once_each_in_version_order() {
         _ => None,
     })
     .await;
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-5");
+    let key = device_key(&running.sim, "gw-hub-5");
     for i in 1..=10 {
         hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"step": i})).unwrap();
     }
@@ -380,7 +380,7 @@ async fn a_disabled_device_is_reported_as_unauthorized() {
         matches!(e, SessionEvent::Connected).then_some(())
     })
     .await;
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-7");
+    let key = device_key(&running.sim, "gw-hub-7");
     running
         .sim
         .mutate(|s| {
@@ -481,7 +481,7 @@ async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
         matches!(e, SessionEvent::Twin { .. }).then_some(())
     })
     .await;
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-4");
+    let key = device_key(&running.sim, "gw-hub-4");
     let v1 = hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"a": 1})).unwrap();
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::DesiredPatch { .. }).then_some(())
@@ -544,5 +544,33 @@ async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
     assert_eq!(
         desired["d"], 4,
         "the full GET brought what the lost patch carried"
+    );
+}
+
+#[tokio::test]
+async fn twin_requests_the_hub_throttles_are_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    // The twin GET of the first connection is throttled: the session asks again.
+    running.sim.faults.lock().unwrap().twin_throttle = 1;
+    let (handle, mut events) = session(&running, "gw-hub-8", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| match e {
+        SessionEvent::Twin { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(running.sim.faults.lock().unwrap().twin_throttle, 0);
+
+    // A reported patch throttled twice is still applied, once.
+    running.sim.faults.lock().unwrap().twin_throttle = 2;
+    let version = handle
+        .report(json!({"agent": {"state": "throttled, then ok"}}))
+        .await
+        .unwrap();
+    assert_eq!(running.sim.faults.lock().unwrap().twin_throttle, 0);
+    assert_eq!(version, 1);
+    assert_eq!(
+        reported(&running.sim, "gw-hub-8", "agent")["state"],
+        "throttled, then ok"
     );
 }

@@ -286,7 +286,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
         "{}",
         agent.log_text()
     );
-    let key = format!("localhost/{device}");
+    let key = device_key(&sim, device);
 
     // A desired change reaches the running plugin (same process: no restart) and is acknowledged.
     let v2 = hubsim::twin::apply_desired_patch(
@@ -493,7 +493,7 @@ interval = "100ms"
     );
 
     // Exec plugins take new settings on stdin and may refuse them.
-    let key = format!("localhost/{device}");
+    let key = device_key(&sim, device);
     let v =
         hubsim::twin::apply_desired_patch(&sim, &key, &json!({"plugins": {"py": {"room": "r2"}}}))
             .unwrap();

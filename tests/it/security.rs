@@ -88,7 +88,7 @@ async fn no_secret_in_logs_outputs_reported_properties_or_state_and_no_core_dump
 
     // Running with debug logs, provisioned, publishing, twin reported.
     let agent = AgentProcess::start(&config);
-    let twin_key = format!("localhost/{device}");
+    let twin_key = device_key(&sim, device);
     assert!(
         sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3
             && !reported(s, device, "agent").is_null())
@@ -185,7 +185,7 @@ round = 1
     let touch = |path: &Path| json!(["/usr/bin/touch", path.display().to_string()]);
     let version = hubsim::twin::apply_desired_patch(
         &sim,
-        &format!("localhost/{device}"),
+        &device_key(&sim, device),
         &json!({"plugins": {
             "echo": {
                 "round": 2,

@@ -557,7 +557,7 @@ fn enroll_tpm(sim: &hubsim::Sim, tcti: &str, registration_id: Option<&str>) -> S
 
 fn hub_primary_key(sim: &hubsim::Sim, device_id: &str) -> String {
     sim.read(|s| {
-        s.devices[&format!("localhost/{device_id}")]
+        s.devices[&device_key(sim, device_id)]
             .authentication
             .symmetric_key
             .as_ref()
@@ -596,7 +596,7 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
     sim.faults.lock().unwrap().dps_slow_assignment = None;
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["deviceId"], id.as_str());
-    assert_eq!(result["hub"], "localhost");
+    assert_eq!(result["hub"], hubsim::DEFAULT_HUB);
     assert!(
         result["registrationState"]["tpm"]["authenticationKey"].is_string(),
         "{result}"
@@ -692,7 +692,7 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
         "{stderr}"
     );
     assert_eq!(registrations(&sim, &id), 0);
-    assert!(!sim.read(|s| s.devices.contains_key(&format!("localhost/{id}"))));
+    assert!(!sim.read(|s| s.devices.contains_key(&device_key(&sim, &id))));
     // Nothing was imported into the impostor's TPM, and nothing left loaded.
     assert!(matches!(
         TpmSigner::new(&impostor.tcti(), HANDLE).hmac(b"x"),

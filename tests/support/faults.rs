@@ -5,15 +5,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hubsim::Sim;
-use hubsim::state::{ConnCommand, ConnHandle, Store};
+use hubsim::state::{ConnCommand, ConnHandle};
 
-/// The live hub connection of `device_id` (in the hub `localhost`), if it has one.
+/// The live hub connection of `device_id` (in the first linked hub), if it has one.
 pub fn live_connection(sim: &Sim, device_id: &str) -> Option<ConnHandle> {
     sim.live
         .lock()
         .unwrap()
         .connections
-        .get(&Store::device_key("localhost", device_id))
+        .get(&crate::device_key(sim, device_id))
         .cloned()
 }
 

@@ -53,25 +53,59 @@ fn tls_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// An MQTT client over TLS to hubsim's MQTT port (DPS and hub share it).
+/// An MQTT client over TLS to hubsim's DPS endpoint (`localhost` on the MQTT port).
 pub fn mqtt_client(
     running: &hubsim::Running,
     client_id: &str,
     username: &str,
     password: &str,
 ) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(client_id, "localhost", running.mqtt_addr.port());
+    mqtt_client_at(running, "localhost", client_id, username, password)
+}
+
+/// An MQTT client over TLS to `host` on hubsim's MQTT port (DPS's `localhost`, or a hub's host:
+/// each is its own, as on Azure).
+pub fn mqtt_client_at(
+    running: &hubsim::Running,
+    host: &str,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> (AsyncClient, EventLoop) {
+    AsyncClient::new(
+        mqtt_options_at(running, host, client_id, username, password),
+        16,
+    )
+}
+
+/// The options [`mqtt_client_at`] connects with, for a test that changes some (manual acks).
+pub fn mqtt_options_at(
+    running: &hubsim::Running,
+    host: &str,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, host, running.mqtt_addr.port());
     options.set_credentials(username, password);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(600 * 1024, 600 * 1024);
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         tls_client(&running.ca_pem),
     )));
-    AsyncClient::new(options, 16)
+    options
 }
 
-/// A hub device's MQTT client: `device_id` in the first linked hub, signing with `key` a token
-/// that expires at `expiry` (unix seconds).
+/// The CONNECT username and SAS password of `device_id` in `hub`, as Azure's SDKs build them.
+pub fn hub_credentials(hub: &str, device_id: &str, key: &str, expiry: u64) -> (String, String) {
+    (
+        format!("{hub}/{device_id}/?api-version=2021-04-12"),
+        sas_token(key, &format!("{hub}/devices/{device_id}"), expiry, None),
+    )
+}
+
+/// A hub device's MQTT client: `device_id` in the first linked hub, dialling that hub's host and
+/// signing with `key` a token that expires at `expiry` (unix seconds).
 pub fn hub_client(
     running: &hubsim::Running,
     device_id: &str,
@@ -79,9 +113,8 @@ pub fn hub_client(
     expiry: u64,
 ) -> (AsyncClient, EventLoop) {
     let hub = &running.sim.config.hubs[0];
-    let username = format!("{hub}/{device_id}/?api-version=2021-04-12");
-    let password = sas_token(key, &format!("{hub}/devices/{device_id}"), expiry, None);
-    mqtt_client(running, device_id, &username, &password)
+    let (username, password) = hub_credentials(hub, device_id, key, expiry);
+    mqtt_client_at(running, hub, device_id, &username, &password)
 }
 
 /// Polls the event loop until `pick` returns something, failing on a connection error; gives up

@@ -11,7 +11,8 @@ use hubsim::state::{
 };
 use serde_json::Value;
 
-/// hubsim's options for a test: loopback, free ports, state in `dir/hubsim`.
+/// hubsim's options for a test: loopback, free ports, state in `dir/hubsim`; DPS on `localhost`
+/// and the hub on another host (`hubsim::DEFAULT_HUB`), TLS as Azure serves it.
 pub fn sim_options(dir: &Path) -> hubsim::Options {
     hubsim::Options::ephemeral(dir.join("hubsim"))
 }
@@ -310,11 +311,17 @@ pub fn refused_connections(sim: &Sim, client_id: &str) -> usize {
         .count()
 }
 
-/// `reported.<key>` of a device in the hub `localhost` (null when absent).
+/// The key of `device_id` in the first linked hub (`hubsim::DEFAULT_HUB` for [`start_sim`]),
+/// as `Store::devices` is keyed.
+pub fn device_key(sim: &Sim, device_id: &str) -> String {
+    Store::device_key(&sim.config.hubs[0], device_id)
+}
+
+/// `reported.<key>` of a device in the first linked hub (null when absent).
 pub fn reported(sim: &Sim, device_id: &str, key: &str) -> Value {
     sim.read(|s| {
         s.devices
-            .get(&Store::device_key("localhost", device_id))
+            .get(&device_key(sim, device_id))
             .and_then(|d| d.twin.reported.get(key))
             .cloned()
             .unwrap_or(Value::Null)

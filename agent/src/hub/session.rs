@@ -52,11 +52,19 @@ enum Sent {
     Other,
 }
 
+/// Whom to tell the outcome of a reported patch.
+type ReportDone = oneshot::Sender<Result<u64, TwinError>>;
+
 /// A twin request waiting for its `$iothub/twin/res/…` answer, by `$rid`.
 enum Pending {
     /// A full twin GET: the answer becomes `SessionEvent::Twin`.
     Get,
-    Report(oneshot::Sender<Result<u64, TwinError>>),
+    /// A reported patch; kept whole so that a throttled one (429) can be sent again.
+    Report {
+        patch: Value,
+        done: ReportDone,
+        attempts: u32,
+    },
 }
 
 /// Why a connection ended.
@@ -77,6 +85,9 @@ struct Link {
     /// A failed twin GET is tried again at this time.
     twin_retry_at: Option<Instant>,
     twin_failures: u32,
+    /// Reported patches the hub throttled (429), sent again at `report_retry_at`.
+    report_retries: Vec<(Value, ReportDone, u32)>,
+    report_retry_at: Option<Instant>,
     /// When to reconnect with a fresh SAS token; `None` for a certificate, which does not expire
     /// with the connection.
     renew_at: Option<Instant>,
@@ -91,6 +102,8 @@ impl Link {
             pending: HashMap::new(),
             twin_retry_at: None,
             twin_failures: 0,
+            report_retries: Vec::new(),
+            report_retry_at: None,
             renew_at,
         }
     }
@@ -133,6 +146,26 @@ impl Link {
         )
     }
 
+    fn report(
+        &mut self,
+        rid: String,
+        patch: Value,
+        done: ReportDone,
+        attempts: u32,
+    ) -> Result<(), String> {
+        let topic = format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}");
+        let payload = patch.to_string();
+        self.pending.insert(
+            rid,
+            Pending::Report {
+                patch,
+                done,
+                attempts,
+            },
+        );
+        self.publish(topic, QoS::AtMostOnce, payload, Sent::Other)
+    }
+
     fn twin_get_pending(&self) -> bool {
         self.pending.values().any(|p| matches!(p, Pending::Get))
     }
@@ -140,9 +173,12 @@ impl Link {
     /// The connection is gone: reported patches still waiting for their answer never get one.
     fn fail_pending_reports(self) {
         for (_, waiter) in self.pending {
-            if let Pending::Report(done) = waiter {
+            if let Pending::Report { done, .. } = waiter {
                 let _ = done.send(Err(TwinError::Disconnected));
             }
+        }
+        for (_, done, _) in self.report_retries {
+            let _ = done.send(Err(TwinError::Disconnected));
         }
     }
 }
@@ -348,6 +384,14 @@ impl Session {
                 let rid = self.rid();
                 link.get_twin(rid).map_err(End::Lost)
             }
+            _ = sleep_until(link.report_retry_at) => {
+                link.report_retry_at = None;
+                for (patch, done, attempts) in std::mem::take(&mut link.report_retries) {
+                    let rid = self.rid();
+                    link.report(rid, patch, done, attempts).map_err(End::Lost)?;
+                }
+                Ok(())
+            }
             _ = sleep_until(link.renew_at) => {
                 tracing::info!("renewing the hub SAS token");
                 self.close(link, eventloop).await;
@@ -407,10 +451,7 @@ impl Session {
             }
             Some(Control::Report { patch, done }) => {
                 let rid = self.rid();
-                link.pending.insert(rid.clone(), Pending::Report(done));
-                let topic = format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}");
-                link.publish(topic, QoS::AtMostOnce, patch.to_string(), Sent::Other)
-                    .map_err(End::Lost)
+                link.report(rid, patch, done, 0).map_err(End::Lost)
             }
             Some(Control::MethodResponse {
                 rid,
@@ -527,6 +568,7 @@ impl Session {
                 })
                 .await;
             }
+            // Any other answer, a throttled GET (429) included, is tried again later.
             Some(Pending::Get) => {
                 link.twin_failures += 1;
                 let delay = twin_retry_delay(link.twin_failures);
@@ -537,7 +579,23 @@ impl Session {
                 );
                 link.twin_retry_at = Some(Instant::now() + delay);
             }
-            Some(Pending::Report(done)) => {
+            // The hub throttles twin operations with 429: the patch was not applied, so it is sent
+            // again after a pause (2 s, 4 s, …; the daemon's REPORT_TIMEOUT bounds the wait).
+            Some(Pending::Report {
+                patch,
+                done,
+                attempts,
+            }) if status == 429 => {
+                let delay = twin_retry_delay(attempts + 1);
+                tracing::warn!(
+                    ?delay,
+                    "the hub throttled a reported patch; sending it again"
+                );
+                link.report_retries.push((patch, done, attempts + 1));
+                link.report_retry_at
+                    .get_or_insert_with(|| Instant::now() + delay);
+            }
+            Some(Pending::Report { done, .. }) => {
                 let result = if (200..300).contains(&status) {
                     Ok(version.unwrap_or(0))
                 } else {

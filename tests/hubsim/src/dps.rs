@@ -444,7 +444,13 @@ fn register_answer(
     let operation_id = format!("4.{:016x}.{}", rand::random::<u64>(), uuid::Uuid::new_v4());
     if matched.common.provisioning_status == Status::Disabled {
         record("disabled", None, None, matched.attestation);
-        let result = json!({"operationId": operation_id, "status": "disabled"});
+        // DeviceRegistrationResult with status "disabled" (REST API; the C SDK maps it to
+        // PROV_DEVICE_RESULT_DISABLED): no hub, no device id, no errorCode.
+        let result = json!({
+            "operationId": operation_id,
+            "status": "disabled",
+            "registrationState": unassigned_state(sim, registration_id, "disabled", None),
+        });
         return accepted(sim, &operation_id, registration_id, result);
     }
     let payload = request.get("payload").filter(|p| !p.is_null()).cloned();
@@ -464,10 +470,53 @@ fn register_answer(
             accepted(sim, &operation_id, registration_id, result)
         }
         Err(response) => {
+            // An allocation failure is the operation's outcome, not the request's: DPS accepts
+            // the registration and the poll answers status "failed" with registrationState's
+            // errorCode/errorMessage (400208 "no hub", as the C SDK reads them).
             record("failed", None, None, matched.attestation);
-            response
+            let error = (
+                response.body["errorCode"].as_u64().unwrap_or(0),
+                response.body["message"].as_str().unwrap_or("").to_string(),
+            );
+            let result = json!({
+                "operationId": operation_id,
+                "status": "failed",
+                "registrationState": unassigned_state(sim, registration_id, "failed", Some(error)),
+            });
+            accepted(sim, &operation_id, registration_id, result)
         }
     }
+}
+
+/// `registrationState` of a registration that was not assigned (`disabled`, `failed`), shaped as
+/// DPS sends it: `{registrationId, createdDateTimeUtc, status, [errorCode, errorMessage],
+/// lastUpdatedDateTimeUtc, etag}`.
+fn unassigned_state(
+    sim: &Sim,
+    registration_id: &str,
+    status: &str,
+    error: Option<(u64, String)>,
+) -> Value {
+    let now = now_rfc3339();
+    let created = sim
+        .read(|s| {
+            s.registrations
+                .get(&registration_id.to_ascii_lowercase())
+                .and_then(|r| r.state["createdDateTimeUtc"].as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| now.clone());
+    let mut state = json!({
+        "registrationId": registration_id,
+        "createdDateTimeUtc": created,
+        "status": status,
+        "lastUpdatedDateTimeUtc": now,
+        "etag": base64_etag(&format!("\"{}\"", uuid::Uuid::new_v4())),
+    });
+    if let Some((code, message)) = error {
+        state["errorCode"] = code.into();
+        state["errorMessage"] = message.into();
+    }
+    state
 }
 
 /// The first call of a TPM registration (HTTPS, no Authorization, body with

@@ -1079,6 +1079,7 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         "dpsAssigning",
         "delayMs",
         "tokenLifetimeSeconds",
+        "twinThrottle",
     ];
     if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
         return fail(
@@ -1108,6 +1109,10 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         Err(r) => return r,
     };
     let lifetime = match number("tokenLifetimeSeconds") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let twin_throttle = match number("twinThrottle") {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -1181,6 +1186,9 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
     }
     if let Some(slow) = slow {
         faults.dps_slow_assignment = (slow.polls > 0).then_some(slow);
+    }
+    if let Some(count) = twin_throttle {
+        faults.twin_throttle = u32::try_from(count).unwrap_or(u32::MAX);
     }
     drop(faults);
     if refuse.is_some() {

@@ -253,6 +253,9 @@ pub enum ConnCommand {
     Close {
         reason: String,
     },
+    /// Deliver a C2D message (QoS 1): the connection keeps it until the device's PUBACK and puts
+    /// it back at the head of the device's queue if the connection ends first.
+    DeliverC2d(C2dMessage),
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +270,8 @@ pub struct ConnHandle {
 
 #[derive(Debug, Default)]
 pub struct Subscriptions {
+    /// `$iothub/twin/res/#`: without it the hub answers twin requests to no one.
+    pub twin_responses: std::sync::atomic::AtomicBool,
     pub desired: std::sync::atomic::AtomicBool,
     pub methods: std::sync::atomic::AtomicBool,
     pub c2d: std::sync::atomic::AtomicBool,
@@ -365,6 +370,8 @@ pub struct Faults {
     pub dps_slow_assignment: Option<SlowAssignment>,
     pub delay: Option<Duration>,
     pub token_lifetime_cap: Option<Duration>,
+    /// The next N device twin requests (GET, reported PATCH) are answered 429.
+    pub twin_throttle: u32,
 }
 
 #[derive(Debug, Default)]

@@ -358,15 +358,13 @@ pub fn send_c2d(sim: &Sim, device_key: &str, message: C2dMessage) -> Result<(), 
 }
 
 /// Delivers the C2D messages queued for a device that is connected and subscribed to C2D.
-/// Called by the MQTT side when the device subscribes to `devices/{id}/messages/devicebound/#`.
+/// Called by the MQTT side when the device subscribes to `devices/{id}/messages/devicebound/#`,
+/// and when a connection ends with messages the device did not acknowledge ([`requeue_c2d`]).
+/// The connection keeps each message until the device's PUBACK (at-least-once, as on the hub).
 pub fn flush_c2d(sim: &Sim, device_key: &str) {
     let Some(conn) = subscribed(sim, device_key, |s| &s.c2d) else {
         return;
     };
-    let device_id = device_key
-        .split_once('/')
-        .map(|(_, d)| d)
-        .unwrap_or(device_key);
     let pending: Vec<C2dMessage> = sim
         .live
         .lock()
@@ -375,25 +373,56 @@ pub fn flush_c2d(sim: &Sim, device_key: &str) {
         .get_mut(device_key)
         .map(|q| q.drain(..).collect())
         .unwrap_or_default();
-    for message in pending {
-        let mut bag: Vec<(String, String)> = message.properties.clone();
-        if !bag.iter().any(|(k, _)| k == "$.to") {
-            bag.push((
-                "$.to".into(),
-                format!("/devices/{device_id}/messages/deviceBound"),
-            ));
+    let mut pending = pending.into_iter();
+    for message in pending.by_ref() {
+        if let Err(unsent) = conn.tx.send(ConnCommand::DeliverC2d(message)) {
+            // The connection is closing: the message (and the rest) wait for the next one.
+            let ConnCommand::DeliverC2d(message) = unsent.0 else {
+                unreachable!()
+            };
+            requeue_c2d(
+                sim,
+                device_key,
+                std::iter::once(message).chain(pending).collect(),
+            );
+            return;
         }
-        let bag = bag
-            .iter()
-            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-            .collect::<Vec<_>>()
-            .join("&");
-        let _ = conn.tx.send(ConnCommand::Publish {
-            topic: format!("devices/{device_id}/messages/devicebound/{bag}"),
-            payload: message.body.clone(),
-            qos: QoS::AtLeastOnce,
-        });
     }
+}
+
+/// Puts messages a connection delivered but the device never acknowledged back at the head of
+/// its queue, oldest first, and delivers them to the device's current connection if it has one
+/// (a newer connection may already have subscribed): the hub redelivers what was not completed.
+pub fn requeue_c2d(sim: &Sim, device_key: &str, messages: Vec<C2dMessage>) {
+    if messages.is_empty() {
+        return;
+    }
+    {
+        let mut live = sim.live.lock().unwrap();
+        let queue = live.c2d_queues.entry(device_key.to_string()).or_default();
+        for message in messages.into_iter().rev() {
+            queue.push_front(message);
+        }
+    }
+    flush_c2d(sim, device_key);
+}
+
+/// The topic a C2D message is published on: `devices/{id}/messages/devicebound/{property bag}`,
+/// with `$.to` added as the hub adds it.
+pub fn c2d_topic(device_id: &str, message: &C2dMessage) -> String {
+    let mut bag: Vec<(String, String)> = message.properties.clone();
+    if !bag.iter().any(|(k, _)| k == "$.to") {
+        bag.push((
+            "$.to".into(),
+            format!("/devices/{device_id}/messages/deviceBound"),
+        ));
+    }
+    let bag = bag
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("devices/{device_id}/messages/devicebound/{bag}")
 }
 
 fn encode(s: &str) -> String {
@@ -562,13 +591,25 @@ mod tests {
         assert!(rx.try_recv().is_err());
         subs.c2d.store(true, Ordering::SeqCst);
         flush_c2d(&sim, &key);
-        let Some(ConnCommand::Publish { topic, payload, .. }) = rx.recv().await else {
+        let Some(ConnCommand::DeliverC2d(message)) = rx.recv().await else {
             panic!()
         };
+        let topic = c2d_topic("d1", &message);
         assert!(
             topic.starts_with("devices/d1/messages/devicebound/%24.mid=c-1&%24.to="),
             "{topic}"
         );
-        assert_eq!(&payload[..], b"hi");
+        assert_eq!(&message.body[..], b"hi");
+        // Not acknowledged when its connection ended: back at the head of the queue, and sent
+        // again as soon as the device is subscribed.
+        subs.c2d.store(false, Ordering::SeqCst);
+        requeue_c2d(&sim, &key, vec![message]);
+        assert!(rx.try_recv().is_err());
+        subs.c2d.store(true, Ordering::SeqCst);
+        flush_c2d(&sim, &key);
+        let Some(ConnCommand::DeliverC2d(again)) = rx.recv().await else {
+            panic!()
+        };
+        assert_eq!(&again.body[..], b"hi");
     }
 }

@@ -35,9 +35,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let running = hubsim::start(hubsim::Options::ephemeral(dir.join("hubsim"))).await?;
     let sim = running.sim.clone();
     println!(
-        "[hubsim] DPS + IoT Hub on localhost:{} (MQTT over TLS), management API on https://localhost:{}",
-        running.mqtt_addr.port(),
-        running.https_addr.port()
+        "[hubsim] DPS on localhost:{port}, IoT Hub {hub} on {hub}:{port} (MQTT over TLS), management API on https://localhost:{}",
+        running.https_addr.port(),
+        port = running.mqtt_addr.port(),
+        hub = running.sim.config.hubs[0],
     );
     let config_path = enroll_and_configure(&dir, &running, args.interval)?;
     println!("[agent]  configuration {}", config_path.display());
@@ -113,7 +114,7 @@ async fn play_operator(
     narrator: &mut Narrator,
     args: &DemoArgs,
 ) -> anyhow::Result<()> {
-    let device_key = Store::device_key("localhost", REGISTRATION_ID);
+    let device_key = Store::device_key(&sim.config.hubs[0], REGISTRATION_ID);
     let start = tokio::time::Instant::now();
     let total = if args.duration.is_zero() {
         Duration::from_secs(u64::MAX / 4)
@@ -353,7 +354,7 @@ impl Narrator {
         if let Some(version) = self.watch_ack {
             let reported = sim.read(|s| {
                 s.devices
-                    .get(&Store::device_key("localhost", REGISTRATION_ID))
+                    .get(&Store::device_key(&sim.config.hubs[0], REGISTRATION_ID))
                     .and_then(|d| d.twin.reported.get("plugins").cloned())
             });
             if let Some(plugin) = reported.as_ref().and_then(|p| p.get(PLUGIN))
