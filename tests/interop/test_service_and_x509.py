@@ -3,6 +3,7 @@ with the Python device SDK, and Azure's quickstart flow run unchanged against hu
 
 import os
 import queue
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
-from conftest import HUB_ADDRESS, QUICKSTART_HUB
+from conftest import HUB_ADDRESS, QUICKSTART_HUB, HUB
 from test_python_sdk import TIMEOUT, enroll, hub_client, provision
 
 HERE = Path(__file__).resolve().parent
@@ -24,8 +25,19 @@ HERE = Path(__file__).resolve().parent
 def registry(hubsim, monkeypatch):
     # The service SDK talks HTTPS through requests: trust hubsim's CA, and reach its HTTPS port.
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", hubsim["ca_path"])
-    cs = hubsim["hub_connection_string"].replace("HostName=", "HostName=localhost:%d;X=" % hubsim["https_port"])
-    cs = ";".join(p for p in cs.split(";") if not p.startswith("X="))
+    # The hub's own name, at hubsim's HTTPS port (Azure's is 443): the SDK signs `sr` for it and
+    # verifies the hub's certificate by it. The name is not in DNS here, so it resolves, for this
+    # test only, to the address hubsim serves that hub on (as DNS would resolve the real hub's).
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve_hub(host, *args, **kwargs):
+        return real_getaddrinfo(HUB_ADDRESS if host == HUB else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve_hub)
+    fields = dict(p.split("=", 1) for p in hubsim["hub_connection_string"].strip().split(";"))
+    assert fields["HostName"] == HUB
+    cs = hubsim["hub_connection_string"].replace(
+        "HostName=%s" % fields["HostName"], "HostName=%s:%d" % (fields["HostName"], hubsim["https_port"]))
     return IoTHubRegistryManager.from_connection_string(cs)
 
 

@@ -145,8 +145,10 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let pki = pki::load_or_create_for(&options.state_dir, &names, options.tls)?;
     let tls = pki::server_tls_config_for(&pki, options.tls)?;
 
-    let mqtt = bind_mqtt(&topology, options.mqtt_port).await?;
-    let https = bind_all(&bind, options.https_port, "HTTPS").await?;
+    let mqtt = bind_everywhere(&topology, options.mqtt_port, "MQTT").await?;
+    // The management API answers on DPS's addresses and on every hub's, as each Azure service
+    // serves its REST API on its own host (a service SDK's `HostName` is the hub's name).
+    let https = bind_everywhere(&topology, options.https_port, "HTTPS").await?;
     let mqtt_addr = mqtt[0].local_addr()?;
     let hub_addrs = options
         .hubs
@@ -237,20 +239,21 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     })
 }
 
-/// Binds the MQTT port on DPS's addresses and every hub's: one port number for all of them, as
-/// Azure's Python SDK needs (it cannot change 8883). With port 0 the first address picks a free
-/// port; if another address has it taken already, all are tried again with a fresh one.
-async fn bind_mqtt(
+/// Binds `port` on DPS's addresses and every hub's: one port number for all of them, as on Azure
+/// (8883 and 443 everywhere). With port 0, a number free on the first address may be taken on
+/// another: then it tries another number.
+async fn bind_everywhere(
     topology: &mqtt::Topology,
     port: u16,
+    what: &str,
 ) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
     let addrs = topology.listen_ips();
     let mut attempts = 0;
     loop {
-        match bind_all(&addrs, port, "MQTT").await {
+        match bind_all(&addrs, port, what).await {
             Err(e) if port == 0 && attempts < 20 => {
                 attempts += 1;
-                tracing::debug!("retrying the MQTT bind with another port: {e:#}");
+                tracing::debug!("retrying the {what} bind with another port: {e:#}");
             }
             other => return other,
         }
