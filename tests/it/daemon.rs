@@ -311,9 +311,13 @@ fn bad_configuration_exits_78_naming_the_key() {
 
 /// Sequence numbers of one sensor run (each process numbers its readings from 1 under a run id).
 fn sensor_seqs(sim: &hubsim::Sim, device: &str, run: &str) -> Vec<u64> {
-    runs(&numbered(sim, device, None, "seq"))
+    runs(&sensor_readings(sim, device))
         .remove(run)
         .unwrap_or_default()
+}
+
+fn sensor_readings(sim: &hubsim::Sim, device: &str) -> Vec<Numbered> {
+    numbered(sim, device, Some("sensor"), "seq")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,40 +337,42 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     // The hub goes away: telemetry piles up in the agent's queue on disk.
     assert!(live_connection(&sim, "gw-daemon-5").is_some());
     begin_outage(&sim, "gw-daemon-5");
-    // Every reading the first process queued (its sequence numbers run 1..=pushed).
-    let status = agent
+    agent
         .wait_status("queue did not grow", |st| {
             st["queue_depth"].as_u64().unwrap_or(0) >= 20
         })
         .await;
-    let pushed = status["queue"]["pushed"].as_u64().unwrap() as usize;
+    // Every reading the agent acknowledged to the sensor until the kill must arrive.
+    let mut acked = Acknowledged::new();
+    let (first_run, _) = acked.note_sensor(&agent, "sensor").await;
     agent.kill_9();
-    let first_run = numbered(&sim, "gw-daemon-5", None, "seq")[0].run.clone();
     // Distinct, not raw: a message in flight when the hub went away may have been recorded
     // without its PUBACK reaching the agent, so it is both received and still queued.
     let received_before = sensor_seqs(&sim, "gw-daemon-5", &first_run).len();
 
     end_outage(&sim);
     let agent = AgentProcess::start(&config);
-    // Everything the first process queued arrives: its sequence numbers have no gap.
-    assert!(
-        sim.wait_until(LONG_WAIT, |s| {
-            // Distinct readings: messages in flight at the outage may arrive twice.
-            sensor_seqs(s, "gw-daemon-5", &first_run).len() >= pushed
-        })
-        .await,
-        "{}",
-        agent.log_text()
-    );
+    // Everything both processes acknowledged arrives: the first's backlog and the second's own.
+    acked.note_sensor(&agent, "sensor").await;
+    if let Err(e) = drain(
+        &agent,
+        &acked,
+        || sensor_readings(&sim, "gw-daemon-5"),
+        LONG_WAIT,
+    )
+    .await
+    {
+        panic!("{e}\n--- agent log ---\n{}", agent.log_text());
+    }
+    assert_eq!(agent.stop(), Some(0));
     let seqs = sensor_seqs(&sim, "gw-daemon-5", &first_run);
     assert!(
         seqs.len() > received_before,
         "the backlog arrived ({received_before} messages before the restart, {} after)",
         seqs.len()
     );
-    let expected: Vec<u64> = (1..=*seqs.last().unwrap()).collect();
-    assert_eq!(seqs, expected, "a gap means a queued message was lost");
-    assert_eq!(agent.stop(), Some(0));
+    Delivery::of(&acked, &sensor_readings(&sim, "gw-daemon-5"))
+        .assert_nothing_lost("kill -9 during a hub outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

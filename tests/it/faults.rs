@@ -1,22 +1,32 @@
 //! Fault scenarios: the real `hubagent` binary publishing through hubsim while hubsim's fault
-//! injection (and the test) breaks things. Each scenario asserts that nothing was lost (every
-//! sequence number the sensor produced arrives; duplicates are allowed and counted: delivery is at
-//! least once and message ids make them removable) and records its measured figures in
-//! `target/reliability/<scenario>.json`, from which docs/reliability.md is refreshed.
+//! injection (and the test) breaks things. Each scenario asserts that nothing was lost, counted
+//! from the producer's side: before every kill -9 and every stop it reads how many readings the
+//! agent acknowledged to its built-in sensor (`published` in `hubagent plugins list`, per sensor
+//! run), and every number from 1 to that count must arrive (duplicates are allowed and counted:
+//! delivery is at least once and message ids make them removable). Each records its measured
+//! figures in `target/reliability/<scenario>.json`, from which docs/reliability.md is refreshed.
+//! `the_loss_check_sees_a_lost_tail` proves the check: an agent that drops the last readings of
+//! its run (the test-only switch of feature `fault-injection`) fails it.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use hubagent_tests::*;
 use serde_json::json;
 
+/// The built-in sensor's plugin name, and its messages' `source`.
+const SENSOR: &str = "sensor";
+
 /// A hubsim and the configuration of an enrolled agent whose built-in sensor publishes 20
-/// messages a second (plus `extra` TOML tables).
+/// messages a second (plus `extra` TOML tables), and what the agent acknowledged to the sensor.
 struct Scenario {
     dir: tempfile::TempDir,
     running: hubsim::Running,
     config: std::path::PathBuf,
     id: String,
+    /// The sensor's acknowledged count per run, read before each kill and stop.
+    acked: Acknowledged,
+    /// The environment of the agents [`Scenario::start`] starts (the test-only switch).
+    env: Vec<(String, String)>,
 }
 
 impl Scenario {
@@ -42,11 +52,21 @@ impl Scenario {
             running,
             config,
             id: id.to_string(),
+            acked: Acknowledged::new(),
+            env: Vec::new(),
         }
     }
 
     fn sim(&self) -> &hubsim::Sim {
         &self.running.sim
+    }
+
+    /// Starts `hubagent run` on the scenario's configuration, with its environment.
+    fn start(&self) -> AgentProcess {
+        let mut command = std::process::Command::new(hubagent_bin());
+        command.args(["--config", self.config.to_str().unwrap(), "run"]);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        AgentProcess::spawn(command, &self.config, "hubagent")
     }
 
     fn drop_connection(&self) -> bool {
@@ -64,34 +84,40 @@ impl Scenario {
         );
     }
 
-    /// Checks every sensor run's sequence numbers for gaps; returns (messages produced, total
-    /// records, distinct message ids).
-    fn delivery(&self) -> (u64, usize, usize) {
-        let messages = numbered(self.sim(), &self.id, None, "seq");
-        let ids: BTreeSet<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
-        let runs = runs(&messages);
-        assert!(!runs.is_empty(), "nothing arrived");
-        let mut produced = 0;
-        for (run, seqs) in runs {
-            assert_contiguous(&seqs, &format!("{} run {run}", self.id));
-            produced += seqs.len() as u64;
-        }
-        (produced, messages.len(), ids.len())
+    /// Every sensor reading hubsim recorded, redeliveries included.
+    fn messages(&self) -> Vec<Numbered> {
+        numbered(self.sim(), &self.id, Some(SENSOR), "seq")
     }
 
-    /// Stops the agent once everything it queued is in hubsim, checks that nothing was lost, and
-    /// records `figures` with the delivery counts in `target/reliability/<name>.json`.
-    async fn finish(&self, agent: AgentProcess, name: &str, mut figures: serde_json::Value) {
-        // Let the queue drain before stopping, so the count below covers every queued message.
-        agent.settle().await;
-        assert_eq!(agent.stop(), Some(0));
-        let (produced, total, distinct) = self.delivery();
+    /// Notes what the agent acknowledged to its sensor so far, then kills it with SIGKILL.
+    async fn kill_9(&mut self, agent: AgentProcess) {
+        self.acked.note_sensor(&agent, SENSOR).await;
+        agent.kill_9();
+    }
+
+    /// The loss check: notes what the agent acknowledged to its sensor, waits until all of it
+    /// (and everything acknowledged before each earlier kill) arrived, stops the agent and counts
+    /// the delivery. The `Err` says what did not arrive, when the drain timed out or the agent's
+    /// queue emptied without it.
+    async fn check(&mut self, agent: AgentProcess) -> (Delivery, Result<(), String>) {
+        self.acked.note_sensor(&agent, SENSOR).await;
+        let drained = drain(&agent, &self.acked, || self.messages(), LONG_WAIT).await;
+        let log = agent.log_text();
+        assert_eq!(agent.stop(), Some(0), "{log}");
+        (Delivery::of(&self.acked, &self.messages()), drained)
+    }
+
+    /// [`Scenario::check`], then records `figures` with the delivery figures in
+    /// `target/reliability/<name>.json` (a failed check's too) and fails on any loss.
+    async fn finish(&mut self, agent: AgentProcess, name: &str, mut figures: serde_json::Value) {
+        let (delivery, drained) = self.check(agent).await;
         let f = figures.as_object_mut().unwrap();
-        f.insert("produced".into(), json!(produced));
-        f.insert("arrived_distinct".into(), json!(distinct));
-        f.insert("duplicates".into(), json!(total - distinct));
-        f.insert("lost".into(), json!(0));
+        f.extend(delivery.figures().as_object().unwrap().clone());
         record_reliability(name, &figures);
+        if let Err(e) = drained {
+            panic!("{}: {e}", self.id);
+        }
+        delivery.assert_nothing_lost(&self.id);
     }
 }
 
@@ -119,20 +145,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hub_connection_dropped_every_two_seconds() {
-    let s = Scenario::new("fault-drops", "").await;
-    let agent = AgentProcess::start(&s.config);
+/// The scenario of `hub_connection_dropped_every_two_seconds`, up to its check: the running
+/// agent and the scenario's figures.
+async fn drop_connection_every_two_seconds(s: &Scenario) -> (AgentProcess, serde_json::Value) {
+    let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     let mut drops = 0;
     for _ in 0..10 {
         if s.drop_connection() {
             drops += 1;
         }
-        let connects = hub_connects(s.sim(), "fault-drops");
+        let connects = hub_connects(s.sim(), &s.id);
         assert!(
             s.sim()
-                .wait_until(LONG_WAIT, |sim| hub_connects(sim, "fault-drops") > connects)
+                .wait_until(LONG_WAIT, |sim| hub_connects(sim, &s.id) > connects)
                 .await,
             "{}",
             agent.log_text()
@@ -140,22 +166,82 @@ async fn hub_connection_dropped_every_two_seconds() {
         s.sim().wait_until(Duration::from_secs(2), |_| false).await;
     }
     let rss = rss_kib(agent.child.id());
-    s.finish(
-        agent,
-        "hub-connection-dropped",
-        json!({
-            "scenario": "hub connection dropped every 2 s, 10 times, 20 msg/s",
-            "drops": drops,
-            "rss_kib": rss,
-        }),
-    )
-    .await;
+    let figures = json!({
+        "scenario": "hub connection dropped every 2 s, 10 times, 20 msg/s",
+        "drops": drops,
+        "rss_kib": rss,
+    });
+    (agent, figures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_connection_dropped_every_two_seconds() {
+    let mut s = Scenario::new("fault-drops", "").await;
+    let (agent, figures) = drop_connection_every_two_seconds(&s).await;
+    s.finish(agent, "hub-connection-dropped", figures).await;
+}
+
+/// The loss check itself: with the test-only switch on, the agent acknowledges every reading
+/// of its sensor after the `KEPT`-th but does not queue it, so the run's last readings never
+/// arrive while everything that does arrive is gap-free (what a check against the highest
+/// number that arrived accepts). The same scenario's check must report exactly those as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loss_check_sees_a_lost_tail() {
+    const KEPT: u64 = 300;
+    let mut s = Scenario::new("fault-drops-lossy", "").await;
+    s.env.push((
+        "HUBAGENT_TEST_DROP_AFTER".into(),
+        format!("{SENSOR}:{KEPT}"),
+    ));
+    let (agent, _) = drop_connection_every_two_seconds(&s).await;
+    // The switch is there (a binary built without feature `fault-injection` ignores it).
+    assert!(
+        agent
+            .log_text()
+            .contains("fault injection (HUBAGENT_TEST_DROP_AFTER)"),
+        "the switch is off: build the workspace (hubagent-tests enables hubagent's feature \
+         fault-injection)\n{}",
+        agent.log_text()
+    );
+    // Past the switch: some acknowledged readings were not queued.
+    agent
+        .wait_plugins("readings past the switch", |p| {
+            p[SENSOR]["published"].as_u64().unwrap_or(0) > KEPT
+        })
+        .await;
+    let started = Instant::now();
+    let (delivery, drained) = s.check(agent).await;
+    let reported = drained.expect_err("the loss check passed an agent that lost readings");
+    let (run, acked) = s
+        .acked
+        .runs()
+        .iter()
+        .next()
+        .map(|(r, c)| (r.clone(), *c))
+        .unwrap();
+    let expected: Vec<(String, u64)> = (KEPT + 1..=acked).map(|n| (run.clone(), n)).collect();
+    assert_eq!(delivery.lost, expected, "{reported}");
+    assert!(
+        reported.contains(&describe(&expected)),
+        "the failure names what is missing: {reported}"
+    );
+    assert_eq!(delivery.produced, acked);
+    assert_eq!(delivery.arrived, KEPT);
+    assert_eq!(delivery.figures()["lost"], acked - KEPT);
+    // What the check replaced: no gap below the highest number that arrived.
+    let arrived = &runs(&s.messages())[&run];
+    assert_eq!(gaps(arrived), Vec::<u64>::new());
+    assert_eq!(arrived.last(), Some(&KEPT));
+    println!(
+        "the check failed as it should, {:.1} s after the reading: {reported}",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_refuses_connections_for_a_while() {
-    let s = Scenario::new("fault-outage", "").await;
-    let agent = AgentProcess::start(&s.config);
+    let mut s = Scenario::new("fault-outage", "").await;
+    let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     let pid = agent.child.id();
     begin_outage(s.sim(), &s.id);
@@ -195,10 +281,10 @@ async fn hub_refuses_connections_for_a_while() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dps_throttles_with_429() {
-    let s = Scenario::new("fault-throttle", "").await;
+    let mut s = Scenario::new("fault-throttle", "").await;
     s.sim().faults.lock().unwrap().dps_throttle = Some((3, 1));
     let started = Instant::now();
-    let agent = AgentProcess::start(&s.config);
+    let agent = s.start();
     s.wait_telemetry(&agent, 5).await;
     let provisioned_after = started.elapsed();
     assert_eq!(
@@ -219,14 +305,14 @@ async fn dps_throttles_with_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_of_a_few_seconds() {
     // The agent signs 4 s tokens and renews 2 s before expiry; hubsim also caps tokens at 3 s.
-    let s = Scenario::new("fault-tokens", "").await;
+    let mut s = Scenario::new("fault-tokens", "").await;
     add_settings(
         &s.config,
         "[hub]",
         "sas_ttl = \"4s\"\nrenew_before = \"2s\"\n",
     );
     s.sim().faults.lock().unwrap().token_lifetime_cap = Some(Duration::from_secs(3));
-    let agent = AgentProcess::start(&s.config);
+    let agent = s.start();
     assert!(
         s.sim()
             .wait_until(LONG_WAIT, |sim| hub_connects(sim, "fault-tokens") >= 6)
@@ -248,36 +334,44 @@ async fn tokens_of_a_few_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points() {
-    let s = Scenario::new("fault-kill", "").await;
+    let mut s = Scenario::new("fault-kill", "").await;
     let mut kills = 0;
+    // Distinct readings of `run` that arrived.
+    let arrived = |sim: &hubsim::Sim, run: &str| {
+        runs(&numbered(sim, "fault-kill", Some(SENSOR), "seq"))
+            .get(run)
+            .map_or(0, Vec::len)
+    };
     for _ in 0..3 {
-        let agent = AgentProcess::start(&s.config);
-        let target = telemetry_count(s.sim(), "fault-kill") + 10 + (rand_ms() % 40) as usize;
+        let agent = s.start();
+        let (run, _) = sensor_acknowledged(&agent, SENSOR).await;
+        let target = 10 + (rand_ms() % 40) as usize;
         assert!(
             s.sim()
-                .wait_until(LONG_WAIT, |sim| telemetry_count(sim, "fault-kill")
-                    >= target)
+                .wait_until(LONG_WAIT, |sim| arrived(sim, &run) >= target)
                 .await,
             "{}",
             agent.log_text()
         );
-        // Somewhere in the next 300 ms, mid-publish.
+        // Somewhere in the next 300 ms, mid-publish; what the agent acknowledged until then is
+        // read just before the kill.
         s.sim()
             .wait_until(Duration::from_millis(rand_ms() % 300), |_| false)
             .await;
-        agent.kill_9();
+        s.kill_9(agent).await;
         kills += 1;
     }
-    // A last run drains what the killed ones left queued.
-    let agent = AgentProcess::start(&s.config);
-    let before = telemetry_count(s.sim(), "fault-kill");
+    // A last run sends what the killed ones left queued; the check waits for all of it. Each
+    // process numbers its readings from 1 under its own run id.
+    let agent = s.start();
+    let (run, _) = sensor_acknowledged(&agent, SENSOR).await;
     assert!(
         s.sim()
-            .wait_until(LONG_WAIT, |sim| telemetry_count(sim, "fault-kill")
-                > before + 5)
-            .await
+            .wait_until(LONG_WAIT, |sim| arrived(sim, &run) >= 5)
+            .await,
+        "{}",
+        agent.log_text()
     );
-    // Each process numbers its readings from 1 under its own run id: a gap in any run is a loss.
     s.finish(
         agent,
         "kill-9",
@@ -320,14 +414,7 @@ async fn hubsim_restarted() {
         "{}",
         agent.log_text()
     );
-    let mut seen: Vec<u64> = Vec::new();
-    let collect = |sim: &hubsim::Sim, seen: &mut Vec<u64>| {
-        seen.extend(
-            numbered(sim, "fault-restart", None, "seq")
-                .iter()
-                .map(|m| m.n),
-        );
-    };
+    let readings = |sim: &hubsim::Sim| numbered(sim, "fault-restart", Some(SENSOR), "seq");
     // Take the device off first so that nothing is acknowledged by the old instance after we
     // read its records (they live in its memory and go with it).
     begin_outage(&running.sim, "fault-restart");
@@ -338,7 +425,7 @@ async fn hubsim_restarted() {
                 .is_none())
             .await
     );
-    collect(&running.sim, &mut seen);
+    let before_restart = readings(&running.sim);
     // Stop hubsim entirely (its records go with it), wait 2 s, start it again on the same ports.
     running.shutdown();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -353,23 +440,26 @@ async fn hubsim_restarted() {
         agent.log_text()
     );
     let recovery = restarted.elapsed();
-    agent.settle().await;
+    // What both instances recorded, against what the agent acknowledged to its sensor.
+    let all = || [before_restart.clone(), readings(&running.sim)].concat();
+    let mut acked = Acknowledged::new();
+    acked.note_sensor(&agent, SENSOR).await;
+    let drained = drain(&agent, &acked, all, LONG_WAIT).await;
     assert_eq!(agent.stop(), Some(0));
-    collect(&running.sim, &mut seen);
-    seen.sort();
-    seen.dedup();
-    assert_contiguous(&seen, "hubsim restart");
+    let delivery = Delivery::of(&acked, &all());
+    let mut figures = json!({
+        "scenario": "hubsim stopped for 2 s and restarted (state from disk)",
+        "recovery_seconds": recovery.as_secs_f64(),
+    });
+    let f = figures.as_object_mut().unwrap();
+    f.extend(delivery.figures().as_object().unwrap().clone());
+    record_reliability("hubsim-restart", &figures);
+    drained.unwrap_or_else(|e| panic!("hubsim restart: {e}"));
+    delivery.assert_nothing_lost("hubsim restart");
     assert_eq!(
         registrations(&running.sim, "fault-restart"),
         0,
         "the cached assignment still holds after a hub restart"
-    );
-    record_reliability(
-        "hubsim-restart",
-        &json!({
-            "scenario": "hubsim stopped for 2 s and restarted (state from disk)",
-            "produced": seen.last(), "lost": 0, "recovery_seconds": recovery.as_secs_f64(),
-        }),
     );
 }
 
@@ -437,7 +527,7 @@ impl Filler {
 
 /// Highest sensor sequence number hubsim has received from `device`.
 fn max_seq(sim: &hubsim::Sim, device: &str) -> u64 {
-    numbered(sim, device, None, "seq")
+    numbered(sim, device, Some(SENSOR), "seq")
         .iter()
         .map(|m| m.n)
         .max()
@@ -446,7 +536,7 @@ fn max_seq(sim: &hubsim::Sim, device: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_on_the_state_dir() {
-    let s = Scenario::new("fault-diskfull", "").await;
+    let mut s = Scenario::new("fault-diskfull", "").await;
     let mut agent = start_with_small_state_fs(&s, "1m");
     s.wait_telemetry(&agent, 10).await;
     let pid = agent.child.id();
@@ -549,7 +639,7 @@ fn start_with_faketime(s: &Scenario, clock: &std::path::Path) -> AgentProcess {
 async fn wall_clock_jumps_forward_and_back() {
     // 6 s tokens renewed every 3 s, and a max_age shorter than the jump: a queue that aged its
     // messages by the wall clock would drop everything queued before the jump.
-    let s = Scenario::new("fault-clock", "\n[queue]\nmax_age = \"1h\"\n").await;
+    let mut s = Scenario::new("fault-clock", "\n[queue]\nmax_age = \"1h\"\n").await;
     add_settings(
         &s.config,
         "[hub]",
@@ -653,8 +743,8 @@ impl RssWatch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_connection_dropped_every_few_seconds_for_two_minutes() {
     let id = "fault-drops-long";
-    let s = Scenario::new(id, "").await;
-    let agent = AgentProcess::start(&s.config);
+    let mut s = Scenario::new(id, "").await;
+    let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     let mut rss = RssWatch::new(agent.child.id());
     // Warm-up: a few drops before the RSS baseline is taken.
@@ -692,8 +782,8 @@ async fn hub_connection_dropped_every_few_seconds_for_two_minutes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_refuses_connections_for_a_minute() {
     let id = "fault-outage-long";
-    let s = Scenario::new(id, "").await;
-    let agent = AgentProcess::start(&s.config);
+    let mut s = Scenario::new(id, "").await;
+    let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     let pid = agent.child.id();
     let mut rss = RssWatch::new(pid);
@@ -754,7 +844,7 @@ async fn hub_refuses_connections_for_a_minute() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_behind_at_boot_then_corrected() {
     let id = "fault-clock-behind";
-    let s = Scenario::new(id, "").await;
+    let mut s = Scenario::new(id, "").await;
     let clock = s.dir.path().join("faketime");
     // Two hours behind with one-hour tokens (the default): every token the agent signs has
     // expired before it is sent, so DPS refuses it.

@@ -345,14 +345,6 @@ impl AgentProcess {
         answer
     }
 
-    /// Waits, without failing, until the queue is empty (at most [`LONG_WAIT`]).
-    pub async fn settle(&self) {
-        self.poll(&["status", "--json"], LONG_WAIT, |st| {
-            st["queue_depth"].as_u64() == Some(0)
-        })
-        .await;
-    }
-
     /// Waits for a line of the log that contains `text`; fails after [`LONG_WAIT`].
     pub async fn wait_log(&self, text: &str) {
         self.wait_log_line(&format!("no log line with {text:?}"), |l| l.contains(text))

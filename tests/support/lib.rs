@@ -7,6 +7,8 @@
 //! - [`agent`]: agent configuration files, the real `hubagent` binary as a process, its status
 //!   and plugin list through the control socket;
 //! - [`telemetry`]: the telemetry hubsim received, with one accessor for numbered messages;
+//! - [`delivery`]: the loss check: what the agent acknowledged to a numbered producer before each
+//!   kill and stop against what arrived, and the delivery figures;
 //! - [`faults`]: dropping connections, outages, and the figures fault scenarios record;
 //! - [`mqtt`]: raw rumqttc clients, SAS tokens and HTTPS clients for hubsim's own tests;
 //! - [`swtpm`]: a software TPM per test.
@@ -14,6 +16,7 @@
 use std::time::Duration;
 
 pub mod agent;
+pub mod delivery;
 pub mod faults;
 pub mod mqtt;
 pub mod sim;
@@ -21,6 +24,7 @@ pub mod swtpm;
 pub mod telemetry;
 
 pub use agent::*;
+pub use delivery::*;
 pub use faults::*;
 pub use mqtt::*;
 pub use sim::*;

@@ -116,13 +116,3 @@ pub fn gaps(ns: &[u64]) -> Vec<u64> {
         .filter(|n| !have.contains(n))
         .collect()
 }
-
-/// Fails unless `seqs` (sorted) is 1..=N for some N > 0: nothing lost.
-pub fn assert_contiguous(seqs: &[u64], what: &str) {
-    assert!(!seqs.is_empty(), "{what}: nothing arrived");
-    let missing = gaps(seqs);
-    assert!(
-        missing.is_empty(),
-        "{what}: lost sequence numbers {missing:?}"
-    );
-}

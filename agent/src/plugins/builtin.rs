@@ -99,11 +99,12 @@ impl BuiltinPlugin {
 /// Produces readings until its settings channel closes. `settings` changes take effect at the
 /// next reading. Messages go to the supervisor like any plugin's (rate limit, counters, queue).
 async fn run(name: String, mut settings: watch::Receiver<SensorSettings>, events: Events) {
-    let _ = name;
     let mut n: u64 = 0;
     // Identifies this run of the sensor: `seq` restarts at 1 in every run, so (run, seq) names a
     // reading uniquely and a gap in one run's numbers is a lost message.
     let run = format!("{:08x}", rand::random::<u32>());
+    // Which run a process's readings belong to (the loss checks of the tests read it here).
+    tracing::info!(plugin = %name, run = %run, "simulated sensor started; its readings are numbered from 1 in this run");
     loop {
         let interval = settings.borrow_and_update().interval;
         tokio::select! {

@@ -86,6 +86,8 @@ pub struct Outlet {
     /// The front of `held` was counted in the queue's `held_back` (each message once).
     front_counted: bool,
     retry_at: Instant,
+    /// Test builds only (feature `fault-injection`): messages acknowledged and not queued.
+    injected: InjectedLoss,
 }
 
 impl Outlet {
@@ -106,6 +108,7 @@ impl Outlet {
             held_back: None,
             front_counted: false,
             retry_at: Instant::now(),
+            injected: InjectedLoss::from_env(&spec.name),
         }
     }
 
@@ -115,6 +118,7 @@ impl Outlet {
 
     /// A new run starts: whatever the last one left unqueued was never acknowledged to it.
     pub fn reset(&mut self) {
+        self.injected.new_run();
         self.held.clear();
         self.held_back = None;
         self.front_counted = false;
@@ -191,8 +195,17 @@ impl Outlet {
                     return;
                 }
             }
-            let code = match self.publisher.try_publish(message) {
-                Ok(()) => abi::OK,
+            let queued = if self.injected.drops_next() {
+                tracing::debug!(plugin = %self.name, message_id = %message.message_id, "fault injection: acknowledged, not queued");
+                Ok(())
+            } else {
+                self.publisher.try_publish(message)
+            };
+            let code = match queued {
+                Ok(()) => {
+                    self.injected.acknowledged();
+                    abi::OK
+                }
                 Err(QueueError::TooLarge(size)) => {
                     tracing::error!(plugin = %self.name, message_id = %message.message_id, size, "message too large to queue; dropped");
                     abi::ERR_TOO_LARGE
@@ -231,6 +244,71 @@ impl Outlet {
             self.held_back = Some(why);
         }
     }
+}
+
+/// The test-only switch of feature `fault-injection`: `HUBAGENT_TEST_DROP_AFTER=<plugin>:<n>`
+/// makes the outlet of `<plugin>` answer every publish after the `n`-th of a run with "accepted"
+/// without queueing the message: the loss the tests' delivery checks must see (a lost tail is
+/// invisible to a check that only looks for gaps). Without the feature the variable is never read
+/// and this is inert.
+#[derive(Debug, Default)]
+struct InjectedLoss {
+    #[cfg(feature = "fault-injection")]
+    after: Option<u64>,
+    #[cfg(feature = "fault-injection")]
+    in_run: u64,
+}
+
+#[cfg(feature = "fault-injection")]
+impl InjectedLoss {
+    const VARIABLE: &str = "HUBAGENT_TEST_DROP_AFTER";
+
+    fn from_env(plugin: &str) -> InjectedLoss {
+        let setting = std::env::var(Self::VARIABLE).unwrap_or_default();
+        let after = setting
+            .rsplit_once(':')
+            .filter(|(name, _)| *name == plugin)
+            .map(|(_, n)| {
+                n.parse::<u64>().unwrap_or_else(|_| {
+                    panic!("{}={setting}: expected <plugin>:<count>", Self::VARIABLE)
+                })
+            });
+        if let Some(n) = after {
+            tracing::warn!(
+                plugin,
+                "fault injection ({}): every message after the {n}th of each run is acknowledged and not queued",
+                Self::VARIABLE
+            );
+        }
+        InjectedLoss { after, in_run: 0 }
+    }
+
+    fn new_run(&mut self) {
+        self.in_run = 0;
+    }
+
+    fn drops_next(&self) -> bool {
+        self.after.is_some_and(|n| self.in_run >= n)
+    }
+
+    fn acknowledged(&mut self) {
+        self.in_run += 1;
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+impl InjectedLoss {
+    fn from_env(_plugin: &str) -> InjectedLoss {
+        InjectedLoss {}
+    }
+
+    fn new_run(&mut self) {}
+
+    fn drops_next(&self) -> bool {
+        false
+    }
+
+    fn acknowledged(&mut self) {}
 }
 
 #[cfg(test)]
