@@ -15,6 +15,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 work="$PWD/target/system"
 mkdir -p "$work"
+# One run at a time: two would make and remove the same roots under each other.
+exec 9>"$work/.lock"
+flock -n 9 || { echo "deb-nspawn: another run is using $work"; exit 1; }
 log() { echo "[deb-nspawn $(date +%T)] $*"; }
 if [ "$#" -gt 0 ]; then releases=("$@"); else read -ra releases <<<"$(bash packaging/build-deb.sh --releases)"; fi
 host_release="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
@@ -143,6 +146,9 @@ done
 run_release() { # release: everything for one release; returns non-zero when a check failed
     local release="$1" started=$SECONDS fail=0
     log "== $release"
+    # (run_release runs in an || list, where set -e does not apply: the steps that the rest
+    # depends on return by hand.)
+    if [ "$release" != "$host_release" ]; then cached_root tools "$release" >/dev/null || return 1; fi
     # Lintian-clean with this release's lintian: errors and warnings fail; deliberate exceptions
     # are overrides with their reason (packaging/debian/hubagent.lintian-overrides).
     log "$release: lintian"
@@ -154,8 +160,6 @@ run_release() { # release: everything for one release; returns non-zero when a c
     # The Depends against this release's dpkg-shlibdeps.
     with_tools "$release" bash check-depends.sh hubagent.deb || { echo "$release: the Depends miss what this release's dpkg-shlibdeps computes"; fail=1; }
 
-    # (run_release runs in an || list, where set -e does not apply: the steps that the rest
-    # depends on return by hand.)
     local rootfs_tar; rootfs_tar="$(cached_root test "$release")" || return 1
     root="$(mktemp -d "$work/root.XXXX")"
     sim="$(mktemp -d "$work/sim.XXXX")"
