@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# cargo-deny: licenses, bans and sources always; advisories against the RustSec database.
+# cargo-deny: licenses, bans and sources, and advisories against the RustSec database.
 #
-# The RustSec database is a git repository on GitHub, and CI machines have no route to GitHub; no
-# package we found in the registries CI can reach (crates.io, PyPI, Debian) ships a copy. So:
-#   * with HUBAGENT_ADVISORY_DB=<path to a checkout of rustsec/advisory-db>, the advisories check
-#     runs offline against that checkout;
-#   * otherwise it runs when `cargo deny fetch db` succeeds;
-#   * otherwise it is SKIPPED with a loud notice (never a silent pass). See docs/security.md.
+# The RustSec database is a git repository on GitHub, which CI machines cannot reach. Where it comes
+# from, first found wins:
+#   * HUBAGENT_ADVISORY_DB=<path to a checkout of rustsec/advisory-db>;
+#   * ../shared/rustsec-advisory-db.bundle beside the checkout (a git bundle of the database that
+#     CI provides; cloned into a temporary directory);
+#   * `cargo deny fetch db` (a machine that reaches GitHub).
+# With none of them the check FAILS: an advisories check that silently does not run is no check.
+# See docs/security.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,11 +21,18 @@ fi
 
 cargo deny --locked check licenses bans sources
 
+bundle=../shared/rustsec-advisory-db.bundle
+if [ -z "${HUBAGENT_ADVISORY_DB:-}" ] && [ -f "$bundle" ]; then
+    bundle_checkout=$(mktemp -d)
+    git clone -q "$bundle" "$bundle_checkout/advisory-db"
+    HUBAGENT_ADVISORY_DB="$bundle_checkout/advisory-db"
+fi
+
 if [ -n "${HUBAGENT_ADVISORY_DB:-}" ]; then
     # cargo-deny reads the database location only from its config: point a copy of ours at a
     # folder holding the checkout under the name cargo-deny derives from the default URL.
     db_root=$(mktemp -d)
-    trap 'rm -rf "$db_root"' EXIT
+    trap 'rm -rf "$db_root" "${bundle_checkout:-}"' EXIT
     ln -s "$(realpath "$HUBAGENT_ADVISORY_DB")" "$db_root/advisory-db-3157b0e258782691"
     sed "s|^\[advisories\]|[advisories]\ndb-path = \"$db_root\"\ndb-urls = [\"https://github.com/rustsec/advisory-db\"]|" \
         deny.toml > "$db_root/deny.toml"
@@ -33,16 +42,10 @@ if [ -n "${HUBAGENT_ADVISORY_DB:-}" ]; then
 elif timeout 60 cargo deny fetch db >/dev/null 2>&1; then
     cargo deny --locked check advisories
 else
-    cat <<'NOTICE'
-
-##########################################################################################
-# NOTICE: cargo deny check advisories was SKIPPED.
-# The RustSec advisory database (a git repository on GitHub) cannot be fetched from this
-# machine, and we know of no package in the registries it reaches that ships a copy.
-# Licenses, bans and sources WERE checked. The advisories that apply to Cargo.lock, and why
-# each does not affect hubagent, are listed in deny.toml; to check against a local copy:
-#     HUBAGENT_ADVISORY_DB=/path/to/advisory-db bash .ci/deny.sh
-##########################################################################################
-
-NOTICE
+    cat >&2 <<'ERROR'
+deny: FAILED: no RustSec advisory database. Neither HUBAGENT_ADVISORY_DB nor
+../shared/rustsec-advisory-db.bundle is there, and `cargo deny fetch db` cannot reach GitHub.
+Point HUBAGENT_ADVISORY_DB at a checkout of rustsec/advisory-db (docs/security.md).
+ERROR
+    exit 1
 fi

@@ -465,7 +465,7 @@ def sdk_runs(sim, opts, results):
         log(f"no {VENV_PY}: skipping Azure's Python SDK (bench/run.sh creates it)")
         return
     key = device(sim, "bench-sdk")
-    cs = f"HostName=localhost;DeviceId=bench-sdk;SharedAccessKey={key}"
+    cs = f"HostName=127.0.0.2;DeviceId=bench-sdk;SharedAccessKey={key}"  # hubsim's default hub
     script = str(ROOT / "bench" / "sdk_publisher.py")
     for run in range(opts.runs):
         out, cpu, rss = run_measured([str(VENV_PY), script, "send", cs, str(sim.ca), str(opts.sdk_messages),

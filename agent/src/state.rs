@@ -2,13 +2,14 @@
 //! state, so the agent boots and works offline with what it last knew. Every write is atomic
 //! (temp file, fsync, rename, fsync of the directory) and private (0600 files in a 0700 dir).
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::util::fs::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -127,47 +128,11 @@ impl StateDir {
 
     fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
         let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
-        write_atomic(&self.path.join(name), &bytes)
+        write_atomic(&self.path.join(name), &bytes).map_err(|e| StateError::Io {
+            path: e.path,
+            source: e.source,
+        })
     }
-}
-
-/// Temp file in the same directory (0600), fsync, rename over the target, fsync the directory:
-/// after a crash or power loss the file holds either the old or the new content.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    // Unique per writer, so `hubagent provision` and the daemon never share a temp file.
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StateError::Io { path, source }
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
-    drop(file);
-    if let Err(source) = written {
-        let _ = std::fs::remove_file(&tmp); // a full disk must not leave litter behind
-        return Err(StateError::Io { path: tmp, source });
-    }
-    if let Err(source) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(StateError::Io {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -201,29 +166,6 @@ mod tests {
         std::fs::write(dir.path().join("twin.json"), "[1, 2]").unwrap();
         let err = state.load_twin().unwrap_err().to_string();
         assert!(err.contains("twin.json: not a valid state file"), "{err}");
-    }
-
-    #[test]
-    fn a_failed_write_leaves_no_temp_file_and_touches_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("provisioning.json");
-        write_atomic(&target, b"old").unwrap();
-        // A directory in the way of the rename: the write fails, the temp file is removed.
-        let blocked = dir.path().join("blocked");
-        std::fs::create_dir_all(blocked.join("inner")).unwrap();
-        assert!(write_atomic(&blocked, b"new").is_err());
-        assert_eq!(std::fs::read(&target).unwrap(), b"old");
-        let litter = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".tmp")
-            })
-            .count();
-        assert_eq!(litter, 0);
     }
 
     #[test]

@@ -4,13 +4,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hubagent::keys::{self, MemoryKey};
+use hubagent::identity::keys::{self, MemoryKey};
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
 
 /// The rustls client configuration the agent itself uses (same protocol versions and provider),
 /// trusting `ca_pem` (hubsim's `ca.pem`).
 pub fn tls(ca_pem: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    Ok(hubagent::tls::client_config(Some(ca_pem), None)?)
+    Ok(hubagent::identity::tls::client_config(Some(ca_pem), None)?)
 }
 
 /// A device key derived from an enrollment group's key, as DPS derives it.
@@ -26,16 +26,18 @@ pub fn sas(key_b64: &str, resource: &str, key_name: Option<&str>) -> anyhow::Res
     Ok(keys::sas_token(&key, resource, expiry, key_name)?)
 }
 
-/// One MQTT-over-TLS client (clean session, 256 KiB packets like the hub's limit).
+/// One MQTT-over-TLS client (clean session, 256 KiB packets like the hub's limit) to `host`:
+/// hubsim's DPS (`localhost`) or a hub, which is another host (docs/hubsim.md, "Topology").
 pub fn client(
     tls: &Arc<rustls::ClientConfig>,
+    host: &str,
     client_id: &str,
     port: u16,
     username: &str,
     password: &str,
     inflight: u16,
 ) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(client_id, "localhost", port);
+    let mut mqtt = MqttOptions::new(client_id, host, port);
     mqtt.set_keep_alive(Duration::from_secs(60));
     mqtt.set_clean_session(true);
     mqtt.set_inflight(inflight.max(1));

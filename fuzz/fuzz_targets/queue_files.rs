@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
     )
     .unwrap();
     std::fs::write(dir.path().join("acked"), &data[..split.min(data.len())]).unwrap();
-    let settings = hubagent::queue::QueueSettings::default();
-    if let Ok((queue, _warnings)) = hubagent::queue::Queue::open(dir.path(), settings) {
+    let settings = hubagent::telemetry::queue::QueueSettings::default();
+    if let Ok((queue, _warnings)) = hubagent::telemetry::queue::Queue::open(dir.path(), settings) {
         let depth = queue.stats().depth as usize;
         let batch = queue.take_batch(usize::MAX);
         assert!(batch.len() <= depth);

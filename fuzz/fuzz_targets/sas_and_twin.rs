@@ -10,6 +10,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = serde_json::from_value::<hubagent::hub::TelemetryMessage>(value);
+        let _ = serde_json::from_value::<hubagent::message::TelemetryMessage>(value);
     }
 });

@@ -3,7 +3,7 @@
 //! marshalling code) before any of it reaches a TPM. Malformed input is an error, never a panic
 //! or a crash; a blob that decodes re-splits to the same fields.
 #![no_main]
-use hubagent::tpm::attestation::{ActivationBlob, decode};
+use hubagent::identity::tpm::attestation::{ActivationBlob, decode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

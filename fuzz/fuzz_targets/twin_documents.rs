@@ -4,10 +4,10 @@
 //! the key named), never a panic. The reported-properties patch the agent computes (`diff`)
 //! must turn the old document into the new one when merged.
 #![no_main]
-use hubagent::daemon::diff;
-use hubagent::daemon::sensor::SensorSettings;
 use hubagent::hub::split_twin;
-use hubagent::plugins::merge;
+use hubagent::plugins::builtin::SensorSettings;
+use hubagent::util::json::diff;
+use hubagent::util::json::merge;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 

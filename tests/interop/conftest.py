@@ -17,7 +17,10 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
-HUB = "sim-hub.example.net"  # what DPS assigns; TLS goes to localhost via gateway_hostname
+# DPS is `localhost` (127.0.0.1:8883); each hub is another host, as on Azure.
+HUB = "sim-hub.example.net"  # what DPS assigns; devices reach it at HUB_ADDRESS via gateway_hostname
+HUB_ADDRESS = "127.0.0.2"
+QUICKSTART_HUB = "127.0.0.3"  # a hub named by its address: dialled by name, as the quickstart does
 
 
 def sas_token(key_b64, resource, key_name=None, ttl=3600):
@@ -88,7 +91,7 @@ def hubsim():
     log = open(state / "hubsim.log", "w")
     process = subprocess.Popen(
         [str(binary), "serve", "--state-dir", str(state), "--mqtt-port", "8883", "--https-port", "0",
-         "--hub", HUB, "--hub", "localhost", "--retry-after", "1"],
+         "--hub", f"{HUB}={HUB_ADDRESS}", "--hub", QUICKSTART_HUB, "--retry-after", "1"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -101,6 +104,7 @@ def hubsim():
             time.sleep(0.05)
         endpoints = json.loads(endpoints_file.read_text())
         wait_for_port("127.0.0.1", 8883, deadline)
+        wait_for_port(HUB_ADDRESS, 8883, deadline)
         https_port = int(endpoints["https"].rsplit(":", 1)[1])
         wait_for_port("127.0.0.1", https_port, deadline)
         hub_cs, dps_cs = (state / "connection-strings.txt").read_text().split()

@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse, ProvisioningDeviceClient
+from azure.iot.device.exceptions import CredentialError
 
-from conftest import HUB, derive_device_key
+from conftest import HUB, HUB_ADDRESS, derive_device_key
 
 TIMEOUT = 30
 
@@ -37,13 +38,15 @@ def enroll(hubsim, registration_id, hub=HUB):
     return enrollment["attestation"]["symmetricKey"]["primaryKey"]
 
 
-def hub_client(hubsim, result, key):
+def hub_client(hubsim, result, key, gateway=HUB_ADDRESS):
+    """The assigned hub's client; the hub's name does not resolve, so the SDK dials its address
+    (`gateway_hostname`) and still names the hub in its username and SAS."""
     client = IoTHubDeviceClient.create_from_symmetric_key(
         symmetric_key=key,
         hostname=result.registration_state.assigned_hub,
         device_id=result.registration_state.device_id,
         server_verification_cert=hubsim["ca_pem"],
-        gateway_hostname="localhost",
+        gateway_hostname=gateway,
     )
     client.connect()
     return client
@@ -58,6 +61,19 @@ def device(hubsim):
     client = hub_client(hubsim, result, key)
     yield registration_id, client
     client.shutdown()
+
+
+def test_the_hub_is_not_reachable_at_the_dps_endpoint(hubsim):
+    # DPS and the hub are different hosts: a device that dials DPS's endpoint for its hub is
+    # refused there (CONNACK 5), as DPS would refuse a hub's username.
+    key = enroll(hubsim, "py-wrong-host")
+    result = provision(hubsim, "py-wrong-host", key)
+    with pytest.raises(CredentialError) as refused:
+        hub_client(hubsim, result, key, gateway="localhost")
+    assert "not authorised" in str(refused.value.__cause__), repr(refused.value.__cause__)
+    events = hubsim["api"].request("GET", "/sim/connections", expect=200)
+    reasons = [e["reason"] for e in events if e["clientId"] == "py-wrong-host" and e["event"] == "refused"]
+    assert reasons and "reached the DPS endpoint" in reasons[-1], reasons
 
 
 def test_individual_symmetric_key_registration(hubsim):
@@ -76,6 +92,25 @@ def test_individual_symmetric_key_registration(hubsim):
     assert mine[-1]["outcome"] == "assigned" and mine[-1]["transport"] == "mqtt"
     state = hubsim["api"].request("GET", "/registrations/py-individual", policy="dps", expect=200)
     assert state["deviceId"] == "gateway-7"
+
+
+def test_slow_assignment_and_throttled_polls_are_waited_out(hubsim):
+    """DPS assigning asynchronously: polls answered 202 `assigning` and 429, each with retry-after;
+    Azure's SDK polls on and is assigned."""
+    key = enroll(hubsim, "py-slow")
+    hubsim["api"].request("POST", "/sim/faults", expect=204, body={
+        "dpsAssigning": {"polls": 2, "retryAfter": 1},
+        "dpsThrottle": {"count": 1, "retryAfter": 1, "requests": "poll"},
+    })
+    try:
+        result = provision(hubsim, "py-slow", key)
+    finally:
+        hubsim["api"].request("DELETE", "/sim/faults", expect=204)
+    assert result.status == "assigned"
+    assert result.registration_state.device_id == "py-slow"
+    history = hubsim["api"].request("GET", "/sim/registrations", expect=200)
+    mine = [h for h in history if h["registrationId"] == "py-slow"]
+    assert [p["status"] for p in mine[-1]["polls"]] == [429, 202, 202, 200]
 
 
 def test_group_enrollment_with_derived_key(hubsim):
@@ -102,8 +137,11 @@ def test_custom_payload_is_echoed(hubsim):
 
 def test_wrong_key_is_refused(hubsim):
     enroll(hubsim, "py-wrong")
-    with pytest.raises(Exception):
+    # The refusal itself: CONNACK 5 (not authorized), which the SDK reports as a CredentialError
+    # (not a network failure or a timeout, which would also be "an exception").
+    with pytest.raises(CredentialError) as refused:
         provision(hubsim, "py-wrong", derive_device_key("AAAA" * 11, "x"))
+    assert "not authorised" in str(refused.value.__cause__), repr(refused.value.__cause__)
     events = hubsim["api"].request("GET", "/sim/connections", expect=200)
     assert any(e["clientId"] == "py-wrong" and e["event"] == "refused" for e in events)
 

@@ -1,7 +1,7 @@
 //! Every attestation method the agent supports, end to end with the real binary against hubsim:
 //! symmetric key (individual), enrollment-group key (the agent derives the device key) and X.509
 //! (self-signed individual by thumbprint, and CA-signed through an enrollment group). For each,
-//! the provisioning rules of DESIGN.md: DPS outage and throttling at boot, cache on restart,
+//! the provisioning rules of docs/design.md: DPS outage and throttling at boot, cache on restart,
 //! reprovision on request, on refused credentials and on a changed provisioning setting.
 
 use std::path::Path;
@@ -9,61 +9,22 @@ use std::time::Duration;
 
 use hubagent_tests::*;
 use hubsim::pki::{CertKind, issue};
-use hubsim::state::{
-    Attestation, CertificatePair, CertificateRef, EnrollmentCommon, EnrollmentGroup,
-    IndividualEnrollment, Status, X509Attestation,
-};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn common(attestation: Attestation) -> EnrollmentCommon {
-    EnrollmentCommon {
-        attestation,
-        iot_hub_host_name: None,
-        iot_hubs: None,
-        allocation_policy: Default::default(),
-        provisioning_status: Status::Enabled,
-        reprovision_policy: Default::default(),
-        initial_twin: None,
-        etag: None,
-        created_date_time_utc: None,
-        last_updated_date_time_utc: None,
-    }
-}
-
-fn first_pem(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
-    text[..end].to_string() + "\n"
-}
-
-fn cert_ref(pem: String) -> Option<CertificatePair> {
-    Some(CertificatePair {
-        primary: Some(CertificateRef {
-            certificate: Some(pem),
-            info: None,
-        }),
-        secondary: None,
-    })
-}
-
-/// Writes a config for `attestation_toml`, adding the built-in sensor.
+/// Writes the configuration of an agent registering as `registration_id` (None: the CN of its
+/// certificate) with `attestation` (the lines of `[provisioning.attestation]`), adding the
+/// built-in sensor.
 fn config(
     dir: &Path,
     running: &hubsim::Running,
-    registration_line: &str,
-    attestation_toml: &str,
+    registration_id: Option<&str>,
+    attestation: &str,
 ) -> std::path::PathBuf {
-    let path = agent_config(dir, running, "placeholder", attestation_toml);
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text = text.replace("registration_id = \"placeholder\"", registration_line);
-    text = text.replacen("method = \"symmetric_key\"\n", "", 1);
-    text.push_str("\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n");
-    std::fs::write(&path, text).unwrap();
-    path
+    AgentConfig::new(dir, running, registration_id, attestation)
+        .extra(&builtin_sensor("100ms"))
+        .write()
 }
 
-/// The provisioning rules of DESIGN.md, for every method: DPS throttling at first boot is
+/// The provisioning rules of docs/design.md, for every method: DPS throttling at first boot is
 /// honoured; a restart uses the cache (no DPS call); `hubagent reprovision` registers again; the
 /// hub refusing the credentials triggers a new registration; a changed provisioning setting
 /// (fingerprint) reprovisions on reload.
@@ -75,8 +36,7 @@ async fn provision_publish_restart_reprovision(
     let sim = running.sim.clone();
     // DPS unreachable at first boot (connections refused for 2 s), then throttling: the agent
     // keeps retrying in-process and honours retry-after.
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(2));
+    refuse_connections(&sim, Duration::from_secs(2));
     sim.faults.lock().unwrap().dps_throttle = Some((2, 1));
     let agent = AgentProcess::start(config);
     assert!(
@@ -85,13 +45,9 @@ async fn provision_publish_restart_reprovision(
         "no telemetry from {device}\n{}",
         agent.log_text()
     );
-    let throttled = sim
-        .records
-        .lock()
-        .unwrap()
-        .registrations
+    let throttled = registration_outcomes(&sim)
         .iter()
-        .filter(|r| r.outcome == "throttled")
+        .filter(|o| *o == "throttled")
         .count();
     assert_eq!(
         throttled, 2,
@@ -130,7 +86,7 @@ async fn provision_publish_restart_reprovision(
 
     // The hub no longer accepts the device's credentials (its identity was changed behind the
     // agent's back): the agent registers again and DPS restores a working identity.
-    let key = format!("localhost/{device}");
+    let key = device_key(&sim, device);
     sim.mutate(|s| {
         let d = s.devices.get_mut(&key).unwrap();
         d.authentication = hubsim::state::DeviceAuthentication {
@@ -143,19 +99,9 @@ async fn provision_publish_restart_reprovision(
         };
     })
     .unwrap();
-    let conn = sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get(&key)
-        .cloned()
-        .unwrap();
-    let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-        reason: "credentials revoked".into(),
-    });
+    assert!(drop_connection(&sim, device), "no live connection");
     assert!(
-        sim.wait_until(Duration::from_secs(60), |s| registrations(s, device) == 3)
+        sim.wait_until(LONG_WAIT, |s| registrations(s, device) == 3)
             .await,
         "{}",
         agent.log_text()
@@ -200,7 +146,7 @@ async fn symmetric_key_individual() {
     let config = config(
         dir.path(),
         &running,
-        "registration_id = \"att-sym-1\"",
+        Some("att-sym-1"),
         &format!(
             "method = \"symmetric_key\"\nkey = {{ file = \"{}\" }}",
             key_file.display()
@@ -218,7 +164,7 @@ async fn symmetric_key_group_with_derived_key() {
     let config = config(
         dir.path(),
         &running,
-        "registration_id = \"att-grp-7\"",
+        Some("att-grp-7"),
         &format!(
             "method = \"symmetric_key\"\ngroup_key = {{ file = \"{}\" }}",
             key_file.display()
@@ -242,25 +188,12 @@ async fn x509_individual_self_signed() {
         None,
     )
     .unwrap();
-    let enrollment = IndividualEnrollment {
-        registration_id: "att-x509-1".into(),
-        device_id: None,
-        common: common(Attestation::X509 {
-            x509: X509Attestation {
-                client_certificates: cert_ref(first_pem(&cert.cert_path)),
-                signing_certificates: None,
-            },
-        }),
-    };
-    running
-        .sim
-        .mutate(|s| s.enrollments.insert("att-x509-1".into(), enrollment))
-        .unwrap();
+    Enrollment::x509_device(first_pem(&cert.cert_path)).individual(&running.sim, "att-x509-1");
     // No registration_id: the agent takes it from the certificate's CN.
     let config = config(
         dir.path(),
         &running,
-        "",
+        None,
         &format!(
             "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"",
             cert.cert_path.display(),
@@ -270,7 +203,7 @@ async fn x509_individual_self_signed() {
     provision_publish_restart_reprovision(&running, &config, "att-x509-1").await;
     let device = running
         .sim
-        .read(|s| s.devices["localhost/att-x509-1"].clone());
+        .read(|s| s.devices[&device_key(&running.sim, "att-x509-1")].clone());
     assert_eq!(device.authentication.kind, "selfSigned");
 }
 
@@ -293,23 +226,11 @@ async fn x509_group_through_an_intermediate_ca() {
         Some(&dir.path().join("inter")),
     )
     .unwrap();
-    let group = EnrollmentGroup {
-        enrollment_group_id: "att-x509-fleet".into(),
-        common: common(Attestation::X509 {
-            x509: X509Attestation {
-                client_certificates: None,
-                signing_certificates: cert_ref(first_pem(&root.cert_path)),
-            },
-        }),
-    };
-    running
-        .sim
-        .mutate(|s| s.groups.insert("att-x509-fleet".into(), group))
-        .unwrap();
+    Enrollment::x509_ca(first_pem(&root.cert_path)).group(&running.sim, "att-x509-fleet");
     let config = config(
         dir.path(),
         &running,
-        "",
+        None,
         &format!(
             "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"",
             cert.cert_path.display(),
@@ -319,6 +240,6 @@ async fn x509_group_through_an_intermediate_ca() {
     provision_publish_restart_reprovision(&running, &config, "att-x509-grp-3").await;
     let device = running
         .sim
-        .read(|s| s.devices["localhost/att-x509-grp-3"].clone());
+        .read(|s| s.devices[&device_key(&running.sim, "att-x509-grp-3")].clone());
     assert_eq!(device.authentication.kind, "certificateAuthority");
 }

@@ -6,27 +6,14 @@ use std::time::Duration;
 
 use hubagent_tests::*;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-const SENSOR: &str = "\n[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n";
-
+/// An enrolled agent with the built-in sensor; returns its configuration and key.
 fn setup(
     dir: &std::path::Path,
     running: &hubsim::Running,
     id: &str,
 ) -> (std::path::PathBuf, String) {
-    let key = enroll(&running.sim, id);
-    let key_file = write_key(dir, "device.key", &key);
-    let config = agent_config(
-        dir,
-        running,
-        id,
-        &format!("key = {{ file = \"{}\" }}", key_file.display()),
-    );
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(SENSOR);
-    std::fs::write(&config, text).unwrap();
-    (config, key)
+    let (config, key) = enrolled_agent(dir, running, id);
+    (config.extra(&builtin_sensor("100ms")).write(), key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,11 +35,12 @@ async fn boots_publishes_and_restarts_from_the_cache() {
     assert!(status.status.success(), "{status:?}");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["connection"], "connected");
-    assert_eq!(status["hub"], "localhost");
+    assert_eq!(status["hub"], hubsim::DEFAULT_HUB);
     assert!(status["published"].as_u64().unwrap() >= 1);
     // The agent reported itself in the twin.
     assert!(
-        sim.wait_until(WAIT, |s| s.read(|st| st.devices["localhost/gw-daemon-1"]
+        sim.wait_until(WAIT, |s| s.read(|st| st.devices
+            [&device_key(s, "gw-daemon-1")]
             .twin
             .reported
             .contains_key("agent")))
@@ -119,9 +107,7 @@ async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_f
         stderr.contains("keepalive") && stderr.contains("config.toml:"),
         "{stderr}"
     );
-    let status: serde_json::Value =
-        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
-    assert_eq!(status["connection"], "connected");
+    assert_eq!(agent.status()["connection"], "connected");
 
     // A new registration id (another enrollment, same key file) → reload → DPS registration.
     let key = enroll(&running.sim, "gw-daemon-2b");
@@ -157,13 +143,9 @@ async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_f
 
 /// The scope a registration used, in hubsim's history.
 fn scopes_registered(sim: &hubsim::Sim, registration_id: &str) -> Vec<String> {
-    sim.records
-        .lock()
-        .unwrap()
-        .registrations
-        .iter()
-        .filter(|r| r.registration_id == registration_id && r.outcome == "assigned")
-        .map(|r| r.id_scope.clone())
+    assigned_registrations(sim, registration_id)
+        .into_iter()
+        .map(|r| r.id_scope)
         .collect()
 }
 
@@ -174,7 +156,7 @@ async fn a_changed_id_scope_reprovisions_on_reload_and_restart() {
     const MOVED: &str = "0ne000000B2";
     const BACK: &str = "0ne000000C3";
     let dir = tempfile::tempdir().unwrap();
-    let mut options = hubsim::Options::ephemeral(dir.path().join("hubsim"));
+    let mut options = sim_options(dir.path());
     options.extra_id_scopes = vec![MOVED.into(), BACK.into()];
     let running = hubsim::start(options).await.unwrap();
     let (config, _) = setup(dir.path(), &running, "gw-daemon-scope");
@@ -255,8 +237,9 @@ async fn a_refused_hub_connection_triggers_reprovisioning() {
     );
     // The hub forgets the device's key (as after a device was recreated by hand): the next
     // connect is refused, the agent registers again and DPS restores the identity.
+    let key = device_key(&sim, "gw-daemon-3");
     sim.mutate(|s| {
-        let d = s.devices.get_mut("localhost/gw-daemon-3").unwrap();
+        let d = s.devices.get_mut(&key).unwrap();
         d.authentication.symmetric_key.as_mut().unwrap().primary_key = hubsim::state::random_key();
         d.authentication
             .symmetric_key
@@ -265,20 +248,9 @@ async fn a_refused_hub_connection_triggers_reprovisioning() {
             .secondary_key = hubsim::state::random_key();
     })
     .unwrap();
-    let conn = sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get("localhost/gw-daemon-3")
-        .cloned()
-        .unwrap();
-    let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-        reason: "test".into(),
-    });
+    assert!(drop_connection(&sim, "gw-daemon-3"), "no live connection");
     assert!(
-        sim.wait_until(Duration::from_secs(60), |s| registrations(s, "gw-daemon-3")
-            == 2)
+        sim.wait_until(LONG_WAIT, |s| registrations(s, "gw-daemon-3") == 2)
             .await,
         "{}",
         agent.log_text()
@@ -297,26 +269,15 @@ async fn keeps_retrying_while_dps_is_unavailable() {
     let running = start_sim(dir.path()).await;
     let (config, _) = setup(dir.path(), &running, "gw-daemon-4");
     let sim = running.sim.clone();
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(4));
+    refuse_connections(&sim, Duration::from_secs(4));
     let agent = AgentProcess::start(&config);
     assert!(
-        sim.wait_until(Duration::from_secs(60), |s| telemetry_count(
-            s,
-            "gw-daemon-4"
-        ) >= 1)
+        sim.wait_until(LONG_WAIT, |s| telemetry_count(s, "gw-daemon-4") >= 1)
             .await,
         "{}",
         agent.log_text()
     );
-    let refused = sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
-        .iter()
-        .filter(|e| e.client_id == "gw-daemon-4" && e.event == "refused")
-        .count();
+    let refused = refused_connections(&sim, "gw-daemon-4");
     assert!(refused >= 1, "the agent tried while DPS was down");
     let code = agent.stop();
     assert_eq!(code, Some(0));
@@ -350,24 +311,9 @@ fn bad_configuration_exits_78_naming_the_key() {
 
 /// Sequence numbers of one sensor run (each process numbers its readings from 1 under a run id).
 fn sensor_seqs(sim: &hubsim::Sim, device: &str, run: &str) -> Vec<u64> {
-    let records = sim
-        .records
-        .lock()
-        .unwrap()
-        .telemetry
-        .get(device)
-        .cloned()
-        .unwrap_or_default();
-    let mut seqs: Vec<u64> = records
-        .iter()
-        .filter(|r| r.properties.get("run").is_some_and(|r| r == run))
-        .filter_map(|r| {
-            serde_json::from_str::<serde_json::Value>(r.body.as_deref()?).ok()?["seq"].as_u64()
-        })
-        .collect();
-    seqs.sort();
-    seqs.dedup();
-    seqs
+    runs(&numbered(sim, device, None, "seq"))
+        .remove(run)
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,47 +331,26 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
     );
 
     // The hub goes away: telemetry piles up in the agent's queue on disk.
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(3600));
-    let conn = sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get("localhost/gw-daemon-5")
-        .cloned()
-        .unwrap();
-    let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-        reason: "outage".into(),
-    });
-    let deadline = std::time::Instant::now() + WAIT;
+    assert!(live_connection(&sim, "gw-daemon-5").is_some());
+    begin_outage(&sim, "gw-daemon-5");
     // Every reading the first process queued (its sequence numbers run 1..=pushed).
-    let pushed = loop {
-        let out = agent.cli(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if status["queue_depth"].as_u64().unwrap_or(0) >= 20 {
-            break status["queue"]["pushed"].as_u64().unwrap() as usize;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "queue did not grow: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut agent = agent;
-    agent.child.kill().unwrap(); // SIGKILL: no chance to flush anything
-    agent.child.wait().unwrap();
-    let first_run =
-        sim.records.lock().unwrap().telemetry["gw-daemon-5"][0].properties["run"].clone();
+    let status = agent
+        .wait_status("queue did not grow", |st| {
+            st["queue_depth"].as_u64().unwrap_or(0) >= 20
+        })
+        .await;
+    let pushed = status["queue"]["pushed"].as_u64().unwrap() as usize;
+    agent.kill_9();
+    let first_run = numbered(&sim, "gw-daemon-5", None, "seq")[0].run.clone();
     // Distinct, not raw: a message in flight when the hub went away may have been recorded
     // without its PUBACK reaching the agent, so it is both received and still queued.
     let received_before = sensor_seqs(&sim, "gw-daemon-5", &first_run).len();
 
-    sim.faults.lock().unwrap().refuse_connections_until = None;
+    end_outage(&sim);
     let agent = AgentProcess::start(&config);
     // Everything the first process queued arrives: its sequence numbers have no gap.
     assert!(
-        sim.wait_until(Duration::from_secs(60), |s| {
+        sim.wait_until(LONG_WAIT, |s| {
             // Distinct readings: messages in flight at the outage may arrive twice.
             sensor_seqs(s, "gw-daemon-5", &first_run).len() >= pushed
         })
@@ -457,7 +382,7 @@ async fn starts_offline_with_the_cached_desired_settings() {
         "{}",
         agent.log_text()
     );
-    let key = hubsim::state::Store::device_key("localhost", "gw-daemon-6");
+    let key = device_key(&sim, "gw-daemon-6");
     let version = hubsim::twin::apply_desired_patch(
         &sim,
         &key,
@@ -481,28 +406,19 @@ async fn starts_offline_with_the_cached_desired_settings() {
     assert_eq!(agent.stop(), Some(0));
 
     // No hub at all now: the agent starts with what it cached.
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(3600));
+    refuse_connections(&sim, Duration::from_secs(3600));
     let agent = AgentProcess::start(&config);
-    let deadline = std::time::Instant::now() + WAIT;
-    let plugins = loop {
-        let out = agent.cli(&["plugins", "list", "--json"]);
-        if out.status.success() {
-            let plugins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if plugins["sensor"]["status"] == "running" {
-                break plugins;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", agent.log_text());
-        sim.wait_until(Duration::from_millis(100), |_| false).await;
-    };
+    let plugins = agent
+        .wait_plugins("the sensor running offline", |p| {
+            p["sensor"]["status"] == "running"
+        })
+        .await;
     assert_eq!(
         plugins["sensor"]["settings"]["interval"], "250ms",
         "cached desired settings apply offline"
     );
     assert_eq!(plugins["sensor"]["desiredVersion"], version);
-    let status: serde_json::Value =
-        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    let status = agent.status();
     assert_ne!(status["connection"], "connected");
     assert_eq!(status["desired_version"], version);
     assert_eq!(agent.stop(), Some(0));

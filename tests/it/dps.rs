@@ -3,9 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubagent::keys::{Credential, MemoryKey};
+use hubagent::identity::Credential;
+use hubagent::identity::keys::MemoryKey;
 use hubagent::provisioning::dps::{DpsError, DpsRequest, register};
 use hubagent_tests::*;
+use hubsim::state::{SlowAssignment, ThrottledRequests};
 
 fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
     DpsRequest {
@@ -14,7 +16,7 @@ fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: registration_id.into(),
         payload: Some(serde_json::json!({"site": "plant-4"})),
-        timeout: Duration::from_secs(30),
+        timeout: WAIT,
     }
 }
 
@@ -23,7 +25,7 @@ fn sas(key: &str) -> Credential {
 }
 
 fn tls(running: &hubsim::Running) -> Arc<rustls::ClientConfig> {
-    hubagent::tls::client_config(Some(&running.ca_pem_path), None).unwrap()
+    hubagent::identity::tls::client_config(Some(&running.ca_pem_path), None).unwrap()
 }
 
 #[tokio::test]
@@ -34,11 +36,11 @@ async fn registers_an_individual_enrollment_and_gets_the_payload_back() {
     let assignment = register(&request(&running, "gw-dps-1"), &sas(&key), tls(&running))
         .await
         .unwrap();
-    assert_eq!(assignment.assigned_hub, "localhost");
+    assert_eq!(assignment.assigned_hub, hubsim::DEFAULT_HUB);
     assert_eq!(assignment.device_id, "gw-dps-1");
     assert_eq!(assignment.substatus, "initialAssignment");
     assert_eq!(assignment.registration_state["payload"]["site"], "plant-4");
-    let history = running.sim.records.lock().unwrap().registrations.clone();
+    let history = registration_events(&running.sim);
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].outcome, "assigned");
 }
@@ -49,7 +51,7 @@ async fn group_members_register_with_the_derived_key() {
     let running = start_sim(dir.path()).await;
     let group_key = enroll_group(&running.sim, "fleet");
     let group = MemoryKey::from_base64(&group_key, "group").unwrap();
-    let derived = hubagent::keys::derive_device_key(&group, "fleet-member-9").unwrap();
+    let derived = hubagent::identity::keys::derive_device_key(&group, "fleet-member-9").unwrap();
     let assignment = register(
         &request(&running, "fleet-member-9"),
         &sas(&derived),
@@ -94,16 +96,67 @@ async fn throttling_is_honoured_then_registration_completes() {
         "retry-after was honoured: {:?}",
         started.elapsed()
     );
-    let outcomes: Vec<String> = running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .registrations
+    assert_eq!(
+        registration_outcomes(&running.sim),
+        ["throttled", "throttled", "assigned"]
+    );
+}
+
+/// DPS assigns asynchronously: polls answered `assigning`, throttled registrations and throttled
+/// polls each carry a `retry-after`, and the agent waits just that long before the next request
+/// (as hubsim measures it), never less and not noticeably more.
+#[tokio::test]
+async fn retry_after_is_honoured_for_registrations_and_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+
+    // A throttled registration (1 s), then two polls answered `assigning` (2 s each).
+    let key = enroll(&sim, "gw-dps-slow-1");
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((1, 1));
+        faults.dps_throttle_requests = ThrottledRequests::Register;
+        faults.dps_slow_assignment = Some(SlowAssignment {
+            polls: 2,
+            retry_after: Some(2),
+        });
+    }
+    let assignment = register(
+        &request(&running, "gw-dps-slow-1"),
+        &sas(&key),
+        tls(&running),
+    )
+    .await
+    .unwrap();
+    assert_eq!(assignment.device_id, "gw-dps-slow-1");
+    assert_retry_after_honoured(&sim, "gw-dps-slow-1", 4);
+
+    // Throttled polls (1 s each), then one `assigning` poll (1 s).
+    let key = enroll(&sim, "gw-dps-slow-2");
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((2, 1));
+        faults.dps_throttle_requests = ThrottledRequests::Poll;
+        faults.dps_slow_assignment = Some(SlowAssignment {
+            polls: 1,
+            retry_after: Some(1),
+        });
+    }
+    register(
+        &request(&running, "gw-dps-slow-2"),
+        &sas(&key),
+        tls(&running),
+    )
+    .await
+    .unwrap();
+    let polls: Vec<u16> = registration_events(&sim)
         .iter()
-        .map(|r| r.outcome.clone())
+        .filter(|e| e.registration_id == "gw-dps-slow-2")
+        .flat_map(|e| e.polls.iter().map(|p| p.status))
         .collect();
-    assert_eq!(outcomes, ["throttled", "throttled", "assigned"]);
+    assert_eq!(polls, [429, 429, 202, 200]);
+    assert_retry_after_honoured(&sim, "gw-dps-slow-2", 4);
 }
 
 #[tokio::test]
@@ -167,7 +220,7 @@ async fn an_untrusted_server_is_refused() {
     // Trust only a different CA: verification must fail, there is no way around it.
     let other = tempfile::tempdir().unwrap();
     let other_ca = hubsim::pki::load_or_create(other.path(), &[]).unwrap();
-    let tls = hubagent::tls::client_config(Some(&other_ca.ca_pem_path), None).unwrap();
+    let tls = hubagent::identity::tls::client_config(Some(&other_ca.ca_pem_path), None).unwrap();
     let err = register(&request(&running, "gw-dps-5"), &sas(&key), tls)
         .await
         .unwrap_err();

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubagent::hub::{HubParams, SessionEvent, SessionHandle, TelemetryMessage, spawn};
-use hubagent::keys::{Credential, MemoryKey};
+use hubagent::hub::{HubParams, SessionEvent, SessionHandle, spawn};
+use hubagent::identity::Credential;
+use hubagent::identity::keys::MemoryKey;
+use hubagent::message::TelemetryMessage;
 use hubagent_tests::*;
 use serde_json::json;
 use tokio::sync::mpsc::Receiver;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// Registers `id` through DPS in hubsim and opens a session for it.
 async fn session(
@@ -20,7 +20,7 @@ async fn session(
 ) -> (SessionHandle, Receiver<SessionEvent>) {
     let key = enroll(&running.sim, id);
     let credential = Credential::Sas(Arc::new(MemoryKey::from_base64(&key, "test").unwrap()));
-    let tls = hubagent::tls::client_config(Some(&running.ca_pem_path), None).unwrap();
+    let tls = hubagent::identity::tls::client_config(Some(&running.ca_pem_path), None).unwrap();
     let request = hubagent::provisioning::dps::DpsRequest {
         endpoint_host: "localhost".into(),
         port: running.mqtt_addr.port(),
@@ -76,22 +76,6 @@ fn message(i: usize) -> TelemetryMessage {
     }
 }
 
-fn recorded_ids(running: &hubsim::Running, device: &str) -> Vec<String> {
-    running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .telemetry
-        .get(device)
-        .map(|r| {
-            r.iter()
-                .map(|m| m.system_properties["message-id"].clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn telemetry_twin_methods_and_c2d() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,9 +95,9 @@ async fn telemetry_twin_methods_and_c2d() {
     for i in 0..20 {
         handle.publish(message(i)).await.unwrap();
     }
-    let ids = recorded_ids(&running, "gw-hub-1");
+    let ids = message_ids(&running.sim, "gw-hub-1");
     assert_eq!(ids, (0..20).map(|i| format!("m-{i}")).collect::<Vec<_>>());
-    let first = running.sim.records.lock().unwrap().telemetry["gw-hub-1"][0].clone();
+    let first = records(&running.sim, "gw-hub-1")[0].clone();
     assert_eq!(first.properties["source"], "test");
     assert_eq!(first.system_properties["content-type"], "application/json");
 
@@ -127,7 +111,7 @@ async fn telemetry_twin_methods_and_c2d() {
         .unwrap();
     assert_eq!(v2, v1 + 1);
 
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-1");
+    let key = device_key(&running.sim, "gw-hub-1");
     let v =
         hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"interval": "5s"})).unwrap();
     let (version, patch) = next_matching(&mut events, |e| match e {
@@ -198,39 +182,23 @@ async fn dropped_connections_lose_no_message() {
     };
     // Cut the connection three times while messages flow.
     for _ in 0..3 {
-        let sim = running.sim.clone();
         assert!(
-            sim.wait_until(WAIT, |s| s
-                .live
-                .lock()
-                .unwrap()
-                .connections
-                .contains_key("localhost/gw-hub-2"))
+            running
+                .sim
+                .wait_until(WAIT, |s| live_connection(s, "gw-hub-2").is_some())
                 .await
         );
-        let conn = running
-            .sim
-            .live
-            .lock()
-            .unwrap()
-            .connections
-            .get("localhost/gw-hub-2")
-            .cloned();
-        if let Some(conn) = conn {
-            let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-                reason: "test drop".into(),
-            });
-        }
+        drop_connection(&running.sim, "gw-hub-2");
         next_matching(&mut events, |e| {
             matches!(e, SessionEvent::Connected).then_some(())
         })
         .await;
     }
-    tokio::time::timeout(Duration::from_secs(60), publisher)
+    tokio::time::timeout(LONG_WAIT, publisher)
         .await
         .unwrap()
         .unwrap();
-    let ids = recorded_ids(&running, "gw-hub-2");
+    let ids = message_ids(&running.sim, "gw-hub-2");
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
@@ -253,9 +221,9 @@ async fn short_token_lifetimes_are_renewed_without_loss() {
     })
     .await;
     let sim = running.sim.clone();
-    let connects_before = count_connects(&sim, "gw-hub-3");
+    let connects_before = hub_connects(&sim, "gw-hub-3");
     let mut i = 0;
-    while count_connects(&sim, "gw-hub-3") < connects_before + 3 {
+    while hub_connects(&sim, "gw-hub-3") < connects_before + 3 {
         handle.publish(message(i)).await.unwrap();
         i += 1;
         tokio::task::yield_now().await;
@@ -263,50 +231,18 @@ async fn short_token_lifetimes_are_renewed_without_loss() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let ids = recorded_ids(&running, "gw-hub-3");
+    let ids = message_ids(&running.sim, "gw-hub-3");
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), i);
-    let expired = running
-        .sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
+    let expired = connection_events(&running.sim, "gw-hub-3")
         .iter()
-        .any(|e| e.client_id == "gw-hub-3" && e.reason.as_deref() == Some("SAS token expired"));
+        .any(|e| e.reason.as_deref() == Some("SAS token expired"));
     assert!(
         !expired,
         "the agent renews before the hub has to cut it off"
     );
-}
-
-fn count_connects(sim: &hubsim::Sim, id: &str) -> usize {
-    sim.records
-        .lock()
-        .unwrap()
-        .connections
-        .iter()
-        .filter(|e| e.client_id == id && e.service == "hub" && e.event == "connected")
-        .count()
-}
-
-/// Closes the device's live hub connection (as the hub does on an outage).
-fn drop_connection(running: &hubsim::Running, key: &str) {
-    let conn = running
-        .sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get(key)
-        .cloned();
-    if let Some(conn) = conn {
-        let _ = conn.tx.send(hubsim::state::ConnCommand::Close {
-            reason: "test drop".into(),
-        });
-    }
 }
 
 fn unique(mut ids: Vec<String>) -> Vec<String> {
@@ -327,9 +263,9 @@ async fn a_hub_that_caps_token_lifetimes_costs_no_message() {
     })
     .await;
     let sim = running.sim.clone();
-    let connects_before = count_connects(&sim, "gw-hub-4");
+    let connects_before = hub_connects(&sim, "gw-hub-4");
     let mut sent = 0;
-    while count_connects(&sim, "gw-hub-4") < connects_before + 2 {
+    while hub_connects(&sim, "gw-hub-4") < connects_before + 2 {
         tokio::time::timeout(WAIT, handle.publish(message(sent)))
             .await
             .expect("a publish completes once the session is back")
@@ -337,17 +273,13 @@ async fn a_hub_that_caps_token_lifetimes_costs_no_message() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let expired = sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
+    let expired = connection_events(&sim, "gw-hub-4")
         .iter()
-        .filter(|e| e.client_id == "gw-hub-4" && e.reason.as_deref() == Some("SAS token expired"))
+        .filter(|e| e.reason.as_deref() == Some("SAS token expired"))
         .count();
     assert!(expired >= 2, "the hub did cut the connections ({expired})");
     assert_eq!(
-        unique(recorded_ids(&running, "gw-hub-4")),
+        unique(message_ids(&running.sim, "gw-hub-4")),
         unique((0..sent).map(|i| format!("m-{i}")).collect())
     );
     handle.shutdown();
@@ -365,7 +297,7 @@ async fn desired_patches_arrive_once_each_in_version_order() {
         _ => None,
     })
     .await;
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-5");
+    let key = device_key(&running.sim, "gw-hub-5");
     for i in 1..=10 {
         hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"step": i})).unwrap();
     }
@@ -382,7 +314,7 @@ async fn desired_patches_arrive_once_each_in_version_order() {
     assert_eq!(seen, expected);
 
     // After a reconnect the full twin carries the latest version; nothing is delivered twice.
-    drop_connection(&running, &key);
+    drop_connection(&running.sim, "gw-hub-5");
     let (version, desired) = next_matching(&mut events, |e| match e {
         SessionEvent::Twin {
             desired_version,
@@ -407,10 +339,8 @@ async fn an_outage_holds_publishes_until_the_hub_is_back() {
     })
     .await;
     // The hub refuses every CONNECT (CONNACK 3) for 3 s and drops the device now.
-    running.sim.faults.lock().unwrap().refuse_connections_until =
-        Some(std::time::Instant::now() + Duration::from_secs(3));
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-6");
-    drop_connection(&running, &key);
+    refuse_connections(&running.sim, Duration::from_secs(3));
+    drop_connection(&running.sim, "gw-hub-6");
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::Disconnected { .. }).then_some(())
     })
@@ -434,7 +364,10 @@ async fn an_outage_holds_publishes_until_the_hub_is_back() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(recorded_ids(&running, "gw-hub-6"), vec!["m-1".to_string()]);
+    assert_eq!(
+        message_ids(&running.sim, "gw-hub-6"),
+        vec!["m-1".to_string()]
+    );
     handle.shutdown();
 }
 
@@ -447,14 +380,14 @@ async fn a_disabled_device_is_reported_as_unauthorized() {
         matches!(e, SessionEvent::Connected).then_some(())
     })
     .await;
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-7");
+    let key = device_key(&running.sim, "gw-hub-7");
     running
         .sim
         .mutate(|s| {
             s.devices.get_mut(&key).unwrap().status = hubsim::state::Status::Disabled;
         })
         .unwrap();
-    drop_connection(&running, &key);
+    drop_connection(&running.sim, "gw-hub-7");
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::Unauthorized).then_some(())
     })
@@ -471,7 +404,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         identity_cert: cert,
         identity_pk: key,
     };
-    let (credential, _) = hubagent::keys::load_credential(&attestation, "gw-x509-1").unwrap();
+    let (credential, _) = hubagent::identity::Credential::load(&attestation, "gw-x509-1").unwrap();
     let Credential::X509 {
         cert_chain_pem,
         key_pem,
@@ -479,7 +412,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
     else {
         panic!("not an X.509 credential")
     };
-    let tls = hubagent::tls::client_config(
+    let tls = hubagent::identity::tls::client_config(
         Some(&running.ca_pem_path),
         Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
     )
@@ -530,11 +463,11 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(recorded_ids(&running, "gw-x509-1").len(), sent);
-    assert_eq!(count_connects(&running.sim, "gw-x509-1"), 1);
-    let auth = running.sim.records.lock().unwrap().telemetry["gw-x509-1"][0]
-        .system_properties["iothub-connection-auth-method"]
-        .clone();
+    assert_eq!(message_ids(&running.sim, "gw-x509-1").len(), sent);
+    assert_eq!(hub_connects(&running.sim, "gw-x509-1"), 1);
+    let auth =
+        records(&running.sim, "gw-x509-1")[0].system_properties["iothub-connection-auth-method"]
+            .clone();
     assert!(auth.contains("\"type\":\"x509\""), "{auth}");
     handle.shutdown();
 }
@@ -548,21 +481,13 @@ async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
         matches!(e, SessionEvent::Twin { .. }).then_some(())
     })
     .await;
-    let key = hubsim::state::Store::device_key("localhost", "gw-hub-4");
+    let key = device_key(&running.sim, "gw-hub-4");
     let v1 = hubsim::twin::apply_desired_patch(&running.sim, &key, &json!({"a": 1})).unwrap();
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::DesiredPatch { .. }).then_some(())
     })
     .await;
-    let conn = running
-        .sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get(&key)
-        .cloned()
-        .unwrap();
+    let conn = live_connection(&running.sim, "gw-hub-4").unwrap();
     let push = |version: u64, body: serde_json::Value| {
         conn.tx
             .send(hubsim::state::ConnCommand::Publish {
@@ -619,5 +544,33 @@ async fn stale_desired_patches_are_ignored_and_gaps_heal_with_a_full_get() {
     assert_eq!(
         desired["d"], 4,
         "the full GET brought what the lost patch carried"
+    );
+}
+
+#[tokio::test]
+async fn twin_requests_the_hub_throttles_are_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    // The twin GET of the first connection is throttled: the session asks again.
+    running.sim.faults.lock().unwrap().twin_throttle = 1;
+    let (handle, mut events) = session(&running, "gw-hub-8", Duration::from_secs(3600)).await;
+    next_matching(&mut events, |e| match e {
+        SessionEvent::Twin { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(running.sim.faults.lock().unwrap().twin_throttle, 0);
+
+    // A reported patch throttled twice is still applied, once.
+    running.sim.faults.lock().unwrap().twin_throttle = 2;
+    let version = handle
+        .report(json!({"agent": {"state": "throttled, then ok"}}))
+        .await
+        .unwrap();
+    assert_eq!(running.sim.faults.lock().unwrap().twin_throttle, 0);
+    assert_eq!(version, 1);
+    assert_eq!(
+        reported(&running.sim, "gw-hub-8", "agent")["state"],
+        "throttled, then ok"
     );
 }

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hubagent_tests::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
 const OUTAGE: Duration = Duration::from_secs(120);
 const DEVICE: &str = "gw-plugin-outage";
 
@@ -36,31 +35,20 @@ while True:
     time.sleep(settings["interval"])
 "#;
 
-/// `(run, n)` of every record of `source`, with its message id.
-fn received(
-    sim: &hubsim::Sim,
-    device: &str,
-    source: &str,
-    key: &str,
-) -> Vec<((String, u64), String)> {
-    sim.records
-        .lock()
-        .unwrap()
-        .telemetry
-        .get(device)
-        .map(|records| {
-            records
-                .iter()
-                .filter(|r| r.properties.get("source").map(String::as_str) == Some(source))
-                .map(|r| {
-                    let body: Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
-                    let run = body["run"].as_str().unwrap().to_string();
-                    let mid = r.system_properties["message-id"].clone();
-                    ((run, body[key].as_u64().unwrap()), mid)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// Which messages of `source` arrived, as `(run, n)` (the number in the body field `key`).
+fn arrived(sim: &hubsim::Sim, device: &str, source: &str, key: &str) -> BTreeSet<(String, u64)> {
+    numbered(sim, device, Some(source), key)
+        .iter()
+        .map(Numbered::key)
+        .collect()
+}
+
+/// The numbers that arrived per run, of the library plugin and of the exec plugin.
+fn arrived_runs(sim: &hubsim::Sim, device: &str) -> Vec<BTreeMap<String, Vec<u64>>> {
+    [("library", "n"), ("exec", "seq")]
+        .iter()
+        .map(|(source, key)| runs(&numbered(sim, device, Some(source), key)))
+        .collect()
 }
 
 /// The library plugin's record: what each `publish` returned, by `(run, n)`.
@@ -91,33 +79,11 @@ fn exec_record(path: &Path) -> BTreeMap<String, u64> {
     runs
 }
 
-fn status(agent: &AgentProcess) -> Value {
-    serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap_or_default()
-}
-
-/// Polls `agent`'s status until `cond` holds.
-fn wait_status(agent: &AgentProcess, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(agent);
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not reached; status: {s}\n--- agent log ---\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The exec plugin's run id prefix (its pid) and the messages the agent acknowledged to it so
 /// far, from `hubagent plugins list`. The exec plugin must not have been restarted, so the
 /// counter is that one run's.
 fn exec_acknowledged(agent: &AgentProcess) -> (u64, u64) {
-    let list: Value =
-        serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap();
+    let list = agent.plugins_list();
     let exec = &list["exec"];
     assert_eq!(exec["restarts"], 0, "{exec}");
     assert_eq!(exec["status"], "running", "{exec}");
@@ -125,27 +91,6 @@ fn exec_acknowledged(agent: &AgentProcess) -> (u64, u64) {
         exec["pid"].as_u64().unwrap(),
         exec["published"].as_u64().unwrap(),
     )
-}
-
-/// SIGKILL: the agent gets no chance to flush anything.
-fn kill_9(mut agent: AgentProcess) {
-    agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
-}
-
-fn drop_connection(sim: &hubsim::Sim, device: &str) {
-    let conn = sim
-        .live
-        .lock()
-        .unwrap()
-        .connections
-        .get(&format!("localhost/{device}"))
-        .cloned();
-    if let Some(c) = conn {
-        let _ = c.tx.send(hubsim::state::ConnCommand::Close {
-            reason: "outage".into(),
-        });
-    }
 }
 
 fn run_of_pid(runs: &BTreeMap<String, u64>, pid: u64) -> String {
@@ -160,9 +105,30 @@ fn run_of_pid(runs: &BTreeMap<String, u64>, pid: u64) -> String {
 struct Setup {
     dir: tempfile::TempDir,
     running: hubsim::Running,
+    device: String,
     config: PathBuf,
     lib_record: PathBuf,
     exec_record: PathBuf,
+}
+
+impl Setup {
+    /// Starts the agent and waits until the first `n` messages of each plugin arrived.
+    async fn start_agent(&self, n: usize) -> AgentProcess {
+        let agent = AgentProcess::start(&self.config);
+        let device = self.device.as_str();
+        assert!(
+            self.running
+                .sim
+                .wait_until(LONG_WAIT, |x| numbered(x, device, Some("library"), "n")
+                    .len()
+                    >= n
+                    && numbered(x, device, Some("exec"), "seq").len() >= n)
+                .await,
+            "{}",
+            agent.log_text()
+        );
+        agent
+    }
 }
 
 async fn setup(device: &str, interval_ms: u64, extra: &str) -> Setup {
@@ -203,15 +169,11 @@ record = "{exec_record}"
     );
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     // Reconnect soon after an outage ends (the default backoff grows to a minute).
-    let text = std::fs::read_to_string(&config).unwrap().replacen(
-        "[hub]\n",
-        "[hub]\nreconnect_backoff_max = \"2s\"\n",
-        1,
-    );
-    std::fs::write(&config, text).unwrap();
+    add_settings(&config, "[hub]", "reconnect_backoff_max = \"2s\"\n");
     Setup {
         dir,
         running,
+        device: device.to_string(),
         config,
         lib_record,
         exec_record,
@@ -220,86 +182,71 @@ record = "{exec_record}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_and_kill_9_lose_no_plugin_message() {
+    let s = setup(DEVICE, 40, "").await;
+    let agent = s.start_agent(5).await;
     let Setup {
         dir: _dir,
         running,
         config,
         lib_record,
         exec_record: exec_record_path,
-    } = setup(DEVICE, 40, "").await;
+        ..
+    } = s;
     let sim = running.sim.clone();
-    let agent = AgentProcess::start(&config);
-    assert!(
-        sim.wait_until(WAIT, |s| received(s, DEVICE, "library", "n").len() >= 5
-            && received(s, DEVICE, "exec", "seq").len() >= 5)
-            .await,
-        "{}",
-        agent.log_text()
-    );
 
     // The hub goes away for OUTAGE: the plugins keep publishing into the queue on disk.
-    let outage_started = Instant::now();
-    sim.faults.lock().unwrap().refuse_connections_until = Some(outage_started + OUTAGE);
+    let outage_end = refuse_connections(&sim, OUTAGE);
     drop_connection(&sim, DEVICE);
-    wait_status(&agent, "a backlog during the outage", |s| {
-        s["queue_depth"].as_u64().unwrap_or(0) >= 400
-    });
+    agent
+        .wait_status("a backlog during the outage", |s| {
+            s["queue_depth"].as_u64().unwrap_or(0) >= 400
+        })
+        .await;
     // (Counted only now: what was in flight when the connection dropped may still be recorded.)
     let before_outage = telemetry_count(&sim, DEVICE);
     // kill -9 in the middle of the outage, with a backlog on disk and both plugins publishing.
     let (exec_pid_1, exec_acked_1) = exec_acknowledged(&agent);
-    kill_9(agent);
+    agent.kill_9();
     let agent = AgentProcess::start(&config);
-    wait_status(&agent, "the restarted agent queues again", |s| {
-        s["queue"]["pushed"].as_u64().unwrap_or(0) >= 50
-    });
+    agent
+        .wait_status("the restarted agent queues again", |s| {
+            s["queue"]["pushed"].as_u64().unwrap_or(0) >= 50
+        })
+        .await;
     assert_eq!(
         telemetry_count(&sim, DEVICE),
         before_outage,
         "nothing reaches the hub during the outage"
     );
     // The outage lasts its planned time; the agent keeps trying meanwhile.
-    tokio::time::sleep_until((outage_started + OUTAGE).into()).await;
-    let refused = sim
-        .records
-        .lock()
-        .unwrap()
-        .connections
-        .iter()
-        .filter(|e| e.client_id == DEVICE && e.event == "refused")
-        .count();
+    tokio::time::sleep_until(outage_end.into()).await;
+    let refused = refused_connections(&sim, DEVICE);
     assert!(refused >= 2, "the agent kept trying during the outage");
-    let backlog = status(&agent)["queue_depth"].as_u64().unwrap_or(0);
+    let backlog = agent.status()["queue_depth"].as_u64().unwrap_or(0);
 
     // Recovery; a second kill -9 as soon as the backlog starts draining.
-    sim.faults.lock().unwrap().refuse_connections_until = None;
+    end_outage(&sim);
     assert!(
-        sim.wait_until(WAIT, |s| telemetry_count(s, DEVICE) > before_outage)
+        sim.wait_until(LONG_WAIT, |s| telemetry_count(s, DEVICE) > before_outage)
             .await,
         "{}",
         agent.log_text()
     );
     let (exec_pid_2, exec_acked_2) = exec_acknowledged(&agent);
-    let depth_at_second_kill = status(&agent)["queue_depth"].as_u64().unwrap_or(0);
-    kill_9(agent);
+    let depth_at_second_kill = agent.status()["queue_depth"].as_u64().unwrap_or(0);
+    agent.kill_9();
     let agent = AgentProcess::start(&config);
 
     // Everything the library plugin was told was published, and at least what the agent had
     // counted for each killed exec run, arrives.
     let complete = |s: &hubsim::Sim| {
-        let got: BTreeSet<(String, u64)> = received(s, DEVICE, "library", "n")
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let got = arrived(s, DEVICE, "library", "n");
         let lib_ok = library_record(&lib_record)
             .iter()
             .filter(|(_, r)| *r == "ok")
             .all(|(k, _)| got.contains(k));
         let runs = exec_record(&exec_record_path);
-        let exec_got: BTreeSet<(String, u64)> = received(s, DEVICE, "exec", "seq")
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let exec_got = arrived(s, DEVICE, "exec", "seq");
         let has = |pid: u64, acked: u64| {
             let run = run_of_pid(&runs, pid);
             (1..=acked).all(|n| exec_got.contains(&(run.clone(), n)))
@@ -318,10 +265,10 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
     let (exec_pid_3, exec_acked_3) = exec_acknowledged(&agent);
     let target = library_record(&lib_record).len() + 20;
     assert!(
-        sim.wait_until(WAIT, |_| library_record(&lib_record).len() >= target)
+        sim.wait_until(LONG_WAIT, |_| library_record(&lib_record).len() >= target)
             .await
     );
-    let status_after = status(&agent);
+    let status_after = agent.status();
     assert_eq!(agent.stop(), Some(0));
 
     // The library plugin: every acknowledged message arrived, nothing arrived that it did not
@@ -334,9 +281,9 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
         refused.len(),
         &refused[..refused.len().min(5)]
     );
-    let lib_received = received(&sim, DEVICE, "library", "n");
-    let lib_got: BTreeSet<&(String, u64)> = lib_received.iter().map(|(k, _)| k).collect();
-    let lost: Vec<&(String, u64)> = record.keys().filter(|k| !lib_got.contains(k)).collect();
+    let lib_received = numbered(&sim, DEVICE, Some("library"), "n");
+    let lib_got: BTreeSet<(String, u64)> = lib_received.iter().map(Numbered::key).collect();
+    let lost: Vec<&(String, u64)> = record.keys().filter(|k| !lib_got.contains(*k)).collect();
     assert!(
         lost.is_empty(),
         "{} library messages lost, e.g. {:?}",
@@ -362,10 +309,10 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
     // The exec plugin: each run's messages arrive as 1..=M with no gap, M at most what it wrote
     // and at least what the agent had acknowledged when it was killed or stopped.
     let runs = exec_record(&exec_record_path);
-    let exec_received = received(&sim, DEVICE, "exec", "seq");
+    let exec_received = numbered(&sim, DEVICE, Some("exec"), "seq");
     let mut exec_runs: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
-    for ((run, seq), _) in &exec_received {
-        exec_runs.entry(run.as_str()).or_default().insert(*seq);
+    for m in &exec_received {
+        exec_runs.entry(m.run.as_str()).or_default().insert(m.n);
     }
     let mut unacknowledged_tail = 0;
     for (pid, acked) in [
@@ -399,9 +346,12 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
     );
 
     // Duplicates are redeliveries of one message (same message id), never a second message.
-    let mut ids_per_message: HashMap<&(String, u64), BTreeSet<&str>> = HashMap::new();
-    for (k, mid) in lib_received.iter().chain(exec_received.iter()) {
-        ids_per_message.entry(k).or_default().insert(mid.as_str());
+    let mut ids_per_message: HashMap<(String, u64), BTreeSet<&str>> = HashMap::new();
+    for m in lib_received.iter().chain(exec_received.iter()) {
+        ids_per_message
+            .entry(m.key())
+            .or_default()
+            .insert(m.message_id.as_str());
     }
     let reissued: Vec<_> = ids_per_message
         .iter()
@@ -429,74 +379,44 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
         "queue_after": status_after["queue"],
     });
     println!("{}", serde_json::to_string_pretty(&figures).unwrap());
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/reliability");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("plugin-outage.json"),
-        serde_json::to_vec_pretty(&figures).unwrap(),
-    )
-    .unwrap();
-}
-
-/// Sequence numbers that arrived, per run, of `source`.
-fn runs_received(
-    sim: &hubsim::Sim,
-    device: &str,
-    source: &str,
-    key: &str,
-) -> BTreeMap<String, Vec<u64>> {
-    let mut runs: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
-    for ((run, n), _) in received(sim, device, source, key) {
-        runs.entry(run).or_default().insert(n);
-    }
-    runs.into_iter()
-        .map(|(run, ns)| (run, ns.into_iter().collect()))
-        .collect()
-}
-
-/// The missing numbers between 1 and the highest that arrived.
-fn gaps(ns: &[u64]) -> Vec<u64> {
-    let have: BTreeSet<u64> = ns.iter().copied().collect();
-    (1..=ns.last().copied().unwrap_or(0))
-        .filter(|n| !have.contains(n))
-        .collect()
-}
-
-fn plugins_list(agent: &AgentProcess) -> Value {
-    serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap()
-}
-
-/// Waits for `text` in the agent's log.
-fn wait_log(agent: &AgentProcess, text: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !agent.log_text().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {text:?}\n--- agent log ---\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    record_reliability("plugin-outage", &figures);
 }
 
 /// Waits until the agent logs that it holds `plugin` back (a full queue).
-fn wait_held(agent: &AgentProcess, plugin: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !agent
-        .log_text()
-        .lines()
-        .any(|l| l.contains("telemetry held back: the queue is full") && l.contains(plugin))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{plugin} was never held back\n--- agent log ---\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+async fn wait_held(agent: &AgentProcess, plugin: &str) {
+    agent
+        .wait_log_line(&format!("{plugin} was never held back"), |l| {
+            l.contains("telemetry held back: the queue is full") && l.contains(plugin)
+        })
+        .await;
 }
 
 const SMALL_QUEUE: u64 = 64 * 1024;
+
+/// The hub session takes up to `inflight` messages ahead (plus the one the pump waits to hand
+/// over); those still go out when their segment is dropped, and are counted as dropped.
+const INFLIGHT: u64 = 32 + 1;
+
+/// Of the library and the exec plugin (one run each), how many messages are missing; fails
+/// unless those are the oldest: one stretch, give or take what the session had taken ahead, and
+/// everything newer arrived. `what` names why they are missing (dropped, expired).
+fn oldest_missing(arrived: &[BTreeMap<String, Vec<u64>>], what: &str) -> u64 {
+    let mut missing = 0;
+    for (source, runs) in ["library", "exec"].iter().zip(arrived) {
+        assert_eq!(runs.len(), 1, "{source}: one run");
+        let (run, ns) = runs.iter().next().unwrap();
+        let gap = gaps(ns);
+        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
+            let stragglers = b - a + 1 - gap.len() as u64;
+            assert!(
+                stragglers <= INFLIGHT,
+                "{source} run {run}: {what} messages are one stretch of the oldest: {gap:?}"
+            );
+        }
+        missing += gap.len() as u64;
+    }
+    missing
+}
 
 /// `full_policy = "reject-new"`: when the queue is full the plugins are held back (a library
 /// plugin's publish does not return, an exec plugin's next line is not read) without being taken
@@ -511,34 +431,29 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     )
     .await;
     let sim = s.running.sim.clone();
-    let agent = AgentProcess::start(&s.config);
-    assert!(
-        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
-            && received(x, device, "exec", "seq").len() >= 3)
-            .await,
-        "{}",
-        agent.log_text()
-    );
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(Instant::now() + Duration::from_secs(3600));
-    drop_connection(&sim, device);
+    let agent = s.start_agent(3).await;
+    begin_outage(&sim, device);
 
     // The queue fills up, and the agent says why the sources wait.
-    wait_log(&agent, "telemetry held back: the queue is full");
-    let full = wait_status(&agent, "a full queue", |st| {
-        st["queue"]["bytes_on_disk"].as_u64().unwrap_or(0) > SMALL_QUEUE - 1024
-    });
+    agent
+        .wait_log("telemetry held back: the queue is full")
+        .await;
+    let full = agent
+        .wait_status("a full queue", |st| {
+            st["queue"]["bytes_on_disk"].as_u64().unwrap_or(0) > SMALL_QUEUE - 1024
+        })
+        .await;
     // Held back for a while (many liveness-ping periods of the 1 s callback timeout): the
     // library plugin's publish does not return, so its record stops growing.
     // Once the agent says the library plugin is held back, its publish has not returned (and
     // the record line of the one before is written: same thread).
-    wait_held(&agent, "library");
+    wait_held(&agent, "library").await;
     let held = library_record(&s.lib_record).len();
     let exec_written = exec_record(&s.exec_record).values().sum::<u64>();
     let hold_until = Instant::now() + Duration::from_secs(8);
     while Instant::now() < hold_until {
         std::thread::sleep(Duration::from_millis(500));
-        let st = status(&agent);
+        let st = agent.status();
         assert!(
             st["queue"]["bytes_on_disk"].as_u64().unwrap() <= SMALL_QUEUE,
             "the queue stays within its bound: {st}"
@@ -551,7 +466,7 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     );
     // The exec plugin's writes block once the pipe is full (it may fill a pipe's worth first).
     let exec_now = exec_record(&s.exec_record).values().sum::<u64>();
-    let list = plugins_list(&agent);
+    let list = agent.plugins_list();
     for name in ["library", "exec"] {
         assert_eq!(list[name]["status"], "running", "{name}: {}", list[name]);
         assert_eq!(
@@ -561,20 +476,17 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
         );
         assert_eq!(list[name]["dropped"], 0, "{}", list[name]);
     }
-    let st = status(&agent);
+    let st = agent.status();
     assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
 
     // The hub comes back: everything queued arrives, the held-back publish returns, and the
     // plugins go on.
-    sim.faults.lock().unwrap().refuse_connections_until = None;
+    end_outage(&sim);
     let target = held + 50;
     let lib_record = s.lib_record.clone();
     assert!(
         sim.wait_until(Duration::from_secs(90), |x| {
-            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
+            let got = arrived(x, device, "library", "n");
             let record = library_record(&lib_record);
             record.len() >= target && record.keys().all(|k| got.contains(k))
         })
@@ -583,8 +495,8 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
         agent.log_text()
     );
     assert!(exec_record(&s.exec_record).values().sum::<u64>() > exec_now);
-    let list = plugins_list(&agent);
-    let st = status(&agent);
+    let list = agent.plugins_list();
+    let st = agent.status();
     assert_eq!(agent.stop(), Some(0));
     let record = library_record(&s.lib_record);
     assert!(
@@ -592,7 +504,7 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
         "every publish succeeded"
     );
     for (source, key) in [("library", "n"), ("exec", "seq")] {
-        let runs = runs_received(&sim, device, source, key);
+        let runs = runs(&numbered(&sim, device, Some(source), key));
         assert_eq!(runs.len(), 1, "{source}: one run, never restarted");
         let (run, ns) = runs.iter().next().unwrap();
         assert!(
@@ -624,27 +536,22 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     )
     .await;
     let sim = s.running.sim.clone();
-    let agent = AgentProcess::start(&s.config);
-    assert!(
-        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
-            && received(x, device, "exec", "seq").len() >= 3)
-            .await,
-        "{}",
-        agent.log_text()
-    );
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(Instant::now() + Duration::from_secs(3600));
-    drop_connection(&sim, device);
+    let agent = s.start_agent(3).await;
+    begin_outage(&sim, device);
 
     // Keep publishing well past the bound: several rounds of dropping.
-    wait_log(&agent, "queue full: oldest messages dropped");
-    let first = wait_status(&agent, "drops", |st| {
-        st["queue"]["dropped_full"].as_u64().unwrap_or(0) > 0
-    });
+    agent.wait_log("queue full: oldest messages dropped").await;
+    let first = agent
+        .wait_status("drops", |st| {
+            st["queue"]["dropped_full"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
     let dropped_first = first["queue"]["dropped_full"].as_u64().unwrap();
-    let peak = wait_status(&agent, "more drops", |st| {
-        st["queue"]["dropped_full"].as_u64().unwrap_or(0) >= dropped_first + 150
-    });
+    let peak = agent
+        .wait_status("more drops", |st| {
+            st["queue"]["dropped_full"].as_u64().unwrap_or(0) >= dropped_first + 150
+        })
+        .await;
     assert!(
         peak["queue"]["bytes_on_disk"].as_u64().unwrap() <= SMALL_QUEUE,
         "{peak}"
@@ -652,7 +559,7 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     // Publishing never waited: the plugin's record kept growing at its pace.
     let before = library_record(&s.lib_record).len();
     let lib_record = s.lib_record.clone();
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + LONG_WAIT;
     while library_record(&lib_record).len() < before + 20 {
         assert!(
             Instant::now() < deadline,
@@ -662,15 +569,12 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     }
 
     // Recovery: what was kept arrives.
-    let at_recovery = status(&agent);
+    let at_recovery = agent.status();
     let kept = at_recovery["queue_depth"].as_u64().unwrap();
-    sim.faults.lock().unwrap().refuse_connections_until = None;
+    end_outage(&sim);
     assert!(
         sim.wait_until(Duration::from_secs(90), |x| {
-            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
+            let got = arrived(x, device, "library", "n");
             let record = library_record(&lib_record);
             record.len() > before + 40 && record.keys().rev().take(20).all(|k| got.contains(k))
         })
@@ -680,18 +584,9 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     );
     // The drops are reported in the twin too.
     let dropped_at_recovery = at_recovery["queue"]["dropped_full"].as_u64().unwrap();
-    let reported_queue = |x: &hubsim::Sim| {
-        x.read(|st| {
-            st.devices[&format!("localhost/{device}")]
-                .twin
-                .reported
-                .get("agent")
-                .map(|a| a["queue"].clone())
-                .unwrap_or_default()
-        })
-    };
+    let reported_queue = |x: &hubsim::Sim| reported(x, device, "agent")["queue"].clone();
     assert!(
-        sim.wait_until(WAIT, |x| reported_queue(x)["droppedFull"]
+        sim.wait_until(LONG_WAIT, |x| reported_queue(x)["droppedFull"]
             .as_u64()
             .is_some_and(|d| d >= dropped_at_recovery))
             .await,
@@ -700,39 +595,18 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     );
     // One connection delivers in queue order: everything older than the newest arrivals that
     // was kept has arrived now.
-    let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]
-        .iter()
-        .map(|(source, key)| runs_received(&sim, device, source, key))
-        .collect();
-    let st = status(&agent);
-    let list = plugins_list(&agent);
+    let arrived = arrived_runs(&sim, device);
+    let st = agent.status();
+    let list = agent.plugins_list();
     assert_eq!(agent.stop(), Some(0));
 
     let record = library_record(&s.lib_record);
     assert!(record.values().all(|r| r == "ok"), "publish never failed");
     let dropped = st["queue"]["dropped_full"].as_u64().unwrap();
-    // The hub session takes up to `inflight` messages ahead (plus the one the pump waits to
-    // hand over); those still go out when their segment is dropped, and are counted as dropped.
-    let inflight = 32 + 1;
-    let mut missing = 0;
-    for (source, runs) in ["library", "exec"].iter().zip(&arrived) {
-        assert_eq!(runs.len(), 1, "{source}: one run");
-        let (run, ns) = runs.iter().next().unwrap();
-        let gap = gaps(ns);
-        // The oldest were dropped: one stretch (give or take what was taken ahead), and
-        // everything newer arrived.
-        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
-            let stragglers = b - a + 1 - gap.len() as u64;
-            assert!(
-                stragglers <= inflight,
-                "{source} run {run}: dropped messages are one stretch of the oldest: {gap:?}"
-            );
-        }
-        missing += gap.len() as u64;
-    }
+    let missing = oldest_missing(&arrived, "dropped");
     // Every missing message is counted.
     assert!(
-        missing <= dropped && dropped <= missing + 2 * inflight,
+        missing <= dropped && dropped <= missing + 2 * INFLIGHT,
         "{missing} missing, {dropped} counted as dropped"
     );
     assert!(missing > 0);
@@ -763,10 +637,9 @@ async fn stopping_while_held_back_answers_the_held_publish() {
     )
     .await;
     let sim = s.running.sim.clone();
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(Instant::now() + Duration::from_secs(3600));
+    refuse_connections(&sim, Duration::from_secs(3600));
     let agent = AgentProcess::start(&s.config);
-    wait_held(&agent, "library");
+    wait_held(&agent, "library").await;
     let started = Instant::now();
     assert_eq!(agent.stop(), Some(0));
     let text = std::fs::read_to_string(&s.lib_record).unwrap();
@@ -787,35 +660,27 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
     let device = "gw-queue-age";
     let s = setup(device, 50, "[queue]\nmax_age = \"3s\"\n").await;
     let sim = s.running.sim.clone();
-    let agent = AgentProcess::start(&s.config);
-    assert!(
-        sim.wait_until(WAIT, |x| received(x, device, "library", "n").len() >= 3
-            && received(x, device, "exec", "seq").len() >= 3)
-            .await,
-        "{}",
-        agent.log_text()
-    );
-    sim.faults.lock().unwrap().refuse_connections_until =
-        Some(Instant::now() + Duration::from_secs(3600));
-    drop_connection(&sim, device);
-    wait_log(&agent, "queued messages older than max_age dropped");
-    let at_recovery = wait_status(&agent, "expiry", |st| {
-        st["queue"]["dropped_expired"].as_u64().unwrap_or(0) >= 100
-    });
+    let agent = s.start_agent(3).await;
+    begin_outage(&sim, device);
+    agent
+        .wait_log("queued messages older than max_age dropped")
+        .await;
+    let at_recovery = agent
+        .wait_status("expiry", |st| {
+            st["queue"]["dropped_expired"].as_u64().unwrap_or(0) >= 100
+        })
+        .await;
     // Roughly max_age's worth is kept (40 messages a second for 3 s), not the whole outage.
     assert!(
         at_recovery["queue_depth"].as_u64().unwrap() <= 200,
         "{at_recovery}"
     );
-    sim.faults.lock().unwrap().refuse_connections_until = None;
+    end_outage(&sim);
     let lib_record = s.lib_record.clone();
     let before = library_record(&lib_record).len();
     assert!(
-        sim.wait_until(WAIT, |x| {
-            let got: BTreeSet<(String, u64)> = received(x, device, "library", "n")
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
+        sim.wait_until(LONG_WAIT, |x| {
+            let got = arrived(x, device, "library", "n");
             let record = library_record(&lib_record);
             record.len() > before + 10 && record.keys().rev().take(5).all(|k| got.contains(k))
         })
@@ -824,46 +689,24 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
         agent.log_text()
     );
     let expired_at_recovery = at_recovery["queue"]["dropped_expired"].as_u64().unwrap();
-    let reported = |x: &hubsim::Sim| {
-        x.read(|st| {
-            st.devices[&format!("localhost/{device}")]
-                .twin
-                .reported
-                .get("agent")
-                .map(|a| a["queue"]["droppedExpired"].as_u64().unwrap_or(0))
-                .unwrap_or(0)
-        })
+    let reported_expired = |x: &hubsim::Sim| {
+        reported(x, device, "agent")["queue"]["droppedExpired"]
+            .as_u64()
+            .unwrap_or(0)
     };
     assert!(
-        sim.wait_until(WAIT, |x| reported(x) >= expired_at_recovery)
+        sim.wait_until(LONG_WAIT, |x| reported_expired(x) >= expired_at_recovery)
             .await,
         "reported.agent.queue.droppedExpired {} < {expired_at_recovery}",
-        reported(&sim)
+        reported_expired(&sim)
     );
-    let arrived: Vec<BTreeMap<String, Vec<u64>>> = [("library", "n"), ("exec", "seq")]
-        .iter()
-        .map(|(source, key)| runs_received(&sim, device, source, key))
-        .collect();
-    let st = status(&agent);
+    let arrived = arrived_runs(&sim, device);
+    let st = agent.status();
     assert_eq!(agent.stop(), Some(0));
-    let inflight = 32 + 1;
-    let mut missing = 0;
-    for (source, runs) in ["library", "exec"].iter().zip(&arrived) {
-        assert_eq!(runs.len(), 1, "{source}: one run");
-        let (run, ns) = runs.iter().next().unwrap();
-        let gap = gaps(ns);
-        if let (Some(a), Some(b)) = (gap.first(), gap.last()) {
-            let stragglers = b - a + 1 - gap.len() as u64;
-            assert!(
-                stragglers <= inflight,
-                "{source} run {run}: expired messages are one stretch of the oldest: {gap:?}"
-            );
-        }
-        missing += gap.len() as u64;
-    }
+    let missing = oldest_missing(&arrived, "expired");
     let expired = st["queue"]["dropped_expired"].as_u64().unwrap();
     assert!(
-        missing > 0 && missing <= expired && expired <= missing + 2 * inflight,
+        missing > 0 && missing <= expired && expired <= missing + 2 * INFLIGHT,
         "{missing} missing, {expired} counted as expired"
     );
     assert_eq!(st["queue"]["dropped_full"], 0, "{st}");

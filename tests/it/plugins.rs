@@ -10,8 +10,6 @@ use std::time::Duration;
 use hubagent_tests::*;
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(60);
-
 fn misbehave(dir: &Path) -> PathBuf {
     install_plugin(dir, &built_library("hubagent_test_misbehave"), 0o644)
 }
@@ -50,7 +48,7 @@ async fn wait_reported(
     agent: &AgentProcess,
 ) -> Value {
     let ok = sim
-        .wait_until(WAIT, |s| pred(&reported_plugin(s, device, name)))
+        .wait_until(LONG_WAIT, |s| pred(&reported_plugin(s, device, name)))
         .await;
     let got = reported_plugin(sim, device, name);
     assert!(
@@ -227,7 +225,8 @@ mode = "flood"
     // Meanwhile the good plugin kept publishing, on the one hub session.
     let before = bodies_from(&sim, device, "good").len();
     assert!(
-        sim.wait_until(WAIT, |s| bodies_from(s, device, "good").len() >= before + 5)
+        sim.wait_until(LONG_WAIT, |s| bodies_from(s, device, "good").len()
+            >= before + 5)
             .await,
         "{}",
         agent.log_text()
@@ -259,9 +258,7 @@ mode = "flood"
     assert_eq!(list["crasher"]["status"], "quarantined");
     assert_eq!(list["crasher"]["abi"], "1.0");
 
-    let status = agent.cli(&["status", "--json"]);
-    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["connection"], "connected");
+    assert_eq!(agent.status()["connection"], "connected");
     assert_eq!(agent.stop(), Some(0));
 }
 
@@ -285,11 +282,11 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
             .count()
     };
     assert!(
-        sim.wait_until(WAIT, |s| tagged(s, "v1") >= 2).await,
+        sim.wait_until(LONG_WAIT, |s| tagged(s, "v1") >= 2).await,
         "{}",
         agent.log_text()
     );
-    let key = format!("localhost/{device}");
+    let key = device_key(&sim, device);
 
     // A desired change reaches the running plugin (same process: no restart) and is acknowledged.
     let v2 = hubsim::twin::apply_desired_patch(
@@ -309,7 +306,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
     .await;
     assert_eq!(r["settings"]["tag"], "v2", "{r}");
     assert_eq!(r["restarts"], 0, "{r}");
-    assert!(sim.wait_until(WAIT, |s| tagged(s, "v2") >= 2).await);
+    assert!(sim.wait_until(LONG_WAIT, |s| tagged(s, "v2") >= 2).await);
 
     // A setting the plugin refuses: the reason is reported and the old settings stay.
     let v3 = hubsim::twin::apply_desired_patch(
@@ -331,7 +328,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
     assert_eq!(r["settings"]["tag"], "v2", "{r}");
     let v2_count = tagged(&sim, "v2");
     assert!(
-        sim.wait_until(WAIT, |s| tagged(s, "v2") >= v2_count + 3)
+        sim.wait_until(LONG_WAIT, |s| tagged(s, "v2") >= v2_count + 3)
             .await
     );
     assert_eq!(tagged(&sim, "v3"), 0, "rejected settings never took effect");
@@ -356,7 +353,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
         r.get("error").is_none() || r["error"].is_null(),
         "the error is cleared: {r}"
     );
-    assert!(sim.wait_until(WAIT, |s| tagged(s, "v4") >= 1).await);
+    assert!(sim.wait_until(LONG_WAIT, |s| tagged(s, "v4") >= 1).await);
 
     // `hubagent plugins list` shows name, kind, path, ABI and state.
     let out = agent.cli(&["plugins", "list"]);
@@ -436,7 +433,7 @@ interval = "100ms"
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     let agent = AgentProcess::start(&config);
     assert!(
-        sim.wait_until(WAIT, |s| {
+        sim.wait_until(LONG_WAIT, |s| {
             bodies_from(s, device, "counter").len() >= 3
                 && bodies_from(s, device, "py").len() >= 3
                 && bodies_from(s, device, "sysmetrics").len() >= 2
@@ -456,7 +453,7 @@ interval = "100ms"
         c
     };
     assert!(
-        sim.wait_until(WAIT, |s| counts(s).starts_with(&[2, 4, 6]))
+        sim.wait_until(LONG_WAIT, |s| counts(s).starts_with(&[2, 4, 6]))
             .await,
         "{:?}",
         counts(&sim)
@@ -468,7 +465,7 @@ interval = "100ms"
     let py = bodies_from(&sim, device, "py");
     assert!(py.iter().all(|b| b["room"] == "r1"), "{py:?}");
     assert!(
-        sim.wait_until(WAIT, |s| bodies_from(s, device, "py")
+        sim.wait_until(LONG_WAIT, |s| bodies_from(s, device, "py")
             .iter()
             .any(|b| b["seq"] == 1))
             .await
@@ -481,10 +478,9 @@ interval = "100ms"
     assert!(metrics["uptimeSeconds"].as_u64().is_some(), "{metrics}");
     let sensor_body = &bodies_from(&sim, device, "sensor")[0];
     assert!(sensor_body["temperature"].is_number(), "{sensor_body}");
-    let record = sim.records.lock().unwrap().telemetry[device]
-        .iter()
+    let record = records(&sim, device)
+        .into_iter()
         .find(|r| r.properties.get("source").map(String::as_str) == Some("counter"))
-        .cloned()
         .unwrap();
     assert_eq!(record.properties["example"], "c-counter");
     assert_eq!(
@@ -497,7 +493,7 @@ interval = "100ms"
     );
 
     // Exec plugins take new settings on stdin and may refuse them.
-    let key = format!("localhost/{device}");
+    let key = device_key(&sim, device);
     let v =
         hubsim::twin::apply_desired_patch(&sim, &key, &json!({"plugins": {"py": {"room": "r2"}}}))
             .unwrap();
@@ -511,7 +507,7 @@ interval = "100ms"
     )
     .await;
     assert!(
-        sim.wait_until(WAIT, |s| bodies_from(s, device, "py")
+        sim.wait_until(LONG_WAIT, |s| bodies_from(s, device, "py")
             .iter()
             .any(|b| b["room"] == "r2"))
             .await
@@ -555,8 +551,7 @@ interval = "100ms"
     .await;
     assert_eq!(r["error"], "step must not be 0", "{r}");
 
-    let list: Value =
-        serde_json::from_slice(&agent.cli(&["plugins", "list", "--json"]).stdout).unwrap();
+    let list = agent.plugins_list();
     assert_eq!(list["sysmetrics"]["isolation"], "in-process");
     assert_eq!(list["sysmetrics"]["abi"], "1.0");
     assert_eq!(list["py"]["kind"], "exec");
@@ -600,7 +595,7 @@ mode = "flood"
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     let mut agent = AgentProcess::start(&config);
     let flowing = sim
-        .wait_until(WAIT, |s| telemetry_count(s, device) >= 200)
+        .wait_until(LONG_WAIT, |s| telemetry_count(s, device) >= 200)
         .await;
     assert!(
         flowing,
@@ -688,7 +683,7 @@ async fn untrusted_paths_and_foreign_abis_are_refused_with_the_reason() {
     }
     // The built-in sensor is a plugin like the others and keeps working.
     assert!(
-        sim.wait_until(WAIT, |s| bodies_from(s, device, "sensor").len() >= 3)
+        sim.wait_until(LONG_WAIT, |s| bodies_from(s, device, "sensor").len() >= 3)
             .await,
         "{}",
         agent.log_text()
@@ -746,4 +741,51 @@ int main(void) {
         abi::ABI_MAJOR as u64,
     ];
     assert_eq!(got, want);
+}
+
+/// A plugin's error can be any length; IoT Hub refuses a reported string over 4 KB (and the
+/// whole patch with it). A plugin refusing its settings with a 10 KB reason still gets its
+/// status reported, with the reason capped; the agent's other reported properties go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_error_of_10_kb_is_reported_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let build = tempfile::tempdir().unwrap();
+    let source = build.path().join("verbose-refusal.sh");
+    std::fs::write(
+        &source,
+        "#!/bin/sh\n# Refuses every settings line with a reason of 10240 bytes.\nwhile read -r line; do\n  printf '{\"rejectSettings\": \"%s\"}\\n' \"$(head -c 10240 /dev/zero | tr '\\000' r)\"\ndone\n",
+    )
+    .unwrap();
+    let script = install_plugin(dir.path(), &source, 0o755);
+    let plugins = format!(
+        "[[plugin]]\nname = \"verbose\"\nkind = \"exec\"\ncommand = [\"/bin/sh\", \"{}\"]\n[plugin.settings]\nlevel = 1\n",
+        script.display()
+    );
+    let device = "gw-plugins-long-error";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let agent = AgentProcess::start(&config);
+    let r = wait_reported(
+        &sim,
+        device,
+        "verbose",
+        "the rejection",
+        |v| v["status"] == "rejected-settings",
+        &agent,
+    )
+    .await;
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.len() <= hubagent::plugins::MAX_REPORTED_ERROR,
+        "{} bytes",
+        error.len()
+    );
+    assert!(error.starts_with("rrrr"), "{error}");
+    assert!(error.ends_with("[10240 bytes, truncated]"), "{error}");
+    assert_eq!(reported(&sim, device, "agent")["deviceId"], device);
+    // The whole reason stays available locally.
+    let list = agent.plugins_list();
+    assert_eq!(list["verbose"]["error"].as_str().unwrap().len(), 10240);
+    assert_eq!(agent.stop(), Some(0));
 }

@@ -4,12 +4,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
 
 use hubagent_tests::*;
 use serde_json::{Value, json};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Every form the device key could leak in: base64 as configured, URL-encoded, and raw bytes.
 fn key_forms(key_b64: &str) -> Vec<Vec<u8>> {
@@ -19,7 +16,7 @@ fn key_forms(key_b64: &str) -> Vec<Vec<u8>> {
         .unwrap();
     vec![
         key_b64.as_bytes().to_vec(),
-        hubagent::keys::url_encode(key_b64).into_bytes(),
+        hubagent::util::encoding::url_encode(key_b64).into_bytes(),
         raw,
     ]
 }
@@ -75,8 +72,13 @@ async fn no_secret_in_logs_outputs_reported_properties_or_state_and_no_core_dump
     let running = start_sim(dir.path()).await;
     let sim = running.sim.clone();
     let device = "gw-secrets";
-    let plugins = "[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n";
-    let config = plugin_agent_config(dir.path(), &running, device, plugins, false);
+    let config = plugin_agent_config(
+        dir.path(),
+        &running,
+        device,
+        &builtin_sensor("100ms"),
+        false,
+    );
     let key = sim.read(|s| match &s.enrollments[device].common.attestation {
         hubsim::state::Attestation::SymmetricKey { symmetric_key } => {
             symmetric_key.primary_key.clone()
@@ -86,14 +88,10 @@ async fn no_secret_in_logs_outputs_reported_properties_or_state_and_no_core_dump
 
     // Running with debug logs, provisioned, publishing, twin reported.
     let agent = AgentProcess::start(&config);
-    let twin_key = format!("localhost/{device}");
+    let twin_key = device_key(&sim, device);
     assert!(
         sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3
-            && s.read(|st| st.devices.get(&twin_key).is_some_and(|d| d
-                .twin
-                .reported
-                .get("agent")
-                .is_some())))
+            && !reported(s, device, "agent").is_null())
             .await,
         "{}",
         agent.log_text()
@@ -187,7 +185,7 @@ round = 1
     let touch = |path: &Path| json!(["/usr/bin/touch", path.display().to_string()]);
     let version = hubsim::twin::apply_desired_patch(
         &sim,
-        &format!("localhost/{device}"),
+        &device_key(&sim, device),
         &json!({"plugins": {
             "echo": {
                 "round": 2,

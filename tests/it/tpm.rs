@@ -5,19 +5,17 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use hubagent::keys::SasSigner;
-use hubagent::tpm::{self, HandleCounts, HierarchyAuth, TpmError, TpmSigner};
+use hubagent::identity::keys::SasSigner;
+use hubagent::identity::tpm::{self, HandleCounts, HierarchyAuth, TpmError, TpmSigner};
 use hubagent_tests::swtpm::Swtpm;
 use hubagent_tests::*;
 use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
 
-const WAIT: Duration = Duration::from_secs(30);
 const HANDLE: u32 = 0x8100_0100;
 /// The hierarchies of a fresh swtpm have empty authorization values.
 const NO_AUTH: HierarchyAuth = HierarchyAuth::EMPTY;
@@ -271,53 +269,21 @@ fn tpm_config(
     registration_id: Option<&str>,
     key_source: &str,
 ) -> PathBuf {
-    let scope = running.sim.read(|s| s.id_scope.clone());
+    let attestation = format!(
+        "method = \"tpm\"\ntcti = \"{tcti}\"\nhandle = 0x81000100\nkey_source = \"{key_source}\"\n",
+        tcti = swtpm.tcti()
+    );
+    // DPS TPM attestation runs over HTTPS; an imported key registers over MQTT.
     let endpoint = if key_source == "attestation" {
         format!("https://localhost:{}", running.https_addr.port())
     } else {
         "localhost".to_string()
     };
-    let id_line = registration_id
-        .map(|id| format!("registration_id = \"{id}\"\n"))
-        .unwrap_or_default();
-    let text = format!(
-        r#"[agent]
-state_dir = "{state}"
-control_socket = "{socket}"
-log_format = "text"
-
-[provisioning]
-source = "dps"
-global_endpoint = "{endpoint}"
-id_scope = "{scope}"
-{id_line}
-[provisioning.attestation]
-method = "tpm"
-tcti = "{tcti}"
-handle = 0x81000100
-key_source = "{key_source}"
-
-[hub]
-port = {port}
-trust_bundle = "{ca}"
-
-[[plugin]]
-name = "sensor"
-kind = "builtin"
-builtin = "simulated-sensor"
-interval = "100ms"
-"#,
-        state = dir.join("state").display(),
-        socket = dir.join("control.sock").display(),
-        tcti = swtpm.tcti(),
-        port = running.mqtt_addr.port(),
-        ca = running.ca_pem_path.display(),
-    );
-    let etc = dir.join("etc");
-    std::fs::create_dir_all(&etc).unwrap();
-    let path = etc.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    AgentConfig::new(dir, running, registration_id, &attestation)
+        .global_endpoint(&endpoint)
+        .extra(&builtin_sensor("100ms"))
+        .path(dir.join("etc").join("config.toml"))
+        .write()
 }
 
 /// Fails if any file under `dir` holds the key, as base64 or as raw bytes.
@@ -445,7 +411,7 @@ fn import_key_derives_group_keys_and_leaves_foreign_objects_alone() {
         group,
     );
     assert!(out.status.success(), "{out:?}");
-    // The published device key of that group member (protocol.md §3).
+    // The published device key of that group member (docs/protocol.md §3).
     assert_eq!(
         TpmSigner::new(&tcti, 0x8100_0101).sign(b"probe").unwrap(),
         software_hmac("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=", b"probe")
@@ -584,20 +550,14 @@ fn enroll_tpm(sim: &hubsim::Sim, tcti: &str, registration_id: Option<&str>) -> S
     let id = registration_id
         .unwrap_or(shown["registrationId"].as_str().unwrap())
         .to_string();
-    let enrollment: hubsim::state::IndividualEnrollment =
-        serde_json::from_value(serde_json::json!({
-            "registrationId": id,
-            "attestation": {"type": "tpm", "tpm": {"endorsementKey": shown["endorsementKey"]}},
-        }))
-        .unwrap();
-    sim.mutate(|s| s.enrollments.insert(id.to_ascii_lowercase(), enrollment))
-        .unwrap();
+    let ek = shown["endorsementKey"].as_str().unwrap().to_string();
+    Enrollment::tpm(ek).individual(sim, &id);
     id
 }
 
 fn hub_primary_key(sim: &hubsim::Sim, device_id: &str) -> String {
     sim.read(|s| {
-        s.devices[&format!("localhost/{device_id}")]
+        s.devices[&device_key(sim, device_id)]
             .authentication
             .symmetric_key
             .as_ref()
@@ -619,11 +579,24 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
     let config = tpm_config(dir.path(), &running, &swtpm, None, "attestation");
     let config_arg = config.to_str().unwrap();
 
+    // DPS throttles the first request and assigns slowly: the HTTPS client waits what each
+    // retry-after asks, no less and not noticeably more.
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        faults.dps_throttle = Some((1, 1));
+        faults.dps_throttle_requests = hubsim::state::ThrottledRequests::Register;
+        faults.dps_slow_assignment = Some(hubsim::state::SlowAssignment {
+            polls: 2,
+            retry_after: Some(1),
+        });
+    }
     let out = hubagent(&["-c", config_arg, "provision", "--json"], "");
     assert!(out.status.success(), "{out:?}");
+    assert_retry_after_honoured(&sim, &id, 4);
+    sim.faults.lock().unwrap().dps_slow_assignment = None;
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["deviceId"], id.as_str());
-    assert_eq!(result["hub"], "localhost");
+    assert_eq!(result["hub"], hubsim::DEFAULT_HUB);
     assert!(
         result["registrationState"]["tpm"]["authenticationKey"].is_string(),
         "{result}"
@@ -635,18 +608,18 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
         TpmSigner::new(&tcti, HANDLE).sign(b"probe").unwrap(),
         software_hmac(&hub_key, b"probe")
     );
-    let attestations: Vec<String> = sim
-        .records
-        .lock()
-        .unwrap()
-        .registrations
+    let attestations: Vec<String> = registration_events(&sim)
         .iter()
         .map(|r| format!("{}:{}:{}", r.transport, r.attestation, r.outcome))
         .collect();
     assert_eq!(
         attestations,
-        ["https:tpm:tpm-challenge", "https:tpm:assigned"],
-        "challenge, then the signed registration"
+        [
+            "https:tpm:throttled",
+            "https:tpm:tpm-challenge",
+            "https:tpm:assigned"
+        ],
+        "throttled, challenge, then the signed registration"
     );
 
     // The daemon boots from the cached assignment and signs hub tokens in the TPM.
@@ -719,7 +692,7 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
         "{stderr}"
     );
     assert_eq!(registrations(&sim, &id), 0);
-    assert!(!sim.read(|s| s.devices.contains_key(&format!("localhost/{id}"))));
+    assert!(!sim.read(|s| s.devices.contains_key(&device_key(&sim, &id))));
     // Nothing was imported into the impostor's TPM, and nothing left loaded.
     assert!(matches!(
         TpmSigner::new(&impostor.tcti(), HANDLE).hmac(b"x"),
@@ -747,7 +720,7 @@ async fn a_tpm_with_another_endorsement_key_is_refused() {
 /// A hubsim whose DPS asks for no wait before polling (retry-after 0), for tests that register
 /// many times.
 async fn start_sim_without_retry_wait(dir: &Path) -> hubsim::Running {
-    let mut options = hubsim::Options::ephemeral(dir.join("hubsim"));
+    let mut options = sim_options(dir);
     options.retry_after_secs = 0;
     hubsim::start(options).await.expect("hubsim starts")
 }

@@ -1,42 +1,43 @@
-//! `hubagent run`: wires configuration, keys, provisioning, the hub session, the twin cache and the
-//! telemetry sources together, and talks to systemd.
+//! `hubagent run`: the daemon. It opens the state dir, the durable queue, the control socket and
+//! the plugins, then drives the lifecycle (`lifecycle`: a state machine without I/O) through its
+//! phases: load the identity and choose the assignment (the cache, or DPS), run a hub session,
+//! wait before a retry. `session` handles what arrives during a session, `twin` the desired and
+//! reported properties, `control` the control socket, `status` what `hubagent status` shows.
 //!
-//! The provisioning rules (DESIGN.md): a valid cached assignment with an unchanged fingerprint
-//! means no DPS call; a changed fingerprint (reload or restart) or `hubagent reprovision` means a
-//! fresh registration; a hub that refuses the credentials triggers one reprovisioning, with
-//! backoff; DPS unreachable means retrying in-process forever with capped backoff and jitter.
+//! The provisioning rules (docs/design.md, "Provisioning rules"): a valid cached assignment with
+//! an unchanged fingerprint means no DPS call; a changed fingerprint (reload or restart) or
+//! `hubagent reprovision` means a fresh registration; a hub that refuses the credentials triggers
+//! one reprovisioning, with backoff; DPS unreachable means retrying in-process forever with
+//! capped backoff and jitter.
 
-pub mod sensor;
+mod control;
+pub mod lifecycle;
+mod session;
 pub mod status;
+mod twin;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, Source};
-use crate::control::{self, Request};
-use crate::hub::{
-    self, Backoff, HubParams, PublishError, SessionEvent, SessionHandle, TelemetryMessage,
-};
-use crate::keys::Credential;
-use crate::plugins::{Registry, Supervisor, merge};
-use crate::provisioning::dps::DpsRequest;
+use crate::hub::SessionHandle;
+use crate::plugins::{Registry, Supervisor};
 use crate::provisioning::{
-    Assignment, client_tls, load_credential, manual_connection_string, registration_id,
+    self, DeviceIdentity, IdentityError, Resolution, StaleCache, device_identity,
 };
-use crate::queue::{Queue, QueueError};
 use crate::state::{ProvisioningCache, StateDir, StateError, TwinCache};
-use crate::systemd;
+use crate::system::control as control_socket;
+use crate::system::systemd;
+use crate::telemetry::pump::pump;
+use crate::telemetry::{DurablePublisher, Queue, QueueError, QueueSettings};
+use crate::util::time::ClockWatch;
+use control::ControlHandler;
+use lifecycle::{Event, Lifecycle, Phase};
 use status::{ConnectionState, ProvisioningState, Status};
-
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -101,370 +102,300 @@ pub async fn run_with(
     config: Config,
     config_path: &Path,
     commands_tx: mpsc::UnboundedSender<Command>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
 ) -> Result<(), DaemonError> {
-    let mut config = config;
-    let (state, warning) = StateDir::open(&config.agent.state_dir)?;
-    if let Some(w) = warning {
-        tracing::warn!("{w}");
-    }
-    let status = Arc::new(Status::new(&config_path.display().to_string()));
-    let mut twin = match state.load_twin() {
-        Ok(t) => t.unwrap_or_default(),
-        Err(e) => {
-            tracing::warn!("{e}");
-            TwinCache::default()
+    let (mut daemon, background) = Daemon::open(config, config_path, commands_tx, commands).await?;
+    systemd::ready("state loaded; provisioning");
+    tracing::info!(config = %config_path.display(), state = %daemon.state.path().display(), "hubagent started");
+    let mut life = Lifecycle::default();
+    loop {
+        match life.phase().clone() {
+            Phase::Start => daemon.start(&mut life),
+            Phase::Register => daemon.register(&mut life).await,
+            Phase::Session => daemon.session(&mut life).await,
+            Phase::Wait { delay, .. } => daemon.wait(delay, &mut life).await,
+            Phase::Stopped => break,
         }
-    };
-    status.update(|s| s.desired_version = Some(twin.desired_version));
+    }
+    systemd::stopping();
+    // Plugins first: what they publish while stopping still reaches the queue.
+    daemon.plugins.shutdown().await;
+    background.stop(&daemon.queue);
+    tracing::info!("hubagent stopped");
+    Ok(())
+}
 
-    // Telemetry: sources → durable queue (on disk before a source's send completes) → pump →
-    // whichever hub session is current → acknowledged by the hub → removed from the queue.
-    let (queue, warnings) = Queue::open(&state.path().join("queue"), config.queue.settings())
-        .map_err(DaemonError::Queue)?;
+/// What the daemon works with between phases.
+struct Daemon {
+    config: Config,
+    state: StateDir,
+    status: Arc<Status>,
+    queue: Arc<Queue>,
+    plugins: Supervisor,
+    twin: TwinCache,
+    /// The current hub session, for the pump (None between sessions).
+    sessions: watch::Sender<Option<SessionHandle>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// For requests the daemon makes of itself (the `reprovision` direct method).
+    commands_tx: mpsc::UnboundedSender<Command>,
+    /// Loaded by `Start`.
+    identity: Option<DeviceIdentity>,
+    /// Chosen by `Start` (the cache) or `Register` (DPS).
+    assignment: Option<ProvisioningCache>,
+}
+
+/// The tasks that run beside the lifecycle, stopped with it.
+struct Background {
+    control_task: JoinHandle<()>,
+    control_path: PathBuf,
+    ticker: JoinHandle<()>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn stop(self, queue: &Queue) {
+        self.ticker.abort();
+        queue.close();
+        self.control_task.abort();
+        let _ = std::fs::remove_file(&self.control_path);
+        if let Some(w) = self.watchdog {
+            w.abort();
+        }
+    }
+}
+
+/// How often the queue's timers run and its counters reach the status.
+const QUEUE_TICK: Duration = Duration::from_millis(200);
+
+impl Daemon {
+    /// Opens the state dir, the twin cache and the queue, serves the control socket, and starts
+    /// the pump and the plugins.
+    async fn open(
+        config: Config,
+        config_path: &Path,
+        commands_tx: mpsc::UnboundedSender<Command>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Result<(Daemon, Background), DaemonError> {
+        let (state, warning) = StateDir::open(&config.agent.state_dir)?;
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
+        let status = Arc::new(Status::new(&config_path.display().to_string()));
+        let twin = match state.load_twin() {
+            Ok(t) => t.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!("{e}");
+                TwinCache::default()
+            }
+        };
+        status.update(|s| s.desired_version = Some(twin.desired_version));
+        let queue = open_queue(&state, &config)?;
+        let registry = Registry::default();
+        let control_path = config.agent.control_socket.clone();
+        let handler = Arc::new(ControlHandler {
+            plugins: registry.clone(),
+            status: status.clone(),
+            queue: queue.clone(),
+            commands: commands_tx.clone(),
+            config_path: config_path.to_path_buf(),
+        });
+        let control_task = control_socket::serve(&control_path, handler)
+            .await
+            .map_err(|source| DaemonError::Control {
+                path: control_path.clone(),
+                source,
+            })?;
+
+        // Telemetry: sources → durable queue (on disk before a source's send completes) → pump →
+        // whichever hub session is current → acknowledged by the hub → removed from the queue.
+        let (sessions, session_rx) = watch::channel::<Option<SessionHandle>>(None);
+        tokio::spawn(pump(
+            queue.clone(),
+            session_rx,
+            usize::from(config.hub.inflight),
+        ));
+        let ticker = spawn_queue_ticker(queue.clone(), status.clone());
+        let publisher = DurablePublisher::new(queue.clone());
+        let plugins = Supervisor::start(&config, &twin, publisher, registry);
+        status.update(|s| s.plugins = plugins.snapshot());
+        let background = Background {
+            control_task,
+            control_path,
+            ticker,
+            watchdog: spawn_watchdog(),
+        };
+        let daemon = Daemon {
+            config,
+            state,
+            status,
+            queue,
+            plugins,
+            twin,
+            sessions,
+            commands,
+            commands_tx,
+            identity: None,
+            assignment: None,
+        };
+        Ok((daemon, background))
+    }
+
+    /// `Phase::Start`: loads the identity and chooses the assignment (the cache, or DPS).
+    fn start(&mut self, life: &mut Lifecycle) {
+        self.status
+            .update(|s| s.connection = ConnectionState::Disconnected);
+        let _ = self.sessions.send(None);
+        let identity = match device_identity(&self.config) {
+            Ok(identity) => identity,
+            Err(e) => {
+                if let IdentityError::Credential(message) = &e {
+                    tracing::error!("cannot load the device credential: {message}");
+                    systemd::status(&format!("credential error: {message}"));
+                } else {
+                    tracing::error!("{e}");
+                }
+                self.status.update(|s| s.last_error = Some(e.to_string()));
+                life.on(Event::IdentityFailed);
+                return;
+            }
+        };
+        self.status
+            .update(|s| s.registration_id = Some(identity.registration_id.clone()));
+        self.identity = Some(identity);
+        match provisioning::resolve(&self.config, &self.state, life.registration_forced()) {
+            Resolution::Cached(cache) => {
+                tracing::info!(hub = %cache.hub, device = %cache.device_id, "using the cached assignment (no DPS call)");
+                self.status.update(|s| {
+                    s.provisioning = ProvisioningState::Cached;
+                    s.provisioned_at = Some(cache.provisioned_at.clone());
+                });
+                self.assignment = Some(cache);
+                life.on(Event::CacheFits);
+            }
+            Resolution::Register { reason } => {
+                match reason {
+                    Some(StaleCache::SettingsChanged) => tracing::info!(
+                        "provisioning settings changed since the last registration; reprovisioning"
+                    ),
+                    Some(StaleCache::KeyMissing(missing)) => {
+                        tracing::warn!("{missing}; registering with DPS again for a new key")
+                    }
+                    None => {}
+                }
+                life.on(Event::RegistrationNeeded);
+            }
+        }
+    }
+
+    /// `Phase::Register`: one registration attempt (a manual configuration needs none).
+    async fn register(&mut self, life: &mut Lifecycle) {
+        let identity = self.identity.clone().expect("Start loads the identity");
+        let manual = self.config.provisioning.source == Source::Manual;
+        if !manual {
+            self.status
+                .update(|s| s.provisioning = ProvisioningState::Registering);
+            systemd::status(&format!(
+                "registering '{}' with DPS",
+                identity.registration_id
+            ));
+        }
+        match provisioning::register_once(&self.config, &identity).await {
+            Ok(assignment) => {
+                if !manual {
+                    tracing::info!(hub = %assignment.assigned_hub, device = %assignment.device_id, substatus = %assignment.substatus, "provisioned by DPS");
+                }
+                self.status.update(|s| {
+                    s.provisioning = ProvisioningState::Provisioned;
+                    s.last_error = None;
+                });
+                let (cache, saved) = provisioning::record(&self.state, &self.config, assignment);
+                if let Err(e) = saved {
+                    tracing::error!("cannot cache the assignment: {e}");
+                }
+                self.status
+                    .update(|s| s.provisioned_at = Some(cache.provisioned_at.clone()));
+                self.assignment = Some(cache);
+                life.on(Event::Registered);
+            }
+            Err(e) => {
+                let transient = e.is_transient();
+                let delay = match life.on(Event::RegistrationFailed { transient }) {
+                    Phase::Wait { delay, .. } => *delay,
+                    _ => Duration::ZERO,
+                };
+                tracing::warn!(?delay, "DPS registration failed: {e}");
+                self.status.update(|s| {
+                    s.provisioning = ProvisioningState::Retrying;
+                    s.last_error = Some(e.to_string());
+                });
+                systemd::status(&format!("DPS registration failed, retrying: {e}"));
+            }
+        }
+    }
+
+    /// `Phase::Wait`: waits for the delay, a command, or a step of the wall clock.
+    async fn wait(&mut self, delay: Duration, life: &mut Lifecycle) {
+        let event = match wait_for_command(&mut self.commands, delay).await {
+            Some(Command::Shutdown) => Event::Shutdown,
+            Some(Command::Reload(config)) => self.reload(*config),
+            Some(Command::Reprovision) | None => Event::WaitOver,
+        };
+        life.on(event);
+    }
+
+    /// Takes a new configuration: the plugins follow it at once; the lifecycle starts over.
+    fn reload(&mut self, config: Config) -> Event {
+        systemd::reloading();
+        self.status.update(|s| s.reloads += 1);
+        let changed = config.provisioning_fingerprint() != self.config.provisioning_fingerprint();
+        tracing::info!(provisioning_changed = changed, "configuration reloaded");
+        self.config = config;
+        self.plugins.reconfigure(&self.config, &self.twin);
+        self.status.update(|s| s.plugins = self.plugins.snapshot());
+        systemd::ready(&self.status.line());
+        Event::Reload
+    }
+}
+
+fn open_queue(state: &StateDir, config: &Config) -> Result<Arc<Queue>, DaemonError> {
+    let (queue, warnings) = Queue::open(
+        &state.path().join("queue"),
+        QueueSettings::from_config(&config.queue),
+    )
+    .map_err(DaemonError::Queue)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
-    let queue = Arc::new(queue);
     let backlog = queue.stats().depth;
     if backlog > 0 {
         tracing::info!(backlog, "telemetry queued before the restart will be sent");
     }
-    let registry = Registry::default();
-    let handler = Arc::new(ControlHandler {
-        plugins: registry.clone(),
-        status: status.clone(),
-        queue: queue.clone(),
-        commands: commands_tx.clone(),
-        config_path: config_path.to_path_buf(),
-    });
-    let control_path = config.agent.control_socket.clone();
-    let control_task = control::serve(&control_path, handler)
-        .await
-        .map_err(|source| DaemonError::Control {
-            path: control_path.clone(),
-            source,
-        })?;
+    Ok(Arc::new(queue))
+}
 
-    let publisher = DurablePublisher::new(queue.clone());
-    let (session_tx, session_rx) = watch::channel::<Option<SessionHandle>>(None);
-    tokio::spawn(pump(
-        queue.clone(),
-        session_rx,
-        usize::from(config.hub.inflight),
-    ));
-    let ticker = {
-        let queue = queue.clone();
-        let status = status.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                queue.tick();
-                let stats = queue.stats();
-                status.update(|s| {
-                    s.queue_depth = stats.depth;
-                    s.published = stats.delivered;
-                    s.queue = Some(stats);
-                });
-            }
-        })
-    };
-    let mut plugins = Supervisor::start(&config, &twin, publisher.clone(), registry.clone());
-    let plugin_changes = plugins.changes();
-    status.update(|s| s.plugins = plugins.snapshot());
+/// Runs the queue's timers and copies its counters into the status.
+fn spawn_queue_ticker(queue: Arc<Queue>, status: Arc<Status>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(QUEUE_TICK).await;
+            queue.tick();
+            status.record_queue(queue.stats());
+        }
+    })
+}
 
-    systemd::ready("state loaded; provisioning");
-    tracing::info!(config = %config_path.display(), state = %state.path().display(), "hubagent started");
-    let watchdog = systemd::watchdog_interval().map(|every| {
+/// Pings systemd's watchdog when the unit asks for it.
+fn spawn_watchdog() -> Option<JoinHandle<()>> {
+    systemd::watchdog_interval().map(|every| {
         tokio::spawn(async move {
             loop {
                 systemd::watchdog_ping();
                 tokio::time::sleep(every).await;
             }
         })
-    });
-
-    let mut force_dps = false;
-    let mut unauthorized_backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
-    let result = 'outer: loop {
-        status.update(|s| s.connection = ConnectionState::Disconnected);
-        let _ = session_tx.send(None);
-
-        // Credential.
-        let registration_id = match registration_id(&config) {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::error!("{e}");
-                status.update(|s| s.last_error = Some(e.clone()));
-                match wait_for_command(&mut commands, Duration::from_secs(60)).await {
-                    Some(Command::Shutdown) => break 'outer Ok(()),
-                    Some(Command::Reload(c)) => config = *c,
-                    _ => {}
-                }
-                continue;
-            }
-        };
-        let credential = match load_credential(&config, &registration_id) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("cannot load the device credential: {e}");
-                status.update(|s| s.last_error = Some(e.clone()));
-                systemd::status(&format!("credential error: {e}"));
-                match wait_for_command(&mut commands, Duration::from_secs(60)).await {
-                    Some(Command::Shutdown) => break 'outer Ok(()),
-                    Some(Command::Reload(c)) => config = *c,
-                    _ => {}
-                }
-                continue;
-            }
-        };
-        status.update(|s| s.registration_id = Some(registration_id.clone()));
-        let tls = match client_tls(&config, &credential) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!("{e}");
-                status.update(|s| s.last_error = Some(e.clone()));
-                match wait_for_command(&mut commands, Duration::from_secs(60)).await {
-                    Some(Command::Shutdown) => break 'outer Ok(()),
-                    Some(Command::Reload(c)) => config = *c,
-                    _ => {}
-                }
-                continue;
-            }
-        };
-
-        // Assignment: the cache when it still fits, else DPS (retried forever).
-        let fingerprint = config.provisioning_fingerprint();
-        let cached = match state.load_provisioning() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("{e}");
-                None
-            }
-        };
-        // With DPS TPM attestation the hub key lives only in the TPM: without it the cache is
-        // useless.
-        let key_missing = match (&cached, force_dps) {
-            (Some(c), false) if c.fingerprint == fingerprint => {
-                crate::provisioning::attestation_key_missing(&config)
-            }
-            _ => None,
-        };
-        if let Some(reason) = &key_missing {
-            tracing::warn!("{reason}; registering with DPS again for a new key");
-        }
-        let assignment = match cached {
-            Some(c) if !force_dps && key_missing.is_none() && c.fingerprint == fingerprint => {
-                tracing::info!(hub = %c.hub, device = %c.device_id, "using the cached assignment (no DPS call)");
-                status.update(|s| {
-                    s.provisioning = ProvisioningState::Cached;
-                    s.provisioned_at = Some(c.provisioned_at.clone());
-                });
-                c
-            }
-            previous => {
-                if previous.is_some() && !force_dps {
-                    tracing::info!(
-                        "provisioning settings changed since the last registration; reprovisioning"
-                    );
-                }
-                match provision(
-                    &config,
-                    &registration_id,
-                    &credential,
-                    tls.clone(),
-                    &status,
-                    &mut commands,
-                )
-                .await
-                {
-                    Provisioned::Done(a) => {
-                        let cache = ProvisioningCache {
-                            hub: a.assigned_hub.clone(),
-                            device_id: a.device_id.clone(),
-                            provisioned_at: now_rfc3339(),
-                            fingerprint: fingerprint.clone(),
-                            registration: a.registration_state.clone(),
-                        };
-                        if let Err(e) = state.save_provisioning(&cache) {
-                            tracing::error!("cannot cache the assignment: {e}");
-                        }
-                        status.update(|s| s.provisioned_at = Some(cache.provisioned_at.clone()));
-                        cache
-                    }
-                    Provisioned::Shutdown => break 'outer Ok(()),
-                    Provisioned::Reload(c) => {
-                        config = *c;
-                        continue;
-                    }
-                }
-            }
-        };
-        force_dps = false;
-        status.update(|s| {
-            s.fingerprint = Some(fingerprint.clone());
-            s.hub = Some(assignment.hub.clone());
-            s.device_id = Some(assignment.device_id.clone());
-            s.connection = ConnectionState::Connecting;
-        });
-
-        // Hub session.
-        let (session, mut events, task) = hub::spawn(HubParams {
-            hub: assignment.hub.clone(),
-            device_id: assignment.device_id.clone(),
-            port: config.hub.port,
-            credential: credential.clone(),
-            tls,
-            keep_alive: config.hub.keep_alive,
-            sas_ttl: config.hub.sas_ttl,
-            renew_before: config.hub.renew_before,
-            backoff_max: config.hub.reconnect_backoff_max,
-            max_message_size: config.hub.max_message_size as usize,
-            inflight: config.hub.inflight,
-            desired_version: twin.desired_version,
-        });
-        let _ = session_tx.send(Some(session.clone()));
-
-        let mut counters = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_secs(60),
-            Duration::from_secs(60),
-        );
-        let mut connected = false;
-        let next = loop {
-            tokio::select! {
-                event = events.recv() => {
-                    let Some(event) = event else { break Next::Restart };
-                    match event {
-                        SessionEvent::Connected => {
-                            connected = true;
-                            unauthorized_backoff.reset();
-                            status.update(|s| { s.connection = ConnectionState::Connected; s.last_error = None; });
-                            systemd::status(&status.line());
-                        }
-                        SessionEvent::Disconnected { reason } => {
-                            connected = false;
-                            status.update(|s| { s.connection = ConnectionState::Connecting; s.last_error = Some(reason); });
-                            systemd::status(&status.line());
-                        }
-                        SessionEvent::Unauthorized => {
-                            let delay = unauthorized_backoff.next_delay();
-                            tracing::warn!(hub = %assignment.hub, ?delay, "the hub refused the device credentials; reprovisioning");
-                            status.update(|s| s.last_error = Some("hub refused the credentials (not authorized)".into()));
-                            break Next::ReprovisionAfter(delay);
-                        }
-                        SessionEvent::Twin { desired, desired_version, reported } => {
-                            twin.desired = desired;
-                            twin.desired_version = desired_version;
-                            // What the hub has is what counts as sent.
-                            twin.reported_sent = reported;
-                            plugins.apply_desired(&twin);
-                            save_twin(&state, &twin);
-                            status.update(|s| { s.desired_version = Some(desired_version); s.plugins = plugins.snapshot(); });
-                            report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
-                        }
-                        SessionEvent::DesiredPatch { version, patch } => {
-                            merge(&mut twin.desired, &patch);
-                            twin.desired_version = version;
-                            plugins.apply_desired(&twin);
-                            save_twin(&state, &twin);
-                            status.update(|s| { s.desired_version = Some(version); s.plugins = plugins.snapshot(); });
-                            report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
-                        }
-                        SessionEvent::Method { name, rid, payload } => {
-                            let (code, answer) = match name.as_str() {
-                                "ping" => (200, json!({"pong": now_rfc3339(), "version": env!("CARGO_PKG_VERSION"), "echo": payload})),
-                                "reprovision" => {
-                                    let _ = commands_tx.send(Command::Reprovision);
-                                    (202, json!({"status": "reprovisioning"}))
-                                }
-                                other => (404, json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision)")})),
-                            };
-                            tracing::info!(method = %name, status = code, "direct method");
-                            session.respond_to_method(&rid, code, answer);
-                        }
-                        SessionEvent::CloudToDevice { body, properties } => {
-                            tracing::info!(bytes = body.len(), ?properties, "cloud-to-device message");
-                        }
-                    }
-                }
-                _ = plugin_changes.notified() => {
-                    status.update(|s| s.plugins = plugins.snapshot());
-                    // Only while connected (a reconnect reports everything with the twin), and
-                    // a burst of changes (plugins starting, a crash loop) coalesced into one update.
-                    if connected {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
-                    }
-                }
-                _ = counters.tick(), if connected => {
-                    // Counters (published, dropped) reach the twin at most this often.
-                    report_changes(&session, &mut twin, &state, &assignment, &plugins, &queue).await;
-                }
-                command = commands.recv() => match command {
-                    None | Some(Command::Shutdown) => break Next::Shutdown,
-                    Some(Command::Reprovision) => {
-                        tracing::info!("reprovisioning on request");
-                        break Next::ReprovisionAfter(Duration::ZERO);
-                    }
-                    Some(Command::Reload(new)) => {
-                        systemd::reloading();
-                        status.update(|s| s.reloads += 1);
-                        let changed = new.provisioning_fingerprint() != config.provisioning_fingerprint();
-                        tracing::info!(provisioning_changed = changed, "configuration reloaded");
-                        config = *new;
-                        plugins.reconfigure(&config, &twin);
-                        status.update(|s| s.plugins = plugins.snapshot());
-                        systemd::ready(&status.line());
-                        // A new fingerprint makes the cache stale: the next pass registers with DPS.
-                        break Next::Restart;
-                    }
-                },
-            }
-        };
-        session.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        match next {
-            Next::Shutdown => break 'outer Ok(()),
-            Next::Restart => {}
-            Next::ReprovisionAfter(delay) => {
-                force_dps = true;
-                if !delay.is_zero() {
-                    match wait_for_command(&mut commands, delay).await {
-                        Some(Command::Shutdown) => break 'outer Ok(()),
-                        Some(Command::Reload(c)) => config = *c,
-                        _ => {}
-                    }
-                }
-            }
-        }
-    };
-    systemd::stopping();
-    // Plugins first: what they publish while stopping still reaches the queue.
-    plugins.shutdown().await;
-    ticker.abort();
-    queue.close();
-    tracing::info!("hubagent stopped");
-    control_task.abort();
-    let _ = std::fs::remove_file(&control_path);
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    result
+    })
 }
 
-enum Next {
-    Shutdown,
-    Restart,
-    ReprovisionAfter(Duration),
-}
-
-enum Provisioned {
-    Done(Assignment),
-    Shutdown,
-    Reload(Box<Config>),
-}
-
-/// Waits up to `timeout` for a command; reprovision requests just end the wait.
 /// Waits for a command, at most `timeout` (these are retry waits). A step of the wall clock ends
 /// the wait early: a refused SAS token may have been signed by a wrong clock that NTP has just
 /// corrected, and the next try should not wait minutes for it.
@@ -473,7 +404,7 @@ async fn wait_for_command(
     timeout: Duration,
 ) -> Option<Command> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let clock = ClockWatch::new();
+    let clock = ClockWatch::start();
     loop {
         let tick = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
         match tokio::time::timeout_at(tick, commands.recv()).await {
@@ -485,347 +416,6 @@ async fn wait_for_command(
                     return None;
                 }
             }
-        }
-    }
-}
-
-/// Notices a step of the wall clock (settimeofday, NTP, an RTC corrected) by comparing it with
-/// the monotonic clock.
-struct ClockWatch {
-    wall: std::time::SystemTime,
-    mono: std::time::Instant,
-}
-
-impl ClockWatch {
-    /// Steps smaller than this are drift or slewing, not a correction worth acting on.
-    const STEP: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        ClockWatch {
-            wall: std::time::SystemTime::now(),
-            mono: std::time::Instant::now(),
-        }
-    }
-
-    /// The step ("+3h 2s", "-2h") if the wall clock moved by more than `STEP` against the
-    /// monotonic clock since `new`.
-    fn stepped(&self) -> Option<String> {
-        let mono = self.mono.elapsed();
-        let (sign, step) = match std::time::SystemTime::now().duration_since(self.wall) {
-            Ok(wall) if wall > mono => ("+", wall - mono),
-            Ok(wall) => ("-", mono - wall),
-            Err(e) => ("-", e.duration() + mono),
-        };
-        (step > Self::STEP).then(|| {
-            let secs = Duration::from_secs(step.as_secs());
-            format!("{sign}{}", humantime::format_duration(secs))
-        })
-    }
-}
-
-/// Registers with DPS, retrying with capped backoff and jitter until it works or a command
-/// interrupts. A manual configuration needs no registration.
-async fn provision(
-    config: &Config,
-    registration_id: &str,
-    credential: &Credential,
-    tls: Arc<rustls::ClientConfig>,
-    status: &Status,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-) -> Provisioned {
-    let p = &config.provisioning;
-    if p.source == Source::Manual {
-        let hub = p
-            .iothub_hostname
-            .clone()
-            .or_else(|| manual_connection_string(config).ok().map(|(h, _, _)| h))
-            .unwrap_or_default();
-        status.update(|s| s.provisioning = ProvisioningState::Provisioned);
-        return Provisioned::Done(Assignment {
-            assigned_hub: hub,
-            device_id: registration_id.to_string(),
-            substatus: String::new(),
-            registration_state: Value::Null,
-        });
-    }
-    let request = match crate::provisioning::dps_request(config, registration_id) {
-        Ok(r) => r,
-        Err(e) => {
-            // Validated at load; kept for completeness.
-            tracing::error!("{e}");
-            DpsRequest {
-                endpoint_host: p.global_endpoint.clone(),
-                port: config.hub.port,
-                id_scope: p.id_scope.clone().unwrap_or_default(),
-                registration_id: registration_id.to_string(),
-                payload: config.payload_json(),
-                timeout: Duration::from_secs(60),
-            }
-        }
-    };
-    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
-    loop {
-        status.update(|s| s.provisioning = ProvisioningState::Registering);
-        systemd::status(&format!("registering '{registration_id}' with DPS"));
-        match crate::provisioning::register(config, &request, credential, tls.clone()).await {
-            Ok(a) => {
-                tracing::info!(hub = %a.assigned_hub, device = %a.device_id, substatus = %a.substatus, "provisioned by DPS");
-                status.update(|s| {
-                    s.provisioning = ProvisioningState::Provisioned;
-                    s.last_error = None;
-                });
-                return Provisioned::Done(a);
-            }
-            Err(e) => {
-                // Configuration problems (wrong key, unknown enrollment) are retried too, but
-                // slowly: an operator may fix the enrollment without touching the gateway.
-                let delay = if e.is_transient() {
-                    backoff.next_delay()
-                } else {
-                    backoff.next_delay().max(Duration::from_secs(60))
-                };
-                tracing::warn!(?delay, "DPS registration failed: {e}");
-                status.update(|s| {
-                    s.provisioning = ProvisioningState::Retrying;
-                    s.last_error = Some(e.to_string());
-                });
-                systemd::status(&format!("DPS registration failed, retrying: {e}"));
-                match wait_for_command(commands, delay).await {
-                    Some(Command::Shutdown) => return Provisioned::Shutdown,
-                    Some(Command::Reload(c)) => return Provisioned::Reload(c),
-                    Some(Command::Reprovision) | None => {}
-                }
-            }
-        }
-    }
-}
-
-/// What telemetry sources publish through: a message is on disk in the queue when `try_publish`
-/// returns `Ok`. A full queue with `full_policy = "reject-new"` or a full disk is an error the
-/// caller holds its source back on (the plugin supervisor retries while it keeps serving the
-/// plugin); nothing already queued is touched.
-#[derive(Clone)]
-pub struct DurablePublisher {
-    queue: Arc<Queue>,
-}
-
-impl DurablePublisher {
-    pub fn new(queue: Arc<Queue>) -> Self {
-        DurablePublisher { queue }
-    }
-
-    pub fn try_publish(&self, message: &TelemetryMessage) -> Result<(), QueueError> {
-        self.queue.push(message).map(|_| ())
-    }
-
-    /// A source's message had to wait for room (full disk, or a full `reject-new` queue);
-    /// counted once per message in the queue's `held_back`.
-    pub fn note_held_back(&self) {
-        self.queue.note_held_back();
-    }
-}
-
-/// Hands queued telemetry to the current hub session in queue order, up to `inflight` at a
-/// time, and removes a message from the queue only when the hub acknowledged it. A message whose
-/// session stopped (reprovisioning, reload) is handed to the next session; one the hub can never
-/// accept (too large) is dropped with its id logged.
-async fn pump(
-    queue: Arc<Queue>,
-    mut sessions: watch::Receiver<Option<SessionHandle>>,
-    inflight: usize,
-) {
-    let permits = Arc::new(Semaphore::new(inflight.max(1)));
-    loop {
-        let permit = permits.clone().acquire_owned().await.expect("never closed");
-        let (seq, message) = queue.next().await;
-        // Enqueue here, one message after the other, so the wire order is the queue order.
-        let acknowledged = loop {
-            let current = sessions.borrow_and_update().clone();
-            let Some(session) = current else {
-                if sessions.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            match session.enqueue(message.clone()).await {
-                Ok(rx) => break Some(rx),
-                Err(PublishError::TooLarge { size, limit }) => {
-                    queue.ack(seq);
-                    tracing::error!(message_id = %message.message_id, size, limit, "message dropped: larger than the hub accepts");
-                    break None;
-                }
-                Err(PublishError::Stopped) => {
-                    if sessions.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        };
-        let Some(acknowledged) = acknowledged else {
-            continue;
-        };
-        let queue = queue.clone();
-        let mut sessions = sessions.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Ok(Ok(())) = acknowledged.await {
-                queue.ack(seq);
-                return;
-            }
-            // The session stopped before the hub acknowledged: send it through the next one.
-            loop {
-                if sessions.changed().await.is_err() {
-                    return;
-                }
-                let Some(session) = sessions.borrow_and_update().clone() else {
-                    continue;
-                };
-                match session.publish(message.clone()).await {
-                    Ok(()) | Err(PublishError::TooLarge { .. }) => {
-                        queue.ack(seq);
-                        return;
-                    }
-                    Err(PublishError::Stopped) => {}
-                }
-            }
-        });
-    }
-}
-
-/// The patch that turns `old` into `new`: changed keys, and `null` for removed ones (objects are
-/// compared key by key at every depth; anything else is replaced whole). For documents without
-/// `null` values, merging the patch into `old` gives `new` (the `twin_documents` fuzz target
-/// checks it).
-pub fn diff(old: &Value, new: &Value) -> Value {
-    match (old, new) {
-        (Value::Object(o), Value::Object(n)) => {
-            let mut out = Map::new();
-            for (k, v) in n {
-                match o.get(k) {
-                    Some(ov) if ov == v => {}
-                    Some(ov) => {
-                        out.insert(k.clone(), diff(ov, v));
-                    }
-                    None => {
-                        out.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-            for k in o.keys() {
-                if !n.contains_key(k) {
-                    out.insert(k.clone(), Value::Null);
-                }
-            }
-            Value::Object(out)
-        }
-        _ => new.clone(),
-    }
-}
-
-fn save_twin(state: &StateDir, twin: &TwinCache) {
-    if let Err(e) = state.save_twin(twin) {
-        tracing::error!("cannot save the twin cache: {e}");
-    }
-}
-
-/// Reports the agent's own properties and the plugins' states, sending only what changed.
-async fn report_changes(
-    session: &SessionHandle,
-    twin: &mut TwinCache,
-    state: &StateDir,
-    assignment: &ProvisioningCache,
-    plugins: &Supervisor,
-    queue: &Queue,
-) {
-    let q = queue.stats();
-    let mut wanted = Map::new();
-    wanted.insert(
-        "agent".into(),
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "provisionedAt": assignment.provisioned_at,
-            "hub": assignment.hub,
-            "deviceId": assignment.device_id,
-            // What the cloud side cannot see otherwise: telemetry the agent gave up on.
-            "queue": {
-                "depth": q.depth,
-                "droppedFull": q.dropped_full,
-                "droppedExpired": q.dropped_expired,
-                "droppedCorrupt": q.dropped_corrupt,
-            },
-        }),
-    );
-    wanted.insert("plugins".into(), plugins.reported());
-    let patch: Map<String, Value> = wanted
-        .into_iter()
-        .filter(|(k, v)| twin.reported_sent.get(k) != Some(v))
-        .collect();
-    if patch.is_empty() {
-        return;
-    }
-    // A key that disappeared from a nested object, at any depth, is deleted on the hub side (null).
-    let mut wire = Map::new();
-    for (k, v) in &patch {
-        let value = match twin.reported_sent.get(k) {
-            Some(old) => diff(old, v),
-            None => v.clone(),
-        };
-        wire.insert(k.clone(), value);
-    }
-    // Bounded: a hub that does not answer must not hold up the daemon (and its SIGTERM handling).
-    let answer = tokio::time::timeout(Duration::from_secs(15), session.report(Value::Object(wire)))
-        .await
-        .unwrap_or(Err(crate::hub::TwinError::Disconnected));
-    match answer {
-        Ok(version) => {
-            tracing::debug!(version, "reported properties updated");
-            twin.reported_sent.extend(patch);
-            save_twin(state, twin);
-        }
-        Err(e) => tracing::warn!("reported properties not updated: {e}"),
-    }
-}
-
-/// Answers the control socket.
-struct ControlHandler {
-    plugins: Registry,
-    status: Arc<Status>,
-    queue: Arc<Queue>,
-    commands: mpsc::UnboundedSender<Command>,
-    config_path: PathBuf,
-}
-
-impl control::Handler for ControlHandler {
-    fn handle(&self, request: Request) -> Result<Value, String> {
-        match request {
-            Request::Status => {
-                let stats = self.queue.stats();
-                self.status.update(|s| {
-                    s.queue_depth = stats.depth;
-                    s.published = stats.delivered;
-                    s.queue = Some(stats);
-                });
-                serde_json::to_value(self.status.snapshot()).map_err(|e| e.to_string())
-            }
-            Request::Reprovision => {
-                self.commands
-                    .send(Command::Reprovision)
-                    .map_err(|_| "the daemon is shutting down".to_string())?;
-                Ok(json!({"reprovisioning": true}))
-            }
-            Request::Reload => {
-                let config =
-                    Config::load(&self.config_path, &|k| std::env::var(k).ok()).map_err(|e| {
-                        format!("configuration not reloaded, the running one stays: {e}")
-                    })?;
-                let changed = self.status.snapshot().fingerprint.as_deref()
-                    != Some(config.provisioning_fingerprint().as_str());
-                self.commands
-                    .send(Command::Reload(Box::new(config)))
-                    .map_err(|_| "the daemon is shutting down".to_string())?;
-                Ok(json!({"reloaded": true, "provisioningChanged": changed}))
-            }
-            Request::PluginsList => Ok(self.plugins.snapshot()),
         }
     }
 }

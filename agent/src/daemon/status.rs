@@ -49,7 +49,7 @@ pub struct Snapshot {
     pub fingerprint: Option<String>,
     /// Per plugin: kind, status, applied desired version, error.
     pub plugins: serde_json::Value,
-    pub queue: Option<crate::queue::QueueStats>,
+    pub queue: Option<crate::telemetry::queue::QueueStats>,
 }
 
 /// The shared, lock-protected snapshot.
@@ -61,7 +61,7 @@ impl Status {
         Status(Mutex::new(Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
-            started_at: crate::daemon::now_rfc3339(),
+            started_at: crate::util::time::now_rfc3339(),
             config: config.to_string(),
             ..Snapshot::default()
         }))
@@ -69,6 +69,15 @@ impl Status {
 
     pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
         f(&mut self.0.lock().unwrap());
+    }
+
+    /// The queue's counters as of now.
+    pub fn record_queue(&self, stats: crate::telemetry::QueueStats) {
+        self.update(|s| {
+            s.queue_depth = stats.depth;
+            s.published = stats.delivered;
+            s.queue = Some(stats);
+        });
     }
 
     pub fn snapshot(&self) -> Snapshot {

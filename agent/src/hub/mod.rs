@@ -10,11 +10,12 @@
 //! Every connection uses a fresh rumqttc client and event loop: rumqttc's own retransmission is
 //! never involved, so the packet ids of one connection map one-to-one onto our requests.
 //!
-//! This file is the public face (parameters, events, the handle); `session` is the task and
-//! `topics` the pure topic and property-bag code.
+//! This file is the public face (parameters, events, the handle); `session` is the task, `topics`
+//! the pure topic and property-bag code and `twin` the twin document's sections and versions.
 
 mod session;
 pub mod topics;
+mod twin;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,10 +24,10 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-pub use session::split_twin;
-pub use topics::TelemetryMessage;
+pub use twin::{split_twin, within_hub_limits};
 
-use crate::keys::Credential;
+use crate::identity::Credential;
+use crate::message::TelemetryMessage;
 use session::{Control, Publish, Session};
 
 /// Everything the session needs, in plain values (the daemon builds it from the config).
@@ -44,6 +45,7 @@ pub struct HubParams {
     pub max_message_size: usize,
     pub inflight: u16,
     /// The desired `$version` the agent already has (from twin.json), so stale patches are ignored.
+    /// The session keeps it current across its reconnects.
     pub desired_version: u64,
 }
 
@@ -188,55 +190,4 @@ pub fn spawn(
         .run(),
     );
     (handle, events_rx, task)
-}
-
-/// Capped exponential backoff with full jitter.
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            attempt: 0,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(2u32.saturating_pow(self.attempt.min(16)))
-            .min(self.max);
-        self.attempt += 1;
-        // Half fixed, half random: spreads a fleet reconnecting after an outage.
-        let half = exp / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
-        assert!(
-            delays[7] >= Duration::from_secs(5),
-            "capped at 10 s, at least half of it"
-        );
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_secs(1));
-    }
 }

@@ -9,15 +9,21 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS, SubscribeReasonCode};
-use serde_json::{Map, Value};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeReasonCode};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::util::time::sleep_until;
+
 use super::topics::{self, Incoming};
-use super::{Backoff, HubParams, PublishError, SessionEvent, TelemetryMessage, TwinError};
-use crate::keys::{Credential, sas_token};
+use super::twin::{DesiredStep, next_desired, split_twin};
+use super::{HubParams, PublishError, SessionEvent, TwinError};
+use crate::identity::Credential;
+use crate::identity::keys::sas_token;
+use crate::message::TelemetryMessage;
 use crate::mqtt::{self, ConnectOptions};
+use crate::util::backoff::Backoff;
 
 /// Requests from the handle other than telemetry.
 pub(super) enum Control {
@@ -46,11 +52,19 @@ enum Sent {
     Other,
 }
 
+/// Whom to tell the outcome of a reported patch.
+type ReportDone = oneshot::Sender<Result<u64, TwinError>>;
+
 /// A twin request waiting for its `$iothub/twin/res/…` answer, by `$rid`.
 enum Pending {
     /// A full twin GET: the answer becomes `SessionEvent::Twin`.
     Get,
-    Report(oneshot::Sender<Result<u64, TwinError>>),
+    /// A reported patch; kept whole so that a throttled one (429) can be sent again.
+    Report {
+        patch: Value,
+        done: ReportDone,
+        attempts: u32,
+    },
 }
 
 /// Why a connection ended.
@@ -71,9 +85,29 @@ struct Link {
     /// A failed twin GET is tried again at this time.
     twin_retry_at: Option<Instant>,
     twin_failures: u32,
+    /// Reported patches the hub throttled (429), sent again at `report_retry_at`.
+    report_retries: Vec<(Value, ReportDone, u32)>,
+    report_retry_at: Option<Instant>,
+    /// When to reconnect with a fresh SAS token; `None` for a certificate, which does not expire
+    /// with the connection.
+    renew_at: Option<Instant>,
 }
 
 impl Link {
+    fn new(client: AsyncClient, renew_at: Option<Instant>) -> Link {
+        Link {
+            client,
+            order: VecDeque::new(),
+            telemetry_pkids: VecDeque::new(),
+            pending: HashMap::new(),
+            twin_retry_at: None,
+            twin_failures: 0,
+            report_retries: Vec::new(),
+            report_retry_at: None,
+            renew_at,
+        }
+    }
+
     fn publish(
         &mut self,
         topic: String,
@@ -88,6 +122,20 @@ impl Link {
         Ok(())
     }
 
+    fn publish_telemetry(
+        &mut self,
+        device_id: &str,
+        message: &TelemetryMessage,
+    ) -> Result<(), String> {
+        let topic = topics::telemetry_topic(device_id, message);
+        self.publish(
+            topic,
+            QoS::AtLeastOnce,
+            message.body.clone(),
+            Sent::Telemetry,
+        )
+    }
+
     fn get_twin(&mut self, rid: String) -> Result<(), String> {
         self.pending.insert(rid.clone(), Pending::Get);
         self.publish(
@@ -98,8 +146,40 @@ impl Link {
         )
     }
 
+    fn report(
+        &mut self,
+        rid: String,
+        patch: Value,
+        done: ReportDone,
+        attempts: u32,
+    ) -> Result<(), String> {
+        let topic = format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}");
+        let payload = patch.to_string();
+        self.pending.insert(
+            rid,
+            Pending::Report {
+                patch,
+                done,
+                attempts,
+            },
+        );
+        self.publish(topic, QoS::AtMostOnce, payload, Sent::Other)
+    }
+
     fn twin_get_pending(&self) -> bool {
         self.pending.values().any(|p| matches!(p, Pending::Get))
+    }
+
+    /// The connection is gone: reported patches still waiting for their answer never get one.
+    fn fail_pending_reports(self) {
+        for (_, waiter) in self.pending {
+            if let Pending::Report { done, .. } = waiter {
+                let _ = done.send(Err(TwinError::Disconnected));
+            }
+        }
+        for (_, done, _) in self.report_retries {
+            let _ = done.send(Err(TwinError::Disconnected));
+        }
     }
 }
 
@@ -118,6 +198,11 @@ pub(super) fn renew_after(ttl: Duration, renew_before: Duration) -> Duration {
 /// The pause before the next twin GET after `failures` failed ones: 2 s, 4 s, … up to a minute.
 fn twin_retry_delay(failures: u32) -> Duration {
     Duration::from_secs(2u64.saturating_pow(failures.min(6))).min(Duration::from_secs(60))
+}
+
+/// A payload as JSON; `Null` when it is not JSON.
+fn json_or_null(payload: &[u8]) -> Value {
+    serde_json::from_slice(payload).unwrap_or(Value::Null)
 }
 
 pub(super) struct Session {
@@ -199,7 +284,7 @@ impl Session {
         let p = &self.params;
         let password = match &p.credential {
             Credential::Sas(signer) => {
-                let expiry = crate::provisioning::dps::unix_now() + p.sas_ttl.as_secs();
+                let expiry = crate::util::time::unix_now() + p.sas_ttl.as_secs();
                 let resource = format!("{}/devices/{}", p.hub, p.device_id);
                 sas_token(signer.as_ref(), &resource, expiry, None)
                     .map_err(|e| format!("cannot sign the hub token: {e}"))?
@@ -231,10 +316,24 @@ impl Session {
 
     /// One connection, from CONNECT to its end.
     async fn connection(&mut self) -> End {
-        let options = match self.connect_options() {
-            Ok(o) => o,
-            Err(e) => return End::Lost(e),
+        let (mut link, mut eventloop) = match self.connect().await {
+            Ok(connected) => connected,
+            Err(end) => return end,
         };
+        let end = loop {
+            if let Err(end) = self.step(&mut link, &mut eventloop).await {
+                break end;
+            }
+        };
+        link.fail_pending_reports();
+        end
+    }
+
+    /// CONNECT with a fresh token, SUBSCRIBE, and send again, in the original order, what the
+    /// previous connection did not get acknowledged. The twin GET waits for the SUBACK
+    /// (`on_event`).
+    async fn connect(&mut self) -> Result<(Link, EventLoop), End> {
+        let options = self.connect_options().map_err(End::Lost)?;
         let (client, mut eventloop) = mqtt::client(&options);
         // SAS tokens expire: reconnect with a fresh one before the hub cuts us off. A certificate
         // does not expire with the connection.
@@ -243,140 +342,127 @@ impl Session {
 
         match mqtt::wait_connack(&mut eventloop).await {
             Ok(()) => {}
-            Err(e) if e.is_auth_refusal() => return End::Unauthorized,
-            Err(e) => return End::Lost(e.to_string()),
+            Err(e) if e.is_auth_refusal() => return Err(End::Unauthorized),
+            Err(e) => return Err(End::Lost(e.to_string())),
         }
         tracing::info!(hub = %self.params.hub, device = %self.params.device_id, "connected to the hub");
         self.connected_at = Some(Instant::now());
         self.emit(SessionEvent::Connected).await;
 
-        let device_id = self.params.device_id.clone();
-        let inflight_limit = usize::from(self.params.inflight).max(1);
-        let mut desired_version = self.params.desired_version;
-        let mut link = Link {
-            client: client.clone(),
-            order: VecDeque::new(),
-            telemetry_pkids: VecDeque::new(),
-            pending: HashMap::new(),
-            twin_retry_at: None,
-            twin_failures: 0,
-        };
-
-        let filters = subscriptions(&device_id);
-        if let Err(e) = client.try_subscribe_many(
-            filters
-                .iter()
-                .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)),
-        ) {
-            return End::Lost(e.to_string());
-        }
-        // Resend what the previous connection did not get acknowledged, in the original order.
+        let mut link = Link::new(client, renew_at);
+        let filters = subscriptions(&self.params.device_id);
+        link.client
+            .try_subscribe_many(
+                filters
+                    .into_iter()
+                    .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce)),
+            )
+            .map_err(|e| End::Lost(e.to_string()))?;
         for publish in &self.unacked {
-            let topic = topics::telemetry_topic(&device_id, &publish.message);
-            let body = publish.message.body.clone();
-            if let Err(e) = link.publish(topic, QoS::AtLeastOnce, body, Sent::Telemetry) {
-                return End::Lost(e);
-            }
+            link.publish_telemetry(&self.params.device_id, &publish.message)
+                .map_err(End::Lost)?;
         }
+        Ok((link, eventloop))
+    }
 
-        let end = loop {
-            let can_take = self.unacked.len() < inflight_limit;
-            let twin_retry = async {
-                match link.twin_retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let renew = async {
-                match renew_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                event = eventloop.poll() => {
-                    let event = match event {
-                        Ok(event) => event,
-                        Err(e) => break End::Lost(e.to_string()),
-                    };
-                    if self.track(&mut link, &event) {
-                        continue;
-                    }
-                    match event {
-                        Event::Incoming(Packet::SubAck(ack)) => {
-                            for (filter, code) in filters.iter().zip(&ack.return_codes) {
-                                if matches!(code, SubscribeReasonCode::Failure) {
-                                    tracing::warn!(%filter, "the hub refused a subscription");
-                                }
-                            }
-                            // Twin answers go only to subscribers: the GET waits for the SUBACK.
-                            let rid = self.rid();
-                            if let Err(e) = link.get_twin(rid) {
-                                break End::Lost(e);
-                            }
-                        }
-                        Event::Incoming(Packet::Publish(publish)) => {
-                            if let Err(e) = self.incoming(&mut link, &mut desired_version, &publish).await {
-                                break End::Lost(e);
-                            }
-                            // Handled (the event is with the daemon): now the hub may forget it.
-                            let _ = link.client.try_ack(&publish);
-                        }
-                        _ => {}
-                    }
-                }
-                publish = self.telemetry.recv(), if can_take => {
-                    let Some(publish) = publish else { break End::Shutdown };
-                    let topic = topics::telemetry_topic(&device_id, &publish.message);
-                    let body = publish.message.body.clone();
-                    // Kept before sending: if the publish cannot go out now, the next connection sends it.
-                    self.unacked.push_back(publish);
-                    if let Err(e) = link.publish(topic, QoS::AtLeastOnce, body, Sent::Telemetry) {
-                        break End::Lost(e);
-                    }
-                }
-                control = self.control.recv() => match control {
-                    None | Some(Control::Shutdown) => {
-                        // Unacked messages stay with their callers (they see `Stopped`).
-                        self.close(&mut link, &mut eventloop).await;
-                        break End::Shutdown;
-                    }
-                    Some(Control::Report { patch, done }) => {
-                        let rid = self.rid();
-                        link.pending.insert(rid.clone(), Pending::Report(done));
-                        let topic = format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}");
-                        if let Err(e) = link.publish(topic, QoS::AtMostOnce, patch.to_string(), Sent::Other) {
-                            break End::Lost(e);
-                        }
-                    }
-                    Some(Control::MethodResponse { rid, status, payload }) => {
-                        let topic = format!("$iothub/methods/res/{status}/?$rid={rid}");
-                        if let Err(e) = link.publish(topic, QoS::AtMostOnce, payload.to_string(), Sent::Other) {
-                            break End::Lost(e);
-                        }
-                    }
-                },
-                _ = twin_retry => {
-                    link.twin_retry_at = None;
-                    let rid = self.rid();
-                    if let Err(e) = link.get_twin(rid) {
-                        break End::Lost(e);
-                    }
-                }
-                _ = renew => {
-                    tracing::info!("renewing the hub SAS token");
-                    self.close(&mut link, &mut eventloop).await;
-                    break End::Renew;
-                }
+    /// Waits for what comes first (a packet, telemetry to send, a request from the handle, the
+    /// twin GET's retry, the token's renewal) and handles it. `Err` ends the connection.
+    async fn step(&mut self, link: &mut Link, eventloop: &mut EventLoop) -> Result<(), End> {
+        let can_take = self.unacked.len() < usize::from(self.params.inflight).max(1);
+        tokio::select! {
+            event = eventloop.poll() => {
+                let event = event.map_err(|e| End::Lost(e.to_string()))?;
+                self.on_event(link, event).await
             }
-        };
-        self.params.desired_version = desired_version;
-        for (_, waiter) in link.pending {
-            if let Pending::Report(done) = waiter {
-                let _ = done.send(Err(TwinError::Disconnected));
+            publish = self.telemetry.recv(), if can_take => match publish {
+                Some(publish) => self.send_telemetry(link, publish),
+                None => Err(End::Shutdown),
+            },
+            control = self.control.recv() => self.on_control(link, eventloop, control).await,
+            _ = sleep_until(link.twin_retry_at) => {
+                link.twin_retry_at = None;
+                let rid = self.rid();
+                link.get_twin(rid).map_err(End::Lost)
+            }
+            _ = sleep_until(link.report_retry_at) => {
+                link.report_retry_at = None;
+                for (patch, done, attempts) in std::mem::take(&mut link.report_retries) {
+                    let rid = self.rid();
+                    link.report(rid, patch, done, attempts).map_err(End::Lost)?;
+                }
+                Ok(())
+            }
+            _ = sleep_until(link.renew_at) => {
+                tracing::info!("renewing the hub SAS token");
+                self.close(link, eventloop).await;
+                Err(End::Renew)
             }
         }
-        end
+    }
+
+    /// Handles one event of the connection's event loop.
+    async fn on_event(&mut self, link: &mut Link, event: Event) -> Result<(), End> {
+        if self.track(link, &event) {
+            return Ok(());
+        }
+        match event {
+            Event::Incoming(Packet::SubAck(ack)) => {
+                let filters = subscriptions(&self.params.device_id);
+                for (filter, code) in filters.iter().zip(&ack.return_codes) {
+                    if matches!(code, SubscribeReasonCode::Failure) {
+                        tracing::warn!(%filter, "the hub refused a subscription");
+                    }
+                }
+                // Twin answers go only to subscribers: the GET waits for the SUBACK.
+                let rid = self.rid();
+                link.get_twin(rid).map_err(End::Lost)
+            }
+            Event::Incoming(Packet::Publish(publish)) => {
+                self.incoming(link, &publish).await.map_err(End::Lost)?;
+                // Handled (the event is with the daemon): now the hub may forget it.
+                let _ = link.client.try_ack(&publish);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends a message from the handle; it counts as unacknowledged until its PUBACK.
+    fn send_telemetry(&mut self, link: &mut Link, publish: Publish) -> Result<(), End> {
+        // Kept before sending: if the publish cannot go out now, the next connection sends it.
+        self.unacked.push_back(publish);
+        let message = &self.unacked.back().expect("pushed above").message;
+        link.publish_telemetry(&self.params.device_id, message)
+            .map_err(End::Lost)
+    }
+
+    /// Handles a request from the handle (`None`: the handle is gone).
+    async fn on_control(
+        &mut self,
+        link: &mut Link,
+        eventloop: &mut EventLoop,
+        control: Option<Control>,
+    ) -> Result<(), End> {
+        match control {
+            None | Some(Control::Shutdown) => {
+                // Unacked messages stay with their callers (they see `Stopped`).
+                self.close(link, eventloop).await;
+                Err(End::Shutdown)
+            }
+            Some(Control::Report { patch, done }) => {
+                let rid = self.rid();
+                link.report(rid, patch, done, 0).map_err(End::Lost)
+            }
+            Some(Control::MethodResponse {
+                rid,
+                status,
+                payload,
+            }) => {
+                let topic = format!("$iothub/methods/res/{status}/?$rid={rid}");
+                link.publish(topic, QoS::AtMostOnce, payload.to_string(), Sent::Other)
+                    .map_err(End::Lost)
+            }
+        }
     }
 
     /// Pairs outgoing telemetry with its packet id and completes it on PUBACK. True when the
@@ -406,7 +492,7 @@ impl Session {
     /// PUBACKs arriving meanwhile still complete their messages (fewer duplicates after the
     /// reconnect). Publishes from the hub arriving now are not acknowledged, so the hub sends
     /// them again on the next connection. Bounded: a dead connection does not hold us up.
-    async fn close(&mut self, link: &mut Link, eventloop: &mut rumqttc::EventLoop) {
+    async fn close(&mut self, link: &mut Link, eventloop: &mut EventLoop) {
         if link.client.try_disconnect().is_err() {
             return;
         }
@@ -422,92 +508,28 @@ impl Session {
     async fn incoming(
         &mut self,
         link: &mut Link,
-        desired_version: &mut u64,
         publish: &rumqttc::Publish,
     ) -> Result<(), String> {
-        let json = || serde_json::from_slice::<Value>(&publish.payload).unwrap_or(Value::Null);
         match topics::classify(&self.params.device_id, &publish.topic) {
             Incoming::TwinResponse {
                 status,
                 rid,
                 version,
-            } => match link.pending.remove(&rid) {
-                Some(Pending::Get) if status == 200 => {
-                    link.twin_failures = 0;
-                    let (desired, version, reported) = split_twin(json());
-                    *desired_version = version;
-                    self.emit(SessionEvent::Twin {
-                        desired,
-                        desired_version: version,
-                        reported,
-                    })
+            } => {
+                self.twin_response(link, status, &rid, version, &publish.payload)
                     .await;
-                }
-                Some(Pending::Get) => {
-                    link.twin_failures += 1;
-                    let delay = twin_retry_delay(link.twin_failures);
-                    tracing::warn!(
-                        status,
-                        ?delay,
-                        "the hub refused the twin GET; trying again later"
-                    );
-                    link.twin_retry_at = Some(Instant::now() + delay);
-                }
-                Some(Pending::Report(done)) => {
-                    let result = if (200..300).contains(&status) {
-                        Ok(version.unwrap_or(0))
-                    } else {
-                        Err(TwinError::Rejected {
-                            status,
-                            message: String::from_utf8_lossy(&publish.payload).into_owned(),
-                        })
-                    };
-                    let _ = done.send(result);
-                }
-                None => {}
-            },
-            Incoming::DesiredPatch { version } => {
-                let Some(version) = version else {
-                    tracing::warn!(topic = %publish.topic, "desired patch without $version; ignored");
-                    return Ok(());
-                };
-                match next_desired(*desired_version, version) {
-                    DesiredStep::Stale => {
-                        tracing::debug!(
-                            version,
-                            current = *desired_version,
-                            "stale desired patch ignored"
-                        );
-                    }
-                    DesiredStep::Gap => {
-                        // A patch went missing: the full twin heals the gap (one GET at a time).
-                        if !link.twin_get_pending() && link.twin_retry_at.is_none() {
-                            tracing::info!(
-                                version,
-                                current = *desired_version,
-                                "desired version gap; fetching the full twin"
-                            );
-                            let rid = self.rid();
-                            link.get_twin(rid)?;
-                        }
-                    }
-                    DesiredStep::Apply => {
-                        let Value::Object(mut patch) = json() else {
-                            tracing::warn!(version, "desired patch is not a JSON object; ignored");
-                            return Ok(());
-                        };
-                        patch.remove("$version");
-                        *desired_version = version;
-                        self.emit(SessionEvent::DesiredPatch { version, patch })
-                            .await;
-                    }
-                }
+            }
+            Incoming::DesiredPatch {
+                version: Some(version),
+            } => self.desired_patch(link, version, &publish.payload).await?,
+            Incoming::DesiredPatch { version: None } => {
+                tracing::warn!(topic = %publish.topic, "desired patch without $version; ignored");
             }
             Incoming::Method { name, rid } => {
                 let payload = if publish.payload.iter().all(u8::is_ascii_whitespace) {
                     Value::Null
                 } else {
-                    json()
+                    json_or_null(&publish.payload)
                 };
                 self.emit(SessionEvent::Method { name, rid, payload }).await;
             }
@@ -524,9 +546,111 @@ impl Session {
         }
         Ok(())
     }
+
+    /// The hub's answer to the twin request `rid` (a GET or a reported patch).
+    async fn twin_response(
+        &mut self,
+        link: &mut Link,
+        status: u16,
+        rid: &str,
+        version: Option<u64>,
+        payload: &[u8],
+    ) {
+        match link.pending.remove(rid) {
+            Some(Pending::Get) if status == 200 => {
+                link.twin_failures = 0;
+                let (desired, version, reported) = split_twin(json_or_null(payload));
+                self.params.desired_version = version;
+                self.emit(SessionEvent::Twin {
+                    desired,
+                    desired_version: version,
+                    reported,
+                })
+                .await;
+            }
+            // Any other answer, a throttled GET (429) included, is tried again later.
+            Some(Pending::Get) => {
+                link.twin_failures += 1;
+                let delay = twin_retry_delay(link.twin_failures);
+                tracing::warn!(
+                    status,
+                    ?delay,
+                    "the hub refused the twin GET; trying again later"
+                );
+                link.twin_retry_at = Some(Instant::now() + delay);
+            }
+            // The hub throttles twin operations with 429: the patch was not applied, so it is sent
+            // again after a pause (2 s, 4 s, …; the daemon's REPORT_TIMEOUT bounds the wait).
+            Some(Pending::Report {
+                patch,
+                done,
+                attempts,
+            }) if status == 429 => {
+                let delay = twin_retry_delay(attempts + 1);
+                tracing::warn!(
+                    ?delay,
+                    "the hub throttled a reported patch; sending it again"
+                );
+                link.report_retries.push((patch, done, attempts + 1));
+                link.report_retry_at
+                    .get_or_insert_with(|| Instant::now() + delay);
+            }
+            Some(Pending::Report { done, .. }) => {
+                let result = if (200..300).contains(&status) {
+                    Ok(version.unwrap_or(0))
+                } else {
+                    Err(TwinError::Rejected {
+                        status,
+                        message: String::from_utf8_lossy(payload).into_owned(),
+                    })
+                };
+                let _ = done.send(result);
+            }
+            None => {}
+        }
+    }
+
+    /// A desired patch of `version`: the next one is applied, a stale one ignored, and a gap is
+    /// healed with the full twin. Errors end the connection.
+    async fn desired_patch(
+        &mut self,
+        link: &mut Link,
+        version: u64,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let current = self.params.desired_version;
+        match next_desired(current, version) {
+            DesiredStep::Stale => {
+                tracing::debug!(version, current, "stale desired patch ignored");
+            }
+            DesiredStep::Gap => {
+                // A patch went missing: the full twin heals the gap (one GET at a time).
+                if !link.twin_get_pending() && link.twin_retry_at.is_none() {
+                    tracing::info!(
+                        version,
+                        current,
+                        "desired version gap; fetching the full twin"
+                    );
+                    let rid = self.rid();
+                    link.get_twin(rid)?;
+                }
+            }
+            DesiredStep::Apply => {
+                let Value::Object(mut patch) = json_or_null(payload) else {
+                    tracing::warn!(version, "desired patch is not a JSON object; ignored");
+                    return Ok(());
+                };
+                patch.remove("$version");
+                self.params.desired_version = version;
+                self.emit(SessionEvent::DesiredPatch { version, patch })
+                    .await;
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The four subscriptions of a device session (protocol.md §5).
+/// The four subscriptions of a device session (docs/protocol.md §5).
 fn subscriptions(device_id: &str) -> [String; 4] {
     [
         "$iothub/twin/res/#".to_string(),
@@ -536,67 +660,9 @@ fn subscriptions(device_id: &str) -> [String; 4] {
     ]
 }
 
-/// What to do with a desired patch of `version` when the agent has `current`.
-#[derive(Debug, PartialEq)]
-enum DesiredStep {
-    /// Already applied (a duplicate or a patch older than the last full twin).
-    Stale,
-    /// The next one: apply it.
-    Apply,
-    /// One or more patches in between were missed.
-    Gap,
-}
-
-fn next_desired(current: u64, version: u64) -> DesiredStep {
-    if version <= current {
-        DesiredStep::Stale
-    } else if version == current + 1 {
-        DesiredStep::Apply
-    } else {
-        DesiredStep::Gap
-    }
-}
-
-/// A twin GET answer `{"desired": {…, "$version": n}, "reported": {…}}` → (desired, n, reported),
-/// without the `$version` keys. Anything else in the document is ignored.
-pub fn split_twin(doc: Value) -> (Map<String, Value>, u64, Map<String, Value>) {
-    let mut desired = doc["desired"].as_object().cloned().unwrap_or_default();
-    let version = desired
-        .remove("$version")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    let mut reported = doc["reported"].as_object().cloned().unwrap_or_default();
-    reported.remove("$version");
-    (desired, version, reported)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn desired_patches_apply_in_version_order() {
-        assert_eq!(next_desired(4, 5), DesiredStep::Apply);
-        assert_eq!(next_desired(4, 4), DesiredStep::Stale);
-        assert_eq!(next_desired(4, 2), DesiredStep::Stale);
-        assert_eq!(next_desired(4, 7), DesiredStep::Gap);
-        assert_eq!(next_desired(0, 1), DesiredStep::Apply);
-    }
-
-    #[test]
-    fn twin_documents_split_into_sections_without_versions() {
-        let (desired, version, reported) = split_twin(json!({
-            "desired": {"interval": "5s", "$version": 9},
-            "reported": {"agent": {"v": 1}, "$version": 3}
-        }));
-        assert_eq!(version, 9);
-        assert_eq!(Value::Object(desired), json!({"interval": "5s"}));
-        assert_eq!(Value::Object(reported), json!({"agent": {"v": 1}}));
-        let (desired, version, reported) = split_twin(json!({}));
-        assert!(desired.is_empty() && reported.is_empty());
-        assert_eq!(version, 0);
-    }
 
     #[test]
     fn renewal_happens_ahead_of_expiry_and_never_in_a_loop() {

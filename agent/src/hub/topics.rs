@@ -1,40 +1,7 @@
-//! IoT Hub MQTT topics and property bags (reference/protocol.md §5), as pure functions.
+//! IoT Hub MQTT topics and property bags (docs/protocol.md §5), as pure functions.
 
-use crate::keys::url_encode;
-
-/// A telemetry message as the hub receives it: body plus system and application properties.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TelemetryMessage {
-    /// `$.mid`: unique per message, so the cloud side can drop duplicates of at-least-once delivery.
-    pub message_id: String,
-    /// Base64 in the queue's JSON (serde would write bytes as an array of numbers, ~4x larger).
-    #[serde(with = "base64_body")]
-    pub body: bytes::Bytes,
-    pub content_type: Option<String>,
-    pub content_encoding: Option<String>,
-    /// `$.ctime`, RFC 3339 UTC.
-    pub creation_time: Option<String>,
-    /// Application properties.
-    pub properties: Vec<(String, String)>,
-}
-
-mod base64_body {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(body: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(body))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
-        let text = String::deserialize(d)?;
-        STANDARD
-            .decode(text)
-            .map(bytes::Bytes::from)
-            .map_err(serde::de::Error::custom)
-    }
-}
+use crate::message::TelemetryMessage;
+use crate::util::encoding::url_encode;
 
 /// `devices/{id}/messages/events/{bag}` with system properties first (`%24.mid`, …) and then the
 /// application properties, url-encoded as Azure's SDKs do.
@@ -249,7 +216,7 @@ mod tests {
 
     #[test]
     fn c2d_bags_decode_every_documented_form() {
-        // protocol.md §5.3: `key` (null), `key=` (empty), `key=value`, and encoded system keys.
+        // docs/protocol.md §5.3: `key` (null), `key=` (empty), `key=value`, and encoded system keys.
         assert_eq!(
             parse_property_bag(
                 "%24.mid=c2d-1&%24.to=%2Fdevices%2Fdev-01%2Fmessages%2FdeviceBound&iothub-ack=full&flag&blank="

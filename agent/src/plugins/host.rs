@@ -1,6 +1,6 @@
-//! `hubagent plugin-host`: one library plugin in its own process. The daemon's supervisor starts
-//! it with the protocol on stdin/stdout (see `protocol`); the plugin's own writes to stdout and
-//! stderr end up on stderr, which the daemon logs line by line.
+//! `hubagent plugin-host`: one library plugin in its own process. The daemon starts it (see
+//! `hosted.rs`) with the protocol on stdin/stdout (see `protocol.rs`); the plugin's own writes to
+//! stdout and stderr end up on stderr, which the daemon logs line by line.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -8,13 +8,13 @@ use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use hubagent_plugin_sdk::abi;
 
-use super::library::{HostSide, Library, PluginMessage};
+use super::library::{self, HostSide, Library, PluginMessage};
 use super::protocol::{self, Down, Up};
 
 /// Moves the protocol off fds 0 and 1 so that nothing the plugin prints can corrupt it: fd 0
@@ -113,6 +113,7 @@ impl HostSide for FrameHost {
     }
 }
 
+/// A plugin callback for the callback thread.
 enum Call {
     Start(String),
     Apply(u64, String),
@@ -156,59 +157,60 @@ pub fn run(name: &str, path: &Path, allow_unsafe: bool) -> i32 {
     // (acks for messages published from inside a callback, pings) meanwhile.
     let (calls, receiver) = std::sync::mpsc::channel::<Call>();
     {
-        let out = out.clone();
         let host = host.clone();
         std::thread::Builder::new()
             .name("plugin-callbacks".into())
-            .spawn(move || {
-                let mut instance = None;
-                for call in receiver {
-                    match call {
-                        Call::Start(settings) => {
-                            match library.start(host.clone(), &settings) {
-                                Ok(i) => {
-                                    instance = Some(i);
-                                    send(&out, &Up::Started);
-                                }
-                                Err(e) => send(
-                                    &out,
-                                    &Up::StartFailed {
-                                        code: e.code,
-                                        error: e.reason,
-                                    },
-                                ),
-                            };
-                        }
-                        Call::Apply(id, settings) => {
-                            let result = match instance.as_mut() {
-                                Some(i) => i.apply_settings(&settings),
-                                None => Err(super::library::CallError {
-                                    code: abi::ERR_FAILED,
-                                    reason: "not started".into(),
-                                }),
-                            };
-                            let (code, reason) = match result {
-                                Ok(()) => (abi::OK, None),
-                                Err(e) => (e.code, Some(e.reason)),
-                            };
-                            send(&out, &Up::Applied { id, code, reason });
-                        }
-                        Call::Stop => {
-                            if let Some(i) = instance.take() {
-                                i.stop();
-                            }
-                            host.closed.store(true, Ordering::SeqCst);
-                            send(&out, &Up::Stopped);
-                            let _ = out.lock().map(|mut w| w.flush());
-                            std::process::exit(0);
-                        }
-                    }
-                }
-            })
+            .spawn(move || serve_callbacks(library, host, receiver))
             .expect("spawn the callback thread");
     }
+    read_frames(BufReader::new(input), &host, &calls)
+}
 
-    let mut input = BufReader::new(input);
+/// The callback thread: calls the plugin; a stop ends the process.
+fn serve_callbacks(library: Library, host: Arc<FrameHost>, calls: Receiver<Call>) {
+    let out = host.out.clone();
+    let mut instance = None;
+    for call in calls {
+        match call {
+            Call::Start(settings) => {
+                match library.start(host.clone(), &settings) {
+                    Ok(i) => {
+                        instance = Some(i);
+                        send(&out, &Up::Started);
+                    }
+                    Err(e) => send(
+                        &out,
+                        &Up::StartFailed {
+                            code: e.code,
+                            error: e.reason,
+                        },
+                    ),
+                };
+            }
+            Call::Apply(id, settings) => {
+                let result = library::apply_if_started(instance.as_mut(), &settings);
+                let (code, reason) = match result {
+                    Ok(()) => (abi::OK, None),
+                    Err(e) => (e.code, Some(e.reason)),
+                };
+                send(&out, &Up::Applied { id, code, reason });
+            }
+            Call::Stop => {
+                if let Some(i) = instance.take() {
+                    i.stop();
+                }
+                host.closed.store(true, Ordering::SeqCst);
+                send(&out, &Up::Stopped);
+                let _ = out.lock().map(|mut w| w.flush());
+                std::process::exit(0);
+            }
+        }
+    }
+}
+
+/// The main thread: reads the daemon's frames, passing calls on to the callback thread and
+/// answering acks and pings itself; leaves when the daemon closes the pipe.
+fn read_frames(mut input: BufReader<File>, host: &FrameHost, calls: &Sender<Call>) -> ! {
     loop {
         match protocol::read_sync::<Down>(&mut input) {
             Ok(Some(Down::Start { settings })) => {
@@ -227,7 +229,7 @@ pub fn run(name: &str, path: &Path, allow_unsafe: bool) -> i32 {
                     let _ = w.send(code);
                 }
             }
-            Ok(Some(Down::Ping { id })) => send(&out, &Up::Pong { id }),
+            Ok(Some(Down::Ping { id })) => send(&host.out, &Up::Pong { id }),
             Ok(Some(Down::Stop)) => {
                 host.release_publishers();
                 let _ = calls.send(Call::Stop);

@@ -190,7 +190,11 @@ impl Library {
     }
 
     /// Calls `start`. The host side receives the plugin's calls until `stop` returns.
-    pub fn start(&self, host: Arc<dyn HostSide>, settings: &str) -> Result<Instance, CallError> {
+    pub fn start(
+        &self,
+        host: Arc<dyn HostSide>,
+        settings: &str,
+    ) -> Result<LibraryInstance, CallError> {
         let ctx = Box::leak(Box::new(HostContext {
             side: host,
             stopped: AtomicBool::new(false),
@@ -239,7 +243,7 @@ impl Library {
                 }),
             });
         }
-        Ok(Instance {
+        Ok(LibraryInstance {
             ptr: instance,
             descriptor: self.descriptor,
             ctx,
@@ -247,17 +251,18 @@ impl Library {
     }
 }
 
-/// A started plugin instance. Callbacks must come from one thread at a time.
-pub struct Instance {
+/// A started instance of a library plugin (the ABI's `instance` pointer). Callbacks must come
+/// from one thread at a time.
+pub struct LibraryInstance {
     ptr: *mut c_void,
     descriptor: &'static abi::PluginDescriptor,
     ctx: &'static HostContext,
 }
 
 // SAFETY: the ABI allows callbacks from any single host thread at a time; `&mut self` enforces it.
-unsafe impl Send for Instance {}
+unsafe impl Send for LibraryInstance {}
 
-impl Instance {
+impl LibraryInstance {
     pub fn apply_settings(&mut self, settings: &str) -> Result<(), CallError> {
         let settings_z = nul_terminated(settings);
         let mut reason = ReasonBuf::new();
@@ -290,6 +295,20 @@ impl Instance {
         let code = unsafe { stop(self.ptr) };
         self.ctx.stopped.store(true, Ordering::SeqCst);
         code
+    }
+}
+
+/// `apply_settings` on the instance, or the error a plugin whose start failed answers with.
+pub fn apply_if_started(
+    instance: Option<&mut LibraryInstance>,
+    settings: &str,
+) -> Result<(), CallError> {
+    match instance {
+        Some(i) => i.apply_settings(settings),
+        None => Err(CallError {
+            code: abi::ERR_FAILED,
+            reason: "not started".into(),
+        }),
     }
 }
 

@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
 use super::Assignment;
-use crate::keys::{Credential, KeyError, sas_token};
+use crate::identity::Credential;
+use crate::identity::keys::{KeyError, sas_token};
 use crate::mqtt::{self, ConnectOptions};
+use crate::util::time::{sleep_until, unix_now};
 
 /// What to register, where.
 #[derive(Debug, Clone)]
@@ -95,11 +97,26 @@ async fn register_inner(
     credential: &Credential,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Assignment, DpsError> {
-    let endpoint = format!("{}:{}", req.endpoint_host, req.port);
-    let unreachable = |message: String| DpsError::Unreachable {
-        endpoint: endpoint.clone(),
+    let (client, mut eventloop) = connect(req, credential, tls).await?;
+    subscribe_to_answers(req, &client, &mut eventloop).await?;
+    let assignment = register_and_poll(req, &client, &mut eventloop).await?;
+    mqtt::disconnect(&client, &mut eventloop).await;
+    Ok(assignment)
+}
+
+fn unreachable(req: &DpsRequest, message: String) -> DpsError {
+    DpsError::Unreachable {
+        endpoint: format!("{}:{}", req.endpoint_host, req.port),
         message,
-    };
+    }
+}
+
+/// CONNECT to DPS as the registration, with a SAS token signed for it or the certificate.
+async fn connect(
+    req: &DpsRequest,
+    credential: &Credential,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(AsyncClient, EventLoop), DpsError> {
     let password = match credential {
         Credential::Sas(signer) => {
             let expiry = unix_now() + 3600;
@@ -129,22 +146,27 @@ async fn register_inner(
         manual_acks: false,
     });
     match mqtt::wait_connack(&mut eventloop).await {
-        Ok(()) => {}
-        Err(e) if e.is_auth_refusal() => {
-            return Err(DpsError::NotAuthorized {
-                registration_id: req.registration_id.clone(),
-            });
-        }
-        Err(e) => return Err(unreachable(e.to_string())),
+        Ok(()) => Ok((client, eventloop)),
+        Err(e) if e.is_auth_refusal() => Err(DpsError::NotAuthorized {
+            registration_id: req.registration_id.clone(),
+        }),
+        Err(e) => Err(unreachable(req, e.to_string())),
     }
-    // Answers go only to subscribers: the first request waits for the SUBACK.
+}
+
+/// Answers go only to subscribers: the first request waits for the SUBACK.
+async fn subscribe_to_answers(
+    req: &DpsRequest,
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+) -> Result<(), DpsError> {
     client
         .subscribe(RESPONSE_FILTER, QoS::AtLeastOnce)
         .await
         .map_err(|e| DpsError::Protocol(e.to_string()))?;
-    let codes = mqtt::wait_suback(&mut eventloop)
+    let codes = mqtt::wait_suback(eventloop)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(req, e.to_string()))?;
     if codes
         .iter()
         .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
@@ -153,7 +175,16 @@ async fn register_inner(
             "DPS refused the subscription to '{RESPONSE_FILTER}'"
         )));
     }
+    Ok(())
+}
 
+/// Sends the registration, then polls its operation until DPS assigns the device, each time
+/// after the pause DPS asked for.
+async fn register_and_poll(
+    req: &DpsRequest,
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+) -> Result<Assignment, DpsError> {
     let body = json!({"registrationId": req.registration_id, "payload": req.payload}).to_string();
     let mut rid: u32 = 0;
     let mut operation: Option<String> = None;
@@ -162,21 +193,13 @@ async fn register_inner(
     let mut next_request = Some(tokio::time::Instant::now());
 
     loop {
-        let wait = async {
-            match next_request {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let wait = sleep_until(next_request);
         tokio::select! {
             event = eventloop.poll() => {
-                let event = event.map_err(|e| unreachable(e.to_string()))?;
+                let event = event.map_err(|e| unreachable(req, e.to_string()))?;
                 let Event::Incoming(Packet::Publish(publish)) = event else { continue };
                 match read_answer(&publish.topic, &publish.payload, retries)? {
-                    Step::Assigned(assignment) => {
-                        mqtt::disconnect(&client, &mut eventloop).await;
-                        return Ok(assignment);
-                    }
+                    Step::Assigned(assignment) => return Ok(assignment),
                     Step::Poll { operation_id, after } => {
                         operation = Some(operation_id);
                         retries = 0;
@@ -191,21 +214,37 @@ async fn register_inner(
             }
             _ = wait => {
                 rid += 1;
-                let (topic, payload) = match &operation {
-                    None => (format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"), body.clone()),
-                    Some(op) => (
-                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", crate::keys::url_encode(op)),
-                        String::new(),
-                    ),
-                };
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .map_err(|e| DpsError::Protocol(e.to_string()))?;
+                send_request(client, rid, operation.as_deref(), &body).await?;
                 next_request = None;
             }
         }
     }
+}
+
+/// The registration itself, or once DPS answered `assigning`, a poll of its operation.
+async fn send_request(
+    client: &AsyncClient,
+    rid: u32,
+    operation: Option<&str>,
+    body: &str,
+) -> Result<(), DpsError> {
+    let (topic, payload) = match operation {
+        None => (
+            format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
+            body.to_string(),
+        ),
+        Some(op) => (
+            format!(
+                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}",
+                crate::util::encoding::url_encode(op)
+            ),
+            String::new(),
+        ),
+    };
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .map_err(|e| DpsError::Protocol(e.to_string()))
 }
 
 const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
@@ -246,28 +285,13 @@ fn interpret(
     match status {
         200..=299 => match answer["status"].as_str() {
             Some("assigned") => assignment(answer).map(Step::Assigned),
-            Some("assigning") => {
-                let operation_id = answer["operationId"].as_str().ok_or_else(|| {
-                    DpsError::Protocol("'assigning' answer without operationId".into())
-                })?;
-                Ok(Step::Poll {
-                    operation_id: operation_id.to_string(),
-                    after: retry_after
-                        .unwrap_or(DEFAULT_RETRY_AFTER)
-                        .min(MAX_RETRY_AFTER),
-                })
-            }
-            other => {
-                let state = &answer["registrationState"];
-                let detail = match (state["errorCode"].as_u64(), state["errorMessage"].as_str()) {
-                    (Some(code), Some(message)) => format!(": {message} (errorCode {code})"),
-                    _ => String::new(),
-                };
-                Err(DpsError::NotAssigned {
-                    status: other.unwrap_or("missing").to_string(),
-                    detail,
-                })
-            }
+            Some("assigning") => Ok(Step::Poll {
+                operation_id: operation_id(answer)?.to_string(),
+                after: retry_after
+                    .unwrap_or(DEFAULT_RETRY_AFTER)
+                    .min(MAX_RETRY_AFTER),
+            }),
+            _ => Err(not_assigned(answer)),
         },
         429 | 500..=599 if retries < MAX_RETRIES => {
             // Without a retry-after: a growing pause (3 s, 6 s, 9 s, …), capped.
@@ -277,6 +301,26 @@ fn interpret(
             Ok(Step::Retry { after })
         }
         _ => Err(service_error(status, answer)),
+    }
+}
+
+/// The operation an `assigning` answer asks to poll.
+pub(crate) fn operation_id(answer: &Value) -> Result<&str, DpsError> {
+    answer["operationId"]
+        .as_str()
+        .ok_or_else(|| DpsError::Protocol("'assigning' answer without operationId".into()))
+}
+
+/// A successful answer that neither assigns nor is still assigning (`failed`, `disabled`, …).
+pub(crate) fn not_assigned(answer: &Value) -> DpsError {
+    let state = &answer["registrationState"];
+    let detail = match (state["errorCode"].as_u64(), state["errorMessage"].as_str()) {
+        (Some(code), Some(message)) => format!(": {message} (errorCode {code})"),
+        _ => String::new(),
+    };
+    DpsError::NotAssigned {
+        status: answer["status"].as_str().unwrap_or("missing").to_string(),
+        detail,
     }
 }
 
@@ -321,13 +365,6 @@ pub fn parse_response_topic(topic: &str) -> Option<(u16, Option<Duration>)> {
         .and_then(|s| s.parse::<u64>().ok())
         .map(Duration::from_secs);
     Some((status, retry_after))
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! DPS TPM attestation over HTTPS (protocol.md §2, §6.1): TPM registrations exist only on DPS's
+//! DPS TPM attestation over HTTPS (docs/protocol.md §2, §6.1): TPM registrations exist only on DPS's
 //! HTTPS (and AMQP) API, not over MQTT.
 //!
 //! 1. `PUT …/register` with the EK and SRK publics and no Authorization → 401 with
@@ -23,10 +23,12 @@ use serde_json::{Value, json};
 use super::Assignment;
 use super::dps::{
     DEFAULT_RETRY_AFTER, DpsError, DpsRequest, MAX_RETRIES, MAX_RETRY_AFTER, assignment,
-    service_error, unix_now,
+    not_assigned, operation_id, service_error,
 };
-use crate::keys::{sas_token, url_encode};
-use crate::tpm::{self, TpmSigner};
+use crate::identity::keys::sas_token;
+use crate::identity::tpm::{self, TpmSigner};
+use crate::util::encoding::url_encode;
+use crate::util::time::unix_now;
 
 const API_VERSION: &str = "2021-06-01";
 
@@ -78,7 +80,7 @@ impl Client {
         deadline: Instant,
     ) -> Result<Self, DpsError> {
         use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
-        let roots = crate::tls::root_certificates(trust_bundle.as_deref())
+        let roots = crate::identity::tls::root_certificates(trust_bundle.as_deref())
             .map_err(|e| DpsError::Protocol(e.to_string()))?;
         let certs: Vec<Certificate<'static>> = roots
             .iter()
@@ -244,57 +246,61 @@ fn register_blocking(
     .to_string();
 
     // 1. The challenge.
-    let answer = client.send_retrying("PUT", "/register", None, Some(&body))?;
-    let blob = match (answer.status, answer.body["authenticationKey"].as_str()) {
-        (401, Some(key)) => B64
-            .decode(key)
-            .map_err(|_| DpsError::Protocol("authenticationKey is not base64".into()))?,
-        (401, None) => {
-            return Err(DpsError::TpmRefused {
-                registration_id: req.registration_id.clone(),
-                message: answer.body["message"]
-                    .as_str()
-                    .unwrap_or("no message")
-                    .to_string(),
-            });
-        }
-        (status, _) if status < 300 => {
-            return Err(DpsError::Protocol(format!(
-                "DPS answered {status} to a TPM registration without credentials; expected the 401 challenge"
-            )));
-        }
-        (status, _) => return Err(service_error(status, &answer.body)),
-    };
+    let blob = request_challenge(&client, req, &body)?;
     // 2. Only this TPM can open it; the key lands at the handle.
-    tpm::attestation::import_activation_blob(&target.tcti, &target.auth, target.handle, &blob)
-        .map_err(tpm_error)?;
+    import_activation_blob(target, &blob)?;
     tracing::info!(
         handle = format_args!("{:#010x}", target.handle),
         "imported DPS's authentication key into the TPM"
     );
     let signer = TpmSigner::new(&target.tcti, target.handle);
-
     // 3. The registration proper, signed in the TPM.
-    let sas = registration_sas(&signer, req)?;
-    let mut answer = client.send_retrying("PUT", "/register", Some(&sas), Some(&body))?;
+    let answer = register_signed(&client, &signer, req, &body)?;
+    let assigned = assignment(&answer)?;
+    // 4. The hub key, wrapped to this TPM like the challenge.
+    import_hub_key(target, &answer)?;
+    Ok(assigned)
+}
+
+/// The registration without credentials: DPS answers 401 with an activation blob only this TPM
+/// can open.
+fn request_challenge(client: &Client, req: &DpsRequest, body: &str) -> Result<Vec<u8>, DpsError> {
+    let answer = client.send_retrying("PUT", "/register", None, Some(body))?;
+    match (answer.status, answer.body["authenticationKey"].as_str()) {
+        (401, Some(key)) => B64
+            .decode(key)
+            .map_err(|_| DpsError::Protocol("authenticationKey is not base64".into())),
+        (401, None) => Err(tpm_refused(req, &answer.body, "no message")),
+        (status, _) if status < 300 => Err(DpsError::Protocol(format!(
+            "DPS answered {status} to a TPM registration without credentials; expected the 401 challenge"
+        ))),
+        (status, _) => Err(service_error(status, &answer.body)),
+    }
+}
+
+/// Sends the registration signed by the TPM, then polls its operation until DPS assigns the
+/// device. Returns the `assigned` answer's body.
+fn register_signed(
+    client: &Client,
+    signer: &TpmSigner,
+    req: &DpsRequest,
+    body: &str,
+) -> Result<Value, DpsError> {
+    let sas = registration_sas(signer, req)?;
+    let mut answer = client.send_retrying("PUT", "/register", Some(&sas), Some(body))?;
     loop {
         match answer.status {
             200..=299 => match answer.body["status"].as_str() {
-                Some("assigned") => break,
+                Some("assigned") => return Ok(answer.body),
                 Some("assigning") => {
-                    let op = answer.body["operationId"]
-                        .as_str()
-                        .ok_or_else(|| {
-                            DpsError::Protocol("'assigning' answer without operationId".into())
-                        })?
-                        .to_string();
+                    let op = operation_id(&answer.body)?.to_string();
                     client.wait(
                         answer
                             .retry_after
                             .unwrap_or(DEFAULT_RETRY_AFTER)
                             .min(MAX_RETRY_AFTER),
                     )?;
-                    let sas = registration_sas(&signer, req)?;
+                    let sas = registration_sas(signer, req)?;
                     answer = client.send_retrying(
                         "GET",
                         &format!("/operations/{}", url_encode(&op)),
@@ -302,46 +308,29 @@ fn register_blocking(
                         None,
                     )?;
                 }
-                other => {
-                    let state = &answer.body["registrationState"];
-                    let detail = match (state["errorCode"].as_u64(), state["errorMessage"].as_str())
-                    {
-                        (Some(code), Some(message)) => format!(": {message} (errorCode {code})"),
-                        _ => String::new(),
-                    };
-                    return Err(DpsError::NotAssigned {
-                        status: other.unwrap_or("missing").to_string(),
-                        detail,
-                    });
-                }
+                _ => return Err(not_assigned(&answer.body)),
             },
             401 => {
-                return Err(DpsError::TpmRefused {
-                    registration_id: req.registration_id.clone(),
-                    message: answer.body["message"]
-                        .as_str()
-                        .unwrap_or("the signed registration was refused")
-                        .to_string(),
-                });
+                return Err(tpm_refused(
+                    req,
+                    &answer.body,
+                    "the signed registration was refused",
+                ));
             }
             status => return Err(service_error(status, &answer.body)),
         }
     }
-    let assigned = assignment(&answer.body)?;
+}
 
-    // 4. The hub key, wrapped to this TPM like the challenge.
-    match answer.body["registrationState"]["tpm"]["authenticationKey"].as_str() {
+/// The assignment's `registrationState.tpm.authenticationKey` wraps the hub device key: it
+/// replaces the challenge key at the handle. Without one, the registration key signs on.
+fn import_hub_key(target: &TpmTarget, answer: &Value) -> Result<(), DpsError> {
+    match answer["registrationState"]["tpm"]["authenticationKey"].as_str() {
         Some(key) => {
             let blob = B64.decode(key).map_err(|_| {
                 DpsError::Protocol("registrationState.tpm.authenticationKey is not base64".into())
             })?;
-            tpm::attestation::import_activation_blob(
-                &target.tcti,
-                &target.auth,
-                target.handle,
-                &blob,
-            )
-            .map_err(tpm_error)?;
+            import_activation_blob(target, &blob)?;
             tracing::info!(
                 handle = format_args!("{:#010x}", target.handle),
                 "imported the IoT Hub device key into the TPM"
@@ -351,5 +340,19 @@ fn register_blocking(
             "DPS sent no hub key (registrationState.tpm.authenticationKey); signing hub tokens with the registration key"
         ),
     }
-    Ok(assigned)
+    Ok(())
+}
+
+fn import_activation_blob(target: &TpmTarget, blob: &[u8]) -> Result<(), DpsError> {
+    tpm::attestation::import_activation_blob(&target.tcti, &target.auth, target.handle, blob)
+        .map_err(tpm_error)?;
+    Ok(())
+}
+
+/// DPS refused the EK or the signed registration; `fallback` when it says nothing.
+fn tpm_refused(req: &DpsRequest, answer: &Value, fallback: &str) -> DpsError {
+    DpsError::TpmRefused {
+        registration_id: req.registration_id.clone(),
+        message: answer["message"].as_str().unwrap_or(fallback).to_string(),
+    }
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Attestation, Config, Source};
-use crate::keys::{self, Credential};
+use crate::identity::Credential;
+use crate::identity::keys;
 use crate::state::{ProvisioningCache, StateDir};
 
 /// Where DPS (or a manual configuration) put this device.
@@ -43,7 +44,7 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
         Some(Attestation::X509 { identity_cert, .. }) => {
             let pem = std::fs::read(identity_cert)
                 .map_err(|e| format!("{}: {e}", identity_cert.display()))?;
-            keys::certificate_common_name(&pem)
+            crate::identity::x509::certificate_common_name(&pem)
                 .map_err(|e| format!("{}: {e}", identity_cert.display()))
         }
         #[cfg(feature = "tpm")]
@@ -52,24 +53,24 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
             owner_auth,
             endorsement_auth,
             ..
-        }) => {
-            crate::tpm::HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
-                .and_then(|auth| crate::tpm::identity(tcti, &auth))
-                .map(|identity| identity.registration_id)
-                .map_err(|e| {
-                    format!("the registration id comes from the TPM's endorsement key: {e}")
-                })
-        }
+        }) => crate::identity::tpm::HierarchyAuth::from_secrets(
+            owner_auth.as_ref(),
+            endorsement_auth.as_ref(),
+        )
+        .and_then(|auth| crate::identity::tpm::identity(tcti, &auth))
+        .map(|identity| identity.registration_id)
+        .map_err(|e| format!("the registration id comes from the TPM's endorsement key: {e}")),
         _ => Err("provisioning.registration_id is not set".into()),
     }
 }
 
-/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation).
-pub fn dps_request(config: &Config, registration_id: &str) -> Result<dps::DpsRequest, String> {
-    let (host, port) = config.dps_endpoint()?;
-    Ok(dps::DpsRequest {
-        endpoint_host: host,
-        port,
+/// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation); `None` for
+/// `source = "manual"`, which registers nowhere.
+pub fn dps_request(config: &Config, registration_id: &str) -> Option<dps::DpsRequest> {
+    let endpoint = config.dps_endpoint()?;
+    Some(dps::DpsRequest {
+        endpoint_host: endpoint.host.clone(),
+        port: endpoint.port,
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),
@@ -94,9 +95,11 @@ pub async fn register(
         endorsement_auth,
     }) = &config.provisioning.attestation
     {
-        let auth =
-            crate::tpm::HierarchyAuth::from_secrets(owner_auth.as_ref(), endorsement_auth.as_ref())
-                .map_err(|e| dps::DpsError::Tpm(e.to_string()))?;
+        let auth = crate::identity::tpm::HierarchyAuth::from_secrets(
+            owner_auth.as_ref(),
+            endorsement_auth.as_ref(),
+        )
+        .map_err(|e| dps::DpsError::Tpm(e.to_string()))?;
         let target = dps_https::TpmTarget {
             tcti: tcti.clone(),
             handle: *handle,
@@ -120,8 +123,8 @@ pub fn attestation_key_missing(config: &Config) -> Option<String> {
         key_source: crate::config::TpmKeySource::Attestation,
         ..
     }) = &config.provisioning.attestation
-        && let Err(e @ crate::tpm::TpmError::HandleEmpty { .. }) =
-            crate::tpm::TpmSigner::new(tcti, *handle).check()
+        && let Err(e @ crate::identity::tpm::TpmError::HandleEmpty { .. }) =
+            crate::identity::tpm::TpmSigner::new(tcti, *handle).check()
     {
         return Some(e.to_string());
     }
@@ -168,7 +171,7 @@ pub fn load_credential(config: &Config, registration_id: &str) -> Result<Credent
         .as_ref()
         .ok_or("provisioning.attestation is missing")?;
     let (credential, warnings) =
-        keys::load_credential(attestation, registration_id).map_err(|e| e.to_string())?;
+        Credential::load(attestation, registration_id).map_err(|e| e.to_string())?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -186,8 +189,130 @@ pub fn client_tls(
         } => Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
         Credential::Sas(_) => None,
     };
-    crate::tls::client_config(config.hub.trust_bundle.as_deref(), identity)
+    crate::identity::tls::client_config(config.hub.trust_bundle.as_deref(), identity)
         .map_err(|e| e.to_string())
+}
+
+/// Everything the device presents to DPS and the hub: loaded once per provisioning pass.
+#[derive(Clone)]
+pub struct DeviceIdentity {
+    pub registration_id: String,
+    pub credential: Credential,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// Which part of the identity could not be loaded (the text says why, never with key material).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0}")]
+    RegistrationId(String),
+    #[error("{0}")]
+    Credential(String),
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// The registration id, the credential and the TLS configuration that presents it.
+pub fn device_identity(config: &Config) -> Result<DeviceIdentity, IdentityError> {
+    let registration_id = registration_id(config).map_err(IdentityError::RegistrationId)?;
+    let credential =
+        load_credential(config, &registration_id).map_err(IdentityError::Credential)?;
+    let tls = client_tls(config, &credential).map_err(IdentityError::Tls)?;
+    Ok(DeviceIdentity {
+        registration_id,
+        credential,
+        tls,
+    })
+}
+
+/// What `resolve` decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// The cached assignment still fits: no DPS call.
+    Cached(ProvisioningCache),
+    /// Register with DPS; `reason` is `None` for a first registration or one that was asked for.
+    Register { reason: Option<StaleCache> },
+}
+
+/// Why a cached assignment no longer serves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StaleCache {
+    /// The provisioning settings changed since the registration that made it.
+    SettingsChanged,
+    /// With DPS TPM attestation, the hub key is gone from the TPM (cleared, evicted): the text
+    /// says what was found.
+    KeyMissing(String),
+}
+
+/// The provisioning policy, for the daemon and `hubagent provision` alike: a cached assignment
+/// made with the same provisioning settings (fingerprint) is used without a DPS call, unless a
+/// fresh registration is forced or, with DPS TPM attestation, the hub key is gone from the TPM.
+pub fn resolve(config: &Config, state: &StateDir, force: bool) -> Resolution {
+    let cached = match state.load_provisioning() {
+        Ok(cached) => cached,
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
+    let Some(cache) = cached else {
+        return Resolution::Register { reason: None };
+    };
+    if force {
+        return Resolution::Register { reason: None };
+    }
+    if cache.fingerprint != config.provisioning_fingerprint() {
+        return Resolution::Register {
+            reason: Some(StaleCache::SettingsChanged),
+        };
+    }
+    match attestation_key_missing(config) {
+        Some(missing) => Resolution::Register {
+            reason: Some(StaleCache::KeyMissing(missing)),
+        },
+        None => Resolution::Cached(cache),
+    }
+}
+
+/// One registration attempt: DPS (MQTT, or HTTPS for TPM attestation), or, for a manual
+/// configuration, the hub and device the configuration names.
+pub async fn register_once(
+    config: &Config,
+    identity: &DeviceIdentity,
+) -> Result<Assignment, dps::DpsError> {
+    // No DPS endpoint: a manual configuration names its hub and device itself.
+    let Some(request) = dps_request(config, &identity.registration_id) else {
+        return Ok(Assignment {
+            assigned_hub: config
+                .provisioning
+                .iothub_hostname
+                .clone()
+                .or_else(|| manual_connection_string(config).ok().map(|(h, _, _)| h))
+                .unwrap_or_default(),
+            device_id: identity.registration_id.clone(),
+            substatus: String::new(),
+            registration_state: serde_json::Value::Null,
+        });
+    };
+    register(config, &request, &identity.credential, identity.tls.clone()).await
+}
+
+/// The cache entry for a new assignment (stamped now, with the settings' fingerprint), saved to
+/// the state dir. The entry is returned even when saving failed: the agent can still use it.
+pub fn record(
+    state: &StateDir,
+    config: &Config,
+    assignment: Assignment,
+) -> (ProvisioningCache, Result<(), crate::state::StateError>) {
+    let cache = ProvisioningCache {
+        hub: assignment.assigned_hub,
+        device_id: assignment.device_id,
+        provisioned_at: crate::util::time::now_rfc3339(),
+        fingerprint: config.provisioning_fingerprint(),
+        registration: assignment.registration_state,
+    };
+    let saved = state.save_provisioning(&cache);
+    (cache, saved)
 }
 
 /// `hubagent provision`: one registration (or the cache when it is valid and not `force`),
@@ -197,42 +322,14 @@ pub async fn provision_once(
     force: bool,
 ) -> Result<(ProvisioningCache, bool), String> {
     let (state, _) = StateDir::open(&config.agent.state_dir).map_err(|e| e.to_string())?;
-    let fingerprint = config.provisioning_fingerprint();
-    if !force
-        && let Ok(Some(cache)) = state.load_provisioning()
-        && cache.fingerprint == fingerprint
-        && attestation_key_missing(config).is_none()
-    {
+    if let Resolution::Cached(cache) = resolve(config, &state, force) {
         return Ok((cache, false));
     }
-    let registration_id = registration_id(config)?;
-    let credential = load_credential(config, &registration_id)?;
-    let tls = client_tls(config, &credential)?;
-    let assignment = if config.provisioning.source == Source::Manual {
-        Assignment {
-            assigned_hub: config
-                .provisioning
-                .iothub_hostname
-                .clone()
-                .or_else(|| manual_connection_string(config).ok().map(|(h, _, _)| h))
-                .unwrap_or_default(),
-            device_id: registration_id.clone(),
-            substatus: String::new(),
-            registration_state: serde_json::Value::Null,
-        }
-    } else {
-        let request = dps_request(config, &registration_id)?;
-        register(config, &request, &credential, tls)
-            .await
-            .map_err(|e| e.to_string())?
-    };
-    let cache = ProvisioningCache {
-        hub: assignment.assigned_hub,
-        device_id: assignment.device_id,
-        provisioned_at: crate::daemon::now_rfc3339(),
-        fingerprint,
-        registration: assignment.registration_state,
-    };
-    state.save_provisioning(&cache).map_err(|e| e.to_string())?;
+    let identity = device_identity(config).map_err(|e| e.to_string())?;
+    let assignment = register_once(config, &identity)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (cache, saved) = record(&state, config, assignment);
+    saved.map_err(|e| e.to_string())?;
     Ok((cache, true))
 }

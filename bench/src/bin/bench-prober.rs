@@ -40,7 +40,8 @@ enum What {
         id_scope: String,
     },
     Hold {
-        #[arg(long, default_value = "localhost")]
+        /// The hub's host name (hubsim's default hub; dialled by this name).
+        #[arg(long, default_value = "127.0.0.2")]
         hub: String,
     },
 }
@@ -156,7 +157,7 @@ async fn register(
     )?;
     let username = format!("{scope}/registrations/{id}/api-version=2019-03-31");
     let (client, mut eventloop) =
-        hubagent_bench::client(tls, id, args.port, &username, &password, 4);
+        hubagent_bench::client(tls, "localhost", id, args.port, &username, &password, 4);
     client
         .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
         .await?;
@@ -189,7 +190,7 @@ async fn register(
                 rid += 1;
                 client
                     .publish(
-                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", hubagent::keys::url_encode(op)),
+                        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}", hubagent::util::encoding::url_encode(op)),
                         QoS::AtLeastOnce,
                         false,
                         Vec::new(),
@@ -217,7 +218,7 @@ async fn connect(
     let password = hubagent_bench::sas(key, &format!("{hub}/devices/{id}"), None)?;
     let username = format!("{hub}/{id}/?api-version=2021-04-12");
     let (client, mut eventloop) =
-        hubagent_bench::client(tls, id, args.port, &username, &password, 4);
+        hubagent_bench::client(tls, hub, id, args.port, &username, &password, 4);
     loop {
         match eventloop.poll().await? {
             Event::Incoming(Packet::ConnAck(_)) => break,

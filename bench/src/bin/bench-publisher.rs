@@ -11,7 +11,8 @@ struct Args {
     ca: std::path::PathBuf,
     #[arg(long, default_value_t = 8883)]
     port: u16,
-    #[arg(long, default_value = "localhost")]
+    /// The hub's host name (hubsim's default hub; dialled by this name).
+    #[arg(long, default_value = "127.0.0.2")]
     hub: String,
     #[arg(long)]
     device_id: String,
@@ -36,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let username = format!("{}/{}/?api-version=2021-04-12", args.hub, args.device_id);
     let (client, mut eventloop) = hubagent_bench::client(
         &tls,
+        &args.hub,
         &args.device_id,
         args.port,
         &username,

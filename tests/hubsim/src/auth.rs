@@ -1,5 +1,5 @@
 //! Authentication as the real services check it: SAS tokens (every encoding variant real clients
-//! send, see reference/protocol.md §4), enrollment-group derived keys, X.509 client certificates.
+//! send, see docs/protocol.md §4), enrollment-group derived keys, X.509 client certificates.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;

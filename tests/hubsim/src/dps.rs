@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use crate::auth::{self, AuthError};
 use crate::state::{
-    Attestation, CertificatePair, Device, DeviceAuthentication, EnrollmentCommon,
-    RegistrationEvent, Sim, Status, Store, SymmetricKeyPair, Thumbprints, TpmChallenge, Twin,
-    now_rfc3339, random_key,
+    Attestation, CertificatePair, Device, DeviceAuthentication, EnrollmentCommon, PollEvent,
+    RegistrationEvent, Sim, Status, Store, SymmetricKeyPair, ThrottledRequests, Thumbprints,
+    TpmChallenge, Twin, now_rfc3339, random_key,
 };
 
 /// How the device authenticated its transport.
@@ -40,8 +40,12 @@ pub struct DpsResponse {
 #[derive(Debug, Clone)]
 pub struct PendingOperation {
     pub registration_id: String,
-    /// The full `RegistrationOperationStatus` the next poll answers with.
+    /// The full `RegistrationOperationStatus` the poll answers with once assignment is done.
     pub result: Value,
+    /// How many more polls are answered 202 `assigning` first.
+    pub polls_assigning: u32,
+    /// The `retry-after` of those answers.
+    pub retry_after: u64,
 }
 
 /// Which enrollment a device's credential matched, and what the hub device will use.
@@ -122,10 +126,21 @@ fn match_enrollment(
     if !sim.serves_scope(id_scope) {
         return Err(format!("unknown ID scope '{id_scope}'"));
     }
+    crate::state::check_registration_id(registration_id)
+        .map_err(|why| format!("registration id '{registration_id}' is not valid: {why}"))?;
     let now = auth::unix_now();
     match cred {
         DeviceCredential::Sas(token) => {
             let token = auth::parse_sas(token).map_err(|e| e.to_string())?;
+            // DPS documents `skn=registration` for device tokens; Azure's own Python SDK sends
+            // none (and registers), so only another policy name is refused.
+            if let Some(name) = token.key_name.as_deref()
+                && name != "registration"
+            {
+                return Err(format!(
+                    "the SAS token names policy (skn) '{name}': device registration tokens use 'registration' or none"
+                ));
+            }
             let resource = format!("{id_scope}/registrations/{registration_id}");
             let verify = |pair: &SymmetricKeyPair| -> Result<(), AuthError> {
                 match auth::verify_sas(&token, &pair.primary_key, &resource, now) {
@@ -220,6 +235,12 @@ fn match_enrollment(
         DeviceCredential::X509(chain) => {
             let leaf = chain.first().ok_or("no client certificate")?;
             let cn = auth::leaf_common_name(leaf).map_err(|e| e.to_string())?;
+            if cn.chars().count() > crate::state::MAX_CN_LEN {
+                return Err(format!(
+                    "certificate CN '{cn}' is longer than the {} characters X.509 allows",
+                    crate::state::MAX_CN_LEN
+                ));
+            }
             let leaf_info = auth::certificate_info(leaf).map_err(|e| e.to_string())?;
             if !cn.eq_ignore_ascii_case(registration_id) {
                 return Err(format!(
@@ -325,26 +346,48 @@ pub fn register(
     body: &[u8],
     transport: &str,
 ) -> DpsResponse {
-    let record = |outcome: &str, hub: Option<String>, device: Option<String>, att: &str| {
-        let event = RegistrationEvent {
-            registration_id: registration_id.to_string(),
-            id_scope: id_scope.to_string(),
-            time: now_rfc3339(),
-            outcome: outcome.to_string(),
+    let arrived = Arrival::now();
+    let outcome = std::cell::RefCell::new(Outcome::default());
+    let record = |o: &str, hub: Option<String>, device: Option<String>, att: &str| {
+        *outcome.borrow_mut() = Outcome {
+            outcome: o.to_string(),
             assigned_hub: hub,
             device_id: device,
-            transport: transport.to_string(),
             attestation: att.to_string(),
         };
-        sim.record(|r| r.registrations.push(event));
     };
-    if let Some(retry_after) = take_throttle(sim) {
+    let response = register_answer(
+        sim,
+        id_scope,
+        registration_id,
+        cred,
+        body,
+        transport,
+        &record,
+    );
+    let event =
+        outcome
+            .into_inner()
+            .event(arrived, registration_id, id_scope, transport, &response);
+    sim.record(|r| r.registrations.push(event));
+    response
+}
+
+/// Notes what a registration came to: (outcome, assigned hub, device id, attestation).
+type Recorder<'a> = dyn Fn(&str, Option<String>, Option<String>, &str) + 'a;
+
+fn register_answer(
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    cred: &DeviceCredential,
+    body: &[u8],
+    transport: &str,
+    record: &Recorder<'_>,
+) -> DpsResponse {
+    if let Some(retry_after) = take_throttle(sim, ThrottledRequests::Register) {
         record("throttled", None, None, "");
-        return DpsResponse {
-            status: 429,
-            retry_after: Some(retry_after),
-            body: error_body(429001, "Operations are being throttled for this tenant."),
-        };
+        return throttled(retry_after);
     }
     let request: Value = match serde_json::from_slice(body) {
         Ok(Value::Object(map)) => Value::Object(map),
@@ -401,7 +444,13 @@ pub fn register(
     let operation_id = format!("4.{:016x}.{}", rand::random::<u64>(), uuid::Uuid::new_v4());
     if matched.common.provisioning_status == Status::Disabled {
         record("disabled", None, None, matched.attestation);
-        let result = json!({"operationId": operation_id, "status": "disabled"});
+        // DeviceRegistrationResult with status "disabled" (REST API; the C SDK maps it to
+        // PROV_DEVICE_RESULT_DISABLED): no hub, no device id, no errorCode.
+        let result = json!({
+            "operationId": operation_id,
+            "status": "disabled",
+            "registrationState": unassigned_state(sim, registration_id, "disabled", None),
+        });
         return accepted(sim, &operation_id, registration_id, result);
     }
     let payload = request.get("payload").filter(|p| !p.is_null()).cloned();
@@ -421,37 +470,85 @@ pub fn register(
             accepted(sim, &operation_id, registration_id, result)
         }
         Err(response) => {
+            // An allocation failure is the operation's outcome, not the request's: DPS accepts
+            // the registration and the poll answers status "failed" with registrationState's
+            // errorCode/errorMessage (400208 "no hub", as the C SDK reads them).
             record("failed", None, None, matched.attestation);
-            response
+            let error = (
+                response.body["errorCode"].as_u64().unwrap_or(0),
+                response.body["message"].as_str().unwrap_or("").to_string(),
+            );
+            let result = json!({
+                "operationId": operation_id,
+                "status": "failed",
+                "registrationState": unassigned_state(sim, registration_id, "failed", Some(error)),
+            });
+            accepted(sim, &operation_id, registration_id, result)
         }
     }
+}
+
+/// `registrationState` of a registration that was not assigned (`disabled`, `failed`), shaped as
+/// DPS sends it: `{registrationId, createdDateTimeUtc, status, [errorCode, errorMessage],
+/// lastUpdatedDateTimeUtc, etag}`.
+fn unassigned_state(
+    sim: &Sim,
+    registration_id: &str,
+    status: &str,
+    error: Option<(u64, String)>,
+) -> Value {
+    let now = now_rfc3339();
+    let created = sim
+        .read(|s| {
+            s.registrations
+                .get(&registration_id.to_ascii_lowercase())
+                .and_then(|r| r.state["createdDateTimeUtc"].as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| now.clone());
+    let mut state = json!({
+        "registrationId": registration_id,
+        "createdDateTimeUtc": created,
+        "status": status,
+        "lastUpdatedDateTimeUtc": now,
+        "etag": base64_etag(&format!("\"{}\"", uuid::Uuid::new_v4())),
+    });
+    if let Some((code, message)) = error {
+        state["errorCode"] = code.into();
+        state["errorMessage"] = message.into();
+    }
+    state
 }
 
 /// The first call of a TPM registration (HTTPS, no Authorization, body with
 /// `tpm.endorsementKey` and `tpm.storageRootKey`): when the EK is the enrolled one, answers 401
 /// with `authenticationKey`, an activation blob holding a fresh challenge key that only that
-/// TPM can import (protocol.md §6.1 step 4). The device then signs its SAS with that key.
+/// TPM can import (docs/protocol.md §6.1 step 4). The device then signs its SAS with that key.
 pub fn tpm_challenge(sim: &Sim, id_scope: &str, registration_id: &str, body: &[u8]) -> DpsResponse {
-    let record = |outcome: &str| {
-        let event = RegistrationEvent {
-            registration_id: registration_id.to_string(),
-            id_scope: id_scope.to_string(),
-            time: now_rfc3339(),
-            outcome: outcome.to_string(),
-            assigned_hub: None,
-            device_id: None,
-            transport: "https".to_string(),
-            attestation: "tpm".to_string(),
-        };
-        sim.record(|r| r.registrations.push(event));
-    };
-    if let Some(retry_after) = take_throttle(sim) {
+    let arrived = Arrival::now();
+    let outcome = std::cell::RefCell::new(String::new());
+    let response = tpm_challenge_answer(sim, id_scope, registration_id, body, &|o: &str| {
+        *outcome.borrow_mut() = o.to_string();
+    });
+    let event = Outcome {
+        outcome: outcome.into_inner(),
+        attestation: "tpm".into(),
+        ..Outcome::default()
+    }
+    .event(arrived, registration_id, id_scope, "https", &response);
+    sim.record(|r| r.registrations.push(event));
+    response
+}
+
+fn tpm_challenge_answer(
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    body: &[u8],
+    record: &dyn Fn(&str),
+) -> DpsResponse {
+    if let Some(retry_after) = take_throttle(sim, ThrottledRequests::Register) {
         record("throttled");
-        return DpsResponse {
-            status: 429,
-            retry_after: Some(retry_after),
-            body: error_body(429001, "Operations are being throttled for this tenant."),
-        };
+        return throttled(retry_after);
     }
     let request: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
@@ -543,8 +640,84 @@ pub fn tpm_challenge(sim: &Sim, id_scope: &str, registration_id: &str, body: &[u
     }
 }
 
-fn take_throttle(sim: &Sim) -> Option<u64> {
+/// When the request arrived, for the registration history.
+#[derive(Clone, Copy)]
+struct Arrival {
+    ms: u64,
+}
+
+impl Arrival {
+    fn now() -> Arrival {
+        Arrival {
+            ms: crate::state::unix_ms(),
+        }
+    }
+}
+
+/// What a registration request came to, recorded with the answer's status.
+#[derive(Default)]
+struct Outcome {
+    outcome: String,
+    assigned_hub: Option<String>,
+    device_id: Option<String>,
+    attestation: String,
+}
+
+impl Outcome {
+    fn event(
+        self,
+        arrived: Arrival,
+        registration_id: &str,
+        id_scope: &str,
+        transport: &str,
+        response: &DpsResponse,
+    ) -> RegistrationEvent {
+        RegistrationEvent {
+            registration_id: registration_id.to_string(),
+            id_scope: id_scope.to_string(),
+            time: rfc3339_ms(arrived.ms),
+            time_ms: arrived.ms,
+            outcome: self.outcome,
+            assigned_hub: self.assigned_hub,
+            device_id: self.device_id,
+            transport: transport.to_string(),
+            attestation: self.attestation,
+            status: response.status,
+            retry_after: response.retry_after,
+            operation_id: (response.status == 202)
+                .then(|| response.body["operationId"].as_str().map(str::to_string))
+                .flatten(),
+            polls: vec![],
+        }
+    }
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(now_rfc3339)
+}
+
+/// DPS's answer to a throttled request.
+fn throttled(retry_after: u64) -> DpsResponse {
+    DpsResponse {
+        status: 429,
+        retry_after: Some(retry_after),
+        body: error_body(429001, "Operations are being throttled for this tenant."),
+    }
+}
+
+/// Takes one 429 from the throttling fault, if it applies to `request`.
+fn take_throttle(sim: &Sim, request: ThrottledRequests) -> Option<u64> {
     let mut faults = sim.faults.lock().unwrap();
+    let scope = faults.dps_throttle_requests;
+    if scope != ThrottledRequests::Any && scope != request {
+        return None;
+    }
     let (remaining, retry_after) = faults.dps_throttle?;
     faults.dps_throttle = (remaining > 1).then(|| (remaining - 1, retry_after));
     // A count of 0 means "no throttling" (nothing left to answer with 429).
@@ -552,16 +725,22 @@ fn take_throttle(sim: &Sim) -> Option<u64> {
 }
 
 fn accepted(sim: &Sim, operation_id: &str, registration_id: &str, result: Value) -> DpsResponse {
+    let slow = sim.faults.lock().unwrap().dps_slow_assignment;
+    let retry_after = slow
+        .and_then(|s| s.retry_after)
+        .unwrap_or(sim.config.retry_after_secs);
     sim.live.lock().unwrap().operations.insert(
         operation_id.to_string(),
         PendingOperation {
             registration_id: registration_id.to_string(),
             result,
+            polls_assigning: slow.map_or(0, |s| s.polls),
+            retry_after,
         },
     );
     DpsResponse {
         status: 202,
-        retry_after: Some(sim.config.retry_after_secs),
+        retry_after: Some(retry_after),
         body: json!({"operationId": operation_id, "status": "assigning"}),
     }
 }
@@ -770,34 +949,74 @@ fn initial_twin(common: &EnrollmentCommon) -> Twin {
     twin
 }
 
-/// `GET iotdps-get-operationstatus` / HTTPS `…/operations/{id}`: 202 while assigning (the first
-/// poll after register already completes unless retry-after says otherwise), then 200 with
-/// `registrationState`; 404 for an unknown operation.
+/// `GET iotdps-get-operationstatus` / HTTPS `…/operations/{id}`: 202 `assigning` (with
+/// retry-after) while the operation is not done — as many polls as the slow-assignment fault
+/// asked for when it started — then 200 with `registrationState`; 429 when throttled; 404 for an
+/// unknown operation. Each poll is recorded on the registration that started the operation.
 pub fn operation_status(
     sim: &Sim,
     _id_scope: &str,
     registration_id: &str,
     operation_id: &str,
 ) -> DpsResponse {
-    let pending = sim
+    let arrived = Arrival::now();
+    let known = sim
         .live
         .lock()
         .unwrap()
         .operations
         .get(operation_id)
-        .cloned();
-    match pending {
-        Some(op) if op.registration_id.eq_ignore_ascii_case(registration_id) => DpsResponse {
-            status: 200,
-            retry_after: None,
-            body: op.result,
-        },
-        _ => error(
+        .is_some_and(|op| op.registration_id.eq_ignore_ascii_case(registration_id));
+    if !known {
+        return error(
             404,
             404005,
             &format!("operation '{operation_id}' was not found for '{registration_id}'"),
-        ),
+        );
     }
+    let response = match take_throttle(sim, ThrottledRequests::Poll) {
+        Some(retry_after) => throttled(retry_after),
+        None => {
+            let mut live = sim.live.lock().unwrap();
+            match live.operations.get_mut(operation_id) {
+                Some(op) if op.polls_assigning > 0 => {
+                    op.polls_assigning -= 1;
+                    DpsResponse {
+                        status: 202,
+                        retry_after: Some(op.retry_after),
+                        body: json!({"operationId": operation_id, "status": "assigning"}),
+                    }
+                }
+                Some(op) => DpsResponse {
+                    status: 200,
+                    retry_after: None,
+                    body: op.result.clone(),
+                },
+                None => error(
+                    404,
+                    404005,
+                    &format!("operation '{operation_id}' was not found for '{registration_id}'"),
+                ),
+            }
+        }
+    };
+    let poll = PollEvent {
+        time: rfc3339_ms(arrived.ms),
+        time_ms: arrived.ms,
+        status: response.status,
+        retry_after: response.retry_after,
+    };
+    sim.record(|r| {
+        if let Some(event) = r
+            .registrations
+            .iter_mut()
+            .rev()
+            .find(|e| e.operation_id.as_deref() == Some(operation_id))
+        {
+            event.polls.push(poll);
+        }
+    });
+    response
 }
 
 /// Pending operations, kept in `Live`.

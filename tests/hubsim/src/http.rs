@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 use crate::dps::{self, DeviceCredential, DpsResponse, error_body};
 use crate::state::{
     Attestation, C2dMessage, ConnCommand, Device, DeviceAuthentication, EnrollmentGroup,
-    IndividualEnrollment, Sim, Status, Store, SymmetricKeyPair, now_rfc3339, random_key,
+    IndividualEnrollment, Sim, SlowAssignment, Status, Store, SymmetricKeyPair, ThrottledRequests,
+    now_rfc3339, random_key,
 };
 use crate::twin::{self, MethodError, TwinError};
 
@@ -174,16 +175,34 @@ fn authorize(sim: &Sim, headers: &HeaderMap, policy: Policy) -> Result<(), Respo
     let (hub_key, dps_key) = sim.read(|s| (s.hub_owner_key.clone(), s.dps_owner_key.clone()));
     let mut candidates = Vec::new();
     if matches!(policy, Policy::Hub | Policy::Either) {
-        candidates.push(("iothubowner", hub_key));
+        candidates.push(("iothubowner", hub_key, sim.config.hubs.clone()));
     }
     if matches!(policy, Policy::Dps | Policy::Either) {
-        candidates.push(("provisioningserviceowner", dps_key));
+        candidates.push((
+            "provisioningserviceowner",
+            dps_key,
+            vec![crate::DPS_SERVICE_HOST.to_string()],
+        ));
     }
     let now = crate::auth::unix_now();
-    for (name, key) in candidates {
+    for (name, key, hosts) in candidates {
         if token.key_name.as_deref() == Some(name)
             && crate::auth::verify_sas(&token, &key, &token.resource, now).is_ok()
         {
+            // As the services do: the token's resource must be this service's host name
+            // (optionally followed by a path).
+            // Service SDKs pointed at hubsim's HTTPS port put it in their HostName, and so in
+            // `sr`: `host:port` names the host too when the port is hubsim's.
+            let host = token.resource.split('/').next().unwrap_or_default();
+            let port = format!(":{}", sim.config.https_port);
+            let host = host.strip_suffix(port.as_str()).unwrap_or(host);
+            if !hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+                return Err(unauthorized(&format!(
+                    "the SAS token is for '{}', not for this service's host ({}) with policy {name}",
+                    token.resource,
+                    hosts.join(" or ")
+                )));
+            }
             return Ok(());
         }
     }
@@ -354,6 +373,25 @@ async fn put_enrollment(
             return r;
         }
     }
+    if let Err(why) = crate::state::check_registration_id(&enrollment.registration_id) {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            400004,
+            &format!(
+                "registrationId '{}' is not valid: {why}",
+                enrollment.registration_id
+            ),
+        );
+    }
+    if let Some(device_id) = &enrollment.device_id
+        && let Err(why) = crate::state::check_device_id(device_id)
+    {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            400004,
+            &format!("deviceId '{device_id}' is not valid: {why}"),
+        );
+    }
     if !enrollment.registration_id.eq_ignore_ascii_case(&id) {
         return fail(
             StatusCode::BAD_REQUEST,
@@ -426,6 +464,16 @@ async fn put_group(
         Ok(g) => g,
         Err(e) => return bad_field(e),
     };
+    if let Err(why) = crate::state::check_registration_id(&group.enrollment_group_id) {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            400004,
+            &format!(
+                "enrollmentGroupId '{}' is not valid: {why}",
+                group.enrollment_group_id
+            ),
+        );
+    }
     if group.enrollment_group_id != id {
         return fail(
             StatusCode::BAD_REQUEST,
@@ -579,6 +627,13 @@ async fn put_device(
     body: Bytes,
 ) -> Response {
     authorized!(sim, headers, Policy::Hub);
+    if let Err(why) = crate::state::check_device_id(&id) {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            400004,
+            &format!("deviceId '{id}' is not valid: {why}"),
+        );
+    }
     let value = match parse_json(&body) {
         Ok(v) => v,
         Err(r) => return r,
@@ -702,7 +757,7 @@ fn twin_failure(e: TwinError) -> Response {
     match e {
         TwinError::NotFound(id) => device_not_found(&id),
         TwinError::BadPatch(m) => fail(StatusCode::BAD_REQUEST, 400004, &m),
-        TwinError::TooLarge => fail(StatusCode::PAYLOAD_TOO_LARGE, 413001, &e.to_string()),
+        TwinError::TooLarge(_) => fail(StatusCode::PAYLOAD_TOO_LARGE, 413001, &e.to_string()),
         TwinError::Persist(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, 500000, &e.to_string()),
     }
 }
@@ -717,26 +772,32 @@ fn update_twin(sim: &Sim, id: &str, body: &Bytes, replace: bool) -> Response {
         return device_not_found(id);
     };
     if let Some(tags) = value.get("tags") {
-        let Some(tags) = tags.as_object().cloned() else {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                400004,
-                "tags must be a JSON object",
-            );
+        let tags = match twin::validate_patch(tags, "tags") {
+            Ok(tags) => tags.clone(),
+            Err(e) => return twin_failure(e),
         };
+        let mut updated = if replace {
+            Default::default()
+        } else {
+            device.twin.tags.clone()
+        };
+        for (k, v) in tags {
+            if v.is_null() {
+                updated.remove(&k);
+            } else {
+                updated.insert(k, v);
+            }
+        }
+        let size = twin::section_size(&updated);
+        if size > twin::MAX_TAGS_BYTES {
+            return twin_failure(TwinError::TooLarge(format!(
+                "tags would be {size} bytes as the hub counts them; the hub allows at most {}",
+                twin::MAX_TAGS_BYTES
+            )));
+        }
         let result = sim.mutate(|s| {
             if let Some(d) = s.devices.get_mut(&key) {
-                if replace {
-                    d.twin.tags = tags;
-                } else {
-                    for (k, v) in tags {
-                        if v.is_null() {
-                            d.twin.tags.remove(&k);
-                        } else {
-                            d.twin.tags.insert(k, v);
-                        }
-                    }
-                }
+                d.twin.tags = updated;
             }
         });
         if let Err(e) = result {
@@ -1015,8 +1076,10 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
     let known = [
         "refuseConnectionsSeconds",
         "dpsThrottle",
+        "dpsAssigning",
         "delayMs",
         "tokenLifetimeSeconds",
+        "twinThrottle",
     ];
     if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
         return fail(
@@ -1049,21 +1112,63 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         Ok(v) => v,
         Err(r) => return r,
     };
+    let twin_throttle = match number("twinThrottle") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let throttle = match map.get("dpsThrottle") {
         None => None,
         Some(t) => match (
             t.get("count").and_then(Value::as_u64),
             t.get("retryAfter").and_then(Value::as_u64),
+            t.get("requests").map(Value::as_str),
         ) {
-            (Some(count), Some(retry)) => Some((count as u32, retry)),
+            (Some(count), Some(retry), requests) => {
+                let requests = match requests {
+                    None | Some(Some("any")) => ThrottledRequests::Any,
+                    Some(Some("register")) => ThrottledRequests::Register,
+                    Some(Some("poll")) => ThrottledRequests::Poll,
+                    Some(_) => {
+                        return fail(
+                            StatusCode::BAD_REQUEST,
+                            400004,
+                            &format!(
+                                "dpsThrottle.requests must be \"any\", \"register\" or \"poll\", got {}",
+                                t["requests"]
+                            ),
+                        );
+                    }
+                };
+                Some((count.min(u64::from(u32::MAX)) as u32, retry, requests))
+            }
             _ => {
                 return fail(
                     StatusCode::BAD_REQUEST,
                     400004,
-                    "dpsThrottle needs integer 'count' and 'retryAfter'",
+                    "dpsThrottle needs integer 'count' and 'retryAfter' (and optionally 'requests')",
                 );
             }
         },
+    };
+    let slow = match map.get("dpsAssigning") {
+        None => None,
+        Some(a) => {
+            let polls = a.get("polls").and_then(Value::as_u64);
+            let retry_after = a.get("retryAfter").map(Value::as_u64);
+            match (polls, retry_after) {
+                (Some(polls), None | Some(Some(_))) => Some(SlowAssignment {
+                    polls: polls.min(u64::from(u32::MAX)) as u32,
+                    retry_after: retry_after.flatten(),
+                }),
+                _ => {
+                    return fail(
+                        StatusCode::BAD_REQUEST,
+                        400004,
+                        "dpsAssigning needs an integer 'polls' (and optionally an integer 'retryAfter')",
+                    );
+                }
+            }
+        }
     };
     let mut faults = sim.faults.lock().unwrap();
     if let Some(s) = refuse {
@@ -1075,8 +1180,15 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
     if let Some(s) = lifetime {
         faults.token_lifetime_cap = (s > 0).then(|| Duration::from_secs(s));
     }
-    if throttle.is_some() {
-        faults.dps_throttle = throttle.filter(|(count, _)| *count > 0);
+    if let Some((count, retry_after, requests)) = throttle {
+        faults.dps_throttle = (count > 0).then_some((count, retry_after));
+        faults.dps_throttle_requests = requests;
+    }
+    if let Some(slow) = slow {
+        faults.dps_slow_assignment = (slow.polls > 0).then_some(slow);
+    }
+    if let Some(count) = twin_throttle {
+        faults.twin_throttle = u32::try_from(count).unwrap_or(u32::MAX);
     }
     drop(faults);
     if refuse.is_some() {

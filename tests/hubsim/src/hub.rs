@@ -56,7 +56,7 @@ pub fn on_subscribe(
         .iter()
         .map(|(filter, qos)| {
             let flag = match filter.as_str() {
-                "$iothub/twin/res/#" => None,
+                "$iothub/twin/res/#" => Some(&session.subscriptions.twin_responses),
                 "$iothub/twin/PATCH/properties/desired/#" => Some(&session.subscriptions.desired),
                 "$iothub/methods/POST/#" => Some(&session.subscriptions.methods),
                 f if f == c2d_filter => {
@@ -82,6 +82,7 @@ pub fn on_subscribe(
 pub fn on_unsubscribe(session: &DeviceSession, filters: &[String]) {
     for filter in filters {
         let flag = match filter.as_str() {
+            "$iothub/twin/res/#" => &session.subscriptions.twin_responses,
             "$iothub/twin/PATCH/properties/desired/#" => &session.subscriptions.desired,
             "$iothub/methods/POST/#" => &session.subscriptions.methods,
             f if f.starts_with("devices/") && f.ends_with("/messages/devicebound/#") => {
@@ -117,13 +118,25 @@ pub fn on_publish(
             session.device_id
         )));
     }
-    if let Some(query) = topic.strip_prefix("$iothub/twin/GET/?") {
+    let twin_request = if let Some(query) = topic.strip_prefix("$iothub/twin/GET/?") {
         let rid = query_param(query, "$rid").unwrap_or_default();
-        return Ok(vec![twin_get(sim, session, &rid)]);
-    }
-    if let Some(query) = topic.strip_prefix("$iothub/twin/PATCH/properties/reported/?") {
+        Some(throttled(sim, &rid).unwrap_or_else(|| twin_get(sim, session, &rid)))
+    } else if let Some(query) = topic.strip_prefix("$iothub/twin/PATCH/properties/reported/?") {
         let rid = query_param(query, "$rid").unwrap_or_default();
-        return Ok(vec![twin_reported_patch(sim, session, &rid, payload)]);
+        Some(
+            throttled(sim, &rid)
+                .unwrap_or_else(|| twin_reported_patch(sim, session, &rid, payload)),
+        )
+    } else {
+        None
+    };
+    if let Some(reply) = twin_request {
+        // As on the hub, the answer goes to `$iothub/twin/res/#` subscribers only: a device that
+        // did not subscribe gets none (the request itself is still carried out).
+        if session.subscriptions.twin_responses.load(Ordering::SeqCst) {
+            return Ok(vec![reply]);
+        }
+        return Ok(vec![]);
     }
     if let Some(rest) = topic.strip_prefix("$iothub/methods/res/") {
         let (status, query) = rest
@@ -144,6 +157,21 @@ pub fn on_publish(
         return Ok(vec![]);
     }
     Err(Close(format!("unknown topic '{topic}'")))
+}
+
+/// The twin throttle fault (`POST /sim/faults {"twinThrottle": N}`): the next N twin requests are
+/// answered 429 and not carried out, as the hub does when a device exceeds its twin quota.
+fn throttled(sim: &Sim, rid: &str) -> Option<Reply> {
+    let mut faults = sim.faults.lock().unwrap();
+    if faults.twin_throttle == 0 {
+        return None;
+    }
+    faults.twin_throttle -= 1;
+    let body = crate::dps::error_body(
+        429001,
+        "ThrottlingException: twin operations are being throttled for this device.",
+    );
+    Some(twin_response(429, rid, None, body.to_string().into()))
 }
 
 fn twin_get(sim: &Sim, session: &DeviceSession, rid: &str) -> Reply {
@@ -171,7 +199,7 @@ fn twin_error(e: &TwinError, rid: &str) -> Reply {
     let (status, code) = match e {
         TwinError::NotFound(_) => (404, 404001),
         TwinError::BadPatch(_) => (400, 400004),
-        TwinError::TooLarge => (413, 413001),
+        TwinError::TooLarge(_) => (413, 413001),
         TwinError::Persist(_) => (500, 500001),
     };
     let body = crate::dps::error_body(code, &e.to_string());
@@ -357,5 +385,6 @@ mod tests {
         assert!(flush);
         assert!(session.subscriptions.methods.load(Ordering::SeqCst));
         assert!(!session.subscriptions.desired.load(Ordering::SeqCst));
+        assert!(!session.subscriptions.twin_responses.load(Ordering::SeqCst));
     }
 }

@@ -24,16 +24,22 @@ enum Command {
     Serve {
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Address to listen on (repeatable).
+        /// Address DPS and the HTTPS APIs listen on (repeatable).
         #[arg(long, default_value = "127.0.0.1")]
         bind: Vec<IpAddr>,
         #[arg(long, default_value_t = 8883)]
         mqtt_port: u16,
         #[arg(long, default_value_t = 8443)]
         https_port: u16,
-        /// Host name of a linked IoT hub (repeatable; default `localhost`).
+        /// A linked IoT hub, `NAME` or `NAME=ADDRESS` (repeatable; default `127.0.0.2`). Each hub
+        /// is its own host on the MQTT port: a hub named by an IP listens there, another name on
+        /// the address given or the one it resolves to.
         #[arg(long = "hub")]
         hubs: Vec<String>,
+        /// The TLS server: `azure` (RSA certificate, TLS 1.2 only, as DPS and IoT Hub serve
+        /// today) or `modern` (ECDSA certificate, TLS 1.3 and 1.2).
+        #[arg(long, default_value = "azure")]
+        tls: hubsim::pki::TlsProfile,
         /// ID scope of the DPS instance (kept in the state dir after the first start).
         /// Repeatable: the first is the instance's own, the others are served too, with the
         /// same enrollments (as if the device moved to another DPS instance).
@@ -133,11 +139,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt_port,
             https_port,
             hubs,
+            tls,
             id_scopes,
             extra_sans,
             retry_after,
             telemetry_keep,
         } => {
+            let mut hub_names = Vec::new();
+            let mut hub_addresses = Vec::new();
+            for hub in hubs {
+                match hub.split_once('=') {
+                    Some((name, address)) => {
+                        let ip: IpAddr = address.parse().with_context(|| {
+                            format!("--hub {hub}: '{address}' is not an IP address")
+                        })?;
+                        hub_addresses.push((name.to_string(), ip));
+                        hub_names.push(name.to_string());
+                    }
+                    None => hub_names.push(hub),
+                }
+            }
+            if hub_names.is_empty() {
+                hub_names.push(hubsim::DEFAULT_HUB.into());
+            }
             let mut id_scopes = id_scopes.into_iter();
             let id_scope = id_scopes.next().unwrap_or_else(|| "0ne00000001".into());
             let options = hubsim::Options {
@@ -145,11 +169,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bind,
                 mqtt_port,
                 https_port,
-                hubs: if hubs.is_empty() {
-                    vec!["localhost".into()]
-                } else {
-                    hubs
-                },
+                hubs: hub_names,
+                hub_addresses,
+                tls,
                 id_scope,
                 extra_id_scopes: id_scopes.collect(),
                 extra_sans,
@@ -166,6 +188,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 CertsCommand::Device { out, cn, issuer } => (CertKind::Device, out, cn, issuer),
             };
+            if cn.chars().count() > hubsim::state::MAX_CN_LEN {
+                anyhow::bail!(
+                    "--cn '{cn}' is {} characters long: X.509 common names are at most {}",
+                    cn.chars().count(),
+                    hubsim::state::MAX_CN_LEN
+                );
+            }
+            if matches!(kind, CertKind::Device)
+                && let Err(why) = hubsim::state::check_registration_id(&cn)
+            {
+                anyhow::bail!(
+                    "--cn '{cn}' cannot be a DPS registration id (the device certificate's CN is one): {why}"
+                );
+            }
             let issued = pki::issue(kind, &cn, &out, issuer.as_deref())?;
             println!("certificate: {}", issued.cert_path.display());
             println!("private key: {}", issued.key_path.display());
@@ -245,9 +281,15 @@ fn info(state_dir: &Path) -> anyhow::Result<()> {
     println!("state dir:     {}", state_dir.display());
     println!("CA:            {}", endpoints["ca"].as_str().unwrap_or(""));
     println!(
-        "MQTT (DPS+hub): {}",
+        "MQTT (DPS):    {}",
         endpoints["mqtt"].as_str().unwrap_or("")
     );
+    if let Some(hubs) = endpoints["hubAddresses"].as_object() {
+        for (hub, addr) in hubs {
+            println!("MQTT (hub):    {addr} ({hub})");
+        }
+    }
+    println!("TLS:           {}", endpoints["tls"].as_str().unwrap_or(""));
     println!(
         "HTTPS:         {}",
         endpoints["https"].as_str().unwrap_or("")

@@ -1,12 +1,14 @@
-//! The MQTT 3.1.1-over-TLS listener that carries both DPS and IoT Hub traffic, told apart by the
-//! CONNECT username as on Azure (one port, because Azure's Python SDK cannot change it).
+//! The MQTT 3.1.1-over-TLS listeners that carry DPS and IoT Hub traffic. As on Azure, DPS and
+//! each hub are different hosts ([`Topology`]): DPS answers on its own addresses and each hub on
+//! its own, all on one port (Azure's Python SDK cannot change it), and a connection is served only
+//! by what lives at the address it reached, then told apart by the CONNECT username.
 //!
 //! Packets are framed with rumqttc's own MQTT codec (it decodes CONNECT/SUBSCRIBE/PUBLISH and
 //! encodes CONNACK/SUBACK/PUBACK), so hubsim adds no MQTT dependency of its own. Each TCP
 //! connection is one session; hubsim never keeps sessions (CONNACK session-present is 0), so
 //! clients resubscribe after every connect, as MQTT requires them to when told so.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,11 +35,129 @@ use crate::state::{ConnCommand, ConnHandle, ConnectionEvent, Sim, Store, now_rfc
 const MAX_PACKET_BYTES: usize = 512 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which service answers at which local address: DPS on its bind addresses, each linked hub on its
+/// own (a hub named by an IP address lives there; another name is given an address or resolved).
+/// Two hubs may share an address (a scale unit); a hub that resolves to DPS's address shares it
+/// with DPS, which is the one topology Azure does not have (docs/hubsim.md).
+#[derive(Debug, Clone)]
+pub struct Topology {
+    dps: Vec<IpAddr>,
+    hubs: Vec<(String, IpAddr)>,
+}
+
+/// What a connection reached: DPS or not, and which hubs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub dps: bool,
+    pub hubs: Vec<String>,
+}
+
+impl Topology {
+    pub fn new(
+        dps: &[IpAddr],
+        hubs: &[String],
+        addresses: &[(String, IpAddr)],
+    ) -> anyhow::Result<Topology> {
+        let mut placed = Vec::new();
+        for hub in hubs {
+            let ip = addresses
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(hub))
+                .map(|(_, ip)| *ip)
+                .or_else(|| hub.parse().ok())
+                .or_else(|| resolve(hub))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "hub '{hub}' has no address: name it by a loopback IP (127.0.0.2), give one (--hub {hub}=127.0.0.3), or make the name resolve"
+                    )
+                })?;
+            placed.push((hub.clone(), canonical(ip)));
+        }
+        Ok(Topology {
+            dps: dps.iter().map(|ip| canonical(*ip)).collect(),
+            hubs: placed,
+        })
+    }
+
+    pub fn hub_ip(&self, hub: &str) -> Option<IpAddr> {
+        self.hubs
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(hub))
+            .map(|(_, ip)| *ip)
+    }
+
+    pub fn hub_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.hubs.iter().map(|(_, ip)| *ip)
+    }
+
+    /// Every address to listen on: DPS's, then each hub's not already covered (a wildcard bind
+    /// covers every address of its family).
+    pub fn listen_ips(&self) -> Vec<IpAddr> {
+        let mut ips = self.dps.clone();
+        for ip in self.hub_ips() {
+            let covered = ips
+                .iter()
+                .any(|b| *b == ip || (b.is_unspecified() && b.is_ipv4() == ip.is_ipv4()));
+            if !covered {
+                ips.push(ip);
+            }
+        }
+        ips
+    }
+
+    /// What answers at `local` (the address a connection reached).
+    pub fn at(&self, local: IpAddr) -> Endpoint {
+        let local = canonical(local);
+        let hubs: Vec<String> = self
+            .hubs
+            .iter()
+            .filter(|(_, ip)| *ip == local)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let dps = self.dps.contains(&local)
+            || (hubs.is_empty()
+                && self
+                    .dps
+                    .iter()
+                    .any(|b| b.is_unspecified() && b.is_ipv4() == local.is_ipv4()));
+        Endpoint { dps, hubs }
+    }
+
+    /// `{"hub": "address:port"}` for endpoints.json.
+    pub fn describe_hubs(&self, port: u16) -> serde_json::Value {
+        self.hubs
+            .iter()
+            .map(|(name, ip)| (name.clone(), SocketAddr::new(*ip, port).to_string().into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) is that IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// A host name's address, IPv4 first.
+fn resolve(name: &str) -> Option<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<IpAddr> = (name, 0).to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}
+
 /// Accepts connections until the task is aborted.
 pub async fn serve(
     sim: Arc<Sim>,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    topology: Arc<Topology>,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     // Connection tasks live in this set: when the listener task is aborted (hubsim stops), the
@@ -59,8 +179,12 @@ pub async fn serve(
         };
         let sim = sim.clone();
         let acceptor = acceptor.clone();
+        let endpoint = match tcp.local_addr() {
+            Ok(local) => topology.at(local.ip()),
+            Err(_) => continue,
+        };
         connections.spawn(async move {
-            if let Err(reason) = handle_connection(sim, acceptor, tcp, peer).await {
+            if let Err(reason) = handle_connection(sim, acceptor, tcp, peer, endpoint).await {
                 tracing::debug!(%peer, "mqtt connection ended: {reason}");
             }
         });
@@ -115,6 +239,7 @@ async fn handle_connection(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    endpoint: Endpoint,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
@@ -169,6 +294,39 @@ async fn handle_connection(
         );
         refuse(&mut transport, ConnectReturnCode::ServiceUnavailable).await;
         return Err("refused by fault injection".into());
+    }
+
+    // Each host knows only its own names: DPS never sees a hub's username, and a hub never sees
+    // DPS's or another host's (the device dialled the wrong host, or named the wrong one).
+    let misdirected = match parse_username(&username) {
+        Ok(Identity::Dps { .. }) if !endpoint.dps => Some((
+            "dps",
+            format!(
+                "a DPS registration reached the IoT hub host of {}: DPS is another host",
+                endpoint.hubs.join(", ")
+            ),
+        )),
+        Ok(Identity::Hub { hub, .. })
+            if !endpoint.hubs.iter().any(|h| h.eq_ignore_ascii_case(&hub)) =>
+        {
+            Some((
+                "hub",
+                if endpoint.hubs.is_empty() {
+                    format!("a connection for IoT hub '{hub}' reached the DPS endpoint")
+                } else {
+                    format!(
+                        "a connection for IoT hub '{hub}' reached the host of {}",
+                        endpoint.hubs.join(", ")
+                    )
+                },
+            ))
+        }
+        _ => None,
+    };
+    if let Some((service, reason)) = misdirected {
+        record_event(&sim, &connect.client_id, service, "refused", Some(&reason));
+        refuse(&mut transport, ConnectReturnCode::NotAuthorized).await;
+        return Err(reason);
     }
 
     match parse_username(&username) {
@@ -295,8 +453,16 @@ async fn next_event(
     }
 }
 
-fn keep_alive_limit(connect: &Connect) -> Option<Duration> {
-    (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500))
+/// The longest a connection may stay silent: 1.5 × the CONNECT's keep-alive (MQTT 3.1.1 §3.1.2.10),
+/// capped as IoT Hub and DPS cap it at the Azure load balancer's idle timeout of 29.45 minutes —
+/// also for a keep-alive of 0, which the load balancer does not know about (docs/hubsim.md).
+pub const MAX_IDLE: Duration = Duration::from_secs(1767);
+
+fn keep_alive_limit(keep_alive_secs: u16) -> Duration {
+    match keep_alive_secs {
+        0 => MAX_IDLE,
+        n => Duration::from_millis(u64::from(n) * 1500).min(MAX_IDLE),
+    }
 }
 
 async fn maybe_delay(sim: &Sim) {
@@ -352,7 +518,7 @@ async fn run_dps(
 
     let (_unused_tx, mut commands) = mpsc::unbounded_channel();
     let mut ids = PacketIds(0);
-    let keep_alive = keep_alive_limit(connect);
+    let keep_alive = Some(keep_alive_limit(connect.keep_alive));
     let reason = loop {
         let packet = match next_event(&mut transport, &mut commands, keep_alive, deadline).await {
             Next::Packet(p) => p,
@@ -538,6 +704,7 @@ async fn run_hub(
         .await;
     record_event(sim, client_id, "hub", "connected", None);
 
+    let mut c2d_unacked = Vec::new();
     let reason = match result {
         Err(e) => format!("send failed: {e}"),
         Ok(()) => {
@@ -548,6 +715,7 @@ async fn run_hub(
                 connect,
                 &mut commands,
                 deadline,
+                &mut c2d_unacked,
             )
             .await
         }
@@ -563,6 +731,19 @@ async fn run_hub(
             live.connections.remove(&device_key);
         }
     }
+    // C2D messages this connection carried without the device's PUBACK, and any the device
+    // was sent meanwhile: the hub delivers them again on the device's next connection.
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        if let ConnCommand::DeliverC2d(message) = command {
+            c2d_unacked.push((0, message));
+        }
+    }
+    crate::twin::requeue_c2d(
+        sim,
+        &device_key,
+        c2d_unacked.into_iter().map(|(_, m)| m).collect(),
+    );
     record_event(sim, client_id, "hub", "disconnected", Some(&reason));
     let _ = transport.close().await;
     Ok(())
@@ -575,9 +756,10 @@ async fn hub_loop(
     connect: &Connect,
     commands: &mut mpsc::UnboundedReceiver<ConnCommand>,
     deadline: Option<tokio::time::Instant>,
+    c2d_unacked: &mut Vec<(u16, crate::state::C2dMessage)>,
 ) -> String {
     let mut ids = PacketIds(0);
-    let keep_alive = keep_alive_limit(connect);
+    let keep_alive = Some(keep_alive_limit(connect.keep_alive));
     loop {
         let packet = match next_event(transport, commands, keep_alive, deadline).await {
             Next::Packet(p) => p,
@@ -592,6 +774,18 @@ async fn hub_loop(
                 }
                 continue;
             }
+            Next::Command(ConnCommand::DeliverC2d(message)) => {
+                let topic = crate::twin::c2d_topic(&session.device_id, &message);
+                let pkid = ids.next();
+                let mut publish =
+                    Publish::from_bytes(topic, QoS::AtLeastOnce, message.body.clone());
+                publish.pkid = pkid;
+                c2d_unacked.push((pkid, message));
+                if let Err(e) = transport.send(Packet::Publish(publish)).await {
+                    return format!("send failed: {e}");
+                }
+                continue;
+            }
             Next::Closed(reason) => return reason,
         };
         match packet {
@@ -599,8 +793,9 @@ async fn hub_loop(
                 let _ = transport.send(Packet::PingResp).await;
             }
             Packet::Disconnect => return "client disconnected".into(),
-            // PUBACK of a C2D message completes it; nothing is redelivered.
-            Packet::PubAck(_) => {}
+            // PUBACK of a C2D message completes it: the hub forgets it. Until then it is the
+            // connection's, and goes back to the queue if the connection ends.
+            Packet::PubAck(ack) => c2d_unacked.retain(|(pkid, _)| *pkid != ack.pkid),
             Packet::Subscribe(subscribe) => {
                 let filters: Vec<(String, QoS)> = subscribe
                     .filters
@@ -672,6 +867,22 @@ async fn hub_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silence_is_allowed_for_one_and_a_half_keep_alives_capped_at_1767_s() {
+        assert_eq!(keep_alive_limit(60), Duration::from_secs(90));
+        // 1177 s is the largest keep-alive whose 1.5× fits under the cap ...
+        assert_eq!(keep_alive_limit(1177), Duration::from_millis(1_765_500));
+        assert!(keep_alive_limit(1177) < MAX_IDLE);
+        // ... from 1178 s on, the hub's cap applies.
+        assert_eq!(keep_alive_limit(1178), MAX_IDLE);
+        assert_eq!(keep_alive_limit(u16::MAX), MAX_IDLE);
+        assert_eq!(
+            keep_alive_limit(0),
+            MAX_IDLE,
+            "no keep-alive: the idle cap still holds"
+        );
+    }
 
     #[test]
     fn usernames_of_real_clients_are_told_apart() {

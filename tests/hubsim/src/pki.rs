@@ -17,6 +17,31 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use time::{Duration, OffsetDateTime};
 
+/// How hubsim's TLS server presents itself (docs/hubsim.md, "TLS").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsProfile {
+    /// As DPS and IoT Hub serve today: an RSA-2048 server certificate, TLS 1.2 only, ECDHE-RSA
+    /// AES-GCM suites (Azure's recommended ones that rustls implements).
+    #[default]
+    Azure,
+    /// An ECDSA P-256 server certificate, TLS 1.3 and 1.2 (what hubsim served before the Azure
+    /// profile; close to IoT Hub's ECC certificate preview).
+    Modern,
+}
+
+impl std::str::FromStr for TlsProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "azure" => Ok(TlsProfile::Azure),
+            "modern" => Ok(TlsProfile::Modern),
+            other => Err(format!(
+                "unknown TLS profile '{other}': use azure or modern"
+            )),
+        }
+    }
+}
+
 /// Files of the server PKI in a state dir (see docs/hubsim.md).
 #[derive(Debug, Clone)]
 pub struct ServerPki {
@@ -32,6 +57,16 @@ pub struct ServerPki {
 /// The server certificate covers localhost, 127.0.0.1, ::1 and `extra_names` (host names or IP
 /// literals); it is re-issued (same CA) when a name is missing from the existing one.
 pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> anyhow::Result<ServerPki> {
+    load_or_create_for(state_dir, extra_names, TlsProfile::default())
+}
+
+/// [`load_or_create`] for a TLS profile: the server key is RSA-2048 for [`TlsProfile::Azure`] and
+/// ECDSA P-256 for [`TlsProfile::Modern`]; a server certificate of the other kind is re-issued.
+pub fn load_or_create_for(
+    state_dir: &Path,
+    extra_names: &[String],
+    profile: TlsProfile,
+) -> anyhow::Result<ServerPki> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let ca_pem_path = state_dir.join("ca.pem");
@@ -56,11 +91,14 @@ pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> anyhow::Resul
     let server_pem_path = state_dir.join("server.pem");
     let server_key_path = state_dir.join("server.key");
     let current = std::fs::read_to_string(&server_pem_path).ok();
-    let covers_all = current
-        .as_deref()
-        .is_some_and(|pem| server_cert_covers(pem, &names));
+    let covers_all = current.as_deref().is_some_and(|pem| {
+        server_cert_covers(pem, &names) && server_key_kind(pem) == Some(profile)
+    });
     if !covers_all || !server_key_path.exists() {
-        let key = KeyPair::generate()?;
+        let key = match profile {
+            TlsProfile::Azure => rsa::generate_2048()?,
+            TlsProfile::Modern => KeyPair::generate()?,
+        };
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn("hubsim");
         params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
@@ -118,6 +156,25 @@ fn ca_params(cn: &str, days: i64) -> anyhow::Result<CertificateParams> {
         KeyUsagePurpose::DigitalSignature,
     ];
     Ok(params)
+}
+
+/// Which profile's key the first certificate of `pem` carries (RSA: Azure, EC: Modern).
+fn server_key_kind(pem: &str) -> Option<TlsProfile> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    match cert
+        .public_key()
+        .algorithm
+        .algorithm
+        .to_id_string()
+        .as_str()
+    {
+        "1.2.840.113549.1.1.1" => Some(TlsProfile::Azure),
+        "1.2.840.10045.2.1" => Some(TlsProfile::Modern),
+        _ => None,
+    }
 }
 
 /// True when the first certificate of `pem` names every entry of `names` and is still valid.
@@ -236,18 +293,40 @@ pub fn issue(
     })
 }
 
-/// rustls server config: TLS 1.2 + 1.3, client certificates requested but optional (X.509 devices
-/// present one; SAS devices do not). The certificate is checked by `auth`, not by rustls, because
-/// the trusted CAs are the enrolled ones and change at run time.
+/// rustls server config for [`TlsProfile::Azure`] ([`server_tls_config_for`]).
 pub fn server_tls_config(pki: &ServerPki) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    server_tls_config_for(pki, TlsProfile::default())
+}
+
+/// rustls server config: the profile's TLS versions and suites, client certificates requested but
+/// optional (X.509 devices present one; SAS devices do not). The certificate is checked by
+/// `auth`, not by rustls, because the trusted CAs are the enrolled ones and change at run time.
+pub fn server_tls_config_for(
+    pki: &ServerPki,
+    profile: TlsProfile,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::crypto::ring::cipher_suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    let versions: &[&rustls::SupportedProtocolVersion] = match profile {
+        TlsProfile::Azure => {
+            // IoT Hub's recommended TLS 1.2 suites (iot-hub-tls-support) that rustls has; the
+            // CBC ones it also lists are not implemented by rustls.
+            provider.cipher_suites = vec![
+                cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            ];
+            &[&rustls::version::TLS12]
+        }
+        TlsProfile::Modern => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let provider = Arc::new(provider);
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
             .collect::<Result<_, _>>()
             .context("server.pem")?;
     let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes()).context("server.key")?;
     let config = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(versions)?
         .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
         .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
@@ -314,6 +393,149 @@ impl ClientCertVerifier for AnyClientCert {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// RSA-2048 key generation for the Azure profile's server certificate. ring (hubsim's crypto)
+/// signs with RSA keys but cannot make them, and no RSA crate is in the dependency tree, so the
+/// key is made here from num-bigint (already used for TPM blobs): two random 1024-bit primes
+/// (small-prime sieve, then 40 Miller–Rabin rounds), e = 65537, written as PKCS#8 and handed to
+/// rcgen/ring, which check the key's consistency when they load it.
+mod rsa {
+    use num_bigint::BigUint;
+    use rcgen::{KeyPair, PKCS_RSA_SHA256};
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+
+    const SMALL_PRIMES: [u32; 53] = [
+        3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89,
+        97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167, 173, 179, 181,
+        191, 193, 197, 199, 211, 223, 227, 229, 233, 239, 241, 251,
+    ];
+
+    pub fn generate_2048() -> anyhow::Result<KeyPair> {
+        let e = BigUint::from(65_537u32);
+        loop {
+            let (a, b) = (random_prime(1024), random_prime(1024));
+            let (p, q) = if a > b { (a, b) } else { (b, a) };
+            if p == q {
+                continue;
+            }
+            let n = &p * &q;
+            let (p1, q1) = (&p - 1u32, &q - 1u32);
+            let phi = &p1 * &q1;
+            let (Some(d), Some(qinv)) = (e.modinv(&phi), q.modinv(&p)) else {
+                continue;
+            };
+            let (dp, dq) = (&d % &p1, &d % &q1);
+            let pkcs1 = sequence(
+                &[
+                    integer(&BigUint::from(0u32)),
+                    integer(&n),
+                    integer(&e),
+                    integer(&d),
+                    integer(&p),
+                    integer(&q),
+                    integer(&dp),
+                    integer(&dq),
+                    integer(&qinv),
+                ]
+                .concat(),
+            );
+            // PrivateKeyInfo { version 0, rsaEncryption with NULL parameters, the PKCS#1 key }
+            const RSA_ALGORITHM: &[u8] = &[
+                0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05,
+                0x00,
+            ];
+            let pkcs8 = sequence(
+                &[
+                    integer(&BigUint::from(0u32)),
+                    RSA_ALGORITHM.to_vec(),
+                    tlv(0x04, &pkcs1),
+                ]
+                .concat(),
+            );
+            return Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+                &PrivatePkcs8KeyDer::from(pkcs8),
+                &PKCS_RSA_SHA256,
+            )?);
+        }
+    }
+
+    /// A random prime of exactly `bits` bits with its two top bits set (so that the product of
+    /// two has exactly twice as many).
+    fn random_prime(bits: usize) -> BigUint {
+        loop {
+            let mut bytes = vec![0u8; bits / 8];
+            rand::fill(&mut bytes[..]);
+            bytes[0] |= 0xc0;
+            *bytes.last_mut().expect("non-empty") |= 1;
+            let candidate = BigUint::from_bytes_be(&bytes);
+            if SMALL_PRIMES
+                .iter()
+                .any(|&s| (&candidate % s) == BigUint::from(0u32))
+            {
+                continue;
+            }
+            if probably_prime(&candidate, 40) {
+                return candidate;
+            }
+        }
+    }
+
+    fn probably_prime(n: &BigUint, rounds: usize) -> bool {
+        let one = BigUint::from(1u32);
+        let n1 = n - 1u32;
+        let s = n1.trailing_zeros().unwrap_or(0);
+        let d = &n1 >> s;
+        let len = n.to_bytes_be().len();
+        'rounds: for _ in 0..rounds {
+            let mut bytes = vec![0u8; len];
+            rand::fill(&mut bytes[..]);
+            let a = BigUint::from_bytes_be(&bytes) % (n - 3u32) + 2u32;
+            let mut x = a.modpow(&d, n);
+            if x == one || x == n1 {
+                continue;
+            }
+            for _ in 1..s {
+                x = x.modpow(&BigUint::from(2u32), n);
+                if x == n1 {
+                    continue 'rounds;
+                }
+            }
+            return false;
+        }
+        true
+    }
+
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let len_bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | len_bytes.len() as u8);
+            out.extend(len_bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    fn sequence(content: &[u8]) -> Vec<u8> {
+        tlv(0x30, content)
+    }
+
+    /// A DER INTEGER of a non-negative number (a leading zero when the top bit is set).
+    fn integer(value: &BigUint) -> Vec<u8> {
+        let mut bytes = value.to_bytes_be();
+        if bytes[0] & 0x80 != 0 {
+            bytes.insert(0, 0);
+        }
+        tlv(0x02, &bytes)
     }
 }
 
@@ -468,10 +690,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_azure_profile_serves_an_rsa_certificate_over_tls12_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = load_or_create(dir.path(), &["127.0.0.2".into()]).unwrap();
+        let leaf = CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let x509_parser::public_key::PublicKey::RSA(rsa) = cert.public_key().parsed().unwrap()
+        else {
+            panic!("the server key is not RSA")
+        };
+        assert_eq!(rsa.key_size(), 2048);
+        let server = server_tls_config(&pki).unwrap();
+        let (version, _) = handshake(
+            server.clone(),
+            client_builder(
+                &pki.ca_pem,
+                &[&rustls::version::TLS13, &rustls::version::TLS12],
+            )
+            .with_no_client_auth(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
+        let refused = handshake(
+            server,
+            client_builder(&pki.ca_pem, &[&rustls::version::TLS13]).with_no_client_auth(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            refused
+                .0
+                .as_deref()
+                .is_some_and(|e| e.contains("Tls12NotOfferedOrEnabled")),
+            "a TLS 1.3-only client is refused: {refused:?}"
+        );
+        // The modern profile on the same state dir: an ECDSA certificate, re-issued.
+        let modern =
+            load_or_create_for(dir.path(), &["127.0.0.2".into()], TlsProfile::Modern).unwrap();
+        assert_eq!(
+            server_key_kind(&modern.server_cert_pem),
+            Some(TlsProfile::Modern)
+        );
+        assert_eq!(modern.ca_pem, pki.ca_pem, "the CA stays");
+    }
+
+    #[tokio::test]
     async fn server_config_serves_tls12_and_tls13_with_optional_client_certificates() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = load_or_create(dir.path(), &["sim-hub.example.net".into()]).unwrap();
-        let server = server_tls_config(&pki).unwrap();
+        let pki = load_or_create_for(
+            dir.path(),
+            &["sim-hub.example.net".into()],
+            TlsProfile::Modern,
+        )
+        .unwrap();
+        let server = server_tls_config_for(&pki, TlsProfile::Modern).unwrap();
         let all = [&rustls::version::TLS13, &rustls::version::TLS12];
 
         // A SAS device: no client certificate, both protocol versions.

@@ -253,6 +253,9 @@ pub enum ConnCommand {
     Close {
         reason: String,
     },
+    /// Deliver a C2D message (QoS 1): the connection keeps it until the device's PUBACK and puts
+    /// it back at the head of the device's queue if the connection ends first.
+    DeliverC2d(C2dMessage),
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +270,8 @@ pub struct ConnHandle {
 
 #[derive(Debug, Default)]
 pub struct Subscriptions {
+    /// `$iothub/twin/res/#`: without it the hub answers twin requests to no one.
+    pub twin_responses: std::sync::atomic::AtomicBool,
     pub desired: std::sync::atomic::AtomicBool,
     pub methods: std::sync::atomic::AtomicBool,
     pub c2d: std::sync::atomic::AtomicBool,
@@ -282,18 +287,60 @@ pub struct TelemetryRecord {
     pub enqueued_time: String,
 }
 
+/// One DPS registration request (`PUT …/register`, or the TPM challenge request) and what DPS
+/// answered, with the polls of the operation it started.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationEvent {
     pub registration_id: String,
     /// The ID scope the device addressed.
     pub id_scope: String,
+    /// When the request arrived (RFC 3339, and milliseconds since the Unix epoch for tests that
+    /// measure how long a device waited between requests).
     pub time: String,
+    pub time_ms: u64,
     pub outcome: String,
     pub assigned_hub: Option<String>,
     pub device_id: Option<String>,
     pub transport: String,
     pub attestation: String,
+    /// The status DPS answered with (202, 429, 401, …) and its `retry-after`, if any.
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    /// The operation a 202 started; its polls are in `polls`.
+    pub operation_id: Option<String>,
+    pub polls: Vec<PollEvent>,
+}
+
+/// One poll of a registration's operation status, and DPS's answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PollEvent {
+    pub time: String,
+    pub time_ms: u64,
+    pub status: u16,
+    pub retry_after: Option<u64>,
+}
+
+/// Which DPS requests a throttling fault answers with 429.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ThrottledRequests {
+    /// Registrations, TPM challenges and operation polls alike.
+    #[default]
+    Any,
+    /// Only `PUT …/register` (and the TPM challenge request).
+    Register,
+    /// Only operation-status polls.
+    Poll,
+}
+
+/// DPS assigning asynchronously: each registration started while this is set is answered
+/// `assigning` on its first `polls` polls before the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowAssignment {
+    pub polls: u32,
+    /// The `retry-after` of those 202 answers (and of the register's 202); `None`: `--retry-after`.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -318,8 +365,13 @@ pub struct Faults {
     pub refuse_connections_until: Option<Instant>,
     /// (remaining count, retry-after seconds)
     pub dps_throttle: Option<(u32, u64)>,
+    /// Which requests `dps_throttle` answers with 429.
+    pub dps_throttle_requests: ThrottledRequests,
+    pub dps_slow_assignment: Option<SlowAssignment>,
     pub delay: Option<Duration>,
     pub token_lifetime_cap: Option<Duration>,
+    /// The next N device twin requests (GET, reported PATCH) are answered 429.
+    pub twin_throttle: u32,
 }
 
 #[derive(Debug, Default)]
@@ -473,9 +525,72 @@ impl Sim {
     }
 }
 
+/// Longest registration id, device id and enrollment group id the services accept.
+pub const MAX_ID_LEN: usize = 128;
+/// X.509 subject common names are at most 64 characters (RFC 5280's `ub-common-name`), so
+/// registration ids taken from a certificate are too.
+pub const MAX_CN_LEN: usize = 64;
+
+/// DPS registration ids and enrollment group ids: case-insensitive ASCII letters and digits plus
+/// `- . _ :`, at most 128, ending with a letter, digit or `-`. `Err` says what is wrong.
+pub fn check_registration_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("it is empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "it is {} characters long; at most {MAX_ID_LEN}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._:".contains(*c)))
+    {
+        return Err(format!(
+            "{c:?} is not allowed (letters, digits and '-', '.', '_', ':')"
+        ));
+    }
+    if !id.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-') {
+        return Err("it must end with a letter, a digit or '-'".into());
+    }
+    Ok(())
+}
+
+/// IoT Hub device ids: case-sensitive ASCII letters and digits plus `- . % _ * ? ! ( ) , : = @ $ '`,
+/// at most 128.
+pub fn check_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("it is empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "it is {} characters long; at most {MAX_ID_LEN}",
+            id.len()
+        ));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-.%_*?!(),:=@$'".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed (letters, digits and - . % _ * ? ! ( ) , : = @ $ ')"
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn random_key() -> String {
     let bytes: [u8; 32] = rand::random();
     B64.encode(bytes)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn now_rfc3339() -> String {

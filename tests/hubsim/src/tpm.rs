@@ -1,5 +1,5 @@
 //! The service side of DPS TPM attestation: building the activation blob that only the TPM
-//! holding a given endorsement key (EK) and storage root key (SRK) can import (protocol.md §6.2,
+//! holding a given endorsement key (EK) and storage root key (SRK) can import (docs/protocol.md §6.2,
 //! §6.4). Pure Rust, no TPM needed: TPM 2.0 Part 1 §24 (credential protection: MakeCredential)
 //! and §23.3 (duplication: the wrap an Import undoes), with SHA-256 names, KDFa (SP 800-108
 //! counter mode over HMAC-SHA256), RSA-OAEP-SHA256 with the TPM's labels, and AES-128-CFB with a
@@ -354,7 +354,7 @@ mod tests {
     use super::*;
     use base64::Engine;
 
-    /// The EK of Azure CLI's tests (protocol.md §6.7).
+    /// The EK of Azure CLI's tests (docs/protocol.md §6.7).
     const CLI_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAibym9HQP9vxCGF5dVc1QQsAGe021aUGJzNol1/gycBx3jFsTpwmWbISRwnFvflWd0w2Mc44FAAZNaJOAAxwZvG8GvyLlHh6fGKdh+mSBL4iLH2bZ4Ry22cB3CJVjXmdGoz9Y/j3/NwLndBxQC+baNvzvyVQZ4/A2YL7vzIIj2ik4y+ve9ir7U0GbNdnxskqK1KFIITVVtkTIYyyFTIR0BySjPrRIDj7r7Mh5uF9HBppGKQCBoVSVV8dI91lNazmSdpGWyqCkO7iM4VvUMv2HT/ym53aYlUrau+Qq87Tu+uQipWYgRdF11KDfcpMHqqzBQQ1NpOJVhrsTrhyJzO7KNw==";
 
     fn hex(b: &[u8]) -> String {

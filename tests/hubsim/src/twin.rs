@@ -19,8 +19,8 @@ pub enum TwinError {
     NotFound(String),
     #[error("invalid twin patch: {0}")]
     BadPatch(String),
-    #[error("twin section exceeds 32 KiB")]
-    TooLarge,
+    #[error("twin section too large: {0}")]
+    TooLarge(String),
     #[error(transparent)]
     Persist(#[from] anyhow::Error),
 }
@@ -33,9 +33,18 @@ pub enum MethodError {
     Timeout,
 }
 
-/// Largest desired or reported section, as on IoT Hub.
+/// IoT Hub's limits on twin documents (docs/hubsim.md, "Twin limits", says where they come
+/// from). Sizes of keys and string values are UTF-8 bytes.
 pub const MAX_SECTION_BYTES: usize = 32 * 1024;
-const MAX_DEPTH: usize = 10;
+pub const MAX_TAGS_BYTES: usize = 8 * 1024;
+pub const MAX_KEY_BYTES: usize = 1024;
+pub const MAX_STRING_BYTES: usize = 4096;
+/// Integers must lie within ±2^52 (the hub's "safe" range).
+pub const MIN_INTEGER: i64 = -4_503_599_627_370_496;
+pub const MAX_INTEGER: i64 = 4_503_599_627_370_495;
+/// Objects and arrays nest at most this many levels below the section (`desired`, `reported`,
+/// `tags`): the section's own properties are level 1.
+pub const MAX_DEPTH: usize = 10;
 
 fn with_version(section: &JsonObject, version: u64) -> Value {
     let mut section = section.clone();
@@ -58,42 +67,137 @@ pub fn device_twin_document(sim: &Sim, device_key: &str) -> Result<Value, TwinEr
     })
 }
 
-/// Rejects what IoT Hub rejects in a twin patch, naming the offending key.
-fn validate_patch(patch: &Value) -> Result<&JsonObject, TwinError> {
-    fn walk(value: &Value, path: &str, depth: usize) -> Result<(), TwinError> {
-        let Value::Object(map) = value else {
-            return Ok(());
-        };
-        if depth > MAX_DEPTH {
-            return Err(TwinError::BadPatch(format!(
-                "'{path}' nests deeper than {MAX_DEPTH} levels"
-            )));
-        }
-        for (key, child) in map {
-            let here = if path.is_empty() {
-                key.clone()
-            } else {
-                format!("{path}.{key}")
-            };
-            if key.is_empty() || key.starts_with('$') || key.contains(['.', ' ', '$']) {
-                return Err(TwinError::BadPatch(format!(
-                    "property name '{here}' is not allowed (no '$' prefix, '.', ' ' or '$')"
-                )));
-            }
-            walk(child, &here, depth + 1)?;
-        }
-        Ok(())
-    }
+/// Rejects what IoT Hub rejects in a twin patch (keys, values, nesting), naming the offending
+/// property by its dotted path. `section` (`desired`, `reported`, `tags`) starts the path.
+pub fn validate_patch<'a>(patch: &'a Value, section: &str) -> Result<&'a JsonObject, TwinError> {
     let Value::Object(map) = patch else {
         return Err(TwinError::BadPatch(format!(
-            "a patch must be a JSON object, got {patch}"
+            "a {section} patch must be a JSON object, got {patch}"
         )));
     };
-    // `$version` sent along by devices and services is ignored, as the hub does.
-    let mut clean = map.clone();
-    clean.remove("$version");
-    walk(&Value::Object(clean), "", 1)?;
+    for (key, child) in map {
+        // `$version` sent along by devices and services is ignored, as the hub does.
+        if key == "$version" {
+            continue;
+        }
+        let here = format!("{section}.{key}");
+        check_key(key, &here)?;
+        check_value(child, &here, 1, false)?;
+    }
     Ok(map)
+}
+
+fn check_key(key: &str, path: &str) -> Result<(), TwinError> {
+    let bad = |why: String| {
+        Err(TwinError::BadPatch(format!(
+            "property name '{}': {why}",
+            shorten(path)
+        )))
+    };
+    if key.is_empty() {
+        return bad("empty".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return bad(format!(
+            "{} bytes long; the hub allows at most {MAX_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '.' | '$' | ' '))
+    {
+        return bad(format!(
+            "contains {:?}; the hub refuses control characters, '.', '$' and ' ' in names",
+            c
+        ));
+    }
+    Ok(())
+}
+
+/// `depth` is the level of the property holding `value` (1 = a property of the section).
+fn check_value(value: &Value, path: &str, depth: usize, in_array: bool) -> Result<(), TwinError> {
+    let bad = |why: String| Err(TwinError::BadPatch(format!("'{}' {why}", shorten(path))));
+    match value {
+        Value::Object(_) | Value::Array(_) if depth > MAX_DEPTH => bad(format!(
+            "nests deeper than the hub's {MAX_DEPTH} levels (it is at level {depth})"
+        )),
+        Value::Object(map) => {
+            for (key, child) in map {
+                let here = format!("{path}.{key}");
+                check_key(key, &here)?;
+                check_value(child, &here, depth + 1, in_array)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let here = format!("{path}[{i}]");
+                if item.is_null() {
+                    return Err(TwinError::BadPatch(format!(
+                        "'{}' is null: the hub refuses null in arrays",
+                        shorten(&here)
+                    )));
+                }
+                check_value(item, &here, depth + 1, true)?;
+            }
+            Ok(())
+        }
+        Value::Null if in_array => bad("is null: the hub refuses null inside arrays".into()),
+        Value::String(text) if text.len() > MAX_STRING_BYTES => bad(format!(
+            "is a string of {} bytes; the hub allows at most {MAX_STRING_BYTES}",
+            text.len()
+        )),
+        Value::Number(n) if n.is_i64() || n.is_u64() => {
+            let in_range = n
+                .as_i64()
+                .is_some_and(|i| (MIN_INTEGER..=MAX_INTEGER).contains(&i));
+            if in_range {
+                Ok(())
+            } else {
+                bad(format!(
+                    "is {n}, outside the hub's integer range {MIN_INTEGER}..={MAX_INTEGER}"
+                ))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Paths can hold 1 KB keys: errors show their start.
+fn shorten(path: &str) -> String {
+    if path.len() <= 120 {
+        return path.to_string();
+    }
+    let mut end = 100;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &path[..end], path.len())
+}
+
+/// A section's size as the hub counts it: for each property, the length of its name plus its
+/// value's: strings count their characters except control characters, numbers 8, booleans 4,
+/// objects (and arrays) the sum of what they hold. `$version` and `$metadata` are not counted.
+pub fn section_size(section: &JsonObject) -> usize {
+    fn text(s: &str) -> usize {
+        s.chars().filter(|c| !c.is_control()).count()
+    }
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => text(s),
+            Value::Number(_) => 8,
+            Value::Bool(_) => 4,
+            Value::Null => 0,
+            Value::Array(items) => items.iter().map(value).sum(),
+            Value::Object(map) => section_size(map),
+        }
+    }
+    section
+        .iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| text(k) + value(v))
+        .sum()
 }
 
 /// RFC 7386 JSON merge patch: objects merge, `null` deletes, anything else replaces.
@@ -130,7 +234,11 @@ enum Section {
 }
 
 fn apply(sim: &Sim, device_key: &str, patch: &Value, section: Section) -> Result<u64, TwinError> {
-    let patch = validate_patch(patch)?;
+    let name = match section {
+        Section::Desired => "desired",
+        Section::Reported => "reported",
+    };
+    let patch = validate_patch(patch, name)?;
     sim.mutate(|s| {
         let device = s
             .devices
@@ -142,8 +250,11 @@ fn apply(sim: &Sim, device_key: &str, patch: &Value, section: Section) -> Result
         };
         let mut updated = target.clone();
         merge(&mut updated, patch);
-        if serde_json::to_vec(&updated).map(|v| v.len()).unwrap_or(0) > MAX_SECTION_BYTES {
-            return Err(TwinError::TooLarge);
+        let size = section_size(&updated);
+        if size > MAX_SECTION_BYTES {
+            return Err(TwinError::TooLarge(format!(
+                "{name} would be {size} bytes as the hub counts them; the hub allows at most {MAX_SECTION_BYTES}"
+            )));
         }
         *target = updated;
         *version += 1;
@@ -247,15 +358,13 @@ pub fn send_c2d(sim: &Sim, device_key: &str, message: C2dMessage) -> Result<(), 
 }
 
 /// Delivers the C2D messages queued for a device that is connected and subscribed to C2D.
-/// Called by the MQTT side when the device subscribes to `devices/{id}/messages/devicebound/#`.
+/// Called by the MQTT side when the device subscribes to `devices/{id}/messages/devicebound/#`,
+/// and when a connection ends with messages the device did not acknowledge ([`requeue_c2d`]).
+/// The connection keeps each message until the device's PUBACK (at-least-once, as on the hub).
 pub fn flush_c2d(sim: &Sim, device_key: &str) {
     let Some(conn) = subscribed(sim, device_key, |s| &s.c2d) else {
         return;
     };
-    let device_id = device_key
-        .split_once('/')
-        .map(|(_, d)| d)
-        .unwrap_or(device_key);
     let pending: Vec<C2dMessage> = sim
         .live
         .lock()
@@ -264,25 +373,56 @@ pub fn flush_c2d(sim: &Sim, device_key: &str) {
         .get_mut(device_key)
         .map(|q| q.drain(..).collect())
         .unwrap_or_default();
-    for message in pending {
-        let mut bag: Vec<(String, String)> = message.properties.clone();
-        if !bag.iter().any(|(k, _)| k == "$.to") {
-            bag.push((
-                "$.to".into(),
-                format!("/devices/{device_id}/messages/deviceBound"),
-            ));
+    let mut pending = pending.into_iter();
+    for message in pending.by_ref() {
+        if let Err(unsent) = conn.tx.send(ConnCommand::DeliverC2d(message)) {
+            // The connection is closing: the message (and the rest) wait for the next one.
+            let ConnCommand::DeliverC2d(message) = unsent.0 else {
+                unreachable!()
+            };
+            requeue_c2d(
+                sim,
+                device_key,
+                std::iter::once(message).chain(pending).collect(),
+            );
+            return;
         }
-        let bag = bag
-            .iter()
-            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-            .collect::<Vec<_>>()
-            .join("&");
-        let _ = conn.tx.send(ConnCommand::Publish {
-            topic: format!("devices/{device_id}/messages/devicebound/{bag}"),
-            payload: message.body.clone(),
-            qos: QoS::AtLeastOnce,
-        });
     }
+}
+
+/// Puts messages a connection delivered but the device never acknowledged back at the head of
+/// its queue, oldest first, and delivers them to the device's current connection if it has one
+/// (a newer connection may already have subscribed): the hub redelivers what was not completed.
+pub fn requeue_c2d(sim: &Sim, device_key: &str, messages: Vec<C2dMessage>) {
+    if messages.is_empty() {
+        return;
+    }
+    {
+        let mut live = sim.live.lock().unwrap();
+        let queue = live.c2d_queues.entry(device_key.to_string()).or_default();
+        for message in messages.into_iter().rev() {
+            queue.push_front(message);
+        }
+    }
+    flush_c2d(sim, device_key);
+}
+
+/// The topic a C2D message is published on: `devices/{id}/messages/devicebound/{property bag}`,
+/// with `$.to` added as the hub adds it.
+pub fn c2d_topic(device_id: &str, message: &C2dMessage) -> String {
+    let mut bag: Vec<(String, String)> = message.properties.clone();
+    if !bag.iter().any(|(k, _)| k == "$.to") {
+        bag.push((
+            "$.to".into(),
+            format!("/devices/{device_id}/messages/deviceBound"),
+        ));
+    }
+    let bag = bag
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("devices/{device_id}/messages/devicebound/{bag}")
 }
 
 fn encode(s: &str) -> String {
@@ -363,7 +503,7 @@ mod tests {
             (json!([1, 2]), "JSON object"),
             (json!({"$bad": 1}), "$bad"),
             (json!({"ok": {"has.dot": 1}}), "ok.has.dot"),
-            (json!({"big": "x".repeat(40 * 1024)}), "32 KiB"),
+            (json!({"big": "x".repeat(40 * 1024)}), "4096"),
         ] {
             let err = apply_desired_patch(&sim, &key, &patch)
                 .unwrap_err()
@@ -451,13 +591,25 @@ mod tests {
         assert!(rx.try_recv().is_err());
         subs.c2d.store(true, Ordering::SeqCst);
         flush_c2d(&sim, &key);
-        let Some(ConnCommand::Publish { topic, payload, .. }) = rx.recv().await else {
+        let Some(ConnCommand::DeliverC2d(message)) = rx.recv().await else {
             panic!()
         };
+        let topic = c2d_topic("d1", &message);
         assert!(
             topic.starts_with("devices/d1/messages/devicebound/%24.mid=c-1&%24.to="),
             "{topic}"
         );
-        assert_eq!(&payload[..], b"hi");
+        assert_eq!(&message.body[..], b"hi");
+        // Not acknowledged when its connection ended: back at the head of the queue, and sent
+        // again as soon as the device is subscribed.
+        subs.c2d.store(false, Ordering::SeqCst);
+        requeue_c2d(&sim, &key, vec![message]);
+        assert!(rx.try_recv().is_err());
+        subs.c2d.store(true, Ordering::SeqCst);
+        flush_c2d(&sim, &key);
+        let Some(ConnCommand::DeliverC2d(again)) = rx.recv().await else {
+            panic!()
+        };
+        assert_eq!(&again.body[..], b"hi");
     }
 }

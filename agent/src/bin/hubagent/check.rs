@@ -1,0 +1,255 @@
+//! `hubagent check`: diagnostics an operator runs when something is off. Each check has a stable
+//! id (for scripts and support tickets), a result (pass, warn, fail) and a detail that never
+//! contains key material.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use hubagent::config::{Attestation, Config, Secret};
+use hubagent::state::{ProvisioningCache, StateDir};
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub id: &'static str,
+    pub result: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+fn pass(id: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        result: "pass",
+        detail: detail.into(),
+    }
+}
+fn warn(id: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        result: "warn",
+        detail: detail.into(),
+    }
+}
+fn fail(id: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        id,
+        result: "fail",
+        detail: detail.into(),
+    }
+}
+
+/// TCP connect and, when a TLS configuration is at hand, a full handshake with certificate
+/// verification: "reachable" means the agent could talk to it, not merely that a port is open.
+async fn reachable(
+    host: &str,
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<&'static str, String> {
+    let tcp = match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no answer within 5 s".into()),
+    };
+    let Some(tls) = tls else {
+        return Ok("TCP");
+    };
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("'{host}' is not a valid server name: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    match tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await {
+        Ok(Ok(_)) => Ok("TLS verified"),
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Err(_) => Err("TLS handshake timed out".into()),
+    }
+}
+
+pub async fn run(config_path: &Path) -> Report {
+    let mut checks = Vec::new();
+    let config = match Config::load(config_path, &|k| std::env::var(k).ok()) {
+        Ok(c) => {
+            checks.push(pass("config.valid", config_path.display().to_string()));
+            c
+        }
+        Err(e) => {
+            checks.push(fail("config.valid", e.to_string()));
+            return Report { checks };
+        }
+    };
+    checks.push(clock());
+    let tls = credentials(&config, &mut checks);
+    let cache = state(&config, &mut checks);
+    network(&config, cache.as_ref(), tls.as_ref(), &mut checks).await;
+    checks.push(daemon(&config).await);
+    Report { checks }
+}
+
+/// clock.sane: a clock before 2024 cannot sign SAS tokens the hub accepts.
+fn clock() -> Check {
+    // 2024-01-01
+    if hubagent::util::time::unix_now() > 1_704_067_200 {
+        pass("clock.sane", hubagent::util::time::now_rfc3339())
+    } else {
+        fail(
+            "clock.sane",
+            "the system clock is before 2024: SAS tokens will be refused; check NTP",
+        )
+    }
+}
+
+/// keys.load, keys.private, tls.trust: the device's credential, the files its secrets are read
+/// from, and the TLS configuration built on it (returned for the network checks).
+fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::ClientConfig>> {
+    let credential = hubagent::provisioning::registration_id(config).and_then(|id| {
+        hubagent::provisioning::load_credential(config, &id).map(|credential| (id, credential))
+    });
+    let (id, credential) = match credential {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            checks.push(fail("keys.load", e));
+            return None;
+        }
+    };
+    checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
+    secret_files(config, checks);
+    match hubagent::provisioning::client_tls(config, &credential) {
+        Ok(tls) => {
+            checks.push(pass(
+                "tls.trust",
+                match &config.hub.trust_bundle {
+                    Some(b) => format!("system roots + {}", b.display()),
+                    None => "system roots".into(),
+                },
+            ));
+            Some(tls)
+        }
+        Err(e) => {
+            checks.push(fail("tls.trust", e));
+            None
+        }
+    }
+}
+
+/// keys.private: every secret the attestation reads from a file is readable by its owner only.
+fn secret_files(config: &Config, checks: &mut Vec<Check>) {
+    let secrets = match &config.provisioning.attestation {
+        Some(Attestation::SymmetricKey { key, group_key }) => vec![key, group_key],
+        Some(Attestation::Tpm {
+            owner_auth,
+            endorsement_auth,
+            ..
+        }) => vec![owner_auth, endorsement_auth],
+        _ => vec![],
+    };
+    for secret in secrets.into_iter().flatten() {
+        if let Secret::File { file } = secret {
+            match hubagent::identity::keys::check_private(file) {
+                Some(w) => checks.push(warn("keys.private", w)),
+                None => checks.push(pass("keys.private", file.display().to_string())),
+            }
+        }
+    }
+}
+
+/// state.dir, provisioning.cache: the state directory and the cached assignment (returned for
+/// the hub's network check).
+fn state(config: &Config, checks: &mut Vec<Check>) -> Option<ProvisioningCache> {
+    let state = match StateDir::open(&config.agent.state_dir) {
+        Ok((state, warning)) => {
+            match warning {
+                Some(w) => checks.push(warn("state.dir", w)),
+                None => checks.push(pass("state.dir", state.path().display().to_string())),
+            }
+            state
+        }
+        Err(e) => {
+            checks.push(fail("state.dir", e.to_string()));
+            return None;
+        }
+    };
+    let (check, cache) = match state.load_provisioning() {
+        Ok(Some(c)) if c.fingerprint == config.provisioning_fingerprint() => (
+            pass(
+                "provisioning.cache",
+                format!("{} as {} since {}", c.hub, c.device_id, c.provisioned_at),
+            ),
+            Some(c),
+        ),
+        Ok(Some(c)) => (
+            warn(
+                "provisioning.cache",
+                "settings changed since the last registration: the agent will reprovision",
+            ),
+            Some(c),
+        ),
+        Ok(None) => (
+            warn(
+                "provisioning.cache",
+                "no cached assignment yet: the agent will register with DPS",
+            ),
+            None,
+        ),
+        Err(e) => (warn("provisioning.cache", e.to_string()), None),
+    };
+    checks.push(check);
+    cache
+}
+
+/// network.dps, network.hub: DPS (when the agent registers there) and the cached hub answer.
+async fn network(
+    config: &Config,
+    cache: Option<&ProvisioningCache>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    checks: &mut Vec<Check>,
+) {
+    if let Some(dps) = config.dps_endpoint() {
+        match reachable(&dps.host, dps.port, tls).await {
+            Ok(how) => checks.push(pass("network.dps", format!("{dps} ({how})"))),
+            Err(e) => checks.push(fail("network.dps", format!("{dps}: {e}"))),
+        }
+    }
+    if let Some(c) = cache {
+        match reachable(&c.hub, config.hub.port, tls).await {
+            Ok(how) => checks.push(pass(
+                "network.hub",
+                format!("{}:{} ({how})", c.hub, config.hub.port),
+            )),
+            Err(e) => checks.push(fail(
+                "network.hub",
+                format!("{}:{}: {e}", c.hub, config.hub.port),
+            )),
+        }
+    }
+}
+
+/// daemon.running: a running agent answers on its control socket.
+async fn daemon(config: &Config) -> Check {
+    let socket = config.agent.control_socket.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        hubagent::system::control::request(&socket, &hubagent::system::control::Request::Status)
+    })
+    .await;
+    match answer {
+        Ok(Ok(status)) => pass(
+            "daemon.running",
+            format!(
+                "pid {}, {}",
+                status["pid"],
+                status["connection"].as_str().unwrap_or("?")
+            ),
+        ),
+        Ok(Err(e)) => warn("daemon.running", e.to_string()),
+        Err(e) => warn("daemon.running", e.to_string()),
+    }
+}

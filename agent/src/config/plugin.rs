@@ -1,0 +1,429 @@
+//! A `[[plugin]]` table, validated: what runs (kind, path or command), how it is isolated and
+//! limited, and its base settings. Errors name the key at fault.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+/// How a library plugin runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a supervised child process (`hubagent plugin-host`): a crash or hang is contained.
+    Process,
+    /// Loaded into the daemon: for trusted plugins only (a crash takes the agent down).
+    InProcess,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Builtin(String),
+    Library {
+        path: PathBuf,
+        isolation: Isolation,
+    },
+    Exec {
+        command: Vec<String>,
+        env: BTreeMap<String, String>,
+    },
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Builtin(_) => "builtin",
+            Kind::Library { .. } => "library",
+            Kind::Exec { .. } => "exec",
+        }
+    }
+}
+
+/// Supervision limits; see docs/plugins.md for the defaults and what they do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Messages per second (token bucket refill); excess messages are dropped and counted.
+    pub max_rate: f64,
+    /// Bucket size: how many messages may be published at once after a quiet spell.
+    pub burst: f64,
+    /// RLIMIT_AS of the plugin process, bytes (None: unlimited).
+    pub memory_limit: Option<u64>,
+    /// How long start, apply-settings, stop and liveness pings may take.
+    pub callback_timeout: Duration,
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    /// This many failures within `quarantine_window` quarantine the plugin...
+    pub quarantine_after: u32,
+    pub quarantine_window: Duration,
+    /// ...and it is tried again this often while quarantined.
+    pub quarantine_retry: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_rate: 20.0,
+            burst: 40.0,
+            memory_limit: Some(512 * 1024 * 1024),
+            callback_timeout: Duration::from_secs(10),
+            restart_backoff: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(300),
+            quarantine_after: 5,
+            quarantine_window: Duration::from_secs(600),
+            quarantine_retry: Duration::from_secs(1800),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginSpec {
+    pub name: String,
+    pub kind: Kind,
+    /// The `settings` table (what the twin's `desired.plugins.<name>` is merged over).
+    pub settings: Map<String, Value>,
+    pub limits: Limits,
+}
+
+/// (key, message)
+pub type SpecError = (String, String);
+
+fn err(key: &str, message: impl Into<String>) -> SpecError {
+    (key.to_string(), message.into())
+}
+
+fn duration(table: &toml::Table, key: &str, default: Duration) -> Result<Duration, SpecError> {
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::String(text)) => humantime::parse_duration(text).map_err(|e| {
+            err(
+                key,
+                format!("'{text}' is not a duration ({e}); write e.g. \"5s\""),
+            )
+        }),
+        Some(_) => Err(err(key, "must be a duration string such as \"5s\"")),
+    }
+}
+
+fn number(table: &toml::Table, key: &str, default: f64) -> Result<f64, SpecError> {
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(n)) => Ok(*n as f64),
+        Some(toml::Value::Float(f)) => Ok(*f),
+        Some(_) => Err(err(key, "must be a number")),
+    }
+}
+
+/// Every key a `[[plugin]]` table may hold.
+const KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "builtin",
+    "path",
+    "isolation",
+    "command",
+    "env",
+    "settings",
+    "interval",
+    "max_rate",
+    "burst",
+    "memory_limit",
+    "callback_timeout",
+    "restart_backoff",
+    "restart_backoff_max",
+    "quarantine_after",
+    "quarantine_window",
+    "quarantine_retry",
+];
+
+fn string(table: &toml::Table, key: &str) -> Result<Option<String>, SpecError> {
+    match table.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(err(key, "must be a string")),
+    }
+}
+
+/// Keys of the other kinds are mistakes, not ignored.
+fn forbid(table: &toml::Table, keys: &[&str], kind: &str) -> Result<(), SpecError> {
+    match keys.iter().find(|k| table.contains_key(**k)) {
+        Some(k) => Err(err(k, format!("does not apply to kind = \"{kind}\""))),
+        None => Ok(()),
+    }
+}
+
+impl PluginSpec {
+    /// Checks one table; the first problem found is returned with the key it is about.
+    pub fn from_table(table: &toml::Table) -> Result<PluginSpec, SpecError> {
+        check_known_keys(table)?;
+        let name = twin_property_name(table)?;
+        let kind_name = string(table, "kind")?
+            .ok_or_else(|| err("kind", "required: \"library\", \"exec\" or \"builtin\""))?;
+        let mut settings = settings(table)?;
+        let kind = match kind_name.as_str() {
+            "builtin" => builtin(table, &mut settings)?,
+            "library" => library(table)?,
+            "exec" => exec(table)?,
+            other => {
+                return Err(err(
+                    "kind",
+                    format!("'{other}': write \"library\", \"exec\" or \"builtin\""),
+                ));
+            }
+        };
+        Ok(PluginSpec {
+            name,
+            kind,
+            settings,
+            limits: Limits::from_table(table)?,
+        })
+    }
+}
+
+fn check_known_keys(table: &toml::Table) -> Result<(), SpecError> {
+    match table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        Some(unknown) => Err(err(
+            unknown,
+            format!(
+                "unknown key (plugin settings go in [plugin.settings]; known: {})",
+                KEYS.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The name is the plugin's key under `desired.plugins` and `reported.plugins`.
+fn twin_property_name(table: &toml::Table) -> Result<String, SpecError> {
+    let name = table
+        .get("name")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| err("name", "every [[plugin]] needs a name"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err(
+            "name",
+            format!("'{name}' must be letters, digits, '-' or '_' (it is a twin property name)"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// `[plugin.settings]` as the JSON object the twin's desired settings are merged over.
+fn settings(table: &toml::Table) -> Result<Map<String, Value>, SpecError> {
+    match table.get("settings") {
+        None => Ok(Map::new()),
+        Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err(err("settings", "cannot be represented as JSON")),
+        },
+        Some(_) => Err(err("settings", "must be a table ([plugin.settings])")),
+    }
+}
+
+fn builtin(table: &toml::Table, settings: &mut Map<String, Value>) -> Result<Kind, SpecError> {
+    forbid(table, &["path", "isolation", "command", "env"], "builtin")?;
+    let builtin = string(table, "builtin")?
+        .ok_or_else(|| err("builtin", "required for kind = \"builtin\""))?;
+    if builtin != "simulated-sensor" {
+        return Err(err(
+            "builtin",
+            format!("unknown built-in plugin '{builtin}' (built-in: simulated-sensor)"),
+        ));
+    }
+    // `interval` beside the table's keys is the historical shorthand for settings.interval.
+    if let Some(interval) = table.get("interval") {
+        settings
+            .entry("interval")
+            .or_insert_with(|| serde_json::to_value(interval).unwrap_or(Value::Null));
+    }
+    Ok(Kind::Builtin(builtin))
+}
+
+fn library(table: &toml::Table) -> Result<Kind, SpecError> {
+    forbid(table, &["builtin", "command", "env", "interval"], "library")?;
+    let path = PathBuf::from(
+        string(table, "path")?.ok_or_else(|| err("path", "required for kind = \"library\""))?,
+    );
+    if !path.is_absolute() {
+        return Err(err("path", "must be an absolute path"));
+    }
+    let isolation = match string(table, "isolation")?.as_deref() {
+        None | Some("process") => Isolation::Process,
+        Some("in-process") => Isolation::InProcess,
+        Some(other) => {
+            return Err(err(
+                "isolation",
+                format!("'{other}': write \"process\" (default) or \"in-process\""),
+            ));
+        }
+    };
+    Ok(Kind::Library { path, isolation })
+}
+
+fn exec(table: &toml::Table) -> Result<Kind, SpecError> {
+    forbid(table, &["builtin", "path", "isolation", "interval"], "exec")?;
+    let command: Vec<String> = match table.get("command") {
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| err("command", "must be an array of strings"))?,
+        Some(_) => {
+            return Err(err(
+                "command",
+                "must be an array of strings: [\"/usr/bin/python3\", \"/path/sensor.py\"]",
+            ));
+        }
+        None => return Err(err("command", "required for kind = \"exec\"")),
+    };
+    if command.is_empty() || command[0].is_empty() {
+        return Err(err("command", "must name a program"));
+    }
+    let env = match table.get("env") {
+        None => BTreeMap::new(),
+        Some(toml::Value::Table(t)) => t
+            .iter()
+            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+            .collect::<Option<BTreeMap<_, _>>>()
+            .ok_or_else(|| err("env", "values must be strings"))?,
+        Some(_) => return Err(err("env", "must be a table of strings")),
+    };
+    Ok(Kind::Exec { command, env })
+}
+
+impl Limits {
+    /// The table's limits over the defaults, checked in the order the keys are documented.
+    fn from_table(table: &toml::Table) -> Result<Limits, SpecError> {
+        let d = Limits::default();
+        let max_rate = number(table, "max_rate", d.max_rate)?;
+        if !(max_rate > 0.0 && max_rate.is_finite()) {
+            return Err(err(
+                "max_rate",
+                "must be a positive number of messages per second",
+            ));
+        }
+        let burst = number(table, "burst", (max_rate * 2.0).max(1.0))?;
+        if !(burst >= 1.0 && burst.is_finite()) {
+            return Err(err("burst", "must be at least 1"));
+        }
+        let memory_limit = memory_limit(table, d.memory_limit)?;
+        let quarantine_after = number(table, "quarantine_after", d.quarantine_after as f64)?;
+        if !(1.0..=1000.0).contains(&quarantine_after) || quarantine_after.fract() != 0.0 {
+            return Err(err(
+                "quarantine_after",
+                "must be a whole number from 1 to 1000",
+            ));
+        }
+        let limits = Limits {
+            max_rate,
+            burst,
+            memory_limit,
+            callback_timeout: duration(table, "callback_timeout", d.callback_timeout)?,
+            restart_backoff: duration(table, "restart_backoff", d.restart_backoff)?,
+            restart_backoff_max: duration(table, "restart_backoff_max", d.restart_backoff_max)?,
+            quarantine_after: quarantine_after as u32,
+            quarantine_window: duration(table, "quarantine_window", d.quarantine_window)?,
+            quarantine_retry: duration(table, "quarantine_retry", d.quarantine_retry)?,
+        };
+        if limits.callback_timeout < Duration::from_millis(100) {
+            return Err(err("callback_timeout", "must be at least 100ms"));
+        }
+        if limits.restart_backoff.is_zero() || limits.restart_backoff > limits.restart_backoff_max {
+            return Err(err(
+                "restart_backoff",
+                "must be above zero and at most restart_backoff_max",
+            ));
+        }
+        Ok(limits)
+    }
+}
+
+/// A size, "unlimited" (`None`), or a positive number of bytes; at least 16MiB.
+fn memory_limit(table: &toml::Table, default: Option<u64>) -> Result<Option<u64>, SpecError> {
+    let limit = match table.get("memory_limit") {
+        None => default,
+        Some(toml::Value::String(s)) if s == "unlimited" => None,
+        Some(toml::Value::String(s)) => Some(
+            s.parse::<bytesize::ByteSize>()
+                .map_err(|e| err("memory_limit", format!("'{s}' is not a size ({e})")))?
+                .as_u64(),
+        ),
+        Some(toml::Value::Integer(n)) if *n > 0 => Some(*n as u64),
+        Some(_) => {
+            return Err(err(
+                "memory_limit",
+                "must be a size such as \"256MiB\" or \"unlimited\"",
+            ));
+        }
+    };
+    if limit.is_some_and(|m| m < 16 * 1024 * 1024) {
+        return Err(err("memory_limit", "must be at least 16MiB"));
+    }
+    Ok(limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PluginSpec, SpecError> {
+        PluginSpec::from_table(&text.parse::<toml::Table>().unwrap())
+    }
+
+    #[test]
+    fn library_defaults_and_settings() {
+        let spec = parse(
+            "name = \"m\"\nkind = \"library\"\npath = \"/usr/lib/hubagent/plugins/libm.so\"\n[settings]\ninterval = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.kind,
+            Kind::Library {
+                path: "/usr/lib/hubagent/plugins/libm.so".into(),
+                isolation: Isolation::Process
+            }
+        );
+        assert_eq!(spec.settings["interval"], "5s");
+        assert_eq!(spec.limits, Limits::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("name = \"m\"\nkind = \"library\"\npath = \"rel.so\"\n").unwrap_err();
+        assert_eq!(e.0, "path");
+        let e = parse("name = \"m\"\nkind = \"exec\"\ncommand = \"python3 x.py\"\n").unwrap_err();
+        assert_eq!(e.0, "command");
+        let e = parse("name = \"m\"\nkind = \"exec\"\ncommand = [\"x\"]\ninterval = \"1s\"\n")
+            .unwrap_err();
+        assert_eq!(e.0, "interval");
+        let e = parse("name = \"m\"\nkind = \"library\"\npath = \"/x.so\"\nmax_rate = 0\n")
+            .unwrap_err();
+        assert_eq!(e.0, "max_rate");
+        let e =
+            parse("name = \"m\"\nkind = \"library\"\npath = \"/x.so\"\ncolour = 1\n").unwrap_err();
+        assert_eq!(e.0, "colour");
+        let e = parse("name = \"a b\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\n")
+            .unwrap_err();
+        assert_eq!(e.0, "name");
+    }
+
+    #[test]
+    fn builtin_interval_shorthand_and_exec_env() {
+        let spec = parse(
+            "name = \"s\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"1s\"\n",
+        )
+        .unwrap();
+        assert_eq!(spec.settings["interval"], "1s");
+        let spec = parse(
+            "name = \"e\"\nkind = \"exec\"\ncommand = [\"/usr/bin/python3\", \"/s.py\"]\nmax_rate = 5\nmemory_limit = \"64MiB\"\n[env]\nA = \"b\"\n",
+        )
+        .unwrap();
+        assert!(matches!(spec.kind, Kind::Exec { ref env, .. } if env["A"] == "b"));
+        assert_eq!(spec.limits.max_rate, 5.0);
+        assert_eq!(spec.limits.burst, 10.0);
+        assert_eq!(spec.limits.memory_limit, Some(64 * 1024 * 1024));
+    }
+}

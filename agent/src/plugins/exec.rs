@@ -1,0 +1,284 @@
+//! Exec plugins: any program that reads its settings as JSON lines on stdin and writes JSON
+//! lines on stdout (messages, logs, health, a refusal of its settings). See docs/plugins.md.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hubagent_plugin_sdk::abi;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::process::ChildStdout;
+use tokio::sync::{mpsc, oneshot};
+
+use super::library::PluginMessage;
+use super::process::{self, ChildProcess};
+use super::protocol;
+use super::running::{Event, Events};
+use crate::config::plugin::PluginSpec;
+
+/// A running exec plugin.
+pub struct ExecPlugin {
+    process: ChildProcess,
+    /// Settings to write, a JSON line each; dropped to close the plugin's stdin.
+    lines: Option<mpsc::UnboundedSender<String>>,
+}
+
+impl ExecPlugin {
+    /// Starts `command` after the trust check of the program (and of the files named in its
+    /// arguments) and writes it its settings; an exec plugin counts as started at once.
+    pub fn launch(
+        spec: &PluginSpec,
+        command: &[String],
+        env: &BTreeMap<String, String>,
+        settings: &Value,
+        allow_unsafe: bool,
+        events: Events,
+    ) -> Result<ExecPlugin, String> {
+        let program = super::trust::resolve_program(&command[0])?;
+        super::trust::check(&program, allow_unsafe)?;
+        for arg in &command[1..] {
+            let p = std::path::Path::new(arg);
+            if p.is_absolute() && p.is_file() {
+                super::trust::check(p, allow_unsafe)?;
+            }
+        }
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&command[1..]);
+        process::base_env(&mut cmd, &spec.name);
+        cmd.envs(env);
+        process::limit_child(&mut cmd, spec.limits.memory_limit);
+        let (mut process, mut stdin, stdout) = ChildProcess::spawn(cmd, &events)?;
+        let (lines, mut to_write) = mpsc::unbounded_channel::<String>();
+        process.write_stdin(async move {
+            while let Some(mut line) = to_write.recv().await {
+                line.push('\n');
+                if stdin.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+                let _ = stdin.flush().await;
+            }
+            // Dropping stdin here gives the plugin EOF.
+        });
+        process.read_stdout(read_lines(stdout, events.clone()));
+        let plugin = ExecPlugin {
+            process,
+            lines: Some(lines),
+        };
+        plugin.write_settings(settings);
+        let _ = events.send(Event::Started(Ok(())));
+        Ok(plugin)
+    }
+
+    fn write_settings(&self, settings: &Value) {
+        if let Some(l) = &self.lines {
+            let _ = l.send(settings.to_string());
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Writes new settings; an exec plugin can only refuse them later ([`Event::LateReject`]),
+    /// so they count as applied at once.
+    pub fn apply(&self, settings: &Value, events: &Events) {
+        self.write_settings(settings);
+        let _ = events.send(Event::Applied(Ok(())));
+    }
+
+    /// Closes the plugin's stdin, sends SIGTERM and waits up to `timeout`, then kills it.
+    pub async fn stop(mut self, timeout: Duration) {
+        self.lines.take(); // EOF on the plugin's stdin
+        self.process.signal(libc::SIGTERM);
+        self.process.wait_or_kill(timeout).await;
+    }
+
+    pub async fn kill(mut self) {
+        self.process.kill().await;
+    }
+}
+
+/// Reads the plugin's lines until EOF, one message at a time.
+async fn read_lines(stdout: ChildStdout, events: Events) {
+    let mut reader = tokio::io::BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Bounded: a line longer than a message can be is a broken plugin.
+        let mut limited = (&mut reader).take(protocol::MAX_FRAME as u64);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') && line.len() >= protocol::MAX_FRAME {
+            let _ = events.send(Event::Ended("wrote a line over 1 MiB".into()));
+            return;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if !forward_line(text, &events).await {
+            return;
+        }
+    }
+}
+
+/// Passes one line on as an event; false once the supervisor is gone.
+async fn forward_line(text: &str, events: &Events) -> bool {
+    match exec_line(text) {
+        Ok(ExecLine::Message(m)) => {
+            let (tx, rx) = oneshot::channel();
+            if events.send(Event::Message(m, tx)).is_err() {
+                return false;
+            }
+            // One message at a time: the pipe holds the plugin back.
+            let _ = rx.await;
+        }
+        Ok(ExecLine::Log(level, text)) => {
+            let _ = events.send(Event::Log(level, text));
+        }
+        Ok(ExecLine::Health(state, detail)) => {
+            let _ = events.send(Event::Health(state, detail));
+        }
+        Ok(ExecLine::Reject(reason)) => {
+            let _ = events.send(Event::LateReject(reason));
+        }
+        Err(e) => {
+            let _ = events.send(Event::Log(
+                abi::LOG_WARN,
+                format!("ignored a line that is not a message: {e}"),
+            ));
+        }
+    }
+    true
+}
+
+/// One line an exec plugin wrote.
+#[derive(Debug, PartialEq)]
+pub enum ExecLine {
+    Message(PluginMessage),
+    Log(i32, String),
+    Health(i32, String),
+    Reject(String),
+}
+
+/// Parses an exec plugin's line: `{"body": …, "contentType": …, "contentEncoding": …,
+/// "properties": {…}}`, `{"log": "…", "level": "info"}`, `{"health": "ok|degraded|failed",
+/// "detail": "…"}` or `{"rejectSettings": "why"}`. A body that is not a string is sent as JSON.
+pub fn exec_line(text: &str) -> Result<ExecLine, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    let Value::Object(obj) = value else {
+        return Err("not a JSON object".into());
+    };
+    if let Some(reason) = obj.get("rejectSettings") {
+        return Ok(ExecLine::Reject(
+            reason
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| reason.to_string()),
+        ));
+    }
+    if let Some(text) = obj.get("log") {
+        let level = match obj.get("level").and_then(|l| l.as_str()).unwrap_or("info") {
+            "error" => abi::LOG_ERROR,
+            "warn" | "warning" => abi::LOG_WARN,
+            "debug" => abi::LOG_DEBUG,
+            "trace" => abi::LOG_TRACE,
+            _ => abi::LOG_INFO,
+        };
+        let text = text
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| text.to_string());
+        return Ok(ExecLine::Log(level, text));
+    }
+    if let Some(h) = obj.get("health") {
+        let state = match h.as_str() {
+            Some("ok") => abi::HEALTH_OK,
+            Some("degraded") => abi::HEALTH_DEGRADED,
+            Some("failed") => abi::HEALTH_FAILED,
+            _ => return Err("health must be \"ok\", \"degraded\" or \"failed\"".into()),
+        };
+        let detail = obj
+            .get("detail")
+            .and_then(|d| d.as_str())
+            .unwrap_or("")
+            .to_string();
+        return Ok(ExecLine::Health(state, detail));
+    }
+    let body = obj.get("body").ok_or("no \"body\"")?;
+    let text_field = |key: &str| -> Result<Option<String>, String> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("\"{key}\" must be a string")),
+        }
+    };
+    let (body, default_type) = match body {
+        Value::String(s) => (s.clone().into_bytes(), None),
+        other => (other.to_string().into_bytes(), Some("application/json")),
+    };
+    let content_type = text_field("contentType")?.or(default_type.map(str::to_string));
+    let content_encoding = text_field("contentEncoding")?
+        .or_else(|| content_type.as_ref().map(|_| "utf-8".to_string()));
+    let mut properties = Vec::new();
+    match obj.get("properties") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(p)) => {
+            for (k, v) in p {
+                let v = v
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string());
+                properties.push((k.clone(), v));
+            }
+        }
+        Some(_) => return Err("\"properties\" must be an object".into()),
+    }
+    Ok(ExecLine::Message(PluginMessage {
+        body,
+        content_type,
+        content_encoding,
+        properties,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_lines_parse() {
+        let m = exec_line(r#"{"body": {"t": 21.5}, "properties": {"unit": "C", "n": 3}}"#).unwrap();
+        assert_eq!(
+            m,
+            ExecLine::Message(PluginMessage {
+                body: br#"{"t":21.5}"#.to_vec(),
+                content_type: Some("application/json".into()),
+                content_encoding: Some("utf-8".into()),
+                properties: vec![("n".into(), "3".into()), ("unit".into(), "C".into())],
+            })
+        );
+        let m = exec_line(r#"{"body": "raw text"}"#).unwrap();
+        assert!(matches!(
+            m,
+            ExecLine::Message(PluginMessage {
+                content_type: None,
+                ..
+            })
+        ));
+        assert_eq!(
+            exec_line(r#"{"rejectSettings": "interval too short"}"#).unwrap(),
+            ExecLine::Reject("interval too short".into())
+        );
+        assert_eq!(
+            exec_line(r#"{"log": "hi", "level": "warn"}"#).unwrap(),
+            ExecLine::Log(abi::LOG_WARN, "hi".into())
+        );
+        assert!(exec_line("not json").is_err());
+        assert!(exec_line(r#"{"nobody": 1}"#).is_err());
+        assert!(exec_line(r#"{"body": 1, "properties": [1]}"#).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! A plugin's child process, whichever kind runs in it (a hosted library or an exec plugin):
+//! its environment and limits, its exit, its stderr as log lines, and signals to it.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hubagent_plugin_sdk::abi;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::running::{Event, Events};
+
+/// Environment for plugin processes: nothing of the daemon's (which may hold
+/// PROVISIONING_SYMMETRIC_KEY), only the basics and what the configuration adds.
+pub fn base_env(cmd: &mut Command, name: &str) {
+    cmd.env_clear();
+    for key in ["PATH", "LANG", "LC_ALL", "TZ"] {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
+    cmd.env("HUBAGENT_PLUGIN_NAME", name);
+}
+
+/// Memory cap and parent-death signal, set in the child between fork and exec.
+pub fn limit_child(cmd: &mut Command, memory_limit: Option<u64>) {
+    // SAFETY: the closure only makes async-signal-safe syscalls (setrlimit, prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(limit) = memory_limit {
+                let rl = libc::rlimit {
+                    rlim_cur: limit as libc::rlim_t,
+                    rlim_max: limit as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // A plugin process must not outlive a daemon killed with SIGKILL.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+pub fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(0), _) => "exited with status 0".into(),
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(sig)) => {
+                let name = match sig {
+                    libc::SIGSEGV => "SIGSEGV",
+                    libc::SIGABRT => "SIGABRT",
+                    libc::SIGKILL => "SIGKILL",
+                    libc::SIGBUS => "SIGBUS",
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGILL => "SIGILL",
+                    libc::SIGFPE => "SIGFPE",
+                    _ => "signal",
+                };
+                format!(
+                    "killed by {name} ({sig}){}",
+                    if s.core_dumped() { ", core dumped" } else { "" }
+                )
+            }
+            _ => "ended".into(),
+        },
+        Err(e) => format!("cannot wait for the process: {e}"),
+    }
+}
+
+/// A running plugin process and the tasks that serve it; killed when dropped.
+pub struct ChildProcess {
+    pid: u32,
+    signals: mpsc::UnboundedSender<i32>,
+    exited: watch::Receiver<bool>,
+    /// Taken by `read_stdout`: its end lets the exit be reported after what the plugin wrote.
+    reader_done: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.signals.send(libc::SIGKILL);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl ChildProcess {
+    /// Starts `cmd` with piped stdio; its stderr becomes [`Event::Log`]s and its exit
+    /// [`Event::Ended`]. The caller drives stdin and reads stdout (`read_stdout`).
+    pub fn spawn(
+        mut cmd: Command,
+        events: &Events,
+    ) -> Result<(ChildProcess, ChildStdin, ChildStdout), String> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the plugin process: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let mut tasks = Vec::new();
+
+        // The child's exit, and signals to it (only while it is not yet reaped, so the pid is ours).
+        let (signals, mut signal_rx) = mpsc::unbounded_channel::<i32>();
+        let (exited_tx, exited) = watch::channel(false);
+        // The reader reports done at EOF; the exit is reported after what the plugin wrote.
+        let (reader_done, reader_done_rx) = oneshot::channel::<()>();
+        {
+            let events = events.clone();
+            tasks.push(tokio::spawn(async move {
+                let status = loop {
+                    tokio::select! {
+                        status = child.wait() => break status,
+                        Some(sig) = signal_rx.recv() => {
+                            if sig == libc::SIGKILL {
+                                let _ = child.start_kill();
+                            } else if let Some(pid) = child.id() {
+                                // SAFETY: the child is not reaped yet, so `pid` is still ours.
+                                unsafe { libc::kill(pid as i32, sig) };
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), reader_done_rx).await;
+                let _ = events.send(Event::Ended(format!(
+                    "the plugin process {}",
+                    describe_exit(status)
+                )));
+                let _ = exited_tx.send(true);
+            }));
+        }
+
+        // stderr: log lines (the plugin's own prints end up here too).
+        {
+            let events = events.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let line: String = line.chars().take(4096).collect();
+                    let _ = events.send(Event::Log(abi::LOG_INFO, line));
+                }
+            }));
+        }
+        let process = ChildProcess {
+            pid,
+            signals,
+            exited,
+            reader_done: Some(reader_done),
+            tasks,
+        };
+        Ok((process, stdin, stdout))
+    }
+
+    /// Runs a task that feeds the plugin's stdin; it lives as long as the process.
+    pub fn write_stdin(&mut self, writer: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(writer));
+    }
+
+    /// Runs the task that reads the plugin's stdout until EOF.
+    pub fn read_stdout(&mut self, reader: impl Future<Output = ()> + Send + 'static) {
+        let done = self.reader_done.take();
+        self.tasks.push(tokio::spawn(async move {
+            reader.await;
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A handle that sends signals to the process (until it is reaped).
+    pub fn signaller(&self) -> mpsc::UnboundedSender<i32> {
+        self.signals.clone()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let _ = self.signals.send(sig);
+    }
+
+    async fn wait_exit(&mut self) {
+        let _ = self.exited.wait_for(|e| *e).await;
+    }
+
+    /// Waits up to `timeout` for the process to leave (it was asked to), then kills it.
+    pub async fn wait_or_kill(&mut self, timeout: Duration) {
+        if tokio::time::timeout(timeout, self.wait_exit())
+            .await
+            .is_err()
+        {
+            self.kill().await;
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit().await;
+    }
+}

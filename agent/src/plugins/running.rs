@@ -1,0 +1,135 @@
+//! Every kind of plugin behind one small interface, [`RunningPlugin`]: a library in a plugin
+//! process (`hosted.rs`), an exec plugin (`exec.rs`), a library loaded in-process
+//! (`in_process.rs`) or a built-in (`builtin.rs`). Each reports through the same [`Event`]s; the
+//! plugin's task does the rest (timeouts, restarts, limits).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::builtin::BuiltinPlugin;
+use super::exec::ExecPlugin;
+use super::hosted::HostedPlugin;
+use super::in_process::InProcessPlugin;
+use super::library::{CallError, PluginMessage};
+use crate::config::plugin::{Isolation, Kind, PluginSpec};
+
+/// What a running plugin tells its task.
+#[derive(Debug)]
+pub enum Event {
+    /// Library plugins: the descriptor passed the checks.
+    Loaded {
+        abi: String,
+        version: String,
+    },
+    /// The answer to start.
+    Started(Result<(), CallError>),
+    /// The answer to the last apply.
+    Applied(Result<(), CallError>),
+    /// Exec plugins: the last settings were refused after the fact.
+    LateReject(String),
+    Message(PluginMessage, oneshot::Sender<i32>),
+    Log(i32, String),
+    Health(i32, String),
+    /// The plugin is gone (exit, crash, protocol violation).
+    Ended(String),
+    /// Plugin processes: the answer to a liveness ping.
+    Pong(u64),
+}
+
+pub type Events = mpsc::UnboundedSender<Event>;
+
+/// A started plugin of any kind.
+pub enum RunningPlugin {
+    Hosted(HostedPlugin),
+    Exec(ExecPlugin),
+    InProcess(InProcessPlugin),
+    Builtin(BuiltinPlugin),
+}
+
+/// Starts a plugin; the answer to start arrives as [`Event::Started`].
+pub async fn launch(
+    spec: &PluginSpec,
+    settings: &Value,
+    allow_unsafe: bool,
+    events: Events,
+) -> Result<RunningPlugin, String> {
+    match &spec.kind {
+        Kind::Library {
+            path,
+            isolation: Isolation::Process,
+        } => HostedPlugin::launch(spec, path, settings, allow_unsafe, events)
+            .map(RunningPlugin::Hosted),
+        Kind::Exec { command, env } => {
+            ExecPlugin::launch(spec, command, env, settings, allow_unsafe, events)
+                .map(RunningPlugin::Exec)
+        }
+        Kind::Library {
+            path,
+            isolation: Isolation::InProcess,
+        } => InProcessPlugin::launch(path, settings, allow_unsafe, events)
+            .await
+            .map(RunningPlugin::InProcess),
+        Kind::Builtin(_) => Ok(RunningPlugin::Builtin(BuiltinPlugin::launch(
+            &spec.name, settings, events,
+        ))),
+    }
+}
+
+impl RunningPlugin {
+    /// Sends new settings; the answer arrives as [`Event::Applied`] on `events`.
+    pub fn apply(&mut self, settings: &Value, events: &Events) {
+        match self {
+            RunningPlugin::Hosted(h) => h.apply(settings),
+            RunningPlugin::Exec(e) => e.apply(settings, events),
+            RunningPlugin::InProcess(p) => p.apply(settings),
+            RunningPlugin::Builtin(b) => b.apply(settings, events),
+        }
+    }
+
+    /// Plugin processes: sends a liveness ping (answered by [`Event::Pong`]); false for the
+    /// kinds that have none.
+    pub fn ping(&self, id: u64) -> bool {
+        match self {
+            RunningPlugin::Hosted(h) => {
+                h.ping(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            RunningPlugin::Hosted(h) => Some(h.pid()),
+            RunningPlugin::Exec(e) => Some(e.pid()),
+            _ => None,
+        }
+    }
+
+    /// Whether a hung plugin can be ended (an in-process plugin cannot).
+    pub fn killable(&self) -> bool {
+        !matches!(self, RunningPlugin::InProcess(_))
+    }
+
+    /// Asks the plugin to stop and waits up to `timeout`, then kills it.
+    pub async fn stop(self, timeout: Duration) {
+        match self {
+            RunningPlugin::Hosted(h) => h.stop(timeout).await,
+            RunningPlugin::Exec(e) => e.stop(timeout).await,
+            RunningPlugin::InProcess(p) => p.stop(timeout).await,
+            RunningPlugin::Builtin(b) => b.stop(),
+        }
+    }
+
+    /// Ends the plugin at once (a failure was already decided).
+    pub async fn kill(self) {
+        match self {
+            RunningPlugin::Hosted(h) => h.kill().await,
+            RunningPlugin::Exec(e) => e.kill().await,
+            RunningPlugin::InProcess(p) => p.kill(),
+            RunningPlugin::Builtin(b) => b.stop(),
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Log output: the systemd journal with structured fields when running under systemd, readable text
+//! on a terminal, JSON lines on request. Secrets never reach a log line: modules log descriptions of
+//! keys (`SasSigner::describe`), never key material or SAS tokens.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. `level` is an env-filter directive ("info", "hubagent=debug");
+/// `RUST_LOG` overrides it.
+pub fn init(level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let use_journal = match format {
+        LogFormat::Journal => true,
+        LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+        _ => false,
+    };
+    let sink: Box<dyn Layer<_> + Send + Sync> = if use_journal {
+        match tracing_journald::layer() {
+            // Fields keep their names, upper-cased, without a prefix: `journalctl DEVICE=…` works.
+            Ok(journal) => journal
+                .with_field_prefix(None)
+                .with_syslog_identifier("hubagent".into())
+                .boxed(),
+            Err(_) => text_layer(),
+        }
+    } else if format == LogFormat::Json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        text_layer()
+    };
+    // A second init (tests, demo inside a test) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(sink)
+        .try_init();
+}
+
+fn text_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .boxed()
+}

@@ -1,0 +1,7 @@
+//! The operating system around the agent: logging (journal, text, JSON), systemd notifications,
+//! process hardening and the local control socket. No knowledge of provisioning or telemetry.
+
+pub mod control;
+pub mod hardening;
+pub mod logging;
+pub mod systemd;
