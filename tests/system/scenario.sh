@@ -156,7 +156,10 @@ systemctl reset-failed hubagent
 systemctl start hubagent
 wait_status "connected to" && rec "fixed $(show)" || rec "fix-failed $(show)"
 # Structured fields: the journal can be filtered by the device and hub the agent logged.
-rec "journal-fields $(journalctl -u hubagent --no-pager -o cat DEVICE=gw-sys-2 HUB=localhost | grep -c 'connected to the hub') connects of gw-sys-2"
+# (The hub is the one DPS assigned, as `hubagent status` names it: hubsim's hubs are hosts of
+# their own, e.g. 127.0.0.2.)
+hub=$(hubagent status --json | tr -d '\n ' | grep -o '"hub":"[^"]*"' | cut -d'"' -f4)
+rec "journal-fields $(journalctl -u hubagent --no-pager -o cat DEVICE=gw-sys-2 "HUB=$hub" | grep -c 'connected to the hub') connects of gw-sys-2 to ${hub:-no hub}"
 journalctl -u hubagent --no-pager -o cat >/root/e2e-journal.txt 2>&1
 apt-get remove -y hubagent </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "remove ok"
 rec "after-remove state=$(test -d /var/lib/hubagent && echo kept || echo gone) config=$(test -f /etc/hubagent/config.toml && echo kept || echo gone)"
