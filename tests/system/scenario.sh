@@ -1,0 +1,169 @@
+#!/bin/bash
+# The system test's operator, inside the booted container (tests/system/deb-nspawn.sh copies it to
+# /root and runs it as a oneshot unit): installs the package and drives it as README's "Install
+# on a gateway" does, recording each result as a line of /root/e2e-out.txt, which deb-nspawn.sh
+# checks. Not `set -e`: every step records its result, a failed one included.
+# /root/e2e.env sets MQTT_PORT (the hubsim on the host) and SWTPM_PORT (a swtpm on the host).
+# shellcheck disable=SC2015 # `check && rec ok || rec failed`: rec cannot fail
+. /root/e2e.env
+out=/root/e2e-out.txt
+rec() { echo "$*" >>$out; }
+show() { systemctl show -p ActiveState,SubState,StatusText,NRestarts,MainPID hubagent | tr '\n' ' '; }
+wait_status() { # text to wait for in StatusText
+    for _ in $(seq 120); do show | grep -q "$1" && return 0; sleep 0.5; done; return 1
+}
+# When the agent last registered with DPS (hubagent status), to see a new registration happen.
+provisioned_at() { hubagent status --json 2>/dev/null | tr -d '\n ' | grep -o '"provisioned_at":"[^"]*"'; }
+wait_registered_since() { # provisioned_at before; then connected again
+    for _ in $(seq 120); do
+        now=$(provisioned_at)
+        [ -n "$now" ] && [ "$now" != "$1" ] && show | grep -q "connected to" && return 0
+        sleep 0.5
+    done
+    return 1
+}
+packages() { dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' | awk '$1 == "ii" { print $2 }' | sort; }
+set -x
+export DEBIAN_FRONTEND=noninteractive
+rec "release $(. /etc/os-release && echo "$VERSION_CODENAME") systemd $(systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p')"
+# apt, as README's operator does, on a fresh minimal system. Only what the cached root holds in
+# apt's cache can be installed (deb-nspawn.sh downloaded the TPM libraries' closure there): every
+# download goes to a proxy that refuses connections. (Not --no-download: apt refuses it with a
+# .deb file to install, "Pathname to install is not absolute".) So a dependency the release
+# cannot satisfy from the TPM libraries fails here, and the packages apt pulls in must be
+# exactly those.
+apt_offline=(-o Acquire::http::Proxy=http://127.0.0.1:9 -o Acquire::https::Proxy=http://127.0.0.1:9)
+expected=$(find /var/cache/apt/archives -name '*.deb' -printf '%f\n' | sed 's/_.*//' | sort)
+before=$(packages)
+if ! apt-get install -y "${apt_offline[@]}" /root/hubagent.deb </dev/null >>/root/e2e-dpkg.log 2>&1; then
+    # Nothing below can work without the package: stop now rather than wait out every step.
+    rec "install failed: $(grep -A3 'unmet dependencies' /root/e2e-dpkg.log | tr -s ' \n' ' ')"
+    systemctl poweroff
+    exit 1
+fi
+rec "install ok"
+rec "install-size $(grep -o 'After this operation, .* will be used' /root/e2e-dpkg.log | head -1)"
+pulled=$(comm -13 <(echo "$before") <(packages) | grep -vx hubagent)
+rec "pulled-in $(tr '\n' ' ' <<<"$pulled")"
+[ "$pulled" = "$expected" ] && rec "pulled-in-exact yes" || rec "pulled-in-exact no: expected $(tr '\n' ' ' <<<"$expected")"
+rec "user $(id hubagent)"
+rec "config-mode $(stat -c '%a %U:%G' /etc/hubagent/config.toml)"
+rec "plugins $(stat -c '%n %a %U:%G' /usr/lib/hubagent/plugins/*.so | tr '\n' ' ')"
+rec "enabled $(systemctl is-enabled hubagent)"
+rec "active-before-config $(systemctl is-active hubagent)"
+# The units as this release's systemd reads them: no warning, no unknown option.
+systemd-analyze verify hubagent.service hubagent-reprovision.service >/root/e2e-verify.txt 2>&1 \
+    && [ ! -s /root/e2e-verify.txt ] && rec "verify clean" || rec "verify not clean: $(tr '\n' ' ' </root/e2e-verify.txt)"
+rec "dropins $(systemctl show -p DropInPaths --value hubagent)"
+install -m 0644 /root/hubsim-ca.pem /etc/hubagent/hubsim-ca.pem
+install -m 0600 -o hubagent -g hubagent /root/key1 /etc/hubagent/device.key
+cat >/etc/hubagent/config.toml <<CONF
+[provisioning]
+source = "dps"
+global_endpoint = "localhost"
+id_scope = "0ne00000001"
+registration_id = "gw-sys-1"
+
+[provisioning.attestation]
+method = "symmetric_key"
+key = { file = "/etc/hubagent/device.key" }
+
+[hub]
+port = $MQTT_PORT
+trust_bundle = "/etc/hubagent/hubsim-ca.pem"
+
+[[plugin]]
+name = "sensor"
+kind = "builtin"
+builtin = "simulated-sensor"
+interval = "200ms"
+
+# A shipped library plugin, in its own supervised process under the unit's sandbox.
+[[plugin]]
+name = "sysmetrics"
+kind = "library"
+path = "/usr/lib/hubagent/plugins/libhubagent_sysmetrics.so"
+[plugin.settings]
+interval = "1s"
+CONF
+rec "config-check $(hubagent config check >/dev/null 2>&1 && echo ok || echo failed)"
+# The TPM libraries of this release, through the package's TPM code: the endorsement and storage
+# root keys of the swtpm on the host (deb-nspawn.sh compares them with the host's own reading).
+hubagent tpm show-ek --tcti "swtpm:host=127.0.0.1,port=$SWTPM_PORT" --json >/root/e2e-ek.json 2>&1 \
+    && rec "tpm-ek $(tr -d '\n ' </root/e2e-ek.json)" || rec "tpm-ek-failed $(tr '\n' ' ' </root/e2e-ek.json)"
+systemctl start hubagent
+wait_status "connected to" && rec "started $(show)" || rec "start-failed $(show)"
+rec "status-json $(hubagent status --json | tr -d '\n ')"
+rec "plugins-list $(hubagent plugins list | tr '\n' ' ')"
+# Which namespaces the sandbox gave the agent: its own user namespace only where the unit asks
+# for one (systemd >= 257, through the generator's drop-in).
+pid=$(systemctl show -p MainPID --value hubagent)
+rec "cgroupfs $(stat -fc %T /sys/fs/cgroup/)"
+rec "protect-control-groups $(systemctl show -p ProtectControlGroupsEx --value hubagent)"
+for ns in user cgroup; do
+    if [ "$pid" = 0 ]; then rec "${ns}ns no-agent"
+    elif [ "$(readlink /proc/"$pid"/ns/$ns)" = "$(readlink /proc/1/ns/$ns)" ]; then rec "${ns}ns host"
+    else rec "${ns}ns private"; fi
+done
+systemd-analyze security --no-pager hubagent >/root/e2e-security.txt 2>&1
+rec "security $(grep -o 'Overall exposure level for hubagent.service: .*' /root/e2e-security.txt)"
+rec "security-reprovision $(systemd-analyze security --no-pager hubagent-reprovision 2>&1 | grep -o 'Overall exposure level.*')"
+systemctl restart hubagent
+wait_status "connected to" && rec "restarted $(show)" || rec "restart-failed $(show)"
+# The gateway moves to another DPS instance: only the ID scope changes.
+before=$(provisioned_at)
+sed -i 's/^id_scope = .*/id_scope = "0ne000000B2"/' /etc/hubagent/config.toml
+systemctl reload hubagent && rec "scope-reload ok"
+wait_registered_since "$before" && rec "scope-reloaded $(show)" || rec "scope-reload-failed $(show)"
+# ...and then to another enrollment.
+before=$(provisioned_at)
+install -m 0600 -o hubagent -g hubagent /root/key2 /etc/hubagent/device.key
+sed -i 's/gw-sys-1/gw-sys-2/' /etc/hubagent/config.toml
+systemctl reload hubagent && rec "reload ok"
+wait_registered_since "$before" && wait_status "as gw-sys-2" && rec "reloaded $(show)" || rec "reload-failed $(show)"
+before=$(provisioned_at)
+systemctl start hubagent-reprovision && rec "reprovision ok"
+wait_registered_since "$before" && rec "reprovisioned $(show)" || rec "reprovision-failed $(show)"
+pid=$(systemctl show -p MainPID --value hubagent)
+kill -9 "$pid"
+for _ in $(seq 60); do new=$(systemctl show -p MainPID --value hubagent); [ "$new" != "$pid" ] && [ "$new" != 0 ] && break; sleep 0.5; done
+wait_status "connected to" && rec "killed-restarted $(show)" || rec "kill-restart-failed $(show)"
+# A reload with a broken file is refused with the reason; the agent keeps running on the old one.
+cp /etc/hubagent/config.toml /root/config.good
+sed -i 's/^port = .*/port = "eighty"/' /etc/hubagent/config.toml
+systemctl reload hubagent >/root/e2e-reload.txt 2>&1 && rec "bad-reload accepted" || rec "bad-reload refused $(systemctl is-active hubagent)"
+rec "bad-reload-journal $(journalctl -u hubagent --no-pager -o cat | grep -c 'config.toml:.*hub.port')"
+install -m 0640 -g hubagent /root/config.good /etc/hubagent/config.toml
+# Upgrade: the state (no new DPS registration), the edited conffile (no prompt: stdin is
+# /dev/null) and the running service are kept; the agent is restarted into the new version.
+before=$(provisioned_at)
+config_sum=$(md5sum </etc/hubagent/config.toml)
+pid=$(systemctl show -p MainPID --value hubagent)
+apt-get install -y "${apt_offline[@]}" /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "upgrade ok $(dpkg-query -W -f '${Version}' hubagent)"
+wait_status "connected to" && rec "upgraded $(show)" || rec "upgrade-failed $(show)"
+rec "upgrade-restarted $([ "$(systemctl show -p MainPID --value hubagent)" != "$pid" ] && echo yes || echo no)"
+rec "upgrade-state $([ "$(provisioned_at)" = "$before" ] && echo kept || echo "changed: $before -> $(provisioned_at)")"
+rec "upgrade-config $([ "$(md5sum </etc/hubagent/config.toml)" = "$config_sum" ] && echo kept || echo changed)"
+# A configuration broken before an upgrade: the restart fails, and systemctl status says why.
+sed -i 's/^port = .*/port = "eighty"/' /etc/hubagent/config.toml
+apt-get install -y "${apt_offline[@]}" --reinstall /root/hubagent-upgrade.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "reinstall-broken ok"
+for _ in $(seq 60); do systemctl is-failed -q hubagent && break; sleep 0.5; done
+rec "broken-state $(systemctl is-failed hubagent) $(systemctl show -p Result,ExecMainStatus,NRestarts hubagent | tr '\n' ' ')"
+systemctl status hubagent --no-pager -l >/root/e2e-status.txt 2>&1
+rec "broken-status $(grep -c 'config.toml:.*port' /root/e2e-status.txt) lines name the file and the key"
+install -m 0640 -g hubagent /root/config.good /etc/hubagent/config.toml
+systemctl reset-failed hubagent
+systemctl start hubagent
+wait_status "connected to" && rec "fixed $(show)" || rec "fix-failed $(show)"
+# Structured fields: the journal can be filtered by the device and hub the agent logged.
+# (The hub is the one DPS assigned, as `hubagent status` names it: hubsim's hubs are hosts of
+# their own, e.g. 127.0.0.2.)
+hub=$(hubagent status --json | tr -d '\n ' | grep -o '"hub":"[^"]*"' | cut -d'"' -f4)
+rec "journal-fields $(journalctl -u hubagent --no-pager -o cat DEVICE=gw-sys-2 "HUB=$hub" | grep -c 'connected to the hub') connects of gw-sys-2 to ${hub:-no hub}"
+journalctl -u hubagent --no-pager -o cat >/root/e2e-journal.txt 2>&1
+apt-get remove -y hubagent </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "remove ok"
+rec "after-remove state=$(test -d /var/lib/hubagent && echo kept || echo gone) config=$(test -f /etc/hubagent/config.toml && echo kept || echo gone)"
+apt-get purge -y hubagent </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "purge ok"
+rec "after-purge state=$(test -d /var/lib/hubagent && echo kept || echo gone) config=$(test -d /etc/hubagent && echo kept || echo gone)"
+rec "DONE"
+systemctl poweroff
