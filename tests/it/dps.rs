@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubagent::identity::Credential;
+use hubagent::identity::credential::Credential;
 use hubagent::identity::keys::MemoryKey;
 use hubagent::provisioning::dps::{DpsError, DpsRequest, register};
 use hubagent_tests::*;

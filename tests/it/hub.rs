@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubagent::hub::{HubParams, SessionEvent, SessionHandle, spawn};
-use hubagent::identity::Credential;
+use hubagent::identity::credential::Credential;
 use hubagent::identity::keys::MemoryKey;
 use hubagent::message::TelemetryMessage;
 use hubagent_tests::*;
@@ -404,7 +404,8 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         identity_cert: cert,
         identity_pk: key,
     };
-    let (credential, _) = hubagent::identity::Credential::load(&attestation, "gw-x509-1").unwrap();
+    let (credential, _) =
+        hubagent::identity::credential::Credential::load(&attestation, "gw-x509-1").unwrap();
     let Credential::X509 {
         cert_chain_pem,
         key_pem,

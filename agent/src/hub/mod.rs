@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use twin::{split_twin, within_hub_limits};
 
-use crate::identity::Credential;
+use crate::identity::credential::Credential;
 use crate::message::TelemetryMessage;
 use session::{Control, Publish, Session};
 

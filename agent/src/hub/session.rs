@@ -19,7 +19,7 @@ use crate::util::time::sleep_until;
 use super::topics::{self, Incoming};
 use super::twin::{DesiredStep, next_desired, split_twin};
 use super::{HubParams, PublishError, SessionEvent, TwinError};
-use crate::identity::Credential;
+use crate::identity::credential::Credential;
 use crate::identity::keys::sas_token;
 use crate::message::TelemetryMessage;
 use crate::mqtt::{self, ConnectOptions};

@@ -8,7 +8,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
 use super::Assignment;
-use crate::identity::Credential;
+use crate::identity::credential::Credential;
 use crate::identity::keys::{KeyError, sas_token};
 use crate::mqtt::{self, ConnectOptions};
 use crate::util::time::{sleep_until, unix_now};

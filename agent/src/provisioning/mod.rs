@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Attestation, Config, Source};
-use crate::identity::Credential;
+use crate::identity::credential::Credential;
 use crate::identity::keys;
 use crate::state::{ProvisioningCache, StateDir};
 

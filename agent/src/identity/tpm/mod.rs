@@ -35,8 +35,8 @@ use tss_esapi::traits::Marshall;
 
 use zeroize::Zeroizing;
 
+use super::keys::{KeyError, SasSigner};
 use crate::config::Secret;
-use crate::identity::keys::{KeyError, SasSigner};
 
 /// The TCG/Azure persistent handles of the endorsement key and the storage root key.
 pub const EK_HANDLE: u32 = 0x8101_0001;
@@ -166,7 +166,7 @@ impl HierarchyAuth {
             let Some(secret) = secret else {
                 return Ok(None);
             };
-            let (text, _, warnings) = crate::identity::keys::read_secret(secret)
+            let (text, _, warnings) = super::keys::read_secret(secret)
                 .map_err(|e| TpmError::Invalid(format!("provisioning.attestation.{name}: {e}")))?;
             for warning in warnings {
                 tracing::warn!("{warning}");
