@@ -171,6 +171,72 @@ fn no_module_uses_a_module_of_its_own_or_a_higher_layer() {
     );
 }
 
+/// A top-level module with its own table (`identity/mod.rs`) is layered inside too: each of its
+/// submodules reaches a sibling only through `super::` (or `crate::<module>::`), and only one of
+/// a lower row.
+#[test]
+fn layered_modules_keep_their_own_order_inside() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for module in ["identity"] {
+        let dir = src.join(module);
+        let mod_rs = std::fs::read_to_string(dir.join("mod.rs")).unwrap();
+        let layers = layer_map(&mod_rs);
+        let declared = declared_modules(&mod_rs);
+        let in_table: BTreeSet<String> = layers.keys().cloned().collect();
+        assert_eq!(
+            declared, in_table,
+            "{module}/mod.rs: the table must list its submodules"
+        );
+        assert!(
+            !mod_rs
+                .lines()
+                .any(|l| l.trim_start().starts_with("pub use")),
+            "{module}/mod.rs re-exports: a sibling's path through `{module}` would loop back"
+        );
+        let mut files = Vec::new();
+        rust_files(&dir, &mut files);
+        let mut violations = Vec::new();
+        for file in &files {
+            let relative = file.strip_prefix(&dir).unwrap();
+            let parts: Vec<String> = relative
+                .iter()
+                .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+                .collect();
+            if parts[0] == "mod" {
+                continue;
+            }
+            let own_name = &parts[0];
+            // `identity/x509.rs` climbs one `super::` to its siblings, `identity/tpm/mod.rs` one,
+            // `identity/tpm/attestation.rs` two.
+            let depth = parts.len() - usize::from(parts.last().is_some_and(|p| p == "mod"));
+            let code = production_code(&std::fs::read_to_string(file).unwrap());
+            let mut used = referenced_modules(&code, depth, &in_table);
+            used.retain(|name| in_table.contains(name));
+            for (at, _) in code.match_indices(&format!("crate::{module}::")) {
+                let rest = &code[at + "crate::::".len() + module.len()..];
+                used.insert(identifier(rest).to_string());
+            }
+            for name in used {
+                if name == *own_name {
+                    continue;
+                }
+                let (own, layer) = (layers[own_name], layers.get(&name).copied());
+                if layer.is_none_or(|layer| layer >= own) {
+                    violations.push(format!(
+                        "{module}/{}: `{own_name}` (row {own}) uses `{name}` (row {layer:?})",
+                        relative.display()
+                    ));
+                }
+            }
+        }
+        assert!(
+            violations.is_empty(),
+            "uses inside `{module}` that cross its table upwards or sideways:\n  {}",
+            violations.join("\n  ")
+        );
+    }
+}
+
 #[test]
 fn the_reference_scanner_sees_groups_nested_paths_and_climbs() {
     let code = "use crate::{config::{A, B}, util::time};\nlet x = crate::hub::spawn();\nuse super::super::telemetry::Queue;\nuse super::sibling;";

@@ -1,8 +1,16 @@
 //! Who the device is: key material and SAS signing (`keys`), X.509 identities (`x509`), the TPM
 //! signer (`tpm`, feature `tpm`), the credential an attestation names (`credential`, built from
-//! those) and the TLS client configuration that presents it (`tls`). Inside, `keys` is the base;
-//! `x509` and `tpm` build on it, `credential` on all three, `tls` stands alone: siblings reach
-//! each other through `super::`, and this file re-exports nothing, so no path loops back.
+//! those) and the TLS client configuration that presents it (`tls`).
+//!
+//! Inside, too, a submodule uses only lower rows (`tests/layers.rs` checks this table as it checks
+//! lib.rs's); siblings reach each other through `super::` and this file re-exports nothing, so no
+//! path loops back through `identity`.
+//!
+//! | layer | modules |
+//! |---|---|
+//! | 2 | `credential` |
+//! | 1 | `x509`, `tpm` |
+//! | 0 | `keys`, `tls` |
 
 pub mod credential;
 pub mod keys;
