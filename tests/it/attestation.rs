@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hubagent_tests::*;
-use hubsim::pki::{CertKind, issue};
+use hubsim::pki::{CertKind, issue, issue_valid};
 
 /// Writes the configuration of an agent registering as `registration_id` (None: the CN of its
 /// certificate) with `attestation` (the lines of `[provisioning.attestation]`), adding the
@@ -242,4 +242,165 @@ async fn x509_group_through_an_intermediate_ca() {
         .sim
         .read(|s| s.devices[&device_key(&running.sim, "att-x509-grp-3")].clone());
     assert_eq!(device.authentication.kind, "certificateAuthority");
+}
+
+/// The `identity.expiry` check of `hubagent check` for a certificate valid for `days` from now.
+fn expiry_check(
+    dir: &Path,
+    running: &hubsim::Running,
+    cn: &str,
+    days: std::ops::Range<i64>,
+) -> (Option<i32>, serde_json::Value) {
+    let cert = issue_valid(CertKind::Device, cn, &dir.join(cn), None, Some(days)).unwrap();
+    let config = AgentConfig::new(
+        &dir.join(format!("{cn}-agent")),
+        running,
+        None,
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        ),
+    )
+    .write();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "check", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "identity.expiry")
+        .cloned()
+        .unwrap_or_else(|| panic!("no identity.expiry check: {report}"));
+    (out.status.code(), check)
+}
+
+/// A certificate that ends within the warning lead time (30 days by default) is told to the
+/// operator before the hub refuses it: in the log, `hubagent status` and `reported.agent.identity`
+/// while the agent keeps working; `hubagent check` warns, and fails within a week, after the end
+/// or before the start (the clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_is_told_before_it_bites() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let cert = issue_valid(
+        CertKind::Device,
+        "att-x509-expiring",
+        &dir.path().join("dev"),
+        None,
+        Some(-300..10),
+    )
+    .unwrap();
+    Enrollment::x509_device(first_pem(&cert.cert_path))
+        .individual(&running.sim, "att-x509-expiring");
+    let config = config(
+        dir.path(),
+        &running,
+        None,
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        ),
+    );
+    let agent = AgentProcess::start(&config);
+    let device = "att-x509-expiring";
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| reported(s, device, "agent")["identity"]["expiry"]
+                == "expiring")
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let identity = reported(&running.sim, device, "agent")["identity"].clone();
+    // Ten days from issuance, less the seconds since (whole days, rounded down).
+    let days_left = identity["daysLeft"].as_i64().unwrap();
+    assert!(matches!(days_left, 9 | 10), "{identity}");
+    let status = agent.status();
+    assert_eq!(status["certificate"]["expiry"], "expiring", "{status}");
+    assert_eq!(status["certificate"]["days_left"], days_left, "{status}");
+    assert_eq!(
+        status["certificate"]["not_after"], identity["certificateNotAfter"],
+        "{status}"
+    );
+    let human = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).to_string();
+    assert!(
+        human.contains(&format!(
+            "certificate:     expiring until {}",
+            identity["certificateNotAfter"].as_str().unwrap()
+        )),
+        "{human}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("the identity certificate expires on")
+            && log.contains(&format!("{days_left} days left")),
+        "{log}"
+    );
+    // It keeps working meanwhile.
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| telemetry_count(s, device) >= 3)
+            .await
+    );
+    assert_eq!(agent.stop(), Some(0));
+
+    // `hubagent check`: a warning within the lead time, a failure within a week, after the end
+    // and before the start.
+    let (code, check) = expiry_check(dir.path(), &running, "chk-10", -300..10);
+    assert_eq!(
+        (code, check["result"].as_str()),
+        (Some(0), Some("warn")),
+        "{check}"
+    );
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains(" days left): plan"),
+        "{check}"
+    );
+    let (code, check) = expiry_check(dir.path(), &running, "chk-3", -300..3);
+    assert_eq!(
+        (code, check["result"].as_str()),
+        (Some(1), Some("fail")),
+        "{check}"
+    );
+    assert!(
+        check["detail"].as_str().unwrap().contains("renew it now"),
+        "{check}"
+    );
+    let (code, check) = expiry_check(dir.path(), &running, "chk-expired", -300..-1);
+    assert_eq!(
+        (code, check["result"].as_str()),
+        (Some(1), Some("fail")),
+        "{check}"
+    );
+    assert!(
+        check["detail"].as_str().unwrap().contains("expired on"),
+        "{check}"
+    );
+    let (code, check) = expiry_check(dir.path(), &running, "chk-future", 2..300);
+    assert_eq!(
+        (code, check["result"].as_str()),
+        (Some(1), Some("fail")),
+        "{check}"
+    );
+    assert!(
+        check["detail"].as_str().unwrap().contains("clock"),
+        "{check}"
+    );
+    // (A valid certificate leaves the exit status to the other checks: the daemon is stopped.)
+    let (_, check) = expiry_check(dir.path(), &running, "chk-year", -1..365);
+    assert_eq!(check["result"], "pass", "{check}");
+    assert!(
+        check["detail"].as_str().unwrap().contains(" days)"),
+        "{check}"
+    );
 }

@@ -403,6 +403,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
     let attestation = hubagent::config::Attestation::X509 {
         identity_cert: cert,
         identity_pk: key,
+        expiry_warning: std::time::Duration::from_secs(30 * 86_400),
     };
     let (credential, _) =
         hubagent::identity::credential::Credential::load(&attestation, "gw-x509-1").unwrap();

@@ -195,6 +195,10 @@ pub enum Attestation {
         identity_cert: PathBuf,
         /// PEM private key (PKCS#8, SEC1 or PKCS#1).
         identity_pk: PathBuf,
+        /// How long before the certificate expires the agent starts warning (log, status,
+        /// `reported.agent.identity`). Not part of the identity: changing it never reprovisions.
+        #[serde(default = "default_expiry_warning", with = "humantime_serde")]
+        expiry_warning: Duration,
     },
     /// The device key lives in the TPM and every HMAC is computed there (feature `tpm`; docs/tpm.md).
     Tpm {
@@ -335,6 +339,11 @@ impl Default for HubSettings {
 fn default_port() -> u16 {
     8883
 }
+/// A month: time for an operator to renew a certificate by hand (docs/configuration.md).
+fn default_expiry_warning() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
 fn default_keep_alive() -> Duration {
     Duration::from_secs(60)
 }
@@ -500,6 +509,14 @@ pub const ENV_OVERRIDES: [&str; 4] = [
 ];
 
 impl Config {
+    /// The lead time of certificate-expiry warnings (X.509 attestation only).
+    pub fn certificate_expiry_warning(&self) -> Option<Duration> {
+        match &self.provisioning.attestation {
+            Some(Attestation::X509 { expiry_warning, .. }) => Some(*expiry_warning),
+            _ => None,
+        }
+    }
+
     /// Reads `path`, then `config.d/*.toml` beside it (lexical order; tables merge, later files
     /// win, `[[plugin]]` entries add up), then the quickstart environment variables from `env`.
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -559,6 +576,7 @@ impl Config {
             Some(Attestation::X509 {
                 identity_cert,
                 identity_pk,
+                ..
             }) => format!(
                 "x509;cert={};pk={}",
                 identity_cert.display(),

@@ -10,6 +10,7 @@
 //! one reprovisioning, with backoff; DPS unreachable means retrying in-process forever with
 //! capped backoff and jitter.
 
+mod certificate;
 mod control;
 pub mod lifecycle;
 mod session;
@@ -142,6 +143,8 @@ struct Daemon {
     identity: Option<DeviceIdentity>,
     /// Chosen by `Start` (the cache) or `Register` (DPS).
     assignment: Option<ProvisioningCache>,
+    /// What the log last said about the identity certificate's expiry.
+    certificate_said: certificate::LastSaid,
 }
 
 /// The tasks that run beside the lifecycle, stopped with it.
@@ -236,6 +239,7 @@ impl Daemon {
             commands_tx,
             identity: None,
             assignment: None,
+            certificate_said: Default::default(),
         };
         Ok((daemon, background))
     }
@@ -262,6 +266,7 @@ impl Daemon {
         self.status
             .update(|s| s.registration_id = Some(identity.registration_id.clone()));
         self.identity = Some(identity);
+        self.check_certificate();
         match provisioning::resolve(&self.config, &self.state, life.registration_forced()) {
             Resolution::Cached(cache) => {
                 tracing::info!(hub = %cache.hub, device = %cache.device_id, "using the cached assignment (no DPS call)");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::certificate::CERTIFICATE_CHECK_EVERY;
 use super::lifecycle::{Event, Lifecycle, Phase};
 use super::status::ConnectionState;
 use super::{Command, Daemon};
@@ -41,6 +42,10 @@ impl Daemon {
 
         let mut counters =
             tokio::time::interval_at(tokio::time::Instant::now() + COUNTERS_EVERY, COUNTERS_EVERY);
+        let mut certificate_check = tokio::time::interval_at(
+            tokio::time::Instant::now() + CERTIFICATE_CHECK_EVERY,
+            CERTIFICATE_CHECK_EVERY,
+        );
         let plugin_changes = self.plugins.changes();
         let mut connected = false;
         let end = loop {
@@ -60,6 +65,12 @@ impl Daemon {
                     }
                 }
                 _ = counters.tick(), if connected => self.report_changes(&session).await,
+                _ = certificate_check.tick() => {
+                    self.check_certificate();
+                    if connected {
+                        self.report_changes(&session).await;
+                    }
+                }
                 command = self.commands.recv() => {
                     if let Some(end) = self.session_command(command) {
                         break end;

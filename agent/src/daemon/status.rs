@@ -50,6 +50,19 @@ pub struct Snapshot {
     /// Per plugin: kind, status, applied desired version, error.
     pub plugins: serde_json::Value,
     pub queue: Option<crate::telemetry::queue::QueueStats>,
+    /// The identity certificate's validity (X.509 only).
+    pub certificate: Option<CertificateStatus>,
+}
+
+/// Where the identity certificate stands (`hubagent status`, `reported.agent.identity`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CertificateStatus {
+    pub not_before: String,
+    pub not_after: String,
+    /// Whole days until `not_after` (negative once expired).
+    pub days_left: i64,
+    /// `valid`, `expiring` (within the warning lead time), `expired` or `not-yet-valid`.
+    pub expiry: &'static str,
 }
 
 /// The shared, lock-protected snapshot.

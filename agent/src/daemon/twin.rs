@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::Daemon;
+use super::certificate::certificate_reported;
 use crate::hub::{SessionHandle, TwinError, within_hub_limits};
 use crate::state::ProvisioningCache;
 use crate::telemetry::QueueStats;
@@ -20,12 +21,11 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 pub(super) fn wanted_reported(
     assignment: &ProvisioningCache,
     queue: &QueueStats,
+    identity: Option<Value>,
     plugins: Value,
 ) -> Map<String, Value> {
     let mut wanted = Map::new();
-    wanted.insert(
-        "agent".into(),
-        json!({
+    let mut agent = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "provisionedAt": assignment.provisioned_at,
             "hub": assignment.hub,
@@ -37,8 +37,11 @@ pub(super) fn wanted_reported(
                 "droppedExpired": queue.dropped_expired,
                 "droppedCorrupt": queue.dropped_corrupt,
             },
-        }),
-    );
+    });
+    if let Some(identity) = identity {
+        agent["identity"] = identity;
+    }
+    wanted.insert("agent".into(), agent);
     wanted.insert("plugins".into(), plugins);
     // Plugin names, settings and messages come from outside: a property the hub refuses would
     // make it refuse every report from now on.
@@ -113,7 +116,13 @@ impl Daemon {
         let Some(assignment) = &self.assignment else {
             return;
         };
-        let wanted = wanted_reported(assignment, &self.queue.stats(), self.plugins.reported());
+        let certificate = self.status.snapshot().certificate;
+        let wanted = wanted_reported(
+            assignment,
+            &self.queue.stats(),
+            certificate_reported(certificate.as_ref()),
+            self.plugins.reported(),
+        );
         let (changed, wire) = reported_patch(&self.twin.reported_sent, wanted);
         if changed.is_empty() {
             return;
@@ -182,7 +191,7 @@ mod tests {
             dropped_full: 2,
             ..Default::default()
         };
-        let wanted = wanted_reported(&assignment, &queue, json!({}));
+        let wanted = wanted_reported(&assignment, &queue, None, json!({}));
         assert_eq!(wanted["agent"]["hub"], "hub.example");
         assert_eq!(wanted["agent"]["deviceId"], "gw");
         assert_eq!(wanted["agent"]["queue"]["depth"], 4);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::keys::{KeyError, MemoryKey, SasSigner, check_private, derive_device_key, read_secret};
-use super::x509::check_x509_identity;
+use super::x509::{Validity, check_x509_identity};
 use crate::config::Attestation;
 
 /// How the device proves its identity to DPS and the hub.
@@ -32,6 +32,22 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
+    /// What kind of credential this is, for `hubagent check` and the logs (never key material).
+    pub fn describe(&self) -> String {
+        match self {
+            Credential::Sas(signer) => format!("SAS signing with {}", signer.describe()),
+            Credential::X509 { .. } => "X.509 certificate and private key".to_string(),
+        }
+    }
+
+    /// The identity certificate's validity period (X.509 only).
+    pub fn certificate_validity(&self) -> Option<Validity> {
+        match self {
+            Credential::X509 { cert_chain_pem, .. } => Validity::of_leaf(cert_chain_pem).ok(),
+            Credential::Sas(_) => None,
+        }
+    }
+
     /// Builds the credential an attestation names. Returns warnings (loose key-file permissions) for
     /// the daemon to log and `hubagent check` to report.
     pub fn load(
@@ -65,6 +81,7 @@ impl Credential {
             Attestation::X509 {
                 identity_cert,
                 identity_pk,
+                ..
             } => {
                 let read = |path: &Path| {
                     std::fs::read(path).map_err(|source| KeyError::Io {
@@ -141,6 +158,7 @@ mod tests {
             &Attestation::X509 {
                 identity_cert: cert_path,
                 identity_pk: key_path,
+                expiry_warning: std::time::Duration::from_secs(30 * 86_400),
             },
             "",
         )

@@ -77,13 +77,101 @@ pub fn check_x509_identity(
     Ok(warnings)
 }
 
-/// The CN of the first certificate of a PEM chain: the registration id of an X.509 device.
-pub fn certificate_common_name(cert_chain_pem: &[u8]) -> Result<String, KeyError> {
+/// The validity period of an identity certificate (the leaf), in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Where a certificate stands at a given time, measured against the warning lead time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Valid, and its end is further away than the lead time.
+    Valid { days_left: i64 },
+    /// Valid, but it ends within the lead time: renew it.
+    Expiring { days_left: i64 },
+    /// Past its end: the hub refuses it.
+    Expired,
+    /// Before its start: the certificate or, more likely on a gateway, the clock is wrong.
+    NotYetValid,
+}
+
+impl Expiry {
+    /// The name status and the twin use (`valid`, `expiring`, `expired`, `not-yet-valid`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Expiry::Valid { .. } => "valid",
+            Expiry::Expiring { .. } => "expiring",
+            Expiry::Expired => "expired",
+            Expiry::NotYetValid => "not-yet-valid",
+        }
+    }
+}
+
+impl Validity {
+    /// The leaf (first) certificate's validity period of a PEM chain.
+    pub fn of_leaf(cert_chain_pem: &[u8]) -> Result<Validity, KeyError> {
+        let der = leaf_der(cert_chain_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| KeyError::Invalid(format!("identity certificate: {e}")))?;
+        let validity = cert.validity();
+        Ok(Validity {
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+
+    /// Where the certificate stands at `now` (Unix seconds) with a warning lead time of `lead`.
+    /// Whole days left, rounded down: "0 days" is the last day.
+    pub fn at(&self, now: i64, lead: std::time::Duration) -> Expiry {
+        if now < self.not_before {
+            return Expiry::NotYetValid;
+        }
+        if now > self.not_after {
+            return Expiry::Expired;
+        }
+        let left = self.not_after - now;
+        let days_left = left / 86_400;
+        if left <= i64::try_from(lead.as_secs()).unwrap_or(i64::MAX) {
+            Expiry::Expiring { days_left }
+        } else {
+            Expiry::Valid { days_left }
+        }
+    }
+
+    /// The end of validity as RFC 3339 UTC, for status, the twin and messages.
+    pub fn not_after_rfc3339(&self) -> String {
+        rfc3339(self.not_after)
+    }
+
+    /// The start of validity as RFC 3339 UTC.
+    pub fn not_before_rfc3339(&self) -> String {
+        rfc3339(self.not_before)
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{unix}"))
+}
+
+fn leaf_der(cert_chain_pem: &[u8]) -> Result<rustls_pki_types::CertificateDer<'static>, KeyError> {
     use rustls_pki_types::pem::PemObject;
-    let der = rustls_pki_types::CertificateDer::pem_slice_iter(cert_chain_pem)
+    rustls_pki_types::CertificateDer::pem_slice_iter(cert_chain_pem)
         .next()
         .ok_or_else(|| KeyError::Invalid("no certificate in the identity certificate file".into()))?
-        .map_err(|e| KeyError::Invalid(format!("identity certificate: {e}")))?;
+        .map_err(|e| KeyError::Invalid(format!("identity certificate: {e}")))
+}
+
+/// The CN of the first certificate of a PEM chain: the registration id of an X.509 device.
+pub fn certificate_common_name(cert_chain_pem: &[u8]) -> Result<String, KeyError> {
+    let der = leaf_der(cert_chain_pem)?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| KeyError::Invalid(format!("identity certificate: {e}")))?;
     cert.subject()
@@ -92,4 +180,51 @@ pub fn certificate_common_name(cert_chain_pem: &[u8]) -> Result<String, KeyError
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string)
         .ok_or_else(|| KeyError::Invalid("the identity certificate has no subject CN".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn expiry_is_judged_against_the_lead_time_and_the_period() {
+        let v = Validity {
+            not_before: 1_000,
+            not_after: 1_000 + 40 * DAY,
+        };
+        let lead = Duration::from_secs(30 * DAY as u64);
+        assert_eq!(v.at(1_000 + 5 * DAY, lead), Expiry::Valid { days_left: 35 });
+        assert_eq!(
+            v.at(v.not_after - 30 * DAY - 1, lead),
+            Expiry::Valid { days_left: 30 }
+        );
+        assert_eq!(
+            v.at(v.not_after - 30 * DAY, lead),
+            Expiry::Expiring { days_left: 30 }
+        );
+        assert_eq!(
+            v.at(v.not_after - 1, lead),
+            Expiry::Expiring { days_left: 0 }
+        );
+        assert_eq!(v.at(v.not_after + 1, lead), Expiry::Expired);
+        assert_eq!(v.at(999, lead), Expiry::NotYetValid);
+        assert_eq!(v.at(999, lead).name(), "not-yet-valid");
+    }
+
+    #[test]
+    fn the_leaf_validity_is_read_from_the_chain() {
+        let mut params = rcgen::CertificateParams::new(vec!["gw-1".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2026, 1, 2);
+        params.not_after = rcgen::date_time_ymd(2027, 3, 4);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let v = Validity::of_leaf(pem.as_bytes()).unwrap();
+        assert_eq!(v.not_before_rfc3339(), "2026-01-02T00:00:00Z");
+        assert_eq!(v.not_after_rfc3339(), "2027-03-04T00:00:00Z");
+        let err = Validity::of_leaf(b"no pem here").unwrap_err().to_string();
+        assert!(err.contains("no certificate"), "{err}");
+    }
 }

@@ -234,11 +234,25 @@ pub enum CertKind {
 
 /// Issues a certificate with CN = `cn` into `out_dir` (`cert.pem`, `key.pem` mode 0600).
 /// `issuer_dir` holds a previous `certs` output (root or intermediate); `None` = self-signed.
+/// Valid from yesterday, for ten years (a CA) or one year (a device).
 pub fn issue(
     kind: CertKind,
     cn: &str,
     out_dir: &Path,
     issuer_dir: Option<&Path>,
+) -> anyhow::Result<IssuedCert> {
+    issue_valid(kind, cn, out_dir, issuer_dir, None)
+}
+
+/// [`issue`] with its own validity period, in days from now (`-30..5`: issued a month ago,
+/// expires in five days): certificates that expire soon, have expired or are not valid yet, for
+/// tests of what the agent says about them.
+pub fn issue_valid(
+    kind: CertKind,
+    cn: &str,
+    out_dir: &Path,
+    issuer_dir: Option<&Path>,
+    valid_days: Option<std::ops::Range<i64>>,
 ) -> anyhow::Result<IssuedCert> {
     if kind != CertKind::Device && kind != CertKind::Root && issuer_dir.is_none() {
         bail!("an intermediate CA needs --issuer");
@@ -264,6 +278,11 @@ pub fn issue(
             p
         }
     };
+    if let Some(days) = valid_days {
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + Duration::days(days.start);
+        params.not_after = now + Duration::days(days.end);
+    }
     params.use_authority_key_identifier_extension = issuer_dir.is_some();
     let (cert, chain_tail) = match issuer_dir {
         None => (params.self_signed(&key)?, String::new()),

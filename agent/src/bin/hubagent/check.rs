@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use hubagent::config::{Attestation, Config, Secret};
+use hubagent::identity::x509::{Expiry, Validity};
 use hubagent::state::{ProvisioningCache, StateDir};
 
 #[derive(Debug, Serialize)]
@@ -121,7 +122,16 @@ fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::C
             return None;
         }
     };
-    checks.push(pass("keys.load", format!("{credential:?} for '{id}'")));
+    checks.push(pass(
+        "keys.load",
+        format!("{} for '{id}'", credential.describe()),
+    ));
+    if let (Some(validity), Some(lead)) = (
+        credential.certificate_validity(),
+        config.certificate_expiry_warning(),
+    ) {
+        checks.push(certificate_expiry(validity, lead));
+    }
     secret_files(config, checks);
     match hubagent::provisioning::client_tls(config, &credential) {
         Ok(tls) => {
@@ -138,6 +148,43 @@ fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::C
             checks.push(fail("tls.trust", e));
             None
         }
+    }
+}
+
+/// A certificate that ends within this fails the check: too close to leave to the next visit.
+const EXPIRY_FAIL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// identity.expiry: the identity certificate is valid now and not about to end (a warning within
+/// the configured lead time, a failure within a week); "not yet valid" points at the clock.
+fn certificate_expiry(validity: Validity, lead: Duration) -> Check {
+    let now = i64::try_from(hubagent::util::time::unix_now()).unwrap_or(i64::MAX);
+    let until = validity.not_after_rfc3339();
+    match (validity.at(now, lead), validity.at(now, EXPIRY_FAIL)) {
+        (Expiry::Expired, _) => fail(
+            "identity.expiry",
+            format!(
+                "the certificate expired on {until}: the hub refuses it; install a renewed one"
+            ),
+        ),
+        (Expiry::NotYetValid, _) => fail(
+            "identity.expiry",
+            format!(
+                "the certificate is valid only from {}: the system clock or the certificate is wrong (check NTP)",
+                validity.not_before_rfc3339()
+            ),
+        ),
+        (_, Expiry::Expiring { days_left }) => fail(
+            "identity.expiry",
+            format!("the certificate expires on {until} ({days_left} days left): renew it now"),
+        ),
+        (Expiry::Expiring { days_left }, _) => warn(
+            "identity.expiry",
+            format!("the certificate expires on {until} ({days_left} days left): plan its renewal"),
+        ),
+        (Expiry::Valid { days_left }, _) => pass(
+            "identity.expiry",
+            format!("the certificate is valid until {until} ({days_left} days)"),
+        ),
     }
 }
 

@@ -207,6 +207,15 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             println!("  published:       {}", field("published"));
             println!("  queued:          {}", field("queue_depth"));
             println!("  desired version: {}", field("desired_version"));
+            let certificate = &answer["certificate"];
+            if certificate.is_object() {
+                println!(
+                    "  certificate:     {} until {} ({} days)",
+                    certificate["expiry"].as_str().unwrap_or("?"),
+                    certificate["not_after"].as_str().unwrap_or("?"),
+                    certificate["days_left"]
+                );
+            }
             if answer["last_error"].is_string() {
                 println!("  last error:      {}", field("last_error"));
             }

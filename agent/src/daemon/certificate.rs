@@ -1,0 +1,93 @@
+//! The identity certificate over time: where it stands against its validity period, told to the
+//! operator when it changes (the log), and always visible (`hubagent status`, the twin). Checked at
+//! every start and hourly while the daemon runs, so a gateway left alone for months warns as soon
+//! as its certificate enters the warning lead time (`expiry_warning`).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::Daemon;
+use super::status::CertificateStatus;
+use crate::identity::x509::{Expiry, Validity};
+use crate::util::time::unix_now;
+
+/// How often a running daemon looks at the certificate again.
+pub(super) const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(3600);
+
+/// What was last said about the certificate, so each state (and each day of the warning period)
+/// is logged once, not every hour.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LastSaid(Option<(&'static str, i64)>);
+
+impl LastSaid {
+    /// A valid certificate is worth one line; an expiring one a line a day.
+    fn of(expiry: Expiry) -> LastSaid {
+        match expiry {
+            Expiry::Expiring { days_left } => LastSaid(Some((expiry.name(), days_left))),
+            _ => LastSaid(Some((expiry.name(), 0))),
+        }
+    }
+}
+
+impl Daemon {
+    /// Re-reads where the identity certificate stands; logs when that changed; updates status.
+    pub(super) fn check_certificate(&mut self) {
+        let (Some(identity), Some(lead)) =
+            (&self.identity, self.config.certificate_expiry_warning())
+        else {
+            self.status.update(|s| s.certificate = None);
+            return;
+        };
+        let Some(validity) = identity.credential.certificate_validity() else {
+            return;
+        };
+        let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+        let expiry = validity.at(now, lead);
+        if self.certificate_said != LastSaid::of(expiry) {
+            log_expiry(&validity, expiry);
+            self.certificate_said = LastSaid::of(expiry);
+        }
+        let status = certificate_status(&validity, expiry, now);
+        self.status.update(|s| s.certificate = Some(status));
+    }
+}
+
+fn certificate_status(validity: &Validity, expiry: Expiry, now: i64) -> CertificateStatus {
+    CertificateStatus {
+        not_before: validity.not_before_rfc3339(),
+        not_after: validity.not_after_rfc3339(),
+        days_left: (validity.not_after - now).div_euclid(86_400),
+        expiry: expiry.name(),
+    }
+}
+
+fn log_expiry(validity: &Validity, expiry: Expiry) {
+    let until = validity.not_after_rfc3339();
+    match expiry {
+        Expiry::Valid { days_left } => {
+            tracing::info!("the identity certificate is valid until {until} ({days_left} days)")
+        }
+        Expiry::Expiring { days_left } => tracing::warn!(
+            "the identity certificate expires on {until} ({days_left} days left): renew it before then, or the hub will refuse the device"
+        ),
+        Expiry::Expired => tracing::error!(
+            "the identity certificate expired on {until}: the hub refuses it; install a renewed certificate"
+        ),
+        Expiry::NotYetValid => tracing::error!(
+            "the identity certificate is valid only from {}: the system clock or the certificate is wrong (check NTP)",
+            validity.not_before_rfc3339()
+        ),
+    }
+}
+
+/// `reported.agent.identity`: the certificate's end and state, or nothing for SAS credentials.
+pub(super) fn certificate_reported(status: Option<&CertificateStatus>) -> Option<Value> {
+    status.map(|c| {
+        json!({
+            "certificateNotAfter": c.not_after,
+            "daysLeft": c.days_left,
+            "expiry": c.expiry,
+        })
+    })
+}
