@@ -34,6 +34,9 @@ pub struct ProvisioningCache {
     /// The full `registrationState` DPS returned.
     #[serde(default)]
     pub registration: Value,
+    /// DPS accepted the secondary key (the primary was refused): the hub gets it too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secondary_key: bool,
 }
 
 /// The twin as last seen: desired properties with their version, and the reported properties the
@@ -185,6 +188,7 @@ mod tests {
             provisioned_at: "2026-11-23T00:00:00Z".into(),
             fingerprint: "f".into(),
             registration: serde_json::json!({"assignedHub": "hub"}),
+            secondary_key: false,
         };
         state.save_provisioning(&cache).unwrap();
         assert_eq!(state.load_provisioning().unwrap(), Some(cache));

@@ -177,6 +177,95 @@ async fn symmetric_key_group_with_derived_key() {
     assert_eq!(state["symmetricKey"]["enrollmentGroupId"], "att-fleet");
 }
 
+/// Key rotation without a visit: the group's primary key is regenerated in DPS (and the hub no
+/// longer takes the device key derived from it); the agent, refused by the hub and then by DPS,
+/// registers with the secondary key, says so, and keeps it across a restart without a new
+/// registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_primary_key_falls_back_to_the_secondary() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let keys = key_pair();
+    Enrollment::symmetric_key(&keys).group(&sim, "att-rotating");
+    let primary = write_key(dir.path(), "group.key", &keys.primary_key);
+    let secondary = write_key(dir.path(), "group-secondary.key", &keys.secondary_key);
+    let device = "att-rot-1";
+    let config = config(
+        dir.path(),
+        &running,
+        Some(device),
+        &format!(
+            "method = \"symmetric_key\"\ngroup_key = {{ file = \"{}\" }}\nsecondary_key = {{ file = \"{}\" }}",
+            primary.display(),
+            secondary.display()
+        ),
+    );
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| reported(s, device, "agent")["identity"]["key"]
+            == "primary")
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.status()["key"], "primary");
+
+    // The operator regenerates the primary key: DPS and the hub no longer take it.
+    sim.mutate(|s| {
+        let group = s.groups.get_mut("att-rotating").unwrap();
+        group.common.attestation = hubsim::state::Attestation::SymmetricKey {
+            symmetric_key: hubsim::state::SymmetricKeyPair {
+                primary_key: hubsim::state::random_key(),
+                secondary_key: keys.secondary_key.clone(),
+            },
+        };
+    })
+    .unwrap();
+    let key = device_key(&sim, device);
+    sim.mutate(|s| {
+        let d = s.devices.get_mut(&key).unwrap();
+        if let Some(pair) = d.authentication.symmetric_key.as_mut() {
+            pair.primary_key = hubsim::state::random_key();
+            pair.secondary_key = hubsim::state::random_key();
+        }
+    })
+    .unwrap();
+    let before = telemetry_count(&sim, device);
+    assert!(drop_connection(&sim, device), "no live connection");
+    assert!(
+        sim.wait_until(
+            LONG_WAIT,
+            |s| reported(s, device, "agent")["identity"]["key"] == "secondary"
+                && telemetry_count(s, device) > before + 2
+        )
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, device), 2);
+    assert_eq!(agent.status()["key"], "secondary");
+    let log = agent.log_text();
+    assert!(
+        log.contains("DPS refused the primary key") && log.contains("trying the secondary key"),
+        "{log}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+
+    // A restart goes straight to the hub with the secondary key: no new registration.
+    let connects = hub_connects(&sim, device);
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, device) > connects)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&sim, device), 2, "{}", agent.log_text());
+    assert_eq!(agent.status()["key"], "secondary");
+    assert_eq!(agent.stop(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x509_individual_self_signed() {
     let dir = tempfile::tempdir().unwrap();

@@ -90,6 +90,7 @@ pub(super) fn key_sources(p: &Provisioning) -> Result<(), Invalid> {
         Some(Attestation::SymmetricKey {
             key: None,
             group_key: None,
+            ..
         }) => Err(invalid(
             "provisioning.attestation",
             "symmetric_key needs key = { file = ... } or group_key = { file = ... }",
@@ -97,6 +98,7 @@ pub(super) fn key_sources(p: &Provisioning) -> Result<(), Invalid> {
         Some(Attestation::SymmetricKey {
             key: Some(_),
             group_key: Some(_),
+            ..
         }) => Err(invalid(
             "provisioning.attestation",
             "give either key or group_key, not both",

@@ -146,6 +146,7 @@ impl Provisioning {
             self.attestation = Some(Attestation::SymmetricKey {
                 key: Some(Secret::Value { value: key }),
                 group_key: None,
+                secondary_key: None,
             });
         }
     }
@@ -189,6 +190,11 @@ pub enum Attestation {
         key: Option<Secret>,
         /// An enrollment group's key: the agent derives the device key from it.
         group_key: Option<Secret>,
+        /// The secondary key of the same kind (the device's, or the group's), tried when DPS
+        /// refuses the one in use: keys can be rotated without a visit (docs/configuration.md).
+        /// Not part of the identity: adding or changing it never reprovisions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secondary_key: Option<Secret>,
     },
     X509 {
         /// PEM certificate chain, leaf first.
@@ -566,7 +572,7 @@ impl Config {
         };
         let attestation = match &p.attestation {
             None => "-".to_string(),
-            Some(Attestation::SymmetricKey { key, group_key }) => {
+            Some(Attestation::SymmetricKey { key, group_key, .. }) => {
                 format!(
                     "symmetric_key;key={};group_key={}",
                     secret(key),
@@ -812,7 +818,8 @@ max_message_size = "128KiB"
                 key: Some(Secret::File {
                     file: "/etc/hubagent/other.key".into()
                 }),
-                group_key: None
+                group_key: None,
+                secondary_key: None,
             })
         );
         // Each file alone is fine; merged, an x509 field sits in a symmetric_key attestation.

@@ -81,13 +81,20 @@ fn log_expiry(validity: &Validity, expiry: Expiry) {
     }
 }
 
-/// `reported.agent.identity`: the certificate's end and state, or nothing for SAS credentials.
-pub(super) fn certificate_reported(status: Option<&CertificateStatus>) -> Option<Value> {
-    status.map(|c| {
-        json!({
-            "certificateNotAfter": c.not_after,
-            "daysLeft": c.days_left,
-            "expiry": c.expiry,
-        })
-    })
+/// `reported.agent.identity`: the certificate's end and state, and which key is in use when a
+/// secondary is configured; nothing for a credential without either.
+pub(super) fn identity_reported(
+    certificate: Option<&CertificateStatus>,
+    key: Option<&'static str>,
+) -> Option<Value> {
+    let mut identity = serde_json::Map::new();
+    if let Some(c) = certificate {
+        identity.insert("certificateNotAfter".into(), json!(c.not_after));
+        identity.insert("daysLeft".into(), json!(c.days_left));
+        identity.insert("expiry".into(), json!(c.expiry));
+    }
+    if let Some(key) = key {
+        identity.insert("key".into(), json!(key));
+    }
+    (!identity.is_empty()).then_some(Value::Object(identity))
 }

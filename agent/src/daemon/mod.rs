@@ -269,6 +269,7 @@ impl Daemon {
         self.check_certificate();
         match provisioning::resolve(&self.config, &self.state, life.registration_forced()) {
             Resolution::Cached(cache) => {
+                self.use_cached_key(&cache);
                 tracing::info!(hub = %cache.hub, device = %cache.device_id, "using the cached assignment (no DPS call)");
                 self.status.update(|s| {
                     s.provisioning = ProvisioningState::Cached;
@@ -294,7 +295,7 @@ impl Daemon {
 
     /// `Phase::Register`: one registration attempt (a manual configuration needs none).
     async fn register(&mut self, life: &mut Lifecycle) {
-        let identity = self.identity.clone().expect("Start loads the identity");
+        let mut identity = self.identity.clone().expect("Start loads the identity");
         let manual = self.config.provisioning.source == Source::Manual;
         if !manual {
             self.status
@@ -304,38 +305,57 @@ impl Daemon {
                 identity.registration_id
             ));
         }
-        match provisioning::register_once(&self.config, &identity).await {
-            Ok(assignment) => {
-                if !manual {
-                    tracing::info!(hub = %assignment.assigned_hub, device = %assignment.device_id, substatus = %assignment.substatus, "provisioned by DPS");
-                }
-                self.status.update(|s| {
-                    s.provisioning = ProvisioningState::Provisioned;
-                    s.last_error = None;
-                });
-                let (cache, saved) = provisioning::record(&self.state, &self.config, assignment);
-                if let Err(e) = saved {
-                    tracing::error!("cannot cache the assignment: {e}");
-                }
-                self.status
-                    .update(|s| s.provisioned_at = Some(cache.provisioned_at.clone()));
-                self.assignment = Some(cache);
-                life.on(Event::Registered);
-            }
+        let registered = provisioning::register_once(&self.config, &mut identity).await;
+        self.status.update(|s| s.key = identity.key_in_use());
+        let assignment = match registered {
+            Ok(assignment) => assignment,
             Err(e) => {
-                let transient = e.is_transient();
-                let delay = match life.on(Event::RegistrationFailed { transient }) {
-                    Phase::Wait { delay, .. } => *delay,
-                    _ => Duration::ZERO,
-                };
-                tracing::warn!(?delay, "DPS registration failed: {e}");
-                self.status.update(|s| {
-                    s.provisioning = ProvisioningState::Retrying;
-                    s.last_error = Some(e.to_string());
-                });
-                systemd::status(&format!("DPS registration failed, retrying: {e}"));
+                self.identity = Some(identity);
+                self.registration_failed(e, life);
+                return;
             }
+        };
+        if !manual {
+            tracing::info!(hub = %assignment.assigned_hub, device = %assignment.device_id, substatus = %assignment.substatus, "provisioned by DPS");
         }
+        let (cache, saved) = provisioning::record(&self.state, &self.config, assignment, &identity);
+        if let Err(e) = saved {
+            tracing::error!("cannot cache the assignment: {e}");
+        }
+        self.status.update(|s| {
+            s.provisioning = ProvisioningState::Provisioned;
+            s.last_error = None;
+            s.provisioned_at = Some(cache.provisioned_at.clone());
+        });
+        self.identity = Some(identity);
+        self.assignment = Some(cache);
+        life.on(Event::Registered);
+    }
+
+    /// The key DPS last accepted is the one the hub gets (the secondary after a rotation).
+    fn use_cached_key(&mut self, cache: &ProvisioningCache) {
+        let Some(identity) = self.identity.as_mut() else {
+            return;
+        };
+        if cache.secondary_key && !identity.on_secondary && identity.switch_key() {
+            tracing::info!("using the secondary key, which DPS accepted at the last registration");
+        }
+        self.status.update(|s| s.key = identity.key_in_use());
+    }
+
+    /// A failed registration: the lifecycle decides how long to wait; the status says why.
+    fn registration_failed(&mut self, e: provisioning::dps::DpsError, life: &mut Lifecycle) {
+        let transient = e.is_transient();
+        let delay = match life.on(Event::RegistrationFailed { transient }) {
+            Phase::Wait { delay, .. } => *delay,
+            _ => Duration::ZERO,
+        };
+        tracing::warn!(?delay, "DPS registration failed: {e}");
+        self.status.update(|s| {
+            s.provisioning = ProvisioningState::Retrying;
+            s.last_error = Some(e.to_string());
+        });
+        systemd::status(&format!("DPS registration failed, retrying: {e}"));
     }
 
     /// `Phase::Wait`: waits for the delay, a command, or a step of the wall clock.

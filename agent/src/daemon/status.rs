@@ -50,6 +50,8 @@ pub struct Snapshot {
     /// Per plugin: kind, status, applied desired version, error.
     pub plugins: serde_json::Value,
     pub queue: Option<crate::telemetry::queue::QueueStats>,
+    /// Which symmetric key is in use, `primary` or `secondary`, when a secondary is configured.
+    pub key: Option<&'static str>,
     /// The identity certificate's validity (X.509 only).
     pub certificate: Option<CertificateStatus>,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::Daemon;
-use super::certificate::certificate_reported;
+use super::certificate::identity_reported;
 use crate::hub::{SessionHandle, TwinError, within_hub_limits};
 use crate::state::ProvisioningCache;
 use crate::telemetry::QueueStats;
@@ -116,11 +116,11 @@ impl Daemon {
         let Some(assignment) = &self.assignment else {
             return;
         };
-        let certificate = self.status.snapshot().certificate;
+        let snapshot = self.status.snapshot();
         let wanted = wanted_reported(
             assignment,
             &self.queue.stats(),
-            certificate_reported(certificate.as_ref()),
+            identity_reported(snapshot.certificate.as_ref(), snapshot.key),
             self.plugins.reported(),
         );
         let (changed, wire) = reported_patch(&self.twin.reported_sent, wanted);
@@ -185,6 +185,7 @@ mod tests {
             provisioned_at: "2026-12-05T00:00:00Z".into(),
             fingerprint: "f".into(),
             registration: Value::Null,
+            secondary_key: false,
         };
         let queue = QueueStats {
             depth: 4,

@@ -48,6 +48,25 @@ impl Credential {
         }
     }
 
+    /// The secondary symmetric key an attestation names (`secondary_key`: the device's, or the
+    /// group's when the primary is a `group_key`), for when DPS refuses the primary.
+    pub fn load_secondary(
+        attestation: &Attestation,
+        registration_id: &str,
+    ) -> Result<Option<(Credential, Vec<String>)>, KeyError> {
+        match attestation {
+            Attestation::SymmetricKey {
+                secondary_key: Some(secret),
+                group_key,
+                ..
+            } => {
+                let group = group_key.is_some().then_some(registration_id);
+                sas_credential(secret, group).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Builds the credential an attestation names. Returns warnings (loose key-file permissions) for
     /// the daemon to log and `hubagent check` to report.
     pub fn load(
@@ -57,24 +76,11 @@ impl Credential {
         match attestation {
             Attestation::SymmetricKey {
                 key: Some(secret), ..
-            } => {
-                let (text, source, warnings) = read_secret(secret)?;
-                let key = MemoryKey::from_base64(&text, &source)?;
-                Ok((Credential::Sas(Arc::new(key)), warnings))
-            }
+            } => sas_credential(secret, None),
             Attestation::SymmetricKey {
                 group_key: Some(secret),
                 ..
-            } => {
-                let (text, source, warnings) = read_secret(secret)?;
-                let group = MemoryKey::from_base64(&text, &source)?;
-                let derived = derive_device_key(&group, registration_id)?;
-                let key = MemoryKey::from_base64(
-                    &derived,
-                    &format!("device key derived for '{registration_id}' from group {source}"),
-                )?;
-                Ok((Credential::Sas(Arc::new(key)), warnings))
-            }
+            } => sas_credential(secret, Some(registration_id)),
             Attestation::SymmetricKey { .. } => Err(KeyError::Invalid(
                 "symmetric_key attestation needs key or group_key".into(),
             )),
@@ -125,6 +131,24 @@ impl Credential {
             )),
         }
     }
+}
+
+/// A SAS credential from a key secret; with `group_of`, the key is an enrollment group's and the
+/// device key for that registration id is derived from it.
+fn sas_credential(
+    secret: &crate::config::Secret,
+    group_of: Option<&str>,
+) -> Result<(Credential, Vec<String>), KeyError> {
+    let (text, source, warnings) = read_secret(secret)?;
+    let key = MemoryKey::from_base64(&text, &source)?;
+    let key = match group_of {
+        None => key,
+        Some(registration_id) => MemoryKey::from_base64(
+            &derive_device_key(&key, registration_id)?,
+            &format!("device key derived for '{registration_id}' from group {source}"),
+        )?,
+    };
+    Ok((Credential::Sas(Arc::new(key)), warnings))
 }
 
 #[cfg(test)]
@@ -222,6 +246,7 @@ mod tests {
                     value: format!("  {K1}\n"),
                 }),
                 group_key: None,
+                secondary_key: None,
             },
             "gw",
         )
@@ -239,6 +264,7 @@ mod tests {
                     value: String::new(),
                 }),
                 group_key: None,
+                secondary_key: None,
             },
             "gw",
         )
@@ -261,6 +287,7 @@ mod tests {
             &Attestation::SymmetricKey {
                 key: None,
                 group_key: Some(Secret::File { file: path.clone() }),
+                secondary_key: None,
             },
             "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
         )
@@ -310,6 +337,7 @@ mod tests {
             &Attestation::SymmetricKey {
                 key: Some(Secret::File { file: path }),
                 group_key: None,
+                secondary_key: None,
             },
             "gw",
         )

@@ -62,6 +62,14 @@ pub enum DpsError {
 }
 
 impl DpsError {
+    /// DPS refused the credential itself (CONNACK not authorized, or 401).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(
+            self,
+            DpsError::NotAuthorized { .. } | DpsError::Service { status: 401, .. }
+        )
+    }
+
     /// Worth retrying later (network, throttling, server errors), as opposed to a configuration
     /// or enrollment problem an operator must fix (still retried, but slowly).
     pub fn is_transient(&self) -> bool {

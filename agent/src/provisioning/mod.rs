@@ -197,8 +197,36 @@ pub fn client_tls(
 #[derive(Clone)]
 pub struct DeviceIdentity {
     pub registration_id: String,
+    /// The credential in use: the primary key, or the secondary after DPS refused the primary.
     pub credential: Credential,
     pub tls: Arc<rustls::ClientConfig>,
+    /// The other symmetric key (`secondary_key`), when one is configured.
+    pub other_key: Option<Credential>,
+    /// Whether `credential` is the secondary key.
+    pub on_secondary: bool,
+}
+
+impl DeviceIdentity {
+    /// Swaps the key in use with the other one; false when there is no other key.
+    pub fn switch_key(&mut self) -> bool {
+        let Some(other) = self.other_key.take() else {
+            return false;
+        };
+        self.other_key = Some(std::mem::replace(&mut self.credential, other));
+        self.on_secondary = !self.on_secondary;
+        true
+    }
+
+    /// "primary" or "secondary" when a secondary key is configured (for status and the twin).
+    pub fn key_in_use(&self) -> Option<&'static str> {
+        self.other_key.as_ref().map(|_| {
+            if self.on_secondary {
+                "secondary"
+            } else {
+                "primary"
+            }
+        })
+    }
 }
 
 /// Which part of the identity could not be loaded (the text says why, never with key material).
@@ -218,10 +246,23 @@ pub fn device_identity(config: &Config) -> Result<DeviceIdentity, IdentityError>
     let credential =
         load_credential(config, &registration_id).map_err(IdentityError::Credential)?;
     let tls = client_tls(config, &credential).map_err(IdentityError::Tls)?;
+    let other_key = match &config.provisioning.attestation {
+        Some(attestation) => Credential::load_secondary(attestation, &registration_id)
+            .map_err(|e| IdentityError::Credential(format!("secondary_key: {e}")))?
+            .map(|(credential, warnings)| {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                credential
+            }),
+        None => None,
+    };
     Ok(DeviceIdentity {
         registration_id,
         credential,
         tls,
+        other_key,
+        on_secondary: false,
     })
 }
 
@@ -276,9 +317,11 @@ pub fn resolve(config: &Config, state: &StateDir, force: bool) -> Resolution {
 
 /// One registration attempt: DPS (MQTT, or HTTPS for TPM attestation), or, for a manual
 /// configuration, the hub and device the configuration names.
+/// With a secondary key configured, DPS refusing the key in use makes it try the other one at
+/// once; `identity` then keeps the key DPS accepted (the hub gets the same).
 pub async fn register_once(
     config: &Config,
-    identity: &DeviceIdentity,
+    identity: &mut DeviceIdentity,
 ) -> Result<Assignment, dps::DpsError> {
     // No DPS endpoint: a manual configuration names its hub and device itself.
     let Some(request) = dps_request(config, &identity.registration_id) else {
@@ -294,7 +337,26 @@ pub async fn register_once(
             registration_state: serde_json::Value::Null,
         });
     };
-    register(config, &request, &identity.credential, identity.tls.clone()).await
+    let first = register(config, &request, &identity.credential, identity.tls.clone()).await;
+    match first {
+        Err(e) if e.is_unauthorized() && identity.switch_key() => {
+            let (refused, trying) = match identity.on_secondary {
+                true => ("primary", "secondary"),
+                false => ("secondary", "primary"),
+            };
+            tracing::warn!(
+                "DPS refused the {refused} key ({e}); trying the {trying} key (secondary_key)"
+            );
+            let second =
+                register(config, &request, &identity.credential, identity.tls.clone()).await;
+            if second.is_err() {
+                // Neither key works: start over from the configured order next time.
+                identity.switch_key();
+            }
+            second
+        }
+        other => other,
+    }
 }
 
 /// The cache entry for a new assignment (stamped now, with the settings' fingerprint), saved to
@@ -303,8 +365,10 @@ pub fn record(
     state: &StateDir,
     config: &Config,
     assignment: Assignment,
+    identity: &DeviceIdentity,
 ) -> (ProvisioningCache, Result<(), crate::state::StateError>) {
     let cache = ProvisioningCache {
+        secondary_key: identity.on_secondary,
         hub: assignment.assigned_hub,
         device_id: assignment.device_id,
         provisioned_at: crate::util::time::now_rfc3339(),
@@ -325,11 +389,11 @@ pub async fn provision_once(
     if let Resolution::Cached(cache) = resolve(config, &state, force) {
         return Ok((cache, false));
     }
-    let identity = device_identity(config).map_err(|e| e.to_string())?;
-    let assignment = register_once(config, &identity)
+    let mut identity = device_identity(config).map_err(|e| e.to_string())?;
+    let assignment = register_once(config, &mut identity)
         .await
         .map_err(|e| e.to_string())?;
-    let (cache, saved) = record(&state, config, assignment);
+    let (cache, saved) = record(&state, config, assignment, &identity);
     saved.map_err(|e| e.to_string())?;
     Ok((cache, true))
 }

@@ -191,7 +191,11 @@ fn certificate_expiry(validity: Validity, lead: Duration) -> Check {
 /// keys.private: every secret the attestation reads from a file is readable by its owner only.
 fn secret_files(config: &Config, checks: &mut Vec<Check>) {
     let secrets = match &config.provisioning.attestation {
-        Some(Attestation::SymmetricKey { key, group_key }) => vec![key, group_key],
+        Some(Attestation::SymmetricKey {
+            key,
+            group_key,
+            secondary_key,
+        }) => vec![key, group_key, secondary_key],
         Some(Attestation::Tpm {
             owner_auth,
             endorsement_auth,
