@@ -15,13 +15,79 @@ pub const MAX_INTEGER: i64 = 4_503_599_627_370_495;
 /// Objects and arrays nest at most this many levels below `reported` (its own properties are
 /// level 1).
 pub const MAX_DEPTH: usize = 10;
+/// The whole reported section, as the hub counts it ([`reported_size`]).
+pub const MAX_REPORTED_BYTES: usize = 32 * 1024;
+/// What stands in for an entry left out to keep the section under [`MAX_REPORTED_BYTES`].
+pub const OMITTED: &str = "omitted: the reported properties would exceed IoT Hub's 32 KB limit";
 
 /// Makes a reported-properties document one the hub accepts, changing only what it would refuse:
 /// property names lose control characters, `.`, `$` and spaces (each becomes `_`) and are cut to
 /// 1 KB; strings are cut to 4 KB (saying so); integers outside ±2^52 become strings; objects and
 /// arrays nested deeper than 10 levels become their JSON text; `null` inside arrays is dropped.
+/// Then, while the whole section is over 32 KB, its largest entry one level down (one plugin's
+/// properties, say) is replaced by [`OMITTED`], so what is small (the agent's own state) stays.
 pub fn within_hub_limits(section: Map<String, Value>) -> Map<String, Value> {
-    fit_object(section, 1)
+    let mut section = fit_object(section, 1);
+    while reported_size(&section) > MAX_REPORTED_BYTES {
+        if !omit_largest_entry(&mut section) {
+            break;
+        }
+    }
+    section
+}
+
+/// A section's size as the hub counts it (hubsim counts the same way; docs/hubsim.md cites
+/// Azure): each property's name plus its value, strings by their characters without control
+/// characters, numbers 8, booleans 4, objects and arrays the sum of what they hold.
+pub fn reported_size(section: &Map<String, Value>) -> usize {
+    section
+        .iter()
+        .map(|(k, v)| text_size(k) + value_size(v))
+        .sum()
+}
+
+fn text_size(text: &str) -> usize {
+    text.chars().filter(|c| !c.is_control()).count()
+}
+
+fn value_size(value: &Value) -> usize {
+    match value {
+        Value::String(s) => text_size(s),
+        Value::Number(_) => 8,
+        Value::Bool(_) => 4,
+        Value::Null => 0,
+        Value::Array(items) => items.iter().map(value_size).sum(),
+        Value::Object(map) => reported_size(map),
+    }
+}
+
+/// Replaces the largest entry below a top-level object (or, with none left, the largest
+/// top-level value) by [`OMITTED`]; false when nothing is left to shrink.
+fn omit_largest_entry(section: &mut Map<String, Value>) -> bool {
+    let omitted = Value::String(OMITTED.into());
+    let largest_nested = section
+        .iter()
+        .filter_map(|(top, v)| v.as_object().map(|map| (top, map)))
+        .flat_map(|(top, map)| map.iter().map(move |(key, v)| (top, key, v)))
+        .filter(|(_, _, v)| **v != omitted)
+        .max_by_key(|(_, _, v)| value_size(v))
+        .map(|(top, key, _)| (top.clone(), key.clone()));
+    if let Some((top, key)) = largest_nested {
+        section[&top][&key] = omitted;
+        return true;
+    }
+    let largest_top = section
+        .iter()
+        .filter(|(_, v)| **v != omitted)
+        .max_by_key(|(_, v)| value_size(v))
+        .map(|(top, _)| top.clone());
+    match largest_top {
+        Some(top) => {
+            section.insert(top, omitted);
+            true
+        }
+        None => false,
+    }
 }
 
 fn fit_key(key: String) -> String {
@@ -121,6 +187,39 @@ pub(super) fn next_desired(current: u64, version: u64) -> DesiredStep {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_section_over_32_kb_loses_its_largest_entries_first() {
+        // Ten plugins of 4 KB each: 40 KB, over the limit; the agent's own entry is small.
+        let mut plugins = Map::new();
+        for i in 0..10 {
+            plugins.insert(format!("p{i}"), json!({"error": "e".repeat(4000 + i)}));
+        }
+        let section = json!({"agent": {"version": "1"}, "plugins": plugins});
+        let before = reported_size(section.as_object().unwrap());
+        assert!(before > MAX_REPORTED_BYTES, "{before}");
+        let fitted = within_hub_limits(section.as_object().unwrap().clone());
+        assert!(reported_size(&fitted) <= MAX_REPORTED_BYTES);
+        assert_eq!(fitted["agent"], json!({"version": "1"}));
+        // The largest (p9, p8, …) went first; the smaller ones stay whole.
+        assert_eq!(fitted["plugins"]["p9"], OMITTED);
+        assert_eq!(
+            fitted["plugins"]["p0"]["error"].as_str().unwrap().len(),
+            4000
+        );
+        // A section under the limit is left alone.
+        let small = json!({"plugins": {"p": {"error": "e".repeat(100)}}});
+        assert_eq!(
+            Value::Object(within_hub_limits(small.as_object().unwrap().clone())),
+            small
+        );
+        // Sizes count as the hub counts them: characters (not bytes), numbers 8, booleans 4.
+        let counted = json!({"é": "éé", "n": 1, "b": true, "o": {"a": [1, "x"]}});
+        assert_eq!(
+            reported_size(counted.as_object().unwrap()),
+            1 + 2 + 1 + 8 + 1 + 4 + 1 + 1 + 8 + 1
+        );
+    }
 
     #[test]
     fn reported_documents_are_fitted_to_the_hub_limits_and_nothing_else_changes() {
