@@ -22,7 +22,7 @@ cargo build --workspace --all-targets --locked "${tpm_features[@]}"
 echo "== rust tests (cargo nextest, with the TPM tests against swtpm)"
 cargo nextest run --workspace --locked --profile ci "${tpm_features[@]}" || failed+=("rust tests")
 
-# The Python SDK can only dial port 8883, so these run after the Rust tests, one hubsim at a time.
+# The Python SDK can only dial ports 8883 and 443, so these run after the Rust tests, one hubsim at a time.
 echo "== interop: Azure's Python device SDK against hubsim"
 HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
     -W ignore::DeprecationWarning --junitxml=target/interop-junit.xml tests/interop \

@@ -1,5 +1,6 @@
-"""Fixtures: one `hubsim serve` on 127.0.0.1:8883 (the Python SDK cannot change its port) and a
-small client for hubsim's management API, authenticated like Azure's service APIs."""
+"""Fixtures: one `hubsim serve` on 127.0.0.1:8883, with HTTPS (its API, and MQTT over WebSockets)
+on 443 (the Python SDK cannot change either port), and a small client for hubsim's management
+API, authenticated like Azure's service APIs."""
 
 import base64
 import hashlib
@@ -90,7 +91,7 @@ def hubsim():
     state = Path(tempfile.mkdtemp(prefix="hubsim-interop-"))
     log = open(state / "hubsim.log", "w")
     process = subprocess.Popen(
-        [str(binary), "serve", "--state-dir", str(state), "--mqtt-port", "8883", "--https-port", "0",
+        [str(binary), "serve", "--state-dir", str(state), "--mqtt-port", "8883", "--https-port", "443",
          "--hub", f"{HUB}={HUB_ADDRESS}", "--hub", QUICKSTART_HUB, "--retry-after", "1"],
         stdout=log,
         stderr=subprocess.STDOUT,

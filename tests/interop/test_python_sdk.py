@@ -15,13 +15,14 @@ from conftest import HUB, HUB_ADDRESS, derive_device_key
 TIMEOUT = 30
 
 
-def provision(hubsim, registration_id, key):
+def provision(hubsim, registration_id, key, websockets=False):
     client = ProvisioningDeviceClient.create_from_symmetric_key(
         provisioning_host="localhost",
         registration_id=registration_id,
         id_scope=hubsim["id_scope"],
         symmetric_key=key,
         server_verification_cert=hubsim["ca_pem"],
+        websockets=websockets,
     )
     return client.register()
 
@@ -38,7 +39,7 @@ def enroll(hubsim, registration_id, hub=HUB):
     return enrollment["attestation"]["symmetricKey"]["primaryKey"]
 
 
-def hub_client(hubsim, result, key, gateway=HUB_ADDRESS):
+def hub_client(hubsim, result, key, gateway=HUB_ADDRESS, websockets=False):
     """The assigned hub's client; the hub's name does not resolve, so the SDK dials its address
     (`gateway_hostname`) and still names the hub in its username and SAS."""
     client = IoTHubDeviceClient.create_from_symmetric_key(
@@ -47,6 +48,7 @@ def hub_client(hubsim, result, key, gateway=HUB_ADDRESS):
         device_id=result.registration_state.device_id,
         server_verification_cert=hubsim["ca_pem"],
         gateway_hostname=gateway,
+        websockets=websockets,
     )
     client.connect()
     return client
@@ -236,3 +238,43 @@ def test_dropped_connection_is_recovered_by_the_sdk(hubsim, device):
     client.send_message(Message("after the drop"))
     records = hubsim["api"].request("GET", f"/sim/telemetry/{device_id}", expect=200)
     assert records[-1]["body"] == "after the drop"
+
+
+def test_mqtt_over_websockets_on_443(hubsim):
+    """`websockets=True`: the SDK dials port 443 and speaks MQTT inside a WebSocket
+    (`/$iothub/websocket`, subprotocol `mqtt`), for DPS and for the hub, as firewalls that only
+    let HTTPS out require. hubsim records the route each connection took."""
+    key = enroll(hubsim, "py-ws-1")
+    result = provision(hubsim, "py-ws-1", key, websockets=True)
+    assert result.status == "assigned"
+    history = hubsim["api"].request("GET", "/sim/registrations", expect=200)
+    mine = [h for h in history if h["registrationId"] == "py-ws-1"]
+    assert mine[-1]["outcome"] == "assigned" and mine[-1]["transport"] == "mqtt-ws", mine
+    client = hub_client(hubsim, result, key, websockets=True)
+    client.send_message(Message("over websockets"))
+    client.patch_twin_reported_properties({"route": "websockets"})
+    hubsim["api"].request("PATCH", "/twins/py-ws-1", policy="hub", expect=200,
+                          body={"properties": {"desired": {"interval": 5}}})
+    twin = client.get_twin()
+    client.shutdown()
+    records = hubsim["api"].request("GET", "/sim/telemetry/py-ws-1", expect=200)
+    assert [r["body"] for r in records] == ["over websockets"]
+    assert twin["desired"]["interval"] == 5 and twin["reported"]["route"] == "websockets"
+    events = hubsim["api"].request("GET", "/sim/connections", expect=200)
+    connected = [(e["service"], e.get("transport")) for e in events
+                 if e["clientId"] == "py-ws-1" and e["event"] == "connected"]
+    assert connected == [("dps", "mqtt-ws"), ("hub", "mqtt-ws")], connected
+
+
+def test_websocket_upgrade_without_the_mqtt_subprotocol_is_refused(hubsim):
+    import http.client
+    import ssl
+    context = ssl.create_default_context(cadata=hubsim["ca_pem"])
+    connection = http.client.HTTPSConnection(HUB_ADDRESS, 443, context=context, timeout=TIMEOUT)
+    connection.request("GET", "/$iothub/websocket", headers={
+        "Host": HUB, "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": "chat"})
+    answer = connection.getresponse()
+    body = answer.read().decode()
+    assert answer.status == 400, (answer.status, body)
+    assert "subprotocol 'mqtt'" in body, body

@@ -33,6 +33,60 @@ pub struct PeerCertificates(pub Vec<Vec<u8>>);
 
 type AppState = Arc<Sim>;
 
+/// Which host (DPS, hubs) a connection reached, and from where: MQTT over WebSockets serves what
+/// port 8883 of the same address serves.
+#[derive(Debug, Clone)]
+pub struct Reached {
+    pub endpoint: crate::mqtt::Endpoint,
+    pub peer: std::net::SocketAddr,
+}
+
+/// MQTT over WebSockets, as DPS and IoT Hub offer it on 443: `GET /$iothub/websocket` upgraded
+/// with the subprotocol `mqtt`, MQTT packets in binary messages (docs/hubsim.md, "MQTT over
+/// WebSockets", cites Azure). The same MQTT code as port 8883 serves it, with the client
+/// certificate of the TLS connection for X.509 devices.
+async fn mqtt_over_websocket(
+    State(sim): State<AppState>,
+    Extension(reached): Extension<Reached>,
+    Extension(peer_certificates): Extension<PeerCertificates>,
+    headers: HeaderMap,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let offers_mqtt = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
+    if !offers_mqtt {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            400000,
+            "MQTT over WebSockets needs the WebSocket subprotocol 'mqtt' (Sec-WebSocket-Protocol: mqtt)",
+        );
+    }
+    upgrade
+        .protocols(["mqtt"])
+        .on_upgrade(move |socket| async move {
+            let (mqtt_side, bridge_side) = tokio::io::duplex(64 * 1024);
+            let bridge = tokio::spawn(crate::websocket::bridge(socket, bridge_side));
+            if let Err(reason) = crate::mqtt::serve_stream(
+                sim,
+                Box::new(mqtt_side),
+                crate::mqtt::Over::WebSocket,
+                peer_certificates.0,
+                reached.peer,
+                reached.endpoint,
+            )
+            .await
+            {
+                tracing::debug!(peer = %reached.peer, "mqtt over websocket ended: {reason}");
+            }
+            // The MQTT end is closed now: the bridge sends what is left (a refusing CONNACK) and ends.
+            let _ = bridge.await;
+        })
+}
+
 /// Every route, without TLS (tests drive it directly with `tower::ServiceExt::oneshot`).
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
@@ -60,6 +114,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/twins/{id}", get(get_twin).patch(patch_twin).put(put_twin))
         .route("/twins/{id}/methods", post(invoke_method))
         .route("/messages/deviceBound/{id}", post(send_c2d))
+        .route("/$iothub/websocket", get(mqtt_over_websocket))
         .route("/sim/status", get(sim_status))
         .route(
             "/sim/telemetry/{id}",
@@ -78,6 +133,7 @@ pub async fn serve(
     sim: Arc<Sim>,
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    topology: Arc<crate::mqtt::Topology>,
 ) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let app = router(sim);
@@ -98,6 +154,13 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let Ok(local) = tcp.local_addr() else {
+            continue;
+        };
+        let reached = Reached {
+            endpoint: topology.at(local.ip()),
+            peer,
+        };
         connections.spawn(async move {
             let stream =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -114,11 +177,15 @@ pub async fn serve(
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.to_vec()).collect())
                 .unwrap_or_default();
-            let app = app.layer(Extension(PeerCertificates(chain)));
+            let app = app
+                .layer(Extension(PeerCertificates(chain)))
+                .layer(Extension(reached));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
+                // MQTT over WebSockets takes the connection over after its upgrade.
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(%peer, "https connection ended: {e}");

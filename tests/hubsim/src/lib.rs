@@ -24,6 +24,7 @@ pub mod pki;
 pub mod state;
 pub mod tpm;
 pub mod twin;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -219,9 +220,9 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         }));
     }
     for listener in https {
-        let (sim, tls) = (sim.clone(), tls.clone());
+        let (sim, tls, topology) = (sim.clone(), tls.clone(), topology.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = http::serve(sim, listener, tls).await {
+            if let Err(e) = http::serve(sim, listener, tls, topology).await {
                 tracing::error!("HTTPS listener stopped: {e:#}");
             }
         }));

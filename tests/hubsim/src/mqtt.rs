@@ -19,10 +19,10 @@ use rumqttc::mqttbytes::v4::{
     Codec, ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::codec::Framed;
 
 use crate::auth::unix_now;
@@ -191,7 +191,32 @@ pub async fn serve(
     }
 }
 
-type Transport = Framed<TlsStream<TcpStream>, Codec>;
+/// What MQTT runs over once TLS is up: the TLS stream itself (port 8883), or the bytes of a
+/// WebSocket on the HTTPS port (`/$iothub/websocket`, see `http.rs`).
+pub trait MqttStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> MqttStream for T {}
+
+type Transport = Framed<Box<dyn MqttStream>, Codec>;
+
+/// How the MQTT bytes travel: recorded with each connection and DPS registration, so a test can
+/// see which route a client took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// TLS on the MQTT port (8883).
+    Tls,
+    /// WebSockets on the HTTPS port (443 on Azure).
+    WebSocket,
+}
+
+impl Over {
+    /// "mqtt" or "mqtt-ws", as the registration history and `/sim/connections` show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Over::Tls => "mqtt",
+            Over::WebSocket => "mqtt-ws",
+        }
+    }
+}
 
 /// Who a CONNECT claims to be, from its username.
 #[derive(Debug, Clone, PartialEq)]
@@ -252,8 +277,21 @@ async fn handle_connection(
         .peer_certificates()
         .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
         .unwrap_or_default();
+    serve_stream(sim, Box::new(tls), Over::Tls, peer_chain, peer, endpoint).await
+}
+
+/// One MQTT connection over `stream` (TLS already done; `peer_chain` is the client certificate
+/// chain it presented, if any), as DPS or a hub according to `endpoint`.
+pub async fn serve_stream(
+    sim: Arc<Sim>,
+    stream: Box<dyn MqttStream>,
+    over: Over,
+    peer_chain: Vec<Vec<u8>>,
+    peer: SocketAddr,
+    endpoint: Endpoint,
+) -> Result<(), String> {
     let mut transport = Framed::new(
-        tls,
+        stream,
         Codec {
             max_incoming_size: MAX_PACKET_BYTES,
             max_outgoing_size: MAX_PACKET_BYTES,
@@ -338,6 +376,7 @@ async fn handle_connection(
                 &sim,
                 transport,
                 &connect,
+                over,
                 &id_scope,
                 &registration_id,
                 credential,
@@ -345,7 +384,10 @@ async fn handle_connection(
             .await
         }
         Ok(Identity::Hub { hub, device_id }) => {
-            run_hub(&sim, transport, &connect, &hub, &device_id, credential).await
+            run_hub(
+                &sim, transport, &connect, over, &hub, &device_id, credential,
+            )
+            .await
         }
         Err(reason) => {
             record_event(&sim, &connect.client_id, "hub", "refused", Some(&reason));
@@ -362,6 +404,20 @@ fn record_event(sim: &Sim, client_id: &str, service: &str, event: &str, reason: 
         service: service.to_string(),
         event: event.to_string(),
         reason: reason.map(str::to_string),
+        transport: None,
+    };
+    sim.record(|r| r.connections.push(event));
+}
+
+/// A connection accepted, with the route it took.
+fn record_connected(sim: &Sim, client_id: &str, service: &str, over: Over) {
+    let event = ConnectionEvent {
+        time: now_rfc3339(),
+        client_id: client_id.to_string(),
+        service: service.to_string(),
+        event: "connected".to_string(),
+        reason: None,
+        transport: Some(over.name().to_string()),
     };
     sim.record(|r| r.connections.push(event));
 }
@@ -487,6 +543,7 @@ async fn run_dps(
     sim: &Arc<Sim>,
     mut transport: Transport,
     connect: &Connect,
+    over: Over,
     id_scope: &str,
     registration_id: &str,
     credential: DeviceCredential,
@@ -514,7 +571,7 @@ async fn run_dps(
         )))
         .await
         .map_err(|e| e.to_string())?;
-    record_event(sim, client_id, "dps", "connected", None);
+    record_connected(sim, client_id, "dps", over);
 
     let (_unused_tx, mut commands) = mpsc::unbounded_channel();
     let mut ids = PacketIds(0);
@@ -558,7 +615,7 @@ async fn run_dps(
                 }
                 maybe_delay(sim).await;
                 let Some((rid, response)) =
-                    dps_request(sim, id_scope, registration_id, &credential, &publish)
+                    dps_request(sim, id_scope, registration_id, &credential, &publish, over)
                 else {
                     break format!("unknown DPS topic '{}'", publish.topic);
                 };
@@ -596,6 +653,7 @@ fn dps_request(
     registration_id: &str,
     credential: &DeviceCredential,
     publish: &Publish,
+    over: Over,
 ) -> Option<(String, DpsResponse)> {
     if let Some(query) = publish
         .topic
@@ -608,7 +666,7 @@ fn dps_request(
             registration_id,
             credential,
             &publish.payload,
-            "mqtt",
+            over.name(),
         );
         return Some((rid, response));
     }
@@ -643,6 +701,7 @@ async fn run_hub(
     sim: &Arc<Sim>,
     mut transport: Transport,
     connect: &Connect,
+    over: Over,
     hub: &str,
     device_id: &str,
     credential: DeviceCredential,
@@ -702,7 +761,7 @@ async fn run_hub(
             false,
         )))
         .await;
-    record_event(sim, client_id, "hub", "connected", None);
+    record_connected(sim, client_id, "hub", over);
 
     let mut c2d_unacked = Vec::new();
     let reason = match result {

@@ -351,6 +351,9 @@ pub struct ConnectionEvent {
     pub service: String,
     pub event: String,
     pub reason: Option<String>,
+    /// For `connected`: `mqtt` (TLS on 8883) or `mqtt-ws` (WebSockets on the HTTPS port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
