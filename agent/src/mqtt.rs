@@ -17,6 +17,8 @@ pub struct ConnectOptions {
     pub client_id: String,
     pub host: String,
     pub port: u16,
+    /// MQTT straight over TLS, or inside a WebSocket (`wss://host:port/$iothub/websocket`).
+    pub websocket: bool,
     pub username: String,
     /// Empty for X.509 (the certificate in the TLS handshake is the credential).
     pub password: String,
@@ -37,14 +39,22 @@ pub struct ConnectOptions {
 
 /// Makes the client and event loop for one connection; nothing is sent before the first poll.
 pub fn client(options: &ConnectOptions) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(&options.client_id, &options.host, options.port);
+    // Over WebSockets rumqttc takes host and port from the URL; DPS and IoT Hub serve MQTT at
+    // this path with the subprotocol `mqtt` (which rumqttc asks for).
+    let broker = match options.websocket {
+        false => options.host.clone(),
+        true => format!("wss://{}:{}/$iothub/websocket", options.host, options.port),
+    };
+    let mut mqtt = MqttOptions::new(&options.client_id, broker, options.port);
     mqtt.set_keep_alive(options.keep_alive);
     mqtt.set_clean_session(options.clean_session);
     mqtt.set_inflight(options.inflight.max(1));
     mqtt.set_max_packet_size(options.max_packet_size.0, options.max_packet_size.1);
-    mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        options.tls.clone(),
-    )));
+    let tls = TlsConfiguration::Rustls(options.tls.clone());
+    mqtt.set_transport(match options.websocket {
+        false => Transport::tls_with_config(tls),
+        true => Transport::wss_with_config(tls),
+    });
     mqtt.set_credentials(&options.username, &options.password);
     mqtt.set_manual_acks(options.manual_acks);
     AsyncClient::new(mqtt, options.request_capacity.max(1))

@@ -501,3 +501,89 @@ async fn check_reports_stable_ids_and_fails_on_problems() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("[FAIL] keys.load"));
 }
+
+/// `[hub] transport = "websockets"`: DPS and the hub are reached inside WebSockets on the HTTPS
+/// port, and everything works as over 8883: registration, telemetry, a desired change
+/// acknowledged in the reported properties, a reconnection after the hub drops the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websockets_carries_the_whole_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let device = "gw-daemon-ws";
+    let (config, _) = enrolled_agent(dir.path(), &running, device);
+    let config = config
+        .extra(&format!(
+            "transport = \"websockets\"\nwebsocket_port = {}\n",
+            running.https_addr.port()
+        ))
+        .extra(&builtin_sensor("100ms"))
+        .write();
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let key = device_key(&sim, device);
+    let version = hubsim::twin::apply_desired_patch(
+        &sim,
+        &key,
+        &serde_json::json!({"plugins": {"sensor": {"interval": "200ms"}}}),
+    )
+    .unwrap();
+    assert!(
+        sim.wait_until(
+            WAIT,
+            |s| reported_plugin(s, device, "sensor")["desiredVersion"] == version
+        )
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let before = telemetry_count(&sim, device);
+    assert!(drop_connection(&sim, device), "no live connection");
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, device) >= 2
+            && telemetry_count(s, device) > before + 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // `hubagent check` tries the route the agent takes.
+    let out = agent.cli(&["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for id in ["network.dps", "network.hub"] {
+        let check = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no {id}: {report}"));
+        assert_eq!(check["result"], "pass", "{check}");
+        assert!(
+            check["detail"].as_str().unwrap().contains(&format!(
+                ":{}, MQTT over WebSockets (TLS verified",
+                running.https_addr.port()
+            )),
+            "{check}"
+        );
+    }
+    assert_eq!(agent.stop(), Some(0));
+    // Every connection, to DPS and to the hub, took the WebSocket route.
+    let routes: Vec<(String, Option<String>)> = connection_events(&sim, device)
+        .into_iter()
+        .filter(|e| e.event == "connected")
+        .map(|e| (e.service, e.transport))
+        .collect();
+    let ws = Some("mqtt-ws".to_string());
+    assert_eq!(
+        routes,
+        vec![
+            ("dps".to_string(), ws.clone()),
+            ("hub".to_string(), ws.clone()),
+            ("hub".to_string(), ws)
+        ]
+    );
+}

@@ -24,6 +24,7 @@ async fn session(
     let request = hubagent::provisioning::dps::DpsRequest {
         endpoint_host: "localhost".into(),
         port: running.mqtt_addr.port(),
+        websocket: false,
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: id.into(),
         payload: None,
@@ -36,6 +37,7 @@ async fn session(
         hub: assignment.assigned_hub,
         device_id: assignment.device_id,
         port: running.mqtt_addr.port(),
+        websocket: false,
         credential,
         tls,
         keep_alive: Duration::from_secs(30),
@@ -422,6 +424,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
     let request = hubagent::provisioning::dps::DpsRequest {
         endpoint_host: "localhost".into(),
         port: running.mqtt_addr.port(),
+        websocket: false,
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: "gw-x509-1".into(),
         payload: None,
@@ -444,6 +447,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         hub: assignment.assigned_hub,
         device_id: assignment.device_id,
         port: running.mqtt_addr.port(),
+        websocket: false,
         credential,
         tls,
         keep_alive: Duration::from_secs(30),

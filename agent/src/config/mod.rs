@@ -309,6 +309,13 @@ pub struct HubSettings {
     /// MQTT port of DPS and the hub (Azure: 8883).
     #[serde(default = "default_port")]
     pub port: u16,
+    /// How MQTT reaches DPS and the hub: `mqtt` (TLS on `port`) or `websockets` (inside a
+    /// WebSocket on `websocket_port`, through firewalls that let only HTTPS out).
+    #[serde(default)]
+    pub transport: HubTransport,
+    /// The HTTPS port MQTT over WebSockets uses (Azure: 443).
+    #[serde(default = "default_websocket_port")]
+    pub websocket_port: u16,
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     /// Lifetime of each SAS token the agent signs.
@@ -332,6 +339,8 @@ impl Default for HubSettings {
         HubSettings {
             trust_bundle: None,
             port: default_port(),
+            transport: HubTransport::default(),
+            websocket_port: default_websocket_port(),
             keep_alive: default_keep_alive(),
             sas_ttl: default_sas_ttl(),
             renew_before: default_renew_before(),
@@ -344,6 +353,30 @@ impl Default for HubSettings {
 
 fn default_port() -> u16 {
     8883
+}
+fn default_websocket_port() -> u16 {
+    443
+}
+
+/// `[hub] transport`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HubTransport {
+    /// MQTT over TLS on `[hub] port` (8883).
+    #[default]
+    Mqtt,
+    /// MQTT over WebSockets over TLS on `[hub] websocket_port` (443).
+    Websockets,
+}
+
+impl HubSettings {
+    /// The port DPS and the hub are dialled on, for the transport in use.
+    pub fn dial_port(&self) -> u16 {
+        match self.transport {
+            HubTransport::Mqtt => self.port,
+            HubTransport::Websockets => self.websocket_port,
+        }
+    }
 }
 /// A month: time for an operator to renew a certificate by hand (docs/configuration.md).
 fn default_expiry_warning() -> Duration {

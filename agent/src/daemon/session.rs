@@ -90,7 +90,8 @@ impl Daemon {
         HubParams {
             hub: assignment.hub.clone(),
             device_id: assignment.device_id.clone(),
-            port: hub.port,
+            port: hub.dial_port(),
+            websocket: hub.transport == crate::config::HubTransport::Websockets,
             credential: identity.credential.clone(),
             tls: identity.tls.clone(),
             keep_alive: hub.keep_alive,

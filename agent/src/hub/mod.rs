@@ -36,6 +36,8 @@ pub struct HubParams {
     pub hub: String,
     pub device_id: String,
     pub port: u16,
+    /// MQTT inside a WebSocket (`[hub] transport = "websockets"`).
+    pub websocket: bool,
     pub credential: Credential,
     pub tls: Arc<rustls::ClientConfig>,
     pub keep_alive: Duration,

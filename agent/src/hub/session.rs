@@ -295,6 +295,7 @@ impl Session {
             client_id: p.device_id.clone(),
             host: p.hub.clone(),
             port: p.port,
+            websocket: p.websocket,
             username: format!(
                 "{}/{}/?api-version=2021-04-12&DeviceClientType=hubagent%2F{}",
                 p.hub,

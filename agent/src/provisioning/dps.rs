@@ -18,6 +18,8 @@ use crate::util::time::{sleep_until, unix_now};
 pub struct DpsRequest {
     pub endpoint_host: String,
     pub port: u16,
+    /// MQTT inside a WebSocket (`[hub] transport = "websockets"`).
+    pub websocket: bool,
     pub id_scope: String,
     pub registration_id: String,
     pub payload: Option<Value>,
@@ -138,6 +140,7 @@ async fn connect(
         client_id: req.registration_id.clone(),
         host: req.endpoint_host.clone(),
         port: req.port,
+        websocket: req.websocket,
         username: format!(
             "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=hubagent%2F{}",
             req.id_scope,

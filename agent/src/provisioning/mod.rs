@@ -70,7 +70,12 @@ pub fn dps_request(config: &Config, registration_id: &str) -> Option<dps::DpsReq
     let endpoint = config.dps_endpoint()?;
     Some(dps::DpsRequest {
         endpoint_host: endpoint.host.clone(),
-        port: endpoint.port,
+        // Over WebSockets DPS answers on its HTTPS port, whatever the MQTT endpoint says.
+        port: match config.hub.transport {
+            crate::config::HubTransport::Mqtt => endpoint.port,
+            crate::config::HubTransport::Websockets => config.hub.websocket_port,
+        },
+        websocket: config.hub.transport == crate::config::HubTransport::Websockets,
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use hubagent::config::{Attestation, Config, Secret};
+use hubagent::config::{Attestation, Config, HubTransport, Secret};
 use hubagent::identity::x509::{Expiry, Validity};
 use hubagent::state::{ProvisioningCache, StateDir};
 
@@ -264,21 +264,38 @@ async fn network(
     tls: Option<&Arc<rustls::ClientConfig>>,
     checks: &mut Vec<Check>,
 ) {
+    // The route the agent takes: TLS on the MQTT port, or the HTTPS port for WebSockets.
+    let (route, websockets) = match config.hub.transport {
+        HubTransport::Mqtt => ("MQTT over TLS", false),
+        HubTransport::Websockets => ("MQTT over WebSockets", true),
+    };
     if let Some(dps) = config.dps_endpoint() {
-        match reachable(&dps.host, dps.port, tls).await {
-            Ok(how) => checks.push(pass("network.dps", format!("{dps} ({how})"))),
-            Err(e) => checks.push(fail("network.dps", format!("{dps}: {e}"))),
+        let port = if websockets {
+            config.hub.websocket_port
+        } else {
+            dps.port
+        };
+        match reachable(&dps.host, port, tls).await {
+            Ok(how) => checks.push(pass(
+                "network.dps",
+                format!("{}:{port}, {route} ({how})", dps.host),
+            )),
+            Err(e) => checks.push(fail(
+                "network.dps",
+                format!("{}:{port}, {route}: {e}", dps.host),
+            )),
         }
     }
     if let Some(c) = cache {
-        match reachable(&c.hub, config.hub.port, tls).await {
+        let port = config.hub.dial_port();
+        match reachable(&c.hub, port, tls).await {
             Ok(how) => checks.push(pass(
                 "network.hub",
-                format!("{}:{} ({how})", c.hub, config.hub.port),
+                format!("{}:{port}, {route} ({how})", c.hub),
             )),
             Err(e) => checks.push(fail(
                 "network.hub",
-                format!("{}:{}: {e}", c.hub, config.hub.port),
+                format!("{}:{port}, {route}: {e}", c.hub),
             )),
         }
     }
