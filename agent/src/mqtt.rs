@@ -19,6 +19,8 @@ pub struct ConnectOptions {
     pub port: u16,
     /// MQTT straight over TLS, or inside a WebSocket (`wss://host:port/$iothub/websocket`).
     pub websocket: bool,
+    /// An HTTP proxy to tunnel through (CONNECT).
+    pub proxy: Option<ProxyRoute>,
     pub username: String,
     /// Empty for X.509 (the certificate in the TLS handshake is the credential).
     pub password: String,
@@ -35,6 +37,22 @@ pub struct ConnectOptions {
     /// Incoming QoS 1 publishes are acknowledged by the caller (`AsyncClient::try_ack`) once
     /// handled, so a message that arrives as the connection closes is redelivered, not lost.
     pub manual_acks: bool,
+}
+
+/// An HTTP proxy for one connection, with the password already read (never logged).
+#[derive(Clone)]
+pub struct ProxyRoute {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, zeroize::Zeroizing<String>)>,
+    /// How errors name it (`http://user@host:port (from …)`).
+    pub describe: String,
+}
+
+impl std::fmt::Debug for ProxyRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
 }
 
 /// Makes the client and event loop for one connection; nothing is sent before the first poll.
@@ -57,6 +75,20 @@ pub fn client(options: &ConnectOptions) -> (AsyncClient, EventLoop) {
     });
     mqtt.set_credentials(&options.username, &options.password);
     mqtt.set_manual_acks(options.manual_acks);
+    if let Some(proxy) = &options.proxy {
+        mqtt.set_proxy(rumqttc::Proxy {
+            ty: rumqttc::ProxyType::Http,
+            auth: match &proxy.credentials {
+                Some((username, password)) => rumqttc::ProxyAuth::Basic {
+                    username: username.clone(),
+                    password: password.to_string(),
+                },
+                None => rumqttc::ProxyAuth::None,
+            },
+            addr: proxy.host.clone(),
+            port: proxy.port,
+        });
+    }
     AsyncClient::new(mqtt, options.request_capacity.max(1))
 }
 
@@ -99,14 +131,47 @@ impl From<ConnectionError> for ConnectError {
     }
 }
 
-/// Polls until CONNACK. Nothing else can arrive before it.
-pub async fn wait_connack(eventloop: &mut EventLoop) -> Result<(), ConnectError> {
+/// Polls until CONNACK. Nothing else can arrive before it. A proxy that refuses the tunnel is
+/// named in the error, with what its HTTP status means (`describe` is the proxy's description).
+pub async fn wait_connack(
+    eventloop: &mut EventLoop,
+    proxy: Option<&ProxyRoute>,
+) -> Result<(), ConnectError> {
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
             Ok(_) => continue,
+            Err(ConnectionError::Proxy(e)) => {
+                let describe = proxy.map_or("the proxy", |p| p.describe.as_str());
+                return Err(ConnectError::Network(proxy_refusal(describe, &e)));
+            }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// The text of a failed proxy tunnel: the proxy, and for an HTTP refusal what to check.
+fn proxy_refusal(describe: &str, error: &(dyn std::error::Error + 'static)) -> String {
+    let status = error
+        .source()
+        .and_then(|s| s.downcast_ref::<async_http_proxy::HttpError>())
+        .and_then(|e| match e {
+            async_http_proxy::HttpError::HttpCode200(code) => Some(*code),
+            _ => None,
+        });
+    match status {
+        // 407 is the standard answer; some proxies (tinyproxy) send 401.
+        Some(code @ (401 | 407)) => format!(
+            "proxy {describe} refused the tunnel: HTTP {code} (proxy authentication required: check the proxy user and proxy_password)"
+        ),
+        Some(403) => format!(
+            "proxy {describe} refused the tunnel: HTTP 403 (forbidden: the proxy does not allow this destination or port)"
+        ),
+        Some(code @ 502..=504) => {
+            format!("proxy {describe} could not reach the destination: HTTP {code}")
+        }
+        Some(code) => format!("proxy {describe} refused the tunnel: HTTP {code}"),
+        None => format!("proxy {describe}: {error}"),
     }
 }
 

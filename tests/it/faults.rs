@@ -279,6 +279,66 @@ async fn hub_refuses_connections_for_a_while() {
     .await;
 }
 
+/// The only way out is an HTTP proxy, named by `https_proxy` in the agent's environment (as a
+/// systemd drop-in sets it), and the proxy dies mid-session: the agent queues while it is gone
+/// and sends everything once it is back on its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_restarts() {
+    let mut s = Scenario::new("fault-proxy", "").await;
+    let proxy_dir = s.dir.path().join("proxy");
+    let mut proxy = Tinyproxy::start(&proxy_dir, None);
+    s.env = vec![(
+        "https_proxy".into(),
+        format!("http://127.0.0.1:{}", proxy.port),
+    )];
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    let dps = format!("localhost:{}", s.running.mqtt_addr.port());
+    assert!(
+        proxy.tunnels().contains(&dps),
+        "DPS was not reached through the proxy: {:?}",
+        proxy.tunnels()
+    );
+    assert_eq!(
+        proxy.tunnels().iter().filter(|t| **t != dps).count(),
+        1,
+        "one hub session, through the proxy: {:?}",
+        proxy.tunnels()
+    );
+
+    proxy.kill();
+    // The session was inside the tunnel: the agent is offline and queues.
+    agent
+        .wait_status("a backlog while the proxy is gone", |st| {
+            st["connection"] != "connected" && st["queue_depth"].as_u64().unwrap_or(0) >= 20
+        })
+        .await;
+    let before = telemetry_count(s.sim(), "fault-proxy");
+    let port = proxy.port;
+    drop(proxy);
+    // Same port, its own log: what it shows is the new session's.
+    let proxy = Tinyproxy::start_on(&s.dir.path().join("proxy-again"), port, None);
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| telemetry_count(sim, "fault-proxy")
+                > before)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        proxy.tunnels().iter().any(|t| *t != dps),
+        "the new session went through the proxy: {:?}",
+        proxy.tunnels()
+    );
+    s.finish(
+        agent,
+        "proxy-restart",
+        json!({"scenario": "the HTTP proxy (tinyproxy) killed and started again, 20 msg/s"}),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dps_throttles_with_429() {
     let mut s = Scenario::new("fault-throttle", "").await;

@@ -11,6 +11,7 @@
 //!   kill and stop against what arrived, and the delivery figures;
 //! - [`faults`]: dropping connections, outages, and the figures fault scenarios record;
 //! - [`mqtt`]: raw rumqttc clients, SAS tokens and HTTPS clients for hubsim's own tests;
+//! - [`proxy`]: a real HTTP proxy (tinyproxy) on loopback, and the tunnels it opened;
 //! - [`swtpm`]: a software TPM per test.
 
 use std::time::Duration;
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod delivery;
 pub mod faults;
 pub mod mqtt;
+pub mod proxy;
 pub mod sim;
 pub mod swtpm;
 pub mod telemetry;
@@ -27,6 +29,7 @@ pub use agent::*;
 pub use delivery::*;
 pub use faults::*;
 pub use mqtt::*;
+pub use proxy::*;
 pub use sim::*;
 pub use telemetry::*;
 

@@ -12,6 +12,7 @@ mod checks;
 mod endpoint;
 mod files;
 pub mod plugin;
+pub mod proxy;
 
 pub use endpoint::DpsEndpoint;
 
@@ -29,6 +30,8 @@ pub struct Config {
     pub plugins: Vec<PluginSpec>,
     /// `provisioning.global_endpoint` parsed; `None` when `source = "manual"`.
     dps_endpoint: Option<DpsEndpoint>,
+    /// The HTTP proxy in force (`[hub] proxy`, or `https_proxy` from the environment).
+    proxy: Option<proxy::Proxy>,
 }
 
 /// The merged files as serde reads them, before the checks that span keys and the typing of the
@@ -316,6 +319,11 @@ pub struct HubSettings {
     /// The HTTPS port MQTT over WebSockets uses (Azure: 443).
     #[serde(default = "default_websocket_port")]
     pub websocket_port: u16,
+    /// An HTTP proxy every connection tunnels through (CONNECT): `http://[user@]host:port`.
+    /// Without it, `https_proxy`/`HTTPS_PROXY` from the environment (`config::proxy`).
+    pub proxy: Option<String>,
+    /// The proxy user's password (`{ file = "..." }`, mode 0600, like every secret).
+    pub proxy_password: Option<Secret>,
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     /// Lifetime of each SAS token the agent signs.
@@ -341,6 +349,8 @@ impl Default for HubSettings {
             port: default_port(),
             transport: HubTransport::default(),
             websocket_port: default_websocket_port(),
+            proxy: None,
+            proxy_password: None,
             keep_alive: default_keep_alive(),
             sas_ttl: default_sas_ttl(),
             renew_before: default_renew_before(),
@@ -561,11 +571,29 @@ impl Config {
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut file: ConfigFile = files::read_merged(path)?;
         file.provisioning.apply_env(env);
-        Config::check(file).map_err(|checks::Invalid { key, message }| ConfigError::Invalid {
+        let invalid = |checks::Invalid { key, message }| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
             message,
-        })
+        };
+        let mut config = Config::check(file).map_err(invalid)?;
+        config.proxy = proxy::resolve(
+            config.hub.proxy.as_deref(),
+            config.hub.proxy_password.as_ref(),
+            env,
+        )
+        .map_err(|message| {
+            invalid(checks::Invalid {
+                key: "hub.proxy".into(),
+                message,
+            })
+        })?;
+        Ok(config)
+    }
+
+    /// The proxy a connection to `host` goes through, if any (`no_proxy` excludes hosts).
+    pub fn proxy_for(&self, host: &str) -> Option<&proxy::Proxy> {
+        self.proxy.as_ref().filter(|p| p.applies_to(host))
     }
 
     /// The checks serde cannot make, in the order operators have always seen their errors.
@@ -588,6 +616,7 @@ impl Config {
             queue: file.queue,
             plugins,
             dps_endpoint,
+            proxy: None,
         })
     }
 

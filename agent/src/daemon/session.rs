@@ -92,6 +92,7 @@ impl Daemon {
             device_id: assignment.device_id.clone(),
             port: hub.dial_port(),
             websocket: hub.transport == crate::config::HubTransport::Websockets,
+            proxy: crate::provisioning::proxy_route(&self.config, &assignment.hub),
             credential: identity.credential.clone(),
             tls: identity.tls.clone(),
             keep_alive: hub.keep_alive,

@@ -38,6 +38,8 @@ pub struct HubParams {
     pub port: u16,
     /// MQTT inside a WebSocket (`[hub] transport = "websockets"`).
     pub websocket: bool,
+    /// The HTTP proxy to tunnel through.
+    pub proxy: Option<crate::mqtt::ProxyRoute>,
     pub credential: Credential,
     pub tls: Arc<rustls::ClientConfig>,
     pub keep_alive: Duration,

@@ -296,6 +296,7 @@ impl Session {
             host: p.hub.clone(),
             port: p.port,
             websocket: p.websocket,
+            proxy: p.proxy.clone(),
             username: format!(
                 "{}/{}/?api-version=2021-04-12&DeviceClientType=hubagent%2F{}",
                 p.hub,
@@ -341,7 +342,7 @@ impl Session {
         let renew_at = matches!(self.params.credential, Credential::Sas(_))
             .then(|| Instant::now() + renew_after(self.params.sas_ttl, self.params.renew_before));
 
-        match mqtt::wait_connack(&mut eventloop).await {
+        match mqtt::wait_connack(&mut eventloop, self.params.proxy.as_ref()).await {
             Ok(()) => {}
             Err(e) if e.is_auth_refusal() => return Err(End::Unauthorized),
             Err(e) => return Err(End::Lost(e.to_string())),

@@ -20,6 +20,8 @@ pub struct DpsRequest {
     pub port: u16,
     /// MQTT inside a WebSocket (`[hub] transport = "websockets"`).
     pub websocket: bool,
+    /// The HTTP proxy to tunnel through.
+    pub proxy: Option<mqtt::ProxyRoute>,
     pub id_scope: String,
     pub registration_id: String,
     pub payload: Option<Value>,
@@ -141,6 +143,7 @@ async fn connect(
         host: req.endpoint_host.clone(),
         port: req.port,
         websocket: req.websocket,
+        proxy: req.proxy.clone(),
         username: format!(
             "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=hubagent%2F{}",
             req.id_scope,
@@ -156,7 +159,7 @@ async fn connect(
         request_capacity: 10,
         manual_acks: false,
     });
-    match mqtt::wait_connack(&mut eventloop).await {
+    match mqtt::wait_connack(&mut eventloop, req.proxy.as_ref()).await {
         Ok(()) => Ok((client, eventloop)),
         Err(e) if e.is_auth_refusal() => Err(DpsError::NotAuthorized {
             registration_id: req.registration_id.clone(),

@@ -76,10 +76,42 @@ pub fn dps_request(config: &Config, registration_id: &str) -> Option<dps::DpsReq
             crate::config::HubTransport::Websockets => config.hub.websocket_port,
         },
         websocket: config.hub.transport == crate::config::HubTransport::Websockets,
+        proxy: proxy_route(config, &endpoint.host),
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),
         timeout: Duration::from_secs(60),
+    })
+}
+
+/// The proxy a connection to `host` tunnels through, its password read now. A password that
+/// cannot be read is logged (naming the file) and the proxy is tried without: it then refuses
+/// with 407, which names the proxy.
+pub fn proxy_route(config: &Config, host: &str) -> Option<crate::mqtt::ProxyRoute> {
+    let proxy = config.proxy_for(host)?;
+    let password = match &proxy.password {
+        Some(secret) => match keys::read_secret(secret) {
+            Ok((text, _, warnings)) => {
+                for w in warnings {
+                    tracing::warn!("proxy_password: {w}");
+                }
+                Some(text)
+            }
+            Err(e) => {
+                tracing::error!("proxy_password of {proxy}: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    Some(crate::mqtt::ProxyRoute {
+        host: proxy.host.clone(),
+        port: proxy.port,
+        credentials: proxy
+            .user
+            .clone()
+            .map(|user| (user, password.unwrap_or_default())),
+        describe: proxy.to_string(),
     })
 }
 

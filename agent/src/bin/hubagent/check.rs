@@ -203,6 +203,11 @@ fn secret_files(config: &Config, checks: &mut Vec<Check>) {
         }) => vec![owner_auth, endorsement_auth],
         _ => vec![],
     };
+    // The proxy password is a secret like the keys.
+    let secrets: Vec<&Option<Secret>> = secrets
+        .into_iter()
+        .chain([&config.hub.proxy_password])
+        .collect();
     for secret in secrets.into_iter().flatten() {
         if let Secret::File { file } = secret {
             match hubagent::identity::keys::check_private(file) {
