@@ -485,12 +485,14 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     let drained = drain(&agent, &acked, messages, LONG_WAIT).await;
     let list = agent.plugins_list();
     let st = agent.status();
+    // Read before the stop: a publish racing the stop may be refused, which is no failure.
+    let record = library_record(&s.lib_record);
     assert_eq!(agent.stop(), Some(0));
     drained.unwrap_or_else(|e| panic!("reject-new: {e}"));
-    let record = library_record(&s.lib_record);
+    let refused: Vec<_> = record.iter().filter(|(_, r)| *r != "ok").collect();
     assert!(
-        record.values().all(|r| r == "ok"),
-        "every publish succeeded"
+        refused.is_empty(),
+        "every publish before the stop succeeded: {refused:?}"
     );
     Delivery::of(&acked, &messages()).assert_nothing_lost("reject-new");
     for (source, key) in [("library", "n"), ("exec", "seq")] {
@@ -582,10 +584,12 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     let arrived = arrived_runs(&sim, device);
     let st = agent.status();
     let list = agent.plugins_list();
+    // Read before the stop: a publish racing the stop may be refused, which is no failure.
+    let record = library_record(&s.lib_record);
     assert_eq!(agent.stop(), Some(0));
 
-    let record = library_record(&s.lib_record);
-    assert!(record.values().all(|r| r == "ok"), "publish never failed");
+    let refused: Vec<_> = record.iter().filter(|(_, r)| *r != "ok").collect();
+    assert!(refused.is_empty(), "publish never failed: {refused:?}");
     let dropped = st["queue"]["dropped_full"].as_u64().unwrap();
     let missing = oldest_missing(&arrived, "dropped");
     // Every missing message is counted.
