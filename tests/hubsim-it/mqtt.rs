@@ -613,14 +613,50 @@ async fn an_unacknowledged_c2d_message_is_delivered_again_on_the_next_connection
             assert!(gone, "connection {n} did not end");
         }
     };
+    // What `GET /sim/c2d/dev-23` says: (messageId, state, deliveryCount) of each message.
+    let states = || {
+        let agent = https_agent(&running.ca_pem);
+        let u = url(&running, "/sim/c2d/dev-23");
+        let auth = service_sas(&running.hub_connection_string);
+        async move {
+            let records: Value = tokio::task::spawn_blocking(move || {
+                agent
+                    .get(&u)
+                    .header("Authorization", &auth)
+                    .call()
+                    .unwrap()
+                    .into_body()
+                    .read_json()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            records
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["messageId"].as_str().unwrap().to_string(),
+                        r["state"].as_str().unwrap().to_string(),
+                        r["deliveryCount"].as_u64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let record = |mid: &str, state: &str, count: u64| (mid.to_string(), state.to_string(), count);
     send("c-1");
+    assert_eq!(states().await, [record("c-1", "enqueued", 0)]);
 
     // Delivered, not acknowledged, connection gone: the hub still has it.
     let (client, el) = connect();
     let (client, el, first) = receive(client, el).await;
     assert!(first.topic.contains("%24.mid=c-1"), "{}", first.topic);
+    assert_eq!(states().await, [record("c-1", "invisible", 1)]);
     drop((client, el));
     disconnected(1).await;
+    assert_eq!(states().await, [record("c-1", "enqueued", 1)]);
 
     // Delivered again; this time the device completes it with its PUBACK.
     let (client, el) = connect();
@@ -631,6 +667,7 @@ async fn an_unacknowledged_c2d_message_is_delivered_again_on_the_next_connection
     client.disconnect().await.unwrap();
     while el.poll().await.is_ok() {}
     disconnected(2).await;
+    assert_eq!(states().await, [record("c-1", "completed", 2)]);
 
     // Completed: the next connection gets only what is new.
     send("c-2");

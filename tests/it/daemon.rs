@@ -375,6 +375,81 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
         .assert_nothing_lost("kill -9 during a hub outage");
 }
 
+/// Nothing in the agent takes C2D yet: a message must not be completed (PUBACKed) and dropped,
+/// which would tell the sender it was delivered. The hub keeps it and delivers it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c2d_message_nothing_takes_stays_with_the_hub() {
+    use hubsim::state::C2dState;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = enrolled_agent(dir.path(), &running, "gw-daemon-c2d");
+    let config = config.write();
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("not connected", |st| st["connection"] == "connected")
+        .await;
+    let key = device_key(&sim, "gw-daemon-c2d");
+    hubsim::twin::send_c2d(
+        &sim,
+        &key,
+        hubsim::state::C2dMessage {
+            body: "valve=open".into(),
+            properties: vec![
+                ("$.mid".into(), "c2d-daemon-1".into()),
+                ("token".into(), "prop-value-7f3a".into()),
+            ],
+        },
+    )
+    .unwrap();
+    let state = |s: &hubsim::state::Sim| {
+        s.c2d_records(&key)
+            .first()
+            .map(|r| (r.state, r.delivery_count))
+    };
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Invisible, 1)))
+            .await,
+        "{:?}\n{}",
+        state(&sim),
+        agent.log_text()
+    );
+    agent.wait_log("c2d-daemon-1").await;
+    // A graceful stop sends whatever PUBACK is due before its DISCONNECT: none is.
+    assert_eq!(agent.stop(), Some(0));
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Enqueued, 1)))
+            .await,
+        "{:?}",
+        state(&sim)
+    );
+    assert_eq!(sim.live.lock().unwrap().c2d_queues[&key].len(), 1);
+
+    // The next run gets it again.
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Invisible, 2)))
+            .await,
+        "{:?}\n{}",
+        state(&sim),
+        agent.log_text()
+    );
+    agent.wait_log("c2d-daemon-1").await;
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0));
+    // The sender's data is not logged, only the message id.
+    assert!(
+        !log.contains("valve=open") && !log.contains("prop-value-7f3a"),
+        "{log}"
+    );
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Enqueued, 2)))
+            .await,
+        "{:?}",
+        state(&sim)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_offline_with_the_cached_desired_settings() {
     let dir = tempfile::tempdir().unwrap();

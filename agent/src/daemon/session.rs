@@ -152,7 +152,17 @@ impl Daemon {
                 session.respond_to_method(&rid, code, answer);
             }
             SessionEvent::CloudToDevice { body, properties } => {
-                tracing::info!(bytes = body.len(), ?properties, "cloud-to-device message");
+                // Neither the body nor the properties are logged: they are the sender's data.
+                let message_id = properties
+                    .iter()
+                    .find(|(k, _)| k == "$.mid")
+                    .map_or("", |(_, v)| v.as_str());
+                tracing::warn!(
+                    message_id,
+                    bytes = body.len(),
+                    "cloud-to-device message not completed: no plugin takes C2D messages yet; \
+                     the hub keeps it and delivers it again on the next connection"
+                );
             }
         }
         None

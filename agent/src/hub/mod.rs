@@ -93,6 +93,8 @@ pub enum SessionEvent {
         rid: String,
         payload: Value,
     },
+    /// A C2D message. The session does not complete it (no PUBACK): the hub keeps it and
+    /// delivers it again on the next connection.
     CloudToDevice {
         body: bytes::Bytes,
         properties: Vec<(String, String)>,

@@ -309,7 +309,8 @@ impl Session {
             max_packet_size: (512 * 1024, p.max_message_size + 64 * 1024),
             inflight: p.inflight.max(1),
             request_capacity: usize::from(p.inflight) * 2 + 64,
-            // C2D is completed by our PUBACK: only after the daemon has the message.
+            // Our PUBACK completes a C2D message at the hub: the session decides when (never,
+            // until a plugin can take it).
             manual_acks: true,
         })
     }
@@ -418,9 +419,14 @@ impl Session {
                 link.get_twin(rid).map_err(End::Lost)
             }
             Event::Incoming(Packet::Publish(publish)) => {
-                self.incoming(link, &publish).await.map_err(End::Lost)?;
-                // Handled (the event is with the daemon): now the hub may forget it.
-                let _ = link.client.try_ack(&publish);
+                let complete = self.incoming(link, &publish).await.map_err(End::Lost)?;
+                // Handled (the event is with the daemon): now the hub may forget it. Not a C2D
+                // message: its PUBACK completes it at the hub (the sender is told "delivered"),
+                // and nothing in the agent takes C2D yet, so it stays with the hub, which
+                // delivers it again on the next connection (docs/protocol.md §5.3).
+                if complete {
+                    let _ = link.client.try_ack(&publish);
+                }
                 Ok(())
             }
             _ => Ok(()),
@@ -504,12 +510,13 @@ impl Session {
         .await;
     }
 
-    /// Handles a publish from the hub. Errors end the connection.
+    /// Handles a publish from the hub; true when it may be acknowledged (a C2D message is not).
+    /// Errors end the connection.
     async fn incoming(
         &mut self,
         link: &mut Link,
         publish: &rumqttc::Publish,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         match topics::classify(&self.params.device_id, &publish.topic) {
             Incoming::TwinResponse {
                 status,
@@ -539,12 +546,13 @@ impl Session {
                     properties,
                 })
                 .await;
+                return Ok(false);
             }
             Incoming::Unknown => {
                 tracing::debug!(topic = %publish.topic, "ignoring a publish on an unknown topic");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The hub's answer to the twin request `rid` (a GET or a reported patch).

@@ -65,6 +65,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
             "/sim/telemetry/{id}",
             get(get_telemetry).delete(clear_telemetry),
         )
+        .route("/sim/c2d/{id}", get(get_c2d))
         .route("/sim/registrations", get(sim_registrations))
         .route("/sim/connections", get(sim_connections))
         .route("/sim/faults/drop/{id}", post(drop_device))
@@ -1026,6 +1027,20 @@ async fn clear_telemetry(
     authorized!(sim, headers, Policy::Either);
     sim.records.lock().unwrap().telemetry.remove(&id);
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Every C2D message sent to a device: its id, state (enqueued / invisible / completed) and how
+/// many times it was delivered.
+async fn get_c2d(
+    State(sim): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    authorized!(sim, headers, Policy::Either);
+    let Some((key, _)) = find_device(&sim, &id) else {
+        return device_not_found(&id);
+    };
+    ok(sim.c2d_records(&key))
 }
 
 async fn sim_registrations(State(sim): State<AppState>, headers: HeaderMap) -> Response {

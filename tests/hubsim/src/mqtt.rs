@@ -28,7 +28,7 @@ use tokio_util::codec::Framed;
 use crate::auth::unix_now;
 use crate::dps::{self, DeviceCredential, DpsResponse};
 use crate::hub::{self, Close, DeviceSession, Reply};
-use crate::state::{ConnCommand, ConnHandle, ConnectionEvent, Sim, Store, now_rfc3339};
+use crate::state::{C2dState, ConnCommand, ConnHandle, ConnectionEvent, Sim, Store, now_rfc3339};
 
 /// Largest packet hubsim decodes. Above the hub's 256 KiB message limit so that an oversize
 /// message is refused by the hub's own check (with its reason), not by the codec.
@@ -780,6 +780,7 @@ async fn hub_loop(
                 let mut publish =
                     Publish::from_bytes(topic, QoS::AtLeastOnce, message.body.clone());
                 publish.pkid = pkid;
+                sim.record_c2d(&session.device_key, &message, C2dState::Invisible);
                 c2d_unacked.push((pkid, message));
                 if let Err(e) = transport.send(Packet::Publish(publish)).await {
                     return format!("send failed: {e}");
@@ -795,7 +796,12 @@ async fn hub_loop(
             Packet::Disconnect => return "client disconnected".into(),
             // PUBACK of a C2D message completes it: the hub forgets it. Until then it is the
             // connection's, and goes back to the queue if the connection ends.
-            Packet::PubAck(ack) => c2d_unacked.retain(|(pkid, _)| *pkid != ack.pkid),
+            Packet::PubAck(ack) => {
+                if let Some(pos) = c2d_unacked.iter().position(|(pkid, _)| *pkid == ack.pkid) {
+                    let (_, message) = c2d_unacked.remove(pos);
+                    sim.record_c2d(&session.device_key, &message, C2dState::Completed);
+                }
+            }
             Packet::Subscribe(subscribe) => {
                 let filters: Vec<(String, QoS)> = subscribe
                     .filters

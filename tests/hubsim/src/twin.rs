@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::state::{
-    C2dMessage, ConnCommand, ConnHandle, JsonObject, MAX_C2D_QUEUE, Sim, Subscriptions,
+    C2dMessage, C2dState, ConnCommand, ConnHandle, JsonObject, MAX_C2D_QUEUE, Sim, Subscriptions,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +351,7 @@ pub fn send_c2d(sim: &Sim, device_key: &str, message: C2dMessage) -> Result<(), 
                 "device '{device_key}' already has {MAX_C2D_QUEUE} C2D messages pending"
             )));
         }
+        sim.record_c2d_sent(device_key, &message);
         queue.push_back(message);
     }
     flush_c2d(sim, device_key);
@@ -401,6 +402,7 @@ pub fn requeue_c2d(sim: &Sim, device_key: &str, messages: Vec<C2dMessage>) {
         let mut live = sim.live.lock().unwrap();
         let queue = live.c2d_queues.entry(device_key.to_string()).or_default();
         for message in messages.into_iter().rev() {
+            sim.record_c2d(device_key, &message, C2dState::Enqueued);
             queue.push_front(message);
         }
     }
