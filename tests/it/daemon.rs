@@ -450,6 +450,57 @@ async fn a_c2d_message_nothing_takes_stays_with_the_hub() {
     );
 }
 
+/// `provisioning.model_id` reaches DPS in the registration payload and the hub in the CONNECT
+/// username; the service API shows it in the device and its twin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_id_reaches_dps_and_the_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = enrolled_agent(dir.path(), &running, "gw-daemon-pnp");
+    let config = config.write();
+    add_settings(
+        &config,
+        "[provisioning]",
+        "model_id = \"dtmi:com:example:Gateway;2\"\n",
+    );
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("not connected", |st| st["connection"] == "connected")
+        .await;
+    let payload = sim.read(|s| s.registrations["gw-daemon-pnp"].state["payload"].clone());
+    assert_eq!(
+        payload,
+        serde_json::json!({"modelId": "dtmi:com:example:Gateway;2"})
+    );
+
+    let http = https_agent(&running.ca_pem);
+    let auth = service_sas(&running.hub_connection_string);
+    let (twin, device) = tokio::task::spawn_blocking({
+        let (twin_url, device_url) = (
+            url(&running, "/twins/gw-daemon-pnp"),
+            url(&running, "/devices/gw-daemon-pnp"),
+        );
+        move || {
+            let get = |u: &str| -> serde_json::Value {
+                http.get(u)
+                    .header("Authorization", &auth)
+                    .call()
+                    .unwrap()
+                    .into_body()
+                    .read_json()
+                    .unwrap()
+            };
+            (get(&twin_url), get(&device_url))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(twin["modelId"], "dtmi:com:example:Gateway;2", "{twin}");
+    assert_eq!(device["modelId"], "dtmi:com:example:Gateway;2", "{device}");
+    assert_eq!(agent.stop(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_offline_with_the_cached_desired_settings() {
     let dir = tempfile::tempdir().unwrap();

@@ -45,6 +45,7 @@ async fn session(
         max_message_size: 256 * 1024,
         inflight: 8,
         desired_version: 0,
+        model_id: None,
     });
     (handle, events)
 }
@@ -475,6 +476,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         max_message_size: 256 * 1024,
         inflight: 8,
         desired_version: 0,
+        model_id: None,
     });
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::Twin { .. }).then_some(())

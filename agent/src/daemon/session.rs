@@ -100,6 +100,7 @@ impl Daemon {
             max_message_size: hub.max_message_size as usize,
             inflight: hub.inflight,
             desired_version: self.twin.desired_version,
+            model_id: self.config.provisioning.model_id.clone(),
         }
     }
 

@@ -47,6 +47,8 @@ pub struct HubParams {
     /// The desired `$version` the agent already has (from twin.json), so stale patches are ignored.
     /// The session keeps it current across its reconnects.
     pub desired_version: u64,
+    /// The IoT Plug and Play model id announced in CONNECT (`model-id=`), already checked.
+    pub model_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

@@ -295,12 +295,7 @@ impl Session {
             client_id: p.device_id.clone(),
             host: p.hub.clone(),
             port: p.port,
-            username: format!(
-                "{}/{}/?api-version=2021-04-12&DeviceClientType=hubagent%2F{}",
-                p.hub,
-                p.device_id,
-                env!("CARGO_PKG_VERSION")
-            ),
+            username: username(&p.hub, &p.device_id, p.model_id.as_deref()),
             password,
             tls: p.tls.clone(),
             keep_alive: p.keep_alive,
@@ -658,6 +653,29 @@ impl Session {
     }
 }
 
+/// The CONNECT username: `{hub}/{deviceId}/?api-version=…&DeviceClientType=…[&model-id=…]`, the
+/// model id URL-encoded as Azure's SDKs send it (docs/protocol.md §5.1; `model-id` needs
+/// api-version 2020-09-30 or later).
+fn username(hub: &str, device_id: &str, model_id: Option<&str>) -> String {
+    let mut username = format!(
+        "{hub}/{device_id}/?api-version=2021-04-12&DeviceClientType=hubagent%2F{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(model_id) = model_id {
+        username.push_str("&model-id=");
+        username.extend(percent_encoding::utf8_percent_encode(model_id, QUERY_VALUE));
+    }
+    username
+}
+
+/// What a query value keeps unencoded: RFC 3986's unreserved characters (EMB-C's username
+/// encodes `:` and `;` of a DTMI and keeps `_`).
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// The four subscriptions of a device session (docs/protocol.md §5).
 fn subscriptions(device_id: &str) -> [String; 4] {
     [
@@ -692,6 +710,26 @@ mod tests {
         assert_eq!(twin_retry_delay(1), Duration::from_secs(2));
         assert_eq!(twin_retry_delay(2), Duration::from_secs(4));
         assert_eq!(twin_retry_delay(30), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_model_id_is_url_encoded_in_the_username_as_azure_sdks_send_it() {
+        let plain = username("myiothub.azure-devices.net", "my_device", None);
+        assert!(
+            plain.starts_with("myiothub.azure-devices.net/my_device/?api-version=2021-04-12&"),
+            "{plain}"
+        );
+        assert!(!plain.contains("model-id"), "{plain}");
+        let with_model = username(
+            "myiothub.azure-devices.net",
+            "my_device",
+            Some("dtmi:YOUR_COMPANY_NAME_HERE:sample_device;1"),
+        );
+        // EMB-C's test username ends the same way (docs/protocol.md §5.1).
+        assert!(
+            with_model.ends_with("&model-id=dtmi%3AYOUR_COMPANY_NAME_HERE%3Asample_device%3B1"),
+            "{with_model}"
+        );
     }
 
     #[test]

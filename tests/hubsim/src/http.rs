@@ -581,6 +581,7 @@ fn device_json(sim: &Sim, key: &str, device: &Device) -> Value {
         "authentication": device.authentication,
         "connectionState": if connected { "Connected" } else { "Disconnected" },
         "hub": device.hub,
+        "modelId": device.model_id.clone().unwrap_or_default(),
     })
 }
 
@@ -596,6 +597,7 @@ fn twin_json(device: &Device) -> Value {
         "status": device.status,
         "tags": device.twin.tags,
         "properties": {"desired": desired, "reported": reported},
+        "modelId": device.model_id.clone().unwrap_or_default(),
     })
 }
 
@@ -690,6 +692,7 @@ async fn put_device(
             .as_ref()
             .map(|d| d.twin.clone())
             .unwrap_or_default(),
+        model_id: existing.as_ref().and_then(|d| d.model_id.clone()),
         ca_group: existing.and_then(|d| d.ca_group),
     };
     let stored = device.clone();

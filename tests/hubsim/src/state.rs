@@ -206,6 +206,10 @@ pub struct Device {
     /// For `certificateAuthority` devices: the enrollment group whose CA they chain to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_group: Option<String>,
+    /// The IoT Plug and Play model id the device announced in its last CONNECT (`model-id=` in
+    /// the username), shown as `modelId` in the device and its twin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
 }
 
 /// The outcome of a device's last DPS registration (DeviceRegistrationResult).

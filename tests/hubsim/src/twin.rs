@@ -471,6 +471,7 @@ mod tests {
                     etag: "e".into(),
                     twin: Default::default(),
                     ca_group: None,
+                    model_id: None,
                 },
             )
         })
