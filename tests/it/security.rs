@@ -326,9 +326,20 @@ db = {{ password = {{ file = "{file}" }}, host = "db.local" }}
         &["plugins", "list", "--json"],
         &["plugins", "list"],
         &["config", "check"],
+        &["check", "--json"],
     ] {
         let out = agent.cli(args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
+        if args[0] == "check" {
+            // The secret file is checked (readable, private), by name.
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("plugins.secrets")
+                    && text.contains("plugin meter settings.db.password"),
+                "{text}"
+            );
+        } else {
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        }
         seen.push((format!("hubagent {}", args.join(" ")), output_bytes(&out)));
     }
     let twin_key = device_key(&sim, device);

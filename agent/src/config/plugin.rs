@@ -238,6 +238,23 @@ pub fn secret_reference(value: &Value) -> Option<&str> {
     }
 }
 
+/// The secret references of `settings`, as (dotted key under `settings`, file), in key order.
+pub fn secret_references(settings: &Map<String, Value>) -> Vec<(String, String)> {
+    fn walk(settings: &Map<String, Value>, at: &str, out: &mut Vec<(String, String)>) {
+        for (key, value) in settings {
+            let here = format!("{at}.{key}");
+            match (secret_reference(value), value) {
+                (Some(path), _) => out.push((here, path.to_string())),
+                (None, Value::Object(inner)) => walk(inner, &here, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(settings, "settings", &mut out);
+    out
+}
+
 /// Every table holding `file` is a secret reference: `{ file = "/abs/path" }` and nothing else.
 fn check_secret_references(settings: &Map<String, Value>, at: &str) -> Result<(), SpecError> {
     for (key, value) in settings {
