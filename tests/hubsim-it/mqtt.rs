@@ -812,3 +812,65 @@ async fn reported_patches_are_held_to_the_hubs_twin_limits() {
         json!({"$version": twin["reported"]["$version"]})
     );
 }
+
+#[tokio::test]
+async fn a_c2d_message_never_completed_is_dead_lettered_after_ten_deliveries() {
+    use hubsim::state::{C2dState, MAX_C2D_DELIVERIES};
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running.sim, "dev-24");
+    let device = device_key(&running.sim, "dev-24");
+    let hub = hubsim::DEFAULT_HUB;
+    hubsim::twin::send_c2d(
+        &running.sim,
+        &device,
+        hubsim::state::C2dMessage {
+            body: "never completed".into(),
+            properties: vec![("$.mid".into(), "c-dl".into())],
+        },
+    )
+    .unwrap();
+    let state = |sim: &hubsim::Sim| {
+        let records = sim.c2d_records(&device);
+        assert_eq!(records.len(), 1, "{records:?}");
+        (records[0].state, records[0].delivery_count)
+    };
+    for n in 1..=MAX_C2D_DELIVERIES {
+        let (user, pass) = hub_credentials(hub, "dev-24", &key, in_an_hour());
+        let mut options = mqtt_options_at(&running, hub, "dev-24", &user, &pass);
+        options.set_manual_acks(true);
+        let (client, mut el) = rumqttc::AsyncClient::new(options, 16);
+        client
+            .subscribe("devices/dev-24/messages/devicebound/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let publish = until(&mut el, |p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+        assert!(publish.topic.contains("%24.mid=c-dl"), "{}", publish.topic);
+        assert_eq!(state(&running.sim), (C2dState::Invisible, n));
+        // Gone without its PUBACK.
+        drop((client, el));
+        let after = if n < MAX_C2D_DELIVERIES {
+            C2dState::Enqueued
+        } else {
+            C2dState::DeadLettered
+        };
+        assert!(
+            running
+                .sim
+                .wait_until(WAIT, |s| state(s) == (after, n))
+                .await,
+            "after delivery {n}: {:?}",
+            state(&running.sim)
+        );
+    }
+    // Nothing is left to deliver.
+    assert!(
+        running.sim.live.lock().unwrap().c2d_queues[&device].is_empty(),
+        "the dead-lettered message left the queue"
+    );
+}

@@ -386,6 +386,8 @@ pub enum C2dState {
     Invisible,
     /// The device's PUBACK completed it: the hub has forgotten it.
     Completed,
+    /// Delivered [`MAX_C2D_DELIVERIES`] times without being completed: the hub gave up on it.
+    DeadLettered,
 }
 
 /// The history of one C2D message sent to a device, as `GET /sim/c2d/{deviceId}` shows it.
@@ -476,6 +478,8 @@ pub struct Sim {
 }
 
 pub const MAX_C2D_QUEUE: usize = 50;
+/// The hub's default maximum delivery count of a C2D message (`maxDeliveryCount`).
+pub const MAX_C2D_DELIVERIES: u32 = 10;
 
 impl Sim {
     /// Loads `state.json` from the state dir, or starts empty with fresh service keys.
@@ -570,10 +574,10 @@ impl Sim {
         let id = message.message_id();
         self.record(|r| {
             let open = r.c2d.get_mut(device_key).and_then(|records| {
-                records
-                    .iter_mut()
-                    .rev()
-                    .find(|m| m.message_id == id && m.state != C2dState::Completed)
+                records.iter_mut().rev().find(|m| {
+                    m.message_id == id
+                        && !matches!(m.state, C2dState::Completed | C2dState::DeadLettered)
+                })
             });
             if let Some(record) = open {
                 record.state = state;
@@ -582,6 +586,23 @@ impl Sim {
                 }
             }
         });
+    }
+
+    /// How many times the open (not completed, not dead-lettered) C2D message `message_id` of a
+    /// device was delivered.
+    pub fn c2d_deliveries(&self, device_key: &str, message_id: &str) -> u32 {
+        self.records
+            .lock()
+            .unwrap()
+            .c2d
+            .get(device_key)
+            .and_then(|records| {
+                records.iter().rev().find(|m| {
+                    m.message_id == message_id
+                        && !matches!(m.state, C2dState::Completed | C2dState::DeadLettered)
+                })
+            })
+            .map_or(0, |m| m.delivery_count)
     }
 
     /// The C2D records of a device (by device key), oldest first.
