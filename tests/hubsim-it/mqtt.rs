@@ -613,14 +613,50 @@ async fn an_unacknowledged_c2d_message_is_delivered_again_on_the_next_connection
             assert!(gone, "connection {n} did not end");
         }
     };
+    // What `GET /sim/c2d/dev-23` says: (messageId, state, deliveryCount) of each message.
+    let states = || {
+        let agent = https_agent(&running.ca_pem);
+        let u = url(&running, "/sim/c2d/dev-23");
+        let auth = service_sas(&running.hub_connection_string);
+        async move {
+            let records: Value = tokio::task::spawn_blocking(move || {
+                agent
+                    .get(&u)
+                    .header("Authorization", &auth)
+                    .call()
+                    .unwrap()
+                    .into_body()
+                    .read_json()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            records
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["messageId"].as_str().unwrap().to_string(),
+                        r["state"].as_str().unwrap().to_string(),
+                        r["deliveryCount"].as_u64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let record = |mid: &str, state: &str, count: u64| (mid.to_string(), state.to_string(), count);
     send("c-1");
+    assert_eq!(states().await, [record("c-1", "enqueued", 0)]);
 
     // Delivered, not acknowledged, connection gone: the hub still has it.
     let (client, el) = connect();
     let (client, el, first) = receive(client, el).await;
     assert!(first.topic.contains("%24.mid=c-1"), "{}", first.topic);
+    assert_eq!(states().await, [record("c-1", "invisible", 1)]);
     drop((client, el));
     disconnected(1).await;
+    assert_eq!(states().await, [record("c-1", "enqueued", 1)]);
 
     // Delivered again; this time the device completes it with its PUBACK.
     let (client, el) = connect();
@@ -631,6 +667,7 @@ async fn an_unacknowledged_c2d_message_is_delivered_again_on_the_next_connection
     client.disconnect().await.unwrap();
     while el.poll().await.is_ok() {}
     disconnected(2).await;
+    assert_eq!(states().await, [record("c-1", "completed", 2)]);
 
     // Completed: the next connection gets only what is new.
     send("c-2");
@@ -773,5 +810,67 @@ async fn reported_patches_are_held_to_the_hubs_twin_limits() {
     assert_eq!(
         twin["reported"],
         json!({"$version": twin["reported"]["$version"]})
+    );
+}
+
+#[tokio::test]
+async fn a_c2d_message_never_completed_is_dead_lettered_after_ten_deliveries() {
+    use hubsim::state::{C2dState, MAX_C2D_DELIVERIES};
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let key = add_device(&running.sim, "dev-24");
+    let device = device_key(&running.sim, "dev-24");
+    let hub = hubsim::DEFAULT_HUB;
+    hubsim::twin::send_c2d(
+        &running.sim,
+        &device,
+        hubsim::state::C2dMessage {
+            body: "never completed".into(),
+            properties: vec![("$.mid".into(), "c-dl".into())],
+        },
+    )
+    .unwrap();
+    let state = |sim: &hubsim::Sim| {
+        let records = sim.c2d_records(&device);
+        assert_eq!(records.len(), 1, "{records:?}");
+        (records[0].state, records[0].delivery_count)
+    };
+    for n in 1..=MAX_C2D_DELIVERIES {
+        let (user, pass) = hub_credentials(hub, "dev-24", &key, in_an_hour());
+        let mut options = mqtt_options_at(&running, hub, "dev-24", &user, &pass);
+        options.set_manual_acks(true);
+        let (client, mut el) = rumqttc::AsyncClient::new(options, 16);
+        client
+            .subscribe("devices/dev-24/messages/devicebound/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let publish = until(&mut el, |p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+        assert!(publish.topic.contains("%24.mid=c-dl"), "{}", publish.topic);
+        assert_eq!(state(&running.sim), (C2dState::Invisible, n));
+        // Gone without its PUBACK.
+        drop((client, el));
+        let after = if n < MAX_C2D_DELIVERIES {
+            C2dState::Enqueued
+        } else {
+            C2dState::DeadLettered
+        };
+        assert!(
+            running
+                .sim
+                .wait_until(WAIT, |s| state(s) == (after, n))
+                .await,
+            "after delivery {n}: {:?}",
+            state(&running.sim)
+        );
+    }
+    // Nothing is left to deliver.
+    assert!(
+        running.sim.live.lock().unwrap().c2d_queues[&device].is_empty(),
+        "the dead-lettered message left the queue"
     );
 }

@@ -137,6 +137,30 @@ def test_custom_payload_is_echoed(hubsim):
     assert json.loads(result.registration_state.response_payload) == {"modelId": "dtmi:example:gateway;1"}
 
 
+def test_the_sdk_model_id_shows_in_the_device_and_twin(hubsim):
+    # The SDK announces a Plug and Play model when product_info is a DTMI: `model-id=` in the
+    # CONNECT username (api-version 2020-09-30), which the hub shows as the twin's `modelId`.
+    registration_id = f"py-pnp-{uuid.uuid4().hex[:6]}"
+    key = enroll(hubsim, registration_id)
+    result = provision(hubsim, registration_id, key)
+    client = IoTHubDeviceClient.create_from_symmetric_key(
+        symmetric_key=key,
+        hostname=result.registration_state.assigned_hub,
+        device_id=result.registration_state.device_id,
+        server_verification_cert=hubsim["ca_pem"],
+        gateway_hostname=HUB_ADDRESS,
+        product_info="dtmi:example:gateway;1",
+    )
+    client.connect()
+    try:
+        twin = hubsim["api"].request("GET", f"/twins/{registration_id}", expect=200)
+        device = hubsim["api"].request("GET", f"/devices/{registration_id}", expect=200)
+        assert twin["modelId"] == "dtmi:example:gateway;1", twin
+        assert device["modelId"] == "dtmi:example:gateway;1", device
+    finally:
+        client.shutdown()
+
+
 def test_wrong_key_is_refused(hubsim):
     enroll(hubsim, "py-wrong")
     # The refusal itself: CONNACK 5 (not authorized), which the SDK reports as a CredentialError

@@ -375,6 +375,132 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
         .assert_nothing_lost("kill -9 during a hub outage");
 }
 
+/// Nothing in the agent takes C2D yet: a message must not be completed (PUBACKed) and dropped,
+/// which would tell the sender it was delivered. The hub keeps it and delivers it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c2d_message_nothing_takes_stays_with_the_hub() {
+    use hubsim::state::C2dState;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = enrolled_agent(dir.path(), &running, "gw-daemon-c2d");
+    let config = config.write();
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("not connected", |st| st["connection"] == "connected")
+        .await;
+    let key = device_key(&sim, "gw-daemon-c2d");
+    hubsim::twin::send_c2d(
+        &sim,
+        &key,
+        hubsim::state::C2dMessage {
+            body: "valve=open".into(),
+            properties: vec![
+                ("$.mid".into(), "c2d-daemon-1".into()),
+                ("token".into(), "prop-value-7f3a".into()),
+            ],
+        },
+    )
+    .unwrap();
+    let state = |s: &hubsim::state::Sim| {
+        s.c2d_records(&key)
+            .first()
+            .map(|r| (r.state, r.delivery_count))
+    };
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Invisible, 1)))
+            .await,
+        "{:?}\n{}",
+        state(&sim),
+        agent.log_text()
+    );
+    agent.wait_log("c2d-daemon-1").await;
+    // A graceful stop sends whatever PUBACK is due before its DISCONNECT: none is.
+    assert_eq!(agent.stop(), Some(0));
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Enqueued, 1)))
+            .await,
+        "{:?}",
+        state(&sim)
+    );
+    assert_eq!(sim.live.lock().unwrap().c2d_queues[&key].len(), 1);
+
+    // The next run gets it again.
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Invisible, 2)))
+            .await,
+        "{:?}\n{}",
+        state(&sim),
+        agent.log_text()
+    );
+    agent.wait_log("c2d-daemon-1").await;
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0));
+    // The sender's data is not logged, only the message id.
+    assert!(
+        !log.contains("valve=open") && !log.contains("prop-value-7f3a"),
+        "{log}"
+    );
+    assert!(
+        sim.wait_until(WAIT, |s| state(s) == Some((C2dState::Enqueued, 2)))
+            .await,
+        "{:?}",
+        state(&sim)
+    );
+}
+
+/// `provisioning.model_id` reaches DPS in the registration payload and the hub in the CONNECT
+/// username; the service API shows it in the device and its twin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_id_reaches_dps_and_the_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let (config, _) = enrolled_agent(dir.path(), &running, "gw-daemon-pnp");
+    let config = config.write();
+    add_settings(
+        &config,
+        "[provisioning]",
+        "model_id = \"dtmi:com:example:Gateway;2\"\n",
+    );
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("not connected", |st| st["connection"] == "connected")
+        .await;
+    let payload = sim.read(|s| s.registrations["gw-daemon-pnp"].state["payload"].clone());
+    assert_eq!(
+        payload,
+        serde_json::json!({"modelId": "dtmi:com:example:Gateway;2"})
+    );
+
+    let http = https_agent(&running.ca_pem);
+    let auth = service_sas(&running.hub_connection_string);
+    let (twin, device) = tokio::task::spawn_blocking({
+        let (twin_url, device_url) = (
+            url(&running, "/twins/gw-daemon-pnp"),
+            url(&running, "/devices/gw-daemon-pnp"),
+        );
+        move || {
+            let get = |u: &str| -> serde_json::Value {
+                http.get(u)
+                    .header("Authorization", &auth)
+                    .call()
+                    .unwrap()
+                    .into_body()
+                    .read_json()
+                    .unwrap()
+            };
+            (get(&twin_url), get(&device_url))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(twin["modelId"], "dtmi:com:example:Gateway;2", "{twin}");
+    assert_eq!(device["modelId"], "dtmi:com:example:Gateway;2", "{device}");
+    assert_eq!(agent.stop(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_offline_with_the_cached_desired_settings() {
     let dir = tempfile::tempdir().unwrap();

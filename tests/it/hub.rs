@@ -49,6 +49,7 @@ async fn session(
         max_message_size: 256 * 1024,
         inflight: 8,
         desired_version: 0,
+        model_id: None,
     });
     (handle, events)
 }
@@ -67,6 +68,14 @@ async fn next_matching<T>(
     })
     .await
     .expect("event in time")
+}
+
+async fn next_c2d(events: &mut Receiver<SessionEvent>) -> (Vec<u8>, Vec<(String, String)>) {
+    next_matching(events, |e| match e {
+        SessionEvent::CloudToDevice { body, properties } => Some((body.to_vec(), properties)),
+        _ => None,
+    })
+    .await
 }
 
 fn message(i: usize) -> TelemetryMessage {
@@ -146,17 +155,31 @@ async fn telemetry_twin_methods_and_c2d() {
         &key,
         hubsim::state::C2dMessage {
             body: "valve=open".into(),
-            properties: vec![("color".into(), "red".into())],
+            properties: vec![
+                ("$.mid".into(), "c2d-1".into()),
+                ("color".into(), "red".into()),
+            ],
         },
     )
     .unwrap();
-    let (body, properties) = next_matching(&mut events, |e| match e {
-        SessionEvent::CloudToDevice { body, properties } => Some((body, properties)),
-        _ => None,
-    })
-    .await;
+    let (body, properties) = next_c2d(&mut events).await;
     assert_eq!(&body[..], b"valve=open");
     assert!(properties.contains(&("color".to_string(), "red".to_string())));
+    // Nothing takes C2D: the session does not complete the message, and the hub delivers it
+    // again on the next connection.
+    let c2d_state = |sim: &hubsim::state::Sim| {
+        let records = sim.c2d_records(&key);
+        assert_eq!(records.len(), 1, "{records:?}");
+        (records[0].state, records[0].delivery_count)
+    };
+    use hubsim::state::C2dState;
+    // A PUBACK would have gone out before this reported patch, on the same connection.
+    handle.report(json!({"probe": 1})).await.unwrap();
+    assert_eq!(c2d_state(&running.sim), (C2dState::Invisible, 1));
+    assert!(drop_connection(&running.sim, "gw-hub-1"));
+    let (again, _) = next_c2d(&mut events).await;
+    assert_eq!(&again[..], b"valve=open");
+    assert_eq!(c2d_state(&running.sim), (C2dState::Invisible, 2));
 
     let too_big = TelemetryMessage {
         body: vec![b'x'; 300 * 1024].into(),
@@ -461,6 +484,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         max_message_size: 256 * 1024,
         inflight: 8,
         desired_version: 0,
+        model_id: None,
     });
     next_matching(&mut events, |e| {
         matches!(e, SessionEvent::Twin { .. }).then_some(())

@@ -229,3 +229,152 @@ round = 1
     assert!(!marker.exists(), "a twin setting ran a program");
     assert!(!marker_new.exists(), "a twin setting started a new plugin");
 }
+
+/// A `[plugin.settings]` value `{ file = "…" }` reaches the plugin as the file's text, and that
+/// text appears nowhere the agent writes or shows: not in the reported settings (the reference
+/// stands in for it), `hubagent status`, `plugins list`, the log (not even when the plugin prints
+/// it) or the state files. The same object from the twin is plain data: the cloud cannot make the
+/// agent read a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_setting_from_a_file_reaches_the_plugin_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let device = "gw-plugin-secret";
+    let secret = "db-pass-7c41e9d2";
+    let secret_file = write_key(dir.path(), "db.secret", secret);
+    let received = dir.path().join("received.jsonl");
+    // Keeps every settings line it receives, and prints it to stderr, which the agent logs.
+    let plugins = format!(
+        r#"[[plugin]]
+name = "meter"
+kind = "exec"
+command = ["/bin/sh", "-c", "while IFS= read -r line; do printf '%s\n' \"$line\" >> {received}; printf 'got %s\n' \"$line\" >&2; done"]
+[plugin.settings]
+user = "meter"
+db = {{ password = {{ file = "{file}" }}, host = "db.local" }}
+"#,
+        received = received.display(),
+        file = secret_file.display(),
+    );
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, false);
+    let agent = AgentProcess::start(&config);
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&received)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    agent
+        .wait_log_line("the plugin never printed its settings", |l| {
+            l.contains("got ")
+        })
+        .await;
+    assert!(
+        sim.wait_until(WAIT, |s| !reported_plugin(s, device, "meter").is_null())
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // The twin tries to have a file read for it, and changes a plain setting.
+    let stolen = dir.path().join("device.key");
+    let version = hubsim::twin::apply_desired_patch(
+        &sim,
+        &device_key(&sim, device),
+        &json!({"plugins": {"meter": {"user": "meter-2", "steal": {"file": stolen}}}}),
+    )
+    .unwrap();
+    assert!(
+        sim.wait_until(
+            WAIT,
+            |s| reported_plugin(s, device, "meter")["desiredVersion"] == version
+        )
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    agent
+        .wait_log_line("no settings line with the twin's change", |l| {
+            l.contains("meter-2")
+        })
+        .await;
+    let last = lines()
+        .last()
+        .cloned()
+        .expect("the plugin got its settings");
+    assert_eq!(last["db"]["password"], secret, "{last}");
+    assert_eq!(last["db"]["host"], "db.local");
+    assert_eq!(last["user"], "meter-2");
+    assert_eq!(
+        last["steal"],
+        json!({"file": stolen}),
+        "the twin's object stays data"
+    );
+
+    // What is shown in its place: the reference from the configuration.
+    let reported = reported_plugin(&sim, device, "meter");
+    assert_eq!(
+        reported["settings"]["db"]["password"],
+        json!({"file": secret_file}),
+        "{reported}"
+    );
+    let mut seen: Vec<(String, Vec<u8>)> = Vec::new();
+    for args in [
+        &["status", "--json"][..],
+        &["status"],
+        &["plugins", "list", "--json"],
+        &["plugins", "list"],
+        &["config", "check"],
+        &["check", "--json"],
+    ] {
+        let out = agent.cli(args);
+        if args[0] == "check" {
+            // The secret file is checked (readable, private), by name.
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("plugins.secrets")
+                    && text.contains("plugin meter settings.db.password"),
+                "{text}"
+            );
+        } else {
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        }
+        seen.push((format!("hubagent {}", args.join(" ")), output_bytes(&out)));
+    }
+    let twin_key = device_key(&sim, device);
+    let twin = sim.read(|s| serde_json::to_vec(&s.devices[&twin_key].twin.reported).unwrap());
+    seen.push(("reported properties".into(), twin));
+    let log = agent.log.clone();
+    assert_eq!(agent.stop(), Some(0));
+    let log = std::fs::read(&log).unwrap();
+    assert!(
+        String::from_utf8_lossy(&log).contains(&format!("<secret from {}>", secret_file.display())),
+        "the plugin's print of its settings is logged, the secret cut out"
+    );
+    seen.push(("the agent's log".into(), log));
+    let mut state_files = Vec::new();
+    collect_files(&dir.path().join("state"), &mut state_files);
+    assert!(!state_files.is_empty());
+    for path in state_files {
+        seen.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+    }
+    for (what, bytes) in &seen {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{what} holds the secret:\n{}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+}

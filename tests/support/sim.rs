@@ -201,6 +201,7 @@ pub fn add_device(sim: &Sim, device_id: &str) -> String {
         etag: "1".into(),
         twin: Default::default(),
         ca_group: None,
+        model_id: None,
     };
     sim.mutate(|s| s.devices.insert(Store::device_key(&hub, device_id), device))
         .unwrap();

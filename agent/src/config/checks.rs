@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use super::plugin::PluginSpec;
 use super::{
     Attestation, DpsEndpoint, HubSettings, Provisioning, QueueConfig, TpmKeySource,
-    check_tpm_handle, valid_registration_id,
+    check_tpm_handle, valid_model_id, valid_registration_id,
 };
 
 /// A setting that parsed but makes no sense (`Config::load` adds the file).
@@ -64,6 +64,30 @@ pub(super) fn dps_settings(p: &Provisioning, mqtt_port: u16) -> Result<DpsEndpoi
     }
     DpsEndpoint::parse(&p.global_endpoint, p.dps_over_https(), mqtt_port)
         .map_err(|m| invalid("provisioning.global_endpoint", m))
+}
+
+/// `model_id`, when set, is a DTMI with a version.
+pub(super) fn model_id(p: &Provisioning) -> Result<(), Invalid> {
+    match &p.model_id {
+        Some(id) if !valid_model_id(id) => Err(invalid(
+            "provisioning.model_id",
+            format!(
+                "'{id}' is not an IoT Plug and Play model id: write a DTMI with a version, e.g. \"dtmi:com:example:Gateway;1\" (segments of letters, digits and '_', not starting with a digit; at most 128 characters)"
+            ),
+        )),
+        _ if p
+            .payload
+            .as_ref()
+            .is_some_and(|t| t.contains_key("modelId"))
+            && p.model_id.is_some() =>
+        {
+            Err(invalid(
+                "provisioning.payload.modelId",
+                "set the model id once, in provisioning.model_id (it is added to the payload)",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `source = "manual"`: a connection string, or hub + device + attestation.

@@ -75,6 +75,7 @@ fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
         id_scope: Option<String>,
         registration_id: Option<String>,
         payload: Option<toml::Table>,
+        model_id: Option<String>,
         iothub_hostname: Option<String>,
         device_id: Option<String>,
         connection_string: Option<Secret>,

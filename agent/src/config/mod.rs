@@ -122,6 +122,9 @@ pub struct Provisioning {
     pub registration_id: Option<String>,
     /// Custom allocation payload sent with the registration.
     pub payload: Option<toml::Table>,
+    /// The device's IoT Plug and Play model (a DTMI, `dtmi:com:example:Gateway;1`): announced in
+    /// the hub CONNECT (`model-id=`) and in the DPS registration payload (`modelId`).
+    pub model_id: Option<String>,
     /// `manual`: the hub and device to use without DPS.
     pub iothub_hostname: Option<String>,
     pub device_id: Option<String>,
@@ -607,6 +610,7 @@ impl Config {
             }
         };
         checks::key_sources(p)?;
+        checks::model_id(p)?;
         checks::hub_and_queue_limits(&file.hub, &file.queue)?;
         let plugins = checks::plugin_specs(&file.plugin)?;
         Ok(Config {
@@ -676,6 +680,12 @@ impl Config {
             secret(&p.connection_string),
             attestation,
         );
+        // Added only when set, so that configurations without one keep their fingerprint (and
+        // their cached assignment) across the upgrade that introduced it.
+        let canonical = match &p.model_id {
+            Some(model_id) => format!("{canonical}\nmodel_id={model_id}"),
+            None => canonical,
+        };
         sha256_hex(canonical.as_bytes())
     }
 
@@ -690,12 +700,21 @@ impl Config {
         self.dps_endpoint.as_ref()
     }
 
-    /// The custom allocation payload as JSON.
+    /// The DPS registration payload as JSON: the custom allocation payload, with `modelId` added
+    /// when `model_id` is set (as Azure's SDKs send it: `{"modelId": "dtmi:…;1"}`).
     pub fn payload_json(&self) -> Option<serde_json::Value> {
-        self.provisioning
+        let mut payload = self
+            .provisioning
             .payload
             .as_ref()
-            .and_then(|t| serde_json::to_value(t).ok())
+            .and_then(|t| serde_json::to_value(t).ok());
+        if let Some(model_id) = &self.provisioning.model_id {
+            let object = payload.get_or_insert_with(|| serde_json::json!({}));
+            if let Some(object) = object.as_object_mut() {
+                object.insert("modelId".into(), model_id.clone().into());
+            }
+        }
+        payload
     }
 }
 
@@ -718,6 +737,30 @@ pub fn valid_registration_id(id: &str) -> bool {
             .chars()
             .last()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// An IoT Plug and Play model id: a DTMI with a version, `dtmi:<segment>(:<segment>)*;<version>`
+/// (https://azure.github.io/opendigitaltwins-dtdl/DTMI): segments of letters, digits and
+/// underscores, not starting with a digit nor ending with an underscore; the version 1 to
+/// 999999999 without leading zeros; at most 128 characters, the DTDL limit for an interface's id.
+pub fn valid_model_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("dtmi:") else {
+        return false;
+    };
+    let Some((path, version)) = rest.split_once(';') else {
+        return false;
+    };
+    let segment_ok = |s: &str| {
+        let first = s.chars().next();
+        first.is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && !s.ends_with('_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let version_ok = !version.is_empty()
+        && version.len() <= 9
+        && !version.starts_with('0')
+        && version.chars().all(|c| c.is_ascii_digit());
+    id.len() <= 128 && path.split(':').all(segment_ok) && version_ok
 }
 
 /// A key source is `{ file = "…" }` or `{ value = "…" }`. Hand-written so that mistakes say what
@@ -895,6 +938,71 @@ max_message_size = "128KiB"
             err.contains("20-cert.toml:3:1: provisioning.attestation.identity_cert:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn model_id_is_a_dtmi_added_to_the_dps_payload_and_the_fingerprint() {
+        for good in [
+            "dtmi:com:example:Thermostat;1",
+            "dtmi:YOUR_COMPANY_NAME_HERE:sample_device;1",
+            "dtmi:a;999999999",
+        ] {
+            assert!(valid_model_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "dtmi:com:example:Thermostat",
+            "dtmi:com:example:Thermostat;0",
+            "dtmi:com:example:Thermostat;01",
+            "dtmi:com:example:Thermostat;1.2.3",
+            "dtmi:com:9example;1",
+            "dtmi:com:example_;1",
+            "dtmi:com::example;1",
+            "dtmi:com:exa-mple;1",
+            "DTMI:com:example;1",
+            "urn:com:example;1",
+            "dtmi:;1",
+        ] {
+            assert!(!valid_model_id(bad), "{bad}");
+        }
+        assert!(!valid_model_id(&format!("dtmi:{};1", "a".repeat(130))));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "config.toml", GOOD);
+        let base = Config::load(&path, &no_env).unwrap();
+        assert_eq!(base.payload_json(), None);
+        let with_model = GOOD.replace(
+            "registration_id = \"gw-1\"\n",
+            "registration_id = \"gw-1\"\nmodel_id = \"dtmi:com:example:Gateway;2\"\npayload = { site = \"north\" }\n",
+        );
+        write(dir.path(), "config.toml", &with_model);
+        let config = Config::load(&path, &no_env).unwrap();
+        assert_eq!(
+            config.payload_json(),
+            Some(serde_json::json!({"site": "north", "modelId": "dtmi:com:example:Gateway;2"}))
+        );
+        assert_ne!(
+            base.provisioning_fingerprint(),
+            config.provisioning_fingerprint()
+        );
+
+        let bad = GOOD.replace(
+            "registration_id = \"gw-1\"\n",
+            "registration_id = \"gw-1\"\nmodel_id = \"com.example.Gateway\"\n",
+        );
+        write(dir.path(), "config.toml", &bad);
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(
+            err.contains("provisioning.model_id") && err.contains("'com.example.Gateway'"),
+            "{err}"
+        );
+        let twice = GOOD.replace(
+            "registration_id = \"gw-1\"\n",
+            "registration_id = \"gw-1\"\nmodel_id = \"dtmi:a;1\"\npayload = { modelId = \"dtmi:b;1\" }\n",
+        );
+        write(dir.path(), "config.toml", &twice);
+        let err = Config::load(&path, &no_env).unwrap_err().to_string();
+        assert!(err.contains("provisioning.payload.modelId"), "{err}");
     }
 
     #[test]

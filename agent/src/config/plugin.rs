@@ -2,7 +2,7 @@
 //! limited, and its base settings. Errors name the key at fault.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -211,16 +211,78 @@ fn twin_property_name(table: &toml::Table) -> Result<String, SpecError> {
     Ok(name.to_string())
 }
 
-/// `[plugin.settings]` as the JSON object the twin's desired settings are merged over.
+/// `[plugin.settings]` as the JSON object the twin's desired settings are merged over. Secret
+/// references (`{ file = "/abs/path" }`) stay references here: the plugins layer reads them when
+/// it hands the settings to the plugin, so the configuration never holds their content.
 fn settings(table: &toml::Table) -> Result<Map<String, Value>, SpecError> {
     match table.get("settings") {
         None => Ok(Map::new()),
         Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
-            Ok(Value::Object(m)) => Ok(m),
+            Ok(Value::Object(m)) => {
+                check_secret_references(&m, "settings")?;
+                Ok(m)
+            }
             _ => Err(err("settings", "cannot be represented as JSON")),
         },
         Some(_) => Err(err("settings", "must be a table ([plugin.settings])")),
     }
+}
+
+/// A settings value `{ file = "…" }`: a secret the plugin receives as the file's text. Only
+/// `[plugin.settings]` in the configuration can hold one; the same object from the twin is plain
+/// data (the cloud cannot make the agent read a file).
+pub fn secret_reference(value: &Value) -> Option<&str> {
+    match value {
+        Value::Object(m) if m.len() == 1 => m.get("file").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+/// The secret references of `settings`, as (dotted key under `settings`, file), in key order.
+pub fn secret_references(settings: &Map<String, Value>) -> Vec<(String, String)> {
+    fn walk(settings: &Map<String, Value>, at: &str, out: &mut Vec<(String, String)>) {
+        for (key, value) in settings {
+            let here = format!("{at}.{key}");
+            match (secret_reference(value), value) {
+                (Some(path), _) => out.push((here, path.to_string())),
+                (None, Value::Object(inner)) => walk(inner, &here, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(settings, "settings", &mut out);
+    out
+}
+
+/// Every table holding `file` is a secret reference: `{ file = "/abs/path" }` and nothing else.
+fn check_secret_references(settings: &Map<String, Value>, at: &str) -> Result<(), SpecError> {
+    for (key, value) in settings {
+        let Value::Object(inner) = value else {
+            continue;
+        };
+        let here = format!("{at}.{key}");
+        if !inner.contains_key("file") {
+            check_secret_references(inner, &here)?;
+            continue;
+        }
+        match secret_reference(value) {
+            Some(path) if Path::new(path).is_absolute() => {}
+            Some(path) => {
+                return Err(err(
+                    &format!("{here}.file"),
+                    format!("'{path}' is not an absolute path"),
+                ));
+            }
+            None => {
+                return Err(err(
+                    &here,
+                    "a secret from a file is written { file = \"/etc/hubagent/<name>.secret\" } and holds nothing else",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn builtin(table: &toml::Table, settings: &mut Map<String, Value>) -> Result<Kind, SpecError> {
@@ -388,6 +450,34 @@ mod tests {
         );
         assert_eq!(spec.settings["interval"], "5s");
         assert_eq!(spec.limits, Limits::default());
+    }
+
+    #[test]
+    fn secret_references_are_kept_as_references_and_checked() {
+        let exec = "name = \"m\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\n[settings]\n";
+        let spec = parse(&format!(
+            "{exec}db = {{ password = {{ file = \"/etc/hubagent/db.secret\" }} }}\n"
+        ))
+        .unwrap();
+        // The configuration holds the path, never the content.
+        assert_eq!(
+            spec.settings["db"]["password"],
+            serde_json::json!({"file": "/etc/hubagent/db.secret"})
+        );
+        assert_eq!(
+            secret_reference(&spec.settings["db"]["password"]),
+            Some("/etc/hubagent/db.secret")
+        );
+        let e = parse(&format!("{exec}token = {{ file = \"db.secret\" }}\n")).unwrap_err();
+        assert_eq!(e.0, "settings.token.file", "{e:?}");
+        assert!(e.1.contains("absolute"), "{e:?}");
+        let e = parse(&format!(
+            "{exec}token = {{ file = \"/etc/x\", mode = \"0600\" }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0, "settings.token", "{e:?}");
+        let e = parse(&format!("{exec}a = {{ b = {{ file = 7 }} }}\n")).unwrap_err();
+        assert_eq!(e.0, "settings.a.b", "{e:?}");
     }
 
     #[test]

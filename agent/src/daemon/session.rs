@@ -102,6 +102,7 @@ impl Daemon {
             max_message_size: hub.max_message_size as usize,
             inflight: hub.inflight,
             desired_version: self.twin.desired_version,
+            model_id: self.config.provisioning.model_id.clone(),
         }
     }
 
@@ -154,7 +155,17 @@ impl Daemon {
                 session.respond_to_method(&rid, code, answer);
             }
             SessionEvent::CloudToDevice { body, properties } => {
-                tracing::info!(bytes = body.len(), ?properties, "cloud-to-device message");
+                // Neither the body nor the properties are logged: they are the sender's data.
+                let message_id = properties
+                    .iter()
+                    .find(|(k, _)| k == "$.mid")
+                    .map_or("", |(_, v)| v.as_str());
+                tracing::warn!(
+                    message_id,
+                    bytes = body.len(),
+                    "cloud-to-device message not completed: no plugin takes C2D messages yet; \
+                     the hub keeps it and delivers it again on the next connection"
+                );
             }
         }
         None

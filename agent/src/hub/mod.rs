@@ -51,6 +51,8 @@ pub struct HubParams {
     /// The desired `$version` the agent already has (from twin.json), so stale patches are ignored.
     /// The session keeps it current across its reconnects.
     pub desired_version: u64,
+    /// The IoT Plug and Play model id announced in CONNECT (`model-id=`), already checked.
+    pub model_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -97,6 +99,8 @@ pub enum SessionEvent {
         rid: String,
         payload: Value,
     },
+    /// A C2D message. The session does not complete it (no PUBACK): the hub keeps it and
+    /// delivers it again on the next connection.
     CloudToDevice {
         body: bytes::Bytes,
         properties: Vec<(String, String)>,

@@ -297,12 +297,7 @@ impl Session {
             port: p.port,
             websocket: p.websocket,
             proxy: p.proxy.clone(),
-            username: format!(
-                "{}/{}/?api-version=2021-04-12&DeviceClientType=hubagent%2F{}",
-                p.hub,
-                p.device_id,
-                env!("CARGO_PKG_VERSION")
-            ),
+            username: username(&p.hub, &p.device_id, p.model_id.as_deref()),
             password,
             tls: p.tls.clone(),
             keep_alive: p.keep_alive,
@@ -311,7 +306,8 @@ impl Session {
             max_packet_size: (512 * 1024, p.max_message_size + 64 * 1024),
             inflight: p.inflight.max(1),
             request_capacity: usize::from(p.inflight) * 2 + 64,
-            // C2D is completed by our PUBACK: only after the daemon has the message.
+            // Our PUBACK completes a C2D message at the hub: the session decides when (never,
+            // until a plugin can take it).
             manual_acks: true,
         })
     }
@@ -420,9 +416,14 @@ impl Session {
                 link.get_twin(rid).map_err(End::Lost)
             }
             Event::Incoming(Packet::Publish(publish)) => {
-                self.incoming(link, &publish).await.map_err(End::Lost)?;
-                // Handled (the event is with the daemon): now the hub may forget it.
-                let _ = link.client.try_ack(&publish);
+                let complete = self.incoming(link, &publish).await.map_err(End::Lost)?;
+                // Handled (the event is with the daemon): now the hub may forget it. Not a C2D
+                // message: its PUBACK completes it at the hub (the sender is told "delivered"),
+                // and nothing in the agent takes C2D yet, so it stays with the hub, which
+                // delivers it again on the next connection (docs/protocol.md §5.3).
+                if complete {
+                    let _ = link.client.try_ack(&publish);
+                }
                 Ok(())
             }
             _ => Ok(()),
@@ -506,12 +507,13 @@ impl Session {
         .await;
     }
 
-    /// Handles a publish from the hub. Errors end the connection.
+    /// Handles a publish from the hub; true when it may be acknowledged (a C2D message is not).
+    /// Errors end the connection.
     async fn incoming(
         &mut self,
         link: &mut Link,
         publish: &rumqttc::Publish,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         match topics::classify(&self.params.device_id, &publish.topic) {
             Incoming::TwinResponse {
                 status,
@@ -541,12 +543,13 @@ impl Session {
                     properties,
                 })
                 .await;
+                return Ok(false);
             }
             Incoming::Unknown => {
                 tracing::debug!(topic = %publish.topic, "ignoring a publish on an unknown topic");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The hub's answer to the twin request `rid` (a GET or a reported patch).
@@ -652,6 +655,29 @@ impl Session {
     }
 }
 
+/// The CONNECT username: `{hub}/{deviceId}/?api-version=…&DeviceClientType=…[&model-id=…]`, the
+/// model id URL-encoded as Azure's SDKs send it (docs/protocol.md §5.1; `model-id` needs
+/// api-version 2020-09-30 or later).
+fn username(hub: &str, device_id: &str, model_id: Option<&str>) -> String {
+    let mut username = format!(
+        "{hub}/{device_id}/?api-version=2021-04-12&DeviceClientType=hubagent%2F{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(model_id) = model_id {
+        username.push_str("&model-id=");
+        username.extend(percent_encoding::utf8_percent_encode(model_id, QUERY_VALUE));
+    }
+    username
+}
+
+/// What a query value keeps unencoded: RFC 3986's unreserved characters (EMB-C's username
+/// encodes `:` and `;` of a DTMI and keeps `_`).
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// The four subscriptions of a device session (docs/protocol.md §5).
 fn subscriptions(device_id: &str) -> [String; 4] {
     [
@@ -686,6 +712,26 @@ mod tests {
         assert_eq!(twin_retry_delay(1), Duration::from_secs(2));
         assert_eq!(twin_retry_delay(2), Duration::from_secs(4));
         assert_eq!(twin_retry_delay(30), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_model_id_is_url_encoded_in_the_username_as_azure_sdks_send_it() {
+        let plain = username("myiothub.azure-devices.net", "my_device", None);
+        assert!(
+            plain.starts_with("myiothub.azure-devices.net/my_device/?api-version=2021-04-12&"),
+            "{plain}"
+        );
+        assert!(!plain.contains("model-id"), "{plain}");
+        let with_model = username(
+            "myiothub.azure-devices.net",
+            "my_device",
+            Some("dtmi:YOUR_COMPANY_NAME_HERE:sample_device;1"),
+        );
+        // EMB-C's test username ends the same way (docs/protocol.md §5.1).
+        assert!(
+            with_model.ends_with("&model-id=dtmi%3AYOUR_COMPANY_NAME_HERE%3Asample_device%3B1"),
+            "{with_model}"
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod outlet;
 mod process;
 pub mod protocol;
 mod running;
+mod secrets;
 mod supervisor;
 mod task;
 pub mod trust;
@@ -88,6 +89,8 @@ pub struct PluginStatus {
     pub pid: Option<u32>,
     pub health: Option<String>,
     pub health_detail: Option<String>,
+    /// The secrets of the settings (`{ file = … }`), so that nothing shows them.
+    pub secrets: secrets::Secrets,
 }
 
 /// A shareable, read-only view of the plugins (the control socket answers from it).
@@ -120,13 +123,13 @@ impl Registry {
                 "kind": spec.kind.name(),
                 "status": s.state,
                 "desiredVersion": s.desired_version,
-                "settings": s.settings,
+                "settings": s.secrets.redact(&s.settings),
                 "published": s.published,
                 "dropped": s.dropped,
                 "restarts": s.restarts,
             });
             if let Some(e) = &s.error {
-                v["error"] = json!(cap_text(e, MAX_REPORTED_ERROR));
+                v["error"] = json!(cap_text(&s.secrets.redact_text(e), MAX_REPORTED_ERROR));
             }
             if let Some(abi) = &s.abi {
                 v["abi"] = json!(abi);
@@ -157,11 +160,11 @@ impl Registry {
             v["pid"] = json!(s.pid);
             v["pluginVersion"] = json!(s.plugin_version);
             v["health"] = json!(s.health);
-            v["healthDetail"] = json!(s.health_detail);
-            v["lastFailure"] = json!(s.last_failure);
+            v["healthDetail"] = json!(s.health_detail.as_deref().map(|d| s.secrets.redact_text(d)));
+            v["lastFailure"] = json!(s.last_failure.as_deref().map(|f| s.secrets.redact_text(f)));
             // The whole reason, not the twin's capped one.
-            if s.error.is_some() {
-                v["error"] = json!(s.error);
+            if let Some(e) = &s.error {
+                v["error"] = json!(s.secrets.redact_text(e));
             }
             v["logsDropped"] = json!(s.logs_dropped);
             v["maxRate"] = json!(spec.limits.max_rate);

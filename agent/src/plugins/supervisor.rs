@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::secrets::{self, Secrets};
 use super::task::{Cmd, Task};
 use super::{PluginStatus, Registry, trust};
 use crate::config::Config;
@@ -17,15 +18,17 @@ use crate::state::TwinCache;
 use crate::telemetry::DurablePublisher;
 use crate::util::json::merge;
 
-/// The `settings` table overlaid with `desired.plugins.<name>` (which can change settings only).
-pub fn merged_settings(spec: &PluginSpec, twin: &TwinCache) -> Map<String, Value> {
-    let mut settings = spec.settings.clone();
+/// The `settings` table, its secrets read ([`secrets::resolve`]), overlaid with
+/// `desired.plugins.<name>` (which can change settings only, and whose `{"file": …}` objects are
+/// plain data: the twin cannot make the agent read a file).
+pub fn merged_settings(spec: &PluginSpec, twin: &TwinCache) -> (Map<String, Value>, Secrets) {
+    let (mut settings, secrets) = secrets::resolve(&spec.name, &spec.settings);
     if let Some(Value::Object(desired)) =
         twin.desired.get("plugins").and_then(|p| p.get(&spec.name))
     {
         merge(&mut settings, desired);
     }
-    settings
+    (settings, secrets)
 }
 
 struct Entry {
@@ -80,8 +83,11 @@ impl Supervisor {
     }
 
     fn add(&mut self, spec: PluginSpec, twin: &TwinCache) {
-        let settings = merged_settings(&spec, twin);
-        let shared = Arc::new(Mutex::new(PluginStatus::default()));
+        let (settings, secrets) = merged_settings(&spec, twin);
+        let shared = Arc::new(Mutex::new(PluginStatus {
+            secrets,
+            ..PluginStatus::default()
+        }));
         let (cmds, rx) = mpsc::unbounded_channel();
         let task = Task {
             spec: spec.clone(),
@@ -118,9 +124,15 @@ impl Supervisor {
     /// and acknowledges the desired version.
     pub fn apply_desired(&mut self, twin: &TwinCache) {
         for entry in self.entries.values_mut() {
-            let settings = merged_settings(&entry.spec, twin);
+            let (settings, secrets) = merged_settings(&entry.spec, twin);
             let next = (settings, twin.desired_version);
             if next != entry.sent {
+                // Before the settings go: what shows them must know what to hide.
+                entry
+                    .shared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .secrets = secrets;
                 let _ = entry.cmds.send(Cmd::Settings {
                     settings: next.0.clone(),
                     version: next.1,
@@ -217,7 +229,7 @@ mod tests {
                     .clone(),
             ..TwinCache::default()
         };
-        let merged = merged_settings(&spec, &twin);
+        let (merged, _) = merged_settings(&spec, &twin);
         assert_eq!(merged["interval"], "1s");
         assert!(!merged.contains_key("unit"));
         // "command" lands in the settings the plugin sees, never in what is run.

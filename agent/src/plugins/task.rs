@@ -171,7 +171,7 @@ impl Task {
             let reason = match self.run_once(&mut runs, &mut cmds, settings.clone()).await {
                 Outcome::Shutdown(done) => return self.finish(done),
                 Outcome::Rejected(reason) => {
-                    tracing::warn!(plugin = %self.spec.name, "settings rejected: {reason}");
+                    tracing::warn!(plugin = %self.spec.name, "settings rejected: {}", self.redact(&reason));
                     runs.rejected = Some(settings);
                     self.set_state(State::RejectedSettings, Some(reason));
                     continue;
@@ -229,7 +229,7 @@ impl Task {
         cmds: &mut mpsc::UnboundedReceiver<Cmd>,
         reason: String,
     ) -> Done {
-        tracing::error!(plugin = %self.spec.name, "{reason}; quarantined until the agent restarts");
+        tracing::error!(plugin = %self.spec.name, "{}; quarantined until the agent restarts", self.redact(&reason));
         self.set_state(
             State::Quarantined,
             Some(format!("{reason} (in-process: restart the agent)")),
@@ -251,7 +251,7 @@ impl Task {
     ) -> ControlFlow<Done> {
         let (n, state, delay) =
             next_after_failure(&mut runs.failures, Instant::now(), &self.spec.limits);
-        tracing::warn!(plugin = %self.spec.name, failures = n, ?delay, state = ?state, "plugin failed: {reason}");
+        tracing::warn!(plugin = %self.spec.name, failures = n, ?delay, state = ?state, "plugin failed: {}", self.redact(&reason));
         self.update(true, |s| {
             s.state = state;
             s.error = Some(reason.clone());
@@ -546,7 +546,7 @@ impl Task {
                 None
             }
             Err(e) if e.code == abi::ERR_REJECTED => {
-                tracing::warn!(plugin = %self.spec.name, version, "settings rejected, keeping the old ones: {}", e.reason);
+                tracing::warn!(plugin = %self.spec.name, version, "settings rejected, keeping the old ones: {}", self.redact(&e.reason));
                 runs.rejected = Some(wanted);
                 self.update(true, |s| {
                     s.state = State::RejectedSettings;
@@ -561,7 +561,7 @@ impl Task {
 
     /// Exec plugins refuse after the fact; they keep their previous settings.
     fn on_late_reject(&self, runs: &mut Runs, live: &mut Live, reason: String) {
-        tracing::warn!(plugin = %self.spec.name, "settings rejected, keeping the old ones: {reason}");
+        tracing::warn!(plugin = %self.spec.name, "settings rejected, keeping the old ones: {}", self.redact(&reason));
         runs.rejected = Some(live.current.clone());
         let previous = self
             .shared
@@ -579,12 +579,21 @@ impl Task {
         });
     }
 
+    /// A plugin's text with the secrets of its settings cut out, for the log.
+    fn redact(&self, text: &str) -> String {
+        self.shared
+            .lock()
+            .map(|s| s.secrets.redact_text(text))
+            .unwrap_or_else(|e| e.into_inner().secrets.redact_text(text))
+    }
+
     fn log(&self, runs: &mut Runs, level: i32, text: &str) {
         if !runs.logs.take(Instant::now()) {
             self.update(false, |s| s.logs_dropped += 1);
             return;
         }
         let name = &self.spec.name;
+        let text = self.redact(text);
         match level {
             abi::LOG_ERROR => tracing::error!(plugin = %name, "{text}"),
             abi::LOG_WARN => tracing::warn!(plugin = %name, "{text}"),
@@ -606,7 +615,7 @@ impl Task {
                     _ => "failed",
                 };
                 if state != abi::HEALTH_OK {
-                    tracing::warn!(plugin = %self.spec.name, health, "{detail}");
+                    tracing::warn!(plugin = %self.spec.name, health, "{}", self.redact(&detail));
                 }
                 self.update(true, |s| {
                     s.health = Some(health.to_string());

@@ -868,6 +868,8 @@ fn assign(
             .devices
             .get(&new_key)
             .map_or(Status::Enabled, |d| d.status);
+        // Announced by the device on its next CONNECT; kept until then, as the twin is.
+        let model_id = store.devices.get(&new_key).and_then(|d| d.model_id.clone());
         store.devices.insert(
             new_key,
             Device {
@@ -882,6 +884,7 @@ fn assign(
                     .group
                     .clone()
                     .filter(|_| matched.authentication.kind == "certificateAuthority"),
+                model_id,
             },
         );
         let created = previous

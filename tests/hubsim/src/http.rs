@@ -120,6 +120,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
             "/sim/telemetry/{id}",
             get(get_telemetry).delete(clear_telemetry),
         )
+        .route("/sim/c2d/{id}", get(get_c2d))
         .route("/sim/registrations", get(sim_registrations))
         .route("/sim/connections", get(sim_connections))
         .route("/sim/faults/drop/{id}", post(drop_device))
@@ -647,6 +648,7 @@ fn device_json(sim: &Sim, key: &str, device: &Device) -> Value {
         "authentication": device.authentication,
         "connectionState": if connected { "Connected" } else { "Disconnected" },
         "hub": device.hub,
+        "modelId": device.model_id.clone().unwrap_or_default(),
     })
 }
 
@@ -662,6 +664,7 @@ fn twin_json(device: &Device) -> Value {
         "status": device.status,
         "tags": device.twin.tags,
         "properties": {"desired": desired, "reported": reported},
+        "modelId": device.model_id.clone().unwrap_or_default(),
     })
 }
 
@@ -756,6 +759,7 @@ async fn put_device(
             .as_ref()
             .map(|d| d.twin.clone())
             .unwrap_or_default(),
+        model_id: existing.as_ref().and_then(|d| d.model_id.clone()),
         ca_group: existing.and_then(|d| d.ca_group),
     };
     let stored = device.clone();
@@ -1093,6 +1097,20 @@ async fn clear_telemetry(
     authorized!(sim, headers, Policy::Either);
     sim.records.lock().unwrap().telemetry.remove(&id);
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Every C2D message sent to a device: its id, state (enqueued / invisible / completed) and how
+/// many times it was delivered.
+async fn get_c2d(
+    State(sim): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    authorized!(sim, headers, Policy::Either);
+    let Some((key, _)) = find_device(&sim, &id) else {
+        return device_not_found(&id);
+    };
+    ok(sim.c2d_records(&key))
 }
 
 async fn sim_registrations(State(sim): State<AppState>, headers: HeaderMap) -> Response {

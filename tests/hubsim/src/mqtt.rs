@@ -28,7 +28,7 @@ use tokio_util::codec::Framed;
 use crate::auth::unix_now;
 use crate::dps::{self, DeviceCredential, DpsResponse};
 use crate::hub::{self, Close, DeviceSession, Reply};
-use crate::state::{ConnCommand, ConnHandle, ConnectionEvent, Sim, Store, now_rfc3339};
+use crate::state::{C2dState, ConnCommand, ConnHandle, ConnectionEvent, Sim, Store, now_rfc3339};
 
 /// Largest packet hubsim decodes. Above the hub's 256 KiB message limit so that an oversize
 /// message is refused by the hub's own check (with its reason), not by the codec.
@@ -228,6 +228,8 @@ enum Identity {
     Hub {
         hub: String,
         device_id: String,
+        /// `model-id=` (URL-decoded): the device's IoT Plug and Play model.
+        model_id: Option<String>,
     },
 }
 
@@ -241,13 +243,19 @@ fn parse_username(username: &str) -> Result<Identity, String> {
             registration_id: parts[2].to_string(),
         });
     }
-    if let Some((path, _query)) = username.split_once("/?") {
+    if let Some((path, query)) = username.split_once("/?") {
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
             [hub, device_id] if !hub.is_empty() && !device_id.is_empty() => {
+                let model_id = hub::query_param(query, "model-id").map(|m| {
+                    percent_encoding::percent_decode_str(&m)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                });
                 return Ok(Identity::Hub {
                     hub: hub.to_string(),
                     device_id: device_id.to_string(),
+                    model_id,
                 });
             }
             [_, _, _] => return Err("module identities are not simulated".into()),
@@ -383,11 +391,17 @@ pub async fn serve_stream(
             )
             .await
         }
-        Ok(Identity::Hub { hub, device_id }) => {
-            run_hub(
-                &sim, transport, &connect, over, &hub, &device_id, credential,
-            )
-            .await
+        Ok(Identity::Hub {
+            hub,
+            device_id,
+            model_id,
+        }) => {
+            let device = HubDevice {
+                hub: &hub,
+                device_id: &device_id,
+                model_id: model_id.as_deref(),
+            };
+            run_hub(&sim, transport, &connect, over, device, credential).await
         }
         Err(reason) => {
             record_event(&sim, &connect.client_id, "hub", "refused", Some(&reason));
@@ -697,15 +711,26 @@ fn dps_request(
 // IoT Hub
 // ---------------------------------------------------------------------------------------------
 
+/// Who a hub CONNECT is for, from its username.
+struct HubDevice<'a> {
+    hub: &'a str,
+    device_id: &'a str,
+    model_id: Option<&'a str>,
+}
+
 async fn run_hub(
     sim: &Arc<Sim>,
     mut transport: Transport,
     connect: &Connect,
     over: Over,
-    hub: &str,
-    device_id: &str,
+    device: HubDevice<'_>,
     credential: DeviceCredential,
 ) -> Result<(), String> {
+    let HubDevice {
+        hub,
+        device_id,
+        model_id,
+    } = device;
     let client_id = &connect.client_id;
     let known_hub = sim.config.hubs.iter().find(|h| h.eq_ignore_ascii_case(hub));
     let checked = match known_hub {
@@ -727,6 +752,15 @@ async fn run_hub(
         }
     };
     let device_key = Store::device_key(&hub, device_id);
+    // The hub records the model id a device announces (IoT Plug and Play): `modelId` in the
+    // device and its twin. A CONNECT without one leaves the last one in place.
+    if let Some(model_id) = model_id {
+        let _ = sim.mutate(|s| {
+            if let Some(device) = s.devices.get_mut(&device_key) {
+                device.model_id = Some(model_id.to_string());
+            }
+        });
+    }
     let session = DeviceSession {
         hub: hub.clone(),
         device_id: device_id.to_string(),
@@ -839,6 +873,7 @@ async fn hub_loop(
                 let mut publish =
                     Publish::from_bytes(topic, QoS::AtLeastOnce, message.body.clone());
                 publish.pkid = pkid;
+                sim.record_c2d(&session.device_key, &message, C2dState::Invisible);
                 c2d_unacked.push((pkid, message));
                 if let Err(e) = transport.send(Packet::Publish(publish)).await {
                     return format!("send failed: {e}");
@@ -854,7 +889,12 @@ async fn hub_loop(
             Packet::Disconnect => return "client disconnected".into(),
             // PUBACK of a C2D message completes it: the hub forgets it. Until then it is the
             // connection's, and goes back to the queue if the connection ends.
-            Packet::PubAck(ack) => c2d_unacked.retain(|(pkid, _)| *pkid != ack.pkid),
+            Packet::PubAck(ack) => {
+                if let Some(pos) = c2d_unacked.iter().position(|(pkid, _)| *pkid == ack.pkid) {
+                    let (_, message) = c2d_unacked.remove(pos);
+                    sim.record_c2d(&session.device_key, &message, C2dState::Completed);
+                }
+            }
             Packet::Subscribe(subscribe) => {
                 let filters: Vec<(String, QoS)> = subscribe
                     .filters
@@ -960,7 +1000,19 @@ mod tests {
             ),
             Ok(Identity::Hub {
                 hub: "sim-hub.example.net".into(),
-                device_id: "dev-01".into()
+                device_id: "dev-01".into(),
+                model_id: None,
+            })
+        );
+        // EMB-C's test username (docs/protocol.md §5.1): the model id is URL-encoded.
+        assert_eq!(
+            parse_username(
+                "myiothub.azure-devices.net/my_device/?api-version=2020-09-30&DeviceClientType=azsdk-c%2F1.0.0&model-id=dtmi%3AYOUR_COMPANY_NAME_HERE%3Asample_device%3B1"
+            ),
+            Ok(Identity::Hub {
+                hub: "myiothub.azure-devices.net".into(),
+                device_id: "my_device".into(),
+                model_id: Some("dtmi:YOUR_COMPANY_NAME_HERE:sample_device;1".into()),
             })
         );
         assert!(parse_username("hub/dev/module/?api-version=1").is_err());

@@ -206,6 +206,10 @@ pub struct Device {
     /// For `certificateAuthority` devices: the enrollment group whose CA they chain to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_group: Option<String>,
+    /// The IoT Plug and Play model id the device announced in its last CONNECT (`model-id=` in
+    /// the username), shown as `modelId` in the device and its twin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
 }
 
 /// The outcome of a device's last DPS registration (DeviceRegistrationResult).
@@ -363,6 +367,42 @@ pub struct C2dMessage {
     pub properties: Vec<(String, String)>,
 }
 
+impl C2dMessage {
+    /// The message id (`$.mid`), empty when the message has none.
+    pub fn message_id(&self) -> &str {
+        self.properties
+            .iter()
+            .find(|(k, _)| k == "$.mid")
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Where a C2D message is in its life cycle, with the hub's names for the states
+/// (docs/hubsim.md, "C2D message states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum C2dState {
+    /// In the device's queue, waiting for a connection subscribed to C2D.
+    Enqueued,
+    /// Sent to the device and not yet completed (no PUBACK yet): the connection holds it, and it
+    /// goes back to the queue if the connection ends.
+    Invisible,
+    /// The device's PUBACK completed it: the hub has forgotten it.
+    Completed,
+    /// Delivered [`MAX_C2D_DELIVERIES`] times without being completed: the hub gave up on it.
+    DeadLettered,
+}
+
+/// The history of one C2D message sent to a device, as `GET /sim/c2d/{deviceId}` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dRecord {
+    pub message_id: String,
+    pub state: C2dState,
+    /// How many times it was sent to the device (more than 1: redelivered).
+    pub delivery_count: u32,
+}
+
 #[derive(Debug, Default)]
 pub struct Faults {
     pub refuse_connections_until: Option<Instant>,
@@ -387,6 +427,8 @@ pub struct Records {
     pub telemetry_keep: usize,
     pub registrations: Vec<RegistrationEvent>,
     pub connections: Vec<ConnectionEvent>,
+    /// Every C2D message sent, by device key, oldest first.
+    pub c2d: HashMap<String, Vec<C2dRecord>>,
 }
 
 #[derive(Debug, Default)]
@@ -439,6 +481,8 @@ pub struct Sim {
 }
 
 pub const MAX_C2D_QUEUE: usize = 50;
+/// The hub's default maximum delivery count of a C2D message (`maxDeliveryCount`).
+pub const MAX_C2D_DELIVERIES: u32 = 10;
 
 impl Sim {
     /// Loads `state.json` from the state dir, or starts empty with fresh service keys.
@@ -511,6 +555,68 @@ impl Sim {
         let result = f(&mut self.records.lock().unwrap());
         self.changed.notify_waiters();
         result
+    }
+
+    /// Records a C2D message just queued for a device (by device key), and wakes waiters.
+    pub fn record_c2d_sent(&self, device_key: &str, message: &C2dMessage) {
+        self.record(|r| {
+            r.c2d
+                .entry(device_key.to_string())
+                .or_default()
+                .push(C2dRecord {
+                    message_id: message.message_id().to_string(),
+                    state: C2dState::Enqueued,
+                    delivery_count: 0,
+                })
+        });
+    }
+
+    /// Records a C2D message's move to `state` (to `Invisible`: one more delivery), and wakes
+    /// waiters. A message id sent twice updates its latest record not yet completed.
+    pub fn record_c2d(&self, device_key: &str, message: &C2dMessage, state: C2dState) {
+        let id = message.message_id();
+        self.record(|r| {
+            let open = r.c2d.get_mut(device_key).and_then(|records| {
+                records.iter_mut().rev().find(|m| {
+                    m.message_id == id
+                        && !matches!(m.state, C2dState::Completed | C2dState::DeadLettered)
+                })
+            });
+            if let Some(record) = open {
+                record.state = state;
+                if state == C2dState::Invisible {
+                    record.delivery_count += 1;
+                }
+            }
+        });
+    }
+
+    /// How many times the open (not completed, not dead-lettered) C2D message `message_id` of a
+    /// device was delivered.
+    pub fn c2d_deliveries(&self, device_key: &str, message_id: &str) -> u32 {
+        self.records
+            .lock()
+            .unwrap()
+            .c2d
+            .get(device_key)
+            .and_then(|records| {
+                records.iter().rev().find(|m| {
+                    m.message_id == message_id
+                        && !matches!(m.state, C2dState::Completed | C2dState::DeadLettered)
+                })
+            })
+            .map_or(0, |m| m.delivery_count)
+    }
+
+    /// The C2D records of a device (by device key), oldest first.
+    pub fn c2d_records(&self, device_key: &str) -> Vec<C2dRecord> {
+        self.records
+            .lock()
+            .unwrap()
+            .c2d
+            .get(device_key)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Waits until `cond` holds (checked on every change) or the timeout passes.

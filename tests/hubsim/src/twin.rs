@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::state::{
-    C2dMessage, ConnCommand, ConnHandle, JsonObject, MAX_C2D_QUEUE, Sim, Subscriptions,
+    C2dMessage, C2dState, ConnCommand, ConnHandle, JsonObject, MAX_C2D_DELIVERIES, MAX_C2D_QUEUE,
+    Sim, Subscriptions,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +352,7 @@ pub fn send_c2d(sim: &Sim, device_key: &str, message: C2dMessage) -> Result<(), 
                 "device '{device_key}' already has {MAX_C2D_QUEUE} C2D messages pending"
             )));
         }
+        sim.record_c2d_sent(device_key, &message);
         queue.push_back(message);
     }
     flush_c2d(sim, device_key);
@@ -393,6 +395,7 @@ pub fn flush_c2d(sim: &Sim, device_key: &str) {
 /// Puts messages a connection delivered but the device never acknowledged back at the head of
 /// its queue, oldest first, and delivers them to the device's current connection if it has one
 /// (a newer connection may already have subscribed): the hub redelivers what was not completed.
+/// A message delivered [`MAX_C2D_DELIVERIES`] times is dead-lettered instead, as on the hub.
 pub fn requeue_c2d(sim: &Sim, device_key: &str, messages: Vec<C2dMessage>) {
     if messages.is_empty() {
         return;
@@ -401,6 +404,11 @@ pub fn requeue_c2d(sim: &Sim, device_key: &str, messages: Vec<C2dMessage>) {
         let mut live = sim.live.lock().unwrap();
         let queue = live.c2d_queues.entry(device_key.to_string()).or_default();
         for message in messages.into_iter().rev() {
+            if sim.c2d_deliveries(device_key, message.message_id()) >= MAX_C2D_DELIVERIES {
+                sim.record_c2d(device_key, &message, C2dState::DeadLettered);
+                continue;
+            }
+            sim.record_c2d(device_key, &message, C2dState::Enqueued);
             queue.push_front(message);
         }
     }
@@ -469,6 +477,7 @@ mod tests {
                     etag: "e".into(),
                     twin: Default::default(),
                     ca_group: None,
+                    model_id: None,
                 },
             )
         })

@@ -133,6 +133,7 @@ fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::C
         checks.push(certificate_expiry(validity, lead));
     }
     secret_files(config, checks);
+    plugin_secret_files(config, checks);
     match hubagent::provisioning::client_tls(config, &credential) {
         Ok(tls) => {
             checks.push(pass(
@@ -214,6 +215,27 @@ fn secret_files(config: &Config, checks: &mut Vec<Check>) {
                 Some(w) => checks.push(warn("keys.private", w)),
                 None => checks.push(pass("keys.private", file.display().to_string())),
             }
+        }
+    }
+}
+
+/// plugins.secrets: every plugin secret file (`{ file = … }` in `[plugin.settings]`) can be read
+/// and is readable by its owner only. Names the plugin, key and file; never the content.
+fn plugin_secret_files(config: &Config, checks: &mut Vec<Check>) {
+    for spec in &config.plugins {
+        for (key, file) in hubagent::config::plugin::secret_references(&spec.settings) {
+            let at = format!("plugin {} {key}: {file}", spec.name);
+            let check = match std::fs::File::open(&file) {
+                Err(e) => fail("plugins.secrets", format!("{at} cannot be read: {e}")),
+                Ok(_) => match hubagent::identity::keys::check_private(Path::new(&file)) {
+                    Some(w) => warn(
+                        "plugins.secrets",
+                        format!("plugin {} {key}: {w}", spec.name),
+                    ),
+                    None => pass("plugins.secrets", at),
+                },
+            };
+            checks.push(check);
         }
     }
 }
