@@ -13,6 +13,7 @@ use rumqttc::{
 };
 
 /// One MQTT/TLS connection's settings, in plain values.
+#[derive(Clone)]
 pub struct ConnectOptions {
     pub client_id: String,
     pub host: String,
@@ -21,6 +22,9 @@ pub struct ConnectOptions {
     pub websocket: bool,
     /// An HTTP proxy to tunnel through (CONNECT).
     pub proxy: Option<ProxyRoute>,
+    /// `[hub] transport = "auto"`: `port` and `websocket` come from here, and [`connect`] tries
+    /// the other route when this one is unreachable.
+    pub auto: Option<Arc<AutoRoute>>,
     pub username: String,
     /// Empty for X.509 (the certificate in the TLS handshake is the credential).
     pub password: String,
@@ -37,6 +41,103 @@ pub struct ConnectOptions {
     /// Incoming QoS 1 publishes are acknowledged by the caller (`AsyncClient::try_ack`) once
     /// handled, so a message that arrives as the connection closes is redelivered, not lost.
     pub manual_acks: bool,
+}
+
+/// `transport = "auto"`: MQTT on 8883 first; when that cannot be reached, MQTT over WebSockets on
+/// 443; whichever worked last is tried first from then on (DPS and the hub share one memory: it
+/// is the network that decides).
+#[derive(Debug)]
+pub struct AutoRoute {
+    pub tls_port: u16,
+    pub websocket_port: u16,
+    websocket: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AutoRoute {
+    pub fn new(tls_port: u16, websocket_port: u16) -> AutoRoute {
+        AutoRoute {
+            tls_port,
+            websocket_port,
+            websocket: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// The same memory for a server with other ports (DPS's MQTT port may not be the hub's).
+    pub fn for_ports(&self, tls_port: u16, websocket_port: u16) -> AutoRoute {
+        AutoRoute {
+            tls_port,
+            websocket_port,
+            websocket: self.websocket.clone(),
+        }
+    }
+
+    /// Whether WebSockets is the route to try first (the one that worked last).
+    pub fn websocket(&self) -> bool {
+        self.websocket.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn remember(&self, websocket: bool) {
+        self.websocket
+            .store(websocket, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn port(&self, websocket: bool) -> u16 {
+        if websocket {
+            self.websocket_port
+        } else {
+            self.tls_port
+        }
+    }
+}
+
+/// How logs and status name a route.
+pub fn route_name(websocket: bool) -> &'static str {
+    if websocket {
+        "MQTT over WebSockets"
+    } else {
+        "MQTT over TLS"
+    }
+}
+
+/// CONNECT and CONNACK on the route `options` names; with `auto`, on the remembered route and,
+/// when it is unreachable (not refused: a refusal is an answer), on the other one.
+pub async fn connect(options: &ConnectOptions) -> Result<(AsyncClient, EventLoop), ConnectError> {
+    let Some(auto) = &options.auto else {
+        return connect_once(options).await;
+    };
+    let first = auto.websocket();
+    let attempt = |websocket: bool| ConnectOptions {
+        port: auto.port(websocket),
+        websocket,
+        ..options.clone()
+    };
+    match connect_once(&attempt(first)).await {
+        Err(ConnectError::Network(reason)) => {
+            tracing::warn!(
+                host = %options.host,
+                "{} on port {} failed ({reason}); trying {} on port {}",
+                route_name(first),
+                auto.port(first),
+                route_name(!first),
+                auto.port(!first)
+            );
+            let connected = connect_once(&attempt(!first)).await?;
+            auto.remember(!first);
+            tracing::info!(
+                host = %options.host,
+                "connected with {}; tried first from now on",
+                route_name(!first)
+            );
+            Ok(connected)
+        }
+        other => other,
+    }
+}
+
+async fn connect_once(options: &ConnectOptions) -> Result<(AsyncClient, EventLoop), ConnectError> {
+    let (client, mut eventloop) = client(options);
+    wait_connack(&mut eventloop, options.proxy.as_ref()).await?;
+    Ok((client, eventloop))
 }
 
 /// An HTTP proxy for one connection, with the password already read (never logged).

@@ -713,3 +713,77 @@ async fn mqtt_over_websockets_carries_the_whole_session() {
         ]
     );
 }
+
+/// `transport = "auto"` where the MQTT port cannot be reached (nothing listens on it): the agent
+/// falls back to WebSockets, says so once, shows the route in `hubagent status` and `check`, and
+/// goes straight to WebSockets when it reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_websockets_when_8883_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let device = "gw-daemon-auto";
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (config, _) = enrolled_agent(dir.path(), &running, device);
+    let config = config
+        .mqtt_port(closed_port)
+        .extra(&format!(
+            "transport = \"auto\"\nwebsocket_port = {}\n",
+            running.https_addr.port()
+        ))
+        .extra(&builtin_sensor("100ms"))
+        .write();
+    let sim = running.sim.clone();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, device) >= 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.status()["route"], "MQTT over WebSockets");
+    let before = telemetry_count(&sim, device);
+    assert!(drop_connection(&sim, device), "no live connection");
+    assert!(
+        sim.wait_until(WAIT, |s| hub_connects(s, device) >= 2
+            && telemetry_count(s, device) > before + 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let out = agent.cli(&["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hub = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "network.hub")
+        .cloned()
+        .unwrap();
+    let detail = hub["detail"].as_str().unwrap();
+    assert_eq!(hub["result"], "pass", "{hub}");
+    assert!(
+        detail.contains("MQTT over WebSockets (TLS verified")
+            && detail.contains(&format!(
+                "before it: 127.0.0.2:{closed_port}, MQTT over TLS"
+            )),
+        "{hub}"
+    );
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0));
+    // Said once: DPS found the way; the hub sessions used it at once.
+    assert_eq!(
+        log.matches("trying MQTT over WebSockets").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        connection_events(&sim, device)
+            .iter()
+            .filter(|e| e.event == "connected")
+            .all(|e| e.transport.as_deref() == Some("mqtt-ws"))
+    );
+}

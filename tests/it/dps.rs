@@ -15,6 +15,7 @@ fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
         port: running.mqtt_addr.port(),
         websocket: false,
         proxy: None,
+        auto: None,
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: registration_id.into(),
         payload: Some(serde_json::json!({"site": "plant-4"})),

@@ -85,6 +85,13 @@ impl AgentConfig {
         self
     }
 
+    /// `[hub] port`: the MQTT port of DPS and the hub (default hubsim's; a closed one makes
+    /// MQTT over TLS unreachable).
+    pub fn mqtt_port(mut self, port: u16) -> AgentConfig {
+        self.mqtt_port = port;
+        self
+    }
+
     /// `[agent] allow_unsafe_plugin_paths` (honoured only when not root).
     pub fn allow_unsafe_plugin_paths(mut self, allow: bool) -> AgentConfig {
         self.allow_unsafe_plugin_paths = allow;

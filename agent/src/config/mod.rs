@@ -380,13 +380,15 @@ pub enum HubTransport {
     Mqtt,
     /// MQTT over WebSockets over TLS on `[hub] websocket_port` (443).
     Websockets,
+    /// `port` first; when it cannot be reached, `websocket_port`; what worked last first.
+    Auto,
 }
 
 impl HubSettings {
     /// The port DPS and the hub are dialled on, for the transport in use.
     pub fn dial_port(&self) -> u16 {
         match self.transport {
-            HubTransport::Mqtt => self.port,
+            HubTransport::Mqtt | HubTransport::Auto => self.port,
             HubTransport::Websockets => self.websocket_port,
         }
     }

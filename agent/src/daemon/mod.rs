@@ -145,6 +145,8 @@ struct Daemon {
     assignment: Option<ProvisioningCache>,
     /// What the log last said about the identity certificate's expiry.
     certificate_said: certificate::LastSaid,
+    /// `[hub] transport = "auto"`: the route that worked last, for DPS and the hub alike.
+    auto_route: Option<Arc<crate::mqtt::AutoRoute>>,
 }
 
 /// The tasks that run beside the lifecycle, stopped with it.
@@ -227,6 +229,7 @@ impl Daemon {
             ticker,
             watchdog: spawn_watchdog(),
         };
+        let auto_route = provisioning::auto_route(&config);
         let daemon = Daemon {
             config,
             state,
@@ -240,6 +243,7 @@ impl Daemon {
             identity: None,
             assignment: None,
             certificate_said: Default::default(),
+            auto_route,
         };
         Ok((daemon, background))
     }
@@ -305,7 +309,9 @@ impl Daemon {
                 identity.registration_id
             ));
         }
-        let registered = provisioning::register_once(&self.config, &mut identity).await;
+        let registered =
+            provisioning::register_once(&self.config, &mut identity, self.auto_route.as_deref())
+                .await;
         self.status.update(|s| s.key = identity.key_in_use());
         let assignment = match registered {
             Ok(assignment) => assignment,
@@ -374,6 +380,9 @@ impl Daemon {
         self.status.update(|s| s.reloads += 1);
         let changed = config.provisioning_fingerprint() != self.config.provisioning_fingerprint();
         tracing::info!(provisioning_changed = changed, "configuration reloaded");
+        if config.hub != self.config.hub {
+            self.auto_route = provisioning::auto_route(&config);
+        }
         self.config = config;
         self.plugins.reconfigure(&self.config, &self.twin);
         self.status.update(|s| s.plugins = self.plugins.snapshot());

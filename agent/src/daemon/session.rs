@@ -93,6 +93,7 @@ impl Daemon {
             port: hub.dial_port(),
             websocket: hub.transport == crate::config::HubTransport::Websockets,
             proxy: crate::provisioning::proxy_route(&self.config, &assignment.hub),
+            auto: self.auto_route.clone(),
             credential: identity.credential.clone(),
             tls: identity.tls.clone(),
             keep_alive: hub.keep_alive,
@@ -118,9 +119,14 @@ impl Daemon {
             SessionEvent::Connected => {
                 *connected = true;
                 life.on(Event::Connected);
+                let websocket = match &self.auto_route {
+                    Some(auto) => auto.websocket(),
+                    None => self.config.hub.transport == crate::config::HubTransport::Websockets,
+                };
                 self.status.update(|s| {
                     s.connection = ConnectionState::Connected;
                     s.last_error = None;
+                    s.route = Some(crate::mqtt::route_name(websocket));
                 });
                 systemd::status(&self.status.line());
             }

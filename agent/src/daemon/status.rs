@@ -50,6 +50,9 @@ pub struct Snapshot {
     /// Per plugin: kind, status, applied desired version, error.
     pub plugins: serde_json::Value,
     pub queue: Option<crate::telemetry::queue::QueueStats>,
+    /// How the hub session travels: `MQTT over TLS` or `MQTT over WebSockets` (with `transport =
+    /// "auto"`, the route that worked).
+    pub route: Option<&'static str>,
     /// Which symmetric key is in use, `primary` or `secondary`, when a secondary is configured.
     pub key: Option<&'static str>,
     /// The identity certificate's validity (X.509 only).

@@ -40,6 +40,8 @@ pub struct HubParams {
     pub websocket: bool,
     /// The HTTP proxy to tunnel through.
     pub proxy: Option<crate::mqtt::ProxyRoute>,
+    /// `[hub] transport = "auto"` (then `port` and `websocket` are its memory's).
+    pub auto: Option<Arc<crate::mqtt::AutoRoute>>,
     pub credential: Credential,
     pub tls: Arc<rustls::ClientConfig>,
     pub keep_alive: Duration,

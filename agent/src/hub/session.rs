@@ -297,6 +297,7 @@ impl Session {
             port: p.port,
             websocket: p.websocket,
             proxy: p.proxy.clone(),
+            auto: p.auto.clone(),
             username: username(&p.hub, &p.device_id, p.model_id.as_deref()),
             password,
             tls: p.tls.clone(),
@@ -332,17 +333,16 @@ impl Session {
     /// (`on_event`).
     async fn connect(&mut self) -> Result<(Link, EventLoop), End> {
         let options = self.connect_options().map_err(End::Lost)?;
-        let (client, mut eventloop) = mqtt::client(&options);
         // SAS tokens expire: reconnect with a fresh one before the hub cuts us off. A certificate
         // does not expire with the connection.
         let renew_at = matches!(self.params.credential, Credential::Sas(_))
             .then(|| Instant::now() + renew_after(self.params.sas_ttl, self.params.renew_before));
 
-        match mqtt::wait_connack(&mut eventloop, self.params.proxy.as_ref()).await {
-            Ok(()) => {}
+        let (client, eventloop) = match mqtt::connect(&options).await {
+            Ok(connected) => connected,
             Err(e) if e.is_auth_refusal() => return Err(End::Unauthorized),
             Err(e) => return Err(End::Lost(e.to_string())),
-        }
+        };
         tracing::info!(hub = %self.params.hub, device = %self.params.device_id, "connected to the hub");
         self.connected_at = Some(Instant::now());
         self.emit(SessionEvent::Connected).await;

@@ -22,6 +22,8 @@ pub struct DpsRequest {
     pub websocket: bool,
     /// The HTTP proxy to tunnel through.
     pub proxy: Option<mqtt::ProxyRoute>,
+    /// `[hub] transport = "auto"` (then `port` and `websocket` are its memory's).
+    pub auto: Option<Arc<mqtt::AutoRoute>>,
     pub id_scope: String,
     pub registration_id: String,
     pub payload: Option<Value>,
@@ -138,12 +140,13 @@ async fn connect(
         // X.509: the certificate in the TLS handshake is the credential; no password.
         Credential::X509 { .. } => String::new(),
     };
-    let (client, mut eventloop) = mqtt::client(&ConnectOptions {
+    let connected = mqtt::connect(&ConnectOptions {
         client_id: req.registration_id.clone(),
         host: req.endpoint_host.clone(),
         port: req.port,
         websocket: req.websocket,
         proxy: req.proxy.clone(),
+        auto: req.auto.clone(),
         username: format!(
             "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=hubagent%2F{}",
             req.id_scope,
@@ -158,9 +161,10 @@ async fn connect(
         inflight: 1,
         request_capacity: 10,
         manual_acks: false,
-    });
-    match mqtt::wait_connack(&mut eventloop, req.proxy.as_ref()).await {
-        Ok(()) => Ok((client, eventloop)),
+    })
+    .await;
+    match connected {
+        Ok(connected) => Ok(connected),
         Err(e) if e.is_auth_refusal() => Err(DpsError::NotAuthorized {
             registration_id: req.registration_id.clone(),
         }),

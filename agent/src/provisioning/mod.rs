@@ -66,21 +66,37 @@ pub fn registration_id(config: &Config) -> Result<String, String> {
 
 /// What to send to DPS, where (MQTT host and port, or HTTPS for TPM attestation); `None` for
 /// `source = "manual"`, which registers nowhere.
-pub fn dps_request(config: &Config, registration_id: &str) -> Option<dps::DpsRequest> {
+/// `auto`: the route memory of `transport = "auto"` (the daemon's, shared with the hub session).
+pub fn dps_request(
+    config: &Config,
+    registration_id: &str,
+    auto: Option<&crate::mqtt::AutoRoute>,
+) -> Option<dps::DpsRequest> {
     let endpoint = config.dps_endpoint()?;
     Some(dps::DpsRequest {
         endpoint_host: endpoint.host.clone(),
         // Over WebSockets DPS answers on its HTTPS port, whatever the MQTT endpoint says.
         port: match config.hub.transport {
-            crate::config::HubTransport::Mqtt => endpoint.port,
+            crate::config::HubTransport::Mqtt | crate::config::HubTransport::Auto => endpoint.port,
             crate::config::HubTransport::Websockets => config.hub.websocket_port,
         },
         websocket: config.hub.transport == crate::config::HubTransport::Websockets,
         proxy: proxy_route(config, &endpoint.host),
+        auto: auto.map(|a| Arc::new(a.for_ports(endpoint.port, config.hub.websocket_port))),
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),
         timeout: Duration::from_secs(60),
+    })
+}
+
+/// The route memory of `[hub] transport = "auto"` (None for a fixed transport).
+pub fn auto_route(config: &Config) -> Option<Arc<crate::mqtt::AutoRoute>> {
+    (config.hub.transport == crate::config::HubTransport::Auto).then(|| {
+        Arc::new(crate::mqtt::AutoRoute::new(
+            config.hub.port,
+            config.hub.websocket_port,
+        ))
     })
 }
 
@@ -359,9 +375,10 @@ pub fn resolve(config: &Config, state: &StateDir, force: bool) -> Resolution {
 pub async fn register_once(
     config: &Config,
     identity: &mut DeviceIdentity,
+    auto: Option<&crate::mqtt::AutoRoute>,
 ) -> Result<Assignment, dps::DpsError> {
     // No DPS endpoint: a manual configuration names its hub and device itself.
-    let Some(request) = dps_request(config, &identity.registration_id) else {
+    let Some(request) = dps_request(config, &identity.registration_id, auto) else {
         return Ok(Assignment {
             assigned_hub: config
                 .provisioning
@@ -427,7 +444,8 @@ pub async fn provision_once(
         return Ok((cache, false));
     }
     let mut identity = device_identity(config).map_err(|e| e.to_string())?;
-    let assignment = register_once(config, &mut identity)
+    let auto = auto_route(config);
+    let assignment = register_once(config, &mut identity, auto.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     let (cache, saved) = record(&state, config, assignment, &identity);

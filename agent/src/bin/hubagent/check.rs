@@ -291,41 +291,46 @@ async fn network(
     tls: Option<&Arc<rustls::ClientConfig>>,
     checks: &mut Vec<Check>,
 ) {
-    // The route the agent takes: TLS on the MQTT port, or the HTTPS port for WebSockets.
-    let (route, websockets) = match config.hub.transport {
-        HubTransport::Mqtt => ("MQTT over TLS", false),
-        HubTransport::Websockets => ("MQTT over WebSockets", true),
+    // The routes the agent takes, in its order: TLS on the MQTT port, the HTTPS port for
+    // WebSockets, or (auto) the first, then the second.
+    let routes = |tls_port: u16| match config.hub.transport {
+        HubTransport::Mqtt => vec![(tls_port, "MQTT over TLS")],
+        HubTransport::Websockets => vec![(config.hub.websocket_port, "MQTT over WebSockets")],
+        HubTransport::Auto => vec![
+            (tls_port, "MQTT over TLS"),
+            (config.hub.websocket_port, "MQTT over WebSockets"),
+        ],
     };
     if let Some(dps) = config.dps_endpoint() {
-        let port = if websockets {
-            config.hub.websocket_port
-        } else {
-            dps.port
-        };
-        match reachable(&dps.host, port, tls).await {
-            Ok(how) => checks.push(pass(
-                "network.dps",
-                format!("{}:{port}, {route} ({how})", dps.host),
-            )),
-            Err(e) => checks.push(fail(
-                "network.dps",
-                format!("{}:{port}, {route}: {e}", dps.host),
-            )),
-        }
+        checks.push(route_check("network.dps", &dps.host, routes(dps.port), tls).await);
     }
     if let Some(c) = cache {
-        let port = config.hub.dial_port();
-        match reachable(&c.hub, port, tls).await {
-            Ok(how) => checks.push(pass(
-                "network.hub",
-                format!("{}:{port}, {route} ({how})", c.hub),
-            )),
-            Err(e) => checks.push(fail(
-                "network.hub",
-                format!("{}:{port}, {route}: {e}", c.hub),
-            )),
+        checks.push(route_check("network.hub", &c.hub, routes(config.hub.port), tls).await);
+    }
+}
+
+/// The first of `routes` that reaches `host` passes (saying which, and what failed before it);
+/// none reaching it fails with every route's reason.
+async fn route_check(
+    id: &'static str,
+    host: &str,
+    routes: Vec<(u16, &'static str)>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Check {
+    let mut failed = Vec::new();
+    for (port, route) in routes {
+        match reachable(host, port, tls).await {
+            Ok(how) => {
+                let mut detail = format!("{host}:{port}, {route} ({how})");
+                if !failed.is_empty() {
+                    detail.push_str(&format!("; before it: {}", failed.join("; ")));
+                }
+                return pass(id, detail);
+            }
+            Err(e) => failed.push(format!("{host}:{port}, {route}: {e}")),
         }
     }
+    fail(id, failed.join("; "))
 }
 
 /// daemon.running: a running agent answers on its control socket.

@@ -204,6 +204,9 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             println!("  device id:       {}", field("device_id"));
             println!("  provisioned at:  {}", field("provisioned_at"));
             println!("  connection:      {}", field("connection"));
+            if answer["route"].is_string() {
+                println!("  route:           {}", field("route"));
+            }
             println!("  published:       {}", field("published"));
             println!("  queued:          {}", field("queue_depth"));
             println!("  desired version: {}", field("desired_version"));
