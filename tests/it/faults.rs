@@ -42,11 +42,18 @@ impl Scenario {
         id: &str,
         extra_toml: &str,
     ) -> Scenario {
-        let config = enrolled_agent(dir.path(), &running, id)
-            .0
-            .extra(extra_toml)
-            .extra(&builtin_sensor("50ms"))
-            .write();
+        let agent = enrolled_agent(dir.path(), &running, id).0;
+        Scenario::with_config(dir, running, id, agent.extra(extra_toml))
+    }
+
+    /// A scenario on an agent configuration the test has shaped (its `[hub]` port, say).
+    fn with_config(
+        dir: tempfile::TempDir,
+        running: hubsim::Running,
+        id: &str,
+        agent: AgentConfig,
+    ) -> Scenario {
+        let config = agent.extra(&builtin_sensor("50ms")).write();
         Scenario {
             dir,
             running,
@@ -275,6 +282,47 @@ async fn hub_refuses_connections_for_a_while() {
             "scenario": "hub refuses connections for 9 s, 20 msg/s",
             "recovery_seconds": recovery.as_secs_f64(), "cpu_offline_percent": cpu_share * 100.0,
         }),
+    )
+    .await;
+}
+
+/// 8883 blocked, 443 open: with `transport = "auto"` the agent finds the WebSocket route, and
+/// the hub dropping the connection again and again costs nothing (each reconnection goes straight
+/// to WebSockets, the route it remembers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_8883_blocked_443_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let blocked = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent_config = enrolled_agent(dir.path(), &running, "fault-8883")
+        .0
+        .mqtt_port(blocked)
+        .extra(&format!(
+            "transport = \"auto\"\nwebsocket_port = {}\n",
+            running.https_addr.port()
+        ));
+    let mut s = Scenario::with_config(dir, running, "fault-8883", agent_config);
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    for round in 1..=3 {
+        let before = telemetry_count(s.sim(), &s.id);
+        assert!(s.drop_connection(), "round {round}: no live connection");
+        s.wait_telemetry(&agent, before + 5).await;
+    }
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("trying MQTT over WebSockets").count(),
+        1,
+        "{log}"
+    );
+    s.finish(
+        agent,
+        "8883-blocked",
+        json!({"scenario": "MQTT port closed, WebSockets open (transport = auto), hub connection dropped 3 times, 20 msg/s"}),
     )
     .await;
 }
