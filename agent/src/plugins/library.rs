@@ -124,6 +124,67 @@ pub fn check_descriptor(d: &abi::PluginDescriptor) -> Result<(), String> {
     Ok(())
 }
 
+/// The ELF machine and class (32/64-bit) this agent was built for.
+pub const HOST_MACHINE: (u16, u8) = (
+    if cfg!(target_arch = "x86_64") {
+        62
+    } else if cfg!(target_arch = "aarch64") {
+        183
+    } else if cfg!(target_arch = "arm") {
+        40
+    } else if cfg!(target_arch = "x86") {
+        3
+    } else if cfg!(target_arch = "riscv64") {
+        243
+    } else {
+        0
+    },
+    if cfg!(target_pointer_width = "64") {
+        2
+    } else {
+        1
+    },
+);
+
+/// A readable name of an ELF machine and class, as Debian names the architecture where it can.
+pub fn machine_name(machine: u16, class: u8) -> String {
+    match (machine, class) {
+        (62, 2) => "x86-64 (amd64)".into(),
+        (62, 1) => "x86-64 32-bit (x32)".into(),
+        (183, 2) => "AArch64 (arm64)".into(),
+        (40, 1) => "32-bit ARM (armhf/armel)".into(),
+        (3, 1) => "x86 (i386)".into(),
+        (243, 2) => "RISC-V 64 (riscv64)".into(),
+        (m, c) => format!("ELF machine {m}, {}-bit", if c == 2 { 64 } else { 32 }),
+    }
+}
+
+/// Checks the ELF header of a library before it is loaded: a library built for another
+/// architecture is refused with both architectures named (dlopen's own error names neither: an
+/// AArch64 library on x86-64 gave `cannot load: dlopen failed`).
+pub fn check_elf_header(header: &[u8]) -> Result<(), String> {
+    if header.len() < 20 || header[..4] != *b"\x7fELF" {
+        return Err("not an ELF shared library (no ELF header)".into());
+    }
+    let class = header[4];
+    let machine = match header[5] {
+        1 => u16::from_le_bytes([header[18], header[19]]),
+        2 => u16::from_be_bytes([header[18], header[19]]),
+        d => return Err(format!("ELF header with unknown data encoding {d}")),
+    };
+    let (host_machine, host_class) = HOST_MACHINE;
+    let big_endian = cfg!(target_endian = "big");
+    if (machine, class) != (host_machine, host_class) || (header[5] == 2) != big_endian {
+        return Err(format!(
+            "built for {}{}, but this agent runs on {}: build the plugin for this architecture (see docs/plugins.md)",
+            machine_name(machine, class),
+            if header[5] == 2 { ", big-endian" } else { "" },
+            machine_name(host_machine, host_class)
+        ));
+    }
+    Ok(())
+}
+
 impl Library {
     /// Checks the path, loads the library (for good) and checks its descriptor.
     pub fn load(path: &Path, allow_unsafe: bool) -> Result<Library, String> {
@@ -139,6 +200,15 @@ impl Library {
                 "{}: the file changed while it was checked",
                 real.display()
             ));
+        }
+        {
+            use std::io::Read;
+            let mut header = [0u8; 20];
+            let n = (&file)
+                .take(20)
+                .read(&mut header)
+                .map_err(|e| format!("{}: {e}", real.display()))?;
+            check_elf_header(&header[..n]).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         use std::os::fd::AsRawFd;
         let via_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -482,6 +552,92 @@ mod tests {
             apply_settings: None,
             stop: None,
         }
+    }
+
+    fn header(class: u8, data: u8, machine: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = class;
+        h[5] = data;
+        let m = if data == 2 {
+            machine.to_be_bytes()
+        } else {
+            machine.to_le_bytes()
+        };
+        h[18..20].copy_from_slice(&m);
+        h
+    }
+
+    #[test]
+    fn libraries_of_another_architecture_are_refused_naming_both() {
+        let (m, c) = HOST_MACHINE;
+        assert_eq!(check_elf_header(&header(c, 1, m)), Ok(()));
+        let here = machine_name(m, c);
+        for (class, machine, named) in [(2, 183, "arm64"), (1, 40, "armhf"), (2, 62, "amd64")] {
+            if (machine, class) == (m, c) {
+                continue;
+            }
+            let e = check_elf_header(&header(class, 1, machine)).unwrap_err();
+            assert!(e.contains(named) && e.contains(&here), "{e}");
+        }
+        assert!(
+            check_elf_header(&header(c, 2, m))
+                .unwrap_err()
+                .contains("big-endian")
+        );
+        assert!(
+            check_elf_header(b"#!/bin/sh\necho not a library\n")
+                .unwrap_err()
+                .contains("not an ELF")
+        );
+        // The agent's own executable is of the host's architecture.
+        let own = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(check_elf_header(&own[..20]), Ok(()));
+    }
+
+    /// A real shared library (built here by the C compiler) whose ELF header says AArch64, or
+    /// 32-bit ARM, is refused by `Library::load` with both architectures named, before dlopen
+    /// (whose own error names neither).
+    #[test]
+    fn loading_a_library_of_another_architecture_names_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("empty.c");
+        std::fs::write(&source, "int hubagent_arch_test_symbol;\n").unwrap();
+        let built = dir.path().join("libempty.so");
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&built)
+            .arg(&source)
+            .status()
+            .expect("the C compiler runs");
+        assert!(status.success(), "cc failed");
+        let original = std::fs::read(&built).unwrap();
+        let here = machine_name(HOST_MACHINE.0, HOST_MACHINE.1);
+        for (machine, class, named) in [(183u16, 2u8, "arm64"), (40, 1, "armhf"), (62, 2, "amd64")]
+        {
+            if (machine, class) == HOST_MACHINE {
+                continue;
+            }
+            let mut patched = original.clone();
+            patched[4] = class;
+            patched[18..20].copy_from_slice(&machine.to_le_bytes());
+            let path = dir.path().join(format!("lib{named}.so"));
+            std::fs::write(&path, &patched).unwrap();
+            // (true: the trust check's override where not root; as root the temporary
+            // directory passes it.)
+            let e = Library::load(&path, true)
+                .err()
+                .expect("a foreign library is refused");
+            assert!(
+                e.contains(named) && e.contains(&format!("this agent runs on {here}")),
+                "{e}"
+            );
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        // The unpatched library passes the architecture check (and is refused later, for the
+        // missing entry point).
+        let e = Library::load(&built, true).err().expect("not a plugin");
+        assert!(e.contains("exports no"), "{e}");
     }
 
     #[test]
