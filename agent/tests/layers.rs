@@ -48,6 +48,39 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// A source file under a module directory: its path relative to it, its path's parts without
+/// `.rs`, how many `super::` climb from it to that directory (`a.rs` and `a/mod.rs` one, `a/b.rs`
+/// two), and its production code.
+struct SourceFile {
+    relative: PathBuf,
+    parts: Vec<String>,
+    depth: usize,
+    code: String,
+}
+
+fn source_files(dir: &Path) -> Vec<SourceFile> {
+    let mut files = Vec::new();
+    rust_files(dir, &mut files);
+    files
+        .into_iter()
+        .map(|file| {
+            let relative = file.strip_prefix(dir).unwrap().to_path_buf();
+            let parts: Vec<String> = relative
+                .iter()
+                .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+                .collect();
+            let depth = parts.len() - usize::from(parts.last().is_some_and(|p| p == "mod"));
+            let code = production_code(&std::fs::read_to_string(&file).unwrap());
+            SourceFile {
+                relative,
+                parts,
+                depth,
+                code,
+            }
+        })
+        .collect()
+}
+
 /// The code of a file without comments and without its trailing `#[cfg(test)] mod tests`.
 fn production_code(text: &str) -> String {
     let end = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
@@ -128,23 +161,19 @@ fn no_module_uses_a_module_of_its_own_or_a_higher_layer() {
         "lib.rs: the layer table must list exactly the modules lib.rs declares"
     );
 
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut violations = Vec::new();
-    for file in &files {
-        let relative = file.strip_prefix(&src).unwrap();
-        let parts: Vec<String> = relative
-            .iter()
-            .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
-            .collect();
+    for SourceFile {
+        relative,
+        parts,
+        depth,
+        code,
+    } in source_files(&src)
+    {
         if parts[0] == "bin" || parts[0] == "lib" {
             continue; // the binary is the face above every layer; lib.rs only declares
         }
         let module = &parts[0];
-        // `hub/session.rs` is crate::hub::session (two levels down), `hub/mod.rs` is crate::hub.
-        let depth = parts.len() - usize::from(parts.last().is_some_and(|p| p == "mod"));
         let own = layers[module];
-        let code = production_code(&std::fs::read_to_string(file).unwrap());
         for used in referenced_modules(&code, depth, &in_table) {
             if used == *module || used == "self" {
                 continue;
@@ -193,23 +222,18 @@ fn layered_modules_keep_their_own_order_inside() {
                 .any(|l| l.trim_start().starts_with("pub use")),
             "{module}/mod.rs re-exports: a sibling's path through `{module}` would loop back"
         );
-        let mut files = Vec::new();
-        rust_files(&dir, &mut files);
         let mut violations = Vec::new();
-        for file in &files {
-            let relative = file.strip_prefix(&dir).unwrap();
-            let parts: Vec<String> = relative
-                .iter()
-                .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
-                .collect();
+        for SourceFile {
+            relative,
+            parts,
+            depth,
+            code,
+        } in source_files(&dir)
+        {
             if parts[0] == "mod" {
                 continue;
             }
             let own_name = &parts[0];
-            // `identity/x509.rs` climbs one `super::` to its siblings, `identity/tpm/mod.rs` one,
-            // `identity/tpm/attestation.rs` two.
-            let depth = parts.len() - usize::from(parts.last().is_some_and(|p| p == "mod"));
-            let code = production_code(&std::fs::read_to_string(file).unwrap());
             let mut used = referenced_modules(&code, depth, &in_table);
             used.retain(|name| in_table.contains(name));
             for (at, _) in code.match_indices(&format!("crate::{module}::")) {

@@ -357,13 +357,7 @@ fn expiry_check(
         .output()
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let check = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "identity.expiry")
-        .cloned()
-        .unwrap_or_else(|| panic!("no identity.expiry check: {report}"));
+    let check = check_entry(&report, "identity.expiry");
     (out.status.code(), check)
 }
 

@@ -514,27 +514,17 @@ async fn starts_offline_with_the_cached_desired_settings() {
         "{}",
         agent.log_text()
     );
-    let key = device_key(&sim, "gw-daemon-6");
-    let version = hubsim::twin::apply_desired_patch(
+    // The agent acknowledges the applied version, and the settings, in its reported properties.
+    let version = plugin_settings_followed(
         &sim,
-        &key,
-        &serde_json::json!({"plugins": {"sensor": {"interval": "250ms"}}}),
+        "gw-daemon-6",
+        "sensor",
+        serde_json::json!({"interval": "250ms"}),
     )
-    .unwrap();
-    // The agent acknowledges the applied version in its reported properties.
-    assert!(
-        sim.wait_until(WAIT, |s| s.read(|st| st.devices[&key]
-            .twin
-            .reported
-            .get("plugins")
-            .and_then(|p| p.get("sensor"))
-            .is_some_and(
-                |p| p["desiredVersion"] == version && p["settings"]["interval"] == "250ms"
-            )))
-        .await,
-        "{}",
-        agent.log_text()
-    );
+    .await
+    .unwrap_or_else(|| panic!("the new settings are not reported: {}", agent.log_text()));
+    let reported = reported_plugin(&sim, "gw-daemon-6", "sensor");
+    assert_eq!(reported["settings"]["interval"], "250ms", "{reported}");
     assert_eq!(agent.stop(), Some(0));
 
     // No hub at all now: the agent starts with what it cached.
@@ -595,12 +585,7 @@ async fn check_reports_stable_ids_and_fails_on_problems() {
     ] {
         assert!(ids.contains(&id), "missing check {id}: {ids:?}");
     }
-    let dps = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "network.dps")
-        .unwrap();
+    let dps = check_entry(&report, "network.dps");
     assert!(
         dps["detail"].as_str().unwrap().contains("TLS verified"),
         "{dps}"
@@ -652,19 +637,15 @@ async fn mqtt_over_websockets_carries_the_whole_session() {
         "{}",
         agent.log_text()
     );
-    let key = device_key(&sim, device);
-    let version = hubsim::twin::apply_desired_patch(
-        &sim,
-        &key,
-        &serde_json::json!({"plugins": {"sensor": {"interval": "200ms"}}}),
-    )
-    .unwrap();
     assert!(
-        sim.wait_until(
-            WAIT,
-            |s| reported_plugin(s, device, "sensor")["desiredVersion"] == version
+        plugin_settings_followed(
+            &sim,
+            device,
+            "sensor",
+            serde_json::json!({"interval": "200ms"})
         )
-        .await,
+        .await
+        .is_some(),
         "{}",
         agent.log_text()
     );
@@ -678,15 +659,9 @@ async fn mqtt_over_websockets_carries_the_whole_session() {
         agent.log_text()
     );
     // `hubagent check` tries the route the agent takes.
-    let out = agent.cli(&["check", "--json"]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, report) = agent.check_report();
     for id in ["network.dps", "network.hub"] {
-        let check = report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == id)
-            .unwrap_or_else(|| panic!("no {id}: {report}"));
+        let check = check_entry(&report, id);
         assert_eq!(check["result"], "pass", "{check}");
         assert!(
             check["detail"].as_str().unwrap().contains(&format!(
@@ -754,15 +729,8 @@ async fn auto_falls_back_to_websockets_when_8883_is_closed() {
         "{}",
         agent.log_text()
     );
-    let out = agent.cli(&["check", "--json"]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let hub = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "network.hub")
-        .cloned()
-        .unwrap();
+    let (_, report) = agent.check_report();
+    let hub = check_entry(&report, "network.hub");
     let detail = hub["detail"].as_str().unwrap();
     assert_eq!(hub["result"], "pass", "{hub}");
     assert!(

@@ -41,19 +41,15 @@ async fn provisioning_telemetry_and_the_twin_go_through_an_authenticating_proxy(
         "{}",
         agent.log_text()
     );
-    let key = device_key(&sim, device);
-    let version = hubsim::twin::apply_desired_patch(
-        &sim,
-        &key,
-        &serde_json::json!({"plugins": {"sensor": {"interval": "200ms"}}}),
-    )
-    .unwrap();
     assert!(
-        sim.wait_until(
-            WAIT,
-            |s| reported_plugin(s, device, "sensor")["desiredVersion"] == version
+        plugin_settings_followed(
+            &sim,
+            device,
+            "sensor",
+            serde_json::json!({"interval": "200ms"})
         )
-        .await,
+        .await
+        .is_some(),
         "{}",
         agent.log_text()
     );

@@ -298,6 +298,18 @@ impl AgentProcess {
             .unwrap()
     }
 
+    /// `hubagent check --json`: the exit code and the report.
+    pub fn check_report(&self) -> (Option<i32>, Value) {
+        let out = self.cli(&["check", "--json"]);
+        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "check --json printed no report ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        (out.status.code(), report)
+    }
+
     /// `hubagent status --json` (null when the agent does not answer).
     pub fn status(&self) -> Value {
         serde_json::from_slice(&self.cli(&["status", "--json"]).stdout).unwrap_or_default()
@@ -403,4 +415,13 @@ impl Drop for AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The entry `id` of a `hubagent check --json` report (panics naming it when absent).
+pub fn check_entry(report: &Value, id: &str) -> Value {
+    report["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["id"] == id))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {id} check: {report}"))
 }

@@ -337,6 +337,25 @@ pub fn reported_plugin(sim: &Sim, device_id: &str, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Sets `desired.plugins.<plugin>` to `settings` through the hub and waits until the agent
+/// reports that desired version for the plugin: the version, or None when the agent does not
+/// report it within [`crate::WAIT`].
+pub async fn plugin_settings_followed(
+    sim: &Sim,
+    device_id: &str,
+    plugin: &str,
+    settings: Value,
+) -> Option<u64> {
+    let patch = serde_json::json!({ "plugins": { plugin: settings } });
+    let version = hubsim::twin::apply_desired_patch(sim, &device_key(sim, device_id), &patch)
+        .expect("the desired patch is refused");
+    sim.wait_until(crate::WAIT, |s| {
+        reported_plugin(s, device_id, plugin)["desiredVersion"] == version
+    })
+    .await
+    .then_some(version)
+}
+
 /// Twin patches on both sides of each of IoT Hub's limits on keys, values and nesting
 /// (docs/hubsim.md, "Twin limits"): `(what it probes, patch, whether the hub accepts it)`.
 pub fn twin_limit_cases() -> Vec<(&'static str, Value, bool)> {

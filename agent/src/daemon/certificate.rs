@@ -63,21 +63,16 @@ fn certificate_status(validity: &Validity, expiry: Expiry, now: i64) -> Certific
 }
 
 fn log_expiry(validity: &Validity, expiry: Expiry) {
-    let until = validity.not_after_rfc3339();
+    let state = validity.describe(expiry);
     match expiry {
-        Expiry::Valid { days_left } => {
-            tracing::info!("the identity certificate is valid until {until} ({days_left} days)")
+        Expiry::Valid { .. } => tracing::info!("the identity certificate {state}"),
+        Expiry::Expiring { .. } => tracing::warn!(
+            "the identity certificate {state}: renew it before then, or the hub will refuse the device"
+        ),
+        Expiry::Expired => {
+            tracing::error!("the identity certificate {state}; install a renewed certificate")
         }
-        Expiry::Expiring { days_left } => tracing::warn!(
-            "the identity certificate expires on {until} ({days_left} days left): renew it before then, or the hub will refuse the device"
-        ),
-        Expiry::Expired => tracing::error!(
-            "the identity certificate expired on {until}: the hub refuses it; install a renewed certificate"
-        ),
-        Expiry::NotYetValid => tracing::error!(
-            "the identity certificate is valid only from {}: the system clock or the certificate is wrong (check NTP)",
-            validity.not_before_rfc3339()
-        ),
+        Expiry::NotYetValid => tracing::error!("the identity certificate {state}"),
     }
 }
 

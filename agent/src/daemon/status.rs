@@ -98,6 +98,11 @@ impl Status {
         });
     }
 
+    /// Reads part of the snapshot without copying all of it.
+    pub fn read<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {
+        f(&self.0.lock().unwrap())
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         self.0.lock().unwrap().clone()
     }

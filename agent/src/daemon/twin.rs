@@ -116,11 +116,13 @@ impl Daemon {
         let Some(assignment) = &self.assignment else {
             return;
         };
-        let snapshot = self.status.snapshot();
+        let identity = self
+            .status
+            .read(|s| identity_reported(s.certificate.as_ref(), s.key));
         let wanted = wanted_reported(
             assignment,
             &self.queue.stats(),
-            identity_reported(snapshot.certificate.as_ref(), snapshot.key),
+            identity,
             self.plugins.reported(),
         );
         let (changed, wire) = reported_patch(&self.twin.reported_sent, wanted);

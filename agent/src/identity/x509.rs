@@ -140,6 +140,23 @@ impl Validity {
         }
     }
 
+    /// What `expiry` means for this certificate, in the words the log and `hubagent check` share
+    /// ("… expires on 2027-01-05T00:00:00Z (12 days left)"); each adds its own advice.
+    pub fn describe(&self, expiry: Expiry) -> String {
+        let until = self.not_after_rfc3339();
+        match expiry {
+            Expiry::Valid { days_left } => format!("is valid until {until} ({days_left} days)"),
+            Expiry::Expiring { days_left } => {
+                format!("expires on {until} ({days_left} days left)")
+            }
+            Expiry::Expired => format!("expired on {until}: the hub refuses it"),
+            Expiry::NotYetValid => format!(
+                "is valid only from {}: the system clock or the certificate is wrong (check NTP)",
+                self.not_before_rfc3339()
+            ),
+        }
+    }
+
     /// The end of validity as RFC 3339 UTC, for status, the twin and messages.
     pub fn not_after_rfc3339(&self) -> String {
         rfc3339(self.not_after)

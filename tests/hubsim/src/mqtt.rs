@@ -412,26 +412,29 @@ pub async fn serve_stream(
 }
 
 fn record_event(sim: &Sim, client_id: &str, service: &str, event: &str, reason: Option<&str>) {
+    record_connection_event(sim, client_id, service, event, reason, None);
+}
+
+/// A connection accepted, with the route it took.
+fn record_connected(sim: &Sim, client_id: &str, service: &str, over: Over) {
+    record_connection_event(sim, client_id, service, "connected", None, Some(over));
+}
+
+fn record_connection_event(
+    sim: &Sim,
+    client_id: &str,
+    service: &str,
+    event: &str,
+    reason: Option<&str>,
+    over: Option<Over>,
+) {
     let event = ConnectionEvent {
         time: now_rfc3339(),
         client_id: client_id.to_string(),
         service: service.to_string(),
         event: event.to_string(),
         reason: reason.map(str::to_string),
-        transport: None,
-    };
-    sim.record(|r| r.connections.push(event));
-}
-
-/// A connection accepted, with the route it took.
-fn record_connected(sim: &Sim, client_id: &str, service: &str, over: Over) {
-    let event = ConnectionEvent {
-        time: now_rfc3339(),
-        client_id: client_id.to_string(),
-        service: service.to_string(),
-        event: "connected".to_string(),
-        reason: None,
-        transport: Some(over.name().to_string()),
+        transport: over.map(|over| over.name().to_string()),
     };
     sim.record(|r| r.connections.push(event));
 }

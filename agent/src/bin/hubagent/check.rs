@@ -159,33 +159,14 @@ const EXPIRY_FAIL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// the configured lead time, a failure within a week); "not yet valid" points at the clock.
 fn certificate_expiry(validity: Validity, lead: Duration) -> Check {
     let now = i64::try_from(hubagent::util::time::unix_now()).unwrap_or(i64::MAX);
-    let until = validity.not_after_rfc3339();
+    let state = |expiry| format!("the certificate {}", validity.describe(expiry));
+    let id = "identity.expiry";
     match (validity.at(now, lead), validity.at(now, EXPIRY_FAIL)) {
-        (Expiry::Expired, _) => fail(
-            "identity.expiry",
-            format!(
-                "the certificate expired on {until}: the hub refuses it; install a renewed one"
-            ),
-        ),
-        (Expiry::NotYetValid, _) => fail(
-            "identity.expiry",
-            format!(
-                "the certificate is valid only from {}: the system clock or the certificate is wrong (check NTP)",
-                validity.not_before_rfc3339()
-            ),
-        ),
-        (_, Expiry::Expiring { days_left }) => fail(
-            "identity.expiry",
-            format!("the certificate expires on {until} ({days_left} days left): renew it now"),
-        ),
-        (Expiry::Expiring { days_left }, _) => warn(
-            "identity.expiry",
-            format!("the certificate expires on {until} ({days_left} days left): plan its renewal"),
-        ),
-        (Expiry::Valid { days_left }, _) => pass(
-            "identity.expiry",
-            format!("the certificate is valid until {until} ({days_left} days)"),
-        ),
+        (e @ Expiry::Expired, _) => fail(id, format!("{}; install a renewed one", state(e))),
+        (e @ Expiry::NotYetValid, _) => fail(id, state(e)),
+        (_, e @ Expiry::Expiring { .. }) => fail(id, format!("{}: renew it now", state(e))),
+        (e @ Expiry::Expiring { .. }, _) => warn(id, format!("{}: plan its renewal", state(e))),
+        (e @ Expiry::Valid { .. }, _) => pass(id, state(e)),
     }
 }
 
