@@ -138,8 +138,11 @@ async fn setup(device: &str, interval_ms: u64, extra: &str) -> Setup {
     let script_source = dir.path().join("numbered.py");
     std::fs::write(&script_source, EXEC_PLUGIN).unwrap();
     let script = install_plugin(dir.path(), &script_source, 0o644);
-    let lib_record: PathBuf = dir.path().join("library.record");
-    let exec_record: PathBuf = dir.path().join("exec.record");
+    // The plugins write their records here: the one place their sandbox lets them write.
+    let records = dir.path().join("records");
+    std::fs::create_dir(&records).unwrap();
+    let lib_record: PathBuf = records.join("library.record");
+    let exec_record: PathBuf = records.join("exec.record");
     let plugins = format!(
         r#"{extra}
 [[plugin]]
@@ -148,6 +151,7 @@ kind = "library"
 path = "{library}"
 max_rate = 100
 callback_timeout = "1s"
+allow_write = ["{records}"]
 [plugin.settings]
 interval = "{interval_ms}ms"
 record = "{lib_record}"
@@ -155,8 +159,9 @@ record = "{lib_record}"
 [[plugin]]
 name = "exec"
 kind = "exec"
-command = ["python3", "{script}"]
+command = ["{PYTHON}", "{script}"]
 max_rate = 100
+allow_write = ["{records}"]
 [plugin.settings]
 interval = {interval_s}
 record = "{exec_record}"
@@ -165,6 +170,7 @@ record = "{exec_record}"
         script = script.display(),
         lib_record = lib_record.display(),
         exec_record = exec_record.display(),
+        records = records.display(),
         interval_s = interval_ms as f64 / 1000.0,
     );
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);

@@ -404,7 +404,7 @@ step = 2
 [[plugin]]
 name = "py"
 kind = "exec"
-command = ["python3", "{script}"]
+command = ["{PYTHON}", "{script}"]
 [plugin.settings]
 interval = 0.1
 room = "r1"

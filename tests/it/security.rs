@@ -244,12 +244,15 @@ async fn a_secret_setting_from_a_file_reaches_the_plugin_and_nothing_else() {
     let secret = "db-pass-7c41e9d2";
     let secret_file = write_key(dir.path(), "db.secret", secret);
     let received = dir.path().join("received.jsonl");
+    // The plugin's sandbox lets it write this file only (it must exist to be granted).
+    std::fs::write(&received, "").unwrap();
     // Keeps every settings line it receives, and prints it to stderr, which the agent logs.
     let plugins = format!(
         r#"[[plugin]]
 name = "meter"
 kind = "exec"
 command = ["/bin/sh", "-c", "while IFS= read -r line; do printf '%s\n' \"$line\" >> {received}; printf 'got %s\n' \"$line\" >&2; done"]
+allow_write = ["{received}"]
 [plugin.settings]
 user = "meter"
 db = {{ password = {{ file = "{file}" }}, host = "db.local" }}

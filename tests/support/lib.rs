@@ -36,6 +36,10 @@ pub use telemetry::*;
 /// How long a test waits for what a healthy run does within a few seconds (a connection, a
 /// registration, the first messages, an answer): generous, because CI shares two cores between
 /// the agent, hubsim and other tests. Reaching it means the awaited thing is not coming.
+/// Debian's Python (package python3, which tests/setup.sh installs): what a gateway's exec
+/// plugins run with, and an interpreter the plugin sandbox lets them execute (it is under /usr).
+pub const PYTHON: &str = "/usr/bin/python3";
+
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// For what first waits out a retry: the agent's reconnect backoff after an outage, a refused

@@ -78,6 +78,22 @@ pub struct AgentSettings {
     /// honoured when the daemon does not run as root (development and tests); docs/plugins.md.
     #[serde(default)]
     pub allow_unsafe_plugin_paths: bool,
+    /// Whether a plugin may run when the kernel cannot confine it (docs/security.md).
+    #[serde(default)]
+    pub plugin_sandbox: SandboxMode,
+}
+
+/// `[agent] plugin_sandbox`: what happens when the kernel lacks what the plugin sandbox uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxMode {
+    /// Confine plugins as far as the kernel allows; log and report what it cannot enforce.
+    #[default]
+    BestEffort,
+    /// Refuse to start a plugin the kernel cannot confine (no Landlock or no seccomp).
+    Required,
+    /// No sandbox (development, or diagnosing a plugin the sandbox stops).
+    Off,
 }
 
 impl Default for AgentSettings {
@@ -88,6 +104,7 @@ impl Default for AgentSettings {
             log_level: default_log_level(),
             log_format: LogFormat::default(),
             allow_unsafe_plugin_paths: false,
+            plugin_sandbox: SandboxMode::default(),
         }
     }
 }
@@ -594,6 +611,40 @@ impl Config {
             })
         })?;
         Ok(config)
+    }
+
+    /// Every file holding a secret the configuration names: the attestation's keys and
+    /// passwords, the proxy password, the plugins' settings secrets.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        let mut secrets: Vec<&Option<Secret>> = vec![
+            &self.hub.proxy_password,
+            &self.provisioning.connection_string,
+        ];
+        let mut files = Vec::new();
+        match &self.provisioning.attestation {
+            Some(Attestation::SymmetricKey {
+                key,
+                group_key,
+                secondary_key,
+            }) => secrets.extend([key, group_key, secondary_key]),
+            Some(Attestation::Tpm {
+                owner_auth,
+                endorsement_auth,
+                ..
+            }) => secrets.extend([owner_auth, endorsement_auth]),
+            Some(Attestation::X509 { identity_pk, .. }) => files.push(identity_pk.clone()),
+            None => {}
+        }
+        for secret in secrets.into_iter().flatten() {
+            if let Secret::File { file } = secret {
+                files.push(file.clone());
+            }
+        }
+        for plugin in &self.plugins {
+            let references = plugin::secret_references(&plugin.settings);
+            files.extend(references.into_iter().map(|(_, file)| PathBuf::from(file)));
+        }
+        files
     }
 
     /// The proxy a connection to `host` goes through, if any (`no_proxy` excludes hosts).

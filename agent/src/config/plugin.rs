@@ -75,6 +75,80 @@ impl Default for Limits {
     }
 }
 
+/// What the operator allows one plugin beyond the default sandbox (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SandboxSettings {
+    /// `allow_read`: files and directories it may read.
+    pub allow_read: Vec<PathBuf>,
+    /// `allow_write`: files and directories it may read and write.
+    pub allow_write: Vec<PathBuf>,
+    /// `allow_devices`: device files it may open and operate (a serial port, a GPIO chip).
+    pub allow_devices: Vec<PathBuf>,
+    /// `network`: IP sockets (default true).
+    pub network: bool,
+    /// `unix_sockets`: UNIX sockets (default false: the control socket is one).
+    pub unix_sockets: bool,
+    /// `private_dir`: a writable directory of its own under the state directory.
+    pub private_dir: bool,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            allow_read: Vec::new(),
+            allow_write: Vec::new(),
+            allow_devices: Vec::new(),
+            network: true,
+            unix_sockets: false,
+            private_dir: false,
+        }
+    }
+}
+
+/// The keys of [`SandboxSettings`].
+const SANDBOX_KEYS: &[&str] = &[
+    "allow_read",
+    "allow_write",
+    "allow_devices",
+    "network",
+    "unix_sockets",
+    "private_dir",
+];
+
+impl SandboxSettings {
+    fn from_table(table: &toml::Table) -> Result<SandboxSettings, SpecError> {
+        let paths = |key: &str| -> Result<Vec<PathBuf>, SpecError> {
+            let Some(value) = table.get(key) else {
+                return Ok(Vec::new());
+            };
+            let items = value
+                .as_array()
+                .ok_or_else(|| err(key, "must be a list of absolute paths"))?;
+            items
+                .iter()
+                .map(|item| match item.as_str() {
+                    Some(p) if Path::new(p).is_absolute() => Ok(PathBuf::from(p)),
+                    Some(p) => Err(err(key, format!("'{p}' is not an absolute path"))),
+                    None => Err(err(key, "must be a list of absolute paths")),
+                })
+                .collect()
+        };
+        let flag = |key: &str, default: bool| match table.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(_) => Err(err(key, "must be true or false")),
+        };
+        Ok(SandboxSettings {
+            allow_read: paths("allow_read")?,
+            allow_write: paths("allow_write")?,
+            allow_devices: paths("allow_devices")?,
+            network: flag("network", true)?,
+            unix_sockets: flag("unix_sockets", false)?,
+            private_dir: flag("private_dir", false)?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginSpec {
     pub name: String,
@@ -82,6 +156,23 @@ pub struct PluginSpec {
     /// The `settings` table (what the twin's `desired.plugins.<name>` is merged over).
     pub settings: Map<String, Value>,
     pub limits: Limits,
+    /// What the sandbox lets it reach beyond the default (hosted libraries and exec plugins).
+    pub sandbox: SandboxSettings,
+}
+
+impl PluginSpec {
+    /// Whether the plugin runs in a process of its own that the sandbox can confine (not
+    /// in-process libraries, not built-ins: those run inside the agent).
+    pub fn confinable(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Exec { .. }
+                | Kind::Library {
+                    isolation: Isolation::Process,
+                    ..
+                }
+        )
+    }
 }
 
 /// (key, message)
@@ -133,6 +224,12 @@ const KEYS: &[&str] = &[
     "quarantine_after",
     "quarantine_window",
     "quarantine_retry",
+    "allow_read",
+    "allow_write",
+    "allow_devices",
+    "network",
+    "unix_sockets",
+    "private_dir",
 ];
 
 fn string(table: &toml::Table, key: &str) -> Result<Option<String>, SpecError> {
@@ -170,12 +267,22 @@ impl PluginSpec {
                 ));
             }
         };
-        Ok(PluginSpec {
+        let spec = PluginSpec {
             name,
             kind,
             settings,
             limits: Limits::from_table(table)?,
-        })
+            sandbox: SandboxSettings::from_table(table)?,
+        };
+        if !spec.confinable()
+            && let Some(key) = SANDBOX_KEYS.iter().find(|k| table.contains_key(**k))
+        {
+            return Err(err(
+                key,
+                "applies only to plugins in a process of their own (exec, or library with isolation = \"process\"): this one runs inside the agent and cannot be sandboxed",
+            ));
+        }
+        Ok(spec)
     }
 }
 

@@ -221,7 +221,7 @@ impl Daemon {
         ));
         let ticker = spawn_queue_ticker(queue.clone(), status.clone());
         let publisher = DurablePublisher::new(queue.clone());
-        let plugins = Supervisor::start(&config, &twin, publisher, registry);
+        let plugins = Supervisor::start(&config, config_path, &twin, publisher, registry);
         status.update(|s| s.plugins = plugins.snapshot());
         let background = Background {
             control_task,

@@ -14,6 +14,7 @@ use super::library::PluginMessage;
 use super::process::{self, ChildProcess};
 use super::protocol;
 use super::running::{Event, Events};
+use super::sandbox::Policy;
 use crate::config::plugin::PluginSpec;
 
 /// A running exec plugin.
@@ -32,6 +33,7 @@ impl ExecPlugin {
         env: &BTreeMap<String, String>,
         settings: &Value,
         allow_unsafe: bool,
+        sandbox: Option<&Policy>,
         events: Events,
     ) -> Result<ExecPlugin, String> {
         let program = super::trust::resolve_program(&command[0])?;
@@ -42,9 +44,22 @@ impl ExecPlugin {
                 super::trust::check(p, allow_unsafe)?;
             }
         }
-        let mut cmd = tokio::process::Command::new(&program);
+        let mut cmd = match sandbox {
+            // `hubagent sandbox-exec` confines itself, then executes the program in its place.
+            Some(policy) => {
+                let mut cmd = tokio::process::Command::new("/proc/self/exe");
+                cmd.arg("sandbox-exec")
+                    .arg("--sandbox")
+                    .arg(policy.to_argument())
+                    .arg("--")
+                    .arg(&program);
+                cmd
+            }
+            None => tokio::process::Command::new(&program),
+        };
         cmd.args(&command[1..]);
         process::base_env(&mut cmd, &spec.name);
+        process::private_dir_env(&mut cmd, sandbox);
         cmd.envs(env);
         process::limit_child(&mut cmd, spec.limits.memory_limit);
         let (mut process, mut stdin, stdout) = ChildProcess::spawn(cmd, &events)?;

@@ -121,7 +121,7 @@ enum Call {
 }
 
 /// Runs the plugin process; returns the exit code (0 after a clean stop).
-pub fn run(name: &str, path: &Path, allow_unsafe: bool) -> i32 {
+pub fn run(name: &str, path: &Path, allow_unsafe: bool, sandbox: Option<&str>) -> i32 {
     let (input, output) = match take_stdio() {
         Ok(fds) => fds,
         Err(e) => {
@@ -130,6 +130,16 @@ pub fn run(name: &str, path: &Path, allow_unsafe: bool) -> i32 {
         }
     };
     let out: Writer = Arc::new(Mutex::new(BufWriter::new(output)));
+    // Confined before the library is loaded: none of its code, constructors included, runs with
+    // the agent's access. Still single-threaded here, as Landlock and seccomp want.
+    if let Some(policy) = sandbox {
+        let confined = super::sandbox::Policy::from_argument(policy)
+            .and_then(|policy| super::sandbox::confine_self(&policy));
+        if let Err(error) = confined {
+            send(&out, &Up::Fatal { error });
+            return 2;
+        }
+    }
     let library = match Library::load(path, allow_unsafe) {
         Ok(l) => l,
         Err(error) => {

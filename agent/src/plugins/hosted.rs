@@ -16,6 +16,7 @@ use super::library::{CallError, PluginMessage};
 use super::process::{self, ChildProcess};
 use super::protocol::{self, Down, Up};
 use super::running::{Event, Events};
+use super::sandbox::Policy;
 use crate::config::plugin::PluginSpec;
 
 /// A running `hubagent plugin-host` process.
@@ -33,6 +34,7 @@ impl HostedPlugin {
         path: &Path,
         settings: &Value,
         allow_unsafe: bool,
+        sandbox: Option<&Policy>,
         events: Events,
     ) -> Result<HostedPlugin, String> {
         // Checked here too so that the reason shows without starting a process.
@@ -46,7 +48,12 @@ impl HostedPlugin {
         if allow_unsafe {
             cmd.arg("--allow-unsafe-paths");
         }
+        // The host confines itself before it loads the library (host.rs).
+        if let Some(policy) = sandbox {
+            cmd.arg("--sandbox").arg(policy.to_argument());
+        }
         process::base_env(&mut cmd, &spec.name);
+        process::private_dir_env(&mut cmd, sandbox);
         // Fewer malloc arenas: address space is what RLIMIT_AS counts.
         cmd.env("MALLOC_ARENA_MAX", "2");
         process::limit_child(&mut cmd, spec.limits.memory_limit);

@@ -30,6 +30,7 @@ mod outlet;
 mod process;
 pub mod protocol;
 mod running;
+pub mod sandbox;
 mod secrets;
 mod supervisor;
 mod task;
@@ -91,6 +92,8 @@ pub struct PluginStatus {
     pub health_detail: Option<String>,
     /// The secrets of the settings (`{ file = … }`), so that nothing shows them.
     pub secrets: secrets::Secrets,
+    /// How the plugin's process is confined ([`sandbox::Confinement::describe`]).
+    pub sandbox: Option<Value>,
 }
 
 /// A shareable, read-only view of the plugins (the control socket answers from it).
@@ -168,6 +171,7 @@ impl Registry {
             }
             v["logsDropped"] = json!(s.logs_dropped);
             v["maxRate"] = json!(spec.limits.max_rate);
+            v["sandbox"] = json!(s.sandbox);
         }
         out
     }

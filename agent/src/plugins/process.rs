@@ -10,6 +10,7 @@ use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::running::{Event, Events};
+use super::sandbox::Policy;
 
 /// Environment for plugin processes: nothing of the daemon's (which may hold
 /// PROVISIONING_SYMMETRIC_KEY), only the basics and what the configuration adds.
@@ -24,6 +25,14 @@ pub fn base_env(cmd: &mut Command, name: &str) {
         cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
     }
     cmd.env("HUBAGENT_PLUGIN_NAME", name);
+}
+
+/// A sandboxed plugin's private directory, where it can find it: `HUBAGENT_PLUGIN_DIR`, and
+/// `TMPDIR` (the sandbox keeps it out of `/tmp`).
+pub fn private_dir_env(cmd: &mut Command, sandbox: Option<&Policy>) {
+    if let Some(dir) = sandbox.and_then(|p| p.private_dir.as_ref()) {
+        cmd.env("HUBAGENT_PLUGIN_DIR", dir).env("TMPDIR", dir);
+    }
 }
 
 /// Memory cap and parent-death signal, set in the child between fork and exec.

@@ -13,6 +13,7 @@ use super::exec::ExecPlugin;
 use super::hosted::HostedPlugin;
 use super::in_process::InProcessPlugin;
 use super::library::{CallError, PluginMessage};
+use super::sandbox::Policy;
 use crate::config::plugin::{Isolation, Kind, PluginSpec};
 
 /// What a running plugin tells its task.
@@ -53,16 +54,17 @@ pub async fn launch(
     spec: &PluginSpec,
     settings: &Value,
     allow_unsafe: bool,
+    sandbox: Option<&Policy>,
     events: Events,
 ) -> Result<RunningPlugin, String> {
     match &spec.kind {
         Kind::Library {
             path,
             isolation: Isolation::Process,
-        } => HostedPlugin::launch(spec, path, settings, allow_unsafe, events)
+        } => HostedPlugin::launch(spec, path, settings, allow_unsafe, sandbox, events)
             .map(RunningPlugin::Hosted),
         Kind::Exec { command, env } => {
-            ExecPlugin::launch(spec, command, env, settings, allow_unsafe, events)
+            ExecPlugin::launch(spec, command, env, settings, allow_unsafe, sandbox, events)
                 .map(RunningPlugin::Exec)
         }
         Kind::Library {

@@ -3,17 +3,19 @@
 //! restarts them on a reload, and stops them all at shutdown.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::sandbox::Confinement;
 use super::secrets::{self, Secrets};
 use super::task::{Cmd, Task};
 use super::{PluginStatus, Registry, trust};
-use crate::config::Config;
 use crate::config::plugin::PluginSpec;
+use crate::config::{Config, SandboxMode};
 use crate::state::TwinCache;
 use crate::telemetry::DurablePublisher;
 use crate::util::json::merge;
@@ -46,12 +48,16 @@ pub struct Supervisor {
     publisher: DurablePublisher,
     changes: Arc<Notify>,
     allow_unsafe: bool,
+    confinement: Arc<Confinement>,
+    /// Where the configuration was read from (the sandbox keeps plugins from it).
+    config_path: std::path::PathBuf,
     max_message_size: usize,
 }
 
 impl Supervisor {
     pub fn start(
         config: &Config,
+        config_path: &Path,
         twin: &TwinCache,
         publisher: DurablePublisher,
         registry: Registry,
@@ -68,12 +74,16 @@ impl Supervisor {
                 );
             }
         }
+        let confinement = Arc::new(Confinement::new(config, config_path));
+        log_sandbox_support(&confinement, config);
         let mut s = Supervisor {
             registry,
             entries: BTreeMap::new(),
             publisher,
             changes: Arc::new(Notify::new()),
             allow_unsafe,
+            confinement,
+            config_path: config_path.to_path_buf(),
             max_message_size: config.hub.max_message_size as usize,
         };
         for spec in &config.plugins {
@@ -95,6 +105,7 @@ impl Supervisor {
             changes: self.changes.clone(),
             publisher: self.publisher.clone(),
             allow_unsafe: self.allow_unsafe,
+            confinement: self.confinement.clone(),
             max_message_size: self.max_message_size,
             desired: settings.clone(),
             desired_version: twin.desired_version,
@@ -145,6 +156,8 @@ impl Supervisor {
     /// A reload: new plugins start, removed ones stop, changed ones (anything but `settings`)
     /// restart, and settings changes apply live.
     pub fn reconfigure(&mut self, config: &Config, twin: &TwinCache) {
+        // Plugins started from now on are kept from the secrets of the new configuration.
+        self.confinement = Arc::new(Confinement::new(config, &self.config_path));
         let mut wanted = BTreeMap::new();
         for spec in &config.plugins {
             wanted.insert(spec.name.clone(), spec.clone());
@@ -153,7 +166,7 @@ impl Supervisor {
         for name in names {
             let keep = wanted.get(&name).is_some_and(|spec| {
                 let old = &self.entries[&name].spec;
-                spec.kind == old.kind && spec.limits == old.limits
+                spec.kind == old.kind && spec.limits == old.limits && spec.sandbox == old.sandbox
             });
             if !keep && let Some(entry) = self.entries.remove(&name) {
                 self.registry.set(&name, None);
@@ -192,6 +205,27 @@ impl Supervisor {
             .collect();
         for s in stops {
             let _ = s.await;
+        }
+    }
+}
+
+/// Says once, at start, what the kernel cannot enforce of the plugin sandbox.
+fn log_sandbox_support(confinement: &Confinement, config: &Config) {
+    let confined = config.plugins.iter().filter(|p| p.confinable()).count();
+    let missing = confinement.support().missing();
+    match confinement.mode() {
+        SandboxMode::Off if confined > 0 => tracing::warn!(
+            "plugin_sandbox = \"off\": {confined} plugin(s) run unconfined, with the agent's access to its keys and state"
+        ),
+        SandboxMode::BestEffort if !missing.is_empty() && confined > 0 => tracing::warn!(
+            "the plugin sandbox cannot be fully enforced on this kernel; missing: {}",
+            missing.join("; ")
+        ),
+        _ => {}
+    }
+    for spec in config.plugins.iter().filter(|p| !p.confinable()) {
+        if matches!(spec.kind, crate::config::plugin::Kind::Library { .. }) {
+            tracing::info!(plugin = %spec.name, "isolation = \"in-process\": the plugin runs inside the agent and is not sandboxed");
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::library::CallError;
 use super::outlet::{Outlet, TokenBucket};
 use super::running::{self, Event, Events, RunningPlugin};
+use super::sandbox::Confinement;
 use super::{PluginStatus, State};
 use crate::config::plugin::{Kind, Limits, PluginSpec};
 use crate::telemetry::DurablePublisher;
@@ -36,6 +37,7 @@ pub struct Task {
     pub changes: Arc<Notify>,
     pub publisher: DurablePublisher,
     pub allow_unsafe: bool,
+    pub confinement: Arc<Confinement>,
     pub max_message_size: usize,
     pub desired: Map<String, Value>,
     pub desired_version: u64,
@@ -280,11 +282,18 @@ impl Task {
             s.state = State::Starting;
             s.pid = None;
         });
+        let policy = match self.confinement.policy_for(&self.spec) {
+            Ok(policy) => policy,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let sandbox = self.confinement.describe(&self.spec, policy.as_ref());
+        self.update(false, |s| s.sandbox = Some(sandbox));
         let (answers, mut events) = mpsc::unbounded_channel();
         let launched = running::launch(
             &self.spec,
             &Value::Object(settings.clone()),
             self.allow_unsafe,
+            policy.as_ref(),
             answers.clone(),
         )
         .await;

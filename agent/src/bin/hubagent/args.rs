@@ -82,6 +82,20 @@ pub enum Command {
         /// Skip the ownership/permission check of `path` (ignored when running as root).
         #[arg(long)]
         allow_unsafe_paths: bool,
+        /// The sandbox policy (JSON) to confine this process to before the library loads.
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Internal: confines this process to a sandbox policy, then executes an exec plugin in its
+    /// place (started by the daemon's supervisor; see docs/security.md).
+    #[command(hide = true)]
+    SandboxExec {
+        /// The sandbox policy (JSON).
+        #[arg(long)]
+        sandbox: String,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
     },
     /// TPM tools (builds with the `tpm` feature): import a device key, show the endorsement key.
     #[command(subcommand)]

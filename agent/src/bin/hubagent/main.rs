@@ -42,9 +42,31 @@ fn main() -> ExitCode {
             name,
             path,
             allow_unsafe_paths,
-        } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths),
+            sandbox,
+        } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths, sandbox.as_deref()),
+        Command::SandboxExec { sandbox, command } => sandbox_exec(&sandbox, &command),
     };
     ExitCode::from(code as u8)
+}
+
+/// `hubagent sandbox-exec`: confine, then become the exec plugin (same process, same pid, so
+/// the supervisor's signals and limits reach the plugin). Returns only when that fails.
+fn sandbox_exec(policy: &str, command: &[std::ffi::OsString]) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let confined = hubagent::plugins::sandbox::Policy::from_argument(policy)
+        .and_then(|policy| hubagent::plugins::sandbox::confine_self(&policy));
+    if let Err(e) = confined {
+        eprintln!("hubagent sandbox-exec: {e}");
+        return exit::FAILURE;
+    }
+    let error = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    eprintln!(
+        "hubagent sandbox-exec: cannot execute {}: {error}",
+        std::path::Path::new(&command[0]).display()
+    );
+    126
 }
 
 /// The TPM library (tpm2-tss) prints its own ERROR lines on stderr for conditions hubagent
