@@ -47,8 +47,12 @@ fn text_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours for a person at a terminal; none in a file or a pipe, where escape codes
+        // would get in the way of grep and of log collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         .boxed()
 }

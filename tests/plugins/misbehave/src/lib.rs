@@ -6,7 +6,11 @@
 //! memory limit ends it); `tag` (echoed in messages); `reject` (apply_settings refuses with this
 //! reason); `record` (a file: after each publish returns, the plugin appends `<run> <n> <result>`,
 //! where `run` identifies this plugin process and is also in every message's body and `run`
-//! property, so a test knows exactly which messages the agent acknowledged).
+//! property, so a test knows exactly which messages the agent acknowledged). "probe" (for the
+//! sandbox's tests) tries, every `interval`, what the settings list: `read` (files or
+//! directories), `write` (files to create or append to), `connect` (UNIX socket paths), `tcp`
+//! ("host:port"), and prints `probe {"read": {path: "ok" | "EACCES" | …}, …}` on stderr, which
+//! the agent logs.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -66,6 +70,69 @@ fn publish_one(host: &Host, s: &Settings, run: &str, n: u64) -> Result<(), Publi
     result
 }
 
+/// "ok", or the errno's name the way C and Python spell it.
+fn outcome(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EACCES) => "EACCES".into(),
+            Some(libc::EPERM) => "EPERM".into(),
+            Some(libc::ENOENT) => "ENOENT".into(),
+            Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+            Some(n) => format!("errno {n}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// One round of the "probe" mode, as the JSON it prints.
+fn probe(settings: &Value) -> Value {
+    use std::io::{Read, Write};
+    let list = |key: &str| -> Vec<String> {
+        settings[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = serde_json::Map::new();
+    let mut section = |key: &str, try_one: &dyn Fn(&str) -> std::io::Result<()>| {
+        let results: serde_json::Map<String, Value> = list(key)
+            .into_iter()
+            .map(|target| {
+                let result = outcome(try_one(&target));
+                (target, Value::String(result))
+            })
+            .collect();
+        out.insert(key.to_string(), Value::Object(results));
+    };
+    section("read", &|path| {
+        // stat is not confined: it says which of the two reads to try.
+        if std::path::Path::new(path).is_dir() {
+            std::fs::read_dir(path).map(|_| ())
+        } else {
+            std::fs::File::open(path).and_then(|mut f| f.read(&mut [0u8; 1]).map(|_| ()))
+        }
+    });
+    section("write", &|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"probe\n"))
+    });
+    section("connect", &|path| {
+        std::os::unix::net::UnixStream::connect(path).map(|_| ())
+    });
+    section("tcp", &|address| {
+        std::net::TcpStream::connect(address).map(|_| ())
+    });
+    Value::Object(out)
+}
+
 impl Plugin for Misbehave {
     fn start(host: Host, settings: &str) -> Result<Self, StartError> {
         let (s, reject) = parse(settings).map_err(StartError::Rejected)?;
@@ -77,6 +144,25 @@ impl Plugin for Misbehave {
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
+            "probe" => {
+                let raw: Value = serde_json::from_str(settings).unwrap_or_default();
+                let stop = StopSignal::new();
+                let signal = stop.clone();
+                let interval = s.interval;
+                let worker = host.spawn("probe", move || {
+                    loop {
+                        eprintln!("probe {}", probe(&raw));
+                        if signal.wait(interval) {
+                            return;
+                        }
+                    }
+                });
+                return Ok(Misbehave {
+                    settings: Arc::new(Mutex::new(s)),
+                    stop,
+                    workers: vec![worker],
+                });
+            }
             _ => {}
         }
         let stop = StopSignal::new();

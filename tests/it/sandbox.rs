@@ -1,0 +1,207 @@
+//! The plugin sandbox (docs/security.md, "What a plugin can reach"): a library plugin in its host
+//! and an exec plugin, both widened to read the whole test directory, still cannot read the
+//! device key, a secret setting's file, a TPM password file, the state directory (the cached
+//! assignment, the queue) or the configuration, nor connect to the control socket; what the
+//! operator allowed works. Each probe runs inside the plugin (tests/plugins: the misbehave
+//! plugin's "probe" mode and exec/probe.py), which prints what the kernel answered.
+
+use std::path::Path;
+
+use hubagent_tests::*;
+use serde_json::Value;
+
+/// The probe results `plugin` printed, newest last (lines `probe {…}` of the agent's log).
+fn probes(log: &str, plugin: &str) -> Vec<Value> {
+    let suffix = format!(" plugin={plugin}");
+    log.lines()
+        .filter(|line| line.ends_with(&suffix))
+        .filter_map(|line| {
+            let start = line.find("probe {")? + "probe ".len();
+            let end = line.rfind(&suffix)?;
+            serde_json::from_str(&line[start..end]).ok()
+        })
+        .collect()
+}
+
+/// A probing library plugin ("lib") and exec plugin ("py"), each allowed to read `root` and
+/// write `out`, with `network` as given, trying `read`, `write`, `connect` and `tcp`.
+fn probing_plugins(root: &Path, out: &Path, network: bool, probes: &str) -> String {
+    let library = install_plugin(root, &built_library("hubagent_test_misbehave"), 0o644);
+    let script = install_plugin(
+        root,
+        &repo_root().join("tests/plugins/exec/probe.py"),
+        0o644,
+    );
+    let widening = format!(
+        "allow_read = [\"{root}\"]\nallow_write = [\"{out}\"]\nnetwork = {network}",
+        root = root.display(),
+        out = out.display()
+    );
+    format!(
+        r#"
+[[plugin]]
+name = "lib"
+kind = "library"
+path = "{library}"
+{widening}
+[plugin.settings]
+mode = "probe"
+interval = "200ms"
+{probes}
+
+[[plugin]]
+name = "py"
+kind = "exec"
+command = ["{PYTHON}", "{script}"]
+{widening}
+[plugin.settings]
+interval = 0.2
+{probes}
+"#,
+        library = library.display(),
+        script = script.display(),
+    )
+}
+
+/// The TOML list of `paths`.
+fn list(paths: &[&Path]) -> String {
+    let quoted: Vec<String> = paths
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// Waits until both plugins printed a round in which `ready` holds; returns those rounds.
+async fn probed(agent: &AgentProcess, ready: impl Fn(&Value) -> bool) -> [Value; 2] {
+    agent
+        .wait_log_line("both plugins probing, with every target in place", |_| {
+            let log = agent.log_text();
+            ["lib", "py"]
+                .iter()
+                .all(|p| probes(&log, p).last().is_some_and(&ready))
+        })
+        .await;
+    let log = agent.log_text();
+    ["lib", "py"].map(|p| probes(&log, p).pop().unwrap())
+}
+
+fn assert_result(round: &Value, section: &str, target: &Path, expected: &str, log: &str) {
+    let key = target.display().to_string();
+    assert_eq!(
+        round[section][&key], expected,
+        "{section} {key}: {round}\n--- agent log ---\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let device = "gw-sandbox-1";
+    let secret = write_key(&root, "db.secret", "db-pass-5e1f");
+    let allowed = root.join("allowed.txt");
+    std::fs::write(&allowed, "fine").unwrap();
+    let out = root.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let key = root.join("device.key");
+    let state = root.join("state");
+    let cached_assignment = state.join("provisioning.json");
+    let queue = state.join("queue");
+    let config_file = root.join("config.toml");
+    let control_socket = root.join("control.sock");
+    let mine = out.join("mine.txt");
+    let elsewhere = root.join("planted.txt");
+    let probes_toml = format!(
+        "read = {read}\nwrite = {write}\nconnect = {connect}\ntoken = {{ file = \"{secret}\" }}",
+        read = list(&[
+            &key,
+            &secret,
+            &cached_assignment,
+            &queue,
+            &config_file,
+            &allowed
+        ]),
+        write = list(&[&mine, &elsewhere]),
+        connect = list(&[&control_socket]),
+        secret = secret.display(),
+    );
+    let plugins = probing_plugins(&root, &out, true, &probes_toml);
+    let config = plugin_agent_config(&root, &running, device, &plugins, true);
+    assert_eq!(config, config_file);
+    let agent = AgentProcess::start(&config);
+    // Once the assignment is cached and the queue exists, every target is there to be refused.
+    let rounds = probed(&agent, |round| {
+        round["read"][cached_assignment.display().to_string()] != "ENOENT"
+            && round["read"][queue.display().to_string()] != "ENOENT"
+    })
+    .await;
+    let log = agent.log_text();
+    for round in &rounds {
+        for target in [&key, &secret, &cached_assignment, &queue, &config_file] {
+            assert_result(round, "read", target, "EACCES", &log);
+        }
+        assert_result(round, "read", &allowed, "ok", &log);
+        assert_result(round, "write", &mine, "ok", &log);
+        assert_result(round, "write", &elsewhere, "EACCES", &log);
+        assert_result(round, "connect", &control_socket, "EACCES", &log);
+    }
+    assert!(!elsewhere.exists(), "a plugin wrote outside what it may");
+    // `hubagent plugins list` shows each plugin's effective sandbox.
+    let list = agent
+        .wait_plugins("both plugins running", |p| {
+            p["lib"]["status"] == "running" && p["py"]["status"] == "running"
+        })
+        .await;
+    for name in ["lib", "py"] {
+        let sandbox = &list[name]["sandbox"];
+        assert_eq!(sandbox["confined"], true, "{sandbox}");
+        assert_eq!(sandbox["write"][0], out.display().to_string(), "{sandbox}");
+        assert_eq!(sandbox["unixSockets"], false, "{sandbox}");
+    }
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// With TPM attestation the hierarchy password files are the secrets; `network = false` takes IP
+/// sockets away; `plugin_sandbox = "required"` runs plugins where the kernel can confine them.
+/// No TPM answers here: the plugins run while the agent cannot provision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_passwords_stay_out_of_reach_and_network_false_takes_ip_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let owner_auth = write_key(&root, "tpm-owner.auth", "owner-pass-93c2");
+    let endorsement_auth = write_key(&root, "tpm-endorsement.auth", "endorsement-pass-11ab");
+    let out = root.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let hub = format!("127.0.0.1:{}", running.mqtt_addr.port());
+    let probes_toml = format!(
+        "read = {read}\ntcp = [\"{hub}\"]",
+        read = list(&[&owner_auth, &endorsement_auth]),
+    );
+    let plugins = probing_plugins(&root, &out, false, &probes_toml);
+    let config = AgentConfig::new(
+        &root,
+        &running,
+        Some("gw-sandbox-tpm"),
+        &format!(
+            "method = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=9\"\nowner_auth = {{ file = \"{}\" }}\nendorsement_auth = {{ file = \"{}\" }}",
+            owner_auth.display(),
+            endorsement_auth.display()
+        ),
+    )
+    .allow_unsafe_plugin_paths(true)
+    .extra(&plugins)
+    .write();
+    add_settings(&config, "[agent]", "plugin_sandbox = \"required\"\n");
+    let agent = AgentProcess::start(&config);
+    let rounds = probed(&agent, |round| round["tcp"].is_object()).await;
+    let log = agent.log_text();
+    for round in &rounds {
+        assert_result(round, "read", &owner_auth, "EACCES", &log);
+        assert_result(round, "read", &endorsement_auth, "EACCES", &log);
+        assert_result(round, "tcp", Path::new(&hub), "EACCES", &log);
+    }
+    assert_eq!(agent.stop(), Some(0));
+}
