@@ -160,6 +160,19 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
         assert_eq!(sandbox["write"][0], out.display().to_string(), "{sandbox}");
         assert_eq!(sandbox["unixSockets"], false, "{sandbox}");
     }
+    let text = String::from_utf8_lossy(&agent.cli(&["plugins", "list"]).stdout).to_string();
+    assert!(
+        text.contains(&format!("write {}", out.display())) && text.contains("unix sockets no"),
+        "{text}"
+    );
+    // This kernel has what the sandbox uses: `hubagent check` says so.
+    let (_, report) = agent.check_report();
+    let check = check_entry(&report, "plugins.sandbox");
+    assert_eq!(check["result"], "pass", "{check}");
+    assert!(
+        check["detail"].as_str().unwrap().contains("2 plugin(s) confined"),
+        "{check}"
+    );
     assert_eq!(agent.stop(), Some(0));
 }
 
@@ -204,4 +217,42 @@ async fn tpm_passwords_stay_out_of_reach_and_network_false_takes_ip_away() {
         assert_result(round, "tcp", Path::new(&hub), "EACCES", &log);
     }
     assert_eq!(agent.stop(), Some(0));
+}
+
+/// A library loaded into the agent cannot be confined: `config check` and `hubagent check` say so,
+/// and a sandbox key on it is refused rather than silently meaningless.
+#[test]
+fn in_process_plugins_are_named_as_unconfinable() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
+    let table = |extra: &str| {
+        format!(
+            "[agent]\nstate_dir = \"{state}\"\n[provisioning]\nsource = \"manual\"\niothub_hostname = \"hub.local\"\ndevice_id = \"d\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\nkey = {{ value = \"a2V5\" }}\n[[plugin]]\nname = \"inside\"\nkind = \"library\"\npath = \"{library}\"\nisolation = \"in-process\"\n{extra}",
+            state = dir.path().join("state").display(),
+            library = library.display(),
+        )
+    };
+    let config = dir.path().join("config.toml");
+    let check = |text: String| {
+        std::fs::write(&config, text).unwrap();
+        std::process::Command::new(hubagent_bin())
+            .args(["--config", config.to_str().unwrap(), "config", "check"])
+            .output()
+            .unwrap()
+    };
+    let out = check(table(""));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains("note: plugin inside (isolation = \"in-process\")")
+            && stdout.contains("cannot confine it"),
+        "{stdout}"
+    );
+    let out = check(table("allow_read = [\"/srv\"]\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        stderr.contains("allow_read") && stderr.contains("cannot be sandboxed"),
+        "{stderr}"
+    );
 }

@@ -90,6 +90,7 @@ pub async fn run(config_path: &Path) -> Report {
     };
     checks.push(clock());
     let tls = credentials(&config, &mut checks);
+    plugin_sandbox(&config, &mut checks);
     let cache = state(&config, &mut checks);
     network(&config, cache.as_ref(), tls.as_ref(), &mut checks).await;
     checks.push(daemon(&config).await);
@@ -217,6 +218,51 @@ fn plugin_secret_files(config: &Config, checks: &mut Vec<Check>) {
                 },
             };
             checks.push(check);
+        }
+    }
+}
+
+/// plugins.sandbox: whether this kernel can confine the plugins that run in processes of their
+/// own (a failure when `plugin_sandbox = "required"` would keep them from starting), and which
+/// plugins run inside the agent where no sandbox reaches.
+fn plugin_sandbox(config: &Config, checks: &mut Vec<Check>) {
+    use hubagent::config::SandboxMode;
+    let id = "plugins.sandbox";
+    let confined = config.plugins.iter().filter(|p| p.confinable()).count();
+    let support = hubagent::plugins::sandbox::Support::of_this_kernel();
+    let missing = support.missing();
+    let check = match (config.agent.plugin_sandbox, confined) {
+        (_, 0) => pass(id, "no plugin runs in a process of its own"),
+        (SandboxMode::Off, n) => warn(
+            id,
+            format!("plugin_sandbox = \"off\": {n} plugin(s) run with the agent's access to its keys and state"),
+        ),
+        (mode, n) if !missing.is_empty() => {
+            let detail = format!(
+                "this kernel ({}) lacks {}",
+                support.describe(),
+                missing.join("; ")
+            );
+            match (mode, support.usable()) {
+                (SandboxMode::Required, false) => fail(
+                    id,
+                    format!("{detail}: with plugin_sandbox = \"required\" the {n} plugin(s) will not start"),
+                ),
+                _ => warn(id, format!("{detail}: {n} plugin(s) confined as far as it allows")),
+            }
+        }
+        (_, n) => pass(id, format!("{}: {n} plugin(s) confined", support.describe())),
+    };
+    checks.push(check);
+    for spec in &config.plugins {
+        if matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. }) && !spec.confinable() {
+            checks.push(warn(
+                id,
+                format!(
+                    "plugin {} has isolation = \"in-process\": it runs inside the agent, with its access, and no sandbox applies",
+                    spec.name
+                ),
+            ));
         }
     }
 }

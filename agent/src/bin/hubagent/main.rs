@@ -154,6 +154,16 @@ fn config_check(path: &Path) -> i32 {
     match load(path) {
         Ok(config) => {
             println!("{}: OK ({})", path.display(), config.summary());
+            for spec in &config.plugins {
+                let in_process = matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. })
+                    && !spec.confinable();
+                if in_process {
+                    println!(
+                        "note: plugin {} (isolation = \"in-process\") runs inside the agent, with its access to keys and state: the plugin sandbox cannot confine it (docs/security.md)",
+                        spec.name
+                    );
+                }
+            }
             exit::OK
         }
         Err(code) => code,
@@ -285,6 +295,7 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
                     p["dropped"].as_u64().unwrap_or(0),
                     p["restarts"].as_u64().unwrap_or(0),
                 );
+                println!("{:<20} sandbox: {}", "", describe_sandbox(&p["sandbox"]));
                 if let Some(e) = p["error"].as_str() {
                     println!("{:<20} error: {e}", "");
                 }
@@ -295,6 +306,37 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
         }
         Request::Reload => println!("configuration reloaded"),
     }
+}
+
+/// One line for `plugins list`: how a plugin is confined and what it was allowed beyond the
+/// default (the JSON of `plugins::sandbox::Confinement::describe`).
+fn describe_sandbox(sandbox: &serde_json::Value) -> String {
+    if sandbox["confined"] != true {
+        return sandbox["why"].as_str().unwrap_or("not started yet").to_string();
+    }
+    let paths = |key: &str| -> String {
+        let list: Vec<&str> = sandbox[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+            .unwrap_or_default();
+        if list.is_empty() { "-".into() } else { list.join(",") }
+    };
+    let mut line = format!(
+        "{}; read {}; write {}; devices {}; network {}; unix sockets {}",
+        sandbox["kernel"].as_str().unwrap_or("?"),
+        paths("read"),
+        paths("write"),
+        paths("devices"),
+        if sandbox["network"] == true { "yes" } else { "no" },
+        if sandbox["unixSockets"] == true { "yes" } else { "no" },
+    );
+    if let Some(dir) = sandbox["privateDir"].as_str() {
+        line.push_str(&format!("; private dir {dir}"));
+    }
+    if let Some(missing) = sandbox["notEnforced"].as_array().filter(|m| !m.is_empty()) {
+        line.push_str(&format!("; NOT ENFORCED here: {missing:?}"));
+    }
+    line
 }
 
 fn provision(path: &Path, force: bool, json: bool) -> i32 {
