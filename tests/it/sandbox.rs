@@ -170,7 +170,10 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
     let check = check_entry(&report, "plugins.sandbox");
     assert_eq!(check["result"], "pass", "{check}");
     assert!(
-        check["detail"].as_str().unwrap().contains("2 plugin(s) confined"),
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2 plugin(s) confined"),
         "{check}"
     );
     assert_eq!(agent.stop(), Some(0));

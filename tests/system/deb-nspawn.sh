@@ -233,6 +233,7 @@ EOF
     expect "^active-before-config inactive"
     expect "^verify clean"
     expect "^config-check ok"
+    expect "^sandbox-probe key=EACCES state=EACCES config=EACCES control=EACCES"
     grep -qxF "tpm-ek $host_ek" "$out" || { echo "$release: MISSING: the swtpm's keys as the host reads them ($host_ek)"; fail=1; }
     expect "^started .*ActiveState=active SubState=running"
     # The sandbox options of systemd >= 257 (the generator's drop-in) where systemd has them.

@@ -85,6 +85,19 @@ kind = "library"
 path = "/usr/lib/hubagent/plugins/libhubagent_sysmetrics.so"
 [plugin.settings]
 interval = "1s"
+
+# The plugin sandbox, seen from inside an exec plugin: what the kernel answers when it reads the
+# device key, the cached assignment and the configuration, and when it asks the agent for its
+# status over the control socket (docs/security.md).
+[[plugin]]
+name = "probe"
+kind = "exec"
+command = ["/bin/sh", "-c", '''
+try() { if out=\$("\$@" 2>&1 >/dev/null); then echo ok; else case \$out in *"ermission denied"*) echo EACCES;; *) echo "other:\$out" | tr " " _;; esac; fi; }
+while :; do
+  echo "probe key=\$(try cat /etc/hubagent/device.key) state=\$(try cat /var/lib/hubagent/provisioning.json) config=\$(try cat /etc/hubagent/config.toml) control=\$(try hubagent status)" >&2
+  sleep 1
+done''']
 CONF
 rec "config-check $(hubagent config check >/dev/null 2>&1 && echo ok || echo failed)"
 # The TPM libraries of this release, through the package's TPM code: the endorsement and storage
@@ -95,6 +108,8 @@ systemctl start hubagent
 wait_status "connected to" && rec "started $(show)" || rec "start-failed $(show)"
 rec "status-json $(hubagent status --json | tr -d '\n ')"
 rec "plugins-list $(hubagent plugins list | tr '\n' ' ')"
+for _ in $(seq 20); do journalctl -u hubagent -o cat | grep -q "probe key=" && break; sleep 0.5; done
+rec "sandbox-$(journalctl -u hubagent -o cat | grep -o "probe key=.*" | tail -1)"
 # Which namespaces the sandbox gave the agent: its own user namespace only where the unit asks
 # for one (systemd >= 257, through the generator's drop-in).
 pid=$(systemctl show -p MainPID --value hubagent)

@@ -235,7 +235,9 @@ fn plugin_sandbox(config: &Config, checks: &mut Vec<Check>) {
         (_, 0) => pass(id, "no plugin runs in a process of its own"),
         (SandboxMode::Off, n) => warn(
             id,
-            format!("plugin_sandbox = \"off\": {n} plugin(s) run with the agent's access to its keys and state"),
+            format!(
+                "plugin_sandbox = \"off\": {n} plugin(s) run with the agent's access to its keys and state"
+            ),
         ),
         (mode, n) if !missing.is_empty() => {
             let detail = format!(
@@ -246,16 +248,25 @@ fn plugin_sandbox(config: &Config, checks: &mut Vec<Check>) {
             match (mode, support.usable()) {
                 (SandboxMode::Required, false) => fail(
                     id,
-                    format!("{detail}: with plugin_sandbox = \"required\" the {n} plugin(s) will not start"),
+                    format!(
+                        "{detail}: with plugin_sandbox = \"required\" the {n} plugin(s) will not start"
+                    ),
                 ),
-                _ => warn(id, format!("{detail}: {n} plugin(s) confined as far as it allows")),
+                _ => warn(
+                    id,
+                    format!("{detail}: {n} plugin(s) confined as far as it allows"),
+                ),
             }
         }
-        (_, n) => pass(id, format!("{}: {n} plugin(s) confined", support.describe())),
+        (_, n) => pass(
+            id,
+            format!("{}: {n} plugin(s) confined", support.describe()),
+        ),
     };
     checks.push(check);
     for spec in &config.plugins {
-        if matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. }) && !spec.confinable() {
+        if matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. }) && !spec.confinable()
+        {
             checks.push(warn(
                 id,
                 format!(

@@ -155,8 +155,9 @@ fn config_check(path: &Path) -> i32 {
         Ok(config) => {
             println!("{}: OK ({})", path.display(), config.summary());
             for spec in &config.plugins {
-                let in_process = matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. })
-                    && !spec.confinable();
+                let in_process =
+                    matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. })
+                        && !spec.confinable();
                 if in_process {
                     println!(
                         "note: plugin {} (isolation = \"in-process\") runs inside the agent, with its access to keys and state: the plugin sandbox cannot confine it (docs/security.md)",
@@ -312,14 +313,21 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
 /// default (the JSON of `plugins::sandbox::Confinement::describe`).
 fn describe_sandbox(sandbox: &serde_json::Value) -> String {
     if sandbox["confined"] != true {
-        return sandbox["why"].as_str().unwrap_or("not started yet").to_string();
+        return sandbox["why"]
+            .as_str()
+            .unwrap_or("not started yet")
+            .to_string();
     }
     let paths = |key: &str| -> String {
         let list: Vec<&str> = sandbox[key]
             .as_array()
             .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
             .unwrap_or_default();
-        if list.is_empty() { "-".into() } else { list.join(",") }
+        if list.is_empty() {
+            "-".into()
+        } else {
+            list.join(",")
+        }
     };
     let mut line = format!(
         "{}; read {}; write {}; devices {}; network {}; unix sockets {}",
@@ -327,8 +335,16 @@ fn describe_sandbox(sandbox: &serde_json::Value) -> String {
         paths("read"),
         paths("write"),
         paths("devices"),
-        if sandbox["network"] == true { "yes" } else { "no" },
-        if sandbox["unixSockets"] == true { "yes" } else { "no" },
+        if sandbox["network"] == true {
+            "yes"
+        } else {
+            "no"
+        },
+        if sandbox["unixSockets"] == true {
+            "yes"
+        } else {
+            "no"
+        },
     );
     if let Some(dir) = sandbox["privateDir"].as_str() {
         line.push_str(&format!("; private dir {dir}"));
