@@ -5,7 +5,9 @@
 //! operator allowed works. Each probe runs inside the plugin (tests/plugins: the misbehave
 //! plugin's "probe" mode and exec/probe.py), which prints what the kernel answered.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::Command;
 
 use hubagent_tests::*;
 use serde_json::Value;
@@ -258,4 +260,114 @@ fn in_process_plugins_are_named_as_unconfinable() {
         stderr.contains("allow_read") && stderr.contains("cannot be sandboxed"),
         "{stderr}"
     );
+}
+
+/// Makes `command` run as on a kernel without Landlock: a seccomp filter, inherited by every
+/// process it starts, answers the three Landlock system calls with ENOSYS, as such a kernel does.
+fn without_landlock(command: &mut Command) -> &mut Command {
+    const LOAD_NR: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JUMP_IF_EQUAL: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RETURN: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        insn(LOAD_NR, 0, 0, 0),
+        insn(JUMP_IF_EQUAL, 3, 0, libc::SYS_landlock_create_ruleset as u32),
+        insn(JUMP_IF_EQUAL, 2, 0, libc::SYS_landlock_add_rule as u32),
+        insn(JUMP_IF_EQUAL, 1, 0, libc::SYS_landlock_restrict_self as u32),
+        insn(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),
+        insn(RETURN, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+    ];
+    // SAFETY: between fork and exec only prctl runs, on a program that lives in the closure.
+    unsafe {
+        command.pre_exec(move || {
+            let fprog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// On a kernel without Landlock, `best-effort` runs the plugins with what is left (the seccomp
+/// filter still keeps the control socket away) and says what it cannot enforce, in the log,
+/// `plugins list` and `hubagent check`; `required` starts no plugin and `hubagent check` fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_without_landlock_is_told_and_required_refuses_to_run_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let out = root.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let key = root.join("device.key");
+    let control_socket = root.join("control.sock");
+    let probes_toml = format!(
+        "read = {read}\nconnect = {connect}",
+        read = list(&[&key]),
+        connect = list(&[&control_socket]),
+    );
+    let plugins = probing_plugins(&root, &out, true, &probes_toml);
+    let config = plugin_agent_config(&root, &running, "gw-sandbox-old-kernel", &plugins, true);
+    let check = |config: &Path| -> Value {
+        let output = without_landlock(Command::new(hubagent_bin()).args([
+            "--config",
+            config.to_str().unwrap(),
+            "check",
+            "--json",
+        ]))
+        .output()
+        .unwrap();
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        check_entry(&report, "plugins.sandbox")
+    };
+    let start = |config: &Path| {
+        let mut command = Command::new(hubagent_bin());
+        command.args(["--config", config.to_str().unwrap(), "run"]);
+        without_landlock(&mut command);
+        AgentProcess::spawn(command, config, "hubagent")
+    };
+
+    let agent = start(&config);
+    let rounds = probed(&agent, |round| round["read"].is_object()).await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("the plugin sandbox cannot be fully enforced on this kernel; missing: Landlock"),
+        "{log}"
+    );
+    for round in &rounds {
+        // Without Landlock the files are open to the plugin; the socket filter still holds.
+        assert_result(round, "read", &key, "ok", &log);
+        assert_result(round, "connect", &control_socket, "EACCES", &log);
+    }
+    let text = String::from_utf8_lossy(&agent.cli(&["plugins", "list"]).stdout).to_string();
+    assert!(text.contains("NOT ENFORCED here"), "{text}");
+    let sandbox_check = check(&config);
+    assert_eq!(sandbox_check["result"], "warn", "{sandbox_check}");
+    assert_eq!(agent.stop(), Some(0));
+
+    add_settings(&config, "[agent]", "plugin_sandbox = \"required\"\n");
+    let sandbox_check = check(&config);
+    assert_eq!(sandbox_check["result"], "fail", "{sandbox_check}");
+    assert!(
+        sandbox_check["detail"].as_str().unwrap().contains("will not start"),
+        "{sandbox_check}"
+    );
+    let agent = start(&config);
+    let plugins = agent
+        .wait_plugins("both plugins failing for want of a sandbox", |p| {
+            ["lib", "py"].iter().all(|name| {
+                p[name]["lastFailure"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("plugin_sandbox = \"required\""))
+            })
+        })
+        .await;
+    assert!(probes(&agent.log_text(), "lib").is_empty(), "{plugins}");
+    assert!(probes(&agent.log_text(), "py").is_empty(), "{plugins}");
+    assert_eq!(agent.stop(), Some(0));
 }

@@ -592,6 +592,38 @@ mod tests {
     }
 
     #[test]
+    fn what_a_kernel_lacks_is_said_and_decides_whether_required_can_run() {
+        let full = Support {
+            landlock_abi: Some(7),
+            seccomp: true,
+        };
+        assert!(full.complete() && full.usable() && full.missing().is_empty());
+        assert_eq!(full.describe(), "Landlock ABI 7, seccomp");
+        // Debian 12's kernel: Landlock without the scopes; usable, not complete.
+        let older = Support {
+            landlock_abi: Some(3),
+            seccomp: true,
+        };
+        assert!(older.usable() && !older.complete());
+        assert!(
+            older.missing()[0].contains("the kernel has 3"),
+            "{:?}",
+            older.missing()
+        );
+        let none = Support {
+            landlock_abi: None,
+            seccomp: false,
+        };
+        assert!(!none.usable());
+        let missing = none.missing().join("; ");
+        assert!(
+            missing.contains("Landlock (no filesystem confinement") && missing.contains("seccomp"),
+            "{missing}"
+        );
+        assert_eq!(none.describe(), "none (no Landlock, no seccomp)");
+    }
+
+    #[test]
     fn the_filter_denies_exactly_the_listed_families() {
         // Walk the program as the kernel would, for socket() with each family.
         fn run(program: &[libc::sock_filter], nr: u32, arch: u32, family: u32) -> u32 {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -48,7 +48,9 @@ pub struct Supervisor {
     publisher: DurablePublisher,
     changes: Arc<Notify>,
     allow_unsafe: bool,
-    confinement: Arc<Confinement>,
+    /// Shared with the tasks, replaced on a reload: a plugin (re)started after it is kept from
+    /// the secrets of the configuration in force.
+    confinement: Arc<RwLock<Confinement>>,
     /// Where the configuration was read from (the sandbox keeps plugins from it).
     config_path: std::path::PathBuf,
     max_message_size: usize,
@@ -74,8 +76,9 @@ impl Supervisor {
                 );
             }
         }
-        let confinement = Arc::new(Confinement::new(config, config_path));
+        let confinement = Confinement::new(config, config_path);
         log_sandbox_support(&confinement, config);
+        let confinement = Arc::new(RwLock::new(confinement));
         let mut s = Supervisor {
             registry,
             entries: BTreeMap::new(),
@@ -157,7 +160,8 @@ impl Supervisor {
     /// restart, and settings changes apply live.
     pub fn reconfigure(&mut self, config: &Config, twin: &TwinCache) {
         // Plugins started from now on are kept from the secrets of the new configuration.
-        self.confinement = Arc::new(Confinement::new(config, &self.config_path));
+        *self.confinement.write().unwrap_or_else(|e| e.into_inner()) =
+            Confinement::new(config, &self.config_path);
         let mut wanted = BTreeMap::new();
         for spec in &config.plugins {
             wanted.insert(spec.name.clone(), spec.clone());

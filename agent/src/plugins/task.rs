@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hubagent_plugin_sdk::abi;
@@ -37,7 +37,7 @@ pub struct Task {
     pub changes: Arc<Notify>,
     pub publisher: DurablePublisher,
     pub allow_unsafe: bool,
-    pub confinement: Arc<Confinement>,
+    pub confinement: Arc<RwLock<Confinement>>,
     pub max_message_size: usize,
     pub desired: Map<String, Value>,
     pub desired_version: u64,
@@ -282,11 +282,16 @@ impl Task {
             s.state = State::Starting;
             s.pid = None;
         });
-        let policy = match self.confinement.policy_for(&self.spec) {
-            Ok(policy) => policy,
-            Err(e) => return Outcome::Failed(e),
+        let (policy, sandbox) = {
+            let confinement = self.confinement.read().unwrap_or_else(|e| e.into_inner());
+            match confinement.policy_for(&self.spec) {
+                Ok(policy) => {
+                    let described = confinement.describe(&self.spec, policy.as_ref());
+                    (policy, described)
+                }
+                Err(e) => return Outcome::Failed(e),
+            }
         };
-        let sandbox = self.confinement.describe(&self.spec, policy.as_ref());
         self.update(false, |s| s.sandbox = Some(sandbox));
         let (answers, mut events) = mpsc::unbounded_channel();
         let launched = running::launch(
