@@ -130,14 +130,30 @@ async fn reload_reprovisions_when_provisioning_settings_change_and_refuses_bad_f
     );
     assert_eq!(registrations(&sim, "gw-daemon-2b"), 1);
 
-    // SIGHUP reloads too; unchanged settings mean no new registration.
-    agent.signal("HUP");
+    // SIGHUP reloads too; unchanged settings and credential files mean no new registration,
+    // and the hub session stays.
     let connects = hub_connects(&sim, "gw-daemon-2b");
+    let reloads = agent.status()["reloads"].as_u64().unwrap();
+    agent.signal("HUP");
+    agent
+        .wait_status("the SIGHUP reload", |s| {
+            s["reloads"].as_u64() > Some(reloads)
+        })
+        .await;
+    assert_eq!(agent.status()["connection"], "connected");
+    assert_eq!(hub_connects(&sim, "gw-daemon-2b"), connects);
+    assert_eq!(registrations(&sim, "gw-daemon-2b"), 1);
+    // The same file with a rotated key in it is a change: a new session, with the new key.
+    let rotated = enroll(&running.sim, "gw-daemon-2b");
+    write_key(dir.path(), "device.key", &rotated);
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
     assert!(
         sim.wait_until(WAIT, |s| hub_connects(s, "gw-daemon-2b") > connects)
-            .await
+            .await,
+        "{}",
+        agent.log_text()
     );
-    assert_eq!(registrations(&sim, "gw-daemon-2b"), 1);
     assert_eq!(agent.stop(), Some(0));
 }
 

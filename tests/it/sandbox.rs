@@ -271,7 +271,12 @@ fn without_landlock(command: &mut Command) -> &mut Command {
     let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     let program = [
         insn(LOAD_NR, 0, 0, 0),
-        insn(JUMP_IF_EQUAL, 3, 0, libc::SYS_landlock_create_ruleset as u32),
+        insn(
+            JUMP_IF_EQUAL,
+            3,
+            0,
+            libc::SYS_landlock_create_ruleset as u32,
+        ),
         insn(JUMP_IF_EQUAL, 2, 0, libc::SYS_landlock_add_rule as u32),
         insn(JUMP_IF_EQUAL, 1, 0, libc::SYS_landlock_restrict_self as u32),
         insn(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),
@@ -336,7 +341,9 @@ async fn a_kernel_without_landlock_is_told_and_required_refuses_to_run_plugins()
     let rounds = probed(&agent, |round| round["read"].is_object()).await;
     let log = agent.log_text();
     assert!(
-        log.contains("the plugin sandbox cannot be fully enforced on this kernel; missing: Landlock"),
+        log.contains(
+            "the plugin sandbox cannot be fully enforced on this kernel; missing: Landlock"
+        ),
         "{log}"
     );
     for round in &rounds {
@@ -354,7 +361,10 @@ async fn a_kernel_without_landlock_is_told_and_required_refuses_to_run_plugins()
     let sandbox_check = check(&config);
     assert_eq!(sandbox_check["result"], "fail", "{sandbox_check}");
     assert!(
-        sandbox_check["detail"].as_str().unwrap().contains("will not start"),
+        sandbox_check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("will not start"),
         "{sandbox_check}"
     );
     let agent = start(&config);

@@ -212,7 +212,10 @@ EOF
     printf '127.0.0.1 localhost deb-nspawn\n::1 localhost ip6-localhost\n' >"$root/etc/hosts"
 
     log "$release: booting the container"
+    # nspawn's own system call allow list (systemd 252) predates Landlock: without these the
+    # container's kernel would look as if it had none, and the plugin sandbox could not be seen.
     timeout 600 systemd-nspawn -q -D "$root" -b --console=pipe --register=no --keep-unit \
+        --system-call-filter="landlock_create_ruleset landlock_add_rule landlock_restrict_self" \
         >"$work/nspawn-$release.log" 2>&1 </dev/null || true
 
     # Verdict: what the container recorded, and what hubsim saw.

@@ -108,8 +108,10 @@ systemctl start hubagent
 wait_status "connected to" && rec "started $(show)" || rec "start-failed $(show)"
 rec "status-json $(hubagent status --json | tr -d '\n ')"
 rec "plugins-list $(hubagent plugins list | tr '\n' ' ')"
-for _ in $(seq 20); do journalctl -u hubagent -o cat | grep -q "probe key=" && break; sleep 0.5; done
-rec "sandbox-$(journalctl -u hubagent -o cat | grep -o "probe key=.*" | tail -1)"
+# Once the assignment is cached, so that the probe finds it there (before, it reads "no such file").
+probes() { journalctl -u hubagent -o cat | grep -oE "probe key=.* state=(EACCES|ok) .*"; }
+for _ in $(seq 40); do probes | grep -q . && break; sleep 0.5; done
+rec "sandbox-$(probes | tail -1)"
 # Which namespaces the sandbox gave the agent: its own user namespace only where the unit asks
 # for one (systemd >= 257, through the generator's drop-in).
 pid=$(systemctl show -p MainPID --value hubagent)

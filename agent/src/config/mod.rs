@@ -613,9 +613,33 @@ impl Config {
         Ok(config)
     }
 
-    /// Every file holding a secret the configuration names: the attestation's keys and
-    /// passwords, the proxy password, the plugins' settings secrets.
-    pub fn secret_files(&self) -> Vec<PathBuf> {
+    /// Whether `other` differs from this configuration in its `[[plugin]]` tables at most.
+    pub fn same_but_plugins(&self, other: &Config) -> bool {
+        let mut this = self.clone();
+        this.plugins = other.plugins.clone();
+        this == *other
+    }
+
+    /// A digest of what the files the hub session is built from read now: the credential
+    /// secrets, the identity certificate and the trust bundle.
+    pub fn connection_files_digest(&self) -> String {
+        let mut files = self.credential_secret_files();
+        if let Some(Attestation::X509 { identity_cert, .. }) = &self.provisioning.attestation {
+            files.push(identity_cert.clone());
+        }
+        files.extend(self.hub.trust_bundle.clone());
+        let mut content = Vec::new();
+        for file in files {
+            content.extend(file.as_os_str().as_encoded_bytes());
+            content.push(0);
+            content.extend(std::fs::read(&file).unwrap_or_default());
+            content.push(0);
+        }
+        sha256_hex(&content)
+    }
+
+    /// The files holding the secrets of provisioning and the hub connection (not the plugins').
+    fn credential_secret_files(&self) -> Vec<PathBuf> {
         let mut secrets: Vec<&Option<Secret>> = vec![
             &self.hub.proxy_password,
             &self.provisioning.connection_string,
@@ -640,6 +664,13 @@ impl Config {
                 files.push(file.clone());
             }
         }
+        files
+    }
+
+    /// Every file holding a secret the configuration names: the attestation's keys and
+    /// passwords, the proxy password, the plugins' settings secrets.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        let mut files = self.credential_secret_files();
         for plugin in &self.plugins {
             let references = plugin::secret_references(&plugin.settings);
             files.extend(references.into_iter().map(|(_, file)| PathBuf::from(file)));

@@ -49,6 +49,27 @@ impl Handler for ControlHandler {
                 Ok(json!({"reloaded": true, "provisioningChanged": changed}))
             }
             Request::PluginsList => Ok(self.plugins.snapshot()),
+            Request::PluginRestart { name } => {
+                let plugins = self.plugins.snapshot();
+                if plugins.get(&name).is_none() {
+                    let known: Vec<&String> = plugins
+                        .as_object()
+                        .map(|p| p.keys().collect())
+                        .unwrap_or_default();
+                    return Err(format!(
+                        "no plugin named '{name}' (configured: {})",
+                        known
+                            .iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                self.commands
+                    .send(Command::RestartPlugin(name.clone()))
+                    .map_err(|_| "the daemon is shutting down".to_string())?;
+                Ok(json!({"restarting": name}))
+            }
         }
     }
 }

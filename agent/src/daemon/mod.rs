@@ -60,6 +60,8 @@ pub enum DaemonError {
 pub enum Command {
     Reprovision,
     Reload(Box<Config>),
+    /// `hubagent plugins restart NAME`.
+    RestartPlugin(String),
     Shutdown,
 }
 
@@ -147,6 +149,9 @@ struct Daemon {
     certificate_said: certificate::LastSaid,
     /// `[hub] transport = "auto"`: the route that worked last, for DPS and the hub alike.
     auto_route: Option<Arc<crate::mqtt::AutoRoute>>,
+    /// What the credential and trust files read at the last (re)load: a reload that changes
+    /// them renews the hub session even when the configuration text is the same.
+    connection_files: String,
 }
 
 /// The tasks that run beside the lifecycle, stopped with it.
@@ -230,7 +235,9 @@ impl Daemon {
             watchdog: spawn_watchdog(),
         };
         let auto_route = provisioning::auto_route(&config);
+        let connection_files = config.connection_files_digest();
         let daemon = Daemon {
+            connection_files,
             config,
             state,
             status,
@@ -366,28 +373,57 @@ impl Daemon {
 
     /// `Phase::Wait`: waits for the delay, a command, or a step of the wall clock.
     async fn wait(&mut self, delay: Duration, life: &mut Lifecycle) {
-        let event = match wait_for_command(&mut self.commands, delay).await {
-            Some(Command::Shutdown) => Event::Shutdown,
-            Some(Command::Reload(config)) => self.reload(*config),
-            Some(Command::Reprovision) | None => Event::WaitOver,
+        let until = tokio::time::Instant::now() + delay;
+        let event = loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match wait_for_command(&mut self.commands, left).await {
+                Some(Command::Shutdown) => break Event::Shutdown,
+                // A reload of plugins alone leaves the wait as it was.
+                Some(Command::Reload(config)) => match self.reload(*config) {
+                    Some(event) => break event,
+                    None => continue,
+                },
+                Some(Command::RestartPlugin(name)) => {
+                    self.restart_plugin(&name);
+                    continue;
+                }
+                Some(Command::Reprovision) | None => break Event::WaitOver,
+            }
         };
         life.on(event);
     }
 
-    /// Takes a new configuration: the plugins follow it at once; the lifecycle starts over.
-    fn reload(&mut self, config: Config) -> Event {
+    /// Takes a new configuration: the plugins follow it at once. The lifecycle starts over
+    /// (the hub session ends) unless only `[[plugin]]` tables changed and the credential files
+    /// read the same (a rotated key in the same file counts as a change): then None.
+    fn reload(&mut self, config: Config) -> Option<Event> {
         systemd::reloading();
         self.status.update(|s| s.reloads += 1);
         let changed = config.provisioning_fingerprint() != self.config.provisioning_fingerprint();
-        tracing::info!(provisioning_changed = changed, "configuration reloaded");
+        let credentials = config.connection_files_digest();
+        let plugins_only =
+            config.same_but_plugins(&self.config) && credentials == self.connection_files;
+        tracing::info!(
+            provisioning_changed = changed,
+            plugins_only,
+            "configuration reloaded"
+        );
         if config.hub != self.config.hub {
             self.auto_route = provisioning::auto_route(&config);
         }
         self.config = config;
+        self.connection_files = credentials;
         self.plugins.reconfigure(&self.config, &self.twin);
         self.status.update(|s| s.plugins = self.plugins.snapshot());
         systemd::ready(&self.status.line());
-        Event::Reload
+        (!plugins_only).then_some(Event::Reload)
+    }
+
+    fn restart_plugin(&mut self, name: &str) {
+        if let Err(e) = self.plugins.restart(name, &self.twin) {
+            tracing::warn!("{e}");
+        }
+        self.status.update(|s| s.plugins = self.plugins.snapshot());
     }
 }
 

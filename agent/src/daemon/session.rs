@@ -203,8 +203,13 @@ impl Daemon {
                 tracing::info!("reprovisioning on request");
                 Some(Event::Reprovision)
             }
-            // A new fingerprint makes the cache stale: the next Start registers with DPS.
-            Some(Command::Reload(config)) => Some(self.reload(*config)),
+            // A new fingerprint makes the cache stale: the next Start registers with DPS. A
+            // reload of plugins alone keeps the session.
+            Some(Command::Reload(config)) => self.reload(*config),
+            Some(Command::RestartPlugin(name)) => {
+                self.restart_plugin(&name);
+                None
+            }
         }
     }
 }

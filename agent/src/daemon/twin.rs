@@ -23,6 +23,7 @@ pub(super) fn wanted_reported(
     queue: &QueueStats,
     identity: Option<Value>,
     plugins: Value,
+    unknown_plugins: Vec<String>,
 ) -> Map<String, Value> {
     let mut wanted = Map::new();
     let mut agent = json!({
@@ -40,6 +41,10 @@ pub(super) fn wanted_reported(
     });
     if let Some(identity) = identity {
         agent["identity"] = identity;
+    }
+    // Names under desired.plugins that no [[plugin]] table has: a typo the cloud can see.
+    if !unknown_plugins.is_empty() {
+        agent["unknownPlugins"] = json!(unknown_plugins);
     }
     wanted.insert("agent".into(), agent);
     wanted.insert("plugins".into(), plugins);
@@ -124,6 +129,7 @@ impl Daemon {
             &self.queue.stats(),
             identity,
             self.plugins.reported(),
+            self.plugins.unknown_desired(&self.twin),
         );
         let (changed, wire) = reported_patch(&self.twin.reported_sent, wanted);
         if changed.is_empty() {
@@ -194,7 +200,7 @@ mod tests {
             dropped_full: 2,
             ..Default::default()
         };
-        let wanted = wanted_reported(&assignment, &queue, None, json!({}));
+        let wanted = wanted_reported(&assignment, &queue, None, json!({}), Vec::new());
         assert_eq!(wanted["agent"]["hub"], "hub.example");
         assert_eq!(wanted["agent"]["deviceId"], "gw");
         assert_eq!(wanted["agent"]["queue"]["depth"], 4);

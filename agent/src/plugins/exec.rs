@@ -60,6 +60,10 @@ impl ExecPlugin {
         cmd.args(&command[1..]);
         process::base_env(&mut cmd, &spec.name);
         process::private_dir_env(&mut cmd, sandbox);
+        // Python buffers stdout in blocks when it is a pipe: without this, a plugin's `print`
+        // reaches the agent only every few KiB, and it looks as if it published nothing. `env`
+        // may still set it to something else.
+        cmd.env("PYTHONUNBUFFERED", "1");
         cmd.envs(env);
         process::limit_child(&mut cmd, spec.limits.memory_limit);
         let (mut process, mut stdin, stdout) = ChildProcess::spawn(cmd, &events)?;
@@ -161,9 +165,12 @@ async fn forward_line(text: &str, events: &Events) -> bool {
             let _ = events.send(Event::LateReject(reason));
         }
         Err(e) => {
+            // The line itself (its start) is what the author needs to see to fix it.
+            let quoted: String = text.chars().take(200).collect();
+            let more = if quoted.len() < text.len() { "…" } else { "" };
             let _ = events.send(Event::Log(
                 abi::LOG_WARN,
-                format!("ignored a line that is not a message: {e}"),
+                format!("ignored a line that is not a message ({e}): {quoted}{more}"),
             ));
         }
     }

@@ -225,7 +225,7 @@ impl Confinement {
 /// The files a plugin runs from, as (executed, read): a library is only read (mapped); an exec
 /// plugin's program is executed, with its script interpreter, and the files its command names
 /// are read.
-fn own_files(spec: &PluginSpec) -> (Vec<PathBuf>, Vec<PathBuf>) {
+pub(super) fn own_files(spec: &PluginSpec) -> (Vec<PathBuf>, Vec<PathBuf>) {
     match &spec.kind {
         Kind::Library { path, .. } => (Vec::new(), vec![path.clone()]),
         Kind::Exec { command, .. } => {

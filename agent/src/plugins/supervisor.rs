@@ -35,6 +35,8 @@ pub fn merged_settings(spec: &PluginSpec, twin: &TwinCache) -> (Map<String, Valu
 
 struct Entry {
     spec: PluginSpec,
+    /// The content of the files it runs from when it was started ([`files_digest`]).
+    files: String,
     shared: Arc<Mutex<PluginStatus>>,
     cmds: mpsc::UnboundedSender<Cmd>,
     task: tokio::task::JoinHandle<()>,
@@ -53,6 +55,8 @@ pub struct Supervisor {
     confinement: Arc<RwLock<Confinement>>,
     /// Where the configuration was read from (the sandbox keeps plugins from it).
     config_path: std::path::PathBuf,
+    /// Unknown names under `desired.plugins` already logged.
+    unknown_said: std::collections::BTreeSet<String>,
     max_message_size: usize,
 }
 
@@ -87,6 +91,7 @@ impl Supervisor {
             allow_unsafe,
             confinement,
             config_path: config_path.to_path_buf(),
+            unknown_said: Default::default(),
             max_message_size: config.hub.max_message_size as usize,
         };
         for spec in &config.plugins {
@@ -96,6 +101,7 @@ impl Supervisor {
     }
 
     fn add(&mut self, spec: PluginSpec, twin: &TwinCache) {
+        let files = files_digest(&spec);
         let (settings, secrets) = merged_settings(&spec, twin);
         let shared = Arc::new(Mutex::new(PluginStatus {
             secrets,
@@ -121,6 +127,7 @@ impl Supervisor {
             spec.name.clone(),
             Entry {
                 spec,
+                files,
                 shared,
                 cmds,
                 task,
@@ -156,8 +163,10 @@ impl Supervisor {
         }
     }
 
-    /// A reload: new plugins start, removed ones stop, changed ones (anything but `settings`)
-    /// restart, and settings changes apply live.
+    /// A reload: new plugins start, removed ones stop, changed ones restart, and settings
+    /// changes apply live. Changed means its table (anything but `settings`), the content of
+    /// the files it runs from (a rebuilt library, an edited script), or a plugin in quarantine,
+    /// whose cause the operator may have fixed.
     pub fn reconfigure(&mut self, config: &Config, twin: &TwinCache) {
         // Plugins started from now on are kept from the secrets of the new configuration.
         *self.confinement.write().unwrap_or_else(|e| e.into_inner()) =
@@ -168,13 +177,15 @@ impl Supervisor {
         }
         let names: Vec<String> = self.entries.keys().cloned().collect();
         for name in names {
-            let keep = wanted.get(&name).is_some_and(|spec| {
-                let old = &self.entries[&name].spec;
-                spec.kind == old.kind && spec.limits == old.limits && spec.sandbox == old.sandbox
-            });
-            if !keep && let Some(entry) = self.entries.remove(&name) {
+            let why = match wanted.get(&name) {
+                None => Some("removed"),
+                Some(spec) => restart_reason(&self.entries[&name], spec),
+            };
+            if let Some(why) = why
+                && let Some(entry) = self.entries.remove(&name)
+            {
                 self.registry.set(&name, None);
-                tracing::info!(plugin = %name, "plugin removed or changed; stopping it");
+                tracing::info!(plugin = %name, "plugin {why}; stopping it");
                 tokio::spawn(stop_entry(entry));
             }
         }
@@ -190,6 +201,50 @@ impl Supervisor {
         }
         self.changes.notify_one();
         self.apply_desired(twin);
+    }
+
+    /// `hubagent plugins restart NAME`: stops the plugin and starts it afresh (its failure
+    /// history and quarantine forgotten), with the configuration in force.
+    pub fn restart(&mut self, name: &str, twin: &TwinCache) -> Result<(), String> {
+        let entry = self.entries.remove(name).ok_or_else(|| {
+            let known: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+            format!(
+                "no plugin named '{name}' (configured: {})",
+                known.join(", ")
+            )
+        })?;
+        let spec = entry.spec.clone();
+        tracing::info!(plugin = %name, "plugin restart requested");
+        tokio::spawn(stop_entry(entry));
+        self.add(spec, twin);
+        self.changes.notify_one();
+        Ok(())
+    }
+
+    /// The names under `desired.plugins` that no `[[plugin]]` table has (a typo in the cloud),
+    /// each logged once.
+    pub fn unknown_desired(&mut self, twin: &TwinCache) -> Vec<String> {
+        let unknown: Vec<String> = twin
+            .desired
+            .get("plugins")
+            .and_then(Value::as_object)
+            .map(|p| {
+                p.keys()
+                    .filter(|name| !self.entries.contains_key(*name))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in &unknown {
+            if self.unknown_said.insert(name.clone()) {
+                let configured: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+                tracing::warn!(
+                    "desired.plugins.{name} names no configured plugin (configured: {}); it is ignored",
+                    configured.join(", ")
+                );
+            }
+        }
+        unknown
     }
 
     pub fn reported(&self) -> Value {
@@ -211,6 +266,39 @@ impl Supervisor {
             let _ = s.await;
         }
     }
+}
+
+/// Why a reload restarts a running plugin, if it does.
+fn restart_reason(entry: &Entry, spec: &PluginSpec) -> Option<&'static str> {
+    let old = &entry.spec;
+    if spec.kind != old.kind || spec.limits != old.limits || spec.sandbox != old.sandbox {
+        return Some("changed in the configuration");
+    }
+    if files_digest(spec) != entry.files {
+        return Some("files changed (rebuilt or edited)");
+    }
+    let state = entry.shared.lock().unwrap_or_else(|e| e.into_inner()).state;
+    (state == super::State::Quarantined).then_some("quarantined; trying it again")
+}
+
+/// A digest of the content of the files a plugin runs from (its library; an exec plugin's
+/// program and the files its command names), so a reload sees a rebuilt or edited plugin.
+fn files_digest(spec: &PluginSpec) -> String {
+    let (executables, files) = super::sandbox::own_files(spec);
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for path in executables.iter().chain(&files) {
+        context.update(path.as_os_str().as_encoded_bytes());
+        match std::fs::read(path) {
+            Ok(content) => context.update(&content),
+            Err(e) => context.update(e.to_string().as_bytes()),
+        }
+    }
+    context
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Says once, at start, what the kernel cannot enforce of the plugin sandbox.

@@ -21,6 +21,7 @@ pub enum Request {
     Reprovision,
     Reload,
     PluginsList,
+    PluginRestart { name: String },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -155,6 +155,12 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stops one plugin and starts it afresh (its failures and quarantine forgotten), without
+    /// touching the hub session or the other plugins. Also after rebuilding it.
+    Restart {
+        /// The plugin's name in the configuration.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -37,6 +37,9 @@ fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::List { json }) => {
             ask(&cli.config, Request::PluginsList, json)
         }
+        Command::Plugins(PluginsCommand::Restart { name }) => {
+            ask(&cli.config, Request::PluginRestart { name }, false)
+        }
         Command::Tpm(command) => tpm(&cli.config, command),
         Command::PluginHost {
             name,
@@ -306,6 +309,9 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             println!("reprovisioning requested; `hubagent status` shows progress")
         }
         Request::Reload => println!("configuration reloaded"),
+        Request::PluginRestart { name } => {
+            println!("plugin {name} restarting; `hubagent plugins list` shows it")
+        }
     }
 }
 

@@ -1,0 +1,250 @@
+//! A plugin author's loop (issue #22): `hubagent reload` runs a rebuilt library and retries a
+//! quarantined plugin without dropping the hub session; `hubagent plugins restart NAME`; a
+//! desired entry for a plugin that does not exist is reported; a Python exec plugin's `print`
+//! reaches the agent without a flush.
+
+use std::path::Path;
+
+use hubagent_tests::*;
+use serde_json::{Value, json};
+
+/// An agent with `plugins`, connected; returns it and its configuration.
+async fn connected_agent(
+    root: &Path,
+    running: &hubsim::Running,
+    device: &str,
+    plugins: &str,
+) -> (AgentProcess, std::path::PathBuf) {
+    let config = plugin_agent_config(root, running, device, plugins, true);
+    let agent = AgentProcess::start(&config);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| hub_connects(s, device) >= 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    (agent, config)
+}
+
+/// Replaces `target` with a copy of `source` the way a build does: a new file renamed over the
+/// old one (the running process keeps its mapping of the old file).
+fn rebuild(source: &Path, target: &Path) {
+    let staged = target.with_extension("new");
+    std::fs::copy(source, &staged).unwrap();
+    std::fs::rename(&staged, target).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_runs_a_rebuilt_library_and_keeps_the_hub_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let sim = running.sim.clone();
+    let device = "gw-dev-rebuild";
+    let library = root.join("plugins/meter.so");
+    std::fs::create_dir_all(library.parent().unwrap()).unwrap();
+    rebuild(&built_library("hubagent_simulated_sensor"), &library);
+    let plugins = format!(
+        "[[plugin]]\nname = \"meter\"\nkind = \"library\"\npath = \"{}\"\n[plugin.settings]\ninterval = \"100ms\"\n",
+        library.display()
+    );
+    let (agent, _config) = connected_agent(&root, &running, device, &plugins).await;
+    assert!(
+        sim.wait_until(WAIT, |s| bodies_from(s, device, "meter").len() >= 2)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // The author rebuilds the plugin (here: another library at the same path) and reloads.
+    rebuild(&built_library("hubagent_test_misbehave"), &library);
+    let connects = hub_connects(&sim, device);
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let new_code = |s: &hubsim::Sim| {
+        bodies_from(s, device, "meter")
+            .iter()
+            .any(|b| b["mode"] == "ok")
+    };
+    assert!(
+        sim.wait_until(WAIT, new_code).await,
+        "the rebuilt library does not run\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("plugin files changed (rebuilt or edited); stopping it"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        hub_connects(&sim, device),
+        connects,
+        "the hub session was dropped"
+    );
+    assert_eq!(agent.status()["connection"], "connected");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_retries_a_quarantined_plugin_and_restart_starts_one_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let sim = running.sim.clone();
+    let device = "gw-dev-quarantine";
+    // The plugin needs a file that is not there yet: it fails until the operator provides it.
+    let inputs = root.join("inputs");
+    std::fs::create_dir(&inputs).unwrap();
+    let needed = inputs.join("calibration");
+    let plugins = format!(
+        r#"[[plugin]]
+name = "gauge"
+kind = "exec"
+command = ["/bin/sh", "-c", "[ -f {needed} ] || {{ echo 'no calibration' >&2; exit 3; }}; while :; do echo '{{\"body\": {{\"level\": 1}}}}'; sleep 0.2; done"]
+allow_read = ["{inputs}"]
+restart_backoff = "100ms"
+quarantine_after = 2
+[plugin.settings]
+"#,
+        needed = needed.display(),
+        inputs = inputs.display(),
+    );
+    let (agent, _config) = connected_agent(&root, &running, device, &plugins).await;
+    agent
+        .wait_plugins("the gauge quarantined", |p| {
+            p["gauge"]["status"] == "quarantined"
+        })
+        .await;
+    std::fs::write(&needed, "1.0").unwrap();
+    let connects = hub_connects(&sim, device);
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    agent
+        .wait_plugins("the gauge running again after the reload", |p| {
+            p["gauge"]["status"] == "running"
+        })
+        .await;
+    assert!(
+        sim.wait_until(WAIT, |s| !bodies_from(s, device, "gauge").is_empty())
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        hub_connects(&sim, device),
+        connects,
+        "the hub session was dropped"
+    );
+
+    // `plugins restart`: a new process, the session untouched.
+    let pid = agent
+        .wait_plugins("a pid", |p| p["gauge"]["pid"].is_u64())
+        .await["gauge"]["pid"]
+        .clone();
+    let out = agent.cli(&["plugins", "restart", "gauge"]);
+    assert!(out.status.success(), "{out:?}");
+    agent
+        .wait_plugins("the gauge running in a new process", |p| {
+            p["gauge"]["status"] == "running"
+                && p["gauge"]["pid"].is_u64()
+                && p["gauge"]["pid"] != pid
+        })
+        .await;
+    assert_eq!(
+        hub_connects(&sim, device),
+        connects,
+        "the hub session was dropped"
+    );
+    let out = agent.cli(&["plugins", "restart", "gaueg"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("no plugin named 'gaueg' (configured: gauge)"),
+        "{stderr}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_entry_for_an_unknown_plugin_is_reported_and_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let sim = running.sim.clone();
+    let device = "gw-dev-unknown";
+    let plugins = "[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"200ms\"\n";
+    let (agent, _config) = connected_agent(&root, &running, device, plugins).await;
+    // A typo in the cloud: "snesor" for "sensor"; then a second change, the typo still there.
+    for interval in ["300ms", "400ms"] {
+        hubsim::twin::apply_desired_patch(
+            &sim,
+            &device_key(&sim, device),
+            &json!({"plugins": {"snesor": {"interval": interval}}}),
+        )
+        .unwrap();
+    }
+    assert!(
+        sim.wait_until(WAIT, |s| reported(s, device, "agent")["unknownPlugins"]
+            == json!(["snesor"]))
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    let said = agent
+        .log_text()
+        .matches("desired.plugins.snesor names no configured plugin (configured: sensor)")
+        .count();
+    assert_eq!(said, 1, "{}", agent.log_text());
+    // Fixed in the cloud: the report clears.
+    hubsim::twin::apply_desired_patch(
+        &sim,
+        &device_key(&sim, device),
+        &json!({"plugins": {"snesor": null, "sensor": {"interval": "300ms"}}}),
+    )
+    .unwrap();
+    assert!(
+        sim.wait_until(WAIT, |s| reported(s, device, "agent")
+            .get("unknownPlugins")
+            .is_none_or(Value::is_null))
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// Python block-buffers stdout into a pipe: without PYTHONUNBUFFERED (which the agent sets for
+/// exec plugins), this plugin's one `print` would sit in its buffer forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_print_reaches_the_agent_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let running = start_sim(&root).await;
+    let sim = running.sim.clone();
+    let device = "gw-dev-print";
+    let plugins = format!(
+        r#"[[plugin]]
+name = "printer"
+kind = "exec"
+command = ["{PYTHON}", "-c", "import json, time\nprint(json.dumps({{'body': {{'hello': 1}}}}))\nprint('not json')\ntime.sleep(3600)"]
+"#
+    );
+    let (agent, _config) = connected_agent(&root, &running, device, &plugins).await;
+    assert!(
+        sim.wait_until(WAIT, |s| bodies_from(s, device, "printer").len() == 1)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // A line that is not a message is quoted in the log, so the author sees what was wrong.
+    agent
+        .wait_log_line("the junk line quoted", |l| {
+            l.contains("ignored a line that is not a message")
+                && l.ends_with("not json plugin=printer")
+        })
+        .await;
+    assert_eq!(agent.stop(), Some(0));
+}
