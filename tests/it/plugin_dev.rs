@@ -248,3 +248,97 @@ command = ["{PYTHON}", "-c", "import json, time\nprint(json.dumps({{'body': {{'h
         .await;
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// `config check` tries every plugin as the daemon would start it, without the daemon, and names
+/// what keeps each one from starting; `hubagent check` reports the same as `plugins.load`.
+#[test]
+fn config_check_names_each_plugin_that_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let good = install_plugin(&root, &built_library("hubagent_simulated_sensor"), 0o644);
+    // A library that is no plugin: it exports nothing the agent looks for.
+    let source = root.join("answer.c");
+    std::fs::write(&source, "int answer = 42;\n").unwrap();
+    let not_a_plugin = root.join("plugins/libanswer.so");
+    let built = std::process::Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&not_a_plugin)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let writable = root.join("plugins/writable.so");
+    std::fs::copy(&good, &writable).unwrap();
+    set_mode(&writable, 0o664);
+    let script = root.join("plugins/not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\necho '{\"body\": 1}'\n").unwrap();
+    set_mode(&script, 0o644);
+    let library = |name: &str, path: &Path| {
+        format!("[[plugin]]\nname = \"{name}\"\nkind = \"library\"\npath = \"{}\"\n", path.display())
+    };
+    let exec = |name: &str, program: &str| {
+        format!("[[plugin]]\nname = \"{name}\"\nkind = \"exec\"\ncommand = [\"{program}\"]\n")
+    };
+    // (the plugin's table, what config check must say about it)
+    let cases = [
+        (library("good", &good), "plugin good: OK (library ABI 1."),
+        (
+            library("missing", &root.join("plugins/nope.so")),
+            "plugin missing: CANNOT START: ",
+        ),
+        (
+            library("writable", &writable),
+            "is writable by group or others (mode 664)",
+        ),
+        (
+            library("stranger", &not_a_plugin),
+            "exports no hubagent_plugin_entry_v1: not a hubagent plugin",
+        ),
+        (
+            exec("typo", "sensro-reader"),
+            "plugin typo: CANNOT START: program 'sensro-reader' not found in PATH",
+        ),
+        (
+            exec("script", script.to_str().unwrap()),
+            "not-executable.sh: not executable (chmod 755 it, or name its interpreter first",
+        ),
+    ];
+    let config = root.join("config.toml");
+    let base = format!(
+        "[agent]\nstate_dir = \"{}\"\n[provisioning]\nsource = \"manual\"\niothub_hostname = \"hub.local\"\ndevice_id = \"d\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\nkey = {{ value = \"a2V5\" }}\n",
+        root.join("state").display()
+    );
+    for (table, expected) in &cases {
+        std::fs::write(&config, format!("{base}{table}")).unwrap();
+        let out = std::process::Command::new(hubagent_bin())
+            .args(["--config", config.to_str().unwrap(), "config", "check"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(expected), "{table}\n{stdout}");
+        let broken = !expected.contains(": OK (");
+        assert_eq!(out.status.code(), Some(if broken { 1 } else { 0 }), "{table}\n{out:?}");
+    }
+    // `hubagent check` says the same, with all of them at once.
+    let all: String = cases.iter().map(|(table, _)| table.as_str()).collect();
+    std::fs::write(&config, format!("{base}{all}")).unwrap();
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", config.to_str().unwrap(), "check", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let loads: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["id"] == "plugins.load")
+        .collect();
+    assert_eq!(loads.len(), cases.len(), "{report}");
+    let failed = loads.iter().filter(|c| c["result"] == "fail").count();
+    assert_eq!(failed, cases.len() - 1, "{report}");
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}

@@ -120,6 +120,23 @@ enum Call {
     Stop,
 }
 
+/// `plugin-host --probe`: loads the library as the host would, prints what it found as one JSON
+/// line (`{"ok": true, "abi", "name", "version"}` or `{"ok": false, "error"}`) and exits, without
+/// starting the plugin (plugins/preflight.rs).
+pub fn probe(path: &Path, allow_unsafe: bool) -> i32 {
+    let answer = match Library::load(path, allow_unsafe) {
+        Ok(library) => serde_json::json!({
+            "ok": true,
+            "abi": format!("{}.{}", library.abi_major, library.abi_minor),
+            "name": library.name,
+            "version": library.version,
+        }),
+        Err(error) => serde_json::json!({"ok": false, "error": error}),
+    };
+    println!("{answer}");
+    if answer["ok"] == true { 0 } else { 2 }
+}
+
 /// Runs the plugin process; returns the exit code (0 after a clean stop).
 pub fn run(name: &str, path: &Path, allow_unsafe: bool, sandbox: Option<&str>) -> i32 {
     let (input, output) = match take_stdio() {

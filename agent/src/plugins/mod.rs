@@ -27,6 +27,7 @@ mod hosted;
 mod in_process;
 pub mod library;
 mod outlet;
+pub mod preflight;
 mod process;
 pub mod protocol;
 mod running;

@@ -85,6 +85,9 @@ pub enum Command {
         /// The sandbox policy (JSON) to confine this process to before the library loads.
         #[arg(long)]
         sandbox: Option<String>,
+        /// Only load the library and print what it exports (`config check`), then exit.
+        #[arg(long)]
+        probe: bool,
     },
     /// Internal: confines this process to a sandbox policy, then executes an exec plugin in its
     /// place (started by the daemon's supervisor; see docs/security.md).

@@ -91,6 +91,7 @@ pub async fn run(config_path: &Path) -> Report {
     checks.push(clock());
     let tls = credentials(&config, &mut checks);
     plugin_sandbox(&config, &mut checks);
+    plugins_load(&config, &mut checks);
     let cache = state(&config, &mut checks);
     network(&config, cache.as_ref(), tls.as_ref(), &mut checks).await;
     checks.push(daemon(&config).await);
@@ -219,6 +220,21 @@ fn plugin_secret_files(config: &Config, checks: &mut Vec<Check>) {
             };
             checks.push(check);
         }
+    }
+}
+
+/// plugins.load: every plugin could start as configured (its files pass the rules, a library
+/// loads in a throwaway process and exports a supported ABI, an exec program is executable).
+fn plugins_load(config: &Config, checks: &mut Vec<Check>) {
+    let agent = std::env::current_exe().unwrap_or_else(|_| "hubagent".into());
+    for spec in &config.plugins {
+        let allow_unsafe = config.agent.allow_unsafe_plugin_paths;
+        checks.push(
+            match hubagent::plugins::preflight::check(spec, allow_unsafe, &agent) {
+                Ok(found) => pass("plugins.load", format!("plugin {}: {found}", spec.name)),
+                Err(problem) => fail("plugins.load", format!("plugin {}: {problem}", spec.name)),
+            },
+        );
     }
 }
 

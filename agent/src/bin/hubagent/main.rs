@@ -42,10 +42,17 @@ fn main() -> ExitCode {
         }
         Command::Tpm(command) => tpm(&cli.config, command),
         Command::PluginHost {
+            path,
+            allow_unsafe_paths,
+            probe: true,
+            ..
+        } => hubagent::plugins::host::probe(&path, allow_unsafe_paths),
+        Command::PluginHost {
             name,
             path,
             allow_unsafe_paths,
             sandbox,
+            ..
         } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths, sandbox.as_deref()),
         Command::SandboxExec { sandbox, command } => sandbox_exec(&sandbox, &command),
     };
@@ -157,6 +164,18 @@ fn config_check(path: &Path) -> i32 {
     match load(path) {
         Ok(config) => {
             println!("{}: OK ({})", path.display(), config.summary());
+            let agent = std::env::current_exe().unwrap_or_else(|_| "hubagent".into());
+            let mut broken = 0;
+            for spec in &config.plugins {
+                let allow_unsafe = config.agent.allow_unsafe_plugin_paths;
+                match hubagent::plugins::preflight::check(spec, allow_unsafe, &agent) {
+                    Ok(found) => println!("plugin {}: OK ({found})", spec.name),
+                    Err(problem) => {
+                        broken += 1;
+                        println!("plugin {}: CANNOT START: {problem}", spec.name);
+                    }
+                }
+            }
             for spec in &config.plugins {
                 let in_process =
                     matches!(spec.kind, hubagent::config::plugin::Kind::Library { .. })
@@ -167,6 +186,10 @@ fn config_check(path: &Path) -> i32 {
                         spec.name
                     );
                 }
+            }
+            if broken > 0 {
+                eprintln!("{broken} plugin(s) cannot start as configured (see above)");
+                return exit::FAILURE;
             }
             exit::OK
         }
