@@ -314,7 +314,10 @@ impl Task {
         };
         runs.accepted = Some(settings.clone());
         self.report_started(runs, &settings);
-        tracing::info!(plugin = %self.spec.name, pid = ?pid, "plugin running");
+        match pid {
+            Some(pid) => tracing::info!(plugin = %self.spec.name, pid, "plugin running"),
+            None => tracing::info!(plugin = %self.spec.name, "plugin running"),
+        }
         let ping_every = (self.spec.limits.callback_timeout / 2).max(Duration::from_millis(200));
         let live = Live {
             plugin,
