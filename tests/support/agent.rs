@@ -234,6 +234,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Builds a C plugin library with gcc (warnings are errors) against the header in `include`;
+/// returns its path in `dir`.
+pub fn build_c_plugin(dir: &Path, source: &Path, out: &str, include: &Path) -> PathBuf {
+    let target = dir.join(out);
+    let status = Command::new("gcc")
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-I",
+        ])
+        .arg(include)
+        .arg(source)
+        .arg("-o")
+        .arg(&target)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "gcc failed for {}", source.display());
+    target
+}
+
 /// Copies a plugin file into `dir/plugins/` (0755 directory, `mode` file), as an operator would
 /// install it; returns its path.
 pub fn install_plugin(dir: &Path, source: &Path, mode: u32) -> PathBuf {

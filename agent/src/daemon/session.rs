@@ -156,9 +156,21 @@ impl Daemon {
                 self.desired_patch(session, version, patch).await
             }
             SessionEvent::Method { name, rid, payload } => {
-                let (code, answer) = self.direct_method(&name, payload);
-                tracing::info!(method = %name, status = code, "direct method");
-                session.respond_to_method(&rid, code, answer);
+                // `<plugin>.<method>`: plugin names have no dot, built-in methods neither.
+                if let Some((plugin, method)) = name.split_once('.') {
+                    let answer = self.plugins.invoke(plugin, method, payload);
+                    let session = session.clone();
+                    // Answered from its own task: a slow plugin holds up nothing else.
+                    tokio::spawn(async move {
+                        let answer = answer.await;
+                        tracing::info!(method = %name, status = answer.status, "direct method");
+                        session.respond_to_method(&rid, answer.status, answer.payload);
+                    });
+                } else {
+                    let (code, answer) = self.direct_method(&name, payload);
+                    tracing::info!(method = %name, status = code, "direct method");
+                    session.respond_to_method(&rid, code, answer);
+                }
             }
             SessionEvent::CloudToDevice { body, properties } => {
                 // Neither the body nor the properties are logged: they are the sender's data.
@@ -190,7 +202,7 @@ impl Daemon {
             }
             other => (
                 404,
-                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision)")}),
+                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision; a plugin's: <plugin>.<method>)")}),
             ),
         }
     }
