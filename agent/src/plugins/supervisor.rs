@@ -208,17 +208,22 @@ impl Supervisor {
             )
         });
         let (plugin, method) = (plugin.to_string(), method.to_string());
-        async move {
-            let Some((cmds, timeout)) = target else {
-                return unknown.expect("set when there is no target");
-            };
+        // Sent now, not when the future is first polled: calls reach the plugin in the order
+        // the hub sent them.
+        let sent = target.map(|(cmds, timeout)| {
             let (reply, answer) = oneshot::channel();
             let sent = cmds.send(Cmd::Method {
                 method: method.clone(),
                 payload,
                 reply,
             });
-            if sent.is_err() {
+            (sent.is_ok(), answer, timeout)
+        });
+        async move {
+            let Some((sent, answer, timeout)) = sent else {
+                return unknown.expect("set when there is no target");
+            };
+            if !sent {
                 return MethodAnswer::error(503, format!("plugin '{plugin}' is stopped"));
             }
             match tokio::time::timeout(timeout, answer).await {
@@ -263,10 +268,14 @@ impl Supervisor {
         let entry = &self.entries[name];
         let (cmds, timeout) = (entry.cmds.clone(), entry.spec.limits.callback_timeout);
         let plugin = name.clone();
+        // Sent now, not when the future is first polled: messages reach the plugin in the
+        // order the hub sent them.
+        let (reply, taken) = oneshot::channel();
+        let sent = cmds.send(Cmd::C2d { message, reply }).is_ok();
         Some((name.clone(), async move {
-            let (reply, taken) = oneshot::channel();
-            cmds.send(Cmd::C2d { message, reply })
-                .map_err(|_| format!("plugin '{plugin}' is stopped"))?;
+            if !sent {
+                return Err(format!("plugin '{plugin}' is stopped"));
+            }
             match tokio::time::timeout(timeout, taken).await {
                 Ok(Ok(taken)) => taken,
                 Ok(Err(_)) => Err(format!("plugin '{plugin}' ended before taking it")),

@@ -12,9 +12,9 @@
 //! with the status and payload its payload names (`{"status": 418, "payload": …}`); `slow`
 //! sleeps `payload.ms` before answering; `crash` crashes the plugin mid-call.
 //! C2D: it takes messages whose property `to` is `misbehave`. Settings: `c2d_record` (a file:
-//! each message taken is appended as `<messageId> <body>`), `c2d_gate` (a file: a message is
-//! taken only once this file exists; until then the call waits), `c2d_refuse` (true: every
-//! message is refused).
+//! each message offered is appended as `<messageId> offered`, and once taken as `<messageId>
+//! taken <body>`), `c2d_gate` (a file: a message is taken only once this file exists; until
+//! then the call waits), `c2d_refuse` (true: every message is refused).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -187,6 +187,19 @@ impl Plugin for Misbehave {
 
     fn receive_c2d(&mut self, message: &C2dMessage) -> Result<(), String> {
         let s = self.settings.lock().unwrap().clone();
+        let record = |line: String| -> Result<(), String> {
+            let Some(path) = &s.c2d_record else {
+                return Ok(());
+            };
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()))
+                .map_err(|e| e.to_string())
+        };
+        record(format!("{} offered", message.message_id))?;
         if s.c2d_refuse {
             return Err("refusing C2D messages, as asked".into());
         }
@@ -195,24 +208,11 @@ impl Plugin for Misbehave {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if let Some(path) = &s.c2d_record {
-            use std::io::Write;
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| e.to_string())?;
-            file.write_all(
-                format!(
-                    "{} {}\n",
-                    message.message_id,
-                    String::from_utf8_lossy(&message.body)
-                )
-                .as_bytes(),
-            )
-            .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        record(format!(
+            "{} taken {}",
+            message.message_id,
+            String::from_utf8_lossy(&message.body)
+        ))
     }
 
     fn stop(mut self) {
