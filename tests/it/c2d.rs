@@ -73,12 +73,17 @@ async fn wait_record(path: &Path, line: &str, agent: &AgentProcess) {
 }
 
 fn valve(lib: &Path, record: &Path, extra_settings: &str) -> String {
+    valve_in(lib, record, "process", extra_settings)
+}
+
+fn valve_in(lib: &Path, record: &Path, isolation: &str, extra_settings: &str) -> String {
     format!(
         r#"
 [[plugin]]
 name = "valve"
 kind = "library"
 path = "{}"
+isolation = "{isolation}"
 restart_backoff = "2s"
 [plugin.settings]
 interval = "1h"
@@ -111,6 +116,17 @@ async fn wait_running(sim: &hubsim::Sim, device: &str, agent: &AgentProcess, nam
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c2d_goes_to_exactly_the_matching_plugin_and_is_completed_only_once_taken() {
+    exactly_the_matching_plugin("process", "gw-c2d-1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2d_goes_to_exactly_the_matching_in_process_plugin_too() {
+    exactly_the_matching_plugin("in-process", "gw-c2d-4").await;
+}
+
+/// A message for the library plugin (in `isolation`), one for the Python exec plugin and one for
+/// nobody.
+async fn exactly_the_matching_plugin(isolation: &str, device: &str) {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
     let sim = running.sim.clone();
@@ -131,14 +147,14 @@ command = ["python3", "{}"]
 [plugin.settings]
 interval = 0.5
 "#,
-        valve(
+        valve_in(
             &lib,
             &record_file,
+            isolation,
             &format!("c2d_gate = \"{}\"", gate.display())
         ),
         script.display()
     );
-    let device = "gw-c2d-1";
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     let agent = AgentProcess::start(&config);
     wait_running(&sim, device, &agent, &["valve", "py"]).await;
