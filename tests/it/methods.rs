@@ -1,7 +1,7 @@
 //! Direct methods to plugins (#17) with the real `hubagent` binary against hubsim: the hub's
 //! method `<plugin>.<method>` reaches a library plugin in either isolation and an exec plugin,
-//! and their status and JSON come back; a plugin built against ABI 1.0 still runs (and has no
-//! methods); a method to a plugin that crashes during the call, hangs, is quarantined or does not
+//! and their status and JSON come back (the C and Python examples' handlers included); a plugin
+//! built against ABI 1.0 still runs (and has no methods); a method to a plugin that crashes during the call, hangs, is quarantined or does not
 //! exist gets 500, 504, 503 or 404 from the agent, and the built-in methods keep working.
 
 use std::time::Duration;
@@ -73,6 +73,17 @@ async fn methods_reach_library_plugins_in_both_isolations_and_exec_plugins() {
         ),
         0o644,
     );
+    // The C example of today (ABI 1.1), with its method and C2D handlers.
+    let counter = install_plugin(
+        dir.path(),
+        &build_c_plugin(
+            build.path(),
+            &repo_root().join("plugins/examples/c-counter/counter.c"),
+            "libc_counter.so",
+            &repo_root().join("plugins/sdk/include"),
+        ),
+        0o644,
+    );
     let plugins = format!(
         r#"
 [[plugin]]
@@ -106,15 +117,29 @@ kind = "library"
 path = "{old}"
 [plugin.settings]
 interval_ms = 200
+
+[[plugin]]
+name = "counter"
+kind = "library"
+path = "{counter}"
+[plugin.settings]
+interval_ms = 100000
 "#,
         lib = lib.display(),
         script = script.display(),
         old = old.display(),
+        counter = counter.display(),
     );
     let device = "gw-methods-1";
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     let agent = AgentProcess::start(&config);
-    let list = wait_running(&sim, device, &agent, &["hosted", "inproc", "py", "old"]).await;
+    let list = wait_running(
+        &sim,
+        device,
+        &agent,
+        &["hosted", "inproc", "py", "old", "counter"],
+    )
+    .await;
     assert_eq!(list["old"]["abi"], "1.0", "{list}");
     assert_eq!(list["old"]["methods"], json!([]), "{list}");
     assert_eq!(list["hosted"]["abi"], "1.1", "{list}");
@@ -152,6 +177,29 @@ interval_ms = 200
     let (status, reading) = call(&sim, &key, "py.read", Value::Null).await;
     assert_eq!((status, &reading["room"]), (200, &json!("r9")), "{reading}");
     assert!(reading["temperature"].is_number(), "{reading}");
+
+    // The C example: a method, then a C2D message it takes, seen through the next method.
+    assert_eq!(
+        call(&sim, &key, "counter.reset", json!(100)).await,
+        (200, json!({"was": 0, "count": 100}))
+    );
+    hubsim::twin::send_c2d(
+        &sim,
+        &key,
+        hubsim::state::C2dMessage {
+            body: "23".into(),
+            properties: vec![
+                ("$.mid".into(), "add-23".into()),
+                ("to".into(), "counter".into()),
+            ],
+        },
+    )
+    .unwrap();
+    agent.wait_log("C2D add-23: added 23").await;
+    assert_eq!(
+        call(&sim, &key, "counter.get", Value::Null).await,
+        (200, json!({"count": 123}))
+    );
 
     // 404s name what is missing.
     let old = call(&sim, &key, "old.anything", json!({})).await;

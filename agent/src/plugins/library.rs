@@ -422,6 +422,8 @@ impl LibraryInstance {
         let Some(invoke) = self.descriptor.invoke_method else {
             return MethodAnswer::error(404, "the plugin answers no methods");
         };
+        // NUL-terminated as settings are, for C plugins' convenience (the length excludes it).
+        let (method_z, payload_z) = (nul_terminated(method), nul_terminated(payload));
         let mut answer = vec![0u8; calls::MAX_METHOD_ANSWER];
         let mut buf = abi::Buf {
             ptr: answer.as_mut_ptr(),
@@ -432,8 +434,14 @@ impl LibraryInstance {
         let status = unsafe {
             invoke(
                 self.ptr,
-                abi::Str::borrow(method),
-                abi::Str::borrow(payload),
+                abi::Str {
+                    ptr: method_z.as_ptr().cast(),
+                    len: method.len(),
+                },
+                abi::Str {
+                    ptr: payload_z.as_ptr().cast(),
+                    len: payload.len(),
+                },
                 &mut buf,
             )
         };

@@ -195,7 +195,9 @@ typedef struct hubagent_plugin_descriptor {
     /* ABI 1.1 (rule 9). Leave NULL for none. */
     const char *methods;    /* "open_valve\0read_meter\0": names each ended by a NUL, then "" */
     const char *c2d_filter; /* e.g. "{\"kind\":\"valve\"}", or "{}" for every message */
-    /* Answers a method: returns its status, writes the JSON answer to `answer`. */
+    /* Answers a method: returns its status, writes the JSON answer to `answer` (at most
+     * `answer->cap`, 128 KiB). `method` and `payload_json` (JSON, "null" when the caller sent
+     * none) are also NUL-terminated; `len` excludes the NUL. */
     int32_t (*invoke_method)(void *instance, hubagent_str method, hubagent_str payload_json,
                              hubagent_buf *answer);
     /* Takes a C2D message: HUBAGENT_OK, or an error and why (the hub delivers it again). */
