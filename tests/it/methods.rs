@@ -325,3 +325,32 @@ mode = "panic"
     assert_eq!(call(&sim, &key, "broken.nope", Value::Null).await.0, 404);
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// `hubagent demo` narrates a method of its sensor plugin and a C2D message the plugin takes:
+/// the answer is the plugin's last reading, and the message is completed only once taken.
+#[test]
+fn the_demo_calls_a_plugin_method_and_sends_it_a_c2d_message() {
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["demo", "--duration", "12s", "--interval", "300ms"])
+        .output()
+        .expect("hubagent demo runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = text
+        .lines()
+        .find(|l| l.contains("operator calls 'simulated-sensor.read' ->"))
+        .unwrap_or_else(|| panic!("no method call narrated:\n{text}"));
+    let answer: Value = serde_json::from_str(read.split(" -> 200 ").nth(1).unwrap_or("null"))
+        .unwrap_or(Value::Null);
+    assert!(answer["temperature"].is_number(), "{read}");
+    assert!(
+        text.contains("message demo-c2d-1 completed by the agent once the plugin took it"),
+        "{text}"
+    );
+    // The plugin's echo of the message reached the hub as telemetry.
+    assert!(text.contains(r#""c2dReceived":"demo-c2d-1""#), "{text}");
+}

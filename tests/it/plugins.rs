@@ -239,7 +239,7 @@ mode = "flood"
     );
     assert!(published >= 5.0, "{flooder}");
     assert_eq!(list["crasher"]["status"], "quarantined");
-    assert_eq!(list["crasher"]["abi"], "1.0");
+    assert_eq!(list["crasher"]["abi"], "1.1");
 
     assert_eq!(agent.status()["connection"], "connected");
     assert_eq!(agent.stop(), Some(0));

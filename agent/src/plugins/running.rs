@@ -107,28 +107,24 @@ impl RunningPlugin {
         }
     }
 
-    /// Passes a declared method on; the answer arrives as [`Event::MethodAnswer`]. False for
-    /// the kinds that take none.
-    pub fn invoke(&self, id: u64, method: &str, payload: &Value) -> bool {
+    /// Passes a declared method on; the answer arrives as [`Event::MethodAnswer`].
+    pub fn invoke(&self, id: u64, method: &str, payload: &Value) {
         match self {
             RunningPlugin::Hosted(h) => h.invoke(id, method, payload),
             RunningPlugin::Exec(e) => e.invoke(id, method, payload),
             RunningPlugin::InProcess(p) => p.invoke(id, method, payload),
-            RunningPlugin::Builtin(_) => return false,
+            RunningPlugin::Builtin(b) => b.invoke(id),
         }
-        true
     }
 
-    /// Passes a C2D message on; the answer arrives as [`Event::C2dTaken`]. False for the kinds
-    /// that take none.
-    pub fn deliver(&self, id: u64, message: &C2dMessage) -> bool {
+    /// Passes a C2D message on; the answer arrives as [`Event::C2dTaken`].
+    pub fn deliver(&self, id: u64, message: &C2dMessage) {
         match self {
             RunningPlugin::Hosted(h) => h.deliver(id, message),
             RunningPlugin::Exec(e) => e.deliver(id, message),
             RunningPlugin::InProcess(p) => p.deliver(id, message),
-            RunningPlugin::Builtin(_) => return false,
+            RunningPlugin::Builtin(b) => b.deliver(id, message),
         }
-        true
     }
 
     pub fn pid(&self) -> Option<u32> {

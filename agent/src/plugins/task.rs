@@ -306,9 +306,8 @@ impl Task {
                 payload,
                 reply,
             } => {
-                if !declarations.answers(&method) {
-                    let _ = reply.send(self.unknown_method(&method));
-                } else if live.plugin.invoke(id, &method, &payload) {
+                if declarations.answers(&method) {
+                    live.plugin.invoke(id, &method, &payload);
                     live.methods.retain(|_, r| !r.is_closed());
                     live.methods.insert(id, reply);
                 } else {
@@ -316,7 +315,8 @@ impl Task {
                 }
             }
             Cmd::C2d { message, reply } => {
-                if declarations.c2d_filter.is_some() && live.plugin.deliver(id, &message) {
+                if declarations.c2d_filter.is_some() {
+                    live.plugin.deliver(id, &message);
                     live.c2d.retain(|_, r| !r.is_closed());
                     live.c2d.insert(id, reply);
                 } else {
