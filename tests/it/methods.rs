@@ -1,8 +1,10 @@
 //! Direct methods to plugins (#17) with the real `hubagent` binary against hubsim: the hub's
 //! method `<plugin>.<method>` reaches a library plugin in either isolation and an exec plugin,
 //! and their status and JSON come back (the C and Python examples' handlers included); a plugin
-//! built against ABI 1.0 still runs (and has no methods); a method to a plugin that crashes during the call, hangs, is quarantined or does not
-//! exist gets 500, 504, 503 or 404 from the agent, and the built-in methods keep working.
+//! built against ABI 1.0 still runs (and has no methods); a method to a plugin (library or exec)
+//! that crashes during the call, hangs, is quarantined or does not exist gets 500, 504, 503 or
+//! 404 from the agent, and the built-in methods keep working. `hubagent demo` calls a plugin's
+//! method and sends it a C2D message.
 
 use std::time::Duration;
 
@@ -229,6 +231,11 @@ async fn methods_to_crashed_hung_and_quarantined_plugins_get_a_clear_status() {
     let running = start_sim(dir.path()).await;
     let sim = running.sim.clone();
     let lib = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
+    let exe = install_plugin(
+        dir.path(),
+        &repo_root().join("tests/plugins/exec-misbehave/misbehave.py"),
+        0o755,
+    );
     let plugins = format!(
         r#"
 [[plugin]]
@@ -264,13 +271,21 @@ quarantine_after = 1
 quarantine_retry = "1h"
 [plugin.settings]
 mode = "panic"
+
+[[plugin]]
+name = "exe"
+kind = "exec"
+command = ["python3", "{exe}"]
+method_timeout = "500ms"
+restart_backoff = "100ms"
 "#,
         lib = lib.display(),
+        exe = exe.display(),
     );
     let device = "gw-methods-2";
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     let agent = AgentProcess::start(&config);
-    wait_running(&sim, device, &agent, &["crasher", "slow", "inslow"]).await;
+    wait_running(&sim, device, &agent, &["crasher", "slow", "inslow", "exe"]).await;
     agent
         .wait_plugins("broken quarantined", |l| {
             l["broken"]["status"] == "quarantined"
@@ -317,6 +332,30 @@ mode = "panic"
             );
         }
     }
+
+    // An exec plugin: no answer is 504 (and it still answers the next call), an exit during the
+    // call is 500, and it is restarted.
+    let hung = call(&sim, &key, "exe.hang", Value::Null).await;
+    assert_eq!(hung.0, 504, "{hung:?}");
+    assert_eq!(
+        call(&sim, &key, "exe.echo", json!(5)).await,
+        (200, json!(5))
+    );
+    let exited = call(&sim, &key, "exe.exit", Value::Null).await;
+    assert_eq!(exited.0, 500, "{exited:?}");
+    assert!(
+        error_text(&exited).contains("failed during the call"),
+        "{exited:?}"
+    );
+    agent
+        .wait_plugins("exe restarted", |l| {
+            l["exe"]["status"] == "running" && l["exe"]["restarts"] == 1
+        })
+        .await;
+    assert_eq!(
+        call(&sim, &key, "exe.echo", json!(6)).await,
+        (200, json!(6))
+    );
 
     // Quarantined: 503 naming the state; a method it does not declare is still 404.
     let broken = call(&sim, &key, "broken.echo", Value::Null).await;
