@@ -96,22 +96,7 @@ c2d_record = "{}"
 }
 
 async fn wait_running(sim: &hubsim::Sim, device: &str, agent: &AgentProcess, names: &[&str]) {
-    agent
-        .wait_plugins("plugins running with their declarations", |list| {
-            names
-                .iter()
-                .all(|n| list[n]["status"] == "running" && list[n]["c2dFilter"].is_object())
-        })
-        .await;
-    assert!(
-        sim.wait_until(
-            LONG_WAIT,
-            |s| reported_plugin(s, device, names[0])["status"] == "running"
-        )
-        .await,
-        "{}",
-        agent.log_text()
-    );
+    wait_plugins_declared(sim, device, agent, names, "c2dFilter").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

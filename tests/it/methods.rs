@@ -24,31 +24,13 @@ fn error_text(answer: &(u16, Value)) -> String {
     answer.1["error"].as_str().unwrap_or_default().to_string()
 }
 
-/// Waits until every plugin in `names` runs and has declared what it takes, and the hub has
-/// the agent's reported properties (so its subscriptions, methods included, are in place).
 async fn wait_running(
     sim: &hubsim::Sim,
     device: &str,
     agent: &AgentProcess,
     names: &[&str],
 ) -> Value {
-    let list = agent
-        .wait_plugins("plugins running with their declarations", |list| {
-            names
-                .iter()
-                .all(|n| list[n]["status"] == "running" && list[n]["methods"].is_array())
-        })
-        .await;
-    assert!(
-        sim.wait_until(
-            LONG_WAIT,
-            |s| reported_plugin(s, device, names[0])["status"] == "running"
-        )
-        .await,
-        "the hub never saw the plugins\n{}",
-        agent.log_text()
-    );
-    list
+    wait_plugins_declared(sim, device, agent, names, "methods").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -495,6 +495,14 @@ impl LibraryInstance {
     }
 }
 
+/// What a plugin whose start failed answers a callback with.
+fn not_started() -> CallError {
+    CallError {
+        code: abi::ERR_FAILED,
+        reason: "not started".into(),
+    }
+}
+
 /// `apply_settings` on the instance, or the error a plugin whose start failed answers with.
 pub fn apply_if_started(
     instance: Option<&mut LibraryInstance>,
@@ -502,10 +510,7 @@ pub fn apply_if_started(
 ) -> Result<(), CallError> {
     match instance {
         Some(i) => i.apply_settings(settings),
-        None => Err(CallError {
-            code: abi::ERR_FAILED,
-            reason: "not started".into(),
-        }),
+        None => Err(not_started()),
     }
 }
 
@@ -528,10 +533,7 @@ pub fn receive_if_started(
 ) -> Result<(), CallError> {
     match instance {
         Some(i) => i.receive_c2d(message),
-        None => Err(CallError {
-            code: abi::ERR_FAILED,
-            reason: "not started".into(),
-        }),
+        None => Err(not_started()),
     }
 }
 
