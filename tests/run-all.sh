@@ -23,8 +23,8 @@ echo "== rust tests (cargo nextest, with the TPM tests against swtpm)"
 cargo nextest run --workspace --locked --profile ci "${tpm_features[@]}" || failed+=("rust tests")
 
 # The Python SDK can only dial ports 8883 and 443, so these run after the Rust tests, one hubsim at a time.
-echo "== interop: Azure's Python device SDK against hubsim"
-HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
+echo "== interop: Azure's Python device and service SDKs against hubsim (and the agent)"
+HUBSIM_BIN="$PWD/target/debug/hubsim" HUBAGENT_BIN="$PWD/target/debug/hubagent" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
     -W ignore::DeprecationWarning --junitxml=target/interop-junit.xml tests/interop \
     || failed+=("python interop tests")
 

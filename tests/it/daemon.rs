@@ -391,8 +391,8 @@ async fn kill_9_during_a_hub_outage_loses_nothing() {
         .assert_nothing_lost("kill -9 during a hub outage");
 }
 
-/// Nothing in the agent takes C2D yet: a message must not be completed (PUBACKed) and dropped,
-/// which would tell the sender it was delivered. The hub keeps it and delivers it again.
+/// No plugin takes C2D here: a message must not be completed (PUBACKed) and dropped, which
+/// would tell the sender it was delivered. The hub keeps it and delivers it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_c2d_message_nothing_takes_stays_with_the_hub() {
     use hubsim::state::C2dState;

@@ -72,9 +72,15 @@ async fn next_matching<T>(
     .expect("event in time")
 }
 
-async fn next_c2d(events: &mut Receiver<SessionEvent>) -> (Vec<u8>, Vec<(String, String)>) {
+async fn next_c2d(
+    events: &mut Receiver<SessionEvent>,
+) -> (Vec<u8>, Vec<(String, String)>, hubagent::hub::C2dToken) {
     next_matching(events, |e| match e {
-        SessionEvent::CloudToDevice { body, properties } => Some((body.to_vec(), properties)),
+        SessionEvent::CloudToDevice {
+            body,
+            properties,
+            token,
+        } => Some((body.to_vec(), properties, token)),
         _ => None,
     })
     .await
@@ -164,11 +170,11 @@ async fn telemetry_twin_methods_and_c2d() {
         },
     )
     .unwrap();
-    let (body, properties) = next_c2d(&mut events).await;
+    let (body, properties, first) = next_c2d(&mut events).await;
     assert_eq!(&body[..], b"valve=open");
     assert!(properties.contains(&("color".to_string(), "red".to_string())));
-    // Nothing takes C2D: the session does not complete the message, and the hub delivers it
-    // again on the next connection.
+    // Until the daemon says so, the session does not complete the message, and the hub
+    // delivers it again on the next connection.
     let c2d_state = |sim: &hubsim::state::Sim| {
         let records = sim.c2d_records(&key);
         assert_eq!(records.len(), 1, "{records:?}");
@@ -179,9 +185,25 @@ async fn telemetry_twin_methods_and_c2d() {
     handle.report(json!({"probe": 1})).await.unwrap();
     assert_eq!(c2d_state(&running.sim), (C2dState::Invisible, 1));
     assert!(drop_connection(&running.sim, "gw-hub-1"));
-    let (again, _) = next_c2d(&mut events).await;
+    let (again, _, second) = next_c2d(&mut events).await;
     assert_eq!(&again[..], b"valve=open");
     assert_eq!(c2d_state(&running.sim), (C2dState::Invisible, 2));
+    // The first delivery's token is of a connection that ended: completing it does nothing
+    // (its packet id could be another message's on this connection).
+    assert!(!handle.is_current(&first) && handle.is_current(&second));
+    handle.complete_c2d(first);
+    handle.report(json!({"probe": 2})).await.unwrap();
+    assert_eq!(c2d_state(&running.sim), (C2dState::Invisible, 2));
+    // This connection's token completes it.
+    handle.complete_c2d(second);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| c2d_state(s) == (C2dState::Completed, 2))
+            .await,
+        "{:?}",
+        c2d_state(&running.sim)
+    );
 
     let too_big = TelemetryMessage {
         body: vec![b'x'; 300 * 1024].into(),

@@ -274,7 +274,10 @@ fn config_check_names_each_plugin_that_cannot_start() {
     std::fs::write(&script, "#!/bin/sh\necho '{\"body\": 1}'\n").unwrap();
     set_mode(&script, 0o644);
     let library = |name: &str, path: &Path| {
-        format!("[[plugin]]\nname = \"{name}\"\nkind = \"library\"\npath = \"{}\"\n", path.display())
+        format!(
+            "[[plugin]]\nname = \"{name}\"\nkind = \"library\"\npath = \"{}\"\n",
+            path.display()
+        )
     };
     let exec = |name: &str, program: &str| {
         format!("[[plugin]]\nname = \"{name}\"\nkind = \"exec\"\ncommand = [\"{program}\"]\n")
@@ -317,7 +320,11 @@ fn config_check_names_each_plugin_that_cannot_start() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains(expected), "{table}\n{stdout}");
         let broken = !expected.contains(": OK (");
-        assert_eq!(out.status.code(), Some(if broken { 1 } else { 0 }), "{table}\n{out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(if broken { 1 } else { 0 }),
+            "{table}\n{out:?}"
+        );
     }
     // `hubagent check` says the same, with all of them at once.
     let all: String = cases.iter().map(|(table, _)| table.as_str()).collect();

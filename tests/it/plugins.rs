@@ -22,23 +22,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn gcc(dir: &Path, source: &Path, out: &str, extra: &[&str]) -> PathBuf {
-    let target = dir.join(out);
-    let status = std::process::Command::new("gcc")
-        .args([
-            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-I",
-        ])
-        .arg(repo_root().join("plugins/sdk/include"))
-        .args(extra)
-        .arg(source)
-        .arg("-o")
-        .arg(&target)
-        .status()
-        .expect("gcc runs");
-    assert!(status.success(), "gcc failed for {}", source.display());
-    target
-}
-
 async fn wait_reported(
     sim: &hubsim::Sim,
     device: &str,
@@ -256,7 +239,7 @@ mode = "flood"
     );
     assert!(published >= 5.0, "{flooder}");
     assert_eq!(list["crasher"]["status"], "quarantined");
-    assert_eq!(list["crasher"]["abi"], "1.0");
+    assert_eq!(list["crasher"]["abi"], "1.1");
 
     assert_eq!(agent.status()["connection"], "connected");
     assert_eq!(agent.stop(), Some(0));
@@ -362,7 +345,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
     assert!(text.contains("tuned"), "{text}");
     assert!(text.contains("library"), "{text}");
     assert!(text.contains(&lib.display().to_string()), "{text}");
-    assert!(text.contains("1.0"), "{text}");
+    assert!(text.contains("1.1"), "{text}");
     assert!(text.contains("running"), "{text}");
     assert_eq!(agent.stop(), Some(0));
 }
@@ -373,11 +356,11 @@ async fn c_python_and_shipped_plugins_publish_to_hubsim() {
     let running = start_sim(dir.path()).await;
     let sim = running.sim.clone();
     let build = tempfile::tempdir().unwrap();
-    let counter = gcc(
+    let counter = build_c_plugin(
         build.path(),
         &repo_root().join("plugins/examples/c-counter/counter.c"),
         "libc_counter.so",
-        &[],
+        &repo_root().join("plugins/sdk/include"),
     );
     let counter = install_plugin(dir.path(), &counter, 0o644);
     let script = install_plugin(
@@ -553,7 +536,7 @@ interval = "100ms"
 
     let list = agent.plugins_list();
     assert_eq!(list["sysmetrics"]["isolation"], "in-process");
-    assert_eq!(list["sysmetrics"]["abi"], "1.0");
+    assert_eq!(list["sysmetrics"]["abi"], "1.1");
     assert_eq!(list["py"]["kind"], "exec");
     assert!(list["py"]["pid"].as_u64().is_some(), "{list}");
     assert_eq!(agent.stop(), Some(0));
@@ -637,7 +620,12 @@ async fn untrusted_paths_and_foreign_abis_are_refused_with_the_reason() {
     let build = tempfile::tempdir().unwrap();
     let future = install_plugin(
         dir.path(),
-        &gcc(build.path(), &c_source, "libfuture.so", &[]),
+        &build_c_plugin(
+            build.path(),
+            &c_source,
+            "libfuture.so",
+            &repo_root().join("plugins/sdk/include"),
+        ),
         0o644,
     );
     let plugins = format!(
@@ -703,11 +691,14 @@ fn header_and_rust_abi_agree() {
 #include <stddef.h>
 #include "hubagent_plugin.h"
 int main(void) {
-    printf("%zu %zu %zu %zu %zu %zu %zu %zu %u %u\n",
+    printf("%zu %zu %zu %zu %zu %zu %zu %zu %u %u %u %zu %zu %zu %zu %zu\n",
         sizeof(hubagent_plugin_descriptor), sizeof(hubagent_host_api), sizeof(hubagent_message),
         offsetof(hubagent_plugin_descriptor, start), offsetof(hubagent_plugin_descriptor, stop),
         offsetof(hubagent_host_api, publish), offsetof(hubagent_message, properties),
-        sizeof(hubagent_property), HUBAGENT_PLUGIN_MAGIC, HUBAGENT_PLUGIN_ABI_MAJOR);
+        sizeof(hubagent_property), HUBAGENT_PLUGIN_MAGIC, HUBAGENT_PLUGIN_ABI_MAJOR,
+        HUBAGENT_PLUGIN_ABI_MINOR, offsetof(hubagent_plugin_descriptor, methods),
+        offsetof(hubagent_plugin_descriptor, receive_c2d), sizeof(hubagent_c2d_message),
+        offsetof(hubagent_c2d_message, message_id), offsetof(hubagent_c2d_message, properties));
     return 0;
 }
 "#,
@@ -739,6 +730,12 @@ int main(void) {
         std::mem::size_of::<abi::Property>() as u64,
         abi::MAGIC as u64,
         abi::ABI_MAJOR as u64,
+        abi::ABI_MINOR as u64,
+        abi::DESCRIPTOR_SIZE_V1_0 as u64,
+        std::mem::offset_of!(abi::PluginDescriptor, receive_c2d) as u64,
+        std::mem::size_of::<abi::C2dMessage>() as u64,
+        std::mem::offset_of!(abi::C2dMessage, message_id) as u64,
+        std::mem::offset_of!(abi::C2dMessage, properties) as u64,
     ];
     assert_eq!(got, want);
 }

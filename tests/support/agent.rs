@@ -234,6 +234,53 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Waits until every plugin in `names` runs and has declared `declared` (`"methods"` or
+/// `"c2dFilter"` in `hubagent plugins list`), and the hub has the agent's reported properties
+/// for the first of them (so its subscriptions, methods and C2D included, are in place).
+pub async fn wait_plugins_declared(
+    sim: &hubsim::Sim,
+    device: &str,
+    agent: &AgentProcess,
+    names: &[&str],
+    declared: &str,
+) -> Value {
+    let list = agent
+        .wait_plugins(&format!("plugins running with their {declared}"), |list| {
+            names
+                .iter()
+                .all(|n| list[n]["status"] == "running" && !list[n][declared].is_null())
+        })
+        .await;
+    assert!(
+        sim.wait_until(
+            LONG_WAIT,
+            |s| crate::reported_plugin(s, device, names[0])["status"] == "running"
+        )
+        .await,
+        "the hub never saw the plugins\n{}",
+        agent.log_text()
+    );
+    list
+}
+
+/// Builds a C plugin library with gcc (warnings are errors) against the header in `include`;
+/// returns its path in `dir`.
+pub fn build_c_plugin(dir: &Path, source: &Path, out: &str, include: &Path) -> PathBuf {
+    let target = dir.join(out);
+    let status = Command::new("gcc")
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-I",
+        ])
+        .arg(include)
+        .arg(source)
+        .arg("-o")
+        .arg(&target)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "gcc failed for {}", source.display());
+    target
+}
+
 /// Copies a plugin file into `dir/plugins/` (0755 directory, `mode` file), as an operator would
 /// install it; returns its path.
 pub fn install_plugin(dir: &Path, source: &Path, mode: u32) -> PathBuf {

@@ -50,6 +50,10 @@ pub struct Limits {
     pub memory_limit: Option<u64>,
     /// How long start, apply-settings, stop and liveness pings may take.
     pub callback_timeout: Duration,
+    /// How long a direct method to the plugin may take before the caller gets 504. The hub
+    /// does not tell the device the caller's `responseTimeoutInSeconds`; the default stays
+    /// below the hub's default of 30 s so the caller hears the agent's answer.
+    pub method_timeout: Duration,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
     /// This many failures within `quarantine_window` quarantine the plugin...
@@ -66,6 +70,7 @@ impl Default for Limits {
             burst: 40.0,
             memory_limit: Some(512 * 1024 * 1024),
             callback_timeout: Duration::from_secs(10),
+            method_timeout: Duration::from_secs(20),
             restart_backoff: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(300),
             quarantine_after: 5,
@@ -219,6 +224,7 @@ const KEYS: &[&str] = &[
     "burst",
     "memory_limit",
     "callback_timeout",
+    "method_timeout",
     "restart_backoff",
     "restart_backoff_max",
     "quarantine_after",
@@ -327,6 +333,14 @@ fn settings(table: &toml::Table) -> Result<Map<String, Value>, SpecError> {
         Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
             Ok(Value::Object(m)) => {
                 check_secret_references(&m, "settings")?;
+                // An exec plugin tells the agent's calls from settings by `$call` (twin keys
+                // cannot hold `$` either).
+                if let Some(k) = m.keys().find(|k| k.starts_with('$')) {
+                    return Err(err(
+                        &format!("settings.{k}"),
+                        "keys starting with '$' are reserved for the agent (as in the twin)",
+                    ));
+                }
                 Ok(m)
             }
             _ => Err(err("settings", "cannot be represented as JSON")),
@@ -491,6 +505,7 @@ impl Limits {
             burst,
             memory_limit,
             callback_timeout: duration(table, "callback_timeout", d.callback_timeout)?,
+            method_timeout: duration(table, "method_timeout", d.method_timeout)?,
             restart_backoff: duration(table, "restart_backoff", d.restart_backoff)?,
             restart_backoff_max: duration(table, "restart_backoff_max", d.restart_backoff_max)?,
             quarantine_after: quarantine_after as u32,
@@ -499,6 +514,13 @@ impl Limits {
         };
         if limits.callback_timeout < Duration::from_millis(100) {
             return Err(err("callback_timeout", "must be at least 100ms"));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&limits.method_timeout)
+        {
+            return Err(err(
+                "method_timeout",
+                "must be from 100ms to 300s (the longest responseTimeoutInSeconds the hub takes)",
+            ));
         }
         if limits.restart_backoff.is_zero() || limits.restart_backoff > limits.restart_backoff_max {
             return Err(err(
@@ -605,6 +627,15 @@ mod tests {
         let e = parse("name = \"a b\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\n")
             .unwrap_err();
         assert_eq!(e.0, "name");
+        let e =
+            parse("name = \"m\"\nkind = \"library\"\npath = \"/x.so\"\nmethod_timeout = \"10m\"\n")
+                .unwrap_err();
+        assert_eq!(e.0, "method_timeout");
+        // `$call` tells an exec plugin the agent's calls from its settings.
+        let e =
+            parse("name = \"m\"\nkind = \"exec\"\ncommand = [\"x\"]\n[settings]\n\"$call\" = 1\n")
+                .unwrap_err();
+        assert_eq!(e.0, "settings.$call");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the plugins, then drives the lifecycle (`lifecycle`: a state machine without I/O) through its
 //! phases: load the identity and choose the assignment (the cache, or DPS), run a hub session,
 //! wait before a retry. `session` handles what arrives during a session, `twin` the desired and
-//! reported properties, `control` the control socket, `status` what `hubagent status` shows.
+//! reported properties, `c2d` cloud-to-device messages on their way to the plugins, `control` the
+//! control socket, `status` what `hubagent status` shows.
 //!
 //! The provisioning rules (docs/design.md, "Provisioning rules"): a valid cached assignment with
 //! an unchanged fingerprint means no DPS call; a changed fingerprint (reload or restart) or
@@ -10,6 +11,7 @@
 //! one reprovisioning, with backoff; DPS unreachable means retrying in-process forever with
 //! capped backoff and jitter.
 
+mod c2d;
 mod certificate;
 mod control;
 pub mod lifecycle;

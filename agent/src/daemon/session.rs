@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::c2d::{self, Inbox};
 use super::certificate::CERTIFICATE_CHECK_EVERY;
 use super::lifecycle::{Event, Lifecycle, Phase};
 use super::status::ConnectionState;
 use super::{Command, Daemon};
 use crate::hub::{self, HubParams, SessionEvent, SessionHandle};
+use crate::plugins::calls::C2dMessage;
 use crate::provisioning::DeviceIdentity;
 use crate::state::ProvisioningCache;
 use crate::system::systemd;
@@ -47,16 +49,26 @@ impl Daemon {
             CERTIFICATE_CHECK_EVERY,
         );
         let plugin_changes = self.plugins.changes();
+        let mut c2d_retry = tokio::time::interval(c2d::RETRY_EVERY);
+        let mut inbox = Inbox::new();
         let mut connected = false;
         let end = loop {
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else { break Event::SessionEnded };
+                    if let SessionEvent::CloudToDevice { body, properties, token } = event {
+                        let message = C2dMessage::from_topic(body.to_vec(), &properties);
+                        inbox.arrived(&self.plugins, &session, message, token);
+                        continue;
+                    }
                     if let Some(end) = self.session_event(event, &session, &mut connected, life).await {
                         break end;
                     }
                 }
+                held = inbox.not_taken() => inbox.hold(held),
+                _ = c2d_retry.tick(), if !inbox.is_empty() => inbox.retry(&self.plugins, &session),
                 _ = plugin_changes.notified() => {
+                    inbox.retry(&self.plugins, &session);
                     self.status.update(|s| s.plugins = self.plugins.snapshot());
                     // Only while connected: a reconnect reports everything with the twin.
                     if connected {
@@ -156,23 +168,24 @@ impl Daemon {
                 self.desired_patch(session, version, patch).await
             }
             SessionEvent::Method { name, rid, payload } => {
-                let (code, answer) = self.direct_method(&name, payload);
-                tracing::info!(method = %name, status = code, "direct method");
-                session.respond_to_method(&rid, code, answer);
+                // `<plugin>.<method>`: plugin names have no dot, built-in methods neither.
+                if let Some((plugin, method)) = name.split_once('.') {
+                    let answer = self.plugins.invoke(plugin, method, payload);
+                    let session = session.clone();
+                    // Answered from its own task: a slow plugin holds up nothing else.
+                    tokio::spawn(async move {
+                        let answer = answer.await;
+                        tracing::info!(method = %name, status = answer.status, "direct method");
+                        session.respond_to_method(&rid, answer.status, answer.payload);
+                    });
+                } else {
+                    let (code, answer) = self.direct_method(&name, payload);
+                    tracing::info!(method = %name, status = code, "direct method");
+                    session.respond_to_method(&rid, code, answer);
+                }
             }
-            SessionEvent::CloudToDevice { body, properties } => {
-                // Neither the body nor the properties are logged: they are the sender's data.
-                let message_id = properties
-                    .iter()
-                    .find(|(k, _)| k == "$.mid")
-                    .map_or("", |(_, v)| v.as_str());
-                tracing::warn!(
-                    message_id,
-                    bytes = body.len(),
-                    "cloud-to-device message not completed: no plugin takes C2D messages yet; \
-                     the hub keeps it and delivers it again on the next connection"
-                );
-            }
+            // Taken to the inbox by the session loop.
+            SessionEvent::CloudToDevice { .. } => {}
         }
         None
     }
@@ -190,7 +203,7 @@ impl Daemon {
             }
             other => (
                 404,
-                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision)")}),
+                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision; a plugin's: <plugin>.<method>)")}),
             ),
         }
     }

@@ -19,6 +19,7 @@ mod twin;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -101,12 +102,22 @@ pub enum SessionEvent {
         rid: String,
         payload: Value,
     },
-    /// A C2D message. The session does not complete it (no PUBACK): the hub keeps it and
-    /// delivers it again on the next connection.
+    /// A C2D message. The session completes it (PUBACK) only when told to
+    /// ([`SessionHandle::complete_c2d`]) on the connection it came on; otherwise the hub keeps
+    /// it and delivers it again on the next connection.
     CloudToDevice {
         body: bytes::Bytes,
         properties: Vec<(String, String)>,
+        token: C2dToken,
     },
+}
+
+/// Which C2D message to complete: its packet id on the connection it arrived on (a packet id
+/// means nothing on another connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct C2dToken {
+    connection: u64,
+    pkid: u16,
 }
 
 /// The daemon's handle on the session task.
@@ -116,9 +127,22 @@ pub struct SessionHandle {
     control: mpsc::UnboundedSender<Control>,
     max_message_size: usize,
     device_id: String,
+    /// The number of the connection that is up (0: none).
+    connection: Arc<AtomicU64>,
 }
 
 impl SessionHandle {
+    /// Completes a C2D message at the hub (its PUBACK). A message of a connection that has
+    /// ended is not completed: the hub delivers it again.
+    pub fn complete_c2d(&self, token: C2dToken) {
+        let _ = self.control.send(Control::CompleteC2d(token));
+    }
+
+    /// Whether the connection a C2D message came on is still up (so it can still be completed).
+    pub fn is_current(&self, token: &C2dToken) -> bool {
+        self.connection.load(Ordering::SeqCst) == token.connection
+    }
+
     /// Sends a telemetry message; resolves when the hub acknowledged it (PUBACK). While the hub is
     /// unreachable this waits; the message is never dropped by the session.
     pub async fn publish(&self, message: TelemetryMessage) -> Result<(), PublishError> {
@@ -181,11 +205,13 @@ pub fn spawn(
     let (telemetry_tx, telemetry_rx) = mpsc::channel(usize::from(params.inflight).max(1));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::channel(256);
+    let connection = Arc::new(AtomicU64::new(0));
     let handle = SessionHandle {
         telemetry: telemetry_tx,
         control: control_tx,
         max_message_size: params.max_message_size,
         device_id: params.device_id.clone(),
+        connection: connection.clone(),
     };
     let task = tokio::spawn(
         Session {
@@ -196,6 +222,8 @@ pub fn spawn(
             unacked: VecDeque::new(),
             next_rid: 0,
             connected_at: None,
+            connections: 0,
+            connection,
         }
         .run(),
     );

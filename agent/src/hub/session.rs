@@ -7,6 +7,8 @@
 //! survives the end of a connection and is sent again, in order, on the next one.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeReasonCode};
@@ -36,6 +38,7 @@ pub(super) enum Control {
         status: u16,
         payload: Value,
     },
+    CompleteC2d(super::C2dToken),
     Shutdown,
 }
 
@@ -91,12 +94,15 @@ struct Link {
     /// When to reconnect with a fresh SAS token; `None` for a certificate, which does not expire
     /// with the connection.
     renew_at: Option<Instant>,
+    /// This connection's number (see `Session::connections`).
+    connection: u64,
 }
 
 impl Link {
-    fn new(client: AsyncClient, renew_at: Option<Instant>) -> Link {
+    fn new(client: AsyncClient, renew_at: Option<Instant>, connection: u64) -> Link {
         Link {
             client,
+            connection,
             order: VecDeque::new(),
             telemetry_pkids: VecDeque::new(),
             pending: HashMap::new(),
@@ -215,6 +221,9 @@ pub(super) struct Session {
     pub next_rid: u64,
     /// When the current connection got its CONNACK.
     pub connected_at: Option<Instant>,
+    /// Connections made so far; the current one's number is in `connection` (0: none up).
+    pub connections: u64,
+    pub connection: Arc<AtomicU64>,
 }
 
 impl Session {
@@ -266,6 +275,8 @@ impl Session {
                     }
                     // The hub times the call out; nothing to answer on.
                     Some(Control::MethodResponse { .. }) => {}
+                    // Its connection is gone: the hub delivers it again.
+                    Some(Control::CompleteC2d(_)) => {}
                 },
             }
         }
@@ -324,6 +335,8 @@ impl Session {
                 break end;
             }
         };
+        // C2D messages of this connection can no longer be completed: the hub has them.
+        self.connection.store(0, Ordering::SeqCst);
         link.fail_pending_reports();
         end
     }
@@ -347,7 +360,9 @@ impl Session {
         self.connected_at = Some(Instant::now());
         self.emit(SessionEvent::Connected).await;
 
-        let mut link = Link::new(client, renew_at);
+        self.connections += 1;
+        self.connection.store(self.connections, Ordering::SeqCst);
+        let mut link = Link::new(client, renew_at, self.connections);
         let filters = subscriptions(&self.params.device_id);
         link.client
             .try_subscribe_many(
@@ -419,8 +434,8 @@ impl Session {
                 let complete = self.incoming(link, &publish).await.map_err(End::Lost)?;
                 // Handled (the event is with the daemon): now the hub may forget it. Not a C2D
                 // message: its PUBACK completes it at the hub (the sender is told "delivered"),
-                // and nothing in the agent takes C2D yet, so it stays with the hub, which
-                // delivers it again on the next connection (docs/protocol.md §5.3).
+                // so it waits for the daemon's `complete_c2d` once a plugin took it; until then
+                // it stays with the hub (docs/protocol.md §5.3).
                 if complete {
                     let _ = link.client.try_ack(&publish);
                 }
@@ -464,6 +479,20 @@ impl Session {
                 let topic = format!("$iothub/methods/res/{status}/?$rid={rid}");
                 link.publish(topic, QoS::AtMostOnce, payload.to_string(), Sent::Other)
                     .map_err(End::Lost)
+            }
+            Some(Control::CompleteC2d(token)) => {
+                if token.connection != link.connection {
+                    tracing::debug!(
+                        "a C2D message of an earlier connection is not completed; the hub delivers it again"
+                    );
+                    return Ok(());
+                }
+                // Only the packet id and QoS matter to the PUBACK.
+                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+                publish.pkid = token.pkid;
+                link.client
+                    .try_ack(&publish)
+                    .map_err(|e| End::Lost(format!("cannot queue a PUBACK: {e}")))
             }
         }
     }
@@ -541,6 +570,10 @@ impl Session {
                 self.emit(SessionEvent::CloudToDevice {
                     body: publish.payload.clone(),
                     properties,
+                    token: super::C2dToken {
+                        connection: link.connection,
+                        pkid: publish.pkid,
+                    },
                 })
                 .await;
                 return Ok(false);

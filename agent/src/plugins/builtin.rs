@@ -1,14 +1,19 @@
 //! The built-in simulated sensor: temperature, humidity and wind speed readings on a schedule,
 //! what `hubagent demo` streams. Configured like any plugin (`[[plugin]] kind = "builtin"`,
 //! `builtin = "simulated-sensor"`), and its `interval` follows the twin's
-//! `desired.plugins.<name>.interval` live.
+//! `desired.plugins.<name>.interval` live. It answers the direct method `<name>.read` with its
+//! last reading, and takes C2D messages whose property `to` is its name: each is echoed as a
+//! telemetry message `{"c2dReceived": messageId, "bytes": N}`, and taken (completed at the hub)
+//! once that echo is in the durable queue.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hubagent_plugin_sdk::abi;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
+use super::calls::{C2dMessage, Declarations, MethodAnswer};
 use super::library::{CallError, PluginMessage};
 use super::running::{Event, Events};
 
@@ -49,17 +54,30 @@ impl SensorSettings {
 pub struct BuiltinPlugin {
     settings: watch::Sender<SensorSettings>,
     task: tokio::task::JoinHandle<()>,
+    events: Events,
+    /// The last reading (`null` before the first).
+    last: Arc<Mutex<Value>>,
 }
 
 impl BuiltinPlugin {
     /// Starts the sensor; the answer (settings refused or not) arrives as [`Event::Started`].
     pub fn launch(name: &str, settings: &Value, events: Events) -> BuiltinPlugin {
+        let last = Arc::new(Mutex::new(Value::Null));
+        let declarations =
+            Declarations::new(vec!["read".into()], Some(&json!({"to": name}).to_string()))
+                .expect("a plugin name is a valid filter value");
+        let _ = events.send(Event::Declared(declarations));
         match SensorSettings::from_json(settings.as_object().unwrap_or(&Map::new())) {
             Ok(s) => {
                 let (tx, rx) = watch::channel(s);
-                let task = tokio::spawn(run(name.to_string(), rx, events.clone()));
+                let task = tokio::spawn(run(name.to_string(), rx, events.clone(), last.clone()));
                 let _ = events.send(Event::Started(Ok(())));
-                BuiltinPlugin { settings: tx, task }
+                BuiltinPlugin {
+                    settings: tx,
+                    task,
+                    events,
+                    last,
+                }
             }
             Err(reason) => {
                 let (tx, _) = watch::channel(SensorSettings {
@@ -72,6 +90,8 @@ impl BuiltinPlugin {
                 BuiltinPlugin {
                     settings: tx,
                     task: tokio::spawn(async {}),
+                    events,
+                    last,
                 }
             }
         }
@@ -91,6 +111,44 @@ impl BuiltinPlugin {
         let _ = events.send(Event::Applied(result));
     }
 
+    /// `read`: the last reading (the only method it declares).
+    pub fn invoke(&self, id: u64) {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let answer = MethodAnswer {
+            status: 200,
+            payload: last,
+        };
+        let _ = self.events.send(Event::MethodAnswer(id, answer));
+    }
+
+    /// Echoes the message as telemetry and takes it once the echo is queued.
+    pub fn deliver(&self, id: u64, message: &C2dMessage) {
+        let echo = PluginMessage {
+            body: json!({"c2dReceived": message.message_id, "bytes": message.body.len()})
+                .to_string()
+                .into_bytes(),
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            properties: Vec::new(),
+        };
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if events.send(Event::Message(echo, tx)).is_err() {
+                return;
+            }
+            let taken = match rx.await {
+                Ok(abi::OK) => Ok(()),
+                Ok(code) => Err(format!(
+                    "its echo was not queued ({})",
+                    super::library::code_name(code)
+                )),
+                Err(_) => Err("the sensor stopped".into()),
+            };
+            let _ = events.send(Event::C2dTaken(id, taken));
+        });
+    }
+
     pub fn stop(self) {
         self.task.abort();
     }
@@ -98,7 +156,12 @@ impl BuiltinPlugin {
 
 /// Produces readings until its settings channel closes. `settings` changes take effect at the
 /// next reading. Messages go to the supervisor like any plugin's (rate limit, counters, queue).
-async fn run(name: String, mut settings: watch::Receiver<SensorSettings>, events: Events) {
+async fn run(
+    name: String,
+    mut settings: watch::Receiver<SensorSettings>,
+    events: Events,
+    last: Arc<Mutex<Value>>,
+) {
     let mut n: u64 = 0;
     // Identifies this run of the sensor: `seq` restarts at 1 in every run, so (run, seq) names a
     // reading uniquely and a gap in one run's numbers is a lost message.
@@ -124,6 +187,7 @@ async fn run(name: String, mut settings: watch::Receiver<SensorSettings>, events
             "windSpeed": round((8.0 + 4.0 * (t / 2.0).sin() + noise()).max(0.0)),
             "seq": n,
         });
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = reading.clone();
         let message = PluginMessage {
             body: reading.to_string().into_bytes(),
             content_type: Some("application/json".into()),

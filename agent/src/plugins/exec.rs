@@ -1,15 +1,18 @@
 //! Exec plugins: any program that reads its settings as JSON lines on stdin and writes JSON
-//! lines on stdout (messages, logs, health, a refusal of its settings). See docs/plugins.md.
+//! lines on stdout (messages, logs, health, a refusal of its settings). Since #17 also: it
+//! declares methods and a C2D filter, the agent writes calls (`{"$call": …}`) to its stdin and
+//! it answers them. See docs/plugins.md.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hubagent_plugin_sdk::abi;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdout;
 use tokio::sync::{mpsc, oneshot};
 
+use super::calls::{C2dMessage, Declarations, MethodAnswer};
 use super::library::PluginMessage;
 use super::process::{self, ChildProcess};
 use super::protocol;
@@ -98,6 +101,39 @@ impl ExecPlugin {
         self.process.pid()
     }
 
+    fn write_line(&self, line: Value) {
+        if let Some(l) = &self.lines {
+            let _ = l.send(line.to_string());
+        }
+    }
+
+    /// A direct method: `{"$call": "method", "id": N, "method": "…", "payload": …}`. (`$`: a
+    /// settings object never has that key; twin keys cannot contain `$`, and the agent refuses
+    /// it in `[plugin.settings]`.)
+    pub fn invoke(&self, id: u64, method: &str, payload: &Value) {
+        self.write_line(json!({"$call": "method", "id": id, "method": method, "payload": payload}));
+    }
+
+    /// A C2D message: `{"$call": "c2d", "id": N, "message": {"messageId", "body" (base64),
+    /// "contentType", "contentEncoding", "properties"}}`.
+    pub fn deliver(&self, id: u64, message: &C2dMessage) {
+        let properties: serde_json::Map<String, Value> = message
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let body = serde_json::to_value(message)
+            .map(|m| m["body"].clone())
+            .unwrap_or_default();
+        self.write_line(json!({"$call": "c2d", "id": id, "message": {
+            "messageId": message.message_id,
+            "body": body,
+            "contentType": message.content_type,
+            "contentEncoding": message.content_encoding,
+            "properties": properties,
+        }}));
+    }
+
     /// Writes new settings; an exec plugin can only refuse them later ([`Event::LateReject`]),
     /// so they count as applied at once.
     pub fn apply(&self, settings: &Value, events: &Events) {
@@ -164,6 +200,15 @@ async fn forward_line(text: &str, events: &Events) -> bool {
         Ok(ExecLine::Reject(reason)) => {
             let _ = events.send(Event::LateReject(reason));
         }
+        Ok(ExecLine::Declare(declarations)) => {
+            let _ = events.send(Event::Declared(declarations));
+        }
+        Ok(ExecLine::MethodResponse(id, answer)) => {
+            let _ = events.send(Event::MethodAnswer(id, answer));
+        }
+        Ok(ExecLine::C2dAck(id, taken)) => {
+            let _ = events.send(Event::C2dTaken(id, taken));
+        }
         Err(e) => {
             // The line itself (its start) is what the author needs to see to fix it.
             let quoted: String = text.chars().take(200).collect();
@@ -184,6 +229,65 @@ pub enum ExecLine {
     Log(i32, String),
     Health(i32, String),
     Reject(String),
+    Declare(Declarations),
+    MethodResponse(u64, MethodAnswer),
+    C2dAck(u64, Result<(), String>),
+}
+
+/// `{"declare": {"methods": [...], "c2dFilter": {...}}}`, `{"methodResponse": N, "status": S,
+/// "payload": …}`, `{"c2dAck": N}` or `{"c2dNack": N, "reason": "…"}`; `None` for other lines.
+fn call_line(obj: &serde_json::Map<String, Value>) -> Option<Result<ExecLine, String>> {
+    let id = |key: &str| {
+        obj[key]
+            .as_u64()
+            .ok_or_else(|| format!("\"{key}\" must be the id of the call"))
+    };
+    if let Some(d) = obj.get("declare") {
+        let methods = match d.get("methods") {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(m)) => m
+                .iter()
+                .map(|n| {
+                    n.as_str()
+                        .map(str::to_string)
+                        .ok_or("method names must be strings")
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(str::to_string),
+            Some(_) => Err("\"methods\" must be an array of names".to_string()),
+        };
+        let filter = d
+            .get("c2dFilter")
+            .filter(|f| !f.is_null())
+            .map(Value::to_string);
+        return Some(
+            methods.and_then(|m| Declarations::new(m, filter.as_deref()).map(ExecLine::Declare)),
+        );
+    }
+    if obj.contains_key("methodResponse") {
+        return Some(id("methodResponse").map(|id| {
+            let status = obj.get("status").and_then(Value::as_i64).unwrap_or(0);
+            let payload = obj
+                .get("payload")
+                .cloned()
+                .unwrap_or(Value::Null)
+                .to_string();
+            ExecLine::MethodResponse(id, MethodAnswer::from_plugin(status, payload.as_bytes()))
+        }));
+    }
+    if obj.contains_key("c2dAck") {
+        return Some(id("c2dAck").map(|id| ExecLine::C2dAck(id, Ok(()))));
+    }
+    if obj.contains_key("c2dNack") {
+        return Some(id("c2dNack").map(|id| {
+            let reason = obj
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given");
+            ExecLine::C2dAck(id, Err(reason.to_string()))
+        }));
+    }
+    None
 }
 
 /// Parses an exec plugin's line: `{"body": …, "contentType": …, "contentEncoding": …,
@@ -194,6 +298,9 @@ pub fn exec_line(text: &str) -> Result<ExecLine, String> {
     let Value::Object(obj) = value else {
         return Err("not a JSON object".into());
     };
+    if let Some(call) = call_line(&obj) {
+        return call;
+    }
     if let Some(reason) = obj.get("rejectSettings") {
         return Ok(ExecLine::Reject(
             reason
@@ -299,6 +406,32 @@ mod tests {
             exec_line(r#"{"log": "hi", "level": "warn"}"#).unwrap(),
             ExecLine::Log(abi::LOG_WARN, "hi".into())
         );
+        assert_eq!(
+            exec_line(r#"{"declare": {"methods": ["open"], "c2dFilter": {"kind": "valve"}}}"#)
+                .unwrap(),
+            ExecLine::Declare(
+                Declarations::new(vec!["open".into()], Some(r#"{"kind":"valve"}"#)).unwrap()
+            )
+        );
+        assert_eq!(
+            exec_line(r#"{"methodResponse": 3, "status": 201, "payload": {"ok": 1}}"#).unwrap(),
+            ExecLine::MethodResponse(
+                3,
+                MethodAnswer {
+                    status: 201,
+                    payload: serde_json::json!({"ok": 1})
+                }
+            )
+        );
+        assert_eq!(
+            exec_line(r#"{"c2dAck": 4}"#).unwrap(),
+            ExecLine::C2dAck(4, Ok(()))
+        );
+        assert_eq!(
+            exec_line(r#"{"c2dNack": 5, "reason": "busy"}"#).unwrap(),
+            ExecLine::C2dAck(5, Err("busy".into()))
+        );
+        assert!(exec_line(r#"{"c2dAck": "x"}"#).is_err());
         assert!(exec_line("not json").is_err());
         assert!(exec_line(r#"{"nobody": 1}"#).is_err());
         assert!(exec_line(r#"{"body": 1, "properties": [1]}"#).is_err());

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use hubagent_plugin_sdk::abi;
 
+use super::calls::{C2dMessage, MethodAnswer};
 use super::library::{self, HostSide, Library, PluginMessage};
 use super::protocol::{self, Down, Up};
 
@@ -117,6 +118,8 @@ impl HostSide for FrameHost {
 enum Call {
     Start(String),
     Apply(u64, String),
+    Method(u64, String, String),
+    C2d(u64, C2dMessage),
     Stop,
 }
 
@@ -171,6 +174,7 @@ pub fn run(name: &str, path: &Path, allow_unsafe: bool, sandbox: Option<&str>) -
             abi_minor: library.abi_minor,
             name: library.name.clone(),
             version: library.version.clone(),
+            declarations: library.declarations.clone(),
         },
     );
     let host = Arc::new(FrameHost {
@@ -222,6 +226,26 @@ fn serve_callbacks(library: Library, host: Arc<FrameHost>, calls: Receiver<Call>
                 };
                 send(&out, &Up::Applied { id, code, reason });
             }
+            Call::Method(id, method, payload) => {
+                let MethodAnswer { status, payload } =
+                    library::invoke_if_started(instance.as_mut(), &method, &payload);
+                send(
+                    &out,
+                    &Up::MethodAnswer {
+                        id,
+                        status,
+                        payload,
+                    },
+                );
+            }
+            Call::C2d(id, message) => {
+                let (code, reason) = match library::receive_if_started(instance.as_mut(), &message)
+                {
+                    Ok(()) => (abi::OK, None),
+                    Err(e) => (e.code, Some(e.reason)),
+                };
+                send(&out, &Up::C2dTaken { id, code, reason });
+            }
             Call::Stop => {
                 if let Some(i) = instance.take() {
                     i.stop();
@@ -257,6 +281,16 @@ fn read_frames(mut input: BufReader<File>, host: &FrameHost, calls: &Sender<Call
                 }
             }
             Ok(Some(Down::Ping { id })) => send(&host.out, &Up::Pong { id }),
+            Ok(Some(Down::Method {
+                id,
+                method,
+                payload,
+            })) => {
+                let _ = calls.send(Call::Method(id, method, payload.to_string()));
+            }
+            Ok(Some(Down::C2d { id, message })) => {
+                let _ = calls.send(Call::C2d(id, message));
+            }
             Ok(Some(Down::Stop)) => {
                 host.release_publishers();
                 let _ = calls.send(Call::Stop);

@@ -12,6 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::ChildStdout;
 use tokio::sync::{mpsc, oneshot};
 
+use super::calls::{C2dMessage, MethodAnswer};
 use super::library::{CallError, PluginMessage};
 use super::process::{self, ChildProcess};
 use super::protocol::{self, Down, Up};
@@ -101,6 +102,23 @@ impl HostedPlugin {
         self.send(Down::Ping { id });
     }
 
+    /// A direct method, answered by [`Event::MethodAnswer`].
+    pub fn invoke(&self, id: u64, method: &str, payload: &Value) {
+        self.send(Down::Method {
+            id,
+            method: method.to_string(),
+            payload: payload.clone(),
+        });
+    }
+
+    /// A C2D message, answered by [`Event::C2dTaken`].
+    pub fn deliver(&self, id: u64, message: &C2dMessage) {
+        self.send(Down::C2d {
+            id,
+            message: message.clone(),
+        });
+    }
+
     /// Asks the plugin to stop and waits up to `timeout`, then kills it.
     pub async fn stop(mut self, timeout: Duration) {
         self.send(Down::Stop);
@@ -129,6 +147,11 @@ async fn read_frames(
                 return;
             }
         };
+        if let Up::Hello { declarations, .. } = &frame
+            && events.send(Event::Declared(declarations.clone())).is_err()
+        {
+            return;
+        }
         let Some(event) = event_of(frame, &acks) else {
             continue;
         };
@@ -192,6 +215,19 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
         Up::Log { level, text } => Event::Log(level, text),
         Up::Health { state, detail } => Event::Health(state, detail),
         Up::Pong { id } => Event::Pong(id),
+        Up::MethodAnswer {
+            id,
+            status,
+            payload,
+        } => Event::MethodAnswer(id, MethodAnswer { status, payload }),
+        Up::C2dTaken { id, code, reason } => Event::C2dTaken(
+            id,
+            if code == abi::OK {
+                Ok(())
+            } else {
+                Err(reason.unwrap_or_else(|| "no reason given".into()))
+            },
+        ),
         Up::Stopped => return None,
     };
     Some(event)

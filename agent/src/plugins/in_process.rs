@@ -9,6 +9,7 @@ use hubagent_plugin_sdk::abi;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::calls::C2dMessage;
 use super::library::{self, HostSide, Library, PluginMessage};
 use super::running::{Event, Events};
 
@@ -20,6 +21,8 @@ pub struct InProcessPlugin {
 /// A call for the plugin's thread.
 enum Call {
     Apply(String),
+    Method(u64, String, String),
+    C2d(u64, C2dMessage),
     Stop(oneshot::Sender<()>),
 }
 
@@ -67,6 +70,7 @@ impl InProcessPlugin {
             abi: format!("{}.{}", library.abi_major, library.abi_minor),
             version: library.version.clone(),
         });
+        let _ = events.send(Event::Declared(library.declarations.clone()));
         let (calls, receiver) = std::sync::mpsc::channel::<Call>();
         let settings = settings.to_string();
         std::thread::Builder::new()
@@ -79,6 +83,18 @@ impl InProcessPlugin {
     /// Sends new settings; the answer arrives as [`Event::Applied`].
     pub fn apply(&self, settings: &Value) {
         let _ = self.calls.send(Call::Apply(settings.to_string()));
+    }
+
+    /// A direct method, answered by [`Event::MethodAnswer`].
+    pub fn invoke(&self, id: u64, method: &str, payload: &Value) {
+        let _ = self
+            .calls
+            .send(Call::Method(id, method.to_string(), payload.to_string()));
+    }
+
+    /// A C2D message, answered by [`Event::C2dTaken`].
+    pub fn deliver(&self, id: u64, message: &C2dMessage) {
+        let _ = self.calls.send(Call::C2d(id, message.clone()));
     }
 
     /// Asks the plugin to stop and waits up to `timeout`; a plugin that does not return is
@@ -120,6 +136,15 @@ fn serve(library: Library, settings: &str, calls: std::sync::mpsc::Receiver<Call
             Call::Apply(s) => {
                 let r = library::apply_if_started(instance.as_mut(), &s);
                 let _ = events.send(Event::Applied(r));
+            }
+            Call::Method(id, method, payload) => {
+                let answer = library::invoke_if_started(instance.as_mut(), &method, &payload);
+                let _ = events.send(Event::MethodAnswer(id, answer));
+            }
+            Call::C2d(id, message) => {
+                let taken = library::receive_if_started(instance.as_mut(), &message)
+                    .map_err(|e| e.to_string());
+                let _ = events.send(Event::C2dTaken(id, taken));
             }
             Call::Stop(done) => {
                 if let Some(i) = instance.take() {

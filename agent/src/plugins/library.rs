@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hubagent_plugin_sdk::abi;
 
+use super::calls::{self, C2dMessage, Declarations, MethodAnswer};
+
 /// A message as a plugin published it (the host adds id, time and the `source` property).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginMessage {
@@ -39,6 +41,8 @@ pub struct Library {
     pub version: String,
     pub abi_major: u16,
     pub abi_minor: u16,
+    /// ABI 1.1: the methods and C2D messages it takes (none for a 1.0 plugin).
+    pub declarations: Declarations,
 }
 
 // SAFETY: the descriptor is immutable static data of a library that is never unloaded.
@@ -122,6 +126,57 @@ pub fn check_descriptor(d: &abi::PluginDescriptor) -> Result<(), String> {
         return Err("descriptor lacks a name or version".into());
     }
     Ok(())
+}
+
+/// ABI 1.1: the methods and C2D filter of a checked descriptor, read only when its
+/// `descriptor_size` covers them (a 1.0 plugin declares nothing).
+pub fn declarations(d: &abi::PluginDescriptor) -> Result<Declarations, String> {
+    if d.descriptor_size < abi::DESCRIPTOR_SIZE_V1_1 {
+        return Ok(Declarations::default());
+    }
+    let mut methods = Vec::new();
+    if !d.methods.is_null() {
+        let mut at = d.methods;
+        loop {
+            // SAFETY: per the ABI, NUL-terminated names in static memory, ended by an empty one.
+            let name = unsafe { CStr::from_ptr(at) };
+            if name.is_empty() {
+                break;
+            }
+            if methods.len() == calls::MAX_METHODS {
+                return Err(format!(
+                    "declares more than {} methods (is the list ended by an empty name?)",
+                    calls::MAX_METHODS
+                ));
+            }
+            let bytes = name.to_bytes();
+            methods.push(
+                std::str::from_utf8(bytes)
+                    .map_err(|_| "a method name is not UTF-8".to_string())?
+                    .to_string(),
+            );
+            // SAFETY: the next name starts after this one's NUL, inside the list.
+            at = unsafe { at.add(bytes.len() + 1) };
+        }
+    }
+    let filter = if d.c2d_filter.is_null() {
+        None
+    } else {
+        // SAFETY: NUL-terminated static text per the ABI.
+        let text = unsafe { CStr::from_ptr(d.c2d_filter) };
+        Some(
+            text.to_str()
+                .map_err(|_| "the c2d filter is not UTF-8".to_string())?
+                .to_string(),
+        )
+    };
+    if !methods.is_empty() && d.invoke_method.is_none() {
+        return Err("descriptor declares methods but no invoke_method".into());
+    }
+    if filter.is_some() && d.receive_c2d.is_none() {
+        return Err("descriptor declares a c2d filter but no receive_c2d".into());
+    }
+    Declarations::new(methods, filter.as_deref())
 }
 
 /// The ELF machine and class (32/64-bit) this agent was built for.
@@ -250,12 +305,15 @@ impl Library {
                 .take(128)
                 .collect::<String>()
         };
+        let declarations =
+            declarations(descriptor).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Library {
             descriptor,
             name: text(descriptor.name),
             version: text(descriptor.version),
             abi_major: descriptor.abi_major,
             abi_minor: descriptor.abi_minor,
+            declarations,
         })
     }
 
@@ -358,6 +416,75 @@ impl LibraryInstance {
         }
     }
 
+    /// Calls `invoke_method` (declared methods only: the caller checks); the plugin's status and
+    /// JSON answer, checked.
+    pub fn invoke_method(&mut self, method: &str, payload: &str) -> MethodAnswer {
+        let Some(invoke) = self.descriptor.invoke_method else {
+            return MethodAnswer::error(404, "the plugin answers no methods");
+        };
+        // NUL-terminated as settings are, for C plugins' convenience (the length excludes it).
+        let (method_z, payload_z) = (nul_terminated(method), nul_terminated(payload));
+        let mut answer = vec![0u8; calls::MAX_METHOD_ANSWER];
+        let mut buf = abi::Buf {
+            ptr: answer.as_mut_ptr(),
+            cap: answer.len(),
+            len: 0,
+        };
+        // SAFETY: `ptr` came from start and is not stopped; every buffer outlives the call.
+        let status = unsafe {
+            invoke(
+                self.ptr,
+                abi::Str {
+                    ptr: method_z.as_ptr().cast(),
+                    len: method.len(),
+                },
+                abi::Str {
+                    ptr: payload_z.as_ptr().cast(),
+                    len: payload.len(),
+                },
+                &mut buf,
+            )
+        };
+        let len = buf.len.min(answer.len());
+        MethodAnswer::from_plugin(i64::from(status), &answer[..len])
+    }
+
+    /// Calls `receive_c2d`: `Ok` once the plugin has the message.
+    pub fn receive_c2d(&mut self, message: &C2dMessage) -> Result<(), CallError> {
+        let Some(receive) = self.descriptor.receive_c2d else {
+            return Err(CallError {
+                code: abi::ERR_FAILED,
+                reason: "the plugin takes no C2D messages".into(),
+            });
+        };
+        let properties = abi::Property::borrow_all(&message.properties);
+        let optional = |s: &Option<String>| s.as_deref().map_or(abi::Str::EMPTY, abi::Str::borrow);
+        let raw = abi::C2dMessage {
+            struct_size: abi::C2D_MESSAGE_SIZE_V1_1,
+            reserved: 0,
+            message_id: abi::Str::borrow(&message.message_id),
+            body: abi::Bytes {
+                ptr: message.body.as_ptr(),
+                len: message.body.len(),
+            },
+            content_type: optional(&message.content_type),
+            content_encoding: optional(&message.content_encoding),
+            properties: properties.as_ptr(),
+            property_count: properties.len(),
+        };
+        let mut reason = ReasonBuf::new();
+        // SAFETY: `ptr` came from start and is not stopped; `raw` borrows what outlives the call.
+        let code = unsafe { receive(self.ptr, &raw, reason.raw()) };
+        if code == abi::OK {
+            Ok(())
+        } else {
+            Err(CallError {
+                code,
+                reason: reason.text_or("no reason given"),
+            })
+        }
+    }
+
     /// Stops and frees the instance; the plugin's later host calls get HUBAGENT_ERR_STOPPING.
     pub fn stop(self) -> i32 {
         let stop = self.descriptor.stop.expect("checked");
@@ -368,6 +495,14 @@ impl LibraryInstance {
     }
 }
 
+/// What a plugin whose start failed answers a callback with.
+fn not_started() -> CallError {
+    CallError {
+        code: abi::ERR_FAILED,
+        reason: "not started".into(),
+    }
+}
+
 /// `apply_settings` on the instance, or the error a plugin whose start failed answers with.
 pub fn apply_if_started(
     instance: Option<&mut LibraryInstance>,
@@ -375,10 +510,30 @@ pub fn apply_if_started(
 ) -> Result<(), CallError> {
     match instance {
         Some(i) => i.apply_settings(settings),
-        None => Err(CallError {
-            code: abi::ERR_FAILED,
-            reason: "not started".into(),
-        }),
+        None => Err(not_started()),
+    }
+}
+
+/// `invoke_method` on the instance, or 503 for a plugin whose start failed.
+pub fn invoke_if_started(
+    instance: Option<&mut LibraryInstance>,
+    method: &str,
+    payload: &str,
+) -> MethodAnswer {
+    match instance {
+        Some(i) => i.invoke_method(method, payload),
+        None => MethodAnswer::error(503, "the plugin is not started"),
+    }
+}
+
+/// `receive_c2d` on the instance, or the error a plugin whose start failed answers with.
+pub fn receive_if_started(
+    instance: Option<&mut LibraryInstance>,
+    message: &C2dMessage,
+) -> Result<(), CallError> {
+    match instance {
+        Some(i) => i.receive_c2d(message),
+        None => Err(not_started()),
     }
 }
 
@@ -551,6 +706,10 @@ mod tests {
             start: None,
             apply_settings: None,
             stop: None,
+            methods: std::ptr::null(),
+            c2d_filter: std::ptr::null(),
+            invoke_method: None,
+            receive_c2d: None,
         }
     }
 
@@ -638,6 +797,50 @@ mod tests {
         // missing entry point).
         let e = Library::load(&built, true).err().expect("not a plugin");
         assert!(e.contains("exports no"), "{e}");
+    }
+
+    /// ABI 1.1's fields are read only when `descriptor_size` covers them: a 1.0 descriptor is
+    /// not read past its end (its "methods" would be whatever follows it in memory).
+    #[test]
+    fn declarations_are_read_only_when_the_descriptor_covers_them() {
+        static METHODS: &[u8] = b"open_valve\0read\0\0";
+        let d = abi::PluginDescriptor {
+            descriptor_size: abi::DESCRIPTOR_SIZE_V1_1,
+            methods: METHODS.as_ptr().cast(),
+            c2d_filter: c"{\"kind\":\"valve\"}".as_ptr(),
+            invoke_method: None,
+            ..good()
+        };
+        let e = declarations(&d).unwrap_err();
+        assert!(e.contains("no invoke_method"), "{e}");
+        unsafe extern "C" fn invoke(
+            _: *mut c_void,
+            _: abi::Str,
+            _: abi::Str,
+            _: *mut abi::Buf,
+        ) -> i32 {
+            200
+        }
+        unsafe extern "C" fn receive(
+            _: *mut c_void,
+            _: *const abi::C2dMessage,
+            _: *mut abi::Buf,
+        ) -> i32 {
+            abi::OK
+        }
+        let d = abi::PluginDescriptor {
+            invoke_method: Some(invoke),
+            receive_c2d: Some(receive),
+            ..d
+        };
+        let got = declarations(&d).unwrap();
+        assert_eq!(got.methods, vec!["open_valve", "read"]);
+        assert!(got.takes(&[("kind".into(), "valve".into())]));
+        let v1_0 = abi::PluginDescriptor {
+            descriptor_size: abi::DESCRIPTOR_SIZE_V1_0,
+            ..d
+        };
+        assert_eq!(declarations(&v1_0).unwrap(), Declarations::default());
     }
 
     #[test]

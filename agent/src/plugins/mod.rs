@@ -9,6 +9,7 @@
 //! | `supervisor.rs` | [`Supervisor`]: the set of plugins, desired settings, reloads, shutdown |
 //! | `task.rs` | one plugin's lifecycle: start, settings, liveness, restart with backoff, quarantine |
 //! | `outlet.rs` | a plugin's messages on their way into the durable queue: rate, size, order |
+//! | `calls.rs` | what the cloud asks of a plugin: declared methods, C2D filters, answers |
 //! | `running.rs` | `RunningPlugin`: any kind behind one interface, and the `Event`s it reports |
 //! | `process.rs` | a plugin's child process: environment, limits, exit, stderr, signals |
 //! | `hosted.rs` | a library plugin in a child process, seen from the daemon (frames of `protocol.rs`) |
@@ -21,6 +22,7 @@
 //! | `trust.rs` | which files may run as plugins |
 
 pub mod builtin;
+pub mod calls;
 mod exec;
 pub mod host;
 mod hosted;
@@ -95,6 +97,8 @@ pub struct PluginStatus {
     pub secrets: secrets::Secrets,
     /// How the plugin's process is confined ([`sandbox::Confinement::describe`]).
     pub sandbox: Option<Value>,
+    /// The methods and C2D messages it takes, once it said (kept across restarts).
+    pub declarations: Option<calls::Declarations>,
 }
 
 /// A shareable, read-only view of the plugins (the control socket answers from it).
@@ -171,6 +175,10 @@ impl Registry {
                 v["error"] = json!(s.secrets.redact_text(e));
             }
             v["logsDropped"] = json!(s.logs_dropped);
+            if let Some(d) = &s.declarations {
+                v["methods"] = json!(d.methods);
+                v["c2dFilter"] = json!(d.c2d_filter);
+            }
             v["maxRate"] = json!(spec.limits.max_rate);
             v["sandbox"] = json!(s.sandbox);
         }

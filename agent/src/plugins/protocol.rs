@@ -1,9 +1,9 @@
 //! The protocol between the daemon and a plugin process (`hubagent plugin-host`) on the child's
 //! stdin/stdout: frames of a 4-byte big-endian length followed by that many bytes of JSON.
 //!
-//! Down (daemon → host): `start`, `settings`, `ack`, `ping`, `stop`.
+//! Down (daemon → host): `start`, `settings`, `ack`, `ping`, `method`, `c2d`, `stop`.
 //! Up (host → daemon): `hello` (or `fatal`), `started`/`start-failed`, `applied`, `message`,
-//! `log`, `health`, `pong`, `stopped`. A message is acknowledged (`ack` with an ABI result code)
+//! `log`, `health`, `pong`, `method-answer`, `c2d-taken`, `stopped`. A message is acknowledged (`ack` with an ABI result code)
 //! only after it is on disk in the durable queue.
 
 use std::io::{Read, Write};
@@ -11,16 +11,39 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::calls::{C2dMessage, Declarations};
+
 /// Larger frames are a protocol violation (a message is at most 256 KiB, base64 adds a third).
 pub const MAX_FRAME: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Down {
-    Start { settings: Value },
-    Settings { id: u64, settings: Value },
-    Ack { id: u64, code: i32 },
-    Ping { id: u64 },
+    Start {
+        settings: Value,
+    },
+    Settings {
+        id: u64,
+        settings: Value,
+    },
+    Ack {
+        id: u64,
+        code: i32,
+    },
+    Ping {
+        id: u64,
+    },
+    /// A direct method for the plugin's `invoke_method`, answered by `method-answer`.
+    Method {
+        id: u64,
+        method: String,
+        payload: Value,
+    },
+    /// A C2D message for `receive_c2d`, answered by `c2d-taken`.
+    C2d {
+        id: u64,
+        message: C2dMessage,
+    },
     Stop,
 }
 
@@ -32,6 +55,9 @@ pub enum Up {
         abi_minor: u16,
         name: String,
         version: String,
+        /// ABI 1.1: the methods and C2D messages the plugin takes.
+        #[serde(default)]
+        declarations: Declarations,
     },
     Fatal {
         error: String,
@@ -64,6 +90,17 @@ pub enum Up {
     },
     Pong {
         id: u64,
+    },
+    MethodAnswer {
+        id: u64,
+        status: u16,
+        payload: Value,
+    },
+    /// `code` 0: the plugin took the message; otherwise `reason` says why not.
+    C2dTaken {
+        id: u64,
+        code: i32,
+        reason: Option<String>,
     },
     Stopped,
 }
@@ -142,6 +179,7 @@ mod tests {
                 abi_minor: 0,
                 name: "x".into(),
                 version: "1".into(),
+                declarations: Declarations::default(),
             },
             Up::Message {
                 id: 7,

@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::builtin::BuiltinPlugin;
+use super::calls::{C2dMessage, Declarations, MethodAnswer};
 use super::exec::ExecPlugin;
 use super::hosted::HostedPlugin;
 use super::in_process::InProcessPlugin;
@@ -37,6 +38,12 @@ pub enum Event {
     Ended(String),
     /// Plugin processes: the answer to a liveness ping.
     Pong(u64),
+    /// The methods and C2D messages the plugin takes (libraries at load, exec plugins by a line).
+    Declared(Declarations),
+    /// The answer to method call `id`.
+    MethodAnswer(u64, MethodAnswer),
+    /// The answer to C2D delivery `id`: taken, or why not.
+    C2dTaken(u64, Result<(), String>),
 }
 
 pub type Events = mpsc::UnboundedSender<Event>;
@@ -99,6 +106,26 @@ impl RunningPlugin {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Passes a declared method on; the answer arrives as [`Event::MethodAnswer`].
+    pub fn invoke(&self, id: u64, method: &str, payload: &Value) {
+        match self {
+            RunningPlugin::Hosted(h) => h.invoke(id, method, payload),
+            RunningPlugin::Exec(e) => e.invoke(id, method, payload),
+            RunningPlugin::InProcess(p) => p.invoke(id, method, payload),
+            RunningPlugin::Builtin(b) => b.invoke(id),
+        }
+    }
+
+    /// Passes a C2D message on; the answer arrives as [`Event::C2dTaken`].
+    pub fn deliver(&self, id: u64, message: &C2dMessage) {
+        match self {
+            RunningPlugin::Hosted(h) => h.deliver(id, message),
+            RunningPlugin::Exec(e) => e.deliver(id, message),
+            RunningPlugin::InProcess(p) => p.deliver(id, message),
+            RunningPlugin::Builtin(b) => b.deliver(id, message),
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::calls::{C2dMessage, MethodAnswer};
 use super::sandbox::Confinement;
 use super::secrets::{self, Secrets};
 use super::task::{Cmd, Task};
@@ -58,6 +59,9 @@ pub struct Supervisor {
     /// Unknown names under `desired.plugins` already logged.
     unknown_said: std::collections::BTreeSet<String>,
     max_message_size: usize,
+    /// Plugin names in the order of the `[[plugin]]` tables: the first whose filter matches
+    /// takes a C2D message.
+    order: Vec<String>,
 }
 
 impl Supervisor {
@@ -93,6 +97,7 @@ impl Supervisor {
             config_path: config_path.to_path_buf(),
             unknown_said: Default::default(),
             max_message_size: config.hub.max_message_size as usize,
+            order: config.plugins.iter().map(|p| p.name.clone()).collect(),
         };
         for spec in &config.plugins {
             s.add(spec.clone(), twin);
@@ -199,6 +204,7 @@ impl Supervisor {
                 None => self.add(spec, twin),
             }
         }
+        self.order = config.plugins.iter().map(|p| p.name.clone()).collect();
         self.changes.notify_one();
         self.apply_desired(twin);
     }
@@ -245,6 +251,112 @@ impl Supervisor {
             }
         }
         unknown
+    }
+
+    /// A direct method `method` for the plugin `plugin`: resolves to the plugin's answer, or to
+    /// the agent's 404 (no such plugin or method), 503 (not running), 504 (no answer within
+    /// the plugin's `method_timeout`) or 500 (it failed during the call). Never waits longer.
+    pub fn invoke(
+        &self,
+        plugin: &str,
+        method: &str,
+        payload: Value,
+    ) -> impl Future<Output = MethodAnswer> + Send + 'static {
+        let target = self
+            .entries
+            .get(plugin)
+            .map(|e| (e.cmds.clone(), e.spec.limits.method_timeout));
+        let unknown = (target.is_none()).then(|| {
+            MethodAnswer::error(
+                404,
+                format!(
+                    "no plugin '{plugin}' (plugins: {})",
+                    if self.order.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.order.join(", ")
+                    }
+                ),
+            )
+        });
+        let (plugin, method) = (plugin.to_string(), method.to_string());
+        // Sent now, not when the future is first polled: calls reach the plugin in the order
+        // the hub sent them.
+        let sent = target.map(|(cmds, timeout)| {
+            let (reply, answer) = oneshot::channel();
+            let sent = cmds.send(Cmd::Method {
+                method: method.clone(),
+                payload,
+                reply,
+            });
+            (sent.is_ok(), answer, timeout)
+        });
+        async move {
+            let Some((sent, answer, timeout)) = sent else {
+                return unknown.expect("set when there is no target");
+            };
+            if !sent {
+                return MethodAnswer::error(503, format!("plugin '{plugin}' is stopped"));
+            }
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => MethodAnswer::error(
+                    500,
+                    format!("plugin '{plugin}' ended during the call of '{method}'"),
+                ),
+                Err(_) => MethodAnswer::error(
+                    504,
+                    format!(
+                        "plugin '{plugin}' did not answer '{method}' within its method_timeout of {}",
+                        humantime::format_duration(timeout)
+                    ),
+                ),
+            }
+        }
+    }
+
+    /// The plugin that takes a C2D message: the first, in the order of the `[[plugin]]` tables,
+    /// whose declared filter matches its properties (a plugin restarting is still chosen by
+    /// the filter it declared: the message then waits at the hub, not elsewhere). `None`: no
+    /// plugin takes it. The future resolves to `Ok` once the plugin took the message; it gives
+    /// up after the plugin's `callback_timeout`.
+    pub fn deliver_c2d(
+        &self,
+        message: C2dMessage,
+    ) -> Option<(
+        String,
+        impl Future<Output = Result<(), String>> + Send + 'static,
+    )> {
+        let name = self.order.iter().find(|name| {
+            self.entries.get(*name).is_some_and(|e| {
+                e.shared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .declarations
+                    .as_ref()
+                    .is_some_and(|d| d.takes(&message.properties))
+            })
+        })?;
+        let entry = &self.entries[name];
+        let (cmds, timeout) = (entry.cmds.clone(), entry.spec.limits.callback_timeout);
+        let plugin = name.clone();
+        // Sent now, not when the future is first polled: messages reach the plugin in the
+        // order the hub sent them.
+        let (reply, taken) = oneshot::channel();
+        let sent = cmds.send(Cmd::C2d { message, reply }).is_ok();
+        Some((name.clone(), async move {
+            if !sent {
+                return Err(format!("plugin '{plugin}' is stopped"));
+            }
+            match tokio::time::timeout(timeout, taken).await {
+                Ok(Ok(taken)) => taken,
+                Ok(Err(_)) => Err(format!("plugin '{plugin}' ended before taking it")),
+                Err(_) => Err(format!(
+                    "plugin '{plugin}' did not take it within its callback_timeout of {}",
+                    humantime::format_duration(timeout)
+                )),
+            }
+        }))
     }
 
     pub fn reported(&self) -> Value {

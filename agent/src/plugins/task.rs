@@ -3,7 +3,7 @@
 //! every `quarantine_retry`). Its messages go through the [`Outlet`] into the durable queue
 //! before the plugin's publish returns.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::calls::{C2dMessage, MethodAnswer};
 use super::library::CallError;
 use super::outlet::{Outlet, TokenBucket};
 use super::running::{self, Event, Events, RunningPlugin};
@@ -26,6 +27,17 @@ pub enum Cmd {
     Settings {
         settings: Map<String, Value>,
         version: u64,
+    },
+    /// A direct method `<plugin>.<method>`; answered on `reply` (the supervisor times it out).
+    Method {
+        method: String,
+        payload: Value,
+        reply: oneshot::Sender<MethodAnswer>,
+    },
+    /// A C2D message matching the plugin's filter; `Ok` once the plugin took it.
+    C2d {
+        message: C2dMessage,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     Shutdown(oneshot::Sender<()>),
 }
@@ -87,6 +99,10 @@ struct Live {
     awaiting_pong: Option<(u64, Instant)>,
     ping_every: Duration,
     next_ping: Instant,
+    /// Methods and C2D messages passed to the plugin and not answered yet, by call id.
+    next_call: u64,
+    methods: HashMap<u64, oneshot::Sender<MethodAnswer>>,
+    c2d: HashMap<u64, oneshot::Sender<Result<(), String>>>,
 }
 
 /// What woke a task whose plugin runs.
@@ -209,18 +225,110 @@ impl Task {
         deadline: Option<Instant>,
     ) -> Idle {
         let until = deadline.unwrap_or_else(far_future);
-        tokio::select! {
-            _ = tokio::time::sleep_until(until), if deadline.is_some() => Idle::Timeout,
-            cmd = cmds.recv() => match cmd {
-                Some(Cmd::Settings { settings, version }) => {
-                    self.desired = settings;
-                    self.desired_version = version;
-                    self.update(true, |s| s.desired_version = version);
-                    Idle::Settings
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until), if deadline.is_some() => return Idle::Timeout,
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Settings { settings, version }) => {
+                        self.desired = settings;
+                        self.desired_version = version;
+                        self.update(true, |s| s.desired_version = version);
+                        return Idle::Settings;
+                    }
+                    Some(Cmd::Shutdown(done)) => return Idle::Shutdown(Some(done)),
+                    Some(call) => self.refuse_call(call),
+                    None => return Idle::Shutdown(None),
                 }
-                Some(Cmd::Shutdown(done)) => Idle::Shutdown(Some(done)),
-                None => Idle::Shutdown(None),
             }
+        }
+    }
+
+    /// A method or C2D message for a plugin that is not running: 503 naming its state (404 for
+    /// a method it is known not to answer); the C2D message stays with the hub.
+    fn refuse_call(&self, call: Cmd) {
+        let (state, declarations) = self
+            .shared
+            .lock()
+            .map(|s| (s.state, s.declarations.clone()))
+            .unwrap_or_default();
+        let state = serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let why = format!("plugin '{}' is {state}", self.spec.name);
+        match call {
+            Cmd::Method { method, reply, .. } => {
+                let answer = match declarations {
+                    Some(d) if !d.answers(&method) => self.unknown_method(&method),
+                    _ => MethodAnswer::error(503, why),
+                };
+                let _ = reply.send(answer);
+            }
+            Cmd::C2d { reply, .. } => {
+                let _ = reply.send(Err(why));
+            }
+            Cmd::Settings { .. } | Cmd::Shutdown(_) => {}
+        }
+    }
+
+    fn unknown_method(&self, method: &str) -> MethodAnswer {
+        let declared = self
+            .shared
+            .lock()
+            .map(|s| s.declarations.clone().unwrap_or_default().methods)
+            .unwrap_or_default();
+        MethodAnswer::error(
+            404,
+            format!(
+                "plugin '{}' has no method '{method}' (it declares: {})",
+                self.spec.name,
+                if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                }
+            ),
+        )
+    }
+
+    /// Passes a call on to the running plugin (a method it declared, a C2D message), or
+    /// answers it at once.
+    fn pass_call(&self, live: &mut Live, call: Cmd) {
+        let declarations = self
+            .shared
+            .lock()
+            .map(|s| s.declarations.clone())
+            .unwrap_or_default()
+            .unwrap_or_default();
+        live.next_call += 1;
+        let id = live.next_call;
+        match call {
+            Cmd::Method {
+                method,
+                payload,
+                reply,
+            } => {
+                if declarations.answers(&method) {
+                    live.plugin.invoke(id, &method, &payload);
+                    live.methods.retain(|_, r| !r.is_closed());
+                    live.methods.insert(id, reply);
+                } else {
+                    let _ = reply.send(self.unknown_method(&method));
+                }
+            }
+            Cmd::C2d { message, reply } => {
+                if declarations.c2d_filter.is_some() {
+                    live.plugin.deliver(id, &message);
+                    live.c2d.retain(|_, r| !r.is_closed());
+                    live.c2d.insert(id, reply);
+                } else {
+                    let _ = reply.send(Err(format!(
+                        "plugin '{}' takes no C2D messages",
+                        self.spec.name
+                    )));
+                }
+            }
+            Cmd::Settings { .. } | Cmd::Shutdown(_) => {}
         }
     }
 
@@ -329,6 +437,9 @@ impl Task {
             awaiting_pong: None,
             ping_every,
             next_ping: Instant::now() + ping_every,
+            next_call: 0,
+            methods: HashMap::new(),
+            c2d: HashMap::new(),
         };
         self.drive(runs, cmds, live).await
     }
@@ -368,6 +479,7 @@ impl Task {
                         self.desired_version = version;
                     }
                     Some(Cmd::Shutdown(done)) => return Err(self.stop(runs, plugin, Some(done)).await),
+                    Some(call) => self.refuse_call(call),
                     None => return Err(self.stop(runs, plugin, None).await),
                 }
             }
@@ -427,6 +539,7 @@ impl Task {
                         humantime::format_duration(timeout)
                     );
                     if !live.plugin.killable() {
+                        live.fail_calls(503, &why);
                         return Outcome::Stuck(why);
                     }
                     why
@@ -448,10 +561,23 @@ impl Task {
                     continue;
                 }
                 Wake::Cmd(Some(Cmd::Shutdown(done))) => {
+                    live.fail_calls(503, &format!("plugin '{}' is stopping", self.spec.name));
                     return self.stop(runs, live.plugin, Some(done)).await;
+                }
+                Wake::Cmd(Some(call)) => {
+                    self.pass_call(&mut live, call);
+                    continue;
                 }
                 Wake::Cmd(None) => return self.stop(runs, live.plugin, None).await,
             };
+            live.fail_calls(
+                500,
+                &format!(
+                    "plugin '{}' failed during the call: {}",
+                    self.spec.name,
+                    self.redact(&why)
+                ),
+            );
             live.plugin.kill().await;
             return Outcome::Failed(why);
         }
@@ -524,6 +650,18 @@ impl Task {
             Some(Event::Pong(id)) => {
                 if live.awaiting_pong.is_some_and(|p| p.0 == id) {
                     live.awaiting_pong = None;
+                }
+                None
+            }
+            Some(Event::MethodAnswer(id, answer)) => {
+                if let Some(reply) = live.methods.remove(&id) {
+                    let _ = reply.send(answer);
+                }
+                None
+            }
+            Some(Event::C2dTaken(id, taken)) => {
+                if let Some(reply) = live.c2d.remove(&id) {
+                    let _ = reply.send(taken.map_err(|e| self.redact(&e)));
                 }
                 None
             }
@@ -643,7 +781,13 @@ impl Task {
                 s.abi = Some(abi);
                 s.plugin_version = Some(version);
             }),
+            Event::Declared(declarations) => {
+                tracing::info!(plugin = %self.spec.name, methods = ?declarations.methods, c2d = declarations.c2d_filter.is_some(), "plugin declarations");
+                self.update(true, |s| s.declarations = Some(declarations));
+            }
             Event::Started(_) | Event::Applied(_) | Event::LateReject(_) | Event::Pong(_) => {}
+            // Answers to calls made while it ran; none are made before it started.
+            Event::MethodAnswer(..) | Event::C2dTaken(..) => {}
             Event::Ended(_) => {}
         }
     }
@@ -671,6 +815,17 @@ impl Live {
             _ = tokio::time::sleep_until(retry_held), if held.is_some() => Wake::RetryHeld,
             _ = tokio::time::sleep_until(self.next_ping), if self.awaiting_pong.is_none() => Wake::Ping,
             cmd = cmds.recv() => Wake::Cmd(cmd),
+        }
+    }
+
+    /// Answers every call in flight (the plugin failed or stops): methods with `status`, C2D
+    /// messages not taken (the hub delivers them again).
+    fn fail_calls(&mut self, status: u16, why: &str) {
+        for (_, reply) in self.methods.drain() {
+            let _ = reply.send(MethodAnswer::error(status, why));
+        }
+        for (_, reply) in self.c2d.drain() {
+            let _ = reply.send(Err(why.to_string()));
         }
     }
 

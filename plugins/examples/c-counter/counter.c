@@ -2,7 +2,11 @@
  * c-counter: a minimal hubagent library plugin in C.
  *
  * Publishes {"count": N, "step": S} every `interval_ms` milliseconds (settings: {"interval_ms":
- * 1000, "step": 1}); refuses a step of 0 or an interval below 10 ms. Build:
+ * 1000, "step": 1}); refuses a step of 0 or an interval below 10 ms. Direct methods (ABI 1.1):
+ * `<plugin name>.get` answers {"count": N}; `<plugin name>.reset` sets the count to the number in
+ * its payload (0 when there is none) and answers the old count. Cloud-to-device messages with
+ * the property to=counter are taken: a body that is a number is added to the count, anything else
+ * is refused (the hub keeps the message). Build:
  *
  *     gcc -shared -fPIC -O2 -Wall -Wextra -pthread -I ../../sdk/include counter.c -o libc_counter.so
  *
@@ -149,6 +153,56 @@ static int32_t counter_apply(void *instance, hubagent_str settings, hubagent_buf
     return HUBAGENT_OK;
 }
 
+/* Direct methods: "get" and "reset". The answer is JSON written to `answer`. */
+static int32_t counter_method(void *instance, hubagent_str method, hubagent_str payload,
+                              hubagent_buf *answer) {
+    counter *c = instance;
+    char text[128];
+    pthread_mutex_lock(&c->lock);
+    long old = c->count;
+    int32_t status = 200;
+    if (method.len == 3 && memcmp(method.ptr, "get", 3) == 0) {
+        snprintf(text, sizeof text, "{\"count\": %ld}", old);
+    } else if (method.len == 5 && memcmp(method.ptr, "reset", 5) == 0) {
+        /* The payload is JSON: a number, or null when the caller sent none. */
+        char *end;
+        long to = strtol(payload.ptr, &end, 10);
+        c->count = end == payload.ptr ? 0 : to;
+        snprintf(text, sizeof text, "{\"was\": %ld, \"count\": %ld}", old, c->count);
+    } else {
+        status = 404; /* not reached: the agent only passes the declared methods */
+        snprintf(text, sizeof text, "{\"error\": \"no such method\"}");
+    }
+    pthread_mutex_unlock(&c->lock);
+    hubagent_buf_set(answer, text);
+    return status;
+}
+
+/* A C2D message (property to=counter): a number in the body is added to the count. Returning
+ * HUBAGENT_OK completes the message at the hub; a redelivery has the same message_id. */
+static int32_t counter_c2d(void *instance, const hubagent_c2d_message *message,
+                           hubagent_buf *reason) {
+    counter *c = instance;
+    char body[32];
+    size_t n = message->body.len < sizeof body - 1 ? message->body.len : sizeof body - 1;
+    memcpy(body, message->body.ptr, n);
+    body[n] = 0;
+    char *end;
+    long add = strtol(body, &end, 10);
+    if (end == body) {
+        hubagent_buf_set(reason, "the body is not a number");
+        return HUBAGENT_ERR_REJECTED;
+    }
+    pthread_mutex_lock(&c->lock);
+    c->count += add;
+    pthread_mutex_unlock(&c->lock);
+    char line[160];
+    snprintf(line, sizeof line, "C2D %.*s: added %ld", (int)message->message_id.len,
+             message->message_id.ptr, add);
+    c->host->log(c->host->ctx, HUBAGENT_LOG_INFO, hubagent_str_from(line));
+    return HUBAGENT_OK;
+}
+
 static int32_t counter_stop(void *instance) {
     counter *c = instance;
     pthread_mutex_lock(&c->lock);
@@ -175,6 +229,12 @@ static const hubagent_plugin_descriptor descriptor = {
     .start = counter_start,
     .apply_settings = counter_apply,
     .stop = counter_stop,
+    /* ABI 1.1: the methods (each name ends with a NUL; the string's own NUL ends the list) and
+     * the C2D messages this plugin takes. */
+    .methods = "get\0reset\0",
+    .c2d_filter = "{\"to\": \"counter\"}",
+    .invoke_method = counter_method,
+    .receive_c2d = counter_c2d,
 };
 
 const hubagent_plugin_descriptor *hubagent_plugin_entry_v1(void) { return &descriptor; }

@@ -10,8 +10,25 @@ A line {"rejectSettings": "why"} refuses the settings just received (the old one
 {"log": "text", "level": "info"} and {"health": "ok|degraded|failed", "detail": "..."} are
 optional. Anything printed to stderr is logged by the agent.
 
+Direct methods and cloud-to-device messages: the first line declares what the plugin takes,
+
+    {"declare": {"methods": ["read", "set_room"], "c2dFilter": {"to": "sensor"}}}
+
+then the agent writes calls on stdin, told apart from settings by "$call", and the plugin answers:
+
+    {"$call": "method", "id": 7, "method": "read", "payload": ...}
+        -> {"methodResponse": 7, "status": 200, "payload": {...}}
+    {"$call": "c2d", "id": 8, "message": {"messageId", "body" (base64), "properties", ...}}
+        -> {"c2dAck": 8}   (taken: only now is it completed at the hub)
+        or {"c2dNack": 8, "reason": "..."}   (left with the hub, which delivers it again)
+
+The method `<plugin name>.read` answers the last reading; `<plugin name>.set_room` changes the
+room until the next settings change. A C2D message with the property to=sensor is logged; one
+seen before (the same messageId: a redelivery) is acknowledged again without acting twice.
+
 Settings: interval (seconds, default 5), room (a label, default "lab").
 """
+import base64
 import json
 import math
 import queue
@@ -47,10 +64,38 @@ def validate(settings):
     return {"interval": float(interval), "room": room}, None
 
 
+def reading(n, current):
+    return {"seq": n, "room": current["room"], "temperature": round(20 + 2 * math.sin(n / 5), 2)}
+
+
+def answer_call(call, n, current, seen):
+    """Answers a method or C2D call of the agent."""
+    if call["$call"] == "method":
+        if call["method"] == "read" and current:
+            emit({"methodResponse": call["id"], "status": 200, "payload": reading(n, current)})
+        elif call["method"] == "set_room" and current and isinstance(call["payload"], str):
+            current["room"] = call["payload"]
+            emit({"methodResponse": call["id"], "status": 200, "payload": {"room": current["room"]}})
+        else:
+            emit({"methodResponse": call["id"], "status": 400,
+                  "payload": {"error": f"cannot {call['method']} with {call['payload']!r}"}})
+    elif call["$call"] == "c2d":
+        message = call["message"]
+        if message["messageId"] in seen:
+            emit({"log": f"C2D {message['messageId']} again (a redelivery): already done"})
+        else:
+            body = base64.b64decode(message["body"]).decode("utf-8", "replace")
+            emit({"log": f"C2D {message['messageId']}: {body}"})
+            seen.add(message["messageId"])
+        emit({"c2dAck": call["id"]})
+
+
 def main():
+    emit({"declare": {"methods": ["read", "set_room"], "c2dFilter": {"to": "sensor"}}})
     updates = queue.Queue()
     threading.Thread(target=read_settings, args=(updates,), daemon=True).start()
     current = None
+    seen = set()
     n = 0
     while True:
         timeout = current["interval"] if current else None
@@ -58,6 +103,9 @@ def main():
             new = updates.get(timeout=timeout)
             if new is None:
                 return 0
+            if "$call" in new:
+                answer_call(new, n, current, seen)
+                continue
             checked, why = validate(new)
             if why:
                 emit({"rejectSettings": why})
@@ -69,8 +117,7 @@ def main():
             pass
         n += 1
         emit({
-            "body": {"seq": n, "room": current["room"],
-                     "temperature": round(20 + 2 * math.sin(n / 5), 2)},
+            "body": reading(n, current),
             "contentType": "application/json",
             "properties": {"example": "python-exec"},
         })

@@ -61,6 +61,18 @@
  *
  *  8. Output. In a plugin process, the plugin's stdout and stderr are captured as log lines;
  *     they do not disturb the host's protocol. Prefer `log`.
+ *
+ *  9. Methods and C2D (ABI 1.1). `methods` lists the direct methods the plugin answers; the
+ *     agent routes the hub's method `<plugin name>.<method>` to `invoke_method`, which returns
+ *     the status (200..599) and writes its JSON answer (empty = null) into `answer`. `c2d_filter`
+ *     says which cloud-to-device messages the plugin takes (a JSON object of application
+ *     property equalities, "{}" = all); `receive_c2d` returns HUBAGENT_OK once the plugin has
+ *     the message (only then is it completed at the hub), anything else leaves it with the
+ *     hub, which delivers it again with the same `message_id`. Both are callbacks like
+ *     `apply_settings` (rule 3): one at a time, on the host's thread; a method that takes longer
+ *     than the plugin's `method_timeout` gets 504 and holds back the callbacks after it.
+ *     The host reads these four fields only when `descriptor_size` covers them: a plugin built
+ *     against ABI 1.0 keeps working and offers neither.
  */
 #ifndef HUBAGENT_PLUGIN_H
 #define HUBAGENT_PLUGIN_H
@@ -74,7 +86,7 @@ extern "C" {
 
 #define HUBAGENT_PLUGIN_MAGIC 0x48415047u /* "HAPG" */
 #define HUBAGENT_PLUGIN_ABI_MAJOR 1
-#define HUBAGENT_PLUGIN_ABI_MINOR 0
+#define HUBAGENT_PLUGIN_ABI_MINOR 1
 #define HUBAGENT_PLUGIN_ENTRY_SYMBOL "hubagent_plugin_entry_v1"
 
 /* Result codes (int32_t). */
@@ -146,6 +158,18 @@ typedef struct hubagent_host_api {
     void (*report_health)(void *ctx, int32_t health, hubagent_str detail);
 } hubagent_host_api;
 
+/* ABI 1.1: a cloud-to-device message, borrowed for the duration of `receive_c2d`. */
+typedef struct hubagent_c2d_message {
+    uint32_t struct_size;          /* sizeof(hubagent_c2d_message) as the host knows it */
+    uint32_t reserved;             /* 0 */
+    hubagent_str message_id;       /* the hub's id: the same on every redelivery */
+    hubagent_bytes body;
+    hubagent_str content_type;     /* absent: {NULL, 0} */
+    hubagent_str content_encoding; /* absent: {NULL, 0} */
+    const hubagent_property *properties; /* the sender's application properties */
+    size_t property_count;
+} hubagent_c2d_message;
+
 /* What the plugin offers the host, returned by hubagent_plugin_entry_v1(). */
 typedef struct hubagent_plugin_descriptor {
     uint32_t magic;           /* HUBAGENT_PLUGIN_MAGIC */
@@ -167,6 +191,18 @@ typedef struct hubagent_plugin_descriptor {
     int32_t (*apply_settings)(void *instance, hubagent_str settings_json, hubagent_buf *reason);
     /* Stop: join the plugin's threads, stop calling the host and free the instance. */
     int32_t (*stop)(void *instance);
+
+    /* ABI 1.1 (rule 9). Leave NULL for none. */
+    const char *methods;    /* "open_valve\0read_meter\0": names each ended by a NUL, then "" */
+    const char *c2d_filter; /* e.g. "{\"kind\":\"valve\"}", or "{}" for every message */
+    /* Answers a method: returns its status, writes the JSON answer to `answer` (at most
+     * `answer->cap`, 128 KiB). `method` and `payload_json` (JSON, "null" when the caller sent
+     * none) are also NUL-terminated; `len` excludes the NUL. */
+    int32_t (*invoke_method)(void *instance, hubagent_str method, hubagent_str payload_json,
+                             hubagent_buf *answer);
+    /* Takes a C2D message: HUBAGENT_OK, or an error and why (the hub delivers it again). */
+    int32_t (*receive_c2d)(void *instance, const hubagent_c2d_message *message,
+                           hubagent_buf *reason);
 } hubagent_plugin_descriptor;
 
 /* The one exported entry point. */

@@ -46,7 +46,7 @@ pub mod abi {
 
     pub const MAGIC: u32 = 0x4841_5047;
     pub const ABI_MAJOR: u16 = 1;
-    pub const ABI_MINOR: u16 = 0;
+    pub const ABI_MINOR: u16 = 1;
     pub const ENTRY_SYMBOL: &str = "hubagent_plugin_entry_v1";
 
     pub const OK: i32 = 0;
@@ -125,6 +125,19 @@ pub mod abi {
         pub value: Str,
     }
 
+    impl Property {
+        /// The ABI view of `(key, value)` pairs, borrowing them.
+        pub fn borrow_all(pairs: &[(String, String)]) -> Vec<Property> {
+            pairs
+                .iter()
+                .map(|(k, v)| Property {
+                    key: Str::borrow(k),
+                    value: Str::borrow(v),
+                })
+                .collect()
+        }
+    }
+
     #[repr(C)]
     #[derive(Debug)]
     pub struct Message {
@@ -163,6 +176,37 @@ pub mod abi {
         unsafe extern "C" fn(instance: *mut c_void, settings_json: Str, reason: *mut Buf) -> i32;
     pub type StopFn = unsafe extern "C" fn(instance: *mut c_void) -> i32;
 
+    /// ABI 1.1: a cloud-to-device message handed to `receive_c2d`.
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct C2dMessage {
+        pub struct_size: u32,
+        pub reserved: u32,
+        /// The hub's message id (`$.mid`): the same on every redelivery of one message.
+        pub message_id: Str,
+        pub body: Bytes,
+        pub content_type: Str,
+        pub content_encoding: Str,
+        pub properties: *const Property,
+        pub property_count: usize,
+    }
+
+    /// ABI 1.1: answers a direct method; returns its status (200..=599) and writes the JSON
+    /// answer (empty = `null`) into `answer`.
+    pub type InvokeMethodFn = unsafe extern "C" fn(
+        instance: *mut c_void,
+        method: Str,
+        payload_json: Str,
+        answer: *mut Buf,
+    ) -> i32;
+    /// ABI 1.1: takes a C2D message: `OK` once the plugin has it (the hub is told "completed"),
+    /// anything else leaves it with the hub, which delivers it again.
+    pub type ReceiveC2dFn = unsafe extern "C" fn(
+        instance: *mut c_void,
+        message: *const C2dMessage,
+        reason: *mut Buf,
+    ) -> i32;
+
     #[repr(C)]
     #[derive(Debug)]
     pub struct PluginDescriptor {
@@ -178,10 +222,22 @@ pub mod abi {
         pub start: Option<StartFn>,
         pub apply_settings: Option<ApplyFn>,
         pub stop: Option<StopFn>,
+        // ABI 1.1 (read by the host only when `descriptor_size` covers them):
+        /// The direct methods the plugin answers: names each followed by a NUL, then an empty
+        /// name (`"open_valve\0read_meter\0"` in C); null = none.
+        pub methods: *const c_char,
+        /// The C2D messages the plugin takes: a JSON object of property equalities (`"{}"` =
+        /// every message), NUL-terminated; null = none.
+        pub c2d_filter: *const c_char,
+        pub invoke_method: Option<InvokeMethodFn>,
+        pub receive_c2d: Option<ReceiveC2dFn>,
     }
 
     /// The v1.0 sizes: the smallest a host accepts.
-    pub const DESCRIPTOR_SIZE_V1_0: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
+    pub const DESCRIPTOR_SIZE_V1_0: u32 = std::mem::offset_of!(PluginDescriptor, methods) as u32;
+    /// The descriptor of ABI 1.1 (methods and C2D).
+    pub const DESCRIPTOR_SIZE_V1_1: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
+    pub const C2D_MESSAGE_SIZE_V1_1: u32 = std::mem::size_of::<C2dMessage>() as u32;
     pub const HOST_API_SIZE_V1_0: u32 = std::mem::size_of::<HostApi>() as u32;
     pub const MESSAGE_SIZE_V1_0: u32 = std::mem::size_of::<Message>() as u32;
 
@@ -213,6 +269,56 @@ pub trait Plugin: Send + Sized + 'static {
     fn apply_settings(&mut self, settings: &str) -> Result<(), String>;
     /// Stops: join the worker threads. After this, the host must not be called.
     fn stop(self) {}
+    /// A direct method `<plugin>.<method>` named in `export_plugin!(…, methods = [...])`, with
+    /// its JSON payload (`null` when the caller sent none). Runs on the host's callback thread:
+    /// a slow method holds back the plugin's other callbacks (the caller gets 504 after the
+    /// plugin's `method_timeout`).
+    fn invoke_method(&mut self, method: &str, _payload_json: &str) -> MethodAnswer {
+        MethodAnswer::new(
+            404,
+            format!("{{\"error\":\"no method '{}'\"}}", method.escape_default()),
+        )
+    }
+    /// A cloud-to-device message matching `export_plugin!(…, c2d_filter = "…")`. `Ok` takes it:
+    /// only then is it completed at the hub. `Err(why)` leaves it with the hub, which delivers it
+    /// again (the same `message_id`) until it expires or is dead-lettered.
+    fn receive_c2d(&mut self, _message: &C2dMessage) -> Result<(), String> {
+        Err("this plugin takes no cloud-to-device messages".into())
+    }
+}
+
+/// A direct method's answer: a status (200..=599, passed to the caller as it is) and a JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodAnswer {
+    pub status: u16,
+    pub json: String,
+}
+
+impl MethodAnswer {
+    pub fn new(status: u16, json: impl Into<String>) -> MethodAnswer {
+        MethodAnswer {
+            status,
+            json: json.into(),
+        }
+    }
+
+    /// 200 with this JSON.
+    pub fn ok(json: impl Into<String>) -> MethodAnswer {
+        MethodAnswer::new(200, json)
+    }
+}
+
+/// A cloud-to-device message as a plugin receives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct C2dMessage {
+    /// The hub's message id: the same on every redelivery of one message, so a plugin that
+    /// must act once keeps the ids it has taken.
+    pub message_id: String,
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// Application properties (the sender's), in the order the hub sent them.
+    pub properties: Vec<(String, String)>,
 }
 
 /// Why a publish did not queue the message.
@@ -324,14 +430,7 @@ impl Host {
         let Some(publish) = api.publish else {
             return Err(PublishError::Other(abi::ERR_FAILED));
         };
-        let properties: Vec<abi::Property> = message
-            .properties
-            .iter()
-            .map(|(k, v)| abi::Property {
-                key: abi::Str::borrow(k),
-                value: abi::Str::borrow(v),
-            })
-            .collect();
+        let properties = abi::Property::borrow_all(&message.properties);
         let opt = |s: &Option<String>| {
             s.as_deref()
                 .map(abi::Str::borrow)
@@ -546,6 +645,21 @@ pub mod __private {
         }
     }
 
+    /// `OK`, or `ERR_REJECTED` / `ERR_PANICKED` with the reason written to `reason`.
+    fn refusal_code(result: std::thread::Result<Result<(), String>>, reason: *mut abi::Buf) -> i32 {
+        match result {
+            Ok(Ok(())) => abi::OK,
+            Ok(Err(why)) => {
+                write_buf(reason, &why);
+                abi::ERR_REJECTED
+            }
+            Err(panic) => {
+                write_buf(reason, &format!("panicked: {}", panic_message(&*panic)));
+                abi::ERR_PANICKED
+            }
+        }
+    }
+
     /// # Safety
     /// `instance` must come from `start::<P>` and not be stopped.
     pub unsafe extern "C" fn apply_settings<P: Plugin>(
@@ -562,17 +676,124 @@ pub mod __private {
             let plugin = unsafe { &mut *instance.cast::<P>() };
             plugin.apply_settings(text)
         }));
-        match result {
-            Ok(Ok(())) => abi::OK,
-            Ok(Err(why)) => {
-                write_buf(reason, &why);
-                abi::ERR_REJECTED
-            }
-            Err(panic) => {
-                write_buf(reason, &format!("panicked: {}", panic_message(&*panic)));
-                abi::ERR_PANICKED
-            }
+        refusal_code(result, reason)
+    }
+
+    /// The length of [`nul_list`]'s result: each name and its NUL, then one more NUL.
+    pub const fn nul_list_len(names: &[&str]) -> usize {
+        let mut n = 1;
+        let mut i = 0;
+        while i < names.len() {
+            n += names[i].len() + 1;
+            i += 1;
         }
+        n
+    }
+
+    /// The descriptor's `methods`: each name followed by a NUL, then an empty name.
+    pub const fn nul_list<const N: usize>(names: &[&str]) -> [u8; N] {
+        assert!(nul_list_len(names) == N, "length mismatch");
+        let mut out = [0u8; N];
+        let (mut at, mut i) = (0, 0);
+        while i < names.len() {
+            let bytes = names[i].as_bytes();
+            assert!(!bytes.is_empty(), "a method name must not be empty");
+            let mut j = 0;
+            while j < bytes.len() {
+                assert!(bytes[j] != 0, "method names must not contain NUL");
+                out[at] = bytes[j];
+                at += 1;
+                j += 1;
+            }
+            at += 1; // the NUL after the name
+            i += 1;
+        }
+        out
+    }
+
+    fn text(s: abi::Str) -> String {
+        // SAFETY: borrowed for the duration of the callback (ABI rule 2).
+        String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned()
+    }
+
+    fn optional_text(s: abi::Str) -> Option<String> {
+        (!s.ptr.is_null()).then(|| text(s))
+    }
+
+    /// # Safety
+    /// `instance` must come from `start::<P>` and not be stopped; the rest as the ABI says.
+    pub unsafe extern "C" fn invoke_method<P: Plugin>(
+        instance: *mut c_void,
+        method: abi::Str,
+        payload: abi::Str,
+        answer: *mut abi::Buf,
+    ) -> i32 {
+        if instance.is_null() {
+            return 500;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the host calls one callback at a time, so this is the only reference.
+            let plugin = unsafe { &mut *instance.cast::<P>() };
+            plugin.invoke_method(&text(method), &text(payload))
+        }));
+        let answer_of = |a: MethodAnswer| (i32::from(a.status), a.json);
+        let (status, json) = match result {
+            Ok(a) => answer_of(a),
+            Err(panic) => (
+                500,
+                format!(
+                    "{{\"error\":\"the plugin panicked: {}\"}}",
+                    panic_message(&*panic).escape_default()
+                ),
+            ),
+        };
+        write_buf(answer, &json);
+        status
+    }
+
+    /// # Safety
+    /// `instance` must come from `start::<P>` and not be stopped; `message` is borrowed for the
+    /// call.
+    pub unsafe extern "C" fn receive_c2d<P: Plugin>(
+        instance: *mut c_void,
+        message: *const abi::C2dMessage,
+        reason: *mut abi::Buf,
+    ) -> i32 {
+        if instance.is_null() || message.is_null() {
+            return abi::ERR_INVALID_ARGUMENT;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: valid for the call (ABI rule 2).
+            let raw = unsafe { &*message };
+            let properties = if raw.properties.is_null() {
+                &[][..]
+            } else {
+                // SAFETY: `property_count` entries, borrowed for the call.
+                unsafe { std::slice::from_raw_parts(raw.properties, raw.property_count) }
+            };
+            let message = C2dMessage {
+                message_id: text(raw.message_id),
+                // SAFETY: borrowed for the call.
+                body: unsafe {
+                    abi::Str {
+                        ptr: raw.body.ptr.cast(),
+                        len: raw.body.len,
+                    }
+                    .as_bytes()
+                }
+                .to_vec(),
+                content_type: optional_text(raw.content_type),
+                content_encoding: optional_text(raw.content_encoding),
+                properties: properties
+                    .iter()
+                    .map(|p| (text(p.key), text(p.value)))
+                    .collect(),
+            };
+            // SAFETY: the host calls one callback at a time, so this is the only reference.
+            let plugin = unsafe { &mut *instance.cast::<P>() };
+            plugin.receive_c2d(&message)
+        }));
+        refusal_code(result, reason)
     }
 
     /// # Safety
@@ -592,16 +813,29 @@ pub mod __private {
 
 /// Exports a [`Plugin`] type as the library's `hubagent_plugin_entry_v1`:
 /// `export_plugin!(MyPlugin, name = "my-plugin", version = env!("CARGO_PKG_VERSION"));`
+/// Optionally, the direct methods it answers and the C2D messages it takes (a JSON object of
+/// property equalities, `"{}"` for all): `…, methods = ["open_valve"], c2d_filter = r#"{"kind":"valve"}"#);`
 #[macro_export]
 macro_rules! export_plugin {
-    ($plugin:ty, name = $name:expr, version = $version:expr $(,)?) => {
+    ($plugin:ty, name = $name:expr, version = $version:expr
+     $(, methods = [$($method:expr),* $(,)?])? $(, c2d_filter = $filter:expr)? $(,)?) => {
         /// The plugin's versioned entry point (hubagent_plugin.h).
         #[unsafe(no_mangle)]
         pub extern "C" fn hubagent_plugin_entry_v1() -> *const $crate::abi::PluginDescriptor {
             const NAME: &str = $name;
             const VERSION: &str = $version;
+            const METHODS: &[&str] = &[$($($method),*)?];
+            const FILTER: &str = {
+                #[allow(unused_variables)]
+                let filter = "";
+                $(let filter = $filter;)?
+                filter
+            };
             static NAME_Z: [u8; NAME.len() + 1] = $crate::__private::nul_terminated(NAME);
             static VERSION_Z: [u8; VERSION.len() + 1] = $crate::__private::nul_terminated(VERSION);
+            static METHODS_Z: [u8; $crate::__private::nul_list_len(METHODS)] =
+                $crate::__private::nul_list(METHODS);
+            static FILTER_Z: [u8; FILTER.len() + 1] = $crate::__private::nul_terminated(FILTER);
             static DESCRIPTOR: $crate::abi::StaticDescriptor =
                 $crate::abi::StaticDescriptor($crate::abi::PluginDescriptor {
                     magic: $crate::abi::MAGIC,
@@ -616,6 +850,18 @@ macro_rules! export_plugin {
                     start: Some($crate::__private::start::<$plugin>),
                     apply_settings: Some($crate::__private::apply_settings::<$plugin>),
                     stop: Some($crate::__private::stop::<$plugin>),
+                    methods: if METHODS.is_empty() {
+                        ::core::ptr::null()
+                    } else {
+                        METHODS_Z.as_ptr().cast()
+                    },
+                    c2d_filter: if FILTER.is_empty() {
+                        ::core::ptr::null()
+                    } else {
+                        FILTER_Z.as_ptr().cast()
+                    },
+                    invoke_method: Some($crate::__private::invoke_method::<$plugin>),
+                    receive_c2d: Some($crate::__private::receive_c2d::<$plugin>),
                 });
             &DESCRIPTOR.0
         }

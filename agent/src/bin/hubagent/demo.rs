@@ -2,7 +2,8 @@
 //! process, enrolls a gateway, writes a real configuration and key file, runs the real daemon
 //! against it with the built-in simulated sensor, and narrates what the hub sees: the DPS
 //! registration, the connection, every telemetry message, a desired-property change made by an
-//! "operator" and the agent's acknowledgement, and a direct method call.
+//! "operator" and the agent's acknowledgement, a built-in direct method, a method of the sensor
+//! plugin, and a cloud-to-device message the plugin takes (completed at the hub only then).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,7 +109,8 @@ fn enroll_and_configure(
 }
 
 /// Narrates until the time is up (or Ctrl-C) and plays the operator: once telemetry flows, a
-/// desired-property change at 40 % of the time and a direct method call at 60 %.
+/// desired-property change at 40 % of the time, the built-in `ping` at 60 %, the plugin's
+/// method `<plugin>.read` at 70 % and a C2D message for the plugin at 80 %.
 async fn play_operator(
     sim: &Arc<hubsim::Sim>,
     narrator: &mut Narrator,
@@ -123,7 +125,9 @@ async fn play_operator(
     };
     let change_at = start + total.mul_f64(0.4);
     let ping_at = start + total.mul_f64(0.6);
-    let (mut changed, mut pinged) = (false, false);
+    let read_at = start + total.mul_f64(0.7);
+    let c2d_at = start + total.mul_f64(0.8);
+    let (mut changed, mut pinged, mut read, mut sent) = (false, false, false, false);
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     loop {
         narrator.print_new(sim);
@@ -134,9 +138,19 @@ async fn play_operator(
             changed = true;
             narrator.watch_ack = Some(change_interval(sim, &device_key, args.interval / 2)?);
         }
-        if !pinged && tokio::time::Instant::now() >= ping_at && narrator.telemetry > 0 {
+        let now = tokio::time::Instant::now();
+        if !pinged && now >= ping_at && narrator.telemetry > 0 {
             pinged = true;
-            call_ping(sim, &device_key);
+            call_method(sim, &device_key, "ping", json!({"from": "demo operator"}));
+        }
+        if !read && now >= read_at && narrator.telemetry > 0 {
+            read = true;
+            call_method(sim, &device_key, &format!("{PLUGIN}.read"), json!(null));
+        }
+        if !sent && now >= c2d_at && narrator.telemetry > 0 {
+            sent = true;
+            send_c2d(sim, &device_key)?;
+            narrator.watch_c2d = Some(C2D_ID.to_string());
         }
         tokio::select! {
             _ = sim.wait_until(Duration::from_millis(250), |_| false) => {}
@@ -160,26 +174,46 @@ fn change_interval(sim: &hubsim::Sim, device_key: &str, interval: Duration) -> a
     Ok(version)
 }
 
-/// The operator calls the `ping` method; the answer is printed when it comes.
-fn call_ping(sim: &Arc<hubsim::Sim>, device_key: &str) {
-    let sim = sim.clone();
-    let device_key = device_key.to_string();
+/// The operator calls a direct method; the answer is printed when it comes.
+fn call_method(sim: &Arc<hubsim::Sim>, device_key: &str, method: &str, payload: serde_json::Value) {
+    let (sim, device_key, method) = (sim.clone(), device_key.to_string(), method.to_string());
     tokio::spawn(async move {
         match hubsim::twin::invoke_method(
             &sim,
             &device_key,
-            "ping",
-            &json!({"from": "demo operator"}),
-            Duration::from_secs(10),
+            &method,
+            &payload,
+            Duration::from_secs(30),
         )
         .await
         {
             Ok((status, payload)) => {
-                println!("[method] operator calls 'ping' -> {status} {payload}")
+                println!("[method] operator calls '{method}' -> {status} {payload}")
             }
-            Err(e) => println!("[method] operator calls 'ping' -> {e}"),
+            Err(e) => println!("[method] operator calls '{method}' -> {e}"),
         }
     });
+}
+
+const C2D_ID: &str = "demo-c2d-1";
+
+/// The operator sends the sensor plugin a cloud-to-device message (property `to` = its name).
+fn send_c2d(sim: &hubsim::Sim, device_key: &str) -> anyhow::Result<()> {
+    hubsim::twin::send_c2d(
+        sim,
+        device_key,
+        hubsim::state::C2dMessage {
+            body: "calibrate at 21.0 C".into(),
+            properties: vec![
+                ("$.mid".into(), C2D_ID.into()),
+                ("to".into(), PLUGIN.into()),
+            ],
+        },
+    )?;
+    println!(
+        "[c2d]    operator sends message {C2D_ID} (to={PLUGIN}); the hub holds it until the device completes it"
+    );
+    Ok(())
 }
 
 fn print_summary(status: Option<serde_json::Value>, received: usize) {
@@ -300,6 +334,8 @@ struct Narrator {
     telemetry: usize,
     unique_ids: std::collections::BTreeSet<String>,
     watch_ack: Option<u64>,
+    /// A C2D message whose completion is still to be told.
+    watch_c2d: Option<String>,
 }
 
 impl Narrator {
@@ -351,6 +387,20 @@ impl Narrator {
             self.telemetry += 1;
         }
         drop(records);
+        if let Some(id) = &self.watch_c2d {
+            let key = Store::device_key(&sim.config.hubs[0], REGISTRATION_ID);
+            let done = sim
+                .c2d_records(&key)
+                .into_iter()
+                .find(|r| &r.message_id == id && r.state == hubsim::state::C2dState::Completed);
+            if let Some(r) = done {
+                println!(
+                    "[c2d]    message {id} completed by the agent once the plugin took it (delivered {} time(s))",
+                    r.delivery_count
+                );
+                self.watch_c2d = None;
+            }
+        }
         if let Some(version) = self.watch_ack {
             let reported = sim.read(|s| {
                 s.devices

@@ -11,13 +11,22 @@
 //! directories), `write` (files to create or append to), `connect` (UNIX socket paths), `tcp`
 //! ("host:port"), and prints `probe {"read": {path: "ok" | "EACCES" | …}, …}` on stderr, which
 //! the agent logs.
+//!
+//! Methods (ABI 1.1): `echo` answers 200 `{"echo": payload, "tag", "run"}`; `status` answers
+//! with the status and payload its payload names (`{"status": 418, "payload": …}`); `slow`
+//! sleeps `payload.ms` before answering; `crash` crashes the plugin mid-call.
+//! C2D: it takes messages whose property `to` is `misbehave`. Settings: `c2d_record` (a file:
+//! each message offered is appended as `<messageId> offered`, and once taken as `<messageId>
+//! taken <body>`), `c2d_gate` (a file: a message is taken only once this file exists; until
+//! then the call waits), `c2d_refuse` (true: every message is refused).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hubagent_plugin_sdk::{
-    Host, Message, Plugin, PublishError, StartError, StopSignal, export_plugin, parse_duration,
+    C2dMessage, Host, Message, MethodAnswer, Plugin, PublishError, StartError, StopSignal,
+    export_plugin, parse_duration,
 };
 use serde_json::{Value, json};
 
@@ -27,6 +36,9 @@ struct Settings {
     tag: String,
     interval: Duration,
     record: Option<String>,
+    c2d_record: Option<String>,
+    c2d_gate: Option<String>,
+    c2d_refuse: bool,
 }
 
 fn parse(text: &str) -> Result<(Settings, Option<String>), String> {
@@ -36,11 +48,15 @@ fn parse(text: &str) -> Result<(Settings, Option<String>), String> {
         tag: v["tag"].as_str().unwrap_or("").to_string(),
         interval: parse_duration(v["interval"].as_str().unwrap_or("100ms"))?,
         record: v["record"].as_str().map(str::to_string),
+        c2d_record: v["c2d_record"].as_str().map(str::to_string),
+        c2d_gate: v["c2d_gate"].as_str().map(str::to_string),
+        c2d_refuse: v["c2d_refuse"].as_bool().unwrap_or(false),
     };
     Ok((s, v["reject"].as_str().map(str::to_string)))
 }
 
 struct Misbehave {
+    run: String,
     settings: Arc<Mutex<Settings>>,
     stop: StopSignal,
     workers: Vec<JoinHandle<()>>,
@@ -158,6 +174,7 @@ impl Plugin for Misbehave {
                     }
                 });
                 return Ok(Misbehave {
+                    run: format!("probe-{}", std::process::id()),
                     settings: Arc::new(Mutex::new(s)),
                     stop,
                     workers: vec![worker],
@@ -215,6 +232,7 @@ impl Plugin for Misbehave {
             }));
         }
         Ok(Misbehave {
+            run,
             settings,
             stop,
             workers,
@@ -230,6 +248,60 @@ impl Plugin for Misbehave {
         Ok(())
     }
 
+    fn invoke_method(&mut self, method: &str, payload: &str) -> MethodAnswer {
+        let payload: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+        let tag = self.settings.lock().unwrap().tag.clone();
+        match method {
+            "echo" => {
+                MethodAnswer::ok(json!({"echo": payload, "tag": tag, "run": self.run}).to_string())
+            }
+            "status" => MethodAnswer::new(
+                payload["status"].as_u64().unwrap_or(200) as u16,
+                payload["payload"].to_string(),
+            ),
+            "slow" => {
+                std::thread::sleep(Duration::from_millis(payload["ms"].as_u64().unwrap_or(0)));
+                MethodAnswer::ok(json!({"slept": payload["ms"]}).to_string())
+            }
+            // SAFETY: not safe at all: this plugin crashes on purpose, mid-call.
+            "crash" => unsafe {
+                std::ptr::null_mut::<u8>().write_volatile(1);
+                MethodAnswer::ok("null")
+            },
+            other => MethodAnswer::new(404, json!({"unknown": other}).to_string()),
+        }
+    }
+
+    fn receive_c2d(&mut self, message: &C2dMessage) -> Result<(), String> {
+        let s = self.settings.lock().unwrap().clone();
+        let record = |line: String| -> Result<(), String> {
+            let Some(path) = &s.c2d_record else {
+                return Ok(());
+            };
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()))
+                .map_err(|e| e.to_string())
+        };
+        record(format!("{} offered", message.message_id))?;
+        if s.c2d_refuse {
+            return Err("refusing C2D messages, as asked".into());
+        }
+        if let Some(gate) = &s.c2d_gate {
+            while !std::path::Path::new(gate).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        record(format!(
+            "{} taken {}",
+            message.message_id,
+            String::from_utf8_lossy(&message.body)
+        ))
+    }
+
     fn stop(mut self) {
         self.stop.stop();
         for w in self.workers.drain(..) {
@@ -238,4 +310,10 @@ impl Plugin for Misbehave {
     }
 }
 
-export_plugin!(Misbehave, name = "misbehave", version = "0.0.1");
+export_plugin!(
+    Misbehave,
+    name = "misbehave",
+    version = "0.0.1",
+    methods = ["echo", "status", "slow", "crash"],
+    c2d_filter = r#"{"to":"misbehave"}"#,
+);

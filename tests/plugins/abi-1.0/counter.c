@@ -1,0 +1,180 @@
+/*
+ * c-counter: a minimal hubagent library plugin in C.
+ *
+ * Publishes {"count": N, "step": S} every `interval_ms` milliseconds (settings: {"interval_ms":
+ * 1000, "step": 1}); refuses a step of 0 or an interval below 10 ms. Build:
+ *
+ *     gcc -shared -fPIC -O2 -Wall -Wextra -pthread -I ../../sdk/include counter.c -o libc_counter.so
+ *
+ * The settings parser below is deliberately tiny (it looks for two numeric keys); a real plugin
+ * would use a JSON library.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "hubagent_plugin.h"
+
+typedef struct counter {
+    const hubagent_host_api *host;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int stopping;
+    long interval_ms;
+    long step;
+    long count;
+} counter;
+
+/* Finds `"key": <number>` in a JSON object; returns 1 when found. */
+static int find_number(const char *json, size_t len, const char *key, long *out) {
+    char pattern[64];
+    snprintf(pattern, sizeof pattern, "\"%s\"", key);
+    size_t plen = strlen(pattern);
+    for (size_t i = 0; i + plen <= len; i++) {
+        if (memcmp(json + i, pattern, plen) != 0) continue;
+        const char *p = json + i + plen;
+        while (*p == ' ' || *p == ':' || *p == '\t') p++;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno) return -1;
+        *out = v;
+        return 1;
+    }
+    return 0;
+}
+
+/* Parses settings into interval/step; writes why to `why` and returns -1 when unusable. */
+static int parse_settings(hubagent_str settings, long *interval_ms, long *step, hubagent_buf *why) {
+    *interval_ms = 1000;
+    *step = 1;
+    if (find_number(settings.ptr, settings.len, "interval_ms", interval_ms) < 0 ||
+        find_number(settings.ptr, settings.len, "step", step) < 0) {
+        hubagent_buf_set(why, "interval_ms and step must be integers");
+        return -1;
+    }
+    if (*interval_ms < 10) {
+        hubagent_buf_set(why, "interval_ms must be at least 10");
+        return -1;
+    }
+    if (*step == 0) {
+        hubagent_buf_set(why, "step must not be 0");
+        return -1;
+    }
+    return 0;
+}
+
+static void *run(void *arg) {
+    counter *c = arg;
+    pthread_mutex_lock(&c->lock);
+    while (!c->stopping) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += c->interval_ms / 1000;
+        until.tv_nsec += (c->interval_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        while (!c->stopping && pthread_cond_timedwait(&c->wake, &c->lock, &until) != ETIMEDOUT) {
+        }
+        if (c->stopping) break;
+        c->count += c->step;
+        char body[128];
+        int n = snprintf(body, sizeof body, "{\"count\": %ld, \"step\": %ld}", c->count, c->step);
+        pthread_mutex_unlock(&c->lock);
+
+        hubagent_property props[1] = {{hubagent_str_from("example"), hubagent_str_from("c-counter")}};
+        hubagent_message m;
+        memset(&m, 0, sizeof m);
+        m.struct_size = sizeof m;
+        m.body.ptr = (const uint8_t *)body;
+        m.body.len = (size_t)n;
+        m.content_type = hubagent_str_from("application/json");
+        m.content_encoding = hubagent_str_from("utf-8");
+        m.properties = props;
+        m.property_count = 1;
+        /* Blocks until the message is on disk in the agent's queue. */
+        int32_t rc = c->host->publish(c->host->ctx, &m);
+        if (rc == HUBAGENT_ERR_STOPPING) {
+            pthread_mutex_lock(&c->lock);
+            break;
+        }
+        if (rc != HUBAGENT_OK) {
+            c->host->log(c->host->ctx, HUBAGENT_LOG_WARN, hubagent_str_from("a count was not published"));
+        }
+        pthread_mutex_lock(&c->lock);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+static int32_t counter_start(const hubagent_host_api *host, hubagent_str settings, void **instance,
+                             hubagent_buf *error) {
+    long interval_ms, step;
+    if (parse_settings(settings, &interval_ms, &step, error) != 0) return HUBAGENT_ERR_REJECTED;
+    counter *c = calloc(1, sizeof *c);
+    if (!c) {
+        hubagent_buf_set(error, "out of memory");
+        return HUBAGENT_ERR_FAILED;
+    }
+    c->host = host;
+    c->interval_ms = interval_ms;
+    c->step = step;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->wake, NULL);
+    if (pthread_create(&c->thread, NULL, run, c) != 0) {
+        free(c);
+        hubagent_buf_set(error, "cannot start a thread");
+        return HUBAGENT_ERR_FAILED;
+    }
+    host->log(host->ctx, HUBAGENT_LOG_INFO, hubagent_str_from("c-counter started"));
+    *instance = c;
+    return HUBAGENT_OK;
+}
+
+static int32_t counter_apply(void *instance, hubagent_str settings, hubagent_buf *reason) {
+    counter *c = instance;
+    long interval_ms, step;
+    if (parse_settings(settings, &interval_ms, &step, reason) != 0) return HUBAGENT_ERR_REJECTED;
+    pthread_mutex_lock(&c->lock);
+    c->interval_ms = interval_ms;
+    c->step = step;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+    return HUBAGENT_OK;
+}
+
+static int32_t counter_stop(void *instance) {
+    counter *c = instance;
+    pthread_mutex_lock(&c->lock);
+    c->stopping = 1;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->thread, NULL);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->wake);
+    free(c);
+    return HUBAGENT_OK;
+}
+
+static const hubagent_plugin_descriptor descriptor = {
+    .magic = HUBAGENT_PLUGIN_MAGIC,
+    .abi_major = HUBAGENT_PLUGIN_ABI_MAJOR,
+    .abi_minor = HUBAGENT_PLUGIN_ABI_MINOR,
+    .descriptor_size = sizeof(hubagent_plugin_descriptor),
+    .host_api_size = sizeof(hubagent_host_api),
+    .message_size = sizeof(hubagent_message),
+    .reserved = 0,
+    .name = "c-counter",
+    .version = "1.0.0",
+    .start = counter_start,
+    .apply_settings = counter_apply,
+    .stop = counter_stop,
+};
+
+const hubagent_plugin_descriptor *hubagent_plugin_entry_v1(void) { return &descriptor; }
