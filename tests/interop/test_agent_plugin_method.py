@@ -52,7 +52,8 @@ trust_bundle = "{hubsim['ca_path']}"
 [[plugin]]
 name = "room"
 kind = "exec"
-command = ["python3", "{script}"]
+# Debian's interpreter, which the plugin sandbox lets a plugin execute (it is under /usr).
+command = ["/usr/bin/python3", "{script}"]
 [plugin.settings]
 interval = 0.5
 room = "lab"

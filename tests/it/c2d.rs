@@ -77,6 +77,15 @@ fn valve(lib: &Path, record: &Path, extra_settings: &str) -> String {
 }
 
 fn valve_in(lib: &Path, record: &Path, isolation: &str, extra_settings: &str) -> String {
+    // The plugin's sandbox lets it write its record, which must exist to be granted. (An
+    // in-process plugin is not sandboxed: it takes no sandbox key.)
+    if !record.exists() {
+        std::fs::write(record, "").unwrap();
+    }
+    let allow = match isolation {
+        "in-process" => String::new(),
+        _ => format!("allow_write = [\"{}\"]", record.display()),
+    };
     format!(
         r#"
 [[plugin]]
@@ -85,6 +94,7 @@ kind = "library"
 path = "{}"
 isolation = "{isolation}"
 restart_backoff = "2s"
+{allow}
 [plugin.settings]
 interval = "1h"
 c2d_record = "{}"
@@ -128,7 +138,7 @@ async fn exactly_the_matching_plugin(isolation: &str, device: &str) {
 [[plugin]]
 name = "py"
 kind = "exec"
-command = ["python3", "{}"]
+command = ["{PYTHON}", "{}"]
 [plugin.settings]
 interval = 0.5
 "#,

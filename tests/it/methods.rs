@@ -90,7 +90,7 @@ interval = "1s"
 [[plugin]]
 name = "py"
 kind = "exec"
-command = ["python3", "{script}"]
+command = ["{PYTHON}", "{script}"]
 [plugin.settings]
 interval = 0.2
 room = "r1"
@@ -257,7 +257,7 @@ mode = "panic"
 [[plugin]]
 name = "exe"
 kind = "exec"
-command = ["python3", "{exe}"]
+command = ["{PYTHON}", "{exe}"]
 method_timeout = "500ms"
 restart_backoff = "100ms"
 "#,
