@@ -28,6 +28,17 @@ fn probes(log: &str, plugin: &str) -> Vec<Value> {
 /// A probing library plugin ("lib") and exec plugin ("py"), each allowed to read `root` and
 /// write `out`, with `network` as given, trying `read`, `write`, `connect` and `tcp`.
 fn probing_plugins(root: &Path, out: &Path, network: bool, probes: &str) -> String {
+    probing_plugins_with(root, out, network, "", probes)
+}
+
+/// [`probing_plugins`] with more sandbox keys (`widening`) for both plugins.
+fn probing_plugins_with(
+    root: &Path,
+    out: &Path,
+    network: bool,
+    widening: &str,
+    probes: &str,
+) -> String {
     let library = install_plugin(root, &built_library("hubagent_test_misbehave"), 0o644);
     let script = install_plugin(
         root,
@@ -35,7 +46,7 @@ fn probing_plugins(root: &Path, out: &Path, network: bool, probes: &str) -> Stri
         0o644,
     );
     let widening = format!(
-        "allow_read = [\"{root}\"]\nallow_write = [\"{out}\"]\nnetwork = {network}",
+        "allow_read = [\"{root}\"]\nallow_write = [\"{out}\"]\nnetwork = {network}\n{widening}",
         root = root.display(),
         out = out.display()
     );
@@ -115,6 +126,13 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
     let control_socket = root.join("control.sock");
     let mine = out.join("mine.txt");
     let elsewhere = root.join("planted.txt");
+    // Two device nodes outside every allowed directory (copies of /dev/zero): the plugins are
+    // given one of them with allow_devices, as an operator gives a serial port.
+    let devices = tempfile::tempdir().unwrap();
+    let (serial, other_device) = (devices.path().join("ttyS9"), devices.path().join("ttyS8"));
+    for node in [&serial, &other_device] {
+        make_char_device(node, 1, 5);
+    }
     let probes_toml = format!(
         "read = {read}\nwrite = {write}\nconnect = {connect}\ntoken = {{ file = \"{secret}\" }}",
         read = list(&[
@@ -123,13 +141,16 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
             &cached_assignment,
             &queue,
             &config_file,
-            &allowed
+            &allowed,
+            &serial,
+            &other_device
         ]),
         write = list(&[&mine, &elsewhere]),
         connect = list(&[&control_socket]),
         secret = secret.display(),
     );
-    let plugins = probing_plugins(&root, &out, true, &probes_toml);
+    let widening = format!("allow_devices = [\"{}\"]", serial.display());
+    let plugins = probing_plugins_with(&root, &out, true, &widening, &probes_toml);
     let config = plugin_agent_config(&root, &running, device, &plugins, true);
     assert_eq!(config, config_file);
     let agent = AgentProcess::start(&config);
@@ -145,6 +166,8 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
             assert_result(round, "read", target, "EACCES", &log);
         }
         assert_result(round, "read", &allowed, "ok", &log);
+        assert_result(round, "read", &serial, "ok", &log);
+        assert_result(round, "read", &other_device, "EACCES", &log);
         assert_result(round, "write", &mine, "ok", &log);
         assert_result(round, "write", &elsewhere, "EACCES", &log);
         assert_result(round, "connect", &control_socket, "EACCES", &log);
@@ -380,4 +403,25 @@ async fn a_kernel_without_landlock_is_told_and_required_refuses_to_run_plugins()
     assert!(probes(&agent.log_text(), "lib").is_empty(), "{plugins}");
     assert!(probes(&agent.log_text(), "py").is_empty(), "{plugins}");
     assert_eq!(agent.stop(), Some(0));
+}
+
+/// A character device node at `path` (the tests run as root).
+fn make_char_device(path: &Path, major: u32, minor: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and plain numbers.
+    let made = unsafe {
+        libc::mknod(
+            c_path.as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(major, minor),
+        )
+    };
+    assert_eq!(
+        made,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
