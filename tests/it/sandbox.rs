@@ -128,6 +128,11 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
     let elsewhere = root.join("planted.txt");
     // Two device nodes outside every allowed directory (copies of /dev/zero): the plugins are
     // given one of them with allow_devices, as an operator gives a serial port.
+    // Each plugin's private directory, under the state directory: its own, not the other's.
+    let private: std::collections::BTreeMap<&str, std::path::PathBuf> = ["lib", "py"]
+        .into_iter()
+        .map(|name| (name, state.join("plugin-data").join(name).join("probe.txt")))
+        .collect();
     let devices = tempfile::tempdir().unwrap();
     let (serial, other_device) = (devices.path().join("ttyS9"), devices.path().join("ttyS8"));
     for node in [&serial, &other_device] {
@@ -145,11 +150,14 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
             &serial,
             &other_device
         ]),
-        write = list(&[&mine, &elsewhere]),
+        write = list(&[&mine, &elsewhere, &private["lib"], &private["py"]]),
         connect = list(&[&control_socket]),
         secret = secret.display(),
     );
-    let widening = format!("allow_devices = [\"{}\"]", serial.display());
+    let widening = format!(
+        "allow_devices = [\"{}\"]\nprivate_dir = true",
+        serial.display()
+    );
     let plugins = probing_plugins_with(&root, &out, true, &widening, &probes_toml);
     let config = plugin_agent_config(&root, &running, device, &plugins, true);
     assert_eq!(config, config_file);
@@ -161,6 +169,10 @@ async fn plugins_cannot_reach_the_agents_keys_state_or_control_socket() {
     })
     .await;
     let log = agent.log_text();
+    for (round, (own, other)) in rounds.iter().zip([("lib", "py"), ("py", "lib")]) {
+        assert_result(round, "write", &private[own], "ok", &log);
+        assert_result(round, "write", &private[other], "EACCES", &log);
+    }
     for round in &rounds {
         for target in [&key, &secret, &cached_assignment, &queue, &config_file] {
             assert_result(round, "read", target, "EACCES", &log);
