@@ -13,7 +13,7 @@ as_root() {
 # systemd-nspawn, mmdebstrap, lintian, dpkg-dev for packaging/check-depends.sh's dpkg-shlibdeps),
 # libfaketime for the clock-jump fault scenarios, and tinyproxy, the real HTTP proxy of the
 # proxy tests. Installed only when something is missing.
-packages=(python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy)
+packages=(python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy prometheus-node-exporter)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

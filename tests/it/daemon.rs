@@ -771,3 +771,101 @@ async fn auto_falls_back_to_websockets_when_8883_is_closed() {
             .all(|e| e.transport.as_deref() == Some("mqtt-ws"))
     );
 }
+
+/// `[agent] metrics_file`: the counters in Prometheus' text format, read by Debian's real
+/// node-exporter through its textfile collector, as a monitoring system would scrape them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_serves_the_agents_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let device = "gw-daemon-metrics";
+    let textfiles = dir.path().join("node-exporter");
+    std::fs::create_dir(&textfiles).unwrap();
+    let plugins = "[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n";
+    let config = plugin_agent_config(dir.path(), &running, device, plugins, false);
+    add_settings(
+        &config,
+        "[agent]",
+        &format!(
+            "metrics_file = \"{}\"\nmetrics_interval = \"200ms\"\n",
+            textfiles.join("hubagent.prom").display()
+        ),
+    );
+    let agent = AgentProcess::start(&config);
+    // node-exporter with only the textfile collector, on a free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut exporter = std::process::Command::new("prometheus-node-exporter")
+        .args(["--collector.disable-defaults", "--collector.textfile"])
+        .arg(format!(
+            "--collector.textfile.directory={}",
+            textfiles.display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus-node-exporter (tests/setup.sh installs it)");
+    let scrape = || -> String {
+        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default()
+    };
+    let value = |text: &str, sample: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    };
+    let sent_before_drop = |text: &str| {
+        value(text, "hubagent_connected") == Some(1.0)
+            && value(text, "hubagent_messages_published_total").is_some_and(|n| n >= 3.0)
+    };
+    let mut text = String::new();
+    assert!(
+        sim.wait_until(LONG_WAIT, |_| {
+            text = scrape();
+            sent_before_drop(&text)
+        })
+        .await,
+        "{text}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        value(&text, "node_textfile_scrape_error"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "hubagent_plugin_running{plugin=\"sensor\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "hubagent_hub_connections_total"),
+        Some(1.0),
+        "{text}"
+    );
+    // What the hub acknowledged is what the counter says, never more.
+    let published = value(&text, "hubagent_messages_published_total").unwrap();
+    assert!(published <= telemetry_count(&sim, device) as f64, "{text}");
+    // A dropped connection shows as a second session.
+    assert!(drop_connection(&sim, device), "no live connection");
+    assert!(
+        sim.wait_until(LONG_WAIT, |_| {
+            text = scrape();
+            value(&text, "hubagent_hub_connections_total") == Some(2.0)
+                && value(&text, "hubagent_connected") == Some(1.0)
+        })
+        .await,
+        "{text}\n{}",
+        agent.log_text()
+    );
+    let _ = exporter.kill();
+    let _ = exporter.wait();
+    assert_eq!(agent.stop(), Some(0));
+}

@@ -81,6 +81,17 @@ pub struct AgentSettings {
     /// Whether a plugin may run when the kernel cannot confine it (docs/security.md).
     #[serde(default)]
     pub plugin_sandbox: SandboxMode,
+    /// Where to write the agent's counters in Prometheus' text format (node-exporter's textfile
+    /// collector); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_file: Option<PathBuf>,
+    /// How often the metrics file is rewritten.
+    #[serde(default = "default_metrics_interval", with = "humantime_serde")]
+    pub metrics_interval: Duration,
+}
+
+fn default_metrics_interval() -> Duration {
+    Duration::from_secs(15)
 }
 
 /// `[agent] plugin_sandbox`: what happens when the kernel lacks what the plugin sandbox uses.
@@ -105,6 +116,8 @@ impl Default for AgentSettings {
             log_format: LogFormat::default(),
             allow_unsafe_plugin_paths: false,
             plugin_sandbox: SandboxMode::default(),
+            metrics_file: None,
+            metrics_interval: default_metrics_interval(),
         }
     }
 }

@@ -15,6 +15,7 @@ mod c2d;
 mod certificate;
 mod control;
 pub mod lifecycle;
+mod metrics;
 mod session;
 pub mod status;
 mod twin;
@@ -162,11 +163,16 @@ struct Background {
     control_path: PathBuf,
     ticker: JoinHandle<()>,
     watchdog: Option<JoinHandle<()>>,
+    /// `[agent] metrics_file` (metrics.rs).
+    metrics: Option<JoinHandle<()>>,
 }
 
 impl Background {
     fn stop(self, queue: &Queue) {
         self.ticker.abort();
+        if let Some(metrics) = self.metrics {
+            metrics.abort();
+        }
         queue.close();
         self.control_task.abort();
         let _ = std::fs::remove_file(&self.control_path);
@@ -228,13 +234,22 @@ impl Daemon {
         ));
         let ticker = spawn_queue_ticker(queue.clone(), status.clone());
         let publisher = DurablePublisher::new(queue.clone());
-        let plugins = Supervisor::start(&config, config_path, &twin, publisher, registry);
+        let plugins = Supervisor::start(&config, config_path, &twin, publisher, registry.clone());
         status.update(|s| s.plugins = plugins.snapshot());
         let background = Background {
             control_task,
             control_path,
             ticker,
             watchdog: spawn_watchdog(),
+            metrics: config.agent.metrics_file.clone().map(|file| {
+                metrics::spawn(
+                    file,
+                    config.agent.metrics_interval,
+                    status.clone(),
+                    queue.clone(),
+                    registry.clone(),
+                )
+            }),
         };
         let auto_route = provisioning::auto_route(&config);
         let connection_files = config.connection_files_digest();

@@ -137,6 +137,7 @@ impl Daemon {
                 };
                 self.status.update(|s| {
                     s.connection = ConnectionState::Connected;
+                    s.hub_connections += 1;
                     s.last_error = None;
                     s.route = Some(crate::mqtt::route_name(websocket));
                 });

@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub queue_depth: u64,
     pub published: u64,
     pub reloads: u64,
+    /// Hub sessions established since the start (1 + reconnections).
+    pub hub_connections: u64,
     /// Fingerprint of the provisioning settings in force.
     pub fingerprint: Option<String>,
     /// Per plugin: kind, status, applied desired version, error.
