@@ -869,3 +869,80 @@ async fn node_exporter_serves_the_agents_counters() {
     let _ = exporter.wait();
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// Remote diagnostics without SSH: the `logs` direct method answers the agent's recent lines,
+/// filtered by plugin, level, time and count; `check` answers what `hubagent check --json` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_and_check_direct_methods_diagnose_from_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let device = "gw-daemon-diag";
+    let plugins = "[[plugin]]\nname = \"sensor\"\nkind = \"builtin\"\nbuiltin = \"simulated-sensor\"\ninterval = \"100ms\"\n\n[[plugin]]\nname = \"broken\"\nkind = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"echo 'calibration missing' >&2; exit 3\"]\nrestart_backoff = \"100ms\"\n";
+    let config = plugin_agent_config(dir.path(), &running, device, plugins, false);
+    let agent = AgentProcess::start(&config);
+    // Subscribed and reporting: the session is fully up.
+    assert!(
+        sim.wait_until(WAIT, |s| !reported(s, device, "agent").is_null())
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    agent
+        .wait_log_line("the broken plugin failing", |l| {
+            l.contains("calibration missing")
+        })
+        .await;
+    let key = device_key(&sim, device);
+    let call = |payload: serde_json::Value| {
+        let (sim, key) = (sim.clone(), key.clone());
+        async move {
+            hubsim::twin::invoke_method(&sim, &key, "logs", &payload, WAIT)
+                .await
+                .unwrap()
+        }
+    };
+    // The broken plugin's lines only: its stderr and its failures, nothing of the sensor.
+    let (status, answer) = call(serde_json::json!({"plugin": "broken"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let lines = answer["lines"].as_array().unwrap();
+    assert!(
+        lines.iter().any(|l| l["message"] == "calibration missing"),
+        "{answer}"
+    );
+    assert!(lines.iter().all(|l| l["plugin"] == "broken"), "{answer}");
+    // Warnings and worse, the newest two.
+    let (_, answer) = call(serde_json::json!({"level": "warn", "limit": 2})).await;
+    let lines = answer["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 2, "{answer}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"] == "warn" || l["level"] == "error"),
+        "{answer}"
+    );
+    assert_eq!(answer["leftOut"], true, "{answer}");
+    // Nothing from the future; a bad level is named.
+    let (_, answer) = call(serde_json::json!({"since": "2999-01-01T00:00:00Z"})).await;
+    assert_eq!(answer["lines"], serde_json::json!([]), "{answer}");
+    let (status, answer) = call(serde_json::json!({"level": "loud"})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("'loud'"),
+        "{answer}"
+    );
+    // `check` answers the report `hubagent check --json` prints.
+    let (status, report) =
+        hubsim::twin::invoke_method(&sim, &key, "check", &serde_json::Value::Null, LONG_WAIT)
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{report}");
+    let hub = check_entry(&report, "network.hub");
+    assert_eq!(hub["result"], "pass", "{report}");
+    assert_eq!(
+        check_entry(&report, "daemon.running")["result"],
+        "pass",
+        "{report}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+}

@@ -124,6 +124,22 @@ async fn no_secret_in_logs_outputs_reported_properties_or_state_and_no_core_dump
     }
     let twin = sim.read(|s| serde_json::to_vec(&s.devices[&twin_key].twin.reported).unwrap());
     seen.push(("reported properties".into(), twin));
+    // Remote diagnostics: the recent log lines (debug ones included) and the check report.
+    for method in ["logs", "check"] {
+        let payload = match method {
+            "logs" => serde_json::json!({"level": "trace", "limit": 2000}),
+            _ => serde_json::Value::Null,
+        };
+        let (status, answer) =
+            hubsim::twin::invoke_method(&sim, &twin_key, method, &payload, LONG_WAIT)
+                .await
+                .unwrap();
+        assert_eq!(status, 200, "{method}: {answer}");
+        seen.push((
+            format!("the {method} direct method"),
+            serde_json::to_vec(&answer).unwrap(),
+        ));
+    }
     let log = agent.log.clone();
     assert_eq!(agent.stop(), Some(0));
     seen.push(("the agent's log".into(), std::fs::read(&log).unwrap()));
@@ -348,6 +364,22 @@ db = {{ password = {{ file = "{file}" }}, host = "db.local" }}
     let twin_key = device_key(&sim, device);
     let twin = sim.read(|s| serde_json::to_vec(&s.devices[&twin_key].twin.reported).unwrap());
     seen.push(("reported properties".into(), twin));
+    // Remote diagnostics: the recent log lines (debug ones included) and the check report.
+    for method in ["logs", "check"] {
+        let payload = match method {
+            "logs" => serde_json::json!({"level": "trace", "limit": 2000}),
+            _ => serde_json::Value::Null,
+        };
+        let (status, answer) =
+            hubsim::twin::invoke_method(&sim, &twin_key, method, &payload, LONG_WAIT)
+                .await
+                .unwrap();
+        assert_eq!(status, 200, "{method}: {answer}");
+        seen.push((
+            format!("the {method} direct method"),
+            serde_json::to_vec(&answer).unwrap(),
+        ));
+    }
     let log = agent.log.clone();
     assert_eq!(agent.stop(), Some(0));
     let log = std::fs::read(&log).unwrap();

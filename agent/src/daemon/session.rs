@@ -179,6 +179,16 @@ impl Daemon {
                         tracing::info!(method = %name, status = answer.status, "direct method");
                         session.respond_to_method(&rid, answer.status, answer.payload);
                     });
+                } else if name == "check" {
+                    // `hubagent check --json`, run as the operator would: seconds of network
+                    // checks, answered from its own task.
+                    let config = self.status.read(|s| s.config.clone());
+                    let session = session.clone();
+                    tokio::spawn(async move {
+                        let (code, answer) = remote_check(&config).await;
+                        tracing::info!(method = %name, status = code, "direct method");
+                        session.respond_to_method(&rid, code, answer);
+                    });
                 } else {
                     let (code, answer) = self.direct_method(&name, payload);
                     tracing::info!(method = %name, status = code, "direct method");
@@ -202,9 +212,10 @@ impl Daemon {
                 let _ = self.commands_tx.send(Command::Reprovision);
                 (202, json!({"status": "reprovisioning"}))
             }
+            "logs" => recent_logs(payload),
             other => (
                 404,
-                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision; a plugin's: <plugin>.<method>)")}),
+                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision, logs, check; a plugin's: <plugin>.<method>)")}),
             ),
         }
     }
@@ -225,5 +236,60 @@ impl Daemon {
                 None
             }
         }
+    }
+}
+
+/// Room a method answer may take: the hub's limit is 128 KiB.
+const METHOD_ANSWER_BYTES: usize = 100 * 1024;
+
+/// The `logs` method: the agent's recent log lines, filtered by `plugin`, `level`, `since` and
+/// `limit` (docs/operations in README, "Remote diagnostics").
+fn recent_logs(payload: Value) -> (u16, Value) {
+    let query: crate::system::recent_logs::Query = match payload {
+        Value::Null => Default::default(),
+        other => match serde_json::from_value(other) {
+            Ok(query) => query,
+            Err(e) => {
+                return (
+                    400,
+                    json!({"error": format!("{e}; write {{\"plugin\", \"level\", \"since\", \"limit\"}}, each optional")}),
+                );
+            }
+        },
+    };
+    match crate::system::recent_logs::recent(&query, METHOD_ANSWER_BYTES) {
+        Ok((lines, left_out)) => (200, json!({"lines": lines, "leftOut": left_out})),
+        Err(e) => (400, json!({"error": e})),
+    }
+}
+
+/// How long the `check` method may take: below the hub's default method timeout of 30 s.
+const REMOTE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// The `check` method: what `hubagent check --json` reports, run by this agent's own binary.
+async fn remote_check(config: &str) -> (u16, Value) {
+    let Ok(agent) = std::env::current_exe() else {
+        return (500, json!({"error": "cannot find the agent's own binary"}));
+    };
+    let run = tokio::process::Command::new(agent)
+        .args(["--config", config, "check", "--json"])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(REMOTE_CHECK_TIMEOUT, run).await {
+        Err(_) => (
+            504,
+            json!({"error": format!("hubagent check did not finish within {}s", REMOTE_CHECK_TIMEOUT.as_secs())}),
+        ),
+        Ok(Err(e)) => (
+            500,
+            json!({"error": format!("cannot run hubagent check: {e}")}),
+        ),
+        Ok(Ok(output)) => match serde_json::from_slice::<Value>(&output.stdout) {
+            Ok(report) => (200, report),
+            Err(e) => (
+                500,
+                json!({"error": format!("hubagent check printed no report ({e})")}),
+            ),
+        },
     }
 }

@@ -40,6 +40,7 @@ pub fn init(level: &str, format: LogFormat) {
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(sink)
+        .with(super::recent_logs::RecentLogs)
         .try_init();
 }
 

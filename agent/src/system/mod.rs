@@ -4,4 +4,5 @@
 pub mod control;
 pub mod hardening;
 pub mod logging;
+pub mod recent_logs;
 pub mod systemd;
