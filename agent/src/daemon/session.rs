@@ -91,7 +91,7 @@ impl Daemon {
             hub: assignment.hub.clone(),
             device_id: assignment.device_id.clone(),
             port: hub.dial_port(),
-            websocket: hub.transport == crate::config::HubTransport::Websockets,
+            websocket: hub.websocket(),
             proxy: crate::provisioning::proxy_route(&self.config, &assignment.hub),
             auto: self.auto_route.clone(),
             credential: identity.credential.clone(),
@@ -121,7 +121,7 @@ impl Daemon {
                 life.on(Event::Connected);
                 let websocket = match &self.auto_route {
                     Some(auto) => auto.websocket(),
-                    None => self.config.hub.transport == crate::config::HubTransport::Websockets,
+                    None => self.config.hub.websocket(),
                 };
                 self.status.update(|s| {
                     s.connection = ConnectionState::Connected;

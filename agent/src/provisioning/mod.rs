@@ -75,12 +75,8 @@ pub fn dps_request(
     let endpoint = config.dps_endpoint()?;
     Some(dps::DpsRequest {
         endpoint_host: endpoint.host.clone(),
-        // Over WebSockets DPS answers on its HTTPS port, whatever the MQTT endpoint says.
-        port: match config.hub.transport {
-            crate::config::HubTransport::Mqtt | crate::config::HubTransport::Auto => endpoint.port,
-            crate::config::HubTransport::Websockets => config.hub.websocket_port,
-        },
-        websocket: config.hub.transport == crate::config::HubTransport::Websockets,
+        port: config.hub.port_for(endpoint.port),
+        websocket: config.hub.websocket(),
         proxy: proxy_route(config, &endpoint.host),
         auto: auto.map(|a| Arc::new(a.for_ports(endpoint.port, config.hub.websocket_port))),
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),

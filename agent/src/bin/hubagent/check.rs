@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use hubagent::config::{Attestation, Config, HubTransport, Secret};
+use hubagent::config::{Attestation, Config, Secret};
 use hubagent::identity::x509::{Expiry, Validity};
 use hubagent::state::{ProvisioningCache, StateDir};
 
@@ -291,15 +291,14 @@ async fn network(
     tls: Option<&Arc<rustls::ClientConfig>>,
     checks: &mut Vec<Check>,
 ) {
-    // The routes the agent takes, in its order: TLS on the MQTT port, the HTTPS port for
-    // WebSockets, or (auto) the first, then the second.
-    let routes = |tls_port: u16| match config.hub.transport {
-        HubTransport::Mqtt => vec![(tls_port, "MQTT over TLS")],
-        HubTransport::Websockets => vec![(config.hub.websocket_port, "MQTT over WebSockets")],
-        HubTransport::Auto => vec![
-            (tls_port, "MQTT over TLS"),
-            (config.hub.websocket_port, "MQTT over WebSockets"),
-        ],
+    // The routes the agent takes, in its order.
+    let routes = |mqtt_port: u16| {
+        config
+            .hub
+            .routes(mqtt_port)
+            .into_iter()
+            .map(|(port, websocket)| (port, hubagent::mqtt::route_name(websocket)))
+            .collect()
     };
     if let Some(dps) = config.dps_endpoint() {
         checks.push(route_check("network.dps", &dps.host, routes(dps.port), tls).await);
