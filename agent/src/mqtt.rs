@@ -251,7 +251,7 @@ pub async fn wait_connack(
     }
 }
 
-/// The text of a failed proxy tunnel: the proxy, and for an HTTP refusal what to check.
+/// The text of a failed proxy tunnel of rumqttc's (async-http-proxy's error).
 fn proxy_refusal(describe: &str, error: &(dyn std::error::Error + 'static)) -> String {
     let status = error
         .source()
@@ -260,6 +260,16 @@ fn proxy_refusal(describe: &str, error: &(dyn std::error::Error + 'static)) -> S
             async_http_proxy::HttpError::HttpCode200(code) => Some(*code),
             _ => None,
         });
+    proxy_refusal_text(describe, status, error)
+}
+
+/// The text of a failed proxy tunnel, whichever client dialled it (MQTT here, DPS over HTTPS):
+/// the proxy, and for an HTTP refusal (`status`) what it means and what to check.
+pub fn proxy_refusal_text(
+    describe: &str,
+    status: Option<u16>,
+    error: &dyn std::fmt::Display,
+) -> String {
     match status {
         // 407 is the standard answer; some proxies (tinyproxy) send 401.
         Some(code @ (401 | 407)) => format!(

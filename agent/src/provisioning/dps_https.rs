@@ -54,6 +54,19 @@ pub async fn register(
         .map_err(|e| DpsError::Protocol(format!("the registration task failed: {e}")))?
 }
 
+/// The proxy for ureq, its password included (ureq sends it as Basic proxy authorization).
+fn ureq_proxy(route: &crate::mqtt::ProxyRoute) -> Result<ureq::Proxy, DpsError> {
+    let mut proxy = ureq::Proxy::builder(ureq::ProxyProtocol::Http)
+        .host(&route.host)
+        .port(route.port);
+    if let Some((user, password)) = &route.credentials {
+        proxy = proxy.username(user).password(password);
+    }
+    proxy
+        .build()
+        .map_err(|e| DpsError::Protocol(format!("proxy {}: {e}", route.describe)))
+}
+
 fn tpm_error(e: tpm::TpmError) -> DpsError {
     DpsError::Tpm(e.to_string())
 }
@@ -62,6 +75,8 @@ struct Client {
     agent: ureq::Agent,
     base: String,
     endpoint: String,
+    /// The proxy the requests tunnel through, as errors name it.
+    proxy: Option<String>,
     deadline: Instant,
     timeout: Duration,
 }
@@ -94,6 +109,9 @@ impl Client {
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
                 .tls_config(tls)
+                // The agent's own proxy (`[hub] proxy`, `https_proxy`, `no_proxy`), or none:
+                // ureq's default would read its own list of variables (ALL_PROXY, HTTP_PROXY).
+                .proxy(req.proxy.as_ref().map(ureq_proxy).transpose()?)
                 .http_status_as_error(false)
                 .user_agent(format!("hubagent/{}", env!("CARGO_PKG_VERSION")))
                 .build(),
@@ -108,9 +126,29 @@ impl Client {
                 url_encode(&req.registration_id)
             ),
             endpoint: format!("{}:{}", req.endpoint_host, req.port),
+            proxy: req.proxy.as_ref().map(|p| p.describe.clone()),
             deadline,
             timeout: req.timeout,
         })
+    }
+
+    /// What went wrong before DPS answered; through a proxy, the proxy is named (with what its
+    /// refusal means), as the MQTT connections do.
+    fn failure(&self, e: &ureq::Error) -> String {
+        let Some(proxy) = &self.proxy else {
+            return e.to_string();
+        };
+        match e {
+            // "proxy server responded 407/Proxy Authentication Required"
+            ureq::Error::ConnectProxyFailed(reason) => {
+                let status = reason
+                    .strip_prefix("proxy server responded ")
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|code| code.parse().ok());
+                crate::mqtt::proxy_refusal_text(proxy, status, reason)
+            }
+            other => format!("through proxy {proxy}: {other}"),
+        }
     }
 
     fn remaining(&self) -> Result<Duration, DpsError> {
@@ -131,7 +169,7 @@ impl Client {
         let timeout = self.remaining()?.min(Duration::from_secs(30));
         let unreachable = |e: ureq::Error| DpsError::Unreachable {
             endpoint: self.endpoint.clone(),
-            message: e.to_string(),
+            message: self.failure(&e),
         };
         let response = match (method, body) {
             ("PUT", Some(body)) => {
