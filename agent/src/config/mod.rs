@@ -158,7 +158,7 @@ impl Provisioning {
     }
 
     /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
-    fn dps_over_https(&self) -> bool {
+    pub fn dps_over_https(&self) -> bool {
         matches!(
             self.attestation,
             Some(Attestation::Tpm {
