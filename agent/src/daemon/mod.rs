@@ -229,7 +229,7 @@ impl Daemon {
             ticker,
             watchdog: spawn_watchdog(),
         };
-        let auto_route = provisioning::auto_route(&config);
+        let auto_route = provisioning::auto_route(&config, &state);
         let daemon = Daemon {
             config,
             state,
@@ -381,7 +381,7 @@ impl Daemon {
         let changed = config.provisioning_fingerprint() != self.config.provisioning_fingerprint();
         tracing::info!(provisioning_changed = changed, "configuration reloaded");
         if config.hub != self.config.hub {
-            self.auto_route = provisioning::auto_route(&config);
+            self.auto_route = provisioning::auto_route(&config, &self.state);
         }
         self.config = config;
         self.plugins.reconfigure(&self.config, &self.twin);

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::certificate::CERTIFICATE_CHECK_EVERY;
 use super::lifecycle::{Event, Lifecycle, Phase};
-use super::status::ConnectionState;
+use super::status::{ConnectionState, RouteMemoryStatus};
 use super::{Command, Daemon};
 use crate::hub::{self, HubParams, SessionEvent, SessionHandle};
 use crate::provisioning::DeviceIdentity;
@@ -123,10 +123,12 @@ impl Daemon {
                     Some(auto) => auto.websocket(),
                     None => self.config.hub.websocket(),
                 };
+                let memory = self.auto_route.as_ref().and_then(|auto| auto.remembered());
                 self.status.update(|s| {
                     s.connection = ConnectionState::Connected;
                     s.last_error = None;
                     s.route = Some(crate::mqtt::route_name(websocket));
+                    s.route_memory = memory.as_ref().map(RouteMemoryStatus::from_memory);
                 });
                 systemd::status(&self.status.line());
             }
