@@ -11,9 +11,9 @@ as_root() {
 
 # Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
 # systemd-nspawn, mmdebstrap, lintian, dpkg-dev for packaging/check-depends.sh's dpkg-shlibdeps),
-# libfaketime for the clock-jump fault scenarios, and tinyproxy, the real HTTP proxy of the
-# proxy tests. Installed only when something is missing.
-packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy)
+# libfaketime for the clock-jump fault scenarios, tinyproxy, the real HTTP proxy of the proxy
+# tests, and iproute2 (`ip netns`) for the scenario whose only way out is that proxy. Installed only when something is missing.
+packages=(python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
