@@ -54,6 +54,15 @@ pub async fn register(
         .map_err(|e| DpsError::Protocol(format!("the registration task failed: {e}")))?
 }
 
+/// The HTTP status in ureq's text for a refused CONNECT ("proxy server responded 407/Proxy
+/// Authentication Required"); none for its other texts ("proxy server did not respond").
+fn refusal_status(reason: &str) -> Option<u16> {
+    reason
+        .strip_prefix("proxy server responded ")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|code| code.parse().ok())
+}
+
 /// The proxy for ureq, its password included (ureq sends it as Basic proxy authorization).
 fn ureq_proxy(route: &crate::mqtt::ProxyRoute) -> Result<ureq::Proxy, DpsError> {
     let mut proxy = ureq::Proxy::builder(ureq::ProxyProtocol::Http)
@@ -139,13 +148,8 @@ impl Client {
             return e.to_string();
         };
         match e {
-            // "proxy server responded 407/Proxy Authentication Required"
             ureq::Error::ConnectProxyFailed(reason) => {
-                let status = reason
-                    .strip_prefix("proxy server responded ")
-                    .and_then(|rest| rest.split('/').next())
-                    .and_then(|code| code.parse().ok());
-                crate::mqtt::proxy_refusal_text(proxy, status, reason)
+                crate::mqtt::proxy_refusal_text(proxy, refusal_status(reason), reason)
             }
             other => format!("through proxy {proxy}: {other}"),
         }
@@ -392,5 +396,37 @@ fn tpm_refused(req: &DpsRequest, answer: &Value, fallback: &str) -> DpsError {
     DpsError::TpmRefused {
         registration_id: req.registration_id.clone(),
         message: answer["message"].as_str().unwrap_or(fallback).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connect_is_told_by_its_status_and_named_by_the_proxy() {
+        assert_eq!(
+            refusal_status("proxy server responded 407/Proxy Authentication Required"),
+            Some(407)
+        );
+        assert_eq!(
+            refusal_status("proxy server responded 502/Bad Gateway"),
+            Some(502)
+        );
+        assert_eq!(refusal_status("proxy server did not respond"), None);
+        let proxy = "http://agent@proxy.lan:3128 (from [hub] proxy)";
+        let text =
+            |reason: &str| crate::mqtt::proxy_refusal_text(proxy, refusal_status(reason), &reason);
+        assert!(
+            text("proxy server responded 403/Forbidden").contains(&format!(
+                "proxy {proxy} refused the tunnel: HTTP 403 (forbidden"
+            ))
+        );
+        assert!(
+            text("proxy server responded 502/Bad Gateway").contains(&format!(
+                "proxy {proxy} could not reach the destination: HTTP 502"
+            ))
+        );
+        assert!(text("proxy server did not respond").starts_with(&format!("proxy {proxy}: ")));
     }
 }
