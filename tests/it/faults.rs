@@ -348,8 +348,6 @@ async fn only_a_proxy_to_443_gets_out() {
     let running = start_sim(dir.path()).await;
     let https = running.https_addr.port();
     let mqtt = running.mqtt_addr.port();
-    // The direct route is truly closed: inside, hubsim's addresses are the namespace's own.
-    assert!(!netns.can_connect("127.0.0.1", mqtt) && !netns.can_connect("127.0.0.1", https));
     let proxy = Tinyproxy::start_with(
         &dir.path().join("proxy"),
         free_port(),
@@ -360,7 +358,10 @@ async fn only_a_proxy_to_443_gets_out() {
             ..ProxySettings::default()
         },
     );
-    assert!(netns.can_connect(&netns.host_addr.to_string(), proxy.port));
+    assert!(netns.wait_reachable(&netns.host_addr.to_string(), proxy.port));
+    // The proxy is reached from inside; the direct route is truly closed: inside, hubsim's
+    // addresses are the namespace's own.
+    assert!(!netns.can_connect("127.0.0.1", mqtt) && !netns.can_connect("127.0.0.1", https));
     let agent_config = enrolled_agent(dir.path(), &running, "fault-only-proxy")
         .0
         .extra(&format!("transport = \"auto\"\nwebsocket_port = {https}\n"));

@@ -104,6 +104,21 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Waits until `host:port` can be reached from inside (a fresh veth pair takes a moment to
+    /// carry packets on a loaded machine); false after [`crate::WAIT`].
+    pub fn wait_reachable(&self, host: &str, port: u16) -> bool {
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        while !self.can_connect(host, port) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        true
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes the veth pair with it.
