@@ -1,6 +1,7 @@
-//! The state directory (`/var/lib/hubagent`): the cached DPS assignment and the twin's desired
-//! state, so the agent boots and works offline with what it last knew. Every write is atomic
-//! (temp file, fsync, rename, fsync of the directory) and private (0600 files in a 0700 dir).
+//! The state directory (`/var/lib/hubagent`): the cached DPS assignment, the twin's desired
+//! state and the route `transport = "auto"` learned, so the agent boots and works offline with
+//! what it last knew. Every write is atomic (temp file, fsync, rename, fsync of the directory) and
+//! private (0600 files in a 0700 dir).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
