@@ -86,6 +86,23 @@ impl Scenario {
         drop_connection(self.sim(), &self.id)
     }
 
+    /// Drops the hub connection, then waits for the agent's next connection and 5 messages
+    /// over it. The new connection first: messages the dropped one carried may still be counted
+    /// after the drop, and a next round needs a live connection to drop.
+    async fn drop_and_recover(&self, agent: &AgentProcess, round: usize) {
+        let connects = hub_connects(self.sim(), &self.id);
+        assert!(self.drop_connection(), "round {round}: no live connection");
+        assert!(
+            self.sim()
+                .wait_until(LONG_WAIT, |sim| hub_connects(sim, &self.id) > connects)
+                .await,
+            "round {round}: no reconnection: {}",
+            agent.log_text()
+        );
+        let before = telemetry_count(self.sim(), &self.id);
+        self.wait_telemetry(agent, before + 5).await;
+    }
+
     /// Waits until hubsim has recorded `n` messages of the device.
     async fn wait_telemetry(&self, agent: &AgentProcess, n: usize) {
         assert!(
@@ -315,9 +332,7 @@ async fn port_8883_blocked_443_open() {
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     for round in 1..=3 {
-        let before = telemetry_count(s.sim(), &s.id);
-        assert!(s.drop_connection(), "round {round}: no live connection");
-        s.wait_telemetry(&agent, before + 5).await;
+        s.drop_and_recover(&agent, round).await;
     }
     let log = agent.log_text();
     assert_eq!(
@@ -374,9 +389,7 @@ async fn only_a_proxy_to_443_gets_out() {
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     for round in 1..=2 {
-        let before = telemetry_count(s.sim(), &s.id);
-        assert!(s.drop_connection(), "round {round}: no live connection");
-        s.wait_telemetry(&agent, before + 5).await;
+        s.drop_and_recover(&agent, round).await;
     }
     let log = agent.log_text();
     assert!(
