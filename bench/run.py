@@ -225,8 +225,9 @@ class Agent:
     """The release hubagent with its own state dir; library plugins copied to a root-owned
     0700 directory so the plugin path check passes when the benchmark runs as root."""
 
-    def __init__(self, work, sim, name, key, plugins):
+    def __init__(self, work, sim, name, key, plugins, hub_extra="", env=None):
         self.dir = work / name
+        self.env = env or {}
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self.sim, self.socket = sim, self.dir / "control.sock"
         keyfile = self.dir / "device.key"
@@ -256,7 +257,7 @@ key = {{ file = "{keyfile}" }}
 port = {MQTT_PORT}
 trust_bundle = "{sim.ca}"
 reconnect_backoff_max = "1s"
-
+{hub_extra}
 [queue]
 max_bytes = "4GiB"
 """
@@ -279,6 +280,7 @@ max_bytes = "4GiB"
 
     def start(self, notify=None):
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env.update(self.env)
         if notify:
             env["NOTIFY_SOCKET"] = notify
         self.log = open(self.dir / "agent.log", "ab")
@@ -426,14 +428,9 @@ def agent_runs(sim, work, opts, results):
 
         # Load: a burst of N messages from the bench plugin, triggered through the twin.
         sampler.reset()
-        base = sim.received(AGENT_REG)
-        c0, t0 = cpu_seconds(tree(pid)), time.time()
-        sim.api("PATCH", f"/twins/{AGENT_REG}",
-                {"properties": {"desired": {"plugins": {"bench": {"count": opts.messages, "run": run}}}}})
-        _, done = wait_received(sim, AGENT_REG, base + opts.messages, 600)
-        cpu = cpu_seconds(tree(pid)) - c0
-        results["agent_rate"].append(opts.messages / (done - t0))
-        results["agent_cpu_per_k"].append(1000 * cpu / opts.messages)
+        rate, cpu_per_k = burst(sim, pid, opts.messages, run)
+        results["agent_rate"].append(rate)
+        results["agent_cpu_per_k"].append(cpu_per_k)
         results["load_rss"].append(sampler.stop() / 1024)
         agent.stop()
 
@@ -446,6 +443,73 @@ def agent_runs(sim, work, opts, results):
         log(f"agent run {run + 1}: {results['agent_rate'][-1]:.0f} msg/s, first telemetry "
             f"{results['first_telemetry_fresh'][-1] * 1000:.0f} ms, READY {results['ready_cached'][-1] * 1000:.0f} ms, "
             f"{procs} processes")
+
+
+def burst(sim, pid, count, run):
+    """A burst of `count` messages from the bench plugin of the agent `pid`, triggered through
+    the twin (`run` tells bursts apart): (msg/s until hubsim has them all, CPU s per 1,000)."""
+    base = sim.received(AGENT_REG)
+    c0, t0 = cpu_seconds(tree(pid)), time.time()
+    sim.api("PATCH", f"/twins/{AGENT_REG}",
+            {"properties": {"desired": {"plugins": {"bench": {"count": count, "run": run}}}}})
+    _, done = wait_received(sim, AGENT_REG, base + count, 600)
+    return count / (done - t0), 1000 * (cpu_seconds(tree(pid)) - c0) / count
+
+
+class Tinyproxy:
+    """Debian's tinyproxy on a free loopback port, CONNECT to any port, no authentication: the
+    proxy of rows 1c/2e (the test suite's, tests/support/proxy.rs)."""
+
+    def __init__(self, work):
+        self.port = free_port()
+        conf = work / "tinyproxy.conf"
+        conf.write_text(f"Port {self.port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 100\n"
+                        f"Allow 127.0.0.1\nLogLevel Warning\nLogFile \"{work / 'tinyproxy.log'}\"\n")
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for("tinyproxy to listen", lambda: not port_free(self.port), 30, 0.02)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def websocket_runs(sim, work, opts, results):
+    """Rows 1b/1c/2e: the same burst as row 1 over MQTT over WebSockets (hubsim's HTTPS port), and
+    through an HTTP proxy (tinyproxy) too, by the agent and by bare rumqttc, in the same run as
+    row 1 so the figures compare."""
+    if shutil.which("tinyproxy") is None:
+        log("no tinyproxy (Debian package tinyproxy; tests/setup.sh installs it): no proxy rows")
+        proxy = None
+    else:
+        proxy = Tinyproxy(work)
+    routes = [("ws", {})] + ([("proxy", {"https_proxy": f"http://127.0.0.1:{proxy.port}"})] if proxy else [])
+    key = enroll_agent(sim)
+    bare_key = device(sim, "bench-bare")
+    try:
+        for run in range(opts.runs):
+            for name, env in routes:
+                clear_bench_desired(sim)
+                agent = Agent(work, sim, f"{name}-{run}", key, [("bench", "hubagent_bench_plugin", {"count": 0})],
+                              hub_extra=f'transport = "websockets"\nwebsocket_port = {sim.https_port}\n', env=env)
+                agent.start()
+                agent.wait_running(["bench"])
+                rate, cpu_per_k = burst(sim, agent.proc.pid, opts.messages, f"{name}-{run}")
+                agent.stop()
+                results[f"agent_{name}_rate"].append(rate)
+                results[f"agent_{name}_cpu_per_k"].append(cpu_per_k)
+                bare = ["--websocket", "--port", str(sim.https_port)]
+                if name == "proxy":
+                    bare += ["--proxy", f"127.0.0.1:{proxy.port}"]
+                out, cpu, _ = run_measured([str(REL / "bench-publisher"), "--ca", str(sim.ca), "--device-id", "bench-bare",
+                                            "--count", str(opts.messages), "--size", str(SIZE)] + bare,
+                                           env={**os.environ, "BENCH_DEVICE_KEY": bare_key})
+                results[f"bare_{name}_rate"].append(out["msgs_per_s"])
+                results[f"bare_{name}_cpu_per_k"].append(1000 * cpu / opts.messages)
+                log(f"{name} run {run + 1}: agent {rate:.0f} msg/s, bare rumqttc {out['msgs_per_s']:.0f} msg/s")
+    finally:
+        if proxy:
+            proxy.stop()
 
 
 def bare_runs(sim, opts, results):
@@ -563,8 +627,15 @@ def table(r, opts):
         ("1. Telemetry throughput, msg/s (256 B, QoS 1)",
          f"{fig(r['agent_rate'])} plugin → queue → hub", f"{fig(r['bare_rate'])}",
          f"{fig(r['sdk_rate'])}"),
+        ("1b. Telemetry throughput over WebSockets (443), msg/s", fig(r["agent_ws_rate"]),
+         fig(r["bare_ws_rate"]), "—"),
+        ("1c. Telemetry throughput over WebSockets through an HTTP proxy (tinyproxy), msg/s",
+         fig(r["agent_proxy_rate"]), fig(r["bare_proxy_rate"]), "—"),
         ("2a. CPU time per 1,000 messages, ms", fig(r["agent_cpu_per_k"], "{:.0f}", 1000),
          fig(r["bare_cpu_per_k"], "{:.0f}", 1000), fig(r["sdk_cpu_per_k"], "{:.0f}", 1000)),
+        ("2e. CPU time per 1,000 messages over WebSockets (through the proxy), ms",
+         f"{fig(r['agent_ws_cpu_per_k'], '{:.0f}', 1000)} ({fig(r['agent_proxy_cpu_per_k'], '{:.0f}', 1000)})",
+         f"{fig(r['bare_ws_cpu_per_k'], '{:.0f}', 1000)} ({fig(r['bare_proxy_cpu_per_k'], '{:.0f}', 1000)})", "—"),
         ("2b. Idle CPU with 3 plugins, % of one core", fig(r["idle_cpu_pct"], "{:.2f}"), "—", "—"),
         ("2c. Peak RSS idle with 3 plugins, MiB (all processes)", fig(r["idle_rss"], "{:.1f}"), "—", "—"),
         ("2d. Peak RSS under load, MiB (all processes)", fig(r["load_rss"], "{:.1f}"),
@@ -599,6 +670,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer messages and devices (a smoke run)")
     ap.add_argument("--write-doc", action="store_true", help=f"put the table into {DOC.relative_to(ROOT)}")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (logs, state)")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="rows 1-3 and the WebSocket rows only (no hubsim capacity, SDK or backlog runs); "
+                         "not for --write-doc")
     opts = ap.parse_args()
     q = opts.quick
     opts.messages = 5_000 if q else 50_000
@@ -622,15 +696,21 @@ def main():
         "agent_rate", "bare_rate", "sdk_rate", "agent_cpu_per_k", "bare_cpu_per_k", "sdk_cpu_per_k",
         "idle_cpu_pct", "idle_rss", "load_rss", "bare_rss", "sdk_rss", "ready_cached", "first_telemetry_fresh",
         "sdk_first_telemetry_fresh", "drain_rate", "fill_rate", "queue_bytes_per_msg", "registrations_per_s",
-        "connections_held", "connections_per_s")}
+        "connections_held", "connections_per_s", "agent_ws_rate", "agent_ws_cpu_per_k", "bare_ws_rate",
+        "bare_ws_cpu_per_k", "agent_proxy_rate", "agent_proxy_cpu_per_k", "bare_proxy_rate", "bare_proxy_cpu_per_k")}
     started = time.time()
     sim = Hubsim(work)
+    if opts.throughput_only and opts.write_doc:
+        sys.exit("bench: --throughput-only leaves rows empty; the doc's table comes from a full run")
     try:
-        hubsim_runs(sim, opts, results)
+        if not opts.throughput_only:
+            hubsim_runs(sim, opts, results)
         bare_runs(sim, opts, results)
         agent_runs(sim, work, opts, results)
-        sdk_runs(sim, opts, results)
-        backlog_runs(sim, work, opts, results)
+        websocket_runs(sim, work, opts, results)
+        if not opts.throughput_only:
+            sdk_runs(sim, opts, results)
+            backlog_runs(sim, work, opts, results)
     finally:
         for agent in STARTED:
             if agent.proc:

@@ -11,9 +11,11 @@ as_root() {
 
 # Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
 # systemd-nspawn, mmdebstrap, lintian, dpkg-dev for packaging/check-depends.sh's dpkg-shlibdeps),
-# libfaketime for the clock-jump fault scenarios, and tinyproxy, the real HTTP proxy of the
-# proxy tests. Installed only when something is missing.
-packages=(python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy prometheus-node-exporter)
+# libfaketime for the clock-jump fault scenarios, tinyproxy, the real HTTP proxy of the proxy
+# tests, iproute2 (`ip netns`) for the scenario whose only way out is that proxy, Debian's python3
+# for exec plugins (the plugin sandbox lets them execute from /usr), and prometheus-node-exporter,
+# which serves the agent's metrics file in a test. Installed only when something is missing.
+packages=(python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy iproute2 prometheus-node-exporter)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,7 +15,7 @@
 //! | 6 | `telemetry` | the durable queue, the publisher sources write into, the pump that feeds the hub session |
 //! | 5 | `hub` | the IoT Hub MQTT session (SAS renewal, reconnects, twin, methods, C2D) and its topics |
 //! | 4 | `provisioning` | which hub the device belongs to: DPS over MQTT and HTTPS, the cached assignment, `resolve` |
-//! | 3 | `identity`, `mqtt` | keys, SAS, X.509, the TPM signer, the credential and its TLS; one MQTT connection's plumbing |
+//! | 3 | `identity`, `mqtt` | keys, SAS, X.509, the TPM signer, the credential and its TLS; one MQTT connection's plumbing and `auto`'s route memory |
 //! | 2 | `state`, `system` | the state directory's files; logging, systemd, hardening, the control socket |
 //! | 1 | `config` | the configuration, parsed once into typed values (plugins, DPS endpoint, queue) |
 //! | 0 | `util`, `message` | time, backoff, atomic files, JSON merge and diff, encodings; the telemetry message |

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::state::{RouteMemory, StateDir};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
     SubscribeReasonCode, TlsConfiguration, Transport,
@@ -45,20 +46,52 @@ pub struct ConnectOptions {
 
 /// `transport = "auto"`: MQTT on 8883 first; when that cannot be reached, MQTT over WebSockets on
 /// 443; whichever worked last is tried first from then on (DPS and the hub share one memory: it
-/// is the network that decides).
+/// is the network that decides). The memory is kept in the state directory (`route.json`), so a
+/// restart starts with the route that worked, and WebSockets is kept for [`DIRECT_AGAIN_AFTER`]
+/// only: then 8883 is tried first again, so a site whose firewall opened gets the direct route
+/// back (at the next connection: with SAS, the renewal's at the latest).
 #[derive(Debug)]
 pub struct AutoRoute {
     pub tls_port: u16,
     pub websocket_port: u16,
-    websocket: Arc<std::sync::atomic::AtomicBool>,
+    memory: Arc<std::sync::Mutex<Option<RouteMemory>>>,
+    /// Where the memory is saved (None: in memory only, e.g. in unit tests).
+    store: Option<StateDir>,
 }
 
+/// How long WebSockets stays the first route after it was learned. A day: a site whose firewall
+/// opens 8883 gets the direct (lighter) route back within a day, and a site where it stays closed
+/// pays one failed attempt on 8883 a day.
+pub const DIRECT_AGAIN_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 impl AutoRoute {
-    pub fn new(tls_port: u16, websocket_port: u16) -> AutoRoute {
+    /// The route memory for these ports: what `store` remembers (when it was learned with the
+    /// same ports), else nothing (8883 first).
+    pub fn new(tls_port: u16, websocket_port: u16, store: Option<StateDir>) -> AutoRoute {
+        let remembered = match store.as_ref().map(StateDir::load_route) {
+            Some(Ok(Some(m))) if (m.tls_port, m.websocket_port) == (tls_port, websocket_port) => {
+                tracing::info!(
+                    "{} worked at {}: trying it first",
+                    route_name(m.websocket),
+                    crate::util::time::unix_rfc3339(m.learned_at)
+                );
+                Some(m)
+            }
+            Some(Ok(Some(_))) => {
+                tracing::info!("the remembered route was for other ports: trying 8883 first");
+                None
+            }
+            Some(Err(e)) => {
+                tracing::warn!("{e}");
+                None
+            }
+            Some(Ok(None)) | None => None,
+        };
         AutoRoute {
             tls_port,
             websocket_port,
-            websocket: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            memory: Arc::new(std::sync::Mutex::new(remembered)),
+            store,
         }
     }
 
@@ -67,18 +100,59 @@ impl AutoRoute {
         AutoRoute {
             tls_port,
             websocket_port,
-            websocket: self.websocket.clone(),
+            memory: self.memory.clone(),
+            store: self.store.clone(),
         }
     }
 
-    /// Whether WebSockets is the route to try first (the one that worked last).
-    pub fn websocket(&self) -> bool {
-        self.websocket.load(std::sync::atomic::Ordering::Relaxed)
+    /// What is remembered: the route that worked and since when (`None` before anything did).
+    pub fn remembered(&self) -> Option<RouteMemory> {
+        *self.memory.lock().unwrap()
     }
 
+    /// Whether WebSockets is the route that worked last (how status names the session's route).
+    pub fn websocket(&self) -> bool {
+        self.remembered().is_some_and(|m| m.websocket)
+    }
+
+    /// Whether WebSockets is the route to try first: the one that worked last, and learned less
+    /// than [`DIRECT_AGAIN_AFTER`] ago.
+    fn first_websocket(&self) -> bool {
+        match self.remembered() {
+            Some(m) if m.websocket => {
+                let fresh = crate::util::time::unix_now().saturating_sub(m.learned_at)
+                    < DIRECT_AGAIN_AFTER.as_secs();
+                if !fresh {
+                    tracing::info!(
+                        "{} was learned at {}, over a day ago: trying MQTT over TLS on port {} first again",
+                        route_name(true),
+                        crate::util::time::unix_rfc3339(m.learned_at),
+                        self.tls_port
+                    );
+                }
+                fresh
+            }
+            _ => false,
+        }
+    }
+
+    /// `websocket` worked: remembered and saved, unless MQTT over TLS is already what is
+    /// remembered (WebSockets is learned again each time, its day starting over).
     fn remember(&self, websocket: bool) {
-        self.websocket
-            .store(websocket, std::sync::atomic::Ordering::Relaxed);
+        let mut memory = self.memory.lock().unwrap();
+        if !websocket && memory.is_some_and(|m| !m.websocket) {
+            return;
+        }
+        let learned = RouteMemory {
+            websocket,
+            learned_at: crate::util::time::unix_now(),
+            tls_port: self.tls_port,
+            websocket_port: self.websocket_port,
+        };
+        *memory = Some(learned);
+        if let Some(Err(e)) = self.store.as_ref().map(|s| s.save_route(&learned)) {
+            tracing::warn!("cannot keep the route that worked: {e}");
+        }
     }
 
     fn port(&self, websocket: bool) -> u16 {
@@ -105,13 +179,20 @@ pub async fn connect(options: &ConnectOptions) -> Result<(AsyncClient, EventLoop
     let Some(auto) = &options.auto else {
         return connect_once(options).await;
     };
-    let first = auto.websocket();
+    let first = auto.first_websocket();
     let attempt = |websocket: bool| ConnectOptions {
         port: auto.port(websocket),
         websocket,
         ..options.clone()
     };
     match connect_once(&attempt(first)).await {
+        Ok(connected) => {
+            // WebSockets first means it is remembered and fresh: nothing new to keep.
+            if !first {
+                auto.remember(false);
+            }
+            Ok(connected)
+        }
         Err(ConnectError::Network(reason)) => {
             tracing::warn!(
                 host = %options.host,
@@ -251,7 +332,7 @@ pub async fn wait_connack(
     }
 }
 
-/// The text of a failed proxy tunnel: the proxy, and for an HTTP refusal what to check.
+/// The text of a failed proxy tunnel of rumqttc's (async-http-proxy's error).
 fn proxy_refusal(describe: &str, error: &(dyn std::error::Error + 'static)) -> String {
     let status = error
         .source()
@@ -260,6 +341,16 @@ fn proxy_refusal(describe: &str, error: &(dyn std::error::Error + 'static)) -> S
             async_http_proxy::HttpError::HttpCode200(code) => Some(*code),
             _ => None,
         });
+    proxy_refusal_text(describe, status, error)
+}
+
+/// The text of a failed proxy tunnel, whichever client dialled it (MQTT here, DPS over HTTPS):
+/// the proxy, and for an HTTP refusal (`status`) what it means and what to check.
+pub fn proxy_refusal_text(
+    describe: &str,
+    status: Option<u16>,
+    error: &dyn std::fmt::Display,
+) -> String {
     match status {
         // 407 is the standard answer; some proxies (tinyproxy) send 401.
         Some(code @ (401 | 407)) => format!(

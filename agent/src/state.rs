@@ -1,6 +1,7 @@
-//! The state directory (`/var/lib/hubagent`): the cached DPS assignment and the twin's desired
-//! state, so the agent boots and works offline with what it last knew. Every write is atomic
-//! (temp file, fsync, rename, fsync of the directory) and private (0600 files in a 0700 dir).
+//! The state directory (`/var/lib/hubagent`): the cached DPS assignment, the twin's desired
+//! state and the route `transport = "auto"` learned, so the agent boots and works offline with
+//! what it last knew. Every write is atomic (temp file, fsync, rename, fsync of the directory) and
+//! private (0600 files in a 0700 dir).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,19 @@ pub struct TwinCache {
     pub reported_sent: Map<String, Value>,
 }
 
+/// `[hub] transport = "auto"`: the route that worked, so a restart starts with it. Holds no
+/// secret: ports, a flag and a time.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteMemory {
+    /// MQTT over WebSockets (on `websocket_port`) rather than MQTT over TLS (on `tls_port`).
+    pub websocket: bool,
+    /// When the route was learned, Unix seconds.
+    pub learned_at: u64,
+    /// The ports it was learned with: with other ports configured it says nothing.
+    pub tls_port: u16,
+    pub websocket_port: u16,
+}
+
 #[derive(Debug, Clone)]
 pub struct StateDir {
     path: PathBuf,
@@ -56,6 +70,7 @@ pub struct StateDir {
 
 const PROVISIONING: &str = "provisioning.json";
 const TWIN: &str = "twin.json";
+const ROUTE: &str = "route.json";
 
 impl StateDir {
     /// Creates the directory (0700) if needed. Returns a warning when an existing directory is
@@ -112,6 +127,14 @@ impl StateDir {
 
     pub fn save_twin(&self, twin: &TwinCache) -> Result<(), StateError> {
         self.save(TWIN, twin)
+    }
+
+    pub fn load_route(&self) -> Result<Option<RouteMemory>, StateError> {
+        self.load(ROUTE)
+    }
+
+    pub fn save_route(&self, route: &RouteMemory) -> Result<(), StateError> {
+        self.save(ROUTE, route)
     }
 
     fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
@@ -197,6 +220,17 @@ mod tests {
             std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        let route = RouteMemory {
+            websocket: true,
+            learned_at: 1_700_000_000,
+            tls_port: 8883,
+            websocket_port: 443,
+        };
+        state.save_route(&route).unwrap();
+        assert_eq!(state.load_route().unwrap(), Some(route));
+        std::fs::write(root.join("route.json"), "{\"websocket\": 1}").unwrap();
+        let err = state.load_route().unwrap_err().to_string();
+        assert!(err.contains("route.json: not a valid state file"), "{err}");
         std::fs::write(&file, "{ half a file").unwrap();
         let err = state.load_provisioning().unwrap_err().to_string();
         assert!(err.contains("provisioning.json"), "{err}");

@@ -37,14 +37,55 @@ pub fn client(
     password: &str,
     inflight: u16,
 ) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(client_id, host, port);
+    let route = Route::default();
+    client_by(
+        tls, host, client_id, port, username, password, inflight, &route,
+    )
+}
+
+/// How a client reaches the server: MQTT straight over TLS, or inside a WebSocket (the path IoT
+/// Hub serves it at), optionally through an HTTP proxy (CONNECT), as the agent can.
+#[derive(Default)]
+pub struct Route {
+    pub websocket: bool,
+    /// `host:port` of an HTTP proxy without authentication.
+    pub proxy: Option<(String, u16)>,
+}
+
+/// [`client`] by `route`.
+#[allow(clippy::too_many_arguments)]
+pub fn client_by(
+    tls: &Arc<rustls::ClientConfig>,
+    host: &str,
+    client_id: &str,
+    port: u16,
+    username: &str,
+    password: &str,
+    inflight: u16,
+    route: &Route,
+) -> (AsyncClient, EventLoop) {
+    let broker = match route.websocket {
+        false => host.to_string(),
+        true => format!("wss://{host}:{port}/$iothub/websocket"),
+    };
+    let mut mqtt = MqttOptions::new(client_id, broker, port);
     mqtt.set_keep_alive(Duration::from_secs(60));
     mqtt.set_clean_session(true);
     mqtt.set_inflight(inflight.max(1));
     mqtt.set_max_packet_size(300 * 1024, 300 * 1024);
-    mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        tls.clone(),
-    )));
+    let tls = TlsConfiguration::Rustls(tls.clone());
+    mqtt.set_transport(match route.websocket {
+        false => Transport::tls_with_config(tls),
+        true => Transport::wss_with_config(tls),
+    });
+    if let Some((host, port)) = &route.proxy {
+        mqtt.set_proxy(rumqttc::Proxy {
+            ty: rumqttc::ProxyType::Http,
+            auth: rumqttc::ProxyAuth::None,
+            addr: host.clone(),
+            port: *port,
+        });
+    }
     mqtt.set_credentials(username, password);
     AsyncClient::new(mqtt, usize::from(inflight.max(1)) * 2)
 }

@@ -946,3 +946,103 @@ async fn logs_and_check_direct_methods_diagnose_from_the_cloud() {
     );
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// `transport = "auto"` keeps the route that worked in the state directory (`route.json`): a
+/// restart goes straight to WebSockets where 8883 is closed, `hubagent status` shows what is
+/// remembered, and a day after WebSockets was learned the agent tries 8883 first again, so a
+/// firewall that opened gives the direct route back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_remembers_its_route_across_restarts_and_tries_8883_again_after_a_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let device = "gw-daemon-auto-memory";
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (config, _) = enrolled_agent(dir.path(), &running, device);
+    let config = config
+        .mqtt_port(closed_port)
+        .extra(&format!(
+            "transport = \"auto\"\nwebsocket_port = {}\n",
+            running.https_addr.port()
+        ))
+        .extra(&builtin_sensor("100ms"))
+        .write();
+    let sim = running.sim.clone();
+    let route_file = dir.path().join("state").join("route.json");
+    let remembered = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&route_file).unwrap()).unwrap()
+    };
+    let last_transport = || {
+        connection_events(&sim, device)
+            .iter()
+            .rev()
+            .find(|e| e.event == "connected")
+            .and_then(|e| e.transport.clone())
+    };
+
+    // 1. 8883 closed: WebSockets is learned, saved, and shown.
+    let agent = AgentProcess::start(&config);
+    publishes(&sim, device, &agent).await;
+    let status = agent.status();
+    assert_eq!(status["route"], "MQTT over WebSockets");
+    assert_eq!(
+        status["route_memory"]["first"], "MQTT over WebSockets",
+        "{status}"
+    );
+    assert!(
+        status["route_memory"]["direct_again_at"].is_string(),
+        "{status}"
+    );
+    assert_eq!(remembered()["websocket"], true);
+    assert_eq!(remembered()["tls_port"], closed_port);
+    assert_eq!(agent.stop(), Some(0));
+
+    // 2. A restart starts with WebSockets: no attempt on 8883, no fallback.
+    let agent = AgentProcess::start(&config);
+    publishes(&sim, device, &agent).await;
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0));
+    assert!(log.contains("MQTT over WebSockets worked at"), "{log}");
+    assert!(!log.contains("trying MQTT over WebSockets"), "{log}");
+    assert_eq!(last_transport().as_deref(), Some("mqtt-ws"));
+
+    // 3. Learned two days ago, and the firewall has opened 8883 since: the agent tries it first,
+    //    takes it, and remembers MQTT over TLS.
+    let mut aged = remembered();
+    aged["learned_at"] = (hubagent::util::time::unix_now() - 2 * 24 * 3600).into();
+    std::fs::write(&route_file, aged.to_string()).unwrap();
+    open_port(closed_port, running.mqtt_addr.port()).await;
+    let agent = AgentProcess::start(&config);
+    publishes(&sim, device, &agent).await;
+    let status = agent.status();
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0));
+    assert!(
+        log.contains(&format!(
+            "over a day ago: trying MQTT over TLS on port {closed_port} first again"
+        )),
+        "{log}"
+    );
+    assert_eq!(last_transport().as_deref(), Some("mqtt"));
+    assert_eq!(status["route"], "MQTT over TLS", "{status}");
+    assert_eq!(status["route_memory"]["first"], "MQTT over TLS", "{status}");
+    assert!(
+        status["route_memory"]["direct_again_at"].is_null(),
+        "{status}"
+    );
+    assert_eq!(remembered()["websocket"], false);
+}
+
+/// Waits until `agent` has published 3 more messages (from now) to `device`.
+async fn publishes(sim: &hubsim::Sim, device: &str, agent: &AgentProcess) {
+    let before = telemetry_count(sim, device);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, device) >= before + 3)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+}

@@ -27,6 +27,8 @@ struct Scenario {
     acked: Acknowledged,
     /// The environment of the agents [`Scenario::start`] starts (the test-only switch).
     env: Vec<(String, String)>,
+    /// The network namespace the agents run in, if any.
+    netns: Option<hubagent_tests::netns::Netns>,
 }
 
 impl Scenario {
@@ -61,6 +63,7 @@ impl Scenario {
             id: id.to_string(),
             acked: Acknowledged::new(),
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -70,7 +73,10 @@ impl Scenario {
 
     /// Starts `hubagent run` on the scenario's configuration, with its environment.
     fn start(&self) -> AgentProcess {
-        let mut command = std::process::Command::new(hubagent_bin());
+        let mut command = match &self.netns {
+            Some(netns) => netns.command(&hubagent_bin()),
+            None => std::process::Command::new(hubagent_bin()),
+        };
         command.args(["--config", self.config.to_str().unwrap(), "run"]);
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         AgentProcess::spawn(command, &self.config, "hubagent")
@@ -78,6 +84,23 @@ impl Scenario {
 
     fn drop_connection(&self) -> bool {
         drop_connection(self.sim(), &self.id)
+    }
+
+    /// Drops the hub connection, then waits for the agent's next connection and 5 messages
+    /// over it. The new connection first: messages the dropped one carried may still be counted
+    /// after the drop, and a next round needs a live connection to drop.
+    async fn drop_and_recover(&self, agent: &AgentProcess, round: usize) {
+        let connects = hub_connects(self.sim(), &self.id);
+        assert!(self.drop_connection(), "round {round}: no live connection");
+        assert!(
+            self.sim()
+                .wait_until(LONG_WAIT, |sim| hub_connects(sim, &self.id) > connects)
+                .await,
+            "round {round}: no reconnection: {}",
+            agent.log_text()
+        );
+        let before = telemetry_count(self.sim(), &self.id);
+        self.wait_telemetry(agent, before + 5).await;
     }
 
     /// Waits until hubsim has recorded `n` messages of the device.
@@ -309,9 +332,7 @@ async fn port_8883_blocked_443_open() {
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     for round in 1..=3 {
-        let before = telemetry_count(s.sim(), &s.id);
-        assert!(s.drop_connection(), "round {round}: no live connection");
-        s.wait_telemetry(&agent, before + 5).await;
+        s.drop_and_recover(&agent, round).await;
     }
     let log = agent.log_text();
     assert_eq!(
@@ -323,6 +344,81 @@ async fn port_8883_blocked_443_open() {
         agent,
         "8883-blocked",
         json!({"scenario": "MQTT port closed, WebSockets open (transport = auto), hub connection dropped 3 times, 20 msg/s"}),
+    )
+    .await;
+}
+
+/// The agent in a network namespace whose only way out is an HTTP proxy that allows CONNECT to
+/// the HTTPS port only, as corporate proxies do (8883 gets 403): hubsim cannot be reached
+/// directly, the proxy comes from `https_proxy` (as a systemd drop-in sets it), and with
+/// `transport = "auto"` the agent falls back to WebSockets inside the proxy's tunnels, provisions,
+/// publishes, and loses nothing when the hub drops the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_proxy_to_443_gets_out() {
+    let Some(netns) = hubagent_tests::netns::Netns::create_or_skip("only_a_proxy_to_443_gets_out")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let https = running.https_addr.port();
+    let mqtt = running.mqtt_addr.port();
+    let proxy = Tinyproxy::start_with(
+        &dir.path().join("proxy"),
+        free_port(),
+        &ProxySettings {
+            listen: netns.host_addr,
+            allow: netns.inside_addr.to_string(),
+            connect_ports: vec![https],
+            ..ProxySettings::default()
+        },
+    );
+    assert!(netns.wait_reachable(&netns.host_addr.to_string(), proxy.port));
+    // The proxy is reached from inside; the direct route is truly closed: inside, hubsim's
+    // addresses are the namespace's own.
+    assert!(!netns.can_connect("127.0.0.1", mqtt) && !netns.can_connect("127.0.0.1", https));
+    let agent_config = enrolled_agent(dir.path(), &running, "fault-only-proxy")
+        .0
+        .extra(&format!("transport = \"auto\"\nwebsocket_port = {https}\n"));
+    let mut s = Scenario::with_config(dir, running, "fault-only-proxy", agent_config);
+    s.env = vec![(
+        "https_proxy".into(),
+        format!("http://{}:{}", netns.host_addr, proxy.port),
+    )];
+    s.netns = Some(netns);
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    for round in 1..=2 {
+        s.drop_and_recover(&agent, round).await;
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("refused the tunnel: HTTP 403") && log.contains("trying MQTT over WebSockets"),
+        "{log}"
+    );
+    let tunnels = proxy.tunnels();
+    for wanted in [format!("localhost:{https}"), format!("127.0.0.2:{https}")] {
+        assert!(
+            tunnels.contains(&wanted),
+            "{wanted} not tunnelled: {tunnels:?}"
+        );
+    }
+    let connected = connection_events(s.sim(), &s.id);
+    let connected: Vec<_> = connected
+        .iter()
+        .filter(|e| e.event == "connected")
+        .collect();
+    assert!(
+        connected.len() >= 3
+            && connected
+                .iter()
+                .all(|e| e.transport.as_deref() == Some("mqtt-ws")),
+        "{connected:?}"
+    );
+    s.finish(
+        agent,
+        "only-proxy",
+        json!({"scenario": "only an HTTP proxy gets out (network namespace; CONNECT to 443 only), transport = auto, hub connection dropped 2 times, 20 msg/s"}),
     )
     .await;
 }

@@ -63,10 +63,44 @@ async fn provisioning_telemetry_and_the_twin_go_through_an_authenticating_proxy(
             .any(|t| *t != dps && t.ends_with(&format!(":{}", running.mqtt_addr.port()))),
         "the hub was not reached through the proxy: {tunnels:?}"
     );
+    // `hubagent check` dials DPS and the hub through the same proxy, and says so.
+    let tunnels_before = tunnels.len();
+    let checks = network_checks(&agent);
+    let through = format!(
+        "through proxy http://hubagent@127.0.0.1:{} (from [hub] proxy) (TLS verified)",
+        proxy.port
+    );
+    for id in ["network.dps", "network.hub"] {
+        assert_eq!(checks[id]["result"], "pass", "{checks:?}");
+        assert!(
+            checks[id]["detail"].as_str().unwrap().contains(&through),
+            "{checks:?}"
+        );
+    }
+    assert_eq!(
+        proxy.tunnels().len(),
+        tunnels_before + 2,
+        "{:?}",
+        proxy.tunnels()
+    );
     let status = agent.status().to_string();
     let log = agent.log_text();
     assert_eq!(agent.stop(), Some(0));
     assert!(!log.contains(PASSWORD) && !status.contains(PASSWORD));
+    assert!(!checks.to_string().contains(PASSWORD));
+}
+
+/// `hubagent check --json`'s network checks, by id.
+fn network_checks(agent: &AgentProcess) -> serde_json::Value {
+    let out = agent.cli(&["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check --json: {e}: {out:?}"));
+    let checks = report["checks"].as_array().expect("checks").iter();
+    checks
+        .filter(|c| c["id"].as_str().unwrap().starts_with("network."))
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c.clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,6 +124,18 @@ async fn a_proxy_that_refuses_is_named_with_what_its_answer_means() {
         "{error}"
     );
     assert_eq!(registrations(&running.sim, "gw-proxy-2"), 0);
+    // `hubagent check` meets the same refusal, in the same words.
+    let checks = network_checks(&agent);
+    let dps = checks["network.dps"]["detail"].as_str().unwrap();
+    assert_eq!(checks["network.dps"]["result"], "fail", "{checks:?}");
+    assert!(
+        dps.contains(&format!(
+            "proxy http://hubagent@127.0.0.1:{} (from [hub] proxy) refused the tunnel: HTTP 40",
+            proxy.port
+        )) && dps.contains("proxy authentication required")
+            && !dps.contains(wrong),
+        "{dps}"
+    );
     let log = agent.log_text();
     assert_eq!(agent.stop(), Some(0));
     assert!(

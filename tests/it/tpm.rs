@@ -269,6 +269,19 @@ fn tpm_config(
     registration_id: Option<&str>,
     key_source: &str,
 ) -> PathBuf {
+    tpm_agent(dir, running, swtpm, registration_id, key_source)
+        .extra(&builtin_sensor("100ms"))
+        .write()
+}
+
+/// [`tpm_config`] before its plugin and its writing, for a test that adds `[hub]` keys.
+fn tpm_agent(
+    dir: &Path,
+    running: &hubsim::Running,
+    swtpm: &Swtpm,
+    registration_id: Option<&str>,
+    key_source: &str,
+) -> AgentConfig {
     let attestation = format!(
         "method = \"tpm\"\ntcti = \"{tcti}\"\nhandle = 0x81000100\nkey_source = \"{key_source}\"\n",
         tcti = swtpm.tcti()
@@ -281,9 +294,7 @@ fn tpm_config(
     };
     AgentConfig::new(dir, running, registration_id, &attestation)
         .global_endpoint(&endpoint)
-        .extra(&builtin_sensor("100ms"))
         .path(dir.join("etc").join("config.toml"))
-        .write()
 }
 
 /// Fails if any file under `dir` holds the key, as base64 or as raw bytes.
@@ -671,6 +682,76 @@ async fn dps_tpm_attestation_provisions_and_the_hub_key_lives_in_the_tpm() {
     let last_key = hub_primary_key(&sim, &id);
     assert_no_key_under(&dir.path().join("etc"), &last_key);
     assert_no_key_under(&dir.path().join("state"), &last_key);
+}
+
+/// DPS over HTTPS (TPM attestation) tunnels through `[hub] proxy` like the MQTT connections: a
+/// refusal names the proxy and what its answer means, and with the right password the TPM
+/// registers through it and the hub session follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_tpm_attestation_goes_through_an_authenticating_proxy() {
+    const PASSWORD: &str = "tpm-pr0xy-s3cret";
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let proxy = Tinyproxy::start(&dir.path().join("proxy"), Some(("hubagent", PASSWORD)));
+    let swtpm = Swtpm::start();
+    let id = enroll_tpm(&sim, &swtpm.tcti(), None);
+    let with_password = |password: &str| {
+        let file = write_key(dir.path(), "proxy.pass", password);
+        tpm_agent(dir.path(), &running, &swtpm, None, "attestation")
+            .extra(&format!(
+                "proxy = \"http://hubagent@127.0.0.1:{}\"\nproxy_password = {{ file = \"{}\" }}\n",
+                proxy.port,
+                file.display()
+            ))
+            .extra(&builtin_sensor("100ms"))
+            .write()
+    };
+
+    let wrong = "not-the-tpm-password";
+    let config = with_password(wrong);
+    let out = hubagent(&["-c", config.to_str().unwrap(), "provision"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(&format!(
+            "proxy http://hubagent@127.0.0.1:{} (from [hub] proxy) refused the tunnel: HTTP 40",
+            proxy.port
+        )) && stderr
+            .contains("proxy authentication required: check the proxy user and proxy_password"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(wrong), "{stderr}");
+    assert_eq!(
+        registration_events(&sim).len(),
+        0,
+        "DPS was reached around the proxy"
+    );
+
+    let config = with_password(PASSWORD);
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, &id) >= 3).await,
+        "{}",
+        agent.log_text()
+    );
+    let tunnels = proxy.tunnels();
+    let dps = format!("localhost:{}", running.https_addr.port());
+    assert!(
+        tunnels.contains(&dps),
+        "DPS over HTTPS not tunnelled: {tunnels:?}"
+    );
+    assert!(
+        tunnels
+            .iter()
+            .any(|t| t.ends_with(&format!(":{}", running.mqtt_addr.port()))),
+        "the hub was not reached through the proxy: {tunnels:?}"
+    );
+    assert_eq!(registrations(&sim, &id), 1);
+    let status = agent.status().to_string();
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0));
+    assert!(!log.contains(PASSWORD) && !status.contains(PASSWORD));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,27 @@ pub fn end_outage(sim: &Sim) {
     sim.faults.lock().unwrap().refuse_connections_until = None;
 }
 
+/// A firewall opening `port`: from now on a connection to any loopback address on `port` is
+/// carried to the same address on `to` (where hubsim listens), byte for byte. Runs until the
+/// test's runtime ends.
+pub async fn open_port(port: u16, to: u16) {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .unwrap_or_else(|e| panic!("cannot open port {port}: {e}"));
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let Ok(address) = inbound.local_addr() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect((address.ip(), to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
 /// Writes a fault scenario's figures to `target/reliability/<name>.json` (docs/reliability.md is
 /// refreshed from them).
 pub fn record_reliability(name: &str, figures: &serde_json::Value) {

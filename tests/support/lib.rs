@@ -20,6 +20,7 @@ pub mod agent;
 pub mod delivery;
 pub mod faults;
 pub mod mqtt;
+pub mod netns;
 pub mod proxy;
 pub mod sim;
 pub mod swtpm;

@@ -125,10 +125,28 @@ swtpm socket --tpm2 --server "type=tcp,port=$swtpm_port,bindaddr=127.0.0.1" \
     --ctrl "type=tcp,port=$swtpm_ctrl,bindaddr=127.0.0.1" --tpmstate "dir=$swtpm_dir" \
     --flags not-need-init,startup-clear >"$swtpm_dir/swtpm.log" 2>&1 &
 swtpm_pid=$!
-root="" sim="" hubsim_pid=""
+# The proxy scenario: a network namespace whose only way out is a veth pair to the host, where
+# tinyproxy listens on the host's end. The container binds it in at /run/netns/proxy-only, and
+# scenario.sh puts the agent's unit into it (NetworkNamespacePath=, a test-only drop-in): there
+# the hubsim on the host's loopback cannot be reached, the proxy can. systemd 257 joins a network
+# namespace only with CAP_NET_ADMIN, which nspawn keeps from a container sharing the host's
+# network unless asked (--capability below). (systemd's own IPAddressDeny= would be simpler, but
+# its BPF firewall is not enforced inside nspawn on this machine: tried, connections went through.)
+proxy_ns="hubagent-deb-$$" proxy_host_ip=10.254.77.1 proxy_ns_ip=10.254.77.2
+ip netns add "$proxy_ns"
+ip link add "hd$$h" type veth peer name "hd$$n"
+ip link set "hd$$n" netns "$proxy_ns"
+ip addr add "$proxy_host_ip/30" dev "hd$$h"
+ip link set "hd$$h" up
+ip -n "$proxy_ns" addr add "$proxy_ns_ip/30" dev "hd$$n"
+ip -n "$proxy_ns" link set "hd$$n" up
+ip -n "$proxy_ns" link set lo up
+root="" sim="" hubsim_pid="" proxy_pid=""
 cleanup() {
     if [ -n "$hubsim_pid" ]; then kill "$hubsim_pid" 2>/dev/null || true; fi
+    if [ -n "$proxy_pid" ]; then kill "$proxy_pid" 2>/dev/null || true; fi
     kill "$swtpm_pid" 2>/dev/null || true
+    ip netns del "$proxy_ns" 2>/dev/null || true
     rm -rf "$root" "$sim" "$swtpm_dir"
 }
 trap cleanup EXIT
@@ -184,6 +202,13 @@ print(*[x.getsockname()[1] for x in s])')
     }
     key_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])'; }
     local key1 key2
+    # The proxy, on the host's end of the namespace's veth pair, for this release's run.
+    local proxy_port
+    proxy_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    printf 'Port %s\nListen %s\nAllow %s\nTimeout 600\nLogLevel Connect\nLogFile "%s"\n' \
+        "$proxy_port" "$proxy_host_ip" "$proxy_ns_ip" "$sim/tinyproxy.log" >"$sim/tinyproxy.conf"
+    tinyproxy -d -c "$sim/tinyproxy.conf" >/dev/null 2>&1 &
+    proxy_pid=$!
     key1="$(api PUT /enrollments/gw-sys-1 '{"registrationId":"gw-sys-1","attestation":{"type":"symmetricKey"}}' | key_of)" || return 1
     key2="$(api PUT /enrollments/gw-sys-2 '{"registrationId":"gw-sys-2","attestation":{"type":"symmetricKey"}}' | key_of)" || return 1
 
@@ -193,7 +218,7 @@ print(*[x.getsockname()[1] for x in s])')
     cp "$sim/ca.pem" "$root/root/hubsim-ca.pem"
     printf '%s\n' "$key1" >"$root/root/key1"
     printf '%s\n' "$key2" >"$root/root/key2"
-    printf 'MQTT_PORT=%s\nSWTPM_PORT=%s\n' "$mqtt" "$swtpm_port" >"$root/root/e2e.env"
+    printf 'MQTT_PORT=%s\nSWTPM_PORT=%s\nPROXY=http://%s:%s\n' "$mqtt" "$swtpm_port" "$proxy_host_ip" "$proxy_port" >"$root/root/e2e.env"
     install -m 0755 tests/system/scenario.sh "$root/root/e2e.sh"
     cat >"$root/etc/systemd/system/e2e.service" <<'EOF'
 [Unit]
@@ -216,6 +241,7 @@ EOF
     # container's kernel would look as if it had none, and the plugin sandbox could not be seen.
     timeout 600 systemd-nspawn -q -D "$root" -b --console=pipe --register=no --keep-unit \
         --system-call-filter="landlock_create_ruleset landlock_add_rule landlock_restrict_self" \
+        --bind-ro="/run/netns/$proxy_ns:/run/netns/proxy-only" --capability=CAP_NET_ADMIN \
         >"$work/nspawn-$release.log" 2>&1 </dev/null || true
 
     # Verdict: what the container recorded, and what hubsim saw.
@@ -275,6 +301,15 @@ EOF
     expect "^broken-state failed Result=exit-code NRestarts=0 ExecMainStatus=78"
     expect "^broken-status [1-9][0-9]* lines name the file and the key"
     expect "^fixed .*ActiveState=active SubState=running"
+    expect "^proxy-direct blocked"
+    expect "^proxy-route open"
+    expect "^proxy-dropin .*/hubagent.service.d/proxy.conf"
+    expect "^proxy-provisioned .*as gw-sys-2.*ActiveState=active"
+    expect "^proxy-published [1-9]"
+    # Both connections were tunnels of the proxy (its log names each CONNECT).
+    for tunnel in "localhost:$mqtt" "127.0.0.2:$mqtt"; do
+        grep -q "CONNECT $tunnel " "$sim/tinyproxy.log" || { echo "$release: the proxy carried no tunnel to $tunnel"; fail=1; }
+    done
     expect "^journal-fields [1-9][0-9]* connects of gw-sys-2"
     expect "^after-remove state=kept config=kept"
     expect "^after-purge state=gone config=gone"
@@ -290,7 +325,7 @@ EOF
     # The ID scope of each successful registration, in order.
     scopes() { python3 -c "import json,sys; print(' '.join(r['idScope'] for r in json.load(sys.stdin) if r['registrationId']=='$1' and r['outcome']=='assigned'))" <<<"$registrations"; }
     [ "$(scopes gw-sys-1)" = "0ne00000001 0ne000000B2" ] || { echo "$release: gw-sys-1 registered under [$(scopes gw-sys-1)]: expected the first scope once (the restart uses the cache), then the new one after the reload"; fail=1; }
-    [ "$(scopes gw-sys-2)" = "0ne000000B2 0ne000000B2" ] || { echo "$release: gw-sys-2 registered under [$(scopes gw-sys-2)]: expected reload + reprovision in the new scope"; fail=1; }
+    [ "$(scopes gw-sys-2)" = "0ne000000B2 0ne000000B2 0ne000000B2" ] || { echo "$release: gw-sys-2 registered under [$(scopes gw-sys-2)]: expected reload, reprovision and the registration through the proxy in the new scope"; fail=1; }
     messages="$(api GET /sim/telemetry/gw-sys-1 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')"
     [ "$messages" -gt 0 ] || { echo "$release: no telemetry from the installed agent"; fail=1; }
     # The shipped library plugin's readings, read from /proc and statvfs inside the unit's
@@ -308,9 +343,9 @@ print(len(bodies), len(full))')"
         echo "--- $release: systemd-analyze verify"; cat "$root/root/e2e-verify.txt" 2>/dev/null
         echo "--- $release: systemctl status with the broken configuration"; cat "$root/root/e2e-status.txt" 2>/dev/null
     fi
-    kill "$hubsim_pid" 2>/dev/null || true
-    wait "$hubsim_pid" 2>/dev/null || true
-    hubsim_pid=""
+    kill "$hubsim_pid" "$proxy_pid" 2>/dev/null || true
+    wait "$hubsim_pid" "$proxy_pid" 2>/dev/null || true
+    hubsim_pid="" proxy_pid=""
     rm -rf "$root" "$sim"
     root="" sim=""
     if [ "$fail" -ne 0 ]; then

@@ -3,7 +3,9 @@
 # /root and runs it as a oneshot unit): installs the package and drives it as README's "Install
 # on a gateway" does, recording each result as a line of /root/e2e-out.txt, which deb-nspawn.sh
 # checks. Not `set -e`: every step records its result, a failed one included.
-# /root/e2e.env sets MQTT_PORT (the hubsim on the host) and SWTPM_PORT (a swtpm on the host).
+# /root/e2e.env sets MQTT_PORT (the hubsim on the host), SWTPM_PORT (a swtpm on the host) and
+# PROXY (an HTTP proxy on the host, the only way out of the network namespace at
+# /run/netns/proxy-only).
 # shellcheck disable=SC2015 # `check && rec ok || rec failed`: rec cannot fail
 . /root/e2e.env
 out=/root/e2e-out.txt
@@ -172,6 +174,31 @@ install -m 0640 -g hubagent /root/config.good /etc/hubagent/config.toml
 systemctl reset-failed hubagent
 systemctl start hubagent
 wait_status "connected to" && rec "fixed $(show)" || rec "fix-failed $(show)"
+# Behind a proxy: the operator's drop-in gives the service https_proxy (docs/configuration.md);
+# a test-only drop-in puts the service into the namespace whose only way out is that proxy. The
+# agent registers again (state cleared) and publishes, through the proxy alone.
+mkdir -p /etc/systemd/system/hubagent.service.d
+printf '[Service]\nEnvironment=https_proxy=%s\n' "$PROXY" >/etc/systemd/system/hubagent.service.d/proxy.conf
+# (systemd 257 joins a network namespace for a unit only with CAP_NET_ADMIN at hand, also in the
+# unit's bounding set; the agent, user hubagent without ambient capabilities, still has none.)
+printf '[Service]\nNetworkNamespacePath=/run/netns/proxy-only\nCapabilityBoundingSet=CAP_NET_ADMIN\n' \
+    >/etc/systemd/system/hubagent.service.d/zz-test-only-proxy.conf
+systemctl daemon-reload
+in_ns() { systemd-run --wait -q -p NetworkNamespacePath=/run/netns/proxy-only bash -c "exec 3<>/dev/tcp/$1/$2"; }
+in_ns 127.0.0.1 "$MQTT_PORT" && rec "proxy-direct open" || rec "proxy-direct blocked"
+proxy_hostport=${PROXY#http://}
+in_ns "${proxy_hostport%:*}" "${proxy_hostport##*:}" && rec "proxy-route open" || rec "proxy-route blocked: $(journalctl --no-pager -n 8 -o cat | tr '\n' ' ')"
+rec "proxy-dropin $(systemctl show -p DropInPaths --value hubagent)"
+systemctl stop hubagent
+rm -f /var/lib/hubagent/provisioning.json
+systemctl start hubagent
+wait_status "connected to" && rec "proxy-provisioned $(show)" || rec "proxy-provision-failed $(show)"
+# (The first "published" is the agent's; the plugins' counters follow.)
+published() { hubagent status --json 2>/dev/null | tr -d '\n ' | grep -o '"published":[0-9]*' | head -1 | cut -d: -f2; }
+for _ in $(seq 60); do [ "$(published)" -gt 0 ] 2>/dev/null && break; sleep 0.5; done
+rec "proxy-published $(published)"
+rm /etc/systemd/system/hubagent.service.d/proxy.conf /etc/systemd/system/hubagent.service.d/zz-test-only-proxy.conf
+systemctl daemon-reload
 # Structured fields: the journal can be filtered by the device and hub the agent logged.
 # (The hub is the one DPS assigned, as `hubagent status` names it: hubsim's hubs are hosts of
 # their own, e.g. 127.0.0.2.)

@@ -188,7 +188,7 @@ impl Provisioning {
     }
 
     /// DPS TPM attestation only exists over HTTPS (and AMQP), not MQTT.
-    fn dps_over_https(&self) -> bool {
+    pub fn dps_over_https(&self) -> bool {
         matches!(
             self.attestation,
             Some(Attestation::Tpm {
@@ -415,11 +415,33 @@ pub enum HubTransport {
 }
 
 impl HubSettings {
-    /// The port DPS and the hub are dialled on, for the transport in use.
+    /// The port the hub is dialled on, for the transport in use (`auto` starts on `port`).
     pub fn dial_port(&self) -> u16 {
+        self.port_for(self.port)
+    }
+
+    /// The port a server whose MQTT port is `mqtt_port` is dialled on: over WebSockets it is
+    /// the HTTPS port, whatever the MQTT endpoint says (DPS's MQTT port may not be the hub's).
+    pub fn port_for(&self, mqtt_port: u16) -> u16 {
         match self.transport {
-            HubTransport::Mqtt | HubTransport::Auto => self.port,
+            HubTransport::Mqtt | HubTransport::Auto => mqtt_port,
             HubTransport::Websockets => self.websocket_port,
+        }
+    }
+
+    /// Whether MQTT travels inside a WebSocket from the start (`auto` starts without).
+    pub fn websocket(&self) -> bool {
+        self.transport == HubTransport::Websockets
+    }
+
+    /// The routes to a server whose MQTT port is `mqtt_port`, in the order the agent tries them:
+    /// (port, over WebSockets).
+    pub fn routes(&self, mqtt_port: u16) -> Vec<(u16, bool)> {
+        match self.transport {
+            HubTransport::Auto => vec![(mqtt_port, false), (self.websocket_port, true)],
+            HubTransport::Mqtt | HubTransport::Websockets => {
+                vec![(self.port_for(mqtt_port), self.websocket())]
+            }
         }
     }
 }
@@ -1118,6 +1140,30 @@ max_message_size = "128KiB"
         );
         assert!(err.contains("{ file = "), "{err}");
         assert!(!err.contains("c2VjcmV0a2V5"), "{err}");
+    }
+
+    #[test]
+    fn each_transport_dials_its_port_and_auto_tries_mqtt_then_websockets() {
+        let hub = |transport| HubSettings {
+            transport,
+            port: 8884,
+            websocket_port: 8443,
+            ..HubSettings::default()
+        };
+        let mqtt = hub(HubTransport::Mqtt);
+        assert_eq!((mqtt.dial_port(), mqtt.websocket()), (8884, false));
+        assert_eq!(mqtt.routes(8885), vec![(8885, false)]);
+        let websockets = hub(HubTransport::Websockets);
+        assert_eq!(
+            (websockets.dial_port(), websockets.websocket()),
+            (8443, true)
+        );
+        // DPS's MQTT port says nothing about its HTTPS port.
+        assert_eq!(websockets.port_for(8885), 8443);
+        assert_eq!(websockets.routes(8885), vec![(8443, true)]);
+        let auto = hub(HubTransport::Auto);
+        assert_eq!((auto.dial_port(), auto.websocket()), (8884, false));
+        assert_eq!(auto.routes(8885), vec![(8885, false), (8443, true)]);
     }
 
     #[test]

@@ -251,7 +251,7 @@ impl Daemon {
                 )
             }),
         };
-        let auto_route = provisioning::auto_route(&config);
+        let auto_route = provisioning::auto_route(&config, &state);
         let connection_files = config.connection_files_digest();
         let daemon = Daemon {
             connection_files,
@@ -426,7 +426,7 @@ impl Daemon {
             "configuration reloaded"
         );
         if config.hub != self.config.hub {
-            self.auto_route = provisioning::auto_route(&config);
+            self.auto_route = provisioning::auto_route(&config, &self.state);
         }
         self.config = config;
         self.connection_files = credentials;

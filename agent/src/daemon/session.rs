@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::c2d::{self, Inbox};
 use super::certificate::CERTIFICATE_CHECK_EVERY;
 use super::lifecycle::{Event, Lifecycle, Phase};
-use super::status::ConnectionState;
+use super::status::{ConnectionState, RouteMemoryStatus};
 use super::{Command, Daemon};
 use crate::hub::{self, HubParams, SessionEvent, SessionHandle};
 use crate::plugins::calls::C2dMessage;
@@ -103,7 +103,7 @@ impl Daemon {
             hub: assignment.hub.clone(),
             device_id: assignment.device_id.clone(),
             port: hub.dial_port(),
-            websocket: hub.transport == crate::config::HubTransport::Websockets,
+            websocket: hub.websocket(),
             proxy: crate::provisioning::proxy_route(&self.config, &assignment.hub),
             auto: self.auto_route.clone(),
             credential: identity.credential.clone(),
@@ -133,13 +133,15 @@ impl Daemon {
                 life.on(Event::Connected);
                 let websocket = match &self.auto_route {
                     Some(auto) => auto.websocket(),
-                    None => self.config.hub.transport == crate::config::HubTransport::Websockets,
+                    None => self.config.hub.websocket(),
                 };
+                let memory = self.auto_route.as_ref().and_then(|auto| auto.remembered());
                 self.status.update(|s| {
                     s.connection = ConnectionState::Connected;
                     s.hub_connections += 1;
                     s.last_error = None;
                     s.route = Some(crate::mqtt::route_name(websocket));
+                    s.route_memory = memory.as_ref().map(RouteMemoryStatus::from_memory);
                 });
                 systemd::status(&self.status.line());
             }

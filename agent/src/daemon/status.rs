@@ -55,10 +55,34 @@ pub struct Snapshot {
     /// How the hub session travels: `MQTT over TLS` or `MQTT over WebSockets` (with `transport =
     /// "auto"`, the route that worked).
     pub route: Option<&'static str>,
+    /// `transport = "auto"`: the route remembered in the state directory, tried first.
+    pub route_memory: Option<RouteMemoryStatus>,
     /// Which symmetric key is in use, `primary` or `secondary`, when a secondary is configured.
     pub key: Option<&'static str>,
     /// The identity certificate's validity (X.509 only).
     pub certificate: Option<CertificateStatus>,
+}
+
+/// What `transport = "auto"` remembers (`route.json`): the route tried first, since when, and
+/// for WebSockets when 8883 gets tried first again.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RouteMemoryStatus {
+    pub first: &'static str,
+    pub learned_at: String,
+    pub direct_again_at: Option<String>,
+}
+
+impl RouteMemoryStatus {
+    pub fn from_memory(memory: &crate::state::RouteMemory) -> Self {
+        let at = crate::util::time::unix_rfc3339;
+        RouteMemoryStatus {
+            first: crate::mqtt::route_name(memory.websocket),
+            learned_at: at(memory.learned_at),
+            direct_again_at: memory
+                .websocket
+                .then(|| at(memory.learned_at + crate::mqtt::DIRECT_AGAIN_AFTER.as_secs())),
+        }
+    }
 }
 
 /// Where the identity certificate stands (`hubagent status`, `reported.agent.identity`).

@@ -54,6 +54,28 @@ pub async fn register(
         .map_err(|e| DpsError::Protocol(format!("the registration task failed: {e}")))?
 }
 
+/// The HTTP status in ureq's text for a refused CONNECT ("proxy server responded 407/Proxy
+/// Authentication Required"); none for its other texts ("proxy server did not respond").
+fn refusal_status(reason: &str) -> Option<u16> {
+    reason
+        .strip_prefix("proxy server responded ")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|code| code.parse().ok())
+}
+
+/// The proxy for ureq, its password included (ureq sends it as Basic proxy authorization).
+fn ureq_proxy(route: &crate::mqtt::ProxyRoute) -> Result<ureq::Proxy, DpsError> {
+    let mut proxy = ureq::Proxy::builder(ureq::ProxyProtocol::Http)
+        .host(&route.host)
+        .port(route.port);
+    if let Some((user, password)) = &route.credentials {
+        proxy = proxy.username(user).password(password);
+    }
+    proxy
+        .build()
+        .map_err(|e| DpsError::Protocol(format!("proxy {}: {e}", route.describe)))
+}
+
 fn tpm_error(e: tpm::TpmError) -> DpsError {
     DpsError::Tpm(e.to_string())
 }
@@ -62,6 +84,8 @@ struct Client {
     agent: ureq::Agent,
     base: String,
     endpoint: String,
+    /// The proxy the requests tunnel through, as errors name it.
+    proxy: Option<String>,
     deadline: Instant,
     timeout: Duration,
 }
@@ -94,6 +118,9 @@ impl Client {
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
                 .tls_config(tls)
+                // The agent's own proxy (`[hub] proxy`, `https_proxy`, `no_proxy`), or none:
+                // ureq's default would read its own list of variables (ALL_PROXY, HTTP_PROXY).
+                .proxy(req.proxy.as_ref().map(ureq_proxy).transpose()?)
                 .http_status_as_error(false)
                 .user_agent(format!("hubagent/{}", env!("CARGO_PKG_VERSION")))
                 .build(),
@@ -108,9 +135,24 @@ impl Client {
                 url_encode(&req.registration_id)
             ),
             endpoint: format!("{}:{}", req.endpoint_host, req.port),
+            proxy: req.proxy.as_ref().map(|p| p.describe.clone()),
             deadline,
             timeout: req.timeout,
         })
+    }
+
+    /// What went wrong before DPS answered; through a proxy, the proxy is named (with what its
+    /// refusal means), as the MQTT connections do.
+    fn failure(&self, e: &ureq::Error) -> String {
+        let Some(proxy) = &self.proxy else {
+            return e.to_string();
+        };
+        match e {
+            ureq::Error::ConnectProxyFailed(reason) => {
+                crate::mqtt::proxy_refusal_text(proxy, refusal_status(reason), reason)
+            }
+            other => format!("through proxy {proxy}: {other}"),
+        }
     }
 
     fn remaining(&self) -> Result<Duration, DpsError> {
@@ -131,7 +173,7 @@ impl Client {
         let timeout = self.remaining()?.min(Duration::from_secs(30));
         let unreachable = |e: ureq::Error| DpsError::Unreachable {
             endpoint: self.endpoint.clone(),
-            message: e.to_string(),
+            message: self.failure(&e),
         };
         let response = match (method, body) {
             ("PUT", Some(body)) => {
@@ -354,5 +396,37 @@ fn tpm_refused(req: &DpsRequest, answer: &Value, fallback: &str) -> DpsError {
     DpsError::TpmRefused {
         registration_id: req.registration_id.clone(),
         message: answer["message"].as_str().unwrap_or(fallback).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connect_is_told_by_its_status_and_named_by_the_proxy() {
+        assert_eq!(
+            refusal_status("proxy server responded 407/Proxy Authentication Required"),
+            Some(407)
+        );
+        assert_eq!(
+            refusal_status("proxy server responded 502/Bad Gateway"),
+            Some(502)
+        );
+        assert_eq!(refusal_status("proxy server did not respond"), None);
+        let proxy = "http://agent@proxy.lan:3128 (from [hub] proxy)";
+        let text =
+            |reason: &str| crate::mqtt::proxy_refusal_text(proxy, refusal_status(reason), &reason);
+        assert!(
+            text("proxy server responded 403/Forbidden").contains(&format!(
+                "proxy {proxy} refused the tunnel: HTTP 403 (forbidden"
+            ))
+        );
+        assert!(
+            text("proxy server responded 502/Bad Gateway").contains(&format!(
+                "proxy {proxy} could not reach the destination: HTTP 502"
+            ))
+        );
+        assert!(text("proxy server did not respond").starts_with(&format!("proxy {proxy}: ")));
     }
 }

@@ -75,12 +75,8 @@ pub fn dps_request(
     let endpoint = config.dps_endpoint()?;
     Some(dps::DpsRequest {
         endpoint_host: endpoint.host.clone(),
-        // Over WebSockets DPS answers on its HTTPS port, whatever the MQTT endpoint says.
-        port: match config.hub.transport {
-            crate::config::HubTransport::Mqtt | crate::config::HubTransport::Auto => endpoint.port,
-            crate::config::HubTransport::Websockets => config.hub.websocket_port,
-        },
-        websocket: config.hub.transport == crate::config::HubTransport::Websockets,
+        port: config.hub.port_for(endpoint.port),
+        websocket: config.hub.websocket(),
         proxy: proxy_route(config, &endpoint.host),
         auto: auto.map(|a| Arc::new(a.for_ports(endpoint.port, config.hub.websocket_port))),
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
@@ -90,12 +86,13 @@ pub fn dps_request(
     })
 }
 
-/// The route memory of `[hub] transport = "auto"` (None for a fixed transport).
-pub fn auto_route(config: &Config) -> Option<Arc<crate::mqtt::AutoRoute>> {
+/// The route memory of `[hub] transport = "auto"` (None for a fixed transport), kept in `state`.
+pub fn auto_route(config: &Config, state: &StateDir) -> Option<Arc<crate::mqtt::AutoRoute>> {
     (config.hub.transport == crate::config::HubTransport::Auto).then(|| {
         Arc::new(crate::mqtt::AutoRoute::new(
             config.hub.port,
             config.hub.websocket_port,
+            Some(state.clone()),
         ))
     })
 }
@@ -444,7 +441,7 @@ pub async fn provision_once(
         return Ok((cache, false));
     }
     let mut identity = device_identity(config).map_err(|e| e.to_string())?;
-    let auto = auto_route(config);
+    let auto = auto_route(config, &state);
     let assignment = register_once(config, &mut identity, auto.as_deref())
         .await
         .map_err(|e| e.to_string())?;

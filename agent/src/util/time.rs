@@ -10,6 +10,18 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// A Unix time in seconds as RFC 3339 UTC (`2026-11-23T12:00:00Z`).
+pub fn unix_rfc3339(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 /// Seconds since the Unix epoch (0 for a clock before 1970).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

@@ -26,6 +26,12 @@ struct Args {
     /// Unacknowledged messages at a time (the agent's `[hub] inflight` default is 32).
     #[arg(long, default_value_t = 32)]
     inflight: u16,
+    /// MQTT over WebSockets (`--port` is then hubsim's HTTPS port).
+    #[arg(long)]
+    websocket: bool,
+    /// Through this HTTP proxy (`host:port`, CONNECT, no authentication).
+    #[arg(long)]
+    proxy: Option<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -35,7 +41,20 @@ async fn main() -> anyhow::Result<()> {
     let resource = format!("{}/devices/{}", args.hub, args.device_id);
     let password = hubagent_bench::sas(&args.key, &resource, None)?;
     let username = format!("{}/{}/?api-version=2021-04-12", args.hub, args.device_id);
-    let (client, mut eventloop) = hubagent_bench::client(
+    let proxy = match &args.proxy {
+        Some(proxy) => {
+            let (host, port) = proxy
+                .rsplit_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--proxy {proxy}: write host:port"))?;
+            Some((host.to_string(), port.parse()?))
+        }
+        None => None,
+    };
+    let route = hubagent_bench::Route {
+        websocket: args.websocket,
+        proxy,
+    };
+    let (client, mut eventloop) = hubagent_bench::client_by(
         &tls,
         &args.hub,
         &args.device_id,
@@ -43,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         &username,
         &password,
         args.inflight,
+        &route,
     );
     let connect_start = hubagent_bench::unix_now();
     loop {

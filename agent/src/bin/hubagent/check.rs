@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use hubagent::config::{Attestation, Config, HubTransport, Secret};
+use hubagent::config::{Attestation, Config, Secret};
 use hubagent::identity::x509::{Expiry, Validity};
+use hubagent::mqtt::ProxyRoute;
 use hubagent::state::{ProvisioningCache, StateDir};
 
 #[derive(Debug, Serialize)]
@@ -46,21 +47,18 @@ fn fail(id: &'static str, detail: impl Into<String>) -> Check {
     }
 }
 
-/// TCP connect and, when a TLS configuration is at hand, a full handshake with certificate
-/// verification: "reachable" means the agent could talk to it, not merely that a port is open.
+/// TCP connect (through the agent's proxy when it takes one to `host`) and, when a TLS
+/// configuration is at hand, a full handshake with certificate verification: "reachable" means
+/// the agent could talk to it, not merely that a port is open.
 async fn reachable(
     host: &str,
     port: u16,
+    proxy: Option<&ProxyRoute>,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<&'static str, String> {
-    let tcp = match tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host, port)),
-    )
-    .await
-    {
+    let tcp = match tokio::time::timeout(Duration::from_secs(5), dial(host, port, proxy)).await {
         Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Err(e)) => return Err(e),
         Err(_) => return Err("no answer within 5 s".into()),
     };
     let Some(tls) = tls else {
@@ -73,6 +71,46 @@ async fn reachable(
         Ok(Ok(_)) => Ok("TLS verified"),
         Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
         Err(_) => Err("TLS handshake timed out".into()),
+    }
+}
+
+/// A TCP connection to `host:port`: directly, or a tunnel of `proxy` (HTTP CONNECT, the same
+/// handshake and the same error text as the agent's MQTT connections).
+async fn dial(
+    host: &str,
+    port: u16,
+    proxy: Option<&ProxyRoute>,
+) -> Result<tokio::net::TcpStream, String> {
+    let Some(proxy) = proxy else {
+        return tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let mut tcp = tokio::net::TcpStream::connect((proxy.host.as_str(), proxy.port))
+        .await
+        .map_err(|e| format!("proxy {}: {e}", proxy.describe))?;
+    let tunnel = match &proxy.credentials {
+        Some((user, password)) => {
+            async_http_proxy::http_connect_tokio_with_basic_auth(
+                &mut tcp, host, port, user, password,
+            )
+            .await
+        }
+        None => async_http_proxy::http_connect_tokio(&mut tcp, host, port).await,
+    };
+    match tunnel {
+        Ok(()) => Ok(tcp),
+        Err(e) => {
+            let status = match &e {
+                async_http_proxy::HttpError::HttpCode200(code) => Some(*code),
+                _ => None,
+            };
+            Err(hubagent::mqtt::proxy_refusal_text(
+                &proxy.describe,
+                status,
+                &e,
+            ))
+        }
     }
 }
 
@@ -345,37 +383,47 @@ async fn network(
     tls: Option<&Arc<rustls::ClientConfig>>,
     checks: &mut Vec<Check>,
 ) {
-    // The routes the agent takes, in its order: TLS on the MQTT port, the HTTPS port for
-    // WebSockets, or (auto) the first, then the second.
-    let routes = |tls_port: u16| match config.hub.transport {
-        HubTransport::Mqtt => vec![(tls_port, "MQTT over TLS")],
-        HubTransport::Websockets => vec![(config.hub.websocket_port, "MQTT over WebSockets")],
-        HubTransport::Auto => vec![
-            (tls_port, "MQTT over TLS"),
-            (config.hub.websocket_port, "MQTT over WebSockets"),
-        ],
+    // The routes the agent takes, in its order.
+    let routes = |mqtt_port: u16| {
+        config
+            .hub
+            .routes(mqtt_port)
+            .into_iter()
+            .map(|(port, websocket)| (port, hubagent::mqtt::route_name(websocket)))
+            .collect()
     };
     if let Some(dps) = config.dps_endpoint() {
-        checks.push(route_check("network.dps", &dps.host, routes(dps.port), tls).await);
+        let dps_routes = match config.provisioning.dps_over_https() {
+            true => vec![(dps.port, "HTTPS")],
+            false => routes(dps.port),
+        };
+        checks.push(route_check("network.dps", config, &dps.host, dps_routes, tls).await);
     }
     if let Some(c) = cache {
-        checks.push(route_check("network.hub", &c.hub, routes(config.hub.port), tls).await);
+        let hub_routes = routes(config.hub.port);
+        checks.push(route_check("network.hub", config, &c.hub, hub_routes, tls).await);
     }
 }
 
-/// The first of `routes` that reaches `host` passes (saying which, and what failed before it);
-/// none reaching it fails with every route's reason.
+/// The first of `routes` that reaches `host` (through the proxy the agent would take) passes,
+/// saying which and what failed before it; none reaching it fails with every route's reason.
 async fn route_check(
     id: &'static str,
+    config: &Config,
     host: &str,
     routes: Vec<(u16, &'static str)>,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Check {
+    let proxy = hubagent::provisioning::proxy_route(config, host);
+    let through = proxy
+        .as_ref()
+        .map(|p| format!(" through proxy {}", p.describe))
+        .unwrap_or_default();
     let mut failed = Vec::new();
     for (port, route) in routes {
-        match reachable(host, port, tls).await {
+        match reachable(host, port, proxy.as_ref(), tls).await {
             Ok(how) => {
-                let mut detail = format!("{host}:{port}, {route} ({how})");
+                let mut detail = format!("{host}:{port}, {route}{through} ({how})");
                 if !failed.is_empty() {
                     detail.push_str(&format!("; before it: {}", failed.join("; ")));
                 }

@@ -266,6 +266,17 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             if answer["route"].is_string() {
                 println!("  route:           {}", field("route"));
             }
+            let memory = &answer["route_memory"];
+            if memory.is_object() {
+                let first = memory["first"].as_str().unwrap_or("?");
+                let learned = memory["learned_at"].as_str().unwrap_or("?");
+                match memory["direct_again_at"].as_str() {
+                    Some(again) => println!(
+                        "  auto route:      {first} first (worked at {learned}; MQTT over TLS first again from {again})"
+                    ),
+                    None => println!("  auto route:      {first} first (worked at {learned})"),
+                }
+            }
             println!("  published:       {}", field("published"));
             println!("  queued:          {}", field("queue_depth"));
             println!("  desired version: {}", field("desired_version"));
