@@ -41,13 +41,25 @@ elif [ "$system_status" -ne 0 ]; then
     failed+=("deb system test")
 fi
 
+# The arm64 and armhf packages: built (in a cached Debian unstable root), lintian, compared with the
+# amd64 package, and the packaged agent run under qemu user emulation against hubsim. Counted like
+# the deb system test (77: could not run here).
+echo "== system test: the arm64 and armhf packages, under qemu"
+cross_status=0
+bash tests/system/cross-smoke.sh || cross_status=$?
+if [ "$cross_status" -eq 77 ] && [ "${CI:-}" != "true" ]; then
+    skipped+=("cross-architecture test")
+elif [ "$cross_status" -ne 0 ]; then
+    failed+=("cross-architecture test")
+fi
+
 # A short fuzz run over the checked-in corpus (config, queue files, topics, SAS/twin input).
 echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"
 bash fuzz/run.sh || failed+=("fuzzing")
 
 # Totals from both runners' JUnit reports (only reports written by this run count), so the run
 # closes with one plain "N passed, N failed" line. nextest's report is the last nextest run's (the
-# whole workspace with the TPM back end); the system test and fuzzing count as one test each.
+# whole workspace with the TPM back end); the system tests and fuzzing count as one test each.
 totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml \
     -- "${failed[@]}" -- "${skipped[@]}" <<'PY'
 import os, sys, xml.etree.ElementTree as ET
@@ -55,7 +67,7 @@ args = sys.argv[1:]
 first, second = args.index("--"), len(args) - 1 - args[::-1].index("--")
 started, reports = int(args[0]), args[1:first]
 failed_parts, skipped_parts = args[first + 1:second], args[second + 1:]
-whole_parts = ["deb system test", "fuzzing"]  # no JUnit report: one test each
+whole_parts = ["deb system test", "cross-architecture test", "fuzzing"]  # no JUnit report: one test each
 failed = sum(part in failed_parts for part in whole_parts)
 skipped = sum(part in skipped_parts for part in whole_parts)
 passed = len(whole_parts) - failed - skipped
@@ -83,6 +95,6 @@ fi
 if [ "${#skipped[@]}" -gt 0 ]; then
     echo "== SUMMARY: PASSED in ${SECONDS}s, but NOT RUN here: ${skipped[*]} (see its output above)"
 else
-    echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust, Python interop, .deb system test, fuzzing)"
+    echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust, Python interop, .deb system tests amd64/arm64/armhf, fuzzing)"
 fi
 echo "Tests: $totals"
