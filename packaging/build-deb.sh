@@ -59,22 +59,28 @@ if [ ! -d "$(rustc --print sysroot)/lib/rustlib/$triple/lib" ]; then
     # No standard library for the target here: build in the Debian root, which has it. The
     # checkout is bound at the same path; cargo's home (registry and the cargo-deb binary) is
     # shared, so crates are downloaded once; the root's own files stay unchanged (a tmpfs
-    # overlay takes other writes). Its rustc is not this machine's, so it gets a target
-    # directory of its own (cargo would otherwise rebuild each other's build scripts).
+    # overlay takes other writes). The root's rustc builds into a target directory kept beside
+    # the root (its artifacts are only good for that rustc; a new root gets a new one), shared by
+    # every checkout and CI run on this machine, so a rebuild compiles what changed only (cargo
+    # locks it while it builds). The package is copied to this checkout's target/debian/.
     [ -z "${HUBAGENT_IN_CROSS_ROOT:-}" ] || { echo "build-deb: the cross root has no Rust standard library for $triple" >&2; exit 1; }
     [ "$(id -u)" -eq 0 ] || { echo "build-deb: building for $arch without rustup's $triple target needs root (systemd-nspawn into the cross root)" >&2; exit 1; }
     root="$(bash packaging/cross-root.sh)"
-    mkdir -p "$target_dir"
+    cross_target="$root-target"
+    mkdir -p "$cross_target" "$target_dir/debian"
     cargo_home="${CARGO_HOME:-$HOME/.cargo}"
     echo "build-deb: no Rust standard library for $triple here: building in $root" >&2
     # (PATH: the root's cargo and rustc first; cargo-deb from the shared cargo home, whose rustup
     # proxies must not shadow them.)
-    systemd-nspawn -q --register=no --keep-unit --console=pipe --volatile=overlay -D "$root" \
-        --bind="$PWD" --bind="$target_dir:$target_dir" --bind="$cargo_home:/cargo-home" --chdir="$PWD" \
-        --setenv=CARGO_HOME=/cargo-home --setenv=CARGO_TARGET_DIR="$target_dir/cross-root" \
+    built="$(systemd-nspawn -q --register=no --keep-unit --console=pipe --volatile=overlay -D "$root" \
+        --bind="$PWD" --bind="$cross_target" --bind="$cargo_home:/cargo-home" --chdir="$PWD" \
+        --setenv=CARGO_HOME=/cargo-home --setenv=CARGO_TARGET_DIR="$cross_target" \
         --setenv=PATH=/usr/sbin:/usr/bin:/sbin:/bin:/cargo-home/bin --setenv=HUBAGENT_IN_CROSS_ROOT=1 \
-        bash packaging/build-deb.sh --arch "$arch" "$@" </dev/null
-    exit
+        bash packaging/build-deb.sh --arch "$arch" "$@" </dev/null | tail -1)"
+    [ -f "$built" ] || { echo "build-deb: no $arch package came out of the cross root" >&2; exit 1; }
+    cp "$built" "$target_dir/debian/"
+    echo "$target_dir/debian/$(basename "$built")"
+    exit 0
 fi
 
 echo "build-deb: $arch package for Debian $releases, cross-built for $triple with $gnu-gcc ($(rustc --version))" >&2

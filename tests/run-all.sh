@@ -28,30 +28,26 @@ HUBSIM_BIN="$PWD/target/debug/hubsim" target/interop-venv/bin/python -m pytest -
     -W ignore::DeprecationWarning --junitxml=target/interop-junit.xml tests/interop \
     || failed+=("python interop tests")
 
+# The system tests need root. Exit 77 means one could not run here (not root): counted as
+# skipped, never as passed, and a failure in CI (CI=true, set by .ci/run), which runs as root and
+# must run them.
+skipped=()
+system_part() { # name command...
+    local status=0
+    "${@:2}" || status=$?
+    if [ "$status" -eq 77 ] && [ "${CI:-}" != "true" ]; then
+        skipped+=("$1")
+    elif [ "$status" -ne 0 ]; then
+        failed+=("$1")
+    fi
+}
 # The .deb installed into a real systemd (systemd-nspawn), driven with systemctl against hubsim.
 echo "== system test: the .deb in systemd-nspawn"
-# Exit 77 means it could not run here (not root): counted as skipped, never as passed, and a
-# failure in CI (CI=true, set by .ci/run), which runs as root and must run it.
-skipped=()
-system_status=0
-bash tests/system/deb-nspawn.sh || system_status=$?
-if [ "$system_status" -eq 77 ] && [ "${CI:-}" != "true" ]; then
-    skipped+=("deb system test")
-elif [ "$system_status" -ne 0 ]; then
-    failed+=("deb system test")
-fi
-
-# The arm64 and armhf packages: built (in a cached Debian unstable root), lintian, compared with the
-# amd64 package, and the packaged agent run under qemu user emulation against hubsim. Counted like
-# the deb system test (77: could not run here).
+system_part "deb system test" bash tests/system/deb-nspawn.sh
+# The arm64 and armhf packages: built (in a cached Debian unstable root), lintian, compared with
+# the amd64 package, and the packaged agent run under qemu user emulation against hubsim.
 echo "== system test: the arm64 and armhf packages, under qemu"
-cross_status=0
-bash tests/system/cross-smoke.sh || cross_status=$?
-if [ "$cross_status" -eq 77 ] && [ "${CI:-}" != "true" ]; then
-    skipped+=("cross-architecture test")
-elif [ "$cross_status" -ne 0 ]; then
-    failed+=("cross-architecture test")
-fi
+system_part "cross-architecture test" bash tests/system/cross-smoke.sh
 
 # A short fuzz run over the checked-in corpus (config, queue files, topics, SAS/twin input).
 echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"

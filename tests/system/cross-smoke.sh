@@ -118,7 +118,7 @@ smoke() { # arch
         | grep -v 'Attempted to remove disk file system' || true
     local c_plugin="$dir/sdk/plugins/examples/c-counter/libc_counter.so"
     [ -f "$c_plugin" ] || { echo "$arch: the C example did not build with CC=$gnu-gcc"; return 1; }
-    log "$arch: the C example built with make CC=$gnu-gcc: $(file -b "$c_plugin" | cut -d, -f1-2)"
+    log "$arch: the C example built with make CC=$gnu-gcc: $(readelf -h "$c_plugin" | sed -n 's/^ *Machine: *//p')"
 
     local mqtt https
     read -r mqtt https < <(free_ports)
