@@ -17,6 +17,7 @@
 #   killed with kill -9 while hubsim refuses connections, its queue holding acknowledged messages
 #   hubsim has not got; restarted, it delivers every message it had acknowledged to each producer
 #   (`published` in `plugins list`, read just before the kill), without a new DPS registration.
+#   Last, the amd64 package's library plugin is refused, the error naming both architectures.
 # Not run here: the systemd unit and its sandbox (systemd would have to run the ARM binary:
 # binfmt_misc), process isolation, the TPM back end against swtpm (the amd64 system test does),
 # and the maintainer scripts (dpkg in an ARM root needs binfmt_misc too).
@@ -287,6 +288,22 @@ sys.exit(1 if lost else 0)' "$sensor_acked" "$counter_acked" "$counter_run"
     registrations="$(api GET /sim/registrations | python3 -c 'import json,sys; print(sum(r["registrationId"]==sys.argv[1] for r in json.load(sys.stdin)))' "$device")"
     [ "$registrations" -eq 1 ] || { echo "$arch: $registrations DPS registrations: the restart should use the cached assignment"; return 1; }
     log "$arch: after kill -9 and restart: all $sensor_acked sensor and $counter_acked counter messages acknowledged before the kill arrived; one DPS registration in all"
+    kill "$agent_pid"
+    wait "$agent_pid" 2>/dev/null || true
+
+    # The amd64 package's library plugin is refused by the ARM agent, naming both architectures.
+    local here
+    case "$arch" in arm64) here="AArch64 (arm64)" ;; armhf) here="32-bit ARM (armhf/armel)" ;; esac
+    rm -rf "$dir/amd64"
+    dpkg-deb -x "$work/pkg/hubagent_amd64.deb" "$dir/amd64"
+    cp "$dir/config-after.toml" "$dir/config-foreign.toml"
+    printf '\n[[plugin]]\nname = "amd64-sysmetrics"\nkind = "library"\npath = "%s"\nisolation = "in-process"\n' \
+        "$dir/amd64/usr/lib/hubagent/plugins/libhubagent_sysmetrics.so" >>"$dir/config-foreign.toml"
+    mv "$dir/agent.log" "$dir/agent-scenario.log"
+    start_agent "$dir/config-foreign.toml"
+    refused() { grep -q "built for x86-64 (amd64), but this agent runs on $here" "$dir/agent.log"; }
+    wait_for "the amd64 plugin refused" 60 refused || { tail -20 "$dir/agent.log"; return 1; }
+    log "$arch: the amd64 package's plugin refused: $(grep -o 'built for x86-64 (amd64), but this agent runs on [^:]*' "$dir/agent.log" | head -1)"
     kill "$agent_pid"
     wait "$agent_pid" 2>/dev/null || true
     kill "$hubsim_pid"
