@@ -46,7 +46,7 @@ if [ "$arch" = amd64 ]; then
     cargo build --release --locked -p hubagent --no-default-features --features tpm >&2
     cargo build --release --locked -p hubagent-sysmetrics -p hubagent-simulated-sensor >&2
     cargo deb -p hubagent --locked --no-build "$@" >&2
-    deb="$(ls -t target/debian/hubagent_*.deb | head -1)"
+    deb="$(ls -t target/debian/hubagent_*_amd64.deb | head -1)"
     # The Depends are written out in agent/Cargo.toml: check them against what this machine's
     # dpkg-shlibdeps computes for the binary and plugins just built.
     bash packaging/check-depends.sh "$deb" >&2
