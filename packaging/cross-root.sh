@@ -19,11 +19,17 @@ mkdir -p "$cache"
 args=(--variant=apt --architectures=amd64,arm64,armhf
     # The mirror may be a dated snapshot: unstable's Release file then counts as expired.
     --aptopt='Acquire::Check-Valid-Until "false"'
+    # Rust with its standard library for both targets.
     --include=rustc,cargo,libstd-rust-dev:arm64,libstd-rust-dev:armhf
+    # Linkers: the native one for build scripts and proc macros, the cross ones for the targets.
     --include=gcc,libc6-dev,gcc-aarch64-linux-gnu,gcc-arm-linux-gnueabihf,libc6-dev-arm64-cross,libc6-dev-armhf-cross
+    # The TPM libraries the agent links, for each target (pkg-config finds them); make for the
+    # C plugin example.
     --include=libtss2-dev:arm64,libtss2-dev:armhf,pkgconf,make
-    --include=dpkg-dev,lintian,file,binutils-aarch64-linux-gnu,binutils-arm-linux-gnueabihf
-    --include=qemu-user,ca-certificates,python3,curl
+    # Packaging: dpkg-shlibdeps (cargo-deb's $auto, check-depends.sh), lintian, the strip tools.
+    --include=dpkg-dev,lintian,binutils-aarch64-linux-gnu,binutils-arm-linux-gnueabihf
+    # The emulators of tests/system/cross-smoke.sh; the CA bundle's package (overwritten below).
+    --include=qemu-user,ca-certificates
     unstable)
 root="$cache/cross-root-$(printf '%s\n' "${args[@]}" | sha256sum | cut -c1-12)"
 exec 9>"$cache/.cross-root.lock"
