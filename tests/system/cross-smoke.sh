@@ -91,8 +91,11 @@ trap cleanup EXIT
 trap 'exit 1' INT TERM
 
 smoke() { # arch
-    local arch="$1" dir qemu gnu
-    case "$arch" in arm64) qemu="qemu-aarch64" gnu=aarch64-linux-gnu ;; armhf) qemu="qemu-arm" gnu=arm-linux-gnueabihf ;; esac
+    local arch="$1" dir qemu gnu triple
+    case "$arch" in
+        arm64) qemu="qemu-aarch64" gnu=aarch64-linux-gnu triple=aarch64-unknown-linux-gnu ;;
+        armhf) qemu="qemu-arm" gnu=arm-linux-gnueabihf triple=armv7-unknown-linux-gnueabihf ;;
+    esac
     dir="$work/$arch"
     rm -rf "$dir"
     mkdir -p "$dir/state"
@@ -120,6 +123,25 @@ smoke() { # arch
     local c_plugin="$dir/sdk/plugins/examples/c-counter/libc_counter.so"
     [ -f "$c_plugin" ] || { echo "$arch: the C example did not build with CC=$gnu-gcc"; return 1; }
     log "$arch: the C example built with make CC=$gnu-gcc: $(readelf -h "$c_plugin" | sed -n 's/^ *Machine: *//p')"
+    # README's Rust plugin ("Write a plugin", "In Rust": its Cargo.toml lines and src/lib.rs as
+    # printed there), built with the cross command it gives, against this checkout's SDK. (An
+    # empty [workspace]: README's crate sits beside the checkout, this one inside its target/.)
+    mkdir -p "$dir/my-sensor/src"
+    printf '[package]\nname = "my-sensor"\nversion = "0.1.0"\nedition = "2024"\n\n[workspace]\n\n[lib]\ncrate-type = ["cdylib"]\n\n[dependencies]\nhubagent-plugin-sdk = { path = "%s/plugins/sdk" }\n' \
+        "$PWD" >"$dir/my-sensor/Cargo.toml"
+    python3 -c 'import sys
+text = open("README.md").read()
+after = text[text.index("`src/lib.rs`:"):]
+code = after[after.index("```rust\n") + 8:]
+sys.stdout.write(code[:code.index("```")])' >"$dir/my-sensor/src/lib.rs"
+    local upper; upper="$(tr 'a-z-' 'A-Z_' <<<"$triple")"
+    systemd-nspawn -q --register=no --keep-unit --console=pipe --volatile=overlay -D "$root" \
+        --bind="$dir/my-sensor" --bind-ro="$PWD" --bind="${CARGO_HOME:-$HOME/.cargo}:/cargo-home" --chdir="$dir/my-sensor" \
+        --setenv=CARGO_HOME=/cargo-home --setenv="CARGO_TARGET_${upper}_LINKER=$gnu-gcc" \
+        cargo build -q --release --target "$triple" </dev/null 2>&1 | grep -v 'Attempted to remove disk file system' || true
+    local rust_plugin="$dir/my-sensor/target/$triple/release/libmy_sensor.so"
+    [ -f "$rust_plugin" ] || { echo "$arch: README's Rust plugin did not build for $triple"; return 1; }
+    log "$arch: README's Rust plugin built with cargo build --release --target $triple: $(readelf -h "$rust_plugin" | sed -n 's/^ *Machine: *//p')"
 
     local mqtt https
     read -r mqtt https < <(free_ports)
@@ -193,6 +215,13 @@ isolation = "in-process"
 [plugin.settings]
 interval = "100ms"
 
+# README's Rust plugin, cross-built above.
+[[plugin]]
+name = "my-sensor"
+kind = "library"
+path = "$rust_plugin"
+isolation = "in-process"
+
 # The C example, cross-built above.
 [[plugin]]
 name = "c-counter"
@@ -237,10 +266,11 @@ sys.exit(0 if any(r["registrationId"]==sys.argv[1] and r["outcome"]=="assigned" 
     wait_for "$device's registration" 120 registered || { tail -20 "$dir/agent.log"; return 1; }
     wait_for "the library plugin's telemetry" 120 has_messages sensor 3 \
         && wait_for "the exec plugin's telemetry" 120 has_messages counter 3 \
-        && wait_for "the C plugin's telemetry" 120 has_source c-counter || { tail -20 "$dir/agent.log"; return 1; }
+        && wait_for "the C plugin's telemetry" 120 has_source c-counter \
+        && wait_for "README's Rust plugin's telemetry" 120 has_source my-sensor || { tail -20 "$dir/agent.log"; return 1; }
     local assigned
     assigned="$(api GET /sim/registrations | python3 -c 'import json,sys; print(" ".join(r["outcome"]+":"+r["attestation"] for r in json.load(sys.stdin) if r["registrationId"]==sys.argv[1]))' "$device")"
-    log "$arch: provisioned ($assigned), telemetry from the in-process library plugins (Rust and C) and the exec plugin"
+    log "$arch: provisioned ($assigned), telemetry from the in-process library plugins (packaged Rust, README's Rust, C) and the exec plugin"
 
     # A desired-property change of the exec plugin: its messages carry the new settings, and the
     # reported properties echo them.
@@ -301,7 +331,7 @@ sys.exit(1 if lost else 0)' "$sensor_acked" "$counter_acked" "$counter_run"
         "$dir/amd64/usr/lib/hubagent/plugins/libhubagent_sysmetrics.so" >>"$dir/config-foreign.toml"
     mv "$dir/agent.log" "$dir/agent-scenario.log"
     start_agent "$dir/config-foreign.toml"
-    refused() { grep -q "built for x86-64 (amd64), but this agent runs on $here" "$dir/agent.log"; }
+    refused() { grep -qs "built for x86-64 (amd64), but this agent runs on $here" "$dir/agent.log"; }
     wait_for "the amd64 plugin refused" 60 refused || { tail -20 "$dir/agent.log"; return 1; }
     log "$arch: the amd64 package's plugin refused: $(grep -o 'built for x86-64 (amd64), but this agent runs on [^:]*' "$dir/agent.log" | head -1)"
     kill "$agent_pid"
