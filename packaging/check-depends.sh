@@ -7,6 +7,14 @@
 # build-deb.sh runs this on the build machine, tests/system/deb-nspawn.sh in each release it
 # supports. Needs dpkg-dev and the libraries installed. Prints the computed list; exit 1 when one
 # is missing from the package.
+#
+# Per architecture: dpkg-shlibdeps runs for the package's Architecture (dpkg-architecture -a), so
+# it reads that architecture's libraries (multiarch, e.g. libtss2-dev:arm64): an arm64 package is
+# checked with arm64's symbols files, on an amd64 machine too. The arm64 and armhf packages
+# compute their Depends with cargo-deb's $auto, which leaves out libgcc-s1 (Priority: required,
+# on every Debian system): a computed libgcc-s1 may therefore be absent, but if declared it must
+# match. Also prints the highest GLIBC_ symbol version the ELF files need (the oldest glibc they
+# run on), which libc6's computed version must cover.
 set -euo pipefail
 deb="$(realpath "$1")"
 tmp="$(mktemp -d)"
@@ -16,9 +24,10 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/debian/hubagent"
 dpkg-deb -R "$deb" "$tmp/debian/hubagent"
 printf 'Source: hubagent\n\nPackage: hubagent\nArchitecture: any\n' >"$tmp/debian/control"
+arch="$(dpkg-deb -f "$deb" Architecture)"
 mapfile -t elfs < <(cd "$tmp" && find debian/hubagent -type f \( -path '*/usr/bin/*' -o -name '*.so' \) | sort)
 # (Its warnings, e.g. about usrmerge's diversions, are shown only when it fails.)
-computed="$(cd "$tmp" && dpkg-shlibdeps -O "${elfs[@]}" 2>"$tmp/warnings" | sed -n 's/^shlibs:Depends=//p')" \
+computed="$(cd "$tmp" && dpkg-architecture -a "$arch" -c dpkg-shlibdeps -O "${elfs[@]}" 2>"$tmp/warnings" | sed -n 's/^shlibs:Depends=//p')" \
     || { cat "$tmp/warnings" >&2; exit 1; }
 declared="$(dpkg-deb -f "$deb" Depends)"
 # The declared alternatives, one a line, without the spaces around them.
@@ -27,9 +36,15 @@ missing=()
 IFS=',' read -ra needs <<<"$computed"
 for need in "${needs[@]}"; do
     need="$(sed 's/^ *//; s/ *$//' <<<"$need")"
-    grep -qxF "$need" <<<"$alternatives" || missing+=("$need")
+    grep -qxF "$need" <<<"$alternatives" && continue
+    # libgcc-s1: see above.
+    if [[ "$need" == libgcc-s1* ]] && ! grep -q '^libgcc-s1\b' <<<"$alternatives"; then continue; fi
+    missing+=("$need")
 done
-codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-unknown}")"
+codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-unknown}"), $arch"
+# readelf reads any architecture's ELF files (objdump only its own).
+glibc="$(cd "$tmp" && readelf --dyn-syms -W "${elfs[@]}" | grep -o '@GLIBC_[0-9.]*' | sort -uV | tail -1)"
+echo "check-depends ($codename): the highest glibc symbol version needed: ${glibc#@}"
 echo "check-depends ($codename): dpkg-shlibdeps computes: $computed"
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "check-depends ($codename): not among the package's Depends alternatives: $(IFS=','; echo "${missing[*]}")"

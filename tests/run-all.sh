@@ -28,18 +28,26 @@ HUBSIM_BIN="$PWD/target/debug/hubsim" HUBAGENT_BIN="$PWD/target/debug/hubagent" 
     -W ignore::DeprecationWarning --junitxml=target/interop-junit.xml tests/interop \
     || failed+=("python interop tests")
 
+# The system tests need root. Exit 77 means one could not run here (not root): counted as
+# skipped, never as passed, and a failure in CI (CI=true, set by .ci/run), which runs as root and
+# must run them.
+skipped=()
+system_part() { # name command...
+    local status=0
+    "${@:2}" || status=$?
+    if [ "$status" -eq 77 ] && [ "${CI:-}" != "true" ]; then
+        skipped+=("$1")
+    elif [ "$status" -ne 0 ]; then
+        failed+=("$1")
+    fi
+}
 # The .deb installed into a real systemd (systemd-nspawn), driven with systemctl against hubsim.
 echo "== system test: the .deb in systemd-nspawn"
-# Exit 77 means it could not run here (not root): counted as skipped, never as passed, and a
-# failure in CI (CI=true, set by .ci/run), which runs as root and must run it.
-skipped=()
-system_status=0
-bash tests/system/deb-nspawn.sh || system_status=$?
-if [ "$system_status" -eq 77 ] && [ "${CI:-}" != "true" ]; then
-    skipped+=("deb system test")
-elif [ "$system_status" -ne 0 ]; then
-    failed+=("deb system test")
-fi
+system_part "deb system test" bash tests/system/deb-nspawn.sh
+# The arm64 and armhf packages: built (in a cached Debian unstable root), lintian, compared with
+# the amd64 package, and the packaged agent run under qemu user emulation against hubsim.
+echo "== system test: the arm64 and armhf packages, under qemu"
+system_part "cross-architecture test" bash tests/system/cross-smoke.sh
 
 # A short fuzz run over the checked-in corpus (config, queue files, topics, SAS/twin input).
 echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"
@@ -47,7 +55,7 @@ bash fuzz/run.sh || failed+=("fuzzing")
 
 # Totals from both runners' JUnit reports (only reports written by this run count), so the run
 # closes with one plain "N passed, N failed" line. nextest's report is the last nextest run's (the
-# whole workspace with the TPM back end); the system test and fuzzing count as one test each.
+# whole workspace with the TPM back end); the system tests and fuzzing count as one test each.
 totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml \
     -- "${failed[@]}" -- "${skipped[@]}" <<'PY'
 import os, sys, xml.etree.ElementTree as ET
@@ -55,7 +63,7 @@ args = sys.argv[1:]
 first, second = args.index("--"), len(args) - 1 - args[::-1].index("--")
 started, reports = int(args[0]), args[1:first]
 failed_parts, skipped_parts = args[first + 1:second], args[second + 1:]
-whole_parts = ["deb system test", "fuzzing"]  # no JUnit report: one test each
+whole_parts = ["deb system test", "cross-architecture test", "fuzzing"]  # no JUnit report: one test each
 failed = sum(part in failed_parts for part in whole_parts)
 skipped = sum(part in skipped_parts for part in whole_parts)
 passed = len(whole_parts) - failed - skipped
@@ -83,6 +91,6 @@ fi
 if [ "${#skipped[@]}" -gt 0 ]; then
     echo "== SUMMARY: PASSED in ${SECONDS}s, but NOT RUN here: ${skipped[*]} (see its output above)"
 else
-    echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust, Python interop, .deb system test, fuzzing)"
+    echo "== SUMMARY: ALL TESTS PASSED in ${SECONDS}s (Rust, Python interop, .deb system tests amd64/arm64/armhf, fuzzing)"
 fi
 echo "Tests: $totals"

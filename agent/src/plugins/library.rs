@@ -4,7 +4,7 @@
 //!
 //! Libraries are opened with RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE through `/proc/self/fd/N` of
 //! the file that passed the trust check (so a file swapped in after the check is not what gets
-//! loaded), and are never unloaded.
+//! loaded; the fd stays open, see [`kept_open`]), and are never unloaded.
 
 use std::ffi::{CStr, c_void};
 use std::os::unix::fs::MetadataExt;
@@ -240,6 +240,24 @@ pub fn check_elf_header(header: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// The files of the libraries loaded so far, by (device, inode), kept open for good.
+static LOADED_FILES: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), std::fs::File>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The `/proc/self/fd/N` path to open a checked library file by. glibc's dlopen takes an object
+/// already loaded under the same name for the one asked for, so a library's fd stays open as long
+/// as the library stays loaded (for good): a closed and reused fd number would make the next,
+/// different library resolve to this one. The same file loaded again (a plugin restarted) gets
+/// its first fd, so the fds kept are one per distinct file.
+fn kept_open(file: std::fs::File, id: (u64, u64)) -> String {
+    use std::os::fd::AsRawFd;
+    let mut files = LOADED_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    format!(
+        "/proc/self/fd/{}",
+        files.entry(id).or_insert(file).as_raw_fd()
+    )
+}
+
 impl Library {
     /// Checks the path, loads the library (for good) and checks its descriptor.
     pub fn load(path: &Path, allow_unsafe: bool) -> Result<Library, String> {
@@ -265,13 +283,11 @@ impl Library {
                 .map_err(|e| format!("{}: {e}", real.display()))?;
             check_elf_header(&header[..n]).map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        use std::os::fd::AsRawFd;
-        let via_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let via_fd = kept_open(file, (opened.dev(), opened.ino()));
         let flags = libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE;
         // SAFETY: loading runs the library's initialisers; the path passed the trust check.
         let lib = unsafe { libloading::os::unix::Library::open(Some(&via_fd), flags) }
             .map_err(|e| format!("{}: cannot load: {e}", path.display()))?;
-        drop(file);
         let symbol = format!("{}\0", abi::ENTRY_SYMBOL);
         // SAFETY: the symbol's type is fixed by the ABI (hubagent_plugin.h).
         let entry: abi::EntryFn = unsafe { lib.get::<abi::EntryFn>(symbol.as_bytes()) }
@@ -841,6 +857,38 @@ mod tests {
             ..d
         };
         assert_eq!(declarations(&v1_0).unwrap(), Declarations::default());
+    }
+
+    /// Two different libraries loaded one after the other into one process (in-process plugins)
+    /// are two libraries: glibc's dlopen recognises an already loaded object by the name it was
+    /// opened under, and each is opened as /proc/self/fd/N, so a reused fd number would hand the
+    /// second plugin the first one's entry point (found by the arm64 smoke, cross-smoke.sh, with
+    /// the simulated sensor and the C example both in-process).
+    #[test]
+    fn two_libraries_loaded_in_turn_stay_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/examples/c-counter");
+        let source = std::fs::read_to_string(format!("{example}/counter.c")).unwrap();
+        let mut loaded = Vec::new();
+        for name in ["first-counter", "second-counter"] {
+            let renamed = source.replace(".name = \"c-counter\"", &format!(".name = \"{name}\""));
+            assert_ne!(renamed, source, "counter.c names its plugin c-counter");
+            let c = dir.path().join(format!("{name}.c"));
+            std::fs::write(&c, renamed).unwrap();
+            let built = dir.path().join(format!("lib{name}.so"));
+            let status = std::process::Command::new("cc")
+                .args(["-shared", "-fPIC", "-pthread", "-I"])
+                .arg(format!("{example}/../../sdk/include"))
+                .arg("-o")
+                .arg(&built)
+                .arg(&c)
+                .status()
+                .expect("the C compiler runs");
+            assert!(status.success(), "cc failed");
+            let library = Library::load(&built, true).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(library.name, name);
+            loaded.push(library);
+        }
     }
 
     #[test]
