@@ -19,7 +19,8 @@
 #   (`published` in `plugins list`, read just before the kill), without a new DPS registration.
 #   Last, the amd64 package's library plugin is refused, the error naming both architectures.
 # Not run here: the systemd unit and its sandbox (systemd would have to run the ARM binary:
-# binfmt_misc), process isolation, the TPM back end against swtpm (the amd64 system test does),
+# binfmt_misc), the plugin sandbox (`plugin_sandbox = "off"`: its exec trampoline re-executes the
+# ARM binary too), process isolation, the TPM back end against swtpm (the amd64 system test does),
 # and the maintainer scripts (dpkg in an ARM root needs binfmt_misc too).
 #
 # Usage: cross-smoke.sh [arm64|armhf ...] (default: both). Needs root (systemd-nspawn into the
@@ -181,6 +182,9 @@ SH
 [agent]
 state_dir = "$dir/state"
 control_socket = "$dir/state/control.sock"
+# The plugin sandbox starts an exec plugin through the agent's own binary (hubagent
+# sandbox-exec), which only binfmt_misc could start here; the amd64 tests prove the sandbox.
+plugin_sandbox = "off"
 
 [provisioning]
 source = "dps"
