@@ -388,6 +388,22 @@ async fn only_a_proxy_to_443_gets_out() {
     s.netns = Some(netns);
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
+    // The twin and direct methods take the same way out (the same interval: the scenario's
+    // figures stay comparable).
+    assert!(
+        plugin_settings_followed(s.sim(), &s.id, "sensor", json!({"interval": "50ms"}))
+            .await
+            .is_some(),
+        "{}",
+        agent.log_text()
+    );
+    let key = device_key(s.sim(), &s.id);
+    let (status, answer) =
+        hubsim::twin::invoke_method(s.sim(), &key, "ping", &json!({"via": "proxy"}), WAIT)
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["echo"], json!({"via": "proxy"}), "{answer}");
     for round in 1..=2 {
         s.drop_and_recover(&agent, round).await;
     }
