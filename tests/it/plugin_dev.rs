@@ -158,6 +158,36 @@ quarantine_after = 2
         connects,
         "the hub session was dropped"
     );
+    // The same from the cloud: the built-in direct method restartPlugin.
+    let pid = agent
+        .wait_plugins("a pid", |p| p["gauge"]["pid"].is_u64())
+        .await["gauge"]["pid"]
+        .clone();
+    let key = device_key(&sim, device);
+    let (status, answer) =
+        hubsim::twin::invoke_method(&sim, &key, "restartPlugin", &json!({"name": "gauge"}), WAIT)
+            .await
+            .unwrap();
+    assert_eq!(status, 202, "{answer}");
+    agent
+        .wait_plugins("the gauge restarted by the direct method", |p| {
+            p["gauge"]["status"] == "running"
+                && p["gauge"]["pid"].is_u64()
+                && p["gauge"]["pid"] != pid
+        })
+        .await;
+    let (status, answer) =
+        hubsim::twin::invoke_method(&sim, &key, "restartPlugin", &json!({"name": "gaueg"}), WAIT)
+            .await
+            .unwrap();
+    assert_eq!(status, 404, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("configured: gauge"),
+        "{answer}"
+    );
     let out = agent.cli(&["plugins", "restart", "gaueg"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

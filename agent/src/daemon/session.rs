@@ -215,9 +215,29 @@ impl Daemon {
                 (202, json!({"status": "reprovisioning"}))
             }
             "logs" => recent_logs(payload),
+            "restartPlugin" => {
+                let Some(name) = payload.get("name").and_then(Value::as_str) else {
+                    return (400, json!({"error": "write {\"name\": \"<plugin>\"}"}));
+                };
+                let plugins = self.plugins.snapshot();
+                if plugins.get(name).is_none() {
+                    let known: Vec<&str> = plugins
+                        .as_object()
+                        .map(|p| p.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    return (
+                        404,
+                        json!({"error": format!("no plugin named '{name}' (configured: {})", known.join(", "))}),
+                    );
+                }
+                let _ = self
+                    .commands_tx
+                    .send(Command::RestartPlugin(name.to_string()));
+                (202, json!({"restarting": name}))
+            }
             other => (
                 404,
-                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision, logs, check; a plugin's: <plugin>.<method>)")}),
+                json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision, logs, check, restartPlugin; a plugin's: <plugin>.<method>)")}),
             ),
         }
     }
