@@ -193,8 +193,9 @@ systemctl stop hubagent
 rm -f /var/lib/hubagent/provisioning.json
 systemctl start hubagent
 wait_status "connected to" && rec "proxy-provisioned $(show)" || rec "proxy-provision-failed $(show)"
-# (The first "published" is the agent's; the plugins' counters follow.)
-published() { hubagent status --json 2>/dev/null | tr -d '\n ' | grep -o '"published":[0-9]*' | head -1 | cut -d: -f2; }
+# (Keys come sorted: the plugins' "published" counters, under "plugins", come before the agent's,
+# which is the last one.)
+published() { hubagent status --json 2>/dev/null | tr -d '\n ' | grep -o '"published":[0-9]*' | tail -1 | cut -d: -f2; }
 for _ in $(seq 60); do [ "$(published)" -gt 0 ] 2>/dev/null && break; sleep 0.5; done
 rec "proxy-published $(published)"
 rm /etc/systemd/system/hubagent.service.d/proxy.conf /etc/systemd/system/hubagent.service.d/zz-test-only-proxy.conf
