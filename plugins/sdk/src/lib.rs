@@ -40,6 +40,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+pub mod settings;
+
 /// The C ABI, field for field as in `hubagent_plugin.h`.
 pub mod abi {
     use std::ffi::{c_char, c_void};
@@ -528,28 +530,8 @@ impl StopSignal {
     }
 }
 
-/// Parses durations as the agent writes them: "250ms", "5s", "2m", "1h".
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("'{text}' is not a duration (write e.g. \"500ms\", \"5s\", \"1m\")")
-    })?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => return Err(format!("unknown unit '{other}' in '{text}' (ms, s, m, h)")),
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("'{text}' is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
+/// The duration format of settings: see [`settings::parse_duration`].
+pub use settings::parse_duration;
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
@@ -871,15 +853,6 @@ macro_rules! export_plugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_in_agent_units() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
 
     #[test]
     fn stop_signal_wakes_waiters() {
