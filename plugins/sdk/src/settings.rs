@@ -118,7 +118,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         other => return Err(format!("unknown unit '{other}' in '{text}' (ms, s, m, h)")),
     };
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e12 {
+    if !seconds.is_finite() || !(0.0..=1e12).contains(&seconds) {
         return Err(format!("'{text}' is not a duration"));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -178,13 +178,13 @@ pub mod duration {
 /// A duration as the settings format writes it: `"5s"`, `"250ms"`, `"2m"`, `"1h"`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 || d.subsec_nanos() % 1_000_000 != 0 {
+    if !ms.is_multiple_of(1000) || !d.subsec_nanos().is_multiple_of(1_000_000) {
         return format!("{}ms", d.as_secs_f64() * 1000.0);
     }
     let s = ms / 1000;
-    if s != 0 && s % 3600 == 0 {
+    if s != 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s != 0 && s % 60 == 0 {
+    } else if s != 0 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
