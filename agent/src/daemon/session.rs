@@ -93,7 +93,7 @@ impl Daemon {
         session.shutdown();
         let _ = tokio::time::timeout(SESSION_STOP, task).await;
         if let (Event::Unauthorized, Phase::Wait { delay, .. }) = (end, life.on(end)) {
-            tracing::warn!(hub = %assignment.hub, ?delay, "the hub refused the device credentials; reprovisioning");
+            tracing::warn!(hub = %assignment.hub, delay = %humantime::format_duration(*delay), "the hub refused the device credentials; reprovisioning");
         }
     }
 

@@ -48,7 +48,7 @@ pub mod abi {
 
     pub const MAGIC: u32 = 0x4841_5047;
     pub const ABI_MAJOR: u16 = 1;
-    pub const ABI_MINOR: u16 = 1;
+    pub const ABI_MINOR: u16 = 2;
     pub const ENTRY_SYMBOL: &str = "hubagent_plugin_entry_v1";
 
     pub const OK: i32 = 0;
@@ -59,6 +59,8 @@ pub mod abi {
     pub const ERR_RATE_LIMITED: i32 = 5;
     pub const ERR_STOPPING: i32 = 6;
     pub const ERR_TOO_LARGE: i32 = 7;
+    /// ABI 1.2, settings accessors: no such key (the plugin keeps its default).
+    pub const ERR_NOT_FOUND: i32 = 8;
 
     pub const LOG_ERROR: i32 = 1;
     pub const LOG_WARN: i32 = 2;
@@ -150,11 +152,47 @@ pub mod abi {
         pub content_encoding: Str,
         pub properties: *const Property,
         pub property_count: usize,
+        /// ABI 1.2: when the reading was taken, milliseconds since the Unix epoch (UTC); 0 =
+        /// when published. Sent as the message's creation time (`iothub-creation-time-utc`).
+        pub creation_time_ms: i64,
     }
 
     pub type PublishFn = unsafe extern "C" fn(ctx: *mut c_void, message: *const Message) -> i32;
     pub type LogFn = unsafe extern "C" fn(ctx: *mut c_void, level: i32, text: Str);
     pub type HealthFn = unsafe extern "C" fn(ctx: *mut c_void, health: i32, detail: Str);
+    /// ABI 1.2: one settings value by key (`OK`, `ERR_NOT_FOUND`, or `ERR_INVALID_ARGUMENT`
+    /// with the reason in `error`).
+    pub type SettingStringFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out: *mut Buf,
+        error: *mut Buf,
+    ) -> i32;
+    pub type SettingNumberFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out: *mut f64,
+        error: *mut Buf,
+    ) -> i32;
+    pub type SettingBoolFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out: *mut i32,
+        error: *mut Buf,
+    ) -> i32;
+    pub type SettingDurationFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out_ms: *mut u64,
+        error: *mut Buf,
+    ) -> i32;
+    /// ABI 1.2: the plugin's own reported properties (a JSON object), replacing the last ones.
+    pub type ReportPropertiesFn =
+        unsafe extern "C" fn(ctx: *mut c_void, properties_json: Str, error: *mut Buf) -> i32;
 
     #[repr(C)]
     #[derive(Debug)]
@@ -166,6 +204,12 @@ pub mod abi {
         pub publish: Option<PublishFn>,
         pub log: Option<LogFn>,
         pub report_health: Option<HealthFn>,
+        // ABI 1.2 (present when `struct_size` covers them):
+        pub setting_string: Option<SettingStringFn>,
+        pub setting_number: Option<SettingNumberFn>,
+        pub setting_bool: Option<SettingBoolFn>,
+        pub setting_duration_ms: Option<SettingDurationFn>,
+        pub report_properties: Option<ReportPropertiesFn>,
     }
 
     pub type StartFn = unsafe extern "C" fn(
@@ -240,8 +284,11 @@ pub mod abi {
     /// The descriptor of ABI 1.1 (methods and C2D).
     pub const DESCRIPTOR_SIZE_V1_1: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
     pub const C2D_MESSAGE_SIZE_V1_1: u32 = std::mem::size_of::<C2dMessage>() as u32;
-    pub const HOST_API_SIZE_V1_0: u32 = std::mem::size_of::<HostApi>() as u32;
-    pub const MESSAGE_SIZE_V1_0: u32 = std::mem::size_of::<Message>() as u32;
+    pub const HOST_API_SIZE_V1_0: u32 = std::mem::offset_of!(HostApi, setting_string) as u32;
+    pub const MESSAGE_SIZE_V1_0: u32 = std::mem::offset_of!(Message, creation_time_ms) as u32;
+    /// ABI 1.2: the settings accessors and `report_properties`; a message's creation time.
+    pub const HOST_API_SIZE_V1_2: u32 = std::mem::size_of::<HostApi>() as u32;
+    pub const MESSAGE_SIZE_V1_2: u32 = std::mem::size_of::<Message>() as u32;
 
     /// A descriptor that may live in a `static` (its raw pointers point at static data).
     #[repr(transparent)]
@@ -375,6 +422,8 @@ pub struct Message {
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
     pub properties: Vec<(String, String)>,
+    /// When the reading was taken (`iothub-creation-time-utc`); `None`: when published.
+    pub creation_time: Option<std::time::SystemTime>,
 }
 
 impl Message {
@@ -385,6 +434,7 @@ impl Message {
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
             properties: Vec::new(),
+            creation_time: None,
         }
     }
 
@@ -394,6 +444,12 @@ impl Message {
             body: body.into(),
             ..Message::default()
         }
+    }
+
+    /// When the reading was taken, if not now (sent as `iothub-creation-time-utc`).
+    pub fn created_at(mut self, time: std::time::SystemTime) -> Message {
+        self.creation_time = Some(time);
+        self
     }
 
     /// Adds an application property.
@@ -449,6 +505,11 @@ impl Host {
             content_encoding: opt(&message.content_encoding),
             properties: properties.as_ptr(),
             property_count: properties.len(),
+            creation_time_ms: message
+                .creation_time
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
         };
         // SAFETY: every pointer in `raw` borrows from `message`/`properties`, alive for the call.
         let code = unsafe { publish(api.ctx, &raw) };
@@ -460,6 +521,31 @@ impl Host {
             abi::ERR_INVALID_ARGUMENT => Err(PublishError::Invalid),
             other => Err(PublishError::Other(other)),
         }
+    }
+
+    /// Sets the plugin's own reported properties (`reported.plugins.<name>.properties`): a JSON
+    /// object, replacing the last one. Refused, with the reason, when IoT Hub would refuse it
+    /// (property names with `.`, `$`, spaces or control characters, strings over 4 KB, nesting
+    /// too deep) or it is over 4 KB; or when the agent is older than ABI 1.2.
+    pub fn report_properties(&self, properties_json: &str) -> Result<(), String> {
+        let api = self.api();
+        let offered = api.struct_size >= abi::HOST_API_SIZE_V1_2;
+        let Some(report) = api.report_properties.filter(|_| offered) else {
+            return Err("this agent does not take reported properties (ABI 1.2 needed)".into());
+        };
+        let mut bytes = vec![0u8; 1024];
+        let mut error = abi::Buf {
+            ptr: bytes.as_mut_ptr(),
+            cap: bytes.len(),
+            len: 0,
+        };
+        // SAFETY: the text and the error buffer outlive the call.
+        let code = unsafe { report(api.ctx, abi::Str::borrow(properties_json), &mut error) };
+        if code == abi::OK {
+            return Ok(());
+        }
+        let len = error.len.min(bytes.len());
+        Err(String::from_utf8_lossy(&bytes[..len]).into_owned())
     }
 
     pub fn log(&self, level: Level, text: &str) {

@@ -337,6 +337,21 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
                 if let Some(e) = p["error"].as_str() {
                     println!("{:<20} error: {e}", "");
                 }
+                if let Some(r) = p["rejectedSettings"].as_str() {
+                    println!(
+                        "{:<20} settings rejected (runs on its last accepted ones): {r}",
+                        ""
+                    );
+                }
+                if let Some(w) = p["warning"].as_str() {
+                    println!("{:<20} warning: {w}", "");
+                }
+                if let Some(n) = p["junkLines"].as_u64().filter(|n| *n > 0) {
+                    println!(
+                        "{:<20} {n} lines that were not messages (logged as warnings)",
+                        ""
+                    );
+                }
             }
         }
         Request::Reprovision => {
@@ -390,7 +405,8 @@ fn describe_sandbox(sandbox: &serde_json::Value) -> String {
         line.push_str(&format!("; private dir {dir}"));
     }
     if let Some(missing) = sandbox["notEnforced"].as_array().filter(|m| !m.is_empty()) {
-        line.push_str(&format!("; NOT ENFORCED here: {missing:?}"));
+        let missing: Vec<&str> = missing.iter().filter_map(|m| m.as_str()).collect();
+        line.push_str(&format!("; NOT ENFORCED here: {}", missing.join(", ")));
     }
     line
 }
