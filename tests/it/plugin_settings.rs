@@ -250,7 +250,8 @@ tag = "a"
 
 /// A plugin whose stdout is block-buffered (here Python, with the agent's PYTHONUNBUFFERED
 /// undone by `env`) publishes nothing: after `warn_if_silent` the log and status say why.
-/// Junk lines are counted in the twin and the status.
+/// Junk lines are counted in the twin and the status; an exec plugin reports its own properties
+/// and sets a message's creation time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_exec_plugin_gets_a_warning_and_junk_lines_are_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +270,7 @@ warn_if_silent = "1s"
 [[plugin]]
 name = "noisy"
 kind = "exec"
-command = ["/bin/sh", "-c", "echo 'starting up'; echo 'still starting'; echo '{{\"body\": {{\"n\": 1}}}}'; exec sleep 3600"]
+command = ["/bin/sh", "-c", "echo 'starting up'; echo 'still starting'; echo '{{\"reported\": {{\"a.b\": 1}}}}'; echo '{{\"reported\": {{\"mode\": \"noisy\"}}}}'; echo '{{\"body\": {{\"n\": 1}}, \"creationTime\": \"2026-01-02T04:04:05.5+01:00\"}}'; exec sleep 3600"]
 "#
     );
     let agent = connected_agent(&root, &running, device, &plugins).await;
@@ -315,6 +316,37 @@ command = ["/bin/sh", "-c", "echo 'starting up'; echo 'still starting'; echo '{{
     assert_eq!(r["status"], "running", "{r}");
     assert!(r.get("warning").is_none(), "{r}");
     assert_eq!(agent.plugins_list()["noisy"]["junkLines"], 2);
+    // Its own reported property, and the one IoT Hub would refuse, refused with the reason.
+    let r = wait_reported(
+        &sim,
+        device,
+        "noisy",
+        "its own properties",
+        |r| r["properties"].is_object(),
+        &agent,
+    )
+    .await;
+    assert_eq!(r["properties"], json!({"mode": "noisy"}), "{r}");
+    agent
+        .wait_log_line("the refused properties", |l| {
+            l.contains("reported properties refused: a.b: property names cannot contain '.'")
+                && l.contains("plugin=noisy")
+        })
+        .await;
+    // Its creation time, in UTC, as the hub's system property.
+    assert!(
+        sim.wait_until(WAIT, |s| !bodies_from(s, device, "noisy").is_empty())
+            .await
+    );
+    let record = records(&sim, device)
+        .into_iter()
+        .find(|r| r.properties.get("source").map(String::as_str) == Some("noisy"))
+        .unwrap();
+    assert_eq!(
+        record.system_properties["creation-time"], "2026-01-02T03:04:05.500Z",
+        "{:?}",
+        record.system_properties
+    );
     assert_eq!(agent.stop(), Some(0));
 }
 
