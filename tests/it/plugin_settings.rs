@@ -286,6 +286,12 @@ command = ["/bin/sh", "-c", "echo 'starting up'; echo 'still starting'; echo '{{
         "{warning}"
     );
     assert_eq!(list["buffered"]["status"], "running");
+    let out = agent.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("plugin buffered: running; warning: running for 1s without writing"),
+        "{text}"
+    );
     agent
         .wait_log_line("the warning logged", |l| {
             l.contains("WARN")

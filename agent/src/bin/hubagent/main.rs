@@ -292,6 +292,24 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             if answer["last_error"].is_string() {
                 println!("  last error:      {}", field("last_error"));
             }
+            // What needs a look, per plugin (`hubagent plugins list` has the rest).
+            if let Some(plugins) = answer["plugins"].as_object() {
+                for (name, p) in plugins {
+                    let status = p["status"].as_str().unwrap_or("?");
+                    for (key, what) in [
+                        ("error", "error"),
+                        ("rejectedSettings", "settings rejected"),
+                        ("warning", "warning"),
+                    ] {
+                        if let Some(text) = p[key].as_str() {
+                            println!("  plugin {name}: {status}; {what}: {text}");
+                        }
+                    }
+                    if let Some(n) = p["junkLines"].as_u64().filter(|n| *n > 0) {
+                        println!("  plugin {name}: {status}; {n} lines that were not messages");
+                    }
+                }
+            }
         }
         Request::PluginsList => {
             let Some(plugins) = answer.as_object() else {
