@@ -940,6 +940,76 @@ macro_rules! export_plugin {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    static CREATED_MS: AtomicI64 = AtomicI64::new(-1);
+
+    unsafe extern "C" fn record_publish(_ctx: *mut c_void, message: *const abi::Message) -> i32 {
+        // SAFETY: the SDK passes a valid message for the call.
+        CREATED_MS.store(unsafe { (*message).creation_time_ms }, Ordering::SeqCst);
+        abi::OK
+    }
+
+    unsafe extern "C" fn refuse_properties(
+        _ctx: *mut c_void,
+        _json: abi::Str,
+        error: *mut abi::Buf,
+    ) -> i32 {
+        __private_write(error, "a.b: property names cannot contain '.'");
+        abi::ERR_INVALID_ARGUMENT
+    }
+
+    fn __private_write(buf: *mut abi::Buf, text: &str) {
+        // SAFETY: the SDK's own buffer, valid for the call.
+        let buf = unsafe { &mut *buf };
+        let n = text.len().min(buf.cap);
+        // SAFETY: `n <= cap`.
+        unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf.ptr, n) };
+        buf.len = n;
+    }
+
+    fn table(struct_size: u32) -> abi::HostApi {
+        abi::HostApi {
+            struct_size,
+            abi_major: abi::ABI_MAJOR,
+            abi_minor: abi::ABI_MINOR,
+            ctx: std::ptr::null_mut(),
+            publish: Some(record_publish),
+            log: None,
+            report_health: None,
+            setting_string: None,
+            setting_number: None,
+            setting_bool: None,
+            setting_duration_ms: None,
+            report_properties: Some(refuse_properties),
+        }
+    }
+
+    #[test]
+    fn a_creation_time_and_reported_properties_cross_the_abi() {
+        let api = table(abi::HOST_API_SIZE_V1_2);
+        // SAFETY: `api` outlives `host`.
+        let host = unsafe { Host::from_raw(&api) };
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_767_323_045_678);
+        host.publish(&Message::json("{}").created_at(at)).unwrap();
+        assert_eq!(CREATED_MS.load(Ordering::SeqCst), 1_767_323_045_678);
+        host.publish(&Message::json("{}")).unwrap();
+        assert_eq!(CREATED_MS.load(Ordering::SeqCst), 0, "0 = when published");
+        assert_eq!(
+            host.report_properties(r#"{"a.b": 1}"#).unwrap_err(),
+            "a.b: property names cannot contain '.'"
+        );
+        // An agent older than ABI 1.2 has no such function, whatever the table holds beyond.
+        let old = table(abi::HOST_API_SIZE_V1_0);
+        // SAFETY: as above.
+        let host = unsafe { Host::from_raw(&old) };
+        assert!(
+            host.report_properties("{}")
+                .unwrap_err()
+                .contains("ABI 1.2")
+        );
+    }
+
     #[test]
     fn stop_signal_wakes_waiters() {
         let s = StopSignal::new();
