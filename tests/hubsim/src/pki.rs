@@ -244,15 +244,18 @@ pub fn issue(
     issue_valid(kind, cn, out_dir, issuer_dir, None)
 }
 
-/// [`issue`] with its own validity period, in days from now (`-30..5`: issued a month ago,
-/// expires in five days): certificates that expire soon, have expired or are not valid yet, for
-/// tests of what the agent says about them.
+/// A day in seconds, for [`issue_valid`]'s validity periods.
+pub const DAY: i64 = 86_400;
+
+/// [`issue`] with its own validity period, in seconds from now (`-30 * DAY..5 * DAY`: issued a
+/// month ago, expires in five days; `-60..90`: expires in a minute and a half): certificates that
+/// expire soon, have expired or are not valid yet, for tests of what the agent says about them.
 pub fn issue_valid(
     kind: CertKind,
     cn: &str,
     out_dir: &Path,
     issuer_dir: Option<&Path>,
-    valid_days: Option<std::ops::Range<i64>>,
+    valid_secs: Option<std::ops::Range<i64>>,
 ) -> anyhow::Result<IssuedCert> {
     if kind != CertKind::Device && kind != CertKind::Root && issuer_dir.is_none() {
         bail!("an intermediate CA needs --issuer");
@@ -278,10 +281,10 @@ pub fn issue_valid(
             p
         }
     };
-    if let Some(days) = valid_days {
+    if let Some(secs) = valid_secs {
         let now = OffsetDateTime::now_utc();
-        params.not_before = now + Duration::days(days.start);
-        params.not_after = now + Duration::days(days.end);
+        params.not_before = now + Duration::seconds(secs.start);
+        params.not_after = now + Duration::seconds(secs.end);
     }
     params.use_authority_key_identifier_extension = issuer_dir.is_some();
     let (cert, chain_tail) = match issuer_dir {
