@@ -1210,6 +1210,7 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         "delayMs",
         "tokenLifetimeSeconds",
         "twinThrottle",
+        "issuanceFailures",
     ];
     if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
         return fail(
@@ -1243,6 +1244,10 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         Err(r) => return r,
     };
     let twin_throttle = match number("twinThrottle") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let issuance_failures = match number("issuanceFailures") {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -1319,6 +1324,9 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
     }
     if let Some(count) = twin_throttle {
         faults.twin_throttle = u32::try_from(count).unwrap_or(u32::MAX);
+    }
+    if let Some(count) = issuance_failures {
+        faults.issuance_failures = u32::try_from(count).unwrap_or(u32::MAX);
     }
     drop(faults);
     if refuse.is_some() {

@@ -315,6 +315,63 @@ pub fn issue_valid(
     })
 }
 
+/// Why a certificate signing request got no certificate.
+#[derive(Debug)]
+pub enum CsrRefused {
+    /// The request itself is wrong (not a PKCS#10 request, bad signature, another CN).
+    BadRequest(String),
+    /// The CA could not sign (its files are unreadable).
+    CaUnavailable(String),
+}
+
+/// Signs a DER PKCS#10 request whose subject CN must be `cn` with the CA in `issuer_dir` (a
+/// `certs root|intermediate` output), valid from a minute ago for `validity_secs`: the issued
+/// chain as DER, leaf first, then the issuer's own chain — as DPS returns
+/// `issuedCertificateChain` (docs/credentials.md).
+pub fn sign_csr(
+    issuer_dir: &Path,
+    csr_der: &[u8],
+    cn: &str,
+    validity_secs: u64,
+) -> Result<Vec<Vec<u8>>, CsrRefused> {
+    let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+    let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+        .map_err(|e| CsrRefused::BadRequest(format!("not a valid PKCS#10 request: {e}")))?;
+    let subject = match csr.params.distinguished_name.get(&DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(s)) => Some(s.clone()),
+        Some(rcgen::DnValue::PrintableString(s)) => Some(s.as_str().to_string()),
+        _ => None,
+    };
+    if subject.as_deref() != Some(cn) {
+        return Err(CsrRefused::BadRequest(format!(
+            "the request's subject CN {subject:?} is not the registration id '{cn}'"
+        )));
+    }
+    let unavailable = |e: anyhow::Error| CsrRefused::CaUnavailable(format!("{e:#}"));
+    let issuer_chain = read(&issuer_dir.join("cert.pem")).map_err(unavailable)?;
+    let issuer_key = KeyPair::from_pem(&read(&issuer_dir.join("key.pem")).map_err(unavailable)?)
+        .map_err(|e| CsrRefused::CaUnavailable(format!("the CA key: {e}")))?;
+    let issuer = Issuer::from_ca_cert_pem(&issuer_chain, &issuer_key)
+        .map_err(|e| CsrRefused::CaUnavailable(format!("the CA certificate: {e}")))?;
+    let now = OffsetDateTime::now_utc();
+    csr.params.not_before = now - Duration::minutes(1);
+    csr.params.not_after =
+        now + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
+    csr.params.is_ca = IsCa::ExplicitNoCa;
+    csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    csr.params.use_authority_key_identifier_extension = true;
+    let leaf = csr
+        .signed_by(&issuer)
+        .map_err(|e| CsrRefused::BadRequest(format!("cannot sign the request: {e}")))?;
+    let mut chain = vec![leaf.der().to_vec()];
+    for cert in CertificateDer::pem_slice_iter(issuer_chain.as_bytes()) {
+        let cert = cert.map_err(|e| CsrRefused::CaUnavailable(format!("the CA chain: {e}")))?;
+        chain.push(cert.to_vec());
+    }
+    Ok(chain)
+}
+
 /// rustls server config for [`TlsProfile::Azure`] ([`server_tls_config_for`]).
 pub fn server_tls_config(pki: &ServerPki) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     server_tls_config_for(pki, TlsProfile::default())
