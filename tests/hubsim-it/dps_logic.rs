@@ -1334,6 +1334,15 @@ fn a_registration_with_a_csr_gets_a_certificate_the_hub_accepts() {
         now,
     )
     .expect("the hub takes the issued certificate");
+    let expired = authenticate_hub_device(
+        &sim,
+        "hub-a.example.net",
+        "dev-issued",
+        &DeviceCredential::X509(chain.clone()),
+        now + 180,
+    )
+    .expect_err("the hub refuses it after its end");
+    assert!(expired.contains("is not valid now"), "{expired}");
     assert!(
         authenticate_hub_device(
             &sim,
