@@ -189,6 +189,12 @@ pub enum Ending {
     Failed(String),
 }
 
+/// Whether a plugin process that ended while being stopped did so as asked: it exited with
+/// status 0, or (an exec plugin) ended by the SIGTERM the stop sends.
+fn stopped_as_asked(why: &str) -> bool {
+    why.ends_with("exited with status 0") || why.contains("SIGTERM")
+}
+
 /// A line the author typed.
 #[derive(Debug, PartialEq)]
 enum Input {
@@ -200,7 +206,7 @@ enum Input {
     Nothing,
 }
 
-const HELP: &str = "input: a JSON object (settings, merged over the current ones as a desired patch: null removes a key) | method NAME [JSON payload] | c2d [{\"property\": \"value\"}] BODY | stop (or end of input, Ctrl-C)";
+const HELP: &str = "input: a JSON object (settings, merged over those typed so far as a desired patch: null removes a key) | method NAME [JSON payload] | c2d [{\"property\": \"value\"}] BODY | stop (or end of input, Ctrl-C)";
 
 fn parse_input(line: &str) -> Result<Input, String> {
     let line = line.trim();
@@ -311,12 +317,17 @@ fn say(line: &str) {
 /// What the running trial keeps track of.
 struct Session {
     spec: PluginSpec,
-    settings: Map<String, Value>,
+    /// The settings typed so far, each line merged over them (the twin's desired settings: a
+    /// refused value stays there, as in the twin, until a later line changes it).
+    desired: Map<String, Value>,
+    /// The settings the plugin last accepted (libraries say so; exec plugins only refuse).
+    accepted: Map<String, Value>,
     /// Settings sent and not answered yet.
     applying: Option<Map<String, Value>>,
-    /// Exec plugins: the settings before the last change, which the plugin keeps when it
-    /// refuses the change after the fact.
-    previous: Option<Map<String, Value>>,
+    /// Settings typed while others were being applied: sent once those are answered (one
+    /// change at a time, as the daemon does).
+    pending: bool,
+    exec: bool,
     declarations: Declarations,
     next_call: u64,
     /// Calls sent, by id: what to print with the answer.
@@ -354,10 +365,12 @@ pub async fn run(trial: Trial, agent: &Path, input: mpsc::UnboundedReceiver<Stri
     let mut session = Session {
         rate: TokenBucket::new(spec.limits.max_rate, spec.limits.burst),
         paced: matches!(spec.kind, Kind::Exec { .. }),
+        exec: matches!(spec.kind, Kind::Exec { .. }),
         spec,
-        settings,
+        desired: settings.clone(),
+        accepted: settings,
         applying: None,
-        previous: None,
+        pending: false,
         declarations: Declarations::default(),
         next_call: 0,
         calls: HashMap::new(),
@@ -368,7 +381,7 @@ pub async fn run(trial: Trial, agent: &Path, input: mpsc::UnboundedReceiver<Stri
     };
     say(&format!(
         "running with settings {} ({})",
-        Value::Object(session.settings.clone()),
+        Value::Object(session.accepted.clone()),
         "type settings as JSON, `method NAME [JSON]`, `c2d [PROPERTIES] BODY`, `stop`; `help`"
     ));
     session.drive(plugin, events_tx, &mut events, input).await
@@ -425,6 +438,9 @@ impl Session {
                     if let Some(failure) = self.show(event) {
                         break Some(failure);
                     }
+                    if self.pending && self.applying.is_none() {
+                        self.send_settings(&mut plugin, &events_tx);
+                    }
                 }
                 line = input.recv() => match line {
                     Some(line) => match parse_input(&line) {
@@ -450,10 +466,15 @@ impl Session {
                 // What the plugin says while it stops (its last messages, logs) is shown too.
                 let stop = plugin.stop(timeout);
                 tokio::pin!(stop);
-                let mut show = |event| {
-                    // Its exit is what was asked for now, not a failure.
-                    if !matches!(event, Event::Ended(_)) {
-                        self.show(event);
+                // Its exit is what was asked for now; how it exited says whether it stopped
+                // cleanly (a crash in stop, a kill after the timeout, a signal that reached it
+                // before the agent asked are not).
+                let mut unclean = None;
+                let mut show = |event| match event {
+                    Event::Ended(why) if !stopped_as_asked(&why) => unclean = Some(why),
+                    Event::Ended(_) => {}
+                    other => {
+                        self.show(other);
                     }
                 };
                 loop {
@@ -465,21 +486,38 @@ impl Session {
                 while let Ok(event) = events.try_recv() {
                     show(event);
                 }
-                say("stopped");
-                Ending::Stopped
+                match unclean {
+                    None => {
+                        say("stopped");
+                        Ending::Stopped
+                    }
+                    Some(why) => {
+                        say(&format!("stopped uncleanly: {why}"));
+                        Ending::Failed(format!("the plugin did not stop cleanly: {why}"))
+                    }
+                }
             }
         }
+    }
+
+    /// Sends the settings typed so far.
+    fn send_settings(&mut self, plugin: &mut RunningPlugin, events: &running::Events) {
+        let next = self.desired.clone();
+        say(&format!("settings sent: {}", Value::Object(next.clone())));
+        plugin.apply(&Value::Object(next.clone()), events);
+        self.applying = Some(next);
+        self.pending = false;
     }
 
     /// Acts on one line of input.
     fn take(&mut self, plugin: &mut RunningPlugin, events: &running::Events, input: Input) {
         match input {
             Input::Settings(patch) => {
-                let mut next = self.settings.clone();
-                crate::util::json::merge(&mut next, &patch);
-                say(&format!("settings sent: {}", Value::Object(next.clone())));
-                plugin.apply(&Value::Object(next.clone()), events);
-                self.applying = Some(next);
+                crate::util::json::merge(&mut self.desired, &patch);
+                self.pending = true;
+                if self.applying.is_none() {
+                    self.send_settings(plugin, events);
+                }
             }
             Input::Method(name, payload) => {
                 if !self.declarations.answers(&name) {
@@ -573,11 +611,14 @@ impl Session {
             }
             Event::Applied(Ok(())) => {
                 if let Some(next) = self.applying.take() {
-                    self.previous = Some(std::mem::replace(&mut self.settings, next));
-                    say(&format!(
-                        "settings applied: {}",
-                        Value::Object(self.settings.clone())
-                    ));
+                    self.accepted = next;
+                    // An exec plugin does not say yes, it can only refuse (a line of its own).
+                    if !self.exec {
+                        say(&format!(
+                            "settings applied: {}",
+                            Value::Object(self.accepted.clone())
+                        ));
+                    }
                 }
             }
             Event::Applied(Err(e)) => {
@@ -586,18 +627,12 @@ impl Session {
                     "settings rejected: {} ({}); it keeps {}",
                     e.reason,
                     code_name(e.code),
-                    Value::Object(self.settings.clone())
+                    Value::Object(self.accepted.clone())
                 ));
             }
-            Event::LateReject(reason) => {
-                if let Some(previous) = self.previous.take() {
-                    self.settings = previous;
-                }
-                say(&format!(
-                    "settings rejected: {reason}; it keeps {}",
-                    Value::Object(self.settings.clone())
-                ));
-            }
+            Event::LateReject(reason) => say(&format!(
+                "settings rejected: {reason}; it keeps the settings it had before that line"
+            )),
             Event::MethodAnswer(id, answer) => {
                 let what = self.calls.remove(&id).unwrap_or_else(|| "method".into());
                 say(&format!("{what}: {} {}", answer.status, answer.payload));
