@@ -117,7 +117,19 @@ impl Trial {
     }
 
     fn wait_exit(mut self) -> (ExitStatus, Vec<String>) {
-        let status = self.child.wait().unwrap();
+        // Bounded: a trial that does not end is a failure, not a hung test.
+        let deadline = Instant::now() + LONG_WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugins try did not exit; it printed:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         // The rest of stdout, to its end (the reader thread ends at EOF).
         while let Ok(line) = self.lines.recv_timeout(LONG_WAIT) {
             self.seen.push(line);
@@ -407,4 +419,41 @@ fn the_python_template_runs_as_it_is() {
         Some(&plugin),
     );
     try_a_counter_template(trial);
+}
+
+/// A plugin that fails while running ends the trial as it would be restarted by the daemon:
+/// the reason on stdout and stderr, exit 1.
+#[test]
+fn a_plugin_that_crashes_panics_or_hangs_fails_the_trial() {
+    let library = built_library("hubagent_test_misbehave");
+    let cases = [
+        (
+            r#"{"mode": "segfault", "interval": "10ms"}"#,
+            "ended: the plugin process killed by SIGSEGV",
+            "the plugin ended: the plugin process killed by SIGSEGV",
+        ),
+        (
+            r#"{"mode": "worker-panic", "interval": "10ms"}"#,
+            "health failed: ",
+            "the plugin reported itself failed (the daemon would restart it): ",
+        ),
+        (
+            r#"{"mode": "hang"}"#,
+            "sandbox: ",
+            "hung: start did not return within 10s",
+        ),
+    ];
+    for (settings, printed, reason) in cases {
+        let mut trial = Trial::start(&["--settings", settings, library.to_str().unwrap()]);
+        trial.wait_line(printed, |l| l.starts_with(printed));
+        let (status, lines) = trial.wait_exit();
+        assert_eq!(status.code(), Some(1), "{settings}\n{}", lines.join("\n"));
+        let stderr = lines.last().unwrap();
+        assert!(stderr.contains(reason), "{settings}: {stderr}");
+        assert!(
+            !lines.iter().any(|l| l == "stopped"),
+            "{}",
+            lines.join("\n")
+        );
+    }
 }
