@@ -457,3 +457,37 @@ fn a_plugin_that_crashes_panics_or_hangs_fails_the_trial() {
         );
     }
 }
+
+/// The tried plugin is confined as the daemon would confine it: a file outside the system
+/// directories is out of reach until `--allow-read` names it, and `--no-sandbox` lifts it all.
+#[test]
+fn the_tried_plugin_is_sandboxed_as_the_daemon_would_sandbox_it() {
+    let library = built_library("hubagent_test_misbehave");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("data.txt");
+    std::fs::write(&secret, "x").unwrap();
+    let settings =
+        serde_json::json!({"mode": "probe", "interval": "50ms", "read": [secret]}).to_string();
+    let probe = |extra: &[&str]| {
+        let mut args = vec!["--settings", settings.as_str()];
+        args.extend_from_slice(extra);
+        args.push(library.to_str().unwrap());
+        let mut trial = Trial::start(&args);
+        let sandbox = trial.wait_line("the sandbox line", |l| l.starts_with("sandbox: "));
+        let line = trial.wait_line("a probe", |l| l.starts_with("log info: probe "));
+        let (status, lines) = trial.finish();
+        stopped_cleanly(status, &lines);
+        let result: Value =
+            serde_json::from_str(line.trim_start_matches("log info: probe ")).unwrap();
+        (sandbox, result["read"][secret.to_str().unwrap()].clone())
+    };
+    let (sandbox, confined) = probe(&[]);
+    assert!(sandbox.contains("as the daemon confines it"), "{sandbox}");
+    assert_eq!(confined, "EACCES", "{sandbox}");
+    let allow = format!("--allow-read={}", dir.path().display());
+    let (_, allowed) = probe(&[allow.as_str()]);
+    assert_eq!(allowed, "ok");
+    let (sandbox, unconfined) = probe(&["--no-sandbox"]);
+    assert_eq!(sandbox, "sandbox: off (--no-sandbox)");
+    assert_eq!(unconfined, "ok");
+}
