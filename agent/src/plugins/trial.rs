@@ -78,6 +78,16 @@ impl Trial {
             }
         };
         let name = match name {
+            Some(n)
+                if n.is_empty()
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
+                return Err(format!(
+                    "--name '{n}' must be letters, digits, '-' or '_' (it is a twin property name)"
+                ));
+            }
             Some(n) => n.to_string(),
             // `python3 sensor.py`: the script's name, not the interpreter's.
             None => default_name(
@@ -737,6 +747,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.spec.name, "probe");
+        let bad = Trial::new(&["./run".into()], None, Some("a.b"), Map::new(), &none);
+        assert!(bad.err().unwrap().contains("--name 'a.b'"));
         assert!(matches!(&t.spec.kind, Kind::Exec { command, .. } if command[0].starts_with('/')));
     }
 }
