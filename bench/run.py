@@ -364,8 +364,15 @@ def enroll_agent(sim, name=AGENT_REG):
 
 
 def device(sim, device_id):
-    d = sim.api("PUT", f"/devices/{device_id}",
-                {"deviceId": device_id, "authentication": {"type": "sas"}, "status": "enabled"})
+    """The device's primary key; the device is created once (the hub, like hubsim, answers 409 to
+    a second create without If-Match)."""
+    try:
+        d = sim.api("GET", f"/devices/{device_id}")
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+        d = sim.api("PUT", f"/devices/{device_id}",
+                    {"deviceId": device_id, "authentication": {"type": "sas"}, "status": "enabled"})
     return d["authentication"]["symmetricKey"]["primaryKey"]
 
 

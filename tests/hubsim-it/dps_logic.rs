@@ -1264,3 +1264,135 @@ fn registration_ids_and_certificate_names_follow_azures_rules() {
         .unwrap_err();
     assert!(err.contains("64"), "{err}");
 }
+
+/// Certificate issuance (docs/credentials.md): an enrollment naming a hubsim CA has it sign the
+/// CSR a registration carries (`csr`: base64 DER); the answer carries `issuedCertificateChain`
+/// (base64 DER, leaf first, then the CA), the leaf is valid for the enrollment's lifetime, and the
+/// hub takes it (and no longer the enrollment's keys). A CSR for another name is refused (400);
+/// with the CA down (`issuanceFailures`) the operation fails and the next one succeeds.
+#[test]
+fn a_registration_with_a_csr_gets_a_certificate_the_hub_accepts() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = open_sim(dir.path(), &["hub-a.example.net"]);
+    let ca_dir = dir.path().join("issuing-ca");
+    issue(CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
+    let keys = key_pair();
+    Enrollment::symmetric_key(&keys)
+        .with(|c| {
+            c.certificate_issuance = Some(hubsim::state::CertificateIssuance {
+                issuer_dir: ca_dir.clone(),
+                validity_seconds: 120,
+            })
+        })
+        .individual(&sim, "dev-issued");
+    let request = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let csr = params.serialize_request(&key).unwrap();
+        json!({"registrationId": "dev-issued", "csr": B64.encode(csr.der())})
+            .to_string()
+            .into_bytes()
+    };
+    let cred = dps_sas(&keys.primary_key, "dev-issued");
+    let register = |body: &[u8]| dps::register(&sim, SCOPE, "dev-issued", &cred, body, "mqtt");
+
+    let accepted = register(&request("dev-issued"));
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let done = poll(&sim, "dev-issued", &accepted);
+    assert_eq!(done["status"], "assigned", "{done}");
+    let chain: Vec<Vec<u8>> = done["registrationState"]["issuedCertificateChain"]
+        .as_array()
+        .expect("issuedCertificateChain")
+        .iter()
+        .map(|c| B64.decode(c.as_str().unwrap()).unwrap())
+        .collect();
+    let ca_der = pem_certs(&ca_dir.join("cert.pem"));
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1], ca_der[0], "the CA follows the leaf");
+    assert_eq!(
+        hubsim::auth::leaf_common_name(&chain[0]).unwrap(),
+        "dev-issued"
+    );
+    let now = hubsim::auth::unix_now();
+    hubsim::auth::verify_chain(&chain, &ca_der, now).expect("signed by the enrollment's CA");
+    // Valid from a minute ago for the enrollment's 120 seconds: expired 3 minutes from now.
+    assert!(hubsim::auth::verify_chain(&chain, &ca_der, now + 180).is_err());
+    let info = hubsim::auth::certificate_info(&chain[0]).unwrap();
+    assert_eq!(info["issuerName"], "CN=issuing-ca", "{info}");
+
+    // The hub knows the device by its issued certificate now, not by the enrollment's keys.
+    authenticate_hub_device(
+        &sim,
+        "hub-a.example.net",
+        "dev-issued",
+        &DeviceCredential::X509(chain.clone()),
+        now,
+    )
+    .expect("the hub takes the issued certificate");
+    let expired = authenticate_hub_device(
+        &sim,
+        "hub-a.example.net",
+        "dev-issued",
+        &DeviceCredential::X509(chain.clone()),
+        now + 180,
+    )
+    .expect_err("the hub refuses it after its end");
+    assert!(expired.contains("is not valid now"), "{expired}");
+    assert!(
+        authenticate_hub_device(
+            &sim,
+            "hub-a.example.net",
+            "dev-issued",
+            &hub_sas(&keys.primary_key, "hub-a.example.net", "dev-issued"),
+            now,
+        )
+        .is_err()
+    );
+
+    // A request for another name gets no certificate.
+    let refused = register(&request("someone-else"));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not the registration id"),
+        "{}",
+        refused.body
+    );
+
+    // The CA is down once: the operation fails, saying so; the next registration is issued.
+    sim.faults.lock().unwrap().issuance_failures = 1;
+    let accepted = register(&request("dev-issued"));
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let failed = poll(&sim, "dev-issued", &accepted);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["registrationState"]["errorCode"], 500000, "{failed}");
+    assert!(
+        failed["registrationState"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("certificate authority is unavailable"),
+        "{failed}"
+    );
+    let accepted = register(&request("dev-issued"));
+    let again = poll(&sim, "dev-issued", &accepted);
+    assert_eq!(again["status"], "assigned", "{again}");
+    assert_ne!(
+        again["registrationState"]["issuedCertificateChain"][0],
+        done["registrationState"]["issuedCertificateChain"][0]
+    );
+}
+
+/// Every certificate of a PEM file, DER.
+fn pem_certs(path: &std::path::Path) -> Vec<Vec<u8>> {
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}

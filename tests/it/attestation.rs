@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hubagent_tests::*;
-use hubsim::pki::{CertKind, issue, issue_valid};
+use hubsim::pki::{CertKind, DAY, issue, issue_valid};
 
 /// Writes the configuration of an agent registering as `registration_id` (None: the CN of its
 /// certificate) with `attestation` (the lines of `[provisioning.attestation]`), adding the
@@ -177,17 +177,64 @@ async fn symmetric_key_group_with_derived_key() {
     assert_eq!(state["symmetricKey"]["enrollmentGroupId"], "att-fleet");
 }
 
-/// Key rotation without a visit: the group's primary key is regenerated in DPS (and the hub no
-/// longer takes the device key derived from it); the agent, refused by the hub and then by DPS,
-/// registers with the secondary key, says so, and keeps it across a restart without a new
-/// registration.
+/// The operator regenerates a key through the service API as Azure's tools do: reads the record,
+/// sets a new key, writes it back naming the etag it read (`If-Match`). `path` is an enrollment,
+/// an enrollment group or a hub device; `field` the key (`primaryKey`, `secondaryKey`).
+async fn regenerate_key(running: &hubsim::Running, path: &str, field: &str) {
+    let policy = match path.starts_with("/devices/") {
+        true => ServicePolicy::Hub,
+        false => ServicePolicy::Dps,
+    };
+    let (status, mut record) = service_call(running, policy, path, None, None).await;
+    assert_eq!(status, 200, "{record}");
+    let keys = match policy {
+        ServicePolicy::Hub => &mut record["authentication"]["symmetricKey"],
+        ServicePolicy::Dps => &mut record["attestation"]["symmetricKey"],
+    };
+    keys[field] = serde_json::json!(hubsim::state::random_key());
+    let etag = record["etag"].as_str().unwrap().to_string();
+    // Without the etag the service refuses to overwrite a device (409), and a stale one (412).
+    if let ServicePolicy::Hub = policy {
+        let (status, _) = service_call(running, policy, path, Some(record.clone()), None).await;
+        assert_eq!(status, 409);
+    }
+    let (status, answer) = service_call(
+        running,
+        policy,
+        path,
+        Some(record.clone()),
+        Some("\"stale\""),
+    )
+    .await;
+    assert_eq!(status, 412, "{answer}");
+    let (status, answer) = service_call(running, policy, path, Some(record), Some(&etag)).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// A group enrollment with these keys, made through DPS's service API.
+async fn put_group(running: &hubsim::Running, group: &str, keys: &hubsim::state::SymmetricKeyPair) {
+    let body = serde_json::json!({
+        "enrollmentGroupId": group,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {
+            "primaryKey": keys.primary_key, "secondaryKey": keys.secondary_key}},
+    });
+    let path = format!("/enrollmentGroups/{group}");
+    let (status, answer) = service_call(running, ServicePolicy::Dps, &path, Some(body), None).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// Key rotation without a visit, group enrollment: the group's primary key is regenerated in DPS
+/// and the device's at the hub (so the hub no longer takes the device key derived from the old
+/// one). The agent, refused by the hub, presents the secondary (derived from the group's
+/// secondary) to DPS, which gives the hub the enrollment's keys again; it says so, reports it,
+/// and keeps it across a restart without a new registration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_primary_key_falls_back_to_the_secondary() {
+async fn a_primary_key_refused_by_the_hub_falls_back_to_the_secondary() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
     let sim = running.sim.clone();
     let keys = key_pair();
-    Enrollment::symmetric_key(&keys).group(&sim, "att-rotating");
+    put_group(&running, "att-rotating", &keys).await;
     let primary = write_key(dir.path(), "group.key", &keys.primary_key);
     let secondary = write_key(dir.path(), "group-secondary.key", &keys.secondary_key);
     let device = "att-rot-1";
@@ -211,26 +258,9 @@ async fn a_refused_primary_key_falls_back_to_the_secondary() {
     );
     assert_eq!(agent.status()["key"], "primary");
 
-    // The operator regenerates the primary key: DPS and the hub no longer take it.
-    sim.mutate(|s| {
-        let group = s.groups.get_mut("att-rotating").unwrap();
-        group.common.attestation = hubsim::state::Attestation::SymmetricKey {
-            symmetric_key: hubsim::state::SymmetricKeyPair {
-                primary_key: hubsim::state::random_key(),
-                secondary_key: keys.secondary_key.clone(),
-            },
-        };
-    })
-    .unwrap();
-    let key = device_key(&sim, device);
-    sim.mutate(|s| {
-        let d = s.devices.get_mut(&key).unwrap();
-        if let Some(pair) = d.authentication.symmetric_key.as_mut() {
-            pair.primary_key = hubsim::state::random_key();
-            pair.secondary_key = hubsim::state::random_key();
-        }
-    })
-    .unwrap();
+    // The operator regenerates the primary key in DPS and at the hub.
+    regenerate_key(&running, "/enrollmentGroups/att-rotating", "primaryKey").await;
+    regenerate_key(&running, &format!("/devices/{device}"), "primaryKey").await;
     let before = telemetry_count(&sim, device);
     assert!(drop_connection(&sim, device), "no live connection");
     assert!(
@@ -247,7 +277,7 @@ async fn a_refused_primary_key_falls_back_to_the_secondary() {
     assert_eq!(agent.status()["key"], "secondary");
     let log = agent.log_text();
     assert!(
-        log.contains("DPS refused the primary key") && log.contains("trying the secondary key"),
+        log.contains("the hub refused the primary key; trying the secondary key"),
         "{log}"
     );
     assert_eq!(agent.stop(), Some(0));
@@ -263,6 +293,146 @@ async fn a_refused_primary_key_falls_back_to_the_secondary() {
     );
     assert_eq!(registrations(&sim, device), 2, "{}", agent.log_text());
     assert_eq!(agent.status()["key"], "secondary");
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// Individual enrollment whose primary key was regenerated before the gateway registered: DPS
+/// refuses the primary, the agent registers with the secondary at once and the hub takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_key_refused_by_dps_falls_back_to_the_secondary() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let device = "att-rot-dps";
+    let keys = key_pair();
+    let body = serde_json::json!({
+        "registrationId": device,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {
+            "primaryKey": keys.primary_key, "secondaryKey": keys.secondary_key}},
+    });
+    let path = format!("/enrollments/{device}");
+    let (status, answer) =
+        service_call(&running, ServicePolicy::Dps, &path, Some(body), None).await;
+    assert_eq!(status, 200, "{answer}");
+    regenerate_key(&running, &path, "primaryKey").await;
+    let primary = write_key(dir.path(), "device.key", &keys.primary_key);
+    let secondary = write_key(dir.path(), "device-secondary.key", &keys.secondary_key);
+    let config = config(
+        dir.path(),
+        &running,
+        Some(device),
+        &format!(
+            "method = \"symmetric_key\"\nkey = {{ file = \"{}\" }}\nsecondary_key = {{ file = \"{}\" }}",
+            primary.display(),
+            secondary.display()
+        ),
+    );
+    let agent = AgentProcess::start(&config);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| reported(s, device, "agent")["identity"]["key"]
+                == "secondary"
+                && telemetry_count(s, device) > 0)
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(registrations(&running.sim, device), 1);
+    let log = agent.log_text();
+    assert!(
+        log.contains("DPS refused the primary key") && log.contains("trying the secondary key"),
+        "{log}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// Without DPS (`source = "manual"`), the hub is the only judge: the device's primary key is
+/// regenerated at the hub, and the agent, refused, connects with the secondary; a restart keeps
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_device_moves_to_the_secondary_key_when_the_hub_refuses_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let device = "att-rot-manual";
+    let path = format!("/devices/{device}");
+    let (status, created) = service_call(
+        &running,
+        ServicePolicy::Hub,
+        &path,
+        Some(serde_json::json!({"deviceId": device})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let keys = &created["authentication"]["symmetricKey"];
+    let primary = write_key(
+        dir.path(),
+        "device.key",
+        keys["primaryKey"].as_str().unwrap(),
+    );
+    let secondary = write_key(
+        dir.path(),
+        "device-secondary.key",
+        keys["secondaryKey"].as_str().unwrap(),
+    );
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstate_dir = \"{state}\"\ncontrol_socket = \"{socket}\"\nlog_format = \"text\"\n\
+             [provisioning]\nsource = \"manual\"\niothub_hostname = \"{hub}\"\ndevice_id = \"{device}\"\n\
+             [provisioning.attestation]\nmethod = \"symmetric_key\"\nkey = {{ file = \"{primary}\" }}\n\
+             secondary_key = {{ file = \"{secondary}\" }}\n\
+             [hub]\nport = {port}\ntrust_bundle = \"{ca}\"\n{sensor}",
+            state = dir.path().join("state").display(),
+            socket = dir.path().join("control.sock").display(),
+            hub = sim.config.hubs[0],
+            primary = primary.display(),
+            secondary = secondary.display(),
+            port = running.mqtt_addr.port(),
+            ca = running.ca_pem_path.display(),
+            sensor = builtin_sensor("100ms"),
+        ),
+    )
+    .unwrap();
+    let agent = AgentProcess::start(&config);
+    assert!(
+        sim.wait_until(WAIT, |s| reported(s, device, "agent")["identity"]["key"]
+            == "primary")
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    regenerate_key(&running, &path, "primaryKey").await;
+    let before = telemetry_count(&sim, device);
+    assert!(drop_connection(&sim, device), "no live connection");
+    assert!(
+        sim.wait_until(
+            LONG_WAIT,
+            |s| reported(s, device, "agent")["identity"]["key"] == "secondary"
+                && telemetry_count(s, device) > before + 2
+        )
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.status()["key"], "secondary");
+    agent
+        .wait_log("the hub refused the primary key; trying the secondary key")
+        .await;
+    assert_eq!(agent.stop(), Some(0));
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("connected with the secondary key", |s| {
+            s["connection"] == "connected" && s["key"] == "secondary"
+        })
+        .await;
+    assert!(
+        !agent.log_text().contains("the hub refused"),
+        "{}",
+        agent.log_text()
+    );
     assert_eq!(agent.stop(), Some(0));
 }
 
@@ -340,7 +510,8 @@ fn expiry_check(
     cn: &str,
     days: std::ops::Range<i64>,
 ) -> (Option<i32>, serde_json::Value) {
-    let cert = issue_valid(CertKind::Device, cn, &dir.join(cn), None, Some(days)).unwrap();
+    let secs = days.start * DAY..days.end * DAY;
+    let cert = issue_valid(CertKind::Device, cn, &dir.join(cn), None, Some(secs)).unwrap();
     let config = AgentConfig::new(
         &dir.join(format!("{cn}-agent")),
         running,
@@ -374,7 +545,7 @@ async fn certificate_expiry_is_told_before_it_bites() {
         "att-x509-expiring",
         &dir.path().join("dev"),
         None,
-        Some(-300..10),
+        Some(-300 * DAY..10 * DAY),
     )
     .unwrap();
     Enrollment::x509_device(first_pem(&cert.cert_path))
@@ -486,4 +657,68 @@ async fn certificate_expiry_is_told_before_it_bites() {
         check["detail"].as_str().unwrap().contains(" days)"),
         "{check}"
     );
+}
+
+/// A running agent looks at its certificate again when its state changes, not only at start:
+/// a certificate that enters the warning lead time while the agent runs is reported `expiring`
+/// then, and its end is logged when it comes. (Short lifetimes: a 30-second lead time and a
+/// certificate that ends 75 seconds after it was made.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_notices_its_certificate_entering_the_warning_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let device = "att-x509-ticking";
+    let cert = issue_valid(
+        CertKind::Device,
+        device,
+        &dir.path().join("dev"),
+        None,
+        Some(-60..75),
+    )
+    .unwrap();
+    Enrollment::x509_device(first_pem(&cert.cert_path)).individual(&running.sim, device);
+    let config = config(
+        dir.path(),
+        &running,
+        None,
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"\nexpiry_warning = \"30s\"",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        ),
+    );
+    let agent = AgentProcess::start(&config);
+    assert!(
+        running
+            .sim
+            .wait_until(WAIT, |s| reported(s, device, "agent")["identity"]["expiry"]
+                == "valid")
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    // 45 seconds after issuance it enters the lead time: no restart, no reconnection needed.
+    let connects = hub_connects(&running.sim, device);
+    assert!(
+        running
+            .sim
+            .wait_until(
+                LONG_WAIT,
+                |s| reported(s, device, "agent")["identity"]["expiry"] == "expiring"
+            )
+            .await,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(hub_connects(&running.sim, device), connects);
+    assert_eq!(agent.status()["certificate"]["expiry"], "expiring");
+    agent.wait_log("the identity certificate expires on").await;
+    // And its end is told when it comes.
+    agent.wait_log("the identity certificate expired on").await;
+    agent
+        .wait_status("the status says expired", |s| {
+            s["certificate"]["expiry"] == "expired"
+        })
+        .await;
+    assert_eq!(agent.stop(), Some(0));
 }

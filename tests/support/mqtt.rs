@@ -9,6 +9,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 
+use serde_json::Value;
+
 use crate::WAIT;
 
 /// `SharedAccessSignature sr=…&sig=…&se=…` as Azure's SDKs build it.
@@ -177,4 +179,51 @@ pub fn service_sas(connection_string: &str) -> String {
 /// `https://localhost:<hubsim's HTTPS port><path>`
 pub fn url(running: &hubsim::Running, path: &str) -> String {
     format!("https://localhost:{}{path}", running.https_addr.port())
+}
+
+/// Which service connection string signs a management call.
+#[derive(Debug, Clone, Copy)]
+pub enum ServicePolicy {
+    /// `iothubowner`: devices, twins, methods.
+    Hub,
+    /// `provisioningserviceowner`: enrollments and enrollment groups.
+    Dps,
+}
+
+/// One management-API call as an operator makes it (`GET`, or `PUT` of `body`, with `If-Match`
+/// when given): (status, JSON answer or null). Runs off the async runtime.
+pub async fn service_call(
+    running: &hubsim::Running,
+    policy: ServicePolicy,
+    path: &str,
+    body: Option<Value>,
+    if_match: Option<&str>,
+) -> (u16, Value) {
+    let agent = https_agent(&running.ca_pem);
+    let auth = service_sas(match policy {
+        ServicePolicy::Hub => &running.hub_connection_string,
+        ServicePolicy::Dps => &running.dps_connection_string,
+    });
+    let url = url(running, path);
+    let if_match = if_match.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let response = match body {
+            Some(body) => {
+                let mut request = agent.put(&url).header("Authorization", &auth);
+                if let Some(etag) = &if_match {
+                    request = request.header("If-Match", etag);
+                }
+                request.send_json(&body)
+            }
+            None => agent.get(&url).header("Authorization", &auth).call(),
+        }
+        .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().read_json().unwrap_or(Value::Null),
+        )
+    })
+    .await
+    .unwrap()
 }

@@ -57,6 +57,7 @@ impl Enrollment {
                 etag: None,
                 created_date_time_utc: None,
                 last_updated_date_time_utc: None,
+                certificate_issuance: None,
             },
             device_id: None,
         }

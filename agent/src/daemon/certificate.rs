@@ -1,7 +1,8 @@
 //! The identity certificate over time: where it stands against its validity period, told to the
 //! operator when it changes (the log), and always visible (`hubagent status`, the twin). Checked at
-//! every start and hourly while the daemon runs, so a gateway left alone for months warns as soon
-//! as its certificate enters the warning lead time (`expiry_warning`).
+//! every start, hourly while the daemon runs (days left) and at the moment its state changes, so a
+//! gateway left alone for months warns as soon as its certificate enters the warning lead time
+//! (`expiry_warning`) and says so again when it expires.
 
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use super::status::CertificateStatus;
 use crate::identity::x509::{Expiry, Validity};
 use crate::util::time::unix_now;
 
-/// How often a running daemon looks at the certificate again.
-pub(super) const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// How often a running daemon looks at the certificate again at the latest.
+const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(3600);
 
 /// What was last said about the certificate, so each state (and each day of the warning period)
 /// is logged once, not every hour.
@@ -32,17 +33,24 @@ impl LastSaid {
 
 impl Daemon {
     /// Re-reads where the identity certificate stands; logs when that changed; updates status.
-    pub(super) fn check_certificate(&mut self) {
+    /// Returns when to look again: in an hour, or sooner when the state changes before then.
+    pub(super) fn check_certificate(&mut self) -> Duration {
         let (Some(identity), Some(lead)) =
             (&self.identity, self.config.certificate_expiry_warning())
         else {
             self.status.update(|s| s.certificate = None);
-            return;
+            return CERTIFICATE_CHECK_EVERY;
         };
         let Some(validity) = identity.credential.certificate_validity() else {
-            return;
+            return CERTIFICATE_CHECK_EVERY;
         };
         let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+        let next = validity
+            .next_change(now, lead)
+            .and_then(|at| u64::try_from(at - now).ok())
+            .map_or(CERTIFICATE_CHECK_EVERY, |secs| {
+                CERTIFICATE_CHECK_EVERY.min(Duration::from_secs(secs))
+            });
         let expiry = validity.at(now, lead);
         if self.certificate_said != LastSaid::of(expiry) {
             log_expiry(&validity, expiry);
@@ -50,6 +58,7 @@ impl Daemon {
         }
         let status = certificate_status(&validity, expiry, now);
         self.status.update(|s| s.certificate = Some(status));
+        next
     }
 }
 

@@ -150,11 +150,31 @@ struct Daemon {
     assignment: Option<ProvisioningCache>,
     /// What the log last said about the identity certificate's expiry.
     certificate_said: certificate::LastSaid,
+    /// With `secondary_key` configured: the key the hub refused at the end of the last session
+    /// (true: the secondary), so the next `Start` presents the other one.
+    hub_refused_secondary: Option<bool>,
     /// `[hub] transport = "auto"`: the route that worked last, for DPS and the hub alike.
     auto_route: Option<Arc<crate::mqtt::AutoRoute>>,
     /// What the credential and trust files read at the last (re)load: a reload that changes
     /// them renews the hub session even when the configuration text is the same.
     connection_files: String,
+}
+
+/// After the hub refused one symmetric key, the identity (freshly loaded, on the primary) presents
+/// the other: DPS (which, accepting it, gives the hub the enrollment's keys again) or, for a
+/// manual configuration, the hub itself gets it next.
+fn present_the_other_key(identity: &mut DeviceIdentity, refused_secondary: bool) {
+    if identity.other_key.is_none() {
+        return;
+    }
+    if !refused_secondary {
+        identity.switch_key();
+    }
+    let (refused, trying) = match refused_secondary {
+        false => ("primary", "secondary"),
+        true => ("secondary", "primary"),
+    };
+    tracing::warn!("the hub refused the {refused} key; trying the {trying} key (secondary_key)");
 }
 
 /// The tasks that run beside the lifecycle, stopped with it.
@@ -267,6 +287,7 @@ impl Daemon {
             identity: None,
             assignment: None,
             certificate_said: Default::default(),
+            hub_refused_secondary: None,
             auto_route,
         };
         Ok((daemon, background))
@@ -277,7 +298,7 @@ impl Daemon {
         self.status
             .update(|s| s.connection = ConnectionState::Disconnected);
         let _ = self.sessions.send(None);
-        let identity = match device_identity(&self.config) {
+        let mut identity = match device_identity(&self.config) {
             Ok(identity) => identity,
             Err(e) => {
                 if let IdentityError::Credential(message) = &e {
@@ -291,6 +312,9 @@ impl Daemon {
                 return;
             }
         };
+        if let Some(refused_secondary) = self.hub_refused_secondary.take() {
+            present_the_other_key(&mut identity, refused_secondary);
+        }
         self.status
             .update(|s| s.registration_id = Some(identity.registration_id.clone()));
         self.identity = Some(identity);
@@ -368,7 +392,7 @@ impl Daemon {
             return;
         };
         if cache.secondary_key && !identity.on_secondary && identity.switch_key() {
-            tracing::info!("using the secondary key, which DPS accepted at the last registration");
+            tracing::info!("using the secondary key, accepted at the last registration");
         }
         self.status.update(|s| s.key = identity.key_in_use());
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::c2d::{self, Inbox};
-use super::certificate::CERTIFICATE_CHECK_EVERY;
 use super::lifecycle::{Event, Lifecycle, Phase};
 use super::status::{ConnectionState, RouteMemoryStatus};
 use super::{Command, Daemon};
@@ -44,10 +43,8 @@ impl Daemon {
 
         let mut counters =
             tokio::time::interval_at(tokio::time::Instant::now() + COUNTERS_EVERY, COUNTERS_EVERY);
-        let mut certificate_check = tokio::time::interval_at(
-            tokio::time::Instant::now() + CERTIFICATE_CHECK_EVERY,
-            CERTIFICATE_CHECK_EVERY,
-        );
+        let certificate_check = tokio::time::sleep(self.check_certificate());
+        tokio::pin!(certificate_check);
         let plugin_changes = self.plugins.changes();
         let mut c2d_retry = tokio::time::interval(c2d::RETRY_EVERY);
         let mut inbox = Inbox::new();
@@ -77,8 +74,9 @@ impl Daemon {
                     }
                 }
                 _ = counters.tick(), if connected => self.report_changes(&session).await,
-                _ = certificate_check.tick() => {
-                    self.check_certificate();
+                _ = &mut certificate_check => {
+                    let next = self.check_certificate();
+                    certificate_check.as_mut().reset(tokio::time::Instant::now() + next);
                     if connected {
                         self.report_changes(&session).await;
                     }
@@ -92,6 +90,9 @@ impl Daemon {
         };
         session.shutdown();
         let _ = tokio::time::timeout(SESSION_STOP, task).await;
+        if end == Event::Unauthorized && identity.other_key.is_some() {
+            self.hub_refused_secondary = Some(identity.on_secondary);
+        }
         if let (Event::Unauthorized, Phase::Wait { delay, .. }) = (end, life.on(end)) {
             tracing::warn!(hub = %assignment.hub, delay = %humantime::format_duration(*delay), "the hub refused the device credentials; reprovisioning");
         }

@@ -140,6 +140,22 @@ impl Validity {
         }
     }
 
+    /// The next moment (Unix seconds) after `now` at which [`Validity::at`] gives another state
+    /// (valid → expiring → expired, or not yet valid → valid), so a running agent looks again then
+    /// rather than up to an hour late; None once expired (nothing changes any more).
+    pub fn next_change(&self, now: i64, lead: std::time::Duration) -> Option<i64> {
+        let lead = i64::try_from(lead.as_secs()).unwrap_or(i64::MAX);
+        if now < self.not_before {
+            Some(self.not_before)
+        } else if self.not_after.saturating_sub(now) > lead {
+            Some(self.not_after.saturating_sub(lead))
+        } else if now <= self.not_after {
+            Some(self.not_after + 1)
+        } else {
+            None
+        }
+    }
+
     /// What `expiry` means for this certificate, in the words the log and `hubagent check` share
     /// ("… expires on 2027-01-05T00:00:00Z (12 days left)"); each adds its own advice.
     pub fn describe(&self, expiry: Expiry) -> String {
@@ -229,6 +245,35 @@ mod tests {
         assert_eq!(v.at(v.not_after + 1, lead), Expiry::Expired);
         assert_eq!(v.at(999, lead), Expiry::NotYetValid);
         assert_eq!(v.at(999, lead).name(), "not-yet-valid");
+    }
+
+    #[test]
+    fn the_next_change_is_the_next_state_boundary() {
+        let v = Validity {
+            not_before: 1_000,
+            not_after: 1_000 + 40 * DAY,
+        };
+        let lead = Duration::from_secs(30 * DAY as u64);
+        let warn_from = v.not_after - 30 * DAY;
+        for (now, next) in [
+            (0, Some(1_000)),
+            (1_000, Some(warn_from)),
+            (warn_from - 1, Some(warn_from)),
+            (warn_from, Some(v.not_after + 1)),
+            (v.not_after, Some(v.not_after + 1)),
+            (v.not_after + 1, None),
+        ] {
+            assert_eq!(v.next_change(now, lead), next, "at {now}");
+            // The state really changes there, and not before.
+            if let Some(next) = next {
+                assert_ne!(v.at(next, lead).name(), v.at(now, lead).name(), "at {now}");
+                assert_eq!(
+                    v.at(next - 1, lead).name(),
+                    v.at(now, lead).name(),
+                    "at {now}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //! | `builtin.rs` | the simulated sensor |
 //! | `protocol.rs` | the frames between the daemon and `hubagent plugin-host` |
 //! | `trust.rs` | which files may run as plugins |
+//! | `preflight.rs` | trying a plugin before the daemon runs it (`config check`, `check`) |
+//! | `trial.rs` | `hubagent plugins try`: one plugin alone, its output printed, input from stdin |
+//! | `template.rs` | `hubagent plugins new`: a new plugin (Rust, C, Python) from `plugins/templates/` |
 //! | `settings_access.rs` | ABI 1.2's settings accessors for C plugins: one value by key |
 //! | `own_reported.rs` | a plugin's own reported properties, checked against IoT Hub's twin limits |
 
@@ -41,6 +44,8 @@ mod secrets;
 pub mod settings_access;
 mod supervisor;
 mod task;
+pub mod template;
+pub mod trial;
 pub mod trust;
 
 use std::collections::BTreeMap;

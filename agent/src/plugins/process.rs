@@ -148,7 +148,11 @@ impl ChildProcess {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // A process group of its own: Ctrl-C at a terminal (`hubagent run`, `plugins try`)
+            // reaches the agent, which stops its plugins in order, instead of killing them all
+            // at once. PR_SET_PDEATHSIG still ends them with the agent.
+            .process_group(0);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start the plugin process: {e}"))?;

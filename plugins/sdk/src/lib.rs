@@ -35,6 +35,8 @@
 //! `HUBAGENT_ERR_PANICKED` (the host restarts the plugin). Threads started with [`Host::spawn`]
 //! report a panic as `HUBAGENT_HEALTH_FAILED`, which also makes the host restart the plugin.
 
+pub mod testing;
+
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex};

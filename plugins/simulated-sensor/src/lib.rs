@@ -93,3 +93,6 @@ export_plugin!(
     name = "simulated-sensor",
     version = env!("CARGO_PKG_VERSION")
 );
+
+#[cfg(test)]
+mod host_tests;

@@ -277,3 +277,6 @@ mod tests {
         assert!(v["disks"]["/"]["totalBytes"].as_u64().unwrap() > 0);
     }
 }
+
+#[cfg(test)]
+mod host_tests;

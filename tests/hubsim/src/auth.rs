@@ -364,11 +364,14 @@ pub fn authenticate_hub_device(
                         .into_iter()
                         .flatten()
                         .any(|p| p.eq_ignore_ascii_case(&sha1) || p.eq_ignore_ascii_case(&sha256));
-                    if matches {
-                        Ok(None)
-                    } else {
-                        Err("certificate thumbprint does not match the device's".into())
+                    if !matches {
+                        return Err("certificate thumbprint does not match the device's".into());
                     }
+                    // Thumbprint authentication checks the dates too, nothing else.
+                    let cert = parse_cert(leaf).map_err(|e| e.to_string())?;
+                    check_validity(&cert, i64::try_from(now).unwrap_or(i64::MAX))
+                        .map_err(|e| e.to_string())?;
+                    Ok(None)
                 }
                 "certificateAuthority" => {
                     let cn = leaf_common_name(leaf).map_err(|e| e.to_string())?;

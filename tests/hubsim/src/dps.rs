@@ -453,9 +453,43 @@ fn register_answer(
         });
         return accepted(sim, &operation_id, registration_id, result);
     }
+    let mut matched = matched;
+    let mut issued = None;
+    if let Some(csr) = request.get("csr").filter(|c| !c.is_null()) {
+        match issue_certificate(sim, registration_id, &matched.common, csr) {
+            Ok(chain) => {
+                // The hub knows the device by its issued certificate from now on.
+                matched.authentication = DeviceAuthentication {
+                    kind: "selfSigned".into(),
+                    symmetric_key: None,
+                    x509_thumbprint: Some(crate::state::Thumbprints {
+                        primary_thumbprint: Some(auth::sha256_thumbprint(&chain[0])),
+                        secondary_thumbprint: None,
+                    }),
+                };
+                issued = Some(chain.iter().map(|c| B64.encode(c)).collect::<Vec<_>>());
+            }
+            Err(Issuance::BadRequest(message)) => {
+                record("bad-request", None, None, matched.attestation);
+                return error(400, 400004, &message);
+            }
+            Err(Issuance::Failed(message)) => {
+                record("failed", None, None, matched.attestation);
+                let result = json!({
+                    "operationId": operation_id,
+                    "status": "failed",
+                    "registrationState": unassigned_state(sim, registration_id, "failed", Some((500000, message))),
+                });
+                return accepted(sim, &operation_id, registration_id, result);
+            }
+        }
+    }
     let payload = request.get("payload").filter(|p| !p.is_null()).cloned();
     match assign(sim, registration_id, &matched, payload) {
-        Ok(state) => {
+        Ok(mut state) => {
+            if let Some(chain) = issued {
+                state["issuedCertificateChain"] = json!(chain);
+            }
             record(
                 "assigned",
                 state["assignedHub"].as_str().map(str::to_string),
@@ -486,6 +520,54 @@ fn register_answer(
             accepted(sim, &operation_id, registration_id, result)
         }
     }
+}
+
+/// Why a registration's CSR got no certificate.
+enum Issuance {
+    /// 400: the request is wrong (no issuance on this enrollment, not base64 DER, another CN).
+    BadRequest(String),
+    /// The operation fails: the CA is down (the `issuanceFailures` fault) or unusable.
+    Failed(String),
+}
+
+/// Signs the registration's `csr` (base64 DER PKCS#10, as the 2025-07-01-preview API sends it)
+/// with the enrollment's hubsim CA: the issued chain, DER, leaf first.
+fn issue_certificate(
+    sim: &Sim,
+    registration_id: &str,
+    common: &EnrollmentCommon,
+    csr: &Value,
+) -> Result<Vec<Vec<u8>>, Issuance> {
+    let Some(issuance) = &common.certificate_issuance else {
+        return Err(Issuance::BadRequest(
+            "the registration carries a csr, but its enrollment issues no certificates".into(),
+        ));
+    };
+    let der = csr
+        .as_str()
+        .and_then(|c| B64.decode(c.trim()).ok())
+        .ok_or_else(|| Issuance::BadRequest("csr: not base64 (DER PKCS#10 expected)".into()))?;
+    {
+        let mut faults = sim.faults.lock().unwrap();
+        if faults.issuance_failures > 0 {
+            faults.issuance_failures -= 1;
+            return Err(Issuance::Failed(
+                "certificate issuance failed: the certificate authority is unavailable".into(),
+            ));
+        }
+    }
+    crate::pki::sign_csr(
+        &issuance.issuer_dir,
+        &der,
+        registration_id,
+        issuance.validity_seconds,
+    )
+    .map_err(|e| match e {
+        crate::pki::CsrRefused::BadRequest(m) => Issuance::BadRequest(format!("csr: {m}")),
+        crate::pki::CsrRefused::CaUnavailable(m) => {
+            Issuance::Failed(format!("certificate issuance failed: {m}"))
+        }
+    })
 }
 
 /// `registrationState` of a registration that was not assigned (`disabled`, `failed`), shaped as

@@ -374,6 +374,23 @@ fn complete_common(common: &mut crate::state::EnrollmentCommon, created: Option<
     common.etag = Some(format!("\"{}\"", uuid::Uuid::new_v4()));
 }
 
+/// An update naming (`If-Match`) another version of the enrollment than the stored one: 412, as
+/// DPS answers (`az iot dps enrollment update --etag`); `*` or no header replaces any version.
+fn stale_enrollment(
+    headers: &HeaderMap,
+    current: Option<&crate::state::EnrollmentCommon>,
+) -> Option<Response> {
+    let wanted = if_match(headers).filter(|w| w != "*")?;
+    let stored = current.and_then(|c| c.etag.as_deref()).unwrap_or("");
+    (stored.trim_matches('"') != wanted).then(|| {
+        fail(
+            StatusCode::PRECONDITION_FAILED,
+            412002,
+            &format!("etag '{wanted}' does not match the enrollment's current etag"),
+        )
+    })
+}
+
 /// Azure lets clients omit the keys of a symmetric-key attestation (they are generated).
 fn with_default_keys(mut body: Value) -> Value {
     if let Some(att) = body.get_mut("attestation")
@@ -471,11 +488,11 @@ async fn put_enrollment(
         );
     }
     let key = id.to_ascii_lowercase();
-    let created = sim.read(|s| {
-        s.enrollments
-            .get(&key)
-            .and_then(|e| e.common.created_date_time_utc.clone())
-    });
+    let current = sim.read(|s| s.enrollments.get(&key).map(|e| e.common.clone()));
+    if let Some(r) = stale_enrollment(&headers, current.as_ref()) {
+        return r;
+    }
+    let created = current.and_then(|c| c.created_date_time_utc);
     complete_common(&mut enrollment.common, created);
     let stored = enrollment.clone();
     match sim.mutate(|s| s.enrollments.insert(key, stored)) {
@@ -562,11 +579,11 @@ async fn put_group(
             "an X.509 enrollment group needs x509.signingCertificates.primary.certificate (PEM or base64 DER)",
         );
     }
-    let created = sim.read(|s| {
-        s.groups
-            .get(&id)
-            .and_then(|g| g.common.created_date_time_utc.clone())
-    });
+    let current = sim.read(|s| s.groups.get(&id).map(|g| g.common.clone()));
+    if let Some(r) = stale_enrollment(&headers, current.as_ref()) {
+        return r;
+    }
+    let created = current.and_then(|c| c.created_date_time_utc);
     complete_common(&mut group.common, created);
     let stored = group.clone();
     match sim.mutate(|s| s.groups.insert(id, stored)) {
@@ -742,6 +759,28 @@ async fn put_device(
         Some((k, d)) => (k, Some(d)),
         None => (Store::device_key(&sim.config.hubs[0], &id), None),
     };
+    // Updating a device (its keys, say) names the version it replaces, as the hub wants.
+    if let Some(existing) = &existing {
+        match if_match(&headers) {
+            None => {
+                return fail(
+                    StatusCode::CONFLICT,
+                    409001,
+                    &format!(
+                        "a device with id '{id}' is already registered (an update needs If-Match: its etag or *)"
+                    ),
+                );
+            }
+            Some(wanted) if wanted != "*" && wanted != existing.etag => {
+                return fail(
+                    StatusCode::PRECONDITION_FAILED,
+                    412002,
+                    &format!("etag '{wanted}' does not match the device's current etag"),
+                );
+            }
+            Some(_) => {}
+        }
+    }
     let device = Device {
         device_id: id.clone(),
         hub: existing
@@ -907,6 +946,12 @@ async fn patch_twin(
         return r;
     }
     update_twin(&sim, &id, &body, false)
+}
+
+/// The etag an `If-Match` header names (quotes dropped; `*` for any), if the request has one.
+fn if_match(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("if-match")?.to_str().ok()?.trim();
+    Some(value.trim_matches('"').to_string()).filter(|v| !v.is_empty())
 }
 
 /// `If-Match` with a stale etag: 412, as the hub answers an optimistic-concurrency conflict.
@@ -1165,6 +1210,7 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         "delayMs",
         "tokenLifetimeSeconds",
         "twinThrottle",
+        "issuanceFailures",
     ];
     if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
         return fail(
@@ -1198,6 +1244,10 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
         Err(r) => return r,
     };
     let twin_throttle = match number("twinThrottle") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let issuance_failures = match number("issuanceFailures") {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -1274,6 +1324,9 @@ async fn set_faults(State(sim): State<AppState>, headers: HeaderMap, body: Bytes
     }
     if let Some(count) = twin_throttle {
         faults.twin_throttle = u32::try_from(count).unwrap_or(u32::MAX);
+    }
+    if let Some(count) = issuance_failures {
+        faults.issuance_failures = u32::try_from(count).unwrap_or(u32::MAX);
     }
     drop(faults);
     if refuse.is_some() {

@@ -244,15 +244,18 @@ pub fn issue(
     issue_valid(kind, cn, out_dir, issuer_dir, None)
 }
 
-/// [`issue`] with its own validity period, in days from now (`-30..5`: issued a month ago,
-/// expires in five days): certificates that expire soon, have expired or are not valid yet, for
-/// tests of what the agent says about them.
+/// A day in seconds, for [`issue_valid`]'s validity periods.
+pub const DAY: i64 = 86_400;
+
+/// [`issue`] with its own validity period, in seconds from now (`-30 * DAY..5 * DAY`: issued a
+/// month ago, expires in five days; `-60..90`: expires in a minute and a half): certificates that
+/// expire soon, have expired or are not valid yet, for tests of what the agent says about them.
 pub fn issue_valid(
     kind: CertKind,
     cn: &str,
     out_dir: &Path,
     issuer_dir: Option<&Path>,
-    valid_days: Option<std::ops::Range<i64>>,
+    valid_secs: Option<std::ops::Range<i64>>,
 ) -> anyhow::Result<IssuedCert> {
     if kind != CertKind::Device && kind != CertKind::Root && issuer_dir.is_none() {
         bail!("an intermediate CA needs --issuer");
@@ -278,10 +281,10 @@ pub fn issue_valid(
             p
         }
     };
-    if let Some(days) = valid_days {
+    if let Some(secs) = valid_secs {
         let now = OffsetDateTime::now_utc();
-        params.not_before = now + Duration::days(days.start);
-        params.not_after = now + Duration::days(days.end);
+        params.not_before = now + Duration::seconds(secs.start);
+        params.not_after = now + Duration::seconds(secs.end);
     }
     params.use_authority_key_identifier_extension = issuer_dir.is_some();
     let (cert, chain_tail) = match issuer_dir {
@@ -310,6 +313,63 @@ pub fn issue_valid(
         sha1_thumbprint: crate::auth::sha1_thumbprint(cert.der()),
         sha256_thumbprint: crate::auth::sha256_thumbprint(cert.der()),
     })
+}
+
+/// Why a certificate signing request got no certificate.
+#[derive(Debug)]
+pub enum CsrRefused {
+    /// The request itself is wrong (not a PKCS#10 request, bad signature, another CN).
+    BadRequest(String),
+    /// The CA could not sign (its files are unreadable).
+    CaUnavailable(String),
+}
+
+/// Signs a DER PKCS#10 request whose subject CN must be `cn` with the CA in `issuer_dir` (a
+/// `certs root|intermediate` output), valid from a minute ago for `validity_secs`: the issued
+/// chain as DER, leaf first, then the issuer's own chain — as DPS returns
+/// `issuedCertificateChain` (docs/credentials.md).
+pub fn sign_csr(
+    issuer_dir: &Path,
+    csr_der: &[u8],
+    cn: &str,
+    validity_secs: u64,
+) -> Result<Vec<Vec<u8>>, CsrRefused> {
+    let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+    let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+        .map_err(|e| CsrRefused::BadRequest(format!("not a valid PKCS#10 request: {e}")))?;
+    let subject = match csr.params.distinguished_name.get(&DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(s)) => Some(s.clone()),
+        Some(rcgen::DnValue::PrintableString(s)) => Some(s.as_str().to_string()),
+        _ => None,
+    };
+    if subject.as_deref() != Some(cn) {
+        return Err(CsrRefused::BadRequest(format!(
+            "the request's subject CN {subject:?} is not the registration id '{cn}'"
+        )));
+    }
+    let unavailable = |e: anyhow::Error| CsrRefused::CaUnavailable(format!("{e:#}"));
+    let issuer_chain = read(&issuer_dir.join("cert.pem")).map_err(unavailable)?;
+    let issuer_key = KeyPair::from_pem(&read(&issuer_dir.join("key.pem")).map_err(unavailable)?)
+        .map_err(|e| CsrRefused::CaUnavailable(format!("the CA key: {e}")))?;
+    let issuer = Issuer::from_ca_cert_pem(&issuer_chain, &issuer_key)
+        .map_err(|e| CsrRefused::CaUnavailable(format!("the CA certificate: {e}")))?;
+    let now = OffsetDateTime::now_utc();
+    csr.params.not_before = now - Duration::minutes(1);
+    csr.params.not_after =
+        now + Duration::seconds(i64::try_from(validity_secs).unwrap_or(i64::MAX));
+    csr.params.is_ca = IsCa::ExplicitNoCa;
+    csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    csr.params.use_authority_key_identifier_extension = true;
+    let leaf = csr
+        .signed_by(&issuer)
+        .map_err(|e| CsrRefused::BadRequest(format!("cannot sign the request: {e}")))?;
+    let mut chain = vec![leaf.der().to_vec()];
+    for cert in CertificateDer::pem_slice_iter(issuer_chain.as_bytes()) {
+        let cert = cert.map_err(|e| CsrRefused::CaUnavailable(format!("the CA chain: {e}")))?;
+        chain.push(cert.to_vec());
+    }
+    Ok(chain)
 }
 
 /// rustls server config for [`TlsProfile::Azure`] ([`server_tls_config_for`]).

@@ -143,6 +143,25 @@ pub struct EnrollmentCommon {
     pub created_date_time_utc: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated_date_time_utc: Option<String>,
+    /// Sim-only (Azure links an enrollment to an ADR policy instead; docs/credentials.md): the
+    /// hubsim CA that signs the certificate signing request a registration carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_issuance: Option<CertificateIssuance>,
+}
+
+/// Which CA signs an enrollment's CSRs, and for how long its certificates are valid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateIssuance {
+    /// A `hubsim certs root|intermediate` output directory (`cert.pem`, `key.pem`).
+    pub issuer_dir: PathBuf,
+    /// Lifetime of issued certificates (Azure's policies: 7 to 90 days; short in tests).
+    #[serde(default = "default_issued_validity")]
+    pub validity_seconds: u64,
+}
+
+fn default_issued_validity() -> u64 {
+    30 * 86_400
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -415,6 +434,8 @@ pub struct Faults {
     pub token_lifetime_cap: Option<Duration>,
     /// The next N device twin requests (GET, reported PATCH) are answered 429.
     pub twin_throttle: u32,
+    /// The next N certificate issuances fail (the CA is unreachable).
+    pub issuance_failures: u32,
 }
 
 #[derive(Debug, Default)]

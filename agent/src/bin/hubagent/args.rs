@@ -164,6 +164,56 @@ pub enum PluginsCommand {
         /// The plugin's name in the configuration.
         name: String,
     },
+    /// Runs one plugin alone (no hub, no configuration): prints what it publishes, logs and
+    /// reports; stdin takes settings (a JSON object a line), `method NAME [JSON]`,
+    /// `c2d [PROPERTIES] BODY` and `stop`. Exit 0 once stopped (stop, end of input, Ctrl-C),
+    /// 1 when it cannot start or fails.
+    Try(TryArgs),
+    /// Writes a new plugin from a template (Rust, C or Python) that runs under `plugins try`
+    /// as it is.
+    New(NewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TryArgs {
+    /// Its settings at start (a JSON object), what `[plugin.settings]` would hold.
+    #[arg(long, default_value = "{}")]
+    pub settings: String,
+    /// Its name (default: from the file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// `library` or `exec` (default: library for a `.so` file, else exec).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Run it without the plugin sandbox.
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// What the sandbox lets it read, as `allow_read` would (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub allow_read: Vec<PathBuf>,
+    /// What the sandbox lets it write, as `allow_write` would (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub allow_write: Vec<PathBuf>,
+    /// The library (`path/libname.so`), or the program and its arguments (after `--` when
+    /// they start with `-`: `-- python3 sensor.py -v`).
+    #[arg(required = true, num_args = 1..)]
+    pub target: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The plugin's name (letters, digits, '-' and '_'); also its directory's.
+    pub name: String,
+    /// rust, c or python.
+    #[arg(long)]
+    pub lang: String,
+    /// Where to make its directory (default: the current directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Rust: the path of hubagent's plugin SDK (`plugins/sdk` of a hubagent checkout; default:
+    /// the checkout this hubagent was built from, if it is still there).
+    #[arg(long)]
+    pub sdk: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +251,35 @@ mod tests {
             }
         ));
         assert_eq!(cli.config, PathBuf::from("/tmp/x.toml"));
+    }
+
+    #[test]
+    fn plugins_try_takes_options_around_the_library_and_a_command_after_dashes() {
+        let parse = |args: &[&str]| {
+            let Command::Plugins(PluginsCommand::Try(t)) =
+                Cli::try_parse_from(args).unwrap().command
+            else {
+                panic!("not plugins try")
+            };
+            t
+        };
+        let t = parse(&["hubagent", "plugins", "try", "lib.so", "--settings", "{}"]);
+        assert_eq!(
+            (t.target, t.settings),
+            (vec!["lib.so".to_string()], "{}".to_string())
+        );
+        let t = parse(&[
+            "hubagent",
+            "plugins",
+            "try",
+            "--no-sandbox",
+            "--",
+            "python3",
+            "s.py",
+            "-v",
+        ]);
+        assert_eq!(t.target, ["python3", "s.py", "-v"]);
+        assert!(t.no_sandbox);
     }
 
     #[test]

@@ -264,6 +264,7 @@ fn enroll(sim: &hubsim::Sim) -> anyhow::Result<String> {
             etag: None,
             created_date_time_utc: Some(hubsim::state::now_rfc3339()),
             last_updated_date_time_utc: None,
+            certificate_issuance: None,
         },
     };
     sim.mutate(|s| s.enrollments.insert(REGISTRATION_ID.into(), enrollment))?;

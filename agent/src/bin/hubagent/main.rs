@@ -40,6 +40,8 @@ fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::Restart { name }) => {
             ask(&cli.config, Request::PluginRestart { name }, false)
         }
+        Command::Plugins(PluginsCommand::Try(args)) => plugins_try(args),
+        Command::Plugins(PluginsCommand::New(args)) => plugins_new(args),
         Command::Tpm(command) => tpm(&cli.config, command),
         Command::PluginHost {
             path,
@@ -57,6 +59,74 @@ fn main() -> ExitCode {
         Command::SandboxExec { sandbox, command } => sandbox_exec(&sandbox, &command),
     };
     ExitCode::from(code as u8)
+}
+
+/// `hubagent plugins try`: the trial's own lines on stdout, the agent's log (and what the
+/// plugin writes to stderr, as the daemon logs it) on stderr.
+fn plugins_try(args: args::TryArgs) -> i32 {
+    use hubagent::plugins::trial::{self, Ending, Trial};
+    let settings = match serde_json::from_str::<serde_json::Value>(&args.settings) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(_) => {
+            eprintln!("hubagent plugins try: --settings must be a JSON object");
+            return exit::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("hubagent plugins try: --settings is not JSON: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let sandbox = hubagent::config::plugin::SandboxSettings {
+        allow_read: args.allow_read,
+        allow_write: args.allow_write,
+        ..Default::default()
+    };
+    let mut trial = match Trial::new(
+        &args.target,
+        args.kind.as_deref(),
+        args.name.as_deref(),
+        settings,
+        &sandbox,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("hubagent plugins try: {e}");
+            return exit::FAILURE;
+        }
+    };
+    trial.sandbox = !args.no_sandbox;
+    hubagent::system::logging::init("info", hubagent::config::LogFormat::Text);
+    let agent = std::env::current_exe().unwrap_or_else(|_| "hubagent".into());
+    let input = trial::stdin_lines();
+    match runtime().block_on(trial::run(trial, &agent, input)) {
+        Ending::Stopped => exit::OK,
+        Ending::Failed(why) => {
+            eprintln!("hubagent plugins try: {why}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// `hubagent plugins new`: writes the template and says how to build and try it.
+fn plugins_new(args: args::NewArgs) -> i32 {
+    use hubagent::plugins::template::{self, Lang};
+    let made = Lang::parse(&args.lang).and_then(|lang| {
+        let dir = args.dir.unwrap_or_else(|| ".".into());
+        template::create(&args.name, lang, &dir, args.sdk.as_deref())
+    });
+    match made {
+        Ok(made) => {
+            println!("made {}; build and try it:", made.dir.display());
+            for step in &made.next {
+                println!("  {step}");
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("hubagent plugins new: {e}");
+            exit::FAILURE
+        }
+    }
 }
 
 /// `hubagent sandbox-exec`: confine, then become the exec plugin (same process, same pid, so
