@@ -295,10 +295,24 @@ impl ConnectError {
     }
 }
 
+/// A CONNACK return code as MQTT 3.1.1 (§3.2.2.3) names it.
+fn connack_text(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::Success => "accepted",
+        ConnectReturnCode::RefusedProtocolVersion => "unacceptable protocol version",
+        ConnectReturnCode::BadClientId => "identifier rejected",
+        ConnectReturnCode::ServiceUnavailable => "server unavailable",
+        ConnectReturnCode::BadUserNamePassword => "bad user name or password",
+        ConnectReturnCode::NotAuthorized => "not authorized",
+    }
+}
+
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConnectError::Refused(code) => write!(f, "connection refused (CONNACK {code:?})"),
+            ConnectError::Refused(code) => {
+                write!(f, "connection refused (CONNACK: {})", connack_text(*code))
+            }
             ConnectError::Network(message) => f.write_str(message),
         }
     }

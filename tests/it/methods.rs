@@ -57,7 +57,7 @@ async fn methods_reach_library_plugins_in_both_isolations_and_exec_plugins() {
         ),
         0o644,
     );
-    // The C example of today (ABI 1.1), with its method and C2D handlers.
+    // The C example of today (ABI 1.2), with its method and C2D handlers.
     let counter = install_plugin(
         dir.path(),
         &build_c_plugin(
@@ -126,7 +126,7 @@ interval_ms = 100000
     .await;
     assert_eq!(list["old"]["abi"], "1.0", "{list}");
     assert_eq!(list["old"]["methods"], json!([]), "{list}");
-    assert_eq!(list["hosted"]["abi"], "1.1", "{list}");
+    assert_eq!(list["hosted"]["abi"], "1.2", "{list}");
     assert_eq!(list["py"]["methods"], json!(["read", "set_room"]), "{list}");
     // The 1.0 plugin publishes as before.
     assert!(

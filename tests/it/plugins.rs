@@ -239,7 +239,7 @@ mode = "flood"
     );
     assert!(published >= 5.0, "{flooder}");
     assert_eq!(list["crasher"]["status"], "quarantined");
-    assert_eq!(list["crasher"]["abi"], "1.1");
+    assert_eq!(list["crasher"]["abi"], "1.2");
 
     assert_eq!(agent.status()["connection"], "connected");
     assert_eq!(agent.stop(), Some(0));
@@ -303,11 +303,13 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
         device,
         "tuned",
         "the rejection",
-        |v| v["desiredVersion"] == v3 && v["status"] == "rejected-settings",
+        |v| v["desiredVersion"] == v3 && v["rejectedSettings"].is_string(),
         &agent,
     )
     .await;
-    assert_eq!(r["error"], "tag v3 is reserved", "{r}");
+    // It runs on its old settings: running, the refusal beside it.
+    assert_eq!(r["status"], "running", "{r}");
+    assert_eq!(r["rejectedSettings"], "tag v3 is reserved", "{r}");
     assert_eq!(r["settings"]["tag"], "v2", "{r}");
     let v2_count = tagged(&sim, "v2");
     assert!(
@@ -336,6 +338,10 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
         r.get("error").is_none() || r["error"].is_null(),
         "the error is cleared: {r}"
     );
+    assert!(
+        r.get("rejectedSettings").is_none(),
+        "the refusal is cleared: {r}"
+    );
     assert!(sim.wait_until(LONG_WAIT, |s| tagged(s, "v4") >= 1).await);
 
     // `hubagent plugins list` shows name, kind, path, ABI and state.
@@ -345,7 +351,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
     assert!(text.contains("tuned"), "{text}");
     assert!(text.contains("library"), "{text}");
     assert!(text.contains(&lib.display().to_string()), "{text}");
-    assert!(text.contains("1.1"), "{text}");
+    assert!(text.contains("1.2"), "{text}");
     assert!(text.contains("running"), "{text}");
     assert_eq!(agent.stop(), Some(0));
 }
@@ -506,12 +512,16 @@ interval = "100ms"
         device,
         "py",
         "the rejection",
-        |r| r["status"] == "rejected-settings",
+        |r| r["rejectedSettings"].is_string(),
         &agent,
     )
     .await;
+    assert_eq!(r["status"], "running", "{r}");
     assert!(
-        r["error"].as_str().unwrap().contains("interval must be"),
+        r["rejectedSettings"]
+            .as_str()
+            .unwrap()
+            .contains("interval must be"),
         "{r}"
     );
     assert_eq!(r["desiredVersion"], v);
@@ -528,15 +538,16 @@ interval = "100ms"
         device,
         "counter",
         "the rejection",
-        |r| r["desiredVersion"] == v && r["status"] == "rejected-settings",
+        |r| r["desiredVersion"] == v && r["rejectedSettings"].is_string(),
         &agent,
     )
     .await;
-    assert_eq!(r["error"], "step must not be 0", "{r}");
+    assert_eq!(r["status"], "running", "{r}");
+    assert_eq!(r["rejectedSettings"], "step must not be 0", "{r}");
 
     let list = agent.plugins_list();
     assert_eq!(list["sysmetrics"]["isolation"], "in-process");
-    assert_eq!(list["sysmetrics"]["abi"], "1.1");
+    assert_eq!(list["sysmetrics"]["abi"], "1.2");
     assert_eq!(list["py"]["kind"], "exec");
     assert!(list["py"]["pid"].as_u64().is_some(), "{list}");
     assert_eq!(agent.stop(), Some(0));
@@ -772,7 +783,7 @@ async fn a_plugin_error_of_10_kb_is_reported_capped() {
         &agent,
     )
     .await;
-    let error = r["error"].as_str().unwrap();
+    let error = r["rejectedSettings"].as_str().unwrap();
     assert!(
         error.len() <= hubagent::plugins::MAX_REPORTED_ERROR,
         "{} bytes",
@@ -783,6 +794,9 @@ async fn a_plugin_error_of_10_kb_is_reported_capped() {
     assert_eq!(reported(&sim, device, "agent")["deviceId"], device);
     // The whole reason stays available locally.
     let list = agent.plugins_list();
-    assert_eq!(list["verbose"]["error"].as_str().unwrap().len(), 10240);
+    assert_eq!(
+        list["verbose"]["rejectedSettings"].as_str().unwrap().len(),
+        10240
+    );
     assert_eq!(agent.stop(), Some(0));
 }

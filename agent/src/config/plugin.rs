@@ -22,6 +22,9 @@ pub enum Kind {
     Library {
         path: PathBuf,
         isolation: Isolation,
+        /// Added to the plugin-host process's cleared environment (e.g. `RUST_BACKTRACE`);
+        /// only with `isolation = "process"`.
+        env: BTreeMap<String, String>,
     },
     Exec {
         command: Vec<String>,
@@ -61,6 +64,11 @@ pub struct Limits {
     pub quarantine_window: Duration,
     /// ...and it is tried again this often while quarantined.
     pub quarantine_retry: Duration,
+    /// Exec plugins: warn (log and status) when a running plugin has written no line the agent
+    /// understands for this long (an unflushed stdout looks like that); None: never.
+    pub warn_if_silent: Option<Duration>,
+    /// The log level of a plugin's stderr line that names none (`<3>`, `WARN:` …).
+    pub stderr_level: i32,
 }
 
 impl Default for Limits {
@@ -76,6 +84,8 @@ impl Default for Limits {
             quarantine_after: 5,
             quarantine_window: Duration::from_secs(600),
             quarantine_retry: Duration::from_secs(1800),
+            warn_if_silent: Some(Duration::from_secs(120)),
+            stderr_level: hubagent_plugin_sdk::abi::LOG_INFO,
         }
     }
 }
@@ -230,6 +240,8 @@ const KEYS: &[&str] = &[
     "quarantine_after",
     "quarantine_window",
     "quarantine_retry",
+    "warn_if_silent",
+    "stderr_level",
     "allow_read",
     "allow_write",
     "allow_devices",
@@ -426,7 +438,7 @@ fn builtin(table: &toml::Table, settings: &mut Map<String, Value>) -> Result<Kin
 }
 
 fn library(table: &toml::Table) -> Result<Kind, SpecError> {
-    forbid(table, &["builtin", "command", "env", "interval"], "library")?;
+    forbid(table, &["builtin", "command", "interval"], "library")?;
     let path = PathBuf::from(
         string(table, "path")?.ok_or_else(|| err("path", "required for kind = \"library\""))?,
     );
@@ -443,7 +455,18 @@ fn library(table: &toml::Table) -> Result<Kind, SpecError> {
             ));
         }
     };
-    Ok(Kind::Library { path, isolation })
+    let env = env(table)?;
+    if isolation == Isolation::InProcess && !env.is_empty() {
+        return Err(err(
+            "env",
+            "a library loaded in-process shares the agent's environment: give it env with isolation = \"process\" (the default)",
+        ));
+    }
+    Ok(Kind::Library {
+        path,
+        isolation,
+        env,
+    })
 }
 
 fn exec(table: &toml::Table) -> Result<Kind, SpecError> {
@@ -465,7 +488,15 @@ fn exec(table: &toml::Table) -> Result<Kind, SpecError> {
     if command.is_empty() || command[0].is_empty() {
         return Err(err("command", "must name a program"));
     }
-    let env = match table.get("env") {
+    Ok(Kind::Exec {
+        command,
+        env: env(table)?,
+    })
+}
+
+/// `env = { NAME = "value" }`: added to the plugin process's cleared environment.
+fn env(table: &toml::Table) -> Result<BTreeMap<String, String>, SpecError> {
+    Ok(match table.get("env") {
         None => BTreeMap::new(),
         Some(toml::Value::Table(t)) => t
             .iter()
@@ -473,8 +504,46 @@ fn exec(table: &toml::Table) -> Result<Kind, SpecError> {
             .collect::<Option<BTreeMap<_, _>>>()
             .ok_or_else(|| err("env", "values must be strings"))?,
         Some(_) => return Err(err("env", "must be a table of strings")),
-    };
-    Ok(Kind::Exec { command, env })
+    })
+}
+
+/// `stderr_level`: the level of a stderr line without its own (`<3>`, `WARN:`).
+fn stderr_level(table: &toml::Table, default: i32) -> Result<i32, SpecError> {
+    use hubagent_plugin_sdk::abi;
+    Ok(match string(table, "stderr_level")?.as_deref() {
+        None => default,
+        Some("error") => abi::LOG_ERROR,
+        Some("warn") => abi::LOG_WARN,
+        Some("info") => abi::LOG_INFO,
+        Some("debug") => abi::LOG_DEBUG,
+        Some("trace") => abi::LOG_TRACE,
+        Some(other) => {
+            return Err(err(
+                "stderr_level",
+                format!(
+                    "'{other}': write \"error\", \"warn\", \"info\" (default), \"debug\" or \"trace\""
+                ),
+            ));
+        }
+    })
+}
+
+/// `warn_if_silent`: a duration, or "off".
+fn warn_if_silent(
+    table: &toml::Table,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, SpecError> {
+    match table.get("warn_if_silent") {
+        Some(toml::Value::String(s)) if s == "off" => Ok(None),
+        None => Ok(default),
+        Some(_) => {
+            let d = duration(table, "warn_if_silent", Duration::ZERO)?;
+            if d < Duration::from_secs(1) {
+                return Err(err("warn_if_silent", "must be at least 1s, or \"off\""));
+            }
+            Ok(Some(d))
+        }
+    }
 }
 
 impl Limits {
@@ -511,6 +580,8 @@ impl Limits {
             quarantine_after: quarantine_after as u32,
             quarantine_window: duration(table, "quarantine_window", d.quarantine_window)?,
             quarantine_retry: duration(table, "quarantine_retry", d.quarantine_retry)?,
+            warn_if_silent: warn_if_silent(table, d.warn_if_silent)?,
+            stderr_level: stderr_level(table, d.stderr_level)?,
         };
         if limits.callback_timeout < Duration::from_millis(100) {
             return Err(err("callback_timeout", "must be at least 100ms"));
@@ -574,7 +645,8 @@ mod tests {
             spec.kind,
             Kind::Library {
                 path: "/usr/lib/hubagent/plugins/libm.so".into(),
-                isolation: Isolation::Process
+                isolation: Isolation::Process,
+                env: BTreeMap::new(),
             }
         );
         assert_eq!(spec.settings["interval"], "5s");

@@ -404,7 +404,7 @@ impl Daemon {
             Phase::Wait { delay, .. } => *delay,
             _ => Duration::ZERO,
         };
-        tracing::warn!(?delay, "DPS registration failed: {e}");
+        tracing::warn!(delay = %humantime::format_duration(delay), "DPS registration failed: {e}");
         self.status.update(|s| {
             s.provisioning = ProvisioningState::Retrying;
             s.last_error = Some(e.to_string());

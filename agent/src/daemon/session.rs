@@ -94,7 +94,7 @@ impl Daemon {
             self.hub_refused_secondary = Some(identity.on_secondary);
         }
         if let (Event::Unauthorized, Phase::Wait { delay, .. }) = (end, life.on(end)) {
-            tracing::warn!(hub = %assignment.hub, ?delay, "the hub refused the device credentials; reprovisioning");
+            tracing::warn!(hub = %assignment.hub, delay = %humantime::format_duration(*delay), "the hub refused the device credentials; reprovisioning");
         }
     }
 

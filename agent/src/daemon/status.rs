@@ -5,6 +5,14 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+/// A state as `hubagent status --json` names it (`registering`), not as Rust's Debug would.
+fn kebab_name<T: Serialize>(state: &T) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// Where provisioning stands.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -143,7 +151,11 @@ impl Status {
                 s.published,
                 s.queue_depth
             ),
-            _ => format!("{:?}; {:?}", s.provisioning, s.connection).to_lowercase(),
+            _ => format!(
+                "provisioning {}; {}",
+                kebab_name(&s.provisioning),
+                kebab_name(&s.connection)
+            ),
         }
     }
 }

@@ -15,7 +15,7 @@
 
 mod session;
 pub mod topics;
-mod twin;
+pub mod twin;
 
 use std::collections::VecDeque;
 use std::sync::Arc;

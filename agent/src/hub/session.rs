@@ -612,7 +612,7 @@ impl Session {
                 let delay = twin_retry_delay(link.twin_failures);
                 tracing::warn!(
                     status,
-                    ?delay,
+                    delay = %humantime::format_duration(delay),
                     "the hub refused the twin GET; trying again later"
                 );
                 link.twin_retry_at = Some(Instant::now() + delay);
@@ -626,7 +626,7 @@ impl Session {
             }) if status == 429 => {
                 let delay = twin_retry_delay(attempts + 1);
                 tracing::warn!(
-                    ?delay,
+                    delay = %humantime::format_duration(delay),
                     "the hub throttled a reported patch; sending it again"
                 );
                 link.report_retries.push((patch, done, attempts + 1));

@@ -130,6 +130,7 @@ impl BuiltinPlugin {
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
             properties: Vec::new(),
+            creation_time: None,
         };
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -193,6 +194,7 @@ async fn run(
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
             properties: vec![("run".into(), run.clone())],
+            creation_time: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         if events.send(Event::Message(message, tx)).is_err() {

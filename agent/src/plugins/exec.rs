@@ -69,7 +69,8 @@ impl ExecPlugin {
         cmd.env("PYTHONUNBUFFERED", "1");
         cmd.envs(env);
         process::limit_child(&mut cmd, spec.limits.memory_limit);
-        let (mut process, mut stdin, stdout) = ChildProcess::spawn(cmd, &events)?;
+        let (mut process, mut stdin, stdout) =
+            ChildProcess::spawn(cmd, &events, spec.limits.stderr_level)?;
         let (lines, mut to_write) = mpsc::unbounded_channel::<String>();
         process.write_stdin(async move {
             while let Some(mut line) = to_write.recv().await {
@@ -81,7 +82,11 @@ impl ExecPlugin {
             }
             // Dropping stdin here gives the plugin EOF.
         });
-        process.read_stdout(read_lines(stdout, events.clone()));
+        process.read_stdout(read_lines(
+            stdout,
+            events.clone(),
+            spec.limits.warn_if_silent,
+        ));
         let plugin = ExecPlugin {
             process,
             lines: Some(lines),
@@ -153,15 +158,37 @@ impl ExecPlugin {
     }
 }
 
-/// Reads the plugin's lines until EOF, one message at a time.
-async fn read_lines(stdout: ChildStdout, events: Events) {
+/// Reads the plugin's lines until EOF, one message at a time. When `warn_if_silent` passes
+/// without a line the agent understands, says so once (until one comes).
+async fn read_lines(stdout: ChildStdout, events: Events, warn_if_silent: Option<Duration>) {
     let mut reader = tokio::io::BufReader::new(stdout);
     let mut line = Vec::new();
+    let mut heard = tokio::time::Instant::now();
+    let mut warned = false;
     loop {
         line.clear();
-        // Bounded: a line longer than a message can be is a broken plugin.
-        let mut limited = (&mut reader).take(protocol::MAX_FRAME as u64);
-        match limited.read_until(b'\n', &mut line).await {
+        let read = loop {
+            // Bounded: a line longer than a message can be is a broken plugin.
+            let left = (protocol::MAX_FRAME - line.len().min(protocol::MAX_FRAME)) as u64;
+            let mut limited = (&mut reader).take(left);
+            let Some(after) = warn_if_silent.filter(|_| !warned) else {
+                break limited.read_until(b'\n', &mut line).await;
+            };
+            // read_until keeps what it read so far in `line` when the timeout ends it, and
+            // the next call goes on from there.
+            match tokio::time::timeout_at(heard + after, limited.read_until(b'\n', &mut line)).await
+            {
+                Ok(read) => break read,
+                Err(_) => {
+                    warned = true;
+                    let _ = events.send(Event::Silent(Some(format!(
+                        "running for {} without writing a line the agent understands: if it writes messages, it may not flush its stdout (see \"Flush each line\" in docs/plugins.md); warn_if_silent sets this delay",
+                        humantime::format_duration(after)
+                    ))));
+                }
+            }
+        };
+        match read {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -174,19 +201,28 @@ async fn read_lines(stdout: ChildStdout, events: Events) {
         if text.is_empty() {
             continue;
         }
-        if !forward_line(text, &events).await {
-            return;
+        match forward_line(text, &events).await {
+            None => return,
+            Some(false) => {}
+            Some(true) => {
+                heard = tokio::time::Instant::now();
+                if warned {
+                    warned = false;
+                    let _ = events.send(Event::Silent(None));
+                }
+            }
         }
     }
 }
 
-/// Passes one line on as an event; false once the supervisor is gone.
-async fn forward_line(text: &str, events: &Events) -> bool {
+/// Passes one line on as an event: whether it was one of the protocol's, `None` once the
+/// supervisor is gone.
+async fn forward_line(text: &str, events: &Events) -> Option<bool> {
     match exec_line(text) {
         Ok(ExecLine::Message(m)) => {
             let (tx, rx) = oneshot::channel();
             if events.send(Event::Message(m, tx)).is_err() {
-                return false;
+                return None;
             }
             // One message at a time: the pipe holds the plugin back.
             let _ = rx.await;
@@ -196,6 +232,9 @@ async fn forward_line(text: &str, events: &Events) -> bool {
         }
         Ok(ExecLine::Health(state, detail)) => {
             let _ = events.send(Event::Health(state, detail));
+        }
+        Ok(ExecLine::Reported(properties)) => {
+            let _ = events.send(Event::Reported(properties));
         }
         Ok(ExecLine::Reject(reason)) => {
             let _ = events.send(Event::LateReject(reason));
@@ -213,19 +252,21 @@ async fn forward_line(text: &str, events: &Events) -> bool {
             // The line itself (its start) is what the author needs to see to fix it.
             let quoted: String = text.chars().take(200).collect();
             let more = if quoted.len() < text.len() { "…" } else { "" };
-            let _ = events.send(Event::Log(
-                abi::LOG_WARN,
-                format!("ignored a line that is not a message ({e}): {quoted}{more}"),
-            ));
+            let _ = events.send(Event::Junk(format!(
+                "ignored a line that is not a message ({e}): {quoted}{more}"
+            )));
+            return Some(false);
         }
     }
-    true
+    Some(true)
 }
 
 /// One line an exec plugin wrote.
 #[derive(Debug, PartialEq)]
 pub enum ExecLine {
     Message(PluginMessage),
+    /// `{"reported": {…}}`: the plugin's own reported properties (checked by the task).
+    Reported(serde_json::Map<String, Value>),
     Log(i32, String),
     Health(i32, String),
     Reject(String),
@@ -301,6 +342,12 @@ pub fn exec_line(text: &str) -> Result<ExecLine, String> {
     if let Some(call) = call_line(&obj) {
         return call;
     }
+    if let Some(properties) = obj.get("reported") {
+        return match properties {
+            Value::Object(map) => Ok(ExecLine::Reported(map.clone())),
+            _ => Err("\"reported\" must be a JSON object".into()),
+        };
+    }
     if let Some(reason) = obj.get("rejectSettings") {
         return Ok(ExecLine::Reject(
             reason
@@ -366,12 +413,28 @@ pub fn exec_line(text: &str) -> Result<ExecLine, String> {
         }
         Some(_) => return Err("\"properties\" must be an object".into()),
     }
+    let creation_time = match obj.get("creationTime") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(rfc3339_utc(t).ok_or_else(|| {
+            format!("\"creationTime\" '{t}' is not an RFC 3339 time such as \"2026-12-06T04:00:00.250Z\"")
+        })?),
+        Some(_) => return Err("\"creationTime\" must be a string such as \"2026-12-06T04:00:00Z\"".into()),
+    };
     Ok(ExecLine::Message(PluginMessage {
         body,
         content_type,
         content_encoding,
         properties,
+        creation_time,
     }))
+}
+
+/// An RFC 3339 time (any offset) as UTC with milliseconds, the form the agent sends.
+fn rfc3339_utc(text: &str) -> Option<String> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    super::library::creation_time(i64::try_from(ms).ok()?)
 }
 
 #[cfg(test)]
@@ -388,7 +451,31 @@ mod tests {
                 content_type: Some("application/json".into()),
                 content_encoding: Some("utf-8".into()),
                 properties: vec![("n".into(), "3".into()), ("unit".into(), "C".into())],
+                creation_time: None,
             })
+        );
+        let m =
+            exec_line(r#"{"body": 1, "creationTime": "2026-12-06T05:00:00.25+01:00"}"#).unwrap();
+        assert!(
+            matches!(
+                m,
+                ExecLine::Message(PluginMessage { creation_time: Some(ref t), .. }) if t == "2026-12-06T04:00:00.250Z"
+            ),
+            "{m:?}"
+        );
+        assert!(
+            exec_line(r#"{"body": 1, "creationTime": "yesterday"}"#)
+                .unwrap_err()
+                .contains("'yesterday' is not an RFC 3339 time")
+        );
+        assert_eq!(
+            exec_line(r#"{"reported": {"fw": "1.2"}}"#).unwrap(),
+            ExecLine::Reported(
+                serde_json::json!({"fw": "1.2"})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            )
         );
         let m = exec_line(r#"{"body": "raw text"}"#).unwrap();
         assert!(matches!(

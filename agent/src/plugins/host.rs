@@ -88,9 +88,14 @@ impl HostSide for FrameHost {
                 content_type: message.content_type,
                 content_encoding: message.content_encoding,
                 properties: message.properties,
+                creation_time: message.creation_time,
             },
         );
         rx.recv().unwrap_or(abi::ERR_STOPPING)
+    }
+
+    fn report(&self, properties: serde_json::Map<String, serde_json::Value>) {
+        send(&self.out, &Up::Reported { properties });
     }
 
     fn log(&self, level: i32, text: &str) {

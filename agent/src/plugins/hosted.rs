@@ -2,6 +2,7 @@
 //! daemon: it starts `hubagent plugin-host` (the other side, in `host.rs`) and turns the frames
 //! of `protocol.rs` into [`Event`]s and back.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ impl HostedPlugin {
     pub fn launch(
         spec: &PluginSpec,
         path: &Path,
+        env: &BTreeMap<String, String>,
         settings: &Value,
         allow_unsafe: bool,
         sandbox: Option<&Policy>,
@@ -57,8 +59,10 @@ impl HostedPlugin {
         process::private_dir_env(&mut cmd, sandbox);
         // Fewer malloc arenas: address space is what RLIMIT_AS counts.
         cmd.env("MALLOC_ARENA_MAX", "2");
+        cmd.envs(env);
         process::limit_child(&mut cmd, spec.limits.memory_limit);
-        let (mut process, mut stdin, stdout) = ChildProcess::spawn(cmd, &events)?;
+        let (mut process, mut stdin, stdout) =
+            ChildProcess::spawn(cmd, &events, spec.limits.stderr_level)?;
         let (down, mut frames) = mpsc::unbounded_channel::<Down>();
         process.write_stdin(async move {
             while let Some(frame) = frames.recv().await {
@@ -164,6 +168,7 @@ async fn read_frames(
 /// The event a frame stands for; `None` for a frame the supervisor need not see.
 fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
     let event = match frame {
+        Up::Reported { properties } => Event::Reported(properties),
         Up::Hello {
             abi_major,
             abi_minor,
@@ -196,6 +201,7 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
             content_type,
             content_encoding,
             properties,
+            creation_time,
         } => {
             let Ok(body) = base64::engine::general_purpose::STANDARD.decode(&body) else {
                 let _ = acks.send(Down::Ack {
@@ -209,6 +215,7 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
                 content_type,
                 content_encoding,
                 properties,
+                creation_time,
             };
             Event::Message(message, ack_when_answered(id, acks.clone()))
         }

@@ -51,6 +51,10 @@ impl HostSide for DirectHost {
     fn health(&self, state: i32, detail: &str) {
         let _ = self.events.send(Event::Health(state, detail.to_string()));
     }
+
+    fn report(&self, properties: serde_json::Map<String, Value>) {
+        let _ = self.events.send(Event::Reported(properties));
+    }
 }
 
 impl InProcessPlugin {

@@ -23,6 +23,8 @@ pub struct PluginMessage {
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
     pub properties: Vec<(String, String)>,
+    /// ABI 1.2 / exec `creationTime`: when the reading was taken (RFC 3339 UTC); `None`: now.
+    pub creation_time: Option<String>,
 }
 
 /// What a host does with a plugin's calls; implemented by the plugin process (frames to the
@@ -32,6 +34,9 @@ pub trait HostSide: Send + Sync + 'static {
     fn publish(&self, message: PluginMessage) -> i32;
     fn log(&self, level: i32, text: &str);
     fn health(&self, state: i32, detail: &str);
+    /// ABI 1.2: the plugin's own reported properties, already checked against the hub's
+    /// limits (`own_reported::check`).
+    fn report(&self, properties: serde_json::Map<String, serde_json::Value>);
 }
 
 /// A loaded library whose descriptor passed the checks. Never unloaded.
@@ -353,6 +358,11 @@ impl Library {
             publish: Some(host_publish),
             log: Some(host_log),
             report_health: Some(host_health),
+            setting_string: Some(host_setting_string),
+            setting_number: Some(host_setting_number),
+            setting_bool: Some(host_setting_bool),
+            setting_duration_ms: Some(host_setting_duration),
+            report_properties: Some(host_report_properties),
         }));
         let settings_z = nul_terminated(settings);
         let mut instance: *mut c_void = std::ptr::null_mut();
@@ -655,12 +665,33 @@ unsafe fn read_message(message: *const abi::Message) -> Result<PluginMessage, i3
             properties.push((key, value));
         }
     }
+    // ABI 1.2: read only when the plugin's struct has the field.
+    let creation_time = if m.struct_size >= abi::MESSAGE_SIZE_V1_2 && m.creation_time_ms != 0 {
+        Some(creation_time(m.creation_time_ms).ok_or(abi::ERR_INVALID_ARGUMENT)?)
+    } else {
+        None
+    };
     Ok(PluginMessage {
         body,
         content_type: opt(m.content_type)?,
         content_encoding: opt(m.content_encoding)?,
         properties,
+        creation_time,
     })
+}
+
+/// A plugin's creation time in milliseconds since the epoch as RFC 3339 UTC with milliseconds
+/// (`2026-12-06T04:00:00.250Z`); `None` before 1970 or past 9999.
+pub fn creation_time(unix_ms: i64) -> Option<String> {
+    let t =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000).ok()?;
+    if unix_ms < 0 || t.year() > 9999 {
+        return None;
+    }
+    t.format(time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    ))
+    .ok()
 }
 
 fn context<'a>(ctx: *mut c_void) -> Option<&'a HostContext> {
@@ -693,6 +724,178 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, text: abi::Str) {
         let bytes = unsafe { text.as_bytes() };
         ctx.side.log(level, &String::from_utf8_lossy(bytes));
     }));
+}
+
+/// Writes `text` into a plugin's output buffer, cut at a character boundary to its capacity.
+///
+/// # Safety
+/// `buf` is null or a host-API output buffer borrowed for the call.
+unsafe fn write_out(buf: *mut abi::Buf, text: &str) {
+    if buf.is_null() {
+        return;
+    }
+    // SAFETY: per the function contract.
+    let buf = unsafe { &mut *buf };
+    if buf.ptr.is_null() {
+        return;
+    }
+    let mut n = text.len().min(buf.cap);
+    while n > 0 && !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    // SAFETY: `n <= cap` bytes fit the plugin's buffer.
+    unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf.ptr, n) };
+    buf.len = n;
+}
+
+/// The settings accessors: look `key` up in `settings` and hand the value to `put`.
+///
+/// # Safety
+/// Arguments follow the ABI (borrowed for the call).
+unsafe fn setting<T>(
+    settings: abi::Str,
+    key: abi::Str,
+    error: *mut abi::Buf,
+    get: impl FnOnce(&str, &str) -> Result<T, super::settings_access::Lookup>,
+    put: impl FnOnce(T),
+) -> i32 {
+    use super::settings_access::Lookup;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: borrowed for the call per the ABI.
+        let (Ok(settings), Ok(key)) = (unsafe { str_arg(settings) }, unsafe { str_arg(key) })
+        else {
+            // SAFETY: as above.
+            unsafe { write_out(error, "the settings or the key are not UTF-8") };
+            return abi::ERR_INVALID_ARGUMENT;
+        };
+        match get(&settings, &key) {
+            Ok(v) => {
+                put(v);
+                abi::OK
+            }
+            Err(Lookup::Absent) => abi::ERR_NOT_FOUND,
+            Err(Lookup::Wrong(why)) => {
+                // SAFETY: as above.
+                unsafe { write_out(error, &why) };
+                abi::ERR_INVALID_ARGUMENT
+            }
+        }
+    }))
+    .unwrap_or(abi::ERR_FAILED)
+}
+
+unsafe extern "C" fn host_setting_string(
+    _ctx: *mut c_void,
+    settings: abi::Str,
+    key: abi::Str,
+    out: *mut abi::Buf,
+    error: *mut abi::Buf,
+) -> i32 {
+    let mut fits = true;
+    // SAFETY: arguments per the ABI.
+    let code = unsafe {
+        setting(settings, key, error, super::settings_access::string, |v| {
+            if !out.is_null() && v.len() > (*out).cap {
+                fits = false;
+            }
+            write_out(out, &v);
+        })
+    };
+    if code == abi::OK && !fits {
+        // SAFETY: as above.
+        unsafe { write_out(error, "the value is longer than the buffer (it was cut)") };
+        return abi::ERR_TOO_LARGE;
+    }
+    code
+}
+
+unsafe extern "C" fn host_setting_number(
+    _ctx: *mut c_void,
+    settings: abi::Str,
+    key: abi::Str,
+    out: *mut f64,
+    error: *mut abi::Buf,
+) -> i32 {
+    // SAFETY: arguments per the ABI; `out` is the plugin's.
+    unsafe {
+        setting(settings, key, error, super::settings_access::number, |v| {
+            if !out.is_null() {
+                *out = v;
+            }
+        })
+    }
+}
+
+unsafe extern "C" fn host_setting_bool(
+    _ctx: *mut c_void,
+    settings: abi::Str,
+    key: abi::Str,
+    out: *mut i32,
+    error: *mut abi::Buf,
+) -> i32 {
+    // SAFETY: arguments per the ABI; `out` is the plugin's.
+    unsafe {
+        setting(settings, key, error, super::settings_access::boolean, |v| {
+            if !out.is_null() {
+                *out = i32::from(v);
+            }
+        })
+    }
+}
+
+unsafe extern "C" fn host_setting_duration(
+    _ctx: *mut c_void,
+    settings: abi::Str,
+    key: abi::Str,
+    out_ms: *mut u64,
+    error: *mut abi::Buf,
+) -> i32 {
+    // SAFETY: arguments per the ABI; `out_ms` is the plugin's.
+    unsafe {
+        setting(
+            settings,
+            key,
+            error,
+            super::settings_access::duration,
+            |v| {
+                if !out_ms.is_null() {
+                    *out_ms = u64::try_from(v.as_millis()).unwrap_or(u64::MAX);
+                }
+            },
+        )
+    }
+}
+
+unsafe extern "C" fn host_report_properties(
+    ctx: *mut c_void,
+    properties: abi::Str,
+    error: *mut abi::Buf,
+) -> i32 {
+    let Some(ctx) = context(ctx) else {
+        return abi::ERR_INVALID_ARGUMENT;
+    };
+    if ctx.stopped.load(Ordering::SeqCst) {
+        return abi::ERR_STOPPING;
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: borrowed for the call per the ABI.
+        let checked = unsafe { str_arg(properties) }
+            .map_err(|_| "not UTF-8".to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}")))
+            .and_then(|v| super::own_reported::check(&v));
+        match checked {
+            Ok(map) => {
+                ctx.side.report(map);
+                abi::OK
+            }
+            Err(why) => {
+                // SAFETY: as above.
+                unsafe { write_out(error, &why) };
+                abi::ERR_INVALID_ARGUMENT
+            }
+        }
+    }))
+    .unwrap_or(abi::ERR_FAILED)
 }
 
 unsafe extern "C" fn host_health(ctx: *mut c_void, state: i32, detail: abi::Str) {

@@ -23,6 +23,8 @@
 //! | `preflight.rs` | trying a plugin before the daemon runs it (`config check`, `check`) |
 //! | `trial.rs` | `hubagent plugins try`: one plugin alone, its output printed, input from stdin |
 //! | `template.rs` | `hubagent plugins new`: a new plugin (Rust, C, Python) from `plugins/templates/` |
+//! | `settings_access.rs` | ABI 1.2's settings accessors for C plugins: one value by key |
+//! | `own_reported.rs` | a plugin's own reported properties, checked against IoT Hub's twin limits |
 
 pub mod builtin;
 pub mod calls;
@@ -32,12 +34,14 @@ mod hosted;
 mod in_process;
 pub mod library;
 mod outlet;
+pub mod own_reported;
 pub mod preflight;
 mod process;
 pub mod protocol;
 mod running;
 pub mod sandbox;
 mod secrets;
+pub mod settings_access;
 mod supervisor;
 mod task;
 pub mod template;
@@ -71,10 +75,25 @@ pub enum State {
     Restarting,
     /// Failed too often; tried again every `quarantine_retry`.
     Quarantined,
-    /// The plugin refused the desired settings (`error` says why); it runs on its last accepted
-    /// ones, or waits for new ones when it never accepted any.
+    /// The plugin refused the desired settings (`rejectedSettings` says why) and has no
+    /// accepted ones to run on: it waits for new ones. One that refused a change and runs on
+    /// its old settings is `Running`, the refusal beside it.
     RejectedSettings,
     Stopped,
+}
+
+impl State {
+    /// As reported and logged: `running`, `rejected-settings` …
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Restarting => "restarting",
+            State::Quarantined => "quarantined",
+            State::RejectedSettings => "rejected-settings",
+            State::Stopped => "stopped",
+        }
+    }
 }
 
 /// A plugin's live status and counters.
@@ -82,6 +101,16 @@ pub enum State {
 pub struct PluginStatus {
     pub state: State,
     pub error: Option<String>,
+    /// Why the plugin refused the desired settings, while it does (it runs on its last
+    /// accepted ones, or waits in `RejectedSettings`).
+    pub rejected: Option<String>,
+    /// Exec plugins: lines that were none of the protocol's (logged, quoted).
+    pub junk_lines: u64,
+    /// What the plugin reports of itself (ABI 1.2, exec `{"reported": …}`), checked.
+    pub own_reported: Option<Map<String, Value>>,
+    /// Something the operator should look at while the plugin runs (an exec plugin silent
+    /// for `warn_if_silent`).
+    pub warning: Option<String>,
     pub last_failure: Option<String>,
     /// The desired `$version` the status refers to.
     pub desired_version: u64,
@@ -144,6 +173,19 @@ impl Registry {
             if let Some(e) = &s.error {
                 v["error"] = json!(cap_text(&s.secrets.redact_text(e), MAX_REPORTED_ERROR));
             }
+            if let Some(r) = &s.rejected {
+                v["rejectedSettings"] =
+                    json!(cap_text(&s.secrets.redact_text(r), MAX_REPORTED_ERROR));
+            }
+            if let Some(w) = &s.warning {
+                v["warning"] = json!(cap_text(&s.secrets.redact_text(w), MAX_REPORTED_ERROR));
+            }
+            if matches!(spec.kind, Kind::Exec { .. }) {
+                v["junkLines"] = json!(s.junk_lines);
+            }
+            if let Some(own) = &s.own_reported {
+                v["properties"] = Value::Object(own.clone());
+            }
             if let Some(abi) = &s.abi {
                 v["abi"] = json!(abi);
             }
@@ -161,7 +203,9 @@ impl Registry {
             let v = &mut out[name];
             match &spec.kind {
                 Kind::Builtin(b) => v["builtin"] = json!(b),
-                Kind::Library { path, isolation } => {
+                Kind::Library {
+                    path, isolation, ..
+                } => {
                     v["path"] = json!(path);
                     v["isolation"] = json!(match isolation {
                         Isolation::Process => "process",
@@ -178,6 +222,9 @@ impl Registry {
             // The whole reason, not the twin's capped one.
             if let Some(e) = &s.error {
                 v["error"] = json!(s.secrets.redact_text(e));
+            }
+            if let Some(r) = &s.rejected {
+                v["rejectedSettings"] = json!(s.secrets.redact_text(r));
             }
             v["logsDropped"] = json!(s.logs_dropped);
             if let Some(d) = &s.declarations {

@@ -178,7 +178,11 @@ impl Outlet {
             body: message.body.into(),
             content_type: message.content_type,
             content_encoding: message.content_encoding,
-            creation_time: Some(crate::util::time::now_rfc3339()),
+            creation_time: Some(
+                message
+                    .creation_time
+                    .unwrap_or_else(crate::util::time::now_rfc3339),
+            ),
             properties,
         })
     }

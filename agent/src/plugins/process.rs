@@ -103,12 +103,47 @@ impl Drop for ChildProcess {
     }
 }
 
+/// A stderr line's level and text: a line may start with the level it wants, as systemd reads
+/// them (`<3>` error … `<7>` debug, sd-daemon(3)) or as a word (`ERROR:`, `WARN:`, `WARNING:`,
+/// `INFO:`, `DEBUG:`, `TRACE:`); the prefix is cut off. Other lines get `default` (the
+/// plugin's `stderr_level`).
+pub fn stderr_line(line: &str, default: i32) -> (i32, &str) {
+    if let Some(rest) = line.strip_prefix('<')
+        && let Some((digit, text)) = rest.split_once('>')
+        && let Ok(n) = digit.parse::<u8>()
+        && digit.len() == 1
+    {
+        let level = match n {
+            0..=3 => abi::LOG_ERROR,
+            4 => abi::LOG_WARN,
+            5 | 6 => abi::LOG_INFO,
+            _ => abi::LOG_DEBUG,
+        };
+        return (level, text);
+    }
+    const WORDS: &[(&str, i32)] = &[
+        ("ERROR:", abi::LOG_ERROR),
+        ("WARNING:", abi::LOG_WARN),
+        ("WARN:", abi::LOG_WARN),
+        ("INFO:", abi::LOG_INFO),
+        ("DEBUG:", abi::LOG_DEBUG),
+        ("TRACE:", abi::LOG_TRACE),
+    ];
+    for (word, level) in WORDS {
+        if let Some(text) = line.strip_prefix(word) {
+            return (*level, text.trim_start());
+        }
+    }
+    (default, line)
+}
+
 impl ChildProcess {
     /// Starts `cmd` with piped stdio; its stderr becomes [`Event::Log`]s and its exit
     /// [`Event::Ended`]. The caller drives stdin and reads stdout (`read_stdout`).
     pub fn spawn(
         mut cmd: Command,
         events: &Events,
+        stderr_level: i32,
     ) -> Result<(ChildProcess, ChildStdin, ChildStdout), String> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -163,8 +198,9 @@ impl ChildProcess {
             tasks.push(tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let line: String = line.chars().take(4096).collect();
-                    let _ = events.send(Event::Log(abi::LOG_INFO, line));
+                    let (level, text) = stderr_line(&line, stderr_level);
+                    let text: String = text.chars().take(4096).collect();
+                    let _ = events.send(Event::Log(level, text));
                 }
             }));
         }
@@ -224,5 +260,36 @@ impl ChildProcess {
     pub async fn kill(&mut self) {
         self.signal(libc::SIGKILL);
         self.wait_exit().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stderr_lines_may_name_their_level() {
+        let info = abi::LOG_INFO;
+        assert_eq!(
+            stderr_line("<3>disk gone", info),
+            (abi::LOG_ERROR, "disk gone")
+        );
+        assert_eq!(stderr_line("<4>slow", info), (abi::LOG_WARN, "slow"));
+        assert_eq!(stderr_line("<7>x=1", info), (abi::LOG_DEBUG, "x=1"));
+        assert_eq!(stderr_line("WARN: slow", info), (abi::LOG_WARN, "slow"));
+        assert_eq!(stderr_line("WARNING: slow", info), (abi::LOG_WARN, "slow"));
+        assert_eq!(stderr_line("ERROR:bad", info), (abi::LOG_ERROR, "bad"));
+        assert_eq!(
+            stderr_line("Traceback (most recent call last):", abi::LOG_WARN),
+            (abi::LOG_WARN, "Traceback (most recent call last):")
+        );
+        assert_eq!(
+            stderr_line("<12>not a level", info),
+            (info, "<12>not a level")
+        );
+        assert_eq!(
+            stderr_line("warn: lower case is text", info),
+            (info, "warn: lower case is text")
+        );
     }
 }

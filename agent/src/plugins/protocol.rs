@@ -79,6 +79,14 @@ pub enum Up {
         content_type: Option<String>,
         content_encoding: Option<String>,
         properties: Vec<(String, String)>,
+        /// ABI 1.2: when the reading was taken (RFC 3339), if the plugin said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        creation_time: Option<String>,
+    },
+    /// ABI 1.2: the plugin's own reported properties (checked in the plugin-host and again in
+    /// the daemon).
+    Reported {
+        properties: serde_json::Map<String, Value>,
     },
     Log {
         level: i32,
@@ -187,6 +195,13 @@ mod tests {
                 content_type: Some("application/json".into()),
                 content_encoding: None,
                 properties: vec![("a".into(), "b".into())],
+                creation_time: Some("2026-01-02T03:04:05.678Z".into()),
+            },
+            Up::Reported {
+                properties: serde_json::json!({"fw": "1.2"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
             },
         ];
         let mut bytes = Vec::new();
@@ -196,6 +211,7 @@ mod tests {
         let mut r = std::io::Cursor::new(bytes);
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[0].clone()));
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[1].clone()));
+        assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[2].clone()));
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), None);
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         huge.extend_from_slice(b"{}");

@@ -44,6 +44,13 @@ pub enum Event {
     MethodAnswer(u64, MethodAnswer),
     /// The answer to C2D delivery `id`: taken, or why not.
     C2dTaken(u64, Result<(), String>),
+    /// ABI 1.2 / exec `{"reported": …}`: the plugin's own reported properties.
+    Reported(serde_json::Map<String, serde_json::Value>),
+    /// Exec plugins: a line that is not one of the protocol's (the warning to log, quoting it).
+    Junk(String),
+    /// Exec plugins: no line the agent understands for a while (the warning), or, `None`,
+    /// one came after such a warning.
+    Silent(Option<String>),
 }
 
 pub type Events = mpsc::UnboundedSender<Event>;
@@ -68,7 +75,8 @@ pub async fn launch(
         Kind::Library {
             path,
             isolation: Isolation::Process,
-        } => HostedPlugin::launch(spec, path, settings, allow_unsafe, sandbox, events)
+            env,
+        } => HostedPlugin::launch(spec, path, env, settings, allow_unsafe, sandbox, events)
             .map(RunningPlugin::Hosted),
         Kind::Exec { command, env } => {
             ExecPlugin::launch(spec, command, env, settings, allow_unsafe, sandbox, events)
@@ -77,6 +85,7 @@ pub async fn launch(
         Kind::Library {
             path,
             isolation: Isolation::InProcess,
+            ..
         } => InProcessPlugin::launch(path, settings, allow_unsafe, events)
             .await
             .map(RunningPlugin::InProcess),

@@ -191,7 +191,11 @@ impl Task {
                 Outcome::Rejected(reason) => {
                     tracing::warn!(plugin = %self.spec.name, "settings rejected: {}", self.redact(&reason));
                     runs.rejected = Some(settings);
-                    self.set_state(State::RejectedSettings, Some(reason));
+                    self.update(true, |s| {
+                        s.state = State::RejectedSettings;
+                        s.error = None;
+                        s.rejected = Some(reason);
+                    });
                     continue;
                 }
                 Outcome::Stuck(reason) => {
@@ -361,7 +365,7 @@ impl Task {
     ) -> ControlFlow<Done> {
         let (n, state, delay) =
             next_after_failure(&mut runs.failures, Instant::now(), &self.spec.limits);
-        tracing::warn!(plugin = %self.spec.name, failures = n, ?delay, state = ?state, "plugin failed: {}", self.redact(&reason));
+        tracing::warn!(plugin = %self.spec.name, failures = n, delay = %humantime::format_duration(delay), state = state.name(), "plugin failed: {}", self.redact(&reason));
         self.update(true, |s| {
             s.state = state;
             s.error = Some(reason.clone());
@@ -500,11 +504,11 @@ impl Task {
     fn report_started(&self, runs: &Runs, settings: &Map<String, Value>) {
         let refused = runs.rejected.as_ref() == Some(&self.desired);
         self.update(true, |s| {
-            if refused {
-                s.state = State::RejectedSettings;
-            } else {
-                s.state = State::Running;
-                s.error = None;
+            s.state = State::Running;
+            s.error = None;
+            s.warning = None;
+            if !refused {
+                s.rejected = None;
             }
             s.settings = Value::Object(settings.clone());
             s.desired_version = self.desired_version;
@@ -631,6 +635,7 @@ impl Task {
             self.update(true, |s| {
                 s.state = State::Running;
                 s.error = None;
+                s.rejected = None;
                 s.desired_version = version;
             });
         }
@@ -688,13 +693,19 @@ impl Task {
     ) -> Option<String> {
         match result {
             Ok(()) => {
-                tracing::info!(plugin = %self.spec.name, version, "settings applied");
+                if matches!(self.spec.kind, Kind::Exec { .. }) {
+                    // It may still refuse them with a line ({"rejectSettings": …}).
+                    tracing::info!(plugin = %self.spec.name, version, "settings sent to the plugin");
+                } else {
+                    tracing::info!(plugin = %self.spec.name, version, "settings applied");
+                }
                 runs.rejected = None;
                 runs.accepted = Some(wanted.clone());
                 live.current = wanted;
                 self.update(true, |s| {
                     s.state = State::Running;
                     s.error = None;
+                    s.rejected = None;
                     s.settings = Value::Object(live.current.clone());
                     s.desired_version = version;
                 });
@@ -703,9 +714,10 @@ impl Task {
             Err(e) if e.code == abi::ERR_REJECTED => {
                 tracing::warn!(plugin = %self.spec.name, version, "settings rejected, keeping the old ones: {}", self.redact(&e.reason));
                 runs.rejected = Some(wanted);
+                // It runs on, on its old settings: running, the refusal beside it.
                 self.update(true, |s| {
-                    s.state = State::RejectedSettings;
-                    s.error = Some(e.reason.clone());
+                    s.state = State::Running;
+                    s.rejected = Some(e.reason.clone());
                     s.desired_version = version;
                 });
                 None
@@ -723,13 +735,20 @@ impl Task {
             .lock()
             .map(|s| s.previous.clone())
             .unwrap_or_default();
+        // Refused its first settings: it has none to run on (`rejected-settings`, waiting);
+        // refused a change: it runs on, on its old ones (`running`, the refusal beside it).
+        let state = if previous.is_some() {
+            State::Running
+        } else {
+            State::RejectedSettings
+        };
         if let Some(p) = previous {
             live.current = p.clone();
             runs.accepted = Some(p);
         }
         self.update(true, |s| {
-            s.state = State::RejectedSettings;
-            s.error = Some(reason);
+            s.state = state;
+            s.rejected = Some(reason);
             s.settings = Value::Object(live.current.clone());
         });
     }
@@ -782,8 +801,31 @@ impl Task {
                 s.plugin_version = Some(version);
             }),
             Event::Declared(declarations) => {
-                tracing::info!(plugin = %self.spec.name, methods = ?declarations.methods, c2d = declarations.c2d_filter.is_some(), "plugin declarations");
+                tracing::info!(plugin = %self.spec.name, methods = %declarations.methods.join(", "), c2d = declarations.c2d_filter.is_some(), "plugin declarations");
                 self.update(true, |s| s.declarations = Some(declarations));
+            }
+            Event::Reported(properties) => {
+                // Checked again here: the plugin-host process runs the plugin's code.
+                match super::own_reported::check(&Value::Object(properties)) {
+                    Ok(checked) => self.update(true, |s| s.own_reported = Some(checked)),
+                    Err(why) => self.log(
+                        runs,
+                        abi::LOG_WARN,
+                        &format!("reported properties refused: {why}"),
+                    ),
+                }
+            }
+            Event::Junk(warning) => {
+                self.update(false, |s| s.junk_lines += 1);
+                self.log(runs, abi::LOG_WARN, &warning);
+            }
+            Event::Silent(Some(warning)) => {
+                tracing::warn!(plugin = %self.spec.name, "{warning}");
+                self.update(true, |s| s.warning = Some(warning));
+            }
+            Event::Silent(None) => {
+                tracing::info!(plugin = %self.spec.name, "the plugin writes lines again");
+                self.update(true, |s| s.warning = None);
             }
             Event::Started(_) | Event::Applied(_) | Event::LateReject(_) | Event::Pong(_) => {}
             // Answers to calls made while it ran; none are made before it started.

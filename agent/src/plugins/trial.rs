@@ -61,6 +61,7 @@ impl Trial {
             Kind::Library {
                 path: absolute(first)?,
                 isolation: Isolation::Process,
+                env: std::collections::BTreeMap::new(),
             }
         } else {
             let mut command = target.to_vec();
@@ -293,6 +294,9 @@ fn describe_message(message: &PluginMessage) -> Value {
     }
     if let Some(e) = &message.content_encoding {
         out["contentEncoding"] = json!(e);
+    }
+    if let Some(t) = &message.creation_time {
+        out["creationTime"] = json!(t);
     }
     out
 }
@@ -640,6 +644,18 @@ impl Session {
                     Value::Object(self.accepted.clone())
                 ));
             }
+            Event::Reported(properties) => {
+                match super::own_reported::check(&Value::Object(properties)) {
+                    Ok(checked) => say(&format!("reported properties: {}", Value::Object(checked))),
+                    Err(why) => say(&format!(
+                        "log {}: reported properties refused: {why}",
+                        level_name(abi::LOG_WARN)
+                    )),
+                }
+            }
+            Event::Junk(text) => say(&format!("log {}: {text}", level_name(abi::LOG_WARN))),
+            Event::Silent(Some(warning)) => say(&format!("warning: {warning}")),
+            Event::Silent(None) => say("the plugin writes lines again"),
             Event::LateReject(reason) => say(&format!(
                 "settings rejected: {reason}; it keeps the settings it had before that line"
             )),

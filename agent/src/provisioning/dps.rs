@@ -50,7 +50,7 @@ pub enum DpsError {
     NotAssigned { status: String, detail: String },
     #[error("DPS sent an answer hubagent does not understand: {0}")]
     Protocol(String),
-    #[error("no answer from DPS within {0:?}")]
+    #[error("no answer from DPS within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     #[error("signing the DPS token: {0}")]
     Key(#[from] KeyError),
@@ -225,7 +225,7 @@ async fn register_and_poll(
                     }
                     Step::Retry { after } => {
                         retries += 1;
-                        tracing::info!(topic = %publish.topic, delay = ?after, "DPS asks to retry later");
+                        tracing::info!(topic = %publish.topic, delay = %humantime::format_duration(after), "DPS asks to retry later");
                         next_request = Some(tokio::time::Instant::now() + after);
                     }
                 }

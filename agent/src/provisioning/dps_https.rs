@@ -241,7 +241,7 @@ impl Client {
                     .retry_after
                     .unwrap_or(DEFAULT_RETRY_AFTER * retries)
                     .min(MAX_RETRY_AFTER);
-                tracing::info!(status = answer.status, ?delay, "DPS asks to retry later");
+                tracing::info!(status = answer.status, delay = %humantime::format_duration(delay), "DPS asks to retry later");
                 self.wait(delay)?;
                 continue;
             }

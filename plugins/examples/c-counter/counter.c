@@ -1,17 +1,19 @@
 /*
  * c-counter: a minimal hubagent library plugin in C.
  *
- * Publishes {"count": N, "step": S} every `interval_ms` milliseconds (settings: {"interval_ms":
- * 1000, "step": 1}); refuses a step of 0 or an interval below 10 ms. Direct methods (ABI 1.1):
+ * Publishes {"count": N, "step": S} every `interval` (settings: {"interval": "1s", "step": 1},
+ * the duration format of every hubagent setting: "500ms", "5s", "2m", "1h"); refuses a step of 0
+ * or an interval below 10 ms. `interval_ms` (a number of milliseconds), which older
+ * configurations of this example use, is still read when `interval` is absent. Settings are read
+ * with the agent's accessors (ABI 1.2, hubagent_setting_* in hubagent_plugin.h): no JSON code
+ * here, and a wrong value is refused with a reason naming its key. At start it reports
+ * {"unit": "counts"} as its own reported property. Direct methods (ABI 1.1):
  * `<plugin name>.get` answers {"count": N}; `<plugin name>.reset` sets the count to the number in
  * its payload (0 when there is none) and answers the old count. Cloud-to-device messages with
  * the property to=counter are taken: a body that is a number is added to the count, anything else
  * is refused (the hub keeps the message). Build:
  *
  *     gcc -shared -fPIC -O2 -Wall -Wextra -pthread -I ../../sdk/include counter.c -o libc_counter.so
- *
- * The settings parser below is deliberately tiny (it looks for two numeric keys); a real plugin
- * would use a JSON library.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -28,47 +30,38 @@ typedef struct counter {
     pthread_mutex_t lock;
     pthread_cond_t wake;
     int stopping;
+    unsigned changes; /* bumped by each settings change: a new interval starts now */
     long interval_ms;
     long step;
     long count;
 } counter;
 
-/* Finds `"key": <number>` in a JSON object; returns 1 when found. */
-static int find_number(const char *json, size_t len, const char *key, long *out) {
-    char pattern[64];
-    snprintf(pattern, sizeof pattern, "\"%s\"", key);
-    size_t plen = strlen(pattern);
-    for (size_t i = 0; i + plen <= len; i++) {
-        if (memcmp(json + i, pattern, plen) != 0) continue;
-        const char *p = json + i + plen;
-        while (*p == ' ' || *p == ':' || *p == '\t') p++;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno) return -1;
-        *out = v;
-        return 1;
-    }
-    return 0;
-}
-
-/* Parses settings into interval/step; writes why to `why` and returns -1 when unusable. */
-static int parse_settings(hubagent_str settings, long *interval_ms, long *step, hubagent_buf *why) {
-    *interval_ms = 1000;
-    *step = 1;
-    if (find_number(settings.ptr, settings.len, "interval_ms", interval_ms) < 0 ||
-        find_number(settings.ptr, settings.len, "step", step) < 0) {
-        hubagent_buf_set(why, "interval_ms and step must be integers");
+/* Reads the settings into interval/step; writes why to `why` and returns -1 when unusable. */
+static int parse_settings(const hubagent_host_api *host, hubagent_str settings, long *interval_ms,
+                          long *step, hubagent_buf *why) {
+    uint64_t interval = 1000, legacy_ms = 0;
+    double step_value = 1, legacy = 0;
+    if (hubagent_setting_duration_ms(host, settings, "interval", 0, &interval, why) != HUBAGENT_OK ||
+        hubagent_setting_number(host, settings, "interval_ms", 0, &legacy, why) != HUBAGENT_OK ||
+        hubagent_setting_number(host, settings, "step", 1, &step_value, why) != HUBAGENT_OK) {
         return -1;
     }
-    if (*interval_ms < 10) {
-        hubagent_buf_set(why, "interval_ms must be at least 10");
+    legacy_ms = legacy > 0 ? (uint64_t)legacy : 0;
+    if (interval == 0) interval = legacy_ms ? legacy_ms : 1000;
+    if (interval < 10) {
+        hubagent_buf_set(why, "settings.interval: must be at least 10ms");
         return -1;
     }
-    if (*step == 0) {
+    if (step_value != (double)(long)step_value) {
+        hubagent_buf_set(why, "settings.step: must be a whole number");
+        return -1;
+    }
+    if ((long)step_value == 0) {
         hubagent_buf_set(why, "step must not be 0");
         return -1;
     }
+    *interval_ms = (long)interval;
+    *step = (long)step_value;
     return 0;
 }
 
@@ -76,6 +69,7 @@ static void *run(void *arg) {
     counter *c = arg;
     pthread_mutex_lock(&c->lock);
     while (!c->stopping) {
+        unsigned seen = c->changes;
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += c->interval_ms / 1000;
@@ -84,9 +78,12 @@ static void *run(void *arg) {
             until.tv_sec++;
             until.tv_nsec -= 1000000000L;
         }
-        while (!c->stopping && pthread_cond_timedwait(&c->wake, &c->lock, &until) != ETIMEDOUT) {
+        int elapsed = 0;
+        while (!c->stopping && c->changes == seen && !elapsed) {
+            elapsed = pthread_cond_timedwait(&c->wake, &c->lock, &until) == ETIMEDOUT;
         }
         if (c->stopping) break;
+        if (!elapsed) continue; /* new settings: wait the new interval from now */
         c->count += c->step;
         char body[128];
         int n = snprintf(body, sizeof body, "{\"count\": %ld, \"step\": %ld}", c->count, c->step);
@@ -120,7 +117,7 @@ static void *run(void *arg) {
 static int32_t counter_start(const hubagent_host_api *host, hubagent_str settings, void **instance,
                              hubagent_buf *error) {
     long interval_ms, step;
-    if (parse_settings(settings, &interval_ms, &step, error) != 0) return HUBAGENT_ERR_REJECTED;
+    if (parse_settings(host, settings, &interval_ms, &step, error) != 0) return HUBAGENT_ERR_REJECTED;
     counter *c = calloc(1, sizeof *c);
     if (!c) {
         hubagent_buf_set(error, "out of memory");
@@ -137,6 +134,10 @@ static int32_t counter_start(const hubagent_host_api *host, hubagent_str setting
         return HUBAGENT_ERR_FAILED;
     }
     host->log(host->ctx, HUBAGENT_LOG_INFO, hubagent_str_from("c-counter started"));
+    /* Its own reported property, beside what the agent reports of it. */
+    if (hubagent_report_properties(host, "{\"unit\": \"counts\"}", error) != HUBAGENT_OK) {
+        host->log(host->ctx, HUBAGENT_LOG_WARN, hubagent_str_from("reported properties refused"));
+    }
     *instance = c;
     return HUBAGENT_OK;
 }
@@ -144,10 +145,13 @@ static int32_t counter_start(const hubagent_host_api *host, hubagent_str setting
 static int32_t counter_apply(void *instance, hubagent_str settings, hubagent_buf *reason) {
     counter *c = instance;
     long interval_ms, step;
-    if (parse_settings(settings, &interval_ms, &step, reason) != 0) return HUBAGENT_ERR_REJECTED;
+    if (parse_settings(c->host, settings, &interval_ms, &step, reason) != 0) {
+        return HUBAGENT_ERR_REJECTED;
+    }
     pthread_mutex_lock(&c->lock);
     c->interval_ms = interval_ms;
     c->step = step;
+    c->changes++;
     pthread_cond_signal(&c->wake);
     pthread_mutex_unlock(&c->lock);
     return HUBAGENT_OK;

@@ -26,12 +26,15 @@ The method `<plugin name>.read` answers the last reading; `<plugin name>.set_roo
 room until the next settings change. A C2D message with the property to=sensor is logged; one
 seen before (the same messageId: a redelivery) is acknowledged again without acting twice.
 
-Settings: interval (seconds, default 5), room (a label, default "lab").
+Settings: interval (a duration in hubagent's one format, "500ms", "5s", "2m" or "1h"; default
+"5s"; a bare number of seconds, as older configurations of this example write it, is still read),
+room (a label, default "lab").
 """
 import base64
 import json
 import math
 import queue
+import re
 import sys
 import threading
 import time
@@ -54,10 +57,23 @@ def emit(obj):
     sys.stdout.flush()
 
 
+UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def seconds(duration):
+    """hubagent's duration format ("250ms", "5s", "2m", "1h") in seconds; None if it is not one."""
+    if isinstance(duration, bool):
+        return None
+    if isinstance(duration, (int, float)):  # older settings: a number of seconds
+        return float(duration)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(ms|s|min|m|h|)\s*", str(duration))
+    return float(match.group(1)) * UNITS[match.group(2)] if match else None
+
+
 def validate(settings):
-    interval = settings.get("interval", 5)
-    if not isinstance(interval, (int, float)) or interval < 0.05:
-        return None, "interval must be a number of seconds, at least 0.05"
+    interval = seconds(settings.get("interval", "5s"))
+    if interval is None or interval < 0.05:
+        return None, 'settings.interval: interval must be a duration such as "5s", at least "50ms"'
     room = settings.get("room", "lab")
     if not isinstance(room, str):
         return None, "room must be a string"

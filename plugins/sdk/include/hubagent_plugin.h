@@ -73,6 +73,25 @@
  *     than the plugin's `method_timeout` gets 504 and holds back the callbacks after it.
  *     The host reads these four fields only when `descriptor_size` covers them: a plugin built
  *     against ABI 1.0 keeps working and offers neither.
+ *
+ * 10. Settings, reported properties, creation time (ABI 1.2). The host API table appends
+ *     `setting_string`, `setting_number`, `setting_bool` and `setting_duration_ms`: one value of
+ *     a settings JSON (the text `start` and `apply_settings` receive) by key, parsed by the
+ *     host, so a C plugin needs no JSON library. A key may be a dotted path ("db.host"; twin
+ *     property names cannot contain '.'). They return HUBAGENT_OK, HUBAGENT_ERR_NOT_FOUND (no
+ *     such key, or null: keep your default) or HUBAGENT_ERR_INVALID_ARGUMENT with a reason that
+ *     names the key ("settings.interval: 'soon' is not a duration ...") - pass it on as the
+ *     rejection reason. Durations are written "500ms", "5s", "2m", "1h" (a bare number is read as
+ *     seconds, as older settings write it). Use the hubagent_setting_* helpers below: they check
+ *     `struct_size` and fill in the default. They may be called from any callback or thread.
+ *     `report_properties` sets the plugin's own reported properties
+ *     (`reported.plugins.<name>.properties`), a JSON object replacing the last one; it is refused
+ *     with the reason when IoT Hub would refuse it (property names with '.', '$', ' ' or control
+ *     characters or over 1 KB, strings over 4 KB, integers beyond +-2^52, null in arrays, nesting
+ *     below level 10 of `reported`) or it is over 4 KB as the hub counts. `hubagent_message`
+ *     appends `creation_time_ms` (milliseconds since the Unix epoch, UTC; 0 = when published),
+ *     sent as the message's creation time (IoT Hub's `iothub-creation-time-utc`). A 1.2 plugin
+ *     needs a 1.2 agent (rule 1); a 1.0 or 1.1 plugin keeps working unchanged.
  */
 #ifndef HUBAGENT_PLUGIN_H
 #define HUBAGENT_PLUGIN_H
@@ -86,7 +105,7 @@ extern "C" {
 
 #define HUBAGENT_PLUGIN_MAGIC 0x48415047u /* "HAPG" */
 #define HUBAGENT_PLUGIN_ABI_MAJOR 1
-#define HUBAGENT_PLUGIN_ABI_MINOR 1
+#define HUBAGENT_PLUGIN_ABI_MINOR 2
 #define HUBAGENT_PLUGIN_ENTRY_SYMBOL "hubagent_plugin_entry_v1"
 
 /* Result codes (int32_t). */
@@ -98,6 +117,7 @@ extern "C" {
 #define HUBAGENT_ERR_RATE_LIMITED 5     /* publish: over max_rate, message dropped and counted */
 #define HUBAGENT_ERR_STOPPING 6         /* publish: the plugin is being stopped */
 #define HUBAGENT_ERR_TOO_LARGE 7        /* publish: larger than the hub accepts */
+#define HUBAGENT_ERR_NOT_FOUND 8        /* settings accessors (1.2): no such key; keep the default */
 
 /* Log levels. */
 #define HUBAGENT_LOG_ERROR 1
@@ -136,7 +156,8 @@ typedef struct hubagent_property {
     hubagent_str value;
 } hubagent_property;
 
-/* One telemetry message. The host adds the message id and creation time. */
+/* One telemetry message. The host adds the message id, and the creation time unless the plugin
+ * set it (1.2). */
 typedef struct hubagent_message {
     uint32_t struct_size;          /* sizeof(hubagent_message) */
     uint32_t reserved;             /* 0 */
@@ -145,6 +166,8 @@ typedef struct hubagent_message {
     hubagent_str content_encoding; /* e.g. "utf-8"; absent: {NULL, 0} */
     const hubagent_property *properties;
     size_t property_count;
+    /* ABI 1.2: when the reading was taken, ms since the Unix epoch (UTC); 0 = when published. */
+    int64_t creation_time_ms;
 } hubagent_message;
 
 /* What the host offers the plugin. Every function takes `ctx` as its first argument. */
@@ -156,6 +179,17 @@ typedef struct hubagent_host_api {
     int32_t (*publish)(void *ctx, const hubagent_message *message);
     void (*log)(void *ctx, int32_t level, hubagent_str text);
     void (*report_health)(void *ctx, int32_t health, hubagent_str detail);
+
+    /* ABI 1.2 (rule 10): present when `struct_size` covers them; use the helpers below. */
+    int32_t (*setting_string)(void *ctx, hubagent_str settings_json, hubagent_str key,
+                              hubagent_buf *out, hubagent_buf *error);
+    int32_t (*setting_number)(void *ctx, hubagent_str settings_json, hubagent_str key,
+                              double *out, hubagent_buf *error);
+    int32_t (*setting_bool)(void *ctx, hubagent_str settings_json, hubagent_str key,
+                            int32_t *out, hubagent_buf *error);
+    int32_t (*setting_duration_ms)(void *ctx, hubagent_str settings_json, hubagent_str key,
+                                   uint64_t *out_ms, hubagent_buf *error);
+    int32_t (*report_properties)(void *ctx, hubagent_str properties_json, hubagent_buf *error);
 } hubagent_host_api;
 
 /* ABI 1.1: a cloud-to-device message, borrowed for the duration of `receive_c2d`. */
@@ -229,6 +263,88 @@ static inline void hubagent_buf_set(hubagent_buf *buf, const char *text) {
         n++;
     }
     buf->len = n;
+}
+
+/* ABI 1.2 helpers (rule 10). Each returns HUBAGENT_OK with the value in `*out` (the default when
+ * the settings do not have the key), or HUBAGENT_ERR_INVALID_ARGUMENT with the reason in `error`,
+ * which names the key: return HUBAGENT_ERR_REJECTED with it. */
+#define HUBAGENT_HOST_HAS(host, field)                                                          \
+    ((host) && (host)->struct_size >= offsetof(hubagent_host_api, field) + sizeof((host)->field) && \
+     (host)->field)
+
+static inline int32_t hubagent_setting_result_(int32_t rc, hubagent_buf *error) {
+    (void)error;
+    return rc == HUBAGENT_ERR_NOT_FOUND ? HUBAGENT_OK : rc;
+}
+
+static inline int32_t hubagent_setting_too_old_(hubagent_buf *error) {
+    hubagent_buf_set(error, "this agent has no settings accessors (ABI 1.2 needed)");
+    return HUBAGENT_ERR_INVALID_ARGUMENT;
+}
+
+/* A string into `out` (NUL-terminated, at most `cap - 1` bytes; longer is an error). */
+static inline int32_t hubagent_setting_string(const hubagent_host_api *host, hubagent_str settings,
+                                              const char *key, const char *fallback, char *out,
+                                              size_t cap, hubagent_buf *error) {
+    if (!HUBAGENT_HOST_HAS(host, setting_string)) return hubagent_setting_too_old_(error);
+    if (!out || cap == 0) return HUBAGENT_ERR_INVALID_ARGUMENT;
+    hubagent_buf value;
+    value.ptr = (uint8_t *)out;
+    value.cap = cap - 1;
+    value.len = 0;
+    int32_t rc = host->setting_string(host->ctx, settings, hubagent_str_from(key), &value, error);
+    if (rc == HUBAGENT_ERR_NOT_FOUND) {
+        size_t n = 0;
+        while (fallback && fallback[n] && n < cap - 1) {
+            out[n] = fallback[n];
+            n++;
+        }
+        out[n] = 0;
+        return HUBAGENT_OK;
+    }
+    out[rc == HUBAGENT_OK || rc == HUBAGENT_ERR_TOO_LARGE ? value.len : 0] = 0;
+    return rc;
+}
+
+static inline int32_t hubagent_setting_number(const hubagent_host_api *host, hubagent_str settings,
+                                              const char *key, double fallback, double *out,
+                                              hubagent_buf *error) {
+    if (!HUBAGENT_HOST_HAS(host, setting_number)) return hubagent_setting_too_old_(error);
+    *out = fallback;
+    return hubagent_setting_result_(
+        host->setting_number(host->ctx, settings, hubagent_str_from(key), out, error), error);
+}
+
+/* `*out` is 1 for true, 0 for false. */
+static inline int32_t hubagent_setting_bool(const hubagent_host_api *host, hubagent_str settings,
+                                            const char *key, int32_t fallback, int32_t *out,
+                                            hubagent_buf *error) {
+    if (!HUBAGENT_HOST_HAS(host, setting_bool)) return hubagent_setting_too_old_(error);
+    *out = fallback;
+    return hubagent_setting_result_(
+        host->setting_bool(host->ctx, settings, hubagent_str_from(key), out, error), error);
+}
+
+/* A duration ("500ms", "5s", "2m", "1h"; a bare number is seconds) in milliseconds. */
+static inline int32_t hubagent_setting_duration_ms(const hubagent_host_api *host,
+                                                   hubagent_str settings, const char *key,
+                                                   uint64_t fallback_ms, uint64_t *out_ms,
+                                                   hubagent_buf *error) {
+    if (!HUBAGENT_HOST_HAS(host, setting_duration_ms)) return hubagent_setting_too_old_(error);
+    *out_ms = fallback_ms;
+    return hubagent_setting_result_(
+        host->setting_duration_ms(host->ctx, settings, hubagent_str_from(key), out_ms, error),
+        error);
+}
+
+/* The plugin's own reported properties (a JSON object text); the reason in `error` if refused. */
+static inline int32_t hubagent_report_properties(const hubagent_host_api *host, const char *json,
+                                                 hubagent_buf *error) {
+    if (!HUBAGENT_HOST_HAS(host, report_properties)) {
+        hubagent_buf_set(error, "this agent takes no reported properties (ABI 1.2 needed)");
+        return HUBAGENT_ERR_INVALID_ARGUMENT;
+    }
+    return host->report_properties(host->ctx, hubagent_str_from(json), error);
 }
 
 #ifdef __cplusplus

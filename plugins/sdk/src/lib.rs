@@ -42,13 +42,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+pub mod settings;
+
 /// The C ABI, field for field as in `hubagent_plugin.h`.
 pub mod abi {
     use std::ffi::{c_char, c_void};
 
     pub const MAGIC: u32 = 0x4841_5047;
     pub const ABI_MAJOR: u16 = 1;
-    pub const ABI_MINOR: u16 = 1;
+    pub const ABI_MINOR: u16 = 2;
     pub const ENTRY_SYMBOL: &str = "hubagent_plugin_entry_v1";
 
     pub const OK: i32 = 0;
@@ -59,6 +61,8 @@ pub mod abi {
     pub const ERR_RATE_LIMITED: i32 = 5;
     pub const ERR_STOPPING: i32 = 6;
     pub const ERR_TOO_LARGE: i32 = 7;
+    /// ABI 1.2, settings accessors: no such key (the plugin keeps its default).
+    pub const ERR_NOT_FOUND: i32 = 8;
 
     pub const LOG_ERROR: i32 = 1;
     pub const LOG_WARN: i32 = 2;
@@ -150,11 +154,47 @@ pub mod abi {
         pub content_encoding: Str,
         pub properties: *const Property,
         pub property_count: usize,
+        /// ABI 1.2: when the reading was taken, milliseconds since the Unix epoch (UTC); 0 =
+        /// when published. Sent as the message's creation time (`iothub-creation-time-utc`).
+        pub creation_time_ms: i64,
     }
 
     pub type PublishFn = unsafe extern "C" fn(ctx: *mut c_void, message: *const Message) -> i32;
     pub type LogFn = unsafe extern "C" fn(ctx: *mut c_void, level: i32, text: Str);
     pub type HealthFn = unsafe extern "C" fn(ctx: *mut c_void, health: i32, detail: Str);
+    /// ABI 1.2: one settings value by key (`OK`, `ERR_NOT_FOUND`, or `ERR_INVALID_ARGUMENT`
+    /// with the reason in `error`).
+    pub type SettingStringFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out: *mut Buf,
+        error: *mut Buf,
+    ) -> i32;
+    pub type SettingNumberFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out: *mut f64,
+        error: *mut Buf,
+    ) -> i32;
+    pub type SettingBoolFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out: *mut i32,
+        error: *mut Buf,
+    ) -> i32;
+    pub type SettingDurationFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        settings_json: Str,
+        key: Str,
+        out_ms: *mut u64,
+        error: *mut Buf,
+    ) -> i32;
+    /// ABI 1.2: the plugin's own reported properties (a JSON object), replacing the last ones.
+    pub type ReportPropertiesFn =
+        unsafe extern "C" fn(ctx: *mut c_void, properties_json: Str, error: *mut Buf) -> i32;
 
     #[repr(C)]
     #[derive(Debug)]
@@ -166,6 +206,12 @@ pub mod abi {
         pub publish: Option<PublishFn>,
         pub log: Option<LogFn>,
         pub report_health: Option<HealthFn>,
+        // ABI 1.2 (present when `struct_size` covers them):
+        pub setting_string: Option<SettingStringFn>,
+        pub setting_number: Option<SettingNumberFn>,
+        pub setting_bool: Option<SettingBoolFn>,
+        pub setting_duration_ms: Option<SettingDurationFn>,
+        pub report_properties: Option<ReportPropertiesFn>,
     }
 
     pub type StartFn = unsafe extern "C" fn(
@@ -240,8 +286,11 @@ pub mod abi {
     /// The descriptor of ABI 1.1 (methods and C2D).
     pub const DESCRIPTOR_SIZE_V1_1: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
     pub const C2D_MESSAGE_SIZE_V1_1: u32 = std::mem::size_of::<C2dMessage>() as u32;
-    pub const HOST_API_SIZE_V1_0: u32 = std::mem::size_of::<HostApi>() as u32;
-    pub const MESSAGE_SIZE_V1_0: u32 = std::mem::size_of::<Message>() as u32;
+    pub const HOST_API_SIZE_V1_0: u32 = std::mem::offset_of!(HostApi, setting_string) as u32;
+    pub const MESSAGE_SIZE_V1_0: u32 = std::mem::offset_of!(Message, creation_time_ms) as u32;
+    /// ABI 1.2: the settings accessors and `report_properties`; a message's creation time.
+    pub const HOST_API_SIZE_V1_2: u32 = std::mem::size_of::<HostApi>() as u32;
+    pub const MESSAGE_SIZE_V1_2: u32 = std::mem::size_of::<Message>() as u32;
 
     /// A descriptor that may live in a `static` (its raw pointers point at static data).
     #[repr(transparent)]
@@ -375,6 +424,8 @@ pub struct Message {
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
     pub properties: Vec<(String, String)>,
+    /// When the reading was taken (`iothub-creation-time-utc`); `None`: when published.
+    pub creation_time: Option<std::time::SystemTime>,
 }
 
 impl Message {
@@ -385,6 +436,7 @@ impl Message {
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
             properties: Vec::new(),
+            creation_time: None,
         }
     }
 
@@ -394,6 +446,12 @@ impl Message {
             body: body.into(),
             ..Message::default()
         }
+    }
+
+    /// When the reading was taken, if not now (sent as `iothub-creation-time-utc`).
+    pub fn created_at(mut self, time: std::time::SystemTime) -> Message {
+        self.creation_time = Some(time);
+        self
     }
 
     /// Adds an application property.
@@ -449,6 +507,11 @@ impl Host {
             content_encoding: opt(&message.content_encoding),
             properties: properties.as_ptr(),
             property_count: properties.len(),
+            creation_time_ms: message
+                .creation_time
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
         };
         // SAFETY: every pointer in `raw` borrows from `message`/`properties`, alive for the call.
         let code = unsafe { publish(api.ctx, &raw) };
@@ -460,6 +523,31 @@ impl Host {
             abi::ERR_INVALID_ARGUMENT => Err(PublishError::Invalid),
             other => Err(PublishError::Other(other)),
         }
+    }
+
+    /// Sets the plugin's own reported properties (`reported.plugins.<name>.properties`): a JSON
+    /// object, replacing the last one. Refused, with the reason, when IoT Hub would refuse it
+    /// (property names with `.`, `$`, spaces or control characters, strings over 4 KB, nesting
+    /// too deep) or it is over 4 KB; or when the agent is older than ABI 1.2.
+    pub fn report_properties(&self, properties_json: &str) -> Result<(), String> {
+        let api = self.api();
+        let offered = api.struct_size >= abi::HOST_API_SIZE_V1_2;
+        let Some(report) = api.report_properties.filter(|_| offered) else {
+            return Err("this agent does not take reported properties (ABI 1.2 needed)".into());
+        };
+        let mut bytes = vec![0u8; 1024];
+        let mut error = abi::Buf {
+            ptr: bytes.as_mut_ptr(),
+            cap: bytes.len(),
+            len: 0,
+        };
+        // SAFETY: the text and the error buffer outlive the call.
+        let code = unsafe { report(api.ctx, abi::Str::borrow(properties_json), &mut error) };
+        if code == abi::OK {
+            return Ok(());
+        }
+        let len = error.len.min(bytes.len());
+        Err(String::from_utf8_lossy(&bytes[..len]).into_owned())
     }
 
     pub fn log(&self, level: Level, text: &str) {
@@ -530,28 +618,8 @@ impl StopSignal {
     }
 }
 
-/// Parses durations as the agent writes them: "250ms", "5s", "2m", "1h".
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("'{text}' is not a duration (write e.g. \"500ms\", \"5s\", \"1m\")")
-    })?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => return Err(format!("unknown unit '{other}' in '{text}' (ms, s, m, h)")),
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("'{text}' is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
+/// The duration format of settings: see [`settings::parse_duration`].
+pub use settings::parse_duration;
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
@@ -874,13 +942,74 @@ macro_rules! export_plugin {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    static CREATED_MS: AtomicI64 = AtomicI64::new(-1);
+
+    unsafe extern "C" fn record_publish(_ctx: *mut c_void, message: *const abi::Message) -> i32 {
+        // SAFETY: the SDK passes a valid message for the call.
+        CREATED_MS.store(unsafe { (*message).creation_time_ms }, Ordering::SeqCst);
+        abi::OK
+    }
+
+    unsafe extern "C" fn refuse_properties(
+        _ctx: *mut c_void,
+        _json: abi::Str,
+        error: *mut abi::Buf,
+    ) -> i32 {
+        __private_write(error, "a.b: property names cannot contain '.'");
+        abi::ERR_INVALID_ARGUMENT
+    }
+
+    fn __private_write(buf: *mut abi::Buf, text: &str) {
+        // SAFETY: the SDK's own buffer, valid for the call.
+        let buf = unsafe { &mut *buf };
+        let n = text.len().min(buf.cap);
+        // SAFETY: `n <= cap`.
+        unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf.ptr, n) };
+        buf.len = n;
+    }
+
+    fn table(struct_size: u32) -> abi::HostApi {
+        abi::HostApi {
+            struct_size,
+            abi_major: abi::ABI_MAJOR,
+            abi_minor: abi::ABI_MINOR,
+            ctx: std::ptr::null_mut(),
+            publish: Some(record_publish),
+            log: None,
+            report_health: None,
+            setting_string: None,
+            setting_number: None,
+            setting_bool: None,
+            setting_duration_ms: None,
+            report_properties: Some(refuse_properties),
+        }
+    }
+
     #[test]
-    fn durations_parse_in_agent_units() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
+    fn a_creation_time_and_reported_properties_cross_the_abi() {
+        let api = table(abi::HOST_API_SIZE_V1_2);
+        // SAFETY: `api` outlives `host`.
+        let host = unsafe { Host::from_raw(&api) };
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_767_323_045_678);
+        host.publish(&Message::json("{}").created_at(at)).unwrap();
+        assert_eq!(CREATED_MS.load(Ordering::SeqCst), 1_767_323_045_678);
+        host.publish(&Message::json("{}")).unwrap();
+        assert_eq!(CREATED_MS.load(Ordering::SeqCst), 0, "0 = when published");
+        assert_eq!(
+            host.report_properties(r#"{"a.b": 1}"#).unwrap_err(),
+            "a.b: property names cannot contain '.'"
+        );
+        // An agent older than ABI 1.2 has no such function, whatever the table holds beyond.
+        let old = table(abi::HOST_API_SIZE_V1_0);
+        // SAFETY: as above.
+        let host = unsafe { Host::from_raw(&old) };
+        assert!(
+            host.report_properties("{}")
+                .unwrap_err()
+                .contains("ABI 1.2")
+        );
     }
 
     #[test]

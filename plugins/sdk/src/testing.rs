@@ -43,6 +43,9 @@ pub struct Record {
     pub messages: Vec<Message>,
     pub logs: Vec<(Level, String)>,
     pub health: Vec<(Health, String)>,
+    /// `Host::report_properties` texts, in order (the fake host only checks that each is a
+    /// JSON object; the agent also holds them to IoT Hub's limits).
+    pub reported: Vec<String>,
     /// Host calls after `stop` returned (the ABI forbids them).
     pub after_stop: usize,
 }
@@ -87,6 +90,12 @@ impl FakeHost {
             publish: Some(publish),
             log: Some(log),
             report_health: Some(report_health),
+            // The settings accessors are for C plugins; a Rust plugin reads `settings::parse`.
+            setting_string: None,
+            setting_number: None,
+            setting_bool: None,
+            setting_duration_ms: None,
+            report_properties: Some(report_properties),
         }));
         FakeHost { shared, api }
     }
@@ -278,9 +287,46 @@ unsafe extern "C" fn publish(ctx: *mut c_void, message: *const abi::Message) -> 
             .iter()
             .map(|p| (text(p.key), text(p.value)))
             .collect(),
+        creation_time: (raw.struct_size >= abi::MESSAGE_SIZE_V1_2 && raw.creation_time_ms > 0)
+            .then(|| std::time::UNIX_EPOCH + Duration::from_millis(raw.creation_time_ms as u64)),
     };
     host.change(|r| r.messages.push(message));
     abi::OK
+}
+
+unsafe extern "C" fn report_properties(
+    ctx: *mut c_void,
+    properties: abi::Str,
+    error: *mut abi::Buf,
+) -> i32 {
+    if ctx.is_null() {
+        return abi::ERR_INVALID_ARGUMENT;
+    }
+    // SAFETY: the ctx of a leaked table.
+    let (host, phase) = unsafe { shared_of(ctx) };
+    if phase == STOPPED {
+        host.change(|r| r.after_stop += 1);
+        return abi::ERR_STOPPING;
+    }
+    let json = text(properties);
+    match serde_json::from_str::<serde_json::Value>(&json) {
+        Ok(serde_json::Value::Object(_)) => {
+            host.change(|r| r.reported.push(json));
+            abi::OK
+        }
+        _ => {
+            if !error.is_null() {
+                let why = "reported properties must be a JSON object";
+                // SAFETY: the SDK's buffer, valid for the call.
+                let buf = unsafe { &mut *error };
+                let n = why.len().min(buf.cap);
+                // SAFETY: `n <= cap`.
+                unsafe { std::ptr::copy_nonoverlapping(why.as_ptr(), buf.ptr, n) };
+                buf.len = n;
+            }
+            abi::ERR_INVALID_ARGUMENT
+        }
+    }
 }
 
 fn level(code: i32) -> Level {

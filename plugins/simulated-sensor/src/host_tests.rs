@@ -37,7 +37,7 @@ fn publishes_numbered_readings_and_follows_settings() {
         plugin
             .apply_settings(r#"{"every": "1s"}"#)
             .unwrap_err()
-            .contains("'every'")
+            .contains("unknown field `every`")
     );
     plugin.apply_settings(r#"{"interval": "60ms"}"#).unwrap();
     let count = host.messages().len();

@@ -1,55 +1,57 @@
 //! Simulated temperature, humidity and wind readings as a library plugin
 //! (`libhubagent_simulated_sensor.so`). Settings: `interval` (default "5s", at least "50ms").
 
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hubagent_plugin_sdk::{
-    Host, Level, Message, Plugin, StartError, StopSignal, export_plugin, parse_duration,
-};
-use serde_json::{Value, json};
+use hubagent_plugin_sdk::settings::{self, Control, SettingsError, Wake};
+use hubagent_plugin_sdk::{Host, Level, Message, Plugin, StartError, export_plugin};
+use serde::Deserialize;
+use serde_json::json;
 
-fn parse_settings(text: &str) -> Result<Duration, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("settings: {e}"))?;
-    let obj = value.as_object().ok_or("settings must be an object")?;
-    let mut interval = Duration::from_secs(5);
-    for (key, v) in obj {
-        match key.as_str() {
-            "interval" => {
-                let text = v
-                    .as_str()
-                    .ok_or("interval must be a string such as \"2s\"")?;
-                interval = parse_duration(text)?;
-                if interval < Duration::from_millis(50) {
-                    return Err(format!("interval '{text}' is below the 50ms minimum"));
-                }
-            }
-            other => return Err(format!("unknown setting '{other}' (known: interval)")),
-        }
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(with = "settings::duration", default = "five_seconds")]
+    interval: Duration,
+}
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn parse_settings(text: &str) -> Result<Settings, SettingsError> {
+    let s: Settings = settings::parse(text)?;
+    if s.interval < Duration::from_millis(50) {
+        return Err(SettingsError::new(format!(
+            "settings.interval: {} is below the 50ms minimum",
+            settings::format_duration(s.interval)
+        )));
     }
-    Ok(interval)
+    Ok(s)
 }
 
 struct Sensor {
-    interval: Arc<Mutex<Duration>>,
-    stop: StopSignal,
+    control: Control<Settings>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Plugin for Sensor {
     fn start(host: Host, settings: &str) -> Result<Self, StartError> {
-        let interval = Arc::new(Mutex::new(
-            parse_settings(settings).map_err(StartError::Rejected)?,
-        ));
-        let stop = StopSignal::new();
-        let (every, signal) = (interval.clone(), stop.clone());
+        let control = Control::new(parse_settings(settings)?);
+        let mut watch = control.watch();
         let worker = host.spawn("simulated-sensor", move || {
             let mut n: u64 = 0;
+            let mut s = watch.settings();
             loop {
-                let wait = *every.lock().unwrap_or_else(|e| e.into_inner());
-                if signal.wait(wait) {
-                    return;
+                match watch.wait(s.interval) {
+                    Wake::Stopped => return,
+                    // A new interval counts from now, not from the end of the old one.
+                    Wake::Settings(new) => {
+                        s = new;
+                        continue;
+                    }
+                    Wake::Elapsed => {}
                 }
                 n += 1;
                 let t = n as f64 / 10.0;
@@ -68,20 +70,18 @@ impl Plugin for Sensor {
             }
         });
         Ok(Sensor {
-            interval,
-            stop,
+            control,
             worker: Some(worker),
         })
     }
 
     fn apply_settings(&mut self, settings: &str) -> Result<(), String> {
-        let interval = parse_settings(settings)?;
-        *self.interval.lock().unwrap_or_else(|e| e.into_inner()) = interval;
+        self.control.update(parse_settings(settings)?);
         Ok(())
     }
 
     fn stop(mut self) {
-        self.stop.stop();
+        self.control.stop();
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }

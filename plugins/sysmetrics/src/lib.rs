@@ -4,55 +4,42 @@
 //! Settings: `interval` (default "60s", at least "1s"), `disks` (mount points, default ["/"]),
 //! `interfaces` (default: every interface but `lo`).
 
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hubagent_plugin_sdk::{
-    Host, Level, Message, Plugin, StartError, StopSignal, export_plugin, parse_duration,
-};
+use hubagent_plugin_sdk::settings::{self, Control, SettingsError, Wake};
+use hubagent_plugin_sdk::{Host, Level, Message, Plugin, StartError, export_plugin};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-#[derive(Debug, Clone, PartialEq)]
+/// The settings, read by the SDK's typed settings (`settings::parse`): a wrong key or type is
+/// refused with its path (`settings.interval: …`) as the reason.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
+    #[serde(with = "settings::duration", default = "a_minute")]
     pub interval: Duration,
+    #[serde(default = "root_only")]
     pub disks: Vec<String>,
+    #[serde(default)]
     pub interfaces: Option<Vec<String>>,
 }
 
-fn strings(v: &Value, key: &str) -> Result<Vec<String>, String> {
-    v.as_array()
-        .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect())
-        .ok_or_else(|| format!("{key} must be an array of strings"))
+fn a_minute() -> Duration {
+    Duration::from_secs(60)
 }
 
-pub fn parse_settings(text: &str) -> Result<Settings, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("settings: {e}"))?;
-    let obj = value.as_object().ok_or("settings must be an object")?;
-    let mut s = Settings {
-        interval: Duration::from_secs(60),
-        disks: vec!["/".into()],
-        interfaces: None,
-    };
-    for (key, v) in obj {
-        match key.as_str() {
-            "interval" => {
-                let text = v
-                    .as_str()
-                    .ok_or("interval must be a string such as \"30s\"")?;
-                s.interval = parse_duration(text)?;
-                if s.interval < Duration::from_secs(1) {
-                    return Err(format!("interval '{text}' is below the 1s minimum"));
-                }
-            }
-            "disks" => s.disks = strings(v, "disks")?,
-            "interfaces" => s.interfaces = Some(strings(v, "interfaces")?),
-            other => {
-                return Err(format!(
-                    "unknown setting '{other}' (known: interval, disks, interfaces)"
-                ));
-            }
-        }
+fn root_only() -> Vec<String> {
+    vec!["/".into()]
+}
+
+pub fn parse_settings(text: &str) -> Result<Settings, SettingsError> {
+    let s: Settings = settings::parse(text)?;
+    if s.interval < Duration::from_secs(1) {
+        return Err(SettingsError::new(format!(
+            "settings.interval: {} is below the 1s minimum",
+            settings::format_duration(s.interval)
+        )));
     }
     Ok(s)
 }
@@ -178,27 +165,28 @@ pub fn sample(settings: &Settings, previous_cpu: &mut Option<(u64, u64)>) -> Val
 }
 
 struct SysMetrics {
-    settings: Arc<Mutex<Settings>>,
-    stop: StopSignal,
+    control: Control<Settings>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Plugin for SysMetrics {
     fn start(host: Host, settings: &str) -> Result<Self, StartError> {
-        let settings = Arc::new(Mutex::new(
-            parse_settings(settings).map_err(StartError::Rejected)?,
-        ));
-        let stop = StopSignal::new();
-        let (current, signal) = (settings.clone(), stop.clone());
+        let control = Control::new(parse_settings(settings)?);
+        let mut watch = control.watch();
         let worker = host.spawn("sysmetrics", move || {
             let mut cpu = None;
+            let mut s = watch.settings();
             // A first sample right away primes the CPU counters.
-            let first = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let _ = sample(&first, &mut cpu);
+            let _ = sample(&s, &mut cpu);
             loop {
-                let s = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if signal.wait(s.interval) {
-                    return;
+                match watch.wait(s.interval) {
+                    Wake::Stopped => return,
+                    // A new interval counts from now, not from the end of the old one.
+                    Wake::Settings(new) => {
+                        s = new;
+                        continue;
+                    }
+                    Wake::Elapsed => {}
                 }
                 let body = sample(&s, &mut cpu);
                 match host.publish(&Message::json(body.to_string()).property("kind", "sysmetrics"))
@@ -210,20 +198,18 @@ impl Plugin for SysMetrics {
             }
         });
         Ok(SysMetrics {
-            settings,
-            stop,
+            control,
             worker: Some(worker),
         })
     }
 
     fn apply_settings(&mut self, settings: &str) -> Result<(), String> {
-        let s = parse_settings(settings)?;
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.control.update(parse_settings(settings)?);
         Ok(())
     }
 
     fn stop(mut self) {
-        self.stop.stop();
+        self.control.stop();
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
@@ -263,15 +249,17 @@ mod tests {
             parse_settings("{}").unwrap().interval,
             Duration::from_secs(60)
         );
-        assert!(
+        assert_eq!(
             parse_settings(r#"{"interval": "10ms"}"#)
                 .unwrap_err()
-                .contains("minimum")
+                .to_string(),
+            "settings.interval: 10ms is below the 1s minimum"
         );
         assert!(
             parse_settings(r#"{"color": 1}"#)
                 .unwrap_err()
-                .contains("color")
+                .to_string()
+                .contains("unknown field `color`")
         );
         let s = parse_settings(r#"{"disks": ["/", "/var"], "interval": "5s"}"#).unwrap();
         assert_eq!(s.disks, vec!["/", "/var"]);

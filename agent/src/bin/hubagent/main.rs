@@ -362,6 +362,24 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             if answer["last_error"].is_string() {
                 println!("  last error:      {}", field("last_error"));
             }
+            // What needs a look, per plugin (`hubagent plugins list` has the rest).
+            if let Some(plugins) = answer["plugins"].as_object() {
+                for (name, p) in plugins {
+                    let status = p["status"].as_str().unwrap_or("?");
+                    for (key, what) in [
+                        ("error", "error"),
+                        ("rejectedSettings", "settings rejected"),
+                        ("warning", "warning"),
+                    ] {
+                        if let Some(text) = p[key].as_str() {
+                            println!("  plugin {name}: {status}; {what}: {text}");
+                        }
+                    }
+                    if let Some(n) = p["junkLines"].as_u64().filter(|n| *n > 0) {
+                        println!("  plugin {name}: {status}; {n} lines that were not messages");
+                    }
+                }
+            }
         }
         Request::PluginsList => {
             let Some(plugins) = answer.as_object() else {
@@ -406,6 +424,21 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
                 println!("{:<20} sandbox: {}", "", describe_sandbox(&p["sandbox"]));
                 if let Some(e) = p["error"].as_str() {
                     println!("{:<20} error: {e}", "");
+                }
+                if let Some(r) = p["rejectedSettings"].as_str() {
+                    println!(
+                        "{:<20} settings rejected (runs on its last accepted ones): {r}",
+                        ""
+                    );
+                }
+                if let Some(w) = p["warning"].as_str() {
+                    println!("{:<20} warning: {w}", "");
+                }
+                if let Some(n) = p["junkLines"].as_u64().filter(|n| *n > 0) {
+                    println!(
+                        "{:<20} {n} lines that were not messages (logged as warnings)",
+                        ""
+                    );
                 }
             }
         }
@@ -460,7 +493,8 @@ fn describe_sandbox(sandbox: &serde_json::Value) -> String {
         line.push_str(&format!("; private dir {dir}"));
     }
     if let Some(missing) = sandbox["notEnforced"].as_array().filter(|m| !m.is_empty()) {
-        line.push_str(&format!("; NOT ENFORCED here: {missing:?}"));
+        let missing: Vec<&str> = missing.iter().filter_map(|m| m.as_str()).collect();
+        line.push_str(&format!("; NOT ENFORCED here: {}", missing.join(", ")));
     }
     line
 }
