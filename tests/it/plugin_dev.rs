@@ -297,6 +297,43 @@ fn config_check_names_each_plugin_that_cannot_start() {
         .status()
         .unwrap();
     assert!(built.success());
+    // Plugins that export the entry point but whose descriptor the agent must refuse: one built
+    // for another ABI major, one that leaves out a callback.
+    let descriptor_library = |name: &str, abi_major: &str, stop: &str| {
+        let source = root.join(format!("{name}.c"));
+        std::fs::write(
+            &source,
+            format!(
+                "#include <hubagent_plugin.h>\n\
+                 static int32_t start(const hubagent_host_api *h, hubagent_str s, void **i, hubagent_buf *e) \
+                 {{ (void)h; (void)s; (void)e; *i = 0; return HUBAGENT_OK; }}\n\
+                 static int32_t apply(void *i, hubagent_str s, hubagent_buf *r) {{ (void)i; (void)s; (void)r; return HUBAGENT_OK; }}\n\
+                 static int32_t stop(void *i) {{ (void)i; return HUBAGENT_OK; }}\n\
+                 static const hubagent_plugin_descriptor d = {{ HUBAGENT_PLUGIN_MAGIC, {abi_major}, 0, \
+                 sizeof(hubagent_plugin_descriptor), sizeof(hubagent_host_api), sizeof(hubagent_message), 0, \
+                 \"{name}\", \"1\", start, apply, {stop}, 0, 0, 0, 0 }};\n\
+                 const hubagent_plugin_descriptor *hubagent_plugin_entry_v1(void) {{ (void)stop; return &d; }}\n"
+            ),
+        )
+        .unwrap();
+        let library = root.join(format!("plugins/lib{name}.so"));
+        let built = std::process::Command::new("gcc")
+            .args(["-shared", "-fPIC", "-Wall", "-Werror", "-I"])
+            .arg(repo_root().join("plugins/sdk/include"))
+            .arg("-o")
+            .arg(&library)
+            .arg(&source)
+            .status()
+            .unwrap();
+        assert!(built.success(), "{name}.c does not build");
+        library
+    };
+    let future_abi = descriptor_library("future", "2", "stop");
+    let no_stop = descriptor_library("nostop", "HUBAGENT_PLUGIN_ABI_MAJOR", "0");
+    // Someone else's file: loaded only from root-owned paths (the tests run as root, as CI does).
+    let foreign = root.join("plugins/foreign.so");
+    std::fs::copy(&good, &foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
     let writable = root.join("plugins/writable.so");
     std::fs::copy(&good, &writable).unwrap();
     set_mode(&writable, 0o664);
@@ -326,6 +363,18 @@ fn config_check_names_each_plugin_that_cannot_start() {
         (
             library("stranger", &not_a_plugin),
             "exports no hubagent_plugin_entry_v1: not a hubagent plugin",
+        ),
+        (
+            library("future", &future_abi),
+            "plugin ABI 2.0 is not supported by this agent",
+        ),
+        (
+            library("nostop", &no_stop),
+            "descriptor lacks start, apply_settings or stop",
+        ),
+        (
+            library("foreign", &foreign),
+            "is owned by uid 65534, not root",
         ),
         (
             exec("typo", "sensro-reader"),
