@@ -357,7 +357,7 @@ pub async fn run(trial: Trial, agent: &Path, input: mpsc::UnboundedReceiver<Stri
     let spec = trial.spec.clone();
     // The checks `config check` makes, with the same messages; then the real start.
     match super::preflight::check(&spec, true, agent) {
-        Ok(found) => say(&format!("plugin {}: {found}", spec.name)),
+        Ok(found) => say(&format!("plugin {}: {}", spec.name, found.line())),
         Err(problem) => return Ending::Failed(format!("cannot start: {problem}")),
     }
     let (policy, sandbox_line) = trial.policy();

@@ -264,12 +264,19 @@ fn plugin_secret_files(config: &Config, checks: &mut Vec<Check>) {
 /// plugins.load: every plugin could start as configured (its files pass the rules, a library
 /// loads in a throwaway process and exports a supported ABI, an exec program is executable).
 fn plugins_load(config: &Config, checks: &mut Vec<Check>) {
+    use hubagent::plugins::preflight::Found;
     let agent = std::env::current_exe().unwrap_or_else(|_| "hubagent".into());
     for spec in &config.plugins {
         let allow_unsafe = config.agent.allow_unsafe_plugin_paths;
         checks.push(
             match hubagent::plugins::preflight::check(spec, allow_unsafe, &agent) {
-                Ok(found) => pass("plugins.load", format!("plugin {}: {found}", spec.name)),
+                Ok(Found::Verified(what)) => {
+                    pass("plugins.load", format!("plugin {}: {what}", spec.name))
+                }
+                Ok(Found::Untried(why)) => warn(
+                    "plugins.load",
+                    format!("plugin {}: not tried: {why}", spec.name),
+                ),
                 Err(problem) => fail("plugins.load", format!("plugin {}: {problem}", spec.name)),
             },
         );

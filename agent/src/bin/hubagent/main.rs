@@ -239,7 +239,7 @@ fn config_check(path: &Path) -> i32 {
             for spec in &config.plugins {
                 let allow_unsafe = config.agent.allow_unsafe_plugin_paths;
                 match hubagent::plugins::preflight::check(spec, allow_unsafe, &agent) {
-                    Ok(found) => println!("plugin {}: OK ({found})", spec.name),
+                    Ok(found) => println!("plugin {}: {}", spec.name, found.line()),
                     Err(problem) => {
                         broken += 1;
                         println!("plugin {}: CANNOT START: {problem}", spec.name);
