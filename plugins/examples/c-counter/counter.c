@@ -10,6 +10,10 @@
  *
  *     gcc -shared -fPIC -O2 -Wall -Wextra -pthread -I ../../sdk/include counter.c -o libc_counter.so
  *
+ * or, with the hubagent-dev package installed:
+ *
+ *     cc $(pkg-config --cflags hubagent-plugin) -shared -fPIC -O2 -Wall -pthread counter.c -o libc_counter.so
+ *
  * The settings parser below is deliberately tiny (it looks for two numeric keys); a real plugin
  * would use a JSON library.
  */
