@@ -70,7 +70,8 @@ lint=$(for page in /usr/share/man/man1/hubagent*.1.gz /usr/share/man/man5/hubage
 # bash's completion as bash-completion loads it (on demand, from its directory): what it offers
 # for "hubagent pl" (plugins, not the internal plugin-host) and for "hubagent plugins r".
 complete_words() { # words...: prints the completions of the last one
-    bash -c '. /usr/share/bash-completion/bash_completion && __load_completion hubagent || exit 1
+    # (_comp_load: bash-completion >= 2.12, Debian 13; __load_completion before it.)
+    bash -c '. /usr/share/bash-completion/bash_completion && { _comp_load hubagent 2>/dev/null || __load_completion hubagent; } || exit 1
 COMP_WORDS=("$@") COMP_CWORD=$(($# - 1)) COMP_LINE="$*" COMP_POINT=${#COMP_LINE}
 "$(complete -p hubagent | sed "s/.*-F \([^ ]*\) .*/\1/")" hubagent "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"
 printf "%s\n" "${COMPREPLY[@]}"' complete "$@" 2>&1 | sort | tr '\n' ' ' | sed 's/ $//'
