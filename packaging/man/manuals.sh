@@ -6,7 +6,8 @@
 #   man1/*.1.gz    hubagent(1) and one page per subcommand, by `HUBAGENT manuals` (clap_mangen,
 #                  from the definition that makes --help)
 #   man5/hubagent.toml.5.gz   docs/configuration.md, by pandoc: its tables become tagged
-#                  paragraphs (tables-as-lists.lua), links the documents' names
+#                  paragraphs (tables-as-lists.lua), links the documents' names, and only fonts a
+#                  terminal has are asked for (terminal-fonts.awk)
 #   completions/bash/hubagent, zsh/_hubagent, fish/hubagent.fish   by `HUBAGENT manuals` (clap_complete)
 # Pages are compressed with gzip -9n, as Debian policy and lintian want (no name or time stamp
 # inside: the same sources make the same bytes).
@@ -29,5 +30,5 @@ version="$("$bin" --version | awk '{print $2}')"
 } | pandoc --from gfm --to man --standalone --shift-heading-level-by=-1 \
     --lua-filter packaging/man/tables-as-lists.lua -V adjusting=l \
     -M title=hubagent.toml -M section=5 -M header="hubagent manual" -M footer="hubagent $version" \
-    -o "$out/man5/hubagent.toml.5"
+    | awk -f packaging/man/terminal-fonts.awk >"$out/man5/hubagent.toml.5"
 gzip -9n "$out"/man1/*.1 "$out"/man5/*.5

@@ -58,14 +58,14 @@ systemd-analyze verify hubagent.service hubagent-reprovision.service >/root/e2e-
     && [ ! -s /root/e2e-verify.txt ] && rec "verify clean" || rec "verify not clean: $(tr '\n' ' ' </root/e2e-verify.txt)"
 rec "dropins $(systemctl show -p DropInPaths --value hubagent)"
 # The manual pages as man shows them, and what the groff behind it says about them (lintian checks
-# the same on the host; here with this release's man-db and groff).
+# the same, at the same width; here with this release's man-db and groff).
 man hubagent 2>/root/e2e-man.txt | grep -q 'EXIT STATUS' && man hubagent | grep -q 'hubagent-plugins(1)' \
     && rec "man-hubagent ok" || rec "man-hubagent failed: $(tr '\n' ' ' </root/e2e-man.txt)"
 man hubagent-status 2>>/root/e2e-man.txt | grep -q -- '--json' && rec "man-subcommand ok" || rec "man-subcommand failed"
 man 5 hubagent.toml 2>>/root/e2e-man.txt | grep -q 'metrics_interval' && man hubagent.toml | grep -q '^NAME' \
     && rec "man-config ok" || rec "man-config failed: $(tr '\n' ' ' </root/e2e-man.txt)"
 lint=$(for page in /usr/share/man/man1/hubagent*.1.gz /usr/share/man/man5/hubagent.toml.5.gz; do
-    LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l -Tutf8 -Z "$page" 2>&1 >/dev/null; done)
+    LC_ALL=C.UTF-8 MANWIDTH=120 man --warnings -E UTF-8 -l -Tutf8 -Z "$page" 2>&1 >/dev/null; done)
 [ -z "$lint" ] && rec "man-lint clean" || rec "man-lint $(tr '\n' ' ' <<<"$lint")"
 # bash's completion as bash-completion loads it (on demand, from its directory): what it offers
 # for "hubagent pl" (plugins, not the internal plugin-host) and for "hubagent plugins r".
