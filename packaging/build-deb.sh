@@ -37,6 +37,16 @@ if [ "${1:-}" = "--releases" ]; then
 fi
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+
+# The man pages and shell completions (packaging/man/manuals.sh) are the same for every
+# architecture and are made by running hubagent: with the host's build of it (the amd64
+# package's binary), into OUT, where agent/Cargo.toml's assets take them from (the release
+# directory of the target being packaged, which cargo deb calls target/release).
+manuals() { # OUT
+    cargo build --release --locked -p hubagent --no-default-features --features tpm >&2
+    bash packaging/man/manuals.sh "$target_dir/release/hubagent" "$1" >&2
+}
 
 if [ "$arch" = amd64 ]; then
     echo "build-deb: one package for Debian 12 and 13 ($releases), amd64" >&2
@@ -45,16 +55,19 @@ if [ "$arch" = amd64 ]; then
     # files. The features match [package.metadata.deb] in agent/Cargo.toml.
     cargo build --release --locked -p hubagent --no-default-features --features tpm >&2
     cargo build --release --locked -p hubagent-sysmetrics -p hubagent-simulated-sensor >&2
+    manuals "$target_dir/release/manuals"
     cargo deb -p hubagent --locked --no-build "$@" >&2
     deb="$(ls -t target/debian/hubagent_*_amd64.deb | head -1)"
     # The Depends are written out in agent/Cargo.toml: check them against what this machine's
     # dpkg-shlibdeps computes for the binary and plugins just built.
     bash packaging/check-depends.sh "$deb" >&2
+    # hubagent-dev (Architecture: all), beside it, with the same version.
+    dev="$(bash packaging/build-dev-deb.sh "$(dpkg-deb -f "$deb" Version)" "$(dirname "$deb")")"
+    echo "build-deb: and the development package $dev" >&2
     echo "$deb"
     exit 0
 fi
 
-target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 if [ ! -d "$(rustc --print sysroot)/lib/rustlib/$triple/lib" ]; then
     # No standard library for the target here: build in the Debian root, which has it. The
     # checkout is bound at the same path; cargo's home (registry and the cargo-deb binary) is
@@ -69,6 +82,7 @@ if [ ! -d "$(rustc --print sysroot)/lib/rustlib/$triple/lib" ]; then
     cross_target="$root-target"
     mkdir -p "$cross_target" "$target_dir/debian"
     cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+    manuals "$cross_target/$triple/release/manuals"
     echo "build-deb: no Rust standard library for $triple here: building in $root" >&2
     # (PATH: the root's cargo and rustc first; cargo-deb from the shared cargo home, whose rustup
     # proxies must not shadow them.)
@@ -89,6 +103,8 @@ echo "build-deb: $arch package for Debian $releases, cross-built for $triple wit
 upper="$(tr 'a-z-' 'A-Z_' <<<"$triple")"
 export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc" "CC_${triple//-/_}=$gnu-gcc"
 export PKG_CONFIG_ALLOW_CROSS=1 PKG_CONFIG_LIBDIR="/usr/lib/$gnu/pkgconfig:/usr/share/pkgconfig"
+# (In the cross root, the pages were made on the host before entering it.)
+[ -n "${HUBAGENT_IN_CROSS_ROOT:-}" ] || manuals "${CARGO_TARGET_DIR:-target}/$triple/release/manuals"
 cargo build --release --locked --target "$triple" -p hubagent --no-default-features --features tpm >&2
 cargo build --release --locked --target "$triple" -p hubagent-sysmetrics -p hubagent-simulated-sensor >&2
 cargo deb -p hubagent --locked --no-build --target "$triple" --variant cross "$@" >&2

@@ -22,6 +22,12 @@ cargo build --workspace --all-targets --locked "${tpm_features[@]}"
 echo "== rust tests (cargo nextest, with the TPM tests against swtpm)"
 cargo nextest run --workspace --locked --profile ci "${tpm_features[@]}" || failed+=("rust tests")
 
+# The Rust plugin SDK's documentation examples (rustdoc): nextest does not run doctests. Their
+# results (cargo test's "test result" line) count in the totals below.
+echo "== plugin SDK documentation examples (cargo test --doc)"
+cargo test --doc --locked -p hubagent-plugin-sdk 2>&1 | tee target/doctest.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("plugin SDK doctests")
+
 # The Python SDK can only dial ports 8883 and 443, so these run after the Rust tests, one hubsim at a time.
 echo "== interop: Azure's Python device and service SDKs against hubsim (and the agent)"
 HUBSIM_BIN="$PWD/target/debug/hubsim" HUBAGENT_BIN="$PWD/target/debug/hubagent" target/interop-venv/bin/python -m pytest -q -p no:cacheprovider \
@@ -56,9 +62,9 @@ bash fuzz/run.sh || failed+=("fuzzing")
 # Totals from both runners' JUnit reports (only reports written by this run count), so the run
 # closes with one plain "N passed, N failed" line. nextest's report is the last nextest run's (the
 # whole workspace with the TPM back end); the system tests and fuzzing count as one test each.
-totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml \
+totals=$(python3 - "$(( $(date +%s) - SECONDS ))" target/nextest/ci/junit.xml target/interop-junit.xml target/doctest.log \
     -- "${failed[@]}" -- "${skipped[@]}" <<'PY'
-import os, sys, xml.etree.ElementTree as ET
+import os, re, sys, xml.etree.ElementTree as ET
 args = sys.argv[1:]
 first, second = args.index("--"), len(args) - 1 - args[::-1].index("--")
 started, reports = int(args[0]), args[1:first]
@@ -69,6 +75,12 @@ skipped = sum(part in skipped_parts for part in whole_parts)
 passed = len(whole_parts) - failed - skipped
 for path in reports:
     if not os.path.exists(path) or os.path.getmtime(path) < started:
+        continue
+    if path.endswith(".log"):  # cargo test's summary: "test result: ok. 5 passed; 0 failed; 1 ignored; ..."
+        for line in open(path):
+            m = re.search(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", line)
+            if m:
+                passed, failed, skipped = passed + int(m[1]), failed + int(m[2]), skipped + int(m[3])
         continue
     for case in ET.parse(path).iter("testcase"):
         tags = {child.tag for child in case}

@@ -37,6 +37,30 @@ async fn boots_publishes_and_restarts_from_the_cache() {
     assert_eq!(status["connection"], "connected");
     assert_eq!(status["hub"], hubsim::DEFAULT_HUB);
     assert!(status["published"].as_u64().unwrap() >= 1);
+    // The same for a person: sections with fixed labels, the plugins with their state and counts.
+    let human = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).to_string();
+    for expected in [
+        "  provisioning:    provisioned".to_string(),
+        format!("  hub:             {}", hubsim::DEFAULT_HUB),
+        "  connection:      connected".to_string(),
+        "  dropped:         0 (queue full 0, expired 0, damaged 0)".to_string(),
+        "  plugins:         1 running".to_string(),
+    ] {
+        assert!(
+            human.contains(&expected),
+            "{expected:?} missing from:\n{human}"
+        );
+    }
+    let sensor = human
+        .lines()
+        .find(|l| l.trim_start().starts_with("sensor "))
+        .unwrap_or_else(|| panic!("no line for the sensor plugin:\n{human}"));
+    assert!(
+        sensor.contains("builtin")
+            && sensor.contains("running")
+            && sensor.contains(" published, 0 dropped, 0 restarts"),
+        "{sensor}"
+    );
     // The agent reported itself in the twin.
     assert!(
         sim.wait_until(WAIT, |s| s.read(|st| st.devices

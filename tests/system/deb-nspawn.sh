@@ -40,9 +40,12 @@ deb="$(bash packaging/build-deb.sh | tail -1)"
 # The same build with a higher version: what an upgrade installs. (cargo deb clears
 # target/debian, so the first package is kept aside.)
 mkdir -p "$work/pkg"
+built_dir="$(dirname "$deb")"
 cp "$deb" "$work/pkg/hubagent.deb"
 deb="$work/pkg/hubagent.deb"
 version="$(dpkg-deb -f "$deb" Version)"
+# The development package build-deb.sh made beside it (Architecture: all).
+cp "$built_dir/hubagent-dev_${version}_all.deb" "$work/pkg/hubagent-dev.deb"
 deb2="$(bash packaging/build-deb.sh --deb-version "$version+upgrade1" | tail -1)"
 [ "$(dpkg-deb -f "$deb2" Version)" = "$version+upgrade1" ] || { echo "no upgrade .deb built"; exit 1; }
 cp "$deb2" "$work/pkg/hubagent-upgrade.deb"
@@ -67,7 +70,9 @@ cached_root() { # kind (test|tools) release: prints the root's path, making it f
         # needs no network and can take nothing else (scenario.sh forbids downloads).
         # shellcheck disable=SC2054 # the commas are mmdebstrap's
         # (GzipIndexes: the package lists stay compressed, half the size of the root.)
-        args=(--include=systemd-sysv,dbus,ca-certificates
+        # man-db and bash-completion: the package's man pages and completion are read there;
+        # gcc, libc6-dev and pkg-config: the dev package's C example is built there with them.
+        args=(--include=systemd-sysv,dbus,ca-certificates,man-db,bash-completion,gcc,libc6-dev,pkg-config
             --skip=cleanup/apt/lists --skip=cleanup/apt/cache --aptopt='Acquire::GzipIndexes "true"'
             --customize-hook="chroot \"\$1\" sh -c 'apt-get clean && apt-get install -y -q --download-only $libs'"
             "$release")
@@ -171,7 +176,7 @@ run_release() { # release: everything for one release; returns non-zero when a c
     # are overrides with their reason (packaging/debian/hubagent.lintian-overrides).
     log "$release: lintian"
     local lint lint_rc=0
-    lint="$(with_tools "$release" lintian --fail-on error,warning hubagent.deb hubagent-upgrade.deb 2>&1)" || lint_rc=$?
+    lint="$(with_tools "$release" lintian --fail-on error,warning hubagent.deb hubagent-upgrade.deb hubagent-dev.deb 2>&1)" || lint_rc=$?
     grep -v 'running with root privileges' <<<"$lint" || true
     [ "$lint_rc" -eq 0 ] || { echo "$release: lintian: the package has errors or warnings (above), exit $lint_rc"; fail=1; }
     log "$release: $(with_tools "$release" lintian --version)"
@@ -215,6 +220,7 @@ print(*[x.getsockname()[1] for x in s])')
     # What the operator does, inside the container, as a oneshot unit that records each result.
     cp "$deb" "$root/root/hubagent.deb"
     cp "$deb2" "$root/root/hubagent-upgrade.deb"
+    cp "$work/pkg/hubagent-dev.deb" "$root/root/hubagent-dev.deb"
     cp "$sim/ca.pem" "$root/root/hubsim-ca.pem"
     printf '%s\n' "$key1" >"$root/root/key1"
     printf '%s\n' "$key2" >"$root/root/key2"
@@ -261,6 +267,17 @@ EOF
     expect "^enabled enabled"
     expect "^active-before-config inactive"
     expect "^verify clean"
+    # The operator's and the plugin author's toolbox: man pages, completions, the dev package.
+    expect "^man-hubagent ok"
+    expect "^man-subcommand ok"
+    expect "^man-config ok"
+    expect "^man-lint clean"
+    expect "^bash-completion \\[plugins\\] \\[restart\\]$"
+    expect "^completions /usr/share/bash-completion/completions/hubagent /usr/share/fish/vendor_completions.d/hubagent.fish /usr/share/zsh/vendor-completions/_hubagent$"
+    expect "^dev-install ok"
+    expect "^dev-pkg-config 1.1 -I/usr/include/hubagent"
+    expect "^dev-cc ok"
+    expect "^dev-probe {\"abi\":\"1.1\",\"name\":\"c-counter\",\"ok\":true"
     expect "^config-check ok"
     expect "^sandbox-probe key=EACCES state=EACCES config=EACCES control=EACCES"
     grep -qxF "tpm-ek $host_ek" "$out" || { echo "$release: MISSING: the swtpm's keys as the host reads them ($host_ek)"; fail=1; }

@@ -57,6 +57,39 @@ rec "active-before-config $(systemctl is-active hubagent)"
 systemd-analyze verify hubagent.service hubagent-reprovision.service >/root/e2e-verify.txt 2>&1 \
     && [ ! -s /root/e2e-verify.txt ] && rec "verify clean" || rec "verify not clean: $(tr '\n' ' ' </root/e2e-verify.txt)"
 rec "dropins $(systemctl show -p DropInPaths --value hubagent)"
+# The manual pages as man shows them, and what the groff behind it says about them (lintian checks
+# the same, at the same width; here with this release's man-db and groff).
+man hubagent 2>/root/e2e-man.txt | grep -q 'EXIT STATUS' && man hubagent | grep -q 'hubagent-plugins(1)' \
+    && rec "man-hubagent ok" || rec "man-hubagent failed: $(tr '\n' ' ' </root/e2e-man.txt)"
+man hubagent-status 2>>/root/e2e-man.txt | grep -q -- '--json' && rec "man-subcommand ok" || rec "man-subcommand failed"
+man 5 hubagent.toml 2>>/root/e2e-man.txt | grep -q 'metrics_interval' && man hubagent.toml | grep -q '^NAME' \
+    && rec "man-config ok" || rec "man-config failed: $(tr '\n' ' ' </root/e2e-man.txt)"
+lint=$(for page in /usr/share/man/man1/hubagent*.1.gz /usr/share/man/man5/hubagent.toml.5.gz; do
+    LC_ALL=C.UTF-8 MANWIDTH=120 man --warnings -E UTF-8 -l -Tutf8 -Z "$page" 2>&1 >/dev/null; done)
+[ -z "$lint" ] && rec "man-lint clean" || rec "man-lint $(tr '\n' ' ' <<<"$lint")"
+# bash's completion as bash-completion loads it (on demand, from its directory): what it offers
+# for "hubagent pl" (plugins, not the internal plugin-host) and for "hubagent plugins r".
+complete_words() { # words...: prints the completions of the last one
+    # (_comp_load: bash-completion >= 2.12, Debian 13; __load_completion before it.)
+    bash -c '. /usr/share/bash-completion/bash_completion && { _comp_load hubagent 2>/dev/null || __load_completion hubagent; } || exit 1
+COMP_WORDS=("$@") COMP_CWORD=$(($# - 1)) COMP_LINE="$*" COMP_POINT=${#COMP_LINE}
+"$(complete -p hubagent | sed "s/.*-F \([^ ]*\) .*/\1/")" hubagent "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"
+printf "%s\n" "${COMPREPLY[@]}"' complete "$@" 2>&1 | sort | tr '\n' ' ' | sed 's/ $//'
+}
+rec "bash-completion [$(complete_words hubagent pl)] [$(complete_words hubagent plugins r)]"
+rec "completions $(ls /usr/share/bash-completion/completions/hubagent /usr/share/fish/vendor_completions.d/hubagent.fish /usr/share/zsh/vendor-completions/_hubagent | tr '\n' ' ' | sed 's/ $//')"
+# A plugin author: the dev package, the C example built with pkg-config as its header says, and
+# the library it makes loaded by the installed agent (the probe `config check` runs).
+apt-get install -y "${apt_offline[@]}" /root/hubagent-dev.deb </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "dev-install ok"
+rec "dev-pkg-config $(pkg-config --modversion hubagent-plugin) $(pkg-config --cflags hubagent-plugin)"
+mkdir -p /root/c-counter /usr/local/lib/hubagent-test
+cp /usr/share/doc/hubagent-dev/examples/c-counter/* /root/c-counter/
+# shellcheck disable=SC2046 # pkg-config's flags are words
+cc $(pkg-config --cflags hubagent-plugin) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread \
+    /root/c-counter/counter.c -o /usr/local/lib/hubagent-test/libc_counter.so >/root/e2e-cc.txt 2>&1 \
+    && rec "dev-cc ok" || rec "dev-cc failed: $(tr '\n' ' ' </root/e2e-cc.txt)"
+chmod 0644 /usr/local/lib/hubagent-test/libc_counter.so
+rec "dev-probe $(hubagent plugin-host --name counter --path /usr/local/lib/hubagent-test/libc_counter.so --probe 2>&1 | tr '\n' ' ')"
 install -m 0644 /root/hubsim-ca.pem /etc/hubagent/hubsim-ca.pem
 install -m 0600 -o hubagent -g hubagent /root/key1 /etc/hubagent/device.key
 cat >/etc/hubagent/config.toml <<CONF

@@ -14,6 +14,10 @@
  * is refused (the hub keeps the message). Build:
  *
  *     gcc -shared -fPIC -O2 -Wall -Wextra -pthread -I ../../sdk/include counter.c -o libc_counter.so
+ *
+ * or, with the hubagent-dev package installed:
+ *
+ *     cc $(pkg-config --cflags hubagent-plugin) -shared -fPIC -O2 -Wall -pthread counter.c -o libc_counter.so
  */
 #include <errno.h>
 #include <pthread.h>

@@ -339,6 +339,15 @@ pub trait Plugin: Send + Sized + 'static {
 }
 
 /// A direct method's answer: a status (200..=599, passed to the caller as it is) and a JSON text.
+///
+/// ```
+/// use hubagent_plugin_sdk::MethodAnswer;
+///
+/// let answer = MethodAnswer::ok(r#"{"count":3}"#);
+/// assert_eq!((answer.status, answer.json.as_str()), (200, r#"{"count":3}"#));
+/// let refused = MethodAnswer::new(400, r#"{"error":"the payload must be a number"}"#);
+/// assert_eq!(refused.status, 400);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MethodAnswer {
     pub status: u16,
@@ -418,6 +427,16 @@ pub enum Health {
 }
 
 /// A telemetry message: body, content type and encoding, application properties.
+///
+/// ```
+/// use hubagent_plugin_sdk::Message;
+///
+/// let reading = Message::json(r#"{"temperature":21.5}"#).property("unit", "celsius");
+/// assert_eq!(reading.content_type.as_deref(), Some("application/json"));
+/// assert_eq!(reading.properties, [("unit".to_string(), "celsius".to_string())]);
+/// let raw = Message::bytes(vec![0x01, 0x02]);
+/// assert_eq!(raw.content_type, None);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
     pub body: Vec<u8>,
@@ -589,6 +608,25 @@ impl Host {
 }
 
 /// A stop flag that worker threads can sleep on and be woken from at once.
+///
+/// ```
+/// use hubagent_plugin_sdk::StopSignal;
+/// use std::time::Duration;
+///
+/// let stop = StopSignal::new();
+/// let signal = stop.clone();
+/// let worker = std::thread::spawn(move || {
+///     let mut rounds = 0;
+///     // Each round sleeps up to a minute, but `stop()` wakes it at once.
+///     while !signal.wait(Duration::from_secs(60)) {
+///         rounds += 1;
+///     }
+///     rounds
+/// });
+/// stop.stop();
+/// assert!(stop.is_stopped());
+/// assert_eq!(worker.join().unwrap(), 0);
+/// ```
 #[derive(Clone, Default)]
 pub struct StopSignal(Arc<(Mutex<bool>, Condvar)>);
 
@@ -885,6 +923,38 @@ pub mod __private {
 /// `export_plugin!(MyPlugin, name = "my-plugin", version = env!("CARGO_PKG_VERSION"));`
 /// Optionally, the direct methods it answers and the C2D messages it takes (a JSON object of
 /// property equalities, `"{}"` for all): `…, methods = ["open_valve"], c2d_filter = r#"{"kind":"valve"}"#);`
+///
+/// A valve that answers the direct method `<plugin name>.open` and takes the cloud-to-device
+/// messages whose property `kind` is `valve`:
+///
+/// ```no_run
+/// use hubagent_plugin_sdk::{C2dMessage, Host, MethodAnswer, Plugin, StartError, export_plugin};
+///
+/// struct Valve { open: bool }
+///
+/// impl Plugin for Valve {
+///     fn start(_host: Host, _settings: &str) -> Result<Self, StartError> {
+///         Ok(Valve { open: false })
+///     }
+///     fn apply_settings(&mut self, _settings: &str) -> Result<(), String> { Ok(()) }
+///     fn invoke_method(&mut self, method: &str, _payload_json: &str) -> MethodAnswer {
+///         match method {
+///             "open" => { self.open = true; MethodAnswer::ok(r#"{"open":true}"#) }
+///             _ => MethodAnswer::new(404, r#"{"error":"no such method"}"#),
+///         }
+///     }
+///     fn receive_c2d(&mut self, message: &C2dMessage) -> Result<(), String> {
+///         match message.body.as_slice() {
+///             b"open" => { self.open = true; Ok(()) }
+///             b"close" => { self.open = false; Ok(()) }
+///             _ => Err("the body must be open or close".into()), // the hub keeps the message
+///         }
+///     }
+/// }
+///
+/// export_plugin!(Valve, name = "valve", version = "1.0.0",
+///                methods = ["open"], c2d_filter = r#"{"kind":"valve"}"#);
+/// ```
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty, name = $name:expr, version = $version:expr

@@ -102,6 +102,15 @@ fn without_position(e: serde_json::Error) -> String {
 /// around the text and between number and unit are allowed; negative numbers are not.
 ///
 /// Older settings may hold a bare number of seconds (`"5"`); it is still accepted, as seconds.
+///
+/// ```
+/// use hubagent_plugin_sdk::parse_duration;
+/// use std::time::Duration;
+///
+/// assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+/// assert!(parse_duration("soon").is_err());
+/// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text

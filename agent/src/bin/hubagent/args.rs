@@ -14,6 +14,19 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 69;
     /// Configuration is invalid (EX_CONFIG); the message names file, line and key.
     pub const CONFIG: i32 = 78;
+    /// What each code means, for hubagent(1) (README's "Operate" says the same).
+    pub const MEANINGS: [(i32, &str); 4] = [
+        (OK, "success"),
+        (
+            FAILURE,
+            "a check failed, provisioning failed, or the daemon refused a request",
+        ),
+        (UNAVAILABLE, "the daemon is not running or not reachable"),
+        (
+            CONFIG,
+            "the configuration is invalid; the message names the file, line and key",
+        ),
+    ];
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hubagent/config.toml";
@@ -103,6 +116,14 @@ pub enum Command {
     /// TPM tools (builds with the `tpm` feature): import a device key, show the endorsement key.
     #[command(subcommand)]
     Tpm(TpmCommand),
+    /// Internal: writes the man pages (`man1/`) and the bash, zsh and fish completions
+    /// (`completions/`) made from this command-line definition into a directory (used by
+    /// packaging/man/manuals.sh when the package is built).
+    #[command(hide = true)]
+    Manuals {
+        /// The directory to write into (created if missing).
+        out: PathBuf,
+    },
 }
 
 /// Where the TPM is and which handle holds the key: flags, else the configuration's

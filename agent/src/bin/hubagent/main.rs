@@ -5,6 +5,8 @@ mod args;
 mod check;
 #[cfg(feature = "demo")]
 mod demo;
+mod human;
+mod manuals;
 #[cfg(feature = "tpm")]
 mod tpm;
 
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
             ..
         } => hubagent::plugins::host::run(&name, &path, allow_unsafe_paths, sandbox.as_deref()),
         Command::SandboxExec { sandbox, command } => sandbox_exec(&sandbox, &command),
+        Command::Manuals { out } => manuals::write(&out),
     };
     ExitCode::from(code as u8)
 }
@@ -320,128 +323,8 @@ fn ask(path: &Path, request: Request, json: bool) -> i32 {
 
 fn print_human(request: &Request, answer: &serde_json::Value) {
     match request {
-        Request::Status => {
-            let field = |k: &str| match &answer[k] {
-                serde_json::Value::Null => "-".to_string(),
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            println!("hubagent {} (pid {})", field("version"), field("pid"));
-            println!("  provisioning:    {}", field("provisioning"));
-            println!("  registration id: {}", field("registration_id"));
-            println!("  hub:             {}", field("hub"));
-            println!("  device id:       {}", field("device_id"));
-            println!("  provisioned at:  {}", field("provisioned_at"));
-            println!("  connection:      {}", field("connection"));
-            if answer["route"].is_string() {
-                println!("  route:           {}", field("route"));
-            }
-            let memory = &answer["route_memory"];
-            if memory.is_object() {
-                let first = memory["first"].as_str().unwrap_or("?");
-                let learned = memory["learned_at"].as_str().unwrap_or("?");
-                match memory["direct_again_at"].as_str() {
-                    Some(again) => println!(
-                        "  auto route:      {first} first (worked at {learned}; MQTT over TLS first again from {again})"
-                    ),
-                    None => println!("  auto route:      {first} first (worked at {learned})"),
-                }
-            }
-            println!("  published:       {}", field("published"));
-            println!("  queued:          {}", field("queue_depth"));
-            println!("  desired version: {}", field("desired_version"));
-            let certificate = &answer["certificate"];
-            if certificate.is_object() {
-                println!(
-                    "  certificate:     {} until {} ({} days)",
-                    certificate["expiry"].as_str().unwrap_or("?"),
-                    certificate["not_after"].as_str().unwrap_or("?"),
-                    certificate["days_left"]
-                );
-            }
-            if answer["last_error"].is_string() {
-                println!("  last error:      {}", field("last_error"));
-            }
-            // What needs a look, per plugin (`hubagent plugins list` has the rest).
-            if let Some(plugins) = answer["plugins"].as_object() {
-                for (name, p) in plugins {
-                    let status = p["status"].as_str().unwrap_or("?");
-                    for (key, what) in [
-                        ("error", "error"),
-                        ("rejectedSettings", "settings rejected"),
-                        ("warning", "warning"),
-                    ] {
-                        if let Some(text) = p[key].as_str() {
-                            println!("  plugin {name}: {status}; {what}: {text}");
-                        }
-                    }
-                    if let Some(n) = p["junkLines"].as_u64().filter(|n| *n > 0) {
-                        println!("  plugin {name}: {status}; {n} lines that were not messages");
-                    }
-                }
-            }
-        }
-        Request::PluginsList => {
-            let Some(plugins) = answer.as_object() else {
-                println!("no plugins");
-                return;
-            };
-            if plugins.is_empty() {
-                println!("no plugins configured");
-            }
-            println!(
-                "{:<20} {:<8} {:<18} {:<5} {:>9} {:>8} {:>8}  SOURCE",
-                "NAME", "KIND", "STATE", "ABI", "PUBLISHED", "DROPPED", "RESTARTS"
-            );
-            for (name, p) in plugins {
-                let source = match p["kind"].as_str() {
-                    Some("library") => format!(
-                        "{} ({})",
-                        p["path"].as_str().unwrap_or("?"),
-                        p["isolation"].as_str().unwrap_or("?")
-                    ),
-                    Some("exec") => p["command"]
-                        .as_array()
-                        .map(|c| {
-                            c.iter()
-                                .filter_map(|a| a.as_str())
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        })
-                        .unwrap_or_default(),
-                    _ => format!("builtin {}", p["builtin"].as_str().unwrap_or("?")),
-                };
-                println!(
-                    "{:<20} {:<8} {:<18} {:<5} {:>9} {:>8} {:>8}  {source}",
-                    name,
-                    p["kind"].as_str().unwrap_or("?"),
-                    p["status"].as_str().unwrap_or("?"),
-                    p["abi"].as_str().unwrap_or("-"),
-                    p["published"].as_u64().unwrap_or(0),
-                    p["dropped"].as_u64().unwrap_or(0),
-                    p["restarts"].as_u64().unwrap_or(0),
-                );
-                println!("{:<20} sandbox: {}", "", describe_sandbox(&p["sandbox"]));
-                if let Some(e) = p["error"].as_str() {
-                    println!("{:<20} error: {e}", "");
-                }
-                if let Some(r) = p["rejectedSettings"].as_str() {
-                    println!(
-                        "{:<20} settings rejected (runs on its last accepted ones): {r}",
-                        ""
-                    );
-                }
-                if let Some(w) = p["warning"].as_str() {
-                    println!("{:<20} warning: {w}", "");
-                }
-                if let Some(n) = p["junkLines"].as_u64().filter(|n| *n > 0) {
-                    println!(
-                        "{:<20} {n} lines that were not messages (logged as warnings)",
-                        ""
-                    );
-                }
-            }
-        }
+        Request::Status => print!("{}", human::status(answer)),
+        Request::PluginsList => print!("{}", human::plugins(answer)),
         Request::Reprovision => {
             println!("reprovisioning requested; `hubagent status` shows progress")
         }
@@ -450,53 +333,6 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             println!("plugin {name} restarting; `hubagent plugins list` shows it")
         }
     }
-}
-
-/// One line for `plugins list`: how a plugin is confined and what it was allowed beyond the
-/// default (the JSON of `plugins::sandbox::Confinement::describe`).
-fn describe_sandbox(sandbox: &serde_json::Value) -> String {
-    if sandbox["confined"] != true {
-        return sandbox["why"]
-            .as_str()
-            .unwrap_or("not started yet")
-            .to_string();
-    }
-    let paths = |key: &str| -> String {
-        let list: Vec<&str> = sandbox[key]
-            .as_array()
-            .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
-            .unwrap_or_default();
-        if list.is_empty() {
-            "-".into()
-        } else {
-            list.join(",")
-        }
-    };
-    let mut line = format!(
-        "{}; read {}; write {}; devices {}; network {}; unix sockets {}",
-        sandbox["kernel"].as_str().unwrap_or("?"),
-        paths("read"),
-        paths("write"),
-        paths("devices"),
-        if sandbox["network"] == true {
-            "yes"
-        } else {
-            "no"
-        },
-        if sandbox["unixSockets"] == true {
-            "yes"
-        } else {
-            "no"
-        },
-    );
-    if let Some(dir) = sandbox["privateDir"].as_str() {
-        line.push_str(&format!("; private dir {dir}"));
-    }
-    if let Some(missing) = sandbox["notEnforced"].as_array().filter(|m| !m.is_empty()) {
-        let missing: Vec<&str> = missing.iter().filter_map(|m| m.as_str()).collect();
-        line.push_str(&format!("; NOT ENFORCED here: {}", missing.join(", ")));
-    }
-    line
 }
 
 fn provision(path: &Path, force: bool, json: bool) -> i32 {
