@@ -267,7 +267,10 @@ EOF
     expect "^enabled enabled"
     expect "^active-before-config inactive"
     expect "^verify clean"
-    # The operator's and the plugin author's toolbox: man pages, completions, the dev package.
+    # The operator's and the plugin author's toolbox: man pages, completions, the dev package
+    # (whose pkg-config version, and the C example's, is the header's ABI).
+    local header=plugins/sdk/include/hubagent_plugin.h abi
+    abi="$(sed -n 's/^#define HUBAGENT_PLUGIN_ABI_MAJOR \([0-9]*\)$/\1/p' "$header").$(sed -n 's/^#define HUBAGENT_PLUGIN_ABI_MINOR \([0-9]*\)$/\1/p' "$header")"
     expect "^man-hubagent ok"
     expect "^man-subcommand ok"
     expect "^man-config ok"
@@ -275,9 +278,9 @@ EOF
     expect "^bash-completion \\[plugins\\] \\[restart\\]$"
     expect "^completions /usr/share/bash-completion/completions/hubagent /usr/share/fish/vendor_completions.d/hubagent.fish /usr/share/zsh/vendor-completions/_hubagent$"
     expect "^dev-install ok"
-    expect "^dev-pkg-config 1.1 -I/usr/include/hubagent"
+    expect "^dev-pkg-config $abi -I/usr/include/hubagent"
     expect "^dev-cc ok"
-    expect "^dev-probe {\"abi\":\"1.1\",\"name\":\"c-counter\",\"ok\":true"
+    expect "^dev-probe {\"abi\":\"$abi\",\"name\":\"c-counter\",\"ok\":true"
     expect "^config-check ok"
     expect "^sandbox-probe key=EACCES state=EACCES config=EACCES control=EACCES"
     grep -qxF "tpm-ek $host_ek" "$out" || { echo "$release: MISSING: the swtpm's keys as the host reads them ($host_ek)"; fail=1; }
