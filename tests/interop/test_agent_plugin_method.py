@@ -1,6 +1,7 @@
 """Azure's Python service SDK (azure-iot-hub) invokes a plugin's direct method on the real
 hubagent, through hubsim: the SDK's `invoke_device_method` reaches the agent, which routes
-`<plugin>.<method>` to the Python exec example and passes its status and JSON back (#17)."""
+`<plugin>.<method>` to the Python exec example and passes its status and JSON back (#17); and the
+agent's remote diagnostics, `logs` (filtered, bounded) and `check`, carry no secret (#20)."""
 
 import json
 import os
@@ -55,7 +56,7 @@ kind = "exec"
 # Debian's interpreter, which the plugin sandbox lets a plugin execute (it is under /usr).
 command = ["/usr/bin/python3", "{script}"]
 [plugin.settings]
-interval = 0.5
+interval = "500ms"
 room = "lab"
 """)
     return config
@@ -106,6 +107,24 @@ def test_the_service_sdk_invokes_a_plugin_method(hubsim, registry, tmp_path):  #
         assert answer.status == 404 and "declares: read, set_room" in answer.payload["error"], answer.payload
         answer = invoke("ping", None)
         assert answer.status == 200
+
+        # Remote diagnostics: the plugin's own lines, at most three; nothing else, no secret.
+        answer = invoke("logs", {"plugin": "room", "limit": 3})
+        assert answer.status == 200, answer.payload
+        lines = answer.payload["lines"]
+        assert 0 < len(lines) <= 3, answer.payload
+        assert all(line["plugin"] == "room" for line in lines), answer.payload
+        answer = invoke("logs", {"level": "trace", "limit": 2000})
+        assert answer.status == 200 and answer.payload["lines"], answer.payload
+        assert len(json.dumps(answer.payload)) <= 100 * 1024, "the answer exceeds its 100 KiB bound"
+        answer_text = json.dumps(answer.payload)
+        answer = invoke("check", None)
+        assert answer.status == 200, answer.payload
+        ids = {check["id"] for check in answer.payload["checks"]}
+        assert {"config.valid", "plugins.load"} <= ids, ids
+        answer_text += json.dumps(answer.payload)
+        assert key not in answer_text, "the device key reached a diagnostics answer"
+        assert "SharedAccessSignature" not in answer_text, "a SAS token reached a diagnostics answer"
     finally:
         agent.terminate()
         assert agent.wait(timeout=30) == 0, log.read_text()
