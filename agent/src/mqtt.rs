@@ -162,6 +162,12 @@ impl AutoRoute {
             self.tls_port
         }
     }
+
+    /// The port the next connection dials first (what the hub session's reachability probe
+    /// tries, `hub::probe`).
+    pub fn first_port(&self) -> u16 {
+        self.port(self.first_websocket())
+    }
 }
 
 /// How logs and status name a route.
@@ -271,8 +277,19 @@ pub fn client(options: &ConnectOptions) -> (AsyncClient, EventLoop) {
             port: proxy.port,
         });
     }
-    AsyncClient::new(mqtt, options.request_capacity.max(1))
+    let (client, mut eventloop) = AsyncClient::new(mqtt, options.request_capacity.max(1));
+    // A server that takes the TCP connection and then stalls (the TLS handshake, the CONNACK)
+    // must not hold the connection attempt forever: rumqttc bounds TCP + TLS + CONNACK by this
+    // timeout. 5 s is rumqttc's default, set here so that it is a decision, not an accident
+    // (the hostile hub tests in tests/it/faults.rs fail without it).
+    let mut network = eventloop.network_options();
+    network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
+
+/// Seconds a connection attempt may take from TCP connect to CONNACK.
+const CONNECT_TIMEOUT_SECS: u64 = 5;
 
 /// Why a connection attempt failed.
 #[derive(Debug)]

@@ -1096,3 +1096,333 @@ async fn clock_behind_at_boot_then_corrected() {
     )
     .await;
 }
+
+/// The hostile hub scenario: the agent publishes through a [`HostileHub`] that behaves, then meets
+/// `behaviour` on three connections in a row, then the hub behaves again. Throughout, the agent
+/// stays alive and its control socket answers; afterwards it reconnects and the loss check
+/// passes: nothing the hostile hub did (a PUBACK for a packet never sent, a PUBACK twice, …)
+/// made the agent take a message off its queue that hubsim did not acknowledge.
+async fn hostile_hub(id: &str, behaviour: hostile::Hostile, scenario: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let hub = hostile::HostileHub::start(&running, &dir.path().join("hubsim")).await;
+    // A short keep-alive and backoff: a silent hub is noticed within seconds, and three hostile
+    // connections fit in the test's waits.
+    let agent_config = enrolled_agent(dir.path(), &running, id)
+        .0
+        .mqtt_port(hub.port)
+        .extra("keep_alive = \"2s\"\nreconnect_backoff_max = \"2s\"\n");
+    let mut s = Scenario::with_config(dir, running, id, agent_config);
+    let mut agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+
+    hub.behave(Some(behaviour));
+    assert!(s.drop_connection(), "no live connection");
+    assert!(
+        hub.wait_hostile_connections(3).await,
+        "the agent did not come back to the hostile hub three times: {}",
+        agent.log_text()
+    );
+    assert_eq!(
+        agent.child.try_wait().unwrap(),
+        None,
+        "the agent exited: {}",
+        agent.log_text()
+    );
+    let status = agent.status();
+    assert_eq!(
+        status["pid"],
+        json!(agent.child.id()),
+        "the control socket does not answer: {}",
+        agent.log_text()
+    );
+    let hostile_connections = hub.hostile_connections();
+
+    hub.behave(None);
+    let connects = hub_connects(s.sim(), &s.id);
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| hub_connects(sim, &s.id) > connects)
+            .await,
+        "no reconnection once the hub behaved: {}",
+        agent.log_text()
+    );
+    let before = telemetry_count(s.sim(), &s.id);
+    s.wait_telemetry(&agent, before + 5).await;
+    s.finish(
+        agent,
+        id,
+        json!({"scenario": scenario, "hostile connections": hostile_connections}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_accepts_and_never_reads() {
+    hostile_hub(
+        "hostile-never-reads",
+        hostile::Hostile::NeverReads,
+        "hostile hub: accepts TCP and never reads, 3 connections",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_stalls_the_tls_handshake() {
+    hostile_hub(
+        "hostile-tls-stall",
+        hostile::Hostile::TlsStall,
+        "hostile hub: reads the TLS ClientHello and never answers, 3 connections",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_never_sends_a_connack() {
+    hostile_hub(
+        "hostile-no-connack",
+        hostile::Hostile::NoConnack,
+        "hostile hub: TLS up, CONNECT read, no CONNACK, 3 connections",
+    )
+    .await;
+}
+
+/// [`hostile_hub`] with `bytes` written to the agent right after the hub's CONNACK, then `after`.
+async fn hostile_inject(name: &str, bytes: &[u8], after: hostile::After, what: &str) {
+    hostile_hub(
+        &format!("hostile-{name}"),
+        hostile::Hostile::Inject {
+            bytes: bytes.to_vec(),
+            after,
+        },
+        &format!("hostile hub: {what} after the CONNACK, 3 connections"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_reserved_type() {
+    hostile_inject(
+        "reserved",
+        hostile::packets::RESERVED_TYPE,
+        hostile::After::Forward,
+        "a packet of reserved type 15",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_truncated_packet_then_close() {
+    hostile_inject(
+        "truncated-close",
+        hostile::packets::TRUNCATED_PUBLISH,
+        hostile::After::Close,
+        "a truncated PUBLISH, then the connection closed",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_truncated_packet_then_silence() {
+    hostile_inject(
+        "truncated-stall",
+        hostile::packets::TRUNCATED_PUBLISH,
+        hostile::After::Stall,
+        "a truncated PUBLISH, then silence (stalled mid-packet)",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_huge_remaining_length() {
+    hostile_inject(
+        "huge-length",
+        hostile::packets::HUGE_LENGTH,
+        hostile::After::Stall,
+        "a PUBLISH announcing 256 MiB, then silence",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_malformed_remaining_length() {
+    hostile_inject(
+        "bad-length",
+        hostile::packets::MALFORMED_LENGTH,
+        hostile::After::Forward,
+        "a remaining length of 5 bytes",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_second_malformed_connack() {
+    hostile_inject(
+        "bad-connack",
+        hostile::packets::BAD_CONNACK,
+        hostile::After::Forward,
+        "a second CONNACK of the wrong length",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_puback_id_zero() {
+    hostile_inject(
+        "puback-zero",
+        hostile::packets::PUBACK_ID_ZERO,
+        hostile::After::Forward,
+        "a PUBACK for packet id 0",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_puback_never_sent() {
+    hostile_inject(
+        "puback-never-sent",
+        hostile::packets::PUBACK_NEVER_SENT,
+        hostile::After::Forward,
+        "a PUBACK for packet id 60000 (never sent)",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hub_sends_every_puback_twice() {
+    hostile_hub(
+        "hostile-duplicate-puback",
+        hostile::Hostile::DuplicatePuback,
+        "hostile hub: every PUBACK sent twice, 3 connections",
+    )
+    .await;
+}
+
+/// The agent's log lines announcing a reconnect pause, one per failed connection attempt.
+fn reconnect_pauses(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| {
+            let after = l.split_once("next attempt to connect to the hub in ")?.1;
+            after.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// A scenario behind a [`hostile::HostileHub`] that behaves: the port the agent dials can be
+/// closed (TCP refused) and opened again. The default backoff cap (5 min).
+async fn closable_hub(id: &str) -> (Scenario, hostile::HostileHub) {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let hub = hostile::HostileHub::start(&running, &dir.path().join("hubsim")).await;
+    let agent_config = enrolled_agent(dir.path(), &running, id)
+        .0
+        .mqtt_port(hub.port);
+    (Scenario::with_config(dir, running, id, agent_config), hub)
+}
+
+/// The hub's port is closed (a route down: TCP refused) for `outage`, then opened again; records
+/// the recovery time, from the port opening to the first message hubsim receives, and the
+/// connection attempts made during the outage (one per backoff step).
+async fn hub_unreachable(id: &str, outage: Duration, scenario: &str) {
+    let (mut s, hub) = closable_hub(id).await;
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    hub.close();
+    assert!(s.drop_connection(), "no live connection");
+    // The outage itself: nothing to await but time.
+    tokio::time::sleep(outage).await;
+    let attempts = reconnect_pauses(&agent.log_text()).len();
+    let before = telemetry_count(s.sim(), &s.id);
+    hub.open().await;
+    let opened = Instant::now();
+    s.wait_telemetry(&agent, before + 1).await;
+    let recovery = opened.elapsed();
+    let log = agent.log_text();
+    let early = log.matches("the hub's port is reachable again").count();
+    s.finish(
+        agent,
+        id,
+        json!({
+            "scenario": scenario,
+            "recovery seconds": (recovery.as_secs_f64() * 100.0).round() / 100.0,
+            "attempts during the outage": attempts,
+            "pauses ended by the probe": early,
+        }),
+    )
+    .await;
+}
+
+/// With the hub's port closed long enough for the backoff to reach a pause of 16 s or more, the
+/// agent connects once the port opens again, well before that pause would end: its probe sees
+/// the port take connections, and that pause ends in exactly one connection attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_notices_the_hub_port_open_again_before_its_backoff_ends() {
+    let (mut s, hub) = closable_hub("probe-returns").await;
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    hub.close();
+    assert!(s.drop_connection(), "no live connection");
+    agent
+        .wait_log_line("a reconnect pause of 16 s or more", |l| {
+            reconnect_pauses(l).first().is_some_and(|&p| p >= 16)
+        })
+        .await;
+    let pauses = reconnect_pauses(&agent.log_text());
+    let long = *pauses.last().unwrap();
+    let connects = hub_connects(s.sim(), &s.id);
+    hub.open().await;
+    assert!(
+        s.sim()
+            .wait_until(Duration::from_secs(long / 2), |sim| hub_connects(
+                sim, &s.id
+            ) > connects)
+            .await,
+        "no connection within half of the {long} s pause: {}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("the hub's port is reachable again: connecting now"),
+        "{log}"
+    );
+    assert_eq!(
+        reconnect_pauses(&log).len(),
+        pauses.len(),
+        "more than one attempt in that pause: {log}"
+    );
+    s.finish(agent, "unreachable-probe", json!({"scenario": "hub port closed until a reconnect pause of 16 s or more, then opened", "pause seconds": long}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_unreachable_for_ten_seconds() {
+    hub_unreachable(
+        "unreachable-10s",
+        Duration::from_secs(10),
+        "hub port closed (TCP refused) for 10 s, 20 msg/s",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_unreachable_for_a_minute() {
+    hub_unreachable(
+        "unreachable-60s",
+        Duration::from_secs(60),
+        "hub port closed (TCP refused) for 60 s, 20 msg/s",
+    )
+    .await;
+}
+
+/// Ten minutes: not in CI; run alone with
+/// `cargo nextest run -p hubagent-tests --features hubagent-tests/tpm --test faults --run-ignored only hub_unreachable_for_ten_minutes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "ten minutes long: run with --run-ignored only (docs/reliability.md)"]
+async fn hub_unreachable_for_ten_minutes() {
+    hub_unreachable(
+        "unreachable-600s",
+        Duration::from_secs(600),
+        "hub port closed (TCP refused) for 10 min, 20 msg/s",
+    )
+    .await;
+}

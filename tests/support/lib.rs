@@ -10,6 +10,7 @@
 //! - [`delivery`]: the loss check: what the agent acknowledged to a numbered producer before each
 //!   kill and stop against what arrived, and the delivery figures;
 //! - [`faults`]: dropping connections, outages, and the figures fault scenarios record;
+//! - [`hostile`]: a hub that speaks MQTT badly, one behaviour at a time;
 //! - [`mqtt`]: raw rumqttc clients, SAS tokens and HTTPS clients for hubsim's own tests;
 //! - [`proxy`]: a real HTTP proxy (tinyproxy) on loopback, and the tunnels it opened;
 //! - [`swtpm`]: a software TPM per test.
@@ -19,6 +20,7 @@ use std::time::Duration;
 pub mod agent;
 pub mod delivery;
 pub mod faults;
+pub mod hostile;
 pub mod mqtt;
 pub mod netns;
 pub mod proxy;

@@ -13,6 +13,7 @@
 //! This file is the public face (parameters, events, the handle); `session` is the task, `topics`
 //! the pure topic and property-bag code and `twin` the twin document's sections and versions.
 
+mod probe;
 mod session;
 pub mod topics;
 pub mod twin;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::util::time::sleep_until;
 
+use super::probe;
 use super::topics::{self, Incoming};
 use super::twin::{DesiredStep, next_desired, split_twin};
 use super::{HubParams, PublishError, SessionEvent, TwinError};
@@ -255,19 +256,46 @@ impl Session {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
-            tracing::debug!(?delay, "reconnecting to the hub after a pause");
+            tracing::info!(
+                hub = %self.params.hub,
+                "next attempt to connect to the hub in {} s",
+                delay.as_secs()
+            );
             if self.pause(delay).await {
                 return;
             }
         }
     }
 
-    /// Waits `delay` while still answering control requests; true when asked to shut down.
+    /// Waits `delay` while still answering control requests; true when asked to shut down. A
+    /// long pause that begins with the hub's port unreachable ends early, once the port takes a
+    /// TCP connection again (`super::probe`).
     async fn pause(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
+        let target = probe::target(&self.params).filter(|_| delay >= probe::MIN_PAUSE);
+        // The first probe at once: it tells whether the route was down at all.
+        let mut next_probe = target.as_ref().map(|_| Instant::now());
+        let mut seen_unreachable = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return false,
+                reachable = async {
+                    sleep_until(next_probe).await;
+                    let (host, port) = target.as_ref().expect("probed only with a target");
+                    probe::reachable(host, *port).await
+                } => match (reachable, seen_unreachable) {
+                    (false, _) => {
+                        seen_unreachable = true;
+                        next_probe = Some(Instant::now() + probe::next_in());
+                    }
+                    (true, true) => {
+                        tracing::info!(hub = %self.params.hub, "the hub's port is reachable again: connecting now");
+                        return false;
+                    }
+                    // Reachable from the start: the hub itself failed the attempt, and the
+                    // backoff is its due.
+                    (true, false) => next_probe = None,
+                },
                 control = self.control.recv() => match control {
                     None | Some(Control::Shutdown) => return true,
                     Some(Control::Report { done, .. }) => {
