@@ -280,6 +280,9 @@ fn print_human(request: &Request, answer: &serde_json::Value) {
             println!("  published:       {}", field("published"));
             println!("  queued:          {}", field("queue_depth"));
             println!("  desired version: {}", field("desired_version"));
+            if let Some(generation) = answer["issued_generation"].as_u64() {
+                println!("  issued cert:     generation {generation} (issued by DPS)");
+            }
             let certificate = &answer["certificate"];
             if certificate.is_object() {
                 println!(
