@@ -1241,6 +1241,48 @@ max_message_size = "128KiB"
     }
 
     #[test]
+    fn issued_certificate_takes_a_fraction_and_joins_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |table: &str| {
+            let text = GOOD.replace("[hub]", &format!("{table}\n[hub]"));
+            Config::load(&write(dir.path(), "config.toml", &text), &no_env)
+        };
+        let plain = with("").unwrap();
+        let issued = with("[provisioning.issued_certificate]").unwrap();
+        assert_eq!(
+            issued.provisioning.issued_certificate.unwrap().renew_at,
+            0.8
+        );
+        assert_ne!(
+            plain.provisioning_fingerprint(),
+            issued.provisioning_fingerprint(),
+            "asking for issued certificates needs a registration"
+        );
+        let half = with("[provisioning.issued_certificate]\nrenew_at = 0.5").unwrap();
+        assert_eq!(
+            half.provisioning_fingerprint(),
+            issued.provisioning_fingerprint(),
+            "the fraction is not part of the identity"
+        );
+        for bad in ["0", "1", "1.5", "-0.2"] {
+            let err = with(&format!(
+                "[provisioning.issued_certificate]\nrenew_at = {bad}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("provisioning.issued_certificate.renew_at")
+                    && err.contains("between 0 and 1"),
+                "{bad}: {err}"
+            );
+        }
+        let err = with("[provisioning.issued_certificate]\nrenew = 0.5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("renew"), "{err}");
+    }
+
+    #[test]
     fn keep_alive_is_refused_above_what_iot_hub_honours() {
         let dir = tempfile::tempdir().unwrap();
         let with = |keep_alive: &str| {

@@ -409,8 +409,7 @@ pub enum StaleCache {
     /// With DPS TPM attestation, the hub key is gone from the TPM (cleared, evicted): the text
     /// says what was found.
     KeyMissing(String),
-    /// With `[provisioning.issued_certificate]`: no issued certificate yet, or it is due for
-    /// renewal (the text says which).
+    /// With `[provisioning.issued_certificate]`: no usable issued certificate yet.
     Issuance(String),
 }
 
@@ -449,22 +448,14 @@ pub fn resolve(config: &Config, state: &StateDir, force: bool) -> Resolution {
     }
 }
 
-/// With `[provisioning.issued_certificate]`: why DPS must issue a certificate now (none yet, or
-/// the newest has passed `renew_at` of its lifetime), or `None`.
+/// With `[provisioning.issued_certificate]` and no usable issued certificate yet: why DPS must
+/// issue one before the hub session. A certificate due for renewal is renewed beside the
+/// session instead (daemon/renewal.rs), so a failing issuance never keeps the device offline.
 pub fn issuance_due(config: &Config) -> Option<String> {
-    let wanted = config.provisioning.issued_certificate?;
-    let Some(issued) = newest_issued(config) else {
-        return Some("no issued certificate yet".into());
-    };
-    let renew = issued.generation.renew_time(wanted.renew_at);
-    let now = i64::try_from(crate::util::time::unix_now()).unwrap_or(i64::MAX);
-    (now >= renew).then(|| {
-        format!(
-            "issued certificate generation {} is due for renewal (it ends {})",
-            issued.generation.number,
-            issued.generation.validity.not_after_rfc3339()
-        )
-    })
+    config.provisioning.issued_certificate?;
+    newest_issued(config)
+        .is_none()
+        .then(|| "no issued certificate yet".to_string())
 }
 
 /// One registration attempt: DPS (MQTT, or HTTPS for TPM attestation), or, for a manual
