@@ -170,6 +170,59 @@ async fn an_issued_certificate_is_used_for_the_hub_and_renewed_on_reprovision() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_onboarding_certificate_gets_an_issued_one_for_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let ca_dir = dir.path().join("issuing-ca");
+    issue(CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
+    // The onboarding certificate (self-signed, individual enrollment) proves the device to DPS;
+    // the enrollment issues the certificate the hub gets.
+    let (cert, key) = enroll_x509(&sim, "renew-x509", dir.path());
+    sim.mutate(|s| {
+        let enrollment = s.enrollments.get_mut("renew-x509").unwrap();
+        enrollment.common.certificate_issuance = Some(hubsim::state::CertificateIssuance {
+            issuer_dir: ca_dir.clone(),
+            validity_seconds: 3600,
+        });
+    })
+    .unwrap();
+    let config = AgentConfig::new(
+        dir.path(),
+        &running,
+        None,
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"{}\"\nidentity_pk = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .extra("[provisioning.issued_certificate]\n")
+    .write();
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("connected with issued generation 1", |s| {
+            s["connection"] == "connected" && s["issued_generation"] == 1
+        })
+        .await;
+    assert_eq!(
+        hub_thumbprint(&sim, "renew-x509"),
+        Some(leaf_thumbprint(dir.path(), "gen-1")),
+        "the hub knows the issued certificate, not the onboarding one"
+    );
+    let onboarding_pem = std::fs::read(&cert).unwrap();
+    let onboarding = CertificateDer::pem_slice_iter(&onboarding_pem)
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        hubsim::auth::sha256_thumbprint(&onboarding),
+        leaf_thumbprint(dir.path(), "gen-1")
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_at_the_fraction_keeps_the_current_certificate_while_issuance_fails() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
