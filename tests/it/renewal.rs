@@ -120,11 +120,29 @@ async fn an_issued_certificate_is_used_for_the_hub_and_renewed_on_reprovision() 
         0o600
     );
     let key_text = std::fs::read_to_string(&key).unwrap();
+    // The reported properties follow the connection.
+    assert!(
+        sim.wait_until(
+            WAIT,
+            |s| reported(s, "renew-1", "agent")["identity"]["issuedGeneration"] == 1
+        )
+        .await,
+        "{}",
+        reported(&sim, "renew-1", "agent")
+    );
     let twin = reported(&sim, "renew-1", "agent");
-    assert_eq!(twin["identity"]["issuedGeneration"], 1, "{twin}");
     assert!(
         twin["identity"]["certificateNotAfter"].is_string(),
         "{twin}"
+    );
+    let (_, report) = agent.check_report();
+    let issued = check_entry(&report, "identity.issued");
+    assert_eq!(issued["result"], "pass", "{issued}");
+    assert!(
+        issued["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("generation 1: the certificate")),
+        "{issued}"
     );
     let status_text = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
     assert!(
@@ -257,6 +275,15 @@ async fn renewal_at_the_fraction_keeps_the_current_certificate_while_issuance_fa
         "{status}"
     );
     assert_eq!(hub_connects(&sim, "renew-2"), connects, "no reconnection");
+    let (_, report) = agent.check_report();
+    let issued = check_entry(&report, "identity.issued");
+    assert_eq!(issued["result"], "warn", "{issued}");
+    assert!(
+        issued["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("overdue")),
+        "{issued}"
+    );
     assert_eq!(generations(dir.path()), ["gen-1"]);
     agent
         .wait_status("connected with issued generation 2", |s| {

@@ -39,21 +39,21 @@ impl Daemon {
             return;
         };
         let number = issued.generation.number;
-        self.status.update(|s| s.issued_generation = Some(number));
         let store = crate::identity::issued::Store::new(&self.config.agent.state_dir);
-        if store.current() == Some(number) {
-            return;
+        if store.current() != Some(number) {
+            crate::util::test_hook::abort_at("issued-connected");
+            match store.promote(number) {
+                Ok(()) => tracing::info!(
+                    generation = number,
+                    "the issued certificate connected to the hub; it is now the current one and the older ones are removed"
+                ),
+                Err(e) => tracing::error!(
+                    "cannot record issued certificate generation {number} as current: {e}"
+                ),
+            }
         }
-        crate::util::test_hook::abort_at("issued-connected");
-        match store.promote(number) {
-            Ok(()) => tracing::info!(
-                generation = number,
-                "the issued certificate connected to the hub; it is now the current one and the older ones are removed"
-            ),
-            Err(e) => tracing::error!(
-                "cannot record issued certificate generation {number} as current: {e}"
-            ),
-        }
+        // After the files: whoever sees the generation in the status finds it current on disk.
+        self.status.update(|s| s.issued_generation = Some(number));
     }
 
     /// Re-reads where the identity certificate stands; logs when that changed; updates status.
