@@ -319,7 +319,19 @@ async fn crash_during_renewal(config: &Path, point: &str) {
         .await;
     let out = agent.cli(&["reprovision"]);
     assert!(out.status.success(), "{out:?}");
-    let status = agent.child.wait().unwrap();
+    // Polled, not waited for: a blocking wait would stall this runtime, which also runs hubsim.
+    let deadline = std::time::Instant::now() + LONG_WAIT;
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not abort at {point}\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     let log = agent.log_text();
     assert!(
         !status.success() && log.contains(&format!("HUBAGENT_TEST_ABORT_AT={point}")),
