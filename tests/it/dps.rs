@@ -19,6 +19,7 @@ fn request(running: &hubsim::Running, registration_id: &str) -> DpsRequest {
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: registration_id.into(),
         payload: Some(serde_json::json!({"site": "plant-4"})),
+        csr: None,
         timeout: WAIT,
     }
 }

@@ -30,6 +30,7 @@ async fn session(
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: id.into(),
         payload: None,
+        csr: None,
         timeout: WAIT,
     };
     let assignment = hubagent::provisioning::dps::register(&request, &credential, tls.clone())
@@ -479,6 +480,7 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         id_scope: running.sim.read(|s| s.id_scope.clone()),
         registration_id: "gw-x509-1".into(),
         payload: None,
+        csr: None,
         timeout: WAIT,
     };
     let assignment = hubagent::provisioning::dps::register(&request, &credential, tls.clone())

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::plugin::PluginSpec;
 use super::{
-    Attestation, DpsEndpoint, HubSettings, Provisioning, QueueConfig, TpmKeySource,
+    Attestation, DpsEndpoint, HubSettings, Provisioning, QueueConfig, Source, TpmKeySource,
     check_tpm_handle, valid_model_id, valid_registration_id,
 };
 
@@ -88,6 +88,36 @@ pub(super) fn model_id(p: &Provisioning) -> Result<(), Invalid> {
         }
         _ => Ok(()),
     }
+}
+
+/// `[provisioning.issued_certificate]`: DPS issues it, over MQTT (not TPM attestation's HTTPS),
+/// and it is renewed at a fraction of its lifetime strictly between 0 and 1.
+pub(super) fn issued_certificate(p: &Provisioning) -> Result<(), Invalid> {
+    let Some(issued) = &p.issued_certificate else {
+        return Ok(());
+    };
+    if p.source == Source::Manual {
+        return Err(invalid(
+            "provisioning.issued_certificate",
+            "certificates are issued by DPS: it needs source = \"dps\"",
+        ));
+    }
+    if p.dps_over_https() {
+        return Err(invalid(
+            "provisioning.issued_certificate",
+            "not available with TPM attestation (its registration runs over HTTPS); use a symmetric key or X.509 onboarding credential",
+        ));
+    }
+    if !(issued.renew_at > 0.0 && issued.renew_at < 1.0) {
+        return Err(invalid(
+            "provisioning.issued_certificate.renew_at",
+            format!(
+                "{} is not a fraction of the certificate's lifetime between 0 and 1 (e.g. 0.8: renew after 80 %)",
+                issued.renew_at
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `source = "manual"`: a connection string, or hub + device + attestation.

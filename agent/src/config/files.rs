@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::{AgentSettings, Attestation, ConfigError, HubSettings, QueueConfig, Secret, Source};
+use super::{
+    AgentSettings, Attestation, ConfigError, HubSettings, IssuedCertificate, QueueConfig, Secret,
+    Source,
+};
 
 /// Reads `path`, then `config.d/*.toml` beside it (lexical order; tables merge, later files win,
 /// `[[plugin]]` entries add up), and deserializes the merge. Syntax errors come first, then type
@@ -80,6 +83,7 @@ fn check_types(path: &Path, text: &str) -> Result<(), ConfigError> {
         device_id: Option<String>,
         connection_string: Option<Secret>,
         attestation: Option<Attestation>,
+        issued_certificate: Option<IssuedCertificate>,
     }
     // Key sources first, outside the internally tagged attestation (where serde loses positions),
     // so a mistake in one points at its own line.

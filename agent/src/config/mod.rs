@@ -161,6 +161,25 @@ pub struct Provisioning {
     /// `manual`: a device connection string instead of hostname + device id + key.
     pub connection_string: Option<Secret>,
     pub attestation: Option<Attestation>,
+    /// Ask DPS for an operational certificate with every registration (Azure's certificate
+    /// issuance preview; docs/credentials.md): the attestation stays the onboarding credential
+    /// for DPS, the issued chain (with a key the agent makes) becomes the hub credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate: Option<IssuedCertificate>,
+}
+
+/// `[provisioning.issued_certificate]`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCertificate {
+    /// The fraction of the issued certificate's lifetime after which the agent renews it
+    /// (Microsoft's guidance: 80 %). Not part of the identity: changing it never reprovisions.
+    #[serde(default = "default_renew_at")]
+    pub renew_at: f64,
+}
+
+fn default_renew_at() -> f64 {
+    0.8
 }
 
 fn default_global_endpoint() -> String {
@@ -619,6 +638,8 @@ impl Config {
     pub fn certificate_expiry_warning(&self) -> Option<Duration> {
         match &self.provisioning.attestation {
             Some(Attestation::X509 { expiry_warning, .. }) => Some(*expiry_warning),
+            // An issued certificate is watched like a configured one.
+            _ if self.provisioning.issued_certificate.is_some() => Some(default_expiry_warning()),
             _ => None,
         }
     }
@@ -729,6 +750,7 @@ impl Config {
             }
         };
         checks::key_sources(p)?;
+        checks::issued_certificate(p)?;
         checks::model_id(p)?;
         checks::hub_and_queue_limits(&file.hub, &file.queue)?;
         let plugins = checks::plugin_specs(&file.plugin)?;
@@ -782,6 +804,11 @@ impl Config {
             }) => {
                 format!("tpm;tcti={tcti};handle={handle:#010x};key_source={key_source:?}")
             }
+        };
+        // Asking for issued certificates (or no longer) needs a registration; the fraction does not.
+        let attestation = match p.issued_certificate {
+            Some(_) => format!("{attestation};issued_certificate"),
+            None => attestation,
         };
         let canonical = format!(
             "source={:?}\nendpoint={}\nport={}\nscope={}\nregistration_id={}\npayload={}\nhub={}\ndevice={}\nconnection_string={}\nattestation={}",
@@ -1211,6 +1238,48 @@ max_message_size = "128KiB"
             parse_endpoint(&config.provisioning.global_endpoint, 8883).unwrap(),
             ("localhost".to_string(), 8883)
         );
+    }
+
+    #[test]
+    fn issued_certificate_takes_a_fraction_and_joins_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |table: &str| {
+            let text = GOOD.replace("[hub]", &format!("{table}\n[hub]"));
+            Config::load(&write(dir.path(), "config.toml", &text), &no_env)
+        };
+        let plain = with("").unwrap();
+        let issued = with("[provisioning.issued_certificate]").unwrap();
+        assert_eq!(
+            issued.provisioning.issued_certificate.unwrap().renew_at,
+            0.8
+        );
+        assert_ne!(
+            plain.provisioning_fingerprint(),
+            issued.provisioning_fingerprint(),
+            "asking for issued certificates needs a registration"
+        );
+        let half = with("[provisioning.issued_certificate]\nrenew_at = 0.5").unwrap();
+        assert_eq!(
+            half.provisioning_fingerprint(),
+            issued.provisioning_fingerprint(),
+            "the fraction is not part of the identity"
+        );
+        for bad in ["0", "1", "1.5", "-0.2"] {
+            let err = with(&format!(
+                "[provisioning.issued_certificate]\nrenew_at = {bad}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("provisioning.issued_certificate.renew_at")
+                    && err.contains("between 0 and 1"),
+                "{bad}: {err}"
+            );
+        }
+        let err = with("[provisioning.issued_certificate]\nrenew = 0.5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("renew"), "{err}");
     }
 
     #[test]

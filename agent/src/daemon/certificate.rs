@@ -32,6 +32,30 @@ impl LastSaid {
 }
 
 impl Daemon {
+    /// An issued generation has connected to the hub: it becomes `current` and the older ones
+    /// are removed (until now they were kept, in case the new one did not work).
+    pub(super) fn issued_generation_connected(&mut self) {
+        let Some(issued) = self.identity.as_ref().and_then(|i| i.issued.as_ref()) else {
+            return;
+        };
+        let number = issued.generation.number;
+        let store = crate::identity::issued::Store::new(&self.config.agent.state_dir);
+        if store.current() != Some(number) {
+            crate::util::test_hook::abort_at("issued-connected");
+            match store.promote(number) {
+                Ok(()) => tracing::info!(
+                    generation = number,
+                    "the issued certificate connected to the hub; it is now the current one and the older ones are removed"
+                ),
+                Err(e) => tracing::error!(
+                    "cannot record issued certificate generation {number} as current: {e}"
+                ),
+            }
+        }
+        // After the files: whoever sees the generation in the status finds it current on disk.
+        self.status.update(|s| s.issued_generation = Some(number));
+    }
+
     /// Re-reads where the identity certificate stands; logs when that changed; updates status.
     /// Returns when to look again: in an hour, or sooner when the state changes before then.
     pub(super) fn check_certificate(&mut self) -> Duration {
@@ -41,8 +65,19 @@ impl Daemon {
             self.status.update(|s| s.certificate = None);
             return CERTIFICATE_CHECK_EVERY;
         };
-        let Some(validity) = identity.credential.certificate_validity() else {
+        let Some(validity) = identity.hub_credential().0.certificate_validity() else {
             return CERTIFICATE_CHECK_EVERY;
+        };
+        // An issued certificate renews itself: it is 'expiring' once its renewal is overdue.
+        let lead = match (
+            &identity.issued,
+            &self.config.provisioning.issued_certificate,
+        ) {
+            (Some(issued), Some(wanted)) => Duration::from_secs(
+                u64::try_from(validity.not_after - issued.generation.renew_time(wanted.renew_at))
+                    .unwrap_or(0),
+            ),
+            _ => lead,
         };
         let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
         let next = validity
@@ -90,8 +125,12 @@ fn log_expiry(validity: &Validity, expiry: Expiry) {
 pub(super) fn identity_reported(
     certificate: Option<&CertificateStatus>,
     key: Option<&'static str>,
+    issued_generation: Option<u64>,
 ) -> Option<Value> {
     let mut identity = serde_json::Map::new();
+    if let Some(generation) = issued_generation {
+        identity.insert("issuedGeneration".into(), json!(generation));
+    }
     if let Some(c) = certificate {
         identity.insert("certificateNotAfter".into(), json!(c.not_after));
         identity.insert("daysLeft".into(), json!(c.days_left));

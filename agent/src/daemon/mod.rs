@@ -16,6 +16,7 @@ mod certificate;
 mod control;
 pub mod lifecycle;
 mod metrics;
+mod renewal;
 mod session;
 pub mod status;
 mod twin;
@@ -337,6 +338,9 @@ impl Daemon {
                     ),
                     Some(StaleCache::KeyMissing(missing)) => {
                         tracing::warn!("{missing}; registering with DPS again for a new key")
+                    }
+                    Some(StaleCache::Issuance(why)) => {
+                        tracing::info!("{why}; registering with DPS for a new certificate")
                     }
                     None => {}
                 }

@@ -7,11 +7,13 @@ use serde_json::{Value, json};
 
 use super::c2d::{self, Inbox};
 use super::lifecycle::{Event, Lifecycle, Phase};
+use super::renewal::Renewal;
 use super::status::{ConnectionState, RouteMemoryStatus};
 use super::{Command, Daemon};
 use crate::hub::{self, HubParams, SessionEvent, SessionHandle};
 use crate::plugins::calls::C2dMessage;
-use crate::provisioning::DeviceIdentity;
+use crate::provisioning::dps::DpsError;
+use crate::provisioning::{Assignment, DeviceIdentity};
 use crate::state::ProvisioningCache;
 use crate::system::systemd;
 use crate::util::time::now_rfc3339;
@@ -49,8 +51,15 @@ impl Daemon {
         let mut c2d_retry = tokio::time::interval(c2d::RETRY_EVERY);
         let mut inbox = Inbox::new();
         let mut connected = false;
+        let mut renewal = Renewal::new(&self.config, &identity);
         let end = loop {
             tokio::select! {
+                () = renewal.due() => renewal.start(&self.config, &identity, self.auto_route.clone()),
+                outcome = renewal.finished() => {
+                    if let Some(end) = self.renewal_finished(outcome, &mut renewal) {
+                        break end;
+                    }
+                }
                 event = events.recv() => {
                     let Some(event) = event else { break Event::SessionEnded };
                     if let SessionEvent::CloudToDevice { body, properties, token } = event {
@@ -82,6 +91,12 @@ impl Daemon {
                     }
                 }
                 command = self.commands.recv() => {
+                    // With an issued certificate, reprovisioning is a renewal beside the session.
+                    if matches!(command, Some(Command::Reprovision)) && renewal.applies() {
+                        tracing::info!("reprovisioning on request: renewing the issued certificate");
+                        renewal.now();
+                        continue;
+                    }
                     if let Some(end) = self.session_command(command) {
                         break end;
                     }
@@ -107,8 +122,8 @@ impl Daemon {
             websocket: hub.websocket(),
             proxy: crate::provisioning::proxy_route(&self.config, &assignment.hub),
             auto: self.auto_route.clone(),
-            credential: identity.credential.clone(),
-            tls: identity.tls.clone(),
+            credential: identity.hub_credential().0.clone(),
+            tls: identity.hub_credential().1.clone(),
             keep_alive: hub.keep_alive,
             sas_ttl: hub.sas_ttl,
             renew_before: hub.renew_before,
@@ -132,6 +147,7 @@ impl Daemon {
             SessionEvent::Connected => {
                 *connected = true;
                 life.on(Event::Connected);
+                self.issued_generation_connected();
                 let websocket = match &self.auto_route {
                     Some(auto) => auto.websocket(),
                     None => self.config.hub.websocket(),
@@ -240,6 +256,41 @@ impl Daemon {
                 404,
                 json!({"error": format!("unknown method '{other}' (built-in: ping, reprovision, logs, check, restartPlugin; a plugin's: <plugin>.<method>)")}),
             ),
+        }
+    }
+
+    /// A renewal attempt ended: with a new generation stored, the session ends and the next
+    /// start presents it; after a failure the current certificate stays and a retry is scheduled.
+    fn renewal_finished(
+        &mut self,
+        outcome: Result<(Assignment, DeviceIdentity), DpsError>,
+        renewal: &mut Renewal,
+    ) -> Option<Event> {
+        match outcome {
+            Ok((assignment, identity)) => {
+                let (cache, saved) =
+                    crate::provisioning::record(&self.state, &self.config, assignment, &identity);
+                if let Err(e) = saved {
+                    tracing::error!("cannot cache the assignment: {e}");
+                }
+                self.status.update(|s| {
+                    s.provisioned_at = Some(cache.provisioned_at.clone());
+                    s.last_error = None;
+                });
+                self.assignment = Some(cache);
+                self.identity = Some(identity);
+                Some(Event::SessionEnded)
+            }
+            Err(e) => {
+                let delay = renewal.failed();
+                tracing::warn!(
+                    ?delay,
+                    "renewing the issued certificate failed: {e}; the current one stays in use"
+                );
+                self.status
+                    .update(|s| s.last_error = Some(format!("certificate renewal failed: {e}")));
+                None
+            }
         }
     }
 

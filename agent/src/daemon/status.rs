@@ -69,6 +69,9 @@ pub struct Snapshot {
     pub key: Option<&'static str>,
     /// The identity certificate's validity (X.509 only).
     pub certificate: Option<CertificateStatus>,
+    /// With `[provisioning.issued_certificate]`: the generation of the issued certificate that
+    /// connected to the hub (its expiry is `certificate`).
+    pub issued_generation: Option<u64>,
 }
 
 /// What `transport = "auto"` remembers (`route.json`): the route tried first, since when, and

@@ -123,7 +123,7 @@ impl Daemon {
         };
         let identity = self
             .status
-            .read(|s| identity_reported(s.certificate.as_ref(), s.key));
+            .read(|s| identity_reported(s.certificate.as_ref(), s.key, s.issued_generation));
         let wanted = wanted_reported(
             assignment,
             &self.queue.stats(),

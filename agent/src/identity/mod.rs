@@ -1,6 +1,7 @@
 //! Who the device is: key material and SAS signing (`keys`), X.509 identities (`x509`), the TPM
 //! signer (`tpm`, feature `tpm`), the credential an attestation names (`credential`, built from
-//! those) and the TLS client configuration that presents it (`tls`).
+//! those), the TLS client configuration that presents it (`tls`) and the certificates DPS issues
+//! (`issued`: a key and CSR per renewal, generations of key + chain in the state directory).
 //!
 //! Inside, too, a submodule uses only lower rows (`tests/layers.rs` checks this table as it checks
 //! lib.rs's); siblings reach each other through `super::` and this file re-exports nothing, so no
@@ -8,11 +9,13 @@
 //!
 //! | layer | modules |
 //! |---|---|
+//! | 3 | `issued` |
 //! | 2 | `credential` |
 //! | 1 | `x509`, `tpm` |
 //! | 0 | `keys`, `tls` |
 
 pub mod credential;
+pub mod issued;
 pub mod keys;
 pub mod tls;
 #[cfg(feature = "tpm")]

@@ -27,6 +27,9 @@ pub struct DpsRequest {
     pub id_scope: String,
     pub registration_id: String,
     pub payload: Option<Value>,
+    /// A certificate signing request (base64 DER PKCS#10) for DPS certificate issuance
+    /// (docs/credentials.md); it needs the preview api-version.
+    pub csr: Option<String>,
     /// The whole exchange gives up after this (the daemon retries with backoff).
     pub timeout: Duration,
 }
@@ -88,6 +91,9 @@ impl DpsError {
 }
 
 const API_VERSION: &str = "2019-03-31";
+/// The first api-version that knows the registration's `csr` (certificate issuance preview;
+/// Azure refuses a `csr` under older versions: docs/credentials.md).
+const ISSUANCE_API_VERSION: &str = "2025-07-01-preview";
 /// Used when DPS sends no retry-after; also the cap on what it may ask, so a bogus header
 /// cannot park the agent for hours.
 pub(crate) const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(3);
@@ -148,9 +154,13 @@ async fn connect(
         proxy: req.proxy.clone(),
         auto: req.auto.clone(),
         username: format!(
-            "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=hubagent%2F{}",
+            "{}/registrations/{}/api-version={}&ClientVersion=hubagent%2F{}",
             req.id_scope,
             req.registration_id,
+            match req.csr {
+                Some(_) => ISSUANCE_API_VERSION,
+                None => API_VERSION,
+            },
             env!("CARGO_PKG_VERSION")
         ),
         password,
@@ -203,7 +213,11 @@ async fn register_and_poll(
     client: &AsyncClient,
     eventloop: &mut EventLoop,
 ) -> Result<Assignment, DpsError> {
-    let body = json!({"registrationId": req.registration_id, "payload": req.payload}).to_string();
+    let mut body = json!({"registrationId": req.registration_id, "payload": req.payload});
+    if let Some(csr) = &req.csr {
+        body["csr"] = json!(csr);
+    }
+    let body = body.to_string();
     let mut rid: u32 = 0;
     let mut operation: Option<String> = None;
     let mut retries = 0;

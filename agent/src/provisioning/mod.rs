@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Attestation, Config, Source};
 use crate::identity::credential::Credential;
+use crate::identity::issued::{self, Generation};
 use crate::identity::keys;
 use crate::state::{ProvisioningCache, StateDir};
 
@@ -82,6 +83,7 @@ pub fn dps_request(
         id_scope: config.provisioning.id_scope.clone().unwrap_or_default(),
         registration_id: registration_id.to_string(),
         payload: config.payload_json(),
+        csr: None,
         timeout: Duration::from_secs(60),
     })
 }
@@ -254,6 +256,26 @@ pub struct DeviceIdentity {
     pub other_key: Option<Credential>,
     /// Whether `credential` is the secondary key.
     pub on_secondary: bool,
+    /// With `[provisioning.issued_certificate]`: the newest generation DPS issued, which the hub
+    /// gets instead of `credential` (that stays the onboarding credential for DPS).
+    pub issued: Option<IssuedIdentity>,
+}
+
+/// An issued generation and the TLS configuration that presents it.
+#[derive(Clone)]
+pub struct IssuedIdentity {
+    pub generation: Generation,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl DeviceIdentity {
+    /// What the hub gets: the issued certificate when there is one, else the credential.
+    pub fn hub_credential(&self) -> (&Credential, &Arc<rustls::ClientConfig>) {
+        match &self.issued {
+            Some(issued) => (&issued.generation.credential, &issued.tls),
+            None => (&self.credential, &self.tls),
+        }
+    }
 }
 
 impl DeviceIdentity {
@@ -307,13 +329,67 @@ pub fn device_identity(config: &Config) -> Result<DeviceIdentity, IdentityError>
             }),
         None => None,
     };
+    let issued = match &config.provisioning.issued_certificate {
+        Some(_) => newest_issued(config),
+        None => None,
+    };
     Ok(DeviceIdentity {
         registration_id,
         credential,
         tls,
         other_key,
         on_secondary: false,
+        issued,
     })
+}
+
+/// The newest issued generation in the state dir, with its TLS configuration. One that cannot
+/// be used is logged and skipped: the next registration asks DPS for a new one.
+fn newest_issued(config: &Config) -> Option<IssuedIdentity> {
+    let store = issued::Store::new(&config.agent.state_dir);
+    let generation = match store.newest() {
+        Ok(generation) => generation?,
+        Err(e) => {
+            tracing::warn!("issued certificate: {e}; asking DPS for a new one");
+            return None;
+        }
+    };
+    match client_tls(config, &generation.credential) {
+        Ok(tls) => Some(IssuedIdentity { generation, tls }),
+        Err(e) => {
+            tracing::warn!("issued certificate generation {}: {e}", generation.number);
+            None
+        }
+    }
+}
+
+/// The issued chain of a registration that carried a CSR (base64 DER, leaf first), taken out of
+/// the registration state (it is kept in the generation directory, not in the cache).
+fn take_issued_chain(assignment: &mut Assignment) -> Result<Vec<Vec<u8>>, dps::DpsError> {
+    use base64::Engine;
+    let chain = assignment
+        .registration_state
+        .as_object_mut()
+        .and_then(|state| state.remove("issuedCertificateChain"));
+    let Some(serde_json::Value::Array(chain)) = chain else {
+        return Err(dps::DpsError::Protocol(
+            "the registration carried a csr but DPS issued no certificate (registrationState.issuedCertificateChain is missing): does the enrollment issue certificates?".into(),
+        ));
+    };
+    let decoded: Option<Vec<Vec<u8>>> = chain
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok())
+        })
+        .collect();
+    match decoded {
+        Some(chain) if !chain.is_empty() => Ok(chain),
+        _ => Err(dps::DpsError::Protocol(
+            "registrationState.issuedCertificateChain is not a list of base64 DER certificates"
+                .into(),
+        )),
+    }
 }
 
 /// What `resolve` decided.
@@ -333,6 +409,8 @@ pub enum StaleCache {
     /// With DPS TPM attestation, the hub key is gone from the TPM (cleared, evicted): the text
     /// says what was found.
     KeyMissing(String),
+    /// With `[provisioning.issued_certificate]`: no usable issued certificate yet.
+    Issuance(String),
 }
 
 /// The provisioning policy, for the daemon and `hubagent provision` alike: a cached assignment
@@ -357,12 +435,27 @@ pub fn resolve(config: &Config, state: &StateDir, force: bool) -> Resolution {
             reason: Some(StaleCache::SettingsChanged),
         };
     }
-    match attestation_key_missing(config) {
-        Some(missing) => Resolution::Register {
+    if let Some(missing) = attestation_key_missing(config) {
+        return Resolution::Register {
             reason: Some(StaleCache::KeyMissing(missing)),
+        };
+    }
+    match issuance_due(config) {
+        Some(why) => Resolution::Register {
+            reason: Some(StaleCache::Issuance(why)),
         },
         None => Resolution::Cached(cache),
     }
+}
+
+/// With `[provisioning.issued_certificate]` and no usable issued certificate yet: why DPS must
+/// issue one before the hub session. A certificate due for renewal is renewed beside the
+/// session instead (daemon/renewal.rs), so a failing issuance never keeps the device offline.
+pub fn issuance_due(config: &Config) -> Option<String> {
+    config.provisioning.issued_certificate?;
+    newest_issued(config)
+        .is_none()
+        .then(|| "no issued certificate yet".to_string())
 }
 
 /// One registration attempt: DPS (MQTT, or HTTPS for TPM attestation), or, for a manual
@@ -388,7 +481,42 @@ pub async fn register_once(
             registration_state: serde_json::Value::Null,
         });
     };
-    let first = register(config, &request, &identity.credential, identity.tls.clone()).await;
+    let new_key = match config.provisioning.issued_certificate {
+        Some(_) => Some(
+            issued::new_key(&identity.registration_id)
+                .map_err(|e| dps::DpsError::Protocol(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut request = request;
+    request.csr = new_key.as_ref().map(|k| k.csr_base64.clone());
+    crate::util::test_hook::abort_at("issuance-requested");
+    let mut assignment = register_with_either_key(config, identity, &request).await?;
+    if let Some(new_key) = new_key {
+        let chain = take_issued_chain(&mut assignment)?;
+        crate::util::test_hook::abort_at("issuance-answered");
+        let store = issued::Store::new(&config.agent.state_dir);
+        let generation = store
+            .save(&new_key.key_pem, &chain)
+            .map_err(|e| dps::DpsError::Protocol(format!("storing the issued certificate: {e}")))?;
+        let tls = client_tls(config, &generation.credential).map_err(dps::DpsError::Protocol)?;
+        tracing::info!(
+            generation = generation.number,
+            not_after = %generation.validity.not_after_rfc3339(),
+            "DPS issued a certificate; the hub gets it next"
+        );
+        identity.issued = Some(IssuedIdentity { generation, tls });
+    }
+    Ok(assignment)
+}
+
+/// One DPS registration with the key in use, and with the other key when DPS refuses it.
+async fn register_with_either_key(
+    config: &Config,
+    identity: &mut DeviceIdentity,
+    request: &dps::DpsRequest,
+) -> Result<Assignment, dps::DpsError> {
+    let first = register(config, request, &identity.credential, identity.tls.clone()).await;
     match first {
         Err(e) if e.is_unauthorized() && identity.switch_key() => {
             let (refused, trying) = match identity.on_secondary {
@@ -399,7 +527,7 @@ pub async fn register_once(
                 "DPS refused the {refused} key ({e}); trying the {trying} key (secondary_key)"
             );
             let second =
-                register(config, &request, &identity.credential, identity.tls.clone()).await;
+                register(config, request, &identity.credential, identity.tls.clone()).await;
             if second.is_err() {
                 // Neither key works: start over from the configured order next time.
                 identity.switch_key();

@@ -4,4 +4,5 @@ pub mod backoff;
 pub mod encoding;
 pub mod fs;
 pub mod json;
+pub mod test_hook;
 pub mod time;

@@ -346,6 +346,31 @@ pub fn register(
     body: &[u8],
     transport: &str,
 ) -> DpsResponse {
+    register_at_version(
+        sim,
+        id_scope,
+        registration_id,
+        cred,
+        body,
+        (transport, None),
+    )
+}
+
+/// The first api-version whose registrations may carry a `csr` (certificate issuance preview;
+/// docs/credentials.md).
+pub const ISSUANCE_API_VERSION: &str = "2025-07-01-preview";
+
+/// [`register`] for a device that named its api-version (MQTT: in the CONNECT username). A
+/// registration with a `csr` under a version older than [`ISSUANCE_API_VERSION`] is refused,
+/// as Azure refuses it; `None` (in-process callers) skips that check.
+pub fn register_at_version(
+    sim: &Sim,
+    id_scope: &str,
+    registration_id: &str,
+    cred: &DeviceCredential,
+    body: &[u8],
+    (transport, api_version): (&str, Option<&str>),
+) -> DpsResponse {
     let arrived = Arrival::now();
     let outcome = std::cell::RefCell::new(Outcome::default());
     let record = |o: &str, hub: Option<String>, device: Option<String>, att: &str| {
@@ -362,7 +387,7 @@ pub fn register(
         registration_id,
         cred,
         body,
-        transport,
+        (transport, api_version),
         &record,
     );
     let event =
@@ -382,7 +407,7 @@ fn register_answer(
     registration_id: &str,
     cred: &DeviceCredential,
     body: &[u8],
-    transport: &str,
+    (transport, api_version): (&str, Option<&str>),
     record: &Recorder<'_>,
 ) -> DpsResponse {
     if let Some(retry_after) = take_throttle(sim, ThrottledRequests::Register) {
@@ -456,6 +481,17 @@ fn register_answer(
     let mut matched = matched;
     let mut issued = None;
     if let Some(csr) = request.get("csr").filter(|c| !c.is_null()) {
+        // Dates order as text: "2019-03-31" < "2025-07-01-preview".
+        if let Some(version) = api_version.filter(|v| *v < ISSUANCE_API_VERSION) {
+            record("bad-request", None, None, matched.attestation);
+            return error(
+                400,
+                400004,
+                &format!(
+                    "the registration carries a csr, which api-version={version} does not know: certificate issuance needs api-version={ISSUANCE_API_VERSION}"
+                ),
+            );
+        }
         match issue_certificate(sim, registration_id, &matched.common, csr) {
             Ok(chain) => {
                 // The hub knows the device by its issued certificate from now on.

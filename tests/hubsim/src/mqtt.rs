@@ -224,6 +224,8 @@ enum Identity {
     Dps {
         id_scope: String,
         registration_id: String,
+        /// The `api-version=` the device asked for (a registration's `csr` needs the preview).
+        api_version: String,
     },
     Hub {
         hub: String,
@@ -238,9 +240,14 @@ enum Identity {
 fn parse_username(username: &str) -> Result<Identity, String> {
     let parts: Vec<&str> = username.splitn(4, '/').collect();
     if parts.len() == 4 && parts[1] == "registrations" && parts[3].starts_with("api-version=") {
+        let api_version = parts[3]["api-version=".len()..]
+            .split('&')
+            .next()
+            .unwrap_or_default();
         return Ok(Identity::Dps {
             id_scope: parts[0].to_string(),
             registration_id: parts[2].to_string(),
+            api_version: api_version.to_string(),
         });
     }
     if let Some((path, query)) = username.split_once("/?") {
@@ -379,14 +386,14 @@ pub async fn serve_stream(
         Ok(Identity::Dps {
             id_scope,
             registration_id,
+            api_version,
         }) => {
             run_dps(
                 &sim,
                 transport,
                 &connect,
                 over,
-                &id_scope,
-                &registration_id,
+                (&id_scope, &registration_id, &api_version),
                 credential,
             )
             .await
@@ -561,8 +568,7 @@ async fn run_dps(
     mut transport: Transport,
     connect: &Connect,
     over: Over,
-    id_scope: &str,
-    registration_id: &str,
+    (id_scope, registration_id, api_version): (&str, &str, &str),
     credential: DeviceCredential,
 ) -> Result<(), String> {
     let client_id = &connect.client_id;
@@ -631,9 +637,13 @@ async fn run_dps(
                         .await;
                 }
                 maybe_delay(sim).await;
-                let Some((rid, response)) =
-                    dps_request(sim, id_scope, registration_id, &credential, &publish, over)
-                else {
+                let Some((rid, response)) = dps_request(
+                    sim,
+                    (id_scope, registration_id, api_version),
+                    &credential,
+                    &publish,
+                    over,
+                ) else {
                     break format!("unknown DPS topic '{}'", publish.topic);
                 };
                 let mut topic = format!("$dps/registrations/res/{}/?$rid={rid}", response.status);
@@ -666,8 +676,7 @@ fn min_qos1(qos: QoS) -> QoS {
 /// Routes a DPS request topic; `None` for a topic DPS does not know.
 fn dps_request(
     sim: &Sim,
-    id_scope: &str,
-    registration_id: &str,
+    (id_scope, registration_id, api_version): (&str, &str, &str),
     credential: &DeviceCredential,
     publish: &Publish,
     over: Over,
@@ -677,13 +686,13 @@ fn dps_request(
         .strip_prefix("$dps/registrations/PUT/iotdps-register/?")
     {
         let rid = hub::query_param(query, "$rid").unwrap_or_default();
-        let response = dps::register(
+        let response = dps::register_at_version(
             sim,
             id_scope,
             registration_id,
             credential,
             &publish.payload,
-            over.name(),
+            (over.name(), Some(api_version)),
         );
         return Some((rid, response));
     }
@@ -994,7 +1003,8 @@ mod tests {
             ),
             Ok(Identity::Dps {
                 id_scope: "0ne00000001".into(),
-                registration_id: "dev-01".into()
+                registration_id: "dev-01".into(),
+                api_version: "2019-03-31".into(),
             })
         );
         assert_eq!(

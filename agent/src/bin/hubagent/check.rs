@@ -172,6 +172,9 @@ fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::C
     ) {
         checks.push(certificate_expiry(validity, lead));
     }
+    if let Some(wanted) = config.provisioning.issued_certificate {
+        checks.push(issued_certificate(config, wanted.renew_at));
+    }
     secret_files(config, checks);
     plugin_secret_files(config, checks);
     match hubagent::provisioning::client_tls(config, &credential) {
@@ -207,6 +210,58 @@ fn certificate_expiry(validity: Validity, lead: Duration) -> Check {
         (_, e @ Expiry::Expiring { .. }) => fail(id, format!("{}: renew it now", state(e))),
         (e @ Expiry::Expiring { .. }, _) => warn(id, format!("{}: plan its renewal", state(e))),
         (e @ Expiry::Valid { .. }, _) => pass(id, state(e)),
+    }
+}
+
+/// identity.issued: with `[provisioning.issued_certificate]`, the newest generation DPS issued
+/// (the one the hub gets): a warning before the first issuance or once its renewal is overdue, a
+/// failure when it is unusable or has ended.
+fn issued_certificate(config: &Config, renew_at: f64) -> Check {
+    let id = "identity.issued";
+    let store = hubagent::identity::issued::Store::new(&config.agent.state_dir);
+    let generation = match store.newest() {
+        Ok(Some(generation)) => generation,
+        Ok(None) => {
+            return warn(
+                id,
+                "no issued certificate yet: the agent asks DPS for one at its next registration",
+            );
+        }
+        Err(e) => return fail(id, e.to_string()),
+    };
+    let now = i64::try_from(hubagent::util::time::unix_now()).unwrap_or(i64::MAX);
+    let validity = generation.validity;
+    let state = |expiry| {
+        format!(
+            "generation {}: the certificate {}",
+            generation.number,
+            validity.describe(expiry)
+        )
+    };
+    match validity.at(now, Duration::ZERO) {
+        e @ (Expiry::Expired | Expiry::NotYetValid) => fail(
+            id,
+            format!(
+                "{}; the agent registers with DPS for a new one when the hub refuses it",
+                state(e)
+            ),
+        ),
+        e if now >= generation.renew_time(renew_at) => warn(
+            id,
+            format!(
+                "{}; its renewal (after {:.0} % of its lifetime) is overdue: see last_error in hubagent status",
+                state(e),
+                renew_at * 100.0
+            ),
+        ),
+        e => pass(
+            id,
+            format!(
+                "{}; renewed after {:.0} % of its lifetime",
+                state(e),
+                renew_at * 100.0
+            ),
+        ),
     }
 }
 

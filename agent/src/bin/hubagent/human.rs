@@ -35,6 +35,12 @@ pub fn status(answer: &Value) -> String {
             ),
         );
     }
+    if let Some(generation) = answer["issued_generation"].as_u64() {
+        put(
+            "issued cert",
+            format!("generation {generation} (issued by DPS)"),
+        );
+    }
     if answer["key"].is_string() {
         put("key", field("key"));
     }
