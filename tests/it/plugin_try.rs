@@ -164,7 +164,7 @@ fn the_shipped_simulated_sensor_publishes_and_follows_typed_settings() {
         library.to_str().unwrap(),
     ]);
     trial.wait_line("the preflight's verdict", |l| {
-        l.starts_with("plugin hubagent_simulated_sensor: library ABI 1.")
+        l.starts_with("plugin hubagent_simulated_sensor: OK (library ABI 1.")
     });
     trial.wait_line("the sandbox line", |l| l.starts_with("sandbox: "));
     let (first, _) = trial.wait_message("a reading", |b| b["seq"].is_u64());
@@ -274,7 +274,7 @@ fn the_python_example_publishes_and_follows_typed_settings() {
         script.to_str().unwrap(),
     ]);
     trial.wait_line("the exec kind", |l| {
-        l == "plugin sensor: exec /usr/bin/python3"
+        l == "plugin sensor: OK (exec /usr/bin/python3)"
     });
     trial.wait_message("a reading from the lab", |b| b["room"] == "lab");
     trial.send(r#"{"room": "kitchen"}"#);

@@ -284,7 +284,7 @@ impl Daemon {
             Err(e) => {
                 let delay = renewal.failed();
                 tracing::warn!(
-                    ?delay,
+                    delay = %humantime::format_duration(delay),
                     "renewing the issued certificate failed: {e}; the current one stays in use"
                 );
                 self.status
