@@ -935,6 +935,8 @@ async fn logs_and_check_direct_methods_diagnose_from_the_cloud() {
         "{answer}"
     );
     assert!(lines.iter().all(|l| l["plugin"] == "broken"), "{answer}");
+    // Not under systemd: the lines kept in memory (the system test sees the journal's).
+    assert_eq!(answer["source"], "memory", "{answer}");
     // Warnings and worse, the newest two.
     let (_, answer) = call(serde_json::json!({"level": "warn", "limit": 2})).await;
     let lines = answer["lines"].as_array().unwrap();

@@ -150,6 +150,7 @@ root="" sim="" hubsim_pid="" proxy_pid=""
 cleanup() {
     if [ -n "$hubsim_pid" ]; then kill "$hubsim_pid" 2>/dev/null || true; fi
     if [ -n "$proxy_pid" ]; then kill "$proxy_pid" 2>/dev/null || true; fi
+    if [ -n "${logs_caller_pid:-}" ]; then kill "$logs_caller_pid" 2>/dev/null || true; fi
     kill "$swtpm_pid" 2>/dev/null || true
     ip netns del "$proxy_ns" 2>/dev/null || true
     rm -rf "$root" "$sim" "$swtpm_dir"
@@ -242,6 +243,18 @@ EOF
     # minbase has no /etc/hosts: the agent must resolve "localhost" (the hubsim on the host).
     printf '127.0.0.1 localhost deb-nspawn\n::1 localhost ip6-localhost\n' >"$root/etc/hosts"
 
+    # The cloud's side of remote diagnostics: when the scenario names a device in
+    # /root/logs-request, the `logs` direct method is invoked on it through hubsim's service API
+    # (as Azure's service SDK would) and the answer left in /root/logs-answer.json.
+    (
+        for _ in $(seq 1200); do [ -s "$root/root/logs-request" ] && break; sleep 0.5; done
+        api POST "/twins/$(cat "$root/root/logs-request")/methods" \
+            '{"methodName":"logs","payload":{"limit":500},"responseTimeoutInSeconds":25}' \
+            >"$root/root/logs-answer.tmp" 2>&1
+        mv "$root/root/logs-answer.tmp" "$root/root/logs-answer.json"
+    ) &
+    logs_caller_pid=$!
+
     log "$release: booting the container"
     # nspawn's own system call allow list (systemd 252) predates Landlock: without these the
     # container's kernel would look as if it had none, and the plugin sandbox could not be seen.
@@ -250,6 +263,8 @@ EOF
         --bind-ro="/run/netns/$proxy_ns:/run/netns/proxy-only" --capability=CAP_NET_ADMIN \
         >"$work/nspawn-$release.log" 2>&1 </dev/null || true
 
+    kill "$logs_caller_pid" 2>/dev/null || true
+    wait "$logs_caller_pid" 2>/dev/null || true
     # Verdict: what the container recorded, and what hubsim saw.
     local out="$root/root/e2e-out.txt"
     if [ ! -f "$out" ]; then
@@ -303,6 +318,15 @@ EOF
         expect "^userns host"
     fi
     expect "^restarted .*ActiveState=active SubState=running"
+    # The logs method under systemd reads the journal, so it reaches back past the restart: the
+    # connection before it and the one after (the lines kept in memory hold only the second).
+    local logs_seen
+    logs_seen="$(python3 -c 'import json,sys
+answer=json.load(sys.stdin)
+payload=answer["payload"]
+connects=sum("connected to the hub" in line["message"] for line in payload["lines"])
+print(answer["status"], payload.get("source"), connects, payload.get("journalError", "-"))' <"$root/root/logs-answer.json" 2>&1)"
+    [[ "$logs_seen" =~ ^200\ journal\ ([2-9]|[1-9][0-9]+)\ - ]] || { echo "$release: the logs method (status, source, connections, journal error): $logs_seen: expected 200 from the journal with the connections before and after the restart"; fail=1; }
     expect "^scope-reload ok"
     expect "^scope-reloaded .*as gw-sys-1.*ActiveState=active"
     expect "^reload ok"

@@ -162,6 +162,11 @@ rec "security $(grep -o 'Overall exposure level for hubagent.service: .*' /root/
 rec "security-reprovision $(systemd-analyze security --no-pager hubagent-reprovision 2>&1 | grep -o 'Overall exposure level.*')"
 systemctl restart hubagent
 wait_status "connected to" && rec "restarted $(show)" || rec "restart-failed $(show)"
+# Remote diagnostics: the cloud asks for the agent's recent lines (deb-nspawn.sh invokes the
+# `logs` direct method from the host and checks that they reach back past the restart).
+echo gw-sys-1 >/root/logs-request
+for _ in $(seq 120); do [ -f /root/logs-answer.json ] && break; sleep 0.5; done
+rec "logs-method $([ -f /root/logs-answer.json ] && echo answered || echo "no answer")"
 # The gateway moves to another DPS instance: only the ID scope changes.
 before=$(provisioned_at)
 sed -i 's/^id_scope = .*/id_scope = "0ne000000B2"/' /etc/hubagent/config.toml

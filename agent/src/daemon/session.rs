@@ -208,6 +208,14 @@ impl Daemon {
                         tracing::info!(method = %name, status = code, "direct method");
                         session.respond_to_method(&rid, code, answer);
                     });
+                } else if name == "logs" {
+                    // Under systemd, a journalctl query: answered from its own task.
+                    let session = session.clone();
+                    tokio::spawn(async move {
+                        let (code, answer) = recent_logs(payload).await;
+                        tracing::info!(method = %name, status = code, "direct method");
+                        session.respond_to_method(&rid, code, answer);
+                    });
                 } else {
                     let (code, answer) = self.direct_method(&name, payload);
                     tracing::info!(method = %name, status = code, "direct method");
@@ -231,7 +239,6 @@ impl Daemon {
                 let _ = self.commands_tx.send(Command::Reprovision);
                 (202, json!({"status": "reprovisioning"}))
             }
-            "logs" => recent_logs(payload),
             "restartPlugin" => {
                 let Some(name) = payload.get("name").and_then(Value::as_str) else {
                     return (400, json!({"error": "write {\"name\": \"<plugin>\"}"}));
@@ -317,9 +324,11 @@ impl Daemon {
 const METHOD_ANSWER_BYTES: usize = 100 * 1024;
 
 /// The `logs` method: the agent's recent log lines, filtered by `plugin`, `level`, `since` and
-/// `limit` (docs/operations in README, "Remote diagnostics").
-fn recent_logs(payload: Value) -> (u16, Value) {
-    let query: crate::system::recent_logs::Query = match payload {
+/// `limit` (README, "Remote diagnostics"): from the journal when the agent logs there and may read
+/// it (past restarts), else from the lines kept in memory since it started. `source` says which.
+async fn recent_logs(payload: Value) -> (u16, Value) {
+    use crate::system::{journal, logging, recent_logs};
+    let query: recent_logs::Query = match payload {
         Value::Null => Default::default(),
         other => match serde_json::from_value(other) {
             Ok(query) => query,
@@ -331,10 +340,33 @@ fn recent_logs(payload: Value) -> (u16, Value) {
             }
         },
     };
-    match crate::system::recent_logs::recent(&query, METHOD_ANSWER_BYTES) {
-        Ok((lines, left_out)) => (200, json!({"lines": lines, "leftOut": left_out})),
-        Err(e) => (400, json!({"error": e})),
+    let filter = match recent_logs::Filter::new(&query) {
+        Ok(filter) => filter,
+        Err(e) => return (400, json!({"error": e})),
+    };
+    let journal_error = match logging::logs_to_journal() {
+        false => None,
+        true => match journal::recent(&filter, METHOD_ANSWER_BYTES).await {
+            Ok((lines, left_out)) => {
+                return (
+                    200,
+                    json!({"lines": lines, "leftOut": left_out, "source": "journal"}),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the logs method cannot read the journal ({e}); answering from memory"
+                );
+                Some(e)
+            }
+        },
+    };
+    let (lines, left_out) = recent_logs::recent(&filter, METHOD_ANSWER_BYTES);
+    let mut answer = json!({"lines": lines, "leftOut": left_out, "source": "memory"});
+    if let Some(e) = journal_error {
+        answer["journalError"] = json!(e);
     }
+    (200, answer)
 }
 
 /// How long the `check` method may take: below the hub's default method timeout of 30 s.

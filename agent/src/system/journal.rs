@@ -2,7 +2,9 @@
 //! there: unlike the in-memory ring (recent_logs.rs) they reach back past restarts and crashes.
 //! Read with Debian's `journalctl` (the journal's own reader; a libsystemd binding would add a
 //! C library for one query). The unit runs with `SupplementaryGroups=systemd-journal` so its user
-//! may read the journal; only this unit's entries written by the agent are asked for.
+//! may read the journal (docs/security.md says what that means for plugins); only the entries the
+//! agent wrote itself, as its own user (and in its own unit where the cgroup names it), are asked
+//! for.
 
 use std::time::Duration;
 
@@ -14,8 +16,9 @@ use super::recent_logs::{Filter, LEVELS, LogLine, cut_line, pick};
 const JOURNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The systemd service this process runs in (`hubagent.service`), from its cgroup; `None` outside
-/// a service (a terminal, a test).
-pub fn own_unit() -> Option<String> {
+/// a service (a terminal, a test) and in a private cgroup namespace (systemd >= 257 with
+/// `ProtectControlGroups=private`, where the cgroup reads "/").
+fn own_unit() -> Option<String> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     unit_of_cgroup(&cgroup)
 }
@@ -29,23 +32,33 @@ fn unit_of_cgroup(cgroup: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The newest of `unit`'s agent lines matching `filter`, oldest first, within `max_bytes` of JSON;
+fn own_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The newest of the agent's lines matching `filter`, oldest first, within `max_bytes` of JSON;
 /// whether older matching lines were left out. An error says why the journal could not answer
 /// (not installed, not readable by this user), so the caller can fall back to the ring.
-pub async fn recent(
-    unit: &str,
-    filter: &Filter,
-    max_bytes: usize,
-) -> Result<(Vec<LogLine>, bool), String> {
+pub async fn recent(filter: &Filter, max_bytes: usize) -> Result<(Vec<LogLine>, bool), String> {
     let mut command = tokio::process::Command::new("journalctl");
     command
         .args(["--no-pager", "--output=json", "--reverse"])
         .arg(format!("--lines={}", filter.limit.saturating_add(1)))
         .arg(format!("--priority=0..{}", priority(filter.max_rank)))
-        .arg(format!("_SYSTEMD_UNIT={unit}"))
-        .arg("SYSLOG_IDENTIFIER=hubagent")
+        .arg(format!("_UID={}", own_uid()))
+        .arg(format!(
+            "SYSLOG_IDENTIFIER={}",
+            super::logging::SYSLOG_IDENTIFIER
+        ))
+        // Only what the agent logged natively (the lines its memory also keeps), not what a
+        // process wrote to the unit's stdout or stderr.
+        .arg("_TRANSPORT=journal")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
+    if let Some(unit) = own_unit() {
+        command.arg(format!("_SYSTEMD_UNIT={unit}"));
+    }
     if let Some(plugin) = &filter.plugin {
         command.arg(format!("PLUGIN={plugin}"));
     }
@@ -58,8 +71,12 @@ pub async fn recent(
         .map_err(|e| format!("cannot run journalctl: {e}"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Unprivileged, journalctl still exits 0, with what it may read (nothing of a system
-    // service) and a hint on stderr.
-    if !output.status.success() || stderr.contains("permission") {
+    // service) and a hint on stderr ("not seeing messages from other users and the system",
+    // "insufficient permissions"); without journal files it says "No journal files".
+    let cannot_see = ["permission", "not seeing messages", "No journal files"]
+        .iter()
+        .any(|hint| stderr.contains(hint));
+    if !output.status.success() || cannot_see {
         return Err(format!(
             "journalctl: {}",
             stderr.trim().lines().next().unwrap_or("failed")

@@ -8,6 +8,17 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+/// The identifier the agent's journal entries carry (`journalctl SYSLOG_IDENTIFIER=hubagent`).
+pub const SYSLOG_IDENTIFIER: &str = "hubagent";
+
+static TO_JOURNAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether this process's log lines go to the systemd journal (so the `logs` method may read
+/// them back from there, past restarts).
+pub fn logs_to_journal() -> bool {
+    TO_JOURNAL.get().copied().unwrap_or(false)
+}
+
 /// Installs the global subscriber. `level` is an env-filter directive ("info", "hubagent=debug");
 /// `RUST_LOG` overrides it.
 pub fn init(level: &str, format: LogFormat) {
@@ -22,10 +33,13 @@ pub fn init(level: &str, format: LogFormat) {
     let sink: Box<dyn Layer<_> + Send + Sync> = if use_journal {
         match tracing_journald::layer() {
             // Fields keep their names, upper-cased, without a prefix: `journalctl DEVICE=…` works.
-            Ok(journal) => journal
-                .with_field_prefix(None)
-                .with_syslog_identifier("hubagent".into())
-                .boxed(),
+            Ok(journal) => {
+                let _ = TO_JOURNAL.set(true);
+                journal
+                    .with_field_prefix(None)
+                    .with_syslog_identifier(SYSLOG_IDENTIFIER.into())
+                    .boxed()
+            }
             Err(_) => text_layer(),
         }
     } else if format == LogFormat::Json {

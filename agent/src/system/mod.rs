@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod hardening;
+pub mod journal;
 pub mod logging;
 pub mod recent_logs;
 pub mod systemd;
