@@ -163,10 +163,24 @@ rec "security-reprovision $(systemd-analyze security --no-pager hubagent-reprovi
 systemctl restart hubagent
 wait_status "connected to" && rec "restarted $(show)" || rec "restart-failed $(show)"
 # Remote diagnostics: the cloud asks for the agent's recent lines (deb-nspawn.sh invokes the
-# `logs` direct method from the host and checks that they reach back past the restart).
-echo gw-sys-1 >/root/logs-request
-for _ in $(seq 120); do [ -f /root/logs-answer.json ] && break; sleep 0.5; done
-rec "logs-method $([ -f /root/logs-answer.json ] && echo answered || echo "no answer")"
+# `logs` direct method from the host and checks that they reach back past the restart)...
+logs_request() { # N: ask the host for the Nth logs call and wait for its answer
+    echo gw-sys-1 >/root/logs-request-"$1"
+    for _ in $(seq 120); do [ -f /root/logs-answer-"$1".json ] && break; sleep 0.5; done
+    rec "logs-method-$1 $([ -f /root/logs-answer-"$1".json ] && echo answered || echo "no answer")"
+}
+logs_request 1
+# ...and, when the operator takes the systemd-journal group away (docs/security.md), from memory.
+mkdir -p /etc/systemd/system/hubagent.service.d
+printf '[Service]\nSupplementaryGroups=\nSupplementaryGroups=tss\n' >/etc/systemd/system/hubagent.service.d/no-journal.conf
+systemctl daemon-reload
+systemctl restart hubagent
+wait_status "connected to" && rec "no-journal-restarted $(show)" || rec "no-journal-restart-failed $(show)"
+logs_request 2
+rm /etc/systemd/system/hubagent.service.d/no-journal.conf
+systemctl daemon-reload
+systemctl restart hubagent
+wait_status "connected to" && rec "journal-restarted $(show)" || rec "journal-restart-failed $(show)"
 # The gateway moves to another DPS instance: only the ID scope changes.
 before=$(provisioned_at)
 sed -i 's/^id_scope = .*/id_scope = "0ne000000B2"/' /etc/hubagent/config.toml
