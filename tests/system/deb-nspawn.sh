@@ -217,6 +217,11 @@ print(*[x.getsockname()[1] for x in s])')
     proxy_pid=$!
     key1="$(api PUT /enrollments/gw-sys-1 '{"registrationId":"gw-sys-1","attestation":{"type":"symmetricKey"}}' | key_of)" || return 1
     key2="$(api PUT /enrollments/gw-sys-2 '{"registrationId":"gw-sys-2","attestation":{"type":"symmetricKey"}}' | key_of)" || return 1
+    # A third enrollment whose registrations get a certificate issued by a hubsim CA, valid for
+    # 50 s from a minute back (docs/hubsim.md): renewed under systemd at the scenario's end.
+    local key3
+    target/debug/hubsim certs root --out "$sim/issuing-ca" --cn "issuing-ca" >/dev/null || return 1
+    key3="$(api PUT /enrollments/gw-sys-3 '{"registrationId":"gw-sys-3","attestation":{"type":"symmetricKey"},"certificateIssuance":{"issuerDir":"'"$sim/issuing-ca"'","validitySeconds":50}}' | key_of)" || return 1
 
     # What the operator does, inside the container, as a oneshot unit that records each result.
     cp "$deb" "$root/root/hubagent.deb"
@@ -225,6 +230,7 @@ print(*[x.getsockname()[1] for x in s])')
     cp "$sim/ca.pem" "$root/root/hubsim-ca.pem"
     printf '%s\n' "$key1" >"$root/root/key1"
     printf '%s\n' "$key2" >"$root/root/key2"
+    printf '%s\n' "$key3" >"$root/root/key3"
     printf 'MQTT_PORT=%s\nSWTPM_PORT=%s\nPROXY=http://%s:%s\n' "$mqtt" "$swtpm_port" "$proxy_host_ip" "$proxy_port" >"$root/root/e2e.env"
     install -m 0755 tests/system/scenario.sh "$root/root/e2e.sh"
     cat >"$root/etc/systemd/system/e2e.service" <<'EOF'
@@ -363,6 +369,8 @@ print(answer["status"], payload.get("source"), connects, payload.get("journalErr
         grep -q "CONNECT $tunnel " "$sim/tinyproxy.log" || { echo "$release: the proxy carried no tunnel to $tunnel"; fail=1; }
     done
     expect "^journal-fields [1-9][0-9]* connects of gw-sys-2"
+    expect "^issued-first generation=1"
+    expect "^issued-renewed generation=2 files=gen-2 current=gen-2"
     expect "^after-remove state=kept config=kept"
     expect "^after-purge state=gone config=gone"
     expect "^DONE"
@@ -377,6 +385,7 @@ print(answer["status"], payload.get("source"), connects, payload.get("journalErr
     # The ID scope of each successful registration, in order.
     scopes() { python3 -c "import json,sys; print(' '.join(r['idScope'] for r in json.load(sys.stdin) if r['registrationId']=='$1' and r['outcome']=='assigned'))" <<<"$registrations"; }
     [ "$(scopes gw-sys-1)" = "0ne00000001 0ne000000B2" ] || { echo "$release: gw-sys-1 registered under [$(scopes gw-sys-1)]: expected the first scope once (the restart uses the cache), then the new one after the reload"; fail=1; }
+    [ "$(scopes gw-sys-3)" = "0ne000000B2 0ne000000B2" ] || { echo "$release: gw-sys-3 registered under [$(scopes gw-sys-3)]: expected the first issuance and the renewal"; fail=1; }
     [ "$(scopes gw-sys-2)" = "0ne000000B2 0ne000000B2 0ne000000B2" ] || { echo "$release: gw-sys-2 registered under [$(scopes gw-sys-2)]: expected reload, reprovision and the registration through the proxy in the new scope"; fail=1; }
     messages="$(api GET /sim/telemetry/gw-sys-1 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')"
     [ "$messages" -gt 0 ] || { echo "$release: no telemetry from the installed agent"; fail=1; }

@@ -257,6 +257,20 @@ systemctl daemon-reload
 # their own, e.g. 127.0.0.2.)
 hub=$(hubagent status --json | tr -d '\n ' | grep -o '"hub":"[^"]*"' | cut -d'"' -f4)
 rec "journal-fields $(journalctl -u hubagent --no-pager -o cat DEVICE=gw-sys-2 "HUB=$hub" | grep -c 'connected to the hub') connects of gw-sys-2 to ${hub:-no hub}"
+# Certificate renewal under systemd (docs/credentials.md): the gateway moves to an enrollment
+# whose registrations get a certificate issued by DPS, valid for a short time; the agent connects
+# with it, then renews it at 70 % of its lifetime by itself, in the unit's sandbox.
+issued() { hubagent status --json 2>/dev/null | tr -d '\n ' | grep -o '"issued_generation":[0-9]*' | cut -d: -f2; }
+install -m 0600 -o hubagent -g hubagent /root/key3 /etc/hubagent/device.key
+sed -i 's/gw-sys-2/gw-sys-3/' /etc/hubagent/config.toml
+printf '\n[provisioning.issued_certificate]\nrenew_at = 0.7\n' >>/etc/hubagent/config.toml
+systemctl reload hubagent && rec "issued-reload ok"
+for _ in $(seq 120); do [ "$(issued)" = 1 ] && show | grep -q "as gw-sys-3" && break; sleep 0.5; done
+rec "issued-first generation=$(issued) $(show)"
+for _ in $(seq 120); do [ "$(issued)" = 2 ] && break; sleep 0.5; done
+# Once generation 2 has connected, it is `current` and generation 1 is removed.
+for _ in $(seq 40); do [ "$(readlink /var/lib/hubagent/issued/current)" = gen-2 ] && break; sleep 0.5; done
+rec "issued-renewed generation=$(issued) files=$(cd /var/lib/hubagent/issued && ls -d gen-* | tr '\n' ' ' | sed 's/ $//') current=$(readlink /var/lib/hubagent/issued/current) $(show)"
 journalctl -u hubagent --no-pager -o cat >/root/e2e-journal.txt 2>&1
 apt-get remove -y hubagent </dev/null >>/root/e2e-dpkg.log 2>&1 && rec "remove ok"
 rec "after-remove state=$(test -d /var/lib/hubagent && echo kept || echo gone) config=$(test -f /etc/hubagent/config.toml && echo kept || echo gone)"
