@@ -371,10 +371,9 @@ impl Daemon {
             tracing::warn!("{problem}");
             systemd::status("waiting for the system clock to be set");
         }
-        self.status.update(|s| {
-            s.connection = ConnectionState::Disconnected;
-            s.last_error = Some(problem);
-        });
+        // `clock` in the status says why (read afresh at each snapshot, not copied here).
+        self.status
+            .update(|s| s.connection = ConnectionState::Disconnected);
         life.on(Event::ClockUnset);
         false
     }
