@@ -426,7 +426,8 @@ impl Loaded {
     fn placed(&self, enqueued_ms: u64) -> Instant {
         // A record "from the future" (the clock went back since) counts as just enqueued; so
         // does one written by a clock that could not be true (1970 on a board without an RTC):
-        // its age is unknown, and decades would drop it unsent.
+        // its age is unknown. Said here rather than left to `checked_sub` below, which today
+        // gives None for an age beyond the uptime (decades) and so keeps it too, by accident.
         if enqueued_ms < EARLIEST_TRUE_TIME * 1000 {
             return self.mono_now;
         }
@@ -1030,6 +1031,8 @@ mod tests {
         seg.extend(raw_record(2, unix_millis() + 24 * hour, &msg(2)));
         seg.extend(raw_record(3, unix_millis() - 1000, &msg(3)));
         // Written at 1970 (a board without an RTC), the clock set since: age unknown, kept.
+        // (Without the explicit rule in `placed` it is kept too: an age beyond the uptime does
+        // not fit an Instant. This pins the outcome, whichever way it comes about.)
         seg.extend(raw_record(4, 5_000, &msg(4)));
         std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), seg).unwrap();
         let (q, warnings) = Queue::open(
