@@ -823,8 +823,9 @@ fn libfaketime() -> std::path::PathBuf {
         .expect("libfaketime.so.1 not found: install Debian's libfaketime (tests/setup.sh)")
 }
 
-/// Sets the agent's wall-clock offset ("+3h", "-2h", "+0"); libfaketime rereads it on every
-/// clock call. Written atomically so the agent never reads half a file.
+/// Sets the agent's wall-clock offset ("+3h", "-2h", "+0"), or a start time it runs on from
+/// ("@1970-01-01 00:00:05"); libfaketime rereads it on every clock call. Written atomically so
+/// the agent never reads half a file.
 fn set_clock_offset(file: &std::path::Path, offset: &str) {
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, format!("{offset}\n")).unwrap();
@@ -1091,6 +1092,155 @@ async fn clock_behind_at_boot_then_corrected() {
         "clock-behind",
         json!({
             "scenario": "clock 2 h behind at boot (1 h tokens refused by DPS), then corrected",
+            "recovery_seconds": recovery.as_secs_f64(),
+        }),
+    )
+    .await;
+}
+
+/// `hubagent check --json` under the fake clock in `clock`: the `clock.sane` entry.
+fn clock_check_under_faketime(s: &Scenario, clock: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(hubagent_bin())
+        .args(["--config", s.config.to_str().unwrap(), "check", "--json"])
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --json printed no report ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    check_entry(&report, "clock.sane")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_at_1970_at_boot_then_set() {
+    let id = "fault-clock-1970";
+    let mut s = Scenario::new(id, "").await;
+    let clock = s.dir.path().join("faketime");
+    // A board without an RTC: the clock starts at the epoch and runs on from there.
+    set_clock_offset(&clock, "@1970-01-01 00:00:05");
+    let agent = start_with_faketime(&s, &clock);
+    let unset = "before this build of hubagent was made";
+    // The status says what is wrong: the JSON field and the line a person reads.
+    let st = agent
+        .wait_status("the clock problem in the status", |st| {
+            st["clock"].as_str().is_some_and(|c| c.contains(unset))
+        })
+        .await;
+    let problem = st["clock"].as_str().unwrap();
+    for words in [
+        "the system clock reads 1970-01-01T00:00:",
+        "TLS certificates look not yet valid and SAS tokens expired",
+        "waiting for the clock to be set (NTP, systemd-timesyncd)",
+    ] {
+        assert!(problem.contains(words), "{words:?} missing: {st}");
+    }
+    let human = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("  clock:") && l.contains("reads 1970-01-01T")),
+        "{human}"
+    );
+    // `hubagent check` on the same clock fails `clock.sane` with the same words.
+    let check = clock_check_under_faketime(&s, &clock);
+    assert_eq!(check["result"], "fail", "{check}");
+    assert!(check["detail"].as_str().unwrap().contains(unset), "{check}");
+
+    // Ten seconds and more of waiting: the sensor's readings go to the queue, no attempt is
+    // made at DPS or the hub, and the agent idles. CPU is a correctness bound (a retry loop
+    // without a pause burns a core), not a benchmark: under 10% of the wait, the sensor's 20
+    // queued readings a second included.
+    let pid = agent.child.id();
+    let cpu_before = cpu_seconds(pid);
+    let waiting = Instant::now();
+    wait_pushed(&agent, 200).await;
+    let waited = waiting.elapsed();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    assert!(
+        waited >= Duration::from_secs(9) && cpu < 0.1 * waited.as_secs_f64(),
+        "{cpu:.2} s CPU in {:.1} s of waiting for the clock:\n{}",
+        waited.as_secs_f64(),
+        agent.log_text()
+    );
+    let queued = agent.status()["queue"]["depth"].as_u64().unwrap_or(0);
+    assert!(queued >= 200, "the readings wait in the queue: {queued}");
+    assert_eq!(hub_connects(s.sim(), id), 0, "{}", agent.log_text());
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches(unset).count(),
+        1,
+        "the clock problem is logged once:\n{log}"
+    );
+    assert!(
+        !log.contains("DPS registration failed"),
+        "no attempt with the clock at 1970:\n{log}"
+    );
+
+    // NTP sets the clock: connected within seconds, not after a retry wait.
+    set_clock_offset(&clock, "+0");
+    let set = Instant::now();
+    assert!(
+        s.sim()
+            .wait_until(Duration::from_secs(15), |sim| hub_connects(sim, id) >= 1)
+            .await,
+        "not connected within 15 s of the clock being set:\n{}",
+        agent.log_text()
+    );
+    let recovery = set.elapsed();
+    agent
+        .wait_status("the clock fine again", |st| {
+            st["clock"].is_null() && st["connection"] == "connected"
+        })
+        .await;
+    assert!(
+        agent.log_text().contains("the system clock is set now"),
+        "{}",
+        agent.log_text()
+    );
+
+    // A reboot at 1970 again, now with the assignment cached: the hub session waits for the
+    // clock the same way (the `Session` phase's look at the clock, not only `Register`'s). A
+    // clean stop, which writes the queue's position: a kill -9 right after the backlog went out
+    // would send it all again (duplicates are another scenario's subject).
+    s.acked.note_sensor(&agent, SENSOR).await;
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0), "{log}");
+    set_clock_offset(&clock, "@1970-01-01 00:00:05");
+    let connects = hub_connects(s.sim(), id);
+    let agent = start_with_faketime(&s, &clock);
+    agent
+        .wait_status("the clock problem after the reboot", |st| {
+            st["clock"].as_str().is_some_and(|c| c.contains(unset))
+                && st["provisioning"] == "cached"
+        })
+        .await;
+    wait_pushed(&agent, 40).await;
+    assert_eq!(hub_connects(s.sim(), id), connects, "{}", agent.log_text());
+    // Stopped while still at 1970: its queue holds readings stamped 1970. Started again with
+    // the clock set, the queue must not take them for 56 years old (max_age 7 d) and drop them.
+    s.acked.note_sensor(&agent, SENSOR).await;
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0), "{log}");
+    set_clock_offset(&clock, "+0");
+    let agent = start_with_faketime(&s, &clock);
+    s.wait_telemetry(&agent, telemetry_count(s.sim(), id) + 40)
+        .await;
+    let st = agent.status();
+    assert_eq!(st["queue"]["dropped_expired"], 0, "{st}");
+    // Everything the sensor was told was queued, in all three runs, arrives (the loss check).
+    s.finish(
+        agent,
+        "clock-1970",
+        json!({
+            "scenario": "clock at 1970 at boot (no RTC) for 10 s, then set; again after a reboot with the assignment cached, stopped at 1970 and restarted with the clock set; 20 msg/s",
+            "queued_waiting": queued,
+            "cpu_waiting_percent": cpu / waited.as_secs_f64() * 100.0,
             "recovery_seconds": recovery.as_secs_f64(),
         }),
     )

@@ -14,6 +14,11 @@ pub const CREDENTIAL_RETRY: Duration = Duration::from_secs(60);
 /// operator may fix the enrollment without touching the gateway, but DPS must not be hammered.
 pub const DPS_REFUSAL_RETRY: Duration = Duration::from_secs(60);
 
+/// How long a wait for an unset clock lasts before the clock is looked at again. The wait ends
+/// within a second of the clock being set (`daemon/mod.rs`, `wait_for_command`); this only bounds
+/// how long a clock set without a step (slewed, which NTP does not do over years) goes unseen.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(60);
+
 /// Where the daemon stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Phase {
@@ -42,6 +47,9 @@ pub enum Event {
     Registered,
     /// `Register`: the attempt failed; `transient` for network trouble and throttling.
     RegistrationFailed { transient: bool },
+    /// `Register` or `Session`, before any attempt: the wall clock reads a time before this
+    /// build was made (1970 on a board without an RTC), so no certificate or token can work.
+    ClockUnset,
     /// `Session`: the hub accepted the connection.
     Connected,
     /// `Session`: the hub refused the credentials.
@@ -115,6 +123,10 @@ impl Lifecycle {
                 self.registration_backoff.reset();
                 Some(Phase::Register)
             }
+
+            // No attempt with a clock that cannot be true: wait for it, then the same phase.
+            (Phase::Register, ClockUnset) => Some(wait(CLOCK_RECHECK, Phase::Register)),
+            (Phase::Session, ClockUnset) => Some(wait(CLOCK_RECHECK, Phase::Session)),
 
             (Phase::Register, Registered) => {
                 self.force_registration = false;
@@ -243,6 +255,27 @@ mod tests {
         assert_eq!(delay_of(life.phase()), CREDENTIAL_RETRY);
         assert_eq!(life.on(Event::Reprovision), &Phase::Start);
         assert!(!life.registration_forced());
+    }
+
+    #[test]
+    fn an_unset_clock_waits_then_tries_the_same_phase_without_spending_backoff() {
+        let mut life = Lifecycle::default();
+        life.on(Event::RegistrationNeeded);
+        assert_eq!(delay_of(life.on(Event::ClockUnset)), CLOCK_RECHECK);
+        assert_eq!(life.on(Event::WaitOver), &Phase::Register);
+        // The registration backoff is untouched: the first failure after the clock is set
+        // waits as little as a first failure.
+        let first = delay_of(life.on(Event::RegistrationFailed { transient: true }));
+        assert!(first <= Duration::from_secs(2), "{first:?}");
+
+        let mut life = Lifecycle::default();
+        life.on(Event::CacheFits);
+        assert_eq!(delay_of(life.on(Event::ClockUnset)), CLOCK_RECHECK);
+        assert_eq!(life.on(Event::WaitOver), &Phase::Session);
+        assert!(!life.registration_forced());
+        // Not from Start: the identity is loaded whatever the clock.
+        let mut life = Lifecycle::default();
+        assert_eq!(life.on(Event::ClockUnset), &Phase::Start);
     }
 
     #[test]

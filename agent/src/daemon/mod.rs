@@ -39,7 +39,7 @@ use crate::system::control as control_socket;
 use crate::system::systemd;
 use crate::telemetry::pump::pump;
 use crate::telemetry::{DurablePublisher, Queue, QueueError, QueueSettings};
-use crate::util::time::ClockWatch;
+use crate::util::time::{ClockWatch, clock_problem, now_rfc3339};
 use control::ControlHandler;
 use lifecycle::{Event, Lifecycle, Phase};
 use status::{ConnectionState, ProvisioningState, Status};
@@ -159,6 +159,8 @@ struct Daemon {
     /// What the credential and trust files read at the last (re)load: a reload that changes
     /// them renews the hub session even when the configuration text is the same.
     connection_files: String,
+    /// The log said the clock cannot be true (said once, until it is set).
+    clock_said: bool,
 }
 
 /// After the hub refused one symmetric key, the identity (freshly loaded, on the primary) presents
@@ -290,6 +292,7 @@ impl Daemon {
             certificate_said: Default::default(),
             hub_refused_secondary: None,
             auto_route,
+            clock_said: false,
         };
         Ok((daemon, background))
     }
@@ -349,8 +352,37 @@ impl Daemon {
         }
     }
 
+    /// Before an attempt at DPS or the hub: true when the wall clock can be true. A clock before
+    /// this build was made (1970 on a board without an RTC) makes every certificate "not yet
+    /// valid" and every token expired, so attempts would only fail (and fill the log): the
+    /// lifecycle waits instead, said once, and the wait ends when the clock is set. Plugins go
+    /// on publishing into the queue meanwhile.
+    fn clock_set(&mut self, life: &mut Lifecycle) -> bool {
+        let Some(problem) = clock_problem(std::time::SystemTime::now()) else {
+            if std::mem::take(&mut self.clock_said) {
+                tracing::info!(
+                    "the system clock is set now ({}); connecting",
+                    now_rfc3339()
+                );
+            }
+            return true;
+        };
+        if !std::mem::replace(&mut self.clock_said, true) {
+            tracing::warn!("{problem}");
+            systemd::status("waiting for the system clock to be set");
+        }
+        // `clock` in the status says why (read afresh at each snapshot, not copied here).
+        self.status
+            .update(|s| s.connection = ConnectionState::Disconnected);
+        life.on(Event::ClockUnset);
+        false
+    }
+
     /// `Phase::Register`: one registration attempt (a manual configuration needs none).
     async fn register(&mut self, life: &mut Lifecycle) {
+        if !self.clock_set(life) {
+            return;
+        }
         let mut identity = self.identity.clone().expect("Start loads the identity");
         let manual = self.config.provisioning.source == Source::Manual;
         if !manual {
@@ -513,19 +545,26 @@ fn spawn_watchdog() -> Option<JoinHandle<()>> {
 
 /// Waits for a command, at most `timeout` (these are retry waits). A step of the wall clock ends
 /// the wait early: a refused SAS token may have been signed by a wrong clock that NTP has just
-/// corrected, and the next try should not wait minutes for it.
+/// corrected, and the next try should not wait minutes for it. So does a clock that could not be
+/// true at the start of the wait and can now (set, by a step or not). One look a second: no CPU
+/// to speak of, and connected within seconds of the clock being set.
 async fn wait_for_command(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     timeout: Duration,
 ) -> Option<Command> {
     let deadline = tokio::time::Instant::now() + timeout;
     let clock = ClockWatch::start();
+    let clock_unset = clock_problem(std::time::SystemTime::now()).is_some();
     loop {
         let tick = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
         match tokio::time::timeout_at(tick, commands.recv()).await {
             Ok(command) => return command,
             Err(_) if tokio::time::Instant::now() >= deadline => return None,
             Err(_) => {
+                // Said by `Daemon::clock_set` at the next attempt.
+                if clock_unset && clock_problem(std::time::SystemTime::now()).is_none() {
+                    return None;
+                }
                 if let Some(step) = clock.stepped() {
                     tracing::info!(step = %step, "the wall clock stepped; retrying now");
                     return None;

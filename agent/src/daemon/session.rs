@@ -28,6 +28,9 @@ const SESSION_STOP: Duration = Duration::from_secs(5);
 impl Daemon {
     /// Runs a hub session until something ends it, and tells the lifecycle what did.
     pub(super) async fn session(&mut self, life: &mut Lifecycle) {
+        if !self.clock_set(life) {
+            return;
+        }
         let identity = self.identity.clone().expect("Start loads the identity");
         let assignment = self
             .assignment

@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub device_id: Option<String>,
     pub provisioned_at: Option<String>,
     pub connection: ConnectionState,
+    /// Why the wall clock cannot be true (before this build was made, e.g. 1970 on a board
+    /// without an RTC), or None. Read afresh for every snapshot: it is about the clock now.
+    pub clock: Option<String>,
     pub last_error: Option<String>,
     pub desired_version: Option<u64>,
     pub queue_depth: u64,
@@ -141,12 +144,18 @@ impl Status {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        self.0.lock().unwrap().clone()
+        let mut snapshot = self.0.lock().unwrap().clone();
+        snapshot.clock = crate::util::time::clock_problem(std::time::SystemTime::now());
+        snapshot
     }
 
     /// The one-line text systemd shows in `systemctl status`.
     pub fn line(&self) -> String {
         let s = self.snapshot();
+        if s.clock.is_some() {
+            return "waiting for the system clock to be set (it reads a time before this build)"
+                .to_string();
+        }
         match (&s.connection, &s.hub) {
             (ConnectionState::Connected, Some(hub)) => format!(
                 "connected to {hub} as {}; {} published, {} queued",

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::util::time::sleep_until;
+use crate::util::time::{ClockWatch, sleep_until};
 
 use super::probe;
 use super::topics::{self, Incoming};
@@ -269,9 +269,13 @@ impl Session {
 
     /// Waits `delay` while still answering control requests; true when asked to shut down. A
     /// long pause that begins with the hub's port unreachable ends early, once the port takes a
-    /// TCP connection again (`super::probe`).
+    /// TCP connection again (`super::probe`); any pause ends when the wall clock steps (the
+    /// failure may have been a certificate "not yet valid" by a clock NTP has just set).
     async fn pause(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
+        let clock = ClockWatch::start();
+        let mut clock_look = tokio::time::interval(Duration::from_secs(1));
+        clock_look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let target = probe::target(&self.params).filter(|_| delay >= probe::MIN_PAUSE);
         // The first probe at once: it tells whether the route was down at all.
         let mut next_probe = target.as_ref().map(|_| Instant::now());
@@ -279,6 +283,10 @@ impl Session {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return false,
+                _ = clock_look.tick() => if let Some(step) = clock.stepped() {
+                    tracing::info!(hub = %self.params.hub, step = %step, "the wall clock stepped; connecting now");
+                    return false;
+                },
                 reachable = async {
                     sleep_until(next_probe).await;
                     let (host, port) = target.as_ref().expect("probed only with a target");

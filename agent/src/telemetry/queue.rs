@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use crate::config::{FsyncPolicy, FullPolicy, QueueConfig};
 use crate::message::TelemetryMessage;
 use crate::util::fs::write_atomic;
-use crate::util::time::unix_millis;
+use crate::util::time::{EARLIEST_TRUE_TIME, unix_millis};
 
 const HEADER: usize = 4 + 4 + 8 + 8;
 /// A record larger than this is a torn or corrupt length field, not a message.
@@ -424,7 +424,13 @@ impl Loaded {
     }
 
     fn placed(&self, enqueued_ms: u64) -> Instant {
-        // A record "from the future" (the clock went back since) counts as just enqueued.
+        // A record "from the future" (the clock went back since) counts as just enqueued; so
+        // does one written by a clock that could not be true (1970 on a board without an RTC):
+        // its age is unknown. Said here rather than left to `checked_sub` below, which today
+        // gives None for an age beyond the uptime (decades) and so keeps it too, by accident.
+        if enqueued_ms < EARLIEST_TRUE_TIME * 1000 {
+            return self.mono_now;
+        }
         let age = Duration::from_millis(self.wall_now.saturating_sub(enqueued_ms));
         self.mono_now.checked_sub(age).unwrap_or(self.mono_now)
     }
@@ -1024,6 +1030,10 @@ mod tests {
         // Written when the clock was a day ahead (then corrected): not expired, not kept forever.
         seg.extend(raw_record(2, unix_millis() + 24 * hour, &msg(2)));
         seg.extend(raw_record(3, unix_millis() - 1000, &msg(3)));
+        // Written at 1970 (a board without an RTC), the clock set since: age unknown, kept.
+        // (Without the explicit rule in `placed` it is kept too: an age beyond the uptime does
+        // not fit an Instant. This pins the outcome, whichever way it comes about.)
+        seg.extend(raw_record(4, 5_000, &msg(4)));
         std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), seg).unwrap();
         let (q, warnings) = Queue::open(
             dir.path(),
@@ -1036,7 +1046,7 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         q.tick();
         assert_eq!(q.stats().dropped_expired, 1);
-        assert_eq!(ids(&q.take_batch(10)), ["m-2", "m-3"]);
+        assert_eq!(ids(&q.take_batch(10)), ["m-2", "m-3", "m-4"]);
     }
 
     #[test]

@@ -1,7 +1,44 @@
 //! The clocks: wall-clock timestamps for the cloud and the logs, Unix seconds for SAS expiries,
-//! and a watch that notices when the wall clock is stepped (NTP, an RTC corrected, settimeofday).
+//! a watch that notices when the wall clock is stepped (NTP, an RTC corrected, settimeofday), and
+//! whether the wall clock can be true at all (a board without an RTC boots at 1970).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+/// 2026-12-01T00:00:00Z in Unix seconds: no build of this source can have been made earlier (the
+/// line was written on that day), so a clock that reads earlier is wrong for certain. A fixed
+/// floor rather than the build's own time keeps builds reproducible; moving it forward now and
+/// then only narrows the gap it cannot see (a clock wrong by less is left to the hub's and DPS's
+/// refusals, which name the clock too).
+pub const EARLIEST_TRUE_TIME: u64 = 1_796_083_200;
+
+/// Why the wall clock cannot be true, or None: `now` before [`EARLIEST_TRUE_TIME`]. With such a
+/// clock every TLS certificate is "not yet valid" and every SAS token is signed expired, so no
+/// connection attempt can succeed until it is set.
+pub fn clock_problem(now: SystemTime) -> Option<String> {
+    let secs = match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_secs())
+            .map(|s| -s)
+            .unwrap_or(i64::MIN),
+    };
+    if secs >= EARLIEST_TRUE_TIME as i64 {
+        return None;
+    }
+    let reads = time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} s from 1970"));
+    let built = unix_rfc3339(EARLIEST_TRUE_TIME);
+    let built = built.split('T').next().unwrap_or_default();
+    Some(format!(
+        "the system clock reads {reads}, before this build of hubagent was made ({built}): TLS \
+         certificates look not yet valid and SAS tokens expired; waiting for the clock to be set \
+         (NTP, systemd-timesyncd)"
+    ))
+}
 
 /// Now as RFC 3339 UTC (`2026-11-23T12:00:00.123Z`).
 pub fn now_rfc3339() -> String {
@@ -78,5 +115,38 @@ pub async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_before_this_build_is_named_with_what_it_reads() {
+        assert_eq!(unix_rfc3339(EARLIEST_TRUE_TIME), "2026-12-01T00:00:00Z");
+        let boot = std::time::UNIX_EPOCH + Duration::from_secs(5);
+        assert_eq!(
+            clock_problem(boot).as_deref(),
+            Some(
+                "the system clock reads 1970-01-01T00:00:05Z, before this build of hubagent was \
+                 made (2026-12-01): TLS certificates look not yet valid and SAS tokens expired; \
+                 waiting for the clock to be set (NTP, systemd-timesyncd)"
+            )
+        );
+        let before_1970 = std::time::UNIX_EPOCH - Duration::from_secs(3600);
+        assert!(
+            clock_problem(before_1970).is_some_and(|p| p.contains("1969-12-31T23:00:00Z")),
+            "{:?}",
+            clock_problem(before_1970)
+        );
+        let floor = std::time::UNIX_EPOCH + Duration::from_secs(EARLIEST_TRUE_TIME);
+        assert!(clock_problem(floor - Duration::from_secs(1)).is_some());
+        assert_eq!(clock_problem(floor), None);
+        assert_eq!(
+            clock_problem(SystemTime::now()),
+            None,
+            "this machine's clock"
+        );
     }
 }

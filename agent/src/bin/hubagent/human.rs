@@ -46,6 +46,13 @@ pub fn status(answer: &Value) -> String {
     }
     // The hub and the way there.
     put("hub", field("hub"));
+    // Before `connection`: a clock at 1970 is why there is none. (An older daemon sends no
+    // `clock`: no line rather than a guess.)
+    match answer.get("clock") {
+        Some(Value::String(problem)) => put("clock", problem.clone()),
+        Some(Value::Null) => put("clock", "ok".to_string()),
+        _ => {}
+    }
     put("connection", field("connection"));
     if answer["route"].is_string() {
         put("route", field("route"));
@@ -315,7 +322,7 @@ mod tests {
             "config": "/etc/hubagent/config.toml", "provisioning": "provisioned",
             "registration_id": "gw-1", "device_id": "gw-1", "provisioned_at": "2026-12-06T04:00:01Z",
             "hub": "hub.example", "connection": "connected", "published": 123, "queue_depth": 2,
-            "desired_version": 7, "key": "primary",
+            "desired_version": 7, "key": "primary", "clock": null,
             "queue": {"depth": 2, "bytes_on_disk": 2048, "pushed": 125, "delivered": 123,
                       "dropped_full": 4, "dropped_expired": 1, "dropped_corrupt": 0, "held_back": 9},
             "plugins": plugins_json()
@@ -327,6 +334,7 @@ mod tests {
             "  registration id: gw-1",
             "  key:             primary",
             "  hub:             hub.example",
+            "  clock:           ok",
             "  connection:      connected",
             "  published:       123",
             "  queued:          2 messages, 2.0 KiB on disk",
@@ -350,6 +358,12 @@ mod tests {
             "{empty}"
         );
         assert!(!empty.contains("null"), "{empty}");
+        assert!(!empty.contains("clock:"), "an older daemon: {empty}");
+        let unset = status(&json!({"clock": "the system clock reads 1970-01-01T00:00:05Z, ..."}));
+        assert!(
+            unset.contains("  clock:           the system clock reads 1970-01-01T00:00:05Z, ...\n"),
+            "{unset}"
+        );
     }
 
     #[test]
