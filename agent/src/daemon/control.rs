@@ -28,10 +28,8 @@ impl Handler for ControlHandler {
         match request {
             Request::Status => {
                 self.status.record_queue(self.queue.stats());
-                // The plugins as of now: the daemon copies them into the status only during a
-                // session, and a wait (DPS unreachable, the clock at 1970) can last hours.
-                self.status.update(|s| s.plugins = self.plugins.snapshot());
-                serde_json::to_value(self.status.snapshot()).map_err(|e| e.to_string())
+                serde_json::to_value(self.status.snapshot_with(&self.plugins))
+                    .map_err(|e| e.to_string())
             }
             Request::Reprovision => {
                 self.commands

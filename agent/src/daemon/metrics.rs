@@ -29,9 +29,7 @@ pub(super) fn spawn(
         let mut last_error = None;
         loop {
             status.record_queue(queue.stats());
-            // The plugins' counters as of now (the status holds them as of the last change).
-            let mut snapshot = status.snapshot();
-            snapshot.plugins = plugins.snapshot();
+            let snapshot = status.snapshot_with(&plugins);
             let text = render(&snapshot);
             let result = write_atomically(&path, &text).map_err(|e| e.to_string());
             match (&result, &last_error) {

@@ -258,7 +258,6 @@ impl Daemon {
         let ticker = spawn_queue_ticker(queue.clone(), status.clone());
         let publisher = DurablePublisher::new(queue.clone());
         let plugins = Supervisor::start(&config, config_path, &twin, publisher, registry.clone());
-        status.update(|s| s.plugins = plugins.snapshot());
         let background = Background {
             control_task,
             control_path,
@@ -491,7 +490,6 @@ impl Daemon {
         self.config = config;
         self.connection_files = credentials;
         self.plugins.reconfigure(&self.config, &self.twin);
-        self.status.update(|s| s.plugins = self.plugins.snapshot());
         systemd::ready(&self.status.line());
         (!plugins_only).then_some(Event::Reload)
     }
@@ -500,7 +498,6 @@ impl Daemon {
         if let Err(e) = self.plugins.restart(name, &self.twin) {
             tracing::warn!("{e}");
         }
-        self.status.update(|s| s.plugins = self.plugins.snapshot());
     }
 }
 

@@ -78,7 +78,6 @@ impl Daemon {
                 _ = c2d_retry.tick(), if !inbox.is_empty() => inbox.retry(&self.plugins, &session),
                 _ = plugin_changes.notified() => {
                     inbox.retry(&self.plugins, &session);
-                    self.status.update(|s| s.plugins = self.plugins.snapshot());
                     // Only while connected: a reconnect reports everything with the twin.
                     if connected {
                         tokio::time::sleep(PLUGIN_CHANGES_SETTLE).await;

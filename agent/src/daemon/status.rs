@@ -60,7 +60,8 @@ pub struct Snapshot {
     pub hub_connections: u64,
     /// Fingerprint of the provisioning settings in force.
     pub fingerprint: Option<String>,
-    /// Per plugin: kind, status, applied desired version, error.
+    /// Per plugin: kind, status, applied desired version, error. Filled as it is read
+    /// ([`Status::snapshot_with`]): the plugins' registry holds them live, so no copy goes stale.
     pub plugins: serde_json::Value,
     pub queue: Option<crate::telemetry::queue::QueueStats>,
     /// How the hub session travels: `MQTT over TLS` or `MQTT over WebSockets` (with `transport =
@@ -146,6 +147,13 @@ impl Status {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = self.0.lock().unwrap().clone();
         snapshot.clock = crate::util::time::clock_problem(std::time::SystemTime::now());
+        snapshot
+    }
+
+    /// A snapshot with the plugins as of now (`hubagent status`, the metrics file).
+    pub fn snapshot_with(&self, plugins: &crate::plugins::Registry) -> Snapshot {
+        let mut snapshot = self.snapshot();
+        snapshot.plugins = plugins.snapshot();
         snapshot
     }
 

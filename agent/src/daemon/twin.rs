@@ -108,11 +108,7 @@ impl Daemon {
         self.plugins.apply_desired(&self.twin);
         self.save_twin();
         let version = self.twin.desired_version;
-        let plugins = self.plugins.snapshot();
-        self.status.update(|s| {
-            s.desired_version = Some(version);
-            s.plugins = plugins;
-        });
+        self.status.update(|s| s.desired_version = Some(version));
         self.report_changes(session).await;
     }
 
