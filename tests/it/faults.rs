@@ -844,15 +844,27 @@ async fn wait_pushed(agent: &AgentProcess, n: u64) {
 }
 
 /// Starts the agent under libfaketime with its wall-clock offset in the file `clock`.
-fn start_with_faketime(s: &Scenario, clock: &std::path::Path) -> AgentProcess {
+/// `hubagent SUBCOMMAND` with the configuration of `s`, its wall clock read from `clock` by
+/// libfaketime at every call.
+fn hubagent_under_faketime(
+    s: &Scenario,
+    clock: &std::path::Path,
+    subcommand: &[&str],
+) -> std::process::Command {
     let mut command = std::process::Command::new(hubagent_bin());
     command
-        .args(["--config", s.config.to_str().unwrap(), "run"])
+        .args(["--config", s.config.to_str().unwrap()])
+        .args(subcommand)
         .env("LD_PRELOAD", libfaketime())
         .env("FAKETIME_TIMESTAMP_FILE", clock)
         .env("FAKETIME_NO_CACHE", "1")
         // A clock step moves the wall clock only; CLOCK_MONOTONIC goes on as before.
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    command
+}
+
+fn start_with_faketime(s: &Scenario, clock: &std::path::Path) -> AgentProcess {
+    let command = hubagent_under_faketime(s, clock, &["run"]);
     AgentProcess::spawn(command, &s.config, "hubagent under libfaketime")
 }
 
@@ -1100,12 +1112,7 @@ async fn clock_behind_at_boot_then_corrected() {
 
 /// `hubagent check --json` under the fake clock in `clock`: the `clock.sane` entry.
 fn clock_check_under_faketime(s: &Scenario, clock: &std::path::Path) -> serde_json::Value {
-    let out = std::process::Command::new(hubagent_bin())
-        .args(["--config", s.config.to_str().unwrap(), "check", "--json"])
-        .env("LD_PRELOAD", libfaketime())
-        .env("FAKETIME_TIMESTAMP_FILE", clock)
-        .env("FAKETIME_NO_CACHE", "1")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+    let out = hubagent_under_faketime(s, clock, &["check", "--json"])
         .output()
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
