@@ -588,7 +588,7 @@ mod tests {
             "devices": {}
         });
         std::fs::write(
-            dir.path().join(SNAPSHOT),
+            dir.path().join("state.json"),
             serde_json::to_vec_pretty(&old).unwrap(),
         )
         .unwrap();
