@@ -168,6 +168,15 @@ fn window_rates(start: f64, sorted: &[f64], window: usize) -> Option<(f64, f64)>
     Some((first, window as f64 / (last_end - last_start)))
 }
 
+/// A registration is a few small packets each way (SUBSCRIBE and PUBLISH back to back): with
+/// Nagle's algorithm the second waits for the server's delayed ACK (40 ms on Linux), and the
+/// figure would be that wait, not hubsim. hubsim's own sockets have TCP_NODELAY.
+fn no_nagle(eventloop: &mut rumqttc::EventLoop) {
+    let mut options = eventloop.network_options();
+    options.set_tcp_nodelay(true);
+    eventloop.set_network_options(options);
+}
+
 async fn register(
     args: &Args,
     tls: &Arc<rustls::ClientConfig>,
@@ -183,6 +192,7 @@ async fn register(
     let username = format!("{scope}/registrations/{id}/api-version=2019-03-31");
     let (client, mut eventloop) =
         hubagent_bench::client(tls, "localhost", id, args.port, &username, &password, 4);
+    no_nagle(&mut eventloop);
     client
         .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
         .await?;
@@ -244,6 +254,7 @@ async fn connect(
     let username = format!("{hub}/{id}/?api-version=2021-04-12");
     let (client, mut eventloop) =
         hubagent_bench::client(tls, hub, id, args.port, &username, &password, 4);
+    no_nagle(&mut eventloop);
     loop {
         match eventloop.poll().await? {
             Event::Incoming(Packet::ConnAck(_)) => break,
