@@ -288,7 +288,14 @@ impl HubsimProcess {
         let child = std::process::Command::new(hubsim_bin())
             .args(["serve", "--state-dir"])
             .arg(dir)
-            .args(["--mqtt-port", "0", "--https-port", "0", "--retry-after", "0"])
+            .args([
+                "--mqtt-port",
+                "0",
+                "--https-port",
+                "0",
+                "--retry-after",
+                "0",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("hubsim starts");
@@ -348,7 +355,9 @@ async fn registrations_answered_survive_kill_9() {
                     sim.https
                 ))
                 .header("Authorization", &sim.dps_auth)
-                .send_json(json!({"enrollmentGroupId": "kill9", "attestation": {"type": "symmetricKey"}}))
+                .send_json(
+                    json!({"enrollmentGroupId": "kill9", "attestation": {"type": "symmetricKey"}}),
+                )
                 .unwrap()
                 .into_body()
                 .read_json()
