@@ -180,7 +180,7 @@ impl Persistence {
             written: 0,
             syncer,
         };
-        persistence.compact(&mut store)?;
+        persistence.compact(&store)?;
         Ok((store, persistence))
     }
 
@@ -480,7 +480,8 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_skipped_and_the_whole_ones_are_kept() {
-        let tears: [(fn(&mut Vec<u8>), &str); 2] = [
+        type Tear = fn(&mut Vec<u8>);
+        let tears: [(Tear, &str); 2] = [
             (|line| line.truncate(line.len() / 2), "cut in half"),
             (
                 |line| {
