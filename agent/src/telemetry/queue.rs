@@ -1508,20 +1508,23 @@ mod tests {
     #[test]
     fn a_batch_is_queued_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), small()).unwrap();
+        q.push(&msg(0)).unwrap();
+        let one = q.stats().bytes_on_disk;
+        q.close();
+        drop(q);
+        // Room for one more message of the same size, not for two.
         let settings = QueueSettings {
-            max_bytes: 4096,
+            max_bytes: 2 * one,
             full_policy: FullPolicy::RejectNew,
             ..small()
         };
         let (q, _) = Queue::open(dir.path(), settings).unwrap();
-        let mut n = 0;
-        while q.push(&msg(n)).is_ok() {
-            n += 1;
-        }
-        // Room for no more message: a batch is refused whole, nothing of it queued.
-        let err = q.push_batch(&[msg(100), msg(101)]).unwrap_err();
+        let err = q.push_batch(&[msg(1), msg(2)]).unwrap_err();
         assert!(matches!(err, QueueError::Full { .. }), "{err}");
-        assert_eq!(q.stats().depth, n);
+        assert_eq!(q.stats().pushed, 0);
+        q.push(&msg(1)).unwrap();
+        assert_eq!(ids(&q.take_batch(10)), ["m-0", "m-1"]);
         // One message too large refuses the batch too.
         let dir = tempfile::tempdir().unwrap();
         let (q, _) = Queue::open(dir.path(), small()).unwrap();
