@@ -659,6 +659,8 @@ def table(r, opts):
          fig(r["connections_held"]), "", ""),
         ("5c. hubsim device connects/s (TLS + SAS)", fig(r["connections_per_s"]), "", ""),
     ]
+    if opts.backlog_only:
+        rows = [row for row in rows if row[0].startswith("4")]
     head = "| measurement | hubagent | bare rumqttc (limit of the path) | Azure Python SDK |\n| --- | --- | --- | --- |\n"
     return head + "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
 
@@ -680,11 +682,14 @@ def main():
     ap.add_argument("--throughput-only", action="store_true",
                     help="rows 1-3 and the WebSocket rows only (no hubsim capacity, SDK or backlog runs); "
                          "not for --write-doc")
+    ap.add_argument("--backlog-only", action="store_true",
+                    help="row 4 only (backlog fill, drain and disk bytes per message); not for --write-doc")
+    ap.add_argument("--backlog", type=int, help="messages to queue in row 4 (default 1,000,000; 50,000 with --quick)")
     opts = ap.parse_args()
     q = opts.quick
     opts.messages = 5_000 if q else 50_000
     opts.sdk_messages = 1_000 if q else 5_000
-    opts.backlog = 50_000 if q else 1_000_000
+    opts.backlog = opts.backlog or (50_000 if q else 1_000_000)
     opts.backlog_runs = opts.runs
     opts.registrations = 100 if q else 300
     opts.connections = 200 if q else 1000
@@ -707,17 +712,22 @@ def main():
         "bare_ws_cpu_per_k", "agent_proxy_rate", "agent_proxy_cpu_per_k", "bare_proxy_rate", "bare_proxy_cpu_per_k")}
     started = time.time()
     sim = Hubsim(work)
-    if opts.throughput_only and opts.write_doc:
-        sys.exit("bench: --throughput-only leaves rows empty; the doc's table comes from a full run")
+    if (opts.throughput_only or opts.backlog_only) and opts.write_doc:
+        sys.exit("bench: --throughput-only and --backlog-only leave rows empty; the doc's table comes from a full run")
+    if opts.throughput_only and opts.backlog_only:
+        sys.exit("bench: --throughput-only and --backlog-only exclude each other")
     try:
-        if not opts.throughput_only:
-            hubsim_runs(sim, opts, results)
-        bare_runs(sim, opts, results)
-        agent_runs(sim, work, opts, results)
-        websocket_runs(sim, work, opts, results)
-        if not opts.throughput_only:
-            sdk_runs(sim, opts, results)
+        if opts.backlog_only:
             backlog_runs(sim, work, opts, results)
+        else:
+            if not opts.throughput_only:
+                hubsim_runs(sim, opts, results)
+            bare_runs(sim, opts, results)
+            agent_runs(sim, work, opts, results)
+            websocket_runs(sim, work, opts, results)
+            if not opts.throughput_only:
+                sdk_runs(sim, opts, results)
+                backlog_runs(sim, work, opts, results)
     finally:
         for agent in STARTED:
             if agent.proc:
@@ -728,8 +738,9 @@ def main():
     minutes = (time.time() - started) / 60
     text = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
             f"median (min–max) of {opts.runs} runs{' (--quick)' if q else ''}, "
-            f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); "
-            f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
+            + (f"{opts.backlog:,} messages queued per run (--backlog-only); " if opts.backlog_only else
+               f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); ")
+            + f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
     print(text)
     if opts.write_doc:
         doc = DOC.read_text()
