@@ -680,6 +680,10 @@ def table(r, opts):
         ("5c. hubsim device connects/s (TLS + SAS)", fig(r["connections_per_s"]), "", ""),
         ("5d. hubsim peak RSS holding them, MiB", fig(r["hubsim_rss"], "{:.0f}"), "", ""),
     ]
+    if opts.backlog_only:
+        rows = [row for row in rows if row[0].startswith("4")]
+    if opts.hubsim_only:
+        rows = [row for row in rows if row[0].startswith("5")]
     head = "| measurement | hubagent | bare rumqttc (limit of the path) | Azure Python SDK |\n| --- | --- | --- | --- |\n"
     return head + "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
 
@@ -706,11 +710,14 @@ def main():
     ap.add_argument("--throughput-only", action="store_true",
                     help="rows 1-3 and the WebSocket rows only (no hubsim capacity, SDK or backlog runs); "
                          "not for --write-doc")
+    ap.add_argument("--backlog-only", action="store_true",
+                    help="row 4 only (backlog fill, drain and disk bytes per message); not for --write-doc")
+    ap.add_argument("--backlog", type=int, help="messages to queue in row 4 (default 1,000,000; 50,000 with --quick)")
     opts = ap.parse_args()
     q = opts.quick
     opts.messages = 5_000 if q else 50_000
     opts.sdk_messages = 1_000 if q else 5_000
-    opts.backlog = 50_000 if q else 1_000_000
+    opts.backlog = opts.backlog or (50_000 if q else 1_000_000)
     opts.backlog_runs = opts.runs
     opts.registrations = 500 if q else 10_000
     opts.connections = opts.registrations  # row 5b holds every device row 5a registered
@@ -733,22 +740,29 @@ def main():
         "connections_held", "connections_per_s", "agent_ws_rate", "agent_ws_cpu_per_k", "bare_ws_rate",
         "bare_ws_cpu_per_k", "agent_proxy_rate", "agent_proxy_cpu_per_k", "bare_proxy_rate", "bare_proxy_cpu_per_k")}
     started = time.time()
-    if (opts.throughput_only or opts.hubsim_only) and opts.write_doc:
-        sys.exit("bench: --throughput-only and --hubsim-only leave rows empty; the doc's table comes from a full run")
-    if opts.throughput_only and opts.hubsim_only:
-        sys.exit("bench: --throughput-only and --hubsim-only exclude each other")
+    only = [name for name in ("throughput_only", "backlog_only", "hubsim_only") if getattr(opts, name)]
+    if only and opts.write_doc:
+        sys.exit("bench: --throughput-only, --backlog-only and --hubsim-only leave rows empty; "
+                 "the doc's table comes from a full run")
+    if len(only) > 1:
+        sys.exit("bench: --throughput-only, --backlog-only and --hubsim-only exclude each other")
     sim = None
     try:
-        if not opts.throughput_only:
+        if opts.hubsim_only:
             hubsim_runs(work, opts, results)
-        if not opts.hubsim_only:
+        elif opts.backlog_only:
+            sim = Hubsim(work)
+            backlog_runs(sim, work, opts, results)
+        else:
+            if not opts.throughput_only:
+                hubsim_runs(work, opts, results)
             sim = Hubsim(work)
             bare_runs(sim, opts, results)
             agent_runs(sim, work, opts, results)
             websocket_runs(sim, work, opts, results)
-        if not opts.throughput_only and not opts.hubsim_only:
-            sdk_runs(sim, opts, results)
-            backlog_runs(sim, work, opts, results)
+            if not opts.throughput_only:
+                sdk_runs(sim, opts, results)
+                backlog_runs(sim, work, opts, results)
     finally:
         for agent in STARTED:
             if agent.proc:
@@ -760,8 +774,10 @@ def main():
     minutes = (time.time() - started) / 60
     text = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
             f"median (min–max) of {opts.runs} runs{' (--quick)' if q else ''}, "
-            f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); "
-            f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
+            + (f"{opts.backlog:,} messages queued per run (--backlog-only); " if opts.backlog_only else
+               f"{opts.registrations:,} devices per run (--hubsim-only); " if opts.hubsim_only else
+               f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); ")
+            + f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
     print(text)
     if opts.write_doc:
         doc = DOC.read_text()

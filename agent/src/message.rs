@@ -5,7 +5,9 @@
 pub struct TelemetryMessage {
     /// `$.mid`: unique per message, so the cloud side can drop duplicates of at-least-once delivery.
     pub message_id: String,
-    /// Base64 in the queue's JSON (serde would write bytes as an array of numbers, ~4x larger).
+    /// Base64 in JSON: the form older agents queued (and the queue still reads after an upgrade;
+    /// it now stores the raw bytes, telemetry/record.rs). serde would write bytes as an array of
+    /// numbers, ~4x larger.
     #[serde(with = "base64_body")]
     pub body: bytes::Bytes,
     pub content_type: Option<String>,

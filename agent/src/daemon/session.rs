@@ -193,31 +193,17 @@ impl Daemon {
                 // `<plugin>.<method>`: plugin names have no dot, built-in methods neither.
                 if let Some((plugin, method)) = name.split_once('.') {
                     let answer = self.plugins.invoke(plugin, method, payload);
-                    let session = session.clone();
-                    // Answered from its own task: a slow plugin holds up nothing else.
-                    tokio::spawn(async move {
+                    answer_later(session, name, rid, async move {
                         let answer = answer.await;
-                        tracing::info!(method = %name, status = answer.status, "direct method");
-                        session.respond_to_method(&rid, answer.status, answer.payload);
+                        (answer.status, answer.payload)
                     });
                 } else if name == "check" {
-                    // `hubagent check --json`, run as the operator would: seconds of network
-                    // checks, answered from its own task.
+                    // `hubagent check --json`, run as the operator would: seconds of network checks.
                     let config = self.status.read(|s| s.config.clone());
-                    let session = session.clone();
-                    tokio::spawn(async move {
-                        let (code, answer) = remote_check(&config).await;
-                        tracing::info!(method = %name, status = code, "direct method");
-                        session.respond_to_method(&rid, code, answer);
-                    });
+                    answer_later(session, name, rid, remote_check(config));
                 } else if name == "logs" {
-                    // Under systemd, a journalctl query: answered from its own task.
-                    let session = session.clone();
-                    tokio::spawn(async move {
-                        let (code, answer) = recent_logs(payload).await;
-                        tracing::info!(method = %name, status = code, "direct method");
-                        session.respond_to_method(&rid, code, answer);
-                    });
+                    // Under systemd, a journalctl query.
+                    answer_later(session, name, rid, recent_logs(payload));
                 } else {
                     let (code, answer) = self.direct_method(&name, payload);
                     tracing::info!(method = %name, status = code, "direct method");
@@ -325,6 +311,22 @@ impl Daemon {
 /// Room a method answer may take: the hub's limit is 128 KiB.
 const METHOD_ANSWER_BYTES: usize = 100 * 1024;
 
+/// Answers a direct method from its own task once `answer` is ready: a slow plugin or a
+/// seconds-long check holds up nothing else in the session.
+fn answer_later(
+    session: &SessionHandle,
+    name: String,
+    rid: String,
+    answer: impl Future<Output = (u16, Value)> + Send + 'static,
+) {
+    let session = session.clone();
+    tokio::spawn(async move {
+        let (code, payload) = answer.await;
+        tracing::info!(method = %name, status = code, "direct method");
+        session.respond_to_method(&rid, code, payload);
+    });
+}
+
 /// The `logs` method: the agent's recent log lines, filtered by `plugin`, `level`, `since` and
 /// `limit` (README, "Remote diagnostics"): from the journal when the agent logs there and may read
 /// it (past restarts), else from the lines kept in memory since it started. `source` says which.
@@ -375,12 +377,12 @@ async fn recent_logs(payload: Value) -> (u16, Value) {
 const REMOTE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// The `check` method: what `hubagent check --json` reports, run by this agent's own binary.
-async fn remote_check(config: &str) -> (u16, Value) {
+async fn remote_check(config: String) -> (u16, Value) {
     let Ok(agent) = std::env::current_exe() else {
         return (500, json!({"error": "cannot find the agent's own binary"}));
     };
     let run = tokio::process::Command::new(agent)
-        .args(["--config", config, "check", "--json"])
+        .args(["--config", &config, "check", "--json"])
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(REMOTE_CHECK_TIMEOUT, run).await {

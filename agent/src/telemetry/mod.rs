@@ -5,6 +5,7 @@
 pub mod publisher;
 pub mod pump;
 pub mod queue;
+mod record;
 
 pub use publisher::DurablePublisher;
 pub use queue::{Queue, QueueError, QueueSettings, QueueStats};

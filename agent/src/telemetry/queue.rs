@@ -5,32 +5,38 @@
 //! or a reboot, every message not yet acknowledged is sent again; the message id lets the cloud
 //! side drop the duplicates of this at-least-once delivery.
 //!
-//! On disk: append-only segment files `{first_seq:016x}.seg` of records
-//! `len u32 | crc32 u32 | seq u64 | enqueued_ms u64 | payload (JSON of the message)` (little
-//! endian; the CRC covers seq, time and payload), and `acked`, the highest sequence number below
-//! which everything was acknowledged, rewritten atomically at most every `ack_flush_interval`.
-//! A damaged record is skipped with a warning naming the file and offset; the rest survives.
-//! The memory held is an index entry per queued message (~48 bytes), not the messages.
+//! On disk: append-only segment files `{first_seq:016x}.seg` of records (`record`: a compact
+//! binary record since issue 18; the JSON records of older agents are still read), and `acked`,
+//! the highest sequence number below which everything was acknowledged, rewritten atomically at
+//! most every `ack_flush_interval`. A damaged record is skipped with a warning naming the file and
+//! offset; the rest survives. The memory held is an index entry per queued message (~48 bytes),
+//! not the messages.
+//!
+//! With `fsync = always`, pushes share their syncs (group commit): a pusher whose record is not
+//! yet on disk either syncs everything written so far, for every pusher waiting (the leader), or
+//! waits for the sync under way and then checks whether it covered its record.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::record::{self, Frame, MAX_MESSAGE, RecordHeader};
 use crate::config::{FsyncPolicy, FullPolicy, QueueConfig};
 use crate::message::TelemetryMessage;
 use crate::util::fs::write_atomic;
 use crate::util::time::{EARLIEST_TRUE_TIME, unix_millis};
 
-const HEADER: usize = 4 + 4 + 8 + 8;
-/// A record larger than this is a torn or corrupt length field, not a message.
-const MAX_RECORD: usize = 1024 * 1024;
+// The tests below were written for the JSON record; its header length and checksum under their
+// old names.
+#[cfg(test)]
+use record::{JSON_HEADER as HEADER, json::checksum};
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -101,6 +107,9 @@ pub struct QueueStats {
     /// Messages whose source had to wait for room (full disk, or a full queue with
     /// `full_policy = "reject-new"`); none of them is lost.
     pub held_back: u64,
+    /// fdatasync calls on segment files: with `fsync = "always"`, pushes made at the same time
+    /// share one (group commit), so this grows slower than `pushed`.
+    pub syncs: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -139,17 +148,53 @@ struct Inner {
     acked_written_at: Instant,
     next_seq: u64,
     segments: VecDeque<Segment>,
-    writer: Option<(u64, File)>,
+    /// The segment being written; shared so that a group commit's leader syncs it unlocked.
+    writer: Option<(u64, Arc<File>)>,
     /// The segment last read from, kept open: the pump reads message after message from the
     /// same file, and opening it for each one was the hottest part of the agent's send path.
     reader: Option<(u64, File)>,
     dirty_since: Option<Instant>,
+    durability: Durability,
     stats: QueueStats,
+}
+
+/// Where the write stream stands, for `fsync = "always"`: positions are bytes appended since
+/// the queue was opened, over all segments.
+#[derive(Default)]
+struct Durability {
+    written: u64,
+    /// Everything up to here is synced, or gone (a segment deleted: dropped or acknowledged).
+    synced: u64,
+    /// A pusher is syncing for all (group commit's leader); the others wait on `sync_done`.
+    leader: bool,
+    /// The last sync that failed: pushes up to `through` not yet answered fail.
+    failure: Option<SyncFailure>,
+}
+
+struct SyncFailure {
+    through: u64,
+    path: PathBuf,
+    kind: std::io::ErrorKind,
+    text: String,
+}
+
+impl SyncFailure {
+    fn error(&self) -> QueueError {
+        QueueError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::new(self.kind, self.text.clone()),
+        }
+    }
 }
 
 pub struct Queue {
     inner: Mutex<Inner>,
+    /// Signalled when a group commit's sync ends.
+    sync_done: Condvar,
     available: Notify,
+    /// Tests only: holds a group commit's leader before it takes what to sync.
+    #[cfg(test)]
+    leader_gate: test_gate::Gate,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> QueueError + '_ {
@@ -171,14 +216,6 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:016x}.seg"))
 }
 
-fn checksum(seq: u64, enqueued_ms: u64, payload: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&seq.to_le_bytes());
-    h.update(&enqueued_ms.to_le_bytes());
-    h.update(payload);
-    h.finalize()
-}
-
 impl Queue {
     /// Opens (or creates, 0700) the queue directory and rebuilds the index from the segments.
     /// Returns warnings about damaged records for the daemon to log.
@@ -195,60 +232,134 @@ impl Queue {
         let (inner, warnings) = loaded.into_inner(dir, settings, acked_ahead);
         let queue = Queue {
             inner: Mutex::new(inner),
+            sync_done: Condvar::new(),
             available: Notify::new(),
+            #[cfg(test)]
+            leader_gate: Default::default(),
         };
         Ok((queue, warnings))
     }
 
     /// Persists `message` (per the fsync policy) and returns its sequence number.
     pub fn push(&self, message: &TelemetryMessage) -> Result<u64, QueueError> {
-        let payload = serde_json::to_vec(message).expect("messages serialize");
-        if payload.len() > MAX_RECORD {
-            return Err(QueueError::TooLarge(payload.len()));
+        let seqs = self.push_batch(std::slice::from_ref(message))?;
+        Ok(seqs[0])
+    }
+
+    /// Persists `messages` in one write (and with `fsync = "always"` one sync, shared with
+    /// concurrent pushes) and returns their sequence numbers, in order. All or none are queued:
+    /// a full queue that rejects new messages, a full disk or one message too large refuses the
+    /// whole batch.
+    pub fn push_batch(&self, messages: &[TelemetryMessage]) -> Result<Vec<u64>, QueueError> {
+        // Encoded before taking the lock; only the sequence numbers wait for it.
+        let encoded = messages
+            .iter()
+            .map(|m| {
+                let bytes = record::encode_message(m);
+                match bytes.len() > MAX_MESSAGE {
+                    true => Err(QueueError::TooLarge(bytes.len())),
+                    false => Ok(bytes),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if encoded.is_empty() {
+            return Ok(Vec::new());
         }
         let mut q = self.inner.lock().unwrap();
         q.expire();
-        let record_len = (HEADER + payload.len()) as u64;
-        while q.stats.bytes_on_disk + record_len > q.settings.max_bytes {
-            if q.reclaim_idle_writer() {
+        let first_seq = q.next_seq;
+        let enqueued_ms = unix_millis();
+        let mut records = Vec::with_capacity(encoded.iter().map(|m| m.len() + 32).sum());
+        let mut ends = Vec::with_capacity(encoded.len());
+        for (seq, message) in (first_seq..).zip(&encoded) {
+            record::put_compact_record(&mut records, seq, enqueued_ms, message);
+            ends.push(records.len() as u64);
+        }
+        q.make_room(records.len() as u64)?;
+        let last_seq = first_seq + encoded.len() as u64 - 1;
+        let (segment, offset) = q.append(first_seq, last_seq, &records)?;
+        let enqueued = Instant::now();
+        let mut start = 0;
+        for (seq, end) in (first_seq..).zip(ends) {
+            q.entries.push_back(Entry {
+                seq,
+                segment,
+                offset: offset + start,
+                len: (end - start) as u32,
+                enqueued,
+            });
+            start = end;
+        }
+        q.next_seq = last_seq + 1;
+        q.stats.pushed += encoded.len() as u64;
+        q.update_depth();
+        let through = q.durability.written;
+        let always = q.settings.fsync == FsyncPolicy::Always;
+        // Sendable now: a message may reach the hub before its sync ends, which costs nothing
+        // (its source is answered only after the sync).
+        self.available.notify_one();
+        if always {
+            self.wait_synced(q, through)?;
+        }
+        Ok((first_seq..=last_seq).collect())
+    }
+
+    /// Returns once everything up to `through` is on disk: syncs itself, for every pusher
+    /// waiting, unless a sync is under way (then it waits for that one and looks again).
+    fn wait_synced<'a>(
+        &'a self,
+        mut q: MutexGuard<'a, Inner>,
+        through: u64,
+    ) -> Result<(), QueueError> {
+        loop {
+            // A failure first: a later sync of another segment does not cover this one's loss.
+            if let Some(failure) = &q.durability.failure
+                && failure.through >= through
+            {
+                return Err(failure.error());
+            }
+            if q.durability.synced >= through {
+                return Ok(());
+            }
+            if q.durability.leader {
+                q = self.sync_done.wait(q).unwrap();
                 continue;
             }
-            match q.settings.full_policy {
-                FullPolicy::RejectNew => {
-                    return Err(QueueError::Full {
-                        bytes: q.stats.bytes_on_disk,
-                        max: q.settings.max_bytes,
+            q.durability.leader = true;
+            #[cfg(test)]
+            {
+                drop(q);
+                self.leader_gate.pass();
+                q = self.inner.lock().unwrap();
+            }
+            let target = q.durability.written;
+            // No writer means the last one was retired, which settles its bytes: nothing to do.
+            let writer = q.writer.clone();
+            let result = match &writer {
+                Some((_, file)) => {
+                    drop(q);
+                    let result = file.sync_data();
+                    q = self.inner.lock().unwrap();
+                    q.stats.syncs += 1;
+                    result
+                }
+                None => Ok(()),
+            };
+            q.durability.leader = false;
+            match result {
+                Ok(()) => q.durability.synced = q.durability.synced.max(target),
+                Err(e) => {
+                    let id = writer.map(|(id, _)| id).unwrap_or_default();
+                    q.durability.failure = Some(SyncFailure {
+                        through: target,
+                        path: segment_path(&q.dir, id),
+                        kind: e.kind(),
+                        text: e.to_string(),
                     });
                 }
-                FullPolicy::DropOldest => {
-                    if !q.drop_oldest_segment() {
-                        break;
-                    }
-                }
             }
+            self.sync_done.notify_all();
         }
-        let seq = q.next_seq;
-        let enqueued_ms = unix_millis();
-        let mut record = Vec::with_capacity(HEADER + payload.len());
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&checksum(seq, enqueued_ms, &payload).to_le_bytes());
-        record.extend_from_slice(&seq.to_le_bytes());
-        record.extend_from_slice(&enqueued_ms.to_le_bytes());
-        record.extend_from_slice(&payload);
-        let (segment, offset) = q.append(seq, &record)?;
-        q.next_seq += 1;
-        q.entries.push_back(Entry {
-            seq,
-            segment,
-            offset,
-            len: record.len() as u32,
-            enqueued: Instant::now(),
-        });
-        q.stats.pushed += 1;
-        q.update_depth();
-        drop(q);
-        self.available.notify_one();
-        Ok(seq)
     }
 
     /// Up to `max` messages not yet handed out, in order, without waiting.
@@ -320,6 +431,7 @@ impl Queue {
         {
             let _ = file.sync_data();
             q.dirty_since = None;
+            q.stats.syncs += 1;
         }
     }
 
@@ -333,6 +445,7 @@ impl Queue {
         q.flush_acked(true);
         if let Some((_, file)) = &q.writer {
             let _ = file.sync_data();
+            q.stats.syncs += 1;
         }
     }
 }
@@ -373,27 +486,6 @@ fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-/// A record's header: `len u32 | crc32 u32 | seq u64 | enqueued_ms u64`.
-struct RecordHeader {
-    len: usize,
-    crc: u32,
-    seq: u64,
-    enqueued_ms: u64,
-}
-
-impl RecordHeader {
-    fn decode(bytes: &[u8]) -> RecordHeader {
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
-        RecordHeader {
-            len: u32_at(0) as usize,
-            crc: u32_at(4),
-            seq: u64_at(8),
-            enqueued_ms: u64_at(16),
-        }
-    }
 }
 
 /// The index being rebuilt from the segments at open.
@@ -445,41 +537,56 @@ impl Loaded {
         let mut offset = 0usize;
         let mut last_seq = first_seq;
         let mut live = false;
-        while offset + HEADER <= bytes.len() {
-            let header = RecordHeader::decode(&bytes[offset..offset + HEADER]);
-            let end = offset + HEADER + header.len;
-            if header.len > MAX_RECORD || end > bytes.len() {
-                self.warnings.push(format!(
-                    "{}: record at offset {offset} is cut short or has a corrupt length; the last {} bytes of this segment are given up",
-                    path.display(),
-                    bytes.len() - offset
-                ));
-                self.stats.dropped_corrupt += 1;
-                offset = bytes.len();
-                break;
-            }
-            let payload = &bytes[offset + HEADER..end];
-            if checksum(header.seq, header.enqueued_ms, payload) != header.crc {
-                self.warnings.push(format!(
-                    "{}: record at offset {offset} fails its checksum and is skipped",
-                    path.display()
-                ));
-                self.stats.dropped_corrupt += 1;
-            } else {
-                self.max_seq = self.max_seq.max(header.seq);
-                last_seq = last_seq.max(header.seq);
-                if header.seq > self.acked {
-                    live = true;
-                    self.entries.push_back(Entry {
-                        seq: header.seq,
-                        segment: first_seq,
-                        offset: offset as u64,
-                        len: (HEADER + header.len) as u32,
-                        enqueued: self.placed(header.enqueued_ms),
-                    });
+        while offset < bytes.len() {
+            let len = match record::frame(&bytes[offset..]) {
+                Frame::TornHeader => break,
+                Frame::Unframeable => {
+                    self.warnings.push(format!(
+                        "{}: record at offset {offset} is cut short or has a corrupt length; the last {} bytes of this segment are given up",
+                        path.display(),
+                        bytes.len() - offset
+                    ));
+                    self.stats.dropped_corrupt += 1;
+                    offset = bytes.len();
+                    break;
+                }
+                Frame::BadChecksum { len } => {
+                    self.warnings.push(format!(
+                        "{}: record at offset {offset} fails its checksum and is skipped",
+                        path.display()
+                    ));
+                    self.stats.dropped_corrupt += 1;
+                    offset += len;
+                    continue;
+                }
+                Frame::Whole { len } => len,
+            };
+            let record = &bytes[offset..offset + len];
+            match RecordHeader::parse(record) {
+                Err(e) => self.undecodable(path, offset, &e),
+                Ok(header) => {
+                    // Taken even from an undecodable message: a new one must not reuse it.
+                    self.max_seq = self.max_seq.max(header.seq);
+                    last_seq = last_seq.max(header.seq);
+                    // Decoded now (when still needed), so that what is kept is readable later.
+                    if header.seq > self.acked {
+                        match header.message(record) {
+                            Err(e) => self.undecodable(path, offset, &e),
+                            Ok(_) => {
+                                live = true;
+                                self.entries.push_back(Entry {
+                                    seq: header.seq,
+                                    segment: first_seq,
+                                    offset: offset as u64,
+                                    len: len as u32,
+                                    enqueued: self.placed(header.enqueued_ms),
+                                });
+                            }
+                        }
+                    }
                 }
             }
-            offset = end;
+            offset += len;
         }
         if offset < bytes.len() {
             self.warnings.push(format!(
@@ -499,6 +606,14 @@ impl Loaded {
             let _ = std::fs::remove_file(path);
         }
         Ok(())
+    }
+
+    fn undecodable(&mut self, path: &Path, offset: usize, error: &record::RecordError) {
+        self.warnings.push(format!(
+            "{}: record at offset {offset} cannot be decoded ({error}) and is skipped",
+            path.display()
+        ));
+        self.stats.dropped_corrupt += 1;
     }
 
     /// The queue's state over what was loaded, and the warnings.
@@ -534,11 +649,13 @@ impl Loaded {
             acked,
             acked_written: acked,
             acked_written_at: Instant::now(),
-            next_seq: max_seq + 1,
+            // Saturating: a damaged `acked` file may say anything.
+            next_seq: max_seq.saturating_add(1),
             segments,
             writer: None,
             reader: None,
             dirty_since: None,
+            durability: Durability::default(),
             stats,
         };
         (inner, warnings)
@@ -546,7 +663,37 @@ impl Loaded {
 }
 
 impl Inner {
-    fn append(&mut self, seq: u64, record: &[u8]) -> Result<(u64, u64), QueueError> {
+    /// Makes room for `len` more bytes within `max_bytes`, as `full_policy` says.
+    fn make_room(&mut self, len: u64) -> Result<(), QueueError> {
+        while self.stats.bytes_on_disk + len > self.settings.max_bytes {
+            if self.reclaim_idle_writer() {
+                continue;
+            }
+            match self.settings.full_policy {
+                FullPolicy::RejectNew => {
+                    return Err(QueueError::Full {
+                        bytes: self.stats.bytes_on_disk,
+                        max: self.settings.max_bytes,
+                    });
+                }
+                FullPolicy::DropOldest => {
+                    if !self.drop_oldest_segment() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `records` (sequence numbers `first_seq..=last_seq`) with one write to the segment
+    /// being written, rolling to a new segment first when it is full; their segment and offset.
+    fn append(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        records: &[u8],
+    ) -> Result<(u64, u64), QueueError> {
         let roll = match (&self.writer, self.segments.back()) {
             (Some((id, _)), Some(last)) => {
                 last.first_seq != *id || last.bytes >= self.settings.segment_bytes
@@ -554,43 +701,73 @@ impl Inner {
             _ => true,
         };
         if roll {
-            let path = segment_path(&self.dir, seq);
+            let path = segment_path(&self.dir, first_seq);
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o600)
                 .open(&path)
                 .map_err(io_err(&path))?;
-            self.writer = Some((seq, file));
+            if self.settings.fsync == FsyncPolicy::Always {
+                // The new file's name must survive a power loss as its records will.
+                File::open(&self.dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(io_err(&self.dir))?;
+            }
+            self.retire_writer(true);
+            self.writer = Some((first_seq, Arc::new(file)));
             self.segments.push_back(Segment {
-                first_seq: seq,
-                last_seq: seq,
+                first_seq,
+                last_seq: first_seq,
                 bytes: 0,
             });
         }
-        let (id, file) = self.writer.as_mut().expect("writer opened above");
+        let (id, file) = self.writer.as_ref().expect("writer opened above");
         let id = *id;
-        let path = segment_path(&self.dir, id);
         let segment = self.segments.back_mut().expect("segment pushed above");
         let offset = segment.bytes;
-        if let Err(e) = file.write_all(record) {
+        if let Err(e) = (&**file).write_all(records) {
             // A partial record would be skipped as torn at the next open; cut it off now so
             // later records stay readable.
             let _ = file.set_len(offset);
-            let _ = file.seek(SeekFrom::End(0));
-            return Err(io_err(&path)(e));
+            let _ = (&**file).seek(SeekFrom::End(0));
+            return Err(io_err(&segment_path(&self.dir, id))(e));
         }
-        match self.settings.fsync {
-            FsyncPolicy::Always => file.sync_data().map_err(io_err(&path))?,
-            FsyncPolicy::Interval => {
-                self.dirty_since.get_or_insert_with(Instant::now);
-            }
-            FsyncPolicy::Never => {}
+        if self.settings.fsync == FsyncPolicy::Interval {
+            self.dirty_since.get_or_insert_with(Instant::now);
         }
-        segment.bytes += record.len() as u64;
-        segment.last_seq = seq;
-        self.stats.bytes_on_disk += record.len() as u64;
+        segment.bytes += records.len() as u64;
+        segment.last_seq = last_seq;
+        self.stats.bytes_on_disk += records.len() as u64;
+        self.durability.written += records.len() as u64;
         Ok((id, offset))
+    }
+
+    /// Takes the segment being written out of use. With `fsync = "always"` a segment that stays
+    /// (`keep`) is synced first, so that no pusher's record is left in a file nobody syncs; one
+    /// being deleted holds nothing a pusher still waits for (its messages are dropped or
+    /// acknowledged).
+    fn retire_writer(&mut self, keep: bool) {
+        let Some((id, file)) = self.writer.take() else {
+            return;
+        };
+        let durability = &mut self.durability;
+        if keep
+            && self.settings.fsync == FsyncPolicy::Always
+            && durability.synced < durability.written
+        {
+            self.stats.syncs += 1;
+            if let Err(e) = file.sync_data() {
+                durability.failure = Some(SyncFailure {
+                    through: durability.written,
+                    path: segment_path(&self.dir, id),
+                    kind: e.kind(),
+                    text: e.to_string(),
+                });
+                return;
+            }
+        }
+        durability.synced = durability.written;
     }
 
     fn read(&mut self, entry: &Entry) -> Result<TelemetryMessage, String> {
@@ -605,7 +782,15 @@ impl Inner {
         let mut buf = vec![0u8; entry.len as usize];
         file.read_exact_at(&mut buf, entry.offset)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_slice(&buf[HEADER..]).map_err(|e| format!("{}: {e}", path.display()))
+        RecordHeader::parse(&buf)
+            .and_then(|header| header.message(&buf))
+            .map_err(|e| {
+                format!(
+                    "{}: record at offset {} cannot be decoded: {e}",
+                    path.display(),
+                    entry.offset
+                )
+            })
     }
 
     fn update_depth(&mut self) {
@@ -677,7 +862,7 @@ impl Inner {
         if !idle {
             return false;
         }
-        self.writer = None;
+        self.retire_writer(false);
         let done = self.segments.pop_front().expect("checked");
         self.remove_segment(&done);
         true
@@ -708,7 +893,7 @@ impl Inner {
             .as_ref()
             .is_some_and(|(id, _)| Some(*id) == self.segments.front().map(|s| s.first_seq))
         {
-            self.writer = None;
+            self.retire_writer(false);
         }
         let done = self.segments.pop_front().expect("checked");
         self.remove_segment(&done);
@@ -766,6 +951,31 @@ impl Inner {
                 self.acked_written_at = Instant::now();
                 tracing::error!("cannot persist the queue position: {e}");
             }
+        }
+    }
+}
+
+/// A gate a group commit's leader passes before it takes what to sync: a test closes it to have
+/// several pushers wait for one sync, without timing.
+#[cfg(test)]
+mod test_gate {
+    use std::sync::{Condvar, Mutex};
+
+    #[derive(Default)]
+    pub struct Gate {
+        closed: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        pub fn set_closed(&self, closed: bool) {
+            *self.closed.lock().unwrap() = closed;
+            self.opened.notify_all();
+        }
+
+        pub fn pass(&self) {
+            let closed = self.closed.lock().unwrap();
+            drop(self.opened.wait_while(closed, |closed| *closed).unwrap());
         }
     }
 }
@@ -1100,10 +1310,20 @@ mod tests {
         for step in 0..10_000u32 {
             let op = rand::random::<u8>() % 10;
             match op {
-                0..=4 => {
+                0..=3 => {
                     let seq = q.push(&msg(n)).unwrap();
                     model.insert(seq, format!("m-{n}"));
                     n += 1;
+                }
+                4 => {
+                    // Batches of 0 to 5 messages.
+                    let batch: Vec<_> = (n..n + rand::random::<u64>() % 6).map(msg).collect();
+                    let seqs = q.push_batch(&batch).unwrap();
+                    assert_eq!(seqs.len(), batch.len(), "step {step}");
+                    for (seq, m) in seqs.into_iter().zip(&batch) {
+                        model.insert(seq, m.message_id.clone());
+                    }
+                    n += batch.len() as u64;
                 }
                 5..=6 => {
                     for (seq, m) in q.take_batch(3) {
@@ -1134,5 +1354,187 @@ mod tests {
             .map(|(_, m)| m.message_id)
             .collect();
         assert_eq!(all, model.values().cloned().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn json_records_of_older_agents_are_read_with_compact_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = unix_millis();
+        let binary = TelemetryMessage {
+            body: bytes::Bytes::from_static(b"\x00\xffraw"),
+            content_encoding: Some("utf-8".into()),
+            creation_time: Some("2026-12-06T21:58:28.5Z".into()),
+            properties: vec![("source".into(), "old".into())],
+            ..msg(2)
+        };
+        // A segment from an older agent, with a damaged record in it.
+        let old = [
+            record::json::record(1, now, &msg(1)),
+            record::json::record(2, now, &binary),
+            record::json::record(3, now, &msg(3)),
+        ];
+        let damaged_at = old[0].len() + old[1].len();
+        let mut segment = old.concat();
+        segment[damaged_at + HEADER + 1] ^= 0x01;
+        std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), segment).unwrap();
+        // One with both kinds of record (no agent writes that; the reader takes it record by
+        // record all the same).
+        let binary_5 = TelemetryMessage {
+            message_id: "m-5".into(),
+            ..binary.clone()
+        };
+        let mut mixed = record::json::record(4, now, &msg(4));
+        record::put_compact_record(&mut mixed, 5, now, &record::encode_message(&binary_5));
+        mixed.extend(record::json::record(6, now, &msg(6)));
+        std::fs::write(dir.path().join(format!("{:016x}.seg", 4)), mixed).unwrap();
+
+        let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
+        assert_eq!(
+            warnings,
+            [format!(
+                "{}: record at offset {damaged_at} fails its checksum and is skipped",
+                dir.path().join("0000000000000001.seg").display()
+            )]
+        );
+        assert_eq!(q.stats().dropped_corrupt, 1);
+        // After the upgrade: compact records, in a segment of their own.
+        q.push(&msg(7)).unwrap();
+        let back: Vec<_> = q.take_batch(100).into_iter().map(|(_, m)| m).collect();
+        assert_eq!(back, [msg(1), binary, msg(4), binary_5, msg(6), msg(7)]);
+        // And again after a restart, with some of them acknowledged.
+        q.ack(1);
+        q.ack(6);
+        q.close();
+        drop(q);
+        let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
+        assert_eq!(warnings.len(), 1, "the damaged record is reported again");
+        assert_eq!(ids(&q.take_batch(100)), ["m-2", "m-4", "m-5", "m-7"]);
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_decoded_is_skipped_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = unix_millis();
+        let mut segment = Vec::new();
+        record::put_compact_record(&mut segment, 1, now, &record::encode_message(&msg(1)));
+        let bad_at = segment.len();
+        // Its checksum holds, but its flags are from no known format.
+        record::put_compact_record(&mut segment, 2, now, &[0x80, 0, 0]);
+        record::put_compact_record(&mut segment, 3, now, &record::encode_message(&msg(3)));
+        std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), segment).unwrap();
+        let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
+        assert_eq!(
+            warnings,
+            [format!(
+                "{}: record at offset {bad_at} cannot be decoded (unknown flags 0x80) and is skipped",
+                dir.path().join("0000000000000001.seg").display()
+            )]
+        );
+        assert_eq!(q.stats().dropped_corrupt, 1);
+        assert_eq!(q.stats().depth, 2);
+        assert_eq!(ids(&q.take_batch(10)), ["m-1", "m-3"]);
+        // Its sequence number is not given to a new message.
+        assert_eq!(q.push(&msg(4)).unwrap(), 4);
+    }
+
+    fn always() -> QueueSettings {
+        QueueSettings {
+            fsync: FsyncPolicy::Always,
+            ..small()
+        }
+    }
+
+    #[test]
+    fn pushes_at_the_same_time_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), always()).unwrap();
+        let q = Arc::new(q);
+        // The first pusher to need a sync leads it; hold it until all four records are written.
+        q.leader_gate.set_closed(true);
+        let pushers: Vec<_> = (0..4)
+            .map(|i| {
+                let q = q.clone();
+                std::thread::spawn(move || q.push(&msg(i)).unwrap())
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while q.stats().pushed < 4 {
+            assert!(Instant::now() < deadline, "the four pushes did not write");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(q.stats().syncs, 0, "no push returns before its sync");
+        assert!(pushers.iter().all(|p| !p.is_finished()));
+        q.leader_gate.set_closed(false);
+        let mut seqs: Vec<u64> = pushers.into_iter().map(|p| p.join().unwrap()).collect();
+        seqs.sort();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(q.stats().syncs, 1, "one sync for the four");
+        // Each push alone syncs for itself.
+        q.push(&msg(4)).unwrap();
+        assert_eq!(q.stats().syncs, 2);
+        // On disk after a crash (no close): reopened, all five are there.
+        drop(q);
+        let (q, warnings) = Queue::open(dir.path(), always()).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let mut back = ids(&q.take_batch(10));
+        back.sort();
+        assert_eq!(back, ["m-0", "m-1", "m-2", "m-3", "m-4"]);
+    }
+
+    #[test]
+    fn a_batch_is_queued_with_one_sync_and_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), always()).unwrap();
+        let batch: Vec<_> = (0..10).map(msg).collect();
+        assert_eq!(q.push_batch(&batch).unwrap(), (1..=10).collect::<Vec<_>>());
+        assert_eq!(q.stats().syncs, 1);
+        assert_eq!(q.stats().pushed, 10);
+        assert_eq!(q.push_batch(&batch[..3]).unwrap(), [11, 12, 13]);
+        assert_eq!(q.stats().syncs, 2);
+        assert!(q.push_batch(&[]).unwrap().is_empty());
+        assert_eq!(q.stats().syncs, 2, "nothing to sync");
+        drop(q);
+        let (q, _) = Queue::open(dir.path(), always()).unwrap();
+        let back: Vec<_> = q.take_batch(100).into_iter().collect();
+        assert_eq!(
+            back.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            (1..=13).collect::<Vec<_>>()
+        );
+        let messages: Vec<_> = back.into_iter().map(|(_, m)| m).collect();
+        assert_eq!(messages[..10], batch[..]);
+        assert_eq!(messages[10..], batch[..3]);
+    }
+
+    #[test]
+    fn a_batch_is_queued_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), small()).unwrap();
+        q.push(&msg(0)).unwrap();
+        let one = q.stats().bytes_on_disk;
+        q.close();
+        drop(q);
+        // Room for one more message of the same size, not for two.
+        let settings = QueueSettings {
+            max_bytes: 2 * one,
+            full_policy: FullPolicy::RejectNew,
+            ..small()
+        };
+        let (q, _) = Queue::open(dir.path(), settings).unwrap();
+        let err = q.push_batch(&[msg(1), msg(2)]).unwrap_err();
+        assert!(matches!(err, QueueError::Full { .. }), "{err}");
+        assert_eq!(q.stats().pushed, 0);
+        q.push(&msg(1)).unwrap();
+        assert_eq!(ids(&q.take_batch(10)), ["m-0", "m-1"]);
+        // One message too large refuses the batch too.
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), small()).unwrap();
+        let huge = TelemetryMessage {
+            body: vec![0; 2 * 1024 * 1024].into(),
+            ..msg(1)
+        };
+        let err = q.push_batch(&[msg(0), huge]).unwrap_err();
+        assert!(matches!(err, QueueError::TooLarge(_)), "{err}");
+        assert_eq!(q.stats().pushed, 0);
+        assert!(q.take_batch(10).is_empty());
     }
 }
