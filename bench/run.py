@@ -163,25 +163,26 @@ def run_measured(cmd, env=None, timeout=900):
 
 
 class Hubsim:
-    def __init__(self, work):
-        self.dir = work / "hubsim"
+    def __init__(self, work, name="hubsim", binary=None):
+        self.dir = work / name
+        binary = binary or REL / "hubsim"
         self.https_port = free_port()
         if not port_free(MQTT_PORT):
             log(f"port {MQTT_PORT} is taken (another hubsim?); waiting up to 10 minutes for it")
             wait_for(f"port {MQTT_PORT} to be free", lambda: port_free(MQTT_PORT), 600, 2)
-        self.log = open(work / "hubsim.log", "wb")
+        self.log = open(work / f"{name}.log", "wb")
         self.proc = subprocess.Popen(
-            [str(REL / "hubsim"), "serve", "--state-dir", str(self.dir), "--mqtt-port", str(MQTT_PORT),
+            [str(binary), "serve", "--state-dir", str(self.dir), "--mqtt-port", str(MQTT_PORT),
              "--https-port", str(self.https_port), "--retry-after", "0", "--telemetry-keep", "1000"],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
         wait_for("hubsim to write endpoints.json", lambda: (self.dir / "endpoints.json").exists()
                  or self.proc.poll() is not None, 60)
         if self.proc.poll() is not None:
-            raise RuntimeError(f"hubsim exited at start; see {work / 'hubsim.log'}")
+            raise RuntimeError(f"hubsim exited at start; see {work / (name + '.log')}")
         self.ca = self.dir / "ca.pem"
         self.ssl = ssl.create_default_context(cafile=str(self.ca))
         self.tokens = {p: subprocess.check_output(
-            [str(REL / "hubsim"), "token", "--state-dir", str(self.dir), "--policy", p, "--ttl", "6h"]
+            [str(binary), "token", "--state-dir", str(self.dir), "--policy", p, "--ttl", "6h"]
         ).decode().strip() for p in ("hub", "dps")}
         self.scope = json.loads((self.dir / "endpoints.json").read_text())["idScope"]
         wait_for("hubsim's management API", self._up, 30, 0.05)
@@ -583,38 +584,53 @@ def backlog_runs(sim, work, opts, results):
             f"{results['drain_rate'][-1]:.0f} msg/s, {results['queue_bytes_per_msg'][-1]:.0f} B/msg on disk")
 
 
-def hubsim_runs(sim, opts, results):
-    group_key = sim.api("PUT", f"/enrollmentGroups/{GROUP}",
-                        {"enrollmentGroupId": GROUP, "attestation": {"type": "symmetricKey"}},
-                        policy="dps")["attestation"]["symmetricKey"]["primaryKey"]
-    env = {**os.environ, "BENCH_GROUP_KEY": group_key}
-    prober = [str(REL / "bench-prober"), "--ca", str(sim.ca)]
+def hubsim_runs(work, opts, results):
+    """Row 5, per run on a fresh hubsim of its own (so every run starts from no devices): register
+    `opts.registrations` devices (the rate overall, of the first and of the last tenth), then
+    connect all of them at once to the hub and hold them."""
+    window = max(1, opts.registrations // 10)
     for run in range(opts.runs):
-        out, _, _ = run_measured(prober + ["--prefix", f"reg{run}", "--count", str(opts.registrations),
-                                           "register", "--id-scope", sim.scope], env=env)
-        if out["failed"]:
-            raise RuntimeError(f"DPS registrations failed: {out}")
-        results["registrations_per_s"].append(out["per_s"])
-        log(f"hubsim run {run + 1}: {out['per_s']:.0f} registrations/s")
-    # Devices to connect: register them once (untimed), then hold them all at once, per run.
-    out, _, _ = run_measured(prober + ["--prefix", "hold", "--count", str(opts.connections),
-                                       "--concurrency", "64", "register", "--id-scope", sim.scope], env=env)
-    if out["failed"]:
-        raise RuntimeError(f"registering the devices to hold failed: {out}")
-    for run in range(opts.runs):
-        proc = subprocess.Popen(prober + ["--prefix", "hold", "--count", str(opts.connections),
-                                          "--concurrency", "64", "hold"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        first = json.loads(proc.stdout.readline())
-        held = sim.api("GET", "/sim/status")["connectedDevices"]
-        proc.stdin.close()
-        proc.wait(60)
-        results["connections_held"].append(min(first["ok"], held))
-        results["connections_per_s"].append(first["per_s"])
-        log(f"hubsim run {run + 1}: {held} connections held ({first['failed']} failed), "
-            f"{first['per_s']:.0f} connects/s")
-        wait_for("the held connections to close",
-                 lambda: sim.api("GET", "/sim/status")["connectedDevices"] == 0, 60, 0.1)
+        sim = Hubsim(work, f"hubsim-row5-{run}", opts.hubsim)
+        try:
+            group_key = sim.api("PUT", f"/enrollmentGroups/{GROUP}",
+                                {"enrollmentGroupId": GROUP, "attestation": {"type": "symmetricKey"}},
+                                policy="dps")["attestation"]["symmetricKey"]["primaryKey"]
+            env = {**os.environ, "BENCH_GROUP_KEY": group_key}
+            prober = [str(REL / "bench-prober"), "--ca", str(sim.ca), "--prefix", "dev",
+                      "--count", str(opts.registrations)]
+            out, _, _ = run_measured(prober + ["--window", str(window), "register", "--id-scope", sim.scope],
+                                     env=env, timeout=7200)
+            if out["failed"]:
+                raise RuntimeError(f"DPS registrations failed: {out}")
+            results["registrations_per_s"].append(out["per_s"])
+            results["registrations_first_per_s"].append(out["first_window_per_s"])
+            results["registrations_last_per_s"].append(out["last_window_per_s"])
+            results["registrations_last_vs_first"].append(out["last_window_per_s"] / out["first_window_per_s"])
+            log(f"hubsim run {run + 1}: {out['per_s']:.0f} registrations/s ({opts.registrations:,} devices; "
+                f"first {window:,}: {out['first_window_per_s']:.0f}/s, last {window:,}: "
+                f"{out['last_window_per_s']:.0f}/s)")
+            proc = subprocess.Popen(prober + ["--concurrency", "64", "hold"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            first = json.loads(proc.stdout.readline())
+            held = sim.api("GET", "/sim/status")["connectedDevices"]
+            proc.stdin.close()
+            if proc.wait(120) != 0:
+                raise RuntimeError(f"bench-prober hold exited with {proc.returncode}")
+            results["connections_held"].append(min(first["ok"], held))
+            results["connections_per_s"].append(first["per_s"])
+            results["hubsim_rss"].append(rss_mib(sim.proc.pid))
+            log(f"hubsim run {run + 1}: {held} connections held ({first['failed']} failed, first error: "
+                f"{first['first_error']}), {first['per_s']:.0f} connects/s")
+        finally:
+            sim.stop()
+
+
+def rss_mib(pid):
+    """Peak RSS (VmHWM) of a running process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,13 +670,20 @@ def table(r, opts):
          f"{fig(r['bare_rate'])} (row 1)", "—"),
         ("4b. Queue fill while the hub refuses, msg/s", fig(r["fill_rate"]), "—", "—"),
         ("4c. Disk bytes per queued message", fig(r["queue_bytes_per_msg"]), "—", "—"),
-        (f"5a. hubsim DPS registrations/s ({opts.registrations} per run)", fig(r["registrations_per_s"]), "", ""),
-        (f"5b. hubsim concurrent device connections held (of {opts.connections})",
+        (f"5a. hubsim DPS registrations/s, {opts.registrations:,} devices into an empty hubsim",
+         fig(r["registrations_per_s"]), "", ""),
+        (f"5a′. … the first {opts.registrations // 10:,} → the last {opts.registrations // 10:,} (last ÷ first)",
+         f"{fig(r['registrations_first_per_s'])} → {fig(r['registrations_last_per_s'])} "
+         f"({fig(r['registrations_last_vs_first'], '{:.2f}')})", "", ""),
+        (f"5b. hubsim concurrent device connections held (of {opts.connections:,})",
          fig(r["connections_held"]), "", ""),
         ("5c. hubsim device connects/s (TLS + SAS)", fig(r["connections_per_s"]), "", ""),
+        ("5d. hubsim peak RSS holding them, MiB", fig(r["hubsim_rss"], "{:.0f}"), "", ""),
     ]
     if opts.backlog_only:
         rows = [row for row in rows if row[0].startswith("4")]
+    if opts.hubsim_only:
+        rows = [row for row in rows if row[0].startswith("5")]
     head = "| measurement | hubagent | bare rumqttc (limit of the path) | Azure Python SDK |\n| --- | --- | --- | --- |\n"
     return head + "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
 
@@ -679,6 +702,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer messages and devices (a smoke run)")
     ap.add_argument("--write-doc", action="store_true", help=f"put the table into {DOC.relative_to(ROOT)}")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (logs, state)")
+    ap.add_argument("--hubsim-only", action="store_true",
+                    help="row 5 only (hubsim's registrations and connections); not for --write-doc")
+    ap.add_argument("--hubsim", type=Path, default=None,
+                    help="the hubsim binary row 5 measures (default: target/release/hubsim), "
+                         "e.g. another checkout's, for a before/after with the same prober")
     ap.add_argument("--throughput-only", action="store_true",
                     help="rows 1-3 and the WebSocket rows only (no hubsim capacity, SDK or backlog runs); "
                          "not for --write-doc")
@@ -691,13 +719,13 @@ def main():
     opts.sdk_messages = 1_000 if q else 5_000
     opts.backlog = opts.backlog or (50_000 if q else 1_000_000)
     opts.backlog_runs = opts.runs
-    opts.registrations = 100 if q else 300
-    opts.connections = 200 if q else 1000
+    opts.registrations = 500 if q else 10_000
+    opts.connections = opts.registrations  # row 5b holds every device row 5a registered
     opts.idle_seconds = 3 if q else 10
 
     # hubsim and the prober each hold a descriptor per connection (row 5b); 1024 is a common default.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = opts.connections + 512
+    wanted = opts.connections + 1024
     if soft != resource.RLIM_INFINITY and soft < wanted:
         if hard != resource.RLIM_INFINITY and hard < wanted:
             sys.exit(f"bench: {opts.connections} connections need {wanted} open files; the hard limit is {hard}")
@@ -708,20 +736,27 @@ def main():
         "agent_rate", "bare_rate", "sdk_rate", "agent_cpu_per_k", "bare_cpu_per_k", "sdk_cpu_per_k",
         "idle_cpu_pct", "idle_rss", "load_rss", "bare_rss", "sdk_rss", "ready_cached", "first_telemetry_fresh",
         "sdk_first_telemetry_fresh", "drain_rate", "fill_rate", "queue_bytes_per_msg", "registrations_per_s",
+        "registrations_first_per_s", "registrations_last_per_s", "registrations_last_vs_first", "hubsim_rss",
         "connections_held", "connections_per_s", "agent_ws_rate", "agent_ws_cpu_per_k", "bare_ws_rate",
         "bare_ws_cpu_per_k", "agent_proxy_rate", "agent_proxy_cpu_per_k", "bare_proxy_rate", "bare_proxy_cpu_per_k")}
     started = time.time()
-    sim = Hubsim(work)
-    if (opts.throughput_only or opts.backlog_only) and opts.write_doc:
-        sys.exit("bench: --throughput-only and --backlog-only leave rows empty; the doc's table comes from a full run")
-    if opts.throughput_only and opts.backlog_only:
-        sys.exit("bench: --throughput-only and --backlog-only exclude each other")
+    only = [name for name in ("throughput_only", "backlog_only", "hubsim_only") if getattr(opts, name)]
+    if only and opts.write_doc:
+        sys.exit("bench: --throughput-only, --backlog-only and --hubsim-only leave rows empty; "
+                 "the doc's table comes from a full run")
+    if len(only) > 1:
+        sys.exit("bench: --throughput-only, --backlog-only and --hubsim-only exclude each other")
+    sim = None
     try:
-        if opts.backlog_only:
+        if opts.hubsim_only:
+            hubsim_runs(work, opts, results)
+        elif opts.backlog_only:
+            sim = Hubsim(work)
             backlog_runs(sim, work, opts, results)
         else:
             if not opts.throughput_only:
-                hubsim_runs(sim, opts, results)
+                hubsim_runs(work, opts, results)
+            sim = Hubsim(work)
             bare_runs(sim, opts, results)
             agent_runs(sim, work, opts, results)
             websocket_runs(sim, work, opts, results)
@@ -732,13 +767,15 @@ def main():
         for agent in STARTED:
             if agent.proc:
                 agent.stop()
-        sim.stop()
+        if sim:
+            sim.stop()
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
     minutes = (time.time() - started) / 60
     text = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
             f"median (min–max) of {opts.runs} runs{' (--quick)' if q else ''}, "
             + (f"{opts.backlog:,} messages queued per run (--backlog-only); " if opts.backlog_only else
+               f"{opts.registrations:,} devices per run (--hubsim-only); " if opts.hubsim_only else
                f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); ")
             + f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
     print(text)

@@ -272,6 +272,158 @@ async fn state_survives_a_restart() {
     assert_eq!(twin["desired"]["$version"], 1);
 }
 
+/// `hubsim serve` as a process of its own on free ports, so a test can kill it with -9.
+struct HubsimProcess {
+    child: std::process::Child,
+    https: String,
+    scope: String,
+    agent: ureq::Agent,
+    dps_auth: String,
+}
+
+impl HubsimProcess {
+    fn start(dir: &std::path::Path) -> HubsimProcess {
+        let endpoints = dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let child = std::process::Command::new(hubsim_bin())
+            .args(["serve", "--state-dir"])
+            .arg(dir)
+            .args([
+                "--mqtt-port",
+                "0",
+                "--https-port",
+                "0",
+                "--retry-after",
+                "0",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("hubsim starts");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let endpoints: Value = loop {
+            // Written atomically once the listeners are bound.
+            if let Ok(text) = std::fs::read_to_string(&endpoints) {
+                break serde_json::from_str(&text).unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hubsim wrote no endpoints.json in 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let strings = std::fs::read_to_string(dir.join("connection-strings.txt")).unwrap();
+        let dps = strings
+            .lines()
+            .find(|l| l.contains("provisioningserviceowner"))
+            .unwrap();
+        HubsimProcess {
+            child,
+            https: format!("https://{}", endpoints["https"].as_str().unwrap()),
+            scope: endpoints["idScope"].as_str().unwrap().to_string(),
+            agent: https_agent(&std::fs::read_to_string(dir.join("ca.pem")).unwrap()),
+            dps_auth: service_sas(dps),
+        }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "{status}"
+        );
+    }
+}
+
+/// What DPS answered a device survives hubsim being killed with -9 right after the answer: each
+/// registration is in the journal (and synced) before its 202 goes out (docs/hubsim.md,
+/// "Persistence").
+#[tokio::test]
+async fn registrations_answered_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("hubsim");
+    let ids: Vec<String> = (0..20).map(|n| format!("kill9-{n}")).collect();
+    let answered = {
+        let (state, ids) = (state.clone(), ids.clone());
+        blocking(move || {
+            let sim = HubsimProcess::start(&state);
+            let group: Value = sim
+                .agent
+                .put(format!(
+                    "{}/enrollmentGroups/kill9?api-version=2021-10-01",
+                    sim.https
+                ))
+                .header("Authorization", &sim.dps_auth)
+                .send_json(
+                    json!({"enrollmentGroupId": "kill9", "attestation": {"type": "symmetricKey"}}),
+                )
+                .unwrap()
+                .into_body()
+                .read_json()
+                .unwrap();
+            let group_key = group["attestation"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let mut answered = Vec::new();
+            for id in &ids {
+                let key = hubsim::auth::derive_device_key(&group_key, id).unwrap();
+                let auth = sas_token(
+                    &key,
+                    &format!("{}/registrations/{id}", sim.scope),
+                    in_an_hour(),
+                    Some("registration"),
+                );
+                let r = sim
+                    .agent
+                    .put(format!(
+                        "{}/{}/registrations/{id}/register?api-version=2021-06-01",
+                        sim.https, sim.scope
+                    ))
+                    .header("Authorization", &auth)
+                    .send_json(json!({"registrationId": id}))
+                    .unwrap();
+                answered.push((id.clone(), r.status().as_u16()));
+            }
+            sim.kill_9();
+            answered
+        })
+        .await
+    };
+    assert!(
+        answered.iter().all(|(_, status)| *status == 202),
+        "every registration was accepted: {answered:?}"
+    );
+    let after = blocking(move || {
+        let sim = HubsimProcess::start(&state);
+        let found: Vec<(String, Value)> = ids
+            .iter()
+            .map(|id| {
+                let r = sim
+                    .agent
+                    .get(format!(
+                        "{}/registrations/{id}?api-version=2021-10-01",
+                        sim.https
+                    ))
+                    .header("Authorization", &sim.dps_auth)
+                    .call()
+                    .unwrap();
+                (id.clone(), r.into_body().read_json().unwrap_or(Value::Null))
+            })
+            .collect();
+        sim.kill_9();
+        found
+    })
+    .await;
+    for (id, registration) in after {
+        assert_eq!(
+            registration["status"], "assigned",
+            "{id} was answered 202, then hubsim was killed: {registration}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn tpm_enrollments_need_a_usable_endorsement_key_and_the_challenge_comes_over_https() {
     let dir = tempfile::tempdir().unwrap();

@@ -215,6 +215,17 @@ pub fn hubagent_bin() -> PathBuf {
     bin
 }
 
+/// The `hubsim` binary of this build, for tests that must kill the process itself.
+pub fn hubsim_bin() -> PathBuf {
+    let bin = build_dir().join("hubsim");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace first",
+        bin.display()
+    );
+    bin
+}
+
 /// A shared library built by this workspace (`target/<profile>/lib<name>.so`).
 pub fn built_library(name: &str) -> PathBuf {
     let path = build_dir().join(format!("lib{name}.so"));

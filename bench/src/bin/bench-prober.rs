@@ -1,7 +1,9 @@
 //! hubsim's own capacity, so its limits are known before a figure measured through it is trusted:
 //! `register` runs N DPS registrations over MQTT (symmetric-key enrollment group, `concurrency`
-//! at a time) and prints registrations/s; `hold` connects N of those devices to the hub and holds
-//! every connection until stdin closes, printing how many are up. Each prints JSON lines.
+//! at a time) and prints registrations/s, overall and over the first and the last `--window`
+//! registrations to complete (does the cost grow with the devices already enrolled?); `hold`
+//! connects N of those devices to the hub and holds every connection until stdin closes, printing
+//! how many are up. Each prints JSON lines.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +31,9 @@ struct Args {
     count: usize,
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// `register`: also report the rate of the first and of the last this many completions.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
     #[command(subcommand)]
     what: What,
 }
@@ -53,11 +58,13 @@ async fn main() -> anyhow::Result<()> {
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let completions = Arc::new(std::sync::Mutex::new(Vec::with_capacity(args.count)));
     let start = hubagent_bench::unix_now();
     let mut tasks = Vec::new();
     for n in 0..args.count {
         let (args, tls, gate) = (args.clone(), tls.clone(), gate.clone());
         let (ok, failed, first_error) = (ok.clone(), failed.clone(), first_error.clone());
+        let completions = completions.clone();
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.expect("semaphore open");
             let id = format!("{}-{n}", args.prefix);
@@ -72,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
             match outcome {
                 Ok(held) => {
                     ok.fetch_add(1, Ordering::Relaxed);
+                    completions.lock().unwrap().push(hubagent_bench::unix_now());
                     if let Some((_client, mut eventloop)) = held {
                         // Keep the connection serviced (pings) until the process ends.
                         while eventloop.poll().await.is_ok() {}
@@ -105,14 +113,19 @@ async fn main() -> anyhow::Result<()> {
                 t.await??;
             }
             let elapsed = hubagent_bench::unix_now() - start;
-            println!(
-                "{}",
-                report(
-                    ok.load(Ordering::Relaxed),
-                    failed.load(Ordering::Relaxed),
-                    elapsed
-                )
+            let mut line = report(
+                ok.load(Ordering::Relaxed),
+                failed.load(Ordering::Relaxed),
+                elapsed,
             );
+            let mut times = completions.lock().unwrap().clone();
+            times.sort_by(f64::total_cmp);
+            if let Some((first, last)) = window_rates(start, &times, args.window) {
+                line["window"] = args.window.into();
+                line["first_window_per_s"] = first.into();
+                line["last_window_per_s"] = last.into();
+            }
+            println!("{line}");
         }
         What::Hold { .. } => {
             // Report once every connection attempt has finished, then hold until stdin closes.
@@ -143,6 +156,27 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Registrations/s over the first `window` completions (from the start) and over the last
+/// `window` (from the completion just before them); `None` without two whole windows.
+fn window_rates(start: f64, sorted: &[f64], window: usize) -> Option<(f64, f64)> {
+    if window == 0 || sorted.len() < 2 * window {
+        return None;
+    }
+    let first = window as f64 / (sorted[window - 1] - start);
+    let last_end = sorted[sorted.len() - 1];
+    let last_start = sorted[sorted.len() - 1 - window];
+    Some((first, window as f64 / (last_end - last_start)))
+}
+
+/// A registration is a few small packets each way (SUBSCRIBE and PUBLISH back to back): with
+/// Nagle's algorithm the second waits for the server's delayed ACK (40 ms on Linux), and the
+/// figure would be that wait, not hubsim. hubsim's own sockets have TCP_NODELAY.
+fn no_nagle(eventloop: &mut rumqttc::EventLoop) {
+    let mut options = eventloop.network_options();
+    options.set_tcp_nodelay(true);
+    eventloop.set_network_options(options);
+}
+
 async fn register(
     args: &Args,
     tls: &Arc<rustls::ClientConfig>,
@@ -158,6 +192,7 @@ async fn register(
     let username = format!("{scope}/registrations/{id}/api-version=2019-03-31");
     let (client, mut eventloop) =
         hubagent_bench::client(tls, "localhost", id, args.port, &username, &password, 4);
+    no_nagle(&mut eventloop);
     client
         .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
         .await?;
@@ -219,6 +254,7 @@ async fn connect(
     let username = format!("{hub}/{id}/?api-version=2021-04-12");
     let (client, mut eventloop) =
         hubagent_bench::client(tls, hub, id, args.port, &username, &password, 4);
+    no_nagle(&mut eventloop);
     loop {
         match eventloop.poll().await? {
             Event::Incoming(Packet::ConnAck(_)) => break,

@@ -118,8 +118,7 @@ fn match_enrollment(
     let (individual, groups) = sim.read(|s| {
         let individual = s
             .enrollments
-            .values()
-            .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
+            .get(&registration_id.to_ascii_lowercase())
             .cloned();
         (individual, s.groups.clone())
     });
@@ -396,6 +395,19 @@ pub fn register_at_version(
             .event(arrived, registration_id, id_scope, transport, &response);
     sim.record(|r| r.registrations.push(event));
     response
+}
+
+/// `response` once every change made for it is on disk (registrations journal their assignment
+/// with [`Sim::mutate_before_sync`]); a 500 when it cannot be.
+pub async fn once_synced(sim: &Sim, response: DpsResponse) -> DpsResponse {
+    match sim.synced().await {
+        Ok(()) => response,
+        Err(e) => error(
+            500,
+            500000,
+            &format!("hubsim could not persist its state: {e}"),
+        ),
+    }
 }
 
 /// Notes what a registration came to: (outcome, assigned hub, device id, attestation).
@@ -702,8 +714,7 @@ fn tpm_challenge_answer(
     };
     let enrollment = sim.read(|s| {
         s.enrollments
-            .values()
-            .find(|e| e.registration_id.eq_ignore_ascii_case(registration_id))
+            .get(&registration_id.to_ascii_lowercase())
             .cloned()
     });
     let refuse = |reason: String| {
@@ -936,7 +947,9 @@ fn assign(
         tpm_state = Some(json!({"authenticationKey": B64.encode(blob)}));
         authentication = sas_authentication(keys);
     }
-    let result = sim.mutate(|store| {
+    // The front end awaits `Sim::synced` before it sends the answer, so registrations in
+    // flight together share one journal sync.
+    let result = sim.mutate_before_sync(|store| {
         let previous = store.registrations.get(&key).cloned();
         let previous_device = previous.as_ref().and_then(|p| {
             let old = Store::device_key(p.assigned_hub.as_deref()?, p.device_id.as_deref()?);

@@ -326,14 +326,8 @@ async fn dps_register(
     if let Err(reason) = dps::authenticate(&sim, &scope, &reg, &credential) {
         return fail(StatusCode::UNAUTHORIZED, 401002, &reason);
     }
-    dps_answer(dps::register(
-        &sim,
-        &scope,
-        &reg,
-        &credential,
-        &body,
-        "https",
-    ))
+    let response = dps::register(&sim, &scope, &reg, &credential, &body, "https");
+    dps_answer(dps::once_synced(&sim, response).await)
 }
 
 fn is_tpm_registration(body: &[u8]) -> bool {

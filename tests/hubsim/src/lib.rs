@@ -19,6 +19,7 @@ pub mod auth;
 pub mod dps;
 pub mod http;
 pub mod hub;
+pub mod journal;
 pub mod mqtt;
 pub mod pki;
 pub mod state;

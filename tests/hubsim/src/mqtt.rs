@@ -646,6 +646,7 @@ async fn run_dps(
                 ) else {
                     break format!("unknown DPS topic '{}'", publish.topic);
                 };
+                let response = dps::once_synced(sim, response).await;
                 let mut topic = format!("$dps/registrations/res/{}/?$rid={rid}", response.status);
                 if let Some(seconds) = response.retry_after {
                     topic.push_str(&format!("&retry-after={seconds}"));

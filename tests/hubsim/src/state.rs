@@ -4,9 +4,9 @@
 //!
 //! Every front end (MQTT devices, HTTPS device API, management API) works on one [`Sim`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -15,6 +15,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::journal::{Persistence, Syncer};
 
 /// A JSON object, as twins and payloads are.
 pub type JsonObject = Map<String, Value>;
@@ -240,19 +242,101 @@ pub struct Registration {
     pub device_id: Option<String>,
 }
 
-/// Everything that survives a restart.
+/// Everything that survives a restart (persisted by [`crate::journal`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Store {
     pub id_scope: String,
     /// Keys of the service policies (`iothubowner`, `provisioningserviceowner`), base64.
     pub hub_owner_key: String,
     pub dps_owner_key: String,
-    pub enrollments: BTreeMap<String, IndividualEnrollment>,
-    pub groups: BTreeMap<String, EnrollmentGroup>,
+    /// Keyed by lower-case registration id.
+    pub enrollments: Table<IndividualEnrollment>,
+    pub groups: Table<EnrollmentGroup>,
     /// Keyed by lower-case registration id (DPS ids are case-insensitive).
-    pub registrations: BTreeMap<String, Registration>,
+    pub registrations: Table<Registration>,
     /// Keyed by `{hub}/{deviceId}`: the same device id may exist in two hubs.
-    pub devices: BTreeMap<String, Device>,
+    pub devices: Table<Device>,
+}
+
+/// A map of the store that remembers which keys were changed since the journal last took them,
+/// so a change is persisted as those rows alone, not as the whole store. Reads go through
+/// `Deref`; every way to change a row is a method here, so no change escapes the journal.
+#[derive(Debug, Clone)]
+pub struct Table<T> {
+    rows: BTreeMap<String, T>,
+    changed: BTreeSet<String>,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Self {
+            rows: BTreeMap::new(),
+            changed: BTreeSet::new(),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Table<T> {
+    type Target = BTreeMap<String, T>;
+    fn deref(&self) -> &Self::Target {
+        &self.rows
+    }
+}
+
+impl<T> Table<T> {
+    pub fn insert(&mut self, key: String, value: T) -> Option<T> {
+        self.changed.insert(key.clone());
+        self.rows.insert(key, value)
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<T> {
+        let removed = self.rows.remove(key);
+        if removed.is_some() {
+            self.changed.insert(key.to_string());
+        }
+        removed
+    }
+
+    /// The row to change in place (counted as changed whether or not the caller changes it).
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut T> {
+        let row = self.rows.get_mut(key)?;
+        self.changed.insert(key.to_string());
+        Some(row)
+    }
+
+    /// The changed keys with their rows now (`None`: removed), forgetting that they changed.
+    pub fn take_changes(&mut self) -> Vec<(String, Option<&T>)> {
+        let keys = std::mem::take(&mut self.changed);
+        keys.into_iter()
+            .map(|k| {
+                let row = self.rows.get(&k);
+                (k, row)
+            })
+            .collect()
+    }
+
+    /// Sets or removes a row without counting it as changed (replaying the journal).
+    pub fn restore(&mut self, key: String, value: Option<T>) {
+        match value {
+            Some(v) => self.rows.insert(key, v),
+            None => self.rows.remove(&key),
+        };
+    }
+}
+
+impl<T: Serialize> Serialize for Table<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.rows.serialize(serializer)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Table<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            rows: BTreeMap::deserialize(deserializer)?,
+            changed: BTreeSet::new(),
+        })
+    }
 }
 
 impl Store {
@@ -493,6 +577,9 @@ pub struct SimConfig {
 pub struct Sim {
     pub config: SimConfig,
     store: Mutex<Store>,
+    /// Locked after `store`, so journal lines follow the order of the changes.
+    persistence: Mutex<Persistence>,
+    syncer: Arc<Syncer>,
     pub live: Mutex<Live>,
     pub records: Mutex<Records>,
     pub faults: Mutex<Faults>,
@@ -506,32 +593,27 @@ pub const MAX_C2D_QUEUE: usize = 50;
 pub const MAX_C2D_DELIVERIES: u32 = 10;
 
 impl Sim {
-    /// Loads `state.json` from the state dir, or starts empty with fresh service keys.
+    /// Loads the state dir (`state.json` and its journal, see [`crate::journal`]), or starts
+    /// empty with fresh service keys.
     pub fn open(config: SimConfig, id_scope: &str) -> anyhow::Result<Self> {
-        let path = config.state_dir.join("state.json");
-        let store = if path.exists() {
-            let text = std::fs::read_to_string(&path)?;
-            serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not a hubsim state file: {e}", path.display()))?
-        } else {
-            Store {
-                id_scope: id_scope.to_string(),
-                hub_owner_key: random_key(),
-                dps_owner_key: random_key(),
-                ..Store::default()
-            }
-        };
-        let sim = Sim {
+        let (store, persistence) = Persistence::open(&config.state_dir, || Store {
+            id_scope: id_scope.to_string(),
+            hub_owner_key: random_key(),
+            dps_owner_key: random_key(),
+            ..Store::default()
+        })?;
+        let syncer = persistence.syncer().clone();
+        Ok(Sim {
             config,
             store: Mutex::new(store),
+            persistence: Mutex::new(persistence),
+            syncer,
             live: Mutex::default(),
             records: Mutex::default(),
             faults: Mutex::default(),
             changed: Notify::new(),
             next_conn_id: 1.into(),
-        };
-        sim.save(&sim.store.lock().unwrap())?;
-        Ok(sim)
+        })
     }
 
     /// Whether `scope` is one this DPS answers (case-insensitive, as Azure's).
@@ -549,21 +631,32 @@ impl Sim {
         f(&self.store.lock().unwrap())
     }
 
-    /// Changes the store and persists it before returning (atomic write).
+    /// Changes the store and returns once the change is on disk (journaled and synced).
     pub fn mutate<R>(&self, f: impl FnOnce(&mut Store) -> R) -> anyhow::Result<R> {
-        let mut store = self.store.lock().unwrap();
-        let result = f(&mut store);
-        self.save(&store)?;
-        drop(store);
-        self.changed.notify_waiters();
+        let (result, line) = self.journaled(f)?;
+        self.syncer.wait(line)?;
         Ok(result)
     }
 
-    fn save(&self, store: &Store) -> anyhow::Result<()> {
-        write_atomic(
-            &self.config.state_dir.join("state.json"),
-            &serde_json::to_vec_pretty(store)?,
-        )
+    /// Changes the store and journals the change without waiting for its sync, so concurrent
+    /// changes share one: the caller must await [`Sim::synced`] before it answers the client.
+    pub fn mutate_before_sync<R>(&self, f: impl FnOnce(&mut Store) -> R) -> anyhow::Result<R> {
+        self.journaled(f).map(|(result, _)| result)
+    }
+
+    fn journaled<R>(&self, f: impl FnOnce(&mut Store) -> R) -> anyhow::Result<(R, u64)> {
+        let mut store = self.store.lock().unwrap();
+        let result = f(&mut store);
+        let line = self.persistence.lock().unwrap().append(&mut store)?;
+        drop(store);
+        self.changed.notify_waiters();
+        Ok((result, line))
+    }
+
+    /// Waits until every change journaled so far is on disk: a front end awaits this before
+    /// it answers a request whose handling may have used [`Sim::mutate_before_sync`].
+    pub async fn synced(&self) -> anyhow::Result<()> {
+        self.syncer.wait_async(self.syncer.last_written()).await
     }
 
     pub fn next_conn_id(&self) -> u64 {
