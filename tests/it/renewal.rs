@@ -22,7 +22,13 @@ fn issuing_agent(
     validity_seconds: u64,
     renew_at: f64,
 ) -> PathBuf {
-    issuing_agent_with(dir, running, id, validity_seconds, &format!("renew_at = {renew_at}\n"))
+    issuing_agent_with(
+        dir,
+        running,
+        id,
+        validity_seconds,
+        &format!("renew_at = {renew_at}\n"),
+    )
 }
 
 /// [`issuing_agent`] with `issued` as the body of `[provisioning.issued_certificate]`.

@@ -949,11 +949,14 @@ async fn tpm_attestation_gets_an_issued_certificate_with_its_key_in_the_tpm() {
     let ca_dir = dir.path().join("issuing-ca");
     hubsim::pki::issue(hubsim::pki::CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
     sim.mutate(|s| {
-        s.enrollments.get_mut(&id).unwrap().common.certificate_issuance =
-            Some(hubsim::state::CertificateIssuance {
-                issuer_dir: ca_dir.clone(),
-                validity_seconds: 3600,
-            });
+        s.enrollments
+            .get_mut(&id)
+            .unwrap()
+            .common
+            .certificate_issuance = Some(hubsim::state::CertificateIssuance {
+            issuer_dir: ca_dir.clone(),
+            validity_seconds: 3600,
+        });
     })
     .unwrap();
     let config = tpm_agent(dir.path(), &running, &swtpm, None, "attestation")
@@ -970,9 +973,7 @@ async fn tpm_attestation_gets_an_issued_certificate_with_its_key_in_the_tpm() {
             .unwrap();
         hubsim::auth::sha256_thumbprint(&leaf)
     };
-    let hub_auth = || {
-        sim.read(|s| s.devices[&device_key(&sim, &id)].authentication.clone())
-    };
+    let hub_auth = || sim.read(|s| s.devices[&device_key(&sim, &id)].authentication.clone());
 
     let agent = AgentProcess::start(&config);
     agent
@@ -1013,7 +1014,9 @@ async fn tpm_attestation_gets_an_issued_certificate_with_its_key_in_the_tpm() {
         .await;
     assert_eq!(registrations(&sim, &id), 2);
     assert_eq!(
-        hub_auth().x509_thumbprint.and_then(|t| t.primary_thumbprint),
+        hub_auth()
+            .x509_thumbprint
+            .and_then(|t| t.primary_thumbprint),
         Some(leaf_thumbprint("gen-2"))
     );
     assert_eq!(agent.stop(), Some(0));

@@ -213,7 +213,11 @@ impl Provisioning {
 
     /// The TPM that keeps the issued certificates' keys with `key = "tpm"`.
     pub fn issued_key_tcti(&self) -> String {
-        if let Some(tcti) = self.issued_certificate.as_ref().and_then(|i| i.tcti.clone()) {
+        if let Some(tcti) = self
+            .issued_certificate
+            .as_ref()
+            .and_then(|i| i.tcti.clone())
+        {
             return tcti;
         }
         match &self.attestation {
@@ -1295,7 +1299,12 @@ max_message_size = "128KiB"
         let plain = with("").unwrap();
         let issued = with("[provisioning.issued_certificate]").unwrap();
         assert_eq!(
-            issued.provisioning.issued_certificate.as_ref().unwrap().renew_at,
+            issued
+                .provisioning
+                .issued_certificate
+                .as_ref()
+                .unwrap()
+                .renew_at,
             0.8
         );
         assert_ne!(
@@ -1350,7 +1359,10 @@ max_message_size = "128KiB"
         let tpm = with("[provisioning.issued_certificate]\nkey = \"tpm\"");
         if cfg!(feature = "tpm") {
             let tpm = tpm.unwrap();
-            assert_eq!(tpm.provisioning.issued_key_store(), Some(IssuedKeyStore::Tpm));
+            assert_eq!(
+                tpm.provisioning.issued_key_store(),
+                Some(IssuedKeyStore::Tpm)
+            );
             assert_eq!(tpm.provisioning.issued_key_tcti(), "device:/dev/tpmrm0");
             assert_eq!(
                 tpm.provisioning_fingerprint(),
@@ -1360,8 +1372,7 @@ max_message_size = "128KiB"
         } else {
             let err = tpm.unwrap_err().to_string();
             assert!(
-                err.contains("provisioning.issued_certificate.key")
-                    && err.contains("TPM support"),
+                err.contains("provisioning.issued_certificate.key") && err.contains("TPM support"),
                 "{err}"
             );
         }

@@ -47,10 +47,7 @@ pub fn check_x509_identity(
 /// Checks a PEM certificate chain (leaf first): there is one and every certificate parses.
 /// Returns the leaf's SubjectPublicKeyInfo (DER) and warnings for a leaf that is expired or not
 /// yet valid.
-pub fn check_chain(
-    cert_path: &Path,
-    cert_pem: &[u8],
-) -> Result<(Vec<u8>, Vec<String>), KeyError> {
+pub fn check_chain(cert_path: &Path, cert_pem: &[u8]) -> Result<(Vec<u8>, Vec<String>), KeyError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
 

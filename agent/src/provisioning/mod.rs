@@ -482,14 +482,18 @@ pub async fn register_once(
             registration_state: serde_json::Value::Null,
         });
     };
-    let key_home = issued::KeyHome::of(config).map_err(|e| dps::DpsError::Protocol(e.to_string()))?;
+    let key_home =
+        issued::KeyHome::of(config).map_err(|e| dps::DpsError::Protocol(e.to_string()))?;
     let new_key = match config.provisioning.issued_certificate {
         Some(_) => {
             // A TPM key is generated and signs the CSR in the TPM: off the async threads.
             let (registration_id, home) = (identity.registration_id.clone(), key_home.clone());
-            let made = tokio::task::spawn_blocking(move || issued::new_key(&registration_id, &home))
-                .await
-                .map_err(|e| dps::DpsError::Protocol(format!("making the new key failed: {e}")))?;
+            let made =
+                tokio::task::spawn_blocking(move || issued::new_key(&registration_id, &home))
+                    .await
+                    .map_err(|e| {
+                        dps::DpsError::Protocol(format!("making the new key failed: {e}"))
+                    })?;
             Some(made.map_err(|e| dps::DpsError::Protocol(e.to_string()))?)
         }
         None => None,

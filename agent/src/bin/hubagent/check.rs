@@ -215,7 +215,8 @@ fn certificate_expiry(validity: Validity, lead: Duration) -> Check {
 fn issued_certificate(config: &Config, renew_at: f64) -> Check {
     let id = "identity.issued";
     let store = hubagent::identity::issued::Store::new(&config.agent.state_dir);
-    let newest = hubagent::identity::issued::KeyHome::of(config).and_then(|home| store.newest(&home));
+    let newest =
+        hubagent::identity::issued::KeyHome::of(config).and_then(|home| store.newest(&home));
     let generation = match newest {
         Ok(Some(generation)) => generation,
         Ok(None) => {
