@@ -28,12 +28,13 @@ use base64::engine::general_purpose::STANDARD as B64;
 use zeroize::Zeroizing;
 
 use super::credential::{Credential, PrivateKey};
-use super::x509::{Validity, check_chain, check_x509_identity};
+use super::x509::{Validity, check_x509_identity};
 use crate::config::{Config, IssuedKeyStore};
 
 const CURRENT: &str = "current";
 const KEY: &str = "key.pem";
 const TPM_PUBLIC: &str = "tpm-key.pub";
+#[cfg(feature = "tpm")]
 const TPM_PRIVATE: &str = "tpm-key.priv";
 const CHAIN: &str = "chain.pem";
 
@@ -290,8 +291,8 @@ impl Store {
                 &read(TPM_PRIVATE)?,
             )
             .map_err(|e| invalid(e.to_string()))?;
-            let (leaf_spki, _) =
-                check_chain(chain_path, chain_pem).map_err(|e| invalid(e.to_string()))?;
+            let (leaf_spki, _) = super::x509::check_chain(chain_path, chain_pem)
+                .map_err(|e| invalid(e.to_string()))?;
             if leaf_spki != key.subject_public_key_info() {
                 return Err(invalid(
                     "the TPM key does not belong to the certificate".into(),
@@ -413,9 +414,10 @@ mod tests {
             csr.certification_request_info.subject.to_string(),
             "CN=dev-7"
         );
-        let NewKeyMaterial::Pem(pem) = &key.material else {
-            panic!("not a file key")
-        };
-        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        match &key.material {
+            NewKeyMaterial::Pem(pem) => assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----")),
+            #[cfg(feature = "tpm")]
+            NewKeyMaterial::Tpm(_) => panic!("not a file key"),
+        }
     }
 }
