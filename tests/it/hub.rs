@@ -461,14 +461,14 @@ async fn an_x509_device_provisions_and_keeps_one_connection() {
         hubagent::identity::credential::Credential::load(&attestation, "gw-x509-1").unwrap();
     let Credential::X509 {
         cert_chain_pem,
-        key_pem,
+        key,
     } = &credential
     else {
         panic!("not an X.509 credential")
     };
     let tls = hubagent::identity::tls::client_config(
         Some(&running.ca_pem_path),
-        Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
+        Some((cert_chain_pem.as_slice(), key.client_key())),
     )
     .unwrap();
     let request = hubagent::provisioning::dps::DpsRequest {

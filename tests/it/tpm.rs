@@ -932,3 +932,93 @@ async fn hierarchy_passwords_come_from_files() {
     }
     assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
 }
+
+/// DPS TPM attestation with certificate issuance (`[provisioning.issued_certificate]`): the
+/// registration over HTTPS carries the CSR of a key the TPM made (the default with TPM
+/// attestation), DPS answers with the issued chain instead of a hub key, the hub knows the
+/// device by that certificate and the agent connects with it, signing in the TPM; a renewal runs
+/// the whole attestation again with a new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_attestation_gets_an_issued_certificate_with_its_key_in_the_tpm() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let id = enroll_tpm(&sim, &tcti, None);
+    let ca_dir = dir.path().join("issuing-ca");
+    hubsim::pki::issue(hubsim::pki::CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
+    sim.mutate(|s| {
+        s.enrollments
+            .get_mut(&id)
+            .unwrap()
+            .common
+            .certificate_issuance = Some(hubsim::state::CertificateIssuance {
+            issuer_dir: ca_dir.clone(),
+            validity_seconds: 3600,
+        });
+    })
+    .unwrap();
+    let config = tpm_agent(dir.path(), &running, &swtpm, None, "attestation")
+        .extra("[provisioning.issued_certificate]\n")
+        .extra(&builtin_sensor("100ms"))
+        .write();
+    let issued = dir.path().join("state").join("issued");
+    let leaf_thumbprint = |generation: &str| {
+        let pem = std::fs::read(issued.join(generation).join("chain.pem")).unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .unwrap()
+            .unwrap();
+        hubsim::auth::sha256_thumbprint(&leaf)
+    };
+    let hub_auth = || sim.read(|s| s.devices[&device_key(&sim, &id)].authentication.clone());
+
+    let agent = AgentProcess::start(&config);
+    agent
+        .wait_status("connected with issued generation 1", |s| {
+            s["connection"] == "connected" && s["issued_generation"] == 1
+        })
+        .await;
+    assert!(
+        sim.wait_until(WAIT, |s| telemetry_count(s, &id) >= 3).await,
+        "{}",
+        agent.log_text()
+    );
+    let outcomes: Vec<String> = registration_events(&sim)
+        .iter()
+        .map(|r| format!("{}:{}:{}", r.transport, r.attestation, r.outcome))
+        .collect();
+    assert_eq!(outcomes, ["https:tpm:tpm-challenge", "https:tpm:assigned"]);
+    let auth = hub_auth();
+    assert!(auth.symmetric_key.is_none(), "no hub key: {auth:?}");
+    assert_eq!(
+        auth.x509_thumbprint.and_then(|t| t.primary_thumbprint),
+        Some(leaf_thumbprint("gen-1")),
+        "the hub knows the device by the issued certificate"
+    );
+    assert!(
+        issued.join("gen-1").join("tpm-key.priv").is_file()
+            && !issued.join("gen-1").join("key.pem").exists(),
+        "with TPM attestation the issued certificate's key is in the TPM"
+    );
+
+    // A renewal: the attestation again, with a new key's CSR.
+    let out = agent.cli(&["reprovision"]);
+    assert!(out.status.success(), "{out:?}");
+    agent
+        .wait_status("connected with issued generation 2", |s| {
+            s["connection"] == "connected" && s["issued_generation"] == 2
+        })
+        .await;
+    assert_eq!(registrations(&sim, &id), 2);
+    assert_eq!(
+        hub_auth()
+            .x509_thumbprint
+            .and_then(|t| t.primary_thumbprint),
+        Some(leaf_thumbprint("gen-2"))
+    );
+    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
+}

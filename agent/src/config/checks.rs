@@ -90,8 +90,9 @@ pub(super) fn model_id(p: &Provisioning) -> Result<(), Invalid> {
     }
 }
 
-/// `[provisioning.issued_certificate]`: DPS issues it, over MQTT (not TPM attestation's HTTPS),
-/// and it is renewed at a fraction of its lifetime strictly between 0 and 1.
+/// `[provisioning.issued_certificate]`: DPS issues it (any onboarding attestation), its key is
+/// kept where the build can keep it, and it is renewed at a fraction of its lifetime strictly
+/// between 0 and 1.
 pub(super) fn issued_certificate(p: &Provisioning) -> Result<(), Invalid> {
     let Some(issued) = &p.issued_certificate else {
         return Ok(());
@@ -102,10 +103,17 @@ pub(super) fn issued_certificate(p: &Provisioning) -> Result<(), Invalid> {
             "certificates are issued by DPS: it needs source = \"dps\"",
         ));
     }
-    if p.dps_over_https() {
+    let in_tpm = p.issued_key_store() == Some(super::IssuedKeyStore::Tpm);
+    if in_tpm && !cfg!(feature = "tpm") {
         return Err(invalid(
-            "provisioning.issued_certificate",
-            "not available with TPM attestation (its registration runs over HTTPS); use a symmetric key or X.509 onboarding credential",
+            "provisioning.issued_certificate.key",
+            "\"tpm\" needs a hubagent built with TPM support (cargo feature `tpm`); use key = \"file\", or install a build with TPM support",
+        ));
+    }
+    if issued.tcti.is_some() && !in_tpm {
+        return Err(invalid(
+            "provisioning.issued_certificate.tcti",
+            "names the TPM that keeps the key: it goes with key = \"tpm\"",
         ));
     }
     if !(issued.renew_at > 0.0 && issued.renew_at < 1.0) {

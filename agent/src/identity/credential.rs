@@ -8,6 +8,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::keys::{KeyError, MemoryKey, SasSigner, check_private, derive_device_key, read_secret};
+use super::tls::ClientKey;
 use super::x509::{Validity, check_x509_identity};
 use crate::config::Attestation;
 
@@ -15,11 +16,43 @@ use crate::config::Attestation;
 #[derive(Clone)]
 pub enum Credential {
     Sas(Arc<dyn SasSigner>),
-    /// PEM certificate chain (leaf first) and PEM private key.
+    /// PEM certificate chain (leaf first) and its private key.
     X509 {
         cert_chain_pem: Arc<Vec<u8>>,
-        key_pem: Arc<zeroize::Zeroizing<Vec<u8>>>,
+        key: PrivateKey,
     },
+}
+
+/// The private key of an X.509 credential.
+#[derive(Clone)]
+pub enum PrivateKey {
+    /// PEM (from the configured file, or an issued generation's `key.pem`); never logged.
+    Pem(Arc<Zeroizing<Vec<u8>>>),
+    /// Made and kept by the TPM (an issued generation with `key = "tpm"`).
+    #[cfg(feature = "tpm")]
+    Tpm(Arc<super::tpm::ecc_key::EccKey>),
+}
+
+impl PrivateKey {
+    /// The key as the TLS client configuration takes it.
+    pub fn client_key(&self) -> ClientKey<'_> {
+        match self {
+            PrivateKey::Pem(pem) => ClientKey::Pem(pem.as_slice()),
+            #[cfg(feature = "tpm")]
+            PrivateKey::Tpm(key) => {
+                ClientKey::Signer(Arc::new(super::tpm::ecc_key::TlsKey(key.clone())))
+            }
+        }
+    }
+
+    /// Where the key is, for `hubagent check` and the logs.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            PrivateKey::Pem(_) => "private key file",
+            #[cfg(feature = "tpm")]
+            PrivateKey::Tpm(_) => "key held by the TPM",
+        }
+    }
 }
 
 impl std::fmt::Debug for Credential {
@@ -105,7 +138,7 @@ impl Credential {
                 Ok((
                     Credential::X509 {
                         cert_chain_pem: Arc::new(cert),
-                        key_pem: Arc::new(key),
+                        key: PrivateKey::Pem(Arc::new(key)),
                     },
                     warnings,
                 ))

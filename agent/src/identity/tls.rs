@@ -52,11 +52,19 @@ pub fn root_certificates(
     Ok(out)
 }
 
+/// The private key of a client certificate.
+pub enum ClientKey<'a> {
+    /// A PEM private key (PKCS#8, SEC1 or PKCS#1).
+    Pem(&'a [u8]),
+    /// A key that signs elsewhere (the TPM): rustls asks it for each handshake signature.
+    Signer(Arc<dyn rustls::sign::SigningKey>),
+}
+
 /// A client configuration trusting the system roots plus `trust_bundle`, presenting
-/// `client_identity` (PEM chain, PEM key) when given.
+/// `client_identity` (PEM chain, its key) when given.
 pub fn client_config(
     trust_bundle: Option<&Path>,
-    client_identity: Option<(&[u8], &[u8])>,
+    client_identity: Option<(&[u8], ClientKey<'_>)>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in root_certificates(trust_bundle)? {
@@ -74,15 +82,25 @@ pub fn client_config(
         .with_root_certificates(roots);
     let config = match client_identity {
         None => builder.with_no_client_auth(),
-        Some((chain_pem, key_pem)) => {
+        Some((chain_pem, key)) => {
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
                 .collect::<Result<_, _>>()
                 .map_err(|e| TlsError::Identity(format!("certificate chain: {e}")))?;
-            let key = PrivateKeyDer::from_pem_slice(key_pem)
-                .map_err(|e| TlsError::Identity(format!("private key: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| TlsError::Identity(e.to_string()))?
+            match key {
+                ClientKey::Pem(key_pem) => {
+                    let key = PrivateKeyDer::from_pem_slice(key_pem)
+                        .map_err(|e| TlsError::Identity(format!("private key: {e}")))?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| TlsError::Identity(e.to_string()))?
+                }
+                ClientKey::Signer(key) => {
+                    let certified = rustls::sign::CertifiedKey::new(chain, key);
+                    builder.with_client_cert_resolver(Arc::new(
+                        rustls::sign::SingleCertAndKey::from(certified),
+                    ))
+                }
+            }
         }
     };
     Ok(Arc::new(config))
@@ -134,7 +152,7 @@ mod tests {
 
     #[test]
     fn an_unusable_client_identity_is_refused() {
-        let no_key = client_config(None, Some((b"", b"")));
+        let no_key = client_config(None, Some((b"", ClientKey::Pem(b""))));
         // Either the machine has no system roots (NoRoots) or the identity is refused.
         match no_key {
             Err(TlsError::Identity(message)) => assert!(message.contains("private key")),

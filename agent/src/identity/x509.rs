@@ -15,12 +15,43 @@ pub fn check_x509_identity(
     key_path: &Path,
     key_pem: &[u8],
 ) -> Result<Vec<String>, KeyError> {
+    use rustls_pki_types::PrivateKeyDer;
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let key_err = |what: &str| KeyError::Invalid(format!("{}: {what}", key_path.display()));
+    let (leaf_spki, warnings) = check_chain(cert_path, cert_pem)?;
+
+    let text = String::from_utf8_lossy(key_pem);
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        return Err(key_err(
+            "the private key is encrypted; store it unencrypted with mode 0600 (openssl pkey -in KEY -out KEY.plain)",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
+        key_err("no PEM private key in it (expected PKCS#8, SEC1 EC or PKCS#1 RSA: -----BEGIN PRIVATE KEY-----)")
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|_| {
+        key_err("unsupported private key (use an RSA, ECDSA P-256/P-384 or Ed25519 key)")
+    })?;
+    if let Some(public) = signing.public_key()
+        && public.as_ref() != leaf_spki.as_slice()
+    {
+        return Err(key_err(&format!(
+            "the private key does not belong to the certificate {}",
+            cert_path.display()
+        )));
+    }
+    Ok(warnings)
+}
+
+/// Checks a PEM certificate chain (leaf first): there is one and every certificate parses.
+/// Returns the leaf's SubjectPublicKeyInfo (DER) and warnings for a leaf that is expired or not
+/// yet valid.
+pub fn check_chain(cert_path: &Path, cert_pem: &[u8]) -> Result<(Vec<u8>, Vec<String>), KeyError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
 
     let cert_err = |what: String| KeyError::Invalid(format!("{}: {what}", cert_path.display()));
-    let key_err = |what: &str| KeyError::Invalid(format!("{}: {what}", key_path.display()));
-
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(format!("not a PEM certificate chain ({e})")))?;
@@ -53,28 +84,7 @@ pub fn check_x509_identity(
             }
         }
     }
-
-    let text = String::from_utf8_lossy(key_pem);
-    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
-        return Err(key_err(
-            "the private key is encrypted; store it unencrypted with mode 0600 (openssl pkey -in KEY -out KEY.plain)",
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
-        key_err("no PEM private key in it (expected PKCS#8, SEC1 EC or PKCS#1 RSA: -----BEGIN PRIVATE KEY-----)")
-    })?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|_| {
-        key_err("unsupported private key (use an RSA, ECDSA P-256/P-384 or Ed25519 key)")
-    })?;
-    if let Some(public) = signing.public_key()
-        && public.as_ref() != leaf_spki.as_slice()
-    {
-        return Err(key_err(&format!(
-            "the private key does not belong to the certificate {}",
-            cert_path.display()
-        )));
-    }
-    Ok(warnings)
+    Ok((leaf_spki, warnings))
 }
 
 /// The validity period of an identity certificate (the leaf), in Unix seconds.

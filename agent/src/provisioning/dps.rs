@@ -93,7 +93,7 @@ impl DpsError {
 const API_VERSION: &str = "2019-03-31";
 /// The first api-version that knows the registration's `csr` (certificate issuance preview;
 /// Azure refuses a `csr` under older versions: docs/credentials.md).
-const ISSUANCE_API_VERSION: &str = "2025-07-01-preview";
+pub(crate) const ISSUANCE_API_VERSION: &str = "2025-07-01-preview";
 /// Used when DPS sends no retry-after; also the cap on what it may ask, so a bogus header
 /// cannot park the agent for hours.
 pub(crate) const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(3);

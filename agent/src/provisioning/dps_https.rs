@@ -7,7 +7,9 @@
 //!    (`skn=registration`) inside the TPM;
 //! 3. `PUT …/register` again with that SAS → 202, then `GET …/operations/{id}` until assigned;
 //! 4. the assignment's `registrationState.tpm.authenticationKey` wraps the hub device key: it
-//!    replaces the challenge key at the handle and signs every hub SAS from then on.
+//!    replaces the challenge key at the handle and signs every hub SAS from then on. With
+//!    certificate issuance (a `csr` in the body, api-version `2025-07-01-preview`) the answer
+//!    carries `issuedCertificateChain` instead, and the hub gets that certificate.
 //!
 //! The exchange is blocking (ureq, TPM calls) and runs on tokio's blocking pool with a deadline
 //! checked between steps.
@@ -22,8 +24,8 @@ use serde_json::{Value, json};
 
 use super::Assignment;
 use super::dps::{
-    DEFAULT_RETRY_AFTER, DpsError, DpsRequest, MAX_RETRIES, MAX_RETRY_AFTER, assignment,
-    not_assigned, operation_id, service_error,
+    DEFAULT_RETRY_AFTER, DpsError, DpsRequest, ISSUANCE_API_VERSION, MAX_RETRIES, MAX_RETRY_AFTER,
+    assignment, not_assigned, operation_id, service_error,
 };
 use crate::identity::keys::sas_token;
 use crate::identity::tpm::{self, TpmSigner};
@@ -88,6 +90,9 @@ struct Client {
     proxy: Option<String>,
     deadline: Instant,
     timeout: Duration,
+    /// `2021-06-01`, or the certificate-issuance preview's version when the registration carries
+    /// a `csr` (DPS refuses one under older versions).
+    api_version: &'static str,
 }
 
 /// One HTTP answer: status, retry-after, JSON body (`Null` when empty or not JSON).
@@ -138,6 +143,10 @@ impl Client {
             proxy: req.proxy.as_ref().map(|p| p.describe.clone()),
             deadline,
             timeout: req.timeout,
+            api_version: match req.csr {
+                Some(_) => ISSUANCE_API_VERSION,
+                None => API_VERSION,
+            },
         })
     }
 
@@ -169,7 +178,7 @@ impl Client {
         sas: Option<&str>,
         body: Option<&str>,
     ) -> Result<Answer, DpsError> {
-        let url = format!("{}{path}?api-version={API_VERSION}", self.base);
+        let url = format!("{}{path}?api-version={}", self.base, self.api_version);
         let timeout = self.remaining()?.min(Duration::from_secs(30));
         let unreachable = |e: ureq::Error| DpsError::Unreachable {
             endpoint: self.endpoint.clone(),
@@ -277,15 +286,19 @@ fn register_blocking(
 ) -> Result<Assignment, DpsError> {
     let identity = tpm::identity(&target.tcti, &target.auth).map_err(tpm_error)?;
     let client = Client::new(req, trust_bundle, deadline)?;
-    let body = json!({
+    let mut body = json!({
         "registrationId": req.registration_id,
         "tpm": {
             "endorsementKey": identity.endorsement_key_base64(),
             "storageRootKey": identity.storage_root_key_base64(),
         },
         "payload": req.payload,
-    })
-    .to_string();
+    });
+    // Certificate issuance: the same `csr` as over MQTT (docs/credentials.md).
+    if let Some(csr) = &req.csr {
+        body["csr"] = json!(csr);
+    }
+    let body = body.to_string();
 
     // 1. The challenge.
     let blob = request_challenge(&client, req, &body)?;
@@ -299,8 +312,10 @@ fn register_blocking(
     // 3. The registration proper, signed in the TPM.
     let answer = register_signed(&client, &signer, req, &body)?;
     let assigned = assignment(&answer)?;
-    // 4. The hub key, wrapped to this TPM like the challenge.
-    import_hub_key(target, &answer)?;
+    // 4. The hub key, wrapped to this TPM like the challenge (with an issued certificate the hub
+    // gets that instead, and a hub key is optional).
+    let issued = !answer["registrationState"]["issuedCertificateChain"].is_null();
+    import_hub_key(target, &answer, issued)?;
     Ok(assigned)
 }
 
@@ -365,8 +380,9 @@ fn register_signed(
 }
 
 /// The assignment's `registrationState.tpm.authenticationKey` wraps the hub device key: it
-/// replaces the challenge key at the handle. Without one, the registration key signs on.
-fn import_hub_key(target: &TpmTarget, answer: &Value) -> Result<(), DpsError> {
+/// replaces the challenge key at the handle. Without one, the registration key signs on (and
+/// with an issued certificate, `issued`, none is needed).
+fn import_hub_key(target: &TpmTarget, answer: &Value, issued: bool) -> Result<(), DpsError> {
     match answer["registrationState"]["tpm"]["authenticationKey"].as_str() {
         Some(key) => {
             let blob = B64.decode(key).map_err(|_| {
@@ -378,6 +394,7 @@ fn import_hub_key(target: &TpmTarget, answer: &Value) -> Result<(), DpsError> {
                 "imported the IoT Hub device key into the TPM"
             );
         }
+        None if issued => {}
         None => tracing::warn!(
             "DPS sent no hub key (registrationState.tpm.authenticationKey); signing hub tokens with the registration key"
         ),

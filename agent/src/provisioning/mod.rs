@@ -237,8 +237,8 @@ pub fn client_tls(
     let identity = match credential {
         Credential::X509 {
             cert_chain_pem,
-            key_pem,
-        } => Some((cert_chain_pem.as_slice(), key_pem.as_slice())),
+            key,
+        } => Some((cert_chain_pem.as_slice(), key.client_key())),
         Credential::Sas(_) => None,
     };
     crate::identity::tls::client_config(config.hub.trust_bundle.as_deref(), identity)
@@ -347,7 +347,8 @@ pub fn device_identity(config: &Config) -> Result<DeviceIdentity, IdentityError>
 /// be used is logged and skipped: the next registration asks DPS for a new one.
 fn newest_issued(config: &Config) -> Option<IssuedIdentity> {
     let store = issued::Store::new(&config.agent.state_dir);
-    let generation = match store.newest() {
+    let newest = issued::KeyHome::of(config).and_then(|home| store.newest(&home));
+    let generation = match newest {
         Ok(generation) => generation?,
         Err(e) => {
             tracing::warn!("issued certificate: {e}; asking DPS for a new one");
@@ -452,7 +453,7 @@ pub fn resolve(config: &Config, state: &StateDir, force: bool) -> Resolution {
 /// issue one before the hub session. A certificate due for renewal is renewed beside the
 /// session instead (daemon/renewal.rs), so a failing issuance never keeps the device offline.
 pub fn issuance_due(config: &Config) -> Option<String> {
-    config.provisioning.issued_certificate?;
+    config.provisioning.issued_certificate.as_ref()?;
     newest_issued(config)
         .is_none()
         .then(|| "no issued certificate yet".to_string())
@@ -481,11 +482,20 @@ pub async fn register_once(
             registration_state: serde_json::Value::Null,
         });
     };
+    let key_home =
+        issued::KeyHome::of(config).map_err(|e| dps::DpsError::Protocol(e.to_string()))?;
     let new_key = match config.provisioning.issued_certificate {
-        Some(_) => Some(
-            issued::new_key(&identity.registration_id)
-                .map_err(|e| dps::DpsError::Protocol(e.to_string()))?,
-        ),
+        Some(_) => {
+            // A TPM key is generated and signs the CSR in the TPM: off the async threads.
+            let (registration_id, home) = (identity.registration_id.clone(), key_home.clone());
+            let made =
+                tokio::task::spawn_blocking(move || issued::new_key(&registration_id, &home))
+                    .await
+                    .map_err(|e| {
+                        dps::DpsError::Protocol(format!("making the new key failed: {e}"))
+                    })?;
+            Some(made.map_err(|e| dps::DpsError::Protocol(e.to_string()))?)
+        }
         None => None,
     };
     let mut request = request;
@@ -497,7 +507,7 @@ pub async fn register_once(
         crate::util::test_hook::abort_at("issuance-answered");
         let store = issued::Store::new(&config.agent.state_dir);
         let generation = store
-            .save(&new_key.key_pem, &chain)
+            .save(&new_key.material, &chain, &key_home)
             .map_err(|e| dps::DpsError::Protocol(format!("storing the issued certificate: {e}")))?;
         let tls = client_tls(config, &generation.credential).map_err(dps::DpsError::Protocol)?;
         tracing::info!(

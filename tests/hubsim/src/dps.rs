@@ -533,7 +533,7 @@ fn register_answer(
         }
     }
     let payload = request.get("payload").filter(|p| !p.is_null()).cloned();
-    match assign(sim, registration_id, &matched, payload) {
+    match assign(sim, registration_id, &matched, payload, issued.is_some()) {
         Ok(mut state) => {
             if let Some(chain) = issued {
                 state["issuedCertificateChain"] = json!(chain);
@@ -885,11 +885,14 @@ fn hashed_choice<'a>(hubs: &'a [String], registration_id: &str) -> &'a String {
 
 /// Allocates a hub, creates or moves the hub device, stores the registration; returns the
 /// `registrationState` JSON.
+/// `issued`: the registration got a certificate, which is how the hub knows the device from now
+/// on (a TPM-attested one then gets no hub key).
 fn assign(
     sim: &Sim,
     registration_id: &str,
     matched: &Matched,
     payload: Option<Value>,
+    issued: bool,
 ) -> Result<Value, DpsResponse> {
     let linked = &sim.config.hubs;
     let candidates: Vec<String> = match &matched.common.iot_hubs {
@@ -927,7 +930,7 @@ fn assign(
     // TPM attestation: a fresh hub device key, sent to the device wrapped to its EK and SRK.
     let mut authentication = matched.authentication.clone();
     let mut tpm_state = None;
-    if let Some(challenge) = &matched.tpm {
+    if let Some(challenge) = matched.tpm.as_ref().filter(|_| !issued) {
         let keys = SymmetricKeyPair {
             primary_key: random_key(),
             secondary_key: random_key(),

@@ -313,6 +313,7 @@ fn dps_answer(response: DpsResponse) -> Response {
 async fn dps_register(
     State(sim): State<AppState>,
     Path((scope, reg)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
     peer: Option<Extension<PeerCertificates>>,
     headers: HeaderMap,
     body: Bytes,
@@ -326,7 +327,15 @@ async fn dps_register(
     if let Err(reason) = dps::authenticate(&sim, &scope, &reg, &credential) {
         return fail(StatusCode::UNAUTHORIZED, 401002, &reason);
     }
-    let response = dps::register(&sim, &scope, &reg, &credential, &body, "https");
+    // The api-version of the query, as the MQTT username carries it: a csr needs the preview's.
+    let response = dps::register_at_version(
+        &sim,
+        &scope,
+        &reg,
+        &credential,
+        &body,
+        ("https", query.get("api-version").map(String::as_str)),
+    );
     dps_answer(dps::once_synced(&sim, response).await)
 }
 

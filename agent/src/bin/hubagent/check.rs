@@ -168,7 +168,7 @@ fn credentials(config: &Config, checks: &mut Vec<Check>) -> Option<Arc<rustls::C
     ) {
         checks.push(certificate_expiry(validity, lead));
     }
-    if let Some(wanted) = config.provisioning.issued_certificate {
+    if let Some(wanted) = &config.provisioning.issued_certificate {
         checks.push(issued_certificate(config, wanted.renew_at));
     }
     secret_files(config, checks);
@@ -215,7 +215,9 @@ fn certificate_expiry(validity: Validity, lead: Duration) -> Check {
 fn issued_certificate(config: &Config, renew_at: f64) -> Check {
     let id = "identity.issued";
     let store = hubagent::identity::issued::Store::new(&config.agent.state_dir);
-    let generation = match store.newest() {
+    let newest =
+        hubagent::identity::issued::KeyHome::of(config).and_then(|home| store.newest(&home));
+    let generation = match newest {
         Ok(Some(generation)) => generation,
         Ok(None) => {
             return warn(

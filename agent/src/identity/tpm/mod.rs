@@ -9,6 +9,7 @@
 //! the TPM's few object and session slots (swtpm has three object slots).
 
 pub mod attestation;
+pub mod ecc_key;
 
 use std::str::FromStr;
 use std::sync::Mutex;
