@@ -460,7 +460,7 @@ async fn cycle(s: &Setup, agent: &AgentProcess, sampler: &Sampler, done: &mut Do
     std::fs::write(&s.exec_crash, "").unwrap();
     done.exec_crashes += 1;
     let library_pid = before["library"]["pid"].as_u64().unwrap();
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         let status = std::process::Command::new("kill")
             .args(["-KILL", &library_pid.to_string()])
             .status()
@@ -488,7 +488,7 @@ async fn cycle(s: &Setup, agent: &AgentProcess, sampler: &Sampler, done: &mut Do
 
     // A reload: the same configuration (the session stays), or a changed [hub] (it starts over).
     let reloads = agent.status()["reloads"].as_u64().unwrap_or(0);
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         agent.signal("HUP");
     } else {
         let text = if n % 4 == 1 { &s.config_b } else { &s.config_a };
