@@ -1,9 +1,9 @@
 //! Weeks in minutes (issue #21): the real `hubagent` binary with three plugins (the built-in
 //! simulated sensor, the misbehave library plugin in its plugin process, a numbered exec plugin)
-//! against hubsim, through a compressed life, cycle after cycle: SAS tokens renewed every 2 s,
-//! the hub connection dropped twice, a twin desired patch, the exec plugin crashing (it exits)
-//! and the library plugin killed with SIGKILL or restarted with `hubagent plugins restart`, a
-//! reload (SIGHUP with the same configuration, or `hubagent reload` with a changed `[hub]`, which
+//! against hubsim, through a compressed life, cycle after cycle: a SAS renewal (4 s tokens,
+//! renewed 2 s before they expire), the hub connection dropped twice, a twin desired patch, the
+//! exec plugin crashing (it exits) and the library plugin killed with SIGKILL or restarted with
+//! `hubagent plugins restart`, a reload (SIGHUP with the same configuration, or `hubagent reload` with a changed `[hub]`, which
 //! starts the hub session over), and a hub outage that fills several queue segments and drains.
 //!
 //! Meanwhile the agent's whole process tree and its state directory are sampled
@@ -347,7 +347,7 @@ async fn soak(name: &str, duration: Duration, period: Duration) {
     std::fs::write(&csv_path, resources::csv(&samples)).unwrap();
     let mut figures = json!({
         "scenario": format!(
-            "soak: 3 plugins, {:.0} s of cycles (SAS renewal every 2 s, 2 drops, a twin patch, plugin crashes, a reload, an outage of {} KiB of queue each)",
+            "soak: 3 plugins, {:.0} s of cycles (a SAS renewal of a 4 s token, 2 drops, a twin patch, plugin crashes, a reload, an outage of {} KiB of queue each)",
             soaked.as_secs_f64(), 2 * SEGMENT_BYTES / 1024
         ),
         "date": date_utc(),
