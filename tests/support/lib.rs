@@ -13,6 +13,8 @@
 //! - [`hostile`]: a hub that speaks MQTT badly, one behaviour at a time;
 //! - [`mqtt`]: raw rumqttc clients, SAS tokens and HTTPS clients for hubsim's own tests;
 //! - [`proxy`]: a real HTTP proxy (tinyproxy) on loopback, and the tunnels it opened;
+//! - [`resources`]: an agent's process tree and state directory sampled over time (memory, fds,
+//!   threads, queue files, disk), and the soak's growth check;
 //! - [`swtpm`]: a software TPM per test.
 
 use std::time::Duration;
@@ -24,6 +26,7 @@ pub mod hostile;
 pub mod mqtt;
 pub mod netns;
 pub mod proxy;
+pub mod resources;
 pub mod sim;
 pub mod swtpm;
 pub mod telemetry;
