@@ -310,6 +310,15 @@ impl ConnectError {
             )
         )
     }
+
+    /// CONNACK 3, "server unavailable": the hub took the connection (TCP, TLS, CONNECT) and
+    /// said it cannot serve it now (an outage of the service, or throttling).
+    pub fn is_server_unavailable(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Refused(ConnectReturnCode::ServiceUnavailable)
+        )
+    }
 }
 
 /// A CONNACK return code as MQTT 3.1.1 (§3.2.2.3) names it.
@@ -432,5 +441,10 @@ mod tests {
         assert!(ConnectError::Refused(ConnectReturnCode::BadUserNamePassword).is_auth_refusal());
         assert!(!ConnectError::Refused(ConnectReturnCode::ServiceUnavailable).is_auth_refusal());
         assert!(!ConnectError::Network("connection reset".into()).is_auth_refusal());
+        assert!(
+            ConnectError::Refused(ConnectReturnCode::ServiceUnavailable).is_server_unavailable()
+        );
+        assert!(!ConnectError::Refused(ConnectReturnCode::NotAuthorized).is_server_unavailable());
+        assert!(!ConnectError::Network("connection refused".into()).is_server_unavailable());
     }
 }

@@ -268,42 +268,106 @@ async fn the_loss_check_sees_a_lost_tail() {
     );
 }
 
+/// What a hub refusing connections (CONNACK 3) cost the agent, measured by
+/// [`hub_refuses_connections`].
+struct Refusals {
+    /// From hubsim accepting again to the first message it received after that.
+    recovery: Duration,
+    /// The reconnect pauses the agent announced during the outage, the first after the drop.
+    pauses: Vec<u64>,
+    /// The hub connections hubsim refused during the outage.
+    refused: usize,
+    /// The agent's CPU over the outage, from its second second, as a share of a core.
+    cpu_share: f64,
+}
+
+/// The hub connections of `client_id` hubsim refused (CONNACK 3), DPS's left out.
+fn hub_refusals(sim: &hubsim::Sim, client_id: &str) -> usize {
+    connection_events(sim, client_id)
+        .iter()
+        .filter(|e| e.service == "hub" && e.event == "refused")
+        .count()
+}
+
+/// hubsim refuses the agent's hub connections (CONNACK 3, "server unavailable") for `outage`,
+/// its live connection dropped at the start, then accepts again; `during` runs every 2 s of the
+/// outage. Requires one connection attempt per backoff step, counted on hubsim's side (each
+/// pause the agent announced after the first ends in exactly one attempt, so hubsim refuses one
+/// connection fewer than there were pauses), and every pause after a refusal within
+/// `UNAVAILABLE_BACKOFF_MAX` (8 s, from the agent's log: the cap that brings it back within
+/// seconds).
+async fn hub_refuses_connections(
+    s: &Scenario,
+    agent: &AgentProcess,
+    outage: Duration,
+    mut during: impl FnMut(),
+) -> Refusals {
+    let id = s.id.as_str();
+    let pauses_before = reconnect_pauses(&agent.log_text()).len();
+    let refused_before = hub_refusals(s.sim(), id);
+    let pid = agent.child.id();
+    begin_outage(s.sim(), id);
+    s.sim().wait_until(Duration::from_secs(1), |_| false).await;
+    let cpu_before = cpu_seconds(pid);
+    let offline = Instant::now();
+    // The outage itself: nothing to await but time.
+    while offline.elapsed() + Duration::from_secs(1) < outage {
+        let left = outage - Duration::from_secs(1) - offline.elapsed();
+        s.sim()
+            .wait_until(left.min(Duration::from_secs(2)), |_| false)
+            .await;
+        during();
+    }
+    let cpu_share = (cpu_seconds(pid) - cpu_before) / offline.elapsed().as_secs_f64();
+    let before = telemetry_count(s.sim(), id);
+    end_outage(s.sim());
+    let back = Instant::now();
+    s.wait_telemetry(agent, before + 1).await;
+    let recovery = back.elapsed();
+    let log = agent.log_text();
+    let pauses = reconnect_pauses(&log)[pauses_before..].to_vec();
+    let refused = hub_refusals(s.sim(), id) - refused_before;
+    assert!(
+        !pauses.is_empty(),
+        "no reconnect pause after the drop:\n{log}"
+    );
+    assert_eq!(
+        refused,
+        pauses.len() - 1,
+        "hubsim refused {refused} connections in {} pauses: not one attempt per pause:\n{log}",
+        pauses.len()
+    );
+    assert!(
+        pauses[1..].iter().all(|&p| p <= 8),
+        "a pause after a CONNACK 3 beyond 8 s: {pauses:?}\n{log}"
+    );
+    Refusals {
+        recovery,
+        pauses,
+        refused,
+        cpu_share,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_refuses_connections_for_a_while() {
     let mut s = Scenario::new("fault-outage", "").await;
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
-    let pid = agent.child.id();
-    begin_outage(s.sim(), &s.id);
-    // Offline for 8 s: measure CPU to catch busy loops (a spinning reconnect burns a whole core).
-    s.sim().wait_until(Duration::from_secs(1), |_| false).await;
-    let cpu_before = cpu_seconds(pid);
-    let t = Instant::now();
-    s.sim().wait_until(Duration::from_secs(8), |_| false).await;
-    let cpu_share = (cpu_seconds(pid) - cpu_before) / t.elapsed().as_secs_f64();
+    let outage = hub_refuses_connections(&s, &agent, Duration::from_secs(10), || {}).await;
+    // A spinning reconnect burns a whole core.
     assert!(
-        cpu_share < 0.5,
+        outage.cpu_share < 0.5,
         "busy loop while offline: {:.0}% CPU",
-        cpu_share * 100.0
+        outage.cpu_share * 100.0
     );
-    let before = telemetry_count(s.sim(), "fault-outage");
-    end_outage(s.sim());
-    let recovered_at = Instant::now();
-    assert!(
-        s.sim()
-            .wait_until(LONG_WAIT, |sim| telemetry_count(sim, "fault-outage")
-                > before)
-            .await,
-        "{}",
-        agent.log_text()
-    );
-    let recovery = recovered_at.elapsed();
     s.finish(
         agent,
         "hub-outage",
         json!({
-            "scenario": "hub refuses connections for 9 s, 20 msg/s",
-            "recovery_seconds": recovery.as_secs_f64(), "cpu_offline_percent": cpu_share * 100.0,
+            "scenario": "hub refuses connections (CONNACK 3) for 10 s, 20 msg/s",
+            "recovery_seconds": outage.recovery.as_secs_f64(), "cpu_offline_percent": outage.cpu_share * 100.0,
+            "attempts during the outage": outage.refused, "longest pause seconds": outage.pauses.iter().max(),
         }),
     )
     .await;
@@ -1014,43 +1078,51 @@ async fn hub_connection_dropped_every_few_seconds_for_two_minutes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_refuses_connections_for_a_minute() {
-    let id = "fault-outage-long";
+    hub_refuses_connections_long(
+        "fault-outage-long",
+        Duration::from_secs(60),
+        "hub refuses connections (CONNACK 3) for 60 s, 20 msg/s",
+    )
+    .await;
+}
+
+/// Ten minutes: not in CI; run alone with
+/// `cargo nextest run -p hubagent-tests --features hubagent-tests/tpm --test faults --run-ignored only -E 'test(hub_refuses_connections_for_ten_minutes)'`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "ten minutes long: run with --run-ignored only (docs/reliability.md)"]
+async fn hub_refuses_connections_for_ten_minutes() {
+    hub_refuses_connections_long("fault-outage-600s", Duration::from_secs(600), "hub refuses connections (CONNACK 3) for 10 min, 20 msg/s (run alone, `--run-ignored only`)").await;
+}
+
+/// A long refusal (a minute and more): besides [`hub_refuses_connections`]'s checks, the CPU
+/// stays low, the RSS flat, the readings of the outage queue up, and the backlog arrives.
+async fn hub_refuses_connections_long(id: &str, outage: Duration, scenario: &str) {
     let mut s = Scenario::new(id, "").await;
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     let pid = agent.child.id();
     let mut rss = RssWatch::new(pid);
     rss.sample();
-    begin_outage(s.sim(), &s.id);
-    s.sim().wait_until(Duration::from_secs(1), |_| false).await;
-    let cpu_before = cpu_seconds(pid);
-    let offline = Instant::now();
-    while offline.elapsed() < Duration::from_secs(60) {
-        s.sim().wait_until(Duration::from_secs(2), |_| false).await;
-        rss.sample();
-    }
-    // A spinning reconnect or a hot retry loop burns a whole core; backoff keeps it near zero.
-    let cpu_share = (cpu_seconds(pid) - cpu_before) / offline.elapsed().as_secs_f64();
-    assert!(
-        cpu_share < 0.2,
-        "busy loop while offline: {:.1}% CPU",
-        cpu_share * 100.0
-    );
-    let queued = agent.status()["queue"]["depth"].as_u64().unwrap_or(0);
-    assert!(queued >= 600, "a minute of readings is queued: {queued}");
+    let queued_before = agent.status()["queue"]["depth"].as_u64().unwrap_or(0);
     let before = max_seq(s.sim(), id);
-    let connects = hub_connects(s.sim(), id);
-    end_outage(s.sim());
-    let back = Instant::now();
-    // The reconnect waits out the current backoff step (capped exponential with jitter).
+    let mut queued = 0;
+    let refusals = hub_refuses_connections(&s, &agent, outage, || {
+        rss.sample();
+        queued = queued.max(agent.status()["queue"]["depth"].as_u64().unwrap_or(0));
+    })
+    .await;
+    // A spinning reconnect or a hot retry loop burns a whole core; backoff keeps it near zero.
     assert!(
-        s.sim()
-            .wait_until(LONG_WAIT, |sim| hub_connects(sim, id) > connects)
-            .await,
-        "no reconnect after the outage:\n{}",
-        agent.log_text()
+        refusals.cpu_share < 0.2,
+        "busy loop while offline: {:.1}% CPU",
+        refusals.cpu_share * 100.0
     );
-    let recovery = back.elapsed();
+    let minimum = outage.as_secs() * 10;
+    assert!(
+        queued >= queued_before + minimum,
+        "the outage's readings are queued: {queued}, {minimum} expected at least"
+    );
+    let back = Instant::now();
     assert!(
         s.sim()
             .wait_until(LONG_WAIT * 2, |sim| max_seq(sim, id) > before + queued)
@@ -1058,17 +1130,18 @@ async fn hub_refuses_connections_for_a_minute() {
         "the backlog did not arrive:\n{}",
         agent.log_text()
     );
-    let drained = back.elapsed() - recovery;
+    let drained = back.elapsed();
     rss.sample();
-    rss.assert_flat("a minute offline");
+    rss.assert_flat("a refusal outage");
     s.finish(
         agent,
-        "hub-outage-long",
+        id,
         json!({
-            "scenario": "hub refuses connections for 60 s, 20 msg/s",
-            "cpu_offline_percent": cpu_share * 100.0, "queued_offline": queued,
-            "recovery_seconds": recovery.as_secs_f64(), "backlog_sent_seconds": drained.as_secs_f64(),
+            "scenario": scenario,
+            "cpu_offline_percent": refusals.cpu_share * 100.0, "queued_offline": queued,
+            "recovery_seconds": refusals.recovery.as_secs_f64(), "backlog_sent_seconds": drained.as_secs_f64(),
             "rss_warm_kib": rss.warm, "rss_peak_kib": rss.peak_after_warm,
+            "attempts during the outage": refusals.refused, "longest pause seconds": refusals.pauses.iter().max(),
         }),
     )
     .await;
@@ -1246,6 +1319,123 @@ async fn clock_at_1970_at_boot_then_set() {
         "clock-1970",
         json!({
             "scenario": "clock at 1970 at boot (no RTC) for 10 s, then set; again after a reboot with the assignment cached, stopped at 1970 and restarted with the clock set; 20 msg/s",
+            "queued_waiting": queued,
+            "cpu_waiting_percent": cpu / waited.as_secs_f64() * 100.0,
+            "recovery_seconds": recovery.as_secs_f64(),
+        }),
+    )
+    .await;
+}
+
+/// A clock that falls back to 1970 while the agent is connected (an RTC battery dead and the
+/// clock reset, a bad NTP answer): the agent says so once, within seconds, and shows it in its
+/// status; the live connection goes on carrying readings (its token holds until its renewal);
+/// once it drops, no doomed attempt is made (no TLS handshake against a hub whose certificate
+/// looks "not yet valid", no backoff spent) while the readings queue up; and with the clock set
+/// again it connects within seconds and everything the sensor was told was queued arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_falls_back_to_1970_while_connected() {
+    let id = "fault-clock-fallback";
+    let mut s = Scenario::new(id, "").await;
+    let clock = s.dir.path().join("faketime");
+    set_clock_offset(&clock, "+0");
+    let agent = start_with_faketime(&s, &clock);
+    s.wait_telemetry(&agent, 10).await;
+    let unset = "before this build of hubagent was made";
+    let connects = hub_connects(s.sim(), id);
+
+    set_clock_offset(&clock, "@1970-01-01 00:00:05");
+    let st = agent
+        .wait_status("the clock problem in the status", |st| {
+            st["clock"].as_str().is_some_and(|c| c.contains(unset))
+        })
+        .await;
+    assert_eq!(
+        st["connection"], "connected",
+        "the live session is kept: {st}"
+    );
+    agent
+        .wait_log_line("the clock problem in the log", |l| l.contains(unset))
+        .await;
+    // The live connection still carries readings, stamped 1970.
+    s.wait_telemetry(&agent, telemetry_count(s.sim(), id) + 20)
+        .await;
+
+    // The connection drops: the agent waits for the clock instead of reconnecting.
+    let lost_before = agent.log_text().matches("hub connection lost").count();
+    let pauses_before = reconnect_pauses(&agent.log_text()).len();
+    assert!(s.drop_connection(), "no live connection");
+    agent
+        .wait_status("no connection, the clock problem shown", |st| {
+            st["connection"] != "connected"
+                && st["clock"].as_str().is_some_and(|c| c.contains(unset))
+        })
+        .await;
+    let pid = agent.child.id();
+    let cpu_before = cpu_seconds(pid);
+    let waiting = Instant::now();
+    wait_pushed(&agent, 100).await;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let waited = waiting.elapsed();
+    assert!(
+        cpu < 0.1 * waited.as_secs_f64(),
+        "{cpu:.2} s CPU in {:.1} s of waiting for the clock:\n{}",
+        waited.as_secs_f64(),
+        agent.log_text()
+    );
+    let queued = agent.status()["queue"]["depth"].as_u64().unwrap_or(0);
+    assert!(queued >= 100, "the readings wait in the queue: {queued}");
+    let log = agent.log_text();
+    assert_eq!(hub_connects(s.sim(), id), connects, "{log}");
+    // One loss, the drop itself, and the one pause after it: an attempt at 1970 would fail
+    // (its TLS handshake, or its token refused) and announce another pause.
+    assert_eq!(
+        log.matches("hub connection lost").count(),
+        lost_before + 1,
+        "an attempt with the clock at 1970:\n{log}"
+    );
+    assert_eq!(
+        reconnect_pauses(&log).len(),
+        pauses_before + 1,
+        "an attempt with the clock at 1970:\n{log}"
+    );
+    assert!(
+        !log.contains("the hub refused the device's credentials"),
+        "an attempt with the clock at 1970:\n{log}"
+    );
+    assert_eq!(
+        log.matches(unset).count(),
+        1,
+        "the clock problem is logged once:\n{log}"
+    );
+
+    // NTP sets the clock: connected within seconds, not after a retry wait.
+    set_clock_offset(&clock, "+0");
+    let set = Instant::now();
+    assert!(
+        s.sim()
+            .wait_until(Duration::from_secs(15), |sim| hub_connects(sim, id)
+                > connects)
+            .await,
+        "not connected within 15 s of the clock being set:\n{}",
+        agent.log_text()
+    );
+    let recovery = set.elapsed();
+    agent
+        .wait_status("the clock fine again", |st| {
+            st["clock"].is_null() && st["connection"] == "connected"
+        })
+        .await;
+    assert!(
+        agent.log_text().contains("the system clock is set now"),
+        "{}",
+        agent.log_text()
+    );
+    s.finish(
+        agent,
+        "clock-fallback",
+        json!({
+            "scenario": "clock falls back to 1970 while connected, the connection dropped, then the clock set; 20 msg/s",
             "queued_waiting": queued,
             "cpu_waiting_percent": cpu / waited.as_secs_f64() * 100.0,
             "recovery_seconds": recovery.as_secs_f64(),

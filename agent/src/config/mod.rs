@@ -435,6 +435,11 @@ pub struct HubSettings {
     pub renew_before: Duration,
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub reconnect_backoff_max: Duration,
+    /// The reconnect backoff's cap after the hub refused a connection with CONNACK 3 ("server
+    /// unavailable"), when below `reconnect_backoff_max`: a hub that refuses at the MQTT level
+    /// can only be asked again by an attempt, and this bounds how long its return goes unseen.
+    #[serde(default = "default_unavailable_backoff_max", with = "humantime_serde")]
+    pub unavailable_backoff_max: Duration,
     /// Largest telemetry message (body + properties); IoT Hub's limit is 256 KiB.
     #[serde(default = "default_max_message", with = "bytesize_serde")]
     pub max_message_size: u64,
@@ -456,6 +461,7 @@ impl Default for HubSettings {
             sas_ttl: default_sas_ttl(),
             renew_before: default_renew_before(),
             reconnect_backoff_max: default_backoff_max(),
+            unavailable_backoff_max: default_unavailable_backoff_max(),
             max_message_size: default_max_message(),
             inflight: default_inflight(),
         }
@@ -529,6 +535,12 @@ fn default_renew_before() -> Duration {
 }
 fn default_backoff_max() -> Duration {
     Duration::from_secs(300)
+}
+/// 8 s: 4 to 8 s between attempts once grown (half of each pause random), so the agent is back
+/// within 10 s of the hub accepting again; in the range Azure's device SDKs retry at by default
+/// (docs/reliability.md).
+fn default_unavailable_backoff_max() -> Duration {
+    Duration::from_secs(8)
 }
 fn default_max_message() -> u64 {
     256 * 1024

@@ -47,8 +47,9 @@ pub enum Event {
     Registered,
     /// `Register`: the attempt failed; `transient` for network trouble and throttling.
     RegistrationFailed { transient: bool },
-    /// `Register` or `Session`, before any attempt: the wall clock reads a time before this
-    /// build was made (1970 on a board without an RTC), so no certificate or token can work.
+    /// `Register` or `Session`, before any attempt (at the start of either, or when a running
+    /// session was to reconnect): the wall clock reads a time before this build was made (1970
+    /// on a board without an RTC, or a clock fallen back), so no certificate or token can work.
     ClockUnset,
     /// `Session`: the hub accepted the connection.
     Connected,

@@ -16,7 +16,7 @@ use crate::provisioning::dps::DpsError;
 use crate::provisioning::{Assignment, DeviceIdentity};
 use crate::state::ProvisioningCache;
 use crate::system::systemd;
-use crate::util::time::now_rfc3339;
+use crate::util::time::{clock_problem, now_rfc3339};
 
 /// How often counters (published, dropped) reach the twin at most.
 const COUNTERS_EVERY: Duration = Duration::from_secs(60);
@@ -24,6 +24,9 @@ const COUNTERS_EVERY: Duration = Duration::from_secs(60);
 const PLUGIN_CHANGES_SETTLE: Duration = Duration::from_millis(200);
 /// How long a stopping session may take to say goodbye.
 const SESSION_STOP: Duration = Duration::from_secs(5);
+/// How often a running session looks at the wall clock (a clock fallen back to 1970 is said at
+/// once, not only at the next connection attempt): one cheap read.
+const CLOCK_LOOK: Duration = Duration::from_secs(1);
 
 impl Daemon {
     /// Runs a hub session until something ends it, and tells the lifecycle what did.
@@ -55,8 +58,10 @@ impl Daemon {
         let mut inbox = Inbox::new();
         let mut connected = false;
         let mut renewal = Renewal::new(&self.config, &identity);
+        let mut clock_look = tokio::time::interval(CLOCK_LOOK);
         let end = loop {
             tokio::select! {
+                _ = clock_look.tick() => self.look_at_clock(),
                 () = renewal.due() => renewal.start(&self.config, &identity, self.auto_route.clone()),
                 outcome = renewal.finished() => {
                     if let Some(end) = self.renewal_finished(outcome, &mut renewal) {
@@ -110,8 +115,34 @@ impl Daemon {
         if end == Event::Unauthorized && identity.other_key.is_some() {
             self.hub_refused_secondary = Some(identity.on_secondary);
         }
+        if end == Event::ClockUnset {
+            // The boot path: said once (unless `look_at_clock` said it), shown in the status,
+            // and a wait that ends when the clock is set. Set again meanwhile: a new session.
+            self.clock_set(life);
+            return;
+        }
         if let (Event::Unauthorized, Phase::Wait { delay, .. }) = (end, life.on(end)) {
             tracing::warn!(hub = %assignment.hub, delay = %humantime::format_duration(*delay), "the hub refused the device credentials; reprovisioning");
+        }
+    }
+
+    /// Says once that the wall clock fell back before this build was made while the session
+    /// runs, and once that it is set again. The session itself makes no attempt with such a
+    /// clock (`SessionEvent::ClockUnset`); a live connection goes on until it drops or its token
+    /// is due. `clock` in the status is read afresh at each snapshot.
+    fn look_at_clock(&mut self) {
+        match clock_problem(std::time::SystemTime::now()) {
+            Some(problem) if !self.clock_said => {
+                self.clock_said = true;
+                tracing::warn!("{problem}");
+                systemd::status("the system clock fell back; waiting for it to be set");
+            }
+            None if self.clock_said => {
+                self.clock_said = false;
+                tracing::info!("the system clock is set again ({})", now_rfc3339());
+                systemd::status(&self.status.line());
+            }
+            _ => {}
         }
     }
 
@@ -130,6 +161,7 @@ impl Daemon {
             sas_ttl: hub.sas_ttl,
             renew_before: hub.renew_before,
             backoff_max: hub.reconnect_backoff_max,
+            unavailable_backoff_max: hub.unavailable_backoff_max,
             max_message_size: hub.max_message_size as usize,
             inflight: hub.inflight,
             desired_version: self.twin.desired_version,
@@ -171,6 +203,10 @@ impl Daemon {
                     s.last_error = Some(reason);
                 });
                 systemd::status(&self.status.line());
+            }
+            SessionEvent::ClockUnset => {
+                *connected = false;
+                return Some(Event::ClockUnset);
             }
             SessionEvent::Unauthorized => {
                 self.status.update(|s| {

@@ -50,6 +50,8 @@ pub struct HubParams {
     pub sas_ttl: Duration,
     pub renew_before: Duration,
     pub backoff_max: Duration,
+    /// The backoff's cap after a CONNACK 3 refusal (`[hub] unavailable_backoff_max`).
+    pub unavailable_backoff_max: Duration,
     pub max_message_size: usize,
     pub inflight: u16,
     /// The desired `$version` the agent already has (from twin.json), so stale patches are ignored.
@@ -87,6 +89,10 @@ pub enum SessionEvent {
     /// CONNACK "not authorized": the device is unknown to this hub, disabled or its key changed.
     /// The daemon reprovisions.
     Unauthorized,
+    /// The wall clock reads a time before this build was made (`util::time::clock_problem`)
+    /// when a connection was due: the session made no attempt and has ended. The daemon waits
+    /// for the clock to be set, then starts a new session.
+    ClockUnset,
     /// The full twin, after every (re)connect or to heal a version gap.
     Twin {
         desired: Map<String, Value>,

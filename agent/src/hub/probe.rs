@@ -6,7 +6,8 @@
 //! began with the hub's port unreachable is ended as soon as a TCP connection to it opens again
 //! (probed every few seconds, with jitter): the real attempt starts at once. A hub whose port is
 //! reachable but that refuses or fails the MQTT connection gets no early attempt: one
-//! connection attempt per backoff step either way.
+//! connection attempt per backoff step either way. (After a CONNACK 3, "server unavailable",
+//! there is nothing to probe: the pauses stay short instead, `[hub] unavailable_backoff_max`.)
 
 use std::time::Duration;
 

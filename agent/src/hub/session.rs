@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::util::time::{ClockWatch, sleep_until};
+use crate::util::time::{ClockWatch, clock_problem, sleep_until};
 
 use super::probe;
 use super::topics::{self, Incoming};
@@ -75,6 +75,8 @@ enum Pending {
 enum End {
     Renew,
     Lost(String),
+    /// The hub answered the CONNECT with CONNACK 3, "server unavailable".
+    Unavailable(String),
     Unauthorized,
     Shutdown,
 }
@@ -232,6 +234,17 @@ impl Session {
         let mut backoff = Backoff::new(Duration::from_secs(1), self.params.backoff_max);
         loop {
             self.connected_at = None;
+            // A clock that fell back before this build was made (an RTC reset, a bad NTP answer)
+            // dooms every attempt (certificates "not yet valid", tokens expired at birth): the
+            // session ends and the daemon waits for the clock, as at boot. A live connection is
+            // not ended for it: it is checked only before connecting again (after a drop, or
+            // when the token is due for renewal).
+            if clock_problem(std::time::SystemTime::now()).is_some() {
+                tracing::info!(hub = %self.params.hub, "no connection attempt with the clock unset");
+                self.emit(SessionEvent::ClockUnset).await;
+                return;
+            }
+            let mut refused_by_hub = false;
             match self.connection().await {
                 End::Shutdown => return,
                 End::Renew => {
@@ -242,9 +255,15 @@ impl Session {
                     tracing::warn!(hub = %self.params.hub, device = %self.params.device_id, "the hub refused the device's credentials");
                     self.emit(SessionEvent::Unauthorized).await;
                 }
-                End::Lost(reason) => {
-                    tracing::warn!(hub = %self.params.hub, %reason, "hub connection lost");
-                    self.emit(SessionEvent::Disconnected { reason }).await;
+                End::Lost(reason) => self.lost(reason).await,
+                // A closed port is watched by the probe between long pauses (`super::probe`),
+                // but a hub that refuses at the MQTT level can only be asked by an attempt: the
+                // pauses after such a refusal stay short enough (`[hub]
+                // unavailable_backoff_max`, 8 s by default) for the agent to be back within
+                // seconds of the hub accepting again. Still one attempt per pause.
+                End::Unavailable(reason) => {
+                    refused_by_hub = true;
+                    self.lost(reason).await;
                 }
             }
             // A connection the hub accepted and that held for a moment was a success: start the
@@ -255,13 +274,17 @@ impl Session {
             {
                 backoff.reset();
             }
-            let delay = backoff.next_delay();
+            let delay = match refused_by_hub {
+                true => backoff.next_delay_within(self.params.unavailable_backoff_max),
+                false => backoff.next_delay(),
+            };
             tracing::info!(
                 hub = %self.params.hub,
                 "next attempt to connect to the hub in {} s",
                 delay.as_secs()
             );
-            if self.pause(delay).await {
+            // The hub's port took the refused connection: no probe of it in this pause.
+            if self.pause(delay, !refused_by_hub).await {
                 return;
             }
         }
@@ -269,14 +292,15 @@ impl Session {
 
     /// Waits `delay` while still answering control requests; true when asked to shut down. A
     /// long pause that begins with the hub's port unreachable ends early, once the port takes a
-    /// TCP connection again (`super::probe`); any pause ends when the wall clock steps (the
+    /// TCP connection again (`super::probe`, unless `probe` is false: the port took the failed
+    /// attempt); any pause ends when the wall clock steps (the
     /// failure may have been a certificate "not yet valid" by a clock NTP has just set).
-    async fn pause(&mut self, delay: Duration) -> bool {
+    async fn pause(&mut self, delay: Duration, probe: bool) -> bool {
         let deadline = Instant::now() + delay;
         let clock = ClockWatch::start();
         let mut clock_look = tokio::time::interval(Duration::from_secs(1));
         clock_look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let target = probe::target(&self.params).filter(|_| delay >= probe::MIN_PAUSE);
+        let target = probe::target(&self.params).filter(|_| probe && delay >= probe::MIN_PAUSE);
         // The first probe at once: it tells whether the route was down at all.
         let mut next_probe = target.as_ref().map(|_| Instant::now());
         let mut seen_unreachable = false;
@@ -316,6 +340,11 @@ impl Session {
                 },
             }
         }
+    }
+
+    async fn lost(&self, reason: String) {
+        tracing::warn!(hub = %self.params.hub, %reason, "hub connection lost");
+        self.emit(SessionEvent::Disconnected { reason }).await;
     }
 
     async fn emit(&self, event: SessionEvent) {
@@ -390,6 +419,7 @@ impl Session {
         let (client, eventloop) = match mqtt::connect(&options).await {
             Ok(connected) => connected,
             Err(e) if e.is_auth_refusal() => return Err(End::Unauthorized),
+            Err(e) if e.is_server_unavailable() => return Err(End::Unavailable(e.to_string())),
             Err(e) => return Err(End::Lost(e.to_string())),
         };
         tracing::info!(hub = %self.params.hub, device = %self.params.device_id, "connected to the hub");
