@@ -1876,14 +1876,23 @@ async fn state_dir_read_only() {
     );
 
     // Read-only under the running agent, for a few seconds, then writable again.
-    let held = log_lines(&agent, "telemetry held back");
+    let held = log_lines(&agent, "telemetry held back: ");
     state_read_only(&agent, &state);
-    agent
-        .wait_log_line("the sensor is not held back again", |l| {
-            l.contains("telemetry held back") && l.contains("Read-only file system")
-        })
-        .await;
-    assert!(log_lines(&agent, "telemetry held back") > held);
+    let deadline = Instant::now() + LONG_WAIT;
+    while log_lines(&agent, "telemetry held back: ") <= held {
+        assert!(
+            Instant::now() < deadline,
+            "the sensor is not held back again:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = agent.log_text();
+    let last_held = log.lines().rfind(|l| l.contains("telemetry held back: "));
+    assert!(
+        last_held.is_some_and(|l| l.contains("Read-only file system")),
+        "{log}"
+    );
     let (_, while_held) = sensor_acknowledged(&agent, SENSOR).await;
     let held_since = Instant::now();
     s.sim()
@@ -1932,15 +1941,20 @@ async fn the_open_file_limit_reached() {
     let mut agent = s.start();
     s.wait_telemetry(&agent, 10).await;
     let pid = agent.child.id();
-    // As many descriptors as it has open now: the next few it opens fill the gaps, then none.
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
-    set_open_file_limit(pid, open);
+    // No new descriptor at all (0, 1 and 2 are taken): what it has open goes on working.
+    set_open_file_limit(pid, 3);
     let connects = hub_connects(s.sim(), id);
     s.drop_connection();
-    // The queue cannot open its next segment: the sensor is held back, the log names the limit.
+    // The queue cannot open its next segment: the sensor is held back, the log names the limit;
+    // the hub cannot be reached again, said with the limit too.
     agent
         .wait_log_line("no held-back reading naming the open-file limit", |l| {
-            l.contains("telemetry held back") && l.contains("RLIMIT_NOFILE")
+            l.contains("telemetry held back") && l.contains("RLIMIT_NOFILE = 3")
+        })
+        .await;
+    agent
+        .wait_log_line("no failed reconnection naming the open-file limit", |l| {
+            l.contains("hub connection lost") && l.contains("RLIMIT_NOFILE = 3")
         })
         .await;
     // A control connection the agent cannot accept must not make it spin.
@@ -1985,7 +1999,7 @@ async fn the_open_file_limit_reached() {
         agent,
         "open-file-limit",
         json!({
-            "scenario": "open-file limit lowered to what the agent had open, hub connection dropped, a control connection waiting; then raised; 20 msg/s",
+            "scenario": "open-file limit lowered under what the agent had open (no new descriptor), hub connection dropped, a control connection waiting; then raised; 20 msg/s",
             "cpu_at_limit_percent": cpu_percent,
         }),
     )

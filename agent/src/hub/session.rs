@@ -243,7 +243,8 @@ impl Session {
                     self.emit(SessionEvent::Unauthorized).await;
                 }
                 End::Lost(reason) => {
-                    tracing::warn!(hub = %self.params.hub, %reason, "hub connection lost");
+                    let limit = crate::util::fs::limit_hint_in(&reason.to_string());
+                    tracing::warn!(hub = %self.params.hub, %reason, "hub connection lost{limit}");
                     self.emit(SessionEvent::Disconnected { reason }).await;
                 }
             }

@@ -77,6 +77,16 @@ pub fn limit_hint(e: &std::io::Error) -> String {
     }
 }
 
+/// [`limit_hint`] for an error known only by its text (a network library's, which wraps the
+/// I/O error): the hint of the OS error number it names, if any.
+pub fn limit_hint_in(text: &str) -> String {
+    [libc::EMFILE, libc::ENFILE]
+        .into_iter()
+        .find(|n| text.contains(&format!("(os error {n})")))
+        .map(|n| limit_hint(&std::io::Error::from_raw_os_error(n)))
+        .unwrap_or_default()
+}
+
 /// Errors that say nothing about a file's content, only that it cannot be opened or read now
 /// (a limit reached, memory short): the file is to be tried again later, not given up.
 pub fn is_transient(e: &std::io::Error) -> bool {
@@ -89,6 +99,19 @@ pub fn is_transient(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_named() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(limit_hint(&emfile).contains("RLIMIT_NOFILE = "));
+        assert_eq!(
+            limit_hint_in(&format!("I/O: {emfile}")),
+            limit_hint(&emfile)
+        );
+        assert_eq!(limit_hint_in("Connection refused (os error 111)"), "");
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(limit_hint(&enoent), "");
+    }
 
     #[test]
     fn a_failed_write_leaves_no_temp_file_and_touches_nothing_else() {
