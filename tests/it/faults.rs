@@ -1695,7 +1695,9 @@ async fn state_files_cut_short_by_a_power_cut() {
     let registered = registrations(s.sim(), id);
     let agent = s.start();
     // It says which file and what it did, for each.
-    agent.wait_log("provisioning.json: not a valid state file").await;
+    agent
+        .wait_log("provisioning.json: not a valid state file")
+        .await;
     let log = agent.log_text();
     for (file, what) in [
         ("twin.json", "not a valid state file"),
@@ -1791,7 +1793,10 @@ fn in_agent_mounts(agent: &AgentProcess, command: &[&std::ffi::OsStr]) {
         .args(command)
         .status()
         .unwrap_or_else(|e| panic!("nsenter: {e}"));
-    assert!(status.success(), "{command:?} in the agent's namespace: {status}");
+    assert!(
+        status.success(),
+        "{command:?} in the agent's namespace: {status}"
+    );
 }
 
 /// The state directory becomes read-only under the running agent: a read-only bind mount over
@@ -1801,18 +1806,32 @@ fn state_read_only(agent: &AgentProcess, state: &std::path::Path) {
     let state = state.as_os_str();
     in_agent_mounts(
         agent,
-        &["mount".as_ref(), "--bind".as_ref(), "-o".as_ref(), "ro".as_ref(), state, state],
+        &[
+            "mount".as_ref(),
+            "--bind".as_ref(),
+            "-o".as_ref(),
+            "ro".as_ref(),
+            state,
+            state,
+        ],
     );
 }
 
 /// Undoes [`state_read_only`] (lazily: the agent may have a segment open through that mount).
 fn state_writable(agent: &AgentProcess, state: &std::path::Path) {
-    in_agent_mounts(agent, &["umount".as_ref(), "-l".as_ref(), state.as_os_str()]);
+    in_agent_mounts(
+        agent,
+        &["umount".as_ref(), "-l".as_ref(), state.as_os_str()],
+    );
 }
 
 /// How many lines of the agent's log contain `text`.
 fn log_lines(agent: &AgentProcess, text: &str) -> usize {
-    agent.log_text().lines().filter(|l| l.contains(text)).count()
+    agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(text))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1852,14 +1871,21 @@ async fn state_dir_read_only() {
         .await;
     end_outage(s.sim());
     let sent = agent
-        .wait_status("the backlog was not sent from the read-only state dir", |st| {
-            st["queue"]["delivered"].as_u64() >= Some(20) && st["queue"]["depth"] == 0
-        })
+        .wait_status(
+            "the backlog was not sent from the read-only state dir",
+            |st| st["queue"]["delivered"].as_u64() >= Some(20) && st["queue"]["depth"] == 0,
+        )
         .await;
-    assert_eq!(sent["queue"]["pushed"], 0, "queued on a read-only disk? {sent}");
+    assert_eq!(
+        sent["queue"]["pushed"], 0,
+        "queued on a read-only disk? {sent}"
+    );
     assert!(sent["queue"]["held_back"].as_u64() >= Some(1), "{sent}");
     let (run, acknowledged) = sensor_acknowledged(&agent, SENSOR).await;
-    assert_eq!(acknowledged, 0, "readings acknowledged that were not queued");
+    assert_eq!(
+        acknowledged, 0,
+        "readings acknowledged that were not queued"
+    );
     // Writable again: the held reading goes first, the rest follow.
     state_writable(&agent, &state);
     let arrived = |sim: &hubsim::Sim, run: &str| {
@@ -1895,9 +1921,7 @@ async fn state_dir_read_only() {
     );
     let (_, while_held) = sensor_acknowledged(&agent, SENSOR).await;
     let held_since = Instant::now();
-    s.sim()
-        .wait_until(Duration::from_secs(2), |_| false)
-        .await;
+    s.sim().wait_until(Duration::from_secs(2), |_| false).await;
     let (_, still_held) = sensor_acknowledged(&agent, SENSOR).await;
     assert_eq!(
         while_held, still_held,

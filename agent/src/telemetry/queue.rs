@@ -1238,7 +1238,10 @@ mod tests {
         }
         let left = numbers(&ids(&q.take_batch(100)));
         for i in 60..80 {
-            assert!(left.contains(&i), "m-{i} was queued after the cut and is lost");
+            assert!(
+                left.contains(&i),
+                "m-{i} was queued after the cut and is lost"
+            );
         }
         let lost = 80 - left.len() as u64;
         assert!(lost > 0);
@@ -1265,7 +1268,11 @@ mod tests {
         // "17" cut to "1" could name a message never acknowledged: the second line goes.
         let (acked, ahead, warning) = read("12\n15,1");
         assert_eq!((acked, ahead), (12, BTreeSet::new()));
-        assert!(warning.unwrap().contains("acked: damaged after its first line"));
+        assert!(
+            warning
+                .unwrap()
+                .contains("acked: damaged after its first line")
+        );
         // "1234" cut to "12": a lower position only sends messages again.
         let (acked, _, warning) = read("12");
         assert_eq!(acked, 0);
