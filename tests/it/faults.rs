@@ -1646,6 +1646,16 @@ async fn state_files_cut_short_by_a_power_cut() {
     let state = s.dir.path().join("state");
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
+    // The twin cache is written once the twin is read: the files to cut must be there.
+    let deadline = Instant::now() + LONG_WAIT;
+    while !(state.join("twin.json").exists() && state.join("queue/acked").exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "no twin cache or acked file:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // 1. Under the running agent: the hub away, readings queue up in several segments; then a
     // segment in the middle is cut mid-record, the one being written is emptied, and the other
