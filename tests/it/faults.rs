@@ -1641,8 +1641,10 @@ fn file_name(path: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_files_cut_short_by_a_power_cut() {
     let id = "fault-cut";
-    // A 64 KiB queue has 4 KiB segments: a few seconds of readings fill several.
-    let mut s = Scenario::new(id, "[queue]\nmax_bytes = \"64KiB\"\n").await;
+    // A 64 KiB queue has 4 KiB segments: a few seconds of readings fill several. One message in
+    // flight: the hub session keeps what it was handed in memory across reconnects, and a cut
+    // must meet messages that are only on disk.
+    let mut s = Scenario::new(id, "inflight = 1\n[queue]\nmax_bytes = \"64KiB\"\n").await;
     let state = s.dir.path().join("state");
     let agent = s.start();
     s.wait_telemetry(&agent, 10).await;
@@ -1659,12 +1661,12 @@ async fn state_files_cut_short_by_a_power_cut() {
 
     // 1. Under the running agent: the hub away, readings queue up in several segments; then a
     // segment in the middle is cut mid-record, the one being written is emptied, and the other
-    // state files are cut. The first two segments are left whole: they hold the oldest
-    // unacknowledged message, which the pump holds in memory while there is no session.
+    // state files are cut. The first segments are left whole: they hold the oldest
+    // unacknowledged messages, which the pump and the session may hold in memory.
     begin_outage(s.sim(), id);
-    wait_segments(&agent, &state, 5).await;
+    wait_segments(&agent, &state, 6).await;
     let segments = queue_segments(&state);
-    cut_in_half(&segments[2].0);
+    cut_in_half(&segments[3].0);
     cut_file(&segments.last().unwrap().0, 0);
     cut_end(&state.join("queue/acked"), 2);
     cut_file(&state.join("provisioning.json"), 0);
@@ -1681,7 +1683,7 @@ async fn state_files_cut_short_by_a_power_cut() {
     let dropped_running = sent["queue"]["dropped_corrupt"].as_u64().unwrap();
     assert_eq!(sent["queue"]["dropped_full"], 0, "{sent}");
     let log = agent.log_text();
-    for damaged in [&segments[2].0, &segments.last().unwrap().0] {
+    for damaged in [&segments[3].0, &segments.last().unwrap().0] {
         let name = file_name(damaged);
         assert!(
             log.lines()
