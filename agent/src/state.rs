@@ -14,7 +14,7 @@ use crate::util::fs::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", crate::util::fs::limit_hint(.source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -102,6 +102,18 @@ impl StateDir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether files can be written here: a read-only file system (or a mount made read-only)
+    /// would otherwise show only at the first write. The error names the path.
+    pub fn check_writable(&self) -> Result<(), StateError> {
+        let probe = self.path.join(".hubagent-write-check");
+        write_atomic(&probe, b"").map_err(|e| StateError::Io {
+            path: self.path.clone(),
+            source: e.source,
+        })?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
     }
 
     pub fn load_provisioning(&self) -> Result<Option<ProvisioningCache>, StateError> {

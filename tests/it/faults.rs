@@ -1773,3 +1773,461 @@ async fn hub_unreachable_for_ten_minutes() {
     )
     .await;
 }
+
+/// The queue's segment files under `state`, oldest first, with their sizes.
+fn queue_segments(state: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut segments: Vec<_> = std::fs::read_dir(state.join("queue"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| {
+            let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+            (p, len)
+        })
+        .collect();
+    segments.sort();
+    segments
+}
+
+/// Waits until the queue under `state` has at least `n` segment files.
+async fn wait_segments(agent: &AgentProcess, state: &std::path::Path, n: usize) {
+    let deadline = Instant::now() + LONG_WAIT;
+    while queue_segments(state).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the queue never had {n} segments:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Cuts `path` to `len` bytes, as a power cut can leave a file whose size was not yet on disk.
+fn cut_file(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Cuts `path` in the middle (of a record, most likely).
+fn cut_in_half(path: &std::path::Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    cut_file(path, len / 2 + 3);
+}
+
+/// Cuts the last `n` bytes off `path` (the `acked` file is a few bytes: half of it may be all).
+fn cut_end(path: &std::path::Path, n: u64) {
+    let len = std::fs::metadata(path).unwrap().len();
+    cut_file(path, len.saturating_sub(n));
+}
+
+/// The file name of `path`, to find it in the log.
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_files_cut_short_by_a_power_cut() {
+    let id = "fault-cut";
+    // A 64 KiB queue has 4 KiB segments: a few seconds of readings fill several. One message in
+    // flight: the hub session keeps what it was handed in memory across reconnects, and a cut
+    // must meet messages that are only on disk.
+    let mut s = Scenario::new(id, "inflight = 1\n[queue]\nmax_bytes = \"64KiB\"\n").await;
+    let state = s.dir.path().join("state");
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    // The twin cache is written once the twin is read: the files to cut must be there.
+    let deadline = Instant::now() + LONG_WAIT;
+    while !(state.join("twin.json").exists() && state.join("queue/acked").exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "no twin cache or acked file:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 1. Under the running agent: the hub away, readings queue up in several segments; then a
+    // segment in the middle is cut mid-record, the one being written is emptied, and the other
+    // state files are cut. The first segments are left whole: they hold the oldest
+    // unacknowledged messages, which the pump and the session may hold in memory.
+    begin_outage(s.sim(), id);
+    wait_segments(&agent, &state, 6).await;
+    let segments = queue_segments(&state);
+    cut_in_half(&segments[3].0);
+    cut_file(&segments.last().unwrap().0, 0);
+    cut_end(&state.join("queue/acked"), 2);
+    cut_file(&state.join("provisioning.json"), 0);
+    cut_in_half(&state.join("twin.json"));
+    // The next reading goes into a new segment, said so.
+    agent.wait_log("cut short under the agent").await;
+    end_outage(s.sim());
+    let sent = agent
+        .wait_status("the backlog was not sent after the outage", |st| {
+            st["queue"]["depth"].as_u64() == Some(0)
+                && st["queue"]["dropped_corrupt"].as_u64() > Some(0)
+        })
+        .await;
+    let dropped_running = sent["queue"]["dropped_corrupt"].as_u64().unwrap();
+    assert_eq!(sent["queue"]["dropped_full"], 0, "{sent}");
+    let log = agent.log_text();
+    for damaged in [&segments[3].0, &segments.last().unwrap().0] {
+        let name = file_name(damaged);
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&name) && l.contains("counted in dropped_corrupt")),
+            "the log does not name {name}:\n{log}"
+        );
+    }
+
+    // 2. A power cut: readings queued again during an outage, the agent killed, and the files
+    // cut before it starts again: two segments in the middle (one mid-record, one emptied), the
+    // acknowledgement file, the cached assignment and the twin.
+    begin_outage(s.sim(), id);
+    wait_segments(&agent, &state, 5).await;
+    s.kill_9(agent).await;
+    let segments = queue_segments(&state);
+    cut_in_half(&segments[2].0);
+    cut_file(&segments[3].0, 0);
+    cut_end(&state.join("queue/acked"), 2);
+    cut_file(&state.join("provisioning.json"), 0);
+    cut_in_half(&state.join("twin.json"));
+    let registered = registrations(s.sim(), id);
+    let agent = s.start();
+    // It says which file and what it did, for each.
+    agent
+        .wait_log("provisioning.json: not a valid state file")
+        .await;
+    let log = agent.log_text();
+    for (file, what) in [
+        ("twin.json", "not a valid state file"),
+        ("acked", "damaged"),
+        (&file_name(&segments[2].0), "counted in dropped_corrupt"),
+        (&file_name(&segments[3].0), "counted in dropped_corrupt"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(file) && l.contains(what)),
+            "the log does not say {what:?} of {file}:\n{log}"
+        );
+    }
+    let loaded = agent.status();
+    let dropped_at_start = loaded["queue"]["dropped_corrupt"].as_u64().unwrap();
+    assert!(dropped_at_start > 0, "{loaded}");
+    // The cached assignment is unreadable: DPS is asked again once it answers.
+    end_outage(s.sim());
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| registrations(sim, id) > registered)
+            .await,
+        "no DPS registration with the cache unreadable:\n{}",
+        agent.log_text()
+    );
+    // Everything this run acknowledged arrives; of the killed run's, exactly what the damage
+    // took is missing, and that is what the agent counted.
+    let mut this_run = Acknowledged::new();
+    let (run, _) = this_run.note_sensor(&agent, SENSOR).await;
+    s.acked.note(&run, this_run.runs()[&run]);
+    let drained = drain(&agent, &this_run, || s.messages(), LONG_WAIT).await;
+    let status = agent.status();
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0), "{log}");
+    drained.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    assert_eq!(status["queue"]["dropped_full"], 0, "{status}");
+    assert_eq!(
+        status["queue"]["dropped_corrupt"].as_u64(),
+        Some(dropped_at_start),
+        "{status}"
+    );
+    let delivery = Delivery::of(&s.acked, &s.messages());
+    assert!(
+        delivery.lost.iter().all(|(r, _)| *r != run),
+        "the restarted run lost messages: {}",
+        describe(&delivery.lost)
+    );
+    record_reliability(
+        "state-files-cut",
+        &json!({
+            "scenario": "state files and queue segments cut short by a power cut: under the running agent during an outage, and again before a restart; 20 msg/s",
+            "produced": delivery.produced,
+            "arrived_distinct": delivery.arrived,
+            "duplicates": delivery.duplicates,
+            "lost": delivery.lost.len(),
+            "arrived_after_reading": delivery.after_reading,
+            "dropped_corrupt_running": dropped_running,
+            "dropped_corrupt_at_start": dropped_at_start,
+        }),
+    );
+    assert_eq!(
+        delivery.lost.len() as u64,
+        dropped_running + dropped_at_start,
+        "what is missing is what the agent counted as dropped_corrupt: {}",
+        describe(&delivery.lost)
+    );
+}
+
+/// Runs `hubagent run` in a mount namespace of its own (`unshare -rm`, as
+/// [`start_with_small_state_fs`]), its state directory first bound read-only onto itself when
+/// `read_only`.
+fn start_in_mount_namespace(s: &Scenario, read_only: bool) -> AgentProcess {
+    let mut command = std::process::Command::new("unshare");
+    command
+        .args(["-rm", "sh", "-c"])
+        .arg(r#"if [ "$1" = ro ]; then mount --bind -o ro "$2" "$2" || exit 1; fi; exec "$3" --config "$4" run"#)
+        .arg("sh")
+        .arg(if read_only { "ro" } else { "rw" })
+        .arg(s.dir.path().join("state"))
+        .arg(hubagent_bin())
+        .arg(&s.config);
+    AgentProcess::spawn(
+        command,
+        &s.config,
+        "unshare (util-linux) runs the agent in its own mount namespace",
+    )
+}
+
+/// Runs `command` (mount, umount) in the agent's mount namespace, entered through its user
+/// namespace, which the test owns (nsenter, util-linux).
+fn in_agent_mounts(agent: &AgentProcess, command: &[&std::ffi::OsStr]) {
+    let status = std::process::Command::new("nsenter")
+        .args(["-t", &agent.child.id().to_string(), "-U", "-m", "--"])
+        .args(command)
+        .status()
+        .unwrap_or_else(|e| panic!("nsenter: {e}"));
+    assert!(
+        status.success(),
+        "{command:?} in the agent's namespace: {status}"
+    );
+}
+
+/// The state directory becomes read-only under the running agent: a read-only bind mount over
+/// it. Files the agent has open stay writable (as they would not on a file system remounted
+/// read-only after errors), so what shows is the next file it creates: the next segment.
+fn state_read_only(agent: &AgentProcess, state: &std::path::Path) {
+    let state = state.as_os_str();
+    in_agent_mounts(
+        agent,
+        &[
+            "mount".as_ref(),
+            "--bind".as_ref(),
+            "-o".as_ref(),
+            "ro".as_ref(),
+            state,
+            state,
+        ],
+    );
+}
+
+/// Undoes [`state_read_only`] (lazily: the agent may have a segment open through that mount).
+fn state_writable(agent: &AgentProcess, state: &std::path::Path) {
+    in_agent_mounts(
+        agent,
+        &["umount".as_ref(), "-l".as_ref(), state.as_os_str()],
+    );
+}
+
+/// How many lines of the agent's log contain `text`.
+fn log_lines(agent: &AgentProcess, text: &str) -> usize {
+    agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(text))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_dir_read_only() {
+    let id = "fault-readonly";
+    // 4 KiB segments: the one being written rolls within a second, and the next cannot be made.
+    let mut s = Scenario::new(id, "[queue]\nmax_bytes = \"64KiB\"\n").await;
+    let state = s.dir.path().join("state");
+    // A first run leaves a cached assignment and, during an outage, a backlog.
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    begin_outage(s.sim(), id);
+    agent
+        .wait_status("no backlog during the outage", |st| {
+            st["queue"]["depth"].as_u64() >= Some(20)
+        })
+        .await;
+    s.acked.note_sensor(&agent, SENSOR).await;
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0), "{log}");
+
+    // Read-only at start: said, with the path; the backlog is sent, the sensor held back and
+    // told nothing was queued.
+    let agent = start_in_mount_namespace(&s, true);
+    let path = state.display().to_string();
+    agent
+        .wait_log_line("no error naming the read-only state directory", |l| {
+            l.contains("the state directory cannot be written")
+                && l.contains(&path)
+                && l.contains("Read-only file system")
+        })
+        .await;
+    agent
+        .wait_log_line("the sensor is not held back", |l| {
+            l.contains("telemetry held back") && l.contains("Read-only file system")
+        })
+        .await;
+    end_outage(s.sim());
+    let sent = agent
+        .wait_status(
+            "the backlog was not sent from the read-only state dir",
+            |st| st["queue"]["delivered"].as_u64() >= Some(20) && st["queue"]["depth"] == 0,
+        )
+        .await;
+    assert_eq!(
+        sent["queue"]["pushed"], 0,
+        "queued on a read-only disk? {sent}"
+    );
+    assert!(sent["queue"]["held_back"].as_u64() >= Some(1), "{sent}");
+    let (run, acknowledged) = sensor_acknowledged(&agent, SENSOR).await;
+    assert_eq!(
+        acknowledged, 0,
+        "readings acknowledged that were not queued"
+    );
+    // Writable again: the held reading goes first, the rest follow.
+    state_writable(&agent, &state);
+    let arrived = |sim: &hubsim::Sim, run: &str| {
+        runs(&numbered(sim, id, Some(SENSOR), "seq"))
+            .get(run)
+            .map_or(0, Vec::len)
+    };
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| arrived(sim, &run) >= 10)
+            .await,
+        "nothing after the state dir became writable:\n{}",
+        agent.log_text()
+    );
+
+    // Read-only under the running agent, for a few seconds, then writable again.
+    let held = log_lines(&agent, "telemetry held back: ");
+    state_read_only(&agent, &state);
+    let deadline = Instant::now() + LONG_WAIT;
+    while log_lines(&agent, "telemetry held back: ") <= held {
+        assert!(
+            Instant::now() < deadline,
+            "the sensor is not held back again:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = agent.log_text();
+    let last_held = log.lines().rfind(|l| l.contains("telemetry held back: "));
+    assert!(
+        last_held.is_some_and(|l| l.contains("Read-only file system")),
+        "{log}"
+    );
+    let (_, while_held) = sensor_acknowledged(&agent, SENSOR).await;
+    let held_since = Instant::now();
+    s.sim().wait_until(Duration::from_secs(2), |_| false).await;
+    let (_, still_held) = sensor_acknowledged(&agent, SENSOR).await;
+    assert_eq!(
+        while_held, still_held,
+        "readings were acknowledged while the state dir was read-only"
+    );
+    state_writable(&agent, &state);
+    let before = arrived(s.sim(), &run);
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| arrived(sim, &run) >= before + 10)
+            .await,
+        "nothing after the state dir became writable again:\n{}",
+        agent.log_text()
+    );
+    let held_seconds = held_since.elapsed().as_secs_f64();
+    s.finish(
+        agent,
+        "state-dir-read-only",
+        json!({
+            "scenario": "state dir read-only at start (backlog queued), then writable, then read-only for 2 s under the running agent; 20 msg/s",
+            "held_seconds": held_seconds,
+        }),
+    )
+    .await;
+}
+
+/// Sets the soft open-file limit (RLIMIT_NOFILE) of process `pid` (prlimit, util-linux).
+fn set_open_file_limit(pid: u32, soft: usize) {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .status()
+        .unwrap_or_else(|e| panic!("prlimit: {e}"));
+    assert!(status.success(), "prlimit: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_reached() {
+    let id = "fault-fds";
+    // 4 KiB segments: the queue needs a new file within a second.
+    let mut s = Scenario::new(id, "[queue]\nmax_bytes = \"64KiB\"\n").await;
+    let mut agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    let pid = agent.child.id();
+    // No new descriptor at all (0, 1 and 2 are taken): what it has open goes on working.
+    set_open_file_limit(pid, 3);
+    let connects = hub_connects(s.sim(), id);
+    s.drop_connection();
+    // The queue cannot open its next segment: the sensor is held back, the log names the limit;
+    // the hub cannot be reached again, said with the limit too.
+    agent
+        .wait_log_line("no held-back reading naming the open-file limit", |l| {
+            l.contains("telemetry held back") && l.contains("RLIMIT_NOFILE = 3")
+        })
+        .await;
+    agent
+        .wait_log_line("no failed reconnection naming the open-file limit", |l| {
+            l.contains("hub connection lost") && l.contains("RLIMIT_NOFILE = 3")
+        })
+        .await;
+    // A control connection the agent cannot accept must not make it spin.
+    let _waiting =
+        std::os::unix::net::UnixStream::connect(s.dir.path().join("control.sock")).unwrap();
+    agent
+        .wait_log("the control socket cannot take a connection")
+        .await;
+    let cpu = cpu_seconds(pid);
+    let since = Instant::now();
+    s.sim().wait_until(Duration::from_secs(3), |_| false).await;
+    let cpu_percent = 100.0 * (cpu_seconds(pid) - cpu) / since.elapsed().as_secs_f64();
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited at its open-file limit:\n{}",
+        agent.log_text()
+    );
+    // A correctness bound against a retry loop, not a speed figure.
+    assert!(
+        cpu_percent < 25.0,
+        "{cpu_percent:.1} % of a core at the open-file limit:\n{}",
+        agent.log_text()
+    );
+    // The limit raised again: it connects, the sensor goes on, the control socket answers.
+    set_open_file_limit(pid, 1024);
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| hub_connects(sim, id) > connects)
+            .await,
+        "no hub connection after the limit was raised:\n{}",
+        agent.log_text()
+    );
+    let before = max_seq(s.sim(), id);
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| max_seq(sim, id) > before + 5)
+            .await,
+        "no readings after the limit was raised:\n{}",
+        agent.log_text()
+    );
+    s.finish(
+        agent,
+        "open-file-limit",
+        json!({
+            "scenario": "open-file limit lowered under what the agent had open (no new descriptor), hub connection dropped, a control connection waiting; then raised; 20 msg/s",
+            "cpu_at_limit_percent": cpu_percent,
+        }),
+    )
+    .await;
+}

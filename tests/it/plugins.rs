@@ -203,7 +203,13 @@ mode = "flood"
         &agent,
     )
     .await;
-    assert!(hog["error"].as_str().unwrap().contains("SIGABRT"), "{hog}");
+    // Its end names the limit it reached (Rust aborts on a failed allocation, after saying so).
+    let hog_error = hog["error"].as_str().unwrap();
+    assert!(hog_error.contains("SIGABRT"), "{hog}");
+    assert!(
+        hog_error.contains("it reached its memory_limit of 128 MiB"),
+        "{hog}"
+    );
 
     // Meanwhile the good plugin kept publishing, on the one hub session.
     let before = bodies_from(&sim, device, "good").len();

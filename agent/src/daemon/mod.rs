@@ -221,6 +221,16 @@ impl Daemon {
         if let Some(w) = warning {
             tracing::warn!("{w}");
         }
+        // Read-only (a file system remounted read-only after errors, a mount made so): the
+        // agent still runs on what the directory holds (the cached assignment, the queued
+        // telemetry, which it sends), but holds its sources back until a message can be
+        // queued; nothing learned is kept meanwhile.
+        if let Err(e) = state.check_writable() {
+            tracing::error!(
+                "the state directory cannot be written: {e}; telemetry is held back (nothing is acknowledged that is not on disk) and what the agent learns is not kept until it can be written"
+            );
+            systemd::status(&format!("state directory not writable: {e}"));
+        }
         let status = Arc::new(Status::new(&config_path.display().to_string()));
         let twin = match state.load_twin() {
             Ok(t) => t.unwrap_or_default(),

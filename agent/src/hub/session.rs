@@ -343,7 +343,9 @@ impl Session {
     }
 
     async fn lost(&self, reason: String) {
-        tracing::warn!(hub = %self.params.hub, %reason, "hub connection lost");
+        // EMFILE and its kind name the open-file limit, so the operator knows what to raise.
+        let limit = crate::util::fs::limit_hint_in(&reason);
+        tracing::warn!(hub = %self.params.hub, %reason, "hub connection lost{limit}");
         self.emit(SessionEvent::Disconnected { reason }).await;
     }
 

@@ -69,8 +69,12 @@ impl ExecPlugin {
         cmd.env("PYTHONUNBUFFERED", "1");
         cmd.envs(env);
         process::limit_child(&mut cmd, spec.limits.memory_limit);
-        let (mut process, mut stdin, stdout) =
-            ChildProcess::spawn(cmd, &events, spec.limits.stderr_level)?;
+        let (mut process, mut stdin, stdout) = ChildProcess::spawn(
+            cmd,
+            &events,
+            spec.limits.stderr_level,
+            spec.limits.memory_limit,
+        )?;
         let (lines, mut to_write) = mpsc::unbounded_channel::<String>();
         process.write_stdin(async move {
             while let Some(mut line) = to_write.recv().await {

@@ -61,8 +61,12 @@ impl HostedPlugin {
         cmd.env("MALLOC_ARENA_MAX", "2");
         cmd.envs(env);
         process::limit_child(&mut cmd, spec.limits.memory_limit);
-        let (mut process, mut stdin, stdout) =
-            ChildProcess::spawn(cmd, &events, spec.limits.stderr_level)?;
+        let (mut process, mut stdin, stdout) = ChildProcess::spawn(
+            cmd,
+            &events,
+            spec.limits.stderr_level,
+            spec.limits.memory_limit,
+        )?;
         let (down, mut frames) = mpsc::unbounded_channel::<Down>();
         process.write_stdin(async move {
             while let Some(frame) = frames.recv().await {

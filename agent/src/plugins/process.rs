@@ -56,6 +56,27 @@ pub fn limit_child(cmd: &mut Command, memory_limit: Option<u64>) {
     }
 }
 
+/// What runtimes print when an allocation fails: Rust's (`memory allocation of N bytes
+/// failed`, then an abort), C++'s `std::bad_alloc`, Python's `MemoryError`, glibc's and others'
+/// "out of memory" / "Cannot allocate memory".
+fn says_allocation_failed(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    (lower.contains("memory allocation of") && lower.contains("failed"))
+        || lower.contains("bad_alloc")
+        || lower.contains("memoryerror")
+        || lower.contains("out of memory")
+        || lower.contains("cannot allocate memory")
+}
+
+/// A size for the log: whole MiB when it is, else bytes.
+fn mebibytes(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    match bytes % MIB {
+        0 => format!("{} MiB", bytes / MIB),
+        _ => format!("{bytes} bytes"),
+    }
+}
+
 pub fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -140,10 +161,13 @@ pub fn stderr_line(line: &str, default: i32) -> (i32, &str) {
 impl ChildProcess {
     /// Starts `cmd` with piped stdio; its stderr becomes [`Event::Log`]s and its exit
     /// [`Event::Ended`]. The caller drives stdin and reads stdout (`read_stdout`).
+    /// `memory_limit` is the address-space limit the process runs under: when it ends after
+    /// saying an allocation failed, its end names that limit.
     pub fn spawn(
         mut cmd: Command,
         events: &Events,
         stderr_level: i32,
+        memory_limit: Option<u64>,
     ) -> Result<(ChildProcess, ChildStdin, ChildStdout), String> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -167,6 +191,9 @@ impl ChildProcess {
         let (exited_tx, exited) = watch::channel(false);
         // The reader reports done at EOF; the exit is reported after what the plugin wrote.
         let (reader_done, reader_done_rx) = oneshot::channel::<()>();
+        // The stderr reader reports done at EOF, with whether the process said an allocation
+        // failed (read before its end is described).
+        let (stderr_done, stderr_done_rx) = oneshot::channel::<bool>();
         {
             let events = events.clone();
             tasks.push(tokio::spawn(async move {
@@ -184,10 +211,17 @@ impl ChildProcess {
                     }
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(2), reader_done_rx).await;
-                let _ = events.send(Event::Ended(format!(
-                    "the plugin process {}",
-                    describe_exit(status)
-                )));
+                let out_of_memory = tokio::time::timeout(Duration::from_secs(2), stderr_done_rx)
+                    .await
+                    .is_ok_and(|said| said.unwrap_or(false));
+                let ended = describe_exit(status);
+                let _ = events.send(Event::Ended(match (out_of_memory, memory_limit) {
+                    (true, Some(limit)) => format!(
+                        "the plugin process {ended} after an allocation failed: it reached its memory_limit of {}",
+                        mebibytes(limit)
+                    ),
+                    _ => format!("the plugin process {ended}"),
+                }));
                 let _ = exited_tx.send(true);
             }));
         }
@@ -197,11 +231,14 @@ impl ChildProcess {
             let events = events.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(stderr).lines();
+                let mut out_of_memory = false;
                 while let Ok(Some(line)) = lines.next_line().await {
                     let (level, text) = stderr_line(&line, stderr_level);
+                    out_of_memory |= says_allocation_failed(text);
                     let text: String = text.chars().take(4096).collect();
                     let _ = events.send(Event::Log(level, text));
                 }
+                let _ = stderr_done.send(out_of_memory);
             }));
         }
         let process = ChildProcess {
@@ -266,6 +303,20 @@ impl ChildProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_failures_are_recognised() {
+        assert!(says_allocation_failed(
+            "memory allocation of 16777216 bytes failed"
+        ));
+        assert!(says_allocation_failed(
+            "terminate called after throwing an instance of 'std::bad_alloc'"
+        ));
+        assert!(says_allocation_failed("MemoryError"));
+        assert!(!says_allocation_failed("allocated 16 MiB for the cache"));
+        assert_eq!(mebibytes(128 * 1024 * 1024), "128 MiB");
+        assert_eq!(mebibytes(1000), "1000 bytes");
+    }
 
     #[test]
     fn stderr_lines_may_name_their_level() {

@@ -44,6 +44,9 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> Result<Value, String>;
 }
 
+/// How long the control socket waits after a failed accept before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+
 /// Binds the socket (replacing a stale one) and serves until the task is dropped.
 pub async fn serve(
     path: &Path,
@@ -57,9 +60,28 @@ pub async fn serve(
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(tokio::spawn(async move {
+        // A failing accept was logged and not yet followed by a working one.
+        let mut refusing = false;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    if std::mem::take(&mut refusing) {
+                        tracing::info!("the control socket accepts connections again");
+                    }
+                    stream
+                }
+                Err(e) => {
+                    // Out of file descriptors (EMFILE) the waiting connection stays queued and
+                    // the socket stays readable: without a pause this loop would spin a core.
+                    if !std::mem::replace(&mut refusing, true) {
+                        tracing::error!(
+                            "the control socket cannot take a connection: {e}{}",
+                            crate::util::fs::limit_hint(&e)
+                        );
+                    }
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
             };
             let handler = handler.clone();
             tokio::spawn(async move {

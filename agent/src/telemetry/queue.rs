@@ -30,13 +30,24 @@ use tokio::sync::Notify;
 use super::record::{self, Frame, MAX_MESSAGE, RecordHeader};
 use crate::config::{FsyncPolicy, FullPolicy, QueueConfig};
 use crate::message::TelemetryMessage;
-use crate::util::fs::write_atomic;
+use crate::util::fs::{is_transient, limit_hint, write_atomic};
 use crate::util::time::{EARLIEST_TRUE_TIME, unix_millis};
 
 // The tests below were written for the JSON record; its header length and checksum under their
 // old names.
 #[cfg(test)]
 use record::{JSON_HEADER as HEADER, json::checksum};
+/// How soon a record that could not be read for want of a resource (file descriptors) is tried
+/// again.
+const READ_RETRY: Duration = Duration::from_millis(250);
+
+/// Why a queued record could not be read.
+enum ReadError {
+    /// Not now (a limit reached): the record stays queued.
+    NotNow(String),
+    /// Not any more: the file lost or changed it.
+    Gone(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -82,7 +93,7 @@ impl QueueSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", limit_hint(.source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -153,6 +164,10 @@ struct Inner {
     /// The segment last read from, kept open: the pump reads message after message from the
     /// same file, and opening it for each one was the hottest part of the agent's send path.
     reader: Option<(u64, File)>,
+    /// The last read failed for want of a resource: the pump polls until it succeeds.
+    read_stalled: bool,
+    /// Writing `acked` failed and was logged; not yet written since.
+    ack_write_failing: bool,
     dirty_since: Option<Instant>,
     durability: Durability,
     stats: QueueStats,
@@ -223,13 +238,16 @@ impl Queue {
         if !dir.exists() {
             create_private_dir(dir)?;
         }
-        let (acked, acked_ahead) = read_acked(&dir.join("acked"));
+        let (acked, acked_ahead, acked_warning) = read_acked(&dir.join("acked"));
         let files = segment_files(dir)?;
-        let mut loaded = Loaded::new(acked);
-        for (first_seq, path) in files {
-            loaded.load_segment(first_seq, &path)?;
+        let mut loaded = Loaded::new(acked, acked_ahead);
+        loaded.warnings.extend(acked_warning);
+        for (i, (first_seq, path)) in files.iter().enumerate() {
+            // The next segment starts where this one ended: its name bounds this one's records.
+            let next_first = files.get(i + 1).map(|(next, _)| *next);
+            loaded.load_segment(*first_seq, path, next_first)?;
         }
-        let (inner, warnings) = loaded.into_inner(dir, settings, acked_ahead);
+        let (inner, warnings) = loaded.into_inner(dir, settings);
         let queue = Queue {
             inner: Mutex::new(inner),
             sync_done: Condvar::new(),
@@ -374,15 +392,31 @@ impl Queue {
             }
             match q.read(&entry) {
                 Ok(message) => out.push((entry.seq, message)),
-                Err(e) => {
-                    // Unreadable now (the file went away or changed): count it and move on.
+                Err(ReadError::NotNow(e)) => {
+                    // The record is fine, the agent is short of something (file descriptors):
+                    // it stays queued and is read again at the next try.
+                    q.handed_out -= 1;
+                    if !std::mem::replace(&mut q.read_stalled, true) {
+                        tracing::error!(
+                            "cannot read queued message {} now, retrying: {e}",
+                            entry.seq
+                        );
+                    }
+                    break;
+                }
+                Err(ReadError::Gone(e)) => {
+                    // The record went away or changed under the agent (a segment cut short or
+                    // overwritten): count it and move on.
                     tracing::error!(
-                        "queued message {} is unreadable and dropped: {e}",
+                        "queued message {} is unreadable and dropped (counted in dropped_corrupt): {e}",
                         entry.seq
                     );
                     q.stats.dropped_corrupt += 1;
                     q.mark_acked(entry.seq);
                 }
+            }
+            if std::mem::take(&mut q.read_stalled) {
+                tracing::info!("queued messages can be read again");
             }
         }
         out
@@ -395,7 +429,12 @@ impl Queue {
             if let Some(m) = self.take_batch(1).pop() {
                 return m;
             }
-            notified.await;
+            if self.inner.lock().unwrap().read_stalled {
+                // Nothing will notify: look again shortly.
+                let _ = tokio::time::timeout(READ_RETRY, notified).await;
+            } else {
+                notified.await;
+            }
         }
     }
 
@@ -457,21 +496,50 @@ fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
 }
 
 /// The `acked` file: the contiguous cursor on the first line, the sequence numbers acknowledged
-/// out of order above it on the second. A missing or unreadable file acknowledges nothing.
-fn read_acked(path: &Path) -> (u64, BTreeSet<u64>) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut lines = text.lines();
-    let acked = lines
-        .next()
-        .and_then(|t| t.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    let acked_ahead = lines
-        .next()
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    (acked, acked_ahead)
+/// out of order above it on the second, each line ended by a newline. A missing file
+/// acknowledges nothing. A damaged one (cut short by a power cut) keeps only what is whole: a
+/// line without its newline may be a number cut short, which could name a message never
+/// acknowledged; taking less means sending some messages twice, never losing one. The warning
+/// says what was done.
+fn read_acked(path: &Path) -> (u64, BTreeSet<u64>, Option<String>) {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (0, BTreeSet::new(), None),
+        Err(e) => {
+            let warning = format!(
+                "{}: {e}; every message still queued on disk will be sent (some perhaps again)",
+                path.display()
+            );
+            return (0, BTreeSet::new(), Some(warning));
+        }
+    };
+    let whole: Vec<&str> = text.split_inclusive('\n').collect();
+    let line = |i: usize| whole.get(i).and_then(|l| l.strip_suffix('\n'));
+    let acked = line(0).and_then(|t| t.trim().parse::<u64>().ok());
+    let ahead: Option<BTreeSet<u64>> = line(1).and_then(|t| {
+        t.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse().ok())
+            .collect()
+    });
+    match (acked, ahead) {
+        (Some(acked), Some(ahead)) if whole.len() == 2 => (acked, ahead, None),
+        (Some(acked), _) => {
+            let warning = format!(
+                "{}: damaged after its first line (cut short?): only the position {acked} is kept; messages acknowledged out of order above it will be sent again",
+                path.display()
+            );
+            (acked, BTreeSet::new(), Some(warning))
+        }
+        (None, _) => {
+            let warning = format!(
+                "{}: damaged ({} bytes; cut short?): every message still queued on disk will be sent, some perhaps again",
+                path.display(),
+                text.len()
+            );
+            (0, BTreeSet::new(), Some(warning))
+        }
+    }
 }
 
 /// The segment files in `dir`, by first sequence number.
@@ -491,6 +559,8 @@ fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
 /// The index being rebuilt from the segments at open.
 struct Loaded {
     acked: u64,
+    /// From the `acked` file: acknowledged out of order, so not lost if missing.
+    acked_ahead: BTreeSet<u64>,
     entries: VecDeque<Entry>,
     segments: VecDeque<Segment>,
     max_seq: u64,
@@ -502,9 +572,10 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new(acked: u64) -> Loaded {
+    fn new(acked: u64, acked_ahead: BTreeSet<u64>) -> Loaded {
         Loaded {
             acked,
+            acked_ahead,
             entries: VecDeque::new(),
             segments: VecDeque::new(),
             max_seq: acked,
@@ -529,7 +600,19 @@ impl Loaded {
 
     /// Indexes one segment's unacknowledged records, skipping damaged ones with a warning. A
     /// segment with nothing unacknowledged left is deleted.
-    fn load_segment(&mut self, first_seq: u64, path: &Path) -> Result<(), QueueError> {
+    ///
+    /// What was lost is counted by sequence number: a segment holds consecutive numbers from the
+    /// one in its name up to the next segment's first, so every number in that range that is
+    /// neither on disk nor acknowledged was a message the damage took (a record cut short by a
+    /// power cut, the records after it, a record whose checksum fails). The newest segment has
+    /// no next one: there only the damaged records seen count, since records wholly past a cut
+    /// leave no trace.
+    fn load_segment(
+        &mut self,
+        first_seq: u64,
+        path: &Path,
+        next_first: Option<u64>,
+    ) -> Result<(), QueueError> {
         let mut bytes = Vec::new();
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -537,6 +620,11 @@ impl Loaded {
         let mut offset = 0usize;
         let mut last_seq = first_seq;
         let mut live = false;
+        // The sequence number the next record should carry, and the damaged records since the
+        // last whole one.
+        let mut expected = first_seq;
+        let mut damaged = 0u64;
+        let mut lost = 0u64;
         while offset < bytes.len() {
             let len = match record::frame(&bytes[offset..]) {
                 Frame::TornHeader => break,
@@ -546,7 +634,7 @@ impl Loaded {
                         path.display(),
                         bytes.len() - offset
                     ));
-                    self.stats.dropped_corrupt += 1;
+                    damaged += 1;
                     offset = bytes.len();
                     break;
                 }
@@ -555,7 +643,7 @@ impl Loaded {
                         "{}: record at offset {offset} fails its checksum and is skipped",
                         path.display()
                     ));
-                    self.stats.dropped_corrupt += 1;
+                    damaged += 1;
                     offset += len;
                     continue;
                 }
@@ -563,15 +651,28 @@ impl Loaded {
             };
             let record = &bytes[offset..offset + len];
             match RecordHeader::parse(record) {
-                Err(e) => self.undecodable(path, offset, &e),
+                // Its sequence number unknown: counted with the range it leaves out.
+                Err(e) => {
+                    self.undecodable(path, offset, &e);
+                    damaged += 1;
+                }
                 Ok(header) => {
+                    lost += self.unacknowledged_between(expected, header.seq);
+                    expected = expected.max(header.seq + 1);
+                    damaged = 0;
                     // Taken even from an undecodable message: a new one must not reuse it.
                     self.max_seq = self.max_seq.max(header.seq);
                     last_seq = last_seq.max(header.seq);
                     // Decoded now (when still needed), so that what is kept is readable later.
                     if header.seq > self.acked {
                         match header.message(record) {
-                            Err(e) => self.undecodable(path, offset, &e),
+                            // Told and counted here: the range count below is for what left
+                            // no readable record.
+                            Err(e) => {
+                                self.undecodable(path, offset, &e);
+                                self.stats.dropped_corrupt +=
+                                    self.unacknowledged_between(header.seq, header.seq + 1);
+                            }
                             Ok(_) => {
                                 live = true;
                                 self.entries.push_back(Entry {
@@ -594,6 +695,20 @@ impl Loaded {
                 path.display(),
                 bytes.len() - offset
             ));
+            damaged += 1;
+        }
+        let end = next_first.unwrap_or(expected + damaged).max(expected);
+        lost += self.unacknowledged_between(expected, end);
+        if lost > 0 {
+            let bound = match next_first {
+                Some(_) => "",
+                None => " at least (the newest segment: records wholly past a cut leave no trace)",
+            };
+            self.warnings.push(format!(
+                "{}: {lost} queued messages{bound} are lost with the damage; counted in dropped_corrupt",
+                path.display(),
+            ));
+            self.stats.dropped_corrupt += lost;
         }
         if live {
             self.segments.push_back(Segment {
@@ -613,18 +728,23 @@ impl Loaded {
             "{}: record at offset {offset} cannot be decoded ({error}) and is skipped",
             path.display()
         ));
-        self.stats.dropped_corrupt += 1;
+    }
+
+    /// How many sequence numbers in `from..to` were neither acknowledged in order nor out of
+    /// order: messages that should be on disk.
+    fn unacknowledged_between(&self, from: u64, to: u64) -> u64 {
+        let from = from.max(self.acked + 1);
+        if from >= to {
+            return 0;
+        }
+        (to - from) - self.acked_ahead.range(from..to).count() as u64
     }
 
     /// The queue's state over what was loaded, and the warnings.
-    fn into_inner(
-        self,
-        dir: &Path,
-        settings: QueueSettings,
-        acked_ahead: BTreeSet<u64>,
-    ) -> (Inner, Vec<String>) {
+    fn into_inner(self, dir: &Path, settings: QueueSettings) -> (Inner, Vec<String>) {
         let Loaded {
             acked,
+            acked_ahead,
             entries,
             segments,
             max_seq,
@@ -654,6 +774,8 @@ impl Loaded {
             segments,
             writer: None,
             reader: None,
+            read_stalled: false,
+            ack_write_failing: false,
             dirty_since: None,
             durability: Durability::default(),
             stats,
@@ -696,7 +818,9 @@ impl Inner {
     ) -> Result<(u64, u64), QueueError> {
         let roll = match (&self.writer, self.segments.back()) {
             (Some((id, _)), Some(last)) => {
-                last.first_seq != *id || last.bytes >= self.settings.segment_bytes
+                last.first_seq != *id
+                    || last.bytes >= self.settings.segment_bytes
+                    || self.writer_changed()
             }
             _ => true,
         };
@@ -770,27 +894,78 @@ impl Inner {
         durability.synced = durability.written;
     }
 
-    fn read(&mut self, entry: &Entry) -> Result<TelemetryMessage, String> {
+    /// True when the segment being written is no longer as long as what the agent wrote to it
+    /// (cut short by a power cut of its file system, or by another process): appending to it
+    /// would put records where the index does not expect them, so the next one starts a new
+    /// segment. What was cut off is found, counted and logged as its messages are read.
+    fn writer_changed(&mut self) -> bool {
+        let (Some((id, file)), Some(last)) = (&self.writer, self.segments.back()) else {
+            return false;
+        };
+        let Ok(meta) = file.metadata() else {
+            return false;
+        };
+        if meta.len() == last.bytes {
+            return false;
+        }
+        tracing::error!(
+            "{}: {} bytes long where the agent wrote {}: cut short under the agent; queueing goes on in a new segment",
+            segment_path(&self.dir, *id).display(),
+            meta.len(),
+            last.bytes
+        );
+        self.retire_writer(false);
+        true
+    }
+
+    fn read(&mut self, entry: &Entry) -> Result<TelemetryMessage, ReadError> {
         let path = segment_path(&self.dir, entry.segment);
+        let failed = |e: std::io::Error| {
+            let text = format!("{}: {e}{}", path.display(), limit_hint(&e));
+            match is_transient(&e) {
+                true => ReadError::NotNow(text),
+                false => ReadError::Gone(text),
+            }
+        };
         let file = match &self.reader {
             Some((id, file)) if *id == entry.segment => file,
             _ => {
-                let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let file = File::open(&path).map_err(failed)?;
                 &self.reader.insert((entry.segment, file)).1
             }
         };
         let mut buf = vec![0u8; entry.len as usize];
-        file.read_exact_at(&mut buf, entry.offset)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        RecordHeader::parse(&buf)
-            .and_then(|header| header.message(&buf))
-            .map_err(|e| {
-                format!(
-                    "{}: record at offset {} cannot be decoded: {e}",
+        file.read_exact_at(&mut buf, entry.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                ReadError::Gone(format!(
+                    "{}: the segment ends before the record at offset {} (cut short since it was written)",
                     path.display(),
                     entry.offset
-                )
-            })
+                ))
+            } else {
+                failed(e)
+            }
+        })?;
+        // Read back with its checksum: a record cut off or overwritten since it was written is
+        // gone, not sent as something else.
+        let intact = record::frame(&buf) == Frame::Whole { len: buf.len() };
+        let header = RecordHeader::parse(&buf)
+            .ok()
+            .filter(|header| intact && header.seq == entry.seq);
+        let Some(header) = header else {
+            return Err(ReadError::Gone(format!(
+                "{}: the record at offset {} changed since it was written",
+                path.display(),
+                entry.offset
+            )));
+        };
+        header.message(&buf).map_err(|e| {
+            ReadError::Gone(format!(
+                "{}: record at offset {} cannot be decoded: {e}",
+                path.display(),
+                entry.offset
+            ))
+        })
     }
 
     fn update_depth(&mut self) {
@@ -944,12 +1119,20 @@ impl Inner {
                 self.ack_dirty = false;
                 self.acked_written = self.acked;
                 self.acked_written_at = Instant::now();
+                if std::mem::take(&mut self.ack_write_failing) {
+                    tracing::info!("the queue position is persisted again");
+                }
             }
             Err(e) => {
-                // Retried after the interval, not on every acknowledgement (a full disk would
-                // otherwise log an error per message).
+                // Retried after the interval, not on every acknowledgement, and logged once
+                // until it works again (a full disk or a read-only one would otherwise log an
+                // error five times a second). Until then a restart sends these messages again.
                 self.acked_written_at = Instant::now();
-                tracing::error!("cannot persist the queue position: {e}");
+                if !std::mem::replace(&mut self.ack_write_failing, true) {
+                    tracing::error!(
+                        "cannot persist the queue position: {e}; messages acknowledged since may be sent again after a restart"
+                    );
+                }
             }
         }
     }
@@ -1167,7 +1350,13 @@ mod tests {
         bytes.truncate(bytes.len() - record / 2);
         std::fs::write(&seg, &bytes).unwrap();
         let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("2 queued messages at least") && w.contains(".seg")),
+            "{warnings:?}"
+        );
         assert!(
             warnings
                 .iter()
@@ -1181,6 +1370,136 @@ mod tests {
         // Junk in the directory does not stop the queue.
         std::fs::write(dir.path().join("0000000000000099.seg"), b"garbage").unwrap();
         assert!(Queue::open(dir.path(), small()).is_ok());
+    }
+
+    /// The segment files, oldest first, with their sizes.
+    fn segments_on_disk(dir: &Path) -> Vec<(PathBuf, u64)> {
+        super::segment_files(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| {
+                let len = std::fs::metadata(&p).unwrap().len();
+                (p, len)
+            })
+            .collect()
+    }
+
+    /// Cuts `path` to `len` bytes, as a power cut of its file system would.
+    fn cut(path: &Path, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
+    /// The message numbers `ids` names.
+    fn numbers(ids: &[String]) -> BTreeSet<u64> {
+        ids.iter()
+            .map(|id| id.strip_prefix("m-").unwrap().parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn segments_cut_short_before_a_start_count_exactly_the_messages_they_held() {
+        // Enough compact records for at least four segments of `small()`.
+        const N: u64 = 200;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (q, _) = Queue::open(dir.path(), small()).unwrap();
+            for i in 0..N {
+                q.push(&msg(i)).unwrap();
+            }
+            q.close();
+        }
+        let segments = segments_on_disk(dir.path());
+        assert!(segments.len() >= 4, "{segments:?}");
+        // One segment cut mid-record, another to nothing; the newest stays whole.
+        cut(&segments[1].0, segments[1].1 / 2 + 3);
+        cut(&segments[2].0, 0);
+        let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
+        let left = numbers(&ids(&q.take_batch(N as usize)));
+        let lost = N - left.len() as u64;
+        assert!(lost > 0);
+        assert_eq!(q.stats().dropped_corrupt, lost, "{warnings:?}");
+        for damaged in [&segments[1].0, &segments[2].0] {
+            let name = damaged.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(&name) && w.contains("counted in dropped_corrupt")),
+                "{name}: {warnings:?}"
+            );
+        }
+        // What was lost is one stretch: the cut segment's tail and all of the emptied one.
+        let missing: Vec<u64> = (0..N).filter(|i| !left.contains(i)).collect();
+        assert_eq!(
+            missing.last().unwrap() - missing[0] + 1,
+            lost,
+            "{missing:?}"
+        );
+    }
+
+    #[test]
+    fn segments_cut_short_under_the_running_queue_lose_only_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), small()).unwrap();
+        for i in 0..60 {
+            q.push(&msg(i)).unwrap();
+        }
+        let segments = segments_on_disk(dir.path());
+        // A middle segment cut mid-record, and the one being written cut to nothing.
+        cut(&segments[1].0, segments[1].1 / 2 + 3);
+        cut(&segments.last().unwrap().0, 0);
+        // Queueing goes on, in a new segment: none of these may be lost.
+        for i in 60..80 {
+            q.push(&msg(i)).unwrap();
+        }
+        let left = numbers(&ids(&q.take_batch(100)));
+        for i in 60..80 {
+            assert!(
+                left.contains(&i),
+                "m-{i} was queued after the cut and is lost"
+            );
+        }
+        let lost = 80 - left.len() as u64;
+        assert!(lost > 0);
+        assert_eq!(q.stats().dropped_corrupt, lost);
+        assert_eq!(q.stats().depth, left.len() as u64);
+        q.close();
+        drop(q);
+        // Counted once: a restart finds the same losses acknowledged, not lost again.
+        let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
+        assert_eq!(q.stats().dropped_corrupt, 0, "{warnings:?}");
+        assert_eq!(numbers(&ids(&q.take_batch(100))), left);
+    }
+
+    #[test]
+    fn an_acked_file_cut_short_keeps_only_what_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acked");
+        let read = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            read_acked(&path)
+        };
+        assert_eq!(read("12\n15,17\n"), (12, [15, 17].into(), None));
+        assert_eq!(read("12\n\n"), (12, BTreeSet::new(), None));
+        // "17" cut to "1" could name a message never acknowledged: the second line goes.
+        let (acked, ahead, warning) = read("12\n15,1");
+        assert_eq!((acked, ahead), (12, BTreeSet::new()));
+        assert!(
+            warning
+                .unwrap()
+                .contains("acked: damaged after its first line")
+        );
+        // "1234" cut to "12": a lower position only sends messages again.
+        let (acked, _, warning) = read("12");
+        assert_eq!(acked, 0);
+        assert!(warning.unwrap().contains("every message still queued"));
+        let (acked, _, warning) = read("");
+        assert_eq!(acked, 0);
+        assert!(warning.is_some());
     }
 
     #[test]
@@ -1389,12 +1708,19 @@ mod tests {
         std::fs::write(dir.path().join(format!("{:016x}.seg", 4)), mixed).unwrap();
 
         let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
+        let segment = dir.path().join("0000000000000001.seg");
         assert_eq!(
             warnings,
-            [format!(
-                "{}: record at offset {damaged_at} fails its checksum and is skipped",
-                dir.path().join("0000000000000001.seg").display()
-            )]
+            [
+                format!(
+                    "{}: record at offset {damaged_at} fails its checksum and is skipped",
+                    segment.display()
+                ),
+                format!(
+                    "{}: 1 queued messages are lost with the damage; counted in dropped_corrupt",
+                    segment.display()
+                )
+            ]
         );
         assert_eq!(q.stats().dropped_corrupt, 1);
         // After the upgrade: compact records, in a segment of their own.
@@ -1407,7 +1733,11 @@ mod tests {
         q.close();
         drop(q);
         let (q, warnings) = Queue::open(dir.path(), small()).unwrap();
-        assert_eq!(warnings.len(), 1, "the damaged record is reported again");
+        assert_eq!(
+            warnings.len(),
+            2,
+            "the damaged record is reported again, with its loss"
+        );
         assert_eq!(ids(&q.take_batch(100)), ["m-2", "m-4", "m-5", "m-7"]);
     }
 

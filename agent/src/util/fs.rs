@@ -4,9 +4,9 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// A file operation failed; names the file.
+/// A file operation failed; names the file (and the limit, when one was reached).
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {source}")]
+#[error("{path}: {source}{}", limit_hint(.source))]
 pub struct FileError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -51,9 +51,67 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     Ok(())
 }
 
+/// What an error that comes from a limit rather than from the file means, to follow it in the
+/// log: the process's open-file limit (EMFILE: the agent's own, set by `LimitNOFILE=` in its
+/// unit) or the system's (ENFILE). Empty for other errors.
+pub fn limit_hint(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct it is given and nothing else.
+            let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+            let soft = if known {
+                limit.rlim_cur.to_string()
+            } else {
+                "unknown".to_string()
+            };
+            format!(
+                " (the agent's open-file limit RLIMIT_NOFILE = {soft} is reached; `LimitNOFILE=` in hubagent.service sets it)"
+            )
+        }
+        Some(libc::ENFILE) => " (the system's open-file limit fs.file-max is reached)".into(),
+        _ => String::new(),
+    }
+}
+
+/// [`limit_hint`] for an error known only by its text (a network library's, which wraps the
+/// I/O error): the hint of the OS error number it names, if any.
+pub fn limit_hint_in(text: &str) -> String {
+    [libc::EMFILE, libc::ENFILE]
+        .into_iter()
+        .find(|n| text.contains(&format!("(os error {n})")))
+        .map(|n| limit_hint(&std::io::Error::from_raw_os_error(n)))
+        .unwrap_or_default()
+}
+
+/// Errors that say nothing about a file's content, only that it cannot be opened or read now
+/// (a limit reached, memory short): the file is to be tried again later, not given up.
+pub fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EINTR | libc::EAGAIN)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_named() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(limit_hint(&emfile).contains("RLIMIT_NOFILE = "));
+        assert_eq!(
+            limit_hint_in(&format!("I/O: {emfile}")),
+            limit_hint(&emfile)
+        );
+        assert_eq!(limit_hint_in("Connection refused (os error 111)"), "");
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(limit_hint(&enoent), "");
+    }
 
     #[test]
     fn a_failed_write_leaves_no_temp_file_and_touches_nothing_else() {
