@@ -10,7 +10,7 @@
 # missing from Cargo.toml would otherwise never run).
 set -euo pipefail
 cd "$(dirname "$0")"
-seconds="${FUZZ_SECONDS:-15}"
+seconds="${FUZZ_SECONDS:-10}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 export RUSTC_BOOTSTRAP=1
 # With the TPM back end (libtss2 from tests/setup.sh), so the activation-blob target builds too.

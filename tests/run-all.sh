@@ -56,7 +56,7 @@ echo "== system test: the arm64 and armhf packages, under qemu"
 system_part "cross-architecture test" bash tests/system/cross-smoke.sh
 
 # A short fuzz run over the checked-in corpus (config, queue files, topics, SAS/twin input).
-echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-15} per target)"
+echo "== fuzz (FUZZ_SECONDS=${FUZZ_SECONDS:-10} per target)"
 bash fuzz/run.sh || failed+=("fuzzing")
 
 # Totals from both runners' JUnit reports (only reports written by this run count), so the run
