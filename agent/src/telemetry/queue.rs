@@ -33,10 +33,10 @@ use crate::message::TelemetryMessage;
 use crate::util::fs::{is_transient, limit_hint, write_atomic};
 use crate::util::time::{EARLIEST_TRUE_TIME, unix_millis};
 
-// The tests below were written for the JSON record; its header length and checksum under their
-// old names.
+// The tests below were written for the JSON record; its header length under its old name.
 #[cfg(test)]
-use record::{JSON_HEADER as HEADER, json::checksum};
+use record::JSON_HEADER as HEADER;
+
 /// How soon a record that could not be read for want of a resource (file descriptors) is tried
 /// again.
 const READ_RETRY: Duration = Duration::from_millis(250);
@@ -1539,30 +1539,18 @@ mod tests {
         assert_eq!(left.len() as u64 + stats.dropped_full, 500);
     }
 
-    /// A record as `push` writes it, with a chosen wall-clock time.
-    fn raw_record(seq: u64, enqueued_ms: u64, message: &TelemetryMessage) -> Vec<u8> {
-        let payload = serde_json::to_vec(message).unwrap();
-        let mut out = Vec::new();
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&checksum(seq, enqueued_ms, &payload).to_le_bytes());
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&enqueued_ms.to_le_bytes());
-        out.extend_from_slice(&payload);
-        out
-    }
-
     #[test]
     fn ages_come_from_disk_once_then_from_the_monotonic_clock() {
         let dir = tempfile::tempdir().unwrap();
         let hour = 3_600_000;
-        let mut seg = raw_record(1, unix_millis() - 2 * hour, &msg(1));
+        let mut seg = record::json::record(1, unix_millis() - 2 * hour, &msg(1));
         // Written when the clock was a day ahead (then corrected): not expired, not kept forever.
-        seg.extend(raw_record(2, unix_millis() + 24 * hour, &msg(2)));
-        seg.extend(raw_record(3, unix_millis() - 1000, &msg(3)));
+        seg.extend(record::json::record(2, unix_millis() + 24 * hour, &msg(2)));
+        seg.extend(record::json::record(3, unix_millis() - 1000, &msg(3)));
         // Written at 1970 (a board without an RTC), the clock set since: age unknown, kept.
         // (Without the explicit rule in `placed` it is kept too: an age beyond the uptime does
         // not fit an Instant. This pins the outcome, whichever way it comes about.)
-        seg.extend(raw_record(4, 5_000, &msg(4)));
+        seg.extend(record::json::record(4, 5_000, &msg(4)));
         std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), seg).unwrap();
         let (q, warnings) = Queue::open(
             dir.path(),
