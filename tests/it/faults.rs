@@ -896,6 +896,39 @@ fn set_clock_offset(file: &std::path::Path, offset: &str) {
     std::fs::rename(&tmp, file).unwrap();
 }
 
+/// NTP sets the clock (offset "+0"): the agent must connect (more than `connects` hub
+/// connections) within seconds, clear the status's clock problem and say so; how long it took.
+async fn set_the_clock(
+    s: &Scenario,
+    agent: &AgentProcess,
+    clock: &std::path::Path,
+    connects: usize,
+) -> Duration {
+    let id = s.id.as_str();
+    set_clock_offset(clock, "+0");
+    let set = Instant::now();
+    assert!(
+        s.sim()
+            .wait_until(Duration::from_secs(15), |sim| hub_connects(sim, id)
+                > connects)
+            .await,
+        "not connected within 15 s of the clock being set:\n{}",
+        agent.log_text()
+    );
+    let recovery = set.elapsed();
+    agent
+        .wait_status("the clock fine again", |st| {
+            st["clock"].is_null() && st["connection"] == "connected"
+        })
+        .await;
+    assert!(
+        agent.log_text().contains("the system clock is set now"),
+        "{}",
+        agent.log_text()
+    );
+    recovery
+}
+
 /// Waits until the agent queued `n` more messages than now (so it has read the clock since).
 async fn wait_pushed(agent: &AgentProcess, n: u64) {
     let pushed = |st: &serde_json::Value| st["queue"]["pushed"].as_u64().unwrap_or(0);
@@ -1263,26 +1296,7 @@ async fn clock_at_1970_at_boot_then_set() {
     );
 
     // NTP sets the clock: connected within seconds, not after a retry wait.
-    set_clock_offset(&clock, "+0");
-    let set = Instant::now();
-    assert!(
-        s.sim()
-            .wait_until(Duration::from_secs(15), |sim| hub_connects(sim, id) >= 1)
-            .await,
-        "not connected within 15 s of the clock being set:\n{}",
-        agent.log_text()
-    );
-    let recovery = set.elapsed();
-    agent
-        .wait_status("the clock fine again", |st| {
-            st["clock"].is_null() && st["connection"] == "connected"
-        })
-        .await;
-    assert!(
-        agent.log_text().contains("the system clock is set now"),
-        "{}",
-        agent.log_text()
-    );
+    let recovery = set_the_clock(&s, &agent, &clock, 0).await;
 
     // A reboot at 1970 again, now with the assignment cached: the hub session waits for the
     // clock the same way (the `Session` phase's look at the clock, not only `Register`'s). A
@@ -1410,27 +1424,7 @@ async fn clock_falls_back_to_1970_while_connected() {
     );
 
     // NTP sets the clock: connected within seconds, not after a retry wait.
-    set_clock_offset(&clock, "+0");
-    let set = Instant::now();
-    assert!(
-        s.sim()
-            .wait_until(Duration::from_secs(15), |sim| hub_connects(sim, id)
-                > connects)
-            .await,
-        "not connected within 15 s of the clock being set:\n{}",
-        agent.log_text()
-    );
-    let recovery = set.elapsed();
-    agent
-        .wait_status("the clock fine again", |st| {
-            st["clock"].is_null() && st["connection"] == "connected"
-        })
-        .await;
-    assert!(
-        agent.log_text().contains("the system clock is set now"),
-        "{}",
-        agent.log_text()
-    );
+    let recovery = set_the_clock(&s, &agent, &clock, connects).await;
     s.finish(
         agent,
         "clock-fallback",
