@@ -15,26 +15,6 @@ use serde_json::json;
 const OUTAGE: Duration = Duration::from_secs(120);
 const DEVICE: &str = "gw-plugin-outage";
 
-/// An exec plugin: numbers its messages under a run id (its pid and start time) and appends
-/// `<run> <seq>` to the record file before it writes the message line. The agent reads the next
-/// line only once the previous message is queued, so what it wrote may be more than what the
-/// agent acknowledged when the agent is killed (lines still in the pipe), never less.
-const EXEC_PLUGIN: &str = r#"import json, os, sys, threading, time
-settings = json.loads(sys.stdin.readline())
-# EOF on stdin means stop.
-threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
-run = "%d-%d" % (os.getpid(), time.time_ns())
-record = open(settings["record"], "a")
-seq = 0
-while True:
-    seq += 1
-    record.write("%s %d\n" % (run, seq))
-    record.flush()
-    sys.stdout.write(json.dumps({"body": {"seq": seq, "run": run}, "properties": {"run": run}}) + "\n")
-    sys.stdout.flush()
-    time.sleep(settings["interval"])
-"#;
-
 /// Which messages of `source` arrived, as `(run, n)` (the number in the body field `key`).
 fn arrived(sim: &hubsim::Sim, device: &str, source: &str, key: &str) -> BTreeSet<(String, u64)> {
     numbered(sim, device, Some(source), key)
@@ -136,7 +116,7 @@ async fn setup(device: &str, interval_ms: u64, extra: &str) -> Setup {
     let running = start_sim(dir.path()).await;
     let library = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
     let script_source = dir.path().join("numbered.py");
-    std::fs::write(&script_source, EXEC_PLUGIN).unwrap();
+    std::fs::write(&script_source, NUMBERED_EXEC_PLUGIN).unwrap();
     let script = install_plugin(dir.path(), &script_source, 0o644);
     // The plugins write their records here: the one place their sandbox lets them write.
     let records = dir.path().join("records");

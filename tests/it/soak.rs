@@ -29,29 +29,6 @@ use serde_json::{Value, json};
 const QUEUE_BYTES: u64 = 256 * 1024;
 const SEGMENT_BYTES: u64 = QUEUE_BYTES / 16;
 
-/// An exec plugin: numbers its messages under a run id (its pid and start time) and appends
-/// `<run> <seq>` to the record file before it writes the message line. When the crash file
-/// exists, it deletes it and exits with status 3 after a whole line: every line a run that
-/// crashed wrote was read by the agent (it reads the plugin's stdout to its end).
-const EXEC_PLUGIN: &str = r#"import json, os, sys, threading, time
-settings = json.loads(sys.stdin.readline())
-# EOF on stdin means stop.
-threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
-run = "%d-%d" % (os.getpid(), time.time_ns())
-record = open(settings["record"], "a")
-seq = 0
-while True:
-    seq += 1
-    record.write("%s %d\n" % (run, seq))
-    record.flush()
-    sys.stdout.write(json.dumps({"body": {"seq": seq, "run": run}, "properties": {"run": run}}) + "\n")
-    sys.stdout.flush()
-    if os.path.exists(settings["crash"]):
-        os.remove(settings["crash"])
-        os._exit(3)
-    time.sleep(settings["interval"])
-"#;
-
 /// What the growth check watches, and the noise each may show. Memory: allocator arenas and
 /// buffers move by a few MiB; a leak of a connection's worth per reconnect is far more over a
 /// third of the run. Counts at quiet moments: a file or a thread closing a moment late.
@@ -142,7 +119,7 @@ async fn setup(device: &str) -> Setup {
     let running = start_sim(dir.path()).await;
     let library = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
     let script_source = dir.path().join("numbered.py");
-    std::fs::write(&script_source, EXEC_PLUGIN).unwrap();
+    std::fs::write(&script_source, NUMBERED_EXEC_PLUGIN).unwrap();
     let script = install_plugin(dir.path(), &script_source, 0o644);
     // The plugins write their records (and the exec plugin finds its crash file) here: the one
     // place their sandbox lets them write.

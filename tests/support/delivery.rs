@@ -312,6 +312,33 @@ impl Delivery {
     }
 }
 
+/// An exec plugin for loss checks (settings: `record`, `interval` in seconds, optional `crash`):
+/// numbers its messages under a run id (its pid and start time) and appends `<run> <seq>` to the
+/// record file before it writes the message line. The agent reads the next line only once the
+/// previous message is queued, so what it wrote may be more than what the agent acknowledged
+/// when the agent is killed (lines still in the pipe), never less. When the `crash` file exists,
+/// it deletes it and exits with status 3 after a whole line: every line a run that crashed wrote
+/// was read by the agent (it reads the plugin's stdout to its end).
+pub const NUMBERED_EXEC_PLUGIN: &str = r#"import json, os, sys, threading, time
+settings = json.loads(sys.stdin.readline())
+# EOF on stdin means stop.
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+run = "%d-%d" % (os.getpid(), time.time_ns())
+record = open(settings["record"], "a")
+crash = settings.get("crash")
+seq = 0
+while True:
+    seq += 1
+    record.write("%s %d\n" % (run, seq))
+    record.flush()
+    sys.stdout.write(json.dumps({"body": {"seq": seq, "run": run}, "properties": {"run": run}}) + "\n")
+    sys.stdout.flush()
+    if crash and os.path.exists(crash):
+        os.remove(crash)
+        os._exit(3)
+    time.sleep(settings["interval"])
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
