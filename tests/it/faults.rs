@@ -1961,6 +1961,177 @@ async fn state_files_cut_short_by_a_power_cut() {
     );
 }
 
+/// A scenario whose enrollment has DPS issue the agent its hub certificate
+/// (`[provisioning.issued_certificate]`, hubsim's CA signing the agent's CSRs, valid an hour),
+/// as tests/it/renewal.rs sets it up.
+async fn issuing_scenario(id: &str) -> Scenario {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let ca_dir = dir.path().join("issuing-ca");
+    hubsim::pki::issue(hubsim::pki::CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
+    let keys = key_pair();
+    Enrollment::symmetric_key(&keys)
+        .with(|c| {
+            c.certificate_issuance = Some(hubsim::state::CertificateIssuance {
+                issuer_dir: ca_dir.clone(),
+                validity_seconds: 3600,
+            })
+        })
+        .individual(&running.sim, id);
+    let key_file = write_key(dir.path(), "device.key", &keys.primary_key);
+    let agent = AgentConfig::symmetric_key(dir.path(), &running, id, &key_file)
+        .extra("[provisioning.issued_certificate]\n");
+    Scenario::with_config(dir, running, id, agent)
+}
+
+/// The complete issued generations under `state` (`gen-<n>`), sorted.
+fn issued_generations(state: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("issued"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Waits until the agent is connected with issued generation `n`.
+async fn wait_issued_generation(agent: &AgentProcess, n: u64) -> serde_json::Value {
+    agent
+        .wait_status(&format!("connected with issued generation {n}"), |st| {
+            st["connection"] == "connected" && st["issued_generation"] == n
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issued_certificate_cut_short_by_a_power_cut() {
+    let id = "fault-issued-cut";
+    let mut s = issuing_scenario(id).await;
+    let state = s.dir.path().join("state");
+    let agent = s.start();
+    wait_issued_generation(&agent, 1).await;
+    s.wait_telemetry(&agent, 10).await;
+    assert_eq!(issued_generations(&state), ["gen-1"]);
+
+    // 1. Under the running agent, the generation it connected with is cut: its chain in the
+    // middle of the leaf. The agent holds its identity in memory (it reads the generations at
+    // start only) and goes on publishing; a renewal (here asked for) writes generation 2 beside
+    // it, connects with it and removes the damaged one.
+    cut_in_half(&state.join("issued/gen-1/chain.pem"));
+    let before = telemetry_count(s.sim(), id);
+    s.wait_telemetry(&agent, before + 10).await;
+    let registered = registrations(s.sim(), id);
+    let out = agent.cli(&["reprovision"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_issued_generation(&agent, 2).await;
+    assert_eq!(registrations(s.sim(), id), registered + 1);
+    assert_eq!(issued_generations(&state), ["gen-2"]);
+
+    // 2. A power cut: the agent killed, and the key of its generation emptied before the next
+    // start. The new process says so, gets generation 3 from DPS and connects with it.
+    let before = telemetry_count(s.sim(), id);
+    s.wait_telemetry(&agent, before + 10).await;
+    s.kill_9(agent).await;
+    cut_file(&state.join("issued/gen-2/key.pem"), 0);
+    let registered = registrations(s.sim(), id);
+    let agent = s.start();
+    wait_issued_generation(&agent, 3).await;
+    let log = agent.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("gen-2")
+            && l.contains("key.pem")
+            && l.contains("asking DPS for a new one")),
+        "the log does not name the damaged key:\n{log}"
+    );
+    assert_eq!(registrations(s.sim(), id), registered + 1);
+    assert_eq!(issued_generations(&state), ["gen-3"]);
+    // It went to DPS first: the hub was never offered a credential it would refuse.
+    assert_eq!(hub_refusals(s.sim(), id), 0, "{log}");
+    // Nothing the agent acknowledged is lost, across the reload and the kill.
+    s.finish(
+        agent,
+        "issued-cut",
+        json!({"scenario": "issued certificate generation cut short: its chain under the running agent (then a renewal), its key before a restart after kill -9; 20 msg/s"}),
+    )
+    .await;
+}
+
+/// The route memory of `transport = "auto"` (`route.json`), parsed; `None` when it is not valid
+/// JSON (cut short).
+fn route_memory(state: &std::path::Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(state.join("route.json")).ok()?).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_memory_cut_short_by_a_power_cut() {
+    // 8883 closed, WebSockets open: the route memory says WebSockets, and each connection on
+    // it writes the memory again (its day starts over).
+    let id = "fault-route-cut";
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent_config = enrolled_agent(dir.path(), &running, id)
+        .0
+        .mqtt_port(closed)
+        .extra(&format!(
+            "transport = \"auto\"\nwebsocket_port = {}\n",
+            running.https_addr.port()
+        ));
+    let mut s = Scenario::with_config(dir, running, id, agent_config);
+    let state = s.dir.path().join("state");
+    let agent = s.start();
+    s.wait_telemetry(&agent, 10).await;
+    assert_eq!(
+        route_memory(&state).map(|m| m["websocket"].clone()),
+        Some(json!(true))
+    );
+    let fallbacks = |agent: &AgentProcess| {
+        agent
+            .log_text()
+            .matches("trying MQTT over WebSockets")
+            .count()
+    };
+    assert_eq!(fallbacks(&agent), 1);
+
+    // 1. Cut under the running agent: it holds the route in memory (it reads the file at start
+    // only), so the hub dropping the connection costs no attempt on 8883. The file stays cut
+    // (a connection on the remembered route has nothing new to write).
+    cut_in_half(&state.join("route.json"));
+    assert_eq!(route_memory(&state), None, "the cut left valid JSON");
+    s.drop_and_recover(&agent, 1).await;
+    assert_eq!(fallbacks(&agent), 1, "{}", agent.log_text());
+
+    // 2. Then a power cut: the agent killed with the file cut, and cut shorter before the next
+    // start. The new process says which file, tries 8883 first as with no memory, falls back to
+    // WebSockets and remembers it again, whole.
+    s.kill_9(agent).await;
+    cut_in_half(&state.join("route.json"));
+    let agent = s.start();
+    let before = telemetry_count(s.sim(), id);
+    s.wait_telemetry(&agent, before + 10).await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("route.json: not a valid state file"),
+        "the log does not name route.json:\n{log}"
+    );
+    assert_eq!(fallbacks(&agent), 1, "{log}");
+    assert_eq!(
+        route_memory(&state).map(|m| m["websocket"].clone()),
+        Some(json!(true))
+    );
+    s.finish(
+        agent,
+        "route-cut",
+        json!({"scenario": "route memory (transport = auto, 8883 closed) cut short: under the running agent (then a dropped connection), and before a restart after kill -9; 20 msg/s"}),
+    )
+    .await;
+}
+
 /// Runs `hubagent run` in a mount namespace of its own (`unshare -rm`, as
 /// [`start_with_small_state_fs`]), its state directory first bound read-only onto itself when
 /// `read_only`.

@@ -3,7 +3,9 @@
 //! outage of two minutes, a `kill -9` of the agent during the outage and another while the backlog
 //! drains; every message the agent acknowledged to a plugin arrives in hubsim's records.
 //! Duplicates (at-least-once delivery) are counted and reported in
-//! `target/reliability/plugin-outage.json`; none may be lost.
+//! `target/reliability/plugin-outage.json`; none may be lost. The hub's other faults (drops
+//! mid-burst, CONNACK refusals, kill -9) are walked in one shorter scenario, and a full queue and
+//! `max_age` are tested under each policy.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -480,7 +482,17 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
         refused.is_empty(),
         "every publish before the stop succeeded: {refused:?}"
     );
-    Delivery::of(&acked, &messages()).assert_nothing_lost("reject-new");
+    let delivery = Delivery::of(&acked, &messages());
+    let mut figures = json!({
+        "scenario": "library + exec plugin (50 msg/s each), 64 KiB queue full during an outage, full_policy = reject-new (held back 8 s)",
+        "dropped_full": st["queue"]["dropped_full"],
+        "queue_depth_when_full": full["queue_depth"],
+        "records": delivery.records,
+    });
+    let f = figures.as_object_mut().unwrap();
+    f.extend(delivery.figures().as_object().unwrap().clone());
+    record_reliability("plugin-reject-new", &figures);
+    delivery.assert_nothing_lost("reject-new");
     for (source, key) in [("library", "n"), ("exec", "seq")] {
         let runs = runs(&numbered(&sim, device, Some(source), key));
         assert_eq!(runs.len(), 1, "{source}: one run, never restarted");
@@ -685,4 +697,117 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
     );
     assert_eq!(st["queue"]["dropped_full"], 0, "{st}");
     println!("max_age: {expired} expired, {missing} missing");
+}
+
+/// Waits until hubsim has recorded `more` messages of `device` beyond `before` (both plugins).
+async fn wait_more(
+    sim: &hubsim::Sim,
+    device: &str,
+    agent: &AgentProcess,
+    before: usize,
+    more: usize,
+) {
+    assert!(
+        sim.wait_until(LONG_WAIT, |x| telemetry_count(x, device) >= before + more)
+            .await,
+        "{} more messages did not arrive:\n{}",
+        more,
+        agent.log_text()
+    );
+}
+
+/// Waits until hubsim has recorded a hub connection of `device` beyond the first `connects`.
+async fn wait_reconnected(sim: &hubsim::Sim, device: &str, agent: &AgentProcess, connects: usize) {
+    assert!(
+        sim.wait_until(LONG_WAIT, |x| hub_connects(x, device) > connects)
+            .await,
+        "no reconnection:\n{}",
+        agent.log_text()
+    );
+}
+
+/// The hub's other faults with external plugins publishing, one after the other in one agent's
+/// life (to keep CI short): the library and the exec plugin publish 50 messages a second each
+/// while the hub drops the connection mid-burst three times, then refuses connections (CONNACK
+/// 3, "server unavailable") for 5 s, then the agent is killed with `kill -9` and started again.
+/// Every message the agent acknowledged to either plugin arrives, counted from the plugins'
+/// side (the library plugin's record of what each publish returned, the exec plugin's
+/// `published`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_through_drops_refusals_and_a_kill_lose_nothing() {
+    let device = "gw-plugin-faults";
+    let s = setup(device, 20, "").await;
+    let sim = s.running.sim.clone();
+    let agent = s.start_agent(5).await;
+    let mut acked = Acknowledged::new();
+
+    // 1. The connection dropped mid-burst: up to 32 messages are in flight at any time.
+    for round in 1..=3 {
+        let connects = hub_connects(&sim, device);
+        assert!(
+            drop_connection(&sim, device),
+            "round {round}: no live connection"
+        );
+        wait_reconnected(&sim, device, &agent, connects).await;
+        wait_more(&sim, device, &agent, telemetry_count(&sim, device), 20).await;
+    }
+
+    // 2. Refused (CONNACK 3) for 5 s: the plugins go on publishing into the queue.
+    let refused_before = refused_connections(&sim, device);
+    let connects = hub_connects(&sim, device);
+    refuse_connections(&sim, Duration::from_secs(5));
+    assert!(drop_connection(&sim, device), "no live connection to drop");
+    assert!(
+        sim.wait_until(LONG_WAIT, |x| refused_connections(x, device)
+            > refused_before)
+            .await,
+        "no connection refused:\n{}",
+        agent.log_text()
+    );
+    wait_reconnected(&sim, device, &agent, connects).await;
+    let refused = refused_connections(&sim, device) - refused_before;
+    wait_more(&sim, device, &agent, telemetry_count(&sim, device), 20).await;
+
+    // 3. kill -9 with both plugins publishing, and a new agent process.
+    note_acknowledged(&agent, &mut acked, &s.lib_record, &s.exec_record);
+    agent.kill_9();
+    let agent = AgentProcess::start(&s.config);
+    // The new plugin processes publish (their runs are in the records), and it reaches the hub.
+    agent
+        .wait_plugins("both plugins publishing again", |list| {
+            ["library", "exec"]
+                .iter()
+                .all(|p| list[p]["published"].as_u64() >= Some(20))
+        })
+        .await;
+    wait_more(&sim, device, &agent, telemetry_count(&sim, device), 40).await;
+
+    // Everything acknowledged to either plugin, by either agent process, arrives.
+    note_acknowledged(&agent, &mut acked, &s.lib_record, &s.exec_record);
+    let messages = || {
+        [
+            numbered(&sim, device, Some("library"), "n"),
+            numbered(&sim, device, Some("exec"), "seq"),
+        ]
+        .concat()
+    };
+    let drained = drain(&agent, &acked, messages, LONG_WAIT).await;
+    // Read before the stop: a publish racing the stop may be refused, which is no failure.
+    let record = library_record(&s.lib_record);
+    let log = agent.log_text();
+    assert_eq!(agent.stop(), Some(0), "{log}");
+    let delivery = Delivery::of(&acked, &messages());
+    let mut figures = json!({
+        "scenario": "library + exec plugin (50 msg/s each): hub connection dropped 3 times mid-burst, CONNACK 3 for 5 s, kill -9 and restart",
+        "refused connections": refused,
+        "records": delivery.records,
+    });
+    let f = figures.as_object_mut().unwrap();
+    f.extend(delivery.figures().as_object().unwrap().clone());
+    record_reliability("plugin-faults", &figures);
+    drained.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    delivery.assert_nothing_lost("plugins through drops, refusals and a kill");
+    // No fault made the agent refuse a publish: it queues while the hub is away.
+    let failed: Vec<_> = record.iter().filter(|(_, r)| *r != "ok").collect();
+    assert!(failed.is_empty(), "publishes failed: {failed:?}");
 }
