@@ -33,6 +33,15 @@ fn arrived_runs(sim: &hubsim::Sim, device: &str) -> Vec<BTreeMap<String, Vec<u64
         .collect()
 }
 
+/// Every numbered message that arrived from the library plugin and from the exec plugin.
+fn both_plugins_messages(sim: &hubsim::Sim, device: &str) -> Vec<Numbered> {
+    [
+        numbered(sim, device, Some("library"), "n"),
+        numbered(sim, device, Some("exec"), "seq"),
+    ]
+    .concat()
+}
+
 /// The library plugin's record: what each `publish` returned, by `(run, n)`.
 fn library_record(path: &Path) -> BTreeMap<(String, u64), String> {
     std::fs::read_to_string(path)
@@ -231,13 +240,7 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
 
     // Everything the agent acknowledged to either plugin before the kills arrives. The backlog
     // drains in seconds; the bound keeps a failure report within nextest's timeout.
-    let messages = || {
-        [
-            numbered(&sim, DEVICE, Some("library"), "n"),
-            numbered(&sim, DEVICE, Some("exec"), "seq"),
-        ]
-        .concat()
-    };
+    let messages = || both_plugins_messages(&sim, DEVICE);
     if let Err(e) = drain(&agent, &acked, messages, Duration::from_secs(30)).await {
         panic!(
             "after the second kill: {e}\n--- agent log ---\n{}",
@@ -463,13 +466,7 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     // Everything the agent acknowledged to either plugin before the stop arrives.
     let mut acked = Acknowledged::new();
     note_acknowledged(&agent, &mut acked, &s.lib_record, &s.exec_record);
-    let messages = || {
-        [
-            numbered(&sim, device, Some("library"), "n"),
-            numbered(&sim, device, Some("exec"), "seq"),
-        ]
-        .concat()
-    };
+    let messages = || both_plugins_messages(&sim, device);
     let drained = drain(&agent, &acked, messages, LONG_WAIT).await;
     let list = agent.plugins_list();
     let st = agent.status();
@@ -784,13 +781,7 @@ async fn plugins_through_drops_refusals_and_a_kill_lose_nothing() {
 
     // Everything acknowledged to either plugin, by either agent process, arrives.
     note_acknowledged(&agent, &mut acked, &s.lib_record, &s.exec_record);
-    let messages = || {
-        [
-            numbered(&sim, device, Some("library"), "n"),
-            numbered(&sim, device, Some("exec"), "seq"),
-        ]
-        .concat()
-    };
+    let messages = || both_plugins_messages(&sim, device);
     let drained = drain(&agent, &acked, messages, LONG_WAIT).await;
     // Read before the stop: a publish racing the stop may be refused, which is no failure.
     let record = library_record(&s.lib_record);
