@@ -139,6 +139,18 @@ mod tests {
     }
 
     #[test]
+    fn a_plugin_table_takes_batch_and_compress() {
+        let table: toml::Table = "name = \"e\"\nkind = \"exec\"\ncommand = [\"/bin/true\"]\nbatch = { max_bytes = 8192 }\ncompress = \"gzip\"\n"
+            .parse()
+            .unwrap();
+        let spec = crate::config::plugin::PluginSpec::from_table(&table).unwrap();
+        assert_eq!(
+            spec.batch.map(|b| (b.max_bytes, b.gzip)),
+            Some((8192, true))
+        );
+    }
+
+    #[test]
     fn mistakes_name_their_key() {
         assert_eq!(parse("compress = \"gzip\"\n").unwrap_err().0, "compress");
         assert_eq!(

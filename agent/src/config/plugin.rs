@@ -128,8 +128,6 @@ const SANDBOX_KEYS: &[&str] = &[
     "network",
     "unix_sockets",
     "private_dir",
-    "batch",
-    "compress",
 ];
 
 impl SandboxSettings {
@@ -252,6 +250,8 @@ const KEYS: &[&str] = &[
     "network",
     "unix_sockets",
     "private_dir",
+    "batch",
+    "compress",
 ];
 
 fn string(table: &toml::Table, key: &str) -> Result<Option<String>, SpecError> {
