@@ -652,7 +652,7 @@ def billing_runs(sim, work, opts, results):
                 s = sim.api("GET", "/sim/status")
                 done = s["readingsReceived"].get(AGENT_REG, 0) - readings0 >= BILLING_READINGS
                 return s if done else None
-            status = wait_for(f"{BILLING_READINGS} readings ({mode})", arrived, 120, 0.1)
+            status = wait_for(f"{BILLING_READINGS} readings ({mode})", arrived, 60, 0.1)
             agent.stop()
             readings = status["readingsReceived"][AGENT_REG] - readings0
             blocks = status["billedBlocks"][AGENT_REG] - blocks0
