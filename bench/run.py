@@ -265,14 +265,14 @@ max_bytes = "4GiB"
         self.set_plugins(plugins)
         self.proc = None
 
-    def plugin(self, name, lib, settings):
+    def plugin(self, name, lib, settings, extra=""):
         src = REL / f"lib{lib}.so"
         dst = self.plugin_dir / src.name
         if not dst.exists():
             shutil.copyfile(src, dst)
             dst.chmod(0o644)
         return (f'\n[[plugin]]\nname = "{name}"\nkind = "library"\npath = "{dst}"\n'
-                f"max_rate = 1000000000\nburst = 1000000000\n"
+                f"max_rate = 1000000000\nburst = 1000000000\n{extra}"
                 f"[plugin.settings]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
 
     def set_plugins(self, plugins):
@@ -625,6 +625,41 @@ def hubsim_runs(work, opts, results):
             sim.stop()
 
 
+BILLING_READINGS, BILLING_SIZE = 1000, 200
+# The bytes' lower bound: 1,000 readings of 200 B in full 4 KB blocks.
+BILLING_BOUND = -(-BILLING_READINGS * BILLING_SIZE // 4096)
+BILLING_MODES = [("alone", ""),
+                 ("batch", 'batch = { max_bytes = 4096, max_delay = "1s" }\n'),
+                 ("gzip", 'batch = { max_bytes = 4096, max_delay = "1s" }\ncompress = "gzip"\n')]
+
+
+def billing_runs(sim, work, opts, results):
+    """Row 6: billed 4 KB blocks (hubsim meters them as the hub does) per 1,000 readings of 200 B
+    from the bench plugin, sent alone, batched, and batched with gzip."""
+    key = enroll_agent(sim)
+    for run in range(opts.runs):
+        for mode, extra in BILLING_MODES:
+            clear_bench_desired(sim)
+            settings = {"count": BILLING_READINGS, "size": BILLING_SIZE, "run": f"billing-{mode}-{run}"}
+            agent = Agent(work, sim, f"billing-{mode}-{run}", key, [])
+            agent.config.write_text(agent.base + agent.plugin("bench", "hubagent_bench_plugin", settings, extra))
+            status = sim.api("GET", "/sim/status")
+            readings0 = status["readingsReceived"].get(AGENT_REG, 0)
+            blocks0 = status["billedBlocks"].get(AGENT_REG, 0)
+            agent.start()
+
+            def arrived():
+                s = sim.api("GET", "/sim/status")
+                done = s["readingsReceived"].get(AGENT_REG, 0) - readings0 >= BILLING_READINGS
+                return s if done else None
+            status = wait_for(f"{BILLING_READINGS} readings ({mode})", arrived, 60, 0.1)
+            agent.stop()
+            readings = status["readingsReceived"][AGENT_REG] - readings0
+            blocks = status["billedBlocks"][AGENT_REG] - blocks0
+            results[f"billing_{mode}"].append(blocks * BILLING_READINGS / readings)
+            log(f"billing run {run + 1}, {mode}: {readings} readings billed {blocks} blocks")
+
+
 def rss_mib(pid):
     """Peak RSS (VmHWM) of a running process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -679,11 +714,16 @@ def table(r, opts):
          fig(r["connections_held"]), "", ""),
         ("5c. hubsim device connects/s (TLS + SAS)", fig(r["connections_per_s"]), "", ""),
         ("5d. hubsim peak RSS holding them, MiB", fig(r["hubsim_rss"], "{:.0f}"), "", ""),
+        (f"6. Billed 4 KB blocks per {BILLING_READINGS:,} readings of {BILLING_SIZE} B: alone → batched "
+         f"(4 KB, 1 s) → batched + gzip (lower bound of the bytes: {BILLING_BOUND})",
+         f"{fig(r['billing_alone'])} → {fig(r['billing_batch'])} → {fig(r['billing_gzip'])}", "—", "—"),
     ]
     if opts.backlog_only:
         rows = [row for row in rows if row[0].startswith("4")]
     if opts.hubsim_only:
         rows = [row for row in rows if row[0].startswith("5")]
+    if opts.billing_only:
+        rows = [row for row in rows if row[0].startswith("6")]
     head = "| measurement | hubagent | bare rumqttc (limit of the path) | Azure Python SDK |\n| --- | --- | --- | --- |\n"
     return head + "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in rows)
 
@@ -712,6 +752,9 @@ def main():
                          "not for --write-doc")
     ap.add_argument("--backlog-only", action="store_true",
                     help="row 4 only (backlog fill, drain and disk bytes per message); not for --write-doc")
+    ap.add_argument("--billing-only", action="store_true",
+                    help="row 6 only (billed 4 KB blocks per 1,000 readings, alone, batched, batched + gzip); "
+                         "not for --write-doc")
     ap.add_argument("--backlog", type=int, help="messages to queue in row 4 (default 1,000,000; 50,000 with --quick)")
     opts = ap.parse_args()
     q = opts.quick
@@ -738,14 +781,16 @@ def main():
         "sdk_first_telemetry_fresh", "drain_rate", "fill_rate", "queue_bytes_per_msg", "registrations_per_s",
         "registrations_first_per_s", "registrations_last_per_s", "registrations_last_vs_first", "hubsim_rss",
         "connections_held", "connections_per_s", "agent_ws_rate", "agent_ws_cpu_per_k", "bare_ws_rate",
-        "bare_ws_cpu_per_k", "agent_proxy_rate", "agent_proxy_cpu_per_k", "bare_proxy_rate", "bare_proxy_cpu_per_k")}
+        "bare_ws_cpu_per_k", "agent_proxy_rate", "agent_proxy_cpu_per_k", "bare_proxy_rate", "bare_proxy_cpu_per_k",
+        "billing_alone", "billing_batch", "billing_gzip")}
     started = time.time()
-    only = [name for name in ("throughput_only", "backlog_only", "hubsim_only") if getattr(opts, name)]
+    only = [name for name in ("throughput_only", "backlog_only", "hubsim_only", "billing_only")
+            if getattr(opts, name)]
     if only and opts.write_doc:
-        sys.exit("bench: --throughput-only, --backlog-only and --hubsim-only leave rows empty; "
+        sys.exit("bench: --throughput-only, --backlog-only, --hubsim-only and --billing-only leave rows empty; "
                  "the doc's table comes from a full run")
     if len(only) > 1:
-        sys.exit("bench: --throughput-only, --backlog-only and --hubsim-only exclude each other")
+        sys.exit("bench: --throughput-only, --backlog-only, --hubsim-only and --billing-only exclude each other")
     sim = None
     try:
         if opts.hubsim_only:
@@ -753,6 +798,9 @@ def main():
         elif opts.backlog_only:
             sim = Hubsim(work)
             backlog_runs(sim, work, opts, results)
+        elif opts.billing_only:
+            sim = Hubsim(work)
+            billing_runs(sim, work, opts, results)
         else:
             if not opts.throughput_only:
                 hubsim_runs(work, opts, results)
@@ -763,6 +811,7 @@ def main():
             if not opts.throughput_only:
                 sdk_runs(sim, opts, results)
                 backlog_runs(sim, work, opts, results)
+                billing_runs(sim, work, opts, results)
     finally:
         for agent in STARTED:
             if agent.proc:
@@ -776,6 +825,7 @@ def main():
             f"median (min–max) of {opts.runs} runs{' (--quick)' if q else ''}, "
             + (f"{opts.backlog:,} messages queued per run (--backlog-only); " if opts.backlog_only else
                f"{opts.registrations:,} devices per run (--hubsim-only); " if opts.hubsim_only else
+               "row 6 only (--billing-only); " if opts.billing_only else
                f"{opts.messages:,} messages per throughput run ({opts.sdk_messages:,} for the Python SDK); ")
             + f"the whole benchmark took {minutes:.1f} min.\n\n" + table(results, opts))
     print(text)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod batch;
 mod checks;
 mod endpoint;
 mod files;

@@ -173,6 +173,8 @@ pub struct PluginSpec {
     pub limits: Limits,
     /// What the sandbox lets it reach beyond the default (hosted libraries and exec plugins).
     pub sandbox: SandboxSettings,
+    /// `batch` and `compress`: its readings packed into hub messages (None: one each).
+    pub batch: Option<super::batch::BatchSpec>,
 }
 
 impl PluginSpec {
@@ -248,6 +250,8 @@ const KEYS: &[&str] = &[
     "network",
     "unix_sockets",
     "private_dir",
+    "batch",
+    "compress",
 ];
 
 fn string(table: &toml::Table, key: &str) -> Result<Option<String>, SpecError> {
@@ -291,6 +295,7 @@ impl PluginSpec {
             settings,
             limits: Limits::from_table(table)?,
             sandbox: SandboxSettings::from_table(table)?,
+            batch: super::batch::BatchSpec::from_table(table)?,
         };
         if !spec.confinable()
             && let Some(key) = SANDBOX_KEYS.iter().find(|k| table.contains_key(**k))

@@ -38,7 +38,7 @@ use crate::state::{ProvisioningCache, StateDir, StateError, TwinCache};
 use crate::system::control as control_socket;
 use crate::system::systemd;
 use crate::telemetry::pump::pump;
-use crate::telemetry::{DurablePublisher, Queue, QueueError, QueueSettings};
+use crate::telemetry::{Batching, DurablePublisher, Queue, QueueError, QueueSettings};
 use crate::util::time::{ClockWatch, clock_problem, now_rfc3339};
 use control::ControlHandler;
 use lifecycle::{Event, Lifecycle, Phase};
@@ -142,6 +142,8 @@ struct Daemon {
     twin: TwinCache,
     /// The current hub session, for the pump (None between sessions).
     sessions: watch::Sender<Option<SessionHandle>>,
+    /// Which plugins' readings the pump packs into batches (`batch`), for the pump.
+    batching: watch::Sender<Arc<Batching>>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// For requests the daemon makes of itself (the `reprovision` direct method).
     commands_tx: mpsc::UnboundedSender<Command>,
@@ -260,10 +262,13 @@ impl Daemon {
         // Telemetry: sources → durable queue (on disk before a source's send completes) → pump →
         // whichever hub session is current → acknowledged by the hub → removed from the queue.
         let (sessions, session_rx) = watch::channel::<Option<SessionHandle>>(None);
+        let (batching, batching_rx) =
+            watch::channel(Arc::new(Batching::from_plugins(&config.plugins)));
         tokio::spawn(pump(
             queue.clone(),
             session_rx,
             usize::from(config.hub.inflight),
+            batching_rx,
         ));
         let ticker = spawn_queue_ticker(queue.clone(), status.clone());
         let publisher = DurablePublisher::new(queue.clone());
@@ -294,6 +299,7 @@ impl Daemon {
             plugins,
             twin,
             sessions,
+            batching,
             commands,
             commands_tx,
             identity: None,
@@ -500,6 +506,8 @@ impl Daemon {
         self.config = config;
         self.connection_files = credentials;
         self.plugins.reconfigure(&self.config, &self.twin);
+        self.batching
+            .send_replace(Arc::new(Batching::from_plugins(&self.config.plugins)));
         systemd::ready(&self.status.line());
         (!plugins_only).then_some(Event::Reload)
     }

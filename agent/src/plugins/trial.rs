@@ -107,6 +107,8 @@ impl Trial {
                 settings,
                 limits: Limits::default(),
                 sandbox: sandbox.clone(),
+                // A trial's messages are printed, never sent to the hub.
+                batch: None,
             },
             sandbox: true,
         })

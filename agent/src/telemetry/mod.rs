@@ -2,10 +2,12 @@
 //! (on disk before the publish returns), and `pump` hands the queue to the current hub session,
 //! removing a message only when the hub acknowledged it. docs/queue.md has the rules.
 
+pub mod batch;
 pub mod publisher;
 pub mod pump;
 pub mod queue;
 mod record;
 
+pub use batch::Batching;
 pub use publisher::DurablePublisher;
 pub use queue::{Queue, QueueError, QueueSettings, QueueStats};

@@ -1104,7 +1104,15 @@ async fn sim_status(State(sim): State<AppState>, headers: HeaderMap) -> Response
         )
     });
     let connected = sim.live.lock().unwrap().connections.len();
-    let received = sim.records.lock().unwrap().telemetry_received.clone();
+    let (received, readings, blocks) = {
+        let r = sim.records.lock().unwrap();
+        (
+            r.telemetry_received.clone(),
+            r.readings_received.clone(),
+            r.billed_blocks.clone(),
+        )
+    };
+    let blocks_total: u64 = blocks.values().sum();
     ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "idScope": scope,
@@ -1117,6 +1125,9 @@ async fn sim_status(State(sim): State<AppState>, headers: HeaderMap) -> Response
         "devices": devices,
         "connectedDevices": connected,
         "telemetryReceived": received,
+        "readingsReceived": readings,
+        "billedBlocks": blocks,
+        "billedBlocksTotal": blocks_total,
     }))
 }
 

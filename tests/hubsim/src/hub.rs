@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::state::{Sim, Subscriptions, TelemetryRecord, now_rfc3339};
 use crate::twin::{self, TwinError};
+use crate::{batch, metering};
 
 /// The largest device-to-cloud message the hub accepts: payload plus property bag.
 pub const MAX_D2C_BYTES: usize = 256 * 1024;
@@ -280,42 +281,120 @@ fn record_telemetry(
             }
         }
     }
+    // Metered before the hub stamps its own properties (docs/hubsim.md, "Metering").
+    let blocks = metering::billed_blocks(metering::metered_size(
+        payload.len(),
+        system_properties.values().map(String::as_str),
+        properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ));
     if retain {
         properties.insert("mqtt-retain".into(), "true".into());
     }
     let enqueued = now_rfc3339();
-    system_properties.insert(
-        "iothub-connection-device-id".into(),
+    let mut stamped = BTreeMap::new();
+    stamped.insert(
+        "iothub-connection-device-id".to_string(),
         session.device_id.clone(),
     );
-    system_properties.insert(
+    stamped.insert(
         "iothub-connection-auth-method".into(),
         format!(
             r#"{{"scope":"device","type":"{}","issuer":"iothub"}}"#,
             session.auth_type
         ),
     );
-    system_properties.insert("iothub-enqueuedtime".into(), enqueued.clone());
-    let record = TelemetryRecord {
-        body: std::str::from_utf8(payload).ok().map(str::to_owned),
-        body_base64: base64::engine::general_purpose::STANDARD.encode(payload),
-        properties,
-        system_properties,
-        enqueued_time: enqueued,
+    stamped.insert("iothub-enqueuedtime".into(), enqueued.clone());
+    let records = if properties.contains_key(batch::BATCH_PROPERTY) {
+        batch_records(
+            session,
+            payload,
+            properties,
+            system_properties,
+            &stamped,
+            &enqueued,
+        )
+    } else {
+        system_properties.extend(stamped);
+        vec![TelemetryRecord {
+            body: std::str::from_utf8(payload).ok().map(str::to_owned),
+            body_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+            properties,
+            system_properties,
+            enqueued_time: enqueued,
+            batch_message_id: None,
+            batch_error: None,
+        }]
     };
     sim.record(|r| {
-        *r.telemetry_received
-            .entry(session.device_id.clone())
-            .or_default() += 1;
+        let device = &session.device_id;
+        *r.telemetry_received.entry(device.clone()).or_default() += 1;
+        *r.readings_received.entry(device.clone()).or_default() += records.len() as u64;
+        *r.billed_blocks.entry(device.clone()).or_default() += blocks;
         let keep = r.telemetry_keep;
-        let list = r.telemetry.entry(session.device_id.clone()).or_default();
-        list.push(record);
+        let list = r.telemetry.entry(device.clone()).or_default();
+        list.extend(records);
         // Trim in halves so the cost per message stays constant.
         if keep > 0 && list.len() >= 2 * keep {
             list.drain(..list.len() - keep);
         }
     });
     Ok(())
+}
+
+/// A hubagent batch, recorded as its readings (what a consumer that splits it sees); one it
+/// cannot split is recorded whole, with the reason in `batchError`.
+fn batch_records(
+    session: &DeviceSession,
+    payload: &Bytes,
+    properties: BTreeMap<String, String>,
+    mut system_properties: BTreeMap<String, String>,
+    stamped: &BTreeMap<String, String>,
+    enqueued: &str,
+) -> Vec<TelemetryRecord> {
+    let batch_id = system_properties.get("message-id").cloned();
+    let encoding = system_properties
+        .get("content-encoding")
+        .map(String::as_str);
+    match batch::split(payload, encoding, &properties) {
+        Ok(readings) => readings
+            .into_iter()
+            .map(|reading| {
+                let mut system = stamped.clone();
+                system.insert("message-id".into(), reading.message_id);
+                for (name, value) in [
+                    ("creation-time", reading.creation_time),
+                    ("content-type", reading.content_type),
+                    ("content-encoding", reading.content_encoding),
+                ] {
+                    if let Some(value) = value {
+                        system.insert(name.into(), value);
+                    }
+                }
+                TelemetryRecord {
+                    body: String::from_utf8(reading.body.clone()).ok(),
+                    body_base64: base64::engine::general_purpose::STANDARD.encode(&reading.body),
+                    properties: reading.properties,
+                    system_properties: system,
+                    enqueued_time: enqueued.to_owned(),
+                    batch_message_id: batch_id.clone(),
+                    batch_error: None,
+                }
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(device = %session.device_id, "a batch that does not split: {e}");
+            system_properties.extend(stamped.clone());
+            vec![TelemetryRecord {
+                body: std::str::from_utf8(payload).ok().map(str::to_owned),
+                body_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+                properties,
+                system_properties,
+                enqueued_time: enqueued.to_owned(),
+                batch_message_id: batch_id,
+                batch_error: Some(e),
+            }]
+        }
+    }
 }
 
 /// Finds `name` in a `k=v&…` query and returns its raw (still encoded) value.

@@ -16,10 +16,12 @@
 //! - [`tpm`]: DPS TPM attestation's activation blobs (MakeCredential + duplication wrap).
 
 pub mod auth;
+pub mod batch;
 pub mod dps;
 pub mod http;
 pub mod hub;
 pub mod journal;
+pub mod metering;
 pub mod mqtt;
 pub mod pki;
 pub mod state;

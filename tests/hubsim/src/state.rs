@@ -392,6 +392,12 @@ pub struct TelemetryRecord {
     pub properties: BTreeMap<String, String>,
     pub system_properties: BTreeMap<String, String>,
     pub enqueued_time: String,
+    /// A reading split out of a hubagent batch: the batch's message id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_message_id: Option<String>,
+    /// A hubagent batch that did not split (recorded whole): why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_error: Option<String>,
 }
 
 /// One DPS registration request (`PUT …/register`, or the TPM challenge request) and what DPS
@@ -527,6 +533,11 @@ pub struct Records {
     pub telemetry: HashMap<String, Vec<TelemetryRecord>>,
     /// Messages received per device since start (not reset by clearing the record).
     pub telemetry_received: HashMap<String, u64>,
+    /// Readings received per device since start: a hubagent batch counts its readings, any
+    /// other message one.
+    pub readings_received: HashMap<String, u64>,
+    /// 4 KB blocks billed per device since start, as the hub meters them (`metering`).
+    pub billed_blocks: HashMap<String, u64>,
     /// Keep at most about this many recent messages per device in `telemetry` (0 = all), so a
     /// benchmark sending millions does not hold them all in memory.
     pub telemetry_keep: usize,
