@@ -326,6 +326,11 @@ impl Outlet {
             self.front_counted = false;
             let published = codes.iter().filter(|&&c| c == abi::OK).count() as u64;
             let dropped = codes.len() as u64 - published;
+            // Counted before the plugin hears: what it was told is in the status it reads next.
+            self.count(|s| {
+                s.published += published;
+                s.dropped += dropped;
+            });
             let front = self.held.front_mut().expect("front exists");
             for code in codes {
                 front.answer_front(code);
@@ -333,10 +338,6 @@ impl Outlet {
             if front.messages.is_empty() {
                 self.held.pop_front().expect("front exists").finish();
             }
-            self.count(|s| {
-                s.published += published;
-                s.dropped += dropped;
-            });
             if self.held_back.take().is_some() {
                 tracing::info!(plugin = %self.name, "the queue has room again; telemetry flows");
             }

@@ -1128,7 +1128,61 @@ mod tests {
             setting_bool: None,
             setting_duration_ms: None,
             report_properties: Some(refuse_properties),
+            publish_batch: Some(rate_limit_the_second),
         }
+    }
+
+    static BATCH_SIZES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    static SINGLE_PUBLISHES: AtomicI64 = AtomicI64::new(0);
+
+    /// A batch host that refuses the second message of each batch as over the rate.
+    unsafe extern "C" fn rate_limit_the_second(
+        _ctx: *mut c_void,
+        _messages: *const *const abi::Message,
+        count: usize,
+        results: *mut i32,
+    ) -> i32 {
+        BATCH_SIZES.lock().unwrap().push(count);
+        // SAFETY: the SDK passes `count` result slots.
+        let results = unsafe { std::slice::from_raw_parts_mut(results, count) };
+        for (i, r) in results.iter_mut().enumerate() {
+            *r = if i == 1 { abi::ERR_RATE_LIMITED } else { abi::OK };
+        }
+        abi::ERR_RATE_LIMITED
+    }
+
+    unsafe extern "C" fn count_publish(_ctx: *mut c_void, _message: *const abi::Message) -> i32 {
+        SINGLE_PUBLISHES.fetch_add(1, Ordering::SeqCst);
+        abi::OK
+    }
+
+    #[test]
+    fn a_batch_is_one_call_on_a_1_3_agent_and_one_publish_each_before() {
+        let mut api = table(abi::HOST_API_SIZE_V1_3);
+        api.publish = Some(count_publish);
+        // SAFETY: `api` outlives `host`.
+        let host = unsafe { Host::from_raw(&api) };
+        assert!(host.batch_offered());
+        let three = vec![Message::json("{}"); 3];
+        assert_eq!(
+            host.publish_batch(&three),
+            vec![Ok(()), Err(PublishError::RateLimited), Ok(())]
+        );
+        // Over MAX_BATCH: split into calls of at most MAX_BATCH.
+        let many = vec![Message::bytes(b"x".to_vec()); abi::MAX_BATCH + 2];
+        assert_eq!(host.publish_batch(&many).len(), abi::MAX_BATCH + 2);
+        assert_eq!(*BATCH_SIZES.lock().unwrap(), [3, abi::MAX_BATCH, 2]);
+        assert_eq!(SINGLE_PUBLISHES.load(Ordering::SeqCst), 0);
+
+        // A 1.2 agent's table ends before `publish_batch`, whatever lies beyond it.
+        let mut old = table(abi::HOST_API_SIZE_V1_2);
+        old.publish = Some(count_publish);
+        // SAFETY: as above.
+        let host = unsafe { Host::from_raw(&old) };
+        assert!(!host.batch_offered());
+        assert_eq!(host.publish_batch(&three), vec![Ok(()); 3]);
+        assert_eq!(SINGLE_PUBLISHES.load(Ordering::SeqCst), 3);
+        assert_eq!(BATCH_SIZES.lock().unwrap().len(), 3);
     }
 
     #[test]
