@@ -135,7 +135,11 @@ async fn batched_messages_the_agent_stored_survive_kill_9() {
     );
     drained.unwrap_or_else(|e| panic!("publish_batch through kill -9: {e}"));
     delivery.assert_nothing_lost("publish_batch through kill -9");
-    assert!(acked.runs().len() >= 2, "two plugin runs: {:?}", acked.runs());
+    assert!(
+        acked.runs().len() >= 2,
+        "two plugin runs: {:?}",
+        acked.runs()
+    );
     let refused: Vec<_> = records.iter().filter(|(_, r)| *r != "ok").collect();
     assert!(
         refused.iter().all(|(_, r)| *r == "Stopping"),

@@ -771,10 +771,7 @@ unsafe extern "C" fn host_publish_batch(
     };
     // SAFETY: `results` is NULL or has `count` entries (rule 11).
     unsafe { fill_results(results, &codes) };
-    codes
-        .into_iter()
-        .find(|&c| c != abi::OK)
-        .unwrap_or(abi::OK)
+    codes.into_iter().find(|&c| c != abi::OK).unwrap_or(abi::OK)
 }
 
 /// # Safety

@@ -217,7 +217,11 @@ impl Outlet {
 
     /// Takes a batch (ABI 1.3); `reply` gets each message's code, in order. Each message is
     /// checked alone; the accepted ones are queued together.
-    pub fn publish_batch(&mut self, messages: Vec<PluginMessage>, reply: oneshot::Sender<Vec<i32>>) {
+    pub fn publish_batch(
+        &mut self,
+        messages: Vec<PluginMessage>,
+        reply: oneshot::Sender<Vec<i32>>,
+    ) {
         let mut codes = Vec::with_capacity(messages.len());
         let mut slots = VecDeque::new();
         let mut accepted = VecDeque::new();
@@ -347,7 +351,10 @@ impl Outlet {
     /// Queues the front message of the front publish alone: its code, or the queue's error
     /// when it has to wait.
     fn queue_front_message(&mut self) -> Result<Vec<i32>, QueueError> {
-        let message = self.held[0].messages.front().expect("a held publish has messages");
+        let message = self.held[0]
+            .messages
+            .front()
+            .expect("a held publish has messages");
         let queued = if self.injected.drops_next() {
             tracing::debug!(plugin = %self.name, message_id = %message.message_id, "fault injection: acknowledged, not queued");
             Ok(())

@@ -173,7 +173,9 @@ impl WireMessage {
 /// `serde_json`: the plugin-host sizes its frames by what it has encoded.
 pub fn encode_batch(id: u64, messages: &[Vec<u8>]) -> Vec<u8> {
     let head = format!("{{\"type\":\"batch\",\"id\":{id},\"messages\":[");
-    let mut out = Vec::with_capacity(4 + head.len() + messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
+    let mut out = Vec::with_capacity(
+        4 + head.len() + messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2,
+    );
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(head.as_bytes());
     for (i, m) in messages.iter().enumerate() {

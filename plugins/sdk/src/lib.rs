@@ -1146,7 +1146,11 @@ mod tests {
         // SAFETY: the SDK passes `count` result slots.
         let results = unsafe { std::slice::from_raw_parts_mut(results, count) };
         for (i, r) in results.iter_mut().enumerate() {
-            *r = if i == 1 { abi::ERR_RATE_LIMITED } else { abi::OK };
+            *r = if i == 1 {
+                abi::ERR_RATE_LIMITED
+            } else {
+                abi::OK
+            };
         }
         abi::ERR_RATE_LIMITED
     }
