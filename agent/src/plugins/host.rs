@@ -400,3 +400,34 @@ fn read_frames(mut input: BufReader<File>, host: &FrameHost, calls: &Sender<Call
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_split_into_frames_under_the_budget_in_order() {
+        let sizes = [30, 30, 30, 100, 10, 10];
+        let encoded: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8; n])
+            .collect();
+        let frames = frames_of(encoded, 64);
+        let shape: Vec<Vec<(u8, usize)>> = frames
+            .iter()
+            .map(|f| f.iter().map(|m| (m[0], m.len())).collect())
+            .collect();
+        // Two of 30 fit (with their commas), the third starts a frame, the one larger than the
+        // budget travels alone, and the small ones after it share one.
+        assert_eq!(
+            shape,
+            vec![
+                vec![(0, 30), (1, 30)],
+                vec![(2, 30)],
+                vec![(3, 100)],
+                vec![(4, 10), (5, 10)],
+            ]
+        );
+    }
+}

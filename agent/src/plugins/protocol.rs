@@ -290,6 +290,25 @@ mod tests {
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[1].clone()));
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[2].clone()));
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), None);
+        // A batch frame assembled from messages serialized one by one reads as `batch`.
+        let message = WireMessage {
+            body: "e30=".into(),
+            content_type: None,
+            content_encoding: None,
+            properties: vec![("k".into(), "v\n\"".into())],
+            creation_time: None,
+        };
+        let encoded: Vec<Vec<u8>> = (0..3)
+            .map(|_| serde_json::to_vec(&message).unwrap())
+            .collect();
+        let batch = encode_batch(9, &encoded);
+        assert_eq!(
+            read_sync::<Up>(&mut std::io::Cursor::new(batch)).unwrap(),
+            Some(Up::Batch {
+                id: 9,
+                messages: vec![message.clone(); 3]
+            })
+        );
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         huge.extend_from_slice(b"{}");
         assert!(read_sync::<Up>(&mut std::io::Cursor::new(huge)).is_err());
