@@ -126,7 +126,7 @@ interval_ms = 100000
     .await;
     assert_eq!(list["old"]["abi"], "1.0", "{list}");
     assert_eq!(list["old"]["methods"], json!([]), "{list}");
-    assert_eq!(list["hosted"]["abi"], "1.2", "{list}");
+    assert_eq!(list["hosted"]["abi"], "1.3", "{list}");
     assert_eq!(list["py"]["methods"], json!(["read", "set_room"]), "{list}");
     // The 1.0 plugin publishes as before.
     assert!(

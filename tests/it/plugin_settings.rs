@@ -160,7 +160,7 @@ async fn the_c_example_reads_settings_with_the_accessors() {
         &agent,
     )
     .await;
-    assert_eq!(r["abi"], "1.2", "{r}");
+    assert_eq!(r["abi"], "1.3", "{r}");
     let key = device_key(&sim, device);
     let v = hubsim::twin::apply_desired_patch(
         &sim,

@@ -245,7 +245,7 @@ mode = "flood"
     );
     assert!(published >= 5.0, "{flooder}");
     assert_eq!(list["crasher"]["status"], "quarantined");
-    assert_eq!(list["crasher"]["abi"], "1.2");
+    assert_eq!(list["crasher"]["abi"], "1.3");
 
     assert_eq!(agent.status()["connection"], "connected");
     assert_eq!(agent.stop(), Some(0));
@@ -357,7 +357,7 @@ async fn desired_settings_reach_a_running_plugin_and_rejections_keep_the_old_one
     assert!(text.contains("tuned"), "{text}");
     assert!(text.contains("library"), "{text}");
     assert!(text.contains(&lib.display().to_string()), "{text}");
-    assert!(text.contains("1.2"), "{text}");
+    assert!(text.contains("1.3"), "{text}");
     assert!(text.contains("running"), "{text}");
     assert_eq!(agent.stop(), Some(0));
 }
@@ -553,7 +553,7 @@ interval = "100ms"
 
     let list = agent.plugins_list();
     assert_eq!(list["sysmetrics"]["isolation"], "in-process");
-    assert_eq!(list["sysmetrics"]["abi"], "1.2");
+    assert_eq!(list["sysmetrics"]["abi"], "1.3");
     assert_eq!(list["py"]["kind"], "exec");
     assert!(list["py"]["pid"].as_u64().is_some(), "{list}");
     assert_eq!(agent.stop(), Some(0));
@@ -708,14 +708,15 @@ fn header_and_rust_abi_agree() {
 #include <stddef.h>
 #include "hubagent_plugin.h"
 int main(void) {
-    printf("%zu %zu %zu %zu %zu %zu %zu %zu %u %u %u %zu %zu %zu %zu %zu\n",
+    printf("%zu %zu %zu %zu %zu %zu %zu %zu %u %u %u %zu %zu %zu %zu %zu %zu %u\n",
         sizeof(hubagent_plugin_descriptor), sizeof(hubagent_host_api), sizeof(hubagent_message),
         offsetof(hubagent_plugin_descriptor, start), offsetof(hubagent_plugin_descriptor, stop),
         offsetof(hubagent_host_api, publish), offsetof(hubagent_message, properties),
         sizeof(hubagent_property), HUBAGENT_PLUGIN_MAGIC, HUBAGENT_PLUGIN_ABI_MAJOR,
         HUBAGENT_PLUGIN_ABI_MINOR, offsetof(hubagent_plugin_descriptor, methods),
         offsetof(hubagent_plugin_descriptor, receive_c2d), sizeof(hubagent_c2d_message),
-        offsetof(hubagent_c2d_message, message_id), offsetof(hubagent_c2d_message, properties));
+        offsetof(hubagent_c2d_message, message_id), offsetof(hubagent_c2d_message, properties),
+        offsetof(hubagent_host_api, publish_batch), HUBAGENT_MAX_BATCH);
     return 0;
 }
 "#,
@@ -753,6 +754,8 @@ int main(void) {
         std::mem::size_of::<abi::C2dMessage>() as u64,
         std::mem::offset_of!(abi::C2dMessage, message_id) as u64,
         std::mem::offset_of!(abi::C2dMessage, properties) as u64,
+        abi::HOST_API_SIZE_V1_2 as u64,
+        abi::MAX_BATCH as u64,
     ];
     assert_eq!(got, want);
 }

@@ -16,7 +16,7 @@ use hubagent_plugin_sdk::abi;
 
 use super::calls::{C2dMessage, MethodAnswer};
 use super::library::{self, HostSide, Library, PluginMessage};
-use super::protocol::{self, Down, Up};
+use super::protocol::{self, Down, Up, WireMessage};
 
 /// Moves the protocol off fds 0 and 1 so that nothing the plugin prints can corrupt it: fd 0
 /// becomes /dev/null and fd 1 a copy of stderr.
@@ -40,21 +40,76 @@ fn take_stdio() -> std::io::Result<(File, File)> {
 type Writer = Arc<Mutex<BufWriter<File>>>;
 
 fn send(out: &Writer, frame: &Up) {
+    write_frame(out, &protocol::encode(frame));
+}
+
+/// Writes an encoded frame (length prefix included).
+fn write_frame(out: &Writer, bytes: &[u8]) {
     let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
-    if protocol::write_sync(&mut *w, frame).is_err() {
+    if w.write_all(bytes).and_then(|()| w.flush()).is_err() {
         // The daemon is gone: nothing left to do.
         std::process::exit(0);
     }
 }
 
+/// Frames of a batch stay under this size (well below `protocol::MAX_FRAME`); a message larger
+/// than it travels alone.
+const BATCH_FRAME_BUDGET: usize = protocol::MAX_FRAME / 2;
+
+/// A publish waiting for the daemon's answer.
+enum Waiter {
+    One(SyncSender<i32>),
+    /// One frame of a batch: its messages' codes, in order.
+    Batch(SyncSender<Vec<i32>>, usize),
+}
+
+impl Waiter {
+    fn stopping(self) {
+        match self {
+            Waiter::One(tx) => {
+                let _ = tx.send(abi::ERR_STOPPING);
+            }
+            Waiter::Batch(tx, count) => {
+                let _ = tx.send(vec![abi::ERR_STOPPING; count]);
+            }
+        }
+    }
+}
+
+/// Splits serialized messages into frames of at most `budget` bytes (a larger message alone).
+fn frames_of(encoded: Vec<Vec<u8>>, budget: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut frames: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut size = 0;
+    for message in encoded {
+        match frames.last_mut() {
+            Some(frame) if size + message.len() < budget => {
+                size += message.len() + 1;
+                frame.push(message);
+            }
+            _ => {
+                size = message.len() + 1;
+                frames.push(vec![message]);
+            }
+        }
+    }
+    frames
+}
+
 struct FrameHost {
     out: Writer,
-    pending: Mutex<HashMap<u64, SyncSender<i32>>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     closed: AtomicBool,
 }
 
 impl FrameHost {
+    fn take_waiter(&self, id: u64) -> Option<Waiter> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+    }
+
     /// Once the daemon asks for a stop it acknowledges no more messages: answer every waiting
     /// and every later publish with `ERR_STOPPING`, so the plugin's `stop` can join its
     /// publishing threads instead of waiting for the daemon's kill after `callback_timeout`.
@@ -62,7 +117,7 @@ impl FrameHost {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         self.closed.store(true, Ordering::SeqCst);
         for (_, waiter) in pending.drain() {
-            let _ = waiter.send(abi::ERR_STOPPING);
+            waiter.stopping();
         }
     }
 }
@@ -78,7 +133,7 @@ impl HostSide for FrameHost {
             if self.closed.load(Ordering::SeqCst) {
                 return abi::ERR_STOPPING;
             }
-            pending.insert(id, tx);
+            pending.insert(id, Waiter::One(tx));
         }
         send(
             &self.out,
@@ -92,6 +147,43 @@ impl HostSide for FrameHost {
             },
         );
         rx.recv().unwrap_or(abi::ERR_STOPPING)
+    }
+
+    /// Sends the batch in as few frames as fit (usually one), all before waiting for any
+    /// answer; the daemon queues each frame with one write.
+    fn publish_batch(&self, messages: Vec<PluginMessage>) -> Vec<i32> {
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let encoded = messages
+            .into_iter()
+            .map(|m| serde_json::to_vec(&WireMessage::from_plugin(m)).expect("messages serialize"))
+            .collect();
+        let mut answers = Vec::new();
+        for frame in frames_of(encoded, BATCH_FRAME_BUDGET) {
+            let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = sync_channel(1);
+            {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if self.closed.load(Ordering::SeqCst) {
+                    answers.push((frame.len(), None));
+                    continue;
+                }
+                pending.insert(id, Waiter::Batch(tx, frame.len()));
+            }
+            let bytes = protocol::encode_batch(id, &frame);
+            write_frame(&self.out, &bytes);
+            answers.push((frame.len(), Some(rx)));
+        }
+        let mut codes = Vec::new();
+        for (count, rx) in answers {
+            let answer = rx.and_then(|rx| rx.recv().ok());
+            match answer {
+                Some(frame_codes) if frame_codes.len() == count => codes.extend(frame_codes),
+                _ => codes.extend(std::iter::repeat_n(abi::ERR_STOPPING, count)),
+            }
+        }
+        codes
     }
 
     fn report(&self, properties: serde_json::Map<String, serde_json::Value>) {
@@ -276,13 +368,13 @@ fn read_frames(mut input: BufReader<File>, host: &FrameHost, calls: &Sender<Call
                 let _ = calls.send(Call::Apply(id, settings.to_string()));
             }
             Ok(Some(Down::Ack { id, code })) => {
-                let waiter = host
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                if let Some(w) = waiter {
+                if let Some(Waiter::One(w)) = host.take_waiter(id) {
                     let _ = w.send(code);
+                }
+            }
+            Ok(Some(Down::BatchAck { id, codes })) => {
+                if let Some(Waiter::Batch(w, _)) = host.take_waiter(id) {
+                    let _ = w.send(codes);
                 }
             }
             Ok(Some(Down::Ping { id })) => send(&host.out, &Up::Pong { id }),
@@ -306,5 +398,36 @@ fn read_frames(mut input: BufReader<File>, host: &FrameHost, calls: &Sender<Call
                 std::process::exit(0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_split_into_frames_under_the_budget_in_order() {
+        let sizes = [30, 30, 30, 100, 10, 10];
+        let encoded: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8; n])
+            .collect();
+        let frames = frames_of(encoded, 64);
+        let shape: Vec<Vec<(u8, usize)>> = frames
+            .iter()
+            .map(|f| f.iter().map(|m| (m[0], m.len())).collect())
+            .collect();
+        // Two of 30 fit (with their commas), the third starts a frame, the one larger than the
+        // budget travels alone, and the small ones after it share one.
+        assert_eq!(
+            shape,
+            vec![
+                vec![(0, 30), (1, 30)],
+                vec![(2, 30)],
+                vec![(3, 100)],
+                vec![(4, 10), (5, 10)],
+            ]
+        );
     }
 }

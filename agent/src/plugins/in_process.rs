@@ -44,6 +44,22 @@ impl HostSide for DirectHost {
         rx.blocking_recv().unwrap_or(abi::ERR_STOPPING)
     }
 
+    fn publish_batch(&self, messages: Vec<PluginMessage>) -> Vec<i32> {
+        let count = messages.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return vec![abi::ERR_FAILED; count]; // never block a runtime thread
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.events.send(Event::Batch(messages, tx)).is_err() {
+            return vec![abi::ERR_STOPPING; count];
+        }
+        rx.blocking_recv()
+            .unwrap_or_else(|_| vec![abi::ERR_STOPPING; count])
+    }
+
     fn log(&self, level: i32, text: &str) {
         let _ = self.events.send(Event::Log(level, text.to_string()));
     }

@@ -32,6 +32,9 @@ pub struct PluginMessage {
 pub trait HostSide: Send + Sync + 'static {
     /// Returns an ABI result code once the message is queued durably (or refused).
     fn publish(&self, message: PluginMessage) -> i32;
+    /// ABI 1.3: the code of each message, in order, once the accepted ones are queued durably
+    /// (in order, with one round trip to the daemon) and the others refused.
+    fn publish_batch(&self, messages: Vec<PluginMessage>) -> Vec<i32>;
     fn log(&self, level: i32, text: &str);
     fn health(&self, state: i32, detail: &str);
     /// ABI 1.2: the plugin's own reported properties, already checked against the hub's
@@ -363,6 +366,7 @@ impl Library {
             setting_bool: Some(host_setting_bool),
             setting_duration_ms: Some(host_setting_duration),
             report_properties: Some(host_report_properties),
+            publish_batch: Some(host_publish_batch),
         }));
         let settings_z = nul_terminated(settings);
         let mut instance: *mut c_void = std::ptr::null_mut();
@@ -715,6 +719,68 @@ unsafe extern "C" fn host_publish(ctx: *mut c_void, message: *const abi::Message
         }
     }))
     .unwrap_or(abi::ERR_FAILED)
+}
+
+/// ABI 1.3 (rule 11): the messages the host can read go to the daemon together; one it cannot
+/// read gets its code alone, the others are still queued.
+unsafe extern "C" fn host_publish_batch(
+    ctx: *mut c_void,
+    messages: *const *const abi::Message,
+    count: usize,
+    results: *mut i32,
+) -> i32 {
+    let Some(ctx) = context(ctx) else {
+        return abi::ERR_INVALID_ARGUMENT;
+    };
+    if count > 0 && messages.is_null() {
+        return abi::ERR_INVALID_ARGUMENT;
+    }
+    if count > abi::MAX_BATCH {
+        // Refused whole, before anything is read or queued.
+        // SAFETY: `results` is NULL or has `count` entries (rule 11).
+        unsafe { fill_results(results, &vec![abi::ERR_INVALID_ARGUMENT; count]) };
+        return abi::ERR_INVALID_ARGUMENT;
+    }
+    let codes = if ctx.stopped.load(Ordering::SeqCst) {
+        vec![abi::ERR_STOPPING; count]
+    } else {
+        // Nothing below may unwind into plugin code.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: the plugin passes `count` message pointers per the ABI.
+            let pointers = unsafe { std::slice::from_raw_parts(messages, count) };
+            // `None`: readable, its code comes from the daemon.
+            let mut codes: Vec<Option<i32>> = Vec::with_capacity(count);
+            let mut readable = Vec::with_capacity(count);
+            for &message in pointers {
+                // SAFETY: each message is borrowed for the call per the ABI.
+                match unsafe { read_message(message) } {
+                    Ok(m) => {
+                        readable.push(m);
+                        codes.push(None);
+                    }
+                    Err(code) => codes.push(Some(code)),
+                }
+            }
+            let mut queued = ctx.side.publish_batch(readable).into_iter();
+            codes
+                .into_iter()
+                .map(|c| c.unwrap_or_else(|| queued.next().unwrap_or(abi::ERR_FAILED)))
+                .collect::<Vec<_>>()
+        }))
+        .unwrap_or_else(|_| vec![abi::ERR_FAILED; count])
+    };
+    // SAFETY: `results` is NULL or has `count` entries (rule 11).
+    unsafe { fill_results(results, &codes) };
+    codes.into_iter().find(|&c| c != abi::OK).unwrap_or(abi::OK)
+}
+
+/// # Safety
+/// `results` is NULL or has room for `codes.len()` entries.
+unsafe fn fill_results(results: *mut i32, codes: &[i32]) {
+    if !results.is_null() {
+        // SAFETY: per the function contract.
+        unsafe { std::slice::from_raw_parts_mut(results, codes.len()) }.copy_from_slice(codes);
+    }
 }
 
 unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, text: abi::Str) {

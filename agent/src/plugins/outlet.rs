@@ -1,6 +1,10 @@
 //! A plugin's messages on their way into the durable queue: the rate and size limits, the
 //! `source` property, and the messages held back, in order, while the queue cannot take them.
 //! A plugin's publish is answered only once its message is on disk (or refused).
+//!
+//! A batch (ABI 1.3 `publish_batch`) is checked message by message: one over the rate or too
+//! large is refused alone, with its own code, and the rest are queued together with one write
+//! (`Queue::push_batch`), in order, after whatever the plugin published before.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -67,6 +71,70 @@ impl TokenBucket {
     }
 }
 
+/// A publish (one message) or the accepted messages of a batch, waiting to be queued.
+struct Held {
+    messages: VecDeque<TelemetryMessage>,
+    reply: Reply,
+    /// Queue the messages one by one: the queue refused them together as too large, so each
+    /// gets its own answer.
+    one_at_a_time: bool,
+}
+
+/// Who waits for a [`Held`].
+enum Reply {
+    One(oneshot::Sender<i32>, i32),
+    /// A batch: the code of every message it had (those refused up front already set), and
+    /// the places in it of the messages still held.
+    Batch {
+        codes: Vec<i32>,
+        slots: VecDeque<usize>,
+        reply: oneshot::Sender<Vec<i32>>,
+    },
+}
+
+impl Held {
+    fn one(message: TelemetryMessage, reply: oneshot::Sender<i32>) -> Held {
+        Held {
+            messages: VecDeque::from([message]),
+            reply: Reply::One(reply, abi::ERR_STOPPING),
+            one_at_a_time: false,
+        }
+    }
+
+    /// The front message is done with `code`.
+    fn answer_front(&mut self, code: i32) {
+        self.messages.pop_front();
+        match &mut self.reply {
+            Reply::One(_, answer) => *answer = code,
+            Reply::Batch { codes, slots, .. } => {
+                if let Some(slot) = slots.pop_front() {
+                    codes[slot] = code;
+                }
+            }
+        }
+    }
+
+    /// Every message is done: the publish returns.
+    fn finish(self) {
+        match self.reply {
+            Reply::One(reply, code) => {
+                let _ = reply.send(code);
+            }
+            Reply::Batch { codes, reply, .. } => {
+                let _ = reply.send(codes);
+            }
+        }
+    }
+
+    /// The messages still held will not be queued: they are answered "stopping".
+    fn stopping(mut self) {
+        while !self.messages.is_empty() {
+            self.answer_front(abi::ERR_STOPPING);
+        }
+        self.finish();
+    }
+}
+
 /// One plugin's way into the queue; it outlives the plugin's runs (the rate carries over).
 pub struct Outlet {
     name: String,
@@ -80,7 +148,7 @@ pub struct Outlet {
     rate: TokenBucket,
     /// Messages not queued yet, in order, with the answer their publish waits for: the queue is
     /// full (`reject-new`) or the disk is, or (exec plugins) the message waits for its rate.
-    held: VecDeque<(TelemetryMessage, oneshot::Sender<i32>)>,
+    held: VecDeque<Held>,
     /// Why `held` is waiting for the queue, once logged.
     held_back: Option<String>,
     /// The front of `held` was counted in the queue's `held_back` (each message once).
@@ -127,8 +195,8 @@ impl Outlet {
     /// Answers every held publish with "stopping": the plugin is stopping and these were not
     /// queued.
     pub fn release(&mut self) {
-        for (_, reply) in self.held.drain(..) {
-            let _ = reply.send(abi::ERR_STOPPING);
+        for held in self.held.drain(..) {
+            held.stopping();
         }
     }
 
@@ -140,15 +208,53 @@ impl Outlet {
     /// Takes a plugin's message; `reply` gets the code its publish returns.
     pub fn publish(&mut self, message: PluginMessage, reply: oneshot::Sender<i32>) {
         match self.admit(message) {
-            Ok(message) => {
-                self.held.push_back((message, reply));
-                if self.held.len() == 1 {
-                    self.flush();
-                }
-            }
+            Ok(message) => self.hold(Held::one(message, reply)),
             Err(code) => {
                 let _ = reply.send(code);
             }
+        }
+    }
+
+    /// Takes a batch (ABI 1.3); `reply` gets each message's code, in order. Each message is
+    /// checked alone; the accepted ones are queued together.
+    pub fn publish_batch(
+        &mut self,
+        messages: Vec<PluginMessage>,
+        reply: oneshot::Sender<Vec<i32>>,
+    ) {
+        let mut codes = Vec::with_capacity(messages.len());
+        let mut slots = VecDeque::new();
+        let mut accepted = VecDeque::new();
+        for (slot, message) in messages.into_iter().enumerate() {
+            match self.admit(message) {
+                Ok(message) => {
+                    codes.push(abi::ERR_STOPPING);
+                    slots.push_back(slot);
+                    accepted.push_back(message);
+                }
+                Err(code) => codes.push(code),
+            }
+        }
+        if accepted.is_empty() {
+            let _ = reply.send(codes);
+            return;
+        }
+        self.hold(Held {
+            messages: accepted,
+            reply: Reply::Batch {
+                codes,
+                slots,
+                reply,
+            },
+            one_at_a_time: false,
+        });
+    }
+
+    /// Queues `held` after those already waiting.
+    fn hold(&mut self, held: Held) {
+        self.held.push_back(held);
+        if self.held.len() == 1 {
+            self.flush();
         }
     }
 
@@ -190,7 +296,7 @@ impl Outlet {
     /// Queues held messages in order, answering each plugin publish once its message is on
     /// disk; stops at the first that has to wait and sets `retry_at`.
     pub fn flush(&mut self) {
-        while let Some((message, _)) = self.held.front() {
+        while let Some(front) = self.held.front() {
             let now = Instant::now();
             if self.paced {
                 let wait = self.rate.wait_time(now);
@@ -199,20 +305,18 @@ impl Outlet {
                     return;
                 }
             }
-            let queued = if self.injected.drops_next() {
-                tracing::debug!(plugin = %self.name, message_id = %message.message_id, "fault injection: acknowledged, not queued");
-                Ok(())
-            } else {
-                self.publisher.try_publish(message)
+            let together = front.messages.len() > 1 && !front.one_at_a_time;
+            let result = match together {
+                true => self.queue_front_batch(),
+                false => self.queue_front_message(),
             };
-            let code = match queued {
-                Ok(()) => {
-                    self.injected.acknowledged();
-                    abi::OK
-                }
-                Err(QueueError::TooLarge(size)) => {
-                    tracing::error!(plugin = %self.name, message_id = %message.message_id, size, "message too large to queue; dropped");
-                    abi::ERR_TOO_LARGE
+            let codes = match result {
+                Ok(codes) => codes,
+                Err(QueueError::TooLarge(size)) if together => {
+                    // One of them is over the queue's record limit: each gets its own answer.
+                    tracing::warn!(plugin = %self.name, size, "a batch is too large to queue together; queueing its messages one by one");
+                    self.held.front_mut().expect("front exists").one_at_a_time = true;
+                    continue;
                 }
                 Err(e) => {
                     self.hold_back(e.to_string());
@@ -223,13 +327,20 @@ impl Outlet {
             if self.paced {
                 self.rate.take(now);
             }
-            let (_, reply) = self.held.pop_front().expect("front exists");
             self.front_counted = false;
-            let _ = reply.send(code);
-            if code == abi::OK {
-                self.count(|s| s.published += 1);
-            } else {
-                self.count(|s| s.dropped += 1);
+            let published = codes.iter().filter(|&&c| c == abi::OK).count() as u64;
+            let dropped = codes.len() as u64 - published;
+            // Counted before the plugin hears: what it was told is in the status it reads next.
+            self.count(|s| {
+                s.published += published;
+                s.dropped += dropped;
+            });
+            let front = self.held.front_mut().expect("front exists");
+            for code in codes {
+                front.answer_front(code);
+            }
+            if front.messages.is_empty() {
+                self.held.pop_front().expect("front exists").finish();
             }
             if self.held_back.take().is_some() {
                 tracing::info!(plugin = %self.name, "the queue has room again; telemetry flows");
@@ -237,10 +348,57 @@ impl Outlet {
         }
     }
 
+    /// Queues the front message of the front publish alone: its code, or the queue's error
+    /// when it has to wait.
+    fn queue_front_message(&mut self) -> Result<Vec<i32>, QueueError> {
+        let message = self.held[0]
+            .messages
+            .front()
+            .expect("a held publish has messages");
+        let queued = if self.injected.drops_next() {
+            tracing::debug!(plugin = %self.name, message_id = %message.message_id, "fault injection: acknowledged, not queued");
+            Ok(())
+        } else {
+            self.publisher.try_publish(message)
+        };
+        match queued {
+            Ok(()) => {
+                self.injected.acknowledged(1);
+                Ok(vec![abi::OK])
+            }
+            Err(QueueError::TooLarge(size)) => {
+                tracing::error!(plugin = %self.name, message_id = %message.message_id, size, "message too large to queue; dropped");
+                Ok(vec![abi::ERR_TOO_LARGE])
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Queues every message of the front batch with one write (all or none).
+    fn queue_front_batch(&mut self) -> Result<Vec<i32>, QueueError> {
+        let messages = self.held[0].messages.make_contiguous();
+        let count = messages.len();
+        let queued = self.injected.queued_of(count);
+        if queued < count {
+            tracing::debug!(plugin = %self.name, count = count - queued, "fault injection: acknowledged, not queued");
+        }
+        if queued > 0 {
+            self.publisher.try_publish_batch(&messages[..queued])?;
+        }
+        self.injected.acknowledged(count as u64);
+        Ok(vec![abi::OK; count])
+    }
+
     /// The queue refused the front message for now: counted once, logged once per reason.
     fn hold_back(&mut self, why: String) {
         if !self.front_counted {
-            self.publisher.note_held_back();
+            let waiting = match self.held.front() {
+                Some(h) if !h.one_at_a_time => h.messages.len(),
+                _ => 1,
+            };
+            for _ in 0..waiting {
+                self.publisher.note_held_back();
+            }
             self.front_counted = true;
         }
         if self.held_back.as_ref() != Some(&why) {
@@ -295,8 +453,16 @@ impl InjectedLoss {
         self.after.is_some_and(|n| self.in_run >= n)
     }
 
-    fn acknowledged(&mut self) {
-        self.in_run += 1;
+    /// How many of the next `count` acknowledged messages are really queued.
+    fn queued_of(&self, count: usize) -> usize {
+        match self.after {
+            Some(n) => (n.saturating_sub(self.in_run) as usize).min(count),
+            None => count,
+        }
+    }
+
+    fn acknowledged(&mut self, count: u64) {
+        self.in_run += count;
     }
 }
 
@@ -312,7 +478,11 @@ impl InjectedLoss {
         false
     }
 
-    fn acknowledged(&mut self) {}
+    fn queued_of(&self, count: usize) -> usize {
+        count
+    }
+
+    fn acknowledged(&mut self, _count: u64) {}
 }
 
 #[cfg(test)]

@@ -5,6 +5,11 @@
 //! Up (host → daemon): `hello` (or `fatal`), `started`/`start-failed`, `applied`, `message`,
 //! `log`, `health`, `pong`, `method-answer`, `c2d-taken`, `stopped`. A message is acknowledged (`ack` with an ABI result code)
 //! only after it is on disk in the durable queue.
+//!
+//! ABI 1.3 adds `batch` (up: several messages of one `publish_batch`, appended to the queue with
+//! one write) answered by `batch-ack` (down: each message's code, in order). Both ends are the
+//! same `hubagent` binary (the daemon runs `/proc/self/exe plugin-host`), so a frame type is
+//! added, never changed: older frames keep their shape and meaning.
 
 use std::io::{Read, Write};
 
@@ -12,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::calls::{C2dMessage, Declarations};
+use super::library::PluginMessage;
 
 /// Larger frames are a protocol violation (a message is at most 256 KiB, base64 adds a third).
 pub const MAX_FRAME: usize = 1024 * 1024;
@@ -29,6 +35,11 @@ pub enum Down {
     Ack {
         id: u64,
         code: i32,
+    },
+    /// ABI 1.3: the answer to `batch` `id`: each message's code, in the batch's order.
+    BatchAck {
+        id: u64,
+        codes: Vec<i32>,
     },
     Ping {
         id: u64,
@@ -83,6 +94,11 @@ pub enum Up {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         creation_time: Option<String>,
     },
+    /// ABI 1.3: messages of one `publish_batch`, answered by one `batch-ack`.
+    Batch {
+        id: u64,
+        messages: Vec<WireMessage>,
+    },
     /// ABI 1.2: the plugin's own reported properties (checked in the plugin-host and again in
     /// the daemon).
     Reported {
@@ -111,6 +127,67 @@ pub enum Up {
         reason: Option<String>,
     },
     Stopped,
+}
+
+/// A message in a `batch` frame: the fields of `message`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// base64
+    pub body: String,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub properties: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<String>,
+}
+
+impl WireMessage {
+    pub fn from_plugin(message: PluginMessage) -> WireMessage {
+        use base64::Engine;
+        WireMessage {
+            body: base64::engine::general_purpose::STANDARD.encode(&message.body),
+            content_type: message.content_type,
+            content_encoding: message.content_encoding,
+            properties: message.properties,
+            creation_time: message.creation_time,
+        }
+    }
+
+    /// `None` when the body is not base64 (a broken plugin-host).
+    pub fn into_plugin(self) -> Option<PluginMessage> {
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(&self.body)
+            .ok()?;
+        Some(PluginMessage {
+            body,
+            content_type: self.content_type,
+            content_encoding: self.content_encoding,
+            properties: self.properties,
+            creation_time: self.creation_time,
+        })
+    }
+}
+
+/// A `batch` frame (length prefix included) of messages already serialized one by one with
+/// `serde_json`: the plugin-host sizes its frames by what it has encoded.
+pub fn encode_batch(id: u64, messages: &[Vec<u8>]) -> Vec<u8> {
+    let head = format!("{{\"type\":\"batch\",\"id\":{id},\"messages\":[");
+    let mut out = Vec::with_capacity(
+        4 + head.len() + messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2,
+    );
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(head.as_bytes());
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(b"]}");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
 }
 
 pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
@@ -213,6 +290,25 @@ mod tests {
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[1].clone()));
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), Some(frames[2].clone()));
         assert_eq!(read_sync::<Up>(&mut r).unwrap(), None);
+        // A batch frame assembled from messages serialized one by one reads as `batch`.
+        let message = WireMessage {
+            body: "e30=".into(),
+            content_type: None,
+            content_encoding: None,
+            properties: vec![("k".into(), "v\n\"".into())],
+            creation_time: None,
+        };
+        let encoded: Vec<Vec<u8>> = (0..3)
+            .map(|_| serde_json::to_vec(&message).unwrap())
+            .collect();
+        let batch = encode_batch(9, &encoded);
+        assert_eq!(
+            read_sync::<Up>(&mut std::io::Cursor::new(batch)).unwrap(),
+            Some(Up::Batch {
+                id: 9,
+                messages: vec![message.clone(); 3]
+            })
+        );
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         huge.extend_from_slice(b"{}");
         assert!(read_sync::<Up>(&mut std::io::Cursor::new(huge)).is_err());

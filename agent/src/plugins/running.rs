@@ -32,6 +32,8 @@ pub enum Event {
     /// Exec plugins: the last settings were refused after the fact.
     LateReject(String),
     Message(PluginMessage, oneshot::Sender<i32>),
+    /// ABI 1.3: messages published together, answered with each one's code, in order.
+    Batch(Vec<PluginMessage>, oneshot::Sender<Vec<i32>>),
     Log(i32, String),
     Health(i32, String),
     /// The plugin is gone (exit, crash, protocol violation).

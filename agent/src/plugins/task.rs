@@ -781,6 +781,7 @@ impl Task {
     fn other_event(&self, runs: &mut Runs, event: Event) {
         match event {
             Event::Message(message, reply) => runs.outlet.publish(message, reply),
+            Event::Batch(messages, reply) => runs.outlet.publish_batch(messages, reply),
             Event::Log(level, text) => self.log(runs, level, &text),
             Event::Health(state, detail) => {
                 let health = match state {

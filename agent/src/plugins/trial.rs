@@ -580,25 +580,29 @@ impl Session {
         }
     }
 
+    /// Shows a published message and answers as the daemon would: refused over `max_rate`.
+    fn take_message(&mut self, message: &PluginMessage) -> i32 {
+        if !self.paced && !self.rate.take(Instant::now()) {
+            say(&format!(
+                "dropped: over max_rate {} a second (the daemon drops it too)",
+                self.spec.limits.max_rate
+            ));
+            return abi::ERR_RATE_LIMITED;
+        }
+        say(&format!("message {}", describe_message(message)));
+        abi::OK
+    }
+
     /// Prints one event; a failure that ends the trial (as it would restart the plugin in the
     /// daemon) is returned.
     fn show(&mut self, event: Event) -> Option<String> {
         match event {
             Event::Message(message, reply) => {
-                let code = if !self.paced && !self.rate.take(Instant::now()) {
-                    abi::ERR_RATE_LIMITED
-                } else {
-                    abi::OK
-                };
-                if code == abi::OK {
-                    say(&format!("message {}", describe_message(&message)));
-                } else {
-                    say(&format!(
-                        "dropped: over max_rate {} a second (the daemon drops it too)",
-                        self.spec.limits.max_rate
-                    ));
-                }
-                let _ = reply.send(code);
+                let _ = reply.send(self.take_message(&message));
+            }
+            Event::Batch(messages, reply) => {
+                say(&format!("batch of {} messages", messages.len()));
+                let _ = reply.send(messages.iter().map(|m| self.take_message(m)).collect());
             }
             Event::Log(level, text) => say(&format!("log {}: {text}", level_name(level))),
             Event::Health(abi::HEALTH_FAILED, detail) => {

@@ -23,6 +23,11 @@ impl DurablePublisher {
         self.queue.push(message).map(|_| ())
     }
 
+    /// Queues `messages` with one write, all or none (`Queue::push_batch`).
+    pub fn try_publish_batch(&self, messages: &[TelemetryMessage]) -> Result<(), QueueError> {
+        self.queue.push_batch(messages).map(|_| ())
+    }
+
     /// A source's message had to wait for room (full disk, or a full `reject-new` queue);
     /// counted once per message in the queue's `held_back`.
     pub fn note_held_back(&self) {

@@ -1,7 +1,9 @@
 //! A library plugin for the benchmark (`libhubagent_bench_plugin.so`): publishes bursts of
 //! `count` JSON messages of exactly `size` bytes, as fast as the agent's queue takes them.
 //! Settings: `count` (default 0), `size` (default 256, at least 64), `run` (any value; a burst
-//! starts at `start` and whenever `run` changes, so the benchmark triggers one through the twin).
+//! starts at `start` and whenever `run` changes, so the benchmark triggers one through the twin),
+//! `batch` (default 64; 1 = one `publish` per message): messages per `publish_batch` when the
+//! agent offers it (ABI 1.3), else one `publish` each.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
@@ -17,6 +19,7 @@ struct Burst {
     count: u64,
     size: usize,
     run: Value,
+    batch: usize,
 }
 
 fn parse_settings(text: &str) -> Result<Burst, String> {
@@ -26,6 +29,7 @@ fn parse_settings(text: &str) -> Result<Burst, String> {
         count: 0,
         size: 256,
         run: Value::Null,
+        batch: 64,
     };
     for (key, v) in obj {
         match key.as_str() {
@@ -38,9 +42,16 @@ fn parse_settings(text: &str) -> Result<Burst, String> {
                 burst.size = size as usize;
             }
             "run" => burst.run = v.clone(),
+            "batch" => {
+                let batch = v.as_u64().ok_or("batch must be a whole number")?;
+                if !(1..=1024).contains(&batch) {
+                    return Err(format!("batch {batch} is outside 1..=1024"));
+                }
+                burst.batch = batch as usize;
+            }
             other => {
                 return Err(format!(
-                    "unknown setting '{other}' (known: count, size, run)"
+                    "unknown setting '{other}' (known: count, size, run, batch)"
                 ));
             }
         }
@@ -75,15 +86,34 @@ fn work(host: Host, bursts: Receiver<Burst>, stop: StopSignal) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !stop.is_stopped() => continue,
             Err(_) => return,
         };
-        for _ in 0..burst.count {
+        let batch = if host.batch_offered() { burst.batch } else { 1 };
+        let mut left = burst.count;
+        while left > 0 {
             if stop.is_stopped() {
                 return;
             }
-            seq += 1;
-            match host.publish(&Message::json(body(seq, burst.size))) {
-                Ok(()) => {}
-                Err(PublishError::Stopping) => return,
-                Err(e) => host.log(Level::Warn, &format!("message {seq} not published: {e}")),
+            let n = left.min(batch as u64);
+            left -= n;
+            let messages: Vec<Message> = (0..n)
+                .map(|_| {
+                    seq += 1;
+                    Message::json(body(seq, burst.size))
+                })
+                .collect();
+            let first = seq + 1 - n;
+            let outcomes = match batch {
+                1 => vec![host.publish(&messages[0])],
+                _ => host.publish_batch(&messages),
+            };
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                match outcome {
+                    Ok(()) => {}
+                    Err(PublishError::Stopping) => return,
+                    Err(e) => host.log(
+                        Level::Warn,
+                        &format!("message {} not published: {e}", first + i as u64),
+                    ),
+                }
             }
         }
         host.log(Level::Info, &format!("burst of {} published", burst.count));

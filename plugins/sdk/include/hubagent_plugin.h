@@ -1,5 +1,5 @@
 /*
- * hubagent_plugin.h - the hubagent plugin ABI, version 1.
+ * hubagent_plugin.h - the hubagent plugin ABI, version 1 (minor 3).
  *
  * A plugin is a shared library (.so) that exports ONE symbol:
  *
@@ -92,6 +92,30 @@
  *     appends `creation_time_ms` (milliseconds since the Unix epoch, UTC; 0 = when published),
  *     sent as the message's creation time (IoT Hub's `iothub-creation-time-utc`). A 1.2 plugin
  *     needs a 1.2 agent (rule 1); a 1.0 or 1.1 plugin keeps working unchanged.
+ *
+ * 11. Batches (ABI 1.3). `publish_batch(ctx, messages, count, results)` publishes `count`
+ *     messages (an array of pointers, each message as `publish` takes it, borrowed for the call)
+ *     with one round trip to the agent: the host sends them to the daemon in one frame and the
+ *     queue appends them with one write and one sync. It makes the same promise as `publish`:
+ *     when it returns, every message whose result is HUBAGENT_OK is on disk in the durable
+ *     queue and survives a kill -9 of the agent. Outcomes are PER MESSAGE, not all-or-none:
+ *     `results` (NULL, or `count` entries the host fills) gets, for each message, exactly the
+ *     code `publish` would have returned for it - HUBAGENT_ERR_RATE_LIMITED for each one over
+ *     `max_rate` (the rate is taken message by message, in order, so the first ones of a batch
+ *     larger than the burst pass and the rest are dropped and counted), HUBAGENT_ERR_TOO_LARGE or
+ *     HUBAGENT_ERR_INVALID_ARGUMENT for one that is too large or malformed, HUBAGENT_ERR_STOPPING
+ *     when the plugin is being stopped - and a refused message holds none of the others back.
+ *     The accepted ones are stored in the batch's order, after everything published before the
+ *     call. It returns HUBAGENT_OK when every message was stored, else the first non-OK result.
+ *     At most HUBAGENT_MAX_BATCH messages per call (more: every result
+ *     HUBAGENT_ERR_INVALID_ARGUMENT, nothing stored); `count` 0 returns HUBAGENT_OK. Like
+ *     `publish` it blocks while the queue applies back-pressure, and may be called from several
+ *     threads at once. Why a blocking batch rather than a publish that returns a completion: the
+ *     plugin's memory stays borrowed for the call only (rule 2 unchanged: the host never holds
+ *     plugin pointers after a call returns), a plugin needs no callback running on host threads,
+ *     and the per-message round trip, which is what limits throughput, goes away all the same.
+ *     Check HUBAGENT_HOST_HAS(host, publish_batch) first (hubagent_publish_batch below does, and
+ *     falls back to one `publish` per message on an older agent); a 1.0-1.2 plugin keeps working.
  */
 #ifndef HUBAGENT_PLUGIN_H
 #define HUBAGENT_PLUGIN_H
@@ -105,7 +129,7 @@ extern "C" {
 
 #define HUBAGENT_PLUGIN_MAGIC 0x48415047u /* "HAPG" */
 #define HUBAGENT_PLUGIN_ABI_MAJOR 1
-#define HUBAGENT_PLUGIN_ABI_MINOR 2
+#define HUBAGENT_PLUGIN_ABI_MINOR 3
 #define HUBAGENT_PLUGIN_ENTRY_SYMBOL "hubagent_plugin_entry_v1"
 
 /* Result codes (int32_t). */
@@ -118,6 +142,9 @@ extern "C" {
 #define HUBAGENT_ERR_STOPPING 6         /* publish: the plugin is being stopped */
 #define HUBAGENT_ERR_TOO_LARGE 7        /* publish: larger than the hub accepts */
 #define HUBAGENT_ERR_NOT_FOUND 8        /* settings accessors (1.2): no such key; keep the default */
+
+/* ABI 1.3: the most messages one publish_batch takes. */
+#define HUBAGENT_MAX_BATCH 1024
 
 /* Log levels. */
 #define HUBAGENT_LOG_ERROR 1
@@ -190,6 +217,10 @@ typedef struct hubagent_host_api {
     int32_t (*setting_duration_ms)(void *ctx, hubagent_str settings_json, hubagent_str key,
                                    uint64_t *out_ms, hubagent_buf *error);
     int32_t (*report_properties)(void *ctx, hubagent_str properties_json, hubagent_buf *error);
+
+    /* ABI 1.3 (rule 11): present when `struct_size` covers it; see hubagent_publish_batch. */
+    int32_t (*publish_batch)(void *ctx, const hubagent_message *const *messages, size_t count,
+                             int32_t *results);
 } hubagent_host_api;
 
 /* ABI 1.1: a cloud-to-device message, borrowed for the duration of `receive_c2d`. */
@@ -345,6 +376,23 @@ static inline int32_t hubagent_report_properties(const hubagent_host_api *host, 
         return HUBAGENT_ERR_INVALID_ARGUMENT;
     }
     return host->report_properties(host->ctx, hubagent_str_from(json), error);
+}
+
+/* ABI 1.3 (rule 11): `count` messages with one round trip; `results` (NULL or `count` entries)
+ * gets each one's code. On an agent older than 1.3, one `publish` per message (same promise, the
+ * old speed). Returns HUBAGENT_OK when all were stored, else the first non-OK result. */
+static inline int32_t hubagent_publish_batch(const hubagent_host_api *host,
+                                             const hubagent_message *const *messages,
+                                             size_t count, int32_t *results) {
+    if (HUBAGENT_HOST_HAS(host, publish_batch))
+        return host->publish_batch(host->ctx, messages, count, results);
+    int32_t first = HUBAGENT_OK;
+    for (size_t i = 0; i < count; i++) {
+        int32_t rc = host->publish(host->ctx, messages[i]);
+        if (results) results[i] = rc;
+        if (first == HUBAGENT_OK) first = rc;
+    }
+    return first;
 }
 
 #ifdef __cplusplus

@@ -50,7 +50,7 @@ pub mod abi {
 
     pub const MAGIC: u32 = 0x4841_5047;
     pub const ABI_MAJOR: u16 = 1;
-    pub const ABI_MINOR: u16 = 2;
+    pub const ABI_MINOR: u16 = 3;
     pub const ENTRY_SYMBOL: &str = "hubagent_plugin_entry_v1";
 
     pub const OK: i32 = 0;
@@ -160,6 +160,14 @@ pub mod abi {
     }
 
     pub type PublishFn = unsafe extern "C" fn(ctx: *mut c_void, message: *const Message) -> i32;
+    /// ABI 1.3: `count` messages (an array of pointers) queued with one round trip; `results`
+    /// (NULL, or `count` entries) gets each message's code (rule 11 of the header).
+    pub type PublishBatchFn = unsafe extern "C" fn(
+        ctx: *mut c_void,
+        messages: *const *const Message,
+        count: usize,
+        results: *mut i32,
+    ) -> i32;
     pub type LogFn = unsafe extern "C" fn(ctx: *mut c_void, level: i32, text: Str);
     pub type HealthFn = unsafe extern "C" fn(ctx: *mut c_void, health: i32, detail: Str);
     /// ABI 1.2: one settings value by key (`OK`, `ERR_NOT_FOUND`, or `ERR_INVALID_ARGUMENT`
@@ -212,6 +220,8 @@ pub mod abi {
         pub setting_bool: Option<SettingBoolFn>,
         pub setting_duration_ms: Option<SettingDurationFn>,
         pub report_properties: Option<ReportPropertiesFn>,
+        // ABI 1.3 (present when `struct_size` covers it):
+        pub publish_batch: Option<PublishBatchFn>,
     }
 
     pub type StartFn = unsafe extern "C" fn(
@@ -289,7 +299,11 @@ pub mod abi {
     pub const HOST_API_SIZE_V1_0: u32 = std::mem::offset_of!(HostApi, setting_string) as u32;
     pub const MESSAGE_SIZE_V1_0: u32 = std::mem::offset_of!(Message, creation_time_ms) as u32;
     /// ABI 1.2: the settings accessors and `report_properties`; a message's creation time.
-    pub const HOST_API_SIZE_V1_2: u32 = std::mem::size_of::<HostApi>() as u32;
+    pub const HOST_API_SIZE_V1_2: u32 = std::mem::offset_of!(HostApi, publish_batch) as u32;
+    /// ABI 1.3: `publish_batch`.
+    pub const HOST_API_SIZE_V1_3: u32 = std::mem::size_of::<HostApi>() as u32;
+    /// ABI 1.3: the most messages one `publish_batch` takes.
+    pub const MAX_BATCH: usize = 1024;
     pub const MESSAGE_SIZE_V1_2: u32 = std::mem::size_of::<Message>() as u32;
 
     /// A descriptor that may live in a `static` (its raw pointers point at static data).
@@ -480,6 +494,44 @@ impl Message {
     }
 }
 
+/// The ABI form of `message`, borrowing from it and from `properties` (its properties'
+/// [`abi::Property::borrow_all`]).
+fn raw_message(message: &Message, properties: &[abi::Property]) -> abi::Message {
+    let opt = |s: &Option<String>| {
+        s.as_deref()
+            .map(abi::Str::borrow)
+            .unwrap_or(abi::Str::EMPTY)
+    };
+    abi::Message {
+        struct_size: std::mem::size_of::<abi::Message>() as u32,
+        reserved: 0,
+        body: abi::Bytes {
+            ptr: message.body.as_ptr(),
+            len: message.body.len(),
+        },
+        content_type: opt(&message.content_type),
+        content_encoding: opt(&message.content_encoding),
+        properties: properties.as_ptr(),
+        property_count: properties.len(),
+        creation_time_ms: message
+            .creation_time
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+    }
+}
+
+fn publish_result(code: i32) -> Result<(), PublishError> {
+    match code {
+        abi::OK => Ok(()),
+        abi::ERR_RATE_LIMITED => Err(PublishError::RateLimited),
+        abi::ERR_STOPPING => Err(PublishError::Stopping),
+        abi::ERR_TOO_LARGE => Err(PublishError::TooLarge),
+        abi::ERR_INVALID_ARGUMENT => Err(PublishError::Invalid),
+        other => Err(PublishError::Other(other)),
+    }
+}
+
 /// The host's API, valid from `start` until `stop` returns. Cheap to clone; usable from any thread.
 #[derive(Clone, Copy)]
 pub struct Host {
@@ -510,38 +562,60 @@ impl Host {
             return Err(PublishError::Other(abi::ERR_FAILED));
         };
         let properties = abi::Property::borrow_all(&message.properties);
-        let opt = |s: &Option<String>| {
-            s.as_deref()
-                .map(abi::Str::borrow)
-                .unwrap_or(abi::Str::EMPTY)
-        };
-        let raw = abi::Message {
-            struct_size: std::mem::size_of::<abi::Message>() as u32,
-            reserved: 0,
-            body: abi::Bytes {
-                ptr: message.body.as_ptr(),
-                len: message.body.len(),
-            },
-            content_type: opt(&message.content_type),
-            content_encoding: opt(&message.content_encoding),
-            properties: properties.as_ptr(),
-            property_count: properties.len(),
-            creation_time_ms: message
-                .creation_time
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-                .unwrap_or(0),
-        };
+        let raw = raw_message(message, &properties);
         // SAFETY: every pointer in `raw` borrows from `message`/`properties`, alive for the call.
-        let code = unsafe { publish(api.ctx, &raw) };
-        match code {
-            abi::OK => Ok(()),
-            abi::ERR_RATE_LIMITED => Err(PublishError::RateLimited),
-            abi::ERR_STOPPING => Err(PublishError::Stopping),
-            abi::ERR_TOO_LARGE => Err(PublishError::TooLarge),
-            abi::ERR_INVALID_ARGUMENT => Err(PublishError::Invalid),
-            other => Err(PublishError::Other(other)),
+        publish_result(unsafe { publish(api.ctx, &raw) })
+    }
+
+    /// Whether the agent takes batches in one round trip (ABI 1.3). Without it
+    /// [`publish_batch`](Host::publish_batch) still works, one message at a time.
+    pub fn batch_offered(&self) -> bool {
+        let api = self.api();
+        api.struct_size >= abi::HOST_API_SIZE_V1_3 && api.publish_batch.is_some()
+    }
+
+    /// Queues several messages with one round trip to the agent (ABI 1.3) and returns each
+    /// one's outcome, in order: `Ok` means that message is on disk in the agent's queue, as
+    /// after [`publish`](Host::publish). Outcomes are per message: one over `max_rate`, too
+    /// large or invalid is refused alone and the others are still queued, in order. Use it when
+    /// readings come faster than one round trip each (hundreds a second or more); for an
+    /// occasional reading `publish` is as good. More than [`abi::MAX_BATCH`] messages are sent
+    /// as several batches; an agent older than 1.3 gets them one `publish` at a time.
+    pub fn publish_batch(&self, messages: &[Message]) -> Vec<Result<(), PublishError>> {
+        let api = self.api();
+        let batch = api
+            .publish_batch
+            .filter(|_| api.struct_size >= abi::HOST_API_SIZE_V1_3);
+        let Some(publish_batch) = batch else {
+            return messages.iter().map(|m| self.publish(m)).collect();
+        };
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for chunk in messages.chunks(abi::MAX_BATCH) {
+            let properties: Vec<Vec<abi::Property>> = chunk
+                .iter()
+                .map(|m| abi::Property::borrow_all(&m.properties))
+                .collect();
+            let raw: Vec<abi::Message> = chunk
+                .iter()
+                .zip(&properties)
+                .map(|(m, p)| raw_message(m, p))
+                .collect();
+            let pointers: Vec<*const abi::Message> = raw.iter().map(|m| m as *const _).collect();
+            let mut results = vec![abi::ERR_FAILED; chunk.len()];
+            // SAFETY: `pointers` has `chunk.len()` entries pointing into `raw`, whose pointers
+            // borrow from `chunk` and `properties`; `results` has as many entries; all outlive
+            // the call.
+            unsafe {
+                publish_batch(
+                    api.ctx,
+                    pointers.as_ptr(),
+                    pointers.len(),
+                    results.as_mut_ptr(),
+                )
+            };
+            outcomes.extend(results.into_iter().map(publish_result));
         }
+        outcomes
     }
 
     /// Sets the plugin's own reported properties (`reported.plugins.<name>.properties`): a JSON
@@ -1054,7 +1128,65 @@ mod tests {
             setting_bool: None,
             setting_duration_ms: None,
             report_properties: Some(refuse_properties),
+            publish_batch: Some(rate_limit_the_second),
         }
+    }
+
+    static BATCH_SIZES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    static SINGLE_PUBLISHES: AtomicI64 = AtomicI64::new(0);
+
+    /// A batch host that refuses the second message of each batch as over the rate.
+    unsafe extern "C" fn rate_limit_the_second(
+        _ctx: *mut c_void,
+        _messages: *const *const abi::Message,
+        count: usize,
+        results: *mut i32,
+    ) -> i32 {
+        BATCH_SIZES.lock().unwrap().push(count);
+        // SAFETY: the SDK passes `count` result slots.
+        let results = unsafe { std::slice::from_raw_parts_mut(results, count) };
+        for (i, r) in results.iter_mut().enumerate() {
+            *r = if i == 1 {
+                abi::ERR_RATE_LIMITED
+            } else {
+                abi::OK
+            };
+        }
+        abi::ERR_RATE_LIMITED
+    }
+
+    unsafe extern "C" fn count_publish(_ctx: *mut c_void, _message: *const abi::Message) -> i32 {
+        SINGLE_PUBLISHES.fetch_add(1, Ordering::SeqCst);
+        abi::OK
+    }
+
+    #[test]
+    fn a_batch_is_one_call_on_a_1_3_agent_and_one_publish_each_before() {
+        let mut api = table(abi::HOST_API_SIZE_V1_3);
+        api.publish = Some(count_publish);
+        // SAFETY: `api` outlives `host`.
+        let host = unsafe { Host::from_raw(&api) };
+        assert!(host.batch_offered());
+        let three = vec![Message::json("{}"); 3];
+        assert_eq!(
+            host.publish_batch(&three),
+            vec![Ok(()), Err(PublishError::RateLimited), Ok(())]
+        );
+        // Over MAX_BATCH: split into calls of at most MAX_BATCH.
+        let many = vec![Message::bytes(b"x".to_vec()); abi::MAX_BATCH + 2];
+        assert_eq!(host.publish_batch(&many).len(), abi::MAX_BATCH + 2);
+        assert_eq!(*BATCH_SIZES.lock().unwrap(), [3, abi::MAX_BATCH, 2]);
+        assert_eq!(SINGLE_PUBLISHES.load(Ordering::SeqCst), 0);
+
+        // A 1.2 agent's table ends before `publish_batch`, whatever lies beyond it.
+        let mut old = table(abi::HOST_API_SIZE_V1_2);
+        old.publish = Some(count_publish);
+        // SAFETY: as above.
+        let host = unsafe { Host::from_raw(&old) };
+        assert!(!host.batch_offered());
+        assert_eq!(host.publish_batch(&three), vec![Ok(()); 3]);
+        assert_eq!(SINGLE_PUBLISHES.load(Ordering::SeqCst), 3);
+        assert_eq!(BATCH_SIZES.lock().unwrap().len(), 3);
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl FakeHost {
             setting_bool: None,
             setting_duration_ms: None,
             report_properties: Some(report_properties),
+            publish_batch: Some(publish_batch),
         }));
         FakeHost { shared, api }
     }
@@ -249,6 +250,31 @@ fn text(s: abi::Str) -> String {
 
 fn optional_text(s: abi::Str) -> Option<String> {
     (!s.ptr.is_null()).then(|| text(s))
+}
+
+/// ABI 1.3: each message as `publish` takes it, in order.
+unsafe extern "C" fn publish_batch(
+    ctx: *mut c_void,
+    messages: *const *const abi::Message,
+    count: usize,
+    results: *mut i32,
+) -> i32 {
+    if ctx.is_null() || (count > 0 && messages.is_null()) {
+        return abi::ERR_INVALID_ARGUMENT;
+    }
+    let mut first_refusal = abi::OK;
+    for i in 0..count {
+        // SAFETY: `count` pointers, each to a message valid for the call.
+        let code = unsafe { publish(ctx, *messages.add(i)) };
+        if !results.is_null() {
+            // SAFETY: `results` has `count` entries.
+            unsafe { *results.add(i) = code };
+        }
+        if first_refusal == abi::OK {
+            first_refusal = code;
+        }
+    }
+    first_refusal
 }
 
 unsafe extern "C" fn publish(ctx: *mut c_void, message: *const abi::Message) -> i32 {

@@ -3,7 +3,10 @@
 //! first message), "panic" (panic in start), "worker-panic" (a worker panics after the first
 //! message), "hang" (start never returns), "freeze" (the whole process stops after the first
 //! message), "flood" (publish as fast as possible from 4 threads), "hog" (allocate until the
-//! memory limit ends it); `tag` (echoed in messages); `reject` (apply_settings refuses with this
+//! memory limit ends it), "batch" (publish `batch` messages, default 8, with one
+//! `publish_batch` every `interval`), "odd-batch" (one `publish_batch` of 25 messages at start,
+//! of which n = 3 is invalid (a property with an empty name) and n = 5 over 256 KiB, then
+//! nothing); `tag` (echoed in messages); `reject` (apply_settings refuses with this
 //! reason); `record` (a file: after each publish returns, the plugin appends `<run> <n> <result>`,
 //! where `run` identifies this plugin process and is also in every message's body and `run`
 //! property, so a test knows exactly which messages the agent acknowledged). "probe" (for the
@@ -25,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hubagent_plugin_sdk::{
-    C2dMessage, Host, Message, MethodAnswer, Plugin, PublishError, StartError, StopSignal,
+    C2dMessage, Host, Level, Message, MethodAnswer, Plugin, PublishError, StartError, StopSignal,
     export_plugin, parse_duration,
 };
 use serde_json::{Value, json};
@@ -36,6 +39,7 @@ struct Settings {
     tag: String,
     interval: Duration,
     record: Option<String>,
+    batch: usize,
     c2d_record: Option<String>,
     c2d_gate: Option<String>,
     c2d_refuse: bool,
@@ -48,6 +52,7 @@ fn parse(text: &str) -> Result<(Settings, Option<String>), String> {
         tag: v["tag"].as_str().unwrap_or("").to_string(),
         interval: parse_duration(v["interval"].as_str().unwrap_or("100ms"))?,
         record: v["record"].as_str().map(str::to_string),
+        batch: v["batch"].as_u64().unwrap_or(8) as usize,
         c2d_record: v["c2d_record"].as_str().map(str::to_string),
         c2d_gate: v["c2d_gate"].as_str().map(str::to_string),
         c2d_refuse: v["c2d_refuse"].as_bool().unwrap_or(false),
@@ -62,15 +67,17 @@ struct Misbehave {
     workers: Vec<JoinHandle<()>>,
 }
 
-fn publish_one(host: &Host, s: &Settings, run: &str, n: u64) -> Result<(), PublishError> {
-    let result = host.publish(
-        &Message::json(json!({"n": n, "tag": s.tag, "mode": s.mode, "run": run}).to_string())
-            .property("test", "misbehave")
-            .property("run", run),
-    );
+fn numbered_message(s: &Settings, run: &str, n: u64) -> Message {
+    Message::json(json!({"n": n, "tag": s.tag, "mode": s.mode, "run": run}).to_string())
+        .property("test", "misbehave")
+        .property("run", run)
+}
+
+/// Appends `<run> <n> <outcome>` to the record file, if the settings name one.
+fn record(s: &Settings, run: &str, n: u64, result: &Result<(), PublishError>) {
     if let Some(path) = &s.record {
         use std::io::Write;
-        let outcome = match &result {
+        let outcome = match result {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("{e:?}"),
         };
@@ -83,7 +90,43 @@ fn publish_one(host: &Host, s: &Settings, run: &str, n: u64) -> Result<(), Publi
         file.write_all(format!("{run} {n} {outcome}\n").as_bytes())
             .expect("the record file is writable");
     }
+}
+
+fn publish_one(host: &Host, s: &Settings, run: &str, n: u64) -> Result<(), PublishError> {
+    let result = host.publish(&numbered_message(s, run, n));
+    record(s, run, n, &result);
     result
+}
+
+/// Publishes messages `first..` with one `publish_batch` and records each outcome; "odd-batch"
+/// spoils n = 3 (invalid) and n = 5 (too large). `Err(Stopping)` if any was refused so.
+fn publish_batch(
+    host: &Host,
+    s: &Settings,
+    run: &str,
+    first: u64,
+    count: usize,
+) -> Result<(), PublishError> {
+    let numbers: Vec<u64> = (first..first + count as u64).collect();
+    let messages: Vec<Message> = numbers
+        .iter()
+        .map(|&n| {
+            let message = numbered_message(s, run, n);
+            match (s.mode.as_str(), n) {
+                ("odd-batch", 3) => message.property("", "a property needs a name"),
+                ("odd-batch", 5) => message.property("pad", "x".repeat(300 * 1024)),
+                _ => message,
+            }
+        })
+        .collect();
+    let outcomes = host.publish_batch(&messages);
+    for (n, result) in numbers.iter().zip(&outcomes) {
+        record(s, run, *n, result);
+    }
+    match outcomes.contains(&Err(PublishError::Stopping)) {
+        true => Err(PublishError::Stopping),
+        false => Ok(()),
+    }
 }
 
 /// "ok", or the errno's name the way C and Python spell it.
@@ -182,6 +225,10 @@ impl Plugin for Misbehave {
             }
             _ => {}
         }
+        if s.mode.contains("batch") {
+            let offered = host.batch_offered();
+            host.log(Level::Info, &format!("publish_batch offered: {offered}"));
+        }
         let stop = StopSignal::new();
         let settings = Arc::new(Mutex::new(s.clone()));
         let threads = if s.mode == "flood" { 4 } else { 1 };
@@ -213,7 +260,17 @@ impl Plugin for Misbehave {
                             hoard.push(vec![1u8; 16 * 1024 * 1024]);
                         }
                     }
-                    if let Err(PublishError::Stopping) = publish_one(&host, &s, &run, n) {
+                    let published = match s.mode.as_str() {
+                        "batch" => {
+                            let first = n;
+                            n += s.batch as u64 - 1;
+                            publish_batch(&host, &s, &run, first, s.batch)
+                        }
+                        "odd-batch" if n == 1 => publish_batch(&host, &s, &run, 1, 25),
+                        "odd-batch" => continue,
+                        _ => publish_one(&host, &s, &run, n),
+                    };
+                    if let Err(PublishError::Stopping) = published {
                         return;
                     }
                     match s.mode.as_str() {
