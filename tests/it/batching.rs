@@ -5,26 +5,11 @@
 //! least once across a `kill -9` of the agent in the middle of batching, under its own message
 //! id; and the hub bills far fewer blocks than the one per reading it would without batching.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use hubagent_tests::*;
 use serde_json::Value;
-
-/// The highest sequence number each run of the numbered exec plugin wrote, from its record.
-fn exec_record(path: &Path) -> BTreeMap<String, u64> {
-    let mut runs = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        if let Some((run, seq)) = line.split_once(' ')
-            && let Ok(seq) = seq.parse::<u64>()
-        {
-            let e = runs.entry(run.to_string()).or_insert(0);
-            *e = seq.max(*e);
-        }
-    }
-    runs
-}
 
 /// Notes how many readings the agent acknowledged to the plugin's current run (`published` in
 /// `hubagent plugins list`, under the run its pid names in the record).
@@ -35,7 +20,7 @@ fn note(agent: &AgentProcess, acked: &mut Acknowledged, record: &Path) -> u64 {
     let pid = plugin["pid"].as_u64().unwrap();
     let count = plugin["published"].as_u64().unwrap();
     let prefix = format!("{pid}-");
-    let runs = exec_record(record);
+    let runs = numbered_exec_record(record);
     let run: Vec<_> = runs.keys().filter(|r| r.starts_with(&prefix)).collect();
     assert_eq!(run.len(), 1, "one run for pid {pid}: {runs:?}");
     acked.note(run[0], count);

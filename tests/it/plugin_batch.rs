@@ -9,20 +9,6 @@ use std::time::Duration;
 
 use hubagent_tests::*;
 
-/// The plugin's record: what `publish_batch` said of each message, by `(run, n)`.
-fn record(path: &Path) -> BTreeMap<(String, u64), String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split(' ');
-            let run = parts.next()?.to_string();
-            let n = parts.next()?.parse().ok()?;
-            Some(((run, n), parts.next()?.to_string()))
-        })
-        .collect()
-}
-
 /// A hubsim and an agent configuration with the misbehave plugin as "library", its `settings`
 /// (TOML lines) and `limits` (TOML lines of the plugin table); the path of its record.
 struct Setup {
@@ -69,7 +55,7 @@ record = "{record}"
 /// Notes, per run, the highest message the plugin was told is stored (each batch's messages are
 /// all stored here, so those of a run are 1..=that).
 fn note_stored(acked: &mut Acknowledged, record_path: &Path) {
-    for ((run, n), outcome) in record(record_path) {
+    for ((run, n), outcome) in publish_answers(record_path) {
         if outcome == "ok" {
             acked.note(&run, n);
         }
@@ -116,7 +102,7 @@ async fn batched_messages_the_agent_stored_survive_kill_9() {
     let messages = || numbered(&sim, device, Some("library"), "n");
     // The new run publishes too; what it was told is stored until now arrives as well.
     assert!(
-        sim.wait_until(LONG_WAIT, |_| record(&s.record).len() as u64
+        sim.wait_until(LONG_WAIT, |_| publish_answers(&s.record).len() as u64
             >= stored_before_kill + 64)
             .await,
         "{}",
@@ -124,7 +110,7 @@ async fn batched_messages_the_agent_stored_survive_kill_9() {
     );
     note_stored(&mut acked, &s.record);
     let drained = drain(&agent, &acked, messages, Duration::from_secs(30)).await;
-    let records = record(&s.record);
+    let records = publish_answers(&s.record);
     let list = agent.plugins_list();
     assert_eq!(agent.stop(), Some(0));
 
@@ -164,12 +150,12 @@ async fn a_batch_gets_one_outcome_per_message() {
     agent.wait_log("publish_batch offered: true").await;
     let record_path = s.record.clone();
     assert!(
-        sim.wait_until(LONG_WAIT, |_| record(&record_path).len() >= 25)
+        sim.wait_until(LONG_WAIT, |_| publish_answers(&record_path).len() >= 25)
             .await,
         "{}",
         agent.log_text()
     );
-    let outcomes: BTreeMap<u64, String> = record(&s.record)
+    let outcomes: BTreeMap<u64, String> = publish_answers(&s.record)
         .into_iter()
         .map(|((_, n), outcome)| (n, outcome))
         .collect();

@@ -42,34 +42,6 @@ fn both_plugins_messages(sim: &hubsim::Sim, device: &str) -> Vec<Numbered> {
     .concat()
 }
 
-/// The library plugin's record: what each `publish` returned, by `(run, n)`.
-fn library_record(path: &Path) -> BTreeMap<(String, u64), String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split(' ');
-            let run = parts.next()?.to_string();
-            let n = parts.next()?.parse().ok()?;
-            Some(((run, n), parts.next()?.to_string()))
-        })
-        .collect()
-}
-
-/// The exec plugin's record: the highest sequence number each run wrote.
-fn exec_record(path: &Path) -> BTreeMap<String, u64> {
-    let mut runs = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        if let Some((run, seq)) = line.split_once(' ')
-            && let Ok(seq) = seq.parse::<u64>()
-        {
-            let e = runs.entry(run.to_string()).or_insert(0);
-            *e = seq.max(*e);
-        }
-    }
-    runs
-}
-
 /// The exec plugin's run id prefix (its pid) and the messages the agent acknowledged to it so
 /// far, from `hubagent plugins list`. The exec plugin must not have been restarted, so the
 /// counter is that one run's.
@@ -249,9 +221,9 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
     }
     // A last batch through the recovered session; what was acknowledged until the stop arrives
     // before it.
-    let target = library_record(&lib_record).len() + 20;
+    let target = publish_answers(&lib_record).len() + 20;
     assert!(
-        sim.wait_until(LONG_WAIT, |_| library_record(&lib_record).len() >= target)
+        sim.wait_until(LONG_WAIT, |_| publish_answers(&lib_record).len() >= target)
             .await
     );
     let (exec_pid_3, _) = note(&agent, &mut acked);
@@ -260,8 +232,8 @@ async fn outage_and_kill_9_lose_no_plugin_message() {
     assert_eq!(agent.stop(), Some(0));
 
     // The figures first (a failed check's too), counted from the producers' side.
-    let record = library_record(&lib_record);
-    let written = exec_record(&exec_record_path);
+    let record = publish_answers(&lib_record);
+    let written = numbered_exec_record(&exec_record_path);
     let delivery = Delivery::of(&acked, &messages());
     let lib_received = numbered(&sim, DEVICE, Some("library"), "n");
     let exec_received = numbered(&sim, DEVICE, Some("exec"), "seq");
@@ -341,8 +313,11 @@ fn note_acknowledged(
     exec_record_path: &Path,
 ) -> (u64, u64) {
     let (pid, count) = exec_acknowledged(agent);
-    acked.note(&run_of_pid(&exec_record(exec_record_path), pid), count);
-    for ((run, n), result) in library_record(lib_record) {
+    acked.note(
+        &run_of_pid(&numbered_exec_record(exec_record_path), pid),
+        count,
+    );
+    for ((run, n), result) in publish_answers(lib_record) {
         if result == "ok" {
             acked.note(&run, n);
         }
@@ -416,8 +391,8 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     // Once the agent says the library plugin is held back, its publish has not returned (and
     // the record line of the one before is written: same thread).
     wait_held(&agent, "library").await;
-    let held = library_record(&s.lib_record).len();
-    let exec_written = exec_record(&s.exec_record).values().sum::<u64>();
+    let held = publish_answers(&s.lib_record).len();
+    let exec_written = numbered_exec_record(&s.exec_record).values().sum::<u64>();
     let hold_until = Instant::now() + Duration::from_secs(8);
     while Instant::now() < hold_until {
         std::thread::sleep(Duration::from_millis(500));
@@ -428,12 +403,12 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
         );
     }
     assert_eq!(
-        library_record(&s.lib_record).len(),
+        publish_answers(&s.lib_record).len(),
         held,
         "the library plugin's publish stays held back"
     );
     // The exec plugin's writes block once the pipe is full (it may fill a pipe's worth first).
-    let exec_now = exec_record(&s.exec_record).values().sum::<u64>();
+    let exec_now = numbered_exec_record(&s.exec_record).values().sum::<u64>();
     let list = agent.plugins_list();
     for name in ["library", "exec"] {
         assert_eq!(list[name]["status"], "running", "{name}: {}", list[name]);
@@ -455,14 +430,14 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     assert!(
         sim.wait_until(Duration::from_secs(90), |x| {
             let got = arrived(x, device, "library", "n");
-            let record = library_record(&lib_record);
+            let record = publish_answers(&lib_record);
             record.len() >= target && record.keys().all(|k| got.contains(k))
         })
         .await,
         "{}",
         agent.log_text()
     );
-    assert!(exec_record(&s.exec_record).values().sum::<u64>() > exec_now);
+    assert!(numbered_exec_record(&s.exec_record).values().sum::<u64>() > exec_now);
     // Everything the agent acknowledged to either plugin before the stop arrives.
     let mut acked = Acknowledged::new();
     note_acknowledged(&agent, &mut acked, &s.lib_record, &s.exec_record);
@@ -471,7 +446,7 @@ async fn a_full_queue_with_reject_new_holds_plugins_back_and_loses_nothing() {
     let list = agent.plugins_list();
     let st = agent.status();
     // Read before the stop: a publish racing the stop may be refused, which is no failure.
-    let record = library_record(&s.lib_record);
+    let record = publish_answers(&s.lib_record);
     assert_eq!(agent.stop(), Some(0));
     drained.unwrap_or_else(|e| panic!("reject-new: {e}"));
     let refused: Vec<_> = record.iter().filter(|(_, r)| *r != "ok").collect();
@@ -538,10 +513,10 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
         "{peak}"
     );
     // Publishing never waited: the plugin's record kept growing at its pace.
-    let before = library_record(&s.lib_record).len();
+    let before = publish_answers(&s.lib_record).len();
     let lib_record = s.lib_record.clone();
     let deadline = Instant::now() + LONG_WAIT;
-    while library_record(&lib_record).len() < before + 20 {
+    while publish_answers(&lib_record).len() < before + 20 {
         assert!(
             Instant::now() < deadline,
             "the library plugin was held back"
@@ -556,7 +531,7 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     assert!(
         sim.wait_until(Duration::from_secs(90), |x| {
             let got = arrived(x, device, "library", "n");
-            let record = library_record(&lib_record);
+            let record = publish_answers(&lib_record);
             record.len() > before + 40 && record.keys().rev().take(20).all(|k| got.contains(k))
         })
         .await,
@@ -580,7 +555,7 @@ async fn a_full_queue_with_drop_oldest_keeps_the_newest_messages() {
     let st = agent.status();
     let list = agent.plugins_list();
     // Read before the stop: a publish racing the stop may be refused, which is no failure.
-    let record = library_record(&s.lib_record);
+    let record = publish_answers(&s.lib_record);
     assert_eq!(agent.stop(), Some(0));
 
     let refused: Vec<_> = record.iter().filter(|(_, r)| *r != "ok").collect();
@@ -660,11 +635,11 @@ async fn messages_older_than_max_age_are_dropped_and_counted() {
     );
     end_outage(&sim);
     let lib_record = s.lib_record.clone();
-    let before = library_record(&lib_record).len();
+    let before = publish_answers(&lib_record).len();
     assert!(
         sim.wait_until(LONG_WAIT, |x| {
             let got = arrived(x, device, "library", "n");
-            let record = library_record(&lib_record);
+            let record = publish_answers(&lib_record);
             record.len() > before + 10 && record.keys().rev().take(5).all(|k| got.contains(k))
         })
         .await,
@@ -784,7 +759,7 @@ async fn plugins_through_drops_refusals_and_a_kill_lose_nothing() {
     let messages = || both_plugins_messages(&sim, device);
     let drained = drain(&agent, &acked, messages, LONG_WAIT).await;
     // Read before the stop: a publish racing the stop may be refused, which is no failure.
-    let record = library_record(&s.lib_record);
+    let record = publish_answers(&s.lib_record);
     let log = agent.log_text();
     assert_eq!(agent.stop(), Some(0), "{log}");
     let delivery = Delivery::of(&acked, &messages());

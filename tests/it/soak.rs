@@ -217,20 +217,6 @@ fn library_acknowledged(path: &Path) -> BTreeMap<String, u64> {
     runs
 }
 
-/// The exec plugin's record: the highest sequence number each run wrote.
-fn exec_written(path: &Path) -> BTreeMap<String, u64> {
-    let mut runs = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        if let Some((run, seq)) = line.split_once(' ')
-            && let Ok(seq) = seq.parse::<u64>()
-        {
-            let e = runs.entry(run.to_string()).or_insert(0);
-            *e = seq.max(*e);
-        }
-    }
-    runs
-}
-
 /// Every numbered message hubsim received from the three producers.
 fn messages(sim: &hubsim::Sim, device: &str) -> Vec<Numbered> {
     [
@@ -292,7 +278,7 @@ async fn soak(name: &str, duration: Duration, period: Duration) {
     }
     let list = agent.plugins_list();
     let exec = &list["exec"];
-    let written = exec_written(&s.exec_record);
+    let written = numbered_exec_record(&s.exec_record);
     let current = format!("{}-", exec["pid"].as_u64().expect("the exec plugin runs"));
     let mut before_current = 0;
     for (run, n) in &written {

@@ -339,6 +339,35 @@ while True:
     time.sleep(settings["interval"])
 "#;
 
+/// The record of [`NUMBERED_EXEC_PLUGIN`]: the highest sequence number each run wrote.
+pub fn numbered_exec_record(path: &std::path::Path) -> BTreeMap<String, u64> {
+    let mut runs = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some((run, seq)) = line.split_once(' ')
+            && let Ok(seq) = seq.parse::<u64>()
+        {
+            let e = runs.entry(run.to_string()).or_insert(0);
+            *e = seq.max(*e);
+        }
+    }
+    runs
+}
+
+/// The record the `misbehave` test plugin keeps in its publishing modes: what the agent answered
+/// each message (`ok` or the error), by `(run, n)`, from its `<run> <n> <answer>` lines.
+pub fn publish_answers(path: &std::path::Path) -> BTreeMap<(String, u64), String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            let run = parts.next()?.to_string();
+            let n = parts.next()?.parse().ok()?;
+            Some(((run, n), parts.next()?.to_string()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
