@@ -2327,10 +2327,25 @@ fn set_open_file_limit(pid: u32, soft: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_open_file_limit_reached() {
     let id = "fault-fds";
+    // An exec plugin beside the sensor, restarted quickly and never quarantined here: the one
+    // killed while the agent is at its limit cannot be started again until the limit is raised.
+    let ticker = r#"i=0; while :; do i=$((i+1)); echo "{\"body\":{\"n\":$i},\"properties\":{\"run\":\"$$\"}}"; sleep 0.05; done"#;
+    let extra = format!(
+        "[queue]\nmax_bytes = \"64KiB\"\n\n[[plugin]]\nname = \"ticker\"\nkind = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {ticker:?}]\nrestart_backoff = \"200ms\"\nrestart_backoff_max = \"1s\"\nquarantine_after = 1000\n\n"
+    );
     // 4 KiB segments: the queue needs a new file within a second.
-    let mut s = Scenario::new(id, "[queue]\nmax_bytes = \"64KiB\"\n").await;
+    let mut s = Scenario::new(id, &extra).await;
     let mut agent = s.start();
     s.wait_telemetry(&agent, 10).await;
+    let ticks = |sim: &hubsim::Sim| numbered(sim, id, Some("ticker"), "n");
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| !ticks(sim).is_empty())
+            .await,
+        "the ticker plugin published nothing:\n{}",
+        agent.log_text()
+    );
+    let ticker_pid = agent.plugins_list()["ticker"]["pid"].as_i64().unwrap() as i32;
     let pid = agent.child.id();
     // No new descriptor at all (0, 1 and 2 are taken): what it has open goes on working.
     set_open_file_limit(pid, 3);
@@ -2353,6 +2368,16 @@ async fn the_open_file_limit_reached() {
         std::os::unix::net::UnixStream::connect(s.dir.path().join("control.sock")).unwrap();
     agent
         .wait_log("the control socket cannot take a connection")
+        .await;
+    // A plugin process that ends at the limit cannot be started again: its failure names it.
+    let runs_before: std::collections::BTreeSet<String> =
+        ticks(s.sim()).into_iter().map(|t| t.run).collect();
+    // SAFETY: kill(2) with a pid the agent reported for its plugin, still running.
+    assert_eq!(unsafe { libc::kill(ticker_pid, libc::SIGKILL) }, 0);
+    agent
+        .wait_log_line("no plugin start failure naming the open-file limit", |l| {
+            l.contains("cannot start the plugin process") && l.contains("RLIMIT_NOFILE = 3")
+        })
         .await;
     let cpu = cpu_seconds(pid);
     let since = Instant::now();
@@ -2386,11 +2411,21 @@ async fn the_open_file_limit_reached() {
         "no readings after the limit was raised:\n{}",
         agent.log_text()
     );
+    // The plugin is started again and publishes from its new run.
+    assert!(
+        s.sim()
+            .wait_until(LONG_WAIT, |sim| ticks(sim)
+                .iter()
+                .any(|t| !runs_before.contains(&t.run)))
+            .await,
+        "the ticker plugin did not come back after the limit was raised:\n{}",
+        agent.log_text()
+    );
     s.finish(
         agent,
         "open-file-limit",
         json!({
-            "scenario": "open-file limit lowered under what the agent had open (no new descriptor), hub connection dropped, a control connection waiting; then raised; 20 msg/s",
+            "scenario": "open-file limit lowered under what the agent had open (no new descriptor), hub connection dropped, a control connection waiting, a plugin process killed; then raised; 20 msg/s",
             "cpu_at_limit_percent": cpu_percent,
         }),
     )

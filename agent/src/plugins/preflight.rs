@@ -108,8 +108,9 @@ fn probe_library(
     }
     let mut child = command.spawn().map_err(|e| {
         ProbeFailure::Probe(format!(
-            "cannot start {} to try the library: {e}",
-            agent.display()
+            "cannot start {} to try the library: {e}{}",
+            agent.display(),
+            crate::util::fs::limit_hint(&e)
         ))
     })?;
     let deadline = Instant::now() + PROBE_TIMEOUT;

@@ -177,9 +177,10 @@ impl ChildProcess {
             // reaches the agent, which stops its plugins in order, instead of killing them all
             // at once. PR_SET_PDEATHSIG still ends them with the agent.
             .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start the plugin process: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let limit = crate::util::fs::limit_hint(&e);
+            format!("cannot start the plugin process: {e}{limit}")
+        })?;
         let pid = child.id().unwrap_or(0);
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
