@@ -16,6 +16,8 @@
 //! `soak_in_ci` runs the short version (about 30 s of cycles). `soak_for_hours` is the long one
 //! (ignored; `HUBAGENT_SOAK_MINUTES`, default 60), one command in docs/reliability.md.
 
+mod soak_accelerated;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
