@@ -9,7 +9,7 @@
 //! Ignored (minutes of real time); one command in docs/reliability.md:
 //! `HUBAGENT_TIMESOAK_HOURS` (clock hours, default 24) at `HUBAGENT_TIMESOAK_FACTOR` (default 60).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,19 +21,6 @@ use super::{RESOURCES, date_utc, library_acknowledged};
 
 /// The agent and its library plugin's process (the sensor is built in).
 const PROCESSES: u64 = 2;
-
-/// Debian's libfaketime (tests/setup.sh installs it).
-fn libfaketime() -> PathBuf {
-    [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib",
-    ]
-    .iter()
-    .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
-    .find(|p| p.exists())
-    .expect("libfaketime.so.1 not found: install Debian's libfaketime (tests/setup.sh)")
-}
 
 fn env_number(name: &str, default: f64) -> f64 {
     match std::env::var(name) {
@@ -186,15 +173,13 @@ async fn soak_in_accelerated_time() {
     // The enrollment is written by an in-process hubsim on the state directory, which the
     // hubsim process then serves: no management call has to outlive the accelerated clock.
     let dir = tempfile::tempdir().unwrap();
-    let (config, ca) = {
+    let config = {
         let running = start_sim(dir.path()).await;
         let (config, _key) = enrolled_agent(dir.path(), &running, device);
-        let ca = running.ca_pem_path.clone();
         running.shutdown();
-        (config, ca)
+        config
     };
     let sim = HubsimProcess::start(&dir.path().join("hubsim"), factor);
-    assert!(ca.exists());
 
     let library = install_plugin(dir.path(), &built_library("hubagent_test_misbehave"), 0o644);
     let records = dir.path().join("records");
