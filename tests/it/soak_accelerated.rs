@@ -1,5 +1,6 @@
 //! The soak in accelerated time (issue #21): what runs on a clock rather than per event. hubsim
-//! in its own process and the agent (with the built-in sensor and the library plugin) both run
+//! in its own process and the agent (with the built-in sensor and the library plugin, whose
+//! process the agent starts with a clean environment: on the real clock) both run
 //! under libfaketime at one speed factor (`FAKETIME="+0 xFACTOR"`), sharing one time base, for
 //! many hours of their clock: 1 h SAS tokens renewed on their own schedule, the twin's reports,
 //! the queue's timers, whatever else waits on tokio's timers. It asserts what the soak asserts
