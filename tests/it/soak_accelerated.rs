@@ -162,6 +162,18 @@ impl HubsimProcess {
     }
 }
 
+/// A test that failed half-way does not leave hubsim running (best effort: it already failed).
+impl Drop for HubsimProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.wrapper.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+            let _ = self.wrapper.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes to hours: run it alone (docs/reliability.md)"]
 async fn soak_in_accelerated_time() {
@@ -240,6 +252,7 @@ record = "{lib_record}"
     // One cycle per clock hour, ending with a quiet sample: connected, the queue drained.
     while (hour as f64) < hours {
         sampler.set_cycle(hour);
+        // The run's length in real time, not a wait for a condition.
         let end = started + clock_hour * (hour + 1);
         tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
         agent
