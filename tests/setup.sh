@@ -11,13 +11,14 @@ as_root() {
 
 # Debian packages: the venv module, and what the TPM and system tests use (swtpm, tpm2-tools,
 # systemd-nspawn, mmdebstrap, lintian, dpkg-dev for packaging/check-depends.sh's dpkg-shlibdeps),
-# libfaketime for the clock-jump fault scenarios, tinyproxy, the real HTTP proxy of the proxy
+# libfaketime for the clock-jump fault scenarios, faketime (its wrapper, which shares one
+# accelerated clock between hubsim and the agent in the ignored accelerated soak), tinyproxy, the real HTTP proxy of the proxy
 # tests, iproute2 (`ip netns`) for the scenario whose only way out is that proxy, Debian's python3
 # for exec plugins (the plugin sandbox lets them execute from /usr), and prometheus-node-exporter,
 # which serves the agent's metrics file in a test, and pandoc, which makes hubagent.toml(5) from
 # docs/configuration.md when the package is built (packaging/man/manuals.sh). Installed only when
 # something is missing.
-packages=(python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime tinyproxy iproute2 prometheus-node-exporter pandoc)
+packages=(python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config systemd-container mmdebstrap lintian dpkg-dev libfaketime faketime tinyproxy iproute2 prometheus-node-exporter pandoc)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

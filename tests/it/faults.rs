@@ -874,19 +874,6 @@ async fn disk_full_on_the_state_dir() {
     .await;
 }
 
-/// libfaketime from Debian's `libfaketime` package (tests/setup.sh installs it).
-fn libfaketime() -> std::path::PathBuf {
-    std::fs::read_dir("/usr/lib")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("faketime/libfaketime.so.1"))
-        .chain([std::path::PathBuf::from(
-            "/usr/lib/faketime/libfaketime.so.1",
-        )])
-        .find(|p| p.exists())
-        .expect("libfaketime.so.1 not found: install Debian's libfaketime (tests/setup.sh)")
-}
-
 /// Sets the agent's wall-clock offset ("+3h", "-2h", "+0"), or a start time it runs on from
 /// ("@1970-01-01 00:00:05"); libfaketime rereads it on every clock call. Written atomically so
 /// the agent never reads half a file.

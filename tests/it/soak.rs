@@ -15,6 +15,10 @@
 //!
 //! `soak_in_ci` runs the short version (about 30 s of cycles). `soak_for_hours` is the long one
 //! (ignored; `HUBAGENT_SOAK_MINUTES`, default 60), one command in docs/reliability.md.
+//! `soak_accelerated` compresses time instead of events: hubsim and the agent under one
+//! accelerated libfaketime clock (ignored; docs/reliability.md).
+
+mod soak_accelerated;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

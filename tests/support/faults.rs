@@ -79,3 +79,16 @@ pub fn record_reliability(name: &str, figures: &serde_json::Value) {
     )
     .unwrap();
 }
+
+/// libfaketime from Debian's `libfaketime` package (tests/setup.sh installs it).
+pub fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )])
+        .find(|p| p.exists())
+        .expect("libfaketime.so.1 not found: install Debian's libfaketime (tests/setup.sh)")
+}
