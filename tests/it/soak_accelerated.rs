@@ -376,9 +376,9 @@ async fn soak_accelerated(name: &str, credential: Credential) {
     let records = dir.path().join("records");
     std::fs::create_dir(&records).unwrap();
     let lib_record = records.join("library.record");
-    // Default SAS tokens (1 h) and renewal; messages expire after 2 clock hours in the queue,
-    // whose segments are a 16th of it (16 KiB): they roll every hour or so, so that the segment
-    // being written (kept until it rolls) does not grow through the run.
+    // Default renewal (of 1 h SAS tokens or issued certificates); messages expire after 2 clock
+    // hours in the queue, whose segments are a 16th of it (16 KiB): they roll every hour or so,
+    // so that the segment being written (kept until it rolls) does not grow through the run.
     let plugins = format!(
         r#"
 [queue]
