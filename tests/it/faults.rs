@@ -1950,24 +1950,11 @@ async fn state_files_cut_short_by_a_power_cut() {
 
 /// A scenario whose enrollment has DPS issue the agent its hub certificate
 /// (`[provisioning.issued_certificate]`, hubsim's CA signing the agent's CSRs, valid an hour),
-/// as tests/it/renewal.rs sets it up.
+/// as tests/it/renewal.rs sets it up (support::issuing_agent).
 async fn issuing_scenario(id: &str) -> Scenario {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
-    let ca_dir = dir.path().join("issuing-ca");
-    hubsim::pki::issue(hubsim::pki::CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
-    let keys = key_pair();
-    Enrollment::symmetric_key(&keys)
-        .with(|c| {
-            c.certificate_issuance = Some(hubsim::state::CertificateIssuance {
-                issuer_dir: ca_dir.clone(),
-                validity_seconds: 3600,
-            })
-        })
-        .individual(&running.sim, id);
-    let key_file = write_key(dir.path(), "device.key", &keys.primary_key);
-    let agent = AgentConfig::symmetric_key(dir.path(), &running, id, &key_file)
-        .extra("[provisioning.issued_certificate]\n");
+    let agent = issuing_agent(dir.path(), &running, id, 3600, "");
     Scenario::with_config(dir, running, id, agent)
 }
 

@@ -39,20 +39,7 @@ fn issuing_agent_with(
     validity_seconds: u64,
     issued: &str,
 ) -> PathBuf {
-    let ca_dir = dir.join("issuing-ca");
-    issue(CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
-    let keys = key_pair();
-    Enrollment::symmetric_key(&keys)
-        .with(|c| {
-            c.certificate_issuance = Some(hubsim::state::CertificateIssuance {
-                issuer_dir: ca_dir.clone(),
-                validity_seconds,
-            })
-        })
-        .individual(&running.sim, id);
-    let key_file = write_key(dir, "device.key", &keys.primary_key);
-    AgentConfig::symmetric_key(dir, running, id, &key_file)
-        .extra(&format!("[provisioning.issued_certificate]\n{issued}"))
+    hubagent_tests::issuing_agent(dir, running, id, validity_seconds, issued)
         .extra(&builtin_sensor("200ms"))
         .write()
 }

@@ -361,24 +361,7 @@ async fn soak(name: &str, duration: Duration, period: Duration) {
     assert_eq!(exec["dropped"], 0, "no exec line refused: {exec}");
     assert_eq!(list["library"]["dropped"], 0, "{}", list["library"]);
     assert_eq!(status["queue"]["dropped_full"], 0, "{status}");
-    let verdicts = verdicts.unwrap_or_else(|e| panic!("{name}: {e}"));
-    println!("{}", resources::table(&verdicts));
-    let grew: Vec<String> = verdicts
-        .iter()
-        .filter(|v| v.grew())
-        .map(|v| {
-            format!(
-                "{}: peak {} in the last third, {} in the middle third (allowed {})",
-                v.name, v.last_peak, v.middle_peak, v.allowed
-            )
-        })
-        .collect();
-    assert!(
-        grew.is_empty(),
-        "{name}: resources grew after warm-up (samples in {}):\n{}",
-        csv_path.display(),
-        grew.join("\n")
-    );
+    resources::assert_none_grew(name, verdicts, "after warm-up", &csv_path);
 }
 
 /// One cycle of the compressed life; ends with a quiet sample.

@@ -281,23 +281,13 @@ async fn enrolled(dir: &Path, device: &str, credential: Credential) -> AgentConf
     let running = start_sim(dir).await;
     let config = match credential {
         Credential::Sas => enrolled_agent(dir, &running, device).0,
-        Credential::IssuedCertificate => {
-            let ca_dir = dir.join("issuing-ca");
-            hubsim::pki::issue(hubsim::pki::CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
-            let keys = key_pair();
-            Enrollment::symmetric_key(&keys)
-                .with(|c| {
-                    c.certificate_issuance = Some(hubsim::state::CertificateIssuance {
-                        issuer_dir: ca_dir.clone(),
-                        validity_seconds: ISSUED_VALIDITY_SECONDS,
-                    })
-                })
-                .individual(&running.sim, device);
-            let key_file = write_key(dir, "device.key", &keys.primary_key);
-            AgentConfig::symmetric_key(dir, &running, device, &key_file).extra(&format!(
-                "[provisioning.issued_certificate]\nrenew_at = {RENEW_AT}\n"
-            ))
-        }
+        Credential::IssuedCertificate => issuing_agent(
+            dir,
+            &running,
+            device,
+            ISSUED_VALIDITY_SECONDS,
+            &format!("renew_at = {RENEW_AT}\n"),
+        ),
     };
     running.shutdown();
     config
@@ -625,22 +615,5 @@ record = "{lib_record}"
         reported as f64 >= hours * 60.0 / 2.0,
         "reported properties at $version {reported} after {hours} clock hours"
     );
-    let verdicts = verdicts.unwrap_or_else(|e| panic!("{name}: {e}"));
-    println!("{}", resources::table(&verdicts));
-    let grew: Vec<String> = verdicts
-        .iter()
-        .filter(|v| v.grew())
-        .map(|v| {
-            format!(
-                "{}: peak {} in the last third, {} in the middle third (allowed {})",
-                v.name, v.last_peak, v.middle_peak, v.allowed
-            )
-        })
-        .collect();
-    assert!(
-        grew.is_empty(),
-        "{name}: resources grew after the first hour (samples in {}):\n{}",
-        csv_path.display(),
-        grew.join("\n")
-    );
+    resources::assert_none_grew(name, verdicts, "after the first hour", &csv_path);
 }

@@ -169,6 +169,33 @@ pub fn enrolled_agent(
     (config, key)
 }
 
+/// Enrolls `registration_id` with a symmetric key and has DPS issue it a hub certificate valid
+/// `validity_seconds` (hubsim's CA, made in `dir/issuing-ca`, signing its CSRs); returns the
+/// configuration of an agent using it, with `issued` as the body of
+/// `[provisioning.issued_certificate]`, to complete and write.
+pub fn issuing_agent(
+    dir: &Path,
+    running: &hubsim::Running,
+    registration_id: &str,
+    validity_seconds: u64,
+    issued: &str,
+) -> AgentConfig {
+    let ca_dir = dir.join("issuing-ca");
+    hubsim::pki::issue(hubsim::pki::CertKind::Root, "issuing-ca", &ca_dir, None).unwrap();
+    let keys = crate::key_pair();
+    crate::Enrollment::symmetric_key(&keys)
+        .with(|c| {
+            c.certificate_issuance = Some(hubsim::state::CertificateIssuance {
+                issuer_dir: ca_dir.clone(),
+                validity_seconds,
+            })
+        })
+        .individual(&running.sim, registration_id);
+    let key_file = write_key(dir, "device.key", &keys.primary_key);
+    AgentConfig::symmetric_key(dir, running, registration_id, &key_file)
+        .extra(&format!("[provisioning.issued_certificate]\n{issued}"))
+}
+
 /// An enrolled agent's configuration with `plugins` (TOML `[[plugin]]` tables) appended. With
 /// `allow_unsafe`, `[agent] allow_unsafe_plugin_paths = true` (honoured only when not root).
 pub fn plugin_agent_config(

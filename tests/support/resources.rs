@@ -348,6 +348,34 @@ pub fn table(verdicts: &[Verdict]) -> String {
     out
 }
 
+/// Fails the soak `name` if any resource grew after `warm_up` (named in the message, e.g. "after
+/// warm-up"), listing each with its peaks; prints the table of all first.
+pub fn assert_none_grew(
+    name: &str,
+    verdicts: Result<Vec<Verdict>, String>,
+    warm_up: &str,
+    samples_csv: &Path,
+) {
+    let verdicts = verdicts.unwrap_or_else(|e| panic!("{name}: {e}"));
+    println!("{}", table(&verdicts));
+    let grew: Vec<String> = verdicts
+        .iter()
+        .filter(|v| v.grew())
+        .map(|v| {
+            format!(
+                "{}: peak {} in the last third, {} in the middle third (allowed {})",
+                v.name, v.last_peak, v.middle_peak, v.allowed
+            )
+        })
+        .collect();
+    assert!(
+        grew.is_empty(),
+        "{name}: resources grew {warm_up} (samples in {}):\n{}",
+        samples_csv.display(),
+        grew.join("\n")
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
