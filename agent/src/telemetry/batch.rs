@@ -222,10 +222,12 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
 /// bodies, and what does not follow the rules in `except`.
 fn batch_body(readings: &[TelemetryMessage], common: &[(String, String)]) -> Vec<u8> {
     let ids = base_and_number(&readings[0].message_id);
-    let base_time = readings[0]
-        .creation_time
-        .as_deref()
-        .and_then(|text| Some((text, whole_millis(text)?)));
+    // Each reading's time in whole milliseconds, where it has one the batch can derive.
+    let millis: Vec<_> = readings
+        .iter()
+        .map(|r| r.creation_time.as_deref().and_then(whole_millis))
+        .collect();
+    let base_time = readings[0].creation_time.as_deref().zip(millis[0]);
     let mut out =
         Vec::with_capacity(readings.iter().map(|r| r.body.len() + 4).sum::<usize>() + 128);
     out.push(b'{');
@@ -238,11 +240,11 @@ fn batch_body(readings: &[TelemetryMessage], common: &[(String, String)]) -> Vec
         out.extend_from_slice(b"\"time\":");
         put_string(&mut out, text);
         out.extend_from_slice(b",\"ms\":[");
-        for (i, reading) in readings.iter().enumerate() {
+        for (i, ms) in millis.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            match reading.creation_time.as_deref().and_then(whole_millis) {
+            match ms {
                 Some(ms) => out.extend_from_slice((ms - base_ms).to_string().as_bytes()),
                 None => out.extend_from_slice(b"null"),
             }
@@ -268,18 +270,12 @@ fn batch_body(readings: &[TelemetryMessage], common: &[(String, String)]) -> Vec
                 out.push(b'"');
             }
         }
-        let derived_id = ids.and_then(|(base, first)| {
-            let n = first.checked_add(i as u64)?;
-            Some(format!("{base}-{n}"))
-        });
-        let own_time = match (&reading.creation_time, base_time) {
-            (Some(text), Some(_)) if whole_millis(text).is_some() => None,
-            (time, _) => time.as_deref(),
-        };
+        let derived_id = ids.and_then(|(base, first)| Some((base, first.checked_add(i as u64)?)));
+        let time_derived = base_time.is_some() && millis[i].is_some();
         let fields = Exception {
-            id: (derived_id.as_deref() != Some(reading.message_id.as_str()))
+            id: (base_and_number(&reading.message_id) != derived_id)
                 .then_some(reading.message_id.as_str()),
-            time: own_time,
+            time: reading.creation_time.as_deref().filter(|_| !time_derived),
             props: reading
                 .properties
                 .iter()
