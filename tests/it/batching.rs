@@ -140,6 +140,13 @@ record = "{record}"
         "{}",
         agent.log_text()
     );
+    // The readings the queue held at the kill may make up those 200: the new run must have
+    // published too before its count is read.
+    agent
+        .wait_plugins("the restarted plugin published", |list| {
+            list["sensor"]["published"].as_u64() >= Some(1)
+        })
+        .await;
     note(&agent, &mut acked, &record);
     let drained = drain(&agent, &acked, messages, Duration::from_secs(30)).await;
     let log = agent.log_text();
