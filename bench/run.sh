@@ -3,7 +3,7 @@
 # plugins in release mode, makes sure Azure's Python SDK is in target/interop-venv, then runs
 # bench/run.py, which prints the table. Arguments go to run.py: --runs N, --quick, --write-doc,
 # --keep, --throughput-only, --backlog-only, --backlog N, --hubsim-only (row 5 alone), --billing-only
-# (row 6 alone: billed 4 KB blocks per 1,000 readings, alone, batched, batched + gzip), --hubsim PATH
+# (row 6 alone: billed 4 KB blocks per 1,000 readings, alone, batched at 4 KB and 64 KiB, batched + gzip), --hubsim PATH
 # (row 5 of another hubsim). Needs TCP port 8883 free on 127.0.0.1 (waits up to 10 minutes for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,6 +18,7 @@ use super::PluginStatus;
 use super::library::PluginMessage;
 use crate::config::plugin::{Kind, PluginSpec};
 use crate::message::TelemetryMessage;
+use crate::telemetry::batch::{ReadingIds, now_millis_rfc3339};
 use crate::telemetry::{DurablePublisher, QueueError};
 
 /// How often a message held back by a full queue is tried again.
@@ -146,6 +147,8 @@ pub struct Outlet {
     publisher: DurablePublisher,
     status: Arc<Mutex<PluginStatus>>,
     rate: TokenBucket,
+    /// The message ids of its readings: one base, numbered on (a batch carries them as a run).
+    ids: ReadingIds,
     /// Messages not queued yet, in order, with the answer their publish waits for: the queue is
     /// full (`reject-new`) or the disk is, or (exec plugins) the message waits for its rate.
     held: VecDeque<Held>,
@@ -172,6 +175,7 @@ impl Outlet {
             publisher,
             status,
             rate: TokenBucket::new(spec.limits.max_rate, spec.limits.burst),
+            ids: ReadingIds::default(),
             held: VecDeque::new(),
             held_back: None,
             front_counted: false,
@@ -280,15 +284,11 @@ impl Outlet {
             properties.push(("source".into(), self.name.clone()));
         }
         Ok(TelemetryMessage {
-            message_id: uuid::Uuid::new_v4().to_string(),
+            message_id: self.ids.next_id(),
             body: message.body.into(),
             content_type: message.content_type,
             content_encoding: message.content_encoding,
-            creation_time: Some(
-                message
-                    .creation_time
-                    .unwrap_or_else(crate::util::time::now_rfc3339),
-            ),
+            creation_time: Some(message.creation_time.unwrap_or_else(now_millis_rfc3339)),
             properties,
         })
     }

@@ -1,20 +1,30 @@
 //! Several queued readings of one source packed into one hub message, so the hub, which bills in
 //! 4 KB blocks, bills a block per few dozen readings instead of one per reading. The format is
-//! the consumers' contract (docs/configuration.md, "Batching to the hub"):
+//! the consumers' contract (docs/configuration.md, "Batching to the hub"), format 2:
 //!
-//! * body `{"readings":[{"id":…,"time":…,"props":{…},"body":<JSON>},…]}` (UTF-8 JSON, or gzipped);
-//!   a reading whose body is not JSON carries `"bodyBase64"` and its own `contentType` and
-//!   `contentEncoding` instead of `"body"`;
+//! * body (UTF-8 JSON, or gzipped) `{"idBase":…,"idFirst":…,"time":…,"ms":[…],"readings":[…],
+//!   "except":{…}}`: `readings` holds the readings' JSON bodies in queue order; reading `i`'s
+//!   message id is `<idBase>-<idFirst + i>` and its creation time `time` + `ms[i]` milliseconds,
+//!   unless `except["i"]` says otherwise. `except` holds, by index, only what does not follow
+//!   these rules: an `id`, a `time` (then `ms[i]` is null), own `props`, `"base64": true` (the
+//!   element is the body in base64: it is not JSON) and a `contentType`/`contentEncoding` other
+//!   than `application/json`/`utf-8` (null: none);
 //! * system properties `$.ct = application/json`, `$.ce = utf-8` (or `gzip`), `$.ctime` of the
 //!   first reading and a `$.mid` of its own;
 //! * application properties: those every reading of the batch has with the same value (`source`
-//!   among them: they stay routable), and `hubagent-batch` = the number of readings; `props` of a
-//!   reading holds only the others.
+//!   among them: they stay routable), `hubagent-batch` = the number of readings and
+//!   `hubagent-batch-format` = `2`.
+//!
+//! The ids and times are what make a reading identifiable: the ids are the queue's (the outlet
+//! numbers a run of ids from one base, [`ReadingIds`]), so a reading sent again after a crash, in
+//! a batch cut differently, has the same id.
 
 use std::collections::HashMap;
 use std::io::Write;
 
 use base64::Engine;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::config::batch::BatchSpec;
 use crate::config::plugin::PluginSpec;
@@ -22,8 +32,76 @@ use crate::message::TelemetryMessage;
 
 /// The application property that marks a batch and counts its readings.
 pub const BATCH_PROPERTY: &str = "hubagent-batch";
+/// The application property naming the batch's format version ([`FORMAT`]).
+pub const FORMAT_PROPERTY: &str = "hubagent-batch-format";
+/// This module's format. Format 1 (no `hubagent-batch-format`) had an object per reading.
+pub const FORMAT: &str = "2";
 /// The application property naming a reading's source (the plugin), set by the plugin outlet.
 pub const SOURCE_PROPERTY: &str = "source";
+/// The content type and encoding a reading of a batch has unless `except` says otherwise.
+const JSON_TYPE: &str = "application/json";
+const UTF8: &str = "utf-8";
+
+/// The message ids a plugin outlet gives its readings: `<base>-<n>`, one random UUID as the base
+/// per outlet and `n` counting from 1, so that a batch names the ids of consecutive readings by
+/// the base and the first number. The id is stamped before the reading is queued and stored with
+/// it, so it never depends on how the reading is packed.
+pub struct ReadingIds {
+    base: String,
+    next: u64,
+}
+
+impl Default for ReadingIds {
+    fn default() -> ReadingIds {
+        ReadingIds {
+            base: uuid::Uuid::new_v4().to_string(),
+            next: 1,
+        }
+    }
+}
+
+impl ReadingIds {
+    pub fn next_id(&mut self) -> String {
+        let id = format!("{}-{}", self.base, self.next);
+        self.next += 1;
+        id
+    }
+}
+
+/// The base and number of an id of the form `<base>-<n>` (`n` decimal, as [`ReadingIds`] writes
+/// it).
+fn base_and_number(id: &str) -> Option<(&str, u64)> {
+    let (base, digits) = id.rsplit_once('-')?;
+    let n: u64 = digits.parse().ok()?;
+    (!base.is_empty() && n.to_string() == digits).then_some((base, n))
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time that a batch can give as an offset: a whole
+/// millisecond that formats back to exactly `text` (as the outlet stamps times).
+fn whole_millis(text: &str) -> Option<i64> {
+    let nanos = OffsetDateTime::parse(text, &Rfc3339)
+        .ok()?
+        .unix_timestamp_nanos();
+    let millis = i64::try_from(nanos / 1_000_000).ok()?;
+    (nanos % 1_000_000 == 0 && format_millis(millis)? == text).then_some(millis)
+}
+
+fn format_millis(millis: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
+}
+
+/// Now, to the millisecond, as the outlet stamps a reading's creation time: a batch carries it
+/// as a millisecond offset.
+pub fn now_millis_rfc3339() -> String {
+    let millis = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    i64::try_from(millis)
+        .ok()
+        .and_then(format_millis)
+        .unwrap_or_default()
+}
 
 /// Which sources batch, and how: from the `[[plugin]]` tables.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -101,15 +179,7 @@ pub fn pack(readings: &[TelemetryMessage], spec: &BatchSpec) -> (usize, Telemetr
 /// One hub message carrying `readings` (all of one source), in order.
 pub fn encode(readings: &[TelemetryMessage], gzip: bool) -> TelemetryMessage {
     let common = common_properties(readings);
-    let mut body = Vec::with_capacity(readings.iter().map(|r| r.body.len() + 96).sum());
-    body.extend_from_slice(b"{\"readings\":[");
-    for (i, reading) in readings.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        write_reading(&mut body, reading, &common);
-    }
-    body.extend_from_slice(b"]}");
+    let body = batch_body(readings, &common);
     let (body, encoding) = if gzip {
         let mut encoder = flate2::write::GzEncoder::new(
             Vec::with_capacity(body.len() / 3),
@@ -119,14 +189,15 @@ pub fn encode(readings: &[TelemetryMessage], gzip: bool) -> TelemetryMessage {
         encoder.write_all(&body).expect("gzip into memory");
         (encoder.finish().expect("gzip into memory"), "gzip")
     } else {
-        (body, "utf-8")
+        (body, UTF8)
     };
     let mut properties = common;
     properties.push((BATCH_PROPERTY.into(), readings.len().to_string()));
+    properties.push((FORMAT_PROPERTY.into(), FORMAT.into()));
     TelemetryMessage {
         message_id: uuid::Uuid::new_v4().to_string(),
         body: body.into(),
-        content_type: Some("application/json".into()),
+        content_type: Some(JSON_TYPE.into()),
         content_encoding: Some(encoding.into()),
         creation_time: readings[0].creation_time.clone(),
         properties,
@@ -143,58 +214,155 @@ fn common_properties(readings: &[TelemetryMessage]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn write_reading(out: &mut Vec<u8>, reading: &TelemetryMessage, common: &[(String, String)]) {
-    let string = |out: &mut Vec<u8>, s: &str| {
-        serde_json::to_writer(&mut *out, s).expect("a string serializes");
-    };
-    out.extend_from_slice(b"{\"id\":");
-    string(out, &reading.message_id);
-    if let Some(time) = &reading.creation_time {
-        out.extend_from_slice(b",\"time\":");
-        string(out, time);
-    }
-    let own: Vec<_> = reading
-        .properties
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("a string serializes");
+}
+
+/// The batch's JSON: ids and times derived from the first reading's where they follow on, the
+/// bodies, and what does not follow the rules in `except`.
+fn batch_body(readings: &[TelemetryMessage], common: &[(String, String)]) -> Vec<u8> {
+    let ids = base_and_number(&readings[0].message_id);
+    // Each reading's time in whole milliseconds, where it has one the batch can derive.
+    let millis: Vec<_> = readings
         .iter()
-        .filter(|p| !common.contains(p))
+        .map(|r| r.creation_time.as_deref().and_then(whole_millis))
         .collect();
-    if !own.is_empty() {
-        out.extend_from_slice(b",\"props\":{");
-        for (i, (k, v)) in own.into_iter().enumerate() {
+    let base_time = readings[0].creation_time.as_deref().zip(millis[0]);
+    let mut out =
+        Vec::with_capacity(readings.iter().map(|r| r.body.len() + 4).sum::<usize>() + 128);
+    out.push(b'{');
+    if let Some((base, first)) = ids {
+        out.extend_from_slice(b"\"idBase\":");
+        put_string(&mut out, base);
+        out.extend_from_slice(format!(",\"idFirst\":{first},").as_bytes());
+    }
+    if let Some((text, base_ms)) = base_time {
+        out.extend_from_slice(b"\"time\":");
+        put_string(&mut out, text);
+        out.extend_from_slice(b",\"ms\":[");
+        for (i, ms) in millis.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            string(out, k);
-            out.push(b':');
-            string(out, v);
-        }
-        out.push(b'}');
-    }
-    match inline_json(reading) {
-        Some(json) => {
-            out.extend_from_slice(b",\"body\":");
-            out.extend_from_slice(json);
-        }
-        None => {
-            out.extend_from_slice(b",\"bodyBase64\":\"");
-            out.extend_from_slice(
-                base64::engine::general_purpose::STANDARD
-                    .encode(&reading.body)
-                    .as_bytes(),
-            );
-            out.push(b'"');
-            for (key, value) in [
-                ("contentType", &reading.content_type),
-                ("contentEncoding", &reading.content_encoding),
-            ] {
-                if let Some(value) = value {
-                    out.extend_from_slice(format!(",\"{key}\":").as_bytes());
-                    string(out, value);
-                }
+            match ms {
+                Some(ms) => out.extend_from_slice((ms - base_ms).to_string().as_bytes()),
+                None => out.extend_from_slice(b"null"),
             }
         }
+        out.extend_from_slice(b"],");
+    }
+    out.extend_from_slice(b"\"readings\":[");
+    let mut except = Vec::new();
+    for (i, reading) in readings.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let inline = inline_json(reading);
+        match inline {
+            Some(json) => out.extend_from_slice(json),
+            None => {
+                out.push(b'"');
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&reading.body)
+                        .as_bytes(),
+                );
+                out.push(b'"');
+            }
+        }
+        let derived_id = ids.and_then(|(base, first)| Some((base, first.checked_add(i as u64)?)));
+        let time_derived = base_time.is_some() && millis[i].is_some();
+        let fields = Exception {
+            id: (base_and_number(&reading.message_id) != derived_id)
+                .then_some(reading.message_id.as_str()),
+            time: reading.creation_time.as_deref().filter(|_| !time_derived),
+            props: reading
+                .properties
+                .iter()
+                .filter(|p| !common.contains(p))
+                .collect(),
+            base64: inline.is_none(),
+            content_type: (reading.content_type.as_deref() != Some(JSON_TYPE))
+                .then_some(reading.content_type.as_deref()),
+            content_encoding: (reading.content_encoding.as_deref() != Some(UTF8))
+                .then_some(reading.content_encoding.as_deref()),
+        };
+        fields.write(&mut except, i);
+    }
+    out.push(b']');
+    if !except.is_empty() {
+        out.extend_from_slice(b",\"except\":{");
+        out.extend_from_slice(&except);
+        out.push(b'}');
     }
     out.push(b'}');
+    out
+}
+
+/// What of one reading a batch cannot derive: written to `except` under the reading's index.
+struct Exception<'a> {
+    id: Option<&'a str>,
+    time: Option<&'a str>,
+    props: Vec<&'a (String, String)>,
+    base64: bool,
+    /// `Some(None)`: the reading has none, where the batch assumes `application/json`/`utf-8`.
+    content_type: Option<Option<&'a str>>,
+    content_encoding: Option<Option<&'a str>>,
+}
+
+impl Exception<'_> {
+    fn write(&self, out: &mut Vec<u8>, index: usize) {
+        let mut fields = Vec::new();
+        let mut field = |name: &str, value: &dyn Fn(&mut Vec<u8>)| {
+            fields.push(if fields.is_empty() { b'{' } else { b',' });
+            put_string(&mut fields, name);
+            fields.push(b':');
+            value(&mut fields);
+        };
+        if let Some(id) = self.id {
+            field("id", &|out| put_string(out, id));
+        }
+        if let Some(time) = self.time {
+            field("time", &|out| put_string(out, time));
+        }
+        if !self.props.is_empty() {
+            field("props", &|out| {
+                out.push(b'{');
+                for (i, (k, v)) in self.props.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    put_string(out, k);
+                    out.push(b':');
+                    put_string(out, v);
+                }
+                out.push(b'}');
+            });
+        }
+        if self.base64 {
+            field("base64", &|out| out.extend_from_slice(b"true"));
+        }
+        for (name, value) in [
+            ("contentType", self.content_type),
+            ("contentEncoding", self.content_encoding),
+        ] {
+            if let Some(value) = value {
+                field(name, &|out| match value {
+                    Some(text) => put_string(out, text),
+                    None => out.extend_from_slice(b"null"),
+                });
+            }
+        }
+        if fields.is_empty() {
+            return;
+        }
+        fields.push(b'}');
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("\"{index}\":").as_bytes());
+        out.extend_from_slice(&fields);
+    }
 }
 
 /// The body as JSON to put inline: only a body that says it is JSON (UTF-8) and is.
@@ -270,22 +438,118 @@ mod tests {
             batch.properties,
             [
                 ("source".to_string(), "sensor".to_string()),
-                (BATCH_PROPERTY.to_string(), "3".to_string())
+                (BATCH_PROPERTY.to_string(), "3".to_string()),
+                (FORMAT_PROPERTY.to_string(), "2".to_string())
             ]
         );
+        // Ids `m-1`.. follow on from the first; the times are whole seconds apart.
         assert_eq!(
             body_json(&batch),
-            json!({"readings": [
-                {"id": "m-1", "time": "2026-12-07T01:00:01Z", "props": {"n": "1"}, "body": {"t": 1}},
-                {"id": "m-2", "time": "2026-12-07T01:00:02Z", "props": {"n": "2"},
-                 "bodyBase64": "bm90IGpzb24=", "contentType": "text/plain"},
-                {"id": "m-3", "time": "2026-12-07T01:00:03Z", "props": {"n": "3"},
-                 "bodyBase64": "e2JhZA==", "contentType": "application/json"},
-            ]})
+            json!({
+                "idBase": "m", "idFirst": 1,
+                "time": "2026-12-07T01:00:01Z", "ms": [0, 1000, 2000],
+                "readings": [{"t": 1}, "bm90IGpzb24=", "e2JhZA=="],
+                "except": {
+                    "0": {"props": {"n": "1"}, "contentEncoding": null},
+                    "1": {"props": {"n": "2"}, "base64": true, "contentType": "text/plain",
+                          "contentEncoding": null},
+                    "2": {"props": {"n": "3"}, "base64": true, "contentEncoding": null},
+                },
+            })
         );
         let gzipped = encode(&readings, true);
         assert_eq!(gzipped.content_encoding.as_deref(), Some("gzip"));
         assert_eq!(body_json(&gzipped), body_json(&batch));
+    }
+
+    /// Readings as the outlet makes them: ids of one base, times to the millisecond.
+    fn stamped(ids: &mut ReadingIds, at_ms: i64) -> TelemetryMessage {
+        TelemetryMessage {
+            message_id: ids.next_id(),
+            body: b"{\"v\":1}".to_vec().into(),
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            creation_time: format_millis(at_ms),
+            properties: vec![("source".into(), "sensor".into())],
+        }
+    }
+
+    #[test]
+    fn ids_and_times_that_follow_on_cost_nothing_per_reading_and_others_are_spelled_out() {
+        let mut ids = ReadingIds::default();
+        let start = 1_796_000_000_123;
+        let mut readings: Vec<_> = (0..4).map(|i| stamped(&mut ids, start + i * 7)).collect();
+        let base = readings[0]
+            .message_id
+            .rsplit_once('-')
+            .unwrap()
+            .0
+            .to_owned();
+        assert!(uuid::Uuid::try_parse(&base).is_ok(), "{base}");
+        assert_eq!(readings[3].message_id, format!("{base}-4"));
+        let batch = body_json(&encode(&readings, false));
+        assert_eq!(
+            batch,
+            json!({
+                "idBase": base, "idFirst": 1, "time": "2026-11-30T00:53:20.123Z",
+                "ms": [0, 7, 14, 21], "readings": [{"v": 1}, {"v": 1}, {"v": 1}, {"v": 1}],
+            })
+        );
+        // Cut elsewhere (as after a crash), the same readings keep their ids and times.
+        let later = body_json(&encode(&readings[2..], false));
+        assert_eq!(
+            (later["idBase"].as_str(), later["idFirst"].as_u64()),
+            (Some(&base[..]), Some(3))
+        );
+        assert_eq!(later["time"], "2026-11-30T00:53:20.137Z");
+        assert_eq!(later["ms"], json!([0, 7]));
+
+        // A gap in the ids (a reading dropped), a time finer than a millisecond, one earlier
+        // than the first, and none.
+        ids.next_id();
+        readings.push(stamped(&mut ids, start - 2));
+        readings[1].creation_time = Some("2026-11-30T00:53:20.130000001Z".into());
+        readings[2].creation_time = None;
+        let batch = body_json(&encode(&readings, false));
+        assert_eq!(batch["ms"], json!([0, null, null, 21, -2]));
+        assert_eq!(
+            batch["except"],
+            json!({
+                "1": {"time": "2026-11-30T00:53:20.130000001Z"},
+                "4": {"id": format!("{base}-6")},
+            })
+        );
+    }
+
+    #[test]
+    fn only_ids_and_times_as_the_outlet_writes_them_are_derived() {
+        assert_eq!(base_and_number("ab-cd-12"), Some(("ab-cd", 12)));
+        for id in [
+            "12",
+            "-12",
+            "a-012",
+            "a-+1",
+            "a-",
+            "a-1x",
+            "a-99999999999999999999",
+        ] {
+            assert_eq!(base_and_number(id), None, "{id}");
+        }
+        let ms = whole_millis("2026-12-07T01:00:00.25Z").unwrap();
+        assert_eq!(
+            format_millis(ms).as_deref(),
+            Some("2026-12-07T01:00:00.25Z")
+        );
+        for time in [
+            "2026-12-07T01:00:00.250Z",
+            "2026-12-07T01:00:00.2501Z",
+            "2026-12-07T02:00:00.25+01:00",
+            "yesterday",
+        ] {
+            assert_eq!(whole_millis(time), None, "{time}");
+        }
+        let now = now_millis_rfc3339();
+        assert!(whole_millis(&now).is_some(), "{now}");
     }
 
     #[test]
@@ -310,6 +574,10 @@ mod tests {
             assert_eq!(
                 body_json(&batch)["readings"].as_array().unwrap().len(),
                 count
+            );
+            assert_eq!(
+                batch.properties.iter().find(|(k, _)| k == BATCH_PROPERTY),
+                Some(&(BATCH_PROPERTY.to_string(), count.to_string()))
             );
         }
         // A reading larger than a batch still goes, alone.

@@ -14,7 +14,7 @@
 //! | 1–10 | sequence number, LEB128 varint |
 //! | 1–10 | enqueued, ms since the Unix epoch, LEB128 varint |
 //! | 1 | flags, see below |
-//! | 16 or str | message id: the UUID's 16 bytes (flag bit 0), else a str |
+//! | 16, 16 + varint or str | message id: the UUID's 16 bytes (flag bit 0), then (bit 7) the `n` of an id `<UUID>-<n>` as a LEB128 varint; else a str |
 //! | 0, 8 or str | creation time (bits 1–2): 1 = i64 LE ns since the epoch, 2 = str |
 //! | 0 or str | content type (bits 3–4): 1 = `application/json`, 2 = str |
 //! | 0 or str | content encoding (bits 5–6): 1 = `utf-8`, 2 = str |
@@ -23,9 +23,9 @@
 //!
 //! A str is a LEB128 length and that many UTF-8 bytes. In bits 1–6, 0 means the property is
 //! absent. A compact form is used only when it gives back exactly the original text: a message id
-//! that is a lower-case hyphenated UUID, a creation time that formats back to the same RFC 3339
-//! string. Bit 7 is reserved (0); a record with it set, or with a field running past its end, is
-//! undecodable.
+//! that is a lower-case hyphenated UUID, alone or numbered as the plugin outlet makes them
+//! (`<UUID>-<n>`, telemetry/batch.rs), a creation time that formats back to the same RFC 3339
+//! string. Bit 7 without bit 0, or a field running past its end, is undecodable.
 //!
 //! **JSON record** (agents before issue 18), kind byte `0x00` (the length is below 1 MiB):
 //! `len u32 | crc32 u32 | seq u64 | enqueued_ms u64 | JSON of the message (body base64)`, little
@@ -55,7 +55,8 @@ const ID_IS_UUID: u8 = 1;
 const CREATION_TIME_SHIFT: u8 = 1;
 const CONTENT_TYPE_SHIFT: u8 = 3;
 const CONTENT_ENCODING_SHIFT: u8 = 5;
-const RESERVED: u8 = 0x80;
+/// With `ID_IS_UUID`: the id is `<UUID>-<n>`, `n` a varint after the UUID.
+const ID_IS_NUMBERED: u8 = 0x80;
 /// The values of a two-bit field in the flags.
 const ABSENT: u8 = 0;
 const COMPACT_FORM: u8 = 1;
@@ -179,12 +180,15 @@ pub(super) fn encode_message(message: &TelemetryMessage) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + message.body.len());
     out.push(0);
     let mut flags = 0;
-    match uuid::Uuid::try_parse(&message.message_id) {
-        Ok(id) if id.hyphenated().to_string() == message.message_id => {
-            flags |= ID_IS_UUID;
-            out.extend_from_slice(id.as_bytes());
-        }
-        _ => put_str(&mut out, &message.message_id),
+    if let Some(id) = exact_uuid(&message.message_id) {
+        flags |= ID_IS_UUID;
+        out.extend_from_slice(id.as_bytes());
+    } else if let Some((id, n)) = numbered_uuid(&message.message_id) {
+        flags |= ID_IS_UUID | ID_IS_NUMBERED;
+        out.extend_from_slice(id.as_bytes());
+        put_varint(&mut out, n);
+    } else {
+        put_str(&mut out, &message.message_id);
     }
     let form = match message.creation_time.as_deref() {
         None => ABSENT,
@@ -214,6 +218,19 @@ pub(super) fn encode_message(message: &TelemetryMessage) -> Vec<u8> {
     out
 }
 
+/// The UUID `text` is, when its lower-case hyphenated form is exactly `text`.
+fn exact_uuid(text: &str) -> Option<uuid::Uuid> {
+    let id = uuid::Uuid::try_parse(text).ok()?;
+    (id.hyphenated().to_string() == text).then_some(id)
+}
+
+/// The UUID and number of an id `<UUID>-<n>` that formats back to exactly `text`.
+fn numbered_uuid(text: &str) -> Option<(uuid::Uuid, u64)> {
+    let (id, digits) = text.rsplit_once('-')?;
+    let n: u64 = digits.parse().ok()?;
+    (n.to_string() == digits).then_some((exact_uuid(id)?, n))
+}
+
 /// Appends a whole compact record holding `message` (from `encode_message`, at most
 /// `MAX_MESSAGE` bytes) to `out`.
 pub(super) fn put_compact_record(out: &mut Vec<u8>, seq: u64, enqueued_ms: u64, message: &[u8]) {
@@ -237,7 +254,7 @@ fn decode_message(bytes: &[u8]) -> Result<TelemetryMessage, RecordError> {
     let mut reader = Reader { bytes, at: 0 };
     let flags = reader.take(1, "flags")?[0];
     let form = |shift: u8| (flags >> shift) & 0b11;
-    if flags & RESERVED != 0
+    if flags & (ID_IS_UUID | ID_IS_NUMBERED) == ID_IS_NUMBERED
         || [
             CREATION_TIME_SHIFT,
             CONTENT_TYPE_SHIFT,
@@ -250,7 +267,12 @@ fn decode_message(bytes: &[u8]) -> Result<TelemetryMessage, RecordError> {
     }
     let message_id = if flags & ID_IS_UUID != 0 {
         let raw: [u8; 16] = reader.take(16, "message id")?.try_into().expect("16");
-        uuid::Uuid::from_bytes(raw).hyphenated().to_string()
+        let id = uuid::Uuid::from_bytes(raw).hyphenated().to_string();
+        if flags & ID_IS_NUMBERED != 0 {
+            format!("{id}-{}", reader.varint("message id number")?)
+        } else {
+            id
+        }
     } else {
         reader.str("message id")?
     };
@@ -455,6 +477,12 @@ mod tests {
             with(&|m| m.message_id = format!("{{{}}}", m.message_id)),
             with(&|m| m.message_id = m.message_id.replace('-', "")),
             with(&|m| m.message_id = "m-1".into()),
+            // Numbered as the outlet numbers them, and near misses kept as text.
+            with(&|m| m.message_id = format!("{}-7", m.message_id)),
+            with(&|m| m.message_id = format!("{}-{}", m.message_id, u64::MAX)),
+            with(&|m| m.message_id = format!("{}-07", m.message_id)),
+            with(&|m| m.message_id = format!("{}-", m.message_id)),
+            with(&|m| m.message_id = format!("{}-7", m.message_id.to_uppercase())),
             with(&|m| m.message_id = String::new()),
             // Creation times: exact in nanoseconds, or kept as text.
             with(&|m| m.creation_time = Some("2026-12-06T21:58:28Z".into())),
@@ -509,6 +537,12 @@ mod tests {
         assert_eq!(record.len(), 312);
         assert!(record.len() <= 320, "issue 18's target");
         assert_eq!(read_back(&record).2, message);
+        // Numbered by the outlet (`<uuid>-<n>`, telemetry/batch.rs): 3 bytes more at n = 500,000.
+        let mut numbered = message.clone();
+        numbered.message_id = format!("{}-500000", message.message_id);
+        let record = compact_record(500_000, crate::util::time::unix_millis(), &numbered);
+        assert_eq!(record.len(), 315);
+        assert_eq!(read_back(&record).2, numbered);
     }
 
     #[test]
@@ -565,6 +599,13 @@ mod tests {
             header.message(&record).unwrap_err().to_string()
         };
         assert_eq!(decode(&[0x80, 0, 0]), "unknown flags 0x80");
+        let mut cut_number = vec![0x81];
+        cut_number.extend_from_slice(&[7; 16]);
+        cut_number.push(0x80);
+        assert_eq!(
+            decode(&cut_number),
+            "the message id number runs past the end of the record"
+        );
         assert_eq!(decode(&[3 << 1, 0, 0]), "unknown flags 0x06");
         assert_eq!(
             decode(&[0, 2, 0xff, 0xfe, 0]),
