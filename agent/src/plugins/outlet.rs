@@ -280,7 +280,7 @@ impl Outlet {
             properties.push(("source".into(), self.name.clone()));
         }
         Ok(TelemetryMessage {
-            message_id: uuid::Uuid::new_v4().to_string(),
+            message_id: crate::message::new_message_id(),
             body: message.body.into(),
             content_type: message.content_type,
             content_encoding: message.content_encoding,
