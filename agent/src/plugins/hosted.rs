@@ -223,7 +223,9 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
             };
             Event::Message(message, ack_when_answered(id, acks.clone()))
         }
-        Up::Batch { id, messages } => Event::Batch(messages, batch_ack_when_answered(id, acks.clone())),
+        Up::Batch { id, messages } => {
+            Event::Batch(messages, batch_ack_when_answered(id, acks.clone()))
+        }
         Up::Log { level, text } => Event::Log(level, text),
         Up::Health { state, detail } => Event::Health(state, detail),
         Up::Pong { id } => Event::Pong(id),

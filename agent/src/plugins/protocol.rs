@@ -225,9 +225,8 @@ fn decode_batch(frame: &[u8]) -> std::io::Result<Up> {
         fn string(&mut self, what: &str) -> std::io::Result<String> {
             let at = self.at;
             let b = self.bytes(what)?;
-            String::from_utf8(b.to_vec()).map_err(|_| {
-                bad_frame(format!("batch frame: {what} at byte {at} is not UTF-8"))
-            })
+            String::from_utf8(b.to_vec())
+                .map_err(|_| bad_frame(format!("batch frame: {what} at byte {at} is not UTF-8")))
         }
         fn text(&mut self, what: &str) -> std::io::Result<Option<String>> {
             match self.take(1, what)?[0] {
@@ -401,10 +400,19 @@ mod tests {
             body: vec![0xff, 0, b'{', 0x80],
             content_type: Some("application/json".into()),
             content_encoding: None,
-            properties: vec![("k".into(), "v\n\"é".into()), (String::new(), String::new())],
+            properties: vec![
+                ("k".into(), "v\n\"é".into()),
+                (String::new(), String::new()),
+            ],
             creation_time: Some("2026-01-02T03:04:05Z".into()),
         };
-        let messages = vec![message.clone(), PluginMessage { body: Vec::new(), ..message }];
+        let messages = vec![
+            message.clone(),
+            PluginMessage {
+                body: Vec::new(),
+                ..message
+            },
+        ];
         let batch = encode_batch(9, &messages);
         assert_eq!(
             read_sync::<Up>(&mut std::io::Cursor::new(batch.clone())).unwrap(),
@@ -421,7 +429,10 @@ mod tests {
         long.push(0);
         long[..4].copy_from_slice(&((batch.len() - 3) as u32).to_be_bytes());
         let error = read_sync::<Up>(&mut std::io::Cursor::new(long)).unwrap_err();
-        assert!(error.to_string().contains("1 bytes after its 2 messages"), "{error}");
+        assert!(
+            error.to_string().contains("1 bytes after its 2 messages"),
+            "{error}"
+        );
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         huge.extend_from_slice(b"{}");
         assert!(read_sync::<Up>(&mut std::io::Cursor::new(huge)).is_err());
