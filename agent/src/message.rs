@@ -18,6 +18,17 @@ pub struct TelemetryMessage {
     pub properties: Vec<(String, String)>,
 }
 
+/// A new message id: a random (version 4) UUID, used for the hub message that carries a batch
+/// (a plugin's readings are numbered instead: telemetry/batch.rs, `ReadingIds`). Its 122 random
+/// bits come from the thread's cryptographically secure generator (`rand`, seeded from the
+/// operating system), not from a `getrandom` system call as `Uuid::new_v4` makes: one per
+/// message was on the hot path (docs/benchmarks.md, "Profile and what it changed").
+pub fn new_message_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
+}
+
 mod base64_body {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -33,5 +44,20 @@ mod base64_body {
             .decode(text)
             .map(bytes::Bytes::from)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn message_ids_are_random_version_4_uuids() {
+        let ids: std::collections::BTreeSet<String> =
+            (0..1000).map(|_| super::new_message_id()).collect();
+        assert_eq!(ids.len(), 1000, "no id repeats");
+        for id in &ids {
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version_num(), 4, "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
     }
 }

@@ -153,7 +153,7 @@ impl SessionHandle {
     /// Sends a telemetry message; resolves when the hub acknowledged it (PUBACK). While the hub is
     /// unreachable this waits; the message is never dropped by the session.
     pub async fn publish(&self, message: TelemetryMessage) -> Result<(), PublishError> {
-        let acknowledged = self.enqueue(message).await?;
+        let acknowledged = self.enqueue(&message).await?;
         acknowledged.await.map_err(|_| PublishError::Stopped)?
     }
 
@@ -161,9 +161,10 @@ impl SessionHandle {
     /// callers that enqueue one message after another keep their order on the wire.
     pub async fn enqueue(
         &self,
-        message: TelemetryMessage,
+        message: &TelemetryMessage,
     ) -> Result<oneshot::Receiver<Result<(), PublishError>>, PublishError> {
-        let size = message.body.len() + topics::telemetry_topic(&self.device_id, &message).len();
+        let topic = topics::telemetry_topic(&self.device_id, message);
+        let size = message.body.len() + topic.len();
         if size > self.max_message_size {
             return Err(PublishError::TooLarge {
                 size,
@@ -172,7 +173,11 @@ impl SessionHandle {
         }
         let (done, result) = oneshot::channel();
         self.telemetry
-            .send(Publish { message, done })
+            .send(Publish {
+                topic,
+                body: message.body.clone(),
+                done,
+            })
             .await
             .map_err(|_| PublishError::Stopped)?;
         Ok(result)

@@ -24,7 +24,6 @@ use super::twin::{DesiredStep, next_desired, split_twin};
 use super::{HubParams, PublishError, SessionEvent, TwinError};
 use crate::identity::credential::Credential;
 use crate::identity::keys::sas_token;
-use crate::message::TelemetryMessage;
 use crate::mqtt::{self, ConnectOptions};
 use crate::util::backoff::Backoff;
 
@@ -44,8 +43,12 @@ pub(super) enum Control {
 }
 
 /// A telemetry message and whom to tell when the hub acknowledged it.
+/// A telemetry message as the session sends it: its topic (built once, by
+/// `SessionHandle::enqueue`, which checks its size with it) and its body. The message itself
+/// stays with the caller, which sends it again through the next session if this one ends first.
 pub(super) struct Publish {
-    pub message: TelemetryMessage,
+    pub topic: String,
+    pub body: bytes::Bytes,
     pub done: oneshot::Sender<Result<(), PublishError>>,
 }
 
@@ -131,16 +134,11 @@ impl Link {
         Ok(())
     }
 
-    fn publish_telemetry(
-        &mut self,
-        device_id: &str,
-        message: &TelemetryMessage,
-    ) -> Result<(), String> {
-        let topic = topics::telemetry_topic(device_id, message);
+    fn publish_telemetry(&mut self, publish: &Publish) -> Result<(), String> {
         self.publish(
-            topic,
+            publish.topic.clone(),
             QoS::AtLeastOnce,
-            message.body.clone(),
+            publish.body.clone(),
             Sent::Telemetry,
         )
     }
@@ -440,8 +438,7 @@ impl Session {
             )
             .map_err(|e| End::Lost(e.to_string()))?;
         for publish in &self.unacked {
-            link.publish_telemetry(&self.params.device_id, &publish.message)
-                .map_err(End::Lost)?;
+            link.publish_telemetry(publish).map_err(End::Lost)?;
         }
         Ok((link, eventloop))
     }
@@ -517,8 +514,7 @@ impl Session {
     fn send_telemetry(&mut self, link: &mut Link, publish: Publish) -> Result<(), End> {
         // Kept before sending: if the publish cannot go out now, the next connection sends it.
         self.unacked.push_back(publish);
-        let message = &self.unacked.back().expect("pushed above").message;
-        link.publish_telemetry(&self.params.device_id, message)
+        link.publish_telemetry(self.unacked.back().expect("pushed above"))
             .map_err(End::Lost)
     }
 

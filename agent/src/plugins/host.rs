@@ -16,7 +16,7 @@ use hubagent_plugin_sdk::abi;
 
 use super::calls::{C2dMessage, MethodAnswer};
 use super::library::{self, HostSide, Library, PluginMessage};
-use super::protocol::{self, Down, Up, WireMessage};
+use super::protocol::{self, Down, Up};
 
 /// Moves the protocol off fds 0 and 1 so that nothing the plugin prints can corrupt it: fd 0
 /// becomes /dev/null and fd 1 a copy of stderr.
@@ -76,18 +76,20 @@ impl Waiter {
     }
 }
 
-/// Splits serialized messages into frames of at most `budget` bytes (a larger message alone).
-fn frames_of(encoded: Vec<Vec<u8>>, budget: usize) -> Vec<Vec<Vec<u8>>> {
-    let mut frames: Vec<Vec<Vec<u8>>> = Vec::new();
+/// Splits messages into frames of at most `budget` bytes of `batch` encoding (a larger message
+/// alone), in order.
+fn frames_of(messages: Vec<PluginMessage>, budget: usize) -> Vec<Vec<PluginMessage>> {
+    let mut frames: Vec<Vec<PluginMessage>> = Vec::new();
     let mut size = 0;
-    for message in encoded {
+    for message in messages {
+        let len = protocol::batch_size(&message);
         match frames.last_mut() {
-            Some(frame) if size + message.len() < budget => {
-                size += message.len() + 1;
+            Some(frame) if size + len < budget => {
+                size += len;
                 frame.push(message);
             }
             _ => {
-                size = message.len() + 1;
+                size = len;
                 frames.push(vec![message]);
             }
         }
@@ -155,12 +157,8 @@ impl HostSide for FrameHost {
         if messages.is_empty() {
             return Vec::new();
         }
-        let encoded = messages
-            .into_iter()
-            .map(|m| serde_json::to_vec(&WireMessage::from_plugin(m)).expect("messages serialize"))
-            .collect();
         let mut answers = Vec::new();
-        for frame in frames_of(encoded, BATCH_FRAME_BUDGET) {
+        for frame in frames_of(messages, BATCH_FRAME_BUDGET) {
             let id = self.next_id.fetch_add(1, Ordering::SeqCst);
             let (tx, rx) = sync_channel(1);
             {
@@ -407,26 +405,38 @@ mod tests {
 
     #[test]
     fn a_batch_is_split_into_frames_under_the_budget_in_order() {
-        let sizes = [30, 30, 30, 100, 10, 10];
-        let encoded: Vec<Vec<u8>> = sizes
+        // Bodies that make messages of 30, 30, 30, 100, 12 and 12 bytes of `batch` encoding.
+        let bodies = [19, 19, 19, 89, 1, 1];
+        let messages: Vec<PluginMessage> = bodies
             .iter()
             .enumerate()
-            .map(|(i, &n)| vec![i as u8; n])
+            .map(|(i, &n)| PluginMessage {
+                body: vec![i as u8; n],
+                content_type: None,
+                content_encoding: None,
+                properties: Vec::new(),
+                creation_time: None,
+            })
             .collect();
-        let frames = frames_of(encoded, 64);
+        assert_eq!(protocol::batch_size(&messages[0]), 30);
+        let frames = frames_of(messages, 64);
         let shape: Vec<Vec<(u8, usize)>> = frames
             .iter()
-            .map(|f| f.iter().map(|m| (m[0], m.len())).collect())
+            .map(|f| {
+                f.iter()
+                    .map(|m| (m.body[0], protocol::batch_size(m)))
+                    .collect()
+            })
             .collect();
-        // Two of 30 fit (with their commas), the third starts a frame, the one larger than the
-        // budget travels alone, and the small ones after it share one.
+        // Two of 30 fit, the third starts a frame, the one larger than the budget travels
+        // alone, and the small ones after it share one.
         assert_eq!(
             shape,
             vec![
                 vec![(0, 30), (1, 30)],
                 vec![(2, 30)],
                 vec![(3, 100)],
-                vec![(4, 10), (5, 10)],
+                vec![(4, 12), (5, 12)],
             ]
         );
     }

@@ -224,12 +224,7 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
             Event::Message(message, ack_when_answered(id, acks.clone()))
         }
         Up::Batch { id, messages } => {
-            // A body that is not base64 (a broken plugin-host) is refused alone.
-            let decoded: Vec<Option<PluginMessage>> =
-                messages.into_iter().map(|m| m.into_plugin()).collect();
-            let refused: Vec<bool> = decoded.iter().map(Option::is_none).collect();
-            let readable: Vec<PluginMessage> = decoded.into_iter().flatten().collect();
-            Event::Batch(readable, batch_ack_when_answered(id, refused, acks.clone()))
+            Event::Batch(messages, batch_ack_when_answered(id, acks.clone()))
         }
         Up::Log { level, text } => Event::Log(level, text),
         Up::Health { state, detail } => Event::Health(state, detail),
@@ -252,24 +247,14 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
     Some(event)
 }
 
-/// The answer to batch `id`, sent on to the plugin-host as a `batch-ack` frame; the messages
-/// marked in `refused` were not passed on and get `ERR_INVALID_ARGUMENT`.
+/// The answer to batch `id`, sent on to the plugin-host as a `batch-ack` frame.
 fn batch_ack_when_answered(
     id: u64,
-    refused: Vec<bool>,
     acks: mpsc::UnboundedSender<Down>,
 ) -> oneshot::Sender<Vec<i32>> {
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        let answered = rx.await.ok();
-        let mut answered = answered.into_iter().flatten();
-        let codes = refused
-            .into_iter()
-            .map(|refused| match refused {
-                true => abi::ERR_INVALID_ARGUMENT,
-                false => answered.next().unwrap_or(abi::ERR_STOPPING),
-            })
-            .collect();
+        let codes = rx.await.unwrap_or_default();
         let _ = acks.send(Down::BatchAck { id, codes });
     });
     tx

@@ -195,7 +195,7 @@ pub fn encode(readings: &[TelemetryMessage], gzip: bool) -> TelemetryMessage {
     properties.push((BATCH_PROPERTY.into(), readings.len().to_string()));
     properties.push((FORMAT_PROPERTY.into(), FORMAT.into()));
     TelemetryMessage {
-        message_id: uuid::Uuid::new_v4().to_string(),
+        message_id: crate::message::new_message_id(),
         body: body.into(),
         content_type: Some(JSON_TYPE.into()),
         content_encoding: Some(encoding.into()),

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::batch::{self, Batching};
@@ -26,6 +26,10 @@ pub async fn pump(
     batching: watch::Receiver<Arc<Batching>>,
 ) {
     let permits = Arc::new(Semaphore::new(inflight.max(1)));
+    // One task waits for the hub's acknowledgements, in the order the messages went out (a task
+    // per message cost a spawn and a wake-up each: docs/benchmarks.md).
+    let (sent_tx, sent_rx) = mpsc::unbounded_channel();
+    tokio::spawn(acknowledge(queue.clone(), sessions.clone(), sent_rx));
     let mut taken = Taken::default();
     loop {
         let permit = permits.clone().acquire_owned().await.expect("never closed");
@@ -40,7 +44,7 @@ pub async fn pump(
                 }
                 continue;
             };
-            match session.enqueue(message.clone()).await {
+            match session.enqueue(&message).await {
                 Ok(rx) => break Some(rx),
                 Err(PublishError::TooLarge { size, limit }) => {
                     seqs.iter().for_each(|seq| queue.ack(*seq));
@@ -57,14 +61,51 @@ pub async fn pump(
         let Some(acknowledged) = acknowledged else {
             continue;
         };
+        let sent = Sent {
+            permit,
+            seqs,
+            message,
+            acknowledged,
+        };
+        if sent_tx.send(sent).is_err() {
+            return;
+        }
+    }
+}
+
+/// A hub message handed to a session, waiting for its PUBACK; its permit is the pump's window.
+struct Sent {
+    permit: OwnedSemaphorePermit,
+    seqs: Vec<u64>,
+    message: TelemetryMessage,
+    acknowledged: oneshot::Receiver<Result<(), PublishError>>,
+}
+
+/// Acknowledges to the queue what the hub acknowledged, in the order it was sent (the hub
+/// acknowledges in order; one acknowledged early waits for those before it, still in the
+/// window). A message whose session stopped first is sent through the next one by a task of
+/// its own, as it was before this one.
+async fn acknowledge(
+    queue: Arc<Queue>,
+    sessions: watch::Receiver<Option<SessionHandle>>,
+    mut sent: mpsc::UnboundedReceiver<Sent>,
+) {
+    while let Some(Sent {
+        permit,
+        seqs,
+        message,
+        acknowledged,
+    }) = sent.recv().await
+    {
+        if let Ok(Ok(())) = acknowledged.await {
+            seqs.iter().for_each(|seq| queue.ack(*seq));
+            drop(permit);
+            continue;
+        }
         let queue = queue.clone();
         let mut sessions = sessions.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Ok(Ok(())) = acknowledged.await {
-                seqs.iter().for_each(|seq| queue.ack(*seq));
-                return;
-            }
             // The session stopped before the hub acknowledged: send it through the next one.
             loop {
                 if sessions.changed().await.is_err() {

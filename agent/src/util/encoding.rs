@@ -1,14 +1,21 @@
 //! Text encodings shared by SAS tokens, MQTT topics and property bags, and capping text to a
 //! number of UTF-8 bytes.
 
+/// What `url_encode` leaves as it is: the unreserved characters.
+const UNRESERVED_COMPLEMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Percent-encoding as Python's `quote(safe="")`: unreserved characters stay, the rest is encoded.
 pub fn url_encode(s: &str) -> String {
-    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(s, SET).to_string()
+    url_encoded(s).to_string()
+}
+
+/// [`url_encode`] written where it is displayed, without a string of its own.
+pub fn url_encoded(s: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(s, UNRESERVED_COMPLEMENT)
 }
 
 /// `text` if it fits in `max_bytes` of UTF-8, else its start (cut at a character boundary) and a
