@@ -1,6 +1,6 @@
 //! Checking a plugin before the daemon runs it (`hubagent config check`, `hubagent check`): the
 //! rules of which files may run, and for a library that it loads and exports a supported ABI with
-//! every callback — tried in a throwaway child (`hubagent plugin-host --probe`), so a library's
+//! every callback — tried in a throwaway child (`hubagent-plugin-host --probe`), so a library's
 //! constructors never run in the checking process.
 
 use std::path::Path;
@@ -40,7 +40,8 @@ impl Found {
 enum ProbeFailure {
     /// The library failed to load, or its descriptor was refused: the plugin cannot start.
     Library(String),
-    /// The probe process itself could not run (the agent could not execute its own binary).
+    /// The probe process itself could not run (the plugin host executable is missing or cannot
+    /// be executed).
     Probe(String),
 }
 
@@ -96,9 +97,17 @@ fn probe_library(
     allow_unsafe: bool,
     agent: &Path,
 ) -> Result<String, ProbeFailure> {
-    let mut command = Command::new(agent);
+    let host = super::host_program::locate(agent).map_err(ProbeFailure::Probe)?;
+    let mut command = Command::new(&host);
     command
-        .args(["plugin-host", "--probe", "--name", name, "--path"])
+        .args([
+            "--build",
+            super::host_program::BUILD,
+            "--probe",
+            "--name",
+            name,
+            "--path",
+        ])
         .arg(path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -109,7 +118,7 @@ fn probe_library(
     let mut child = command.spawn().map_err(|e| {
         ProbeFailure::Probe(format!(
             "cannot start {} to try the library: {e}{}",
-            agent.display(),
+            host.display(),
             crate::util::fs::limit_hint(&e)
         ))
     })?;
