@@ -897,6 +897,9 @@ async fn a_plugin_host_replaced_on_disk_is_not_what_the_running_daemon_starts() 
         "{}",
         exe.display()
     );
+    // Named as if executed by path (not "N" of /proc/self/fd/N), for ps and the journal.
+    let comm = std::fs::read_to_string(format!("/proc/{second}/comm")).unwrap();
+    assert_eq!(comm.trim(), "hubagent-plugin");
     let before = bodies_from(&sim, device, "sensor").len();
     assert!(
         sim.wait_until(LONG_WAIT, |s| bodies_from(s, device, "sensor").len()

@@ -65,6 +65,10 @@ const USAGE: &str = "usage: hubagent-plugin-host --build B (--name N | --probe) 
                      hand, use `hubagent plugin-host`)";
 
 fn main() -> ExitCode {
+    // Started through /proc/self/fd/N, the kernel names the process "N": give it the name an
+    // exec by path would (the file name cut to 15 bytes), for ps, top and the journal.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string; failure only leaves the name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"hubagent-plugin".as_ptr()) };
     let args = match Arguments::parse(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(error) => {

@@ -45,6 +45,8 @@ impl HostedPlugin {
         super::trust::check(path, allow_unsafe)?;
         let program = super::host_program::opened()?;
         let mut cmd = tokio::process::Command::new(program.exec_path());
+        // `ps` shows the host's file, not /proc/self/fd/N.
+        cmd.arg0(program.path());
         cmd.arg("--build")
             .arg(super::host_program::BUILD)
             .arg("--name")
