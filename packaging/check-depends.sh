@@ -25,7 +25,7 @@ mkdir -p "$tmp/debian/hubagent"
 dpkg-deb -R "$deb" "$tmp/debian/hubagent"
 printf 'Source: hubagent\n\nPackage: hubagent\nArchitecture: any\n' >"$tmp/debian/control"
 arch="$(dpkg-deb -f "$deb" Architecture)"
-mapfile -t elfs < <(cd "$tmp" && find debian/hubagent -type f \( -path '*/usr/bin/*' -o -name '*.so' \) | sort)
+mapfile -t elfs < <(cd "$tmp" && find debian/hubagent -type f \( -path '*/usr/bin/*' -o -path '*/usr/libexec/*' -o -name '*.so' \) | sort)
 # (Its warnings, e.g. about usrmerge's diversions, are shown only when it fails.)
 computed="$(cd "$tmp" && dpkg-architecture -a "$arch" -c dpkg-shlibdeps -O "${elfs[@]}" 2>"$tmp/warnings" | sed -n 's/^shlibs:Depends=//p')" \
     || { cat "$tmp/warnings" >&2; exit 1; }

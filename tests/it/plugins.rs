@@ -813,7 +813,7 @@ async fn a_plugin_error_of_10_kb_is_reported_capped() {
 }
 
 /// `target/<profile>/NAME` of this build, linked (or copied) into `bin`: an agent there finds
-/// its plugin host beside it, as in `/usr/bin` and `/usr/lib/hubagent`, not in the build.
+/// its plugin host beside it, as in `/usr/bin` and `/usr/libexec/hubagent`, not in the build.
 fn install_binary(bin: &Path, name: &str) -> PathBuf {
     std::fs::create_dir_all(bin).unwrap();
     let source = hubagent_bin().with_file_name(name);
@@ -972,7 +972,7 @@ async fn a_missing_plugin_host_is_named() {
         "hubagent-plugin-host is missing (looked for {} and {})",
         bin.join("hubagent-plugin-host").display(),
         dir.path()
-            .join("lib/hubagent/hubagent-plugin-host")
+            .join("libexec/hubagent/hubagent-plugin-host")
             .display()
     );
     assert!(

@@ -24,13 +24,13 @@ pub const FILE_NAME: &str = "hubagent-plugin-host";
 pub const BUILD: &str = env!("CARGO_PKG_VERSION");
 
 /// The places a host executable is looked for, in order, for the agent binary at `agent`: beside
-/// it (a development build's `target/<profile>/`), then the package's `/usr/lib/hubagent/` for
+/// it (a development build's `target/<profile>/`), then the package's `/usr/libexec/hubagent/` for
 /// an agent in `/usr/bin/` (docs/packaging.md).
 pub fn candidates(agent: &Path) -> Vec<PathBuf> {
     let dir = agent.parent().unwrap_or(Path::new("."));
     let mut places = vec![dir.join(FILE_NAME)];
     if let Some(prefix) = dir.parent() {
-        places.push(prefix.join("lib/hubagent").join(FILE_NAME));
+        places.push(prefix.join("libexec/hubagent").join(FILE_NAME));
     }
     places
 }
@@ -98,12 +98,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn looks_beside_the_agent_then_in_the_packages_lib_directory() {
+    fn looks_beside_the_agent_then_in_the_packages_libexec_directory() {
         assert_eq!(
             candidates(Path::new("/usr/bin/hubagent")),
             [
                 PathBuf::from("/usr/bin/hubagent-plugin-host"),
-                PathBuf::from("/usr/lib/hubagent/hubagent-plugin-host"),
+                PathBuf::from("/usr/libexec/hubagent/hubagent-plugin-host"),
             ]
         );
     }
@@ -114,15 +114,15 @@ mod tests {
         let error = locate(&dir.path().join("bin/hubagent")).unwrap_err();
         assert!(error.contains("hubagent-plugin-host is missing"), "{error}");
         assert!(
-            error.contains(&dir.path().join("lib/hubagent").display().to_string()),
+            error.contains(&dir.path().join("libexec/hubagent").display().to_string()),
             "{error}"
         );
     }
 
     #[test]
-    fn the_packages_lib_directory_is_found() {
+    fn the_packages_libexec_directory_is_found() {
         let dir = tempfile::tempdir().unwrap();
-        let lib = dir.path().join("lib/hubagent");
+        let lib = dir.path().join("libexec/hubagent");
         std::fs::create_dir_all(&lib).unwrap();
         std::fs::write(lib.join(FILE_NAME), b"").unwrap();
         assert_eq!(
