@@ -153,7 +153,7 @@ fn probe_library(
             answer["version"].as_str().unwrap_or("?")
         )),
         (_, Some(error)) => Err(ProbeFailure::Library(error.to_string())),
-        // 127 and not a word: the child never became the agent (exec failed after the fork, as
+        // 127 and not a word: the child never became the host (exec failed after the fork, as
         // glibc's posix_spawn reports it when it cannot say more, e.g. under qemu-user).
         _ if output.status.code() == Some(127)
             && output.stdout.is_empty()
@@ -161,7 +161,7 @@ fn probe_library(
         {
             Err(ProbeFailure::Probe(format!(
                 "the agent could not run {} to try the library (exit status 127, no output)",
-                agent.display()
+                host.display()
             )))
         }
         _ => Err(ProbeFailure::Library(format!(
@@ -188,12 +188,14 @@ mod tests {
         PluginSpec::from_table(&table).unwrap()
     }
 
-    /// A stand-in for the agent binary: a script that runs `body`.
+    /// A stand-in for the plugin host: a script that runs `body`, in a directory of its own
+    /// beside which the agent binary whose path this returns would be.
     fn agent_script(dir: &Path, body: &str) -> std::path::PathBuf {
-        let path = dir.join("agent.sh");
+        let bin = tempfile::tempdir_in(dir).unwrap().keep();
+        let path = bin.join(super::super::host_program::FILE_NAME);
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        bin.join("hubagent")
     }
 
     #[test]
