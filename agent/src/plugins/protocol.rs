@@ -8,9 +8,8 @@
 //!
 //! ABI 1.3 adds `batch` (up: several messages of one `publish_batch`, appended to the queue with
 //! one write) answered by `batch-ack` (down: each message's code, in order). Both ends are the
-//! same build (the daemon runs the `hubagent-plugin-host` it opened at start and passes its
-//! build, host_program.rs), so a frame type is added, never changed: older frames keep their
-//! shape and meaning.
+//! same `hubagent` binary (the daemon runs `/proc/self/exe plugin-host`), so a frame type is
+//! added, never changed: older frames keep their shape and meaning.
 
 use std::io::{Read, Write};
 
