@@ -5,9 +5,9 @@
     python3 bench/memory.py            # after bash bench/run.sh (or its cargo build --release)
     python3 bench/memory.py --agent OTHER/target/release/hubagent   # another build's daemon
 
-For every process of the agent's tree (`hubagent run` and its `hubagent plugin-host` children) it
-prints VmRSS and where those pages are: the hubagent binary's code and read-only data (file
-pages, clean), the binary's writable and relocated data (dirty), the plugin library, other shared
+For every process of the agent's tree (`hubagent run` and its `hubagent-plugin-host` children) it
+prints VmRSS and where those pages are: the process's executable's code and read-only data (file
+pages, clean), the executable's writable and relocated data (dirty), the plugin library, other shared
 libraries, the main heap ([heap], glibc's main arena), the other anonymous mappings split into
 glibc's per-thread arenas (64 MiB-aligned reservations), thread stacks (the mapping each thread's
 stack pointer is in, from /proc/PID/task/TID/syscall) and the rest. Runs hubsim on a free port (not
@@ -17,6 +17,7 @@ other users).
 """
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -119,9 +120,8 @@ def breakdown(pid, exe):
 def report(pid, exe):
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     args = [a.decode() for a in cmd if a]
-    kind = "plugin-host " + args[args.index("plugin-host") + 1] if "plugin-host" in args else "daemon"
-    if "plugin-host" in args and "--name" in args:
-        kind = "plugin-host " + args[args.index("--name") + 1]
+    # A host is `hubagent-plugin-host --build B --name N ...` (before: `hubagent plugin-host`).
+    kind = "plugin-host " + args[args.index("--name") + 1] if "--name" in args else "daemon"
     rows, status, comms, threads = breakdown(pid, exe)
     rss = int(status["VmRSS"].split()[0])
     rollup = {line.split(":")[0]: int(line.split()[1]) for line in
@@ -137,8 +137,13 @@ def report(pid, exe):
     return rss, rollup['Pss']
 
 
-def breakdowns(pids, exe):
-    sizes = [report(p, exe) for p in pids]
+def executable(pid):
+    """The path of the file a process executes, as its mappings name it."""
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def breakdowns(pids):
+    sizes = [report(p, executable(p)) for p in pids]
     print(f"\nsum of VmRSS now: {sum(r for r, _ in sizes) / 1024:.2f} MiB; sum of PSS (each shared page "
           f"counted once in all): {sum(p for _, p in sizes) / 1024:.2f} MiB")
 
@@ -166,17 +171,16 @@ def main():
         time.sleep(opts.idle)
         peak = sampler.stop()
         pids = bench.tree(agent.proc.pid)
-        exe = str(Path(f"/proc/{agent.proc.pid}/exe").resolve())
         print(f"{agent_binary}: {len(pids)} processes; peak of the summed VmRSS while idle "
               f"{peak / 1024:.2f} MiB (row 2c's measure)")
-        breakdowns(pids, exe)
+        breakdowns(pids)
         if opts.burst:
             sampler = bench.Sampler(agent.proc.pid)
             rate, _ = bench.burst(sim, agent.proc.pid, opts.burst, "memory")
             peak = sampler.stop()
             print(f"\nafter a burst of {opts.burst} messages ({rate:.0f} msg/s): peak of the summed VmRSS "
                   f"during it {peak / 1024:.2f} MiB (row 2d's measure)")
-            breakdowns(pids, exe)
+            breakdowns(pids)
     finally:
         if agent and agent.proc:
             agent.stop()

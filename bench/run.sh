@@ -8,8 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --quiet -p hubagent -p hubsim -p hubagent-bench -p hubagent-bench-plugin \
+cargo build --release --quiet -p hubsim -p hubagent-bench -p hubagent-bench-plugin \
     -p hubagent-simulated-sensor -p hubagent-sysmetrics
+# The agent as the Debian package has it (packaging/build-deb.sh): TPM support, without the
+# demo's embedded hubsim, so rows 2c/2d measure what operators run. Built alone, and last, so
+# that no other package's features are unified into it. Needs libtss2-dev (tests/setup.sh).
+cargo build --release --quiet -p hubagent --no-default-features --features tpm
 
 # The same venv as the test suite (tests/setup.sh), created here when missing so a clean clone
 # needs nothing else.

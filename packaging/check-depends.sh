@@ -25,10 +25,17 @@ mkdir -p "$tmp/debian/hubagent"
 dpkg-deb -R "$deb" "$tmp/debian/hubagent"
 printf 'Source: hubagent\n\nPackage: hubagent\nArchitecture: any\n' >"$tmp/debian/control"
 arch="$(dpkg-deb -f "$deb" Architecture)"
-mapfile -t elfs < <(cd "$tmp" && find debian/hubagent -type f \( -path '*/usr/bin/*' -o -name '*.so' \) | sort)
+mapfile -t elfs < <(cd "$tmp" && find debian/hubagent -type f \( -path '*/usr/bin/*' -o -path '*/usr/libexec/*' -o -name '*.so' \) | sort)
 # (Its warnings, e.g. about usrmerge's diversions, are shown only when it fails.)
 computed="$(cd "$tmp" && dpkg-architecture -a "$arch" -c dpkg-shlibdeps -O "${elfs[@]}" 2>"$tmp/warnings" | sed -n 's/^shlibs:Depends=//p')" \
     || { cat "$tmp/warnings" >&2; exit 1; }
+# Packed relocations (agent/build.rs) need glibc 2.36's loader: the binaries carry a
+# GLIBC_ABI_DT_RELR version need, which has no symbol, so dpkg-shlibdeps does not count it.
+versions="$(cd "$tmp" && readelf -V -W "${elfs[@]}")"
+if grep -q 'Name: GLIBC_ABI_DT_RELR' <<<"$versions"; then
+    computed="$(sed -E 's/libc6 \(>= 2\.(2[0-9]|3[0-5])(\.[0-9]+)?\)/libc6 (>= 2.36)/g' <<<"$computed")"
+    echo "check-depends: packed relocations (GLIBC_ABI_DT_RELR): libc6 (>= 2.36) at least"
+fi
 declared="$(dpkg-deb -f "$deb" Depends)"
 # The declared alternatives, one a line, without the spaces around them.
 alternatives="$(tr ',|' '\n\n' <<<"$declared" | sed 's/^ *//; s/ *$//')"

@@ -41,7 +41,7 @@ case "$arch" in
     *) echo "compare-debs: no ELF machine known for $arch"; exit 2 ;;
 esac
 needed() { readelf -d -W "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | grep -v '^ld-linux' | sort; }
-mapfile -t elfs < <(cd "$tmp/other/root" && find . -type f \( -path '*/usr/bin/*' -o -name '*.so' \) | sort)
+mapfile -t elfs < <(cd "$tmp/other/root" && find . -type f \( -path '*/usr/bin/*' -o -path '*/usr/libexec/*' -o -name '*.so' \) | sort)
 [ "${#elfs[@]}" -gt 0 ] || fail "no ELF files"
 for elf in "${elfs[@]}"; do
     got="$(readelf -h "$tmp/other/root/$elf" | sed -n 's/^ *Machine: *//p')"

@@ -2,7 +2,9 @@
 //! hang, frozen process, flood, memory hog, failing worker) are restarted and quarantined without
 //! disturbing the others or the hub session; desired properties reach running plugins and are
 //! acknowledged (or their rejection reported with its reason); the C and Python examples and the
-//! shipped Rust plugins publish to hubsim; untrusted paths and foreign ABIs are refused.
+//! shipped Rust plugins publish to hubsim; untrusted paths and foreign ABIs are refused; the daemon
+//! starts the plugin host executable of its own build, even after the file was replaced, and
+//! names a missing one.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -807,5 +809,191 @@ async fn a_plugin_error_of_10_kb_is_reported_capped() {
         list["verbose"]["rejectedSettings"].as_str().unwrap().len(),
         10240
     );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// `target/<profile>/NAME` of this build, linked (or copied) into `bin`: an agent there finds
+/// its plugin host beside it, as in `/usr/bin` and `/usr/libexec/hubagent`, not in the build.
+fn install_binary(bin: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(bin).unwrap();
+    let source = hubagent_bin().with_file_name(name);
+    let target = bin.join(name);
+    if std::fs::hard_link(&source, &target).is_err() {
+        std::fs::copy(&source, &target).unwrap();
+    }
+    target
+}
+
+/// The pid of a running plugin in `hubagent plugins list`.
+fn running_pid(list: &Value, name: &str) -> Option<u64> {
+    (list[name]["status"] == "running")
+        .then(|| list[name]["pid"].as_u64())
+        .flatten()
+}
+
+/// An upgrade replaces the plugin host executable under a running daemon: the daemon keeps
+/// starting the host it opened when it started (its own build), never the file now on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_host_replaced_on_disk_is_not_what_the_running_daemon_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let bin = dir.path().join("bin");
+    let agent_bin = install_binary(&bin, "hubagent");
+    install_binary(&bin, "hubagent-plugin-host");
+    let sensor = install_plugin(
+        dir.path(),
+        &built_library("hubagent_simulated_sensor"),
+        0o644,
+    );
+    let plugins = format!(
+        "[[plugin]]\nname = \"sensor\"\nkind = \"library\"\npath = \"{}\"\nrestart_backoff = \"100ms\"\n[plugin.settings]\ninterval = \"100ms\"\n",
+        sensor.display()
+    );
+    let device = "gw-plugins-host-upgrade";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let mut command = std::process::Command::new(&agent_bin);
+    command.args(["--config", config.to_str().unwrap(), "run"]);
+    let agent = AgentProcess::spawn(command, &config, "hubagent from bin/");
+    let list = agent
+        .wait_plugins("the sensor running", |l| running_pid(l, "sensor").is_some())
+        .await;
+    let first = running_pid(&list, "sensor").unwrap();
+
+    // What a package upgrade does: a new file renamed over the old one. This one only leaves a
+    // mark if it is ever executed.
+    let mark = dir.path().join("replacement-ran");
+    let replacement = bin.join("hubagent-plugin-host.new");
+    std::fs::write(
+        &replacement,
+        format!("#!/bin/sh\ntouch '{}'\nexit 3\n", mark.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&replacement, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&replacement, bin.join("hubagent-plugin-host")).unwrap();
+
+    let status = std::process::Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -9 {first}: {status}");
+    let list = agent
+        .wait_plugins("the sensor restarted in a new host", |l| {
+            running_pid(l, "sensor").is_some_and(|pid| pid != first)
+        })
+        .await;
+    let second = running_pid(&list, "sensor").unwrap();
+    assert!(
+        !mark.exists(),
+        "the daemon executed the replaced file:\n{}",
+        agent.log_text()
+    );
+    // The restarted host is the file the daemon opened, no longer in the directory.
+    let exe = std::fs::read_link(format!("/proc/{second}/exe")).unwrap();
+    assert!(
+        exe.to_string_lossy()
+            .ends_with("hubagent-plugin-host (deleted)"),
+        "{}",
+        exe.display()
+    );
+    // Named as if executed by path (not "N" of /proc/self/fd/N), for ps and the journal.
+    let comm = std::fs::read_to_string(format!("/proc/{second}/comm")).unwrap();
+    assert_eq!(comm.trim(), "hubagent-plugin");
+    let before = bodies_from(&sim, device, "sensor").len();
+    assert!(
+        sim.wait_until(LONG_WAIT, |s| bodies_from(s, device, "sensor").len()
+            > before)
+            .await,
+        "no telemetry from the restarted host:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// A host of another build than the daemon's refuses to run, with a fatal frame naming both.
+#[test]
+fn a_plugin_host_of_another_build_refuses_with_the_reason() {
+    let host = hubagent_bin().with_file_name("hubagent-plugin-host");
+    let out = std::process::Command::new(&host)
+        .args([
+            "--build",
+            "0.0.0-other",
+            "--name",
+            "sensor",
+            "--path",
+            "/nonexistent/lib.so",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let (length, frame) = out.stdout.split_at(4);
+    assert_eq!(
+        u32::from_be_bytes(length.try_into().unwrap()) as usize,
+        frame.len()
+    );
+    let frame: Value = serde_json::from_slice(frame).unwrap();
+    assert_eq!(frame["type"], "fatal", "{frame}");
+    let error = frame["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("is build {}", env!("CARGO_PKG_VERSION")))
+            && error.contains("is build 0.0.0-other"),
+        "{error}"
+    );
+}
+
+/// An agent without its plugin host executable: `config check` names the file and where it was
+/// looked for, and the plugin reports the same reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_plugin_host_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_sim(dir.path()).await;
+    let sim = running.sim.clone();
+    let bin = dir.path().join("bin");
+    let agent_bin = install_binary(&bin, "hubagent");
+    let sensor = install_plugin(
+        dir.path(),
+        &built_library("hubagent_simulated_sensor"),
+        0o644,
+    );
+    let plugins = format!(
+        "[[plugin]]\nname = \"sensor\"\nkind = \"library\"\npath = \"{}\"\nquarantine_after = 1\n",
+        sensor.display()
+    );
+    let device = "gw-plugins-no-host";
+    let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
+    let out = std::process::Command::new(&agent_bin)
+        .args(["--config", config.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let missing = format!(
+        "hubagent-plugin-host is missing (looked for {} and {})",
+        bin.join("hubagent-plugin-host").display(),
+        dir.path()
+            .join("libexec/hubagent/hubagent-plugin-host")
+            .display()
+    );
+    assert!(
+        stdout.contains(&format!(
+            "plugin sensor: CANNOT START: the plugin host executable {missing}"
+        )),
+        "{stdout}"
+    );
+
+    let mut command = std::process::Command::new(&agent_bin);
+    command.args(["--config", config.to_str().unwrap(), "run"]);
+    let agent = AgentProcess::spawn(command, &config, "hubagent from bin/");
+    let r = wait_reported(
+        &sim,
+        device,
+        "sensor",
+        "the missing host",
+        |v| v["status"] == "quarantined",
+        &agent,
+    )
+    .await;
+    assert!(r["error"].as_str().unwrap().contains(&missing), "{r}");
     assert_eq!(agent.stop(), Some(0));
 }

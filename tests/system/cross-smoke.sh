@@ -10,8 +10,8 @@
 # named explicitly; -L makes the root's arm64/armhf libraries the agent's). Per architecture:
 #   --version, `config check` (0 on a good file, 78 naming the key on a bad one), then the agent
 #   provisions through DPS with an enrollment group's key, publishes from the packaged simulated
-#   sensor loaded in-process (isolation = "in-process": the default process isolation re-executes
-#   the ARM binary, which only binfmt_misc could start) and from an exec plugin (a bash script
+#   sensor loaded in-process (isolation = "in-process": the default process isolation executes
+#   the ARM plugin host, which only binfmt_misc could start) and from an exec plugin (a bash script
 #   run natively, numbering its lines under its own run id), follows a desired-property change
 #   of the exec plugin (new settings in its messages and in the reported properties), and is
 #   killed with kill -9 while hubsim refuses connections, its queue holding acknowledged messages

@@ -114,6 +114,12 @@ pub async fn run_with(
     let (mut daemon, background) = Daemon::open(config, config_path, commands_tx, commands).await?;
     systemd::ready("state loaded; provisioning");
     tracing::info!(config = %config_path.display(), state = %daemon.state.path().display(), "hubagent started");
+    // Opened now and kept open: the plugin hosts started later are this build's, even after an
+    // upgrade replaced the file (plugins/host_program.rs).
+    match crate::plugins::host_program::opened() {
+        Ok(host) => tracing::debug!(host = %host.path().display(), "plugin host executable opened"),
+        Err(e) => tracing::warn!("{e}"),
+    }
     let mut life = Lifecycle::default();
     loop {
         match life.phase().clone() {

@@ -1,6 +1,7 @@
 //! A library plugin in a child process (`isolation = "process"`, the default), seen from the
-//! daemon: it starts `hubagent plugin-host` (the other side, in `host.rs`) and turns the frames
-//! of `protocol.rs` into [`Event`]s and back.
+//! daemon: it starts `hubagent-plugin-host` (the other side, in `host.rs`; the executable the
+//! daemon opened when it started, `host_program.rs`) and turns the frames of `protocol.rs` into
+//! [`Event`]s and back.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,7 +22,7 @@ use super::running::{Event, Events};
 use super::sandbox::Policy;
 use crate::config::plugin::PluginSpec;
 
-/// A running `hubagent plugin-host` process.
+/// A running `hubagent-plugin-host` process.
 pub struct HostedPlugin {
     process: ChildProcess,
     down: mpsc::UnboundedSender<Down>,
@@ -42,8 +43,12 @@ impl HostedPlugin {
     ) -> Result<HostedPlugin, String> {
         // Checked here too so that the reason shows without starting a process.
         super::trust::check(path, allow_unsafe)?;
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
-        cmd.arg("plugin-host")
+        let program = super::host_program::opened()?;
+        let mut cmd = tokio::process::Command::new(program.exec_path());
+        // `ps` shows the host's file, not /proc/self/fd/N.
+        cmd.arg0(program.path());
+        cmd.arg("--build")
+            .arg(super::host_program::BUILD)
             .arg("--name")
             .arg(&spec.name)
             .arg("--path")

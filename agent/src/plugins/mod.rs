@@ -13,7 +13,8 @@
 //! | `running.rs` | `RunningPlugin`: any kind behind one interface, and the `Event`s it reports |
 //! | `process.rs` | a plugin's child process: environment, limits, exit, stderr, signals |
 //! | `hosted.rs` | a library plugin in a child process, seen from the daemon (frames of `protocol.rs`) |
-//! | `host.rs` | `hubagent plugin-host`: the child process side of a hosted library plugin |
+//! | `host.rs` | `hubagent-plugin-host`: the child process side of a hosted library plugin |
+//! | `host_program.rs` | where `hubagent-plugin-host` is found, kept open from the daemon's start |
 //! | `in_process.rs` | a library plugin on a thread of the daemon (`isolation = "in-process"`) |
 //! | `library.rs` | loading a plugin library and calling it through the ABI |
 //! | `exec.rs` | exec plugins: a program and its JSON lines |
@@ -30,6 +31,7 @@ pub mod builtin;
 pub mod calls;
 mod exec;
 pub mod host;
+pub mod host_program;
 mod hosted;
 mod in_process;
 pub mod library;

@@ -1,6 +1,6 @@
 //! Checking a plugin before the daemon runs it (`hubagent config check`, `hubagent check`): the
 //! rules of which files may run, and for a library that it loads and exports a supported ABI with
-//! every callback — tried in a throwaway child (`hubagent plugin-host --probe`), so a library's
+//! every callback — tried in a throwaway child (`hubagent-plugin-host --probe`), so a library's
 //! constructors never run in the checking process.
 
 use std::path::Path;
@@ -40,7 +40,8 @@ impl Found {
 enum ProbeFailure {
     /// The library failed to load, or its descriptor was refused: the plugin cannot start.
     Library(String),
-    /// The probe process itself could not run (the agent could not execute its own binary).
+    /// The probe process itself could not run (the plugin host executable is missing or cannot
+    /// be executed).
     Probe(String),
 }
 
@@ -96,9 +97,17 @@ fn probe_library(
     allow_unsafe: bool,
     agent: &Path,
 ) -> Result<String, ProbeFailure> {
-    let mut command = Command::new(agent);
+    let host = super::host_program::locate(agent).map_err(ProbeFailure::Probe)?;
+    let mut command = Command::new(&host);
     command
-        .args(["plugin-host", "--probe", "--name", name, "--path"])
+        .args([
+            "--build",
+            super::host_program::BUILD,
+            "--probe",
+            "--name",
+            name,
+            "--path",
+        ])
         .arg(path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -109,7 +118,7 @@ fn probe_library(
     let mut child = command.spawn().map_err(|e| {
         ProbeFailure::Probe(format!(
             "cannot start {} to try the library: {e}{}",
-            agent.display(),
+            host.display(),
             crate::util::fs::limit_hint(&e)
         ))
     })?;
@@ -144,7 +153,7 @@ fn probe_library(
             answer["version"].as_str().unwrap_or("?")
         )),
         (_, Some(error)) => Err(ProbeFailure::Library(error.to_string())),
-        // 127 and not a word: the child never became the agent (exec failed after the fork, as
+        // 127 and not a word: the child never became the host (exec failed after the fork, as
         // glibc's posix_spawn reports it when it cannot say more, e.g. under qemu-user).
         _ if output.status.code() == Some(127)
             && output.stdout.is_empty()
@@ -152,7 +161,7 @@ fn probe_library(
         {
             Err(ProbeFailure::Probe(format!(
                 "the agent could not run {} to try the library (exit status 127, no output)",
-                agent.display()
+                host.display()
             )))
         }
         _ => Err(ProbeFailure::Library(format!(
@@ -179,12 +188,14 @@ mod tests {
         PluginSpec::from_table(&table).unwrap()
     }
 
-    /// A stand-in for the agent binary: a script that runs `body`.
+    /// A stand-in for the plugin host: a script that runs `body`, in a directory of its own
+    /// beside which the agent binary whose path this returns would be.
     fn agent_script(dir: &Path, body: &str) -> std::path::PathBuf {
-        let path = dir.join("agent.sh");
+        let bin = tempfile::tempdir_in(dir).unwrap().keep();
+        let path = bin.join(super::super::host_program::FILE_NAME);
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        bin.join("hubagent")
     }
 
     #[test]

@@ -447,6 +447,10 @@ impl Session {
     ) -> Ending {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        // One stream for the whole loop: a `ctrl_c()` future made anew in each turn misses a
+        // Ctrl-C that arrives while an event is being shown, and the trial then never stops.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
         let failure = loop {
             tokio::select! {
                 event = events.recv() => {
@@ -467,7 +471,7 @@ impl Session {
                     // End of input stops the plugin, as `stop` does.
                     None => break None,
                 },
-                _ = tokio::signal::ctrl_c() => break None,
+                _ = async { match interrupt.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break None,
                 _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break None,
             }
         };

@@ -1,7 +1,6 @@
 //! The command-line face of hubagent: argument parsing and the exit codes that scripts and
 //! systemd rely on. Each subcommand's work lives in the module of its concern.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -84,7 +83,8 @@ pub enum Command {
     #[command(subcommand)]
     Plugins(PluginsCommand),
     /// Internal: runs one library plugin in this process, speaking the plugin protocol on
-    /// stdin/stdout (started by the daemon's supervisor; see docs/plugins.md).
+    /// stdin/stdout. The daemon starts `hubagent-plugin-host` instead (plugins/host_program.rs);
+    /// this stays for trying a host by hand (`--probe`), with the same code.
     #[command(hide = true)]
     PluginHost {
         /// The plugin's name in the configuration (for messages).
@@ -251,162 +251,10 @@ pub struct DemoArgs {
     pub state_dir: Option<PathBuf>,
 }
 
-/// `hubagent plugin-host` as the daemon starts it (plugins/hosted.rs): `--name N --path P`, then
-/// `--allow-unsafe-paths` and `--sandbox POLICY` when given, in that order.
-#[derive(Debug, PartialEq)]
-pub struct HostArgs {
-    pub name: String,
-    pub path: PathBuf,
-    pub allow_unsafe_paths: bool,
-    pub sandbox: Option<String>,
-}
-
-impl HostArgs {
-    /// The arguments when they are exactly the daemon's form, None for anything else (clap
-    /// parses that, with its messages). Read without clap because building its command
-    /// definition maps clap's code and every subcommand's into each plugin host, which then
-    /// keeps those pages for its whole life (docs/benchmarks.md, "Where the memory goes").
-    pub fn from_daemon(args: impl IntoIterator<Item = OsString>) -> Option<HostArgs> {
-        let mut args = args.into_iter().skip(1);
-        let mut next_is = |flag: &str| args.next().is_some_and(|a| a == flag);
-        if !next_is("plugin-host") || !next_is("--name") {
-            return None;
-        }
-        // A value that looks like an option is left to clap, which refuses it.
-        let value = |a: Option<OsString>| a.filter(|v| !v.as_encoded_bytes().starts_with(b"-"));
-        let name = value(args.next())?.into_string().ok()?;
-        if args.next()? != "--path" {
-            return None;
-        }
-        let path = PathBuf::from(value(args.next())?);
-        let mut host = HostArgs {
-            name,
-            path,
-            allow_unsafe_paths: false,
-            sandbox: None,
-        };
-        let mut rest = args.peekable();
-        if rest.next_if(|a| a == "--allow-unsafe-paths").is_some() {
-            host.allow_unsafe_paths = true;
-        }
-        if rest.next_if(|a| a == "--sandbox").is_some() {
-            host.sandbox = Some(value(rest.next())?.into_string().ok()?);
-        }
-        rest.next().is_none().then_some(host)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    /// What clap makes of `args` as a plugin host's arguments (None: not those, or refused).
-    fn clap_host(args: &[&str]) -> Option<HostArgs> {
-        match Cli::try_parse_from(args).ok()?.command {
-            Command::PluginHost {
-                name,
-                path,
-                allow_unsafe_paths,
-                sandbox,
-                probe: false,
-            } => Some(HostArgs {
-                name,
-                path,
-                allow_unsafe_paths,
-                sandbox,
-            }),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn the_daemons_plugin_host_arguments_read_as_clap_reads_them() {
-        let base = [
-            "hubagent",
-            "plugin-host",
-            "--name",
-            "sensor",
-            "--path",
-            "/p/lib.so",
-        ];
-        let forms: [&[&str]; 4] = [
-            &[],
-            &["--allow-unsafe-paths"],
-            &["--sandbox", "{\"read\":[]}"],
-            &["--allow-unsafe-paths", "--sandbox", "{}"],
-        ];
-        for extra in forms {
-            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-            let fast = HostArgs::from_daemon(args.iter().map(OsString::from));
-            assert!(fast.is_some(), "{args:?} not read");
-            assert_eq!(fast, clap_host(&args), "{args:?}");
-        }
-    }
-
-    #[test]
-    fn other_plugin_host_arguments_are_left_to_clap() {
-        let others: [&[&str]; 8] = [
-            &[
-                "hubagent",
-                "plugin-host",
-                "--name",
-                "s",
-                "--path",
-                "/l.so",
-                "--probe",
-            ],
-            &["hubagent", "plugin-host", "--path", "/l.so", "--name", "s"],
-            &[
-                "hubagent",
-                "plugin-host",
-                "--name",
-                "s",
-                "--path",
-                "/l.so",
-                "--sandbox",
-            ],
-            &[
-                "hubagent",
-                "plugin-host",
-                "--name",
-                "s",
-                "--path",
-                "/l.so",
-                "--sandbox",
-                "{}",
-                "--allow-unsafe-paths",
-            ],
-            &["hubagent", "plugin-host", "--name", "--path", "/l.so"],
-            &[
-                "hubagent",
-                "plugin-host",
-                "--name",
-                "s",
-                "--path",
-                "/l.so",
-                "x",
-            ],
-            &[
-                "hubagent",
-                "--config",
-                "/c.toml",
-                "plugin-host",
-                "--name",
-                "s",
-                "--path",
-                "/l.so",
-            ],
-            &["hubagent", "status"],
-        ];
-        for args in others {
-            assert_eq!(
-                HostArgs::from_daemon(args.iter().map(OsString::from)),
-                None,
-                "{args:?}"
-            );
-        }
-    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -21,16 +21,6 @@ use args::{Cli, Command, ConfigCommand, PluginsCommand, exit};
 
 fn main() -> ExitCode {
     quiet_tss();
-    if let Some(host) = args::HostArgs::from_daemon(std::env::args_os()) {
-        hubagent::system::hardening::protect_secrets_in_memory();
-        let code = hubagent::plugins::host::run(
-            &host.name,
-            &host.path,
-            host.allow_unsafe_paths,
-            host.sandbox.as_deref(),
-        );
-        return ExitCode::from(code as u8);
-    }
     let cli = Cli::parse();
     if matches!(cli.command, Command::Run | Command::PluginHost { .. }) {
         hubagent::system::hardening::protect_secrets_in_memory();
