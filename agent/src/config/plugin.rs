@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 /// How a library plugin runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
-    /// In a supervised child process (`hubagent plugin-host`): a crash or hang is contained.
+    /// In a supervised child process (`hubagent-plugin-host`): a crash or hang is contained.
     Process,
     /// Loaded into the daemon: for trusted plugins only (a crash takes the agent down).
     InProcess,

@@ -1,6 +1,7 @@
-//! `hubagent plugin-host`: one library plugin in its own process. The daemon starts it (see
-//! `hosted.rs`) with the protocol on stdin/stdout (see `protocol.rs`); the plugin's own writes to
-//! stdout and stderr end up on stderr, which the daemon logs line by line.
+//! `hubagent-plugin-host` (and the hidden `hubagent plugin-host`): one library plugin in its own
+//! process. The daemon starts it (see `hosted.rs`) with the protocol on stdin/stdout (see
+//! `protocol.rs`); the plugin's own writes to stdout and stderr end up on stderr, which the
+//! daemon logs line by line.
 
 use std::collections::HashMap;
 use std::fs::File;

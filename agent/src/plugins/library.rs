@@ -1,6 +1,6 @@
 //! Loading a plugin library and calling it through the ABI of `hubagent_plugin.h`: the trust
 //! check, the descriptor check before anything else is called, and the host API table. Used by
-//! the plugin process (`hubagent plugin-host`) and by in-process plugins alike.
+//! the plugin process (`hubagent-plugin-host`) and by in-process plugins alike.
 //!
 //! Libraries are opened with RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE through `/proc/self/fd/N` of
 //! the file that passed the trust check (so a file swapped in after the check is not what gets

@@ -19,7 +19,7 @@
 //! | `library.rs` | loading a plugin library and calling it through the ABI |
 //! | `exec.rs` | exec plugins: a program and its JSON lines |
 //! | `builtin.rs` | the simulated sensor |
-//! | `protocol.rs` | the frames between the daemon and `hubagent plugin-host` |
+//! | `protocol.rs` | the frames between the daemon and `hubagent-plugin-host` |
 //! | `trust.rs` | which files may run as plugins |
 //! | `preflight.rs` | trying a plugin before the daemon runs it (`config check`, `check`) |
 //! | `trial.rs` | `hubagent plugins try`: one plugin alone, its output printed, input from stdin |

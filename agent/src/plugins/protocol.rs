@@ -1,4 +1,4 @@
-//! The protocol between the daemon and a plugin process (`hubagent plugin-host`) on the child's
+//! The protocol between the daemon and a plugin process (`hubagent-plugin-host`) on the child's
 //! stdin/stdout: frames of a 4-byte big-endian length followed by that many bytes of JSON.
 //!
 //! Down (daemon → host): `start`, `settings`, `ack`, `ping`, `method`, `c2d`, `stop`.
@@ -8,8 +8,9 @@
 //!
 //! ABI 1.3 adds `batch` (up: several messages of one `publish_batch`, appended to the queue with
 //! one write) answered by `batch-ack` (down: each message's code, in order). Both ends are the
-//! same `hubagent` binary (the daemon runs `/proc/self/exe plugin-host`), so a frame type is
-//! added, never changed: older frames keep their shape and meaning.
+//! same build (the daemon runs the `hubagent-plugin-host` it opened at its start, which refuses
+//! another build: plugins/host_program.rs), so a frame type is added, never changed: older
+//! frames keep their shape and meaning.
 //!
 //! A `batch` frame is the one frame that is not JSON: it carries the messages' bodies as they
 //! are, in the binary layout of [`encode_batch`] (its first byte, [`BINARY_BATCH`], can never

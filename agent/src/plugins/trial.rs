@@ -1,6 +1,6 @@
 //! `hubagent plugins try`: one plugin alone, with no hub, no configuration and no queue — the
 //! plugin author's unit of work. It runs on the daemon's own machinery (`running::launch`: a
-//! library in a `hubagent plugin-host` child, an exec plugin as its process, each confined as
+//! library in a `hubagent-plugin-host` child, an exec plugin as its process, each confined as
 //! the daemon would confine it), prints what the plugin publishes, logs and reports, and takes
 //! lines on stdin: settings (a JSON object, merged like a desired patch), `method NAME [JSON]`,
 //! `c2d [PROPERTIES] BODY`, `stop`. docs/plugins.md, "Try a plugin".
