@@ -188,16 +188,7 @@ impl<'a> Rules<'a> {
             },
             (None, None) => None,
         };
-        let mut properties = shared.clone();
-        if let Some(own) = except.get("props") {
-            let own = own.as_object().ok_or("\"props\" is not an object")?;
-            for (k, v) in own {
-                let v = v
-                    .as_str()
-                    .ok_or(format!("property '{k}' is not a string"))?;
-                properties.insert(k.clone(), v.to_owned());
-            }
-        }
+        let properties = with_own_properties(shared, except.get("props"))?;
         let body = match except.get("base64") {
             None | Some(Value::Bool(false)) => body.to_string().into_bytes(),
             Some(Value::Bool(true)) => base64::engine::general_purpose::STANDARD
@@ -222,11 +213,14 @@ impl<'a> Rules<'a> {
     }
 }
 
-fn reading_v1(r: &Value, shared: &BTreeMap<String, String>) -> Result<Reading, String> {
-    let text = |key: &str| r.get(key).and_then(Value::as_str).map(str::to_owned);
-    let message_id = text("id").ok_or("no \"id\"")?;
+/// A reading's application properties: the batch's shared ones and its own `props` (an object of
+/// strings), which win.
+fn with_own_properties(
+    shared: &BTreeMap<String, String>,
+    own: Option<&Value>,
+) -> Result<BTreeMap<String, String>, String> {
     let mut properties = shared.clone();
-    if let Some(own) = r.get("props") {
+    if let Some(own) = own {
         let own = own.as_object().ok_or("\"props\" is not an object")?;
         for (k, v) in own {
             let v = v
@@ -235,6 +229,13 @@ fn reading_v1(r: &Value, shared: &BTreeMap<String, String>) -> Result<Reading, S
             properties.insert(k.clone(), v.to_owned());
         }
     }
+    Ok(properties)
+}
+
+fn reading_v1(r: &Value, shared: &BTreeMap<String, String>) -> Result<Reading, String> {
+    let text = |key: &str| r.get(key).and_then(Value::as_str).map(str::to_owned);
+    let message_id = text("id").ok_or("no \"id\"")?;
+    let properties = with_own_properties(shared, r.get("props"))?;
     let (body, content_type, content_encoding) = match (r.get("body"), text("bodyBase64")) {
         (Some(body), None) => (
             body.to_string().into_bytes(),
