@@ -130,7 +130,10 @@ async fn one_input(count: u8, chunks: Vec<Vec<u8>>) {
             creation_time: None,
             properties: Vec::new(),
         };
-        let done = handle.enqueue(message).await.expect("the session takes it");
+        let done = handle
+            .enqueue(&message)
+            .await
+            .expect("the session takes it");
         acknowledged.push((vec![b'0' + n], done));
     }
 
