@@ -13,7 +13,8 @@ pub const MAX_BATCH_BYTES: usize = 192 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchSpec {
     /// A batch is at most this many bytes as the hub meters it (body as sent, after gzip, plus
-    /// its properties). 4096 is one billing block.
+    /// its properties). The hub bills 4 KB blocks; 65536 (the default) leaves about one
+    /// partly filled block per 16 (docs/configuration.md, "Which `max_bytes`").
     pub max_bytes: usize,
     /// How long the first reading of a batch may wait for more when fewer are queued than fill
     /// one; readings already queued never wait.
@@ -23,10 +24,10 @@ pub struct BatchSpec {
 }
 
 impl BatchSpec {
-    pub const DEFAULT_MAX_BYTES: usize = 4096;
+    pub const DEFAULT_MAX_BYTES: usize = 65536;
     pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(1);
 
-    /// `batch = { max_bytes = 4096, max_delay = "1s" }` and `compress = "gzip"` of a
+    /// `batch = { max_bytes = 65536, max_delay = "1s" }` and `compress = "gzip"` of a
     /// `[[plugin]]` table; `None` when the plugin does not batch.
     pub fn from_table(table: &toml::Table) -> Result<Option<BatchSpec>, SpecError> {
         let gzip = match table.get("compress") {
@@ -41,7 +42,7 @@ impl BatchSpec {
             if gzip {
                 return Err(err(
                     "compress",
-                    "compresses batches: set batch = { max_bytes = 4096, max_delay = \"1s\" } too",
+                    "compresses batches: set batch = {} (or batch = { max_bytes = 65536, max_delay = \"1s\" }) too",
                 ));
             }
             return Ok(None);
@@ -49,7 +50,7 @@ impl BatchSpec {
         let toml::Value::Table(batch) = batch else {
             return Err(err(
                 "batch",
-                "must be a table such as { max_bytes = 4096, max_delay = \"1s\" }",
+                "must be a table such as { max_bytes = 65536, max_delay = \"1s\" }",
             ));
         };
         if let Some(unknown) = batch
@@ -101,7 +102,7 @@ impl BatchSpec {
 }
 
 fn bytes_range() -> String {
-    format!("must be a size from 1024 to {MAX_BATCH_BYTES} bytes (e.g. 4096 or \"8KiB\")")
+    format!("must be a size from 1024 to {MAX_BATCH_BYTES} bytes (e.g. 65536 or \"64KiB\")")
 }
 
 fn err(key: &str, message: impl Into<String>) -> SpecError {
@@ -122,7 +123,7 @@ mod tests {
         assert_eq!(
             parse("batch = {}\n").unwrap(),
             Some(BatchSpec {
-                max_bytes: 4096,
+                max_bytes: 65536,
                 max_delay: Duration::from_secs(1),
                 gzip: false
             })
