@@ -107,7 +107,9 @@ def main():
         wanted = [line for line in opts.out.read_text().splitlines() if line and not line.startswith("#")]
         found = [name for name in wanted if name in symbols]
         print(f"{binary}: has {len(found)} of the {len(wanted)} functions in {opts.out} "
-              f"({sum(symbols[n] for n in found) / 1024:.0f} KiB of code)")
+              f"({sum(symbols[n] for n in found) / 1024:.0f} KiB of code)"
+              + ("" if len(found) >= 0.9 * len(wanted) else
+                 "; the list is stale: make it again (python3 bench/code_order.py --help)"))
         return
     if not shutil.which("valgrind"):
         sys.exit("code_order: needs valgrind (apt-get install valgrind)")
