@@ -18,6 +18,7 @@ other users).
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,45 @@ def breakdown(pid, exe):
     return rows, status, sorted(set(c for _, c in sps.values())), len(sps)
 
 
+def resident_code(pid, exe, top):
+    """Which crates the resident pages of a process's executable code belong to: each page of the
+    executable's r-x mapping that /proc/PID/pagemap says is present, attributed to the symbols
+    (`nm -S -C`) it holds, by the first path segment of each symbol's name (the crate; for
+    `<T as Trait>::f`, T's crate). Includes the pages fault-around mapped without their running."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    maps = [m for m in mappings(pid) if m[3] == exe]
+    base = min(m[0] for m in maps)  # a position-independent executable's first segment is at 0
+    present = set()
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for start, end, perms, _, _ in maps:
+            if "x" not in perms:
+                continue
+            pagemap.seek(start // page * 8)
+            entries = pagemap.read((end - start) // page * 8)
+            for i in range(0, len(entries), 8):
+                if int.from_bytes(entries[i:i + 8], "little") >> 63:
+                    present.add((start - base) // page + i // 8)
+    nm = subprocess.run(["nm", "-S", "-C", "--defined-only", exe], capture_output=True, text=True, check=True)
+    crates, covered = {}, set()
+    for line in nm.stdout.splitlines():
+        fields = line.split(" ", 3)
+        if len(fields) < 4 or fields[2] not in "tTwW":
+            continue
+        addr, size, name = int(fields[0], 16), int(fields[1], 16), fields[3]
+        path = re.search(r"([A-Za-z_][A-Za-z0-9_]*)::", name)
+        crate = path.group(1) if path else "(no path: C or assembly)"
+        for pg in range(addr // page, (addr + max(size, 1) - 1) // page + 1):
+            if pg in present:
+                lo, hi = max(addr, pg * page), min(addr + size, (pg + 1) * page)
+                crates[crate] = crates.get(crate, 0) + max(hi - lo, 0)
+                covered.add(pg)
+    total = len(present) * page
+    print(f"\n  resident code of {exe}: {total / 1024:.0f} KiB in {len(present)} pages; by crate "
+          f"(bytes of its functions in resident pages; {len(present - covered)} pages hold no symbol):")
+    for crate, size in sorted(crates.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {crate:<40} {size / 1024:>8.0f} KiB")
+
+
 def report(pid, exe):
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     args = [a.decode() for a in cmd if a]
@@ -154,6 +194,8 @@ def main():
     ap.add_argument("--idle", type=float, default=12, help="seconds idle before the breakdown (row 2c: 2 + 10)")
     ap.add_argument("--burst", type=int, default=0,
                     help="then a burst of this many messages (row 2d: 50000) and the breakdown after it")
+    ap.add_argument("--code", type=int, default=0, metavar="N",
+                    help="also the N crates with the most resident code in the daemon (pagemap + nm)")
     ap.add_argument("--keep", action="store_true")
     opts = ap.parse_args()
     bench.MQTT_PORT = bench.free_port()  # not 8883: the benchmark may be running
@@ -174,6 +216,8 @@ def main():
         print(f"{agent_binary}: {len(pids)} processes; peak of the summed VmRSS while idle "
               f"{peak / 1024:.2f} MiB (row 2c's measure)")
         breakdowns(pids)
+        if opts.code:
+            resident_code(agent.proc.pid, executable(agent.proc.pid), opts.code)
         if opts.burst:
             sampler = bench.Sampler(agent.proc.pid)
             rate, _ = bench.burst(sim, agent.proc.pid, opts.burst, "memory")

@@ -116,20 +116,46 @@ def rss_kib(pids):
     return total
 
 
-class Sampler:
-    """Samples the summed RSS of a process tree every 20 ms; `peak` is the largest sum seen."""
+def pss_kib(pids):
+    """The summed PSS of these processes: a page mapped by N processes counts 1/N in each, so the
+    sum counts every page once (what they cost the machine's memory, where VmRSS counts a shared
+    page in every process that maps it)."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass
+    return total
 
-    def __init__(self, pid):
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+
+class Sampler:
+    """Samples the summed RSS of a process tree every 20 ms; `peak` is the largest sum seen. With
+    `pss`, also the summed PSS of the same processes read right after each sample's VmRSS:
+    `pss_at_peak` is that sum at the sample with the largest summed VmRSS (row 2c′ beside 2c)."""
+
+    def __init__(self, pid, pss=False):
+        self.pid, self.peak, self.pss_at_peak, self._stop = pid, 0, 0, threading.Event()
+        self._pss = pss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_kib(tree(self.pid)))
+            pids = tree(self.pid)
+            rss = rss_kib(pids)
+            if rss > self.peak:
+                self.peak = rss
+                if self._pss:
+                    self.pss_at_peak = pss_kib(pids)
             self._stop.wait(0.02)
 
     def reset(self):
+        """Starts a new peak (of VmRSS only: reading PSS walks the page tables, not wanted under load)."""
+        self._pss = False
         self.peak = rss_kib(tree(self.pid))
 
     def stop(self):
@@ -427,11 +453,12 @@ def agent_runs(sim, work, opts, results):
 
         # Idle with three plugins (process isolation: three plugin-host children).
         time.sleep(2)  # let start-up work (twin, first readings) finish before measuring idle
-        sampler = Sampler(pid)
+        sampler = Sampler(pid, pss=True)
         c0, t_idle = cpu_seconds(tree(pid)), time.time()
         time.sleep(opts.idle_seconds)
         results["idle_cpu_pct"].append(100 * (cpu_seconds(tree(pid)) - c0) / (time.time() - t_idle))
         results["idle_rss"].append(sampler.peak / 1024)
+        results["idle_pss"].append(sampler.pss_at_peak / 1024)
         procs = len(tree(pid))
 
         # Load: a burst of N messages from the bench plugin, triggered through the twin.
@@ -700,6 +727,8 @@ def table(r, opts):
          f"{fig(r['bare_ws_cpu_per_k'], '{:.0f}', 1000)} ({fig(r['bare_proxy_cpu_per_k'], '{:.0f}', 1000)})", "—"),
         ("2b. Idle CPU with 3 plugins, % of one core", fig(r["idle_cpu_pct"], "{:.2f}"), "—", "—"),
         ("2c. Peak RSS idle with 3 plugins, MiB (all processes)", fig(r["idle_rss"], "{:.1f}"), "—", "—"),
+        ("2c′. … the sum of PSS at that peak, MiB (every shared page counted once)",
+         fig(r["idle_pss"], "{:.1f}"), "—", "—"),
         ("2d. Peak RSS under load, MiB (all processes)", fig(r["load_rss"], "{:.1f}"),
          fig(r["bare_rss"], "{:.1f}"), fig(r["sdk_rss"], "{:.1f}")),
         ("3a. Start to READY=1, cached assignment, ms", fig(r["ready_cached"], "{:.0f}", 1000), "—", "—"),
@@ -783,7 +812,7 @@ def main():
     log(f"working directory {work}")
     results = {k: [] for k in (
         "agent_rate", "bare_rate", "sdk_rate", "agent_cpu_per_k", "bare_cpu_per_k", "sdk_cpu_per_k",
-        "idle_cpu_pct", "idle_rss", "load_rss", "bare_rss", "sdk_rss", "ready_cached", "first_telemetry_fresh",
+        "idle_cpu_pct", "idle_rss", "idle_pss", "load_rss", "bare_rss", "sdk_rss", "ready_cached", "first_telemetry_fresh",
         "sdk_first_telemetry_fresh", "drain_rate", "fill_rate", "queue_bytes_per_msg", "registrations_per_s",
         "registrations_first_per_s", "registrations_last_per_s", "registrations_last_vs_first", "hubsim_rss",
         "connections_held", "connections_per_s", "agent_ws_rate", "agent_ws_cpu_per_k", "bare_ws_rate",

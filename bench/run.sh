@@ -14,6 +14,11 @@ cargo build --release --quiet -p hubsim -p hubagent-bench -p hubagent-bench-plug
 # demo's embedded hubsim, so rows 2c/2d measure what operators run. Built alone, and last, so
 # that no other package's features are unified into it. Needs libtss2-dev (tests/setup.sh).
 cargo build --release --quiet -p hubagent --no-default-features --features tpm
+# How much of the daemon's code-order list (agent/build.rs) this build still has: a stale list
+# raises rows 2c/2d by about 4 MiB (docs/benchmarks.md, "The daemon's code in the order it runs").
+if [ "$(uname -m)" = x86_64 ]; then
+    python3 bench/code_order.py --check agent/link-order-x86_64.txt >&2
+fi
 
 # The same venv as the test suite (tests/setup.sh), created here when missing so a clean clone
 # needs nothing else.
