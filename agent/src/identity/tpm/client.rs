@@ -15,6 +15,7 @@ use std::io::{BufReader, BufWriter};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::TpmError;
@@ -91,6 +92,9 @@ struct Helper {
 /// command at a time anyway, and swtpm one client).
 static HELPER: Mutex<Option<Helper>> = Mutex::new(None);
 
+/// The running helper's process id (0: none), readable while a request holds [`HELPER`].
+static HELPER_PID: AtomicU32 = AtomicU32::new(0);
+
 fn helper_error(text: String) -> TpmError {
     TpmError::Helper(text)
 }
@@ -122,11 +126,14 @@ fn start() -> Result<Helper, TpmError> {
         }
     };
     match hello {
-        Some(Hello { protocol, build }) if protocol == PROTOCOL && build == BUILD => Ok(Helper {
-            child,
-            requests,
-            answers,
-        }),
+        Some(Hello { protocol, build }) if protocol == PROTOCOL && build == BUILD => {
+            HELPER_PID.store(child.id(), Ordering::Relaxed);
+            Ok(Helper {
+                child,
+                requests,
+                answers,
+            })
+        }
         Some(Hello { protocol, build }) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -147,6 +154,7 @@ fn start() -> Result<Helper, TpmError> {
 
 /// The error of a helper that stopped answering during `operation`; reaps it.
 fn ended(mut child: Child, path: &Path, operation: &str, detail: &str) -> TpmError {
+    HELPER_PID.store(0, Ordering::Relaxed);
     // A helper that closed its pipes but still runs is ended here, so that wait returns.
     let _ = child.kill();
     let how = match child.wait() {
@@ -208,11 +216,10 @@ fn program_path() -> PathBuf {
     }
 }
 
-/// The process id of this process's running helper, if one runs (for `hubagent check`'s output
-/// and for the tests that end it on purpose).
+/// The process id of this process's running helper, if one runs, also while it works on a
+/// request (for the tests that end it on purpose).
 pub fn helper_pid() -> Option<u32> {
-    let slot = HELPER.lock().unwrap_or_else(|p| p.into_inner());
-    slot.as_ref().map(|helper| helper.child.id())
+    Some(HELPER_PID.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
 }
 
 #[cfg(test)]
