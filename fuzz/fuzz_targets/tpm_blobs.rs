@@ -1,9 +1,14 @@
 //! Activation blobs as DPS sends them in a TPM attestation (`authenticationKey`, base64-decoded):
 //! split into their five TPM2B fields and unmarshalled into the TPM structures (tpm2-tss's
 //! marshalling code) before any of it reaches a TPM. Malformed input is an error, never a panic
-//! or a crash; a blob that decodes re-splits to the same fields.
+//! or a crash; a blob that decodes re-splits to the same fields. The decoding is the TPM helper's
+//! (`hubagent-tpm`, which alone links tpm2-tss), included from its source.
 #![no_main]
-use hubagent::identity::tpm::attestation::{ActivationBlob, decode};
+#[path = "../../agent/src/bin/hubagent-tpm/blob.rs"]
+mod blob;
+
+use blob::decode;
+use hubagent::identity::tpm::attestation::ActivationBlob;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

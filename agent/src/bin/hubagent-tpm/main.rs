@@ -24,6 +24,7 @@ use hubagent::identity::tpm::protocol::{
 };
 
 fn main() -> ExitCode {
+    quiet_tss();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
         [flag, build] if flag == "--build" && build == BUILD => {}
@@ -44,6 +45,17 @@ fn main() -> ExitCode {
             eprintln!("{FILE_NAME}: the connection to the agent failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The TPM library (tpm2-tss) prints its own ERROR lines on stderr for conditions the agent
+/// reports itself in plainer words (an empty handle, a missing device). Unless the operator asked
+/// for them with TSS2_LOG (the helper inherits the agent's environment), keep them out of the
+/// journal.
+fn quiet_tss() {
+    if std::env::var_os("TSS2_LOG").is_none() {
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("TSS2_LOG", "all+NONE") };
     }
 }
 
