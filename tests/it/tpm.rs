@@ -1134,3 +1134,31 @@ fn a_helper_killed_mid_operation_fails_it_clearly_and_the_next_starts_another() 
     let second = tpm::client::helper_pid().expect("a new helper runs");
     assert_ne!(second, first);
 }
+
+/// A helper without requests for a while is stopped (it exits on its own status 0, nothing is
+/// left behind) and the next operation starts another.
+#[test]
+fn an_idle_helper_is_stopped_and_started_again_when_needed() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let key = hubsim::state::random_key();
+    tpm::import_hmac_key(&tcti, &NO_AUTH, HANDLE, &B64.decode(&key).unwrap(), false).unwrap();
+    let first = tpm::client::helper_pid().expect("a helper runs after an operation");
+    let deadline = std::time::Instant::now() + tpm::client::IDLE * 4;
+    while tpm::client::helper_pid().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the helper still runs {:?} after its last request",
+            tpm::client::IDLE * 4
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Reaped, not left a zombie: the process is gone.
+    assert!(!Path::new(&format!("/proc/{first}")).exists());
+    let signer = TpmSigner::new(&tcti, HANDLE);
+    assert_eq!(
+        signer.sign(b"later").unwrap(),
+        software_hmac(&key, b"later")
+    );
+    assert_ne!(tpm::client::helper_pid(), Some(first));
+}

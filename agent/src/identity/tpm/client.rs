@@ -9,6 +9,10 @@
 //! operation starts a new one. Nothing is retried here: the callers (DPS registration, SAS token
 //! renewal, the TLS handshake) already retry with their own back-off, and an operation that
 //! changes the TPM (an import) must not run twice without its caller knowing.
+//!
+//! A helper left without requests for [`IDLE`] is stopped (its input closed; it exits): the TPM
+//! is used in bursts (a registration, a SAS token renewal, a TLS handshake) and the helper maps
+//! the TPM libraries, so between bursts the agent holds none of them (docs/tpm.md).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
@@ -17,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::TpmError;
 use super::protocol::{self, Answer, BUILD, FILE_NAME, Hello, PROTOCOL, Reply, Request};
@@ -81,11 +86,16 @@ fn program() -> Result<&'static Program, String> {
         .map_err(Clone::clone)
 }
 
+/// How long a helper without requests keeps running.
+pub const IDLE: Duration = Duration::from_secs(10);
+
 /// A running helper and the two ends of its pipes.
 struct Helper {
     child: Child,
     requests: BufWriter<ChildStdin>,
     answers: BufReader<ChildStdout>,
+    /// When its last answer came (or it started).
+    last_used: Instant,
 }
 
 /// The helper of this process, started on first use; one request at a time (the TPM serves one
@@ -128,10 +138,12 @@ fn start() -> Result<Helper, TpmError> {
     match hello {
         Some(Hello { protocol, build }) if protocol == PROTOCOL && build == BUILD => {
             HELPER_PID.store(child.id(), Ordering::Relaxed);
+            start_idle_watch();
             Ok(Helper {
                 child,
                 requests,
                 answers,
+                last_used: Instant::now(),
             })
         }
         Some(Hello { protocol, build }) => {
@@ -177,6 +189,51 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// Starts (once per process) the thread that stops a helper idle for [`IDLE`]: it looks every
+/// half period, so a helper lives between one and one and a half periods after its last answer.
+fn start_idle_watch() {
+    static WATCH: OnceLock<()> = OnceLock::new();
+    WATCH.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("tpm-helper-idle".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(IDLE / 2);
+                    let mut slot = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.as_ref().is_some_and(|h| h.last_used.elapsed() >= IDLE) {
+                        stop(slot.take().expect("checked"));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // The helper then simply keeps running.
+            tracing::warn!("cannot start the TPM helper's idle watch: {e}");
+        }
+    });
+}
+
+/// Ends an idle helper: closing its input is its signal to exit.
+fn stop(helper: Helper) {
+    HELPER_PID.store(0, Ordering::Relaxed);
+    let Helper {
+        mut child,
+        requests,
+        answers,
+        ..
+    } = helper;
+    drop(requests);
+    drop(answers);
+    match child.wait() {
+        Ok(status) if status.success() => {}
+        Ok(status) => tracing::warn!(
+            "the idle TPM helper {} {} when asked to stop",
+            program_path().display(),
+            describe_exit(status)
+        ),
+        Err(e) => tracing::warn!("the idle TPM helper could not be reaped: {e}"),
+    }
+}
+
 /// Sends `request` to this process's helper (starting it if none runs) and returns its answer.
 pub fn call(request: &Request) -> Result<Reply, TpmError> {
     let mut slot = HELPER.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +244,10 @@ pub fn call(request: &Request) -> Result<Reply, TpmError> {
     let exchanged = protocol::write_frame(&mut helper.requests, request)
         .and_then(|()| protocol::read_frame::<Answer>(&mut helper.answers));
     match exchanged {
-        Ok(Some(answer)) => answer,
+        Ok(Some(answer)) => {
+            helper.last_used = Instant::now();
+            answer
+        }
         Ok(None) => {
             let helper = slot.take().expect("present");
             Err(ended(
