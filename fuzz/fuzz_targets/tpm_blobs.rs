@@ -20,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
                 parts.credential_blob.as_slice()
             );
             assert_eq!(decoded.duplicate.value(), parts.duplicate.as_slice());
+            assert_eq!(decoded.secret.value(), parts.secret.as_slice());
+            assert_eq!(decoded.in_sym_seed.value(), parts.in_sym_seed.as_slice());
+            std::hint::black_box(&decoded.public);
         }
         Err(e) => {
             let _ = e.to_string();
