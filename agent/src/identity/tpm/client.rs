@@ -132,7 +132,7 @@ fn start() -> Result<Helper, TpmError> {
     let hello: Option<Hello> = match protocol::read_frame(&mut answers) {
         Ok(hello) => hello,
         Err(e) => {
-            return Err(ended(child, &program.path, "starting", &e.to_string()));
+            return Err(ended(child, &program.path, "its start", &e.to_string()));
         }
     };
     match hello {
