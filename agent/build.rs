@@ -1,4 +1,4 @@
-//! Link options of the agent's executables (`hubagent`, `hubagent-plugin-host`), not of its
+//! Link options of the agent's executables (`hubagent`, `hubagent-plugin-host`, `hubagent-tpm`), not of its
 //! library, tests or the plugins.
 
 use std::process::Command;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Usage: check-depends.sh PACKAGE.deb
-# Checks a built package's Depends against the shared-library dependencies that this system's
+# Checks that only the TPM helper links the TPM libraries, then a built package's Depends against the shared-library dependencies that this system's
 # dpkg-shlibdeps computes for the package's ELF files (the binary and the plugins): each computed
 # dependency must be one of the declared alternatives, exactly as computed. The Depends are
 # written out in agent/Cargo.toml (alternatives for Debian 12 and 13) instead of cargo deb's $auto;
@@ -36,6 +36,19 @@ if grep -q 'Name: GLIBC_ABI_DT_RELR' <<<"$versions"; then
     computed="$(sed -E 's/libc6 \(>= 2\.(2[0-9]|3[0-5])(\.[0-9]+)?\)/libc6 (>= 2.36)/g' <<<"$computed")"
     echo "check-depends: packed relocations (GLIBC_ABI_DT_RELR): libc6 (>= 2.36) at least"
 fi
+# Only the TPM helper links the TPM libraries (docs/tpm.md, "The TPM helper"): the daemon of an
+# installation without a TPM must not map them, and the helper must be there and link them.
+daemon_needs="$(cd "$tmp" && readelf -d -W debian/hubagent/usr/bin/hubagent | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')"
+if grep -qE '^(libtss2|libcrypto)' <<<"$daemon_needs"; then
+    echo "check-depends: /usr/bin/hubagent links the TPM libraries: $(tr '\n' ' ' <<<"$daemon_needs")" >&2
+    exit 1
+fi
+helper="$tmp/debian/hubagent/usr/libexec/hubagent/hubagent-tpm"
+if [ ! -f "$helper" ] || ! readelf -d -W "$helper" | grep -q 'NEEDED.*\[libtss2-esys'; then
+    echo "check-depends: /usr/libexec/hubagent/hubagent-tpm is missing or does not link libtss2-esys" >&2
+    exit 1
+fi
+echo "check-depends: the TPM libraries are linked by hubagent-tpm only"
 declared="$(dpkg-deb -f "$deb" Depends)"
 # The declared alternatives, one a line, without the spaces around them.
 alternatives="$(tr ',|' '\n\n' <<<"$declared" | sed 's/^ *//; s/ *$//')"

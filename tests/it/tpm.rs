@@ -1022,3 +1022,143 @@ async fn tpm_attestation_gets_an_issued_certificate_with_its_key_in_the_tpm() {
     assert_eq!(agent.stop(), Some(0));
     assert_eq!(tpm::handle_counts(&tcti).unwrap(), NOTHING_LOADED);
 }
+
+/// The names of the shared libraries an executable needs (its DT_NEEDED entries).
+fn needed_libraries(executable: &Path) -> Vec<String> {
+    let out = Command::new("readelf")
+        .arg("--dynamic")
+        .arg(executable)
+        .output()
+        .expect("readelf (binutils) runs");
+    assert!(
+        out.status.success(),
+        "readelf {}: {out:?}",
+        executable.display()
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("(NEEDED)"))
+        .filter_map(|line| Some(line.split('[').nth(1)?.trim_end_matches(']').to_string()))
+        .collect()
+}
+
+/// Only the helper links the TPM libraries: the daemon of an installation without a TPM maps
+/// none of them (docs/benchmarks.md, "Where the memory goes").
+#[test]
+fn only_the_tpm_helper_links_the_tpm_libraries() {
+    let daemon = hubagent_bin();
+    let helper = daemon.with_file_name("hubagent-tpm");
+    let daemon_needs = needed_libraries(&daemon);
+    let helper_needs = needed_libraries(&helper);
+    assert!(
+        daemon_needs.iter().any(|lib| lib.starts_with("libc.so")),
+        "readelf's output was not understood: {daemon_needs:?}"
+    );
+    assert!(
+        !daemon_needs
+            .iter()
+            .any(|lib| lib.starts_with("libtss2") || lib.starts_with("libcrypto")),
+        "{} links {daemon_needs:?}",
+        daemon.display()
+    );
+    assert!(
+        helper_needs
+            .iter()
+            .any(|lib| lib.starts_with("libtss2-esys")),
+        "{} links {helper_needs:?}",
+        helper.display()
+    );
+}
+
+/// A helper killed while it waits for the TPM fails that operation with an error saying what
+/// happened; the next operation starts a new helper and works.
+#[test]
+fn a_helper_killed_mid_operation_fails_it_clearly_and_the_next_starts_another() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let key = hubsim::state::random_key();
+    tpm::import_hmac_key(&tcti, &NO_AUTH, HANDLE, &B64.decode(&key).unwrap(), false).unwrap();
+    let first = tpm::client::helper_pid().expect("a helper runs after an operation");
+
+    // A "TPM" that takes commands and never answers (its command port and the control port
+    // after it): the helper's HMAC waits in the middle of its conversation.
+    let (silent, control) = loop {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        if let Ok(control) = std::net::TcpListener::bind(("127.0.0.1", port + 1)) {
+            break (silent, control);
+        }
+    };
+    let port = silent.local_addr().unwrap().port();
+    let (received_tx, received) = std::sync::mpsc::channel();
+    for listener in [silent, control] {
+        let received_tx = received_tx.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut stream in listener.incoming().flatten() {
+                let mut byte = [0u8; 1];
+                if std::io::Read::read(&mut stream, &mut byte).unwrap_or(0) == 1 {
+                    let _ = received_tx.send(());
+                }
+                held.push(stream);
+            }
+        });
+    }
+    let waiting = std::thread::spawn(move || {
+        TpmSigner::new(&format!("swtpm:host=127.0.0.1,port={port}"), HANDLE).hmac(b"x")
+    });
+    received
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the helper sends its command to the silent TPM");
+    assert_eq!(tpm::client::helper_pid(), Some(first));
+    // SAFETY: kill(2) on the helper this process started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+
+    let err = waiting.join().unwrap().unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TpmError::Helper(_)), "{err:?}");
+    assert!(
+        text.contains("hubagent-tpm") && text.contains("was killed by signal 9"),
+        "{text}"
+    );
+    assert!(text.contains("during an HMAC signature"), "{text}");
+    assert_eq!(tpm::client::helper_pid(), None);
+
+    // The next operation starts another helper, and the key is still the TPM's.
+    let signer = TpmSigner::new(&tcti, HANDLE);
+    assert_eq!(
+        signer.sign(b"after").unwrap(),
+        software_hmac(&key, b"after")
+    );
+    let second = tpm::client::helper_pid().expect("a new helper runs");
+    assert_ne!(second, first);
+}
+
+/// A helper without requests for a while is stopped (it exits on its own status 0, nothing is
+/// left behind) and the next operation starts another.
+#[test]
+fn an_idle_helper_is_stopped_and_started_again_when_needed() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let key = hubsim::state::random_key();
+    tpm::import_hmac_key(&tcti, &NO_AUTH, HANDLE, &B64.decode(&key).unwrap(), false).unwrap();
+    let first = tpm::client::helper_pid().expect("a helper runs after an operation");
+    let deadline = std::time::Instant::now() + tpm::client::IDLE * 4;
+    while tpm::client::helper_pid().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the helper still runs {:?} after its last request",
+            tpm::client::IDLE * 4
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Reaped, not left a zombie: the process is gone.
+    assert!(!Path::new(&format!("/proc/{first}")).exists());
+    let signer = TpmSigner::new(&tcti, HANDLE);
+    assert_eq!(
+        signer.sign(b"later").unwrap(),
+        software_hmac(&key, b"later")
+    );
+    assert_ne!(tpm::client::helper_pid(), Some(first));
+}

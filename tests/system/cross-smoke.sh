@@ -103,6 +103,11 @@ smoke() { # arch
     chmod 700 "$dir/state"
     dpkg-deb -x "$work/pkg/hubagent_$arch.deb" "$dir/pkg"
     local emulated=("$root/usr/bin/$qemu" -L "$root" "$dir/pkg/usr/bin/hubagent")
+    # The TPM helper is packaged, and only it links the TPM libraries (readelf reads ARM files).
+    [ -x "$dir/pkg/usr/libexec/hubagent/hubagent-tpm" ] || { echo "$arch: no /usr/libexec/hubagent/hubagent-tpm"; return 1; }
+    if readelf -d -W "$dir/pkg/usr/bin/hubagent" | grep -q 'NEEDED.*\[libtss2'; then
+        echo "$arch: /usr/bin/hubagent links libtss2"; return 1
+    fi
     agent() { "${emulated[@]}" "$@"; }
 
     local version

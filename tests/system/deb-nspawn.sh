@@ -288,6 +288,7 @@ EOF
     expect "^config-mode 640 root:hubagent"
     expect "^plugins .*/libhubagent_simulated_sensor.so 644 root:root .*/libhubagent_sysmetrics.so 644 root:root"
     expect "^plugin-host /usr/libexec/hubagent/hubagent-plugin-host 755 root:root"
+    expect "^tpm-helper /usr/libexec/hubagent/hubagent-tpm 755 root:root"
     expect "^enabled enabled"
     expect "^active-before-config inactive"
     expect "^verify clean"

@@ -53,6 +53,8 @@ rec "config-mode $(stat -c '%a %U:%G' /etc/hubagent/config.toml)"
 rec "plugins $(stat -c '%n %a %U:%G' /usr/lib/hubagent/plugins/*.so | tr '\n' ' ')"
 # The executable the library plugins run in (the sysmetrics plugin below runs in it).
 rec "plugin-host $(stat -c '%n %a %U:%G' /usr/libexec/hubagent/hubagent-plugin-host)"
+# The executable every TPM operation runs in (`hubagent tpm show-ek` below runs through it).
+rec "tpm-helper $(stat -c '%n %a %U:%G' /usr/libexec/hubagent/hubagent-tpm)"
 rec "enabled $(systemctl is-enabled hubagent)"
 rec "active-before-config $(systemctl is-active hubagent)"
 # The units as this release's systemd reads them: no warning, no unknown option.

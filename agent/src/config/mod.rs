@@ -212,6 +212,13 @@ impl Provisioning {
         })
     }
 
+    /// Whether this configuration uses a TPM: TPM attestation, or issued certificates whose keys
+    /// the TPM keeps.
+    pub fn uses_tpm(&self) -> bool {
+        matches!(self.attestation, Some(Attestation::Tpm { .. }))
+            || self.issued_key_store() == Some(IssuedKeyStore::Tpm)
+    }
+
     /// The TPM that keeps the issued certificates' keys with `key = "tpm"`.
     pub fn issued_key_tcti(&self) -> String {
         if let Some(tcti) = self

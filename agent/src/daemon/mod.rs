@@ -120,6 +120,15 @@ pub async fn run_with(
         Ok(host) => tracing::debug!(host = %host.path().display(), "plugin host executable opened"),
         Err(e) => tracing::warn!("{e}"),
     }
+    // The TPM helper likewise, and only when the configuration uses the TPM: it runs from the
+    // first TPM operation on (identity/tpm/client.rs). A missing helper fails that operation.
+    #[cfg(feature = "tpm")]
+    if daemon.config.provisioning.uses_tpm() {
+        match crate::identity::tpm::client::open_program() {
+            Ok(path) => tracing::debug!(helper = %path.display(), "TPM helper executable opened"),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
     let mut life = Lifecycle::default();
     loop {
         match life.phase().clone() {

@@ -20,7 +20,6 @@ use hubagent::system::control::{self, ControlError, Request};
 use args::{Cli, Command, ConfigCommand, PluginsCommand, exit};
 
 fn main() -> ExitCode {
-    quiet_tss();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Run | Command::PluginHost { .. }) {
         hubagent::system::hardening::protect_secrets_in_memory();
@@ -150,17 +149,6 @@ fn sandbox_exec(policy: &str, command: &[std::ffi::OsString]) -> i32 {
         std::path::Path::new(&command[0]).display()
     );
     126
-}
-
-/// The TPM library (tpm2-tss) prints its own ERROR lines on stderr for conditions hubagent
-/// reports itself in plainer words (an empty handle, a missing device). Unless the operator asked
-/// for them with TSS2_LOG, keep them out of the journal.
-fn quiet_tss() {
-    #[cfg(feature = "tpm")]
-    if std::env::var_os("TSS2_LOG").is_none() {
-        // SAFETY: first thing in main, before any other thread exists.
-        unsafe { std::env::set_var("TSS2_LOG", "all+NONE") };
-    }
 }
 
 #[cfg(feature = "tpm")]

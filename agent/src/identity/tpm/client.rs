@@ -1,0 +1,318 @@
+//! The agent's side of `hubagent-tpm` (docs/tpm.md, "The TPM helper"): finds and opens the
+//! helper executable, starts it on the first TPM operation of this process, and sends it one
+//! request at a time.
+//!
+//! The helper is opened once and executed through `/proc/self/fd/N`, as the plugin host is
+//! (plugins/host_program.rs): a package upgrade replacing the file does not change which build
+//! this process runs. A helper that dies (killed, crashed, or its TPM library aborting) fails the
+//! operation it was doing with [`TpmError::Helper`], which names how it ended; the next
+//! operation starts a new one. Nothing is retried here: the callers (DPS registration, SAS token
+//! renewal, the TLS handshake) already retry with their own back-off, and an operation that
+//! changes the TPM (an import) must not run twice without its caller knowing.
+//!
+//! A helper left without requests for [`IDLE`] is stopped (its input closed; it exits): the TPM
+//! is used in bursts (a registration, a SAS token renewal, a TLS handshake) and the helper maps
+//! the TPM libraries, so between bursts the agent holds none of them (docs/tpm.md).
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::TpmError;
+use super::protocol::{self, Answer, BUILD, FILE_NAME, Hello, PROTOCOL, Reply, Request};
+
+/// The places the helper is looked for, for the executable at `exe`: beside it (a development
+/// build's `target/<profile>/`), in `target/<profile>/` for a test executable in its `deps/`, then
+/// the package's `/usr/libexec/hubagent/` for an agent in `/usr/bin/` (docs/packaging.md).
+pub fn candidates(exe: &Path) -> Vec<PathBuf> {
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let mut places = vec![dir.join(FILE_NAME)];
+    if let Some(prefix) = dir.parent() {
+        if dir.file_name().is_some_and(|name| name == "deps") {
+            places.push(prefix.join(FILE_NAME));
+        }
+        places.push(prefix.join("libexec/hubagent").join(FILE_NAME));
+    }
+    places
+}
+
+/// The helper executable for the executable at `exe`, or an error naming where it was looked for.
+pub fn locate(exe: &Path) -> Result<PathBuf, String> {
+    let places = candidates(exe);
+    places.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        let list: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "the TPM helper executable {FILE_NAME} is missing (looked for {}): the TPM cannot be \
+             used without it; reinstall the hubagent package or build the agent with the tpm \
+             feature (cargo build -p hubagent --features tpm)",
+            list.join(" and ")
+        )
+    })
+}
+
+/// The helper executable, opened once for the life of this process.
+struct Program {
+    file: File,
+    path: PathBuf,
+}
+
+static PROGRAM: OnceLock<Result<Program, String>> = OnceLock::new();
+
+/// Opens the helper executable of this process's build (once; later calls return the same). The
+/// daemon calls this when it starts with a configuration that uses the TPM, so that an upgrade
+/// later on does not change which helper it runs; any other process opens it on its first TPM
+/// operation.
+pub fn open_program() -> Result<PathBuf, String> {
+    program().map(|program| program.path.clone())
+}
+
+fn program() -> Result<&'static Program, String> {
+    PROGRAM
+        .get_or_init(|| {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
+            let path = locate(&exe)?;
+            // O_CLOEXEC (std's default): the helper inherits nothing but what it executes.
+            let file =
+                File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            Ok(Program { file, path })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// How long a helper without requests keeps running.
+pub const IDLE: Duration = Duration::from_secs(10);
+
+/// A running helper and the two ends of its pipes.
+struct Helper {
+    child: Child,
+    requests: BufWriter<ChildStdin>,
+    answers: BufReader<ChildStdout>,
+    /// When its last answer came (or it started).
+    last_used: Instant,
+}
+
+/// The helper of this process, started on first use; one request at a time (the TPM serves one
+/// command at a time anyway, and swtpm one client).
+static HELPER: Mutex<Option<Helper>> = Mutex::new(None);
+
+/// The running helper's process id (0: none), readable while a request holds [`HELPER`].
+static HELPER_PID: AtomicU32 = AtomicU32::new(0);
+
+fn helper_error(text: String) -> TpmError {
+    TpmError::Helper(text)
+}
+
+fn start() -> Result<Helper, TpmError> {
+    let program = program().map_err(helper_error)?;
+    // The forked child still holds the descriptor when it executes the path (close-on-exec
+    // closes it only after), so the file opened at start is what runs.
+    let exec = format!("/proc/self/fd/{}", program.file.as_raw_fd());
+    let mut child = Command::new(&exec)
+        .arg("--build")
+        .arg(BUILD)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| {
+            helper_error(format!(
+                "cannot start the TPM helper {}: {e}",
+                program.path.display()
+            ))
+        })?;
+    let requests = BufWriter::new(child.stdin.take().expect("piped stdin"));
+    let mut answers = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let hello: Option<Hello> = match protocol::read_frame(&mut answers) {
+        Ok(hello) => hello,
+        Err(e) => {
+            return Err(ended(child, &program.path, "its start", &e.to_string()));
+        }
+    };
+    match hello {
+        Some(Hello { protocol, build }) if protocol == PROTOCOL && build == BUILD => {
+            HELPER_PID.store(child.id(), Ordering::Relaxed);
+            start_idle_watch();
+            Ok(Helper {
+                child,
+                requests,
+                answers,
+                last_used: Instant::now(),
+            })
+        }
+        Some(Hello { protocol, build }) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(helper_error(format!(
+                "the TPM helper {} is build {build} speaking protocol {protocol}; this agent is \
+                 build {BUILD} speaking protocol {PROTOCOL}: reinstall the hubagent package",
+                program.path.display()
+            )))
+        }
+        None => Err(ended(
+            child,
+            &program.path,
+            "starting",
+            "it closed its output",
+        )),
+    }
+}
+
+/// The error of a helper that stopped answering during `operation`; reaps it.
+fn ended(mut child: Child, path: &Path, operation: &str, detail: &str) -> TpmError {
+    HELPER_PID.store(0, Ordering::Relaxed);
+    // A helper that closed its pipes but still runs is ended here, so that wait returns.
+    let _ = child.kill();
+    let how = match child.wait() {
+        Ok(status) => describe_exit(status),
+        Err(e) => format!("ended (its exit status is unknown: {e})"),
+    };
+    helper_error(format!(
+        "the TPM helper {} {how} during {operation} ({detail}); the operation failed and the next \
+         TPM operation starts the helper again",
+        path.display()
+    ))
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(signal)) => format!("was killed by signal {signal}"),
+        (Some(code), _) => format!("exited with status {code}"),
+        _ => format!("ended ({status})"),
+    }
+}
+
+/// Starts (once per process) the thread that stops a helper idle for [`IDLE`]: it looks every
+/// half period, so a helper lives between one and one and a half periods after its last answer.
+fn start_idle_watch() {
+    static WATCH: OnceLock<()> = OnceLock::new();
+    WATCH.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("tpm-helper-idle".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(IDLE / 2);
+                    let mut slot = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.as_ref().is_some_and(|h| h.last_used.elapsed() >= IDLE) {
+                        stop(slot.take().expect("checked"));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // The helper then simply keeps running.
+            tracing::warn!("cannot start the TPM helper's idle watch: {e}");
+        }
+    });
+}
+
+/// Ends an idle helper: closing its input is its signal to exit.
+fn stop(helper: Helper) {
+    HELPER_PID.store(0, Ordering::Relaxed);
+    let Helper {
+        mut child,
+        requests,
+        answers,
+        ..
+    } = helper;
+    drop(requests);
+    drop(answers);
+    match child.wait() {
+        Ok(status) if status.success() => {}
+        Ok(status) => tracing::warn!(
+            "the idle TPM helper {} {} when asked to stop",
+            program_path().display(),
+            describe_exit(status)
+        ),
+        Err(e) => tracing::warn!("the idle TPM helper could not be reaped: {e}"),
+    }
+}
+
+/// Sends `request` to this process's helper (starting it if none runs) and returns its answer.
+pub fn call(request: &Request) -> Result<Reply, TpmError> {
+    let mut slot = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_none() {
+        *slot = Some(start()?);
+    }
+    let helper = slot.as_mut().expect("started above");
+    let exchanged = protocol::write_frame(&mut helper.requests, request)
+        .and_then(|()| protocol::read_frame::<Answer>(&mut helper.answers));
+    match exchanged {
+        Ok(Some(answer)) => {
+            helper.last_used = Instant::now();
+            answer
+        }
+        Ok(None) => {
+            let helper = slot.take().expect("present");
+            Err(ended(
+                helper.child,
+                &program_path(),
+                request.operation(),
+                "it closed its output without answering",
+            ))
+        }
+        Err(e) => {
+            let helper = slot.take().expect("present");
+            Err(ended(
+                helper.child,
+                &program_path(),
+                request.operation(),
+                &e.to_string(),
+            ))
+        }
+    }
+}
+
+fn program_path() -> PathBuf {
+    match PROGRAM.get() {
+        Some(Ok(program)) => program.path.clone(),
+        _ => PathBuf::from(FILE_NAME),
+    }
+}
+
+/// The process id of this process's running helper, if one runs, also while it works on a
+/// request (for the tests that end it on purpose).
+pub fn helper_pid() -> Option<u32> {
+    Some(HELPER_PID.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_beside_the_agent_in_a_test_build_and_in_libexec() {
+        assert_eq!(
+            candidates(Path::new("/usr/bin/hubagent")),
+            [
+                PathBuf::from("/usr/bin/hubagent-tpm"),
+                PathBuf::from("/usr/libexec/hubagent/hubagent-tpm"),
+            ]
+        );
+        assert_eq!(
+            candidates(Path::new("/src/target/debug/deps/tpm-0123")),
+            [
+                PathBuf::from("/src/target/debug/deps/hubagent-tpm"),
+                PathBuf::from("/src/target/debug/hubagent-tpm"),
+                PathBuf::from("/src/target/debug/libexec/hubagent/hubagent-tpm"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_helper_is_named_with_where_it_was_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = locate(&dir.path().join("bin/hubagent")).unwrap_err();
+        assert!(error.contains("hubagent-tpm is missing"), "{error}");
+        assert!(
+            error.contains(&dir.path().join("libexec/hubagent").display().to_string()),
+            "{error}"
+        );
+    }
+}
