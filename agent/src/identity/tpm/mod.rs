@@ -76,7 +76,8 @@ impl From<TpmError> for KeyError {
 /// A reply of another kind than the request asks for: a helper of another build slipped through.
 fn unexpected(reply: Reply) -> TpmError {
     TpmError::Helper(format!(
-        "the TPM helper answered with an unexpected {reply:?}; reinstall the hubagent package"
+        "the TPM helper answered with an unexpected reply ({}); reinstall the hubagent package",
+        reply.kind()
     ))
 }
 

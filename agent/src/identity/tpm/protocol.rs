@@ -163,6 +163,20 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// The reply's kind, for an error naming a reply the request did not ask for.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Done => "done",
+            Reply::Bytes(_) => "bytes",
+            Reply::Identity { .. } => "identity",
+            Reply::Replaced(_) => "replaced",
+            Reply::HandleCounts(_) => "handle counts",
+            Reply::EccKey { .. } => "ECC key",
+        }
+    }
+}
+
 /// The helper's answer to one request.
 pub type Answer = Result<Reply, TpmError>;
 
