@@ -11,10 +11,10 @@
 //! ([`BUILD`]), so a host from another version (a file copied by hand) refuses with a clear error
 //! instead of speaking a protocol the daemon may not know.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+use crate::system::helper_program::{self, HelperExecutable, Program};
 
 /// The executable's file name.
 pub const FILE_NAME: &str = "hubagent-plugin-host";
@@ -23,59 +23,27 @@ pub const FILE_NAME: &str = "hubagent-plugin-host";
 /// give equal strings. The version names a release; a development build's host is its own.
 pub const BUILD: &str = env!("CARGO_PKG_VERSION");
 
-/// The places a host executable is looked for, in order, for the agent binary at `agent`: beside
-/// it (a development build's `target/<profile>/`), then the package's `/usr/libexec/hubagent/` for
-/// an agent in `/usr/bin/` (docs/packaging.md).
+const HOST: HelperExecutable = HelperExecutable {
+    file_name: FILE_NAME,
+    what: "the plugin host",
+    needed_for: "library plugins with isolation = \"process\" cannot run",
+    how_to_build: "build the workspace's binaries (cargo build -p hubagent)",
+};
+
+/// The places a host executable is looked for, in order, for the agent binary at `agent`
+/// ([`helper_program::candidates`]).
 pub fn candidates(agent: &Path) -> Vec<PathBuf> {
-    let dir = agent.parent().unwrap_or(Path::new("."));
-    let mut places = vec![dir.join(FILE_NAME)];
-    if let Some(prefix) = dir.parent() {
-        places.push(prefix.join("libexec/hubagent").join(FILE_NAME));
-    }
-    places
+    helper_program::candidates(agent, FILE_NAME)
 }
 
 /// The host executable for the agent binary at `agent`, or an error naming where it was looked
 /// for.
 pub fn locate(agent: &Path) -> Result<PathBuf, String> {
-    let places = candidates(agent);
-    places.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        let list: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
-        format!(
-            "the plugin host executable {FILE_NAME} is missing (looked for {}): library plugins \
-             with isolation = \"process\" cannot run without it; reinstall the hubagent package \
-             or build the workspace's binaries (cargo build -p hubagent)",
-            list.join(" and ")
-        )
-    })
+    helper_program::locate(agent, &HOST)
 }
 
 /// The host executable this process opened, kept open for its life.
-pub struct HostProgram {
-    file: File,
-    path: PathBuf,
-}
-
-impl HostProgram {
-    /// Opens the host executable found for the agent binary at `agent`.
-    pub fn open(agent: &Path) -> Result<HostProgram, String> {
-        let path = locate(agent)?;
-        // O_CLOEXEC (std's default): a child keeps nothing open but what it executes.
-        let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        Ok(HostProgram { file, path })
-    }
-
-    /// What to execute: the file opened at start, whatever is at [`HostProgram::path`] now. A
-    /// forked child inherits the descriptor until its exec, so the path resolves in the child.
-    pub fn exec_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-    }
-
-    /// Where the file was found when it was opened (for messages).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
+pub type HostProgram = Program;
 
 static OPENED: OnceLock<Result<HostProgram, String>> = OnceLock::new();
 
@@ -84,11 +52,7 @@ static OPENED: OnceLock<Result<HostProgram, String>> = OnceLock::new();
 /// not change which host it runs.
 pub fn opened() -> Result<&'static HostProgram, String> {
     OPENED
-        .get_or_init(|| {
-            let agent = std::env::current_exe()
-                .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
-            HostProgram::open(&agent)
-        })
+        .get_or_init(|| Program::open_own(&HOST))
         .as_ref()
         .map_err(Clone::clone)
 }

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod hardening;
+pub mod helper_program;
 pub mod journal;
 pub mod logging;
 pub mod recent_logs;

@@ -14,9 +14,7 @@
 //! is used in bursts (a registration, a SAS token renewal, a TLS handshake) and the helper maps
 //! the TPM libraries, so between bursts the agent holds none of them (docs/tpm.md).
 
-use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,40 +23,24 @@ use std::time::{Duration, Instant};
 
 use super::TpmError;
 use super::protocol::{self, Answer, BUILD, FILE_NAME, Hello, PROTOCOL, Reply, Request};
+use crate::system::helper_program::{self, HelperExecutable, Program};
 
-/// The places the helper is looked for, for the executable at `exe`: beside it (a development
-/// build's `target/<profile>/`), in `target/<profile>/` for a test executable in its `deps/`, then
-/// the package's `/usr/libexec/hubagent/` for an agent in `/usr/bin/` (docs/packaging.md).
+const TPM_HELPER: HelperExecutable = HelperExecutable {
+    file_name: FILE_NAME,
+    what: "the TPM helper",
+    needed_for: "the TPM cannot be used",
+    how_to_build: "build the agent with the tpm feature (cargo build -p hubagent --features tpm)",
+};
+
+/// The places the helper is looked for, for the executable at `exe`
+/// ([`helper_program::candidates`]).
 pub fn candidates(exe: &Path) -> Vec<PathBuf> {
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let mut places = vec![dir.join(FILE_NAME)];
-    if let Some(prefix) = dir.parent() {
-        if dir.file_name().is_some_and(|name| name == "deps") {
-            places.push(prefix.join(FILE_NAME));
-        }
-        places.push(prefix.join("libexec/hubagent").join(FILE_NAME));
-    }
-    places
+    helper_program::candidates(exe, FILE_NAME)
 }
 
 /// The helper executable for the executable at `exe`, or an error naming where it was looked for.
 pub fn locate(exe: &Path) -> Result<PathBuf, String> {
-    let places = candidates(exe);
-    places.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        let list: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
-        format!(
-            "the TPM helper executable {FILE_NAME} is missing (looked for {}): the TPM cannot be \
-             used without it; reinstall the hubagent package or build the agent with the tpm \
-             feature (cargo build -p hubagent --features tpm)",
-            list.join(" and ")
-        )
-    })
-}
-
-/// The helper executable, opened once for the life of this process.
-struct Program {
-    file: File,
-    path: PathBuf,
+    helper_program::locate(exe, &TPM_HELPER)
 }
 
 static PROGRAM: OnceLock<Result<Program, String>> = OnceLock::new();
@@ -68,20 +50,12 @@ static PROGRAM: OnceLock<Result<Program, String>> = OnceLock::new();
 /// later on does not change which helper it runs; any other process opens it on its first TPM
 /// operation.
 pub fn open_program() -> Result<PathBuf, String> {
-    program().map(|program| program.path.clone())
+    program().map(|program| program.path().to_path_buf())
 }
 
 fn program() -> Result<&'static Program, String> {
     PROGRAM
-        .get_or_init(|| {
-            let exe = std::env::current_exe()
-                .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
-            let path = locate(&exe)?;
-            // O_CLOEXEC (std's default): the helper inherits nothing but what it executes.
-            let file =
-                File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            Ok(Program { file, path })
-        })
+        .get_or_init(|| Program::open_own(&TPM_HELPER))
         .as_ref()
         .map_err(Clone::clone)
 }
@@ -113,8 +87,7 @@ fn start() -> Result<Helper, TpmError> {
     let program = program().map_err(helper_error)?;
     // The forked child still holds the descriptor when it executes the path (close-on-exec
     // closes it only after), so the file opened at start is what runs.
-    let exec = format!("/proc/self/fd/{}", program.file.as_raw_fd());
-    let mut child = Command::new(&exec)
+    let mut child = Command::new(program.exec_path())
         .arg("--build")
         .arg(BUILD)
         .stdin(Stdio::piped())
@@ -124,7 +97,7 @@ fn start() -> Result<Helper, TpmError> {
         .map_err(|e| {
             helper_error(format!(
                 "cannot start the TPM helper {}: {e}",
-                program.path.display()
+                program.path().display()
             ))
         })?;
     let requests = BufWriter::new(child.stdin.take().expect("piped stdin"));
@@ -132,7 +105,7 @@ fn start() -> Result<Helper, TpmError> {
     let hello: Option<Hello> = match protocol::read_frame(&mut answers) {
         Ok(hello) => hello,
         Err(e) => {
-            return Err(ended(child, &program.path, "its start", &e.to_string()));
+            return Err(ended(child, program.path(), "its start", &e.to_string()));
         }
     };
     match hello {
@@ -152,12 +125,12 @@ fn start() -> Result<Helper, TpmError> {
             Err(helper_error(format!(
                 "the TPM helper {} is build {build} speaking protocol {protocol}; this agent is \
                  build {BUILD} speaking protocol {PROTOCOL}: reinstall the hubagent package",
-                program.path.display()
+                program.path().display()
             )))
         }
         None => Err(ended(
             child,
-            &program.path,
+            program.path(),
             "starting",
             "it closed its output",
         )),
@@ -271,7 +244,7 @@ pub fn call(request: &Request) -> Result<Reply, TpmError> {
 
 fn program_path() -> PathBuf {
     match PROGRAM.get() {
-        Some(Ok(program)) => program.path.clone(),
+        Some(Ok(program)) => program.path().to_path_buf(),
         _ => PathBuf::from(FILE_NAME),
     }
 }
