@@ -5,7 +5,9 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={ORDER_FILE}");
+    for (_, list) in ORDER_FILES {
+        println!("cargo:rerun-if-changed={list}");
+    }
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let arch = var("CARGO_CFG_TARGET_ARCH");
@@ -21,20 +23,27 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     if arch == "x86_64" && var("PROFILE") == "release" && links_with_rust_lld(&var("RUSTC")) {
-        // The functions the daemon runs, next to each other (bench/code_order.py wrote the list;
-        // docs/benchmarks.md, "The daemon's code in the order it runs"): the kernel maps 64 KiB
-        // around each code page the daemon touches, so scattered functions kept 7 MiB of its
-        // code resident, these together about 3. The names carry the toolchain's and the
-        // dependencies' hashes: the linker skips a name it does not find (a stale list costs
-        // that gain, nothing else), and `bench/code_order.py --check` says how much still
-        // matches. lld only (GNU ld has no such option).
-        let order = format!("{}/{ORDER_FILE}", var("CARGO_MANIFEST_DIR"));
-        println!("cargo:rustc-link-arg-bin=hubagent=-Wl,--symbol-ordering-file={order}");
-        println!("cargo:rustc-link-arg-bin=hubagent=-Wl,--no-warn-symbol-ordering");
+        // The functions the daemon and the plugin host run, next to each other
+        // (bench/code_order.py wrote the lists; docs/benchmarks.md, "The daemon's code in the
+        // order it runs"): the kernel maps 64 KiB around each code page a process touches, so
+        // scattered functions kept 7 MiB of the daemon's code resident, these together about 3
+        // (a host: 0.6 MiB, about 0.2). The names carry the toolchain's and the dependencies'
+        // hashes: the linker skips a name it does not find (a stale list costs that gain,
+        // nothing else), and `bench/code_order.py --check` says how much still matches. lld
+        // only (GNU ld has no such option).
+        for (bin, list) in ORDER_FILES {
+            let order = format!("{}/{list}", var("CARGO_MANIFEST_DIR"));
+            println!("cargo:rustc-link-arg-bin={bin}=-Wl,--symbol-ordering-file={order}");
+            println!("cargo:rustc-link-arg-bin={bin}=-Wl,--no-warn-symbol-ordering");
+        }
     }
 }
 
-const ORDER_FILE: &str = "link-order-x86_64.txt";
+/// Each executable whose code is ordered, and its list of the functions it runs.
+const ORDER_FILES: [(&str, &str); 2] = [
+    ("hubagent", "link-order-x86_64.txt"),
+    ("hubagent-plugin-host", "link-order-plugin-host-x86_64.txt"),
+];
 
 /// Whether rustc links this x86-64 Linux target with its own lld: its default from Rust 1.90,
 /// unless a linker is configured for the target (cargo then sets `RUSTC_LINKER`) or RUSTFLAGS

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""The functions the daemon runs, in a file the linker can order the code by (issue 18,
-docs/benchmarks.md "Where the memory goes"): a release `hubagent` with row 2c's three plugins runs
-under valgrind's callgrind (start-up, `--idle` seconds idle, then a burst of `--burst` messages),
-and every function of the executable that ran is written, by its symbol name, to OUT, for
-lld's `--symbol-ordering-file`. Linked with it, the functions the daemon runs sit next to each
-other and its resident code (fault-around maps 64 KiB around each page it touches) shrinks.
+"""The functions the daemon and its plugin hosts run, in files the linker can order the code by
+(issue 18, docs/benchmarks.md "Where the memory goes"): a release `hubagent` with row 2c's three
+plugins runs under valgrind's callgrind (start-up, `--idle` seconds idle, then a burst of `--burst`
+messages), and so does each `hubagent-plugin-host` it starts; every function of each executable that
+ran is written, by its symbol name, to OUT (the daemon's) and to `--host-list` (the plugin host's),
+for lld's `--symbol-ordering-file`. Linked with them, the functions each process runs sit next to
+each other and its resident code (fault-around maps 64 KiB around each page it touches) shrinks.
 
     python3 bench/code_order.py agent/link-order-x86_64.txt        # after bash bench/run.sh
-    python3 bench/code_order.py --check agent/link-order-x86_64.txt  # how much of it the binary has
+    python3 bench/code_order.py --check agent/link-order-x86_64.txt  # how much of them the binaries have
 
 The symbol names carry hashes of the toolchain, the dependencies' versions and the profile, so
 the file belongs to one build: run it again after a toolchain or Cargo.lock change (`--check`
@@ -62,12 +63,43 @@ def executed(callgrind_out, binary):
     return [names[i] for i in names if owner.get(i) in ours]
 
 
-def profile(binary, idle, burst, work):
-    """Runs row 2c's agent with the daemon under callgrind; returns the callgrind output file."""
+CALLGRIND = ["valgrind", "--tool=callgrind", "--demangle=no", "--dump-instr=no"]
+
+# The daemon runs its plugin host through /proc/self/fd/N of the file it opened at start
+# (close-on-exec), which valgrind's --trace-children cannot follow and a script cannot be: the
+# host beside the profiled daemon is this small program, which runs the real host under callgrind.
+HOST_WRAPPER_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char *args[argc + 8];
+    int n = 0;
+    %s
+    for (int i = 1; i < argc; i++) args[n++] = argv[i];
+    args[n] = NULL;
+    execvp(args[0], args);
+    perror("code_order: valgrind");
+    return 127;
+}
+"""
+
+
+def profile(binary, host, idle, burst, work):
+    """Runs row 2c's agent with the daemon and its plugin hosts under callgrind; returns the
+    daemon's callgrind output file and the hosts' (a list)."""
+    bindir = work / "bin"
+    bindir.mkdir()
+    # The daemon looks for its plugin host beside its own file: a copy of it, beside the wrapper.
+    daemon_copy = bindir / binary.name
+    shutil.copy2(binary, daemon_copy)
+    out = work / "callgrind.daemon"
+    host_args = CALLGRIND + [f"--callgrind-out-file={work}/callgrind.host.%p", str(host)]
+    c_source = work / "host-wrapper.c"
+    c_source.write_text(HOST_WRAPPER_C % " ".join(f'args[n++] = "{a}";' for a in host_args))
+    subprocess.run(["gcc", "-O1", "-o", str(bindir / host.name), str(c_source)], check=True)
     wrapper = work / "hubagent-under-callgrind"
-    out = work / "callgrind.out"
-    wrapper.write_text(f"#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file={out} "
-                       f"--demangle=no --dump-instr=no {binary} \"$@\"\n")
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(CALLGRIND) + f" --callgrind-out-file={out} "
+                       f"{daemon_copy} \"$@\"\n")
     wrapper.chmod(0o755)
     bench.MQTT_PORT = bench.free_port()
     sim = agent = daemon = None
@@ -90,36 +122,66 @@ def profile(binary, idle, burst, work):
     if daemon.returncode != 0:
         sys.exit(f"code_order: the daemon under callgrind exited with {daemon.returncode} "
                  f"(log: {agent.dir / 'agent.log'})")
-    return out
+    hosts = sorted(work.glob("callgrind.host.*"))
+    if len(hosts) < 3:
+        sys.exit(f"code_order: {len(hosts)} plugin hosts ran under callgrind, not 3 (log: {agent.dir / 'agent.log'})")
+    return (out, daemon_copy), hosts
+
+
+def ran_functions(outputs, binary, symbols):
+    """The functions of `binary` that ran in any of the callgrind `outputs`, in the order they
+    were first named."""
+    ran = {}
+    for output in outputs:
+        for name in executed(output, binary):
+            if name in symbols:
+                ran.setdefault(name, None)
+    return list(ran)
+
+
+def write_list(path, binary, ran, symbols):
+    path.write_text(f"{HEADER}{binary.name} ({len(ran)} functions, "
+                    f"{sum(symbols[n] for n in ran) / 1024:.0f} KiB)\n" + "".join(f"{n}\n" for n in ran))
+    print(f"{path}: {len(ran)} functions that ran, {sum(symbols[n] for n in ran) / 1024:.0f} KiB of the "
+          f"{sum(symbols.values()) / 1024:.0f} KiB of code in {binary}")
+
+
+def check(path, binary):
+    symbols = code_symbols(binary)
+    wanted = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    found = [name for name in wanted if name in symbols]
+    print(f"{binary}: has {len(found)} of the {len(wanted)} functions in {path} "
+          f"({sum(symbols[n] for n in found) / 1024:.0f} KiB of code)"
+          + ("" if len(found) >= 0.9 * len(wanted) else
+             "; the list is stale: make it again (python3 bench/code_order.py --help)"))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="the symbol ordering file to write (or with --check, to read)")
+    ap.add_argument("out", type=Path, help="the daemon's symbol ordering file to write (or with --check, to read)")
+    ap.add_argument("--host-list", type=Path, default=Path(__file__).resolve().parent.parent / "agent" / "link-order-plugin-host-x86_64.txt",
+                    help="the plugin host's symbol ordering file (default: agent/link-order-plugin-host-x86_64.txt)")
     ap.add_argument("--agent", type=Path, default=bench.REL / "hubagent", help="the hubagent binary")
     ap.add_argument("--idle", type=float, default=12, help="seconds idle after start-up (row 2c: 2 + 10)")
     ap.add_argument("--burst", type=int, default=3000, help="then a burst of this many messages")
-    ap.add_argument("--check", action="store_true", help="only say how many of OUT's names the binary has")
+    ap.add_argument("--check", action="store_true", help="only say how many of the lists' names the binaries have")
     opts = ap.parse_args()
     binary = opts.agent.resolve()
-    symbols = code_symbols(binary)
+    host = binary.parent / "hubagent-plugin-host"
     if opts.check:
-        wanted = [line for line in opts.out.read_text().splitlines() if line and not line.startswith("#")]
-        found = [name for name in wanted if name in symbols]
-        print(f"{binary}: has {len(found)} of the {len(wanted)} functions in {opts.out} "
-              f"({sum(symbols[n] for n in found) / 1024:.0f} KiB of code)"
-              + ("" if len(found) >= 0.9 * len(wanted) else
-                 "; the list is stale: make it again (python3 bench/code_order.py --help)"))
+        check(opts.out, binary)
+        check(opts.host_list, host)
         return
-    if not shutil.which("valgrind"):
-        sys.exit("code_order: needs valgrind (apt-get install valgrind)")
+    for tool in ("valgrind", "gcc"):
+        if not shutil.which(tool):
+            sys.exit(f"code_order: needs {tool} (apt-get install {tool})")
     work = Path(tempfile.mkdtemp(prefix="hubagent-code-order-"))
-    ran = [name for name in executed(profile(binary, opts.idle, opts.burst, work), binary) if name in symbols]
+    (daemon_out, daemon_copy), host_outs = profile(binary, host, opts.idle, opts.burst, work)
+    symbols = code_symbols(binary)
+    write_list(opts.out, binary, ran_functions([daemon_out], daemon_copy.resolve(), symbols), symbols)
+    host_symbols = code_symbols(host)
+    write_list(opts.host_list, host, ran_functions(host_outs, host.resolve(), host_symbols), host_symbols)
     shutil.rmtree(work, ignore_errors=True)  # kept when the run failed: the agent's log is in it
-    opts.out.write_text(f"{HEADER}{binary.name} ({len(ran)} functions, "
-                        f"{sum(symbols[n] for n in ran) / 1024:.0f} KiB)\n" + "".join(f"{n}\n" for n in ran))
-    print(f"{opts.out}: {len(ran)} functions that ran, {sum(symbols[n] for n in ran) / 1024:.0f} KiB of the "
-          f"{sum(symbols.values()) / 1024:.0f} KiB of code in {binary}")
 
 
 if __name__ == "__main__":

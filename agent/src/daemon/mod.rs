@@ -178,6 +178,8 @@ struct Daemon {
     connection_files: String,
     /// The log said the clock cannot be true (said once, until it is set).
     clock_said: bool,
+    /// What only start-up used was given back (once per process, [`Daemon::start_up_over`]).
+    start_up_memory_released: bool,
 }
 
 /// After the hub refused one symmetric key, the identity (freshly loaded, on the primary) presents
@@ -226,6 +228,22 @@ impl Background {
 const QUEUE_TICK: Duration = Duration::from_millis(200);
 
 impl Daemon {
+    /// Start-up is over once the first hub connection is up: the pages only start-up used
+    /// (configuration, command line, identity, provisioning) and its freed heap go back to the
+    /// kernel (system/start_up_memory.rs). Once per process: a reload or a reprovisioning maps
+    /// back what it runs.
+    fn start_up_over(&mut self) {
+        if std::mem::replace(&mut self.start_up_memory_released, true) {
+            return;
+        }
+        let released = crate::system::start_up_memory::release();
+        tracing::debug!(
+            unmapped_kib = released.unmapped / 1024,
+            heap_trimmed = released.trimmed,
+            "start-up memory given back"
+        );
+    }
+
     /// Opens the state dir, the twin cache and the queue, serves the control socket, and starts
     /// the pump and the plugins.
     async fn open(
@@ -306,6 +324,7 @@ impl Daemon {
         let auto_route = provisioning::auto_route(&config, &state);
         let connection_files = config.connection_files_digest();
         let daemon = Daemon {
+            start_up_memory_released: false,
             connection_files,
             config,
             state,

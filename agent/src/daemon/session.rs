@@ -181,6 +181,7 @@ impl Daemon {
             SessionEvent::Connected => {
                 *connected = true;
                 life.on(Event::Connected);
+                self.start_up_over();
                 self.issued_generation_connected();
                 let websocket = match &self.auto_route {
                     Some(auto) => auto.websocket(),

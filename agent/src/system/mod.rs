@@ -7,4 +7,5 @@ pub mod helper_program;
 pub mod journal;
 pub mod logging;
 pub mod recent_logs;
+pub mod start_up_memory;
 pub mod systemd;
