@@ -1209,8 +1209,8 @@ fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
     assert!(!hidden.is_empty(), "no libtss2 in {}", libraries.display());
 
     let key = hubsim::state::random_key();
-    let run = |args: &[&str], input: &str| {
-        let mut child = Command::new("unshare")
+    let without_tpm_libraries = |args: &[&str]| {
+        Command::new("unshare")
             .args(["-rm", "sh", "-c"])
             .arg(r#"mount --bind "$1" "$2" && mount --bind "$3" "$1" && shift 3 && exec "$@""#)
             .arg("sh")
@@ -1223,7 +1223,15 @@ fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("unshare (util-linux) runs");
+            .expect("unshare (util-linux) runs")
+    };
+    let helper = hubagent_bin().with_file_name("hubagent-tpm");
+    let expected = format!(
+        "the TPM helper {} cannot start: libtss2-esys.so.0 is not installed.",
+        helper.display()
+    );
+    let run = |args: &[&str], input: &str| {
+        let mut child = without_tpm_libraries(args);
         match child.stdin.take().unwrap().write_all(input.as_bytes()) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
             other => other.unwrap(),
@@ -1247,11 +1255,6 @@ fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {out:?}");
-        let helper = hubagent_bin().with_file_name("hubagent-tpm");
-        let expected = format!(
-            "the TPM helper {} cannot start: libtss2-esys.so.0 is not installed.",
-            helper.display()
-        );
         assert!(stderr.contains(&expected), "{args:?}: {stderr}");
         assert!(
             stderr.contains(
@@ -1264,4 +1267,65 @@ fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
             "{args:?}: the key reached the output: {stderr}"
         );
     }
+
+    // The daemon with `method = "tpm"`: its DPS registration fails with the same error, which it
+    // logs (and retries later).
+    let config = dir.path().join("config.toml");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"https://127.0.0.1:9\"\n\
+             id_scope = \"0ne00000000\"\nregistration_id = \"gw-no-tss\"\n\
+             [provisioning.attestation]\nmethod = \"tpm\"\ntcti = \"{tcti}\"\n\
+             [agent]\nstate_dir = \"{}\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = without_tpm_libraries(&["-c", config.to_str().unwrap(), "run"]);
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    for output in [
+        Box::new(daemon.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(daemon.stderr.take().unwrap()),
+    ] {
+        let lines_tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(output)).map_while(Result::ok)
+            {
+                let _ = lines_tx.send(line);
+            }
+        });
+    }
+    drop(lines_tx);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let logged = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("DPS registration failed") && line.contains(&expected) => {
+                break line;
+            }
+            Ok(line) => seen.push(line),
+            Err(e) => panic!(
+                "the daemon did not log the error ({e}); it logged:\n{}",
+                seen.join("\n")
+            ),
+        }
+    };
+    assert!(
+        logged.contains("apt install libtss2-esys-3.0.2-0t64"),
+        "{logged}"
+    );
+    // `unshare` executed the agent itself: this is its process.
+    daemon.kill().unwrap();
+    let status = daemon.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the daemon ended before it was killed: {status}"
+    );
 }
