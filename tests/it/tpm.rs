@@ -1285,11 +1285,23 @@ fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
         ),
     )
     .unwrap();
-    let mut daemon = without_tpm_libraries(&["-c", config.to_str().unwrap(), "run"]);
+    /// Kills the daemon however the test ends (a failed assertion included).
+    struct KilledOnDrop(std::process::Child);
+    impl Drop for KilledOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = KilledOnDrop(without_tpm_libraries(&[
+        "-c",
+        config.to_str().unwrap(),
+        "run",
+    ]));
     let (lines_tx, lines) = std::sync::mpsc::channel();
     for output in [
-        Box::new(daemon.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(daemon.stderr.take().unwrap()),
+        Box::new(daemon.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(daemon.0.stderr.take().unwrap()),
     ] {
         let lines_tx = lines_tx.clone();
         std::thread::spawn(move || {
@@ -1321,8 +1333,8 @@ fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
         "{logged}"
     );
     // `unshare` executed the agent itself: this is its process.
-    daemon.kill().unwrap();
-    let status = daemon.wait().unwrap();
+    daemon.0.kill().unwrap();
+    let status = daemon.0.wait().unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL),

@@ -178,12 +178,11 @@ fn ended(
     };
     // Only for the loader's status: then the helper has exited, its stderr is closed and the
     // thread has finished or is about to (another status does not wait for it).
-    if let (Ok(status), Some(stderr)) = (status, stderr) {
-        if status.code() == Some(LOADER_FAILED) {
-            if let Ok(Some(failure)) = stderr.join() {
-                return helper_error(helper_stderr::missing_library_error(path, &failure));
-            }
-        }
+    if let (Ok(status), Some(stderr)) = (status, stderr)
+        && status.code() == Some(LOADER_FAILED)
+        && let Ok(Some(failure)) = stderr.join()
+    {
+        return helper_error(helper_stderr::missing_library_error(path, &failure));
     }
     helper_error(format!(
         "the TPM helper {} {how} during {operation} ({detail}); the operation failed and the next \
