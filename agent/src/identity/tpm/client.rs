@@ -71,7 +71,7 @@ pub const IDLE: Duration = Duration::from_secs(10);
 struct Helper {
     child: Child,
     /// The thread passing its stderr on ([`helper_stderr::watch`]).
-    stderr: Option<JoinHandle<Option<LoaderFailure>>>,
+    stderr: JoinHandle<Option<LoaderFailure>>,
     requests: BufWriter<ChildStdin>,
     answers: BufReader<ChildStdout>,
     /// When its last answer came (or it started).
@@ -109,11 +109,16 @@ fn start() -> Result<Helper, TpmError> {
     let requests = BufWriter::new(child.stdin.take().expect("piped stdin"));
     let mut answers = BufReader::new(child.stdout.take().expect("piped stdout"));
     let stderr = match helper_stderr::watch(child.stderr.take().expect("piped stderr")) {
-        Ok(watch) => Some(watch),
+        Ok(watch) => watch,
         Err(e) => {
-            // Its stderr is then closed: what it would print is lost, not the TPM.
-            tracing::warn!("cannot start the thread passing the TPM helper's stderr on: {e}");
-            None
+            // Its stderr would be closed: a helper must not run with it so (the operation fails
+            // and is retried by its caller, like any helper that does not start).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(helper_error(format!(
+                "cannot start the TPM helper {}: no thread to pass its stderr on: {e}",
+                program.path().display()
+            )));
         }
     };
     let hello: Option<Hello> = match protocol::read_frame(&mut answers) {
@@ -163,7 +168,7 @@ fn start() -> Result<Helper, TpmError> {
 /// loader refused (exit status 127 and its line on stderr) gets the error naming the library.
 fn ended(
     mut child: Child,
-    stderr: Option<JoinHandle<Option<LoaderFailure>>>,
+    stderr: JoinHandle<Option<LoaderFailure>>,
     path: &Path,
     operation: &str,
     detail: &str,
@@ -178,7 +183,7 @@ fn ended(
     };
     // Only for the loader's status: then the helper has exited, its stderr is closed and the
     // thread has finished or is about to (another status does not wait for it).
-    if let (Ok(status), Some(stderr)) = (status, stderr)
+    if let Ok(status) = status
         && status.code() == Some(LOADER_FAILED)
         && let Ok(Some(failure)) = stderr.join()
     {
@@ -237,7 +242,7 @@ fn stop(helper: Helper) {
     drop(answers);
     let status = child.wait();
     // Exited: its stderr is closed, so the thread passing it on ends.
-    if let (Ok(_), Some(stderr)) = (&status, stderr) {
+    if status.is_ok() {
         let _ = stderr.join();
     }
     match status {
