@@ -16,7 +16,8 @@
 # libstd-rust-dev:ARCH), with Debian's cross gcc as the linker and the target's libtss2-dev
 # (multiarch); where not, inside a cached Debian unstable root that has them all
 # (packaging/cross-root.sh), which this script re-enters. Their Depends are computed for the
-# target by dpkg-shlibdeps (the `cross` variant in agent/Cargo.toml).
+# target by dpkg-shlibdeps (the `cross` variant in agent/Cargo.toml), then the TPM libraries among
+# them moved to Recommends, as amd64's written-out fields have them (only the TPM helper links them).
 set -euo pipefail
 arch=amd64
 if [ "${1:-}" = "--arch" ]; then
@@ -110,5 +111,27 @@ cargo build --release --locked --target "$triple" -p hubagent-sysmetrics -p huba
 cargo deb -p hubagent --locked --no-build --target "$triple" --variant cross "$@" >&2
 deb="$(ls -t "${CARGO_TARGET_DIR:-target}/$triple"/debian/hubagent_*_"$arch".deb 2>/dev/null | head -1)"
 [ -n "$deb" ] || { echo "build-deb: cargo deb made no hubagent_*_$arch.deb" >&2; exit 1; }
+# cargo-deb's $auto computes the TPM helper's libraries into Depends with the rest: the package is
+# rebuilt with them (the libtss2 packages) in Recommends instead, its files unchanged.
+# check-depends.sh then checks the split against dpkg-shlibdeps.
+unpacked="$(mktemp -d)"
+dpkg-deb -R "$deb" "$unpacked/pkg"
+control="$unpacked/pkg/DEBIAN/control"
+IFS=',' read -ra entries <<<"$(sed -n 's/^Depends: //p' "$control")"
+required=() recommended=()
+for entry in "${entries[@]}"; do
+    entry="$(sed 's/^ *//; s/ *$//' <<<"$entry")"
+    case "$entry" in libtss2-*) recommended+=("$entry") ;; *) required+=("$entry") ;; esac
+done
+if [ "${#recommended[@]}" -eq 0 ] || grep -q '^Recommends:' "$control"; then
+    echo "build-deb: expected the TPM libraries in the computed Depends and no Recommends: $(grep -E '^(Depends|Recommends):' "$control")" >&2
+    exit 1
+fi
+joined() { local out; printf -v out '%s, ' "$@"; echo "${out%, }"; }
+awk -v depends="$(joined "${required[@]}")" -v recommends="$(joined "${recommended[@]}")" \
+    '/^Depends: / { print "Depends: " depends; print "Recommends: " recommends; next } { print }' \
+    "$control" >"$unpacked/control" && cat "$unpacked/control" >"$control"
+dpkg-deb --root-owner-group -Zxz -b "$unpacked/pkg" "$deb" >/dev/null
+rm -rf "$unpacked"
 bash packaging/check-depends.sh "$deb" >&2
 echo "$deb"

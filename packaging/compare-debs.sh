@@ -3,10 +3,10 @@
 # Checks a package of another architecture (arm64, armhf) against the amd64 one: the same files
 # with the same modes and owners, the same conffiles and maintainer scripts; every ELF file built
 # for the package's architecture and linking the same shared libraries (sonames) as its amd64
-# twin; and Depends naming the same packages, by the names the other architecture's
-# dpkg-shlibdeps computed (amd64's alternatives name Debian 12's and 13's; the cross-built
-# packages, for Debian 13 and later, name 13's), with no amd64 version copied where it was not
-# computed. Run by tests/system/cross-smoke.sh in CI. Prints what differs; exit 1 when anything
+# twin; and Depends and Recommends (the TPM libraries, which only the TPM helper links) naming
+# the same packages, by the names the other architecture's dpkg-shlibdeps computed (amd64's
+# alternatives name Debian 12's and 13's; the cross-built packages, for Debian 13 and later, name
+# 13's), with no amd64 version copied where it was not computed. Run by tests/system/cross-smoke.sh in CI. Prints what differs; exit 1 when anything
 # does.
 set -euo pipefail
 base="$(realpath "$1")" other="$(realpath "$2")"
@@ -51,23 +51,29 @@ for elf in "${elfs[@]}"; do
     fi
 done
 
-# Depends: package names without versions, one a line.
-names() { tr ',|' '\n\n' <<<"$1" | sed 's/(.*)//; s/^ *//; s/ *$//' | sort -u; }
-base_depends="$(dpkg-deb -f "$base" Depends)" other_depends="$(dpkg-deb -f "$other" Depends)"
-# Every package the other names is one amd64's alternatives name...
-while read -r name; do
-    grep -qxF "$name" <(names "$base_depends") || fail "Depends names $name, which amd64's Depends do not"
-done < <(names "$other_depends")
-# ...and every amd64 dependency (a group of alternatives) has one of its names there, but
-# libgcc-s1, which the cross-built packages leave to Priority: required (agent/Cargo.toml).
-IFS=',' read -ra groups <<<"$base_depends"
-for group in "${groups[@]}"; do
-    found=""
+# Depends and Recommends: package names without versions, one a line.
+names() { tr ',|' '\n\n' <<<"$1" | sed 's/(.*)//; s/^ *//; s/ *$//' | grep -v '^$' | sort -u; }
+compare_field() { # FIELD
+    local field="$1" base_list other_list group found name
+    base_list="$(dpkg-deb -f "$base" "$field")" other_list="$(dpkg-deb -f "$other" "$field")"
+    # Every package the other names is one amd64's alternatives name...
     while read -r name; do
-        grep -qxF "$name" <(names "$other_depends") && found="$name"
-    done < <(names "$group")
-    [ -n "$found" ] || [[ "$group" == *libgcc-s1* ]] || fail "Depends have nothing for amd64's '$(sed 's/^ *//' <<<"$group")'"
-done
+        grep -qxF "$name" <(names "$base_list") || fail "$field names $name, which amd64's $field do not"
+    done < <(names "$other_list")
+    # ...and every amd64 entry (a group of alternatives) has one of its names there, but
+    # libgcc-s1, which the cross-built packages leave to Priority: required (agent/Cargo.toml).
+    IFS=',' read -ra groups <<<"$base_list"
+    for group in "${groups[@]}"; do
+        found=""
+        while read -r name; do
+            grep -qxF "$name" <(names "$other_list") && found="$name"
+        done < <(names "$group")
+        [ -n "$found" ] || [[ "$group" == *libgcc-s1* ]] || fail "$field have nothing for amd64's '$(sed 's/^ *//' <<<"$group")'"
+    done
+}
+compare_field Depends
+compare_field Recommends
+base_depends="$(dpkg-deb -f "$base" Depends)" other_depends="$(dpkg-deb -f "$other" Depends)"
 # Versions: computed for the other architecture, not amd64's written-out list (its libc6 says
 # which glibc the cross-built binaries need).
 [ "$base_depends" != "$other_depends" ] || fail "Depends are amd64's, word for word"
@@ -75,4 +81,4 @@ if [ "$failed" -ne 0 ]; then
     echo "compare-debs ($arch): FAILED against $(basename "$base")"
     exit 1
 fi
-echo "compare-debs ($arch): same $(wc -l <"$tmp/base.files") files, conffiles and maintainer scripts as amd64; ${#elfs[@]} ELF files for $machine with amd64's sonames; Depends: $other_depends"
+echo "compare-debs ($arch): same $(wc -l <"$tmp/base.files") files, conffiles and maintainer scripts as amd64; ${#elfs[@]} ELF files for $machine with amd64's sonames; Depends: $other_depends; Recommends: $(dpkg-deb -f "$other" Recommends)"

@@ -1162,3 +1162,182 @@ fn an_idle_helper_is_stopped_and_started_again_when_needed() {
     );
     assert_ne!(tpm::client::helper_pid(), Some(first));
 }
+
+/// The directory the dynamic loader finds `libtss2-esys.so.0` in (`ldconfig -p`), as a real
+/// path (Debian's `/lib` is a link to `/usr/lib`).
+fn tpm_library_dir() -> PathBuf {
+    let out = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .expect("ldconfig (libc-bin) runs");
+    assert!(out.status.success(), "ldconfig -p: {out:?}");
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let library = listing
+        .lines()
+        .filter(|line| line.trim_start().starts_with("libtss2-esys.so.0 "))
+        .find_map(|line| line.split(" => ").nth(1))
+        .unwrap_or_else(|| panic!("ldconfig -p lists no libtss2-esys.so.0:\n{listing}"));
+    std::fs::canonicalize(library.trim())
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// On a gateway installed without the package's Recommends (no TPM libraries), a TPM command
+/// fails with an error naming the missing library and the packages to install, and no key it was
+/// given. The system is made to lack them for real: in a mount namespace of the agent's own
+/// (`unshare -rm`), the directory holding the TPM libraries is replaced by one linking to all its
+/// other entries, so the real dynamic loader finds no libtss2 for the real helper (exit 127).
+#[test]
+fn a_missing_tpm_library_is_named_with_the_packages_to_install() {
+    let libraries = tpm_library_dir();
+    let dir = tempfile::tempdir().unwrap();
+    // `real`: where the namespace binds the library directory; `view`: links to its entries.
+    let (real, view) = (dir.path().join("real"), dir.path().join("view"));
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&view).unwrap();
+    let mut hidden = Vec::new();
+    for entry in std::fs::read_dir(&libraries).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name.to_string_lossy().starts_with("libtss2") {
+            hidden.push(name);
+        } else {
+            std::os::unix::fs::symlink(real.join(&name), view.join(&name)).unwrap();
+        }
+    }
+    assert!(!hidden.is_empty(), "no libtss2 in {}", libraries.display());
+
+    let key = hubsim::state::random_key();
+    let without_tpm_libraries = |args: &[&str]| {
+        Command::new("unshare")
+            .args(["-rm", "sh", "-c"])
+            .arg(r#"mount --bind "$1" "$2" && mount --bind "$3" "$1" && shift 3 && exec "$@""#)
+            .arg("sh")
+            .arg(&libraries)
+            .arg(&real)
+            .arg(&view)
+            .arg(hubagent_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux) runs")
+    };
+    let helper = hubagent_bin().with_file_name("hubagent-tpm");
+    let expected = format!(
+        "the TPM helper {} cannot start: libtss2-esys.so.0 is not installed.",
+        helper.display()
+    );
+    let run = |args: &[&str], input: &str| {
+        let mut child = without_tpm_libraries(args);
+        match child.stdin.take().unwrap().write_all(input.as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => other.unwrap(),
+        }
+        child.wait_with_output().unwrap()
+    };
+    // No TPM is reached: the helper does not start. (Port 9, discard: nothing answers there.)
+    let tcti = "swtpm:host=127.0.0.1,port=9";
+    let no_config = "/nonexistent/hubagent.toml";
+    for (args, input) in [
+        (
+            vec!["-c", no_config, "tpm", "show-ek", "--tcti", tcti],
+            String::new(),
+        ),
+        (
+            vec!["-c", no_config, "tpm", "import-key", "--tcti", tcti],
+            format!("{key}\n"),
+        ),
+    ] {
+        let out = run(&args, &input);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        assert!(stderr.contains(&expected), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "apt install libtss2-esys-3.0.2-0t64 libtss2-mu-4.0.1-0t64 libtss2-tctildr0t64"
+            ) && stderr.contains("apt install libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-tctildr0"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stdout.contains(&key) && !stderr.contains(&key),
+            "{args:?}: the key reached the output: {stderr}"
+        );
+    }
+
+    // The daemon with `method = "tpm"`: its DPS registration fails with the same error, which it
+    // logs (and retries later).
+    let config = dir.path().join("config.toml");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"https://127.0.0.1:9\"\n\
+             id_scope = \"0ne00000000\"\nregistration_id = \"gw-no-tss\"\n\
+             [provisioning.attestation]\nmethod = \"tpm\"\ntcti = \"{tcti}\"\n\
+             [agent]\nstate_dir = \"{}\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    /// Kills the daemon however the test ends (a failed assertion included).
+    struct KilledOnDrop(std::process::Child);
+    impl Drop for KilledOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = KilledOnDrop(without_tpm_libraries(&[
+        "-c",
+        config.to_str().unwrap(),
+        "run",
+    ]));
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    for output in [
+        Box::new(daemon.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(daemon.0.stderr.take().unwrap()),
+    ] {
+        let lines_tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(output)).map_while(Result::ok)
+            {
+                let _ = lines_tx.send(line);
+            }
+        });
+    }
+    drop(lines_tx);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let logged = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("DPS registration failed") && line.contains(&expected) => {
+                break line;
+            }
+            Ok(line) => seen.push(line),
+            Err(e) => panic!(
+                "the daemon did not log the error ({e}); it logged:\n{}",
+                seen.join("\n")
+            ),
+        }
+    };
+    assert!(
+        logged.contains("apt install libtss2-esys-3.0.2-0t64"),
+        "{logged}"
+    );
+    // `unshare` executed the agent itself: this is its process.
+    daemon.0.kill().unwrap();
+    let status = daemon.0.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the daemon ended before it was killed: {status}"
+    );
+}

@@ -22,9 +22,9 @@ log() { echo "[deb-nspawn $(date +%T)] $*"; }
 if [ "$#" -gt 0 ]; then releases=("$@"); else read -ra releases <<<"$(bash packaging/build-deb.sh --releases)"; fi
 host_release="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
 
-# The TPM libraries the package depends on, by each release's package names (agent/Cargo.toml's
-# Depends): on a fresh minimal system, `apt install ./hubagent.deb` must pull in exactly these and
-# what they depend on.
+# The TPM libraries the package recommends, by each release's package names (agent/Cargo.toml's
+# Recommends): on a fresh minimal system, `apt install ./hubagent.deb` must pull in exactly these
+# and what they depend on, and with --no-install-recommends none of them.
 tpm_libs() {
     case "$1" in
         bookworm) echo libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-tctildr0 ;;
@@ -282,7 +282,11 @@ EOF
     cat "$out"
     expect() { grep -q "$1" "$out" || { echo "$release: MISSING: $1"; fail=1; }; }
     expect "^release $release systemd [0-9]"
+    expect "^recommends-by-default yes"
     expect "^install ok"
+    expect "^pulled-in-without-recommends \\[\\]$"
+    expect "^tpm-without-libraries rc=[1-9][0-9]* cannot start: libtss2-esys.so.0 is not installed$"
+    expect "^tpm-libraries-installed $(tpm_libs "$release")$"
     expect "^pulled-in-exact yes"
     expect "^user .*(tss)"
     expect "^config-mode 640 root:hubagent"

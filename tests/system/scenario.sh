@@ -37,7 +37,13 @@ rec "release $(. /etc/os-release && echo "$VERSION_CODENAME") systemd $(systemct
 apt_offline=(-o Acquire::http::Proxy=http://127.0.0.1:9 -o Acquire::https::Proxy=http://127.0.0.1:9)
 expected=$(find /var/cache/apt/archives -name '*.deb' -printf '%f\n' | sed 's/_.*//' | sort)
 before=$(packages)
-if ! apt-get install -y "${apt_offline[@]}" /root/hubagent.deb </dev/null >>/root/e2e-dpkg.log 2>&1; then
+# The TPM libraries are the package's Recommends (docs/packaging.md, "Dependencies"): apt would
+# install them with it (shown, not done: -s)...
+apt-get install -s "${apt_offline[@]}" /root/hubagent.deb </dev/null >/root/e2e-simulated.txt 2>&1
+would=$(sed -n 's/^Inst \([^ ]*\) .*/\1/p' /root/e2e-simulated.txt | grep -vx hubagent | sort)
+[ "$would" = "$expected" ] && rec "recommends-by-default yes" || rec "recommends-by-default no: $(tr '\n' ' ' <<<"$would")"
+# ...and an operator without a TPM leaves them out.
+if ! apt-get install -y --no-install-recommends "${apt_offline[@]}" /root/hubagent.deb </dev/null >>/root/e2e-dpkg.log 2>&1; then
     # Nothing below can work without the package: stop now rather than wait out every step.
     rec "install failed: $(grep -A3 'unmet dependencies' /root/e2e-dpkg.log | tr -s ' \n' ' ')"
     systemctl poweroff
@@ -45,6 +51,17 @@ if ! apt-get install -y "${apt_offline[@]}" /root/hubagent.deb </dev/null >>/roo
 fi
 rec "install ok"
 rec "install-size $(grep -o 'After this operation, .* will be used' /root/e2e-dpkg.log | head -1)"
+rec "pulled-in-without-recommends [$(comm -13 <(echo "$before") <(packages) | grep -vx hubagent | tr '\n' ' ')]"
+# A TPM command there (the shipped configuration is incomplete until below: none is read, the TPM
+# is named on the command line): the helper cannot start, and the error says which library is
+# missing and what to install on this release; the operator runs that.
+tpm_error=$(hubagent -c /nonexistent/hubagent.toml tpm show-ek --tcti "swtpm:host=127.0.0.1,port=$SWTPM_PORT" 2>&1 </dev/null)
+rec "tpm-without-libraries rc=$? $(grep -o 'cannot start: [^ ]* is not installed' <<<"$tpm_error")"
+version_id=$(. /etc/os-release && echo "$VERSION_ID")
+fix=$(grep -o "\`apt install [^\`]*\` (Debian $version_id)" <<<"$tpm_error" | sed 's/^`apt install \([^`]*\)`.*/\1/')
+# shellcheck disable=SC2086 # the package names are words
+[ -n "$fix" ] && apt-get install -y "${apt_offline[@]}" $fix </dev/null >>/root/e2e-dpkg.log 2>&1 \
+    && rec "tpm-libraries-installed $fix" || rec "tpm-libraries-not-installed: $(tr '\n' ' ' <<<"$tpm_error")"
 pulled=$(comm -13 <(echo "$before") <(packages) | grep -vx hubagent)
 rec "pulled-in $(tr '\n' ' ' <<<"$pulled")"
 [ "$pulled" = "$expected" ] && rec "pulled-in-exact yes" || rec "pulled-in-exact no: expected $(tr '\n' ' ' <<<"$expected")"

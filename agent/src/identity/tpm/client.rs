@@ -8,7 +8,9 @@
 //! operation it was doing with [`TpmError::Helper`], which names how it ended; the next
 //! operation starts a new one. Nothing is retried here: the callers (DPS registration, SAS token
 //! renewal, the TLS handshake) already retry with their own back-off, and an operation that
-//! changes the TPM (an import) must not run twice without its caller knowing.
+//! changes the TPM (an import) must not run twice without its caller knowing. A helper the
+//! dynamic loader could not start (a TPM library not installed: the package only recommends them)
+//! fails with an error naming the library and what to install ([`helper_stderr`]).
 //!
 //! A helper left without requests for [`IDLE`] is stopped (its input closed; it exits): the TPM
 //! is used in bursts (a registration, a SAS token renewal, a TLS handshake) and the helper maps
@@ -19,9 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::TpmError;
+use super::helper_stderr::{self, LOADER_FAILED, LoaderFailure};
 use super::protocol::{self, Answer, BUILD, FILE_NAME, Hello, PROTOCOL, Reply, Request};
 use crate::system::helper_program::{self, HelperExecutable, Program};
 
@@ -66,6 +70,8 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// A running helper and the two ends of its pipes.
 struct Helper {
     child: Child,
+    /// The thread passing its stderr on ([`helper_stderr::watch`]).
+    stderr: JoinHandle<Option<LoaderFailure>>,
     requests: BufWriter<ChildStdin>,
     answers: BufReader<ChildStdout>,
     /// When its last answer came (or it started).
@@ -92,7 +98,7 @@ fn start() -> Result<Helper, TpmError> {
         .arg(BUILD)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| {
             helper_error(format!(
@@ -102,10 +108,29 @@ fn start() -> Result<Helper, TpmError> {
         })?;
     let requests = BufWriter::new(child.stdin.take().expect("piped stdin"));
     let mut answers = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let stderr = match helper_stderr::watch(child.stderr.take().expect("piped stderr")) {
+        Ok(watch) => watch,
+        Err(e) => {
+            // Its stderr would be closed: a helper must not run with it so (the operation fails
+            // and is retried by its caller, like any helper that does not start).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(helper_error(format!(
+                "cannot start the TPM helper {}: no thread to pass its stderr on: {e}",
+                program.path().display()
+            )));
+        }
+    };
     let hello: Option<Hello> = match protocol::read_frame(&mut answers) {
         Ok(hello) => hello,
         Err(e) => {
-            return Err(ended(child, program.path(), "its start", &e.to_string()));
+            return Err(ended(
+                child,
+                stderr,
+                program.path(),
+                "its start",
+                &e.to_string(),
+            ));
         }
     };
     match hello {
@@ -114,6 +139,7 @@ fn start() -> Result<Helper, TpmError> {
             start_idle_watch();
             Ok(Helper {
                 child,
+                stderr,
                 requests,
                 answers,
                 last_used: Instant::now(),
@@ -130,6 +156,7 @@ fn start() -> Result<Helper, TpmError> {
         }
         None => Err(ended(
             child,
+            stderr,
             program.path(),
             "starting",
             "it closed its output",
@@ -137,15 +164,31 @@ fn start() -> Result<Helper, TpmError> {
     }
 }
 
-/// The error of a helper that stopped answering during `operation`; reaps it.
-fn ended(mut child: Child, path: &Path, operation: &str, detail: &str) -> TpmError {
+/// The error of a helper that stopped answering during `operation`; reaps it. One the dynamic
+/// loader refused (exit status 127 and its line on stderr) gets the error naming the library.
+fn ended(
+    mut child: Child,
+    stderr: JoinHandle<Option<LoaderFailure>>,
+    path: &Path,
+    operation: &str,
+    detail: &str,
+) -> TpmError {
     HELPER_PID.store(0, Ordering::Relaxed);
     // A helper that closed its pipes but still runs is ended here, so that wait returns.
     let _ = child.kill();
-    let how = match child.wait() {
-        Ok(status) => describe_exit(status),
+    let status = child.wait();
+    let how = match &status {
+        Ok(status) => describe_exit(*status),
         Err(e) => format!("ended (its exit status is unknown: {e})"),
     };
+    // Only for the loader's status: then the helper has exited, its stderr is closed and the
+    // thread has finished or is about to (another status does not wait for it).
+    if let Ok(status) = status
+        && status.code() == Some(LOADER_FAILED)
+        && let Ok(Some(failure)) = stderr.join()
+    {
+        return helper_error(helper_stderr::missing_library_error(path, &failure));
+    }
     helper_error(format!(
         "the TPM helper {} {how} during {operation} ({detail}); the operation failed and the next \
          TPM operation starts the helper again",
@@ -190,13 +233,19 @@ fn stop(helper: Helper) {
     HELPER_PID.store(0, Ordering::Relaxed);
     let Helper {
         mut child,
+        stderr,
         requests,
         answers,
         ..
     } = helper;
     drop(requests);
     drop(answers);
-    match child.wait() {
+    let status = child.wait();
+    // Exited: its stderr is closed, so the thread passing it on ends.
+    if status.is_ok() {
+        let _ = stderr.join();
+    }
+    match status {
         Ok(status) if status.success() => {}
         Ok(status) => tracing::warn!(
             "the idle TPM helper {} {} when asked to stop",
@@ -225,6 +274,7 @@ pub fn call(request: &Request) -> Result<Reply, TpmError> {
             let helper = slot.take().expect("present");
             Err(ended(
                 helper.child,
+                helper.stderr,
                 &program_path(),
                 request.operation(),
                 "it closed its output without answering",
@@ -234,6 +284,7 @@ pub fn call(request: &Request) -> Result<Reply, TpmError> {
             let helper = slot.take().expect("present");
             Err(ended(
                 helper.child,
+                helper.stderr,
                 &program_path(),
                 request.operation(),
                 &e.to_string(),

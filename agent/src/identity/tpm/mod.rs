@@ -12,6 +12,7 @@
 pub mod attestation;
 pub mod client;
 pub mod ecc_key;
+pub mod helper_stderr;
 pub mod protocol;
 
 use std::sync::Mutex;
