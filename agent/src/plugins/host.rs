@@ -303,6 +303,9 @@ fn serve_callbacks(library: Library, host: Arc<FrameHost>, calls: Receiver<Call>
                 match library.start(host.clone(), &settings) {
                     Ok(i) => {
                         instance = Some(i);
+                        // The host's start-up (arguments, loading and checking the library, the
+                        // sandbox) is over: its pages go back before the daemon hears of it.
+                        crate::system::start_up_memory::release();
                         send(&out, &Up::Started);
                     }
                     Err(e) => send(
