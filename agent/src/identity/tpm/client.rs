@@ -265,32 +265,22 @@ pub fn call(request: &Request) -> Result<Reply, TpmError> {
     let helper = slot.as_mut().expect("started above");
     let exchanged = protocol::write_frame(&mut helper.requests, request)
         .and_then(|()| protocol::read_frame::<Answer>(&mut helper.answers));
-    match exchanged {
+    let detail = match exchanged {
         Ok(Some(answer)) => {
             helper.last_used = Instant::now();
-            answer
+            return answer;
         }
-        Ok(None) => {
-            let helper = slot.take().expect("present");
-            Err(ended(
-                helper.child,
-                helper.stderr,
-                &program_path(),
-                request.operation(),
-                "it closed its output without answering",
-            ))
-        }
-        Err(e) => {
-            let helper = slot.take().expect("present");
-            Err(ended(
-                helper.child,
-                helper.stderr,
-                &program_path(),
-                request.operation(),
-                &e.to_string(),
-            ))
-        }
-    }
+        Ok(None) => "it closed its output without answering".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let helper = slot.take().expect("present");
+    Err(ended(
+        helper.child,
+        helper.stderr,
+        &program_path(),
+        request.operation(),
+        &detail,
+    ))
 }
 
 fn program_path() -> PathBuf {
