@@ -7,6 +7,7 @@ attached to the daemon and its plugin host only, for the burst alone.
     python3 bench/profile.py                       # perf record; prints the top symbols per process
     python3 bench/profile.py --stat                # perf stat: task-clock, context switches, syscalls
     python3 bench/profile.py --agent OTHER/target/release/hubagent   # another build's daemon
+    python3 bench/profile.py --stat --batch 1024   # the bench plugin's batches of 1,024, not 64
 
 Run after a release build (bench/run.sh builds one). Needs perf (Debian: linux-perf) and, for
 attaching to processes, root or kernel.perf_event_paranoid <= 1.
@@ -28,7 +29,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=200_000)
     ap.add_argument("--stat", action="store_true", help="perf stat instead of perf record")
-    ap.add_argument("--agent", type=Path, help="the hubagent binary (default: target/release/hubagent)")
+    ap.add_argument("--agent", type=Path, help="the hubagent binary (default: target/release/hubagent); "
+                    "hubsim, the plugin host and the plugin libraries are taken from beside it")
+    ap.add_argument("--batch", type=int, help="messages per publish_batch of the bench plugin "
+                    "(default: the plugin's, 64, as row 1 sends them)")
     ap.add_argument("--out", type=Path, default=Path("perf-agent.data"), help="perf record's output")
     opts = ap.parse_args()
     if opts.agent:
@@ -49,7 +53,7 @@ def main():
                ["perf", "record", "-g", "-F", "1999", "-o", str(opts.out), "-p", pid_list])
         perf = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
         time.sleep(0.5)  # perf attaches to every thread of the processes before the burst starts
-        rate, cpu_per_k = run.burst(sim, agent.proc.pid, opts.messages, "profile")
+        rate, cpu_per_k = run.burst(sim, agent.proc.pid, opts.messages, "profile", opts.batch)
         perf.send_signal(2)
         out, err = perf.communicate(timeout=120)
         agent.stop()

@@ -480,13 +480,17 @@ def agent_runs(sim, work, opts, results):
             f"{procs} processes")
 
 
-def burst(sim, pid, count, run):
+def burst(sim, pid, count, run, batch=None):
     """A burst of `count` messages from the bench plugin of the agent `pid`, triggered through
-    the twin (`run` tells bursts apart): (msg/s until hubsim has them all, CPU s per 1,000)."""
+    the twin (`run` tells bursts apart; `batch`: messages per `publish_batch`, the plugin's
+    default of 64 when not given): (msg/s until hubsim has them all, CPU s per 1,000)."""
     base = sim.received(AGENT_REG)
     c0, t0 = cpu_seconds(tree(pid)), time.time()
+    settings = {"count": count, "run": run}
+    if batch is not None:
+        settings["batch"] = batch
     sim.api("PATCH", f"/twins/{AGENT_REG}",
-            {"properties": {"desired": {"plugins": {"bench": {"count": count, "run": run}}}}})
+            {"properties": {"desired": {"plugins": {"bench": settings}}}})
     _, done = wait_received(sim, AGENT_REG, base + count, 600)
     return count / (done - t0), 1000 * (cpu_seconds(tree(pid)) - c0) / count
 

@@ -30,14 +30,8 @@ const HOST: HelperExecutable = HelperExecutable {
     how_to_build: "build the workspace's binaries (cargo build -p hubagent)",
 };
 
-/// The places a host executable is looked for, in order, for the agent binary at `agent`
-/// ([`helper_program::candidates`]).
-pub fn candidates(agent: &Path) -> Vec<PathBuf> {
-    helper_program::candidates(agent, FILE_NAME)
-}
-
 /// The host executable for the agent binary at `agent`, or an error naming where it was looked
-/// for.
+/// for ([`helper_program::candidates`]).
 pub fn locate(agent: &Path) -> Result<PathBuf, String> {
     helper_program::locate(agent, &HOST)
 }
@@ -62,36 +56,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn looks_beside_the_agent_then_in_the_packages_libexec_directory() {
-        assert_eq!(
-            candidates(Path::new("/usr/bin/hubagent")),
-            [
-                PathBuf::from("/usr/bin/hubagent-plugin-host"),
-                PathBuf::from("/usr/libexec/hubagent/hubagent-plugin-host"),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_missing_host_is_named_with_where_it_was_looked_for() {
+    fn a_missing_host_is_named_with_what_cannot_work_without_it() {
+        // Where it is looked for is helper_program's (tested there); this is its own name.
         let dir = tempfile::tempdir().unwrap();
         let error = locate(&dir.path().join("bin/hubagent")).unwrap_err();
-        assert!(error.contains("hubagent-plugin-host is missing"), "{error}");
         assert!(
-            error.contains(&dir.path().join("libexec/hubagent").display().to_string()),
+            error.contains("the plugin host executable hubagent-plugin-host is missing"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn the_packages_libexec_directory_is_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let lib = dir.path().join("libexec/hubagent");
-        std::fs::create_dir_all(&lib).unwrap();
-        std::fs::write(lib.join(FILE_NAME), b"").unwrap();
-        assert_eq!(
-            locate(&dir.path().join("bin/hubagent")).unwrap(),
-            lib.join(FILE_NAME)
+        assert!(
+            error.contains("isolation = \"process\" cannot run"),
+            "{error}"
         );
     }
 }

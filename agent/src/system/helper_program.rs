@@ -90,3 +90,68 @@ impl Program {
         &self.path
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELPER: HelperExecutable = HelperExecutable {
+        file_name: "hubagent-helper",
+        what: "the helper",
+        needed_for: "nothing works",
+        how_to_build: "build it",
+    };
+
+    #[test]
+    fn looks_beside_the_executable_then_in_target_for_a_test_then_in_libexec() {
+        assert_eq!(
+            candidates(Path::new("/usr/bin/hubagent"), HELPER.file_name),
+            [
+                PathBuf::from("/usr/bin/hubagent-helper"),
+                PathBuf::from("/usr/libexec/hubagent/hubagent-helper"),
+            ]
+        );
+        // A test executable in target/<profile>/deps/: the helper is built one level up.
+        assert_eq!(
+            candidates(
+                Path::new("/src/target/debug/deps/tpm-0123"),
+                HELPER.file_name
+            ),
+            [
+                PathBuf::from("/src/target/debug/deps/hubagent-helper"),
+                PathBuf::from("/src/target/debug/hubagent-helper"),
+                PathBuf::from("/src/target/debug/libexec/hubagent/hubagent-helper"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_helper_is_named_with_where_it_was_looked_for_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("bin/hubagent");
+        let error = locate(&exe, &HELPER).unwrap_err();
+        assert!(
+            error.starts_with("the helper executable hubagent-helper is missing"),
+            "{error}"
+        );
+        for place in candidates(&exe, HELPER.file_name) {
+            assert!(error.contains(&place.display().to_string()), "{error}");
+        }
+        assert!(
+            error.contains("nothing works without it; reinstall the hubagent package or build it"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_packages_libexec_directory_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let libexec = dir.path().join("libexec/hubagent");
+        std::fs::create_dir_all(&libexec).unwrap();
+        std::fs::write(libexec.join(HELPER.file_name), b"").unwrap();
+        assert_eq!(
+            locate(&dir.path().join("bin/hubagent"), &HELPER).unwrap(),
+            libexec.join(HELPER.file_name)
+        );
+    }
+}

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::TpmError;
 use super::helper_stderr::{self, LOADER_FAILED, LoaderFailure};
 use super::protocol::{self, Answer, BUILD, FILE_NAME, Hello, PROTOCOL, Reply, Request};
-use crate::system::helper_program::{self, HelperExecutable, Program};
+use crate::system::helper_program::{HelperExecutable, Program};
 
 const TPM_HELPER: HelperExecutable = HelperExecutable {
     file_name: FILE_NAME,
@@ -35,17 +35,6 @@ const TPM_HELPER: HelperExecutable = HelperExecutable {
     needed_for: "the TPM cannot be used",
     how_to_build: "build the agent with the tpm feature (cargo build -p hubagent --features tpm)",
 };
-
-/// The places the helper is looked for, for the executable at `exe`
-/// ([`helper_program::candidates`]).
-pub fn candidates(exe: &Path) -> Vec<PathBuf> {
-    helper_program::candidates(exe, FILE_NAME)
-}
-
-/// The helper executable for the executable at `exe`, or an error naming where it was looked for.
-pub fn locate(exe: &Path) -> Result<PathBuf, String> {
-    helper_program::locate(exe, &TPM_HELPER)
-}
 
 static PROGRAM: OnceLock<Result<Program, String>> = OnceLock::new();
 
@@ -301,32 +290,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn looks_beside_the_agent_in_a_test_build_and_in_libexec() {
-        assert_eq!(
-            candidates(Path::new("/usr/bin/hubagent")),
-            [
-                PathBuf::from("/usr/bin/hubagent-tpm"),
-                PathBuf::from("/usr/libexec/hubagent/hubagent-tpm"),
-            ]
-        );
-        assert_eq!(
-            candidates(Path::new("/src/target/debug/deps/tpm-0123")),
-            [
-                PathBuf::from("/src/target/debug/deps/hubagent-tpm"),
-                PathBuf::from("/src/target/debug/hubagent-tpm"),
-                PathBuf::from("/src/target/debug/libexec/hubagent/hubagent-tpm"),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_missing_helper_is_named_with_where_it_was_looked_for() {
+    fn a_missing_helper_is_named_with_what_cannot_work_without_it() {
+        // Where it is looked for is helper_program's (tested there); this is its own name.
         let dir = tempfile::tempdir().unwrap();
-        let error = locate(&dir.path().join("bin/hubagent")).unwrap_err();
-        assert!(error.contains("hubagent-tpm is missing"), "{error}");
+        let error =
+            crate::system::helper_program::locate(&dir.path().join("bin/hubagent"), &TPM_HELPER)
+                .unwrap_err();
         assert!(
-            error.contains(&dir.path().join("libexec/hubagent").display().to_string()),
+            error.contains("the TPM helper executable hubagent-tpm is missing"),
             "{error}"
         );
+        assert!(error.contains("the TPM cannot be used"), "{error}");
+        assert!(error.contains("--features tpm"), "{error}");
     }
 }
