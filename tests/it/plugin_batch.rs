@@ -64,13 +64,31 @@ fn note_stored(acked: &mut Acknowledged, record_path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_messages_the_agent_stored_survive_kill_9() {
-    let device = "gw-batch-kill";
+    stored_batches_survive_kill_9("gw-batch-kill", None).await;
+}
+
+/// The same with `fsync = "always"`: each push waits for its sync, handing the daemon's one
+/// worker thread over meanwhile (telemetry/publisher.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_messages_stored_with_fsync_always_survive_kill_9() {
+    stored_batches_survive_kill_9("gw-batch-kill-always", Some("fsync = \"always\"\n")).await;
+}
+
+/// Batches pile up in the queue during an outage, the agent is killed with `kill -9` and
+/// started again: every message the plugin was told is stored arrives. `queue`: lines of a
+/// `[queue]` table.
+async fn stored_batches_survive_kill_9(device: &str, queue: Option<&str>) {
     let s = setup(
         device,
         "max_rate = 100000\nburst = 100000",
         "mode = \"batch\"\nbatch = 16\ninterval = \"20ms\"",
     )
     .await;
+    if let Some(lines) = queue {
+        // After the plugin's tables: a table of its own.
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        std::fs::write(&s.config, format!("{text}\n[queue]\n{lines}")).unwrap();
+    }
     let sim = s.running.sim.clone();
     let agent = AgentProcess::start(&s.config);
     agent.wait_log("publish_batch offered: true").await;
@@ -86,11 +104,20 @@ async fn batched_messages_the_agent_stored_survive_kill_9() {
 
     // The hub goes away: batches pile up in the queue on disk; kill -9 with a backlog.
     begin_outage(&sim, device);
-    agent
+    let status = agent
         .wait_status("a backlog during the outage", |st| {
             st["queue_depth"].as_u64().unwrap_or(0) >= 300
         })
         .await;
+    if queue.is_some() {
+        // The policy is in force: a sync for about every batch of 16 (shared when pushes meet),
+        // not one a second.
+        let (pushed, syncs) = (&status["queue"]["pushed"], &status["queue"]["syncs"]);
+        assert!(
+            syncs.as_u64().unwrap() * 32 >= pushed.as_u64().unwrap(),
+            "{pushed} pushed with {syncs} syncs"
+        );
+    }
     agent.kill_9();
     // Read after the kill: every "ok" the plugin recorded was answered before the agent died.
     let mut acked = Acknowledged::new();

@@ -204,12 +204,14 @@ impl SyncFailure {
 
 pub struct Queue {
     inner: Mutex<Inner>,
+    /// `fsync = "always"`: a push returns only after its sync.
+    syncs_each_push: bool,
     /// Signalled when a group commit's sync ends.
     sync_done: Condvar,
     available: Notify,
     /// Tests only: holds a group commit's leader before it takes what to sync.
     #[cfg(test)]
-    leader_gate: test_gate::Gate,
+    pub(super) leader_gate: test_gate::Gate,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> QueueError + '_ {
@@ -247,15 +249,22 @@ impl Queue {
             let next_first = files.get(i + 1).map(|(next, _)| *next);
             loaded.load_segment(*first_seq, path, next_first)?;
         }
+        let syncs_each_push = settings.fsync == FsyncPolicy::Always;
         let (inner, warnings) = loaded.into_inner(dir, settings);
         let queue = Queue {
             inner: Mutex::new(inner),
+            syncs_each_push,
             sync_done: Condvar::new(),
             available: Notify::new(),
             #[cfg(test)]
             leader_gate: Default::default(),
         };
         Ok((queue, warnings))
+    }
+
+    /// True with `fsync = "always"`: each push waits for a sync of the disk.
+    pub fn syncs_each_push(&self) -> bool {
+        self.syncs_each_push
     }
 
     /// Persists `message` (per the fsync policy) and returns its sequence number.
@@ -1141,7 +1150,7 @@ impl Inner {
 /// A gate a group commit's leader passes before it takes what to sync: a test closes it to have
 /// several pushers wait for one sync, without timing.
 #[cfg(test)]
-mod test_gate {
+pub(super) mod test_gate {
     use std::sync::{Condvar, Mutex};
 
     #[derive(Default)]
