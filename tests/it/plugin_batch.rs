@@ -67,8 +67,8 @@ async fn batched_messages_the_agent_stored_survive_kill_9() {
     stored_batches_survive_kill_9("gw-batch-kill", None).await;
 }
 
-/// The same with `fsync = "always"`: each push waits for its sync, handing the daemon's one
-/// worker thread over meanwhile (telemetry/publisher.rs).
+/// The same with `fsync = "always"`: each push waits for its sync, handing its worker thread
+/// over meanwhile (telemetry/publisher.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_messages_stored_with_fsync_always_survive_kill_9() {
     stored_batches_survive_kill_9("gw-batch-kill-always", Some("fsync = \"always\"\n")).await;

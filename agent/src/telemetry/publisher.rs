@@ -29,9 +29,9 @@ impl DurablePublisher {
     }
 
     /// Runs a push. With `fsync = "always"` it waits for a sync of the disk (milliseconds, more
-    /// on an SD card); the daemon runs its tasks on one worker thread (bin/hubagent/main.rs), so
-    /// the push hands that worker to another thread for its length (tokio's `block_in_place`)
-    /// and the hub session and the other plugins go on meanwhile. Other policies write to the
+    /// on an SD card); the push hands its worker thread (bin/hubagent/main.rs) to another thread
+    /// for its length (tokio's `block_in_place`), so that the tasks of that worker (the hub
+    /// session, the other plugins) go on meanwhile. Other policies write to the
     /// page cache only: no hand-over, which would cost more than the write.
     fn syncing<T>(&self, push: impl FnOnce() -> T) -> T {
         use tokio::runtime::{Handle, RuntimeFlavor};
@@ -83,7 +83,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = always(dir.path());
         let publisher = DurablePublisher::new(queue.clone());
-        // The daemon's runtime (bin/hubagent/main.rs).
+        // One worker: the hand-over is all that lets another task run.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
