@@ -569,31 +569,52 @@ interval = "100ms"
     );
 }
 
-/// A plugin blocked in `publish` when the agent stops gets `ERR_STOPPING`, so its `stop` can join
-/// its threads and the agent exits at once instead of killing it after `callback_timeout`
-/// (found by the benchmark: every stop during a burst took the full timeout).
+/// A plugin publishing when the agent stops is served until it has stopped: the publishes in
+/// flight and those made while its `stop` joins its threads are queued and answered "ok", so
+/// `stop` returns and the agent exits at once instead of killing it after `callback_timeout`
+/// (found by the benchmark: every stop during a burst took the full timeout; and a publish
+/// read before the stop once got "stopping" in a reliability test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_publishing_when_the_agent_stops_is_stopped_not_killed() {
+async fn a_plugin_publishing_when_the_agent_stops_is_served_until_it_stopped() {
+    publishing_plugin_stops_refusing_nothing("process", "gw-plugins-stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_plugin_publishing_when_the_agent_stops_is_served_until_it_stopped() {
+    publishing_plugin_stops_refusing_nothing("in-process", "gw-plugins-stop-2").await;
+}
+
+async fn publishing_plugin_stops_refusing_nothing(isolation: &str, device: &str) {
     let dir = tempfile::tempdir().unwrap();
     let running = start_sim(dir.path()).await;
     let sim = running.sim.clone();
     let lib = misbehave(dir.path());
-    // Four threads publishing without pause, never rate-limited, so they wait on acknowledgements.
+    let record = dir.path().join("flooder.record");
+    std::fs::write(&record, "").unwrap();
+    let allow = match isolation {
+        "in-process" => String::new(),
+        _ => format!("allow_write = [\"{}\"]", record.display()),
+    };
+    // Four threads publishing without pause, never rate-limited, so one is nearly always
+    // waiting for its answer when the stop comes.
     let plugins = format!(
         r#"
 [[plugin]]
 name = "flooder"
 kind = "library"
 path = "{}"
+isolation = "{isolation}"
 max_rate = 1000000
 burst = 1000000
 callback_timeout = "120s"
+{allow}
 [plugin.settings]
 mode = "flood"
+record = "{}"
 "#,
-        lib.display()
+        lib.display(),
+        record.display()
     );
-    let device = "gw-plugins-stop";
     let config = plugin_agent_config(dir.path(), &running, device, &plugins, true);
     let mut agent = AgentProcess::start(&config);
     let flowing = sim
@@ -620,6 +641,19 @@ mode = "flood"
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(code, Some(0), "{}", agent.log_text());
+    // Nothing was refused: the queue had room for every message sent before the plugin ended.
+    // `<run> <n> <outcome>` per publish (the four threads number their messages alike).
+    let text = std::fs::read_to_string(&record).unwrap();
+    let answers: Vec<&str> = text.lines().collect();
+    let refused: Vec<_> = answers.iter().filter(|l| !l.ends_with(" ok")).collect();
+    assert!(answers.len() >= 200, "{} publishes recorded", answers.len());
+    assert!(
+        refused.is_empty(),
+        "{} of {} publishes refused at the stop: {:?}",
+        refused.len(),
+        answers.len(),
+        &refused[..refused.len().min(5)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,9 +113,10 @@ impl FrameHost {
             .remove(&id)
     }
 
-    /// Once the daemon asks for a stop it acknowledges no more messages: answer every waiting
-    /// and every later publish with `ERR_STOPPING`, so the plugin's `stop` can join its
-    /// publishing threads instead of waiting for the daemon's kill after `callback_timeout`.
+    /// The plugin's `stop` returned: answer every publish still waiting (a thread it left
+    /// running) and every later one with `ERR_STOPPING`. Until then the daemon answers them as
+    /// at any other time, also while the plugin stops (plugins/task.rs, `stop`), so that its
+    /// `stop` can join its publishing threads.
     fn release_publishers(&self) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         self.closed.store(true, Ordering::SeqCst);
@@ -349,7 +350,7 @@ fn serve_callbacks(library: Library, host: Arc<FrameHost>, calls: Receiver<Call>
                 if let Some(i) = instance.take() {
                     i.stop();
                 }
-                host.closed.store(true, Ordering::SeqCst);
+                host.release_publishers();
                 send(&out, &Up::Stopped);
                 let _ = out.lock().map(|mut w| w.flush());
                 std::process::exit(0);
@@ -391,7 +392,6 @@ fn read_frames(mut input: BufReader<File>, host: &FrameHost, calls: &Sender<Call
                 let _ = calls.send(Call::C2d(id, message));
             }
             Ok(Some(Down::Stop)) => {
-                host.release_publishers();
                 let _ = calls.send(Call::Stop);
             }
             Ok(None) | Err(_) => {

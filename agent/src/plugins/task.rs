@@ -482,9 +482,9 @@ impl Task {
                         self.desired = settings;
                         self.desired_version = version;
                     }
-                    Some(Cmd::Shutdown(done)) => return Err(self.stop(runs, plugin, Some(done)).await),
+                    Some(Cmd::Shutdown(done)) => return Err(self.stop(runs, plugin, events, Some(done)).await),
                     Some(call) => self.refuse_call(call),
-                    None => return Err(self.stop(runs, plugin, None).await),
+                    None => return Err(self.stop(runs, plugin, events, None).await),
                 }
             }
         };
@@ -515,11 +515,38 @@ impl Task {
         });
     }
 
-    /// Asks the plugin to stop (shutdown): its held publishes are answered "stopping".
-    async fn stop(&self, runs: &mut Runs, plugin: RunningPlugin, done: Done) -> Outcome {
+    /// Asks the plugin to stop (shutdown) and serves it until it has: what it publishes until
+    /// then is queued as at any other time, so a publish in flight when the stop came gets its
+    /// true answer and the plugin's `stop` can join its publishing threads. Only what the queue
+    /// cannot take at once (full, or the disk) is answered "stopping", with what was held.
+    async fn stop(
+        &self,
+        runs: &mut Runs,
+        plugin: RunningPlugin,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        done: Done,
+    ) -> Outcome {
         runs.outlet.release();
-        plugin.stop(self.spec.limits.callback_timeout).await;
+        let stopped = plugin.stop(self.spec.limits.callback_timeout);
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                () = &mut stopped => break,
+                Some(event) = events.recv() => self.serve_while_stopping(runs, event),
+            }
+        }
+        // What it sent just before it ended (a plugin process's last frames come before its end).
+        while let Ok(event) = events.try_recv() {
+            self.serve_while_stopping(runs, event);
+        }
         Outcome::Shutdown(done)
+    }
+
+    /// An event of a stopping plugin: publishes are queued if the queue takes them at once,
+    /// logs and health recorded; answers to calls and its end need nothing more.
+    fn serve_while_stopping(&self, runs: &mut Runs, event: Event) {
+        self.other_event(runs, event);
+        runs.outlet.release();
     }
 
     /// Serves a started plugin until it fails or is shut down.
@@ -566,13 +593,17 @@ impl Task {
                 }
                 Wake::Cmd(Some(Cmd::Shutdown(done))) => {
                     live.fail_calls(503, &format!("plugin '{}' is stopping", self.spec.name));
-                    return self.stop(runs, live.plugin, Some(done)).await;
+                    return self
+                        .stop(runs, live.plugin, &mut live.events, Some(done))
+                        .await;
                 }
                 Wake::Cmd(Some(call)) => {
                     self.pass_call(&mut live, call);
                     continue;
                 }
-                Wake::Cmd(None) => return self.stop(runs, live.plugin, None).await,
+                Wake::Cmd(None) => {
+                    return self.stop(runs, live.plugin, &mut live.events, None).await;
+                }
             };
             live.fail_calls(
                 500,

@@ -26,7 +26,8 @@
 //!
 //! The host's answers follow the agent's: a publish succeeds (the agent answers once the
 //! message is on disk; here at once) until the test stops the plugin; while `stop` runs it is
-//! answered `Stopping`, and a call after `stop` returned — which the ABI forbids — is counted in
+//! answered `Stopping` (the harder case: the agent goes on queueing while a plugin stops, and
+//! answers so only what its full queue cannot take), and a call after `stop` returned — which the ABI forbids — is counted in
 //! [`FakeHost::calls_after_stop`]. Rate and size limits are the agent's and not applied here
 //! (`hubagent plugins try` applies them).
 
@@ -207,7 +208,8 @@ impl<P: Plugin> Started<P> {
         self.plugin().receive_c2d(message)
     }
 
-    /// Stops it as the agent does: publishes meanwhile are answered `Stopping`.
+    /// Stops it: publishes meanwhile are answered `Stopping`, as the agent answers those its
+    /// full queue cannot take while the plugin stops.
     pub fn stop(mut self) {
         self.stop_now();
     }
