@@ -13,6 +13,7 @@ use hubagent_plugin_sdk::abi;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
+use super::answer::Answer;
 use super::calls::{C2dMessage, Declarations, MethodAnswer};
 use super::library::{CallError, PluginMessage};
 use super::running::{Event, Events};
@@ -134,8 +135,8 @@ impl BuiltinPlugin {
         };
         let events = self.events.clone();
         tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if events.send(Event::Message(echo, tx)).is_err() {
+            let (answer, rx) = Answer::channel();
+            if events.send(Event::Message(echo, answer)).is_err() {
                 return;
             }
             let taken = match rx.await {
@@ -196,8 +197,8 @@ async fn run(
             properties: vec![("run".into(), run.clone())],
             creation_time: None,
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if events.send(Event::Message(message, tx)).is_err() {
+        let (answer, rx) = Answer::channel();
+        if events.send(Event::Message(message, answer)).is_err() {
             return;
         }
         // Queued (or refused) before the next reading.

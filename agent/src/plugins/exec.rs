@@ -10,8 +10,9 @@ use hubagent_plugin_sdk::abi;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdout;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::answer::Answer;
 use super::calls::{C2dMessage, Declarations, MethodAnswer};
 use super::library::PluginMessage;
 use super::process::{self, ChildProcess};
@@ -224,8 +225,8 @@ async fn read_lines(stdout: ChildStdout, events: Events, warn_if_silent: Option<
 async fn forward_line(text: &str, events: &Events) -> Option<bool> {
     match exec_line(text) {
         Ok(ExecLine::Message(m)) => {
-            let (tx, rx) = oneshot::channel();
-            if events.send(Event::Message(m, tx)).is_err() {
+            let (answer, rx) = Answer::channel();
+            if events.send(Event::Message(m, answer)).is_err() {
                 return None;
             }
             // One message at a time: the pipe holds the plugin back.

@@ -12,8 +12,9 @@ use hubagent_plugin_sdk::abi;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::process::ChildStdout;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::answer::Answer;
 use super::calls::{C2dMessage, MethodAnswer};
 use super::library::{CallError, PluginMessage};
 use super::process::{self, ChildProcess};
@@ -252,25 +253,19 @@ fn event_of(frame: Up, acks: &mpsc::UnboundedSender<Down>) -> Option<Event> {
     Some(event)
 }
 
-/// The answer to batch `id`, sent on to the plugin-host as a `batch-ack` frame.
-fn batch_ack_when_answered(
-    id: u64,
-    acks: mpsc::UnboundedSender<Down>,
-) -> oneshot::Sender<Vec<i32>> {
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let codes = rx.await.unwrap_or_default();
+/// The answer to batch `id`, sent on to the plugin-host as a `batch-ack` frame (no codes, if
+/// dropped unanswered: the host answers each message "stopping").
+fn batch_ack_when_answered(id: u64, acks: mpsc::UnboundedSender<Down>) -> Answer<Vec<i32>> {
+    Answer::to(move |codes: Option<Vec<i32>>| {
+        let codes = codes.unwrap_or_default();
         let _ = acks.send(Down::BatchAck { id, codes });
-    });
-    tx
+    })
 }
 
 /// The answer to message `id`'s publish, sent on to the plugin-host as an `ack` frame.
-fn ack_when_answered(id: u64, acks: mpsc::UnboundedSender<Down>) -> oneshot::Sender<i32> {
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let code = rx.await.unwrap_or(abi::ERR_STOPPING);
+fn ack_when_answered(id: u64, acks: mpsc::UnboundedSender<Down>) -> Answer<i32> {
+    Answer::to(move |code: Option<i32>| {
+        let code = code.unwrap_or(abi::ERR_STOPPING);
         let _ = acks.send(Down::Ack { id, code });
-    });
-    tx
+    })
 }

@@ -9,6 +9,7 @@ use hubagent_plugin_sdk::abi;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::answer::Answer;
 use super::calls::C2dMessage;
 use super::library::{self, HostSide, Library, PluginMessage};
 use super::running::{Event, Events};
@@ -33,8 +34,8 @@ struct DirectHost {
 
 impl HostSide for DirectHost {
     fn publish(&self, message: PluginMessage) -> i32 {
-        let (tx, rx) = oneshot::channel();
-        if self.events.send(Event::Message(message, tx)).is_err() {
+        let (answer, rx) = Answer::channel();
+        if self.events.send(Event::Message(message, answer)).is_err() {
             return abi::ERR_STOPPING;
         }
         // Plugin threads are not runtime threads, so blocking here is allowed.
@@ -52,8 +53,8 @@ impl HostSide for DirectHost {
         if tokio::runtime::Handle::try_current().is_ok() {
             return vec![abi::ERR_FAILED; count]; // never block a runtime thread
         }
-        let (tx, rx) = oneshot::channel();
-        if self.events.send(Event::Batch(messages, tx)).is_err() {
+        let (answer, rx) = Answer::channel();
+        if self.events.send(Event::Batch(messages, answer)).is_err() {
             return vec![abi::ERR_STOPPING; count];
         }
         rx.blocking_recv()

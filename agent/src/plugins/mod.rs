@@ -11,6 +11,7 @@
 //! | `outlet.rs` | a plugin's messages on their way into the durable queue: rate, size, order |
 //! | `calls.rs` | what the cloud asks of a plugin: declared methods, C2D filters, answers |
 //! | `running.rs` | `RunningPlugin`: any kind behind one interface, and the `Event`s it reports |
+//! | `answer.rs` | where a publish's answer goes: a waiting task, or the frame writer to a plugin process |
 //! | `process.rs` | a plugin's child process: environment, limits, exit, stderr, signals |
 //! | `hosted.rs` | a library plugin in a child process, seen from the daemon (frames of `protocol.rs`) |
 //! | `host.rs` | `hubagent-plugin-host`: the child process side of a hosted library plugin |
@@ -27,6 +28,7 @@
 //! | `settings_access.rs` | ABI 1.2's settings accessors for C plugins: one value by key |
 //! | `own_reported.rs` | a plugin's own reported properties, checked against IoT Hub's twin limits |
 
+mod answer;
 pub mod builtin;
 pub mod calls;
 mod exec;

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hubagent_plugin_sdk::abi;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::PluginStatus;
+use super::answer::Answer;
 use super::library::PluginMessage;
 use crate::config::plugin::{Kind, PluginSpec};
 use crate::message::TelemetryMessage;
@@ -83,18 +83,18 @@ struct Held {
 
 /// Who waits for a [`Held`].
 enum Reply {
-    One(oneshot::Sender<i32>, i32),
+    One(Answer<i32>, i32),
     /// A batch: the code of every message it had (those refused up front already set), and
     /// the places in it of the messages still held.
     Batch {
         codes: Vec<i32>,
         slots: VecDeque<usize>,
-        reply: oneshot::Sender<Vec<i32>>,
+        reply: Answer<Vec<i32>>,
     },
 }
 
 impl Held {
-    fn one(message: TelemetryMessage, reply: oneshot::Sender<i32>) -> Held {
+    fn one(message: TelemetryMessage, reply: Answer<i32>) -> Held {
         Held {
             messages: VecDeque::from([message]),
             reply: Reply::One(reply, abi::ERR_STOPPING),
@@ -118,12 +118,8 @@ impl Held {
     /// Every message is done: the publish returns.
     fn finish(self) {
         match self.reply {
-            Reply::One(reply, code) => {
-                let _ = reply.send(code);
-            }
-            Reply::Batch { codes, reply, .. } => {
-                let _ = reply.send(codes);
-            }
+            Reply::One(reply, code) => reply.send(code),
+            Reply::Batch { codes, reply, .. } => reply.send(codes),
         }
     }
 
@@ -210,22 +206,16 @@ impl Outlet {
     }
 
     /// Takes a plugin's message; `reply` gets the code its publish returns.
-    pub fn publish(&mut self, message: PluginMessage, reply: oneshot::Sender<i32>) {
+    pub fn publish(&mut self, message: PluginMessage, reply: Answer<i32>) {
         match self.admit(message) {
             Ok(message) => self.hold(Held::one(message, reply)),
-            Err(code) => {
-                let _ = reply.send(code);
-            }
+            Err(code) => reply.send(code),
         }
     }
 
     /// Takes a batch (ABI 1.3); `reply` gets each message's code, in order. Each message is
     /// checked alone; the accepted ones are queued together.
-    pub fn publish_batch(
-        &mut self,
-        messages: Vec<PluginMessage>,
-        reply: oneshot::Sender<Vec<i32>>,
-    ) {
+    pub fn publish_batch(&mut self, messages: Vec<PluginMessage>, reply: Answer<Vec<i32>>) {
         let mut codes = Vec::with_capacity(messages.len());
         let mut slots = VecDeque::new();
         let mut accepted = VecDeque::new();
@@ -240,7 +230,7 @@ impl Outlet {
             }
         }
         if accepted.is_empty() {
-            let _ = reply.send(codes);
+            reply.send(codes);
             return;
         }
         self.hold(Held {

@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::answer::Answer;
 use super::builtin::BuiltinPlugin;
 use super::calls::{C2dMessage, Declarations, MethodAnswer};
 use super::exec::ExecPlugin;
@@ -31,9 +32,9 @@ pub enum Event {
     Applied(Result<(), CallError>),
     /// Exec plugins: the last settings were refused after the fact.
     LateReject(String),
-    Message(PluginMessage, oneshot::Sender<i32>),
+    Message(PluginMessage, Answer<i32>),
     /// ABI 1.3: messages published together, answered with each one's code, in order.
-    Batch(Vec<PluginMessage>, oneshot::Sender<Vec<i32>>),
+    Batch(Vec<PluginMessage>, Answer<Vec<i32>>),
     Log(i32, String),
     Health(i32, String),
     /// The plugin is gone (exit, crash, protocol violation).

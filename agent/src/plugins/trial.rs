@@ -602,11 +602,11 @@ impl Session {
     fn show(&mut self, event: Event) -> Option<String> {
         match event {
             Event::Message(message, reply) => {
-                let _ = reply.send(self.take_message(&message));
+                reply.send(self.take_message(&message));
             }
             Event::Batch(messages, reply) => {
                 say(&format!("batch of {} messages", messages.len()));
-                let _ = reply.send(messages.iter().map(|m| self.take_message(m)).collect());
+                reply.send(messages.iter().map(|m| self.take_message(m)).collect());
             }
             Event::Log(level, text) => say(&format!("log {}: {text}", level_name(level))),
             Event::Health(abi::HEALTH_FAILED, detail) => {

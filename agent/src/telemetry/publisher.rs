@@ -35,10 +35,13 @@ impl DurablePublisher {
     /// page cache only: no hand-over, which would cost more than the write.
     fn syncing<T>(&self, push: impl FnOnce() -> T) -> T {
         use tokio::runtime::{Handle, RuntimeFlavor};
+        if !self.queue.syncs_each_push() {
+            return push();
+        }
         // block_in_place needs a multi-threaded runtime (the daemon's; not a test's own).
         let multi_threaded = Handle::try_current()
             .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
-        match self.queue.syncs_each_push() && multi_threaded {
+        match multi_threaded {
             true => tokio::task::block_in_place(push),
             false => push(),
         }

@@ -162,13 +162,15 @@ fn tpm(_: &Path, _: args::TpmCommand) -> i32 {
     exit::FAILURE
 }
 
-/// Two worker threads. One was measured to cost less CPU per message (docs/benchmarks.md, "One
-/// worker thread, and what a batch costs") but was backed out: with one worker, a publish the
-/// plugin host had sent but its plugin task had not yet taken when the shutdown came was
-/// answered "stopping" (the `plugin_outage` kill -9 test caught it).
+/// One worker thread: the daemon's tasks hand telemetry to one another (a plugin's outlet, the
+/// queue, the pump, the hub session); on one thread they do so without waking another one or
+/// contending for the queue's lock, which took a sixth of the agent's CPU per message
+/// (docs/benchmarks.md, "One worker thread, and what a batch costs"). Blocking work does not
+/// stall it: DPS over HTTPS and key generation run on tokio's blocking threads, and a push that
+/// waits for its sync (`fsync = "always"`) hands the worker over (telemetry/publisher.rs).
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("tokio runtime")
