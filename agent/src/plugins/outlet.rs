@@ -200,6 +200,23 @@ impl Outlet {
         }
     }
 
+    /// Answers "stopping" the publishes held because the queue cannot take them now (full, or
+    /// the disk; the plugin is stopping and will not wait for room); those waiting only for an
+    /// exec plugin's rate stay held.
+    pub fn release_held_back(&mut self) {
+        if self.held_back.is_some() {
+            self.release();
+        }
+    }
+
+    /// The plugin has ended: what it is held back on for its rate (an exec plugin's line the
+    /// agent read) is queued now; there is nothing left to pace.
+    pub fn flush_unpaced(&mut self) {
+        let paced = std::mem::replace(&mut self.paced, false);
+        self.flush();
+        self.paced = paced;
+    }
+
     /// When the held messages are to be tried again; `None` when none are held.
     pub fn retry_at(&self) -> Option<Instant> {
         (!self.held.is_empty()).then_some(self.retry_at)
@@ -478,6 +495,52 @@ impl InjectedLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::{Queue, QueueSettings};
+
+    fn reading(n: u8) -> PluginMessage {
+        PluginMessage {
+            body: vec![n],
+            content_type: None,
+            content_encoding: None,
+            properties: vec![],
+            creation_time: None,
+        }
+    }
+
+    #[test]
+    fn a_stopping_exec_plugins_line_waits_for_its_rate_and_is_queued_once_it_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(Queue::open(dir.path(), QueueSettings::default()).unwrap().0);
+        let table: toml::Table = toml::from_str(
+            "name = \"e\"\nkind = \"exec\"\ncommand = [\"true\"]\nmax_rate = 0.001\nburst = 1\n",
+        )
+        .unwrap();
+        let spec = PluginSpec::from_table(&table).unwrap();
+        let status = Arc::new(Mutex::new(PluginStatus::default()));
+        let mut outlet = Outlet::new(&spec, DurablePublisher::new(queue.clone()), status, 1024);
+        // Answers are given as the outlet decides: no waiting here.
+        let (first, mut first_answer) = Answer::channel();
+        outlet.publish(reading(1), first);
+        assert_eq!(
+            first_answer.try_recv(),
+            Ok(abi::OK),
+            "the burst's one token"
+        );
+        let (second, mut second_answer) = Answer::channel();
+        outlet.publish(reading(2), second);
+        assert!(outlet.retry_at().is_some(), "held for the rate");
+        // The plugin stops: a line held for its rate is not refused…
+        outlet.release_held_back();
+        assert!(second_answer.try_recv().is_err(), "still held");
+        // …and once it has ended it is queued, not dropped.
+        outlet.flush_unpaced();
+        assert_eq!(
+            second_answer.try_recv(),
+            Ok(abi::OK),
+            "queued after the end"
+        );
+        assert_eq!(queue.stats().pushed, 2);
+    }
 
     #[test]
     fn token_bucket_allows_burst_then_rate() {

@@ -518,7 +518,8 @@ impl Task {
     /// Asks the plugin to stop (shutdown) and serves it until it has: what it publishes until
     /// then is queued as at any other time, so a publish in flight when the stop came gets its
     /// true answer and the plugin's `stop` can join its publishing threads. Only what the queue
-    /// cannot take at once (full, or the disk) is answered "stopping", with what was held.
+    /// cannot take at once (full, or the disk) is answered "stopping"; an exec plugin's line
+    /// waiting for its rate stays held (a line read is queued) until the plugin has ended.
     async fn stop(
         &self,
         runs: &mut Runs,
@@ -526,19 +527,26 @@ impl Task {
         events: &mut mpsc::UnboundedReceiver<Event>,
         done: Done,
     ) -> Outcome {
-        runs.outlet.release();
+        runs.outlet.release_held_back();
         let stopped = plugin.stop(self.spec.limits.callback_timeout);
         tokio::pin!(stopped);
         loop {
+            let retry = runs.outlet.retry_at();
             tokio::select! {
                 () = &mut stopped => break,
                 Some(event) = events.recv() => self.serve_while_stopping(runs, event),
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(far_future)), if retry.is_some() => {
+                    runs.outlet.flush();
+                    runs.outlet.release_held_back();
+                }
             }
         }
         // What it sent just before it ended (a plugin process's last frames come before its end).
         while let Ok(event) = events.try_recv() {
             self.serve_while_stopping(runs, event);
         }
+        runs.outlet.flush_unpaced();
+        runs.outlet.release();
         Outcome::Shutdown(done)
     }
 
@@ -546,7 +554,7 @@ impl Task {
     /// logs and health recorded; answers to calls and its end need nothing more.
     fn serve_while_stopping(&self, runs: &mut Runs, event: Event) {
         self.other_event(runs, event);
-        runs.outlet.release();
+        runs.outlet.release_held_back();
     }
 
     /// Serves a started plugin until it fails or is shut down.
