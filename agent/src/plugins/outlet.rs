@@ -212,9 +212,7 @@ impl Outlet {
     /// The plugin has ended: what it is held back on for its rate (an exec plugin's line the
     /// agent read) is queued now; there is nothing left to pace.
     pub fn flush_unpaced(&mut self) {
-        let paced = std::mem::replace(&mut self.paced, false);
-        self.flush();
-        self.paced = paced;
+        self.queue_held(false);
     }
 
     /// When the held messages are to be tried again; `None` when none are held.
@@ -303,9 +301,14 @@ impl Outlet {
     /// Queues held messages in order, answering each plugin publish once its message is on
     /// disk; stops at the first that has to wait and sets `retry_at`.
     pub fn flush(&mut self) {
+        self.queue_held(self.paced);
+    }
+
+    /// `flush`, waiting for the plugin's rate when `paced`.
+    fn queue_held(&mut self, paced: bool) {
         while let Some(front) = self.held.front() {
             let now = Instant::now();
-            if self.paced {
+            if paced {
                 let wait = self.rate.wait_time(now);
                 if !wait.is_zero() {
                     self.retry_at = now + wait;
@@ -331,7 +334,7 @@ impl Outlet {
                     return;
                 }
             };
-            if self.paced {
+            if paced {
                 self.rate.take(now);
             }
             self.front_counted = false;

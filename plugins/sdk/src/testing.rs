@@ -27,9 +27,9 @@
 //! The host's answers follow the agent's: a publish succeeds (the agent answers once the
 //! message is on disk; here at once) until the test stops the plugin; while `stop` runs it is
 //! answered `Stopping` (the harder case: the agent goes on queueing while a plugin stops, and
-//! answers so only what its full queue cannot take), and a call after `stop` returned — which the ABI forbids — is counted in
-//! [`FakeHost::calls_after_stop`]. Rate and size limits are the agent's and not applied here
-//! (`hubagent plugins try` applies them).
+//! answers so only what its full queue cannot take), and a call after `stop` returned — which
+//! the ABI forbids — is counted in [`FakeHost::calls_after_stop`]. Rate and size limits are the
+//! agent's and not applied here (`hubagent plugins try` applies them).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU8, Ordering};
