@@ -4,7 +4,7 @@
 //! itself.
 #![no_main]
 use base64::Engine;
-use hubagent::plugins::protocol::{Down, Up, encode, read_sync};
+use hubagent::plugins::protocol::{Down, Up, encode, encode_batch, read_sync};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..64 {
         match read_sync::<Up>(&mut r) {
             Ok(Some(frame)) => {
-                let bytes = encode(&frame);
+                // A batch is binary on the wire; every other frame is JSON.
+                let bytes = match &frame {
+                    Up::Batch { id, messages } => encode_batch(*id, messages),
+                    other => encode(other),
+                };
                 let again = read_sync::<Up>(&mut &bytes[..]).unwrap().unwrap();
                 assert_eq!(again, frame);
                 if let Up::Message { body, .. } = &frame {
