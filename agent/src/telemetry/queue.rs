@@ -41,6 +41,9 @@ use record::JSON_HEADER as HEADER;
 /// again.
 const READ_RETRY: Duration = Duration::from_millis(250);
 
+/// The most bytes of consecutive records one read takes ahead of the pump (`ReadAhead`).
+const READ_AHEAD_BYTES: u64 = 64 * 1024;
+
 /// Why a queued record could not be read.
 enum ReadError {
     /// Not now (a limit reached): the record stays queued.
@@ -142,6 +145,34 @@ struct Segment {
     bytes: u64,
 }
 
+/// Consecutive records of one segment read with one system call. The records of a push lie one
+/// after the other on disk and the pump sends them one after the other: read one at a time they
+/// cost a `pread` each, as many as the messages themselves (docs/benchmarks.md).
+struct ReadAhead {
+    segment: u64,
+    /// Where `bytes` start in the segment.
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+impl ReadAhead {
+    /// `entry`'s record when these bytes hold all of it.
+    fn record(&self, entry: &Entry) -> Option<&[u8]> {
+        if entry.segment != self.segment || entry.offset < self.offset {
+            return None;
+        }
+        let start = usize::try_from(entry.offset - self.offset).ok()?;
+        self.bytes
+            .get(start..start.checked_add(entry.len as usize)?)
+    }
+
+    /// True when `entry` is the last record these bytes hold.
+    fn ends_with(&self, entry: &Entry) -> bool {
+        entry.segment == self.segment
+            && entry.offset + u64::from(entry.len) == self.offset + self.bytes.len() as u64
+    }
+}
+
 struct Inner {
     dir: PathBuf,
     settings: QueueSettings,
@@ -164,6 +195,11 @@ struct Inner {
     /// The segment last read from, kept open: the pump reads message after message from the
     /// same file, and opening it for each one was the hottest part of the agent's send path.
     reader: Option<(u64, File)>,
+    /// Records read from `reader` and not yet handed out.
+    read_ahead: Option<ReadAhead>,
+    /// Tests only: reads of segment files for `read_ahead`.
+    #[cfg(test)]
+    span_reads: u64,
     /// The last read failed for want of a resource: the pump polls until it succeeds.
     read_stalled: bool,
     /// Writing `acked` failed and was logged; not yet written since.
@@ -394,12 +430,13 @@ impl Queue {
         let mut q = self.inner.lock().unwrap();
         let mut out = Vec::new();
         while out.len() < max && q.handed_out < q.entries.len() {
-            let entry = q.entries[q.handed_out];
+            let index = q.handed_out;
+            let entry = q.entries[index];
             q.handed_out += 1;
             if q.acked_ahead.contains(&entry.seq) {
                 continue;
             }
-            match q.read(&entry) {
+            match q.read(index) {
                 Ok(message) => out.push((entry.seq, message)),
                 Err(ReadError::NotNow(e)) => {
                     // The record is fine, the agent is short of something (file descriptors):
@@ -496,6 +533,29 @@ impl Queue {
             q.stats.syncs += 1;
         }
     }
+}
+
+/// The message in `record` (`entry`'s bytes as read from `path`), checked against its checksum
+/// and its sequence number.
+fn decode_record(path: &Path, entry: &Entry, record: &[u8]) -> Result<TelemetryMessage, ReadError> {
+    let intact = record::frame(record) == Frame::Whole { len: record.len() };
+    let header = RecordHeader::parse(record)
+        .ok()
+        .filter(|header| intact && header.seq == entry.seq);
+    let Some(header) = header else {
+        return Err(ReadError::Gone(format!(
+            "{}: the record at offset {} changed since it was written",
+            path.display(),
+            entry.offset
+        )));
+    };
+    header.message(record).map_err(|e| {
+        ReadError::Gone(format!(
+            "{}: record at offset {} cannot be decoded: {e}",
+            path.display(),
+            entry.offset
+        ))
+    })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
@@ -783,6 +843,9 @@ impl Loaded {
             segments,
             writer: None,
             reader: None,
+            read_ahead: None,
+            #[cfg(test)]
+            span_reads: 0,
             read_stalled: false,
             ack_write_failing: false,
             dirty_since: None,
@@ -927,7 +990,55 @@ impl Inner {
         true
     }
 
-    fn read(&mut self, entry: &Entry) -> Result<TelemetryMessage, ReadError> {
+    /// The message of `entries[index]`, read back with its checksum: a record cut off or
+    /// overwritten since it was written is gone, not sent as something else. Read together with
+    /// the consecutive records after it (`ReadAhead`), which the next calls then take from
+    /// memory.
+    fn read(&mut self, index: usize) -> Result<TelemetryMessage, ReadError> {
+        let entry = self.entries[index];
+        let path = segment_path(&self.dir, entry.segment);
+        if self
+            .read_ahead
+            .as_ref()
+            .and_then(|ahead| ahead.record(&entry))
+            .is_none()
+        {
+            let span = self.consecutive_bytes_from(index);
+            self.read_ahead = Some(self.read_span(&entry, span)?);
+        }
+        let ahead = self.read_ahead.as_ref().expect("read above");
+        let buf = ahead
+            .record(&entry)
+            .expect("the span read holds the record");
+        let message = decode_record(&path, &entry, buf);
+        if ahead.ends_with(&entry) {
+            // All handed out: the memory goes back until the next read.
+            self.read_ahead = None;
+        }
+        message
+    }
+
+    /// How many bytes the records from `entries[index]` on fill that lie one after the other in
+    /// its segment, up to `READ_AHEAD_BYTES` (or the one record, when larger).
+    fn consecutive_bytes_from(&self, index: usize) -> u64 {
+        let first = self.entries[index];
+        let mut end = first.offset + u64::from(first.len);
+        for next in self.entries.range(index + 1..) {
+            let next_end = next.offset + u64::from(next.len);
+            if next.segment != first.segment
+                || next.offset != end
+                || next_end - first.offset > READ_AHEAD_BYTES
+            {
+                break;
+            }
+            end = next_end;
+        }
+        end - first.offset
+    }
+
+    /// Reads `span` bytes of `entry`'s segment from its record on, or as many as the segment
+    /// still has, as long as they hold the whole record.
+    fn read_span(&mut self, entry: &Entry, span: u64) -> Result<ReadAhead, ReadError> {
         let path = segment_path(&self.dir, entry.segment);
         let failed = |e: std::io::Error| {
             let text = format!("{}: {e}{}", path.display(), limit_hint(&e));
@@ -943,37 +1054,32 @@ impl Inner {
                 &self.reader.insert((entry.segment, file)).1
             }
         };
-        let mut buf = vec![0u8; entry.len as usize];
-        file.read_exact_at(&mut buf, entry.offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ReadError::Gone(format!(
-                    "{}: the segment ends before the record at offset {} (cut short since it was written)",
-                    path.display(),
-                    entry.offset
-                ))
-            } else {
-                failed(e)
+        #[cfg(test)]
+        {
+            self.span_reads += 1;
+        }
+        let mut bytes = vec![0u8; span as usize];
+        let mut filled = 0;
+        while filled < bytes.len() {
+            match file.read_at(&mut bytes[filled..], entry.offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(failed(e)),
             }
-        })?;
-        // Read back with its checksum: a record cut off or overwritten since it was written is
-        // gone, not sent as something else.
-        let intact = record::frame(&buf) == Frame::Whole { len: buf.len() };
-        let header = RecordHeader::parse(&buf)
-            .ok()
-            .filter(|header| intact && header.seq == entry.seq);
-        let Some(header) = header else {
+        }
+        if filled < entry.len as usize {
             return Err(ReadError::Gone(format!(
-                "{}: the record at offset {} changed since it was written",
+                "{}: the segment ends before the record at offset {} (cut short since it was written)",
                 path.display(),
                 entry.offset
             )));
-        };
-        header.message(&buf).map_err(|e| {
-            ReadError::Gone(format!(
-                "{}: record at offset {} cannot be decoded: {e}",
-                path.display(),
-                entry.offset
-            ))
+        }
+        bytes.truncate(filled);
+        Ok(ReadAhead {
+            segment: entry.segment,
+            offset: entry.offset,
+            bytes,
         })
     }
 
@@ -1032,6 +1138,13 @@ impl Inner {
             .is_some_and(|(id, _)| *id == done.first_seq)
         {
             self.reader = None;
+        }
+        if self
+            .read_ahead
+            .as_ref()
+            .is_some_and(|ahead| ahead.segment == done.first_seq)
+        {
+            self.read_ahead = None;
         }
         let _ = std::fs::remove_file(segment_path(&self.dir, done.first_seq));
     }
@@ -1448,6 +1561,46 @@ mod tests {
             lost,
             "{missing:?}"
         );
+    }
+
+    #[test]
+    fn records_queued_together_are_read_back_together_up_to_the_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path(), QueueSettings::default()).unwrap();
+        let reading = |i: u64| TelemetryMessage {
+            body: vec![b'x'; 1000].into(),
+            ..msg(i)
+        };
+        // Two pushes, 300 records of about 1 KiB each, one after the other in one segment, and
+        // one of them acknowledged before it was sent (read with its neighbours, not handed out).
+        q.push_batch(&(0..100).map(reading).collect::<Vec<_>>())
+            .unwrap();
+        q.push_batch(&(100..300).map(reading).collect::<Vec<_>>())
+            .unwrap();
+        q.ack(151);
+        let (len, per_read) = {
+            let inner = q.inner.lock().unwrap();
+            let len = u64::from(inner.entries[0].len);
+            (len, READ_AHEAD_BYTES / len)
+        };
+        assert!(len > 1000 && per_read > 1, "records of {len} bytes");
+        // Taken one at a time, as the pump takes them.
+        let mut taken = Vec::new();
+        while let Some(next) = q.take_batch(1).pop() {
+            taken.push(next);
+        }
+        let expected: Vec<String> = (0..300)
+            .filter(|i| *i != 150)
+            .map(|i| format!("m-{i}"))
+            .collect();
+        assert_eq!(ids(&taken), expected);
+        assert!(taken.iter().all(|(_, m)| m.body == reading(0).body));
+        // Whole reads of `per_read` records each (none starts at the acknowledged one).
+        assert_ne!(150 % per_read, 0);
+        let reads = 300u64.div_ceil(per_read);
+        let inner = q.inner.lock().unwrap();
+        assert_eq!(inner.span_reads, reads);
+        assert!(inner.read_ahead.is_none(), "all handed out: nothing kept");
     }
 
     #[test]
