@@ -102,6 +102,11 @@ struct Link {
     renew_at: Option<Instant>,
     /// This connection's number (see `Session::connections`).
     connection: u64,
+    /// One timer for the three above, set to the earliest (`timer_at`). Kept across the steps
+    /// of the connection: a timer made afresh at each step (about three per message) was
+    /// registered with tokio's timer wheel and removed again every time.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<Instant>,
 }
 
 impl Link {
@@ -117,6 +122,23 @@ impl Link {
             report_retries: Vec::new(),
             report_retry_at: None,
             renew_at,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            timer_at: None,
+        }
+    }
+
+    /// Sets the timer to the earliest of the twin GET's retry, the throttled reports' retry and
+    /// the token's renewal, when that changed since the last step.
+    fn arm_timer(&mut self) {
+        let next = [self.twin_retry_at, self.report_retry_at, self.renew_at]
+            .into_iter()
+            .flatten()
+            .min();
+        if next != self.timer_at {
+            self.timer_at = next;
+            if let Some(at) = next {
+                self.timer.as_mut().reset(at);
+            }
         }
     }
 
@@ -447,6 +469,7 @@ impl Session {
     /// twin GET's retry, the token's renewal) and handles it. `Err` ends the connection.
     async fn step(&mut self, link: &mut Link, eventloop: &mut EventLoop) -> Result<(), End> {
         let can_take = self.unacked.len() < usize::from(self.params.inflight).max(1);
+        link.arm_timer();
         tokio::select! {
             event = eventloop.poll() => {
                 let event = event.map_err(|e| End::Lost(e.to_string()))?;
@@ -457,25 +480,35 @@ impl Session {
                 None => Err(End::Shutdown),
             },
             control = self.control.recv() => self.on_control(link, eventloop, control).await,
-            _ = sleep_until(link.twin_retry_at) => {
-                link.twin_retry_at = None;
+            _ = &mut link.timer, if link.timer_at.is_some() => self.on_timer(link, eventloop).await,
+        }
+    }
+
+    /// The link's timer fired: does what is due.
+    async fn on_timer(&mut self, link: &mut Link, eventloop: &mut EventLoop) -> Result<(), End> {
+        // Set again at the next step even if nothing below was due yet: a fired timer stays
+        // ready until it is reset.
+        link.timer_at = None;
+        let now = Instant::now();
+        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        if due(link.twin_retry_at) {
+            link.twin_retry_at = None;
+            let rid = self.rid();
+            link.get_twin(rid).map_err(End::Lost)?;
+        }
+        if due(link.report_retry_at) {
+            link.report_retry_at = None;
+            for (patch, done, attempts) in std::mem::take(&mut link.report_retries) {
                 let rid = self.rid();
-                link.get_twin(rid).map_err(End::Lost)
-            }
-            _ = sleep_until(link.report_retry_at) => {
-                link.report_retry_at = None;
-                for (patch, done, attempts) in std::mem::take(&mut link.report_retries) {
-                    let rid = self.rid();
-                    link.report(rid, patch, done, attempts).map_err(End::Lost)?;
-                }
-                Ok(())
-            }
-            _ = sleep_until(link.renew_at) => {
-                tracing::info!("renewing the hub SAS token");
-                self.close(link, eventloop).await;
-                Err(End::Renew)
+                link.report(rid, patch, done, attempts).map_err(End::Lost)?;
             }
         }
+        if due(link.renew_at) {
+            tracing::info!("renewing the hub SAS token");
+            self.close(link, eventloop).await;
+            return Err(End::Renew);
+        }
+        Ok(())
     }
 
     /// Handles one event of the connection's event loop.
