@@ -9,6 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeReasonCode};
@@ -149,9 +150,18 @@ impl Link {
         payload: impl Into<bytes::Bytes>,
         kind: Sent,
     ) -> Result<(), String> {
-        self.client
-            .try_publish(topic, qos, false, payload.into())
-            .map_err(|e| format!("cannot queue a publish: {e}"))?;
+        // `publish_bytes` takes the body as it is, shared with `Session::unacked`; `try_publish`
+        // copied it (and the topic once more) for every message. Its channel has room for the
+        // whole window and then some (`request_capacity`), so the send completes at its first
+        // poll; a full channel is refused as `try_publish` refuses it.
+        let send = self.client.publish_bytes(topic, qos, false, payload.into());
+        let mut send = std::pin::pin!(send);
+        let mut cx = Context::from_waker(Waker::noop());
+        match send.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Err(format!("cannot queue a publish: {e}")),
+            Poll::Pending => return Err("cannot queue a publish: rumqttc's queue is full".into()),
+        }
         self.order.push_back(kind);
         Ok(())
     }
