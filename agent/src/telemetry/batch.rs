@@ -19,6 +19,7 @@
 //! numbers a run of ids from one base, [`ReadingIds`]), so a reading sent again after a crash, in
 //! a batch cut differently, has the same id.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
 
@@ -96,11 +97,21 @@ fn format_millis(millis: i64) -> Option<String> {
 /// Now, to the millisecond, as the outlet stamps a reading's creation time: a batch carries it
 /// as a millisecond offset.
 pub fn now_millis_rfc3339() -> String {
+    thread_local! {
+        /// The last stamp made: the readings of a batch are stamped in the same millisecond.
+        static LAST_STAMP: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
     let millis = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    i64::try_from(millis)
-        .ok()
-        .and_then(format_millis)
-        .unwrap_or_default()
+    let Ok(millis) = i64::try_from(millis) else {
+        return String::new();
+    };
+    LAST_STAMP.with_borrow_mut(|(last, text)| {
+        if *last != millis {
+            *text = format_millis(millis).unwrap_or_default();
+            *last = millis;
+        }
+        text.clone()
+    })
 }
 
 /// Which sources batch, and how: from the `[[plugin]]` tables.
@@ -421,6 +432,27 @@ mod tests {
             message.body.to_vec()
         };
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn stamps_follow_the_clock_to_the_millisecond() {
+        let millis_of = |text: &str| whole_millis(text).expect("a whole millisecond");
+        let clock = || (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let first = now_millis_rfc3339();
+        // Made again within the same millisecond it is the same stamp; once the clock moved on,
+        // a later one (LAST_STAMP must not keep the first).
+        let start = clock();
+        while clock() < start + 2 {
+            std::hint::spin_loop();
+        }
+        let before = clock();
+        let later = now_millis_rfc3339();
+        let after = clock();
+        assert!(
+            millis_of(&later) > millis_of(&first),
+            "{first} then {later}"
+        );
+        assert!((before..=after).contains(&millis_of(&later)), "{later}");
     }
 
     #[test]

@@ -31,6 +31,8 @@
 //! `len u32 | crc32 u32 | seq u64 | enqueued_ms u64 | JSON of the message (body base64)`, little
 //! endian, the CRC over everything after it.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -267,12 +269,20 @@ fn decode_message(bytes: &[u8]) -> Result<TelemetryMessage, RecordError> {
     }
     let message_id = if flags & ID_IS_UUID != 0 {
         let raw: [u8; 16] = reader.take(16, "message id")?.try_into().expect("16");
-        let id = uuid::Uuid::from_bytes(raw).hyphenated().to_string();
+        // Written into one string (the hot path: every message the pump sends is decoded).
+        let mut id = String::with_capacity(uuid::fmt::Hyphenated::LENGTH + 21);
+        let mut buffer = uuid::Uuid::encode_buffer();
+        id.push_str(
+            uuid::Uuid::from_bytes(raw)
+                .hyphenated()
+                .encode_lower(&mut buffer),
+        );
         if flags & ID_IS_NUMBERED != 0 {
-            format!("{id}-{}", reader.varint("message id number")?)
-        } else {
-            id
+            let number = reader.varint("message id number")?;
+            // Writing to a String cannot fail.
+            let _ = std::fmt::Write::write_fmt(&mut id, format_args!("-{number}"));
         }
+        id
     } else {
         reader.str("message id")?
     };
@@ -308,19 +318,45 @@ fn decode_message(bytes: &[u8]) -> Result<TelemetryMessage, RecordError> {
     })
 }
 
+thread_local! {
+    /// The last creation time converted, as nanoseconds and as the text they format to. The
+    /// messages of a batch carry one (the outlet stamps them in the same millisecond), so most
+    /// conversions, either way, repeat the one before.
+    static LAST_TIME: RefCell<Option<(i64, String)>> = const { RefCell::new(None) };
+}
+
 /// The nanoseconds since the epoch of an RFC 3339 time, when formatting them gives back exactly
 /// `text` (UTC, as the agent stamps it); otherwise the text is kept as it is.
 fn nanos_if_exact(text: &str) -> Option<i64> {
+    let last = LAST_TIME.with_borrow(|last| {
+        last.as_ref()
+            .filter(|(_, last_text)| last_text == text)
+            .map(|(nanos, _)| *nanos)
+    });
+    if last.is_some() {
+        return last;
+    }
     let time = OffsetDateTime::parse(text, &Rfc3339).ok()?;
     let nanos = i64::try_from(time.unix_timestamp_nanos()).ok()?;
-    (format_nanos(nanos)? == text).then_some(nanos)
+    let exact = format_nanos(nanos)? == text;
+    exact.then_some(nanos)
 }
 
 fn format_nanos(nanos: i64) -> Option<String> {
-    OffsetDateTime::from_unix_timestamp_nanos(nanos.into())
+    let last = LAST_TIME.with_borrow(|last| {
+        last.as_ref()
+            .filter(|(last_nanos, _)| *last_nanos == nanos)
+            .map(|(_, text)| text.clone())
+    });
+    if last.is_some() {
+        return last;
+    }
+    let text = OffsetDateTime::from_unix_timestamp_nanos(nanos.into())
         .ok()?
         .format(&Rfc3339)
-        .ok()
+        .ok()?;
+    LAST_TIME.set(Some((nanos, text.clone())));
+    Some(text)
 }
 
 /// Writes `value` as a str unless it is `known` (the compact form); its two-bit form.
@@ -458,6 +494,33 @@ mod tests {
             content_encoding: Some("utf-8".into()),
             creation_time: Some(crate::util::time::now_rfc3339()),
             properties: vec![("source".into(), "bench".into())],
+        }
+    }
+
+    #[test]
+    fn creation_times_read_back_in_any_order_are_their_own() {
+        // The last time converted is remembered (LAST_TIME): records made one after the other
+        // and read back in another order, with a time kept as text between them.
+        let times = [
+            "2026-12-08T02:00:00.001Z",
+            "2026-12-08T02:00:00.002Z",
+            "2026-12-08T04:00:00.001+02:00",
+            "2026-12-08T02:00:00.001Z",
+        ];
+        let records: Vec<(String, Vec<u8>)> = times
+            .iter()
+            .map(|time| {
+                let mut message = reading(b"{}");
+                message.creation_time = Some(time.to_string());
+                (time.to_string(), compact_record(1, 1, &message))
+            })
+            .collect();
+        // Exact times in 8 bytes, the other as its text.
+        let len = |i: usize| records[i].1.len();
+        assert!(len(0) == len(1) && len(1) == len(3) && len(0) + 16 < len(2));
+        for (time, record) in records.iter().rev().chain(records.iter()) {
+            let (_, _, back) = read_back(record);
+            assert_eq!(back.creation_time.as_deref(), Some(time.as_str()));
         }
     }
 

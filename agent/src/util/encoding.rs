@@ -18,6 +18,12 @@ pub fn url_encoded(s: &str) -> percent_encoding::PercentEncode<'_> {
     percent_encoding::utf8_percent_encode(s, UNRESERVED_COMPLEMENT)
 }
 
+/// Appends [`url_encode`]`(s)` to `out`, in the pieces the encoder yields: no formatting
+/// machinery, on the hot path of every telemetry topic.
+pub fn push_url_encoded(out: &mut String, s: &str) {
+    out.extend(url_encoded(s));
+}
+
 /// `text` if it fits in `max_bytes` of UTF-8, else its start (cut at a character boundary) and a
 /// note of how long it was, the whole within `max_bytes`.
 pub fn cap_text(text: &str, max_bytes: usize) -> String {
