@@ -10,7 +10,7 @@
 //! the highest sequence number below which everything was acknowledged, rewritten atomically at
 //! most every `ack_flush_interval`. A damaged record is skipped with a warning naming the file and
 //! offset; the rest survives. The memory held is an index entry per queued message (~48 bytes),
-//! not the messages.
+//! not the messages, and up to 64 KiB of records read ahead of the pump (`ReadAhead`).
 //!
 //! With `fsync = always`, pushes share their syncs (group commit): a pusher whose record is not
 //! yet on disk either syncs everything written so far, for every pusher waiting (the leader), or
