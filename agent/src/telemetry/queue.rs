@@ -535,9 +535,11 @@ impl Queue {
     }
 }
 
-/// The message in `record` (`entry`'s bytes as read from `path`), checked against its checksum
-/// and its sequence number.
-fn decode_record(path: &Path, entry: &Entry, record: &[u8]) -> Result<TelemetryMessage, ReadError> {
+/// The message in `record` (`entry`'s bytes as read from its segment in `dir`), checked against
+/// its checksum and its sequence number. The segment's path is made only for an error: this runs
+/// for every message sent.
+fn decode_record(dir: &Path, entry: &Entry, record: &[u8]) -> Result<TelemetryMessage, ReadError> {
+    let path = || segment_path(dir, entry.segment);
     let intact = record::frame(record) == Frame::Whole { len: record.len() };
     let header = RecordHeader::parse(record)
         .ok()
@@ -545,14 +547,14 @@ fn decode_record(path: &Path, entry: &Entry, record: &[u8]) -> Result<TelemetryM
     let Some(header) = header else {
         return Err(ReadError::Gone(format!(
             "{}: the record at offset {} changed since it was written",
-            path.display(),
+            path().display(),
             entry.offset
         )));
     };
     header.message(record).map_err(|e| {
         ReadError::Gone(format!(
             "{}: record at offset {} cannot be decoded: {e}",
-            path.display(),
+            path().display(),
             entry.offset
         ))
     })
@@ -996,7 +998,6 @@ impl Inner {
     /// memory.
     fn read(&mut self, index: usize) -> Result<TelemetryMessage, ReadError> {
         let entry = self.entries[index];
-        let path = segment_path(&self.dir, entry.segment);
         if self
             .read_ahead
             .as_ref()
@@ -1010,7 +1011,7 @@ impl Inner {
         let buf = ahead
             .record(&entry)
             .expect("the span read holds the record");
-        let message = decode_record(&path, &entry, buf);
+        let message = decode_record(&self.dir, &entry, buf);
         if ahead.ends_with(&entry) {
             // All handed out: the memory goes back until the next read.
             self.read_ahead = None;
